@@ -1,0 +1,1 @@
+"""Plain-Python core: no Dagster imports allowed anywhere under this package."""

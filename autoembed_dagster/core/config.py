@@ -1,0 +1,114 @@
+"""Settings read from the environment, in one place.
+
+Every knob has a sensible default so that `autoembed db init && autoembed drain` works with no
+configuration at all (embedded Postgres, local model when no API key is set).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the offending value."""
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _env_opt_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    return _env_int(name, 0)
+
+
+PROVIDERS = ("openai", "local")
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """Which model embeds, and how to reach it. The API key is read by the client, never stored."""
+
+    provider: str
+    model: str
+    dimensions: int | None = None
+    base_url: str | None = None
+    request_timeout: float = 60.0
+    max_retries: int = 5
+    batch_size: int = 256
+    max_batch_tokens: int = 250_000
+    max_input_tokens: int = 8191
+
+    @classmethod
+    def from_env(cls) -> "EmbedderSettings":
+        provider = os.environ.get("AUTOEMBED_PROVIDER", "").strip().lower()
+        if not provider:
+            # Zero-config: a configured API key or base URL means OpenAI-compatible HTTP.
+            has_remote = os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")
+            provider = "openai" if has_remote else "local"
+        if provider not in PROVIDERS:
+            raise ConfigError(f"AUTOEMBED_PROVIDER={provider!r} is not one of {', '.join(PROVIDERS)}")
+        default_model = "text-embedding-3-small" if provider == "openai" else "all-MiniLM-L6-v2"
+        default_batch = 256 if provider == "openai" else 32
+        return cls(
+            provider=provider,
+            model=os.environ.get("AUTOEMBED_MODEL", "").strip() or default_model,
+            dimensions=_env_opt_int("AUTOEMBED_DIMENSIONS"),
+            base_url=os.environ.get("OPENAI_BASE_URL") or None,
+            request_timeout=_env_float("AUTOEMBED_REQUEST_TIMEOUT", 60.0, minimum=0.1),
+            max_retries=_env_int("AUTOEMBED_MAX_RETRIES", 5, minimum=0),
+            batch_size=_env_int("AUTOEMBED_EMBED_BATCH", default_batch),
+            max_batch_tokens=_env_int("AUTOEMBED_MAX_BATCH_TOKENS", 250_000),
+            max_input_tokens=_env_int("AUTOEMBED_MAX_INPUT_TOKENS", 8191),
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Database location and drain behaviour."""
+
+    database_url: str | None = None
+    home: Path = field(default_factory=lambda: Path(".autoembed"))
+    queue: str = "embedding_jobs"
+    read_batch: int = 500
+    visibility_timeout: int = 120
+    max_attempts: int = 5
+    retry_delay: int = 10
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            database_url=os.environ.get("AUTOEMBED_DATABASE_URL") or None,
+            home=Path(os.environ.get("AUTOEMBED_HOME", ".autoembed")).expanduser().resolve(),
+            queue=os.environ.get("AUTOEMBED_QUEUE", "embedding_jobs"),
+            read_batch=_env_int("AUTOEMBED_READ_BATCH", 500),
+            visibility_timeout=_env_int("AUTOEMBED_VISIBILITY_TIMEOUT", 120),
+            max_attempts=_env_int("AUTOEMBED_MAX_ATTEMPTS", 5),
+            retry_delay=_env_int("AUTOEMBED_RETRY_DELAY", 10, minimum=0),
+        )

@@ -1,0 +1,55 @@
+"""The one interface every embedding provider implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced a vector. Two vectors are comparable only if their identities are equal."""
+
+    provider: str
+    model: str
+    dimensions: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}:{self.model}:{self.dimensions}"
+
+
+class EmbeddingError(Exception):
+    """The provider could not embed. `retryable` says whether trying again later may succeed."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class EmbedOutcome:
+    """Result of embedding a list of texts, aligned with the input order.
+
+    For each input exactly one of `vectors[i]` (float32 array of `identity.dimensions`) and
+    `errors[i]` (an EmbeddingError) is set, so one bad input never fails its neighbours.
+    """
+
+    vectors: list[np.ndarray | None]
+    errors: list[EmbeddingError | None]
+    tokens: int = 0
+    requests: int = 0
+    truncated: int = 0
+    failed_indexes: list[int] = field(default_factory=list)
+
+
+class Embedder(Protocol):
+    identity: ModelIdentity
+
+    def embed(self, texts: Sequence[str]) -> EmbedOutcome:
+        """Embed non-empty texts. Never raises for a single bad input; see EmbedOutcome."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
