@@ -1,0 +1,169 @@
+"""`autoembed`: database set-up, status, drain, search, enrol, dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .core import api
+from .core.config import ConfigError, Settings
+from .core.database import database_url, stop_embedded
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.action == "url":
+        print(database_url(settings))
+    elif args.action == "init":
+        done = api.init(database_url(settings))
+        print(f"database ready ({'pgmq from the pgmq wheel SQL' if done['pgmq'] == 'sql' else 'pgmq ' + done['pgmq']}; "
+              f"{sum(1 for k in done if k.endswith('.sql'))} SQL files applied)")
+    elif args.action == "stop":
+        if settings.database_url:
+            print("AUTOEMBED_DATABASE_URL is set: not stopping a server this tool does not own", file=sys.stderr)
+            return 1
+        print("embedded server stopped" if stop_embedded(settings) else "embedded server was not running")
+    return 0
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    n = api.enroll(args.table, args.content_function, args.column, key_column=args.key,
+                   queue=args.queue, backlog=not args.no_backlog)
+    print(f"{args.table} enrolled; {n} existing rows queued for embedding")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    rows = api.status(queue=args.queue)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    print(f"{'queue':<24}{'depth':>8}{'visible':>9}{'in flight':>11}{'retrying':>10}{'oldest s':>10}{'dead':>7}")
+    for r in rows:
+        print(f"{r.queue_name:<24}{r.depth:>8}{r.visible:>9}{r.in_flight:>11}{r.retrying:>10}"
+              f"{r.oldest_age_seconds:>10.1f}{r.dead_letters:>7}")
+    dead = api.dead_letters(queue=args.queue, limit=10)
+    if dead:
+        print("\nlatest dead letters:")
+        for d in dead:
+            print(f"  #{d['msg_id']} {d['schema_name']}.{d['table_name']} id={d['row_id']} "
+                  f"after {d['attempts']} attempt(s): {d['error']}")
+    return 0
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    settings = Settings.from_env()
+    url = database_url(settings)
+    depth = sum(r.visible for r in api.status(url, settings.queue))
+    bar = tqdm(total=depth, unit="job", disable=args.quiet or None, desc="draining")
+
+    def on_batch(batch, total):
+        if batch.messages:
+            if bar.n + batch.messages > (bar.total or 0):
+                bar.total = bar.n + batch.messages
+            bar.update(batch.messages)
+            bar.set_postfix(embedded=total.embedded, dead=total.dead_lettered, refresh=False)
+
+    try:
+        stats = api.drain(url, settings, idle_timeout=args.idle_timeout, time_budget=args.time_budget,
+                          on_batch=on_batch)
+    finally:
+        bar.close()
+    print(stats.summary())
+    for error in stats.errors:
+        print(f"  error: {error}", file=sys.stderr)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    hits = api.search(args.query, table=args.table, schema=args.schema, content_function=args.content_function,
+                      embedding_column=args.column, key_column=args.key, k=args.k)
+    if not hits:
+        print("no embedded rows yet: run `autoembed drain`")
+    for rank, hit in enumerate(hits, 1):
+        first = " ".join(hit.input.split())[:100]
+        print(f"{rank}. [{hit.distance:.3f}] {args.table} id={hit.id}: {first}")
+    return 0
+
+
+def _cmd_dead(args: argparse.Namespace) -> int:
+    if args.retry:
+        n = api.retry_dead_letters(queue=args.queue, ids=args.ids or None)
+        print(f"{n} dead letter(s) put back on {args.queue}")
+        return 0
+    for d in api.dead_letters(queue=args.queue, limit=args.limit):
+        print(f"#{d['msg_id']} {d['schema_name']}.{d['table_name']} id={d['row_id']} "
+              f"({d['attempts']} attempts, {d['failed_at']:%Y-%m-%d %H:%M:%S}): {d['error']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autoembed", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database set-up")
+    db.add_argument("action", choices=["url", "init", "stop"])
+    db.set_defaults(func=_cmd_db)
+
+    en = sub.add_parser("enroll", help="keep a table's embedding column in sync")
+    en.add_argument("table")
+    en.add_argument("--content-function", default="embedding_input")
+    en.add_argument("--column", default="embedding")
+    en.add_argument("--key", default="id")
+    en.add_argument("--queue", default="embedding_jobs")
+    en.add_argument("--no-backlog", action="store_true", help="do not queue existing rows")
+    en.set_defaults(func=_cmd_enroll)
+
+    st = sub.add_parser("status", help="queue depth, in flight, dead letters")
+    st.add_argument("--queue")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+
+    dr = sub.add_parser("drain", help="embed queued jobs until the queue is empty")
+    dr.add_argument("--idle-timeout", type=float, default=0.0, help="then wait this long for more work")
+    dr.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    dr.add_argument("-q", "--quiet", action="store_true")
+    dr.set_defaults(func=_cmd_drain)
+
+    se = sub.add_parser("search", help="semantic search")
+    se.add_argument("query")
+    se.add_argument("--table", required=True)
+    se.add_argument("--schema", default="public")
+    se.add_argument("--content-function", default="embedding_input")
+    se.add_argument("--column", default="embedding")
+    se.add_argument("--key", default="id")
+    se.add_argument("-k", type=int, default=5)
+    se.set_defaults(func=_cmd_search)
+
+    dl = sub.add_parser("dead-letters", help="list dead letters, or --retry them")
+    dl.add_argument("--queue", default="embedding_jobs")
+    dl.add_argument("--retry", action="store_true")
+    dl.add_argument("--ids", type=int, nargs="*")
+    dl.add_argument("--limit", type=int, default=50)
+    dl.set_defaults(func=_cmd_dead)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"autoembed: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # psycopg errors etc.: one readable line, not a traceback
+        if args.verbose:
+            raise
+        print(f"autoembed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

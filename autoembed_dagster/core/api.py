@@ -1,0 +1,86 @@
+"""The Python API: the operations of the CLI as functions (the CLI is a thin shell over these)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import psycopg
+
+from . import queue as pgmq
+from .config import Settings
+from .database import connect, database_url
+from .drain import DrainStats, EmbedderResolver, drain as _drain
+from .migrations import init_db
+from .search import Hit, search as _search
+
+
+@contextmanager
+def session(url: str | None = None, settings: Settings | None = None) -> Iterator[psycopg.Connection]:
+    settings = settings or Settings.from_env()
+    conn = connect(url or database_url(settings))
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def init(url: str | None = None) -> dict[str, str]:
+    """Install pgvector, pgmq and the project's schema (idempotent)."""
+    with session(url) as conn:
+        return init_db(conn)
+
+
+def enroll(
+    table: str,
+    content_function: str,
+    embedding_column: str = "embedding",
+    *,
+    key_column: str = "id",
+    queue: str = "embedding_jobs",
+    backlog: bool = True,
+    url: str | None = None,
+) -> int:
+    """Install the project's triggers on `table` (a name, optionally schema-qualified) and enqueue
+    every row that has no vector yet. Returns the number of jobs enqueued."""
+    with session(url) as conn:
+        return conn.execute(
+            "select autoembed.enroll(%s::regclass, %s, %s, %s, %s, %s)",
+            (table, content_function, embedding_column, key_column, queue, backlog),
+        ).fetchone()[0]
+
+
+def drain(
+    url: str | None = None,
+    settings: Settings | None = None,
+    resolver: EmbedderResolver | None = None,
+    *,
+    idle_timeout: float = 0.0,
+    time_budget: float | None = None,
+    on_batch: Callable[[DrainStats, DrainStats], None] | None = None,
+) -> DrainStats:
+    """Embed every queued job; see core.drain.Drainer.run."""
+    settings = settings or Settings.from_env()
+    with session(url, settings) as conn:
+        return _drain(conn, settings, resolver, idle_timeout=idle_timeout, time_budget=time_budget,
+                      on_batch=on_batch)
+
+
+def status(url: str | None = None, queue: str | None = None) -> list[pgmq.QueueStatus]:
+    with session(url) as conn:
+        return pgmq.status(conn, queue)
+
+
+def dead_letters(url: str | None = None, queue: str | None = None, limit: int = 50) -> list[dict]:
+    with session(url) as conn:
+        return pgmq.dead_letters(conn, queue, limit)
+
+
+def retry_dead_letters(url: str | None = None, queue: str = "embedding_jobs", ids: list[int] | None = None) -> int:
+    with session(url) as conn:
+        return conn.execute("select autoembed.retry_dead_letters(%s, %s)", (queue, ids)).fetchone()[0]
+
+
+def search(query: str, *, table: str, url: str | None = None, **kwargs) -> list[Hit]:
+    with session(url) as conn:
+        return _search(conn, query, table=table, **kwargs)

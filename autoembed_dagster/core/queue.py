@@ -1,0 +1,102 @@
+"""Thin wrappers over pgmq's SQL functions (the queue is pgmq's; nothing here re-implements it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+NOTIFY_CHANNEL = "autoembed"
+
+
+@dataclass(frozen=True)
+class Message:
+    msg_id: int
+    read_ct: int
+    enqueued_at: datetime
+    body: Any  # the JSON message, normally a dict
+
+
+def read(conn: psycopg.Connection, queue: str, vt: int, qty: int) -> list[Message]:
+    """Claim up to `qty` messages, invisible to other readers for `vt` seconds."""
+    rows = conn.execute(
+        "select msg_id, read_ct, enqueued_at, message from pgmq.read(%s, %s, %s)", (queue, vt, qty)
+    ).fetchall()
+    return [Message(*row) for row in rows]
+
+
+def send_batch(conn: psycopg.Connection, queue: str, bodies: Iterable[dict]) -> list[int]:
+    payload = [Jsonb(b) for b in bodies]
+    if not payload:
+        return []
+    rows = conn.execute("select * from pgmq.send_batch(%s, %s::jsonb[])", (queue, payload)).fetchall()
+    conn.execute("select pg_notify(%s, %s)", (NOTIFY_CHANNEL, queue))
+    return [r[0] for r in rows]
+
+
+def delete(conn: psycopg.Connection, queue: str, msg_ids: Sequence[int]) -> None:
+    if msg_ids:
+        conn.execute("select pgmq.delete(%s, %s::bigint[])", (queue, list(msg_ids)))
+
+
+def archive(conn: psycopg.Connection, queue: str, msg_ids: Sequence[int]) -> None:
+    if msg_ids:
+        conn.execute("select pgmq.archive(%s, %s::bigint[])", (queue, list(msg_ids)))
+
+
+def set_vt(conn: psycopg.Connection, queue: str, msg_ids: Sequence[int], seconds: int) -> None:
+    """Make messages visible again in `seconds` (a retry delay)."""
+    if msg_ids:
+        conn.execute("select pgmq.set_vt(%s, %s::bigint[], %s)", (queue, list(msg_ids), seconds))
+
+
+def queue_exists(conn: psycopg.Connection, queue: str) -> bool:
+    return conn.execute("select 1 from pgmq.meta where queue_name = %s", (queue,)).fetchone() is not None
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    queue_name: str
+    depth: int
+    visible: int
+    in_flight: int
+    retrying: int
+    oldest_age_seconds: float
+    dead_letters: int
+
+
+def status(conn: psycopg.Connection, queue: str | None = None) -> list[QueueStatus]:
+    rows = conn.execute(
+        "select * from autoembed.queue_status() where %(q)s::text is null or queue_name = %(q)s",
+        {"q": queue},
+    ).fetchall()
+    return [QueueStatus(*r) for r in rows]
+
+
+def depth(conn: psycopg.Connection, queue: str) -> tuple[int, float]:
+    """(messages in the queue, age of the oldest in seconds) from pgmq.metrics: cheap, no scan."""
+    row = conn.execute(
+        "select queue_length, coalesce(oldest_msg_age_sec, 0) from pgmq.metrics(%s)", (queue,)
+    ).fetchone()
+    return int(row[0]), float(row[1])
+
+
+def dead_letters(conn: psycopg.Connection, queue: str | None = None, limit: int = 50) -> list[dict]:
+    cur = conn.execute(
+        """select queue_name, msg_id, schema_name, table_name, row_id, embedding_column, attempts,
+                  error, failed_at
+           from autoembed.dead_letter_jobs
+           where %(q)s::text is null or queue_name = %(q)s
+           order by failed_at desc limit %(n)s""",
+        {"q": queue, "n": limit},
+    )
+    names = [d.name for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def dumps(body: Any) -> str:
+    return json.dumps(body, sort_keys=True, default=str)

@@ -1,0 +1,166 @@
+-- Triggers that put embedding jobs into pgmq. They only enqueue (and clear the stale vector):
+-- no HTTP, no model, nothing that can make the user's write fail or wait. A bad trigger argument
+-- raises a WARNING and the job is still enqueued, so the drain dead-letters it with a reason
+-- instead of the user's INSERT failing.
+
+-- Supabase's trigger function, same call shape: util.queue_embeddings(content_function,
+-- embedding_column), plus optional key column (default 'id') and queue (default 'embedding_jobs').
+-- Works as an AFTER row trigger (Supabase's guide: clearing costs a second row write) and as a
+-- BEFORE row trigger (clearing happens in NEW, no second write).
+create or replace function util.queue_embeddings()
+returns trigger
+language plpgsql
+as $$
+declare
+    content_function text := TG_ARGV[0];
+    embedding_column text := TG_ARGV[1];
+    key_column text := coalesce(TG_ARGV[2], 'id');
+    queue text := coalesce(TG_ARGV[3], 'embedding_jobs');
+    fn regprocedure;
+    key_value jsonb;
+    has_column boolean;
+    message jsonb;
+begin
+    -- The drain's own vector writes must not re-enqueue.
+    if current_setting('autoembed.draining', true) = 'on' or TG_LEVEL <> 'ROW' then
+        return case when TG_WHEN = 'BEFORE' then NEW else null end;
+    end if;
+
+    fn := autoembed.content_function(TG_RELID, content_function);
+    has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
+    if fn is null then
+        raise warning 'autoembed: content function % (taking a row of %) does not exist; job enqueued, it will be dead-lettered',
+            quote_literal(content_function), TG_RELID::regclass;
+    end if;
+    if not has_column then
+        raise warning 'autoembed: % has no vector/halfvec column %; job enqueued, it will be dead-lettered',
+            TG_RELID::regclass, quote_literal(embedding_column);
+    end if;
+
+    if TG_OP = 'UPDATE' and fn is not null then
+        -- Re-saves and changes to columns the input does not use cost nothing.
+        if autoembed.input_of(fn, OLD) is not distinct from autoembed.input_of(fn, NEW) then
+            return case when TG_WHEN = 'BEFORE' then NEW else null end;
+        end if;
+    end if;
+
+    if key_column = 'id' then
+        key_value := to_jsonb(NEW.id);
+    else
+        execute format('select to_jsonb(($1).%I)', key_column) into key_value using NEW;
+    end if;
+
+    -- Clear the now-stale vector so search never returns a vector of old content.
+    if TG_OP = 'UPDATE' and has_column then
+        if TG_WHEN = 'BEFORE' then
+            NEW := autoembed.with_null_column(NEW, embedding_column);
+        else
+            execute format('update %I.%I set %I = null where %I = ($1).%I and %I is not null',
+                           TG_TABLE_SCHEMA, TG_TABLE_NAME, embedding_column, key_column, key_column,
+                           embedding_column)
+                using NEW;
+        end if;
+    end if;
+
+    message := jsonb_build_object(
+        'id', key_value,
+        'schema', TG_TABLE_SCHEMA,
+        'table', TG_TABLE_NAME,
+        'contentFunction', content_function,
+        'embeddingColumn', embedding_column
+    );
+    if key_column <> 'id' then
+        message := message || jsonb_build_object('keyColumn', key_column);
+    end if;
+    perform pgmq.send(queue, message);
+    perform pg_notify('autoembed', queue);
+    return case when TG_WHEN = 'BEFORE' then NEW else null end;
+end;
+$$;
+
+-- Supabase's clear_column, without hstore: a BEFORE UPDATE row trigger that sets the column to NULL.
+create or replace function util.clear_column()
+returns trigger
+language plpgsql
+as $$
+declare
+    clear_column text := TG_ARGV[0];
+begin
+    if current_setting('autoembed.draining', true) = 'on' then
+        return NEW;
+    end if;
+    return autoembed.with_null_column(NEW, clear_column);
+end;
+$$;
+
+-- BEFORE UPDATE row trigger of enrolled tables: clears the vector only when the input changed.
+-- Arguments: content function, embedding column.
+create or replace function autoembed.clear_on_change()
+returns trigger
+language plpgsql
+as $$
+declare
+    fn regprocedure := autoembed.content_function(TG_RELID, TG_ARGV[0]);
+begin
+    if current_setting('autoembed.draining', true) = 'on' or fn is null then
+        return NEW;
+    end if;
+    if autoembed.input_of(fn, OLD) is distinct from autoembed.input_of(fn, NEW) then
+        return autoembed.with_null_column(NEW, TG_ARGV[1]);
+    end if;
+    return NEW;
+end;
+$$;
+
+-- AFTER INSERT/UPDATE statement trigger of enrolled tables with transition tables named
+-- autoembed_new (and autoembed_old for UPDATE): one pgmq.send_batch per statement.
+-- Arguments: content function, embedding column, key column, queue.
+create or replace function autoembed.queue_embeddings_bulk()
+returns trigger
+language plpgsql
+as $$
+declare
+    content_function text := TG_ARGV[0];
+    embedding_column text := TG_ARGV[1];
+    key_column text := TG_ARGV[2];
+    queue text := TG_ARGV[3];
+    fn regprocedure;
+    extra jsonb := '{}';
+    changed text;
+    sent integer;
+begin
+    if current_setting('autoembed.draining', true) = 'on' then
+        return null;
+    end if;
+    if key_column <> 'id' then
+        extra := jsonb_build_object('keyColumn', key_column);
+    end if;
+    if TG_OP = 'UPDATE' then
+        fn := autoembed.content_function(TG_RELID, content_function);
+        changed := case when fn is null then 'true' else
+            format('%1$s(o) is distinct from %1$s(n)', fn::oid::regproc) end;
+        execute format(
+            $q$select count(*) from pgmq.send_batch($1, array(
+                 select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $2, 'table', $3,
+                                           'contentFunction', $4, 'embeddingColumn', $5) || $6
+                 from autoembed_new n join autoembed_old o on o.%1$I = n.%1$I
+                 where %2$s))$q$,
+            key_column, changed)
+            into sent
+            using queue, TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
+    else
+        execute format(
+            $q$select count(*) from pgmq.send_batch($1, array(
+                 select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $2, 'table', $3,
+                                           'contentFunction', $4, 'embeddingColumn', $5) || $6
+                 from autoembed_new n))$q$,
+            key_column)
+            into sent
+            using queue, TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
+    end if;
+    if sent > 0 then
+        perform pg_notify('autoembed', queue);
+    end if;
+    return null;
+end;
+$$;

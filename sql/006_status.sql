@@ -1,0 +1,61 @@
+-- Queue inspection: depth, oldest message age, messages in flight (claimed, visibility timeout
+-- running), messages waiting for a retry, dead letters.
+create or replace function autoembed.queue_status()
+returns table (
+    queue_name text,
+    depth bigint,
+    visible bigint,
+    in_flight bigint,
+    retrying bigint,
+    oldest_age_seconds double precision,
+    dead_letters bigint
+)
+language plpgsql
+stable
+as $$
+declare
+    q record;
+begin
+    for q in select m.queue_name from pgmq.meta m order by m.queue_name loop
+        return query execute format(
+            $s$select $1::text,
+                      count(*),
+                      count(*) filter (where vt <= clock_timestamp()),
+                      count(*) filter (where vt > clock_timestamp() and read_ct > 0),
+                      (select count(*) from autoembed.message_errors e where e.queue_name = $1),
+                      coalesce(extract(epoch from clock_timestamp() - min(enqueued_at)), 0)::double precision,
+                      (select count(*) from autoembed.dead_letters d where d.queue_name = $1)
+               from pgmq.%I$s$, 'q_' || q.queue_name)
+            using q.queue_name;
+    end loop;
+end;
+$$;
+
+create or replace view autoembed.queues as select * from autoembed.queue_status();
+
+create or replace view autoembed.dead_letter_jobs as
+select queue_name, msg_id, message ->> 'schema' as schema_name, message ->> 'table' as table_name,
+       message ->> 'id' as row_id, message ->> 'embeddingColumn' as embedding_column,
+       attempts, error, failed_at, message
+from autoembed.dead_letters;
+
+-- Put dead letters back on their queue (after fixing the cause). Returns how many were re-queued.
+create or replace function autoembed.retry_dead_letters(queue text default 'embedding_jobs', ids bigint[] default null)
+returns bigint
+language plpgsql
+as $$
+declare
+    moved bigint;
+begin
+    with gone as (
+        delete from autoembed.dead_letters d
+        where d.queue_name = queue and (ids is null or d.msg_id = any(ids))
+        returning d.message
+    )
+    select count(*) from pgmq.send_batch(queue, array(select message from gone)) into moved;
+    if moved > 0 then
+        perform pg_notify('autoembed', queue);
+    end if;
+    return moved;
+end;
+$$;

@@ -1,0 +1,221 @@
+"""A real, local OpenAI-compatible embeddings server for tests and benchmarks (stdlib + numpy).
+
+It speaks HTTP on 127.0.0.1 so the real `openai` client is exercised end to end (retries,
+timeouts, parsing); nothing is mocked. Faults are injected per request, thread-safely.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+BAD_PAYLOAD_KINDS = ("malformed_json", "wrong_count", "wrong_dimension", "nan", "invalid_utf8")
+
+
+def fake_vector(text: str, dims: int = 1536) -> np.ndarray:
+    """Deterministic unit float32 vector for (text, dims); numpy only, so ~µs per text."""
+    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(dims, dtype=np.float32)
+    v /= np.float32(np.linalg.norm(v))
+    return v
+
+
+def _error_body(message: str, status: int) -> dict[str, Any]:
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class FakeOpenAI:
+    """`with FakeOpenAI() as srv: OpenAI(base_url=srv.base_url, api_key="x")`."""
+
+    def __init__(self, default_dims: int = 1536, host: str = "127.0.0.1") -> None:
+        self.default_dims = default_dims
+        self._lock = threading.Lock()
+        self._requests: list[dict[str, Any]] = []
+        self.reset()
+        self._server = ThreadingHTTPServer((host, 0), _make_handler(self))
+        self._server.daemon_threads = True  # a sleeping "timeout" handler must not block stop()
+        self.port = self._server.server_address[1]
+        self.base_url = f"http://{host}:{self.port}/v1"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-openai", daemon=True)
+        self._thread.start()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "FakeOpenAI":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- fault injection ---------------------------------------------------------------------
+    def reset(self) -> None:
+        """Clear faults and the request log."""
+        with self._lock:
+            self._fail: list[tuple[int, float | None, Any]] = []
+            self._timeouts: list[float] = []
+            self._bad: list[str] = []
+            self._poison: list[tuple[str, int, str]] = []
+            self._delay = 0.0
+            self._requests.clear()
+
+    def fail_next(self, n: int, status: int = 500, retry_after: float | None = None, body: Any = None) -> None:
+        """The next `n` requests get `status` (optionally with a Retry-After header, in seconds)."""
+        with self._lock:
+            self._fail.extend([(status, retry_after, body)] * n)
+
+    def timeout_next(self, n: int, seconds: float) -> None:
+        """The next `n` requests sleep `seconds` before answering (longer than the client waits)."""
+        with self._lock:
+            self._timeouts.extend([seconds] * n)
+
+    def bad_payload_next(self, n: int, kind: str) -> None:
+        if kind not in BAD_PAYLOAD_KINDS:
+            raise ValueError(f"unknown bad payload kind {kind!r}; one of {BAD_PAYLOAD_KINDS}")
+        with self._lock:
+            self._bad.extend([kind] * n)
+
+    def poison(self, substring: str, status: int = 400, message: str | None = None) -> None:
+        """Any request with an input containing `substring` fails with `status`."""
+        with self._lock:
+            self._poison.append((substring, status, message or f"input contains forbidden text {substring!r}"))
+
+    def delay(self, seconds: float) -> None:
+        """Every request waits `seconds` (simulates network/provider latency)."""
+        with self._lock:
+            self._delay = seconds
+
+    # -- observation -------------------------------------------------------------------------
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Snapshot of received embedding requests: inputs, model, dimensions, status."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def request_count(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    # -- request handling (called from handler threads) ---------------------------------------
+    def _take(self, inputs: list[str]) -> tuple[tuple[int, float | None, Any] | None, float, str | None, tuple[str, int, str] | None, float]:
+        with self._lock:
+            fail = self._fail.pop(0) if self._fail else None
+            sleep = self._timeouts.pop(0) if (fail is None and self._timeouts) else 0.0
+            bad = self._bad.pop(0) if (fail is None and not sleep and self._bad) else None
+            hit = next((p for p in self._poison for t in inputs if p[0] in t), None)
+            return fail, sleep, bad, hit, self._delay
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._requests.append(entry)
+
+    def handle(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Returns (status, extra headers, body bytes) for one POST /embeddings."""
+        try:
+            req = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _json(400, _error_body("request body is not valid JSON", 400))
+        raw = req.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        dims = req.get("dimensions") or self.default_dims
+        entry: dict[str, Any] = {
+            "inputs": inputs,
+            "model": req.get("model"),
+            "dimensions": req.get("dimensions"),
+            "encoding_format": req.get("encoding_format"),
+            "status": None,
+        }
+        self._record(entry)  # before any sleep, so a client that gave up is still counted
+        fail, sleep, bad, hit, delay = self._take(inputs if isinstance(inputs, list) else [])
+        if delay:
+            time.sleep(delay)
+        if sleep:
+            time.sleep(sleep)
+        status, headers, payload = self._respond(req, inputs, dims, fail, bad, hit)
+        entry["status"] = status
+        return status, headers, payload
+
+    def _respond(self, req: dict[str, Any], inputs: Any, dims: int, fail: Any, bad: str | None, hit: Any) -> tuple[int, dict[str, str], bytes]:
+        if fail is not None:
+            status, retry_after, body = fail
+            headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+            if body is None:
+                body = _error_body(f"fake server error {status}", status)
+            data = body if isinstance(body, bytes) else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
+            return status, headers, data
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            return _json(400, _error_body("'input' must be a string or a non-empty list of strings", 400))
+        if any(t == "" for t in inputs):
+            return _json(400, _error_body("'$.input' is invalid: input cannot be an empty string", 400))
+        if hit is not None:
+            return _json(hit[1], _error_body(hit[2], hit[1]))
+        if not isinstance(dims, int) or dims < 1:
+            return _json(400, _error_body(f"invalid dimensions {dims!r}", 400))
+
+        b64 = req.get("encoding_format") == "base64"
+        vecs = [fake_vector(t, dims) for t in inputs]
+        if bad == "wrong_dimension":
+            wrong = 1024 if dims != 1024 else 512
+            vecs = [fake_vector(t, wrong) for t in inputs]
+        elif bad == "nan":
+            vecs[0] = vecs[0].copy()
+            vecs[0][0] = np.nan
+        items = [
+            {"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist()}
+            for i, v in enumerate(vecs)
+        ]
+        if bad == "wrong_count":
+            items = items[:-1] if len(items) > 1 else items + [dict(items[0], index=1)]
+        tokens = sum(max(1, len(t.split())) for t in inputs)
+        resp = {"object": "list", "data": items, "model": req.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        status, headers, data = _json(200, resp)
+        if bad == "malformed_json":
+            data = data[: max(1, len(data) // 2)]  # cut mid-document
+        elif bad == "invalid_utf8":
+            data = b'{"object": "list", "model": "\xff\xfe\xfd", "data": []}'
+        return status, headers, data
+
+
+def _json(status: int, obj: Any) -> tuple[int, dict[str, str], bytes]:
+    return status, {}, json.dumps(obj).encode()
+
+
+def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like a real provider
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            if self.path.rstrip("/") not in ("/v1/embeddings", "/embeddings"):
+                self._send(*_json(404, _error_body(f"no route {self.path}", 404)))
+                return
+            self._send(*fake.handle(body))
+
+        def _send(self, status: int, headers: dict[str, str], data: bytes) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client timed out and hung up
+
+    return Handler
