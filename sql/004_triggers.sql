@@ -127,7 +127,7 @@ declare
     fn regprocedure;
     extra jsonb := '{}';
     changed text;
-    sent integer;
+    messages jsonb[];
 begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
@@ -140,25 +140,27 @@ begin
         changed := case when fn is null then 'true' else
             format('%1$s(o) is distinct from %1$s(n)', fn::oid::regproc) end;
         execute format(
-            $q$select count(*) from pgmq.send_batch($1, array(
-                 select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $2, 'table', $3,
-                                           'contentFunction', $4, 'embeddingColumn', $5) || $6
+            $q$select array(
+                 select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $1, 'table', $2,
+                                           'contentFunction', $3, 'embeddingColumn', $4) || $5
                  from autoembed_new n join autoembed_old o on o.%1$I = n.%1$I
-                 where %2$s))$q$,
+                 where %2$s)$q$,
             key_column, changed)
-            into sent
-            using queue, TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
+            into messages
+            using TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
     else
         execute format(
-            $q$select count(*) from pgmq.send_batch($1, array(
-                 select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $2, 'table', $3,
-                                           'contentFunction', $4, 'embeddingColumn', $5) || $6
-                 from autoembed_new n))$q$,
+            $q$select array(
+                 select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $1, 'table', $2,
+                                           'contentFunction', $3, 'embeddingColumn', $4) || $5
+                 from autoembed_new n)$q$,
             key_column)
-            into sent
-            using queue, TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
+            into messages
+            using TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
     end if;
-    if sent > 0 then
+    -- pgmq.send_batch rejects an empty array: a statement that changed no input sends nothing.
+    if cardinality(messages) > 0 then
+        perform pgmq.send_batch(queue, messages);
         perform pg_notify('autoembed', queue);
     end if;
     return null;

@@ -17,6 +17,7 @@ declare
     schema_name text;
     table_name text;
     backlog bigint := 0;
+    messages jsonb[];
 begin
     select n.nspname, c.relname into schema_name, table_name
     from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = tbl;
@@ -55,16 +56,18 @@ begin
 
     if enqueue_backlog then
         execute format(
-            $q$select count(*) from pgmq.send_batch($1, array(
-                 select jsonb_build_object('id', to_jsonb(t.%1$I), 'schema', $2, 'table', $3,
-                                           'contentFunction', $4, 'embeddingColumn', $5)
-                        || case when $6 = 'id' then '{}'::jsonb else jsonb_build_object('keyColumn', $6) end
-                 from %2$s t where t.%3$I is null))$q$,
+            $q$select array(
+                 select jsonb_build_object('id', to_jsonb(t.%1$I), 'schema', $1, 'table', $2,
+                                           'contentFunction', $3, 'embeddingColumn', $4)
+                        || case when $5 = 'id' then '{}'::jsonb else jsonb_build_object('keyColumn', $5) end
+                 from %2$s t where t.%3$I is null)$q$,
             key_column, tbl, embedding_column)
-            into backlog
-            using queue, schema_name, table_name, content_function, embedding_column, key_column;
+            into messages
+            using schema_name, table_name, content_function, embedding_column, key_column;
+        backlog := coalesce(cardinality(messages), 0);
     end if;
     if backlog > 0 then
+        perform pgmq.send_batch(queue, messages);
         perform pg_notify('autoembed', queue);
     end if;
     return backlog;

@@ -45,6 +45,7 @@ returns bigint
 language plpgsql
 as $$
 declare
+    messages jsonb[];
     moved bigint;
 begin
     with gone as (
@@ -52,8 +53,10 @@ begin
         where d.queue_name = queue and (ids is null or d.msg_id = any(ids))
         returning d.message
     )
-    select count(*) from pgmq.send_batch(queue, array(select message from gone)) into moved;
+    select array(select message from gone) into messages;
+    moved := coalesce(cardinality(messages), 0);
     if moved > 0 then
+        perform pgmq.send_batch(queue, messages);
         perform pg_notify('autoembed', queue);
     end if;
     return moved;

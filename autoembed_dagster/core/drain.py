@@ -163,8 +163,9 @@ class Drainer:
             check_dimensions(target, embedder.identity.dimensions, embedder.identity.model)
         except (TargetError, ValueError) as exc:
             # ValueError covers ConfigError (e.g. the model cannot make this size).
+            where = f"{target.regclass}.{target.key.embedding_column} ({target.vector_type}({target.dimensions}))"
             for job in jobs:
-                outcome.dead.append((job, f"{target.regclass}: {exc}"))
+                outcome.dead.append((job, str(exc) if isinstance(exc, TargetError) else f"{where}: {exc}"))
             return
         model = embedder.identity.key
         rows = self._read_rows(target, [job.row_id for job in jobs])

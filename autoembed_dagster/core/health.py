@@ -1,0 +1,177 @@
+"""Plain-SQL health metrics of an embedded table and of a queue (what the Dagster checks and the
+queue sensor report). No Dagster imports: the CLI or a test can call these directly.
+
+- coverage: rows whose stored vector is the embedding of their *current* input under the
+  pipeline's *current* model, out of the rows that have something to embed;
+- staleness: rows that carry a vector whose recorded content hash or model differs from what the
+  row and the pipeline say now (or a vector with no record of what made it);
+- dead letters of the table;
+- the column's declared size against the model's output size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import psycopg
+from psycopg import sql
+
+from .targets import Target, TargetError, TargetKey, resolve
+
+# US$ per 1M input tokens (public list prices); the local model costs nothing per token.
+# AUTOEMBED_PRICE_PER_MTOK overrides for every remote model (e.g. a negotiated or self-hosted price).
+PRICE_PER_MILLION_TOKENS = {
+    "text-embedding-3-small": 0.02,
+    "text-embedding-3-large": 0.13,
+    "text-embedding-ada-002": 0.10,
+}
+
+
+def price_per_million_tokens(provider: str, model: str) -> float | None:
+    """US$ per 1M tokens for (provider, model); 0 for the local model; None when unknown."""
+    if provider == "local":
+        return 0.0
+    override = os.environ.get("AUTOEMBED_PRICE_PER_MTOK")
+    if override:
+        try:
+            return float(override)
+        except ValueError:
+            return None
+    return PRICE_PER_MILLION_TOKENS.get(model)
+
+
+def estimated_cost(tokens: int, provider: str, model: str) -> float | None:
+    price = price_per_million_tokens(provider, model)
+    return None if price is None else tokens * price / 1_000_000
+
+
+# -- queue ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QueueMetrics:
+    queue: str
+    depth: int  # messages in the queue (visible + claimed + waiting for a retry)
+    visible: int  # messages a drain could claim right now
+    oldest_age_seconds: float
+    total_sent: int  # messages ever sent to the queue
+
+    @property
+    def invisible(self) -> int:
+        return self.depth - self.visible
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "invisible": self.invisible}
+
+
+def queue_metrics(conn: psycopg.Connection, queue: str) -> QueueMetrics | None:
+    """pgmq.metrics of one queue (one count over the queue table), or None when it does not exist."""
+    if conn.execute("select 1 from pgmq.meta where queue_name = %s", (queue,)).fetchone() is None:
+        return None
+    m = conn.execute("select to_jsonb(m) from pgmq.metrics(%s) m", (queue,)).fetchone()[0]
+    depth = int(m.get("queue_length") or 0)
+    # queue_visible_length exists since pgmq 1.5; older servers: count everything as visible.
+    visible = m.get("queue_visible_length")
+    return QueueMetrics(
+        queue=queue,
+        depth=depth,
+        visible=depth if visible is None else int(visible),
+        oldest_age_seconds=float(m.get("oldest_msg_age_sec") or 0),
+        total_sent=int(m.get("total_messages") or 0),
+    )
+
+
+# -- tables --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TableHealth:
+    table: str  # schema.table.column
+    model: str  # the model key vectors must carry (provider:model:dimensions)
+    rows: int
+    embeddable: int  # rows whose input is not NULL/blank
+    current: int  # rows with the vector of their current input under the current model
+    missing: int  # embeddable rows without a vector (pending, or never enqueued)
+    stale: int  # rows with a vector that is not the current input's under the current model
+    dead_letters: int
+
+    @property
+    def coverage(self) -> float:
+        return self.current / self.embeddable if self.embeddable else 1.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "coverage": self.coverage}
+
+
+def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableHealth:
+    """One scan of the table (its content function and hash per row) joined with embedding_state."""
+    query = sql.SQL(
+        """
+        select count(*),
+               count(*) filter (where x.embeddable),
+               count(*) filter (where x.has_vector and s.content_hash = x.h and s.model = %(model)s),
+               count(*) filter (where x.embeddable and not x.has_vector),
+               count(*) filter (where x.has_vector
+                                and (s.row_id is null or s.content_hash is distinct from x.h
+                                     or s.model is distinct from %(model)s))
+        from (
+            select r.k, r.has_vector, autoembed.content_hash(r.input) as h,
+                   r.input is not null and btrim(r.input) <> '' as embeddable
+            from (select t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
+                  from {table} t) r
+        ) x
+        left join autoembed.embedding_state s
+          on s.schema_name = %(schema)s and s.table_name = %(table)s
+         and s.embedding_column = %(column)s and s.row_id = x.k
+        """
+    ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql, table=target.table_sql)
+    params = {"model": model, "schema": target.key.schema, "table": target.key.table,
+              "column": target.key.embedding_column}
+    rows, embeddable, current, missing, stale = conn.execute(query, params).fetchone()
+    return TableHealth(
+        table=target.key.label,
+        model=model,
+        rows=rows,
+        embeddable=embeddable,
+        current=current,
+        missing=missing,
+        stale=stale,
+        dead_letters=dead_letter_count(conn, target.key),
+    )
+
+
+def dead_letter_count(conn: psycopg.Connection, key: TargetKey) -> int:
+    return conn.execute(
+        """select count(*) from autoembed.dead_letters
+           where message ->> 'schema' = %s and message ->> 'table' = %s and message ->> 'embeddingColumn' = %s""",
+        (key.schema, key.table, key.embedding_column),
+    ).fetchone()[0]
+
+
+@dataclass(frozen=True)
+class VectorIndex:
+    name: str
+    method: str  # hnsw, ivfflat, ...
+    size_bytes: int
+    definition: str
+
+
+def vector_indexes(conn: psycopg.Connection, target: Target) -> list[VectorIndex]:
+    """Indexes over the embedding column (the vector index asset)."""
+    rows = conn.execute(
+        """select i.indexrelid::regclass::text, am.amname, pg_relation_size(i.indexrelid),
+                  pg_get_indexdef(i.indexrelid)
+           from pg_index i
+           join pg_class c on c.oid = i.indexrelid
+           join pg_am am on am.oid = c.relam
+           join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+           where i.indrelid = %s::regclass and a.attname = %s
+           order by 1""",
+        (target.regclass, target.key.embedding_column),
+    ).fetchall()
+    return [VectorIndex(*r) for r in rows]
+
+
+def resolve_target(conn: psycopg.Connection, key: TargetKey) -> tuple[Target | None, str | None]:
+    """(target, None), or (None, why the table/column/function cannot be used)."""
+    try:
+        return resolve(conn, key), None
+    except TargetError as exc:
+        return None, str(exc)

@@ -1,0 +1,100 @@
+"""Lineage: source table (external) + queue (observed) -> embeddings (per pipeline) -> vector index.
+
+The tables and the queue are written by Postgres itself (triggers), so they are external assets
+(`AssetSpec`). The embeddings and index assets are materialized by the drain runs (one drain lane per
+queue, see drain.py), which report per-pipeline numbers as materialization metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import dagster as dg
+
+from ..core.config import ConfigError
+from ..core.pipelines import Pipeline
+
+GROUP = "autoembed"
+DEFAULT_QUEUE = "embedding_jobs"  # Supabase's queue: SQL-enrolled tables land here
+LANE_TAG = "autoembed/lane"  # one drain at a time per value (dagster.yaml tag_concurrency_limits)
+_DAGSTER_NAME = re.compile(r"[A-Za-z0-9_]{1,60}")
+
+
+def check_queue_name(queue: str) -> str:
+    if not _DAGSTER_NAME.fullmatch(queue):
+        raise ConfigError(f"queue name {queue!r} must be letters, digits and _ (at most 60)")
+    return queue
+
+
+def queues_of(pipelines: Iterable[Pipeline]) -> list[str]:
+    """Every queue to drain: Supabase's default queue plus each pipeline's."""
+    return sorted({DEFAULT_QUEUE, *(check_queue_name(p.queue) for p in pipelines)})
+
+
+def source_key(p: Pipeline) -> dg.AssetKey:
+    return dg.AssetKey(["postgres", p.schema, p.table])
+
+
+def queue_key(queue: str) -> dg.AssetKey:
+    return dg.AssetKey(["pgmq", queue])
+
+
+def embeddings_key(p: Pipeline) -> dg.AssetKey:
+    return dg.AssetKey(["embeddings", p.name])
+
+
+def index_key(p: Pipeline) -> dg.AssetKey:
+    return dg.AssetKey(["vector_index", p.name])
+
+
+def model_version(p: Pipeline) -> str:
+    """The model identity as configured (provider, model, size, input): the code version."""
+    s = p.embedder_settings()
+    return f"{s.provider}:{s.model}:{s.dimensions or 'column'}:{p.content_function}"
+
+
+def asset_specs(pipelines: Sequence[Pipeline]) -> list[dg.AssetSpec]:
+    specs: dict[dg.AssetKey, dg.AssetSpec] = {}
+    for queue in queues_of(pipelines):
+        specs[queue_key(queue)] = dg.AssetSpec(
+            queue_key(queue),
+            description=(f"pgmq queue `{queue}`: embedding jobs enqueued by the tables' triggers. "
+                         "The queue sensor records its depth and oldest message age as observations."),
+            group_name=GROUP,
+            kinds={"postgres"},
+            metadata={"queue": queue},
+        )
+    for p in pipelines:
+        specs.setdefault(source_key(p), dg.AssetSpec(
+            source_key(p),
+            description=f"Table {p.qualified_table}, written by the application; its triggers enqueue jobs.",
+            group_name=GROUP,
+            kinds={"postgres", "table"},
+            metadata={"table": p.qualified_table, "key_column": p.key_column},
+        ))
+        specs[embeddings_key(p)] = dg.AssetSpec(
+            embeddings_key(p),
+            deps=[source_key(p), queue_key(p.queue)],
+            description=(f"{p.qualified_table}.{p.embedding_column} = embedding of {p.content_function}(row). "
+                         f"Kept in sync by the drain lane of queue `{p.queue}`."),
+            group_name=GROUP,
+            kinds={"pgvector"},
+            code_version=model_version(p),
+            metadata={
+                "table": p.qualified_table,
+                "embedding_column": p.embedding_column,
+                "content_function": p.content_function,
+                "queue": p.queue,
+                "model": model_version(p),
+            },
+        )
+        specs[index_key(p)] = dg.AssetSpec(
+            index_key(p),
+            deps=[embeddings_key(p)],
+            description=f"Vector index(es) over {p.qualified_table}.{p.embedding_column}, updated as vectors are written.",
+            group_name=GROUP,
+            kinds={"pgvector", "index"},
+            metadata={"table": p.qualified_table, "embedding_column": p.embedding_column},
+        )
+    return list(specs.values())

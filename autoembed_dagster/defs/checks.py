@@ -1,0 +1,129 @@
+"""Asset checks on each pipeline's embeddings: coverage, staleness, dead letters, dimensions.
+
+The numbers come from `core.health` (plain SQL). The same evaluation runs in three places: the
+standalone checks below (UI "Execute checks", the `health_checks` job and its schedule), and at
+the end of every drain run for the pipelines it touched (drain.py).
+"""
+
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import dagster as dg
+import psycopg
+
+from ..core import health
+from ..core.drain import EmbedderResolver, pipeline_resolver
+from ..core.pipelines import Pipeline
+from ..core.targets import TargetKey
+from .assets import embeddings_key
+from .resources import AutoembedResource
+
+CHECKS = {
+    "coverage": "Every row with input has the vector of its current input under the current model "
+                "(AUTOEMBED_MIN_COVERAGE, default 1.0; WARN: rows in flight count as missing).",
+    "staleness": "No row carries a vector whose stored content hash or model differs from the row's "
+                 "current input and the pipeline's current model.",
+    "dead_letters": "No job of this table is in the dead-letter archive (`autoembed dead-letters`).",
+    "dimensions": "The column's declared size equals the size of the vectors the model makes.",
+}
+SEVERITY = {
+    "coverage": dg.AssetCheckSeverity.WARN,
+    "staleness": dg.AssetCheckSeverity.ERROR,
+    "dead_letters": dg.AssetCheckSeverity.WARN,
+    "dimensions": dg.AssetCheckSeverity.ERROR,
+}
+
+
+@dataclass
+class CheckOutcome:
+    name: str
+    passed: bool
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def severity(self) -> dg.AssetCheckSeverity:
+        return SEVERITY[self.name]
+
+
+def min_coverage() -> float:
+    try:
+        return float(os.environ.get("AUTOEMBED_MIN_COVERAGE", "1.0"))
+    except ValueError:
+        return 1.0
+
+
+def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) -> list[CheckOutcome]:
+    """All four checks of one pipeline, from one scan of its table."""
+    key = TargetKey(p.schema, p.table, p.content_function, p.embedding_column, p.key_column)
+    target, why = health.resolve_target(conn, key)
+    if target is None:
+        return [CheckOutcome(name, False, f"{p.name}: {why}") for name in CHECKS]
+    try:
+        identity = resolver(target).identity
+        model_error = None
+    except ValueError as exc:  # ConfigError: e.g. the model cannot make vectors of this size
+        identity, model_error = None, str(exc)
+    column = f"{target.vector_type}({target.dimensions})"
+    if identity is None:
+        dims = CheckOutcome("dimensions", False, f"{target.regclass}.{p.embedding_column} is {column}: {model_error}",
+                            {"column": column})
+    else:
+        ok = identity.dimensions == target.dimensions
+        dims = CheckOutcome(
+            "dimensions", ok,
+            f"{column} column, model {identity.model} makes {identity.dimensions}"
+            + ("" if ok else ": every job of this table will be dead-lettered until they match"),
+            {"column_dimensions": target.dimensions, "model_dimensions": identity.dimensions,
+             "model": identity.key},
+        )
+    th = health.table_health(conn, target, identity.key if identity else "(misconfigured model)")
+    threshold = min_coverage()
+    counts = {"rows": th.rows, "embeddable_rows": th.embeddable, "current_rows": th.current,
+              "missing_rows": th.missing, "stale_rows": th.stale}
+    return [
+        CheckOutcome(
+            "coverage", th.coverage >= threshold,
+            f"{th.current} of {th.embeddable} rows with input have a current vector ({th.coverage:.1%}; "
+            f"threshold {threshold:.0%})",
+            {"coverage": dg.MetadataValue.float(round(th.coverage, 6)), **counts},
+        ),
+        CheckOutcome(
+            "staleness", th.stale == 0,
+            f"{th.stale} row(s) carry a vector of other content or another model than {th.model}",
+            {"stale_rows": th.stale, "model": th.model},
+        ),
+        CheckOutcome(
+            "dead_letters", th.dead_letters == 0,
+            f"{th.dead_letters} dead-lettered job(s) for {target.key.label}",
+            {"dead_letters": th.dead_letters},
+        ),
+        dims,
+    ]
+
+
+def as_check_result(p: Pipeline, o: CheckOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(asset_key=embeddings_key(p), check_name=o.name, passed=o.passed,
+                               severity=o.severity, description=o.description, metadata=o.metadata)
+
+
+def as_check_evaluation(p: Pipeline, o: CheckOutcome) -> dg.AssetCheckEvaluation:
+    return dg.AssetCheckEvaluation(asset_key=embeddings_key(p), check_name=o.name, passed=o.passed,
+                                   severity=o.severity, description=o.description, metadata=o.metadata)
+
+
+def build_health_checks(p: Pipeline, pipelines: Sequence[Pipeline]) -> dg.AssetChecksDefinition:
+    specs = [dg.AssetCheckSpec(name, asset=embeddings_key(p), description=text) for name, text in CHECKS.items()]
+
+    @dg.multi_asset_check(name=f"{p.name}_health", specs=specs,
+                          description=f"Health of {p.qualified_table}.{p.embedding_column}")
+    def _health(context: dg.AssetCheckExecutionContext, autoembed: AutoembedResource):
+        resolver = pipeline_resolver(pipelines)
+        with autoembed.connect() as conn:
+            for outcome in evaluate(conn, p, resolver):
+                yield as_check_result(p, outcome)
+
+    return _health
+

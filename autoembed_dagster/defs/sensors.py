@@ -1,0 +1,114 @@
+"""The queue sensors (one per drain lane) and the health-check schedule.
+
+A queue sensor only reads the queue's metrics (never claims: claiming happens inside the run). Each
+tick it records an observation of the queue asset when the numbers moved (or once a minute), so
+the UI plots depth and age, and it requests a drain run when jobs are claimable and no drain of
+that lane is queued or running. Run keys are unique per tick: Dagster dedupes run keys forever.
+"""
+
+
+import json
+import os
+import time
+
+import dagster as dg
+from dagster import DagsterRunStatus, RunsFilter
+
+from ..core import health
+from .assets import LANE_TAG, queue_key
+from .resources import AutoembedResource
+
+ACTIVE_STATUSES = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+]
+OBSERVE_AT_LEAST_EVERY_SECONDS = 60.0
+
+
+def sensor_interval() -> int:
+    try:
+        return max(1, int(os.environ.get("AUTOEMBED_SENSOR_INTERVAL", "5")))
+    except ValueError:
+        return 5
+
+
+def _blocking_runs(instance: dg.DagsterInstance, job_name: str, queue: str) -> list:
+    """Drain runs of this lane that are queued or running (and not past their maximum runtime:
+    a run whose process died is failed by run monitoring, and must not block the lane meanwhile)."""
+    records = instance.get_run_records(
+        RunsFilter(job_name=job_name, tags={LANE_TAG: queue}, statuses=ACTIVE_STATUSES), limit=10
+    )
+    now = time.time()
+    live = []
+    for record in records:
+        max_runtime = record.dagster_run.tags.get("dagster/max_runtime_seconds")
+        started = record.start_time
+        if (record.dagster_run.status == DagsterRunStatus.STARTED and started and max_runtime
+                and now - started > float(max_runtime) + 60):
+            continue
+        live.append(record)
+    return live
+
+
+def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=f"{queue}_sensor",
+        job=job,
+        minimum_interval_seconds=sensor_interval(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Watches pgmq queue `{queue}`; starts `{job.name}` when jobs wait and no drain runs.",
+    )
+    def queue_sensor(context: dg.SensorEvaluationContext, autoembed: AutoembedResource) -> dg.SensorResult:
+        state = json.loads(context.cursor) if context.cursor else {}
+        tick = int(state.get("tick", 0)) + 1
+        with autoembed.connect() as conn:
+            m = health.queue_metrics(conn, queue)
+        if m is None:
+            return dg.SensorResult(skip_reason=f"queue {queue!r} does not exist (run `autoembed db init`)",
+                                   cursor=json.dumps({**state, "tick": tick}))
+        now = time.time()
+        events = []
+        last = state.get("observed") or {}
+        if (last.get("depth") != m.depth or last.get("visible") != m.visible
+                or now - float(last.get("at", 0)) >= OBSERVE_AT_LEAST_EVERY_SECONDS):
+            events.append(dg.AssetObservation(
+                asset_key=queue_key(queue),
+                metadata={
+                    "depth": m.depth,
+                    "claimable": m.visible,
+                    "in_flight_or_retrying": m.invisible,
+                    "oldest_age_seconds": dg.MetadataValue.float(m.oldest_age_seconds),
+                    "total_sent": m.total_sent,
+                },
+            ))
+            last = {"depth": m.depth, "visible": m.visible, "at": now}
+        cursor = json.dumps({"tick": tick, "observed": last})
+
+        if m.visible == 0:
+            return dg.SensorResult(asset_events=events, cursor=cursor,
+                                   skip_reason=f"no claimable job in {queue} (depth {m.depth})")
+        blocking = _blocking_runs(context.instance, job.name, queue)
+        if blocking:
+            run = blocking[0].dagster_run
+            return dg.SensorResult(
+                asset_events=events, cursor=cursor,
+                skip_reason=f"{m.visible} job(s) wait; drain run {run.run_id[:8]} is {run.status.value}")
+        request = dg.RunRequest(
+            run_key=f"{queue}:{tick}:{int(now * 1000)}",
+            tags={LANE_TAG: queue, "autoembed/claimable_at_request": str(m.visible)},
+        )
+        return dg.SensorResult(run_requests=[request], asset_events=events, cursor=cursor)
+
+    return queue_sensor
+
+
+def build_health_schedule(job) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name="health_checks_schedule",
+        job=job,
+        cron_schedule=os.environ.get("AUTOEMBED_HEALTH_CRON", "17 * * * *"),
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Re-evaluates every pipeline's health checks (catches a model change with an idle queue).",
+    )
