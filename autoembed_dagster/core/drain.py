@@ -187,13 +187,21 @@ class Drainer:
                 to_embed.setdefault(job.row_id, []).append(job)
         if not to_embed:
             return
-        row_ids = list(to_embed)
+        # Rows that failed before are embedded one per request, so a row that keeps failing
+        # the whole request (a 500 on its content, say) cannot drag its neighbours down with it.
+        first_try = [r for r in to_embed if all(j.read_ct <= 1 for j in to_embed[r])]
+        retrying = [[r] for r in to_embed if any(j.read_ct > 1 for j in to_embed[r])]
+        for row_ids in ([first_try] if first_try else []) + retrying:
+            self._embed_rows(target, embedder, row_ids, rows, to_embed, outcome, stats)
+
+    def _embed_rows(self, target: Target, embedder: Embedder, row_ids: list[str], rows: dict[str, "_Row"],
+                    to_embed: dict[str, list[_Job]], outcome: _Outcome, stats: DrainStats) -> None:
         try:
             result = embedder.embed([rows[r].input for r in row_ids])
         except Exception as exc:  # an embedder bug or outage must not lose the batch: retry later
             text = f"{target.regclass}: embedding failed: {type(exc).__name__}: {exc}"
             stats.note_error(text)
-            outcome.retry.extend((job, text) for row_jobs in to_embed.values() for job in row_jobs)
+            outcome.retry.extend((job, text) for r in row_ids for job in to_embed[r])
             return
         stats.tokens += result.tokens
         stats.requests += result.requests

@@ -1,0 +1,121 @@
+"""An offline demo corpus: docstrings of the Python standard library of the running interpreter.
+
+Every module is read with `ast` from its source file: nothing is imported or executed, so modules
+with side effects (antigravity, this, idlelib, tkinter...) are harmless. The selection is
+deterministic and broad: each module's own docstring first, then round-robin over modules for
+their public functions and classes, so a few hundred modules all contribute.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+# Folders of the stdlib that are tests, tools, vendored or platform-specific demo code.
+SKIP_DIRS = {
+    "test", "tests", "idle_test", "idlelib", "lib2to3", "ensurepip", "site-packages", "dist-packages",
+    "turtledemo", "__pycache__", "config-3.11-x86_64-linux-gnu", "lib-dynload", "venv", "pydoc_data",
+}
+MIN_DOC_CHARS = 40
+
+
+@dataclass(frozen=True)
+class Doc:
+    module: str  # e.g. "json.decoder"
+    name: str  # e.g. "json.decoder.JSONDecoder" (module name for a module docstring)
+    kind: str  # "module", "class" or "function"
+    content: str  # signature (for functions/classes) + the docstring, trimmed
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _module_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(dotted module name, file) for public modules under the stdlib directory, sorted."""
+    found: list[tuple[str, Path]] = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        parts = list(rel.parts)
+        if any(p in SKIP_DIRS or p.startswith(("_", ".")) and p != "__init__.py" for p in parts):
+            continue
+        if any("-" in p for p in parts[:-1]):  # not importable package names (config dirs)
+            continue
+        if parts[-1] == "__init__.py":
+            parts = parts[:-1]
+            if not parts:
+                continue
+        else:
+            parts[-1] = parts[-1][:-3]
+        if parts[-1] in ("__main__", "setup", "conftest"):
+            continue
+        found.append((".".join(parts), path))
+    yield from sorted(found)
+
+
+def _trim(text: str, max_chars: int) -> str:
+    """At most `max_chars`, cut at a paragraph (or sentence, or word) boundary."""
+    text = inspect.cleandoc(text).strip()
+    if len(text) <= max_chars:
+        return text
+    cut = text.rfind("\n\n", 0, max_chars)
+    if cut < max_chars // 3:
+        cut = text.rfind(". ", 0, max_chars)
+        cut = cut + 1 if cut >= max_chars // 3 else text.rfind(" ", 0, max_chars)
+    return text[: cut if cut > 0 else max_chars].rstrip()
+
+
+def _signature(node: ast.AST) -> str:
+    try:
+        if isinstance(node, ast.ClassDef):
+            bases = ", ".join(ast.unparse(b) for b in node.bases)
+            return f"class {node.name}({bases})" if bases else f"class {node.name}"
+        prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+        return f"{prefix} {node.name}({ast.unparse(node.args)})"
+    except Exception:  # exotic syntax: the name alone is enough
+        return getattr(node, "name", "")
+
+
+def module_docs(module: str, path: Path, max_chars: int = 600) -> list[Doc]:
+    """The module's docstring, then its public top-level classes and functions, in file order."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return []
+    docs: list[Doc] = []
+    doc = ast.get_docstring(tree, clean=True)
+    if doc and len(doc) >= MIN_DOC_CHARS:
+        docs.append(Doc(module, module, "module", _trim(doc, max_chars)))
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node, clean=True)
+        if not doc or len(doc) < MIN_DOC_CHARS:
+            continue
+        kind = "class" if isinstance(node, ast.ClassDef) else "function"
+        body = _trim(doc, max_chars)
+        docs.append(Doc(module, f"{module}.{node.name}", kind, f"{_signature(node)}\n\n{body}"))
+    return docs
+
+
+def stdlib_docs(limit: int = 1200, max_chars: int = 600, root: Path | None = None) -> list[Doc]:
+    """Up to `limit` docs, deterministic for a given Python installation."""
+    if limit < 1:
+        return []
+    per_module = [d for d in (module_docs(m, p, max_chars) for m, p in _module_files(root or stdlib_dir())) if d]
+    picked: list[Doc] = []
+    depth = 0
+    while len(picked) < limit and any(len(d) > depth for d in per_module):
+        for docs in per_module:
+            if depth < len(docs):
+                picked.append(docs[depth])
+                if len(picked) == limit:
+                    break
+        depth += 1
+    return picked

@@ -1,0 +1,114 @@
+"""Shared plumbing for the benchmarks: an embedded Postgres in a temp dir, the lean fake
+provider in its own process, tables, timing and printing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoembed_dagster.core.database import connect, ensure_database, start_embedded  # noqa: E402
+from autoembed_dagster.core.embedders import clear_embedder_cache  # noqa: E402
+from autoembed_dagster.core.migrations import init_db  # noqa: E402
+
+
+@contextlib.contextmanager
+def embedded_server() -> Iterator[str]:
+    """A fresh embedded Postgres in a temp dir (or AUTOEMBED_BENCH_DATABASE_URL); yields its URL."""
+    external = os.environ.get("AUTOEMBED_BENCH_DATABASE_URL")
+    if external:
+        yield external
+        return
+    home = Path(tempfile.mkdtemp(prefix="autoembed-bench-"))
+    server = start_embedded(home / "pgdata")
+    try:
+        yield server.get_uri()
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+_dbs = iter(range(10**6))
+
+
+def fresh_db(server_url: str, prefix: str = "bench") -> str:
+    """A new database with the project's schema installed."""
+    name = f"{prefix}_{os.getpid()}_{next(_dbs)}"
+    with psycopg.connect(server_url, autocommit=True) as c:
+        c.execute(f"drop database if exists {name} with (force)")
+    url = ensure_database(server_url, name)
+    with connect(url) as c:
+        init_db(c)
+    return url
+
+
+@contextlib.contextmanager
+def fake_provider(dims: int = 1536) -> Iterator[str]:
+    """The lean fake OpenAI server in a subprocess; points the openai client at it by env."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_server.py"), "--dims", str(dims)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"fake provider did not start: {line!r}")
+        base_url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
+        old = {k: os.environ.get(k) for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL")}
+        os.environ.update(OPENAI_BASE_URL=base_url, OPENAI_API_KEY="sk-bench", AUTOEMBED_PROVIDER="openai",
+                          AUTOEMBED_MODEL="text-embedding-3-small")
+        clear_embedder_cache()
+        try:
+            yield base_url
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            clear_embedder_cache()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def create_docs(conn: psycopg.Connection, table: str = "docs", vector: str = "halfvec(1536)", hnsw: bool = False) -> None:
+    conn.execute(f"""
+        create table {table} (id bigint primary key, title text not null, body text not null, embedding {vector});
+        create function {table}_input(d {table}) returns text language sql immutable
+            as $$ select '# ' || d.title || E'\\n\\n' || d.body $$;
+    """)
+    if hnsw:
+        ops = "halfvec_cosine_ops" if vector.startswith("halfvec") else "vector_cosine_ops"
+        conn.execute(f"create index on {table} using hnsw (embedding {ops})")
+
+
+def body_sql(n_words: int = 40) -> str:
+    """SQL expression (of g) making a ~n_words-word text per row, distinct per g."""
+    return f"'row ' || g || ' ' || repeat('lorem ipsum dolor sit amet ', {max(1, n_words // 5)})"
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+def header(title: str) -> None:
+    print(f"\n=== {title} ===", flush=True)
+
+
+def line(label: str, value: str) -> None:
+    print(f"  {label:<58} {value}", flush=True)
