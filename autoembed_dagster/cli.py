@@ -104,13 +104,102 @@ def _cmd_dead(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(rows=args.rows, ui=not args.no_ui, port=args.port, timeout=args.timeout, keep_db=args.keep_db)
+    return run_demo(rows=args.rows, ui=not args.no_ui, port=args.port, timeout=args.timeout, keep_db=args.keep_db,
+                    dagster_home=args.dagster_home)
 
 
 def _cmd_dagster_env(args: argparse.Namespace) -> int:
     from .demo import print_dagster_env
 
     return print_dagster_env()
+
+
+def _pipeline_named(name: str):
+    from .core.pipelines import load_pipelines, pipelines_path
+
+    pipelines = load_pipelines()
+    for p in pipelines:
+        if p.name == name:
+            return p
+    raise ConfigError(f"no pipeline {name!r} in {pipelines_path()} (declared: {', '.join(q.name for q in pipelines) or 'none'})")
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .core.backfill import resolve_spec, run_backfill
+
+    p = _pipeline_named(args.pipeline)
+    bar = None
+
+    def on_plan(shard_plan, cov):
+        nonlocal bar
+        print(f"{p.name}: {shard_plan.spec.key} ({shard_plan.mode}): {shard_plan.reason}")
+        bar = tqdm(total=cov.missing, unit="row", desc="re-embedding", disable=args.quiet or None)
+
+    def on_batch(stats, rows):
+        if bar is not None:
+            bar.update(rows)
+            bar.set_postfix(shard=stats.shard, embedded=stats.embedded, refresh=False)
+
+    with api.session() as conn:
+        spec = resolve_spec(conn, p, provider=args.provider, model=args.model, dimensions=args.dimensions,
+                            content_function=args.content_function)
+        try:
+            result = run_backfill(conn, p, spec, only=args.shards, promote_when_complete=not args.no_promote,
+                                  batch_rows=args.batch_rows, on_batch=on_batch, on_plan=on_plan)
+        finally:
+            if bar is not None:
+                bar.close()
+    if result.plan.mode == "skip":
+        print(f"nothing to do: {result.plan.reason}", file=sys.stderr)
+        return 1
+    for r in result.shards:
+        print(f"  shard {r.stats.shard}/{r.stats.shards}: {r.stats.summary()}")
+    cov = result.coverage
+    print(f"{result.total.summary()}\ncoverage of {spec.identity_key} in {result.plan.column}: "
+          f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable})")
+    if result.promotion is not None:
+        print(f"promoted: {p.embedding_column} now holds {spec.identity_key} (old vectors in "
+              f"{result.promotion.migration.old_column} until `autoembed migrate {p.name} drop-old`)")
+    for error in result.total.errors:
+        print(f"  error: {error}", file=sys.stderr)
+    return 0 if not result.total.retryable_failures else 1
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from .core import migration as mig
+    from .core.backfill import pipeline_spec
+    from .core.targets import resolve
+
+    p = _pipeline_named(args.pipeline)
+    with api.session() as conn:
+        m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
+        if m is None:
+            print(json.dumps({"status": "none"}) if args.json else f"{p.name}: no model migration in flight")
+            return 0 if args.action == "status" else 1
+        if args.action == "promote":
+            m = mig.promote(conn, m, force=args.force).migration
+        elif args.action == "rollback":
+            m = mig.rollback(conn, m)
+        elif args.action == "abort":
+            m = mig.abort(conn, m)
+        elif args.action == "drop-old":
+            configured = pipeline_spec(p, column_dimensions=m.dimensions)
+            if configured != m.spec and not args.force:
+                raise ConfigError(f"{p.name} is configured with {configured.key} but the column holds {m.spec.key}: "
+                                  "update autoembed.toml first (or --force)")
+            m = mig.drop_old(conn, m)
+        cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
+    info = {"migration": m.id, "status": m.status, "model": m.spec.key, "old_model": m.old_model,
+            "column": m.embedding_column, "shadow_column": m.shadow_column, "coverage": round(cov.ratio, 6),
+            "rows_current": cov.current, "rows_with_input": cov.embeddable}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {cov.ratio:.1%} "
+              f"({cov.current}/{cov.embeddable})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,15 +249,35 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=_cmd_dead)
 
     dm = sub.add_parser("demo", help="the whole stack offline: Postgres, a docstring corpus, Dagster, search")
-    dm.add_argument("--rows", type=int, default=1500, help="documents to load (default 1500, ~1 min to embed)")
+    dm.add_argument("--rows", type=int, default=1200, help="documents to load (default 1200: about a minute to embed on 2 cores)")
     dm.add_argument("--no-ui", action="store_true", help="no webserver: drain, search, then stop")
     dm.add_argument("--port", type=int, default=3000, help="port of the Dagster UI")
     dm.add_argument("--timeout", type=float, default=900.0, help="give up waiting for the drain after this many seconds")
     dm.add_argument("--keep-db", action="store_true", help="leave the embedded Postgres running at exit")
+    dm.add_argument("--dagster-home", default=None, help="Dagster instance directory (default: dagster_home/)")
     dm.set_defaults(func=_cmd_demo)
 
     de = sub.add_parser("dagster-env", help="print the exports `dagster dev -w workspace.yaml` needs (eval them)")
     de.set_defaults(func=_cmd_dagster_env)
+
+    bf = sub.add_parser("backfill", help="re-embed a pipeline shard by shard (a model change: zero-downtime migration)")
+    bf.add_argument("pipeline", help="pipeline name (autoembed.toml)")
+    bf.add_argument("--provider", help="target model's provider (default: the pipeline's)")
+    bf.add_argument("--model", help="target model (default: the pipeline's)")
+    bf.add_argument("--dimensions", type=int, help="target size (default: the pipeline's)")
+    bf.add_argument("--content-function", help="target input function (default: the pipeline's)")
+    bf.add_argument("--shards", type=int, nargs="*", help="only these shards (default: all)")
+    bf.add_argument("--batch-rows", type=int, help="rows per provider request")
+    bf.add_argument("--no-promote", action="store_true", help="do not promote the migration when it is complete")
+    bf.add_argument("-q", "--quiet", action="store_true")
+    bf.set_defaults(func=_cmd_backfill)
+
+    mg = sub.add_parser("migrate", help="a pipeline's model migration: status, promote, rollback, drop-old, abort")
+    mg.add_argument("pipeline", help="pipeline name (autoembed.toml)")
+    mg.add_argument("action", choices=["status", "promote", "rollback", "drop-old", "abort"])
+    mg.add_argument("--force", action="store_true", help="promote below 100%% coverage / drop-old whatever the config says")
+    mg.add_argument("--json", action="store_true")
+    mg.set_defaults(func=_cmd_migrate)
     return p
 
 

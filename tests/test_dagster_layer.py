@@ -89,9 +89,11 @@ def test_definitions_load_from_the_defs_folder_with_declared_pipelines(tmp_path,
     repo = defs.get_repository_def()
     jobs = {j.name for j in repo.get_all_jobs()}
     assert {"drain_embedding_jobs", "drain_notes_q", "health_checks"} <= jobs
-    assert {s.name for s in repo.sensor_defs} == {"embedding_jobs_sensor", "notes_q_sensor"}
-    for sensor in repo.sensor_defs:
+    assert {"embedding_jobs_sensor", "notes_q_sensor"} <= {s.name for s in repo.sensor_defs}
+    for name in ("embedding_jobs_sensor", "notes_q_sensor"):
+        sensor = repo.get_sensor_def(name)
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+        assert sensor.minimum_interval_seconds <= 10
     graph = repo.asset_graph
     # lineage: source table + queue -> embeddings -> vector index
     assert graph.get(embeddings_key(DOCS)).parent_keys == {dg.AssetKey(["postgres", "public", "documents"]),

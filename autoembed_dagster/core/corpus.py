@@ -105,12 +105,20 @@ def module_docs(module: str, path: Path, max_chars: int = 600) -> list[Doc]:
 
 
 def stdlib_docs(limit: int = 1200, max_chars: int = 600, root: Path | None = None) -> list[Doc]:
-    """Up to `limit` docs, deterministic for a given Python installation."""
+    """Up to `limit` docs, deterministic for a given Python installation: the first doc of every
+    module (in module order), then the second of every module, and so on."""
     if limit < 1:
         return []
-    per_module = [d for d in (module_docs(m, p, max_chars) for m, p in _module_files(root or stdlib_dir())) if d]
+    per_module: list[list[Doc]] = []
     picked: list[Doc] = []
-    depth = 0
+    for module, path in _module_files(root or stdlib_dir()):
+        docs = module_docs(module, path, max_chars)
+        if docs:
+            per_module.append(docs)
+            picked.append(docs[0])
+            if len(picked) == limit:
+                return picked  # a small corpus: no need to parse the rest
+    depth = 1
     while len(picked) < limit and any(len(d) > depth for d in per_module):
         for docs in per_module:
             if depth < len(docs):

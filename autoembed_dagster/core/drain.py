@@ -9,8 +9,10 @@ API, Dagster runs and benchmarks all call `drain()`.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -70,10 +72,18 @@ class DrainStats:
         )
 
 
-def default_resolver(settings: EmbedderSettings | None = None) -> EmbedderResolver:
-    """The model for every table: AUTOEMBED_PROVIDER / AUTOEMBED_MODEL, sized to the column."""
+def default_resolver(settings: EmbedderSettings | None = None, *, url: str | None = None,
+                     migrations: bool = True) -> EmbedderResolver:
+    """The model for every table: AUTOEMBED_PROVIDER / AUTOEMBED_MODEL, sized to the column.
+
+    Migration-aware (core.migration): a column in a model migration gets the migration's model,
+    looked up in the database at `url` (default: the configured one)."""
     settings = settings or EmbedderSettings.from_env()
-    return lambda target: make_embedder(settings, dimensions=target.dimensions)
+    if not migrations:
+        return lambda target: make_embedder(settings, dimensions=target.dimensions)
+    from .migration import migration_aware  # imported here: migration.py imports this module's peers
+
+    return migration_aware(lambda schema, table, column: settings, url)
 
 
 @dataclass
@@ -104,6 +114,18 @@ class _Outcome:
     deleted_rows: dict[Target, list[str]] = field(default_factory=dict)
 
 
+@dataclass
+class _Batch:
+    """One claimed batch on its way through the drain: claimed → embedded → settled."""
+
+    stats: DrainStats
+    outcome: _Outcome
+    started: float
+    # provider calls still to make: (target, embedder, row ids, rows read, jobs by row id)
+    work: list[tuple[Target, Embedder, list[str], dict[str, "_Row"], dict[str, list[_Job]]]] = field(
+        default_factory=list)
+
+
 class Drainer:
     """Drains one queue. Keeps target and embedder lookups for the life of the object."""
 
@@ -112,6 +134,8 @@ class Drainer:
         conn: psycopg.Connection,
         settings: Settings | None = None,
         resolver: EmbedderResolver | None = None,
+        *,
+        pipeline: bool = True,
     ):
         if not conn.autocommit:
             raise ValueError("the drain needs an autocommit connection")
@@ -119,20 +143,32 @@ class Drainer:
         self.settings = settings or Settings.from_env()
         self.resolver = resolver or default_resolver()
         self._targets: dict[TargetKey, Target] = {}
-        self._stage_ready = False
+        self._stages: set[str] = set()  # vector types whose temp staging table exists
+        self.pipeline = pipeline  # run(): embed batch N+1 in a worker thread while batch N is written
 
     # -- claim -----------------------------------------------------------------------------
     def drain_batch(self) -> DrainStats:
         """Claim one batch and settle every claimed message (written, skipped, retried or dead)."""
+        batch = self._claim()
+        if batch is None:
+            return DrainStats(batches=0)
+        self._embed(batch)
+        return self._finish(batch)
+
+    def _claim(self, pending: "_Batch | None" = None) -> "_Batch | None":
+        """Claim messages and decide what to do with each, up to the embedding (no provider call).
+
+        `pending`: a batch already embedded whose write has not committed yet (pipelined run). A
+        job here whose row that batch is about to write with the same input is settled as
+        unchanged instead of being embedded a second time."""
         stats = DrainStats(batches=1)
         started = time.perf_counter()
         messages = pgmq.read(self.conn, self.settings.queue, self.settings.visibility_timeout,
                              self.settings.read_batch)
         stats.messages = len(messages)
         if not messages:
-            stats.batches = 0
-            return stats
-        outcome = _Outcome()
+            return None
+        batch = _Batch(stats, _Outcome(), started)
         groups: dict[Target, list[_Job]] = defaultdict(list)
         for message in messages:
             try:
@@ -140,14 +176,27 @@ class Drainer:
                 target = self._target(key)
                 job = _Job(message.msg_id, message.read_ct, message.body, _id_text(row_id, target))
             except TargetError as exc:
-                outcome.dead.append((_Job(message.msg_id, message.read_ct, message.body, ""), str(exc)))
+                batch.outcome.dead.append((_Job(message.msg_id, message.read_ct, message.body, ""), str(exc)))
                 continue
             groups[target].append(job)
         for target, jobs in groups.items():
-            self._process_target(target, jobs, outcome, stats)
-        self._settle(outcome, stats)
-        stats.seconds = time.perf_counter() - started
-        return stats
+            in_flight = {}
+            if pending is not None:
+                in_flight = {w[0]: w[1] for w in pending.outcome.writes.get(target, ())}
+            self._process_target(target, jobs, batch, in_flight)
+        return batch
+
+    def _embed(self, batch: "_Batch") -> None:
+        """The provider calls of a claimed batch. Touches no database connection, so a pipelined
+        run does this in a worker thread while the previous batch is written."""
+        for target, embedder, row_ids, rows, to_embed in batch.work:
+            self._embed_rows(target, embedder, row_ids, rows, to_embed, batch.outcome, batch.stats)
+        batch.work = []
+
+    def _finish(self, batch: "_Batch") -> DrainStats:
+        self._settle(batch.outcome, batch.stats)
+        batch.stats.seconds = time.perf_counter() - batch.started
+        return batch.stats
 
     def _target(self, key: TargetKey) -> Target:
         target = self._targets.get(key)
@@ -157,7 +206,9 @@ class Drainer:
         return target
 
     # -- read + embed ------------------------------------------------------------------------
-    def _process_target(self, target: Target, jobs: list[_Job], outcome: _Outcome, stats: DrainStats) -> None:
+    def _process_target(self, target: Target, jobs: list[_Job], batch: "_Batch",
+                        in_flight: dict[str, bytes] | None = None) -> None:
+        outcome, stats = batch.outcome, batch.stats
         try:
             embedder = self.resolver(target)
             check_dimensions(target, embedder.identity.dimensions, embedder.identity.model)
@@ -168,11 +219,14 @@ class Drainer:
                 outcome.dead.append((job, str(exc) if isinstance(exc, TargetError) else f"{where}: {exc}"))
             return
         model = embedder.identity.key
-        rows = self._read_rows(target, [job.row_id for job in jobs])
+        rows, unreadable = self._read_rows_or_isolate(target, [job.row_id for job in jobs])
         to_embed: dict[str, list[_Job]] = {}
         for job in jobs:
             row = rows.get(job.row_id)
-            if row is None:
+            if job.row_id in unreadable:
+                # The content function fails on this row (bad bytes, a RAISE...): retrying cannot help.
+                outcome.dead.append((job, unreadable[job.row_id]))
+            elif row is None:
                 stats.deleted_rows += 1
                 outcome.done.append(job.msg_id)
                 outcome.deleted_rows.setdefault(target, []).append(job.row_id)
@@ -180,6 +234,11 @@ class Drainer:
                 stats.empty_input += 1
                 outcome.done.append(job.msg_id)
             elif row.has_vector and row.state_hash == row.hash and row.state_model == model:
+                stats.unchanged += 1
+                outcome.done.append(job.msg_id)
+            elif in_flight and in_flight.get(job.row_id) == row.hash:
+                # The batch before this one is writing this very input (it commits first): written
+                # there, or found stale there because a newer job for the row exists.
                 stats.unchanged += 1
                 outcome.done.append(job.msg_id)
             else:
@@ -192,7 +251,7 @@ class Drainer:
         first_try = [r for r in to_embed if all(j.read_ct <= 1 for j in to_embed[r])]
         retrying = [[r] for r in to_embed if any(j.read_ct > 1 for j in to_embed[r])]
         for row_ids in ([first_try] if first_try else []) + retrying:
-            self._embed_rows(target, embedder, row_ids, rows, to_embed, outcome, stats)
+            batch.work.append((target, embedder, row_ids, rows, to_embed))
 
     def _embed_rows(self, target: Target, embedder: Embedder, row_ids: list[str], rows: dict[str, "_Row"],
                     to_embed: dict[str, list[_Job]], outcome: _Outcome, stats: DrainStats) -> None:
@@ -220,30 +279,56 @@ class Drainer:
                 else:
                     outcome.retry.append((job, text))
 
+    def _read_rows_or_isolate(self, target: Target, row_ids: list[str]) -> tuple[dict[str, _Row], dict[str, str]]:
+        """Read the rows; when the batch read fails because the content function fails on some
+        row, read them one by one so that only those rows fail (with the reason), not the batch.
+        Connection and transient server errors are raised: the claims come back later."""
+        try:
+            return self._read_rows(target, row_ids), {}
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except psycopg.Error:
+            pass
+        rows: dict[str, _Row] = {}
+        unreadable: dict[str, str] = {}
+        for row_id in dict.fromkeys(row_ids):
+            try:
+                rows.update(self._read_rows(target, [row_id]))
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except psycopg.Error as exc:
+                unreadable[row_id] = (f"{target.regclass} id={row_id}: content function {target.function} failed: "
+                                      f"{type(exc).__name__}: {str(exc).strip()}")
+        return rows, unreadable
+
     def _read_rows(self, target: Target, row_ids: list[str]) -> dict[str, _Row]:
         query = sql.SQL(
             """select r.k, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model
                from (select t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
                      from {table} t where t.{key} = any(%s::text[]::{key_type}[])) r
                left join autoembed.embedding_state s
-                 on s.schema_name = %s and s.table_name = %s and s.embedding_column = %s and s.row_id = r.k"""
+                 on s.schema_name = %s and s.table_name = %s and s.embedding_column = %s and s.row_id = r.k
+                and s.row_id = any(%s::text[])"""
         ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql,
                  table=target.table_sql, key_type=target.key_type_sql)
-        cur = self.conn.execute(query, (list(set(row_ids)), target.key.schema, target.key.table,
-                                        target.key.embedding_column))
+        ids = list(set(row_ids))
+        cur = self.conn.execute(query, (ids, target.key.schema, target.key.table,
+                                        target.key.embedding_column, ids), prepare=False)
         return {r[0]: _Row(r[1], r[2], r[3], r[4], r[5]) for r in cur}
 
     # -- write -------------------------------------------------------------------------------
     def _settle(self, outcome: _Outcome, stats: DrainStats) -> None:
         """Write vectors and settle messages in one transaction (retried once on deadlock)."""
+        self._ensure_stages(outcome)
         for attempt in (1, 2):
             try:
                 with self.conn.transaction():
                     self.conn.execute("set local autoembed.draining = 'on'")
                     written = stale = 0
                     done = list(outcome.done)
+                    used_stages: set[str] = set()
                     for target, writes in outcome.writes.items():
-                        w, s = self._write_vectors(target, writes)
+                        w, s = self._write_vectors(target, writes, used_stages)
                         written += w
                         stale += s
                         done.extend(m for *_, msg_ids in writes for m in msg_ids)
@@ -275,15 +360,18 @@ class Drainer:
         for _, error in dead:
             stats.note_error(error)
 
-    def _ensure_stage(self) -> None:
-        if not self._stage_ready:
-            self.conn.execute(
-                "create temp table if not exists autoembed_stage (k text, h bytea, v vector)"
-                " on commit delete rows"
-            )
-            self._stage_ready = True
+    def _ensure_stages(self, outcome: "_Outcome") -> None:
+        """Create the session's staging tables (one per vector type) outside the settle transaction,
+        so a rolled-back settle cannot leave the drain believing a stage exists."""
+        for target, writes in outcome.writes.items():
+            if writes and target.vector_type not in self._stages:
+                self.conn.execute(sql.SQL(
+                    "create temp table if not exists {} (k text, h bytea, v {}) on commit delete rows"
+                ).format(sql.Identifier(_stage_name(target)), sql.SQL(target.vector_type)))
+                self._stages.add(target.vector_type)
 
-    def _write_vectors(self, target: Target, writes: list[tuple[str, bytes, np.ndarray, list[int]]]) -> tuple[int, int]:
+    def _write_vectors(self, target: Target, writes: list[tuple[str, bytes, np.ndarray, list[int]]],
+                       used_stages: set[str] | None = None) -> tuple[int, int]:
         """Write vectors whose row still has the input they were made from. Returns (written, stale)."""
         if not writes:
             return 0, 0
@@ -291,52 +379,65 @@ class Drainer:
         model = embedder.identity.key
         ids = [w[0] for w in writes]
         # Lock the rows (in key order: no deadlock between drains), then read their input as of now.
-        current = dict(self.conn.execute(
+        # prepare=False everywhere a key array is bound: a cached generic plan for `= any($1)` can
+        # fall back to a sequential scan of the whole table (measured: 350 ms per batch at 20k rows).
+        current: dict[str, bytes] = {}
+        has_vector: set[str] = set()
+        for k, h, v in self.conn.execute(
             sql.SQL(
-                """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {table} t
-                   where t.{key} = any(%s::text[]::{key_type}[]) order by t.{key} for update"""
-            ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql,
+                """select t.{key}::text, autoembed.content_hash({fn}(t)::text), t.{col} is not null
+                   from {table} t where t.{key} = any(%s::text[]::{key_type}[]) order by t.{key} for update"""
+            ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
                      key_type=target.key_type_sql),
-            (ids,),
-        ).fetchall())
+            (ids,), prepare=False,
+        ):
+            current[k] = h
+            if v:
+                has_vector.add(k)
         # Another drain may have written the same input meanwhile: then there is nothing to do.
+        # (A new statement, so it sees what committed while we waited for the locks.)
         already = {
-            r[0] for r in self.conn.execute(
-                sql.SQL(
-                    """select s.row_id from autoembed.embedding_state s join {table} t on t.{key}::text = s.row_id
-                       where s.schema_name = %s and s.table_name = %s and s.embedding_column = %s
-                         and s.row_id = any(%s) and s.model = %s and s.content_hash = autoembed.content_hash({fn}(t)::text)
-                         and t.{col} is not null"""
-                ).format(table=target.table_sql, key=target.key_sql, fn=target.function_sql, col=target.column_sql),
-                (target.key.schema, target.key.table, target.key.embedding_column, ids, model),
-            )
-        }
+            row_id for row_id, state_hash, state_model in self.conn.execute(
+                """select row_id, content_hash, model from autoembed.embedding_state
+                   where schema_name = %s and table_name = %s and embedding_column = %s and row_id = any(%s)""",
+                (target.key.schema, target.key.table, target.key.embedding_column, [k for k in has_vector]),
+                prepare=False,
+            ) if state_model == model and state_hash == current.get(row_id)
+        } if has_vector else set()
         fresh = [w for w in writes if current.get(w[0]) == w[1] and w[0] not in already]
         stale = sum(1 for w in writes if w[0] in current and current[w[0]] != w[1])
         if not fresh:
             return 0, stale
-        self._ensure_stage()
+        stage = sql.Identifier(_stage_name(target))
         with self.conn.cursor() as cur:
-            with cur.copy("copy autoembed_stage (k, h, v) from stdin with (format binary)") as copy:
-                copy.set_types(["text", "bytea", "vector"])
-                for row_id, content_hash, vector, _ in fresh:
-                    copy.write_row((row_id, content_hash, np.asarray(vector, dtype=np.float32)))
+            if used_stages is not None:
+                if target.vector_type in used_stages:
+                    cur.execute(sql.SQL("truncate {}").format(stage))  # rows of another target, same transaction
+                used_stages.add(target.vector_type)
+            # One binary COPY payload built with numpy (no per-value adapters), already in the
+            # column's own type: no cast on the server.
+            with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(stage)) as copy:
+                copy.write(_copy_payload(fresh, target.vector_type, target.dimensions, self.conn.info.encoding))
+            fresh_ids = [w[0] for w in fresh]
+            # The key array lets the planner probe the key index instead of hashing the whole table.
             cur.execute(
                 sql.SQL(
-                    """update {table} t set {col} = s.v::{vtype} from autoembed_stage s
-                       where t.{key} = s.k::{key_type}"""
-                ).format(table=target.table_sql, col=target.column_sql, vtype=target.vector_type_sql,
-                         key=target.key_sql, key_type=target.key_type_sql)
+                    """update {table} t set {col} = s.v from {stage} s
+                       where t.{key} = s.k::{key_type} and t.{key} = any(%s::text[]::{key_type}[])"""
+                ).format(table=target.table_sql, col=target.column_sql, stage=stage,
+                         key=target.key_sql, key_type=target.key_type_sql),
+                (fresh_ids,), prepare=False,
             )
             cur.execute(
-                """insert into autoembed.embedding_state as e
-                       (schema_name, table_name, embedding_column, row_id, content_hash, model, embedded_at)
-                   select %s, %s, %s, s.k, s.h, %s, now() from autoembed_stage s
-                   on conflict (schema_name, table_name, embedding_column, row_id) do update
-                   set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()""",
+                sql.SQL(
+                    """insert into autoembed.embedding_state as e
+                           (schema_name, table_name, embedding_column, row_id, content_hash, model, embedded_at)
+                       select %s, %s, %s, s.k, s.h, %s, now() from {stage} s
+                       on conflict (schema_name, table_name, embedding_column, row_id) do update
+                       set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()"""
+                ).format(stage=stage),
                 (target.key.schema, target.key.table, target.key.embedding_column, model),
             )
-            cur.execute("truncate autoembed_stage")
         return len(fresh), stale
 
     def _forget_rows(self, target: Target, row_ids: list[str]) -> None:
@@ -393,36 +494,79 @@ class Drainer:
         on_batch: Callable[[DrainStats, DrainStats], None] | None = None,
     ) -> DrainStats:
         """Drain until the queue has no visible message; then wait up to `idle_timeout` seconds
-        for more (LISTEN/NOTIFY), and stop when `time_budget` seconds have passed."""
+        for more (LISTEN/NOTIFY), and stop when `time_budget` seconds have passed.
+
+        Pipelined (the default): while batch N is written, batch N+1 is already claimed and its
+        provider calls run in a worker thread. Every batch is still settled on its own, in order,
+        in one transaction; the worker never touches the database."""
         total = DrainStats()
         started = time.perf_counter()
         deadline = started + time_budget if time_budget else None
         listening = False
+        pool = ThreadPoolExecutor(1, thread_name_prefix="autoembed-embed") if self.pipeline else None
+        current: _Batch | None = None  # claimed; being embedded by `embedding`
+        embedding: Future | None = None
+
+        def report(stats: DrainStats) -> None:
+            total.add(stats)
+            total.seconds = time.perf_counter() - started
+            if on_batch:
+                on_batch(stats, total)
+
+        def in_time() -> bool:
+            return deadline is None or time.perf_counter() < deadline
+
         try:
-            while deadline is None or time.perf_counter() < deadline:
-                batch = self.drain_batch()
-                total.add(batch)
-                total.seconds = time.perf_counter() - started
-                if on_batch:
-                    on_batch(batch, total)
-                if batch.messages:
-                    continue
-                if idle_timeout <= 0:
-                    break
-                if not listening:
-                    self.conn.execute(sql.SQL("listen {}").format(sql.Identifier(pgmq.NOTIFY_CHANNEL)))
-                    listening = True
-                    continue  # re-check: a job may have arrived before LISTEN took effect
-                wait = idle_timeout
-                if deadline is not None:
-                    wait = min(wait, max(deadline - time.perf_counter(), 0))
-                if not self._wait_for_work(wait):
-                    break
+            while True:
+                if current is None:
+                    if not in_time():
+                        break
+                    current = self._claim()
+                    if current is None:
+                        report(DrainStats(batches=0))
+                        if idle_timeout <= 0:
+                            break
+                        if not listening:
+                            self.conn.execute(sql.SQL("listen {}").format(sql.Identifier(pgmq.NOTIFY_CHANNEL)))
+                            listening = True
+                            continue  # re-check: a job may have arrived before LISTEN took effect
+                        wait = idle_timeout
+                        if deadline is not None:
+                            wait = min(wait, max(deadline - time.perf_counter(), 0))
+                        if not self._wait_for_work(wait):
+                            break
+                        continue
+                    embedding = self._start_embed(pool, current)
+                embedding.result()  # the worker catches provider errors per batch; this raises only on a bug
+                # Claim the next batch now so that its provider calls overlap this batch's write.
+                following = self._claim(pending=current) if pool is not None and in_time() else None
+                following_embedding = self._start_embed(pool, following) if following is not None else None
+                try:
+                    stats = self._finish(current)
+                except BaseException:
+                    if following_embedding is not None:
+                        following_embedding.cancel()
+                    raise  # the next batch's claims come back when their visibility timeout ends
+                report(stats)
+                current, embedding = following, following_embedding
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if listening:
                 self.conn.execute("unlisten *")
         total.seconds = time.perf_counter() - started
         return total
+
+    def _start_embed(self, pool: ThreadPoolExecutor | None, batch: "_Batch") -> Future:
+        if pool is not None and batch.work:
+            return pool.submit(self._embed, batch)
+        done: Future = Future()
+        try:
+            self._embed(batch)
+            done.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by .result()
+            done.set_exception(exc)
+        return done
 
     def _wait_for_work(self, timeout: float) -> bool:
         """True when a job may be waiting: a notification came, or a retried/expired job is due."""
@@ -470,18 +614,65 @@ def _id_text(row_id: object, target: Target) -> str:
     return text
 
 
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+
+
+def _stage_name(target: Target) -> str:
+    return f"autoembed_stage_{target.vector_type}"
+
+
+def _copy_payload(rows: list[tuple[str, bytes, np.ndarray, list[int]]], vector_type: str, dims: int,
+                  encoding: str) -> bytes:
+    """A whole binary COPY stream of (key text, hash bytea, vector|halfvec) rows.
+
+    The vectors are converted to big-endian float32/float16 in one numpy call; each row is then
+    three length-prefixed fields. pgvector's binary format: int16 dim, int16 unused, elements.
+    """
+    elem = np.dtype(">f2") if vector_type == "halfvec" else np.dtype(">f4")
+    matrix = np.asarray(np.stack([r[2] for r in rows]), dtype=np.float32).astype(elem)
+    if matrix.shape[1] != dims:
+        raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the column {dims}")
+    vector_head = struct.pack(">ihh", 4 + dims * elem.itemsize, dims, 0)
+    pack = struct.Struct(">hi").pack
+    parts = [_COPY_HEADER]
+    append = parts.append
+    for (key, content_hash, _, _), vector in zip(rows, matrix):
+        kb = key.encode(encoding)
+        append(pack(3, len(kb)))
+        append(kb)
+        append(struct.pack(">i", len(content_hash)))
+        append(content_hash)
+        append(vector_head)
+        append(vector.tobytes())
+    append(_COPY_TRAILER)
+    return b"".join(parts)
+
+
 def _clean(text: str) -> str:
     """Error text that Postgres can store (no NUL) and that stays readable."""
     return text.replace("\x00", "\\0")[:4000]
 
 
-def pipeline_resolver(pipelines, base: EmbedderSettings | None = None) -> EmbedderResolver:
-    """Each pipeline's own model for its table; the default model for any other enrolled table."""
+def pipeline_resolver(pipelines, base: EmbedderSettings | None = None, *, url: str | None = None,
+                      migrations: bool = True) -> EmbedderResolver:
+    """Each pipeline's own model for its table; the default model for any other enrolled table.
+
+    Migration-aware like default_resolver: during a model migration the shadow column gets the new
+    model and the live column keeps the model of the vectors it holds, whatever the config says."""
     base = base or EmbedderSettings.from_env()
     by_target = {(p.schema, p.table, p.embedding_column): p.embedder_settings(base) for p in pipelines}
 
+    def configured(schema: str, table: str, column: str) -> EmbedderSettings:
+        return by_target.get((schema, table, column), base)
+
+    if migrations:
+        from .migration import migration_aware
+
+        return migration_aware(configured, url)
+
     def resolve_embedder(target: Target) -> Embedder:
-        key = (target.key.schema, target.key.table, target.key.embedding_column)
-        return make_embedder(by_target.get(key, base), dimensions=target.dimensions)
+        return make_embedder(configured(target.key.schema, target.key.table, target.key.embedding_column),
+                             dimensions=target.dimensions)
 
     return resolve_embedder

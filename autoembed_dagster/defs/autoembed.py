@@ -33,6 +33,7 @@ def build_defs(pipelines: Sequence[Pipeline] | None = None) -> dg.Definitions:
             "health_checks",
             selection=dg.AssetSelection.checks_for_assets(*(embeddings_key(p) for p in pipelines)),
             description="Evaluate every pipeline's health checks.",
+            executor_def=dg.in_process_executor,
         )
         jobs.append(health_job)
         schedules.append(build_health_schedule(health_job))

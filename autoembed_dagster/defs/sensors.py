@@ -61,8 +61,11 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition
         description=f"Watches pgmq queue `{queue}`; starts `{job.name}` when jobs wait and no drain runs.",
     )
     def queue_sensor(context: dg.SensorEvaluationContext, autoembed: AutoembedResource) -> dg.SensorResult:
-        state = json.loads(context.cursor) if context.cursor else {}
-        tick = int(state.get("tick", 0)) + 1
+        try:
+            state = json.loads(context.cursor) if context.cursor else {}
+            tick = int(state.get("tick", 0)) + 1
+        except (ValueError, TypeError, AttributeError):  # a cursor edited by hand: start over
+            state, tick = {}, 1
         with autoembed.connect() as conn:
             m = health.queue_metrics(conn, queue)
         if m is None:

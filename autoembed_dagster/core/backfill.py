@@ -1,0 +1,399 @@
+"""Full re-embed of a pipeline's table, shard by shard (plain Python, no Dagster).
+
+A shard is a stable slice of the key space: `autoembed.shard_of(key::text, n)` = the first 32 bits
+of SHA-256 of the key's text, modulo n (see sql/007; `shard_of` below is the same in Python). A
+shard walks its rows in key order, skips every row that already holds the vector of its current
+input under the model (embedding_state: content hash + model), embeds the rest in batches and
+writes them with the drain's own write path (row lock, content-hash guard, binary COPY + UPDATE,
+embedding_state upsert, in one transaction per batch). So a shard is idempotent and resumable: a
+killed shard re-run starts where the committed batches end, and a row changed meanwhile is left
+to the incremental path (its trigger queued a job) instead of being overwritten with old content.
+
+Where a shard writes (`plan`): into the live column when the model is the one it already holds;
+otherwise into the shadow column of a model migration (core.migration), started on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psycopg
+from psycopg import sql
+
+from .config import ConfigError, EmbedderSettings, Settings
+from .drain import DrainStats, Drainer, _Outcome
+from .embedders import make_embedder
+from .embedders.base import Embedder, EmbeddingError
+from .health import estimated_cost
+from .migration import (Coverage, Migration, ModelSpec, PromoteResult, coverage, get_migration, promote,
+                        start_migration, trigger_content_functions)
+from .pipelines import Pipeline
+from .targets import Target, TargetKey, check_dimensions, resolve
+
+DEFAULT_BATCH_ROWS = 256
+
+
+# -- shards ------------------------------------------------------------------------------------------
+def shard_of(key_text: str, shards: int) -> int:
+    """The shard of a row whose key prints as `key_text` (same as SQL autoembed.shard_of)."""
+    return int.from_bytes(hashlib.sha256(key_text.encode()).digest()[:4], "big") % shards
+
+
+def shard_keys(shards: int) -> list[str]:
+    """Partition keys of the shards, zero-padded so they sort in order: 00, 01, ... 15."""
+    if shards < 1:
+        raise ConfigError(f"shards must be at least 1, got {shards}")
+    width = len(str(shards - 1))
+    return [str(i).zfill(width) for i in range(shards)]
+
+
+# -- the model of a pipeline ---------------------------------------------------------------------------
+def _native_dimensions(provider: str, model: str) -> tuple[int | None, bool]:
+    """(output size without a `dimensions` request, whether the model can make other sizes)."""
+    if provider == "local":
+        from .embedders.local import DIMENSIONS
+
+        return DIMENSIONS, False
+    from .embedders.openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
+
+    return KNOWN_DIMENSIONS.get(model), supports_dimensions(model) or model not in KNOWN_DIMENSIONS
+
+
+def pipeline_spec(p: Pipeline, *, column_dimensions: int | None = None,
+                  base: EmbedderSettings | None = None) -> ModelSpec:
+    """The model the pipeline's configuration names, sized like the drain sizes it: the configured
+    dimensions, else the column's size when the model can make it, else the model's own size."""
+    s = p.embedder_settings(base)
+    native, flexible = _native_dimensions(s.provider, s.model)
+    dims = s.dimensions or (column_dimensions if flexible else None) or native
+    if dims is None:
+        raise ConfigError(f"pipeline {p.name}: the output size of {s.model!r} is unknown: set `dimensions`")
+    model = "all-MiniLM-L6-v2" if s.provider == "local" else s.model  # the local model's aliases
+    return ModelSpec(s.provider, model, dims, p.content_function)
+
+
+def code_version(p: Pipeline, base: EmbedderSettings | None = None) -> str:
+    """The model identity as configured (provider, model, size, input), known without a database:
+    a size that follows the column reads `column`. A change of any part makes the asset stale."""
+    s = p.embedder_settings(base)
+    native, flexible = _native_dimensions(s.provider, s.model)
+    dims = s.dimensions or (None if flexible else native)
+    model = "all-MiniLM-L6-v2" if s.provider == "local" else s.model
+    return f"{s.provider}:{model}:{dims or 'column'}:{p.content_function}"
+
+
+def live_key(p: Pipeline) -> TargetKey:
+    return TargetKey(p.schema, p.table, p.content_function, p.embedding_column, p.key_column)
+
+
+def resolve_spec(conn: psycopg.Connection, p: Pipeline, *, provider: str | None = None, model: str | None = None,
+                 dimensions: int | None = None, content_function: str | None = None,
+                 base: EmbedderSettings | None = None) -> ModelSpec:
+    """The pipeline's configured model with any part overridden (the `backfill` job's config)."""
+    column = resolve(conn, live_key(p)).dimensions
+    configured = pipeline_spec(p, column_dimensions=column, base=base)
+    if not any((provider, model, dimensions, content_function)):
+        return configured
+    provider = provider or configured.provider
+    if model is None:
+        model = configured.model if provider == configured.provider else (
+            "text-embedding-3-small" if provider == "openai" else "all-MiniLM-L6-v2")
+    if dimensions is None:
+        native, flexible = _native_dimensions(provider, model)
+        dimensions = (configured.dimensions if flexible else None) or native or column
+    return ModelSpec(provider, model, dimensions, content_function or configured.content_function)
+
+
+# -- where a shard writes -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardPlan:
+    mode: str  # "in_place": the live column; "migration": the shadow column; "skip": nothing to do
+    spec: ModelSpec
+    column: str | None
+    content_function: str
+    migration: Migration | None
+    reason: str
+
+    def target_key(self, p: Pipeline) -> TargetKey:
+        assert self.column is not None
+        return TargetKey(p.schema, p.table, self.content_function, self.column, p.key_column)
+
+
+def plan(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, *, start: bool = True,
+         allow_unconfigured: bool = False, base: EmbedderSettings | None = None) -> ShardPlan:
+    """Decide where vectors of `spec` go. Starts a migration when the configured model differs
+    from what the live column holds (and `start`). A model that is neither configured nor being
+    migrated to is skipped (its partitions stay as they are, stale, until they are retired),
+    unless `allow_unconfigured`: an explicit migration ahead of the configuration change."""
+    live = resolve(conn, live_key(p))
+    m = get_migration(conn, p.schema, p.table, p.embedding_column)
+    if m is not None and m.status == "backfilling":
+        if m.spec == spec:
+            return ShardPlan("migration", spec, m.shadow_column, spec.content_function, m,
+                             f"migration {m.id}: new vectors go to {m.shadow_column} until promotion")
+        if m.old_spec == spec:
+            return ShardPlan("in_place", spec, p.embedding_column, m.old_content_function, m,
+                             f"{spec.identity_key} is the live model during migration {m.id}")
+        return ShardPlan("skip", spec, None, spec.content_function, m,
+                         f"migration {m.id} of {m.label} to {m.spec.key} is in progress")
+    if m is not None:  # promoted: the live column holds the migration's model
+        if m.spec == spec:
+            return ShardPlan("in_place", spec, p.embedding_column, spec.content_function, m,
+                             f"{spec.identity_key} is live since migration {m.id}")
+        return ShardPlan("skip", spec, None, spec.content_function, m,
+                         f"{m.label} holds {m.spec.key} (migration {m.id} promoted; drop its old vectors first)")
+    configured = pipeline_spec(p, column_dimensions=live.dimensions, base=base)
+    if spec != configured and not allow_unconfigured:
+        return ShardPlan("skip", spec, None, spec.content_function, None,
+                         f"{spec.key} is not the configured model ({configured.key}) and no migration to it "
+                         "is in progress (launch the `backfill` job with it to start one)")
+    # The input the live vectors are made of is what the table's triggers pass (the configuration
+    # may already name another content function: that is a migration too).
+    live_fn = next(iter(trigger_content_functions(conn, p.schema, p.table, p.embedding_column)), p.content_function)
+    other_model = conn.execute(
+        """select 1 from autoembed.embedding_state where schema_name = %s and table_name = %s
+           and embedding_column = %s and model <> %s limit 1""",
+        (p.schema, p.table, p.embedding_column, spec.identity_key)).fetchone()
+    if spec == configured and spec.dimensions == live.dimensions and spec.content_function == live_fn and not other_model:
+        return ShardPlan("in_place", spec, p.embedding_column, live_fn, None,
+                         f"{p.qualified_table}.{p.embedding_column} already holds {spec.identity_key}")
+    if not start:
+        return ShardPlan("skip", spec, None, spec.content_function, None,
+                         f"{spec.key} needs a migration of {p.qualified_table}.{p.embedding_column}")
+    m = start_migration(conn, TargetKey(p.schema, p.table, live_fn, p.embedding_column, p.key_column), spec,
+                        queue=p.queue)
+    return ShardPlan("migration", spec, m.shadow_column, spec.content_function, m,
+                     f"started migration {m.id}: new vectors go to {m.shadow_column} until promotion")
+
+
+# -- the write path ------------------------------------------------------------------------------------
+def write_vectors(drainer: Drainer, target: Target, rows: list[tuple[str, bytes, object]]) -> tuple[int, int]:
+    """Write (row id, content hash the vector was made from, vector) through the drain's own
+    settle step: same locks, hash guard, COPY + UPDATE, embedding_state upsert and deadlock retry,
+    with no queue message attached. Returns (written, stale)."""
+    outcome = _Outcome(writes={target: [(row_id, h, v, []) for row_id, h, v in rows]})
+    stats = DrainStats()
+    drainer._settle(outcome, stats)
+    return stats.embedded, stats.stale
+
+
+# -- one shard -------------------------------------------------------------------------------------------
+@dataclass
+class ShardStats:
+    shard: int
+    shards: int
+    embedded: int = 0  # vectors written
+    current: int = 0  # rows skipped: they already hold the vector of their input under the model
+    empty_input: int = 0
+    stale: int = 0  # not written: the row changed meanwhile (the incremental path embeds it)
+    failed: int = 0  # the provider could not embed them (see errors)
+    retryable_failures: int = 0
+    tokens: int = 0
+    requests: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def note_error(self, text: str) -> None:
+        if text not in self.errors and len(self.errors) < 20:
+            self.errors.append(text)
+
+    def add(self, other: "ShardStats") -> None:
+        for name in ("embedded", "current", "empty_input", "stale", "failed", "retryable_failures", "tokens",
+                     "requests", "batches"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for e in other.errors:
+            self.note_error(e)
+
+    def summary(self) -> str:
+        return (f"{self.embedded} embedded, {self.current} already current, {self.empty_input} empty, "
+                f"{self.stale} stale (left to the queue), {self.failed} failed; {self.tokens} tokens, "
+                f"{self.requests} requests; {self.seconds:.1f} s, {self.rows_per_second:.0f} rows/s")
+
+
+@dataclass
+class ShardResult:
+    plan: ShardPlan
+    stats: ShardStats
+    coverage: Coverage | None  # of this shard, after the run
+    before: Coverage | None = None  # of this shard, before the run
+
+    @property
+    def complete(self) -> bool:
+        return self.coverage is not None and self.coverage.complete
+
+
+def _candidates(conn: psycopg.Connection, target: Target, model: str, shard: int, shards: int,
+                after: str | None, limit: int) -> list[tuple[str, str | None, bytes | None]]:
+    """The next rows of the shard (key order, after `after`) that do not hold `model`'s vector of
+    their current input: (key text, input, content hash)."""
+    query = sql.SQL(
+        """select r.k, r.input, autoembed.content_hash(r.input)
+           from (select t.{key} as kv, t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
+                 from {table} t
+                 where autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s
+                   and (%(after)s::text is null or t.{key} > %(after)s::text::{key_type})) r
+           left join autoembed.embedding_state s
+             on s.schema_name = %(schema)s and s.table_name = %(table)s and s.embedding_column = %(column)s
+            and s.row_id = r.k
+           where not (r.has_vector and s.model is not distinct from %(model)s
+                      and s.content_hash = autoembed.content_hash(r.input))
+           order by r.kv limit %(limit)s"""
+    ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql, table=target.table_sql,
+             key_type=target.key_type_sql)
+    return conn.execute(query, {
+        "shards": shards, "shard": shard, "after": after, "schema": target.key.schema, "table": target.key.table,
+        "column": target.key.embedding_column, "model": model, "limit": limit,
+    }, prepare=False).fetchall()
+
+
+def embedder_for(p: Pipeline, spec: ModelSpec, target: Target, base: EmbedderSettings | None = None) -> Embedder:
+    embedder = make_embedder(spec.settings(p.embedder_settings(base)), dimensions=target.dimensions)
+    check_dimensions(target, embedder.identity.dimensions, embedder.identity.model)
+    if embedder.identity.key != spec.identity_key:
+        raise ConfigError(f"{spec.key}: the embedder reports itself as {embedder.identity.key}")
+    return embedder
+
+
+def backfill_shard(
+    conn: psycopg.Connection,
+    p: Pipeline,
+    spec: ModelSpec,
+    shard: int,
+    shards: int,
+    *,
+    shard_plan: ShardPlan | None = None,
+    batch_rows: int | None = None,
+    max_rows: int | None = None,
+    on_batch: Callable[[ShardStats, int], None] | None = None,
+    base: EmbedderSettings | None = None,
+    embedder: Embedder | None = None,
+) -> ShardResult:
+    """Embed every row of one shard that lacks `spec`'s vector of its current input.
+
+    `max_rows`: stop after about this many vectors (a time-boxed run; the next one resumes).
+    `on_batch(stats so far, rows this batch)` after each committed batch."""
+    if not 0 <= shard < shards:
+        raise ConfigError(f"shard {shard} is not in 0..{shards - 1}")
+    shard_plan = shard_plan or plan(conn, p, spec, base=base)
+    try:
+        return _backfill_shard(conn, p, spec, shard, shards, shard_plan, batch_rows, max_rows, on_batch, base, embedder)
+    except psycopg.errors.UndefinedColumn:
+        # Shards run in parallel: another one may have found the migration complete and promoted
+        # it while this one was finishing, renaming the shadow column. Then the model is live:
+        # finish (normally: find nothing left) on the promoted column.
+        if shard_plan.mode != "migration":
+            raise
+        now = plan(conn, p, spec, start=False, base=base)
+        if now.mode != "in_place":
+            raise
+        return _backfill_shard(conn, p, spec, shard, shards, now, batch_rows, max_rows, on_batch, base, None)
+
+
+def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shard: int, shards: int,
+                    shard_plan: ShardPlan, batch_rows: int | None, max_rows: int | None,
+                    on_batch: Callable[[ShardStats, int], None] | None, base: EmbedderSettings | None,
+                    embedder: Embedder | None) -> ShardResult:
+    stats = ShardStats(shard, shards)
+    if shard_plan.mode == "skip":
+        return ShardResult(shard_plan, stats, None)
+    started = time.perf_counter()
+    target = resolve(conn, shard_plan.target_key(p))
+    embedder = embedder or embedder_for(p, spec, target, base)
+    model = spec.identity_key
+    before = coverage(conn, target, model, shard, shards)
+    stats.current = before.current  # resumed: what an earlier (killed) run already wrote is skipped
+    drainer = Drainer(conn, Settings(queue=p.queue), lambda _target: embedder)
+    limit = batch_rows or min(getattr(embedder, "batch_size", None) or DEFAULT_BATCH_ROWS, 1024)
+    after: str | None = None
+    while max_rows is None or stats.embedded < max_rows:
+        page = _candidates(conn, target, model, shard, shards, after, limit)
+        if not page:
+            break
+        after = page[-1][0]
+        todo = [(k, text, h) for k, text, h in page if text is not None and text.strip()]
+        stats.empty_input += len(page) - len(todo)
+        if not todo:
+            continue
+        outcome = embedder.embed([text for _, text, _ in todo])
+        stats.tokens += outcome.tokens
+        stats.requests += outcome.requests
+        stats.batches += 1
+        rows = []
+        for (k, _, h), vector, error in zip(todo, outcome.vectors, outcome.errors):
+            if vector is not None:
+                rows.append((k, h, vector))
+                continue
+            stats.failed += 1
+            if not isinstance(error, EmbeddingError) or error.retryable:
+                stats.retryable_failures += 1
+            stats.note_error(f"{target.regclass} id={k}: {error}")
+        if rows:
+            written, stale = write_vectors(drainer, target, rows)
+            stats.embedded += written
+            stats.stale += stale
+            stats.current += len(rows) - written - stale  # written meanwhile by the drain, same input
+        stats.seconds = time.perf_counter() - started
+        if on_batch:
+            on_batch(stats, len(page))
+    after_cov = coverage(conn, target, model, shard, shards)
+    stats.seconds = time.perf_counter() - started
+    return ShardResult(shard_plan, stats, after_cov, before)
+
+
+def estimated_shard_cost(spec: ModelSpec, tokens: int) -> float | None:
+    return estimated_cost(tokens, spec.provider, spec.model)
+
+
+# -- a whole backfill in one process (the CLI) ---------------------------------------------------
+@dataclass
+class BackfillResult:
+    plan: ShardPlan
+    shards: list[ShardResult]
+    total: ShardStats
+    coverage: Coverage | None
+    promotion: PromoteResult | None = None
+
+
+def run_backfill(
+    conn: psycopg.Connection,
+    p: Pipeline,
+    spec: ModelSpec,
+    *,
+    only: list[int] | None = None,
+    shards: int | None = None,
+    promote_when_complete: bool = True,
+    batch_rows: int | None = None,
+    on_batch: Callable[[ShardStats, int], None] | None = None,
+    on_plan: Callable[[ShardPlan, Coverage], None] | None = None,
+    base: EmbedderSettings | None = None,
+) -> BackfillResult:
+    """Every shard (or `only` these) one after the other, then promote the migration if complete."""
+    n = shards or p.shards
+    shard_plan = plan(conn, p, spec, base=base)
+    total = ShardStats(-1, n)
+    if shard_plan.mode == "skip":
+        return BackfillResult(shard_plan, [], total, None)
+    target = resolve(conn, shard_plan.target_key(p))
+    if on_plan:
+        on_plan(shard_plan, coverage(conn, target, spec.identity_key))
+    started = time.perf_counter()
+    results = []
+    for i in (only if only is not None else range(n)):
+        r = backfill_shard(conn, p, spec, i, n, shard_plan=shard_plan, batch_rows=batch_rows, on_batch=on_batch,
+                           base=base)
+        results.append(r)
+        total.add(r.stats)
+    total.seconds = time.perf_counter() - started
+    cov = coverage(conn, target, spec.identity_key)
+    promotion = None
+    if shard_plan.mode == "migration" and promote_when_complete and cov.complete and shard_plan.migration:
+        promotion = promote(conn, shard_plan.migration)
+    return BackfillResult(shard_plan, results, total, cov, promotion)

@@ -1,0 +1,770 @@
+"""Zero-downtime model migration of an embedding column (plain Python, no Dagster).
+
+    start_migration ──▶ shadow column `<col>__next` (new size) + a BEFORE row trigger that enqueues a
+                        job for it on every changed row (the ordinary drain embeds those)
+                    ──▶ backfill shards fill it (core/backfill.py)         search still uses <col>
+    promote         ──▶ one transaction: rename <col> → <col>__old, <col>__next → <col>, move the
+                        embedding_state records, swap triggers, swap the prebuilt vector indexes
+    rollback        ──▶ the reverse swap, while <col>__old still exists
+    drop_old        ──▶ drop <col>__old: the migration is finished
+    abort           ──▶ drop the shadow column of a migration that was not promoted
+
+The migration is recorded in autoembed.model_migrations (model named by provider, model and size
+only: no API key, no URL). The drain's resolvers read it (`MigrationAwareResolver`) so that jobs
+for the shadow column are embedded with the new model and jobs for the live column keep the old
+one until promotion; a guard trigger on embedding_state refuses any record contradicting it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Callable, TypeVar
+
+import psycopg
+from psycopg import errors, sql
+from psycopg.types.json import Jsonb
+
+from .config import ConfigError, EmbedderSettings, PROVIDERS
+from .embedders import make_embedder
+from .embedders.base import Embedder
+from .targets import MAX_IDENTIFIER_BYTES, Target, TargetError, TargetKey, resolve
+
+SHADOW_SUFFIX = "__next"
+OLD_SUFFIX = "__old"
+ACTIVE = ("backfilling", "promoted")
+_LOCK_CLASS = 0x61656D  # advisory lock class of migrations ("aem")
+# Characters a model spec may not contain: Dagster partition keys forbid `| , [ ]`; ':' separates
+# the spec's fields (only the model name may contain it: Ollama tags like "nomic-embed-text:v1.5").
+_FORBIDDEN = set("|,[]") | {chr(c) for c in range(32)}
+
+T = TypeVar("T")
+
+
+class MigrationError(Exception):
+    """The migration cannot do what was asked (conflict, wrong state, incomplete coverage...)."""
+
+
+class MigrationChanged(RuntimeError):
+    """A writer holds a view of the column that a promotion/rollback has since changed.
+
+    Deliberately not a ValueError/TargetError: the drain must not dead-letter its jobs. The drain
+    batch fails, its messages reappear after their visibility timeout, and a fresh drain (which
+    re-reads the catalog) embeds them with the right model."""
+
+
+# -- model spec ----------------------------------------------------------------------------------
+def _check_part(what: str, value: object, extra: str = "") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
+    bad = (_FORBIDDEN | set(extra)) & set(value)
+    if bad or "..." in value:
+        raise ConfigError(f"{what} {value!r} contains {''.join(sorted(bad)) or '...'!r}, which is not allowed")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What makes a vector: provider, model, output size and the input (content) function."""
+
+    provider: str
+    model: str
+    dimensions: int
+    content_function: str
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"provider {self.provider!r} is not one of {', '.join(PROVIDERS)}")
+        _check_part("model", self.model)
+        _check_part("content function", self.content_function, ":")
+        if not isinstance(self.dimensions, int) or self.dimensions < 1:
+            raise ConfigError(f"dimensions must be a positive integer, got {self.dimensions!r}")
+
+    @property
+    def identity_key(self) -> str:
+        """The model as embedding_state.model records it (ModelIdentity.key)."""
+        return f"{self.provider}:{self.model}:{self.dimensions}"
+
+    @property
+    def key(self) -> str:
+        """`provider:model:dimensions:content_function`: a Dagster partition key and code version."""
+        return f"{self.identity_key}:{self.content_function}"
+
+    @classmethod
+    def parse(cls, key: str) -> "ModelSpec":
+        parts = key.split(":")
+        if len(parts) < 4:
+            raise ConfigError(f"model key {key!r} is not provider:model:dimensions:content_function")
+        try:
+            dims = int(parts[-2])
+        except ValueError:
+            raise ConfigError(f"model key {key!r}: dimensions {parts[-2]!r} is not a number") from None
+        return cls(parts[0], ":".join(parts[1:-2]), dims, parts[-1])
+
+    @classmethod
+    def from_identity(cls, identity_key: str, content_function: str) -> "ModelSpec":
+        return cls.parse(f"{identity_key}:{content_function}")
+
+    def settings(self, base: EmbedderSettings) -> EmbedderSettings:
+        """Embedder settings for this model: the base's transport settings, this model's identity."""
+        if self.provider != base.provider:
+            base = replace(base, provider=self.provider, batch_size=256 if self.provider == "openai" else 32)
+        return replace(base, model=self.model, dimensions=self.dimensions)
+
+
+# -- the migration record ------------------------------------------------------------------------
+_COLUMNS = ("id", "schema_name", "table_name", "embedding_column", "shadow_column", "old_column",
+            "key_column", "queue", "content_function", "old_content_function", "provider", "model",
+            "dimensions", "vector_type", "model_key", "old_model", "status")
+_SELECT = sql.SQL("select {} from autoembed.model_migrations").format(
+    sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS))
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: int
+    schema_name: str
+    table_name: str
+    embedding_column: str
+    shadow_column: str
+    old_column: str
+    key_column: str
+    queue: str
+    content_function: str
+    old_content_function: str
+    provider: str
+    model: str
+    dimensions: int
+    vector_type: str
+    model_key: str
+    old_model: str | None
+    status: str
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.provider, self.model, self.dimensions, self.content_function)
+
+    @property
+    def old_spec(self) -> ModelSpec | None:
+        return ModelSpec.from_identity(self.old_model, self.old_content_function) if self.old_model else None
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema_name}.{self.table_name}.{self.embedding_column}"
+
+    @property
+    def live_key(self) -> TargetKey:
+        """The column search uses, with the input of the vectors it holds now."""
+        fn = self.content_function if self.status == "promoted" else self.old_content_function
+        return TargetKey(self.schema_name, self.table_name, fn, self.embedding_column, self.key_column)
+
+    @property
+    def shadow_key(self) -> TargetKey:
+        return TargetKey(self.schema_name, self.table_name, self.content_function, self.shadow_column,
+                         self.key_column)
+
+    def spec_for_column(self, column: str) -> ModelSpec | None:
+        """The model whose vectors `column` takes now; None: the configured one.
+
+        Raises MigrationChanged for the shadow name of a promoted migration (it no longer exists)."""
+        if self.status == "backfilling":
+            if column == self.shadow_column:
+                return self.spec
+            return self.old_spec if column == self.embedding_column else None
+        if self.status == "promoted":
+            if column == self.embedding_column:
+                return self.spec
+            if column == self.shadow_column:
+                raise MigrationChanged(f"{self.label}: the shadow column {column} was promoted; "
+                                       "its pending jobs were replaced by jobs for the live column")
+        return None
+
+
+def _row(row: tuple | None) -> Migration | None:
+    return Migration(*row) if row else None
+
+
+def get_migration(conn: psycopg.Connection, schema: str, table: str, column: str,
+                  statuses: tuple[str, ...] = ACTIVE) -> Migration | None:
+    """The migration in flight whose live (or shadow) column is `column`."""
+    return _row(conn.execute(
+        _SELECT + sql.SQL(" where schema_name = %s and table_name = %s and status = any(%s)"
+                          " and %s in (embedding_column, shadow_column) order by id desc limit 1"),
+        (schema, table, list(statuses), column),
+    ).fetchone())
+
+
+def _reload(conn: psycopg.Connection, m: Migration, lock: bool = False) -> Migration:
+    q = _SELECT + sql.SQL(" where id = %s") + (sql.SQL(" for update") if lock else sql.SQL(""))
+    fresh = _row(conn.execute(q, (m.id,)).fetchone())
+    if fresh is None:
+        raise MigrationError(f"migration {m.id} no longer exists")
+    return fresh
+
+
+def suffixed(name: str, suffix: str) -> str:
+    """`name + suffix`, shortened with a hash when it would pass Postgres's 63-byte limit."""
+    full = name + suffix
+    if len(full.encode()) <= MAX_IDENTIFIER_BYTES:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    keep = name.encode()[: MAX_IDENTIFIER_BYTES - len(suffix) - 9].decode(errors="ignore")
+    return f"{keep}_{digest}{suffix}"
+
+
+# -- coverage ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Coverage:
+    rows: int
+    embeddable: int  # rows whose input is not NULL/blank
+    current: int  # embeddable rows holding the vector of their current input under the model
+
+    @property
+    def missing(self) -> int:
+        return self.embeddable - self.current
+
+    @property
+    def complete(self) -> bool:
+        return self.current == self.embeddable
+
+    @property
+    def ratio(self) -> float:
+        return self.current / self.embeddable if self.embeddable else 1.0
+
+
+def coverage(conn: psycopg.Connection, target: Target, model_key: str,
+             shard: int | None = None, shards: int | None = None) -> Coverage:
+    """How many rows (of one shard, or all) hold `model_key`'s vector of their current input."""
+    query = sql.SQL(
+        """
+        select count(*), count(*) filter (where x.embeddable),
+               count(*) filter (where x.embeddable and x.has_vector and s.model = %(model)s
+                                and s.content_hash = x.h)
+        from (select r.k, r.has_vector, autoembed.content_hash(r.input) as h,
+                     r.input is not null and btrim(r.input) <> '' as embeddable
+              from (select t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
+                    from {table} t
+                    where %(shards)s::integer is null
+                       or autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s) r) x
+        left join autoembed.embedding_state s
+          on s.schema_name = %(schema)s and s.table_name = %(table)s
+         and s.embedding_column = %(column)s and s.row_id = x.k
+        """
+    ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql, table=target.table_sql)
+    rows, embeddable, current = conn.execute(query, {
+        "model": model_key, "shards": shards, "shard": shard, "schema": target.key.schema,
+        "table": target.key.table, "column": target.key.embedding_column,
+    }).fetchone()
+    return Coverage(rows, embeddable, current)
+
+
+def column_models(conn: psycopg.Connection, schema: str, table: str, column: str) -> list[tuple[str, int]]:
+    """(model, rows) recorded for a column, most common first."""
+    return [(r[0], r[1]) for r in conn.execute(
+        """select model, count(*) from autoembed.embedding_state
+           where schema_name = %s and table_name = %s and embedding_column = %s
+           group by model order by 2 desc, 1""",
+        (schema, table, column),
+    )]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _in_locked_transaction(conn: psycopg.Connection, body: Callable[[], T], *, lock_timeout: float,
+                           attempts: int) -> T:
+    """Run `body` in one transaction that waits at most `lock_timeout` s for each table lock.
+
+    A DDL lock request queues every later reader of the table behind it, so it must never wait
+    long behind a slow query: give up quickly and try again instead."""
+    if not conn.autocommit:
+        raise ValueError("model migrations need an autocommit connection")
+    for attempt in range(attempts):
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("set local lock_timeout = {}").format(
+                    sql.Literal(f"{max(1, int(lock_timeout * 1000))}ms")))
+                conn.execute("set local autoembed.migrating = 'on'")
+                conn.execute("set local autoembed.draining = 'on'")  # our own row writes enqueue nothing
+                return body()
+        except errors.LockNotAvailable:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(min(0.2 * 2**attempt, 2.0))
+    raise AssertionError("unreachable")
+
+
+def _table_sql(m: Migration) -> sql.Composable:
+    return sql.Identifier(m.schema_name, m.table_name)
+
+
+def _shadow_trigger(m: Migration) -> sql.Composable:
+    return sql.Identifier(f"autoembed_migration_{m.id}")
+
+
+def _guard_trigger(m: Migration) -> sql.Composable:
+    return sql.Identifier(f"autoembed_guard_{m.id}")
+
+
+def _install_shadow_trigger(conn: psycopg.Connection, m: Migration) -> None:
+    # Supabase's trigger function in BEFORE mode: clears the shadow vector in NEW when the input
+    # changed and enqueues a job for the shadow column; the ordinary drain does the rest.
+    conn.execute(sql.SQL(
+        "create or replace trigger {name} before insert or update on {table} for each row "
+        "execute function util.queue_embeddings({fn}, {col}, {key}, {queue})"
+    ).format(name=_shadow_trigger(m), table=_table_sql(m), fn=sql.Literal(m.content_function),
+             col=sql.Literal(m.shadow_column), key=sql.Literal(m.key_column), queue=sql.Literal(m.queue)))
+
+
+def _drop_shadow_trigger(conn: psycopg.Connection, m: Migration) -> None:
+    conn.execute(sql.SQL("drop trigger if exists {} on {}").format(_shadow_trigger(m), _table_sql(m)))
+
+
+def _purge_jobs(conn: psycopg.Connection, m: Migration, column: str) -> int:
+    """Delete queued jobs of one column of the table (jobs of a column that is going away)."""
+    cur = conn.execute(
+        sql.SQL("delete from pgmq.{} where message ->> 'schema' = %s and message ->> 'table' = %s"
+                " and message ->> 'embeddingColumn' = %s").format(sql.Identifier("q_" + m.queue)),
+        (m.schema_name, m.table_name, column),
+    )
+    return cur.rowcount
+
+
+def _enqueue(conn: psycopg.Connection, m: Migration, column: str, fn: str, where: sql.Composable) -> int:
+    """Send one job per row matching `where` (over alias t) for `column`, in one send_batch."""
+    messages = conn.execute(sql.SQL(
+        """select array(select jsonb_build_object('id', to_jsonb(t.{key}), 'schema', %(schema)s::text,
+                                                  'table', %(table)s::text, 'contentFunction', %(fn)s::text,
+                                                  'embeddingColumn', %(column)s::text)
+                               || case when %(key)s::text = 'id' then '{{}}'::jsonb
+                                       else jsonb_build_object('keyColumn', %(key)s::text) end
+                        from {table} t where {where})"""
+    ).format(key=sql.Identifier(m.key_column), table=_table_sql(m), where=where),
+        {"schema": m.schema_name, "table": m.table_name, "fn": fn, "column": column, "key": m.key_column},
+    ).fetchone()[0]
+    if messages:
+        conn.execute("select pgmq.send_batch(%s, %s::jsonb[])",
+                     (m.queue, [Jsonb(msg) for msg in messages]))
+        conn.execute("select pg_notify('autoembed', %s)", (m.queue,))
+    return len(messages or [])
+
+
+def _rename_state(conn: psycopg.Connection, m: Migration, moves: list[tuple[str, str]]) -> None:
+    """Move embedding_state records between column names, in order (targets must be free)."""
+    for source, dest in moves:
+        conn.execute(
+            """delete from autoembed.embedding_state
+               where schema_name = %s and table_name = %s and embedding_column = %s""",
+            (m.schema_name, m.table_name, dest))
+        conn.execute(
+            """update autoembed.embedding_state set embedding_column = %s
+               where schema_name = %s and table_name = %s and embedding_column = %s""",
+            (dest, m.schema_name, m.table_name, source))
+
+
+def _rename_column(conn: psycopg.Connection, m: Migration, source: str, dest: str) -> None:
+    conn.execute(sql.SQL("alter table {} rename column {} to {}").format(
+        _table_sql(m), sql.Identifier(source), sql.Identifier(dest)))
+
+
+_OUR_TRIGGER_FUNCTIONS = ("util.queue_embeddings", "autoembed.queue_embeddings_bulk", "autoembed.clear_on_change")
+
+
+def _retarget_triggers(conn: psycopg.Connection, m: Migration, from_fn: str, to_fn: str) -> list[str]:
+    """Point the live column's triggers at another content function (a migration that changes the
+    input). Re-creates each trigger from Postgres's own definition with only the arguments changed."""
+    if from_fn == to_fn:
+        return []
+    changed = []
+    rows = conn.execute(
+        """select t.tgname, t.tgfoid::regproc::text, pg_get_triggerdef(t.oid), t.tgargs, t.tgnargs,
+                  pn.nspname || '.' || p.proname
+           from pg_trigger t join pg_proc p on p.oid = t.tgfoid join pg_namespace pn on pn.oid = p.pronamespace
+           where t.tgrelid = %s::regclass and not t.tgisinternal""",
+        (sql.Identifier(m.schema_name, m.table_name).as_string(conn),),
+    ).fetchall()
+    for name, func, definition, raw_args, nargs, qualified in rows:
+        args = [a.decode() for a in bytes(raw_args).split(b"\x00")[:nargs]]
+        if qualified not in _OUR_TRIGGER_FUNCTIONS or len(args) < 2:
+            continue
+        if args[0] != from_fn or args[1] != m.embedding_column:
+            continue
+        marker = "EXECUTE FUNCTION "
+        head = definition[: definition.rindex(marker) + len(marker)]
+        new_args = sql.SQL(", ").join(sql.Literal(a) for a in [to_fn, *args[1:]])
+        conn.execute(sql.SQL("drop trigger {} on {}").format(sql.Identifier(name), _table_sql(m)))
+        # `head` is Postgres's own rendering of the trigger (quoted names), not user text.
+        conn.execute(sql.SQL(head) + sql.SQL(func) + sql.SQL("(") + new_args + sql.SQL(")"))
+        changed.append(name)
+    return changed
+
+
+def trigger_content_functions(conn: psycopg.Connection, schema: str, table: str, column: str) -> list[str]:
+    """The content functions the table's embedding triggers pass for `column` (what its vectors are
+    made of, whatever the configuration says now), most used first."""
+    counts: dict[str, int] = {}
+    for func, raw_args, nargs in conn.execute(
+        """select pn.nspname || '.' || p.proname, t.tgargs, t.tgnargs from pg_trigger t
+           join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
+           join pg_proc p on p.oid = t.tgfoid join pg_namespace pn on pn.oid = p.pronamespace
+           where n.nspname = %s and c.relname = %s and not t.tgisinternal""", (schema, table)):
+        args = [a.decode() for a in bytes(raw_args).split(b"\x00")[:nargs]]
+        if func in _OUR_TRIGGER_FUNCTIONS and len(args) >= 2 and args[1] == column:
+            counts[args[0]] = counts.get(args[0], 0) + 1
+    return sorted(counts, key=lambda fn: -counts[fn])
+
+
+# -- vector indexes --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexInfo:
+    schema: str
+    name: str
+    method: str
+    opclass: str
+    options: list[str] | None
+    simple: bool  # one plain column, no expression, no predicate
+    valid: bool
+
+
+def _indexes(conn: psycopg.Connection, m: Migration, column: str) -> list[IndexInfo]:
+    rows = conn.execute(
+        """select n.nspname, ci.relname, am.amname, opc.opcname, ci.reloptions,
+                  i.indnatts = 1 and i.indexprs is null and i.indpred is null, i.indisvalid
+           from pg_index i
+           join pg_class ci on ci.oid = i.indexrelid
+           join pg_namespace n on n.oid = ci.relnamespace
+           join pg_am am on am.oid = ci.relam
+           join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]
+           join pg_opclass opc on opc.oid = i.indclass[0]
+           where i.indrelid = %s::regclass and a.attname = %s order by ci.relname""",
+        (sql.Identifier(m.schema_name, m.table_name).as_string(conn), column),
+    ).fetchall()
+    return [IndexInfo(*r) for r in rows]
+
+
+def _opclass_for(opclass: str, vector_type: str) -> str:
+    """The same distance for another element type: halfvec_cosine_ops <-> vector_cosine_ops."""
+    for prefix in ("halfvec_", "vector_"):
+        if opclass.startswith(prefix):
+            return vector_type + "_" + opclass[len(prefix):]
+    return opclass
+
+
+def prepare_indexes(conn: psycopg.Connection, m: Migration) -> tuple[list[str], list[str]]:
+    """Build, on the shadow column, a copy of each vector index of the live column (CONCURRENTLY:
+    writes and reads go on), so the promotion only renames. Returns (indexes ready, notes)."""
+    ready, notes = [], []
+    for ix in _indexes(conn, m, m.embedding_column):
+        if not ix.simple:
+            notes.append(f"index {ix.name} is not a plain one-column index: not rebuilt, create it yourself")
+            continue
+        opclass = _opclass_for(ix.opclass, m.vector_type)
+        if conn.execute("select 1 from pg_opclass where opcname = %s", (opclass,)).fetchone() is None:
+            notes.append(f"index {ix.name}: no operator class {opclass} for {m.vector_type}: not rebuilt")
+            continue
+        name = suffixed(ix.name, SHADOW_SUFFIX)
+        existing = {i.name: i for i in _indexes(conn, m, m.shadow_column)}
+        if name in existing and existing[name].valid:
+            ready.append(name)
+            continue
+        if name in existing:  # left invalid by an interrupted concurrent build
+            conn.execute(sql.SQL("drop index concurrently if exists {}").format(sql.Identifier(ix.schema, name)))
+        with_options = sql.SQL("")
+        if ix.options:
+            # reloptions as Postgres stores them (e.g. m=16), not user text.
+            with_options = sql.SQL(" with ({})").format(sql.SQL(", ").join(sql.SQL(o) for o in ix.options))
+        conn.execute(sql.SQL("create index concurrently if not exists {} on {} using {} ({} {}){}").format(
+            sql.Identifier(name), _table_sql(m), sql.Identifier(ix.method), sql.Identifier(m.shadow_column),
+            sql.Identifier(opclass), with_options))
+        ready.append(name)
+    return ready, notes
+
+
+def _swap_index_names(conn: psycopg.Connection, m: Migration, promoting: bool) -> list[str]:
+    """After the column renames, give the now-live column's indexes the original names.
+
+    Promoting: the old column's index X becomes X__old and the shadow's X__next becomes X.
+    Rolling back: X (on the column that is the shadow again) becomes X__next, X__old becomes X."""
+    retired_column = m.old_column if promoting else m.shadow_column
+    retire_suffix, live_suffix = (OLD_SUFFIX, SHADOW_SUFFIX) if promoting else (SHADOW_SUFFIX, OLD_SUFFIX)
+    on_live = {i.name for i in _indexes(conn, m, m.embedding_column)}
+    swapped = []
+    for ix in _indexes(conn, m, retired_column):
+        incoming = suffixed(ix.name, live_suffix)
+        if ix.name.endswith(live_suffix) or incoming not in on_live:
+            continue
+        conn.execute(sql.SQL("alter index {} rename to {}").format(
+            sql.Identifier(ix.schema, ix.name), sql.Identifier(suffixed(ix.name, retire_suffix))))
+        conn.execute(sql.SQL("alter index {} rename to {}").format(
+            sql.Identifier(ix.schema, incoming), sql.Identifier(ix.name)))
+        swapped.append(ix.name)
+    return swapped
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, *, queue: str = "embedding_jobs",
+                    vector_type: str | None = None, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
+    """Start migrating `live` to `spec` (idempotent: the same spec returns the running migration)."""
+    def body() -> Migration:
+        conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))",
+                     (_LOCK_CLASS, f"{live.schema}.{live.table}.{live.embedding_column}"))
+        existing = get_migration(conn, live.schema, live.table, live.embedding_column)
+        if existing is not None:
+            if existing.status == "backfilling" and existing.spec == spec:
+                return existing
+            raise MigrationError(
+                f"{existing.label} already has a migration ({existing.status}) to {existing.spec.key}: "
+                + ("abort it first" if existing.status == "backfilling" else "drop_old or rollback it first"))
+        target = resolve(conn, live)
+        if conn.execute("select autoembed.content_function(%s::regclass, %s)", (target.regclass, spec.content_function)
+                        ).fetchone()[0] is None:
+            raise TargetError(f"content function {spec.content_function!r} taking a row of {target.regclass} does not exist")
+        vtype = vector_type or target.vector_type
+        if vtype not in ("vector", "halfvec"):
+            raise ConfigError(f"vector type must be vector or halfvec, got {vtype!r}")
+        shadow, old = suffixed(live.embedding_column, SHADOW_SUFFIX), suffixed(live.embedding_column, OLD_SUFFIX)
+        for name in (shadow, old):
+            if conn.execute("select 1 from pg_attribute where attrelid = %s::regclass and attname = %s"
+                            " and attnum > 0 and not attisdropped", (target.regclass, name)).fetchone():
+                raise MigrationError(f"{target.regclass} already has a column {name}: drop it first")
+        if not conn.execute("select 1 from pgmq.meta where queue_name = %s", (queue,)).fetchone():
+            conn.execute("select pgmq.create(%s)", (queue,))
+        models = column_models(conn, live.schema, live.table, live.embedding_column)
+        m = _row(conn.execute(sql.SQL(
+            """insert into autoembed.model_migrations
+                 (schema_name, table_name, embedding_column, shadow_column, old_column, key_column, queue,
+                  content_function, old_content_function, provider, model, dimensions, vector_type,
+                  model_key, old_model)
+               values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning {}"""
+        ).format(sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)), (
+            live.schema, live.table, live.embedding_column, shadow, old, live.key_column, queue,
+            spec.content_function, live.content_function, spec.provider, spec.model, spec.dimensions, vtype,
+            spec.identity_key, models[0][0] if models else None,
+        )).fetchone())
+        assert m is not None
+        conn.execute(sql.SQL("alter table {} add column {} {}").format(
+            _table_sql(m), sql.Identifier(shadow), sql.SQL(f"{vtype}({int(spec.dimensions)})")))
+        _install_shadow_trigger(conn, m)
+        conn.execute(sql.SQL(
+            "create or replace trigger {} before insert or update on autoembed.embedding_state for each row "
+            "when (new.schema_name = {} and new.table_name = {}) execute function autoembed.guard_migration_model({})"
+        ).format(_guard_trigger(m), sql.Literal(m.schema_name), sql.Literal(m.table_name), sql.Literal(str(m.id))))
+        # Jobs dead-lettered because the configured model no longer fitted the live column (the
+        # model was changed in code before this migration started) can succeed now: retry them.
+        conn.execute(
+            """select autoembed.retry_dead_letters(%s, array(
+                   select msg_id from autoembed.dead_letter_jobs
+                   where queue_name = %s and schema_name = %s and table_name = %s and embedding_column = %s
+                     and error like '%%dimension mismatch%%'))""",
+            (queue, queue, live.schema, live.table, live.embedding_column))
+        return m
+
+    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+
+
+@dataclass
+class PromoteResult:
+    migration: Migration
+    coverage: Coverage | None
+    indexes: list[str] = field(default_factory=list)  # vector indexes now serving the promoted column
+    triggers: list[str] = field(default_factory=list)  # triggers re-pointed at a new content function
+    notes: list[str] = field(default_factory=list)
+    purged_jobs: int = 0
+    already: bool = False
+    locked_seconds: float = 0.0
+
+
+class MigrationIncomplete(MigrationError):
+    def __init__(self, m: Migration, cov: Coverage):
+        super().__init__(f"{m.label}: {cov.current} of {cov.embeddable} rows have the {m.model_key} vector of "
+                         f"their current input ({cov.ratio:.2%}); finish the backfill or pass force")
+        self.coverage = cov
+
+
+def promote(conn: psycopg.Connection, m: Migration, *, force: bool = False, lock_timeout: float = 5.0,
+            attempts: int = 5) -> PromoteResult:
+    """Swap the shadow column in, atomically, once every row has its new-model vector.
+
+    The coverage check runs under SHARE ROW EXCLUSIVE (writers wait, readers do not); the renames
+    then need ACCESS EXCLUSIVE only for the instant of the catalog change. Idempotent."""
+    m = _reload(conn, m)
+    if m.status == "promoted":
+        return PromoteResult(m, None, already=True)
+    if m.status != "backfilling":
+        raise MigrationError(f"{m.label}: migration {m.id} is {m.status}, not backfilling")
+    _, notes = prepare_indexes(conn, m)
+
+    def body() -> PromoteResult:
+        mm = _reload(conn, m, lock=True)
+        if mm.status == "promoted":
+            return PromoteResult(mm, None, already=True)
+        started = time.perf_counter()
+        conn.execute(sql.SQL("lock table {} in share row exclusive mode").format(_table_sql(mm)))
+        cov = coverage(conn, resolve(conn, mm.shadow_key), mm.model_key)
+        if not cov.complete and not force:
+            raise MigrationIncomplete(mm, cov)
+        _drop_shadow_trigger(conn, mm)
+        purged = _purge_jobs(conn, mm, mm.shadow_column)
+        _rename_column(conn, mm, mm.embedding_column, mm.old_column)
+        _rename_column(conn, mm, mm.shadow_column, mm.embedding_column)
+        indexes = _swap_index_names(conn, mm, promoting=True)
+        _rename_state(conn, mm, [(mm.embedding_column, mm.old_column), (mm.shadow_column, mm.embedding_column)])
+        triggers = _retarget_triggers(conn, mm, mm.old_content_function, mm.content_function)
+        conn.execute("update autoembed.model_migrations set status = 'promoted', promoted_at = now() where id = %s",
+                     (mm.id,))
+        return PromoteResult(_reload(conn, mm), cov, indexes, triggers, notes, purged,
+                             locked_seconds=time.perf_counter() - started)
+
+    result = _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    result.notes = notes
+    return result
+
+
+def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
+    """Undo a promotion while the old vectors still exist: the old column is live again and the
+    migration is back to backfilling (promote again later, or abort). Old vectors whose row changed
+    since the promotion are cleared and re-queued, so search never returns a vector of old content."""
+    def body() -> Migration:
+        mm = _reload(conn, m, lock=True)
+        if mm.status != "promoted":
+            raise MigrationError(f"{mm.label}: only a promoted migration can be rolled back (it is {mm.status})")
+        live = resolve(conn, mm.live_key)
+        conn.execute(sql.SQL("lock table {} in access exclusive mode").format(_table_sql(mm)))
+        if not conn.execute("select 1 from pg_attribute where attrelid = %s::regclass and attname = %s"
+                            " and attnum > 0 and not attisdropped", (live.regclass, mm.old_column)).fetchone():
+            raise MigrationError(f"{mm.label}: the old vectors ({mm.old_column}) were dropped; nothing to roll back to")
+        _rename_column(conn, mm, mm.embedding_column, mm.shadow_column)
+        _rename_column(conn, mm, mm.old_column, mm.embedding_column)
+        _swap_index_names(conn, mm, promoting=False)
+        _rename_state(conn, mm, [(mm.embedding_column, mm.shadow_column), (mm.old_column, mm.embedding_column)])
+        _retarget_triggers(conn, mm, mm.content_function, mm.old_content_function)
+        conn.execute("update autoembed.model_migrations set status = 'backfilling', promoted_at = null where id = %s",
+                     (mm.id,))
+        mm = _reload(conn, mm)
+        _install_shadow_trigger(conn, mm)
+        _purge_jobs(conn, mm, mm.shadow_column)
+        # Both columns: clear vectors whose record does not match the row's current input, then
+        # queue every row left without one.
+        for column, fn in ((mm.embedding_column, mm.old_content_function), (mm.shadow_column, mm.content_function)):
+            target = resolve(conn, TargetKey(mm.schema_name, mm.table_name, fn, column, mm.key_column))
+            conn.execute(sql.SQL(
+                """update {table} t set {col} = null where t.{col} is not null and not exists (
+                       select 1 from autoembed.embedding_state s
+                       where s.schema_name = %s and s.table_name = %s and s.embedding_column = %s
+                         and s.row_id = t.{key}::text and s.content_hash = autoembed.content_hash({fn}(t)::text))"""
+            ).format(table=target.table_sql, col=target.column_sql, key=target.key_sql, fn=target.function_sql),
+                (mm.schema_name, mm.table_name, column))
+            _enqueue(conn, mm, column, fn, sql.SQL("t.{col} is null and nullif(btrim({fn}(t)::text), '') is not null")
+                     .format(col=target.column_sql, fn=target.function_sql))
+        return mm
+
+    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+
+
+def drop_old(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
+    """Drop the old vectors of a promoted migration (no rollback after this): it is finished."""
+    def body() -> Migration:
+        mm = _reload(conn, m, lock=True)
+        if mm.status != "promoted":
+            raise MigrationError(f"{mm.label}: only a promoted migration can drop its old vectors (it is {mm.status})")
+        conn.execute(sql.SQL("alter table {} drop column if exists {}").format(_table_sql(mm), sql.Identifier(mm.old_column)))
+        conn.execute("""delete from autoembed.embedding_state
+                        where schema_name = %s and table_name = %s and embedding_column = %s""",
+                     (mm.schema_name, mm.table_name, mm.old_column))
+        conn.execute(sql.SQL("drop trigger if exists {} on autoembed.embedding_state").format(_guard_trigger(mm)))
+        conn.execute("update autoembed.model_migrations set status = 'finished', finished_at = now() where id = %s",
+                     (mm.id,))
+        return _reload(conn, mm)
+
+    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+
+
+def abort(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
+    """Give up a migration that was not promoted: drop the shadow column, its records and jobs."""
+    def body() -> Migration:
+        mm = _reload(conn, m, lock=True)
+        if mm.status != "backfilling":
+            raise MigrationError(f"{mm.label}: only a backfilling migration can be aborted (it is {mm.status}); "
+                                 "roll it back first")
+        _drop_shadow_trigger(conn, mm)
+        conn.execute(sql.SQL("alter table {} drop column if exists {}").format(_table_sql(mm), sql.Identifier(mm.shadow_column)))
+        conn.execute("""delete from autoembed.embedding_state
+                        where schema_name = %s and table_name = %s and embedding_column = %s""",
+                     (mm.schema_name, mm.table_name, mm.shadow_column))
+        _purge_jobs(conn, mm, mm.shadow_column)
+        conn.execute(sql.SQL("drop trigger if exists {} on autoembed.embedding_state").format(_guard_trigger(mm)))
+        conn.execute("update autoembed.model_migrations set status = 'aborted', finished_at = now() where id = %s",
+                     (mm.id,))
+        return _reload(conn, mm)
+
+    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+
+
+# -- the drain's view: which model embeds which column -------------------------------------------------
+ConfiguredSettings = Callable[[str, str, str], EmbedderSettings]  # (schema, table, live column) -> settings
+
+
+class MigrationAwareResolver:
+    """An EmbedderResolver that honours model migrations in flight.
+
+    Without a migration: the configured model. During one: the shadow column gets the new model and
+    the live column keeps the model its vectors were made with (the configuration may already name
+    the new one). After promotion: the live column gets the new model. One indexed query per call
+    on a connection of its own (the resolver has no access to the drain's): cheap next to a batch.
+    """
+
+    MISSING_TABLE_RECHECK_SECONDS = 30.0
+
+    def __init__(self, configured: ConfiguredSettings, url: str | None = None) -> None:
+        self._configured = configured
+        self._url = url
+        self._conn: psycopg.Connection | None = None
+        self._no_table_until = 0.0
+
+    def __call__(self, target: Target) -> Embedder:
+        k = target.key
+        m = self.migration_for(k.schema, k.table, k.embedding_column)
+        if m is None:
+            return make_embedder(self._configured(k.schema, k.table, k.embedding_column), dimensions=target.dimensions)
+        spec = m.spec_for_column(k.embedding_column)
+        settings = self._configured(k.schema, k.table, m.embedding_column)
+        if spec is not None:
+            if spec.dimensions != target.dimensions:
+                raise MigrationChanged(
+                    f"{k.label} holds {target.vector_type}({target.dimensions}) for this writer, but migration "
+                    f"{m.id} ({m.status}) gives it {spec.identity_key}: the column changed since it was read")
+            settings = spec.settings(settings)
+        return make_embedder(settings, dimensions=target.dimensions)
+
+    def migration_for(self, schema: str, table: str, column: str) -> Migration | None:
+        if time.monotonic() < self._no_table_until:
+            return None
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return get_migration(conn, schema, table, column)
+            except errors.UndefinedTable:
+                self._no_table_until = time.monotonic() + self.MISSING_TABLE_RECHECK_SECONDS  # before 007
+                return None
+            except psycopg.OperationalError:
+                self.close()  # the server restarted or dropped us: one reconnect
+                if attempt == 2:
+                    raise
+        return None
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            from .database import connect, database_url
+
+            self._conn = connect(self._url or database_url())
+            weakref.finalize(self, self._conn.close)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def migration_aware(configured: ConfiguredSettings, url: str | None = None) -> MigrationAwareResolver:
+    return MigrationAwareResolver(configured, url)

@@ -1,0 +1,344 @@
+"""Model changes in Dagster: a partitioned re-embed asset per pipeline, the `backfill` job that fans
+out one run per shard, the `model_migration` job (promote / rollback / drop_old / abort) and a
+sensor that keeps each pipeline's configured model among the asset's partitions.
+
+Partitions: model × shard. `model` is dynamic (`<pipeline>_models`, keys like
+`openai:text-embedding-3-small:512:embedding_input`) so the partitions made with an older model
+stay listed, and show *stale*: the asset's code version is the configured model identity.
+`shard` is static (`0`..`n-1`, n = the pipeline's `shards`): rows where
+autoembed.shard_of(key::text, n) = shard (SHA-256 of the key, see sql/007).
+
+Everything here is a shell over core.backfill / core.migration.
+"""
+
+
+import time
+from typing import Literal, Sequence
+
+import dagster as dg
+from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
+from dagster._core.execution.backfill import PartitionBackfill
+from dagster._core.utils import make_new_backfill_id
+from pydantic import Field
+
+from ..core import migration as mig
+from ..core.backfill import (ShardResult, backfill_shard, code_version, estimated_shard_cost, live_key,
+                             pipeline_spec, plan, resolve_spec, shard_keys)
+from ..core.config import ConfigError
+from ..core.migration import Coverage, ModelSpec, coverage
+from ..core.pipelines import Pipeline, load_pipelines
+from ..core.targets import resolve
+from .assets import GROUP, source_key
+from .resources import AutoembedResource
+
+PROMOTE_TAG = "autoembed/promote"  # "false" on a run: a shard completing the migration does not promote
+PIPELINE_TAG = "autoembed/pipeline"
+PROGRESS_EVERY_SECONDS = 5.0
+CHECK = "shard_complete"
+
+
+def shards_key(p: Pipeline) -> dg.AssetKey:
+    return dg.AssetKey(["embeddings_by_shard", p.name])
+
+
+def models_partitions_name(p: Pipeline) -> str:
+    return f"{p.name}_models"
+
+
+def reembed_job_name(p: Pipeline) -> str:
+    return f"reembed_{p.name}"
+
+
+def partitions_def(p: Pipeline) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition({
+        "model": dg.DynamicPartitionsDefinition(name=models_partitions_name(p)),
+        "shard": dg.StaticPartitionsDefinition(shard_keys(p.shards)),
+    })
+
+
+class ShardConfig(dg.Config):
+    batch_rows: int | None = Field(default=None, ge=1, description="Rows per provider request (default: the model's batch size).")
+    max_rows: int | None = Field(default=None, ge=1, description="Stop after about this many vectors; a re-run resumes.")
+    promote: bool | None = Field(
+        default=None, description=f"Promote the migration when this shard completes it (default: run tag {PROMOTE_TAG}, else true).")
+
+
+def _ratio(cov: Coverage | None) -> dg.MetadataValue | str:
+    return dg.MetadataValue.float(round(cov.ratio, 6)) if cov is not None else "n/a"
+
+
+def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict:
+    s, cost = result.stats, estimated_shard_cost(spec, result.stats.tokens)
+    return {
+        "model": spec.key,
+        "mode": result.plan.mode,
+        "column": result.plan.column or "",
+        "migration_id": result.plan.migration.id if result.plan.migration else -1,
+        "shard": s.shard,
+        "shards": s.shards,
+        "rows_in_shard": result.coverage.rows if result.coverage else 0,
+        "rows_embedded": s.embedded,
+        "rows_already_current": s.current,
+        "rows_empty_input": s.empty_input,
+        "stale_writes_avoided": s.stale,
+        "rows_failed": s.failed,
+        "tokens": s.tokens,
+        "requests": s.requests,
+        "estimated_cost_usd": dg.MetadataValue.float(round(cost, 6)) if cost is not None else "unknown",
+        "rows_per_second": dg.MetadataValue.float(round(s.rows_per_second, 2)),
+        "seconds": dg.MetadataValue.float(round(s.seconds, 3)),
+        "shard_coverage": _ratio(result.coverage),
+        "migration_coverage": _ratio(migration_cov),
+        "promoted": promoted,
+    }
+
+
+def build_shards_asset(p: Pipeline) -> dg.AssetsDefinition:
+    key = shards_key(p)
+
+    @dg.asset(
+        key=key,
+        partitions_def=partitions_def(p),
+        code_version=code_version(p),
+        deps=[source_key(p)],
+        group_name=GROUP,
+        kinds={"pgvector"},
+        output_required=False,  # a partition of a retired model is skipped, not materialized
+        check_specs=[dg.AssetCheckSpec(CHECK, asset=key, description=(
+            "Every row of the shard with input holds the partition model's vector of its current input."))],
+        description=(
+            f"{p.qualified_table}.{p.embedding_column} re-embedded shard by shard (model × shard). The code version is "
+            "the configured model identity: a model change makes the materialized partitions stale. A model other "
+            "than the one the column holds is written to a shadow column and promoted atomically when complete."),
+        metadata={"table": p.qualified_table, "embedding_column": p.embedding_column, "shards": p.shards,
+                  "shard_function": f"autoembed.shard_of({p.key_column}::text, {p.shards})"},
+    )
+    def embeddings_by_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource):
+        keys = context.partition_key.keys_by_dimension
+        spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
+        promote_on = config.promote if config.promote is not None else (
+            context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
+        with autoembed.connect() as conn:
+            shard_plan = plan(conn, p, spec)
+            if shard_plan.mode == "skip":
+                context.log.warning(f"partition {context.partition_key} skipped: {shard_plan.reason}")
+                yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                          description=f"not embedded: {shard_plan.reason}")
+                return
+            context.log.info(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {shard_plan.reason}")
+            last = [time.monotonic()]
+
+            def on_batch(stats, rows):
+                if time.monotonic() - last[0] >= PROGRESS_EVERY_SECONDS:
+                    last[0] = time.monotonic()
+                    context.log.info(f"shard {shard}: {stats.embedded} embedded, {stats.rows_per_second:.0f} rows/s")
+
+            result = backfill_shard(conn, p, spec, shard, p.shards, shard_plan=shard_plan, batch_rows=config.batch_rows,
+                                    max_rows=config.max_rows, on_batch=on_batch)
+            context.log.info(f"shard {shard}: {result.stats.summary()}")
+            migration_cov, promoted = None, False
+            m = result.plan.migration
+            if result.plan.mode == "migration" and m is not None:
+                migration_cov = coverage(conn, resolve(conn, m.shadow_key), m.model_key)
+                if migration_cov.complete and promote_on:
+                    promotion = mig.promote(conn, m)
+                    promoted = not promotion.already
+                    if promoted:
+                        context.log.info(f"migration {m.id} complete: {m.embedding_column} now holds {m.model_key} "
+                                         f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
+        cov = result.coverage
+        yield dg.MaterializeResult(
+            metadata=_shard_metadata(result, spec, migration_cov, promoted),
+            check_results=[dg.AssetCheckResult(
+                check_name=CHECK, passed=result.complete, severity=dg.AssetCheckSeverity.WARN,
+                description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} vector "
+                             f"of their current input" if cov else "no coverage"),
+                metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0})],
+        )
+        if result.stats.retryable_failures:
+            raise dg.Failure(f"{result.stats.retryable_failures} row(s) could not be embedded (provider errors); "
+                             "re-run this partition to resume", metadata={"errors": "\n".join(result.stats.errors)})
+
+    return embeddings_by_shard
+
+
+# -- the `backfill` job: start (or resume) a re-embed and fan it out, one run per shard ---------------------------
+class BackfillConfig(dg.Config):
+    pipeline: str = Field(description="Pipeline name (autoembed.toml).")
+    provider: str | None = Field(default=None, description="Target model's provider (default: the pipeline's).")
+    model: str | None = Field(default=None, description="Target model (default: the pipeline's).")
+    dimensions: int | None = Field(default=None, ge=1, description="Target size (default: the pipeline's).")
+    content_function: str | None = Field(default=None, description="Target input function (default: the pipeline's).")
+    shards: list[int] | None = Field(default=None, description="Only these shards (default: all).")
+    promote: bool = Field(default=True, description="Promote the migration when the last shard completes it.")
+
+
+def _pipeline(pipelines: Sequence[Pipeline], name: str) -> Pipeline:
+    for p in pipelines:
+        if p.name == name:
+            return p
+    raise dg.Failure(f"no pipeline named {name!r} (declared: {', '.join(p.name for p in pipelines) or 'none'})")
+
+
+def build_backfill_job(pipelines: Sequence[Pipeline], assets: dict[str, dg.AssetsDefinition]) -> dg.JobDefinition:
+    default = {"pipeline": pipelines[0].name} if len(pipelines) == 1 else {}
+
+    @dg.op(name="launch_backfill", description="Resolve the target model, start the migration, submit one run per shard.")
+    def launch_backfill(context: dg.OpExecutionContext, config: BackfillConfig, autoembed: AutoembedResource):
+        p = _pipeline(pipelines, config.pipeline)
+        with autoembed.connect() as conn:
+            try:
+                spec = resolve_spec(conn, p, provider=config.provider, model=config.model, dimensions=config.dimensions,
+                                    content_function=config.content_function)
+            except (ConfigError, ValueError) as exc:
+                raise dg.Failure(str(exc)) from None
+            # Starts the migration now (from here on every write reaches both columns), also to a
+            # model the configuration does not name yet: migrating ahead of the code change.
+            shard_plan = plan(conn, p, spec, allow_unconfigured=True)
+            if shard_plan.mode == "skip":
+                raise dg.Failure(f"nothing to backfill: {shard_plan.reason}")
+            todo = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
+        name = models_partitions_name(p)
+        if not context.instance.has_dynamic_partition(name, spec.key):
+            context.instance.add_dynamic_partitions(name, [spec.key])
+        shard_names = shard_keys(p.shards)
+        if config.shards is not None and not all(0 <= i < p.shards for i in config.shards):
+            raise dg.Failure(f"shards must be in 0..{p.shards - 1} (pipeline {p.name} has {p.shards}), got {config.shards}")
+        chosen = shard_names if config.shards is None else [shard_names[i] for i in config.shards]
+        partitions = [f"{spec.key}|{s}" for s in chosen]
+        backfill_id = make_new_backfill_id()
+        context.instance.add_backfill(PartitionBackfill.from_asset_partitions(
+            backfill_id=backfill_id,
+            asset_graph=AssetGraph.from_assets([assets[p.name]]),
+            partition_names=partitions,
+            asset_selection=[shards_key(p)],
+            backfill_timestamp=time.time(),
+            tags={PIPELINE_TAG: p.name, PROMOTE_TAG: str(config.promote).lower()},
+            dynamic_partitions_store=context.instance,
+            all_partitions=False,
+            title=f"re-embed {p.name}: {spec.key}",
+            description=shard_plan.reason,
+            run_config=None,
+        ))
+        context.log.info(f"backfill {backfill_id}: {len(partitions)} shard run(s) of {shards_key(p).to_user_string()}; "
+                         f"{todo.missing} of {todo.embeddable} rows to embed; {shard_plan.reason}")
+        return dg.Output(None, metadata={
+            "backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": shard_plan.mode,
+            "column": shard_plan.column or "", "partitions": len(partitions), "rows_to_embed": todo.missing,
+            "rows_with_input": todo.embeddable, "migration_id": shard_plan.migration.id if shard_plan.migration else -1,
+        })
+
+    @dg.job(name="backfill", executor_def=dg.in_process_executor,
+            config={"ops": {"launch_backfill": {"config": default}}} if default else None,
+            description=("Re-embed a pipeline with its configured model (or the model in the config): starts the "
+                         "zero-downtime migration when the model changes, then one run per shard of "
+                         "embeddings_by_shard/<pipeline>. Config: pipeline, provider, model, dimensions, "
+                         "content_function, shards, promote."))
+    def backfill():
+        launch_backfill()
+
+    return backfill
+
+
+# -- the `model_migration` job -----------------------------------------------------------------------------------
+class MigrationConfig(dg.Config):
+    pipeline: str = Field(description="Pipeline name (autoembed.toml).")
+    action: Literal["status", "promote", "rollback", "drop_old", "abort"] = Field(default="status")
+    force: bool = Field(default=False, description="promote below 100% coverage; drop_old when the config names another model.")
+
+
+def build_migration_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
+    default = {"pipeline": pipelines[0].name} if len(pipelines) == 1 else {}
+
+    @dg.op(name="model_migration_action", description="status / promote / rollback / drop_old / abort a model migration.")
+    def model_migration_action(context: dg.OpExecutionContext, config: MigrationConfig, autoembed: AutoembedResource):
+        p = _pipeline(pipelines, config.pipeline)
+        with autoembed.connect() as conn:
+            m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
+            if m is None:
+                if config.action != "status":
+                    raise dg.Failure(f"{p.qualified_table}.{p.embedding_column} has no model migration in flight")
+                return dg.Output(None, metadata={"status": "none"})
+            cov = coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
+            meta = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "", "coverage": _ratio(cov),
+                    "missing_rows": cov.missing}
+            try:
+                if config.action == "promote":
+                    r = mig.promote(conn, m, force=config.force)
+                    meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
+                                locked_seconds=dg.MetadataValue.float(round(r.locked_seconds, 4)))
+                    m = r.migration
+                elif config.action == "rollback":
+                    m = mig.rollback(conn, m)
+                elif config.action == "abort":
+                    m = mig.abort(conn, m)
+                elif config.action == "drop_old":
+                    configured = pipeline_spec(p, column_dimensions=m.dimensions)
+                    if configured != m.spec and not config.force:
+                        raise dg.Failure(f"autoembed.toml names {configured.key}, the column holds {m.spec.key}: "
+                                         "update the pipeline first (or force), else the drain would embed with the old model")
+                    m = mig.drop_old(conn, m)
+                    _retire_model_partitions(context.instance, p, keep={m.spec.key, configured.key})
+            except mig.MigrationError as exc:
+                raise dg.Failure(str(exc)) from None
+        context.log.info(f"migration {m.id} of {m.label}: {m.status}")
+        return dg.Output(None, metadata={**meta, "status": m.status})
+
+    @dg.job(name="model_migration", executor_def=dg.in_process_executor,
+            config={"ops": {"model_migration_action": {"config": default}}} if default else None,
+            description="Inspect or act on a pipeline's model migration: status, promote, rollback, drop_old, abort.")
+    def model_migration():
+        model_migration_action()
+
+    return model_migration
+
+
+def _retire_model_partitions(instance: dg.DagsterInstance, p: Pipeline, keep: set[str]) -> None:
+    """Once no column holds an old model any more, its (stale) partitions are removed from the UI."""
+    name = models_partitions_name(p)
+    for key in instance.get_dynamic_partitions(name):
+        if key not in keep:
+            instance.delete_dynamic_partition(name, key)
+
+
+# -- the sensor: the configured model's partitions exist as soon as the code does ----------------------------------
+def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDefinition:
+    @dg.sensor(name="autoembed_model_partitions", minimum_interval_seconds=30,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Adds each pipeline's configured model to the model dimension of embeddings_by_shard.")
+    def model_partitions(context: dg.SensorEvaluationContext, autoembed: AutoembedResource) -> dg.SensorResult:
+        requests, problems = [], []
+        with autoembed.connect() as conn:
+            for p in pipelines:
+                try:
+                    spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+                except Exception as exc:  # noqa: BLE001 - one broken pipeline must not hide the others
+                    problems.append(f"{p.name}: {exc}")
+                    continue
+                if not context.instance.has_dynamic_partition(models_partitions_name(p), spec.key):
+                    requests.append(dg.AddDynamicPartitionsRequest(models_partitions_name(p), [spec.key]))
+        if not requests:
+            return dg.SensorResult(skip_reason="; ".join(problems) or "every configured model is registered")
+        return dg.SensorResult(dynamic_partitions_requests=requests)
+
+    return model_partitions
+
+
+def build_backfill_defs(pipelines: Sequence[Pipeline], *, resources: dict | None = None) -> dg.Definitions:
+    """The objects above for `pipelines` (the `autoembed` resource comes from defs/autoembed.py)."""
+    if not pipelines:
+        return dg.Definitions()
+    assets = {p.name: build_shards_asset(p) for p in pipelines}
+    reembed_jobs = [dg.define_asset_job(reembed_job_name(p), selection=[shards_key(p)], executor_def=dg.in_process_executor,
+                                        tags={PIPELINE_TAG: p.name},
+                                        description=f"One shard × model of {p.qualified_table} per run "
+                                                    f"(`dagster job backfill -j {reembed_job_name(p)} --all TRUE`).")
+                    for p in pipelines]
+    jobs = [*reembed_jobs, build_backfill_job(pipelines, assets), build_migration_job(pipelines)]
+    return dg.Definitions(assets=list(assets.values()), jobs=jobs,
+                          sensors=[build_model_partitions_sensor(pipelines)], resources=resources)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_backfill_defs(load_pipelines())

@@ -1,0 +1,136 @@
+"""Write-path overhead: what the triggers add to the user's INSERTs.
+
+Same table, same rows, three set-ups: no trigger; Supabase's guide (util.queue_embeddings AFTER
+row triggers); the project's own triggers (autoembed.enroll: BEFORE row clear + AFTER statement
+triggers with transition tables, one pgmq.send_batch per statement). Bulk = one INSERT ... SELECT
+of N rows; single-row = N autocommit INSERTs of one row each (each commit waits for the disk).
+Targets: <= 1.3x bulk, <= 1.5x single-row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from common import Timer, body_sql, connect, embedded_server, fresh_db, header, line
+
+SUPABASE_TRIGGERS = """
+create trigger embed_on_insert after insert on {t} for each row
+    execute function util.queue_embeddings('{t}_input', 'embedding');
+create trigger embed_on_update after update of title, body on {t} for each row
+    execute function util.queue_embeddings('{t}_input', 'embedding');
+"""
+
+
+def setup(conn, variant: str) -> str:
+    t = f"w_{variant}"
+    conn.execute(f"""
+        create table {t} (id bigint primary key, title text not null, body text not null, embedding halfvec(1536));
+        create function {t}_input(d {t}) returns text language sql immutable
+            as $$ select '# ' || d.title || E'\\n\\n' || d.body $$;
+    """)
+    if variant == "supabase":
+        conn.execute(SUPABASE_TRIGGERS.format(t=t))
+    elif variant == "enroll":
+        conn.execute(f"select autoembed.enroll('{t}', '{t}_input', 'embedding', enqueue_backlog => false)")
+    return t
+
+
+def reset(conn, table: str) -> None:
+    conn.execute(f"truncate {table}")
+    conn.execute("select pgmq.purge_queue('embedding_jobs')")
+    conn.execute(f"vacuum analyze {table}")
+    conn.execute("vacuum pgmq.q_embedding_jobs")
+    conn.execute("checkpoint")
+
+
+def bulk(conn, table: str, n: int) -> float:
+    with Timer() as t:
+        conn.execute(f"insert into {table} (id, title, body) select g, 'title ' || g, {body_sql()} "
+                     f"from generate_series(1, {n}) g")
+    return t.seconds
+
+
+def single(conn, table: str, n: int, start: int = 1) -> float:
+    body = "row {} " + "lorem ipsum dolor sit amet " * 8
+    q = f"insert into {table} (id, title, body) values (%s, %s, %s)"
+    with Timer() as t:
+        for i in range(start, start + n):
+            conn.execute(q, (i, f"title {i}", body.format(i)))
+    return t.seconds
+
+
+def single_interleaved(conn, tables: dict[str, str], n: int, chunk: int = 500) -> dict[str, float]:
+    """Commit latency drifts (checkpoints, disk): the variants take turns every `chunk` commits,
+    so drift hits all of them alike. Returns total seconds per variant."""
+    for table in tables.values():
+        reset(conn, table)
+    total = {v: 0.0 for v in tables}
+    for start in range(1, n + 1, chunk):
+        for variant, table in tables.items():
+            total[variant] += single(conn, table, min(chunk, n + 1 - start), start)
+    return total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bulk", type=int, default=100_000)
+    ap.add_argument("--single", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    header(f"write-path overhead ({args.bulk:,} rows bulk, {args.single:,} single-row inserts, median of {args.repeat})")
+    results: dict[str, dict[str, float]] = {}
+    with embedded_server() as server:
+        url = fresh_db(server)
+        with connect(url) as conn:
+            tables = {v: setup(conn, v) for v in ("plain", "supabase", "enroll")}
+            for kind, fn, n in (("bulk", bulk, args.bulk), ("single", single, args.single)):
+                times: dict[str, list[float]] = {v: [] for v in tables}
+                for _ in range(args.repeat):
+                    if kind == "single":
+                        for variant, secs in single_interleaved(conn, tables, n).items():
+                            times[variant].append(secs)
+                        queued = conn.execute("select count(*) from pgmq.q_embedding_jobs").fetchone()[0]
+                        assert queued == 2 * n, f"{queued} jobs queued, expected {2 * n}"
+                        continue
+                    for variant, table in tables.items():  # interleaved: drift hits all alike
+                        reset(conn, table)
+                        times[variant].append(fn(conn, table, n))
+                        queued = conn.execute("select count(*) from pgmq.q_embedding_jobs").fetchone()[0]
+                        expected = 0 if variant == "plain" else n
+                        assert queued == expected, f"{variant}: {queued} jobs queued, expected {expected}"
+                med = {v: statistics.median(ts) for v, ts in times.items()}
+                for variant in tables:
+                    ratio = med[variant] / med["plain"]
+                    results.setdefault(variant, {})[kind] = ratio
+                    results[variant][f"{kind}_rate"] = n / med[variant]
+                    line(f"{kind:<6} {variant:<9} {n / med[variant]:>10,.0f} rows/s", f"{ratio:.2f}x")
+        # The floor of "one queued job per row": the same number of messages inserted straight into
+        # pgmq's queue table in one statement, no trigger at all, added to the plain insert's time.
+        with connect(url) as conn:
+            floors = []
+            for _ in range(args.repeat):
+                conn.execute("select pgmq.purge_queue('embedding_jobs')")
+                conn.execute("vacuum pgmq.q_embedding_jobs")
+                with Timer() as t:
+                    conn.execute(
+                        "insert into pgmq.q_embedding_jobs (vt, message) select clock_timestamp(), "
+                        "jsonb_build_object('id', g, 'schema', 'public', 'table', 'w_plain', "
+                        "'contentFunction', 'w_plain_input', 'embeddingColumn', 'embedding') "
+                        f"from generate_series(1, {args.bulk}) g")
+                floors.append(t.seconds)
+            queue_only = statistics.median(floors)
+            plain = args.bulk / (results["plain"]["bulk_rate"])
+            results["floor"] = {"bulk": (plain + queue_only) / plain}
+            line(f"bulk   floor: plain + {args.bulk:,} bare queue inserts", f"{results['floor']['bulk']:.2f}x")
+    target = {"bulk": 1.3, "single": 1.5}
+    for variant in ("supabase", "enroll"):
+        for kind in ("bulk", "single"):
+            r = results[variant][kind]
+            line(f"target {kind} <= {target[kind]}x, {variant}", "met" if r <= target[kind] else "MISSED")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+-- Model changes: shards of a table's key space for re-embed backfills, and zero-downtime model
+-- migrations into a shadow column. Idempotent (re-applied by every `autoembed db init`).
+
+-- The shard of a row: the first 32 bits (big-endian) of SHA-256 of the key's text form, modulo
+-- the number of shards. Documented and stable across Postgres versions and platforms (unlike
+-- hashtext), and reproducible outside the database:
+--   int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:4], "big") % shards
+create or replace function autoembed.shard_of(key text, shards integer)
+returns integer
+language sql
+immutable
+strict
+parallel safe
+as $$
+    select (((get_byte(h, 0)::bigint << 24) | (get_byte(h, 1) << 16) | (get_byte(h, 2) << 8) | get_byte(h, 3))
+            % shards)::integer
+    from (select sha256(convert_to(key, 'UTF8')) as h) x
+$$;
+
+-- One row per model migration of an embedding column. The model is named by provider, model and
+-- size only: API keys and base URLs stay in the environment of whoever embeds.
+create table if not exists autoembed.model_migrations (
+    id                   bigserial   primary key,
+    schema_name          text        not null,
+    table_name           text        not null,
+    embedding_column     text        not null,  -- the column search uses
+    shadow_column        text        not null,  -- where the new model's vectors go until promotion
+    old_column           text        not null,  -- the name the old vectors keep after promotion
+    key_column           text        not null,
+    queue                text        not null,
+    content_function     text        not null,  -- input of the new model
+    old_content_function text        not null,  -- input of the old vectors
+    provider             text        not null,
+    model                text        not null,
+    dimensions           integer     not null check (dimensions > 0),
+    vector_type          text        not null check (vector_type in ('vector', 'halfvec')),
+    model_key            text        not null,  -- provider:model:dimensions, as embedding_state.model
+    old_model            text,                  -- model_key of the old vectors (most rows), if any
+    status               text        not null default 'backfilling'
+                         check (status in ('backfilling', 'promoted', 'finished', 'aborted')),
+    created_at           timestamptz not null default now(),
+    promoted_at          timestamptz,
+    finished_at          timestamptz
+);
+
+-- At most one migration in flight per column: the shadow/old column names are fixed.
+create unique index if not exists model_migrations_one_active
+    on autoembed.model_migrations (schema_name, table_name, embedding_column)
+    where status in ('backfilling', 'promoted');
+
+-- Guard installed on autoembed.embedding_state for the table of a migration in flight (one
+-- trigger per migration, filtered by table in its WHEN clause so other tables pay nothing).
+-- It refuses, in the writer's own transaction, a vector record whose model contradicts the
+-- migration: a drain that embedded with the old model just before the promotion committed, or
+-- a process running an outdated configuration, fails and retries instead of mislabelling vectors.
+-- Argument: the migration id.
+create or replace function autoembed.guard_migration_model()
+returns trigger
+language plpgsql
+as $$
+declare
+    m autoembed.model_migrations;
+    expected text;
+begin
+    if current_setting('autoembed.migrating', true) = 'on' then
+        return NEW;  -- promotion/rollback renaming the records themselves
+    end if;
+    select * into m from autoembed.model_migrations where id = TG_ARGV[0]::bigint;
+    if not found or NEW.schema_name <> m.schema_name or NEW.table_name <> m.table_name then
+        return NEW;
+    end if;
+    if m.status = 'backfilling' then
+        if NEW.embedding_column = m.shadow_column then
+            expected := m.model_key;
+        elsif NEW.embedding_column = m.embedding_column then
+            expected := m.old_model;
+        end if;
+    elsif m.status = 'promoted' and NEW.embedding_column = m.embedding_column then
+        expected := m.model_key;
+    end if;
+    if expected is not null and NEW.model is distinct from expected then
+        raise exception 'autoembed: %.%.% is in a model migration (%): it takes vectors of % only, not %',
+            NEW.schema_name, NEW.table_name, NEW.embedding_column, m.status, expected, NEW.model
+            using errcode = 'serialization_failure',
+                  hint = 'the migration changed while this writer was embedding; its jobs are retried';
+    end if;
+    return NEW;
+end;
+$$;

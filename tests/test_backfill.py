@@ -1,0 +1,225 @@
+"""Re-embed backfills through Dagster: the partitioned asset (model × shard), staleness from the
+code version, the `backfill` job's fan-out, the `model_migration` job, the CLI. Real Postgres, the
+real OpenAI client against the local HTTP fake, Dagster runs executed in process with an instance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import dagster as dg
+import pytest
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.loader import LoadingContextForTest
+
+from autoembed_dagster import cli
+from autoembed_dagster.core.pipelines import Pipeline
+from autoembed_dagster.defs.autoembed import build_defs
+from autoembed_dagster.defs.backfill import PROMOTE_TAG, build_backfill_defs, models_partitions_name, shards_key
+
+from .test_migration import DOCS, assert_all_current, column_type, seed, stored
+
+A = "openai:text-embedding-3-small:1536:embedding_input"  # what the column holds at first
+B = "openai:text-embedding-3-small:512:embedding_input"  # the model change
+DOCS_512 = replace(DOCS, dimensions=512)
+QUICK = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 0.0, "time_budget": 60.0}}}}
+
+
+def definitions(p: Pipeline) -> dg.Definitions:
+    """What the code location serves for this pipeline config: the drain layer plus backfills."""
+    return dg.Definitions.merge(build_defs([p]), build_backfill_defs([p]))
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def register_models(defs: dg.Definitions, instance) -> list[str]:
+    """One tick of the model-partitions sensor, its requests applied as the daemon would."""
+    sensor = defs.resolve_sensor_def("autoembed_model_partitions")
+    result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    added = []
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        added.extend(request.partition_keys)
+    return added
+
+
+def run_shard(defs: dg.Definitions, instance, p: Pipeline, partition: str, run_config=None, tags=None):
+    job = defs.resolve_job_def(f"reembed_{p.name}")
+    return job.execute_in_process(instance=instance, partition_key=partition, run_config=run_config, tags=tags)
+
+
+def stale_status(defs: dg.Definitions, instance, partition: str) -> StaleStatus:
+    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
+    return resolver.get_status(shards_key(DOCS), partition)
+
+
+def materialization(result):
+    mats = result.asset_materializations_for_node(f"embeddings_by_shard__{DOCS.name}")
+    return mats[0] if mats else None
+
+
+def output_metadata(result, node: str) -> dict:
+    [event] = [e for e in result.events_for_node(node) if e.event_type_value == "STEP_OUTPUT"]
+    return event.event_specific_data.metadata
+
+
+def check_evaluation(result):
+    evals = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert len(evals) == 1
+    return evals[0]
+
+
+def test_the_code_location_serves_the_backfill_objects(tmp_path, monkeypatch):
+    (tmp_path / "autoembed.toml").write_text('[pipelines.documents]\ntable = "public.documents"\ndimensions = 512\n'
+                                             'shards = 4\nprovider = "openai"\n')
+    monkeypatch.setenv("AUTOEMBED_PIPELINES", str(tmp_path / "autoembed.toml"))
+    from autoembed_dagster.definitions import defs as lazy_defs
+
+    repo = lazy_defs().get_repository_def()
+    assert {"backfill", "model_migration", "reembed_documents", "drain_embedding_jobs"} <= {j.name for j in repo.get_all_jobs()}
+    assert "autoembed_model_partitions" in {s.name for s in repo.sensor_defs}
+    node = repo.asset_graph.get(shards_key(DOCS))
+    assert node.code_version == "openai:text-embedding-3-small:512:embedding_input"
+    assert node.partitions_def.partition_dimension_names == ["model", "shard"]
+    assert node.partitions_def.get_partitions_def_for_dimension("shard").get_partition_keys() == ["0", "1", "2", "3"]
+    assert dg.AssetKey(["postgres", "public", "documents"]) in node.parent_keys
+
+
+def test_model_change_stales_partitions_and_the_backfill_job_migrates_every_shard(
+        supabase_docs, fake_openai, settings, instance):
+    conn = supabase_docs
+    seed(conn, settings, 40)
+    defs_a = definitions(DOCS)
+    assert register_models(defs_a, instance) == [A]
+    for shard in "0123":
+        result = run_shard(defs_a, instance, DOCS, f"{A}|{shard}")
+        assert result.success
+        meta = materialization(result).metadata
+        assert meta["mode"].value == "in_place" and meta["rows_embedded"].value == 0  # the drain did it all
+        assert check_evaluation(result).passed
+    assert stale_status(defs_a, instance, f"{A}|0") == StaleStatus.FRESH
+
+    # The model changes in code (1536 -> 512 dimensions): every materialized partition is stale.
+    defs_b = definitions(DOCS_512)
+    assert all(stale_status(defs_b, instance, f"{A}|{s}") == StaleStatus.STALE for s in "0123")
+    assert register_models(defs_b, instance) == [B]
+    assert stale_status(defs_b, instance, f"{B}|0") == StaleStatus.MISSING
+
+    launched = defs_b.resolve_job_def("backfill").execute_in_process(instance=instance)  # one pipeline: no config needed
+    assert launched.success
+    launch = output_metadata(launched, "launch_backfill")
+    assert launch["mode"].value == "migration" and launch["partitions"].value == 4 and launch["model"].value == B
+    [backfill] = instance.get_backfills()
+    assert backfill.tags[PROMOTE_TAG] == "true"
+    assert set(backfill.asset_backfill_data.target_subset.get_partitions_subset(shards_key(DOCS)).get_partition_keys()) == {
+        f"{B}|{s}" for s in "0123"}
+    assert column_type(conn, "embedding__next") == "halfvec(512)"
+
+    # Writes while the shards run: reach both columns through the triggers and the drain lane.
+    conn.execute("update documents set content = 'edited while migrating' where id = 7")
+    conn.execute("insert into documents (title, content) values ('late', 'inserted while migrating')")
+    assert defs_b.resolve_job_def("drain_embedding_jobs").execute_in_process(instance=instance, run_config=QUICK).success
+    assert_all_current(conn, 1536)  # search keeps the old model meanwhile
+
+    metas = []
+    for shard in "0123":  # what the backfill daemon runs: one run per partition, with the backfill's tags
+        result = run_shard(defs_b, instance, DOCS_512, f"{B}|{shard}", tags=dict(backfill.tags))
+        assert result.success and check_evaluation(result).passed
+        metas.append(materialization(result).metadata)
+    assert [m["promoted"].value for m in metas] == [False, False, False, True]  # the last shard completes it
+    assert sum(m["rows_embedded"].value for m in metas) + sum(m["rows_already_current"].value for m in metas) == 41
+    assert all(m["mode"].value == "migration" and m["tokens"].value > 0 for m in metas)
+    assert all(m["rows_per_second"].value > 0 and m["estimated_cost_usd"].value >= 0 for m in metas)
+    assert column_type(conn) == "halfvec(512)"
+    assert_all_current(conn, 512)
+    assert all(stale_status(defs_b, instance, f"{B}|{s}") == StaleStatus.FRESH for s in "0123")
+
+    # `--all` would also run the retired model's partitions: they are skipped, not re-materialized.
+    skipped = run_shard(defs_b, instance, DOCS_512, f"{A}|1")
+    assert skipped.success and materialization(skipped) is None and not check_evaluation(skipped).passed
+    assert stale_status(defs_b, instance, f"{A}|1") == StaleStatus.STALE
+
+    done = defs_b.resolve_job_def("model_migration").execute_in_process(
+        instance=instance, run_config={"ops": {"model_migration_action": {"config": {"pipeline": "documents",
+                                                                                     "action": "drop_old"}}}})
+    assert done.success and column_type(conn, "embedding__old") is None
+    assert instance.get_dynamic_partitions(models_partitions_name(DOCS)) == [B]
+
+
+def test_a_shard_stopped_after_n_rows_resumes_without_re_embedding(supabase_docs, fake_openai, settings, instance):
+    conn = supabase_docs
+    seed(conn, settings, 30)
+    p = replace(DOCS_512, shards=1)
+    defs = definitions(p)
+    register_models(defs, instance)
+    key = "openai:text-embedding-3-small:512:embedding_input|0"
+    fake_openai.reset()
+    first = run_shard(defs, instance, p, key, run_config={"ops": {"embeddings_by_shard__documents": {
+        "config": {"max_rows": 10, "batch_rows": 5}}}})
+    assert first.success and materialization(first).metadata["rows_embedded"].value == 10
+    assert not check_evaluation(first).passed  # 10 of 30: the shard is not complete yet
+    first_inputs = {t for r in fake_openai.requests for t in r["inputs"]}
+    fake_openai.reset()
+
+    second = run_shard(defs, instance, p, key)
+
+    second_inputs = [t for r in fake_openai.requests for t in r["inputs"]]
+    assert len(second_inputs) == 20 and not first_inputs & set(second_inputs)
+    meta = materialization(second).metadata
+    assert meta["rows_already_current"].value == 10 and meta["promoted"].value is True
+    assert_all_current(conn, 512)
+
+
+def test_backfill_job_can_migrate_ahead_of_the_config_change(supabase_docs, fake_openai, settings, instance):
+    conn = supabase_docs
+    seed(conn, settings, 12)
+    defs = definitions(replace(DOCS, shards=2))
+    config = {"ops": {"launch_backfill": {"config": {"pipeline": "documents", "model": "text-embedding-3-large",
+                                                     "dimensions": 256, "promote": False}}}}
+    assert defs.resolve_job_def("backfill").execute_in_process(instance=instance, run_config=config).success
+    large = "openai:text-embedding-3-large:256:embedding_input"
+    assert instance.get_dynamic_partitions(models_partitions_name(DOCS)) == [large]
+    [backfill] = instance.get_backfills()
+    for shard in "01":
+        assert run_shard(defs, instance, replace(DOCS, shards=2), f"{large}|{shard}", tags=dict(backfill.tags)).success
+    assert column_type(conn) == "halfvec(1536)"  # promote: false
+
+    status = defs.resolve_job_def("model_migration").execute_in_process(instance=instance)
+    meta = output_metadata(status, "model_migration_action")
+    assert meta["status"].value == "backfilling" and meta["coverage"].value == 1.0 and meta["model"].value == large
+    promote = {"ops": {"model_migration_action": {"config": {"pipeline": "documents", "action": "promote"}}}}
+    assert defs.resolve_job_def("model_migration").execute_in_process(instance=instance, run_config=promote).success
+    assert column_type(conn) == "halfvec(256)"
+    assert {r["model"] for r in fake_openai.requests[-2:]} == {"text-embedding-3-large"}
+    assert_all_current(conn, 256)
+    # The config still names the old model: dropping the old vectors must wait for the code change.
+    drop = {"ops": {"model_migration_action": {"config": {"pipeline": "documents", "action": "drop_old"}}}}
+    assert not defs.resolve_job_def("model_migration").execute_in_process(
+        instance=instance, run_config=drop, raise_on_error=False).success
+    assert column_type(conn, "embedding__old") == "halfvec(1536)"
+
+
+def test_cli_backfill_and_migrate(supabase_docs, fake_openai, settings, tmp_path, monkeypatch, capsys):
+    conn = supabase_docs
+    seed(conn, settings, 25)
+    (tmp_path / "autoembed.toml").write_text('[pipelines.documents]\ntable = "public.documents"\n'
+                                             'dimensions = 512\nshards = 3\n')
+    monkeypatch.setenv("AUTOEMBED_PIPELINES", str(tmp_path / "autoembed.toml"))
+
+    assert cli.main(["backfill", "documents", "--no-promote", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "25 embedded" in out and "migration" in out and "100.0%" in out
+    assert cli.main(["migrate", "documents", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["status"] == "backfilling" and status["coverage"] == 1.0
+    assert cli.main(["migrate", "documents", "promote"]) == 0
+    assert "promoted" in capsys.readouterr().out
+    assert_all_current(conn, 512)
+    assert cli.main(["migrate", "documents", "drop-old"]) == 0
+    assert cli.main(["backfill", "documents", "-q"]) == 0  # nothing left to do
+    assert "0 embedded" in capsys.readouterr().out
+    assert stored(conn)[1][0].shape == (512,)
