@@ -199,7 +199,9 @@ begin
     if TG_OP = 'UPDATE' then
         fn := autoembed.content_function(TG_RELID, content_function);
         changed := case when fn is null then 'true' else
-            format('%1$s(o) is distinct from %1$s(n)', fn::oid::regproc) end;
+            -- Transition rows are plain records: cast them so an overloaded name (one
+            -- embedding_input per table, Supabase's convention) resolves to this table's function.
+            format('%1$s(o::%2$s) is distinct from %1$s(n::%2$s)', fn::oid::regproc, TG_RELID::regclass) end;
         execute format(
             $q$select array(
                  select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $1, 'table', $2,

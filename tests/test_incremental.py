@@ -241,3 +241,24 @@ def test_two_drains_at_once_write_each_row_once_and_lose_none(supabase_docs, fak
     assert conn.execute("select count(*) from documents where embedding is null").fetchone()[0] == 0
     for doc_id in (1, 300, 600):
         assert_current(conn, doc_id)
+
+
+def test_overloaded_content_function_names_across_enrolled_tables(conn, fake_openai, settings):
+    """Supabase's convention: one `embedding_input(<table>)` per table, all with the same name."""
+    for table in ("posts", "pages"):
+        conn.execute(f"""
+            create table {table} (id int primary key, body text, embedding vector(16));
+            create function embedding_input(r {table}) returns text language sql immutable
+                as $$ select '{table}: ' || r.body $$;
+            insert into {table} values (1, 'one'), (2, 'two');
+        """)
+        conn.execute("select autoembed.enroll(%s, 'embedding_input', 'embedding')", (table,))
+    fake_openai.default_dims = 16
+    drain(conn, settings)
+    conn.execute("update posts set body = body || '!'")  # bulk update through the statement trigger
+    conn.execute("update pages set body = body")  # no real change: nothing queued
+    assert queue_depth(conn) == 2
+    drain(conn, settings)
+    for table in ("posts", "pages"):
+        for body, vec in conn.execute(f"select embedding_input(t), embedding from {table} t").fetchall():
+            assert np.allclose(vec.to_numpy(), fake_vector(body, 16), atol=1e-6)
