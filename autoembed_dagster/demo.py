@@ -449,9 +449,11 @@ def _watch(conn, started: Started, total: int, timeout: float) -> bool:
             print(line, flush=True)
             last_print = elapsed
         if done:
-            rate = embedded / (elapsed - first_vector) if first_vector is not None and elapsed > first_vector else 0
+            # Polled every few seconds: a small corpus can go from 0 to done between two polls.
+            draining = elapsed - first_vector if first_vector is not None else 0
+            rate = f"; {embedded / draining:.0f} rows/s while draining" if draining >= 1 else ""
             say(f"all {total} rows settled in {elapsed:.1f} s (first vector after "
-                f"{first_vector or 0:.1f} s; {rate:.0f} rows/s while draining)")
+                f"{first_vector or 0:.1f} s{rate})")
             return True
         dead_procs = started.dead()
         if dead_procs:
