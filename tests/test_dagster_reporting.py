@@ -1,5 +1,6 @@
-"""Per-table drain numbers (core/drain_report.py), health metrics (core/health.py) and the drain run
-reporting while it is still running, against real Postgres and the fake OpenAI server."""
+"""Per-table drain numbers (DrainStats.by_table), the drain cut into pieces (core/drain_report.py),
+health and queue metrics, and the drain run reporting while it is still running, against real
+Postgres and the fake OpenAI server."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import dagster as dg
 import pytest
 
 from autoembed_dagster.core import health
-from autoembed_dagster.core.drain import pipeline_resolver
-from autoembed_dagster.core.drain_report import ReportingDrainer, run_in_chunks
+from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.drain import Drainer, DrainStats, pipeline_resolver
+from autoembed_dagster.core.drain_report import run_in_chunks
 from autoembed_dagster.core.pipelines import Pipeline
 from autoembed_dagster.core.targets import TargetKey
 from autoembed_dagster.defs.assets import embeddings_key
@@ -40,32 +42,58 @@ def test_per_table_numbers_add_up_to_the_drain_totals(two_tables, fake_openai, s
     conn.execute("insert into notes values (100, ''), (101, 'poison pill')")  # empty input; dead letter
     conn.execute("select pgmq.send('embedding_jobs', '{\"bad\": true}')")  # malformed message
     fake_openai.poison("poison pill", status=400)
-    drainer = ReportingDrainer(conn, settings, pipeline_resolver([DOCS, NOTES]))
-    total = drainer.run()
+    total = Drainer(conn, settings, pipeline_resolver([DOCS, NOTES])).run()
 
-    assert drainer.mismatches(total) == []
-    docs = drainer.by_table[("public", "documents", "embedding")]
-    notes = drainer.by_table[("public", "notes", "embedding")]
+    assert mismatches(total) == []
+    docs = total.by_table[("public", "documents", "embedding")]
+    notes = total.by_table[("public", "notes", "embedding")]
     assert (docs.messages, docs.embedded, docs.skipped, docs.dead_lettered) == (12, 12, 0, 0)
-    assert (notes.messages, notes.embedded, notes.skipped, notes.dead_lettered) == (9, 7, 1, 1)
+    assert (notes.messages, notes.embedded, notes.skipped, notes.empty_input, notes.dead_lettered) == (9, 7, 1, 1, 1)
     assert docs.tokens > 0 and notes.tokens > 0 and docs.tokens + notes.tokens == total.tokens
-    assert docs.embed_calls >= 1 and docs.embed_seconds > 0
-    assert drainer.by_table[("?", "?", "?")].dead_lettered == 1
+    assert docs.embed_calls >= 1 and docs.embed_seconds > 0 and docs.texts == 12
+    assert total.by_table[("?", "?", "?")].dead_lettered == 1
 
     # Re-saving rows costs nothing and is reported as skipped, not embedded.
     conn.execute("update notes set body = body || ' changed' where id <= 2")
     conn.execute("update documents set title = title")  # input unchanged: no job at all
-    again = ReportingDrainer(conn, settings, pipeline_resolver([DOCS, NOTES]))
-    total = again.run()
-    assert again.mismatches(total) == []
-    assert again.by_table[("public", "notes", "embedding")].embedded == 2
-    assert ("public", "documents", "embedding") not in again.by_table
+    total = Drainer(conn, settings, pipeline_resolver([DOCS, NOTES])).run()
+    assert mismatches(total) == []
+    assert total.by_table[("public", "notes", "embedding")].embedded == 2
+    assert ("public", "documents", "embedding") not in total.by_table
+
+
+def mismatches(total: DrainStats) -> list[str]:
+    """Where the per-table numbers do not add up to the drain's totals (must be none)."""
+    out = []
+    for name in ("messages", "embedded", "unchanged", "deleted_rows", "empty_input", "stale", "retried",
+                 "dead_lettered", "tokens", "requests", "truncated"):
+        mine = sum(getattr(t, name) for t in total.by_table.values())
+        if mine != getattr(total, name):
+            out.append(f"{name}: per-table sum {mine} != drain total {getattr(total, name)}")
+    return out
+
+
+def test_per_table_numbers_survive_merging_and_a_pipelined_drain(supabase_docs, fake_openai, monkeypatch):
+    conn = supabase_docs
+    monkeypatch.setenv("AUTOEMBED_READ_BATCH", "5")  # several batches: the pipelined path
+    from autoembed_dagster.core.config import Settings
+
+    conn.execute("insert into documents (title, content) select 'd' || i, 'doc ' || i from generate_series(1, 23) i")
+    conn.execute("update documents set content = content || ' again' where id <= 3")  # a second job per row
+    total = Drainer(conn, Settings.from_env(), pipeline_resolver([DOCS])).run()
+    assert total.batches >= 5 and mismatches(total) == []
+    docs = total.by_table[("public", "documents", "embedding")]
+    assert docs.messages == 26 and docs.embedded == 23 and docs.embedded + docs.unchanged + docs.stale == 26
+    merged = DrainStats()
+    merged.add(total)
+    merged.add(total)
+    assert merged.by_table[("public", "documents", "embedding")].messages == 52 and mismatches(merged) == []
 
 
 def test_run_in_chunks_yields_while_the_drain_waits_for_more_work(supabase_docs, fake_openai, settings):
     conn = supabase_docs
     conn.execute("insert into documents (title, content) select 'd' || i, 'doc ' || i from generate_series(1, 5) i")
-    drainer = ReportingDrainer(conn, settings, pipeline_resolver([DOCS]))
+    drainer = Drainer(conn, settings, pipeline_resolver([DOCS]))
 
     def later():
         time.sleep(1.0)
@@ -88,7 +116,7 @@ def test_run_in_chunks_yields_while_the_drain_waits_for_more_work(supabase_docs,
 
 
 def test_run_in_chunks_with_no_idle_timeout_stops_when_empty(supabase_docs, fake_openai, settings):
-    drainer = ReportingDrainer(supabase_docs, settings, pipeline_resolver([DOCS]))
+    drainer = Drainer(supabase_docs, settings, pipeline_resolver([DOCS]))
     started = time.monotonic()
     assert [p.stats.messages for p in run_in_chunks(drainer, idle_timeout=0, time_budget=30)] == [0]
     assert time.monotonic() - started < 2
@@ -101,7 +129,7 @@ def test_run_in_chunks_reports_a_long_backlog_per_chunk(supabase_docs, fake_open
     conn.execute("insert into documents (title, content) select 'd' || i, 'doc ' || i from generate_series(1, 60) i")
     from autoembed_dagster.core.config import Settings
 
-    drainer = ReportingDrainer(conn, Settings.from_env(), pipeline_resolver([DOCS]))
+    drainer = Drainer(conn, Settings.from_env(), pipeline_resolver([DOCS]))
     pieces = list(run_in_chunks(drainer, idle_timeout=0, time_budget=60, chunk_seconds=0.5))
     assert sum(p.stats.embedded for p in pieces) == 60
     assert len(pieces) >= 3 and not pieces[0].settled and pieces[-1].settled
@@ -111,20 +139,32 @@ def test_drain_run_reports_each_burst_while_it_runs(supabase_docs, fake_openai, 
     conn = supabase_docs
     defs = build_defs([DOCS])
     conn.execute("insert into documents (title, content) select 'd' || i, 'doc ' || i from generate_series(1, 4) i")
+    first_reported = threading.Event()
 
-    def later():
-        time.sleep(1.5)
+    def later(instance):
+        # The second burst comes once the run has reported the first one (however long Dagster
+        # took to start), so the two cannot be claimed together. The run waits 5 s idle for it.
         from autoembed_dagster.core.database import connect
 
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            if instance.get_latest_materialization_event(embeddings_key(DOCS)) is not None:
+                first_reported.set()
+                break
+            time.sleep(0.05)
         with connect(db_url) as other:
             other.execute("insert into documents (title, content) values ('late', 'second burst')")
 
-    writer = threading.Thread(target=later)
-    writer.start()
     with dg.instance_for_test() as instance:
-        config = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 3.0, "report_every": 1.0}}}}
-        result = defs.resolve_job_def("drain_embedding_jobs").execute_in_process(instance=instance, run_config=config)
-        writer.join()
+        writer = threading.Thread(target=later, args=(instance,))
+        writer.start()
+        config = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 5.0, "report_every": 1.0}}}}
+        try:
+            result = defs.resolve_job_def("drain_embedding_jobs").execute_in_process(
+                instance=instance, run_config=config)
+        finally:
+            writer.join()
+        assert first_reported.is_set(), "the first burst was not reported while the run was alive"
         assert result.success
         mats = [m for m in result.asset_materializations_for_node("drain_queue_embedding_jobs")
                 if m.asset_key == embeddings_key(DOCS)]
@@ -143,13 +183,13 @@ def test_health_metrics_on_real_data(supabase_docs, fake_openai, settings):
     model = "openai:text-embedding-3-small:1536"
     before = health.table_health(conn, target, model)
     assert (before.rows, before.embeddable, before.current, before.missing, before.coverage) == (4, 4, 0, 4, 0.0)
-    ReportingDrainer(conn, settings, pipeline_resolver([DOCS])).run()
+    Drainer(conn, settings, pipeline_resolver([DOCS])).run()
     after = health.table_health(conn, target, model)
     assert (after.current, after.missing, after.stale, after.coverage) == (4, 0, 0, 1.0)
     assert [i.method for i in health.vector_indexes(conn, target)] == ["hnsw"]
-    m = health.queue_metrics(conn, "embedding_jobs")
+    m = pgmq.metrics(conn, "embedding_jobs")
     assert (m.depth, m.visible) == (0, 0) and m.total_sent >= 4
-    assert health.queue_metrics(conn, "no_such_queue") is None
+    assert pgmq.metrics(conn, "no_such_queue") is None
     assert health.resolve_target(conn, TargetKey("public", "nope", "f", "embedding"))[0] is None
     assert health.price_per_million_tokens("local", "all-MiniLM-L6-v2") == 0.0
     assert health.estimated_cost(1_000_000, "openai", "text-embedding-3-small") == pytest.approx(0.02)

@@ -230,28 +230,52 @@ class ShardResult:
         return self.coverage is not None and self.coverage.complete
 
 
+# Keys scanned per page: the page's rows are about 1/shards of them.
+MAX_SCAN_ROWS = 32_768
+
+
 def _candidates(conn: psycopg.Connection, target: Target, model: str, shard: int, shards: int,
-                after: str | None, limit: int) -> list[tuple[str, str | None, bytes | None]]:
+                after: str | None, limit: int) -> tuple[str | None, list[tuple[str, str | None, bytes | None]]]:
     """The next rows of the shard (key order, after `after`) that do not hold `model`'s vector of
-    their current input: (key text, input, content hash)."""
+    their current input: (the last key scanned, or None at the end of the table; [(key text,
+    input, content hash)]).
+
+    One page walks the next `limit * shards` keys of the key index (never the whole table), keeps
+    those of the shard, and only for them computes the input and its hash and looks up
+    embedding_state by its primary key. A page may hold fewer than `limit` rows (none when every
+    scanned row of the shard is current): the caller goes on after the last key scanned."""
+    scan = max(1, min(limit * shards, MAX_SCAN_ROWS))
     query = sql.SQL(
-        """select r.k, r.input, autoembed.content_hash(r.input)
-           from (select t.{key} as kv, t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
-                 from {table} t
-                 where autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s
-                   and (%(after)s::text is null or t.{key} > %(after)s::text::{key_type})) r
-           left join autoembed.embedding_state s
-             on s.schema_name = %(schema)s and s.table_name = %(table)s and s.embedding_column = %(column)s
-            and s.row_id = r.k
-           where not (r.has_vector and s.model is not distinct from %(model)s
-                      and s.content_hash = autoembed.content_hash(r.input))
-           order by r.kv limit %(limit)s"""
+        """with scan as materialized (
+               select t.{key} as kv from {table} t
+               where %(after)s::text is null or t.{key} > %(after)s::text::{key_type}
+               order by t.{key} limit %(scan)s),
+           mine as materialized (
+               select t.{key} as kv, t.{key}::text as k, i.input, autoembed.content_hash(i.input) as h,
+                      t.{col} is not null as has_vector
+               from scan join {table} t on t.{key} = scan.kv
+               cross join lateral (select {fn}(t)::text as input) i
+               where autoembed.shard_of(scan.kv::text, %(shards)s) = %(shard)s)
+           select 0 as part, null as kv, (select max(kv) from scan)::text, null, null, null
+           union all
+           select 1, m.kv, null, m.k, m.input, m.h
+           from mine m
+           -- lateral + limit: one primary-key probe per row, whatever the (often stale) statistics
+           -- of embedding_state say (a plain join became a nested loop over all the column's states)
+           left join lateral (
+               select s.model, s.content_hash from autoembed.embedding_state s
+               where s.schema_name = %(schema)s and s.table_name = %(table)s
+                 and s.embedding_column = %(column)s and s.row_id = m.k
+               limit 1) s on true  -- (the primary key: at most one row; the limit keeps it a probe)
+           where not (m.has_vector and s.model is not distinct from %(model)s and s.content_hash = m.h)
+           order by 1, 2"""
     ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql, table=target.table_sql,
              key_type=target.key_type_sql)
-    return conn.execute(query, {
+    rows = conn.execute(query, {
         "shards": shards, "shard": shard, "after": after, "schema": target.key.schema, "table": target.key.table,
-        "column": target.key.embedding_column, "model": model, "limit": limit,
+        "column": target.key.embedding_column, "model": model, "scan": scan,
     }, prepare=False).fetchall()
+    return rows[0][2], [(k, text, h) for _, _, _, k, text, h in rows[1:]]
 
 
 def embedder_for(p: Pipeline, spec: ModelSpec, target: Target, base: EmbedderSettings | None = None) -> Embedder:
@@ -314,10 +338,10 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
     limit = batch_rows or min(getattr(embedder, "batch_size", None) or DEFAULT_BATCH_ROWS, 1024)
     after: str | None = None
     while max_rows is None or stats.embedded < max_rows:
-        page = _candidates(conn, target, model, shard, shards, after, limit)
-        if not page:
+        scanned_to, page = _candidates(conn, target, model, shard, shards, after, limit)
+        if scanned_to is None:
             break
-        after = page[-1][0]
+        after = scanned_to
         todo = [(k, text, h) for k, text, h in page if text is not None and text.strip()]
         stats.empty_input += len(page) - len(todo)
         if not todo:

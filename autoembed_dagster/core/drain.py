@@ -13,7 +13,9 @@ import struct
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterable
 
 import numpy as np
@@ -29,6 +31,63 @@ from .targets import Target, TargetError, TargetKey, check_dimensions, resolve, 
 log = logging.getLogger(__name__)
 
 EmbedderResolver = Callable[[Target], Embedder]
+
+TableKey = tuple[str, str, str]  # (schema, table, embedding column): how pipelines name a target
+UNKNOWN_TABLE: TableKey = ("?", "?", "?")  # messages too malformed to name a table
+
+
+@dataclass
+class TableStats:
+    """One table's (embedding column's) share of a drain: DrainStats.by_table."""
+
+    messages: int = 0  # jobs claimed for this table
+    embedded: int = 0
+    unchanged: int = 0
+    deleted_rows: int = 0
+    empty_input: int = 0
+    stale: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    tokens: int = 0
+    requests: int = 0  # provider requests (HTTP calls, or local model batches)
+    truncated: int = 0
+    texts: int = 0  # texts sent to the embedder
+    embed_calls: int = 0  # embedder calls (one per provider batch of the drain)
+    embed_seconds: float = 0.0  # time inside the embedder
+
+    @property
+    def skipped(self) -> int:
+        """Jobs settled with no provider call: unchanged input, deleted row, empty input."""
+        return self.unchanged + self.deleted_rows + self.empty_input
+
+    def add(self, other: "TableStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "skipped": self.skipped}
+
+
+def table_key(key: TargetKey) -> TableKey:
+    return (key.schema, key.table, key.embedding_column)
+
+
+def _table_of_body(body: object) -> TableKey:
+    try:
+        key, _ = target_key_from_message(body)
+    except TargetError:
+        return UNKNOWN_TABLE
+    return table_key(key)
+
+
+@contextmanager
+def _attributed(stats: "DrainStats", key: TableKey, names: tuple[str, ...]):
+    """Add what the block adds to `stats` counters `names` to the table's share as well."""
+    before = [getattr(stats, n) for n in names]
+    yield
+    ts = stats.table(key)
+    for n, b in zip(names, before):
+        setattr(ts, n, getattr(ts, n) + getattr(stats, n) - b)
 
 
 @dataclass
@@ -47,15 +106,26 @@ class DrainStats:
     batches: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)  # distinct error texts seen (capped)
+    # The same numbers per table (messages too malformed to name one: UNKNOWN_TABLE); they add up
+    # to the totals above.
+    by_table: dict[TableKey, TableStats] = field(default_factory=dict)
 
     @property
     def rows_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
+    def table(self, key: TableKey) -> TableStats:
+        ts = self.by_table.get(key)
+        if ts is None:
+            ts = self.by_table[key] = TableStats()
+        return ts
+
     def add(self, other: "DrainStats") -> None:
         for name in ("embedded", "unchanged", "deleted_rows", "empty_input", "stale", "retried",
                      "dead_lettered", "messages", "tokens", "requests", "truncated", "batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, ts in other.by_table.items():
+            self.table(key).add(ts)
         for e in other.errors:
             self.note_error(e)
 
@@ -124,10 +194,38 @@ class _Batch:
     # provider calls still to make: (target, embedder, row ids, rows read, jobs by row id)
     work: list[tuple[Target, Embedder, list[str], dict[str, "_Row"], dict[str, list[_Job]]]] = field(
         default_factory=list)
+    msg_ids: list[int] = field(default_factory=list)  # every message claimed (to take the batch up again)
+    retried: bool = False  # already the second attempt of a batch whose target changed under it
+
+
+class TargetChanged(RuntimeError):
+    """A table/column resolved earlier no longer is what the drain resolved (renamed, resized...)."""
+
+
+# What a batch meets when an embedding column changed under a drain that resolved it earlier: a
+# model-migration promotion or rollback renames columns and changes their size in one transaction.
+# MigrationChanged (the migration-aware resolver) is added lazily: see _target_changed().
+_TARGET_CHANGE_ERRORS: tuple[type[BaseException], ...] = (
+    TargetChanged,
+    errors.UndefinedColumn,  # the column was renamed away
+    errors.UndefinedTable,
+    errors.DatatypeMismatch,  # plpgsql: "type of parameter n does not match that when preparing the plan"
+    errors.FeatureNotSupported,  # "cached plan must not change result type"
+    errors.DataException,  # pgvector: "expected 512 dimensions, not 1536"
+    errors.SerializationFailure,  # the migration guard on embedding_state: a vector of the old model
+)
+
+
+def _target_changed(exc: BaseException) -> bool:
+    from .migration import MigrationChanged  # imported here like in default_resolver
+
+    return isinstance(exc, (MigrationChanged, *_TARGET_CHANGE_ERRORS))
 
 
 class Drainer:
-    """Drains one queue. Keeps target and embedder lookups for the life of the object."""
+    """Drains one queue. Keeps target and embedder lookups for the life of the object; when a
+    batch fails because a target changed under it (a model-migration promotion), it forgets them
+    and takes the batch up once more (its messages are still claimed: nothing is lost either way)."""
 
     def __init__(
         self,
@@ -153,7 +251,7 @@ class Drainer:
         if batch is None:
             return DrainStats(batches=0)
         self._embed(batch)
-        return self._finish(batch)
+        return self._finish_or_retry(batch)
 
     def _claim(self, pending: "_Batch | None" = None) -> "_Batch | None":
         """Claim messages and decide what to do with each, up to the embedding (no provider call).
@@ -161,42 +259,103 @@ class Drainer:
         `pending`: a batch already embedded whose write has not committed yet (pipelined run). A
         job here whose row that batch is about to write with the same input is settled as
         unchanged instead of being embedded a second time."""
-        stats = DrainStats(batches=1)
         started = time.perf_counter()
         messages = pgmq.read(self.conn, self.settings.queue, self.settings.visibility_timeout,
                              self.settings.read_batch)
-        stats.messages = len(messages)
         if not messages:
             return None
-        batch = _Batch(stats, _Outcome(), started)
+        try:
+            return self._prepare(messages, started, pending)
+        except Exception as exc:
+            if not _target_changed(exc):
+                raise  # the claims come back when their visibility timeout ends
+            self._forget_targets(exc)
+        return self._prepare(self._reread([m.msg_id for m in messages]), started, pending, retried=True)
+
+    def _prepare(self, messages: list[pgmq.Message], started: float, pending: "_Batch | None",
+                 retried: bool = False) -> "_Batch":
+        stats = DrainStats(batches=1, messages=len(messages))
+        batch = _Batch(stats, _Outcome(), started, msg_ids=[m.msg_id for m in messages], retried=retried)
         groups: dict[Target, list[_Job]] = defaultdict(list)
         for message in messages:
+            table = UNKNOWN_TABLE
             try:
                 key, row_id = target_key_from_message(message.body)
+                table = table_key(key)
                 target = self._target(key)
                 job = _Job(message.msg_id, message.read_ct, message.body, _id_text(row_id, target))
             except TargetError as exc:
                 batch.outcome.dead.append((_Job(message.msg_id, message.read_ct, message.body, ""), str(exc)))
                 continue
+            finally:
+                stats.table(table).messages += 1
             groups[target].append(job)
         for target, jobs in groups.items():
             in_flight = {}
             if pending is not None:
                 in_flight = {w[0]: w[1] for w in pending.outcome.writes.get(target, ())}
-            self._process_target(target, jobs, batch, in_flight)
+            with _attributed(stats, table_key(target.key), ("unchanged", "deleted_rows", "empty_input")):
+                self._process_target(target, jobs, batch, in_flight)
         return batch
 
     def _embed(self, batch: "_Batch") -> None:
         """The provider calls of a claimed batch. Touches no database connection, so a pipelined
         run does this in a worker thread while the previous batch is written."""
         for target, embedder, row_ids, rows, to_embed in batch.work:
-            self._embed_rows(target, embedder, row_ids, rows, to_embed, batch.outcome, batch.stats)
+            ts = batch.stats.table(table_key(target.key))
+            started = time.perf_counter()
+            with _attributed(batch.stats, table_key(target.key), ("tokens", "requests", "truncated")):
+                self._embed_rows(target, embedder, row_ids, rows, to_embed, batch.outcome, batch.stats)
+            ts.embed_seconds += time.perf_counter() - started
+            ts.embed_calls += 1
+            ts.texts += len(row_ids)
         batch.work = []
 
     def _finish(self, batch: "_Batch") -> DrainStats:
         self._settle(batch.outcome, batch.stats)
         batch.stats.seconds = time.perf_counter() - batch.started
         return batch.stats
+
+    def _finish_or_retry(self, batch: "_Batch", embedding: Future | None = None) -> DrainStats:
+        """Settle an embedded batch. When that fails because a target changed under it (a model
+        migration was promoted between the claim and the write), forget the targets and take the
+        batch up once more: read its messages again, embed, settle. A second failure is raised;
+        the messages were never deleted, so they come back after their visibility timeout.
+
+        `embedding`: the next batch's provider calls, running in the worker (waited for first, so
+        that two threads never embed at once)."""
+        try:
+            return self._finish(batch)
+        except Exception as exc:
+            if batch.retried or not _target_changed(exc):
+                raise
+            self._forget_targets(exc)
+        if embedding is not None:
+            wait_futures([embedding])
+        again = self._prepare(self._reread(batch.msg_ids), batch.started, None, retried=True)
+        self._embed(again)
+        again.stats.add(_spent(batch.stats))  # the first attempt's provider calls were made and paid for
+        return self._finish(again)
+
+    def _forget_targets(self, exc: BaseException) -> None:
+        log.warning("a table changed under the drain of %s (%s: %s): resolving its targets again and "
+                    "retrying the batch", self.settings.queue, type(exc).__name__, str(exc).strip())
+        self._targets.clear()
+
+    def _reread(self, msg_ids: list[int]) -> list[pgmq.Message]:
+        """The messages of a batch still claimed: those the change deleted (a promotion purges the
+        jobs of the shadow column) are gone, and are not retried."""
+        return pgmq.read_claimed(self.conn, self.settings.queue, msg_ids)
+
+    def _check_target(self, target: Target) -> None:
+        """Raise TargetChanged when `target` no longer is what the catalog says (one lookup)."""
+        try:
+            now = resolve(self.conn, target.key)
+        except TargetError as exc:
+            raise TargetChanged(f"{target.key.label}: {exc}") from exc
+        if now != target:
+            raise TargetChanged(f"{target.key.label} is {now.vector_type}({now.dimensions}) now, "
+                                f"was {target.vector_type}({target.dimensions})")
 
     def _target(self, key: TargetKey) -> Target:
         target = self._targets.get(key)
@@ -288,7 +447,7 @@ class Drainer:
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except psycopg.Error:
-            pass
+            self._check_target(target)  # a column renamed away by a promotion: retry the batch, not per row
         rows: dict[str, _Row] = {}
         unreadable: dict[str, str] = {}
         for row_id in dict.fromkeys(row_ids):
@@ -325,12 +484,14 @@ class Drainer:
                 with self.conn.transaction():
                     self.conn.execute("set local autoembed.draining = 'on'")
                     written = stale = 0
+                    wrote: list[tuple[Target, int, int]] = []
                     done = list(outcome.done)
                     used_stages: set[str] = set()
                     for target, writes in outcome.writes.items():
                         w, s = self._write_vectors(target, writes, used_stages)
                         written += w
                         stale += s
+                        wrote.append((target, w, s))
                         done.extend(m for *_, msg_ids in writes for m in msg_ids)
                     for target, row_ids in outcome.deleted_rows.items():
                         self._forget_rows(target, row_ids)
@@ -359,6 +520,14 @@ class Drainer:
         stats.retried += len(retry)
         for _, error in dead:
             stats.note_error(error)
+        for target, w, s in wrote:
+            ts = stats.table(table_key(target.key))
+            ts.embedded += w
+            ts.stale += s
+        for job, _ in dead:
+            stats.table(_table_of_body(job.body)).dead_lettered += 1
+        for job, _ in retry:
+            stats.table(_table_of_body(job.body)).retried += 1
 
     def _ensure_stages(self, outcome: "_Outcome") -> None:
         """Create the session's staging tables (one per vector type) outside the settle transaction,
@@ -542,7 +711,7 @@ class Drainer:
                 following = self._claim(pending=current) if pool is not None and in_time() else None
                 following_embedding = self._start_embed(pool, following) if following is not None else None
                 try:
-                    stats = self._finish(current)
+                    stats = self._finish_or_retry(current, following_embedding)
                 except BaseException:
                     if following_embedding is not None:
                         following_embedding.cancel()
@@ -578,10 +747,11 @@ class Drainer:
             # Poll at least every second: retries and expired claims become visible without a NOTIFY.
             for _ in self.conn.notifies(timeout=min(left, 1.0), stop_after=1):
                 return True
-            if self._has_visible_work():
+            if self.has_visible_work():
                 return True
 
-    def _has_visible_work(self) -> bool:
+    def has_visible_work(self) -> bool:
+        """Whether the queue holds a message a drain could claim now."""
         return self.conn.execute(
             sql.SQL("select exists (select 1 from pgmq.{} where vt <= clock_timestamp())").format(
                 sql.Identifier("q_" + self.settings.queue))
@@ -601,6 +771,15 @@ def drain(
     return Drainer(conn, settings, resolver).run(
         idle_timeout=idle_timeout, time_budget=time_budget, on_batch=on_batch
     )
+
+
+def _spent(stats: DrainStats) -> DrainStats:
+    """The provider usage of a batch (per table too), without its outcome."""
+    out = DrainStats(tokens=stats.tokens, requests=stats.requests, truncated=stats.truncated)
+    for key, ts in stats.by_table.items():
+        out.by_table[key] = TableStats(tokens=ts.tokens, requests=ts.requests, truncated=ts.truncated,
+                                       texts=ts.texts, embed_calls=ts.embed_calls, embed_seconds=ts.embed_seconds)
+    return out
 
 
 def _id_text(row_id: object, target: Target) -> str:

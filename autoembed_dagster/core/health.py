@@ -1,5 +1,5 @@
-"""Plain-SQL health metrics of an embedded table and of a queue (what the Dagster checks and the
-queue sensor report). No Dagster imports: the CLI or a test can call these directly.
+"""Plain-SQL health metrics of an embedded table (what the Dagster checks report). No Dagster
+imports: the CLI or a test can call these directly.
 
 - coverage: rows whose stored vector is the embedding of their *current* input under the
   pipeline's *current* model, out of the rows that have something to embed;
@@ -7,6 +7,8 @@ queue sensor report). No Dagster imports: the CLI or a test can call these direc
   row and the pipeline say now (or a vector with no record of what made it);
 - dead letters of the table;
 - the column's declared size against the model's output size.
+
+The queue's metrics (what the queue sensor reports) are core.queue.metrics().
 """
 
 from __future__ import annotations
@@ -44,40 +46,6 @@ def price_per_million_tokens(provider: str, model: str) -> float | None:
 def estimated_cost(tokens: int, provider: str, model: str) -> float | None:
     price = price_per_million_tokens(provider, model)
     return None if price is None else tokens * price / 1_000_000
-
-
-# -- queue ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class QueueMetrics:
-    queue: str
-    depth: int  # messages in the queue (visible + claimed + waiting for a retry)
-    visible: int  # messages a drain could claim right now
-    oldest_age_seconds: float
-    total_sent: int  # messages ever sent to the queue
-
-    @property
-    def invisible(self) -> int:
-        return self.depth - self.visible
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "invisible": self.invisible}
-
-
-def queue_metrics(conn: psycopg.Connection, queue: str) -> QueueMetrics | None:
-    """pgmq.metrics of one queue (one count over the queue table), or None when it does not exist."""
-    if conn.execute("select 1 from pgmq.meta where queue_name = %s", (queue,)).fetchone() is None:
-        return None
-    m = conn.execute("select to_jsonb(m) from pgmq.metrics(%s) m", (queue,)).fetchone()[0]
-    depth = int(m.get("queue_length") or 0)
-    # queue_visible_length exists since pgmq 1.5; older servers: count everything as visible.
-    visible = m.get("queue_visible_length")
-    return QueueMetrics(
-        queue=queue,
-        depth=depth,
-        visible=depth if visible is None else int(visible),
-        oldest_age_seconds=float(m.get("oldest_msg_age_sec") or 0),
-        total_sent=int(m.get("total_messages") or 0),
-    )
 
 
 # -- tables --------------------------------------------------------------------------------------

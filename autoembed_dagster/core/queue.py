@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 NOTIFY_CHANNEL = "autoembed"
@@ -25,6 +26,19 @@ def read(conn: psycopg.Connection, queue: str, vt: int, qty: int) -> list[Messag
     """Claim up to `qty` messages, invisible to other readers for `vt` seconds."""
     rows = conn.execute(
         "select msg_id, read_ct, enqueued_at, message from pgmq.read(%s, %s, %s)", (queue, vt, qty)
+    ).fetchall()
+    return [Message(*row) for row in rows]
+
+
+def read_claimed(conn: psycopg.Connection, queue: str, msg_ids: Sequence[int]) -> list[Message]:
+    """Messages this reader claimed and still holds (no new claim, read_ct unchanged); deleted
+    ones are left out. pgmq has no function for it: its queue table, by primary key."""
+    if not msg_ids:
+        return []
+    rows = conn.execute(
+        sql.SQL("select msg_id, read_ct, enqueued_at, message from pgmq.{} where msg_id = any(%s) order by msg_id")
+        .format(sql.Identifier("q_" + queue)),
+        (list(msg_ids),),
     ).fetchall()
     return [Message(*row) for row in rows]
 
@@ -78,11 +92,44 @@ def status(conn: psycopg.Connection, queue: str | None = None) -> list[QueueStat
 
 
 def depth(conn: psycopg.Connection, queue: str) -> tuple[int, float]:
-    """(messages in the queue, age of the oldest in seconds) from pgmq.metrics: cheap, no scan."""
+    """(messages in the queue, age of the oldest in seconds) from pgmq.metrics (see metrics())."""
     row = conn.execute(
         "select queue_length, coalesce(oldest_msg_age_sec, 0) from pgmq.metrics(%s)", (queue,)
     ).fetchone()
     return int(row[0]), float(row[1])
+
+
+@dataclass(frozen=True)
+class QueueMetrics:
+    queue: str
+    depth: int  # messages in the queue (claimable + claimed + waiting for a retry)
+    visible: int  # messages a drain could claim right now
+    oldest_age_seconds: float
+    total_sent: int  # messages ever sent to the queue
+
+    @property
+    def invisible(self) -> int:
+        return self.depth - self.visible
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "invisible": self.invisible}
+
+
+def metrics(conn: psycopg.Connection, queue: str) -> QueueMetrics | None:
+    """pgmq.metrics of one queue (one count over the queue table), or None when it does not exist.
+    `visible` is pgmq's queue_visible_length (pgmq >= 1.5; older: every message counts as visible)."""
+    if not queue_exists(conn, queue):
+        return None
+    m = conn.execute("select to_jsonb(m) from pgmq.metrics(%s) m", (queue,)).fetchone()[0]
+    total = int(m.get("queue_length") or 0)
+    visible = m.get("queue_visible_length")
+    return QueueMetrics(
+        queue=queue,
+        depth=total,
+        visible=total if visible is None else int(visible),
+        oldest_age_seconds=float(m.get("oldest_msg_age_sec") or 0),
+        total_sent=int(m.get("total_messages") or 0),
+    )
 
 
 def dead_letters(conn: psycopg.Connection, queue: str | None = None, limit: int = 50) -> list[dict]:

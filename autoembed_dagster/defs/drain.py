@@ -14,8 +14,9 @@ import dagster as dg
 from pydantic import Field
 
 from ..core import health
-from ..core.drain import DrainStats, pipeline_resolver
-from ..core.drain_report import ReportingDrainer, TargetStats, delta, run_in_chunks, snapshot
+from ..core import queue as pgmq
+from ..core.drain import Drainer, DrainStats, TableStats, pipeline_resolver
+from ..core.drain_report import run_in_chunks
 from ..core.health import estimated_cost, price_per_million_tokens
 from ..core.pipelines import Pipeline
 from ..core.targets import TargetKey
@@ -49,7 +50,7 @@ def drain_job_name(queue: str) -> str:
     return f"drain_{queue}"
 
 
-def _pipeline_metadata(p: Pipeline, ts: TargetStats, model_key: str | None, period_seconds: float,
+def _pipeline_metadata(p: Pipeline, ts: TableStats, model_key: str | None, period_seconds: float,
                        busy_seconds: float) -> dict:
     settings = p.embedder_settings()
     price = price_per_million_tokens(settings.provider, settings.model)
@@ -90,14 +91,13 @@ def _stats_table(by_table: dict, pipelines_by_table: dict) -> str:
 
 
 class _Reporter:
-    """Turns the drainer's per-table numbers into materializations (the work since the previous
+    """Turns the drain's per-table numbers into materializations (the work since the previous
     report) and check evaluations (at most every CHECKS_EVERY_SECONDS per pipeline, and at the end)."""
 
-    def __init__(self, conn, queue: str, pipelines: Sequence[Pipeline], resolver, drainer: ReportingDrainer,
-                 checks: bool):
-        self.conn, self.queue, self.resolver, self.drainer, self.checks = conn, queue, resolver, drainer, checks
+    def __init__(self, conn, queue: str, pipelines: Sequence[Pipeline], resolver, checks: bool):
+        self.conn, self.queue, self.resolver, self.checks = conn, queue, resolver, checks
         self.on_queue = [p for p in pipelines if p.queue == queue]
-        self.reported: dict = {}
+        self.unreported = DrainStats()  # the pieces since the last report
         self.last_report = time.monotonic()
         self.busy_seconds = 0.0  # lane busy time since the last report
         self.last_checks: dict[str, float] = {}
@@ -105,6 +105,7 @@ class _Reporter:
         self.settled_once = False
 
     def add(self, piece) -> None:
+        self.unreported.add(piece.stats)
         if piece.stats.messages:
             self.busy_seconds += piece.stats.seconds  # wall time of a piece that had work
 
@@ -115,10 +116,9 @@ class _Reporter:
         period, busy = now - self.last_report, self.busy_seconds
         if settled and not final and self.settled_once and period < MIN_REPORT_SECONDS:
             return  # a trickle of small bursts: folded into the next report
-        current = snapshot(self.drainer)
-        changes = delta(current, self.reported)
+        changes = {key: ts for key, ts in self.unreported.by_table.items() if ts.messages}
         if changes:
-            self.reported, self.last_report, self.busy_seconds = current, now, 0.0
+            self.unreported, self.last_report, self.busy_seconds = DrainStats(), now, 0.0
         if settled:
             self.settled_once = True
         for p in self.on_queue:
@@ -135,7 +135,7 @@ class _Reporter:
                 self.last_checks[p.name] = now
                 self.pending_checks.discard(p.name)
 
-    def _materialize(self, p: Pipeline, ts: TargetStats, period: float, busy: float):
+    def _materialize(self, p: Pipeline, ts: TableStats, period: float, busy: float):
         target, _ = health.resolve_target(
             self.conn, TargetKey(p.schema, p.table, p.content_function, p.embedding_column, p.key_column))
         model_key = None
@@ -168,15 +168,15 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
         settings = autoembed.settings(queue)
         resolver = pipeline_resolver(pipelines)
         with autoembed.connect() as conn:
-            start = health.queue_metrics(conn, queue)
+            start = pgmq.metrics(conn, queue)
             if start is None:
                 context.log.warning(f"queue {queue!r} does not exist yet (run `autoembed db init`): nothing to drain")
                 yield dg.Output(None, metadata={"queue": queue, "jobs": 0})
                 return
             context.log.info(f"queue {queue}: {start.depth} job(s), {start.visible} claimable, "
                              f"oldest {start.oldest_age_seconds:.0f} s")
-            drainer = ReportingDrainer(conn, settings, resolver)
-            reporter = _Reporter(conn, queue, pipelines, resolver, drainer, config.checks)
+            drainer = Drainer(conn, settings, resolver)
+            reporter = _Reporter(conn, queue, pipelines, resolver, config.checks)
             total = DrainStats()
             t0 = time.monotonic()
             last_log = [t0]
@@ -200,9 +200,7 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
             context.log.info(f"drain of {queue} done: {total.summary()}")
             for error in total.errors:
                 context.log.warning(error)
-            for problem in drainer.mismatches(total):
-                context.log.warning(f"per-table numbers may be off ({problem}): core drain internals changed?")
-            end = health.queue_metrics(conn, queue)
+            end = pgmq.metrics(conn, queue)
 
         yield dg.Output(None, metadata={
             "queue": queue,
@@ -216,7 +214,7 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
             "queue_depth_at_start": start.depth,
             "oldest_job_age_at_start_s": dg.MetadataValue.float(start.oldest_age_seconds),
             "queue_depth_at_end": end.depth if end else 0,
-            "tables": dg.MetadataValue.md(_stats_table(drainer.by_table, pipelines_by_table)),
+            "tables": dg.MetadataValue.md(_stats_table(total.by_table, pipelines_by_table)),
         })
 
     @dg.job(

@@ -14,7 +14,7 @@ import time
 import dagster as dg
 from dagster import DagsterRunStatus, RunsFilter
 
-from ..core import health
+from ..core import queue as pgmq
 from .assets import LANE_TAG, queue_key
 from .resources import AutoembedResource
 
@@ -67,7 +67,7 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition
         except (ValueError, TypeError, AttributeError):  # a cursor edited by hand: start over
             state, tick = {}, 1
         with autoembed.connect() as conn:
-            m = health.queue_metrics(conn, queue)
+            m = pgmq.metrics(conn, queue)
         if m is None:
             return dg.SensorResult(skip_reason=f"queue {queue!r} does not exist (run `autoembed db init`)",
                                    cursor=json.dumps({**state, "tick": tick}))

@@ -7,9 +7,9 @@ its neighbours.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -50,7 +50,8 @@ def supports_dimensions(model: str) -> bool:
 class _Item:
     index: int  # position in the caller's list
     text: str  # possibly truncated
-    tokens: int  # our own count of `text`
+    tokens: int  # our own count of `text`, or its UTF-8 byte length (an upper bound) when not counted
+    counted: bool = True  # whether `tokens` is the exact count
 
 
 class OpenAIEmbedder:
@@ -95,6 +96,23 @@ class OpenAIEmbedder:
         # encode_ordinary: text like "<|endoftext|>" in user content is plain text, not a special token.
         return len(_encoding().encode_ordinary(text))
 
+    def _item(self, index: int, text: str) -> tuple[_Item, bool]:
+        """The item to send for `text` and whether it was cut. A text of at most max_input_tokens
+        UTF-8 bytes cannot be over the limit (a token is at least one byte): it is not tokenized,
+        and its byte length stands for its token count (an upper bound) until an exact count is
+        needed (see _batches)."""
+        limit = self.settings.max_input_tokens
+        size = len(text) if text.isascii() else _utf8_len(text)
+        if size <= limit:
+            return _Item(index, text, size, False), False
+        cut, n, truncated = self._fit(text)
+        return _Item(index, cut, n), truncated
+
+    def _count(self, it: _Item) -> int:
+        if not it.counted:
+            it.tokens, it.counted = self.count_tokens(it.text), True
+        return it.tokens
+
     def _fit(self, text: str) -> tuple[str, int, bool]:
         """Returns (text cut to max_input_tokens, its token count, whether it was cut)."""
         enc, limit = _encoding(), self.settings.max_input_tokens
@@ -119,9 +137,9 @@ class OpenAIEmbedder:
                 # The API rejects "" with 400; failing it here saves a bisection.
                 out.errors[i] = EmbeddingError("empty text cannot be embedded", retryable=False)
                 continue
-            cut, n, truncated = self._fit(text)
+            item, truncated = self._item(i, text)
             out.truncated += truncated
-            items.append(_Item(i, cut, n))
+            items.append(item)
 
         fatal: EmbeddingError | None = None
         for batch in self._batches(items):
@@ -133,15 +151,27 @@ class OpenAIEmbedder:
         return out
 
     def _batches(self, items: list[_Item]) -> list[list[_Item]]:
+        """Requests of at most batch_size inputs and max_batch_tokens tokens. Uncounted items carry
+        an upper bound: while the bounds fit, the exact counts fit too; only when they do not are
+        the batch's items counted exactly, so the batches are those of exact counts throughout."""
+        batch_size, budget = self.settings.batch_size, self.settings.max_batch_tokens
         batches: list[list[_Item]] = []
         cur: list[_Item] = []
-        cur_tokens = 0
+        cur_tokens = 0  # an upper bound while cur_exact is False
+        cur_exact = True
         for it in items:
-            if cur and (len(cur) >= self.settings.batch_size or cur_tokens + it.tokens > self.settings.max_batch_tokens):
+            if cur and len(cur) >= batch_size:
                 batches.append(cur)
-                cur, cur_tokens = [], 0
+                cur, cur_tokens, cur_exact = [], 0, True
+            elif cur and cur_tokens + it.tokens > budget:
+                if not (cur_exact and it.counted):
+                    cur_tokens, cur_exact = sum(self._count(c) for c in cur), True
+                if cur_tokens + self._count(it) > budget:
+                    batches.append(cur)
+                    cur, cur_tokens, cur_exact = [], 0, True
             cur.append(it)
             cur_tokens += it.tokens
+            cur_exact = cur_exact and it.counted
         if cur:
             batches.append(cur)
         return batches
@@ -157,7 +187,7 @@ class OpenAIEmbedder:
             kwargs["dimensions"] = self.identity.dimensions
         out.requests += 1
         try:
-            resp = self._client.embeddings.create(**kwargs)
+            resp = self._request(kwargs)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
             if len(batch) > 1:
                 # Not retryable as a whole: split until only the offending inputs fail.
@@ -200,40 +230,82 @@ class OpenAIEmbedder:
             return None
         for it, vec in zip(batch, vectors):
             out.vectors[it.index] = vec
-        usage = getattr(resp, "usage", None)
-        prompt_tokens = getattr(usage, "prompt_tokens", None)
-        out.tokens += prompt_tokens if isinstance(prompt_tokens, int) else sum(it.tokens for it in batch)
+        usage = resp.get("usage")
+        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        out.tokens += prompt_tokens if isinstance(prompt_tokens, int) else sum(self._count(it) for it in batch)
         return None
 
-    def _parse(self, resp: Any, n: int) -> list[np.ndarray]:
+    def _request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One POST /embeddings through the official client's request method (the one
+        `embeddings.create` uses: auth, retries honouring Retry-After, timeouts, status errors),
+        read as plain JSON. `embeddings.create` would also walk every input through its
+        parameter transform and build one pydantic object per embedding that _parse only takes
+        apart again: about 40 us per row, most of the drain's CPU with an instant provider."""
+        resp = json.loads(self._client.post("/embeddings", cast_to=bytes, body=body))
+        return resp if isinstance(resp, dict) else {}
+
+    def _parse(self, resp: dict[str, Any], n: int) -> list[np.ndarray]:
         """Vectors in input order, or EmbeddingError(retryable) naming what is wrong."""
         model, dims = self.identity.model, self.identity.dimensions
-        data = getattr(resp, "data", None)
+        data = resp.get("data")
         if not isinstance(data, list):
             raise EmbeddingError(f"provider response has no embedding list (model {model})")
         if len(data) != n:
             raise EmbeddingError(f"provider returned {len(data)} embeddings for {n} inputs (model {model})")
-        vectors: list[np.ndarray | None] = [None] * n
+        # One (n, dims) array, decoded row by row straight into place; the vectors are its rows.
+        matrix = np.empty((n, dims), dtype="<f4")  # base64 embeddings are little-endian float32
+        rows = matrix.view(np.uint8).reshape(n, dims * 4)
+        seen = bytearray(n)
         for item in data:
-            idx = getattr(item, "index", None)
-            if not isinstance(idx, int) or not 0 <= idx < n or vectors[idx] is not None:
+            idx = item.get("index") if isinstance(item, dict) else None
+            if not isinstance(idx, int) or not 0 <= idx < n or seen[idx]:
                 raise EmbeddingError(f"provider returned a missing, duplicate or out-of-range index {idx!r} (model {model})")
-            vec = _decode(getattr(item, "embedding", None))
-            if vec.shape != (dims,):
-                raise EmbeddingError(f"provider returned {vec.size}-dim vector, expected {dims} (model {model})")
-            if not np.isfinite(vec).all():
-                raise EmbeddingError(f"provider returned non-finite values (NaN/inf) in embedding {idx} (model {model})")
-            vectors[idx] = vec
-        return vectors  # type: ignore[return-value]  # all set: n distinct indexes in range
+            seen[idx] = 1
+            raw = item.get("embedding")
+            if isinstance(raw, str):
+                buf = _b64(raw)
+                if len(buf) != dims * 4:
+                    if len(buf) % 4:
+                        raise EmbeddingError(f"provider returned an undecodable base64 embedding: {len(buf)} bytes "
+                                             "is not a whole number of float32 values")
+                    raise EmbeddingError(f"provider returned {len(buf) // 4}-dim vector, expected {dims} (model {model})")
+                rows[idx] = np.frombuffer(buf, dtype=np.uint8)
+            else:
+                vec = _decode(raw)
+                if vec.shape != (dims,):
+                    raise EmbeddingError(f"provider returned {vec.size}-dim vector, expected {dims} (model {model})")
+                matrix[idx] = vec
+        if matrix.dtype != np.float32:  # a big-endian machine
+            matrix = matrix.astype(np.float32)
+        finite = np.isfinite(matrix).all(axis=1)
+        if not finite.all():
+            idx = int(np.argmin(finite))
+            raise EmbeddingError(f"provider returned non-finite values (NaN/inf) in embedding {idx} (model {model})")
+        return list(matrix)
+
+
+def _utf8_len(text: str) -> int:
+    # surrogatepass: a lone surrogate (3 bytes here) is sent as U+FFFD, also 3 bytes.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _b64(raw: str) -> bytes:
+    """The bytes of a base64 embedding (little-endian float32 per the API). Not decoded strictly
+    (a strict decode costs a second pass over the text): a text that is not whole base64 quanta
+    fails here, and one with foreign characters (skipped) decodes to the wrong size, which the
+    caller rejects."""
+    if len(raw) % 4:
+        raise EmbeddingError(f"provider returned an undecodable base64 embedding: {len(raw)} characters")
+    try:
+        return binascii.a2b_base64(raw)
+    except (binascii.Error, ValueError) as e:
+        raise EmbeddingError(f"provider returned an undecodable base64 embedding: {e}") from None
 
 
 def _decode(raw: Any) -> np.ndarray:
     if isinstance(raw, str):
-        try:
-            # Little-endian float32 per the API; copy so callers get a writable array.
-            return np.frombuffer(base64.b64decode(raw, validate=True), dtype="<f4").astype(np.float32)
-        except (binascii.Error, ValueError) as e:
-            raise EmbeddingError(f"provider returned an undecodable base64 embedding: {e}") from None
+        # Copy so callers get a writable array.
+        return np.frombuffer(_b64(raw), dtype="<f4").astype(np.float32)
     if isinstance(raw, list):
         try:
             return np.asarray(raw, dtype=np.float32)
