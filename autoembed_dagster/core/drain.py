@@ -182,6 +182,9 @@ class _Outcome:
     retry: list[tuple[_Job, str]] = field(default_factory=list)
     writes: dict[Target, list[tuple[str, bytes, np.ndarray, list[int]]]] = field(default_factory=dict)
     deleted_rows: dict[Target, list[str]] = field(default_factory=dict)
+    # The model that made each target's vectors, fixed at embedding time: a promotion between
+    # embedding and writing must not relabel old-model vectors as the new model.
+    models: dict[Target, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -425,6 +428,7 @@ class Drainer:
         stats.requests += result.requests
         stats.truncated += result.truncated
         writes = outcome.writes.setdefault(target, [])
+        outcome.models[target] = embedder.identity.key
         for row_id, vector, error in zip(row_ids, result.vectors, result.errors):
             row_jobs = to_embed[row_id]
             if vector is not None:
@@ -488,7 +492,7 @@ class Drainer:
                     done = list(outcome.done)
                     used_stages: set[str] = set()
                     for target, writes in outcome.writes.items():
-                        w, s = self._write_vectors(target, writes, used_stages)
+                        w, s = self._write_vectors(target, writes, used_stages, outcome.models.get(target))
                         written += w
                         stale += s
                         wrote.append((target, w, s))
@@ -540,12 +544,11 @@ class Drainer:
                 self._stages.add(target.vector_type)
 
     def _write_vectors(self, target: Target, writes: list[tuple[str, bytes, np.ndarray, list[int]]],
-                       used_stages: set[str] | None = None) -> tuple[int, int]:
+                       used_stages: set[str] | None = None, model: str | None = None) -> tuple[int, int]:
         """Write vectors whose row still has the input they were made from. Returns (written, stale)."""
         if not writes:
             return 0, 0
-        embedder = self.resolver(target)
-        model = embedder.identity.key
+        model = model or self.resolver(target).identity.key
         ids = [w[0] for w in writes]
         # Lock the rows (in key order: no deadlock between drains), then read their input as of now.
         # prepare=False everywhere a key array is bound: a cached generic plan for `= any($1)` can

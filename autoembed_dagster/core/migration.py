@@ -248,9 +248,13 @@ def coverage(conn: psycopg.Connection, target: Target, model_key: str,
                     from {table} t
                     where %(shards)s::integer is null
                        or autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s) r) x
-        left join autoembed.embedding_state s
-          on s.schema_name = %(schema)s and s.table_name = %(table)s
-         and s.embedding_column = %(column)s and s.row_id = x.k
+        -- A primary-key probe per row: with stale statistics on embedding_state (it grows fast
+        -- during a backfill) a plain join became a nested loop over every state row.
+        left join lateral (
+            select s.model, s.content_hash from autoembed.embedding_state s
+            where s.schema_name = %(schema)s and s.table_name = %(table)s
+              and s.embedding_column = %(column)s and s.row_id = x.k
+            limit 1) s on true
         """
     ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql, table=target.table_sql)
     rows, embeddable, current = conn.execute(query, {
