@@ -169,7 +169,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from .core import migration as mig
-    from .core.backfill import pipeline_spec
+    from .core.backfill import migration_action
     from .core.targets import resolve
 
     p = _pipeline_named(args.pipeline)
@@ -178,18 +178,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         if m is None:
             print(json.dumps({"status": "none"}) if args.json else f"{p.name}: no model migration in flight")
             return 0 if args.action == "status" else 1
-        if args.action == "promote":
-            m = mig.promote(conn, m, force=args.force).migration
-        elif args.action == "rollback":
-            m = mig.rollback(conn, m)
-        elif args.action == "abort":
-            m = mig.abort(conn, m)
-        elif args.action == "drop-old":
-            configured = pipeline_spec(p, column_dimensions=m.dimensions)
-            if configured != m.spec and not args.force:
-                raise ConfigError(f"{p.name} is configured with {configured.key} but the column holds {m.spec.key}: "
-                                  "update autoembed.toml first (or --force)")
-            m = mig.drop_old(conn, m)
+        m, _, _ = migration_action(conn, p, m, args.action.replace("-", "_"), force=args.force)
         cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
     info = {"migration": m.id, "status": m.status, "model": m.spec.key, "old_model": m.old_model,
             "column": m.embedding_column, "shadow_column": m.shadow_column, "coverage": round(cov.ratio, 6),

@@ -21,6 +21,7 @@ declare
     has_column boolean;
     message jsonb;
     checked text;
+    seen boolean := false;
 begin
     -- The drain's own vector writes must not re-enqueue.
     if current_setting('autoembed.draining', true) = 'on' or TG_LEVEL <> 'ROW' then
@@ -33,42 +34,20 @@ begin
     if TG_OP = 'INSERT' then
         checked := 'autoembed.checked_' || md5(concat_ws(chr(31), TG_RELID::oid::text, content_function,
                                                          embedding_column, key_column, queue));
-        if current_setting(checked, true) = 'on' then
-            if key_column = 'id' then
-                key_value := to_jsonb(NEW.id);
-            else
-                execute format('select to_jsonb(($1).%I)', key_column) into key_value using NEW;
-            end if;
-            message := jsonb_build_object(
-                'id', key_value,
-                'schema', TG_TABLE_SCHEMA,
-                'table', TG_TABLE_NAME,
-                'contentFunction', content_function,
-                'embeddingColumn', embedding_column
-            );
-            if key_column <> 'id' then
-                message := message || jsonb_build_object('keyColumn', key_column);
-            end if;
-            if queue = 'embedding_jobs' then
-                -- What pgmq.send does, with a plan kept for the session: pgmq.send plans a dynamic
-                -- INSERT on every call (~70 us a row, measured). Other queues go through pgmq.send.
-                insert into pgmq.q_embedding_jobs (vt, message) values (clock_timestamp(), message);
-            else
-                perform pgmq.send(queue, message);
-            end if;
-            return case when TG_WHEN = 'BEFORE' then NEW else null end;
-        end if;
+        seen := current_setting(checked, true) = 'on';
     end if;
 
-    fn := autoembed.content_function(TG_RELID, content_function);
-    has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
-    if fn is null then
-        raise warning 'autoembed: content function % (taking a row of %) does not exist; job enqueued, it will be dead-lettered',
-            quote_literal(content_function), TG_RELID::regclass;
-    end if;
-    if not has_column then
-        raise warning 'autoembed: % has no vector/halfvec column %; job enqueued, it will be dead-lettered',
-            TG_RELID::regclass, quote_literal(embedding_column);
+    if not seen then
+        fn := autoembed.content_function(TG_RELID, content_function);
+        has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
+        if fn is null then
+            raise warning 'autoembed: content function % (taking a row of %) does not exist; job enqueued, it will be dead-lettered',
+                quote_literal(content_function), TG_RELID::regclass;
+        end if;
+        if not has_column then
+            raise warning 'autoembed: % has no vector/halfvec column %; job enqueued, it will be dead-lettered',
+                TG_RELID::regclass, quote_literal(embedding_column);
+        end if;
     end if;
 
     if TG_OP = 'UPDATE' and fn is not null then
@@ -76,12 +55,6 @@ begin
         if autoembed.input_of(fn, OLD) is not distinct from autoembed.input_of(fn, NEW) then
             return case when TG_WHEN = 'BEFORE' then NEW else null end;
         end if;
-    end if;
-
-    if key_column = 'id' then
-        key_value := to_jsonb(NEW.id);
-    else
-        execute format('select to_jsonb(($1).%I)', key_column) into key_value using NEW;
     end if;
 
     -- Clear the now-stale vector so search never returns a vector of old content.
@@ -96,6 +69,11 @@ begin
         end if;
     end if;
 
+    if key_column = 'id' then
+        key_value := to_jsonb(NEW.id);
+    else
+        execute format('select to_jsonb(($1).%I)', key_column) into key_value using NEW;
+    end if;
     message := jsonb_build_object(
         'id', key_value,
         'schema', TG_TABLE_SCHEMA,
@@ -107,16 +85,19 @@ begin
         message := message || jsonb_build_object('keyColumn', key_column);
     end if;
     if queue = 'embedding_jobs' then
-            -- What pgmq.send does, with a plan kept for the session: pgmq.send plans a dynamic
-            -- INSERT on every call (~70 us a row, measured). Other queues go through pgmq.send.
-            insert into pgmq.q_embedding_jobs (vt, message) values (clock_timestamp(), message);
-        else
-            perform pgmq.send(queue, message);
+        -- What pgmq.send does, with a plan kept for the session: pgmq.send plans a dynamic
+        -- INSERT on every call (~70 us a row, measured). Other queues go through pgmq.send.
+        insert into pgmq.q_embedding_jobs (vt, message) values (clock_timestamp(), message);
+    else
+        perform pgmq.send(queue, message);
+    end if;
+
+    if not seen then
+        -- One notification per transaction is enough (it is delivered at commit).
+        perform pg_notify('autoembed', queue);
+        if TG_OP = 'INSERT' then
+            perform set_config(checked, 'on', true);
         end if;
-    -- One notification per transaction is enough (it is delivered at commit).
-    perform pg_notify('autoembed', queue);
-    if TG_OP = 'INSERT' then
-        perform set_config(checked, 'on', true);
     end if;
     return case when TG_WHEN = 'BEFORE' then NEW else null end;
 end;

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from ..core import migration as mig
 from ..core.backfill import (ShardResult, backfill_shard, code_version, estimated_shard_cost, live_key,
-                             pipeline_spec, plan, resolve_spec, shard_keys)
+                             migration_action, pipeline_spec, plan, resolve_spec, shard_keys)
 from ..core.config import ConfigError
 from ..core.migration import Coverage, ModelSpec, coverage
 from ..core.pipelines import Pipeline, load_pipelines
@@ -263,21 +263,11 @@ def build_migration_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
             meta = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "", "coverage": _ratio(cov),
                     "missing_rows": cov.missing}
             try:
-                if config.action == "promote":
-                    r = mig.promote(conn, m, force=config.force)
+                m, r, configured = migration_action(conn, p, m, config.action, force=config.force)
+                if r is not None:
                     meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
                                 locked_seconds=dg.MetadataValue.float(round(r.locked_seconds, 4)))
-                    m = r.migration
-                elif config.action == "rollback":
-                    m = mig.rollback(conn, m)
-                elif config.action == "abort":
-                    m = mig.abort(conn, m)
-                elif config.action == "drop_old":
-                    configured = pipeline_spec(p, column_dimensions=m.dimensions)
-                    if configured != m.spec and not config.force:
-                        raise dg.Failure(f"autoembed.toml names {configured.key}, the column holds {m.spec.key}: "
-                                         "update the pipeline first (or force), else the drain would embed with the old model")
-                    m = mig.drop_old(conn, m)
+                if configured is not None:
                     _retire_model_partitions(context.instance, p, keep={m.spec.key, configured.key})
             except mig.MigrationError as exc:
                 raise dg.Failure(str(exc)) from None
