@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +16,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoembed_dagster.core.database import connect, ensure_database, start_embedded  # noqa: E402
+from autoembed_dagster.core.database import connect, ensure_database, throwaway_server  # noqa: E402
 from autoembed_dagster.core.embedders import clear_embedder_cache  # noqa: E402
 from autoembed_dagster.core.migrations import init_db  # noqa: E402
 
@@ -26,17 +24,8 @@ from autoembed_dagster.core.migrations import init_db  # noqa: E402
 @contextlib.contextmanager
 def embedded_server() -> Iterator[str]:
     """A fresh embedded Postgres in a temp dir (or AUTOEMBED_BENCH_DATABASE_URL); yields its URL."""
-    external = os.environ.get("AUTOEMBED_BENCH_DATABASE_URL")
-    if external:
-        yield external
-        return
-    home = Path(tempfile.mkdtemp(prefix="autoembed-bench-"))
-    server = start_embedded(home / "pgdata")
-    try:
-        yield server.get_uri()
-    finally:
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with throwaway_server("autoembed-bench-", "AUTOEMBED_BENCH_DATABASE_URL") as url:
+        yield url
 
 
 _dbs = iter(range(10**6))

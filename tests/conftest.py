@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from autoembed_dagster.core.config import EmbedderSettings, Settings
-from autoembed_dagster.core.database import connect, start_embedded, with_database
+from autoembed_dagster.core.database import connect, throwaway_server, with_database
 from autoembed_dagster.core.embedders import clear_embedder_cache
 from autoembed_dagster.core.migrations import init_db
 
@@ -25,16 +23,8 @@ _counter = itertools.count()
 @pytest.fixture(scope="session")
 def pg_server_url():
     """URL of the server the tests use: AUTOEMBED_TEST_DATABASE_URL, or an embedded one."""
-    external = os.environ.get("AUTOEMBED_TEST_DATABASE_URL")
-    if external:
-        yield external
-        return
-    home = Path(tempfile.mkdtemp(prefix="autoembed-test-"))
-    server = start_embedded(home / "pgdata")
-    try:
-        yield server.get_uri()
-    finally:
-        server.stop()
+    with throwaway_server("autoembed-test-", "AUTOEMBED_TEST_DATABASE_URL") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,15 @@ process is killed: lifecycle is explicit instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import re
 import warnings
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import parse_qs, urlparse
 
 import psycopg
@@ -101,3 +105,20 @@ def ensure_database(url: str, database: str) -> str:
             except psycopg.errors.DuplicateDatabase:
                 pass  # created concurrently
     return with_database(url, database)
+
+
+@contextlib.contextmanager
+def throwaway_server(prefix: str, external_url_env: str) -> Iterator[str]:
+    """A fresh embedded server in a temp dir for tests and benchmarks, stopped and deleted after;
+    or the server named by the environment variable `external_url_env`, left alone. Yields its URL."""
+    external = os.environ.get(external_url_env)
+    if external:
+        yield external
+        return
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    server = start_embedded(home / PGDATA_DIRNAME)
+    try:
+        yield server.get_uri()
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
