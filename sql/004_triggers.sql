@@ -84,13 +84,7 @@ begin
     if key_column <> 'id' then
         message := message || jsonb_build_object('keyColumn', key_column);
     end if;
-    if queue = 'embedding_jobs' then
-        -- What pgmq.send does, with a plan kept for the session: pgmq.send plans a dynamic
-        -- INSERT on every call (~70 us a row, measured). Other queues go through pgmq.send.
-        insert into pgmq.q_embedding_jobs (vt, message) values (clock_timestamp(), message);
-    else
-        perform pgmq.send(queue, message);
-    end if;
+    perform pgmq.send(queue, message);
 
     if not seen then
         -- One notification per transaction is enough (it is delivered at commit).
@@ -153,25 +147,8 @@ declare
     extra jsonb := '{}';
     changed text;
     messages jsonb[];
-    sent_at timestamptz;
-    sent bigint;
 begin
     if current_setting('autoembed.draining', true) = 'on' then
-        return null;
-    end if;
-    if TG_OP = 'INSERT' and key_column = 'id' and queue = 'embedding_jobs' then
-        -- The common case in static SQL (planned once per session and table, where the dynamic
-        -- statements below are planned per statement): the messages go straight from the
-        -- transition table into pgmq's queue table, as pgmq.send_batch would put them.
-        sent_at := clock_timestamp();
-        insert into pgmq.q_embedding_jobs (vt, message)
-        select sent_at, jsonb_build_object('id', to_jsonb(n.id), 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                                           'contentFunction', content_function, 'embeddingColumn', embedding_column)
-        from autoembed_new n;
-        get diagnostics sent = row_count;
-        if sent > 0 then
-            perform pg_notify('autoembed', queue);
-        end if;
         return null;
     end if;
     if key_column <> 'id' then
@@ -192,6 +169,13 @@ begin
             key_column, changed)
             into messages
             using TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
+    elsif key_column = 'id' then
+        -- The common case in static SQL: planned once per session and table, where the dynamic
+        -- statements are planned per statement.
+        messages := array(
+            select jsonb_build_object('id', to_jsonb(n.id), 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                                      'contentFunction', content_function, 'embeddingColumn', embedding_column)
+            from autoembed_new n);
     else
         execute format(
             $q$select array(
