@@ -17,7 +17,7 @@ import re
 import warnings
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -75,12 +75,6 @@ def with_database(url: str, database: str) -> str:
         raise ValueError(f"invalid database name {database!r}")
     parsed = urlparse(url)
     return parsed._replace(path="/" + database).geturl()
-
-
-def socket_host(url: str) -> str | None:
-    """The unix-socket directory of a URL like postgresql://postgres:@/db?host=/path, if any."""
-    host = parse_qs(urlparse(url).query).get("host", [None])[0]
-    return host if host and host.startswith("/") else None
 
 
 def connect(url: str | None = None, *, autocommit: bool = True, **kwargs) -> psycopg.Connection:

@@ -15,8 +15,8 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import numpy as np
 import psycopg
@@ -63,9 +63,6 @@ class TableStats:
     def add(self, other: "TableStats") -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "skipped": self.skipped}
 
 
 def table_key(key: TargetKey) -> TableKey:

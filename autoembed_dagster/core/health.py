@@ -14,7 +14,7 @@ The queue's metrics (what the queue sensor reports) are core.queue.metrics().
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
@@ -63,9 +63,6 @@ class TableHealth:
     @property
     def coverage(self) -> float:
         return self.current / self.embeddable if self.embeddable else 1.0
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "coverage": self.coverage}
 
 
 def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableHealth:

@@ -573,7 +573,6 @@ class PromoteResult:
     indexes: list[str] = field(default_factory=list)  # vector indexes now serving the promoted column
     triggers: list[str] = field(default_factory=list)  # triggers re-pointed at a new content function
     notes: list[str] = field(default_factory=list)
-    purged_jobs: int = 0
     already: bool = False
     locked_seconds: float = 0.0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
@@ -110,9 +110,6 @@ class QueueMetrics:
     @property
     def invisible(self) -> int:
         return self.depth - self.visible
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "invisible": self.invisible}
 
 
 def metrics(conn: psycopg.Connection, queue: str) -> QueueMetrics | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -42,7 +42,10 @@ class EmbedOutcome:
     tokens: int = 0
     requests: int = 0
     truncated: int = 0
-    failed_indexes: list[int] = field(default_factory=list)
+
+    @property
+    def failed_indexes(self) -> list[int]:
+        return [i for i, e in enumerate(self.errors) if e is not None]
 
 
 class Embedder(Protocol):

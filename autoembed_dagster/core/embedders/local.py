@@ -132,7 +132,6 @@ class LocalEmbedder:
             out.tokens += tokens
             out.truncated += truncated
             out.requests += 1
-        out.failed_indexes = [i for i, e in enumerate(out.errors) if e is not None]
         return out
 
     @staticmethod

@@ -147,7 +147,6 @@ class OpenAIEmbedder:
                 self._fail(out, batch, fatal)
                 continue
             fatal = self._embed_batch(batch, out)
-        out.failed_indexes = [i for i, e in enumerate(out.errors) if e is not None]
         return out
 
     def _batches(self, items: list[_Item]) -> list[list[_Item]]:
