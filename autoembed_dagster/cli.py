@@ -40,9 +40,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
-    print(f"{'queue':<24}{'depth':>8}{'visible':>9}{'in flight':>11}{'retrying':>10}{'oldest s':>10}{'dead':>7}")
+    print(f"{'queue':<24}{'messages':>9}{'rows':>9}{'visible':>9}{'in flight':>11}{'retrying':>10}"
+          f"{'oldest s':>10}{'dead':>7}")
     for r in rows:
-        print(f"{r.queue_name:<24}{r.depth:>8}{r.visible:>9}{r.in_flight:>11}{r.retrying:>10}"
+        print(f"{r.queue_name:<24}{r.depth:>9}{r.rows:>9}{r.visible:>9}{r.in_flight:>11}{r.retrying:>10}"
               f"{r.oldest_age_seconds:>10.1f}{r.dead_letters:>7}")
     dead = api.dead_letters(queue=args.queue, limit=10)
     if dead:
@@ -58,14 +59,14 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     url = database_url(settings)
-    depth = sum(r.visible for r in api.status(url, settings.queue))
-    bar = tqdm(total=depth, unit="job", disable=args.quiet or None, desc="draining")
+    depth = sum(r.rows for r in api.status(url, settings.queue))
+    bar = tqdm(total=depth, unit="row", disable=args.quiet or None, desc="draining")
 
     def on_batch(batch, total):
-        if batch.messages:
-            if bar.n + batch.messages > (bar.total or 0):
-                bar.total = bar.n + batch.messages
-            bar.update(batch.messages)
+        if batch.rows:
+            if bar.n + batch.rows > (bar.total or 0):
+                bar.total = bar.n + batch.rows
+            bar.update(batch.rows)
             bar.set_postfix(embedded=total.embedded, dead=total.dead_lettered, refresh=False)
 
     try:

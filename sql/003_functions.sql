@@ -68,3 +68,53 @@ returns anyelement
 language sql
 stable
 as $$ select jsonb_populate_record(rec, jsonb_build_object(col, null)) $$;
+
+-- The job messages for the rows `ids` of one table: Supabase's message shape, one message per
+-- group of up to `group_size` rows. A message for several rows lists them all in "ids" ("id" is
+-- the first); integer keys travel as one comma-separated string, far cheaper to build and parse
+-- than a JSON array of numbers. A group of one row is exactly Supabase's message. Grouping is
+-- what keeps a bulk statement's enqueue cheap: one queue row per group instead of one per row.
+create or replace function autoembed.job_messages(
+    ids anyarray,
+    schema_name text,
+    table_name text,
+    content_function text,
+    embedding_column text,
+    extra jsonb default '{}',
+    group_size integer default 200
+)
+returns jsonb[]
+language plpgsql
+immutable
+as $$
+declare
+    n integer := coalesce(cardinality(ids), 0);
+    integer_keys boolean;
+begin
+    if n = 0 then
+        return '{}';
+    end if;
+    integer_keys := pg_typeof(ids[1]) in ('bigint'::regtype, 'integer'::regtype, 'smallint'::regtype);
+    return array(
+        select jsonb_build_object('id', to_jsonb(ids[i]), 'schema', schema_name, 'table', table_name,
+                                  'contentFunction', content_function, 'embeddingColumn', embedding_column)
+               || extra
+               || case when i = n then '{}'::jsonb
+                       when integer_keys then jsonb_build_object('ids', array_to_string(ids[i:i + group_size - 1], ','))
+                       else jsonb_build_object('ids', to_jsonb(ids[i:i + group_size - 1])) end
+        from generate_series(1, n, group_size) i);
+end;
+$$;
+
+-- How many rows a job message covers (see job_messages).
+create or replace function autoembed.message_rows(message jsonb)
+returns integer
+language sql
+immutable
+as $$
+    select case jsonb_typeof(message -> 'ids')
+               when 'string' then length(message ->> 'ids') - length(replace(message ->> 'ids', ',', '')) + 1
+               when 'array' then greatest(jsonb_array_length(message -> 'ids'), 1)
+               else 1
+           end
+$$;

@@ -132,7 +132,8 @@ end;
 $$;
 
 -- AFTER INSERT/UPDATE statement trigger of enrolled tables with transition tables named
--- autoembed_new (and autoembed_old for UPDATE): one pgmq.send_batch per statement.
+-- autoembed_new (and autoembed_old for UPDATE): one pgmq.send_batch per statement, one message per
+-- group of rows (autoembed.job_messages).
 -- Arguments: content function, embedding column, key column, queue.
 create or replace function autoembed.queue_embeddings_bulk()
 returns trigger
@@ -161,27 +162,20 @@ begin
             -- embedding_input per table, Supabase's convention) resolves to this table's function.
             format('%1$s(o::%2$s) is distinct from %1$s(n::%2$s)', fn::oid::regproc, TG_RELID::regclass) end;
         execute format(
-            $q$select array(
-                 select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $1, 'table', $2,
-                                           'contentFunction', $3, 'embeddingColumn', $4) || $5
-                 from autoembed_new n join autoembed_old o on o.%1$I = n.%1$I
-                 where %2$s)$q$,
+            $q$select autoembed.job_messages(
+                 array(select n.%1$I from autoembed_new n join autoembed_old o on o.%1$I = n.%1$I where %2$s),
+                 $1, $2, $3, $4, $5)$q$,
             key_column, changed)
             into messages
             using TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
     elsif key_column = 'id' then
         -- The common case in static SQL: planned once per session and table, where the dynamic
         -- statements are planned per statement.
-        messages := array(
-            select jsonb_build_object('id', to_jsonb(n.id), 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                                      'contentFunction', content_function, 'embeddingColumn', embedding_column)
-            from autoembed_new n);
+        messages := autoembed.job_messages(array(select n.id from autoembed_new n), TG_TABLE_SCHEMA,
+                                           TG_TABLE_NAME, content_function, embedding_column);
     else
         execute format(
-            $q$select array(
-                 select jsonb_build_object('id', to_jsonb(n.%1$I), 'schema', $1, 'table', $2,
-                                           'contentFunction', $3, 'embeddingColumn', $4) || $5
-                 from autoembed_new n)$q$,
+            $q$select autoembed.job_messages(array(select n.%1$I from autoembed_new n), $1, $2, $3, $4, $5)$q$,
             key_column)
             into messages
             using TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;

@@ -56,17 +56,16 @@ begin
 
     if enqueue_backlog then
         execute format(
-            $q$select array(
-                 select jsonb_build_object('id', to_jsonb(t.%1$I), 'schema', $1, 'table', $2,
-                                           'contentFunction', $3, 'embeddingColumn', $4)
-                        || case when $5 = 'id' then '{}'::jsonb else jsonb_build_object('keyColumn', $5) end
-                 from %2$s t where t.%3$I is null)$q$,
+            $q$select autoembed.job_messages(ids, $1, $2, $3, $4,
+                                             case when $5 = 'id' then '{}'::jsonb
+                                                  else jsonb_build_object('keyColumn', $5) end),
+                      cardinality(ids)
+               from (select array(select t.%1$I from %2$s t where t.%3$I is null) as ids) backlog$q$,
             key_column, tbl, embedding_column)
-            into messages
+            into messages, backlog
             using schema_name, table_name, content_function, embedding_column, key_column;
-        backlog := coalesce(cardinality(messages), 0);
     end if;
-    if backlog > 0 then
+    if coalesce(cardinality(messages), 0) > 0 then
         perform pgmq.send_batch(queue, messages);
         perform pg_notify('autoembed', queue);
     end if;

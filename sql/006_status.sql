@@ -1,9 +1,21 @@
--- Queue inspection: depth, oldest message age, messages in flight (claimed, visibility timeout
--- running), messages waiting for a retry, dead letters.
+-- Queue inspection: depth (messages) and the rows they cover, oldest message age, messages in
+-- flight (claimed, visibility timeout running), messages waiting for a retry, dead letters.
+-- (Dropped first when it predates the rows column: a function's result type cannot be replaced.)
+do $$
+begin
+    if exists (select 1 from pg_proc where oid = to_regprocedure('autoembed.queue_status()')
+               and not ('rows' = any(proargnames))) then
+        drop view if exists autoembed.queues;
+        drop function autoembed.queue_status();
+    end if;
+end
+$$;
+
 create or replace function autoembed.queue_status()
 returns table (
     queue_name text,
     depth bigint,
+    rows bigint,
     visible bigint,
     in_flight bigint,
     retrying bigint,
@@ -20,6 +32,7 @@ begin
         return query execute format(
             $s$select $1::text,
                       count(*),
+                      coalesce(sum(autoembed.message_rows(message)), 0)::bigint,
                       count(*) filter (where vt <= clock_timestamp()),
                       count(*) filter (where vt > clock_timestamp() and read_ct > 0),
                       (select count(*) from autoembed.message_errors e where e.queue_name = $1),

@@ -48,7 +48,10 @@ def test_per_table_numbers_add_up_to_the_drain_totals(two_tables, fake_openai, s
     docs = total.by_table[("public", "documents", "embedding")]
     notes = total.by_table[("public", "notes", "embedding")]
     assert (docs.messages, docs.embedded, docs.skipped, docs.dead_lettered) == (12, 12, 0, 0)
-    assert (notes.messages, notes.embedded, notes.skipped, notes.empty_input, notes.dead_lettered) == (9, 7, 1, 1, 1)
+    # notes: two statements, two messages (7 rows, 2 rows); documents: Supabase's row triggers.
+    assert (notes.messages, notes.rows, notes.embedded, notes.skipped, notes.empty_input,
+            notes.dead_lettered) == (2, 9, 7, 1, 1, 1)
+    assert docs.rows == 12
     assert docs.tokens > 0 and notes.tokens > 0 and docs.tokens + notes.tokens == total.tokens
     assert docs.embed_calls >= 1 and docs.embed_seconds > 0 and docs.texts == 12
     assert total.by_table[("?", "?", "?")].dead_lettered == 1
@@ -65,7 +68,7 @@ def test_per_table_numbers_add_up_to_the_drain_totals(two_tables, fake_openai, s
 def mismatches(total: DrainStats) -> list[str]:
     """Where the per-table numbers do not add up to the drain's totals (must be none)."""
     out = []
-    for name in ("messages", "embedded", "unchanged", "deleted_rows", "empty_input", "stale", "retried",
+    for name in ("messages", "rows", "embedded", "unchanged", "deleted_rows", "empty_input", "stale", "retried",
                  "dead_lettered", "tokens", "requests", "truncated"):
         mine = sum(getattr(t, name) for t in total.by_table.values())
         if mine != getattr(total, name):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -195,3 +197,111 @@ def test_enroll_rejects_bad_arguments_with_named_values(conn):
         conn.execute("select autoembed.enroll('notes', 'note_input', 'embedding', 'uuid')")
     with pytest.raises(psycopg.errors.UndefinedTable):
         conn.execute("select autoembed.enroll('missing_table', 'note_input', 'embedding')")
+
+
+def _enrolled_notes(conn, fake_openai, dims: int = 32) -> None:
+    conn.execute(f"""
+        create table notes (id bigint primary key, body text, embedding vector({dims}));
+        create function note_input(n notes) returns text language sql immutable as $$ select n.body $$;
+        select autoembed.enroll('notes', 'note_input', 'embedding');
+    """)
+    fake_openai.default_dims = dims
+
+
+def test_rows_of_a_bulk_message_fail_alone_and_the_rest_is_written(conn, fake_openai, settings):
+    _enrolled_notes(conn, fake_openai)
+    conn.execute("""insert into notes select g, case g when 7 then 'POISON ' when 150 then 'BROKEN ' else '' end
+                    || 'note ' || g from generate_series(1, 300) g""")
+    assert conn.execute("select count(*) from pgmq.q_embedding_jobs").fetchone()[0] == 2  # 200 + 100 rows
+    fake_openai.poison("POISON", status=400, message="This input is not allowed")
+    fake_openai.poison("BROKEN", status=500, message="upstream exploded")
+    s = settings_with(settings, max_attempts=3)
+
+    stats = drain(conn, s)
+
+    assert (stats.embedded, stats.dead_lettered) == (298, 2), stats.summary()
+    assert queue_depth(conn) == 0
+    dead = {d["row_id"]: d for d in pgmq.dead_letters(conn)}
+    assert set(dead) == {"7", "150"}
+    assert "not allowed" in dead["7"]["error"] and dead["7"]["attempts"] == 1
+    assert "gave up after 3 attempts" in dead["150"]["error"] and dead["150"]["attempts"] == 3
+    # Each failed row went on in a message of its own: Supabase's shape plus the attempts made
+    # before that message (one, in the shared message).
+    message = conn.execute("select message from autoembed.dead_letter_jobs where row_id = '150'").fetchone()[0]
+    assert message == {
+        "attempts": 1, "id": 150, "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
+    # After its first failure the broken row was sent alone, so it cannot fail its neighbours.
+    broken = [r["inputs"] for r in fake_openai.requests if any("BROKEN" in t for t in r["inputs"])]
+    assert len(broken) >= 3 and all(len(inputs) == 1 for inputs in broken[-2:])
+    # The shared messages were deleted, the two split-off ones archived as dead letters.
+    assert conn.execute("select count(*) from pgmq.a_embedding_jobs").fetchone()[0] == 2
+    for row_id in (1, 6, 8, 149, 151, 300):
+        vec = conn.execute("select embedding from notes where id = %s", (row_id,)).fetchone()[0]
+        assert np.allclose(vec.to_numpy(), fake_vector(f"note {row_id}", 32), atol=1e-6)
+
+    fake_openai.reset()
+    assert conn.execute("select autoembed.retry_dead_letters('embedding_jobs')").fetchone()[0] == 2
+    assert drain(conn, s).embedded == 2
+    assert conn.execute("select count(*) from notes where embedding is null").fetchone()[0] == 0
+
+
+def test_hostile_ids_in_a_message_are_dead_lettered_with_their_value(conn, fake_openai, settings):
+    _enrolled_notes(conn, fake_openai)
+    conn.execute("insert into notes select g, 'note ' || g from generate_series(1, 3) g")
+    drain(conn, settings)
+    conn.execute("update notes set embedding = null")  # same input: nothing queued
+    base = {"schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
+    pgmq.send_batch(conn, "embedding_jobs", [
+        {**base, "id": 1, "ids": "1,2;drop table notes,3"},  # one bad id among good ones
+        {**base, "id": 1, "ids": {"a": 1}},
+        {**base, "id": 1, "ids": list(range(20_000))},
+    ])
+    stats = drain(conn, settings)
+    assert stats.embedded == 2 and stats.dead_lettered == 3, stats.summary()
+    errors = sorted(d["error"] for d in pgmq.dead_letters(conn))
+    assert any("'2;drop table notes' is not a valid bigint key" in e for e in errors), errors
+    assert any("comma-separated string, got {'a': 1}" in e for e in errors), errors
+    assert any("20000 ids" in e for e in errors), errors
+    # Rows 1 and 3 of the first message were written; nothing else was touched.
+    assert [r[0] for r in conn.execute("select id from notes where embedding is not null order by id")] == [1, 3]
+
+
+def test_a_provider_outage_retries_a_bulk_message_whole(conn, fake_openai, settings):
+    _enrolled_notes(conn, fake_openai)
+    conn.execute("insert into notes select g, 'note ' || g from generate_series(1, 50) g")
+    fake_openai.fail_next(3, status=500)  # the client's own 3 tries, all failing
+
+    first = Drainer(conn, settings).drain_batch()
+
+    assert (first.retried, first.embedded, first.dead_lettered) == (50, 0, 0)
+    # Still one message for the 50 rows, waiting for its retry with the error recorded.
+    assert conn.execute("select count(*), min(autoembed.message_rows(message)) from pgmq.q_embedding_jobs"
+                        ).fetchone() == (1, 50)
+    assert pgmq.status(conn, "embedding_jobs")[0].retrying == 1
+    before = fake_openai.request_count
+    assert drain(conn, settings).embedded == 50
+    # A transient failure of the whole message does not split it: one request for the 50 rows.
+    assert [len(r["inputs"]) for r in fake_openai.requests[before:]] == [50]
+
+
+def test_a_claim_bigger_than_a_batch_is_worked_through_in_batches(conn, fake_openai, settings):
+    _enrolled_notes(conn, fake_openai)
+    s = settings_with(settings, read_batch=50, visibility_timeout=3)
+    drainer = Drainer(conn, s)
+    for i in range(1, 4):  # one-row messages: the drainer learns to read many messages at once
+        conn.execute("insert into notes values (%s, %s)", (i, f"note {i}"))
+    assert drainer.run().embedded == 3
+    conn.execute("insert into notes select g, 'note ' || g from generate_series(4, 803) g")  # 4 messages of 200
+
+    first = drainer.drain_batch()
+
+    # One read claimed all four messages; they are taken up one batch (message) at a time.
+    assert (first.messages, first.rows, first.embedded) == (1, 200, 200)
+    claimed = "select count(*) from pgmq.q_embedding_jobs where vt > clock_timestamp() + %s * interval '1 s'"
+    assert conn.execute(claimed, (0,)).fetchone()[0] == 3
+    time.sleep(1.5)  # past a third of the visibility timeout: the claims still held are extended
+    assert drainer.drain_batch().rows == 200
+    assert conn.execute(claimed, (2,)).fetchone()[0] == 2
+    rest = drainer.run()
+    assert (rest.messages, rest.embedded) == (2, 400) and queue_depth(conn) == 0
+    assert conn.execute("select count(*) from notes where embedding is null").fetchone()[0] == 0

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import psycopg
 import pytest
+from psycopg import sql
 
 from autoembed_dagster.core import queue as pgmq
 from autoembed_dagster.core.config import Settings
@@ -30,7 +31,9 @@ def assert_current(conn, doc_id, dims=1536):
 
 
 def queue_depth(conn, queue="embedding_jobs"):
-    return pgmq.depth(conn, queue)[0]
+    """Rows waiting in the queue (a bulk statement's message covers up to 200)."""
+    return conn.execute(sql.SQL("select coalesce(sum(autoembed.message_rows(message)), 0) from pgmq.{}")
+                        .format(sql.Identifier("q_" + queue))).fetchone()[0]
 
 
 def test_supabase_sql_runs_unchanged_and_rows_get_embedded(supabase_docs, fake_openai, settings):
@@ -112,6 +115,12 @@ def test_bulk_statement_trigger_sends_one_batch_and_only_changed_rows(conn, fake
     assert queued == 50
     conn.execute("insert into notes select g, 'note ' || g, 't', null from generate_series(51, 3050) g")
     assert queue_depth(conn) == 3050
+    # One queue row per 200 rows of a statement, each listing its rows; "id" is the first of them.
+    messages = [m for (m,) in conn.execute("select message from pgmq.q_embedding_jobs order by msg_id")]
+    assert len(messages) == 1 + 15
+    assert messages[1]["id"] == 51 and messages[1]["ids"] == ",".join(str(i) for i in range(51, 251))
+    assert {k: v for k, v in messages[1].items() if k not in ("id", "ids")} == {
+        "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
     fake_openai.default_dims = 64
     stats = drain(conn, settings)
     assert stats.embedded == 3050

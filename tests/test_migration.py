@@ -64,7 +64,8 @@ def column_type(conn, column: str = "embedding") -> str | None:
 
 
 def queue_depth(conn) -> int:
-    return conn.execute("select count(*) from pgmq.q_embedding_jobs").fetchone()[0]
+    return conn.execute("select coalesce(sum(autoembed.message_rows(message)), 0) from pgmq.q_embedding_jobs"
+                        ).fetchone()[0]
 
 
 def drain_all(conn, settings, rounds: int = 5) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
@@ -26,11 +26,14 @@ from . import queue as pgmq
 from .config import EmbedderSettings, Settings
 from .embedders import make_embedder
 from .embedders.base import Embedder, EmbeddingError
-from .targets import Target, TargetError, TargetKey, check_dimensions, resolve, target_key_from_message
+from .targets import (Target, TargetError, TargetKey, check_dimensions, message_row_count, resolve,
+                      target_key_from_message)
 
 log = logging.getLogger(__name__)
 
 EmbedderResolver = Callable[[Target], Embedder]
+
+SHARED_MESSAGE_ROWS = 200  # rows per message of a bulk statement (sql/003 autoembed.job_messages)
 
 TableKey = tuple[str, str, str]  # (schema, table, embedding column): how pipelines name a target
 UNKNOWN_TABLE: TableKey = ("?", "?", "?")  # messages too malformed to name a table
@@ -40,7 +43,8 @@ UNKNOWN_TABLE: TableKey = ("?", "?", "?")  # messages too malformed to name a ta
 class TableStats:
     """One table's (embedding column's) share of a drain: DrainStats.by_table."""
 
-    messages: int = 0  # jobs claimed for this table
+    messages: int = 0  # messages claimed for this table
+    rows: int = 0  # rows those messages cover
     embedded: int = 0
     unchanged: int = 0
     deleted_rows: int = 0
@@ -97,6 +101,7 @@ class DrainStats:
     retried: int = 0  # jobs put back for a later attempt
     dead_lettered: int = 0
     messages: int = 0  # messages claimed
+    rows: int = 0  # rows those messages cover
     tokens: int = 0
     requests: int = 0
     truncated: int = 0
@@ -119,7 +124,7 @@ class DrainStats:
 
     def add(self, other: "DrainStats") -> None:
         for name in ("embedded", "unchanged", "deleted_rows", "empty_input", "stale", "retried",
-                     "dead_lettered", "messages", "tokens", "requests", "truncated", "batches"):
+                     "dead_lettered", "messages", "rows", "tokens", "requests", "truncated", "batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for key, ts in other.by_table.items():
             self.table(key).add(ts)
@@ -155,10 +160,18 @@ def default_resolver(settings: EmbedderSettings | None = None, *, url: str | Non
 
 @dataclass
 class _Job:
+    """One row of a claimed message (a message of a bulk statement covers up to 200 rows)."""
+
     msg_id: int
     read_ct: int
     body: object
     row_id: str
+    attempts: int = 1  # attempts at this row including this one (see _attempts)
+    message_rows: int = 1  # rows the message covers
+
+    @property
+    def shared(self) -> bool:
+        return self.message_rows > 1
 
 
 @dataclass
@@ -242,6 +255,9 @@ class Drainer:
         self.resolver = resolver or default_resolver()
         self._targets: dict[TargetKey, Target] = {}
         self._stages: set[str] = set()  # vector types whose temp staging table exists
+        self._claimed: deque[list[pgmq.Message]] = deque()  # claimed, not yet taken up (_next_messages)
+        self._claimed_at = 0.0
+        self._rows_per_message = SHARED_MESSAGE_ROWS
         self.pipeline = pipeline  # run(): embed batch N+1 in a worker thread while batch N is written
 
     # -- claim -----------------------------------------------------------------------------
@@ -260,8 +276,7 @@ class Drainer:
         job here whose row that batch is about to write with the same input is settled as
         unchanged instead of being embedded a second time."""
         started = time.perf_counter()
-        messages = pgmq.read(self.conn, self.settings.queue, self.settings.visibility_timeout,
-                             self.settings.read_batch)
+        messages = self._next_messages()
         if not messages:
             return None
         try:
@@ -272,6 +287,34 @@ class Drainer:
             self._forget_targets(exc)
         return self._prepare(self._reread([m.msg_id for m in messages]), started, pending, retried=True)
 
+    def _next_messages(self) -> list[pgmq.Message]:
+        """The next chunk of about `read_batch` rows from claimed messages, reading from pgmq when
+        none are left. Messages cover 1 to 200 rows: the read size follows the largest message of
+        the last read; a read that brought more rows than one batch is worked through in chunks,
+        and its claims are extended while that takes long."""
+        s = self.settings
+        if not self._claimed:
+            qty = max(1, s.read_batch // self._rows_per_message)
+            messages = pgmq.read(self.conn, s.queue, s.visibility_timeout, qty)
+            if not messages:
+                return []
+            sizes = [message_row_count(m.body) for m in messages]
+            self._rows_per_message = max(sizes)
+            chunk: list[pgmq.Message] = []
+            rows = 0
+            for message, size in zip(messages, sizes):
+                if chunk and rows + size > s.read_batch:
+                    self._claimed.append(chunk)
+                    chunk, rows = [], 0
+                chunk.append(message)
+                rows += size
+            self._claimed.append(chunk)
+            self._claimed_at = time.monotonic()
+        elif time.monotonic() - self._claimed_at > s.visibility_timeout / 3:
+            pgmq.set_vt(self.conn, s.queue, [m.msg_id for c in self._claimed for m in c], s.visibility_timeout)
+            self._claimed_at = time.monotonic()
+        return self._claimed.popleft()
+
     def _prepare(self, messages: list[pgmq.Message], started: float, pending: "_Batch | None",
                  retried: bool = False) -> "_Batch":
         stats = DrainStats(batches=1, messages=len(messages))
@@ -280,16 +323,28 @@ class Drainer:
         for message in messages:
             table = UNKNOWN_TABLE
             try:
-                key, row_id = target_key_from_message(message.body)
+                key, row_ids = target_key_from_message(message.body)
                 table = table_key(key)
                 target = self._target(key)
-                job = _Job(message.msg_id, message.read_ct, message.body, _id_text(row_id, target))
             except TargetError as exc:
-                batch.outcome.dead.append((_Job(message.msg_id, message.read_ct, message.body, ""), str(exc)))
+                batch.outcome.dead.append((_Job(message.msg_id, message.read_ct, message.body, "",
+                                                _attempts(message)), str(exc)))
+                stats.rows += 1
+                stats.table(table).rows += 1
                 continue
             finally:
                 stats.table(table).messages += 1
-            groups[target].append(job)
+            stats.rows += len(row_ids)
+            stats.table(table).rows += len(row_ids)
+            attempts = _attempts(message)
+            for row_id in row_ids:
+                job = _Job(message.msg_id, message.read_ct, message.body, str(row_id), attempts, len(row_ids))
+                try:
+                    job.row_id = _id_text(row_id, target)
+                except TargetError as exc:
+                    batch.outcome.dead.append((job, str(exc)))
+                    continue
+                groups[target].append(job)
         for target, jobs in groups.items():
             in_flight = {}
             if pending is not None:
@@ -407,8 +462,8 @@ class Drainer:
             return
         # Rows that failed before are embedded one per request, so a row that keeps failing
         # the whole request (a 500 on its content, say) cannot drag its neighbours down with it.
-        first_try = [r for r in to_embed if all(j.read_ct <= 1 for j in to_embed[r])]
-        retrying = [[r] for r in to_embed if any(j.read_ct > 1 for j in to_embed[r])]
+        first_try = [r for r in to_embed if not _isolated(to_embed[r])]
+        retrying = [[r] for r in to_embed if _isolated(to_embed[r])]
         for row_ids in ([first_try] if first_try else []) + retrying:
             batch.work.append((target, embedder, row_ids, rows, to_embed))
 
@@ -499,10 +554,11 @@ class Drainer:
                     dead = list(outcome.dead)
                     retry: list[tuple[_Job, str]] = []
                     for job, error in outcome.retry:
-                        if job.read_ct >= self.settings.max_attempts:
-                            dead.append((job, f"{error} (gave up after {job.read_ct} attempts)"))
+                        if job.attempts >= self.settings.max_attempts:
+                            dead.append((job, f"{error} (gave up after {job.attempts} attempts)"))
                         else:
                             retry.append((job, error))
+                    dead, retry = self._split_shared(dead, retry, done)
                     self._dead_letter(dead)
                     self._schedule_retries(retry)
                     pgmq.delete(self.conn, self.settings.queue, done)
@@ -518,7 +574,7 @@ class Drainer:
         stats.embedded += written
         stats.stale += stale
         stats.dead_lettered += len(dead)
-        stats.retried += len(retry)
+        stats.retried += sum(job.message_rows for job, _ in retry)  # a shared message retried whole: its rows
         for _, error in dead:
             stats.note_error(error)
         for target, w, s in wrote:
@@ -528,7 +584,7 @@ class Drainer:
         for job, _ in dead:
             stats.table(_table_of_body(job.body)).dead_lettered += 1
         for job, _ in retry:
-            stats.table(_table_of_body(job.body)).retried += 1
+            stats.table(_table_of_body(job.body)).retried += job.message_rows
 
     def _ensure_stages(self, outcome: "_Outcome") -> None:
         """Create the session's staging tables (one per vector type) outside the settle transaction,
@@ -616,6 +672,30 @@ class Drainer:
             (target.key.schema, target.key.table, target.key.embedding_column, row_ids),
         )
 
+    def _split_shared(self, dead: list[tuple[_Job, str]], retry: list[tuple[_Job, str]],
+                      done: list[int]) -> tuple[list[tuple[_Job, str]], list[tuple[_Job, str]]]:
+        """Failed rows of a message for several rows. When all of them failed at a first attempt (a
+        provider outage, a timeout), the message is retried whole. Otherwise each failed row gets a
+        message of its own (Supabase's shape plus "attempts"), retried alone or dead-lettered, and
+        the shared message is deleted (`done`) with the rest of its rows."""
+        failed: dict[int, int] = defaultdict(int)
+        for job, _ in dead + retry:
+            if job.shared:
+                failed[job.msg_id] += 1
+        retried_whole = {job.msg_id for job, _ in retry
+                         if job.shared and job.attempts <= 1 and failed[job.msg_id] == job.message_rows}
+        whole = {job.msg_id: (job, error) for job, error in retry if job.msg_id in retried_whole}
+        own = [(job, error, is_dead) for is_dead, jobs in ((True, dead), (False, retry))
+               for job, error in jobs if job.shared and job.msg_id not in retried_whole]
+        bodies = [_single_body(job) for job, _, _ in own]
+        new_ids = pgmq.send_batch(self.conn, self.settings.queue, bodies)
+        done.extend(job.msg_id for job, _, _ in own)
+        split = [((_Job(msg_id, 0, body, job.row_id, job.attempts), error), is_dead)
+                 for (job, error, is_dead), body, msg_id in zip(own, bodies, new_ids)]
+        return ([d for d in dead if not d[0].shared] + [pair for pair, is_dead in split if is_dead],
+                [r for r in retry if not r[0].shared] + list(whole.values())
+                + [pair for pair, is_dead in split if not is_dead])
+
     def _dead_letter(self, dead: list[tuple[_Job, str]]) -> None:
         if not dead:
             return
@@ -626,7 +706,7 @@ class Drainer:
                    values (%s, %s, %s, %s, %s)
                    on conflict (queue_name, msg_id) do update set error = excluded.error,
                        attempts = excluded.attempts, failed_at = now()""",
-                [(q, job.msg_id, psycopg.types.json.Jsonb(job.body), _clean(error), job.read_ct)
+                [(q, job.msg_id, psycopg.types.json.Jsonb(job.body), _clean(error), job.attempts)
                  for job, error in dead],
             )
         ids = [job.msg_id for job, _ in dead]
@@ -645,12 +725,12 @@ class Drainer:
                    values (%s, %s, %s, %s)
                    on conflict (queue_name, msg_id) do update set error = excluded.error,
                        attempts = excluded.attempts, failed_at = now()""",
-                [(q, job.msg_id, _clean(error), job.read_ct) for job, error in retry],
+                [(q, job.msg_id, _clean(error), job.attempts) for job, error in retry],
             )
         # Back off linearly with the attempt number so a struggling provider gets air.
         by_delay: dict[int, list[int]] = defaultdict(list)
         for job, _ in retry:
-            by_delay[self.settings.retry_delay * max(job.read_ct, 1)].append(job.msg_id)
+            by_delay[self.settings.retry_delay * max(job.attempts, 1)].append(job.msg_id)
         for delay, ids in by_delay.items():
             pgmq.set_vt(self.conn, q, ids, delay)
 
@@ -688,7 +768,7 @@ class Drainer:
         try:
             while True:
                 if current is None:
-                    if not in_time():
+                    if not in_time() and not self._claimed:  # what is claimed already gets done
                         break
                     current = self._claim()
                     if current is None:
@@ -708,7 +788,8 @@ class Drainer:
                     embedding = self._start_embed(pool, current)
                 embedding.result()  # the worker catches provider errors per batch; this raises only on a bug
                 # Claim the next batch now so that its provider calls overlap this batch's write.
-                following = self._claim(pending=current) if pool is not None and in_time() else None
+                following = (self._claim(pending=current)
+                             if pool is not None and (in_time() or self._claimed) else None)
                 following_embedding = self._start_embed(pool, following) if following is not None else None
                 try:
                     stats = self._finish_or_retry(current, following_embedding)
@@ -719,6 +800,7 @@ class Drainer:
                 report(stats)
                 current, embedding = following, following_embedding
         finally:
+            self._claimed.clear()  # after an error: those claims come back when their timeout ends
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             if listening:
@@ -780,6 +862,29 @@ def _spent(stats: DrainStats) -> DrainStats:
         out.by_table[key] = TableStats(tokens=ts.tokens, requests=ts.requests, truncated=ts.truncated,
                                        texts=ts.texts, embed_calls=ts.embed_calls, embed_seconds=ts.embed_seconds)
     return out
+
+
+def _attempts(message: pgmq.Message) -> int:
+    """Attempts at a message: its claims, plus, for a row split off a shared message, the attempts
+    before ("attempts")."""
+    before = message.body.get("attempts") if isinstance(message.body, dict) else None
+    if isinstance(before, int) and not isinstance(before, bool) and 0 <= before < 1000:
+        return message.read_ct + before
+    return message.read_ct
+
+
+def _isolated(jobs: list[_Job]) -> bool:
+    """Whether a row is embedded in a request of its own: a one-row message that failed before,
+    so that a row failing every request it is in cannot fail its neighbours."""
+    return any(not j.shared and j.attempts > 1 for j in jobs)
+
+
+def _single_body(job: _Job) -> dict:
+    """The one-row message of a row split off a shared message."""
+    body = {k: v for k, v in job.body.items() if k != "ids"}
+    body["id"] = int(job.row_id) if job.row_id.lstrip("-").isdigit() else job.row_id
+    body["attempts"] = job.attempts
+    return body
 
 
 def _id_text(row_id: object, target: Target) -> str:

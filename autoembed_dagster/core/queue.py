@@ -75,7 +75,8 @@ def queue_exists(conn: psycopg.Connection, queue: str) -> bool:
 @dataclass(frozen=True)
 class QueueStatus:
     queue_name: str
-    depth: int
+    depth: int  # messages
+    rows: int  # rows the messages cover (a bulk statement's message covers up to 200)
     visible: int
     in_flight: int
     retrying: int

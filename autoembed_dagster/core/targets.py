@@ -78,16 +78,20 @@ def check_identifier(what: str, value: Any) -> str:
     return value
 
 
-def target_key_from_message(body: Any) -> tuple[TargetKey, Any]:
-    """Parse a Supabase-shaped job message into (target key, row id). Raises TargetError."""
+MAX_IDS_PER_MESSAGE = 10_000  # the triggers group 200 rows per message (sql/003 job_messages)
+
+
+def target_key_from_message(body: Any) -> tuple[TargetKey, list[Any]]:
+    """Parse a Supabase-shaped job message into (target key, row ids). Raises TargetError.
+
+    A message covers one row ("id"), or several when it has "ids": a JSON array, or for integer
+    keys a comma-separated string (what autoembed's statement triggers send)."""
     if not isinstance(body, dict):
         raise TargetError(f"message is not a JSON object: {body!r}")
     missing = [f for f in ("id", "schema", "table", "contentFunction", "embeddingColumn") if f not in body]
     if missing:
         raise TargetError(f"message lacks {', '.join(missing)}: {body!r}")
-    row_id = body["id"]
-    if row_id is None or isinstance(row_id, (dict, list, bool)):
-        raise TargetError(f"message id must be a scalar, got {row_id!r}")
+    row_ids = _row_ids(body)
     key = TargetKey(
         schema=check_identifier("schema", body["schema"]),
         table=check_identifier("table", body["table"]),
@@ -95,7 +99,36 @@ def target_key_from_message(body: Any) -> tuple[TargetKey, Any]:
         embedding_column=check_identifier("embedding column", body["embeddingColumn"]),
         key_column=check_identifier("key column", body.get("keyColumn", "id")),
     )
-    return key, row_id
+    return key, row_ids
+
+
+def message_row_count(body: Any) -> int:
+    """How many rows a message covers, without validating it (sizing claims)."""
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if isinstance(ids, str):
+        return ids.count(",") + 1
+    if isinstance(ids, list):
+        return max(len(ids), 1)
+    return 1
+
+
+def _row_ids(body: dict) -> list[Any]:
+    if "ids" not in body:
+        ids = [body["id"]]
+    elif isinstance(body["ids"], str):
+        ids = [int(i) if i.isdigit() else i for i in body["ids"].split(",")]
+    elif isinstance(body["ids"], list):
+        ids = body["ids"]
+    else:
+        raise TargetError(f"message ids must be a JSON array or a comma-separated string, got {body['ids']!r}")
+    if not ids:
+        raise TargetError(f"message ids is empty: {body!r}")
+    if len(ids) > MAX_IDS_PER_MESSAGE:
+        raise TargetError(f"message lists {len(ids)} ids, more than {MAX_IDS_PER_MESSAGE}")
+    for row_id in ids:
+        if row_id is None or isinstance(row_id, (dict, list, bool)) or row_id == "":
+            raise TargetError(f"message id must be a scalar, got {row_id!r}")
+    return list(dict.fromkeys(ids))
 
 
 def resolve(conn: psycopg.Connection, key: TargetKey) -> Target:

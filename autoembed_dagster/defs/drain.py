@@ -62,7 +62,8 @@ def _pipeline_metadata(p: Pipeline, ts: TableStats, model_key: str | None, perio
         "stale_writes_avoided": ts.stale,
         "rows_retried": ts.retried,
         "rows_dead_lettered": ts.dead_lettered,
-        "jobs": ts.messages,
+        "jobs": ts.rows,
+        "messages": ts.messages,
         "tokens": ts.tokens,
         "requests": ts.requests,
         "truncated_inputs": ts.truncated,
@@ -85,7 +86,7 @@ def _stats_table(by_table: dict, pipelines_by_table: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, ts in sorted(by_table.items()):
         p = pipelines_by_table.get(key)
-        lines.append(f"| {'.'.join(key)} | {p.name if p else '(SQL-enrolled)'} | {ts.messages} | {ts.embedded} "
+        lines.append(f"| {'.'.join(key)} | {p.name if p else '(SQL-enrolled)'} | {ts.rows} | {ts.embedded} "
                      f"| {ts.skipped} | {ts.retried} | {ts.dead_lettered} | {ts.tokens} |")
     return "\n".join(lines)
 
@@ -173,7 +174,7 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
                 context.log.warning(f"queue {queue!r} does not exist yet (run `autoembed db init`): nothing to drain")
                 yield dg.Output(None, metadata={"queue": queue, "jobs": 0})
                 return
-            context.log.info(f"queue {queue}: {start.depth} job(s), {start.visible} claimable, "
+            context.log.info(f"queue {queue}: {start.depth} message(s), {start.visible} claimable, "
                              f"oldest {start.oldest_age_seconds:.0f} s")
             drainer = Drainer(conn, settings, resolver)
             reporter = _Reporter(conn, queue, pipelines, resolver, config.checks)
@@ -185,7 +186,7 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
                 now = time.monotonic()
                 if batch.messages and now - last_log[0] >= PROGRESS_EVERY_SECONDS:
                     last_log[0] = now
-                    context.log.info(f"{total.messages + running.messages} job(s) so far: "
+                    context.log.info(f"{total.rows + running.rows} job(s) so far: "
                                      f"{total.embedded + running.embedded} embedded, "
                                      f"{total.dead_lettered + running.dead_lettered} dead-lettered")
 
@@ -204,7 +205,8 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
 
         yield dg.Output(None, metadata={
             "queue": queue,
-            "jobs": total.messages,
+            "jobs": total.rows,
+            "messages": total.messages,
             "rows_embedded": total.embedded,
             "rows_skipped": total.unchanged + total.deleted_rows + total.empty_input,
             "rows_retried": total.retried,
