@@ -106,15 +106,46 @@ begin
 end;
 $$;
 
--- How many rows a job message covers (see job_messages).
+-- The job messages for the integer keys lo..hi, all of them (a bulk INSERT with consecutive keys,
+-- the usual case of an identity or serial key): one message per group of up to `group_size` keys,
+-- each naming its keys as "idRange": [first, last]. No array of keys is built or sent.
+create or replace function autoembed.range_messages(
+    lo bigint,
+    hi bigint,
+    schema_name text,
+    table_name text,
+    content_function text,
+    embedding_column text,
+    extra jsonb default '{}',
+    group_size integer default 200
+)
+returns jsonb[]
+language sql
+immutable
+as $$
+    select array(
+        select jsonb_build_object('id', i, 'schema', schema_name, 'table', table_name,
+                                  'contentFunction', content_function, 'embeddingColumn', embedding_column)
+               || extra
+               || case when i = hi then '{}'::jsonb
+                       else jsonb_build_object('idRange', jsonb_build_array(i, least(i + group_size - 1, hi))) end
+        from generate_series(lo, hi, group_size) i)
+$$;
+
+-- How many rows a job message covers (see job_messages, range_messages).
+-- Never raises, whatever the message holds: status views read every message.
 create or replace function autoembed.message_rows(message jsonb)
 returns integer
 language sql
 immutable
 as $$
-    select case jsonb_typeof(message -> 'ids')
-               when 'string' then length(message ->> 'ids') - length(replace(message ->> 'ids', ',', '')) + 1
-               when 'array' then greatest(jsonb_array_length(message -> 'ids'), 1)
+    select case
+               when jsonb_typeof(message -> 'idRange' -> 0) = 'number' and jsonb_typeof(message -> 'idRange' -> 1) = 'number'
+                   then least(greatest((message -> 'idRange' ->> 1)::numeric - (message -> 'idRange' ->> 0)::numeric + 1, 1),
+                              2147483647)::integer
+               when jsonb_typeof(message -> 'ids') = 'string'
+                   then length(message ->> 'ids') - length(replace(message ->> 'ids', ',', '')) + 1
+               when jsonb_typeof(message -> 'ids') = 'array' then greatest(jsonb_array_length(message -> 'ids'), 1)
                else 1
            end
 $$;

@@ -255,13 +255,19 @@ def test_hostile_ids_in_a_message_are_dead_lettered_with_their_value(conn, fake_
         {**base, "id": 1, "ids": "1,2;drop table notes,3"},  # one bad id among good ones
         {**base, "id": 1, "ids": {"a": 1}},
         {**base, "id": 1, "ids": list(range(20_000))},
+        {**base, "id": 3, "idRange": [3, 1]},
+        {**base, "id": 0, "idRange": [0, 10**12]},
     ])
     stats = drain(conn, settings)
-    assert stats.embedded == 2 and stats.dead_lettered == 3, stats.summary()
+    assert stats.embedded == 2 and stats.dead_lettered == 5, stats.summary()
+    # The status views read every message and cope with these too.
+    assert pgmq.status(conn, "embedding_jobs")[0].dead_letters == 5
     errors = sorted(d["error"] for d in pgmq.dead_letters(conn))
     assert any("'2;drop table notes' is not a valid bigint key" in e for e in errors), errors
     assert any("comma-separated string, got {'a': 1}" in e for e in errors), errors
     assert any("20000 ids" in e for e in errors), errors
+    assert any("idRange must be [first, last] integers, got [3, 1]" in e for e in errors), errors
+    assert any("covers more than 10000 ids" in e for e in errors), errors
     # Rows 1 and 3 of the first message were written; nothing else was touched.
     assert [r[0] for r in conn.execute("select id from notes where embedding is not null order by id")] == [1, 3]
 

@@ -115,15 +115,24 @@ def test_bulk_statement_trigger_sends_one_batch_and_only_changed_rows(conn, fake
     assert queued == 50
     conn.execute("insert into notes select g, 'note ' || g, 't', null from generate_series(51, 3050) g")
     assert queue_depth(conn) == 3050
-    # One queue row per 200 rows of a statement, each listing its rows; "id" is the first of them.
+    # One queue row per 200 rows of a statement; "id" is the first of them. Consecutive integer
+    # keys travel as a range, others as a list.
     messages = [m for (m,) in conn.execute("select message from pgmq.q_embedding_jobs order by msg_id")]
     assert len(messages) == 1 + 15
-    assert messages[1]["id"] == 51 and messages[1]["ids"] == ",".join(str(i) for i in range(51, 251))
-    assert {k: v for k, v in messages[1].items() if k not in ("id", "ids")} == {
+    assert messages[0]["ids"] == ",".join(str(i) for i in range(1, 51))  # the backlog
+    assert messages[1]["id"] == 51 and messages[1]["idRange"] == [51, 250] and messages[-1]["idRange"] == [2851, 3050]
+    assert {k: v for k, v in messages[1].items() if k not in ("id", "idRange")} == {
         "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
+    conn.execute("insert into notes select g, 'note ' || g, 't', null from generate_series(5001, 5500, 2) g")
+    gapped = [m for (m,) in conn.execute("select message from pgmq.q_embedding_jobs where msg_id > %s order by msg_id",
+                                         (conn.execute("select max(msg_id) - 2 from pgmq.q_embedding_jobs").fetchone()[0],))]
+    assert [m["ids"] for m in gapped] == [",".join(str(i) for i in range(5001, 5400, 2)),
+                                          ",".join(str(i) for i in range(5401, 5500, 2))]
+    assert queue_depth(conn) == 3050 + 250
     fake_openai.default_dims = 64
     stats = drain(conn, settings)
-    assert stats.embedded == 3050
+    assert stats.embedded == 3050 + 250
+    conn.execute("delete from notes where id > 5000")
 
     # A bulk update touching content of 10 rows and only the tag of 1000 others.
     conn.execute("update notes set body = body || '!' where id <= 10")

@@ -881,7 +881,7 @@ def _isolated(jobs: list[_Job]) -> bool:
 
 def _single_body(job: _Job) -> dict:
     """The one-row message of a row split off a shared message."""
-    body = {k: v for k, v in job.body.items() if k != "ids"}
+    body = {k: v for k, v in job.body.items() if k not in ("ids", "idRange")}
     body["id"] = int(job.row_id) if job.row_id.lstrip("-").isdigit() else job.row_id
     body["attempts"] = job.attempts
     return body

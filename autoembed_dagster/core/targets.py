@@ -85,7 +85,8 @@ def target_key_from_message(body: Any) -> tuple[TargetKey, list[Any]]:
     """Parse a Supabase-shaped job message into (target key, row ids). Raises TargetError.
 
     A message covers one row ("id"), or several when it has "ids": a JSON array, or for integer
-    keys a comma-separated string (what autoembed's statement triggers send)."""
+    keys a comma-separated string, or "idRange": [first, last] of integer keys (what autoembed's
+    statement triggers send, sql/003)."""
     if not isinstance(body, dict):
         raise TargetError(f"message is not a JSON object: {body!r}")
     missing = [f for f in ("id", "schema", "table", "contentFunction", "embeddingColumn") if f not in body]
@@ -104,7 +105,12 @@ def target_key_from_message(body: Any) -> tuple[TargetKey, list[Any]]:
 
 def message_row_count(body: Any) -> int:
     """How many rows a message covers, without validating it (sizing claims)."""
-    ids = body.get("ids") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        return 1
+    span = body.get("idRange")
+    if isinstance(span, list) and len(span) == 2 and all(type(i) is int for i in span):
+        return min(max(span[1] - span[0] + 1, 1), MAX_IDS_PER_MESSAGE)
+    ids = body.get("ids")
     if isinstance(ids, str):
         return ids.count(",") + 1
     if isinstance(ids, list):
@@ -113,6 +119,13 @@ def message_row_count(body: Any) -> int:
 
 
 def _row_ids(body: dict) -> list[Any]:
+    if "idRange" in body:
+        span = body["idRange"]
+        if not (isinstance(span, list) and len(span) == 2 and all(type(i) is int for i in span) and span[0] <= span[1]):
+            raise TargetError(f"message idRange must be [first, last] integers, got {span!r}")
+        if span[1] - span[0] >= MAX_IDS_PER_MESSAGE:
+            raise TargetError(f"message idRange {span!r} covers more than {MAX_IDS_PER_MESSAGE} ids")
+        return list(range(span[0], span[1] + 1))
     if "ids" not in body:
         ids = [body["id"]]
     elif isinstance(body["ids"], str):
