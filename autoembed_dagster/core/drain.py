@@ -529,7 +529,7 @@ class Drainer:
         ids = list(set(row_ids))
         cur = self.conn.execute(query, (ids, target.key.schema, target.key.table,
                                         target.key.embedding_column, ids), prepare=False)
-        return {r[0]: _Row(r[1], r[2], r[3], r[4], r[5]) for r in cur}
+        return {r[0]: _Row(r[1], r[2], r[3], r[4], r[5]) for r in cur.fetchall()}
 
     # -- write -------------------------------------------------------------------------------
     def _settle(self, outcome: _Outcome, stats: DrainStats) -> None:
@@ -615,7 +615,7 @@ class Drainer:
             ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
                      key_type=target.key_type_sql),
             (ids,), prepare=False,
-        ):
+        ).fetchall():
             current[k] = h
             if v:
                 has_vector.add(k)
