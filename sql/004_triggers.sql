@@ -148,6 +148,7 @@ declare
     extra jsonb := '{}';
     changed text;
     messages jsonb[];
+    first_keys jsonb[];
     lo bigint;
     hi bigint;
     n bigint;
@@ -155,31 +156,40 @@ begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
-    if TG_OP = 'INSERT' and exists (select 1 from pg_attribute where attrelid = TG_RELID and attname = key_column
-                                    and atttypid in ('int8'::regtype, 'int4'::regtype, 'int2'::regtype)) then
-        -- Integer keys: when the statement inserted consecutive keys (one identity/serial bulk load),
-        -- the messages are ranges and the keys are read once, without building an array of them.
+    if TG_OP = 'INSERT' then
+        -- A one-row INSERT (the common single-row write): Supabase's message, nothing else built.
         if key_column = 'id' then
-            select min(k.id), max(k.id), count(*) into lo, hi, n from autoembed_new k;
+            first_keys := array(select to_jsonb(k.id) from autoembed_new k limit 2);
         else
-            execute format('select min(k.%1$I), max(k.%1$I), count(*) from autoembed_new k', key_column)
-                into lo, hi, n;
+            execute format('select array(select to_jsonb(k.%I) from autoembed_new k limit 2)', key_column)
+                into first_keys;
         end if;
-        if n = 1 then  -- a one-row INSERT: Supabase's message, nothing else to build
-            perform pgmq.send(queue, jsonb_build_object('id', lo, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-                                                        'contentFunction', content_function,
+        if cardinality(first_keys) = 0 then
+            return null;
+        elsif cardinality(first_keys) = 1 then
+            perform pgmq.send(queue, jsonb_build_object('id', first_keys[1], 'schema', TG_TABLE_SCHEMA,
+                                                        'table', TG_TABLE_NAME, 'contentFunction', content_function,
                                                         'embeddingColumn', embedding_column) || extra);
             perform pg_notify('autoembed', queue);
             return null;
-        elsif n > 0 and hi - lo + 1 = n then
-            perform pgmq.send_batch(queue, autoembed.range_messages(lo, hi, TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                                                                    content_function, embedding_column, extra));
-            perform pg_notify('autoembed', queue);
-            return null;
         end if;
-    end if;
-    if key_column <> 'id' then
-        extra := jsonb_build_object('keyColumn', key_column);
+        -- Integer keys: when the statement inserted consecutive keys (one identity/serial bulk
+        -- load), the messages are ranges and the keys are read once, without an array of them.
+        if exists (select 1 from pg_attribute where attrelid = TG_RELID and attname = key_column
+                   and atttypid in ('int8'::regtype, 'int4'::regtype, 'int2'::regtype)) then
+            if key_column = 'id' then
+                select min(k.id), max(k.id), count(*) into lo, hi, n from autoembed_new k;
+            else
+                execute format('select min(k.%1$I), max(k.%1$I), count(*) from autoembed_new k', key_column)
+                    into lo, hi, n;
+            end if;
+            if hi - lo + 1 = n then
+                perform pgmq.send_batch(queue, autoembed.range_messages(lo, hi, TG_TABLE_SCHEMA, TG_TABLE_NAME,
+                                                                        content_function, embedding_column, extra));
+                perform pg_notify('autoembed', queue);
+                return null;
+            end if;
+        end if;
     end if;
     if TG_OP = 'UPDATE' then
         fn := autoembed.content_function(TG_RELID, content_function);
