@@ -131,10 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
             results["floor"] = {"bulk": (plain + queue_only) / plain}
             line(f"bulk   one message per row, no trigger (reference)", f"{results['floor']['bulk']:.2f}x")
     target = {"bulk": 1.3, "single": 1.5}
-    for variant in ("supabase", "enroll"):
-        for kind in ("bulk", "single"):
-            r = results[variant][kind]
-            line(f"target {kind} <= {target[kind]}x, {variant}", "met" if r <= target[kind] else "MISSED")
+    # Supabase's row trigger (one pgmq.send per row) is a peer on bulk statements, not a target.
+    for variant, kind in (("enroll", "bulk"), ("enroll", "single"), ("supabase", "single")):
+        r = results[variant][kind]
+        line(f"target {kind} <= {target[kind]}x, {variant}", "met" if r <= target[kind] else "MISSED")
     return results
 
 

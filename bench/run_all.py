@@ -36,7 +36,7 @@ def main() -> None:
     q = args.quick
     started = time.perf_counter()
     w = bench_write_path.main(["--bulk", "20000" if q else "100000", "--single", "2000" if q else "10000",
-                               "--repeat", "1" if q else "3"])
+                               "--repeat", "1" if q else "5"])
     d = bench_drain.main(["--rows", "5000" if q else "20000", "--hnsw-rows", "1000" if q else "3000"])
     s = bench_supabase.main(["--rows", "500" if q else "2000"])
     f = bench_freshness.main(["--seconds", "5" if q else "15", "--idle-samples", "3" if q else "8",
@@ -50,10 +50,10 @@ def main() -> None:
     rows = [
         ("write path, bulk INSERT, enroll statement triggers", f"{w['enroll']['bulk']:.2f}x no-trigger time", "<= 1.3x",
          ok(w["enroll"]["bulk"] <= 1.3)),
-        ("write path, bulk INSERT, floor (plain + bare queue inserts, no trigger)",
+        ("write path, bulk INSERT, one message per row without any trigger (reference)",
          f"{w['floor']['bulk']:.2f}x", "", ""),
-        ("write path, bulk INSERT, Supabase row trigger", f"{w['supabase']['bulk']:.2f}x", "<= 1.3x",
-         ok(w["supabase"]["bulk"] <= 1.3)),
+        ("write path, bulk INSERT, Supabase's row trigger (peer: one pgmq.send per row)",
+         f"{w['supabase']['bulk']:.2f}x", "ratio", ""),
         ("write path, single-row INSERTs, enroll triggers", f"{w['enroll']['single']:.2f}x", "<= 1.5x",
          ok(w["enroll"]["single"] <= 1.5)),
         ("write path, single-row INSERTs, Supabase row trigger", f"{w['supabase']['single']:.2f}x", "<= 1.5x",
