@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import psycopg
 from psycopg import errors, sql
+from psycopg.conninfo import make_conninfo
 
 from . import queue as pgmq
 from .config import EmbedderSettings, Settings
@@ -269,25 +270,28 @@ class Drainer:
         self._embed(batch)
         return self._finish_or_retry(batch)
 
-    def _claim(self, pending: "_Batch | None" = None) -> "_Batch | None":
+    def _claim(self, pending: "_Batch | None" = None, conn: psycopg.Connection | None = None) -> "_Batch | None":
         """Claim messages and decide what to do with each, up to the embedding (no provider call).
 
         `pending`: a batch already embedded whose write has not committed yet (pipelined run). A
         job here whose row that batch is about to write with the same input is settled as
-        unchanged instead of being embedded a second time."""
+        unchanged instead of being embedded a second time. `conn`: the connection that claims and
+        reads (default: the drain's own; a pipelined run claims on a second one)."""
+        conn = conn or self.conn
         started = time.perf_counter()
-        messages = self._next_messages()
+        messages = self._next_messages(conn)
         if not messages:
             return None
         try:
-            return self._prepare(messages, started, pending)
+            return self._prepare(messages, started, pending, conn=conn)
         except Exception as exc:
             if not _target_changed(exc):
                 raise  # the claims come back when their visibility timeout ends
             self._forget_targets(exc)
-        return self._prepare(self._reread([m.msg_id for m in messages]), started, pending, retried=True)
+        return self._prepare(self._reread([m.msg_id for m in messages], conn), started, pending, retried=True,
+                             conn=conn)
 
-    def _next_messages(self) -> list[pgmq.Message]:
+    def _next_messages(self, conn: psycopg.Connection) -> list[pgmq.Message]:
         """The next chunk of about `read_batch` rows from claimed messages, reading from pgmq when
         none are left. Messages cover 1 to 200 rows: the read size follows the largest message of
         the last read; a read that brought more rows than one batch is worked through in chunks,
@@ -295,7 +299,7 @@ class Drainer:
         s = self.settings
         if not self._claimed:
             qty = max(1, s.read_batch // self._rows_per_message)
-            messages = pgmq.read(self.conn, s.queue, s.visibility_timeout, qty)
+            messages = pgmq.read(conn, s.queue, s.visibility_timeout, qty)
             if not messages:
                 return []
             sizes = [message_row_count(m.body) for m in messages]
@@ -311,12 +315,13 @@ class Drainer:
             self._claimed.append(chunk)
             self._claimed_at = time.monotonic()
         elif time.monotonic() - self._claimed_at > s.visibility_timeout / 3:
-            pgmq.set_vt(self.conn, s.queue, [m.msg_id for c in self._claimed for m in c], s.visibility_timeout)
+            pgmq.set_vt(conn, s.queue, [m.msg_id for c in self._claimed for m in c], s.visibility_timeout)
             self._claimed_at = time.monotonic()
         return self._claimed.popleft()
 
     def _prepare(self, messages: list[pgmq.Message], started: float, pending: "_Batch | None",
-                 retried: bool = False) -> "_Batch":
+                 retried: bool = False, conn: psycopg.Connection | None = None) -> "_Batch":
+        conn = conn or self.conn
         stats = DrainStats(batches=1, messages=len(messages))
         batch = _Batch(stats, _Outcome(), started, msg_ids=[m.msg_id for m in messages], retried=retried)
         groups: dict[Target, list[_Job]] = defaultdict(list)
@@ -325,7 +330,7 @@ class Drainer:
             try:
                 key, row_ids = target_key_from_message(message.body)
                 table = table_key(key)
-                target = self._target(key)
+                target = self._target(key, conn)
             except TargetError as exc:
                 batch.outcome.dead.append((_Job(message.msg_id, message.read_ct, message.body, "",
                                                 _attempts(message)), str(exc)))
@@ -350,7 +355,7 @@ class Drainer:
             if pending is not None:
                 in_flight = {w[0]: w[1] for w in pending.outcome.writes.get(target, ())}
             with _attributed(stats, table_key(target.key), ("unchanged", "deleted_rows", "empty_input")):
-                self._process_target(target, jobs, batch, in_flight)
+                self._process_target(target, jobs, batch, in_flight, conn)
         return batch
 
     def _embed(self, batch: "_Batch") -> None:
@@ -397,31 +402,31 @@ class Drainer:
                     "retrying the batch", self.settings.queue, type(exc).__name__, str(exc).strip())
         self._targets.clear()
 
-    def _reread(self, msg_ids: list[int]) -> list[pgmq.Message]:
+    def _reread(self, msg_ids: list[int], conn: psycopg.Connection | None = None) -> list[pgmq.Message]:
         """The messages of a batch still claimed: those the change deleted (a promotion purges the
         jobs of the shadow column) are gone, and are not retried."""
-        return pgmq.read_claimed(self.conn, self.settings.queue, msg_ids)
+        return pgmq.read_claimed(conn or self.conn, self.settings.queue, msg_ids)
 
-    def _check_target(self, target: Target) -> None:
+    def _check_target(self, target: Target, conn: psycopg.Connection | None = None) -> None:
         """Raise TargetChanged when `target` no longer is what the catalog says (one lookup)."""
         try:
-            now = resolve(self.conn, target.key)
+            now = resolve(conn or self.conn, target.key)
         except TargetError as exc:
             raise TargetChanged(f"{target.key.label}: {exc}") from exc
         if now != target:
             raise TargetChanged(f"{target.key.label} is {now.vector_type}({now.dimensions}) now, "
                                 f"was {target.vector_type}({target.dimensions})")
 
-    def _target(self, key: TargetKey) -> Target:
+    def _target(self, key: TargetKey, conn: psycopg.Connection | None = None) -> Target:
         target = self._targets.get(key)
         if target is None:
-            target = resolve(self.conn, key)
+            target = resolve(conn or self.conn, key)
             self._targets[key] = target
         return target
 
     # -- read + embed ------------------------------------------------------------------------
     def _process_target(self, target: Target, jobs: list[_Job], batch: "_Batch",
-                        in_flight: dict[str, bytes] | None = None) -> None:
+                        in_flight: dict[str, bytes] | None = None, conn: psycopg.Connection | None = None) -> None:
         outcome, stats = batch.outcome, batch.stats
         try:
             embedder = self.resolver(target)
@@ -433,7 +438,7 @@ class Drainer:
                 outcome.dead.append((job, str(exc) if isinstance(exc, TargetError) else f"{where}: {exc}"))
             return
         model = embedder.identity.key
-        rows, unreadable = self._read_rows_or_isolate(target, [job.row_id for job in jobs])
+        rows, unreadable = self._read_rows_or_isolate(target, [job.row_id for job in jobs], conn or self.conn)
         to_embed: dict[str, list[_Job]] = {}
         for job in jobs:
             row = rows.get(job.row_id)
@@ -494,21 +499,22 @@ class Drainer:
                 else:
                     outcome.retry.append((job, text))
 
-    def _read_rows_or_isolate(self, target: Target, row_ids: list[str]) -> tuple[dict[str, _Row], dict[str, str]]:
+    def _read_rows_or_isolate(self, target: Target, row_ids: list[str],
+                              conn: psycopg.Connection) -> tuple[dict[str, _Row], dict[str, str]]:
         """Read the rows; when the batch read fails because the content function fails on some
         row, read them one by one so that only those rows fail (with the reason), not the batch.
         Connection and transient server errors are raised: the claims come back later."""
         try:
-            return self._read_rows(target, row_ids), {}
+            return self._read_rows(target, row_ids, conn), {}
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except psycopg.Error:
-            self._check_target(target)  # a column renamed away by a promotion: retry the batch, not per row
+            self._check_target(target, conn)  # a column renamed away by a promotion: retry the batch, not per row
         rows: dict[str, _Row] = {}
         unreadable: dict[str, str] = {}
         for row_id in dict.fromkeys(row_ids):
             try:
-                rows.update(self._read_rows(target, [row_id]))
+                rows.update(self._read_rows(target, [row_id], conn))
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 raise
             except psycopg.Error as exc:
@@ -516,7 +522,7 @@ class Drainer:
                                       f"{type(exc).__name__}: {str(exc).strip()}")
         return rows, unreadable
 
-    def _read_rows(self, target: Target, row_ids: list[str]) -> dict[str, _Row]:
+    def _read_rows(self, target: Target, row_ids: list[str], conn: psycopg.Connection) -> dict[str, _Row]:
         query = sql.SQL(
             """select r.k, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model
                from (select t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
@@ -527,7 +533,7 @@ class Drainer:
         ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql,
                  table=target.table_sql, key_type=target.key_type_sql)
         ids = list(set(row_ids))
-        cur = self.conn.execute(query, (ids, target.key.schema, target.key.table,
+        cur = conn.execute(query, (ids, target.key.schema, target.key.table,
                                         target.key.embedding_column, ids), prepare=False)
         return {r[0]: _Row(r[1], r[2], r[3], r[4], r[5]) for r in cur.fetchall()}
 
@@ -745,14 +751,15 @@ class Drainer:
         """Drain until the queue has no visible message; then wait up to `idle_timeout` seconds
         for more (LISTEN/NOTIFY), and stop when `time_budget` seconds have passed.
 
-        Pipelined (the default): while batch N is written, batch N+1 is already claimed and its
-        provider calls run in a worker thread. Every batch is still settled on its own, in order,
-        in one transaction; the worker never touches the database."""
+        Pipelined (the default): while batch N is written, a worker thread claims batch N+1 on a
+        second connection and makes its provider calls. Every batch is still settled on its own,
+        in order, in one transaction, on the drain's connection."""
         total = DrainStats()
         started = time.perf_counter()
         deadline = started + time_budget if time_budget else None
         listening = False
         pool = ThreadPoolExecutor(1, thread_name_prefix="autoembed-embed") if self.pipeline else None
+        claim_conn = self._claim_connection() if pool is not None else None
         current: _Batch | None = None  # claimed; being embedded by `embedding`
         embedding: Future | None = None
 
@@ -787,34 +794,59 @@ class Drainer:
                         continue
                     embedding = self._start_embed(pool, current)
                 embedding.result()  # the worker catches provider errors per batch; this raises only on a bug
-                # Claim the next batch now so that its provider calls overlap this batch's write.
-                following = (self._claim(pending=current)
-                             if pool is not None and (in_time() or self._claimed) else None)
-                following_embedding = self._start_embed(pool, following) if following is not None else None
+                # The next batch is claimed and embedded while this one is written.
+                following: Future | None = None
+                if pool is not None and (in_time() or self._claimed):
+                    if claim_conn is not None:
+                        following = pool.submit(self._claim_and_embed, current, claim_conn)
+                    else:
+                        claimed = self._claim(pending=current)
+                        following = self._start_embed(pool, claimed) if claimed is not None else None
                 try:
-                    stats = self._finish_or_retry(current, following_embedding)
+                    stats = self._finish_or_retry(current, following)
                 except BaseException:
-                    if following_embedding is not None:
-                        following_embedding.cancel()
+                    if following is not None:
+                        following.cancel()
                     raise  # the next batch's claims come back when their visibility timeout ends
                 report(stats)
-                current, embedding = following, following_embedding
+                current = following.result() if following is not None else None
+                embedding = following
         finally:
             self._claimed.clear()  # after an error: those claims come back when their timeout ends
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+            if claim_conn is not None:
+                claim_conn.close()
             if listening:
                 self.conn.execute("unlisten *")
         total.seconds = time.perf_counter() - started
         return total
 
+    def _claim_and_embed(self, pending: "_Batch", conn: psycopg.Connection) -> "_Batch | None":
+        batch = self._claim(pending=pending, conn=conn)
+        if batch is not None:
+            self._embed(batch)
+        return batch
+
+    def _claim_connection(self) -> psycopg.Connection | None:
+        """A second connection to the same database for the pipelined run's claims (the drain's
+        own is busy writing), or None, and claims stay on the drain's connection."""
+        try:
+            params = {o.keyword.decode(): o.val.decode() for o in self.conn.pgconn.info if o.val is not None}
+            return psycopg.connect(make_conninfo(**params), autocommit=True)
+        except psycopg.Error as exc:
+            log.warning("drain of %s: no second connection for claims (%s); claiming on the drain's own",
+                        self.settings.queue, str(exc).strip())
+            return None
+
     def _start_embed(self, pool: ThreadPoolExecutor | None, batch: "_Batch") -> Future:
+        """The provider calls of `batch`, in the worker when there is one; the future's result is the batch."""
         if pool is not None and batch.work:
-            return pool.submit(self._embed, batch)
+            return pool.submit(lambda: (self._embed(batch), batch)[1])
         done: Future = Future()
         try:
             self._embed(batch)
-            done.set_result(None)
+            done.set_result(batch)
         except BaseException as exc:  # noqa: BLE001 - re-raised by .result()
             done.set_exception(exc)
         return done
