@@ -51,6 +51,12 @@ def _env_opt_int(name: str) -> int | None:
 PROVIDERS = ("openai", "local")
 
 
+def default_batch_size(provider: str) -> int:
+    """Texts per embedding request by default (OpenAI takes up to 2048 inputs; the local model
+    runs best in small batches)."""
+    return 256 if provider == "openai" else 32
+
+
 @dataclass(frozen=True)
 class EmbedderSettings:
     """Which model embeds, and how to reach it. The API key is read by the client, never stored."""
@@ -75,7 +81,7 @@ class EmbedderSettings:
         if provider not in PROVIDERS:
             raise ConfigError(f"AUTOEMBED_PROVIDER={provider!r} is not one of {', '.join(PROVIDERS)}")
         default_model = "text-embedding-3-small" if provider == "openai" else "all-MiniLM-L6-v2"
-        default_batch = 256 if provider == "openai" else 32
+        default_batch = default_batch_size(provider)
         return cls(
             provider=provider,
             model=os.environ.get("AUTOEMBED_MODEL", "").strip() or default_model,

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
-from .config import ConfigError, EmbedderSettings, PROVIDERS
+from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
 from .embedders import make_embedder
 from .embedders.base import Embedder
 from .targets import MAX_IDENTIFIER_BYTES, Target, TargetError, TargetKey, resolve
@@ -110,7 +110,7 @@ class ModelSpec:
     def settings(self, base: EmbedderSettings) -> EmbedderSettings:
         """Embedder settings for this model: the base's transport settings, this model's identity."""
         if self.provider != base.provider:
-            base = replace(base, provider=self.provider, batch_size=256 if self.provider == "openai" else 32)
+            base = replace(base, provider=self.provider, batch_size=default_batch_size(self.provider))
         return replace(base, model=self.model, dimensions=self.dimensions)
 
 

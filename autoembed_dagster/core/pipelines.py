@@ -25,7 +25,7 @@ import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import ConfigError, EmbedderSettings, PROVIDERS
+from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
 
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
@@ -56,7 +56,7 @@ class Pipeline:
             # Another provider: its own defaults, not the environment's model name.
             default_model = "text-embedding-3-small" if self.provider == "openai" else "all-MiniLM-L6-v2"
             base = replace(base, provider=self.provider, model=default_model,
-                           batch_size=256 if self.provider == "openai" else 32)
+                           batch_size=default_batch_size(self.provider))
         return replace(
             base,
             model=self.model or base.model,
