@@ -41,33 +41,45 @@ UNKNOWN_TABLE: TableKey = ("?", "?", "?")  # messages too malformed to name a ta
 
 
 @dataclass
-class TableStats:
-    """One table's (embedding column's) share of a drain: DrainStats.by_table."""
+class _Counts:
+    """What a drain counts, in total (DrainStats) and per table (TableStats)."""
 
-    messages: int = 0  # messages claimed for this table
-    rows: int = 0  # rows those messages cover
-    embedded: int = 0
-    unchanged: int = 0
-    deleted_rows: int = 0
-    empty_input: int = 0
-    stale: int = 0
-    retried: int = 0
+    embedded: int = 0  # rows whose vector was written
+    unchanged: int = 0  # jobs skipped: the stored vector already matches the input and model
+    deleted_rows: int = 0  # jobs whose row no longer exists
+    empty_input: int = 0  # rows whose input is NULL or blank: no vector, column left NULL
+    stale: int = 0  # vectors not written because the row changed meanwhile (a newer job exists)
+    retried: int = 0  # jobs put back for a later attempt
     dead_lettered: int = 0
+    messages: int = 0  # messages claimed
+    rows: int = 0  # rows those messages cover
     tokens: int = 0
     requests: int = 0  # provider requests (HTTP calls, or local model batches)
     truncated: int = 0
-    texts: int = 0  # texts sent to the embedder
-    embed_calls: int = 0  # embedder calls (one per provider batch of the drain)
-    embed_seconds: float = 0.0  # time inside the embedder
 
     @property
     def skipped(self) -> int:
         """Jobs settled with no provider call: unchanged input, deleted row, empty input."""
         return self.unchanged + self.deleted_rows + self.empty_input
 
+    def _add_counts(self, other: "_Counts", names: tuple[str, ...]) -> None:
+        for name in names:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+_COUNTS = tuple(f.name for f in fields(_Counts))
+
+
+@dataclass
+class TableStats(_Counts):
+    """One table's (embedding column's) share of a drain: DrainStats.by_table."""
+
+    texts: int = 0  # texts sent to the embedder
+    embed_calls: int = 0  # embedder calls (one per provider batch of the drain)
+    embed_seconds: float = 0.0  # time inside the embedder
+
     def add(self, other: "TableStats") -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        self._add_counts(other, tuple(f.name for f in fields(self)))
 
 
 def table_key(key: TargetKey) -> TableKey:
@@ -93,19 +105,7 @@ def _attributed(stats: "DrainStats", key: TableKey, names: tuple[str, ...]):
 
 
 @dataclass
-class DrainStats:
-    embedded: int = 0  # rows whose vector was written
-    unchanged: int = 0  # jobs skipped: the stored vector already matches the input and model
-    deleted_rows: int = 0  # jobs whose row no longer exists
-    empty_input: int = 0  # rows whose input is NULL or blank: no vector, column left NULL
-    stale: int = 0  # vectors not written because the row changed meanwhile (a newer job exists)
-    retried: int = 0  # jobs put back for a later attempt
-    dead_lettered: int = 0
-    messages: int = 0  # messages claimed
-    rows: int = 0  # rows those messages cover
-    tokens: int = 0
-    requests: int = 0
-    truncated: int = 0
+class DrainStats(_Counts):
     batches: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)  # distinct error texts seen (capped)
@@ -124,9 +124,7 @@ class DrainStats:
         return ts
 
     def add(self, other: "DrainStats") -> None:
-        for name in ("embedded", "unchanged", "deleted_rows", "empty_input", "stale", "retried",
-                     "dead_lettered", "messages", "rows", "tokens", "requests", "truncated", "batches"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self._add_counts(other, (*_COUNTS, "batches"))
         for key, ts in other.by_table.items():
             self.table(key).add(ts)
         for e in other.errors:

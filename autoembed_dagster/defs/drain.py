@@ -208,7 +208,7 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
             "jobs": total.rows,
             "messages": total.messages,
             "rows_embedded": total.embedded,
-            "rows_skipped": total.unchanged + total.deleted_rows + total.empty_input,
+            "rows_skipped": total.skipped,
             "rows_retried": total.retried,
             "rows_dead_lettered": total.dead_lettered,
             "tokens": total.tokens,
