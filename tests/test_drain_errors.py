@@ -252,18 +252,19 @@ def test_hostile_ids_in_a_message_are_dead_lettered_with_their_value(conn, fake_
     conn.execute("update notes set embedding = null")  # same input: nothing queued
     base = {"schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
     pgmq.send_batch(conn, "embedding_jobs", [
-        {**base, "id": 1, "ids": "1,2;drop table notes,3"},  # one bad id among good ones
+        {**base, "id": 1, "ids": "1,2;drop table notes,--5,3"},  # bad ids among good ones
         {**base, "id": 1, "ids": {"a": 1}},
         {**base, "id": 1, "ids": list(range(20_000))},
         {**base, "id": 3, "idRange": [3, 1]},
         {**base, "id": 0, "idRange": [0, 10**12]},
     ])
     stats = drain(conn, settings)
-    assert stats.embedded == 2 and stats.dead_lettered == 5, stats.summary()
+    assert stats.embedded == 2 and stats.dead_lettered == 6, stats.summary()
     # The status views read every message and cope with these too.
-    assert pgmq.status(conn, "embedding_jobs")[0].dead_letters == 5
+    assert pgmq.status(conn, "embedding_jobs")[0].dead_letters == 6
     errors = sorted(d["error"] for d in pgmq.dead_letters(conn))
     assert any("'2;drop table notes' is not a valid bigint key" in e for e in errors), errors
+    assert any("'--5' is not a valid bigint key" in e for e in errors), errors
     assert any("comma-separated string, got {'a': 1}" in e for e in errors), errors
     assert any("20000 ids" in e for e in errors), errors
     assert any("idRange must be [first, last] integers, got [3, 1]" in e for e in errors), errors

@@ -27,7 +27,7 @@ from . import queue as pgmq
 from .config import EmbedderSettings, Settings
 from .embedders import make_embedder
 from .embedders.base import Embedder, EmbeddingError
-from .targets import (Target, TargetError, TargetKey, check_dimensions, message_row_count, resolve,
+from .targets import (Target, TargetError, TargetKey, check_dimensions, key_value, message_row_count, resolve,
                       target_key_from_message)
 
 log = logging.getLogger(__name__)
@@ -356,9 +356,10 @@ class Drainer:
                 self._process_target(target, jobs, batch, in_flight, conn)
         return batch
 
-    def _embed(self, batch: "_Batch") -> None:
-        """The provider calls of a claimed batch. Touches no database connection, so a pipelined
-        run does this in a worker thread while the previous batch is written."""
+    def _embed(self, batch: "_Batch") -> "_Batch":
+        """The provider calls of a claimed batch (returned, embedded). Touches no database
+        connection, so a pipelined run does this in a worker thread while the previous batch is
+        written."""
         for target, embedder, row_ids, rows, to_embed in batch.work:
             ts = batch.stats.table(table_key(target.key))
             started = time.perf_counter()
@@ -368,6 +369,7 @@ class Drainer:
             ts.embed_calls += 1
             ts.texts += len(row_ids)
         batch.work = []
+        return batch
 
     def _finish(self, batch: "_Batch") -> DrainStats:
         self._settle(batch.outcome, batch.stats)
@@ -822,9 +824,7 @@ class Drainer:
 
     def _claim_and_embed(self, pending: "_Batch", conn: psycopg.Connection) -> "_Batch | None":
         batch = self._claim(pending=pending, conn=conn)
-        if batch is not None:
-            self._embed(batch)
-        return batch
+        return self._embed(batch) if batch is not None else None
 
     def _claim_connection(self) -> psycopg.Connection | None:
         """A second connection to the same database for the pipelined run's claims (the drain's
@@ -840,11 +840,10 @@ class Drainer:
     def _start_embed(self, pool: ThreadPoolExecutor | None, batch: "_Batch") -> Future:
         """The provider calls of `batch`, in the worker when there is one; the future's result is the batch."""
         if pool is not None and batch.work:
-            return pool.submit(lambda: (self._embed(batch), batch)[1])
+            return pool.submit(self._embed, batch)
         done: Future = Future()
         try:
-            self._embed(batch)
-            done.set_result(batch)
+            done.set_result(self._embed(batch))
         except BaseException as exc:  # noqa: BLE001 - re-raised by .result()
             done.set_exception(exc)
         return done
@@ -912,7 +911,7 @@ def _isolated(jobs: list[_Job]) -> bool:
 def _single_body(job: _Job) -> dict:
     """The one-row message of a row split off a shared message."""
     body = {k: v for k, v in job.body.items() if k not in ("ids", "idRange")}
-    body["id"] = int(job.row_id) if job.row_id.lstrip("-").isdigit() else job.row_id
+    body["id"] = key_value(job.row_id)
     body["attempts"] = job.attempts
     return body
 

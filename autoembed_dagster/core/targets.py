@@ -118,6 +118,12 @@ def message_row_count(body: Any) -> int:
     return 1
 
 
+def key_value(text: str) -> int | str:
+    """A key written as text (an "ids" string, a row id): the integer when it is one."""
+    digits = text[1:] if text.startswith("-") else text
+    return int(text) if digits.isascii() and digits.isdigit() else text
+
+
 def _row_ids(body: dict) -> list[Any]:
     if "idRange" in body:
         span = body["idRange"]
@@ -129,7 +135,7 @@ def _row_ids(body: dict) -> list[Any]:
     if "ids" not in body:
         ids = [body["id"]]
     elif isinstance(body["ids"], str):
-        ids = [int(i) if i.isdigit() else i for i in body["ids"].split(",")]
+        ids = [key_value(i) for i in body["ids"].split(",")]
     elif isinstance(body["ids"], list):
         ids = body["ids"]
     else:
