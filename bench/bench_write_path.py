@@ -16,6 +16,8 @@ import time
 
 from common import Timer, body_sql, connect, embedded_server, fresh_db, header, line
 
+from autoembed_dagster.core import queue as pgmq
+
 SUPABASE_TRIGGERS = """
 create trigger embed_on_insert after insert on {t} for each row
     execute function util.queue_embeddings('{t}_input', 'embedding');
@@ -39,8 +41,7 @@ def setup(conn, variant: str) -> str:
 
 
 def queued_rows(conn) -> int:
-    return conn.execute("select coalesce(sum(autoembed.message_rows(message)), 0) from pgmq.q_embedding_jobs"
-                        ).fetchone()[0]
+    return pgmq.status(conn, "embedding_jobs")[0].rows
 
 
 def reset(conn, table: str) -> None:

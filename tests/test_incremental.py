@@ -8,7 +8,6 @@ import time
 import numpy as np
 import psycopg
 import pytest
-from psycopg import sql
 
 from autoembed_dagster.core import queue as pgmq
 from autoembed_dagster.core.config import Settings
@@ -32,8 +31,7 @@ def assert_current(conn, doc_id, dims=1536):
 
 def queue_depth(conn, queue="embedding_jobs"):
     """Rows waiting in the queue (a bulk statement's message covers up to 200)."""
-    return conn.execute(sql.SQL("select coalesce(sum(autoembed.message_rows(message)), 0) from pgmq.{}")
-                        .format(sql.Identifier("q_" + queue))).fetchone()[0]
+    return pgmq.status(conn, queue)[0].rows
 
 
 def test_supabase_sql_runs_unchanged_and_rows_get_embedded(supabase_docs, fake_openai, settings):

@@ -28,6 +28,7 @@ from autoembed_dagster.core.search import search
 from autoembed_dagster.core.targets import TargetKey, resolve
 
 from .fake_openai import fake_vector
+from .test_incremental import queue_depth
 
 DOCS = Pipeline(name="documents", schema="public", table="documents", shards=4)  # 1536: the column's size
 DOCS_512 = replace(DOCS, dimensions=512)  # the model change under test: 1536 -> 512 dimensions
@@ -61,11 +62,6 @@ def column_type(conn, column: str = "embedding") -> str | None:
     row = conn.execute("select format_type(atttypid, atttypmod) from pg_attribute where attrelid = 'documents'::regclass"
                        " and attname = %s and not attisdropped", (column,)).fetchone()
     return row[0] if row else None
-
-
-def queue_depth(conn) -> int:
-    return conn.execute("select coalesce(sum(autoembed.message_rows(message)), 0) from pgmq.q_embedding_jobs"
-                        ).fetchone()[0]
 
 
 def drain_all(conn, settings, rounds: int = 5) -> None:
