@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import struct
-import threading
 import time
 
 import numpy as np
 
 from common import (Timer, body_sql, connect, create_docs, embedded_server, fake_provider, fresh_db, header,
-                    line)
+                    line, timed_threads)
 from cpu import CpuMeter
 
 from autoembed_dagster.core.config import Settings
@@ -42,13 +41,7 @@ def drain(url: str, settings: Settings, pipeline: bool = True, writers: int = 1)
         with connect(url) as c:
             results.append(Drainer(c, settings, pipeline=pipeline).run().embedded)
 
-    with Timer() as t:
-        threads = [threading.Thread(target=one) for _ in range(writers)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-    return t.seconds, sum(results)
+    return timed_threads(one, writers), sum(results)
 
 
 def _payload(ids: np.ndarray, vecs: np.ndarray, extra: bytes = b"") -> bytes:

@@ -20,7 +20,7 @@ import threading
 
 import openai
 
-from common import Timer, connect, embedded_server, fake_provider, fresh_db, header, line
+from common import Timer, connect, embedded_server, fake_provider, fresh_db, header, line, timed_threads
 
 from autoembed_dagster.core.config import EmbedderSettings, Settings
 from autoembed_dagster.core.embedders import make_embedder
@@ -86,13 +86,7 @@ def supabase_pattern(url: str, base_url: str, workers: int = BATCH_SIZE) -> tupl
                 with lock:
                     done[0] += 1
 
-    with Timer() as t:
-        threads = [threading.Thread(target=worker) for _ in range(workers)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-    return t.seconds, done[0]
+    return timed_threads(worker, workers), done[0]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -93,6 +94,17 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
+
+
+def timed_threads(target, n: int) -> float:
+    """Run `target` in `n` threads at once; seconds until all of them are done."""
+    with Timer() as t:
+        threads = [threading.Thread(target=target) for _ in range(n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    return t.seconds
 
 
 def header(title: str) -> None:
