@@ -69,6 +69,18 @@ language sql
 stable
 as $$ select jsonb_populate_record(rec, jsonb_build_object(col, null)) $$;
 
+-- One job message: Supabase's shape. Every message autoembed sends starts from this one.
+create or replace function autoembed.job_message(row_id jsonb, schema_name text, table_name text,
+                                                 content_function text, embedding_column text)
+returns jsonb
+language sql
+immutable
+parallel safe
+as $$
+    select jsonb_build_object('id', row_id, 'schema', schema_name, 'table', table_name,
+                              'contentFunction', content_function, 'embeddingColumn', embedding_column)
+$$;
+
 -- The job messages for the rows `ids` of one table: Supabase's message shape, one message per
 -- group of up to `group_size` rows. A message for several rows lists them all in "ids" ("id" is
 -- the first); integer keys travel as one comma-separated string, far cheaper to build and parse
@@ -96,8 +108,7 @@ begin
     end if;
     integer_keys := pg_typeof(ids[1]) in ('bigint'::regtype, 'integer'::regtype, 'smallint'::regtype);
     return array(
-        select jsonb_build_object('id', to_jsonb(ids[i]), 'schema', schema_name, 'table', table_name,
-                                  'contentFunction', content_function, 'embeddingColumn', embedding_column)
+        select autoembed.job_message(to_jsonb(ids[i]), schema_name, table_name, content_function, embedding_column)
                || extra
                || case when i = n then '{}'::jsonb
                        when integer_keys then jsonb_build_object('ids', array_to_string(ids[i:i + group_size - 1], ','))
@@ -124,8 +135,7 @@ language sql
 immutable
 as $$
     select array(
-        select jsonb_build_object('id', i, 'schema', schema_name, 'table', table_name,
-                                  'contentFunction', content_function, 'embeddingColumn', embedding_column)
+        select autoembed.job_message(to_jsonb(i), schema_name, table_name, content_function, embedding_column)
                || extra
                || case when i = hi then '{}'::jsonb
                        else jsonb_build_object('idRange', jsonb_build_array(i, least(i + group_size - 1, hi))) end

@@ -74,13 +74,7 @@ begin
     else
         execute format('select to_jsonb(($1).%I)', key_column) into key_value using NEW;
     end if;
-    message := jsonb_build_object(
-        'id', key_value,
-        'schema', TG_TABLE_SCHEMA,
-        'table', TG_TABLE_NAME,
-        'contentFunction', content_function,
-        'embeddingColumn', embedding_column
-    );
+    message := autoembed.job_message(key_value, TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column);
     if key_column <> 'id' then
         message := message || jsonb_build_object('keyColumn', key_column);
     end if;
@@ -167,9 +161,8 @@ begin
         if cardinality(first_keys) = 0 then
             return null;
         elsif cardinality(first_keys) = 1 then
-            perform pgmq.send(queue, jsonb_build_object('id', first_keys[1], 'schema', TG_TABLE_SCHEMA,
-                                                        'table', TG_TABLE_NAME, 'contentFunction', content_function,
-                                                        'embeddingColumn', embedding_column) || extra);
+            perform pgmq.send(queue, autoembed.job_message(first_keys[1], TG_TABLE_SCHEMA, TG_TABLE_NAME,
+                                                           content_function, embedding_column) || extra);
             perform pg_notify('autoembed', queue);
             return null;
         end if;

@@ -337,9 +337,8 @@ def _purge_jobs(conn: psycopg.Connection, m: Migration, column: str) -> int:
 def _enqueue(conn: psycopg.Connection, m: Migration, column: str, fn: str, where: sql.Composable) -> int:
     """Send one job per row matching `where` (over alias t) for `column`, in one send_batch."""
     messages = conn.execute(sql.SQL(
-        """select array(select jsonb_build_object('id', to_jsonb(t.{key}), 'schema', %(schema)s::text,
-                                                  'table', %(table)s::text, 'contentFunction', %(fn)s::text,
-                                                  'embeddingColumn', %(column)s::text)
+        """select array(select autoembed.job_message(to_jsonb(t.{key}), %(schema)s::text, %(table)s::text,
+                                                     %(fn)s::text, %(column)s::text)
                                || case when %(key)s::text = 'id' then '{{}}'::jsonb
                                        else jsonb_build_object('keyColumn', %(key)s::text) end
                         from {table} t where {where})"""
