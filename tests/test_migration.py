@@ -20,7 +20,7 @@ from autoembed_dagster.core import migration as mig
 from autoembed_dagster.core.backfill import (backfill_shard, embedder_for, plan, resolve_spec, run_backfill,
                                              shard_keys, shard_of)
 from autoembed_dagster.core.database import connect
-from autoembed_dagster.core.drain import default_resolver, drain
+from autoembed_dagster.core.drain import Drainer, default_resolver, drain
 from autoembed_dagster.core.migration import MigrationChanged, MigrationIncomplete, ModelSpec
 from autoembed_dagster.core.migrations import init_db
 from autoembed_dagster.core.pipelines import Pipeline
@@ -410,6 +410,18 @@ def test_the_resolver_and_the_guard_follow_the_migration(supabase_docs, fake_ope
     promoted_live = resolve(conn, TargetKey("public", "documents", "embedding_input", "embedding"))
     assert resolver(promoted_live).identity.key == "openai:text-embedding-3-small:512"
     assert shard_plan.migration.id == mig.get_migration(conn, "public", "documents", "embedding").id
+
+
+def test_a_drain_looks_migrations_up_in_the_database_it_drains(supabase_docs, fake_openai, settings,
+                                                                pg_server_url, monkeypatch):
+    conn = supabase_docs
+    seed(conn, settings, 5)
+    large = replace(DOCS_512, model="text-embedding-3-large")  # the environment still names -small
+    plan(conn, large, resolve_spec(conn, large))
+    # The configured database is another one (no autoembed schema, no migration in it).
+    monkeypatch.setenv("AUTOEMBED_DATABASE_URL", pg_server_url)
+    shadow = resolve(conn, TargetKey("public", "documents", "embedding_input", "embedding__next"))
+    assert Drainer(conn, settings).resolver(shadow).identity.key == "openai:text-embedding-3-large:512"
 
 
 def test_a_content_function_change_is_a_migration_that_retargets_the_triggers(supabase_docs, fake_openai, settings):

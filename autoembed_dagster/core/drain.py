@@ -251,7 +251,8 @@ class Drainer:
             raise ValueError("the drain needs an autocommit connection")
         self.conn = conn
         self.settings = settings or Settings.from_env()
-        self.resolver = resolver or default_resolver()
+        # Migrations are looked up in the database being drained, not the configured default.
+        self.resolver = resolver or default_resolver(url=_conninfo(conn))
         self._targets: dict[TargetKey, Target] = {}
         self._stages: set[str] = set()  # vector types whose temp staging table exists
         self._claimed: deque[list[pgmq.Message]] = deque()  # claimed, not yet taken up (_next_messages)
@@ -830,8 +831,7 @@ class Drainer:
         """A second connection to the same database for the pipelined run's claims (the drain's
         own is busy writing), or None, and claims stay on the drain's connection."""
         try:
-            params = {o.keyword.decode(): o.val.decode() for o in self.conn.pgconn.info if o.val is not None}
-            return psycopg.connect(make_conninfo(**params), autocommit=True)
+            return psycopg.connect(_conninfo(self.conn), autocommit=True)
         except psycopg.Error as exc:
             log.warning("drain of %s: no second connection for claims (%s); claiming on the drain's own",
                         self.settings.queue, str(exc).strip())
@@ -891,6 +891,11 @@ def _spent(stats: DrainStats) -> DrainStats:
         out.by_table[key] = TableStats(tokens=ts.tokens, requests=ts.requests, truncated=ts.truncated,
                                        texts=ts.texts, embed_calls=ts.embed_calls, embed_seconds=ts.embed_seconds)
     return out
+
+
+def _conninfo(conn: psycopg.Connection) -> str:
+    """What `conn` was opened with (password included), to open another connection like it."""
+    return make_conninfo(**{o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None})
 
 
 def _attempts(message: pgmq.Message) -> int:
