@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import binascii
 import functools
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import openai
+import orjson
+import pybase64
 import tiktoken
 
 from ..config import ConfigError, EmbedderSettings
@@ -240,7 +241,7 @@ class OpenAIEmbedder:
         read as plain JSON. `embeddings.create` would also walk every input through its
         parameter transform and build one pydantic object per embedding that _parse only takes
         apart again: about 40 us per row, most of the drain's CPU with an instant provider."""
-        resp = json.loads(self._client.post("/embeddings", cast_to=bytes, body=body))
+        resp = orjson.loads(self._client.post("/embeddings", cast_to=bytes, body=body))
         return resp if isinstance(resp, dict) else {}
 
     def _parse(self, resp: dict[str, Any], n: int) -> list[np.ndarray]:
@@ -289,14 +290,11 @@ def _utf8_len(text: str) -> int:
 
 
 def _b64(raw: str) -> bytes:
-    """The bytes of a base64 embedding (little-endian float32 per the API). Not decoded strictly
-    (a strict decode costs a second pass over the text): a text that is not whole base64 quanta
-    fails here, and one with foreign characters (skipped) decodes to the wrong size, which the
-    caller rejects."""
-    if len(raw) % 4:
-        raise EmbeddingError(f"provider returned an undecodable base64 embedding: {len(raw)} characters")
+    """The bytes of a base64 embedding (little-endian float32 per the API), decoded strictly:
+    pybase64's SIMD decoder is ~15x faster than binascii, the largest single cost of a drain
+    against a fast provider."""
     try:
-        return binascii.a2b_base64(raw)
+        return pybase64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as e:
         raise EmbeddingError(f"provider returned an undecodable base64 embedding: {e}") from None
 
