@@ -13,6 +13,7 @@ from autoembed_dagster.core import queue as pgmq
 from autoembed_dagster.core.config import Settings
 from autoembed_dagster.core.database import connect
 from autoembed_dagster.core.drain import Drainer, drain
+from autoembed_dagster.core.migrations import init_db
 
 from .fake_openai import fake_vector
 
@@ -278,3 +279,41 @@ def test_overloaded_content_function_names_across_enrolled_tables(conn, fake_ope
     for table in ("posts", "pages"):
         for body, vec in conn.execute(f"select embedding_input(t), embedding from {table} t").fetchall():
             assert np.allclose(vec.to_numpy(), fake_vector(body, 16), atol=1e-6)
+
+
+def _clear_trigger_calls(conn, statement: str, draining: bool) -> int:
+    """How often `statement` entered the clear trigger's function (rolled back afterwards)."""
+    with conn.transaction(force_rollback=True):
+        conn.execute("set local track_functions = 'pl'")
+        if draining:
+            conn.execute("set local autoembed.draining = 'on'")
+        calls = "select coalesce(pg_stat_get_xact_function_calls('autoembed.clear_on_change'::regproc), 0)"
+        before = conn.execute(calls).fetchone()[0]  # counts not flushed yet carry over between transactions
+        conn.execute(statement)
+        return conn.execute(calls).fetchone()[0] - before
+
+
+def test_the_drains_writes_skip_the_clear_trigger_also_on_tables_enrolled_before(conn):
+    conn.execute("""
+        create table notes (id bigint primary key, body text, embedding vector(3));
+        create function note_input(n notes) returns text language sql immutable as $$ select n.body $$;
+        insert into notes select g, 'note ' || g, '[1,2,3]' from generate_series(1, 20) g;
+    """)
+    conn.execute("select autoembed.enroll('notes', 'note_input', 'embedding', enqueue_backlog => false)")
+    write_vectors = "update notes set embedding = '[3,2,1]' where id <= 10"
+    user_edit = "update notes set body = body || '!' where id <= 10"
+    assert _clear_trigger_calls(conn, write_vectors, draining=True) == 0
+    assert _clear_trigger_calls(conn, user_edit, draining=False) == 10
+
+    # A table enrolled by an older version: its trigger has no WHEN clause. `db init` adds it.
+    conn.execute("drop trigger autoembed_clear on notes")
+    conn.execute("create trigger autoembed_clear before update on notes for each row "
+                 "execute function autoembed.clear_on_change('note_input', 'embedding')")
+    assert _clear_trigger_calls(conn, write_vectors, draining=True) == 10
+    init_db(conn)
+    init_db(conn)  # idempotent
+    definition = conn.execute("select pg_get_triggerdef(oid) from pg_trigger where tgname = 'autoembed_clear'").fetchone()[0]
+    assert "WHEN" in definition and "clear_on_change('note_input', 'embedding')" in definition
+    assert _clear_trigger_calls(conn, write_vectors, draining=True) == 0
+    conn.execute(user_edit)
+    assert conn.execute("select count(*) from notes where embedding is null").fetchone()[0] == 10
