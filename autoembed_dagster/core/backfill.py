@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from .config import ConfigError, EmbedderSettings, Settings
-from .drain import DrainStats, Drainer, _Outcome
+from .drain import DrainStats, Drainer, _Outcome, copy_records
 from .embedders import make_embedder
 from .embedders.base import Embedder, EmbeddingError
 from .health import estimated_cost
@@ -174,7 +174,8 @@ def write_vectors(drainer: Drainer, target: Target, rows: list[tuple[str, bytes,
     """Write (row id, content hash the vector was made from, vector) through the drain's own
     settle step: same locks, hash guard, COPY + UPDATE, embedding_state upsert and deadlock retry,
     with no queue message attached. Returns (written, stale)."""
-    outcome = _Outcome(writes={target: [(row_id, h, v, []) for row_id, h, v in rows]})
+    records = copy_records(target, rows, drainer.conn.info.encoding)
+    outcome = _Outcome(writes={target: [(row_id, h, record, []) for (row_id, h, _), record in zip(rows, records)]})
     stats = DrainStats()
     drainer._settle(outcome, stats)
     return stats.embedded, stats.stale

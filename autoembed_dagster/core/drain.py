@@ -189,7 +189,8 @@ class _Outcome:
     done: list[int] = field(default_factory=list)  # delete these messages
     dead: list[tuple[_Job, str]] = field(default_factory=list)
     retry: list[tuple[_Job, str]] = field(default_factory=list)
-    writes: dict[Target, list[tuple[str, bytes, np.ndarray, list[int]]]] = field(default_factory=dict)
+    # (row id, content hash the vector was made from, its binary COPY tuple, message ids)
+    writes: dict[Target, list[tuple[str, bytes, bytes, list[int]]]] = field(default_factory=dict)
     deleted_rows: dict[Target, list[str]] = field(default_factory=dict)
     # The model that made each target's vectors, fixed at embedding time: a promotion between
     # embedding and writing must not relabel old-model vectors as the new model.
@@ -253,6 +254,7 @@ class Drainer:
         self.settings = settings or Settings.from_env()
         # Migrations are looked up in the database being drained, not the configured default.
         self.resolver = resolver or default_resolver(url=_conninfo(conn))
+        self._encoding = conn.info.encoding  # of the keys in COPY tuples, made in the worker thread too
         self._targets: dict[TargetKey, Target] = {}
         self._stages: set[str] = set()  # vector types whose temp staging table exists
         self._claimed: deque[list[pgmq.Message]] = deque()  # claimed, not yet taken up (_next_messages)
@@ -485,13 +487,18 @@ class Drainer:
         stats.tokens += result.tokens
         stats.requests += result.requests
         stats.truncated += result.truncated
-        writes = outcome.writes.setdefault(target, [])
         outcome.models[target] = embedder.identity.key
-        for row_id, vector, error in zip(row_ids, result.vectors, result.errors):
-            row_jobs = to_embed[row_id]
-            if vector is not None:
-                writes.append((row_id, rows[row_id].hash, vector, [j.msg_id for j in row_jobs]))
+        embedded = [(row_id, rows[row_id].hash, vector)
+                    for row_id, vector in zip(row_ids, result.vectors) if vector is not None]
+        # Encoded here, in the pipelined run's worker: the writer only joins the tuples.
+        records = copy_records(target, embedded, self._encoding)
+        outcome.writes.setdefault(target, []).extend(
+            (row_id, h, record, [j.msg_id for j in to_embed[row_id]])
+            for (row_id, h, _), record in zip(embedded, records))
+        for row_id, error in zip(row_ids, result.errors):
+            if error is None:
                 continue
+            row_jobs = to_embed[row_id]
             text = f"{target.regclass} id={row_id}: {error}"
             stats.note_error(text)
             for job in row_jobs:
@@ -603,7 +610,7 @@ class Drainer:
                 ).format(sql.Identifier(_stage_name(target)), sql.SQL(target.vector_type)))
                 self._stages.add(target.vector_type)
 
-    def _write_vectors(self, target: Target, writes: list[tuple[str, bytes, np.ndarray, list[int]]],
+    def _write_vectors(self, target: Target, writes: list[tuple[str, bytes, bytes, list[int]]],
                        used_stages: set[str] | None = None, model: str | None = None) -> tuple[int, int]:
         """Write vectors whose row still has the input they were made from. Returns (written, stale)."""
         if not writes:
@@ -646,10 +653,10 @@ class Drainer:
                 if target.vector_type in used_stages:
                     cur.execute(sql.SQL("truncate {}").format(stage))  # rows of another target, same transaction
                 used_stages.add(target.vector_type)
-            # One binary COPY payload built with numpy (no per-value adapters), already in the
-            # column's own type: no cast on the server.
+            # One binary COPY of the tuples copy_records() made, already in the column's own
+            # type: no per-value adapters, no cast on the server.
             with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(stage)) as copy:
-                copy.write(_copy_payload(fresh, target.vector_type, target.dimensions, self.conn.info.encoding))
+                copy.write(b"".join([_COPY_HEADER, *(w[2] for w in fresh), _COPY_TRAILER]))
             fresh_ids = [w[0] for w in fresh]
             # The key array lets the planner probe the key index instead of hashing the whole table.
             cur.execute(
@@ -940,31 +947,28 @@ def _stage_name(target: Target) -> str:
     return f"autoembed_stage_{target.vector_type}"
 
 
-def _copy_payload(rows: list[tuple[str, bytes, np.ndarray, list[int]]], vector_type: str, dims: int,
-                  encoding: str) -> bytes:
-    """A whole binary COPY stream of (key text, hash bytea, vector|halfvec) rows.
+def copy_records(target: Target, rows: list[tuple[str, bytes, np.ndarray]], encoding: str) -> list[bytes]:
+    """The binary COPY tuple of each (key text, content hash bytea, vector|halfvec) row.
 
-    The vectors are converted to big-endian float32/float16 in one numpy call; each row is then
+    The vectors are converted to big-endian float32/float16 in one numpy call; each tuple is then
     three length-prefixed fields. pgvector's binary format: int16 dim, int16 unused, elements.
     """
-    elem = np.dtype(">f2") if vector_type == "halfvec" else np.dtype(">f4")
+    if not rows:
+        return []
+    dims = target.dimensions
+    elem = np.dtype(">f2") if target.vector_type == "halfvec" else np.dtype(">f4")
     matrix = np.asarray(np.stack([r[2] for r in rows]), dtype=np.float32).astype(elem)
     if matrix.shape[1] != dims:
         raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the column {dims}")
     vector_head = struct.pack(">ihh", 4 + dims * elem.itemsize, dims, 0)
     pack = struct.Struct(">hi").pack
-    parts = [_COPY_HEADER]
-    append = parts.append
-    for (key, content_hash, _, _), vector in zip(rows, matrix):
+    pack_length = struct.Struct(">i").pack
+    records = []
+    for (key, content_hash, _), vector in zip(rows, matrix):
         kb = key.encode(encoding)
-        append(pack(3, len(kb)))
-        append(kb)
-        append(struct.pack(">i", len(content_hash)))
-        append(content_hash)
-        append(vector_head)
-        append(vector.tobytes())
-    append(_COPY_TRAILER)
-    return b"".join(parts)
+        records.append(b"".join((pack(3, len(kb)), kb, pack_length(len(content_hash)), content_hash,
+                                 vector_head, vector.tobytes())))
+    return records
 
 
 def _clean(text: str) -> str:
