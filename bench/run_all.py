@@ -36,7 +36,7 @@ def main() -> None:
     q = args.quick
     started = time.perf_counter()
     w = bench_write_path.main(["--bulk", "20000" if q else "100000", "--single", "2000" if q else "10000",
-                               "--repeat", "1" if q else "5"])
+                               "--repeat", "1" if q else "9"])
     d = bench_drain.main(["--rows", "5000" if q else "20000", "--hnsw-rows", "1000" if q else "3000"])
     s = bench_supabase.main(["--rows", "500" if q else "2000"])
     f = bench_freshness.main(["--seconds", "5" if q else "15", "--idle-samples", "3" if q else "8",
