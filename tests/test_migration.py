@@ -156,6 +156,34 @@ def test_dimension_change_1536_to_512_backfills_promotes_and_keeps_the_index(sup
     assert again.plan.mode == "in_place" and again.total.embedded == 0 and fake_openai.request_count == before
 
 
+def test_a_backfill_and_a_drain_refused_a_second_connection_work_on_one(supabase_docs, fake_openai, settings, db_url,
+                                                                        caplog):
+    """A shard reads its next page ahead, and a drain claims its next batch, on a second
+    connection; a role allowed one connection gets the same result, one step after the other."""
+    seed(supabase_docs, settings, 30)
+    role = f"one_connection_{os.getpid()}"
+    supabase_docs.execute(f"create role {role} login connection limit 1 in role postgres")
+    try:
+        with connect(db_url, user=role) as conn, caplog.at_level("WARNING"):
+            result = run_backfill(conn, DOCS_512, resolve_spec(conn, DOCS_512))
+        assert result.total.embedded == 30 and result.coverage.complete and result.promotion is not None
+        assert "no second connection for the scans of shard" in caplog.text and "too many connections" in caplog.text
+        assert_all_current(supabase_docs, 512)
+
+        supabase_docs.execute("insert into documents (title, content) select 'new ' || i, 'later ' || i "
+                              "from generate_series(1, 700) i")
+        caplog.clear()
+        with connect(db_url, user=role) as conn, caplog.at_level("WARNING"):
+            stats = Drainer(conn, settings, pipeline=True).run()
+        assert stats.embedded == 700 and queue_depth(supabase_docs) == 0
+        assert "no second connection for the claims of the drain" in caplog.text
+        assert_all_current(supabase_docs, 512)
+    finally:
+        supabase_docs.execute(f"reassign owned by {role} to postgres")
+        supabase_docs.execute(f"drop owned by {role}")
+        supabase_docs.execute(f"drop role {role}")
+
+
 def test_writes_during_a_backfill_are_not_lost_or_overwritten_by_stale_vectors(supabase_docs, fake_openai, settings, db_url):
     conn = supabase_docs
     seed(conn, settings, 40)

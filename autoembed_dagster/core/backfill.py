@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,9 +25,10 @@ import psycopg
 from psycopg import sql
 
 from .config import ConfigError, EmbedderSettings, Settings
-from .drain import DrainStats, Drainer, _Outcome, copy_records
+from .database import second_connection
+from .drain import DrainStats, Drainer, _Outcome, completed, copy_records
 from .embedders import make_embedder
-from .embedders.base import Embedder, EmbeddingError
+from .embedders.base import EmbedOutcome, Embedder, EmbeddingError
 from .health import estimated_cost
 from .migration import (Coverage, Migration, ModelSpec, PromoteResult, coverage, get_migration, promote,
                         start_migration, trigger_content_functions)
@@ -170,18 +172,66 @@ def plan(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, *, start: bool 
 
 
 # -- the write path ------------------------------------------------------------------------------------
-def write_vectors(drainer: Drainer, target: Target, rows: list[tuple[str, bytes, object]]) -> tuple[int, int]:
-    """Write (row id, content hash the vector was made from, vector) through the drain's own
-    settle step: same locks, hash guard, COPY + UPDATE, embedding_state upsert and deadlock retry,
-    with no queue message attached. Returns (written, stale)."""
-    records = copy_records(target, rows, drainer.conn.info.encoding)
-    outcome = _Outcome(writes={target: [(row_id, h, record, []) for (row_id, h, _), record in zip(rows, records)]})
+def write_vectors(drainer: Drainer, target: Target, rows: list[tuple[str, bytes, bytes]]) -> tuple[int, int]:
+    """Write (row id, content hash the vector was made from, its COPY tuple from copy_records)
+    through the drain's own settle step: same locks, hash guard, COPY + UPDATE, embedding_state
+    upsert and deadlock retry, with no queue message attached. Returns (written, stale)."""
+    outcome = _Outcome(writes={target: [(row_id, h, record, []) for row_id, h, record in rows]})
     stats = DrainStats()
     drainer._settle(outcome, stats)
     return stats.embedded, stats.stale
 
 
 # -- one shard -------------------------------------------------------------------------------------------
+@dataclass
+class _Page:
+    """One page of a shard's candidates, scanned and embedded."""
+
+    size: int  # candidate rows on the page
+    empty_input: int  # of them, rows whose input is empty (nothing to embed)
+    outcome: EmbedOutcome | None  # the provider's answer; None when nothing was embedded
+    keys: list[str]  # the rows sent to the provider, in the outcome's order
+    rows: list[tuple[str, bytes, bytes]]  # (key, content hash, COPY tuple) of the rows it embedded
+
+
+def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, shards: int, limit: int,
+                 encoding: str) -> Callable[[psycopg.Connection], _Page | None]:
+    """Reads the shard's next page on the given connection (None at the end of the table) and
+    embeds it. Pages follow each other in key order: call it from one thread at a time."""
+    after: str | None = None
+
+    def read(conn: psycopg.Connection) -> _Page | None:
+        nonlocal after
+        scanned_to, page = _candidates(conn, target, model, shard, shards, after, limit)
+        if scanned_to is None:
+            return None
+        after = scanned_to
+        todo = [(k, text, h) for k, text, h in page if text is not None and text.strip()]
+        if not todo:
+            return _Page(len(page), len(page), None, [], [])
+        outcome = embedder.embed([text for _, text, _ in todo])
+        embedded = [(k, h, v) for (k, _, h), v in zip(todo, outcome.vectors) if v is not None]
+        records = copy_records(target, embedded, encoding)
+        return _Page(len(page), len(page) - len(todo), outcome, [k for k, _, _ in todo],
+                     [(k, h, record) for (k, h, _), record in zip(embedded, records)])
+
+    return read
+
+
+def _count_page(stats: "ShardStats", target: Target, page: _Page) -> None:
+    """The provider usage and the failures of an embedded page."""
+    stats.tokens += page.outcome.tokens
+    stats.requests += page.outcome.requests
+    stats.batches += 1
+    for k, error in zip(page.keys, page.outcome.errors):
+        if error is None:
+            continue
+        stats.failed += 1
+        if not isinstance(error, EmbeddingError) or error.retryable:
+            stats.retryable_failures += 1
+        stats.note_error(f"{target.regclass} id={k}: {error}")
+
+
 @dataclass
 class ShardStats:
     shard: int
@@ -337,37 +387,41 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
     stats.current = before.current  # resumed: what an earlier (killed) run already wrote is skipped
     drainer = Drainer(conn, Settings(queue=p.queue), lambda _target: embedder)
     limit = batch_rows or min(getattr(embedder, "batch_size", None) or DEFAULT_BATCH_ROWS, 1024)
-    after: str | None = None
-    while max_rows is None or stats.embedded < max_rows:
-        scanned_to, page = _candidates(conn, target, model, shard, shards, after, limit)
-        if scanned_to is None:
-            break
-        after = scanned_to
-        todo = [(k, text, h) for k, text, h in page if text is not None and text.strip()]
-        stats.empty_input += len(page) - len(todo)
-        if not todo:
-            continue
-        outcome = embedder.embed([text for _, text, _ in todo])
-        stats.tokens += outcome.tokens
-        stats.requests += outcome.requests
-        stats.batches += 1
-        rows = []
-        for (k, _, h), vector, error in zip(todo, outcome.vectors, outcome.errors):
-            if vector is not None:
-                rows.append((k, h, vector))
-                continue
-            stats.failed += 1
-            if not isinstance(error, EmbeddingError) or error.retryable:
-                stats.retryable_failures += 1
-            stats.note_error(f"{target.regclass} id={k}: {error}")
-        if rows:
-            written, stale = write_vectors(drainer, target, rows)
-            stats.embedded += written
-            stats.stale += stale
-            stats.current += len(rows) - written - stale  # written meanwhile by the drain, same input
-        stats.seconds = time.perf_counter() - started
-        if on_batch:
-            on_batch(stats, len(page))
+    read_page = _page_reader(target, embedder, model, shard, shards, limit, conn.info.encoding)
+    # The next page is scanned and embedded on a second connection while this one is written.
+    scan_conn = second_connection(conn, f"the scans of shard {shard} of {p.qualified_table}")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="autoembed-backfill") if scan_conn is not None else None
+
+    def next_page() -> Future:
+        return pool.submit(read_page, scan_conn) if pool is not None else completed(read_page, conn)
+
+    try:
+        pending: Future | None = next_page() if max_rows is None or max_rows > 0 else None
+        while pending is not None:
+            page = pending.result()
+            if page is None:
+                break
+            # A page read ahead must be one this run writes: a time-boxed run would pay for its
+            # embeddings and the next run pay again.
+            pending = next_page() if max_rows is None or stats.embedded + len(page.rows) < max_rows else None
+            stats.empty_input += page.empty_input
+            if page.outcome is not None:
+                _count_page(stats, target, page)
+                if page.rows:
+                    written, stale = write_vectors(drainer, target, page.rows)
+                    stats.embedded += written
+                    stats.stale += stale
+                    stats.current += len(page.rows) - written - stale  # written meanwhile by the drain, same input
+                stats.seconds = time.perf_counter() - started
+                if on_batch:
+                    on_batch(stats, page.size)
+            if pending is None and (max_rows is None or stats.embedded < max_rows):
+                pending = next_page()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if scan_conn is not None:
+            scan_conn.close()
     after_cov = coverage(conn, target, model, shard, shards)
     stats.seconds = time.perf_counter() - started
     return ShardResult(shard_plan, stats, after_cov, before)

@@ -15,12 +15,14 @@ import shutil
 import tempfile
 import re
 import warnings
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg.conninfo import make_conninfo
 
 from .config import Settings
 
@@ -87,6 +89,41 @@ def connect(url: str | None = None, *, autocommit: bool = True, **kwargs) -> psy
         if not autocommit:
             conn.rollback()
     return conn
+
+
+def conninfo_of(conn: psycopg.Connection) -> str:
+    """What `conn` was opened with (password included), to open another connection like it."""
+    return make_conninfo(**{o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None})
+
+
+def second_connection(conn: psycopg.Connection, purpose: str) -> psycopg.Connection | None:
+    """Another autocommit connection to `conn`'s database, for `purpose` in a worker thread while
+    `conn` is busy; None (with a warning) when the server refuses one: the caller then does that
+    work on `conn`, one step after the other."""
+    try:
+        return psycopg.connect(conninfo_of(conn), autocommit=True)
+    except psycopg.Error as exc:
+        log.warning("no second connection for %s (%s); working on one", purpose, str(exc).strip())
+        return None
+
+
+# A connection a caller lends to the code it calls (the migration-aware resolver's lookups), so
+# that code opens no connection of its own. Per thread: a context variable.
+_lent: ContextVar[psycopg.Connection | None] = ContextVar("autoembed_lent_connection", default=None)
+
+
+@contextlib.contextmanager
+def lending(conn: psycopg.Connection) -> Iterator[None]:
+    """Lend `conn` (autocommit: a failing lookup must not abort a transaction) for the block."""
+    token = _lent.set(conn)
+    try:
+        yield
+    finally:
+        _lent.reset(token)
+
+
+def lent_connection() -> psycopg.Connection | None:
+    return _lent.get()
 
 
 def ensure_database(url: str, database: str) -> str:

@@ -16,21 +16,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import psycopg
 from psycopg import errors, sql
-from psycopg.conninfo import make_conninfo
 
 from . import queue as pgmq
 from .config import EmbedderSettings, Settings
+from .database import conninfo_of, lending, second_connection
 from .embedders import make_embedder
 from .embedders.base import Embedder, EmbeddingError
 from .targets import (Target, TargetError, TargetKey, check_dimensions, key_value, message_row_count, resolve,
                       target_key_from_message)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EmbedderResolver = Callable[[Target], Embedder]
 
@@ -253,7 +254,7 @@ class Drainer:
         self.conn = conn
         self.settings = settings or Settings.from_env()
         # Migrations are looked up in the database being drained, not the configured default.
-        self.resolver = resolver or default_resolver(url=_conninfo(conn))
+        self.resolver = resolver or default_resolver(url=conninfo_of(conn))
         self._encoding = conn.info.encoding  # of the keys in COPY tuples, made in the worker thread too
         self._targets: dict[TargetKey, Target] = {}
         self._stages: set[str] = set()  # vector types whose temp staging table exists
@@ -432,7 +433,8 @@ class Drainer:
                         in_flight: dict[str, bytes] | None = None, conn: psycopg.Connection | None = None) -> None:
         outcome, stats = batch.outcome, batch.stats
         try:
-            embedder = self.resolver(target)
+            with lending(conn or self.conn):  # the resolver's migration lookup: no connection of its own
+                embedder = self.resolver(target)
             check_dimensions(target, embedder.identity.dimensions, embedder.identity.model)
         except (TargetError, ValueError) as exc:
             # ValueError covers ConfigError (e.g. the model cannot make this size).
@@ -767,7 +769,7 @@ class Drainer:
         deadline = started + time_budget if time_budget else None
         listening = False
         pool = ThreadPoolExecutor(1, thread_name_prefix="autoembed-embed") if self.pipeline else None
-        claim_conn = self._claim_connection() if pool is not None else None
+        claim_conn = second_connection(self.conn, f"the claims of the drain of {self.settings.queue}") if pool is not None else None
         current: _Batch | None = None  # claimed; being embedded by `embedding`
         embedding: Future | None = None
 
@@ -834,26 +836,11 @@ class Drainer:
         batch = self._claim(pending=pending, conn=conn)
         return self._embed(batch) if batch is not None else None
 
-    def _claim_connection(self) -> psycopg.Connection | None:
-        """A second connection to the same database for the pipelined run's claims (the drain's
-        own is busy writing), or None, and claims stay on the drain's connection."""
-        try:
-            return psycopg.connect(_conninfo(self.conn), autocommit=True)
-        except psycopg.Error as exc:
-            log.warning("drain of %s: no second connection for claims (%s); claiming on the drain's own",
-                        self.settings.queue, str(exc).strip())
-            return None
-
     def _start_embed(self, pool: ThreadPoolExecutor | None, batch: "_Batch") -> Future:
         """The provider calls of `batch`, in the worker when there is one; the future's result is the batch."""
         if pool is not None and batch.work:
             return pool.submit(self._embed, batch)
-        done: Future = Future()
-        try:
-            done.set_result(self._embed(batch))
-        except BaseException as exc:  # noqa: BLE001 - re-raised by .result()
-            done.set_exception(exc)
-        return done
+        return completed(self._embed, batch)
 
     def _wait_for_work(self, timeout: float) -> bool:
         """True when a job may be waiting: a notification came, or a retried/expired job is due."""
@@ -891,6 +878,16 @@ def drain(
     )
 
 
+def completed(fn: Callable[..., T], *args) -> "Future[T]":
+    """fn(*args) run now, as a finished future (what a worker would have returned)."""
+    done: Future = Future()
+    try:
+        done.set_result(fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - re-raised by .result()
+        done.set_exception(exc)
+    return done
+
+
 def _spent(stats: DrainStats) -> DrainStats:
     """The provider usage of a batch (per table too), without its outcome."""
     out = DrainStats(tokens=stats.tokens, requests=stats.requests, truncated=stats.truncated)
@@ -898,11 +895,6 @@ def _spent(stats: DrainStats) -> DrainStats:
         out.by_table[key] = TableStats(tokens=ts.tokens, requests=ts.requests, truncated=ts.truncated,
                                        texts=ts.texts, embed_calls=ts.embed_calls, embed_seconds=ts.embed_seconds)
     return out
-
-
-def _conninfo(conn: psycopg.Connection) -> str:
-    """What `conn` was opened with (password included), to open another connection like it."""
-    return make_conninfo(**{o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None})
 
 
 def _attempts(message: pgmq.Message) -> int:

@@ -28,6 +28,7 @@ from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
 from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
+from .database import lent_connection
 from .embedders import make_embedder
 from .embedders.base import Embedder
 from .targets import MAX_IDENTIFIER_BYTES, Target, TargetError, TargetKey, resolve
@@ -712,7 +713,8 @@ class MigrationAwareResolver:
     Without a migration: the configured model. During one: the shadow column gets the new model and
     the live column keeps the model its vectors were made with (the configuration may already name
     the new one). After promotion: the live column gets the new model. One indexed query per call
-    on a connection of its own (the resolver has no access to the drain's): cheap next to a batch.
+    (cheap next to a batch), on the connection a caller lends (database.lending: the drain lends
+    the one it claims on) or else on a connection of its own.
     """
 
     MISSING_TABLE_RECHECK_SECONDS = 30.0
@@ -741,17 +743,18 @@ class MigrationAwareResolver:
     def migration_for(self, schema: str, table: str, column: str) -> Migration | None:
         if time.monotonic() < self._no_table_until:
             return None
+        lent = lent_connection()
         for attempt in (1, 2):
-            conn = self._connection()
+            conn = lent or self._connection()
             try:
                 return get_migration(conn, schema, table, column)
             except errors.UndefinedTable:
                 self._no_table_until = time.monotonic() + self.MISSING_TABLE_RECHECK_SECONDS  # before 007
                 return None
             except psycopg.OperationalError:
+                if lent is not None or attempt == 2:
+                    raise  # the lender's connection is the lender's to reconnect
                 self.close()  # the server restarted or dropped us: one reconnect
-                if attempt == 2:
-                    raise
         return None
 
     def _connection(self) -> psycopg.Connection:
