@@ -9,28 +9,20 @@
 -- the planner inlines (4x faster per row than a function call; a backfill page and a coverage
 -- count evaluate it for every key they scan). Other databases convert the text first.
 do $$
+declare
+    utf8_bytes text := case when (select pg_encoding_to_char(encoding) from pg_database
+                                  where datname = current_database()) = 'UTF8'
+                            then 'key::bytea' else 'convert_to(key, ''UTF8'')' end;
 begin
-    if (select pg_encoding_to_char(encoding) from pg_database where datname = current_database()) = 'UTF8' then
+    execute format($f$
         create or replace function autoembed.shard_of(key text, shards integer)
         returns integer
         language sql
         immutable
         strict
         parallel safe
-        as $f$
-            select ((('x' || left(encode(sha256(key::bytea), 'hex'), 8))::bit(32)::bigint % shards))::integer
-        $f$;
-    else
-        create or replace function autoembed.shard_of(key text, shards integer)
-        returns integer
-        language sql
-        immutable
-        strict
-        parallel safe
-        as $f$
-            select ((('x' || left(encode(sha256(convert_to(key, 'UTF8')), 'hex'), 8))::bit(32)::bigint % shards))::integer
-        $f$;
-    end if;
+        as $b$ select ((('x' || left(encode(sha256(%s), 'hex'), 8))::bit(32)::bigint %% shards))::integer $b$
+    $f$, utf8_bytes);
 end;
 $$;
 

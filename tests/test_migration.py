@@ -19,7 +19,7 @@ import pytest
 from autoembed_dagster.core import migration as mig
 from autoembed_dagster.core.backfill import (backfill_shard, embedder_for, plan, resolve_spec, run_backfill,
                                              shard_keys, shard_of)
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.database import connect, with_database
 from autoembed_dagster.core.drain import Drainer, default_resolver, drain
 from autoembed_dagster.core.migration import MigrationChanged, MigrationIncomplete, ModelSpec
 from autoembed_dagster.core.migrations import init_db
@@ -96,6 +96,21 @@ def test_shard_of_is_the_documented_hash_and_spreads_keys(conn):
     counts = np.bincount([shard_of(k, 8) for k in keys[:2000]], minlength=8)
     assert counts.min() > 180 and counts.max() < 320  # ~250 each
     assert shard_keys(8) == [str(i) for i in range(8)] and shard_keys(12)[:3] == ["00", "01", "02"]
+
+
+def test_shard_of_in_a_latin1_database_hashes_the_utf8_bytes_too(pg_server_url):
+    name = f"latin1_{os.getpid()}"
+    with psycopg.connect(pg_server_url, autocommit=True) as c:
+        c.execute(f"create database {name} encoding 'LATIN1' locale 'C' template template0")
+    try:
+        with connect(with_database(pg_server_url, name)) as conn:
+            init_db(conn)
+            keys = ["1", "42", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "é", "ÿ"]
+            in_sql = dict(conn.execute("select k, autoembed.shard_of(k, 8) from unnest(%s::text[]) k", (keys,)).fetchall())
+            assert in_sql == {k: shard_of(k, 8) for k in keys}
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as c:
+            c.execute(f"drop database if exists {name} with (force)")
 
 
 def test_model_spec_is_a_valid_partition_key_and_round_trips():
