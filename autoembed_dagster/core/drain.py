@@ -769,7 +769,8 @@ class Drainer:
         deadline = started + time_budget if time_budget else None
         listening = False
         pool = ThreadPoolExecutor(1, thread_name_prefix="autoembed-embed") if self.pipeline else None
-        claim_conn = second_connection(self.conn, f"the claims of the drain of {self.settings.queue}") if pool is not None else None
+        claim_conn = (second_connection(self.conn, f"the claims of the drain of {self.settings.queue}")
+                      if pool is not None else None)
         current: _Batch | None = None  # claimed; being embedded by `embedding`
         embedding: Future | None = None
 
