@@ -467,6 +467,19 @@ def test_a_drain_looks_migrations_up_in_the_database_it_drains(supabase_docs, fa
     assert Drainer(conn, settings).resolver(shadow).identity.key == "openai:text-embedding-3-large:512"
 
 
+def test_a_search_embeds_the_query_with_the_model_of_the_database_it_searches(supabase_docs, fake_openai, settings,
+                                                                             pg_server_url, monkeypatch):
+    conn = supabase_docs
+    seed(conn, settings, 5)
+    large = replace(DOCS_512, model="text-embedding-3-large")  # the environment still names -small
+    assert run_backfill(conn, large, resolve_spec(conn, large)).promotion is not None
+    monkeypatch.setenv("AUTOEMBED_DATABASE_URL", pg_server_url)  # another database, no migration in it
+    text = stored(conn)[3][1]
+    hits = search(conn, text, table="documents")
+    assert fake_openai.requests[-1]["model"] == "text-embedding-3-large" and fake_openai.requests[-1]["dimensions"] == 512
+    assert hits[0].id == "3" and hits[0].distance < 1e-2
+
+
 def test_a_content_function_change_is_a_migration_that_retargets_the_triggers(supabase_docs, fake_openai, settings):
     conn = supabase_docs
     conn.execute("""create function embedding_input_v2(doc documents) returns text language sql immutable

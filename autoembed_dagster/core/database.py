@@ -114,7 +114,11 @@ _lent: ContextVar[psycopg.Connection | None] = ContextVar("autoembed_lent_connec
 
 @contextlib.contextmanager
 def lending(conn: psycopg.Connection) -> Iterator[None]:
-    """Lend `conn` (autocommit: a failing lookup must not abort a transaction) for the block."""
+    """Lend `conn` for the block; not a connection inside a transaction, which a failing lookup
+    would abort: the borrower then uses its own."""
+    if not conn.autocommit:
+        yield
+        return
     token = _lent.set(conn)
     try:
         yield

@@ -144,6 +144,13 @@ class DrainStats(_Counts):
         )
 
 
+def resolve_embedder(resolver: EmbedderResolver, target: Target, conn: psycopg.Connection) -> Embedder:
+    """resolver(target), with `conn` (a connection to the database `target` is in) lent for the
+    migration lookup: the right database, and no connection of the resolver's own."""
+    with lending(conn):
+        return resolver(target)
+
+
 def default_resolver(settings: EmbedderSettings | None = None, *, url: str | None = None,
                      migrations: bool = True) -> EmbedderResolver:
     """The model for every table: AUTOEMBED_PROVIDER / AUTOEMBED_MODEL, sized to the column.
@@ -433,8 +440,7 @@ class Drainer:
                         in_flight: dict[str, bytes] | None = None, conn: psycopg.Connection | None = None) -> None:
         outcome, stats = batch.outcome, batch.stats
         try:
-            with lending(conn or self.conn):  # the resolver's migration lookup: no connection of its own
-                embedder = self.resolver(target)
+            embedder = resolve_embedder(self.resolver, target, conn or self.conn)
             check_dimensions(target, embedder.identity.dimensions, embedder.identity.model)
         except (TargetError, ValueError) as exc:
             # ValueError covers ConfigError (e.g. the model cannot make this size).

@@ -8,7 +8,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from .drain import EmbedderResolver, default_resolver
+from .drain import EmbedderResolver, default_resolver, resolve_embedder
 from .embedders.base import EmbeddingError
 from .targets import Target, TargetKey, check_dimensions, resolve
 
@@ -38,7 +38,7 @@ def search(
     if not query.strip():
         raise ValueError("the search text is empty")
     target = resolve(conn, TargetKey(schema, table, content_function, embedding_column, key_column))
-    embedder = (resolver or default_resolver())(target)
+    embedder = resolve_embedder(resolver or default_resolver(), target, conn)
     check_dimensions(target, embedder.identity.dimensions, embedder.identity.model)
     outcome = embedder.embed([query])
     if outcome.vectors[0] is None:

@@ -14,7 +14,7 @@ import dagster as dg
 import psycopg
 
 from ..core import health
-from ..core.drain import EmbedderResolver, pipeline_resolver
+from ..core.drain import EmbedderResolver, pipeline_resolver, resolve_embedder
 from ..core.pipelines import Pipeline
 from ..core.targets import TargetKey
 from .assets import embeddings_key
@@ -62,7 +62,7 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
     if target is None:
         return [CheckOutcome(name, False, f"{p.name}: {why}") for name in CHECKS]
     try:
-        identity = resolver(target).identity
+        identity = resolve_embedder(resolver, target, conn).identity
         model_error = None
     except ValueError as exc:  # ConfigError: e.g. the model cannot make vectors of this size
         identity, model_error = None, str(exc)

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..core import health
 from ..core import queue as pgmq
-from ..core.drain import Drainer, DrainStats, TableStats, pipeline_resolver
+from ..core.drain import Drainer, DrainStats, TableStats, pipeline_resolver, resolve_embedder
 from ..core.drain_report import run_in_chunks
 from ..core.health import estimated_cost, price_per_million_tokens
 from ..core.pipelines import Pipeline
@@ -142,7 +142,7 @@ class _Reporter:
         model_key = None
         if target is not None:
             try:
-                model_key = self.resolver(target).identity.key
+                model_key = resolve_embedder(self.resolver, target, self.conn).identity.key
             except ValueError:
                 pass
         yield dg.AssetMaterialization(
