@@ -92,7 +92,7 @@ do $$
 declare
     t record;
 begin
-    for t in select tr.oid, tr.tgrelid::regclass as tbl, pg_get_triggerdef(tr.oid) as def
+    for t in select tr.tgrelid::regclass as tbl, pg_get_triggerdef(tr.oid) as def
              from pg_trigger tr
              where tr.tgname = 'autoembed_clear' and tr.tgqual is null
                and tr.tgfoid = 'autoembed.clear_on_change'::regproc
