@@ -201,11 +201,13 @@ class OpenAIEmbedder:
             return None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
             # The provider's message may echo part of the key: say only what to fix.
-            err = EmbeddingError(f"authentication failed (HTTP {e.status_code}): check OPENAI_API_KEY", retryable=False)
+            err = EmbeddingError(f"authentication failed (HTTP {e.status_code}): check OPENAI_API_KEY",
+                                 configuration=True)
             self._fail(out, batch, err)
             return err
         except openai.NotFoundError as e:
-            err = EmbeddingError(f"model {self.identity.model!r} or endpoint not found (HTTP 404): {_reason(e)}", retryable=False)
+            err = EmbeddingError(f"model {self.identity.model!r} or endpoint not found (HTTP 404): {_reason(e)}; "
+                                 "check AUTOEMBED_MODEL and OPENAI_BASE_URL", configuration=True)
             self._fail(out, batch, err)
             return err
         except openai.APIStatusError as e:  # 429/5xx etc. after the client's own retries
