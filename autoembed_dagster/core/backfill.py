@@ -26,7 +26,7 @@ from psycopg import sql
 
 from .config import ConfigError, EmbedderSettings
 from .database import second_connection
-from .drain import DrainStats, completed, copy_records
+from .drain import completed, copy_records
 from .drain.loop import pin_session
 from .drain.settle import VectorWriter
 from .embedders import make_embedder
