@@ -15,6 +15,7 @@ import pytest
 from autoembed_dagster.core import queue as pgmq
 from autoembed_dagster.core.database import connect
 from autoembed_dagster.core.drain import Drainer, ProviderConfigError, drain
+from autoembed_dagster.core.embedders import clear_embedder_cache
 
 from .test_claims import wait_for
 from .test_faults import ROOT, assert_all_current, drain_until_empty, settings_with
@@ -149,3 +150,18 @@ def test_a_429_that_outlasts_the_clients_retries_is_retried_later_not_dead_lette
     assert (second.embedded, second.dead_lettered) == (1, 0), second.summary()
     assert queue_depth(conn) == 0
     assert_all_current(conn)
+
+
+def test_no_api_key_stops_the_drain_and_leaves_the_jobs(supabase_docs, settings, monkeypatch):
+    conn = supabase_docs
+    conn.execute("insert into documents (title, content) values ('a', 'b')")
+    monkeypatch.setenv("AUTOEMBED_PROVIDER", "openai")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    clear_embedder_cache()
+
+    with pytest.raises(ProviderConfigError, match="OPENAI_API_KEY is not set"):
+        drain(conn, settings)
+
+    assert queue_depth(conn) == 1 and visible(conn) == 1
+    assert pgmq.dead_letters(conn) == []

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import errors, sql
 
 from .. import queue as pgmq
-from ..config import ConfigError, Settings
+from ..config import ConfigError, CredentialsError, Settings
 from ..database import conninfo_of, second_connection
 from ..embedders.base import EmbeddingError
 from ..targets import Target, TargetChanged, TargetError, TargetKey, check_dimensions, resolve, target_key_from_message
@@ -180,6 +180,9 @@ class Drainer:
         except TargetError as exc:
             outcome.dead += [(job, str(exc)) for job in jobs]
             return []
+        except CredentialsError as exc:
+            raise ProviderConfigError(f"the drain of {self.settings.queue} cannot call the provider: {exc} "
+                                      "(the jobs stay queued until the configuration is fixed)") from exc
         except ConfigError as exc:
             # The configuration cannot embed this column (a model that cannot make its size).
             where = f"{target.regclass}.{target.key.embedding_column} ({target.vector_type}({target.dimensions}))"
