@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -56,19 +58,30 @@ def stop_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_daemon_sensor_launches_a_drain_that_embeds_new_rows(supabase_docs, fake_openai, db_url, dagster_home, tmp_path):
+@contextmanager
+def daemon_running(dagster_home, tmp_path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`dagster-daemon run -w workspace.yaml` on the temporary DAGSTER_HOME, with the pipeline
+    `documents`; yields (the process, its log); stops it and its children after."""
     home, storage = dagster_home
     pipelines = tmp_path / "autoembed.toml"
     pipelines.write_text('[pipelines.documents]\ntable = "public.documents"\n')
     env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage,
            "AUTOEMBED_PIPELINES": str(pipelines), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "daemon.log"
-    conn = supabase_docs
     with open(log, "wb") as out:
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
     try:
+        yield daemon, log
+    finally:
+        stop_group(daemon)
+
+
+def test_daemon_sensor_launches_a_drain_that_embeds_new_rows(supabase_docs, fake_openai, db_url, dagster_home, tmp_path):
+    home, storage = dagster_home
+    conn = supabase_docs
+    with daemon_running(dagster_home, tmp_path) as (daemon, log):
         conn.execute("insert into documents (title, content) select 'doc ' || i, 'text ' || i "
                      "from generate_series(1, 20) i")
         deadline = time.monotonic() + WAIT_SECONDS
@@ -97,8 +110,6 @@ def test_daemon_sensor_launches_a_drain_that_embeds_new_rows(supabase_docs, fake
                 assert observed and "depth" in observed[0].asset_observation.metadata
         finally:
             del os.environ["DAGSTER_POSTGRES_URL"]
-    finally:
-        stop_group(daemon)
 
 
 def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, dagster_database):

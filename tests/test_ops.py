@@ -28,7 +28,7 @@ from autoembed_dagster.core.backfill import resolve_spec, run_backfill
 from autoembed_dagster.defs.assets import LANE_TAG
 from autoembed_dagster.defs.drain import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIME_BUDGET, build_drain_job
 
-from .test_dagster_e2e import BIN, ROOT, dagster_home, stop_group  # noqa: F401 - dagster_home is a fixture
+from .test_dagster_e2e import ROOT, daemon_running, dagster_home  # noqa: F401 - dagster_home is a fixture
 from .test_migration import DOCS_512, column_type, seed
 
 WAIT_SECONDS = 180
@@ -213,12 +213,6 @@ def _worker_pid(instance, run_id: str) -> int | None:
 
 def test_a_drain_run_killed_with_sigkill_frees_its_lane_and_the_next_drain_embeds(
         supabase_docs, fake_openai, db_url, dagster_home, instance, tmp_path):
-    home, storage = dagster_home
-    pipelines = tmp_path / "autoembed.toml"
-    pipelines.write_text('[pipelines.documents]\ntable = "public.documents"\n')
-    env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage,
-           "AUTOEMBED_PIPELINES": str(pipelines), "PYTHONUNBUFFERED": "1"}
-    log = tmp_path / "daemon.log"
     conn = supabase_docs
 
     def wait_for(what: str, condition):
@@ -234,11 +228,7 @@ def test_a_drain_run_killed_with_sigkill_frees_its_lane_and_the_next_drain_embed
     def embedded() -> int:
         return conn.execute("select count(embedding) from documents").fetchone()[0]
 
-    with open(log, "wb") as out:
-        daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with daemon_running(dagster_home, tmp_path) as (daemon, log):
         conn.execute("insert into documents (title, content) select 'doc ' || i, 'text ' || i "
                      "from generate_series(1, 10) i")
         wait_for("the first drain embeds 10 rows", lambda: embedded() == 10)
@@ -264,5 +254,3 @@ def test_a_drain_run_killed_with_sigkill_frees_its_lane_and_the_next_drain_embed
                   if r.dagster_run.run_id != run_id]
         assert any(r.status in (DagsterRunStatus.STARTED, DagsterRunStatus.SUCCESS) for r in others), others
         print(f"killed drain run failed after {failed_after:.1f} s; new rows embedded {drained_after:.1f} s after the kill")
-    finally:
-        stop_group(daemon)

