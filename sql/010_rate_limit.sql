@@ -8,9 +8,9 @@
 create table if not exists autoembed.rate_limits (
     provider            text             not null,
     model               text             not null,
-    next_request_at     timestamptz      not null default '-infinity',
-    next_token_at       timestamptz      not null default '-infinity',
-    paused_until        timestamptz      not null default '-infinity',
+    next_request_at     timestamptz      not null default 'epoch',
+    next_token_at       timestamptz      not null default 'epoch',
+    paused_until        timestamptz      not null default 'epoch',
     requests_per_minute double precision,           -- the limit last used (for status only)
     tokens_per_minute   double precision,
     requests            bigint           not null default 0,  -- granted so far

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 from urllib.parse import urlparse
 
-import httpx
 import numpy as np
 import openai
 import orjson
@@ -113,12 +112,12 @@ class OpenAIEmbedder:
         return f"OpenAIEmbedder({self.identity.key}, base_url={self.settings.base_url!r})"
 
     # -- the shared rate limit (core.ratelimit) -----------------------------------------------
-    def _before_send(self, request: httpx.Request) -> None:
+    def _before_send(self, request: Any) -> None:  # an httpx(2) Request: openai brings its own httpx
         assert self._limiter is not None
         self._local.waited = getattr(self._local, "waited", 0.0) + self._limiter.acquire(
             getattr(self._local, "tokens", 0))
 
-    def _after_response(self, response: httpx.Response) -> None:
+    def _after_response(self, response: Any) -> None:
         if response.status_code == 429 and self._limiter is not None:
             seconds = retry_after_seconds(response.headers)
             log.warning("provider answered 429; pausing every worker of %s for %.1f s", self.identity.model, seconds)
