@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import time
+from unittest import mock
 
 from bench_drain import load, requeue
 from common import ROOT, Timer, connect, create_docs, embedded_server, fake_provider, fresh_db, header, line
@@ -39,18 +39,10 @@ def drain_processes(url: str, n: int, env: dict[str, str] | None = None) -> tupl
     """`n` drain processes released at once; (seconds until all are done, rows embedded)."""
     ctx = mp.get_context("spawn")  # nothing inherited: no shared sockets, clients or connections
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
+    with mock.patch.dict(os.environ, env or {}):  # the children's environment
         procs = [ctx.Process(target=_drain_process, args=(url, ready, go, results)) for _ in range(n)]
         for p in procs:
             p.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     for _ in procs:
         ready.get(timeout=120)
     with Timer() as t:

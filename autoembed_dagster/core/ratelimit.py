@@ -104,13 +104,18 @@ class Limiter:
         """Wait until one request of `tokens` tokens may be sent; returns the seconds waited."""
         waited = 0.0
         while True:
+            asked = time.monotonic()
             wait, reserved = _query(
                 "select wait_seconds, reserved from autoembed.rate_limit_acquire(%s, %s, %s, %s, %s)",
                 (self.provider, self.model, self.limit.requests_per_minute, self.limit.tokens_per_minute,
                  max(int(tokens), 0)))
             if wait > 0:
-                self._sleep(wait)
-                waited += wait
+                # Until the slot, counted from when it was asked for: the round trip's own delay
+                # would otherwise push every request late by a varying amount (bunching them).
+                left = asked + wait - time.monotonic()
+                if left > 0:
+                    self._sleep(left)
+                    waited += left
             if not reserved:
                 continue  # a pause was on: ask for a slot again now that it is over
             # Another worker may have seen a 429 while this one slept on its slot.
