@@ -17,6 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_backfill  # noqa: E402
+import bench_crash  # noqa: E402
 import bench_drain  # noqa: E402
 import bench_freshness  # noqa: E402
 import bench_local  # noqa: E402
@@ -46,6 +47,7 @@ def main() -> None:
     b = bench_backfill.main(["--rows", "5000" if q else "20000"])
     sc = bench_scale.main(["--rows", "5000" if q else "20000", "--hnsw-rows", "1000" if q else "3000",
                            "--limited-rows", "120" if q else "300"])
+    c = bench_crash.main(["--rows", "800" if q else "2500", "--kills", "3" if q else "6"])
 
     def p(values, q_):
         return float(np.percentile(np.array(values) * 1000, q_))
@@ -99,6 +101,9 @@ def main() -> None:
          f"{sc['rate']['limited']['achieved_rpm']:,.0f}/min, {sc['rate']['limited']['throttled']} x 429 "
          f"(no limit: {sc['rate']['unlimited']['throttled']} x 429)", "<= limit, ~0 x 429",
          ok(sc['rate']['limited']['achieved_rpm'] <= sc['limit'] * 1.02)),
+        ("crash recovery: drain after kill -9 of drains holding claims / same backlog, no crash (time)",
+         f"{c['ratio']:.2f}x ({c['after_crash']:,.0f} vs {c['clean']:,.0f} rows/s; {c['lost']} dead-lettered)",
+         "<= 1.5x", ok(c["ratio"] <= 1.5 and c["lost"] == 0)),
     ]
     print(f"\nAll benchmarks: {time.perf_counter() - started:.0f} s\n")
     print("| benchmark | result | target | |")

@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the offending value."""
 
 
+class CredentialsError(ConfigError):
+    """The provider cannot be called at all with this configuration (no API key)."""
+
+
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
