@@ -69,3 +69,34 @@ def test_the_window_comes_from_the_pipeline_variable_first(conn, monkeypatch):
     assert bc.stop_reason(conn, "notes", now=at(12)) is None
     with pytest.raises(ValueError, match="aware datetime"):
         bc.in_window(datetime(2026, 12, 1, 12), "22:00-06:00")
+
+
+def test_a_paused_backfill_stops_between_pages_and_resumes_where_it_stopped(supabase_docs, fake_openai, settings,
+                                                                             monkeypatch):
+    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
+    from autoembed_dagster.core.pipelines import Pipeline
+
+    from .test_migration import assert_all_current, seed
+
+    conn = supabase_docs
+    seed(conn, settings, 30)
+    p = Pipeline(name="documents", schema="public", table="documents", dimensions=512, shards=1)
+    pages = []
+
+    def pause_after_two_pages(stats, rows):
+        pages.append(rows)
+        if len(pages) == 2:
+            bc.pause(conn, "documents")
+
+    first = backfill_shard(conn, p, resolve_spec(conn, p), 0, 1, batch_rows=5, on_batch=pause_after_two_pages)
+    assert "paused" in first.stats.stopped and "stopped: " in first.stats.summary()
+    assert not first.complete and first.stats.embedded <= 15  # two pages, and at most the one read ahead
+    bc.resume(conn, "documents")
+    later = (datetime.now(timezone.utc).hour + 2) % 24  # a window that is not now: stop at once
+    monkeypatch.setenv("AUTOEMBED_BACKFILL_WINDOW_DOCUMENTS", f"{later:02d}:00-{(later + 1) % 24:02d}:00")
+    assert "runs only" in backfill_shard(conn, p, resolve_spec(conn, p), 0, 1, batch_rows=5).stats.stopped
+    monkeypatch.delenv("AUTOEMBED_BACKFILL_WINDOW_DOCUMENTS")
+    rest = backfill_shard(conn, p, resolve_spec(conn, p), 0, 1, batch_rows=5)
+    assert rest.stats.stopped is None and rest.complete
+    assert rest.stats.current == first.stats.embedded  # nothing embedded twice
+    assert_all_current(conn, 512, column="embedding__next")
