@@ -26,12 +26,15 @@ from .config import ConfigError
 
 ALGORITHM = "para-cdc-v1"  # part of the splitter key: a change here makes stored chunk sets stale
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+_WORD_START = re.compile(r"(?<=\s)\S")
+_SENTENCE_START = re.compile(r"[.!?:;] ")
 # A paragraph is an anchor with probability 1/3 (by its hash); a boundary follows an anchor whose
 # run since the previous anchor holds >= 1/4 of a chunk's body. Chosen on the stdlib corpus
 # (bench/bench_chunks.py): appending a sentence to one paragraph changed <= 3 chunks in 220 edits
 # of 30-80-chunk documents, chunks 57% full on average.
 _ANCHOR_ONE_IN = 3
 MIN_NUM, MIN_DEN = 1, 4
+_TAIL_CHARS_PER_TOKEN = 6  # the overlap is looked for in the last overlap*6 characters of a unit
 _CACHE_SIZE = 20_000  # token counts memoized per splitter (bounded: drains run for hours)
 
 
@@ -58,7 +61,6 @@ class Splitter:
     max_tokens: int
     overlap: int = 0
     _pieces: semchunk.Chunker = field(init=False, repr=False)
-    _tail_pieces: semchunk.Chunker | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 8:
@@ -70,9 +72,6 @@ class Splitter:
                 f"chunk overlap {self.overlap} is more than half of max_tokens {self.max_tokens}: "
                 f"use at most {self.max_tokens // 2}")
         self._pieces = semchunk.chunkerify(self.count_tokens, self.body_tokens, cache_maxsize=_CACHE_SIZE)
-        # Small pieces, so a tail can be cut at a sentence or word close to `overlap` tokens.
-        self._tail_pieces = (semchunk.chunkerify(self.count_tokens, max(1, self.overlap // 4), cache_maxsize=_CACHE_SIZE)
-                             if self.overlap else None)
 
     @property
     def body_tokens(self) -> int:
@@ -93,32 +92,35 @@ class Splitter:
 
     def spans(self, text: str) -> list[Span]:
         units = [u for p in _paragraphs(text) for u in self._fit(text, p)]
-        groups = self._group(text, units)
+        groups = [g for group in self._group(text, units) for g in self._exact(text, group)]
         spans: list[Span] = []
         for i, group in enumerate(groups):
-            start = self._tail_start(text, groups[i - 1][-1], group[0].start, group[-1].end) if i else group[0].start
-            spans.append(Span(start, group[-1].end))
+            start = self._tail_start(text, groups[i - 1][-1][0], group[0][0].start, group[-1][0].end) if i \
+                else group[0][0].start
+            spans.append(Span(start, group[-1][0].end))
         return spans
 
-    def _fit(self, text: str, para: Span) -> list[Span]:
-        """The paragraph itself, or pieces of it that fit the body (semchunk; exact slices)."""
-        if self.count_tokens(text[para.start : para.end]) <= self.body_tokens:
-            return [para]
+    def _fit(self, text: str, para: Span) -> list[tuple[Span, int]]:
+        """(unit, its tokens): the paragraph itself, or pieces of it that fit the body (semchunk)."""
+        n = self.count_tokens(text[para.start : para.end])
+        if n <= self.body_tokens:
+            return [(para, n)]
         _, offsets = self._pieces(text[para.start : para.end], offsets=True)
-        pieces: list[Span] = []
+        pieces: list[tuple[Span, int]] = []
         for s, e in offsets:
             pieces.extend(self._hard_split(text, Span(para.start + s, para.start + e)))
         return pieces
 
-    def _hard_split(self, text: str, span: Span) -> list[Span]:
+    def _hard_split(self, text: str, span: Span) -> list[tuple[Span, int]]:
         """A span that still does not fit (one grapheme of thousands of code points): cut at the
         longest prefix that fits, by code points. semchunk never leaves one, but the limit is a
         promise to the provider, so it is enforced here whatever the library does."""
-        out: list[Span] = []
+        out: list[tuple[Span, int]] = []
         start = span.start
         while start < span.end:
-            if self.count_tokens(text[start : span.end]) <= self.body_tokens:
-                out.append(Span(start, span.end))
+            n = self.count_tokens(text[start : span.end])
+            if n <= self.body_tokens:
+                out.append((Span(start, span.end), n))
                 break
             lo, hi = start + 1, span.end  # lo always fits (one code point is a few tokens at most)
             while lo < hi:
@@ -127,47 +129,73 @@ class Splitter:
                     lo = mid
                 else:
                     hi = mid - 1
-            out.append(Span(start, lo))
+            out.append((Span(start, lo), self.count_tokens(text[start:lo])))
             start = lo
-        return [s for s in out if text[s.start : s.end].strip()]
+        return [u for u in out if text[u[0].start : u[0].end].strip()]
 
-    def _group(self, text: str, units: list[Span]) -> list[list[Span]]:
+    def _group(self, text: str, units: list[tuple[Span, int]]) -> list[list[tuple[Span, int]]]:
         """Consecutive units per chunk. A boundary follows an anchor unit whose run since the previous
         anchor holds at least a quarter of a chunk: it depends only on the text between two anchors,
         never on where the chunk started, so an edit moves no boundary outside its own run and the
-        next. Between two boundaries units are packed greedily up to the body size (counted exactly
-        on the joined slice: token counts do not add up exactly)."""
-        groups: list[list[Span]] = []
-        cur: list[Span] = []
-        run_start = units[0].start if units else 0
-        for unit in units:
-            if cur and self.count_tokens(text[cur[0].start : unit.end]) > self.body_tokens:
+        next. Between two boundaries units are packed greedily up to the body size. Sizes here are
+        the units' own counts plus one token per join (an estimate: _exact() checks the result)."""
+        groups: list[list[tuple[Span, int]]] = []
+        cur: list[tuple[Span, int]] = []
+        size = run = 0
+        for unit, n in units:
+            if cur and size + 1 + n > self.body_tokens:
                 groups.append(cur)
-                cur = []
-            cur.append(unit)
+                cur, size = [], 0
+            size += n + (1 if cur else 0)
+            run += n + 1
+            cur.append((unit, n))
             if _is_anchor(text[unit.start : unit.end]):
-                if self.count_tokens(text[run_start : unit.end]) * MIN_DEN >= self.body_tokens * MIN_NUM:
+                if run * MIN_DEN >= self.body_tokens * MIN_NUM:
                     groups.append(cur)
-                    cur = []
-                run_start = unit.end
+                    cur, size = [], 0
+                run = 0
         if cur:
             groups.append(cur)
         return groups
 
+    def _exact(self, text: str, group: list[tuple[Span, int]]) -> list[list[tuple[Span, int]]]:
+        """The group, counted exactly on its joined slice (token counts do not add up exactly);
+        split greedily by exact counts in the rare case the estimate let it grow too large."""
+        if len(group) == 1 or self.count_tokens(text[group[0][0].start : group[-1][0].end]) <= self.body_tokens:
+            return [group]
+        out: list[list[tuple[Span, int]]] = []
+        cur: list[tuple[Span, int]] = []
+        for unit in group:
+            if cur and self.count_tokens(text[cur[0][0].start : unit[0].end]) > self.body_tokens:
+                out.append(cur)
+                cur = []
+            cur.append(unit)
+        out.append(cur)
+        return out
+
     def _tail_start(self, text: str, last: Span, body_start: int, end: int) -> int:
-        """Where the chunk starts: with overlap, at the longest run of small pieces at the end of
-        the previous chunk's last unit that keeps the chunk (tail + its own units) within max_tokens."""
-        if self._tail_pieces is None:
+        """Where the chunk starts: with overlap, at the start of the longest run of whole words at
+        the end of the previous chunk's last unit that holds at most `overlap` tokens (a sentence
+        start when the run has one), keeping the chunk within max_tokens; else at its own units."""
+        if not self.overlap:
             return body_start
-        _, offsets = self._tail_pieces(text[last.start : last.end], offsets=True)
-        best = None
-        for s, _ in reversed(offsets):
-            start = last.start + s
-            if self.count_tokens(text[start : last.end]) > self.overlap or \
-                    self.count_tokens(text[start:end]) > self.max_tokens:
-                break
-            best = start
-        return best if best is not None else body_start
+        # Only a unit's end can become the tail: look in a window of it, not all of it.
+        window = max(last.start, last.end - self.overlap * _TAIL_CHARS_PER_TOKEN)
+        starts = [m.start() for m in _WORD_START.finditer(text, window, last.end)]
+        # Tokens of text[start:last.end] shrink as start moves right: the first start that fits.
+        lo, hi = 0, len(starts)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.count_tokens(text[starts[mid] : last.end]) <= self.overlap:
+                hi = mid
+            else:
+                lo = mid + 1
+        fitting = starts[lo:]
+        sentence = [p for p in fitting if _SENTENCE_START.match(text, p - 2 if p >= 2 else 0) or text[p - 1] == "\n"]
+        for start in (sentence[:1] + [p for p in fitting if not sentence or p > sentence[0]]):
+            if self.count_tokens(text[start:end]) <= self.max_tokens:
+                return start
+        return body_start
 
 
 def _paragraphs(text: str) -> list[Span]:
