@@ -306,3 +306,19 @@ def test_stdlib_long_documents_are_long_and_deterministic():
     assert len(docs) == 20 and all(len(d.content) >= 2000 for d in docs)
     assert [d.module for d in docs] == [d.module for d in stdlib_long_docs(20)]
     assert all(d.content.startswith(f"# {d.module}\n\n") for d in docs)
+
+
+def test_a_reused_vector_that_vanished_before_the_write_defers_the_document(conn, fake_openai, openai_embedder):
+    target = _setup(conn, {1: "shared boilerplate paragraph", 2: None})
+    sp = splitter_for(openai_embedder, 50)
+    _run(conn, target, [1], sp, openai_embedder)
+    conn.execute("update docs set body = 'shared boilerplate paragraph' where id = 2")
+    fake_openai.reset()
+    p = chunks.plan(conn, target, chunks.read_documents(conn, target, ["2"]), sp, openai_embedder.identity.key)
+    assert p.texts == [] and p.reused == {chunk_hash("shared boilerplate paragraph")}  # reused across documents
+    conn.execute("delete from docs where id = 1")  # the only vector of that text goes with it
+    with conn.transaction():
+        stats = chunks.write(conn, target, p, {}, openai_embedder.identity.key)
+    assert stats.missing == ["2"] and not stats.written and _stored(conn, 2) == []
+    _, stats = _run(conn, target, [2], sp, openai_embedder)  # the next round embeds it
+    assert stats.written == ["2"] and stats.chunks_embedded == 1 and fake_openai.request_count == 1

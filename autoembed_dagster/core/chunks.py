@@ -22,10 +22,11 @@ from typing import Mapping
 
 import numpy as np
 import psycopg
-from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from .chunking import Splitter, chunk_hash
+# The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
+from .drain import _COPY_HEADER as COPY_HEADER, _COPY_TRAILER as COPY_TRAILER, copy_records
 from .migration import Coverage
 from .targets import TargetError, check_identifier
 
@@ -221,9 +222,13 @@ def _stages(conn: psycopg.Connection, target: ChunkTarget) -> tuple[sql.Identifi
     chunks, vectors = sql.Identifier("autoembed_chunk_stage"), sql.Identifier(f"autoembed_chunk_vectors_{target.vector_type}")
     conn.execute(sql.SQL("""create temp table if not exists {} (k text, i integer, c text, h bytea, sh bytea)
                             on commit delete rows""").format(chunks))
-    conn.execute(sql.SQL("""create temp table if not exists {} (h bytea primary key, v {}, reused boolean)
-                            on commit delete rows""").format(vectors, sql.SQL(target.vector_type)))
-    conn.execute(sql.SQL("truncate {}, {}").format(chunks, vectors))
+    conn.execute(sql.SQL("""create temp table if not exists {} (k text, h bytea primary key, v {})
+                            on commit delete rows""").format(
+        vectors, sql.SQL(target.vector_type)))
+    # Empty unless this transaction wrote before (commit clears them); DELETE, not TRUNCATE: a
+    # truncate makes new files for both tables on every call.
+    conn.execute(sql.SQL("delete from {}").format(chunks))
+    conn.execute(sql.SQL("delete from {}").format(vectors))
     return chunks, vectors
 
 
@@ -269,8 +274,6 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     chunk_stage, vector_stage = _stages(conn, target)
     needed = {c.hash for k in fresh for c in plan.documents[k].chunks}
     embedded = [(h, vectors_by_hash[h]) for h in needed if h not in plan.reused]
-    if conn.adapters.types.get(target.vector_type) is None:  # a connection not made by database.connect()
-        register_vector(conn)
     with conn.cursor() as cur:
         with cur.copy(sql.SQL("copy {} (k, i, c, h, sh) from stdin").format(chunk_stage)) as copy:
             for k in fresh:
@@ -278,17 +281,14 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
                 for c in doc.chunks:
                     copy.write_row((k, c.index, c.text, c.hash, doc.input_hash))
         if embedded:
-            from pgvector import HalfVector, Vector
-
-            wrap = HalfVector if target.vector_type == "halfvec" else Vector
-            with cur.copy(sql.SQL("copy {} (h, v, reused) from stdin with (format binary)").format(vector_stage)) as copy:
-                copy.set_types(["bytea", target.vector_type, "bool"])
-                for h, v in embedded:
-                    copy.write_row((h, wrap(np.asarray(v, dtype=np.float32)), False))
+            # The drain's binary COPY tuples (key text, hash, vector): one numpy conversion for all.
+            records = copy_records(target, [("", h, v) for h, v in embedded], conn.info.encoding)
+            with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(vector_stage)) as copy:
+                copy.write(b"".join([COPY_HEADER, *records, COPY_TRAILER]))
         # Reused vectors are copied before the old sets are deleted (they may be among them).
         cur.execute(sql.SQL(
-            """insert into {stage} (h, v, reused)
-               select distinct on (c.chunk_hash) c.chunk_hash, c.embedding, true from {chunks} c
+            """insert into {stage} (h, v)
+               select distinct on (c.chunk_hash) c.chunk_hash, c.embedding from {chunks} c
                where c.model = %s and c.chunk_hash = any(%s) order by c.chunk_hash
                on conflict (h) do nothing""").format(stage=vector_stage, **fmt),
             (model_key, [h for h in needed if h in plan.reused]), prepare=False)
@@ -306,14 +306,14 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
         stats.chunks_deleted = cur.rowcount
         cur.execute(sql.SQL(
             """insert into {chunks} ({key}, chunk_index, chunk, {col}, chunk_hash, source_hash, model, splitter)
-               select s.k::{kt}, s.i, s.c, v.v, s.h, s.sh, %s, %s from {cs} s join {vs} v on v.h = s.h
-               returning (select v2.reused from {vs} v2 where v2.h = chunk_hash)""").format(
+               select s.k::{kt}, s.i, s.c, v.v, s.h, s.sh, %s, %s from {cs} s join {vs} v on v.h = s.h""").format(
                 col=sql.Identifier(VECTOR_COLUMN), cs=chunk_stage, vs=vector_stage, **fmt),
             (model_key, plan.splitter))
-        reused_flags = [r[0] for r in cur.fetchall()]
+        written_rows = cur.rowcount
+    fresh_hashes = {h for h, _ in embedded}
+    stats.chunks_embedded = sum(1 for k in fresh for c in plan.documents[k].chunks if c.hash in fresh_hashes)
+    stats.chunks_reused = written_rows - stats.chunks_embedded
     stats.written = fresh
-    stats.chunks_reused = sum(1 for r in reused_flags if r)
-    stats.chunks_embedded = len(reused_flags) - stats.chunks_reused
     return stats
 
 
