@@ -26,7 +26,7 @@ from psycopg import sql
 
 from .chunking import Splitter, chunk_hash
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
-from .drain import _COPY_HEADER as COPY_HEADER, _COPY_TRAILER as COPY_TRAILER, copy_records
+from .drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
 from .migration import Coverage
 from .targets import TargetError, check_identifier
 
