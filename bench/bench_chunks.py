@@ -86,7 +86,6 @@ def edits(conn, target, all_keys: list[str], splitter, embedder, n_edits: int, m
             if len(splitter.split(text)) >= min_chunks]
     reuse_inputs = whole_inputs = reuse_tokens = whole_tokens = 0
     per_edit = []
-    model = embedder.identity.key
     for key in sorted(keys, key=int):
         for _ in range(n_edits):
             text = chunks.read_documents(conn, target, [key])[key][0]
@@ -94,12 +93,8 @@ def edits(conn, target, all_keys: list[str], splitter, embedder, n_edits: int, m
             i = rng.randrange(len(paras))
             paras[i] += " This sentence was added by an edit."
             conn.execute("update docs set body = %s where id = %s", ("\n\n".join(paras), int(key)))
-            docs = chunks.read_documents(conn, target, [key])
-            p = chunks.plan(conn, target, docs, splitter, model)
-            out = embedder.embed(p.texts)
-            with conn.transaction():
-                chunks.write(conn, target, p, dict(zip(p.hashes, out.vectors)), model)
-            whole = splitter.split(docs[key][0])
+            p = chunks.sync(conn, target, [key], splitter, embedder).plan
+            whole = splitter.split("\n\n".join(paras))
             reuse_inputs += len(p.texts)
             reuse_tokens += sum(embedder.count_tokens(x) for x in p.texts)
             whole_inputs += len(whole)

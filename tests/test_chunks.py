@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -16,7 +17,7 @@ from autoembed_dagster.core.corpus import stdlib_long_docs
 from autoembed_dagster.core.database import connect
 from autoembed_dagster.core.embedders import make_embedder
 from autoembed_dagster.core.embedders.local import LocalEmbedder
-from autoembed_dagster.core.search import search_chunks
+from autoembed_dagster.core.search import nearest_chunks, search_chunks
 from autoembed_dagster.core.targets import TargetError
 
 from .fake_openai import fake_vector
@@ -147,12 +148,8 @@ def _setup(conn, texts: dict[int, str | None], dims: int = 1536):
 
 def _run(conn, target, keys, splitter, embedder):
     """What the drain will do: read, plan, embed only what the plan asks for, write."""
-    docs = chunks.read_documents(conn, target, [str(k) for k in keys])
-    p = chunks.plan(conn, target, docs, splitter, embedder.identity.key)
-    out = embedder.embed(p.texts)
-    with conn.transaction():
-        stats = chunks.write(conn, target, p, dict(zip(p.hashes, out.vectors)), embedder.identity.key)
-    return p, stats
+    done = chunks.sync(conn, target, [str(k) for k in keys], splitter, embedder)
+    return done.plan, done.stats
 
 
 def _stored(conn, key) -> list[str]:
@@ -322,3 +319,18 @@ def test_a_reused_vector_that_vanished_before_the_write_defers_the_document(conn
     assert stats.missing == ["2"] and not stats.written and _stored(conn, 2) == []
     _, stats = _run(conn, target, [2], sp, openai_embedder)  # the next round embeds it
     assert stats.written == ["2"] and stats.chunks_embedded == 1 and fake_openai.request_count == 1
+
+
+def test_search_looks_past_a_parent_that_fills_the_first_batch_of_nearest_chunks(conn):
+    """k parents are found even when one parent holds the 100 nearest chunks (the SQL function
+    widens its batch of nearest chunks until it names k parents)."""
+    target = _setup(conn, {1: "many", 2: "one", 3: "other"}, dims=8)
+    near, far, farther = [1.0] + [0.0] * 7, [0.6, 0.8] + [0.0] * 6, [0.0, 1.0] + [0.0] * 6
+    rows = [(1, i, f"chunk {i}", near) for i in range(100)] + [(2, 0, "two", far), (3, 0, "three", farther)]
+    for key, i, text, vec in rows:
+        conn.execute("""insert into docs_chunks select %s, %s, %s, %s::vector::halfvec, '\\x00',
+                        autoembed.content_hash(body), 'm', 's' from docs where id = %s""",
+                     (key, i, text, str(vec), key))
+    hits = nearest_chunks(conn, target, np.array(near, dtype=np.float32), 2)
+    assert [(h.id, h.chunk) for h in hits] == [("1", "chunk 0"), ("2", "two")]
+    assert [h.id for h in nearest_chunks(conn, target, np.array(near, dtype=np.float32), 3)] == ["1", "2", "3"]

@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from .chunking import Splitter, chunk_hash
+from .embedders.base import Embedder
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
 from .drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
 from .migration import Coverage
@@ -367,3 +368,25 @@ def promote(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget, mo
 
 def _regclass(target: ChunkTarget) -> str:
     return sql.Identifier(target.schema, target.chunk_table).as_string(None)
+
+
+# -- one round, for callers without a queue (backfill, CLI, demo, tests) ------------------------
+@dataclass
+class SyncResult:
+    plan: ChunkPlan
+    stats: WriteStats
+    tokens: int  # as the provider reported them
+    errors: dict[bytes, str]  # chunk hash -> why its embedding failed
+
+
+def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitter: Splitter,
+         embedder: Embedder) -> SyncResult:
+    """Bring the chunk sets of `keys` up to date: read, plan, embed what is new, write (one
+    transaction). The drain does the same in its own stages, with its claims around them."""
+    model = embedder.identity.key
+    p = plan(conn, target, read_documents(conn, target, keys), splitter, model)
+    out = embedder.embed(p.texts)
+    with conn.transaction():
+        stats = write(conn, target, p, dict(zip(p.hashes, out.vectors)), model)
+    errors = {h: str(e) for h, e in zip(p.hashes, out.errors) if e is not None}
+    return SyncResult(p, stats, out.tokens, errors)
