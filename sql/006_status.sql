@@ -28,6 +28,8 @@ as $$
 declare
     q record;
 begin
+    -- pgmq names a queue's table q_<lower(name)>: ask pgmq, so a mixed-case queue created before
+    -- enrolment refused such names cannot break the status of every queue.
     for q in select m.queue_name from pgmq.meta m order by m.queue_name loop
         return query execute format(
             $s$select $1::text,
@@ -38,7 +40,7 @@ begin
                       (select count(*) from autoembed.message_errors e where e.queue_name = $1),
                       coalesce(extract(epoch from clock_timestamp() - min(enqueued_at)), 0)::double precision,
                       (select count(*) from autoembed.dead_letters d where d.queue_name = $1)
-               from pgmq.%I$s$, 'q_' || q.queue_name)
+               from pgmq.%I$s$, pgmq.format_table_name(q.queue_name, 'q'))
             using q.queue_name;
     end loop;
 end;

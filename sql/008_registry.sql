@@ -1,0 +1,41 @@
+-- Upgrade of databases set up before the target registry. Idempotent: a no-op once done.
+
+-- Registrations of dropped tables (their oid could be reused by another table).
+delete from autoembed.targets t where not exists (select 1 from pg_class c where c.oid = t.relid);
+
+-- Tables enrolled by an older version: their triggers pass names (content function, column, key,
+-- queue), not a target, and the clear trigger has no input comparison in its WHEN clause. Enrolled
+-- again from those arguments (or from the registry), without a backlog. A table that can no longer
+-- be enrolled (say, its key is not unique) keeps its old triggers, which then enqueue nothing: the
+-- warning says why.
+do $$
+declare
+    t record;
+    reg record;
+begin
+    for t in
+        select tr.tgrelid::regclass as tbl,
+               (array_agg(autoembed.trigger_args(tr.tgargs, tr.tgnargs)) filter (where tr.tgnargs = 4))[1] as args
+        from pg_trigger tr
+        where tr.tgfoid in ('autoembed.queue_embeddings_bulk()'::regprocedure, 'autoembed.clear_on_change()'::regprocedure)
+          and tr.tgnargs <> 1
+        group by tr.tgrelid
+    loop
+        begin
+            if t.args is not null then
+                perform autoembed.enroll(t.tbl, t.args[1], t.args[2], t.args[3], t.args[4], false);
+            else
+                select c.* into reg from autoembed.target_catalog c join autoembed.targets r on r.id = c.id
+                where r.relid = t.tbl and r.origin = 'enroll' limit 1;
+                if reg.id is null then
+                    raise exception 'no registered target and no enqueue trigger to enrol it from';
+                end if;
+                perform autoembed.enroll(t.tbl, reg.content_function, reg.embedding_column, reg.key_column, reg.queue, false);
+            end if;
+        exception when others then
+            raise warning 'autoembed: could not upgrade the triggers of %: %; they enqueue nothing until it is enrolled again',
+                t.tbl, sqlerrm;
+        end;
+    end loop;
+end;
+$$;
