@@ -15,7 +15,9 @@ declare
 begin
     for t in
         select tr.tgrelid::regclass as tbl,
-               (array_agg(autoembed.trigger_args(tr.tgargs, tr.tgnargs)) filter (where tr.tgnargs = 4))[1] as args
+               (select autoembed.trigger_args(q.tgargs, q.tgnargs) from pg_trigger q
+                where q.tgrelid = tr.tgrelid and q.tgnargs = 4
+                  and q.tgfoid = 'autoembed.queue_embeddings_bulk()'::regprocedure limit 1) as args
         from pg_trigger tr
         where tr.tgfoid in ('autoembed.queue_embeddings_bulk()'::regprocedure, 'autoembed.clear_on_change()'::regprocedure)
           and tr.tgnargs <> 1
