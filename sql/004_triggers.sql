@@ -158,6 +158,11 @@ language plpgsql
 as $$
 #variable_conflict use_variable
 begin
+    if TG_NARGS <> 1 then
+        -- A trigger of an older version (content function, column) that db init could not upgrade:
+        -- clearing on every update is wasteful but never leaves a stale vector.
+        return pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], null));
+    end if;
     return pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(
         (select a.attname from pg_catalog.pg_attribute a where a.attrelid = TG_RELID and a.attnum = TG_ARGV[0]::int2),
         null));
@@ -214,6 +219,8 @@ declare
     integer_keys boolean;
     keys text[];
     messages jsonb[];
+    old_columns text;
+    new_columns text;
     lo bigint;
     hi bigint;
     n bigint;
@@ -250,14 +257,21 @@ begin
             messages := autoembed.key_messages(keys, integer_keys, header);
         end if;
     else
-        -- Whole-row text (output functions only, no user code) tells a real change of a row that
-        -- had no vector from a re-save.
+        -- A row is queued when its vector is NULL now and something other than the vector changed:
+        -- the BEFORE trigger cleared it (its WHEN clause saw the input change), or it had no vector
+        -- and was really changed. The text of the other columns (output functions only, no user
+        -- code) tells that from a re-save, and from a write of the vector column alone.
+        select string_agg(format('o.%I', a.attname), ', ' order by a.attnum),
+               string_agg(format('n.%I', a.attname), ', ' order by a.attnum)
+        into old_columns, new_columns
+        from pg_attribute a
+        where a.attrelid = TG_RELID and a.attnum > 0 and not a.attisdropped and a.attname <> c.embedding_column;
         execute format(
             $q$select autoembed.key_texts(array(
                    select n.%1$I from autoembed_new n left join autoembed_old o on o.%1$I = n.%1$I
                    where o.%1$I is null
-                      or (n.%2$I is null and (o.%2$I is not null or o::text is distinct from n::text))))$q$,
-            c.key_column, c.embedding_column)
+                      or (n.%2$I is null and row(%3$s)::text is distinct from row(%4$s)::text)))$q$,
+            c.key_column, c.embedding_column, old_columns, new_columns)
             into keys;
         messages := autoembed.key_messages(keys, integer_keys, header);
     end if;

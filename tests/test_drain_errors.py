@@ -229,7 +229,8 @@ def test_rows_of_a_bulk_message_fail_alone_and_the_rest_is_written(conn, fake_op
     # before that message (one, in the shared message).
     message = conn.execute("select message from autoembed.dead_letter_jobs where row_id = '150'").fetchone()[0]
     assert message == {
-        "attempts": 1, "id": 150, "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
+        "attempts": 1, "id": 150, "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding",
+        "target": 1, "keyColumn": "id"}
     # After its first failure the broken row was sent alone, so it cannot fail its neighbours.
     broken = [r["inputs"] for r in fake_openai.requests if any("BROKEN" in t for t in r["inputs"])]
     assert len(broken) >= 3 and all(len(inputs) == 1 for inputs in broken[-2:])
