@@ -147,25 +147,57 @@ begin
 end;
 $$;
 
--- BEFORE UPDATE row trigger of enrolled tables: sets the embedding column to NULL. Its WHEN clause
--- (see autoembed.enroll) calls it only when the input changed, in the writer's context, and binds
--- the content function by oid and the column by attnum: renames are followed. Argument: the
--- embedding column's attnum (its current name is looked up here, for the same reason). Runs as
--- the writer and touches nothing of the project's: the writer needs no rights on it.
+-- BEFORE UPDATE row trigger function of tables enrolled by older versions (content function,
+-- column): db init re-enrols them (sql/008); one that could not be clears on every update, which
+-- is wasteful but never leaves a stale vector. Enrolled tables now get a function of their own
+-- (autoembed.install_clear_function).
 create or replace function autoembed.clear_on_change()
 returns trigger
 language plpgsql
 as $$
-#variable_conflict use_variable
 begin
-    if TG_NARGS <> 1 then
-        -- A trigger of an older version (content function, column) that db init could not upgrade:
-        -- clearing on every update is wasteful but never leaves a stale vector.
-        return pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], null));
+    return pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], null));
+end;
+$$;
+
+-- The BEFORE UPDATE row trigger function of one enrolled target, autoembed.clear_target_<id>():
+-- `NEW.<column> := null`. A generated function, because a static field assignment is what makes
+-- a bulk UPDATE cheap (jsonb_populate_record on a row holding a vector cost 3x more per row). The
+-- trigger's WHEN clause calls it only when the input changed, compared in the writer's context.
+-- It runs as the writer and touches nothing of the project's. A rename of the column regenerates
+-- it (the event trigger in sql/008, when db init ran as a superuser); without that event trigger,
+-- an UPDATE after the rename fails loudly ("record new has no field") until the table is enrolled
+-- again: it never leaves a stale vector. SECURITY DEFINER (it creates a function in schema
+-- autoembed); only the table's owner may call it. Returns the function.
+create or replace function autoembed.install_clear_function(target_id bigint)
+returns regprocedure
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    c autoembed.target_catalog;
+    name text := format('clear_target_%s', target_id);
+begin
+    select tc.* into c from autoembed.target_catalog tc where tc.id = target_id;
+    if c.embedding_column is null then
+        raise exception 'autoembed: target % has no embedding column', target_id using errcode = 'undefined_column';
     end if;
-    return pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(
-        (select a.attname from pg_catalog.pg_attribute a where a.attrelid = TG_RELID and a.attnum = TG_ARGV[0]::int2),
-        null));
+    if not pg_has_role(autoembed.caller_role(),
+                       (select cl.relowner from pg_class cl join autoembed.targets r on r.relid = cl.oid where r.id = target_id),
+                       'USAGE') then
+        raise exception 'autoembed: only the owner of %.% may change its triggers', c.schema_name, c.table_name
+            using errcode = 'insufficient_privilege';
+    end if;
+    execute format($f$
+        create or replace function autoembed.%I() returns trigger language plpgsql as $b$
+        begin
+            NEW.%I := null;
+            return NEW;
+        end;
+        $b$
+    $f$, name, c.embedding_column);
+    return format('autoembed.%I()', name)::regprocedure;
 end;
 $$;
 
@@ -257,10 +289,10 @@ begin
             messages := autoembed.key_messages(keys, integer_keys, header);
         end if;
     else
-        -- A row is queued when its vector is NULL now and something other than the vector changed:
-        -- the BEFORE trigger cleared it (its WHEN clause saw the input change), or it had no vector
-        -- and was really changed. The text of the other columns (output functions only, no user
-        -- code) tells that from a re-save, and from a write of the vector column alone.
+        -- A row is queued when its vector is NULL now and either it had one (the BEFORE trigger
+        -- cleared it: its WHEN clause saw the input change; or the writer removed it, and the row
+        -- gets it back), or it had none and something other than the vector changed. The text of
+        -- the other columns (output functions only, no user code) tells that from a re-save.
         select string_agg(format('o.%I', a.attname), ', ' order by a.attnum),
                string_agg(format('n.%I', a.attname), ', ' order by a.attnum)
         into old_columns, new_columns
@@ -270,7 +302,7 @@ begin
             $q$select autoembed.key_texts(array(
                    select n.%1$I from autoembed_new n left join autoembed_old o on o.%1$I = n.%1$I
                    where o.%1$I is null
-                      or (n.%2$I is null and row(%3$s)::text is distinct from row(%4$s)::text)))$q$,
+                      or (n.%2$I is null and (o.%2$I is not null or row(%3$s)::text is distinct from row(%4$s)::text))))$q$,
             c.key_column, c.embedding_column, old_columns, new_columns)
             into keys;
         messages := autoembed.key_messages(keys, integer_keys, header);

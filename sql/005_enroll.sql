@@ -225,6 +225,7 @@ as $$
 #variable_conflict use_variable
 declare
     gone bigint;
+    name text;
 begin
     if not pg_has_role(autoembed.caller_role(), (select c.relowner from pg_class c where c.oid = tbl), 'USAGE') then
         raise exception 'autoembed: only the owner of % may unregister its targets', tbl
@@ -236,6 +237,12 @@ begin
                 else r.embedding_attnum = (select a.attnum from pg_attribute a where a.attrelid = tbl
                                            and a.attname = embedding_column and not a.attisdropped) end);
     get diagnostics gone = row_count;
+    -- Generated clear functions of targets that are gone (their triggers go with them).
+    for name in select p.proname from pg_proc p
+                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^clear_target_[0-9]+$'
+                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 14)::bigint) loop
+        execute format('drop function autoembed.%I() cascade', name);
+    end loop;
     return gone;
 end;
 $$;
@@ -290,15 +297,15 @@ language plpgsql
 as $$
 #variable_conflict use_variable
 declare
-    attnum smallint := (select a.attnum from pg_attribute a where a.attrelid = tbl and a.attname = embedding_column
-                        and not a.attisdropped);
+    clear_function regprocedure;
 begin
     perform autoembed.uninstall_triggers(tbl);
+    clear_function := autoembed.install_clear_function(target_id);
     execute format(
         'create trigger autoembed_clear before update on %1$s for each row '
         'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null '
         'and %3$s(old) is distinct from %3$s(new)) '
-        'execute function autoembed.clear_on_change(%4$L)', tbl, embedding_column, fn::oid::regproc, attnum);
+        'execute function %4$s', tbl, embedding_column, fn::oid::regproc, clear_function);
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);

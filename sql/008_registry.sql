@@ -41,3 +41,43 @@ begin
     end loop;
 end;
 $$;
+
+-- Renames of an enrolled embedding column: the generated clear function names the column (see
+-- autoembed.install_clear_function), so an ALTER TABLE regenerates the clear functions of the
+-- table's targets. Event triggers need a superuser: when db init runs as another role there is
+-- none, and an UPDATE after such a rename fails loudly until the table is enrolled again.
+create or replace function autoembed.follow_renames()
+returns event_trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    target_id bigint;
+begin
+    for target_id in
+        select distinct r.id from pg_event_trigger_ddl_commands() d
+        join autoembed.targets r on r.relid = d.objid
+        where d.classid = 'pg_class'::regclass
+          and exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
+                                                and p.proname = format('clear_target_%s', r.id))
+    loop
+        begin
+            perform autoembed.install_clear_function(target_id);
+        exception when others then
+            raise warning 'autoembed: could not follow the change of the table of target %: %; enroll it again',
+                target_id, sqlerrm;
+        end;
+    end loop;
+end;
+$$;
+
+do $$
+begin
+    if (select r.rolsuper from pg_roles r where r.rolname = current_user)
+       and not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames') then
+        create event trigger autoembed_follow_renames on ddl_command_end when tag in ('ALTER TABLE')
+            execute function autoembed.follow_renames();
+    end if;
+end;
+$$;

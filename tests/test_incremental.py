@@ -290,7 +290,8 @@ def _clear_trigger_calls(conn, statement: str, draining: bool) -> int:
         conn.execute("set local track_functions = 'pl'")
         if draining:
             conn.execute("set local autoembed.draining = 'on'")
-        calls = "select coalesce(pg_stat_get_xact_function_calls('autoembed.clear_on_change'::regproc), 0)"
+        calls = ("select coalesce(sum(pg_stat_get_xact_function_calls(tgfoid)), 0) from pg_trigger"
+                 " where tgname = 'autoembed_clear'")
         before = conn.execute(calls).fetchone()[0]  # counts not flushed yet carry over between transactions
         conn.execute(statement)
         return conn.execute(calls).fetchone()[0] - before
