@@ -222,6 +222,36 @@ as $$
         from generate_series(lo, hi, group_size) i)
 $$;
 
+-- Send job messages to a queue in one pgmq.send_batch and wake the drains (LISTEN autoembed). Sends
+-- nothing for no messages (send_batch raises on an empty array).
+create or replace function autoembed.send_jobs(queue text, messages jsonb[])
+returns void
+language plpgsql
+as $$
+begin
+    if coalesce(cardinality(messages), 0) > 0 then
+        perform pgmq.send_batch(queue, messages);
+        perform pg_notify('autoembed', queue);
+    end if;
+end;
+$$;
+
+-- Raise unless the acting role (autoembed.caller_role) may act as the owner of table `tbl`: what
+-- the SECURITY DEFINER functions that change a table's registration or queue its rows require.
+create or replace function autoembed.require_owner(tbl oid, doing text)
+returns void
+language plpgsql
+stable
+as $$
+begin
+    if not pg_has_role(autoembed.caller_role(), (select c.relowner from pg_class c where c.oid = tbl), 'USAGE') then
+        raise exception 'autoembed: only the owner of % (%) may %, not %', tbl::regclass,
+            (select c.relowner::regrole from pg_class c where c.oid = tbl), doing, autoembed.caller_role()
+            using errcode = 'insufficient_privilege';
+    end if;
+end;
+$$;
+
 -- How many rows a job message covers (see job_messages, range_messages).
 -- Never raises, whatever the message holds: status views read every message.
 create or replace function autoembed.message_rows(message jsonb)

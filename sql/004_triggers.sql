@@ -36,6 +36,14 @@ begin
 
     fn := autoembed.content_function(TG_RELID, content_function);
     has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
+    if fn is null or not has_column then
+        -- Renamed since the target was registered from these arguments: follow the registry
+        -- (column by attnum, function by oid), so the stale vector is still cleared.
+        select coalesce(fn, r.fn), coalesce(case when has_column then embedding_column end, r.embedding_column)
+        into fn, embedding_column
+        from autoembed.registered_trigger_target(TG_RELID, content_function, embedding_column) r;
+        has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
+    end if;
     if fn is null then
         raise warning 'autoembed: content function % (taking a row of %) does not exist; job enqueued, it will be dead-lettered',
             quote_literal(content_function), TG_RELID::regclass;
@@ -68,6 +76,25 @@ begin
         using TG_RELID, content_function, fn, embedding_column, key_column, queue, NEW;
     return case when TG_WHEN = 'BEFORE' then NEW else null end;
 end;
+$$;
+
+-- The target registered from util.queue_embeddings arguments (content function, column, as they
+-- were given) under its current column name and function: what a trigger whose arguments went
+-- stale by a rename still clears and queues for. No row when there is none.
+create or replace function autoembed.registered_trigger_target(tbl oid, content_function text, embedding_column text)
+returns table (embedding_column text, fn regprocedure)
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select a.attname::text, r.content_fn::regprocedure
+    from autoembed.targets r
+    join pg_attribute a on a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
+    where r.relid = registered_trigger_target.tbl and r.origin in ('trigger', 'migration')
+      and r.content_function = registered_trigger_target.content_function
+      and r.embedding_column = registered_trigger_target.embedding_column
+      and exists (select 1 from pg_proc p where p.oid = r.content_fn)
 $$;
 
 -- Enqueue the job of one row for util.queue_embeddings. SECURITY DEFINER: it never runs the
@@ -125,9 +152,8 @@ begin
                                      'contentFunction', content_function, 'embeddingColumn', embedding_column,
                                      'keyColumn', key_column);
     end if;
-    perform pgmq.send(queue, (autoembed.key_messages(autoembed.key_texts(array[key]),
-                                                     autoembed.integer_key(pg_typeof(key)), header))[1]);
-    perform pg_notify('autoembed', queue);
+    perform autoembed.send_jobs(queue, autoembed.key_messages(autoembed.key_texts(array[key]),
+                                                              autoembed.integer_key(pg_typeof(key)), header));
 end;
 $$;
 
@@ -183,12 +209,7 @@ begin
     if c.embedding_column is null then
         raise exception 'autoembed: target % has no embedding column', target_id using errcode = 'undefined_column';
     end if;
-    if not pg_has_role(autoembed.caller_role(),
-                       (select cl.relowner from pg_class cl join autoembed.targets r on r.relid = cl.oid where r.id = target_id),
-                       'USAGE') then
-        raise exception 'autoembed: only the owner of %.% may change its triggers', c.schema_name, c.table_name
-            using errcode = 'insufficient_privilege';
-    end if;
+    perform autoembed.require_owner((select r.relid from autoembed.targets r where r.id = target_id), 'change its triggers');
     execute format($f$
         create or replace function autoembed.%I() returns trigger language plpgsql as $b$
         begin
@@ -307,11 +328,7 @@ begin
             into keys;
         messages := autoembed.key_messages(keys, integer_keys, header);
     end if;
-    -- pgmq.send_batch rejects an empty array: a statement that changed no input sends nothing.
-    if cardinality(messages) > 0 then
-        perform pgmq.send_batch(c.queue, messages);
-        perform pg_notify('autoembed', c.queue);
-    end if;
+    perform autoembed.send_jobs(c.queue, messages);
     return null;
 end;
 $$;

@@ -112,10 +112,7 @@ begin
                 quote_literal(queue) using errcode = 'insufficient_privilege';
         end if;
     elsif origin in ('enroll', 'migration') then
-        if not pg_has_role(autoembed.caller_role(), rel.relowner, 'USAGE') then
-            raise exception 'autoembed: only the owner of % (%) may enroll it, not %', tbl, rel.relowner::regrole,
-                autoembed.caller_role() using errcode = 'insufficient_privilege';
-        end if;
+        perform autoembed.require_owner(tbl, 'enroll it');
     else
         raise exception 'autoembed: unknown target origin %', quote_nullable(origin);
     end if;
@@ -199,18 +196,12 @@ begin
     if not found then
         raise exception 'autoembed: no target %', target_id using errcode = 'undefined_object';
     end if;
-    if not pg_has_role(autoembed.caller_role(), (select c.relowner from pg_class c where c.oid = t.relid), 'USAGE') then
-        raise exception 'autoembed: only the owner of % may queue its rows', t.relid::regclass
-            using errcode = 'insufficient_privilege';
-    end if;
+    perform autoembed.require_owner(t.relid, 'queue its rows');
     messages := autoembed.key_messages(autoembed.key_texts(keys), autoembed.integer_key(autoembed.base_type(
                                            (select a.atttypid from pg_attribute a
                                             where a.attrelid = t.relid and a.attnum = t.key_attnum))),
                                        autoembed.message_header(t.id));
-    if coalesce(cardinality(messages), 0) > 0 then
-        perform pgmq.send_batch(t.queue, messages);
-        perform pg_notify('autoembed', t.queue);
-    end if;
+    perform autoembed.send_jobs(t.queue, messages);
     return coalesce(cardinality(keys), 0);
 end;
 $$;
@@ -227,10 +218,7 @@ declare
     gone bigint;
     name text;
 begin
-    if not pg_has_role(autoembed.caller_role(), (select c.relowner from pg_class c where c.oid = tbl), 'USAGE') then
-        raise exception 'autoembed: only the owner of % may unregister its targets', tbl
-            using errcode = 'insufficient_privilege';
-    end if;
+    perform autoembed.require_owner(tbl, 'unregister its targets');
     delete from autoembed.targets r
     where r.relid = tbl
       and (case when embedding_column is null then r.origin = 'enroll'
@@ -261,9 +249,7 @@ declare
     a autoembed.targets;
     b autoembed.targets;
 begin
-    if not pg_has_role(autoembed.caller_role(), (select c.relowner from pg_class c where c.oid = tbl), 'USAGE') then
-        raise exception 'autoembed: only the owner of % may change its targets', tbl using errcode = 'insufficient_privilege';
-    end if;
+    perform autoembed.require_owner(tbl, 'change its targets');
     select r.* into a from autoembed.targets r where r.relid = tbl and r.embedding_attnum =
         (select at.attnum from pg_attribute at where at.attrelid = tbl and at.attname = column_a and not at.attisdropped);
     select r.* into b from autoembed.targets r where r.relid = tbl and r.embedding_attnum =

@@ -24,6 +24,10 @@ returns table (
 )
 language plpgsql
 stable
+-- Counts only: SECURITY DEFINER so that a dashboard role needs EXECUTE on this (revoked from
+-- PUBLIC below), not the right to read the queues.
+security definer
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     q record;
@@ -46,6 +50,8 @@ begin
 end;
 $$;
 
+revoke execute on function autoembed.queue_status() from public;
+
 create or replace view autoembed.queues as select * from autoembed.queue_status();
 
 create or replace view autoembed.dead_letter_jobs as
@@ -61,7 +67,6 @@ language plpgsql
 as $$
 declare
     messages jsonb[];
-    moved bigint;
 begin
     with gone as (
         delete from autoembed.dead_letters d
@@ -69,11 +74,7 @@ begin
         returning d.message
     )
     select array(select message from gone) into messages;
-    moved := coalesce(cardinality(messages), 0);
-    if moved > 0 then
-        perform pgmq.send_batch(queue, messages);
-        perform pg_notify('autoembed', queue);
-    end if;
-    return moved;
+    perform autoembed.send_jobs(queue, messages);
+    return coalesce(cardinality(messages), 0);
 end;
 $$;

@@ -165,3 +165,38 @@ def test_the_table_owner_enrols_its_own_table_without_rights_on_the_registry(con
         conn.execute("insert into own.notes values (3, 'three')")
     assert [m["id"] for m in messages(conn)] == [1, 3]
     assert conn.execute("select origin from autoembed.target_catalog where schema_name = 'own'").fetchone()[0] == "enroll"
+
+
+DRAIN_GRANTS = """
+grant usage on schema autoembed, pgmq, public to {r};
+grant select, update, delete, insert on pgmq.meta, pgmq.q_embedding_jobs, pgmq.a_embedding_jobs to {r};
+grant usage, select, update on all sequences in schema pgmq to {r};
+grant select on autoembed.target_catalog, autoembed.model_migrations to {r};
+grant select, insert, update, delete on autoembed.embedding_state, autoembed.dead_letters,
+                                       autoembed.message_errors to {r};
+grant select, update (embedding) on public.notes to {r};
+grant temporary on database {db} to {r};
+"""
+
+
+def test_the_drain_works_with_the_grants_the_readme_lists(conn, db_url, fake_openai, settings):
+    """README "Roles and grants": a login role with exactly these grants drains an enrolled table."""
+    from autoembed_dagster.core.database import connect
+    from autoembed_dagster.core.drain import drain
+
+    role = f"drain_{conn.info.backend_pid}"
+    conn.execute(f"create role {role} login")
+    try:
+        enrolled_notes(conn)
+        conn.execute("insert into notes select g, 'note ' || g, 't' from generate_series(1, 30) g")
+        conn.execute(DRAIN_GRANTS.format(r=role, db=conn.info.dbname))
+        fake_openai.default_dims = 3
+        with connect(psycopg.conninfo.make_conninfo(db_url, user=role)) as drainer:
+            assert drainer.execute("select current_user").fetchone()[0] == role
+            stats = drain(drainer, settings)
+        assert (stats.embedded, stats.dead_lettered) == (30, 0), stats.summary()
+        assert conn.execute("select count(*) from notes where embedding is null").fetchone()[0] == 0
+        assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 30
+    finally:
+        conn.execute(f"drop owned by {role} cascade")
+        conn.execute(f"drop role {role}")

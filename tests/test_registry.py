@@ -231,3 +231,31 @@ def test_db_init_upgrades_triggers_of_tables_enrolled_before_the_registry(conn):
     conn.execute("update docs set body = 'changed'")
     assert conn.execute("select embedding is null from docs").fetchone()[0]
     assert [m["target"] for m in messages(conn)] == [target]
+
+
+SUPABASE_RENAMES = {
+    "column": "alter table documents rename column embedding to vec",
+    "table": "alter table documents rename to papers",
+    "function": "alter function embedding_input(documents) rename to paper_input",
+}
+
+
+@pytest.mark.parametrize("rename", SUPABASE_RENAMES)
+def test_supabase_triggers_follow_renames_through_their_registration(supabase_docs, rename):
+    """Supabase's triggers name the column and function in their arguments; once a write
+    registered them, a rename is followed through the registry and the stale vector is cleared."""
+    conn = supabase_docs
+    conn.execute("insert into documents (title, content) values ('A', 'a'), ('B', 'b')")
+    with conn.transaction():
+        conn.execute("set local autoembed.draining = 'on'")
+        conn.execute("update documents set embedding = array_fill(0.5, array[1536])::halfvec")
+    purge(conn)
+    target = conn.execute("select id from autoembed.targets").fetchone()[0]
+    conn.execute(SUPABASE_RENAMES[rename])
+    table = "papers" if rename == "table" else "documents"
+    column = "vec" if rename == "column" else "embedding"
+    conn.execute(f"update {table} set content = 'changed' where id = 1")
+    conn.execute(f"update {table} set content = content where id = 2")  # a re-save
+    assert conn.execute(f"select id from {table} where {column} is null").fetchall() == [(1,)]
+    assert messages(conn) == [{"id": 1, "schema": "public", "table": table, "contentFunction": "embedding_input",
+                               "embeddingColumn": column, "target": target, "keyColumn": "id"}]
