@@ -28,6 +28,7 @@ declare
     queue text := coalesce(TG_ARGV[3], 'embedding_jobs');
     fn regprocedure;
     has_column boolean;
+    registered record;
 begin
     -- The drain's own vector writes must not re-enqueue.
     if current_setting('autoembed.draining', true) = 'on' or TG_LEVEL <> 'ROW' then
@@ -39,10 +40,13 @@ begin
     if fn is null or not has_column then
         -- Renamed since the target was registered from these arguments: follow the registry
         -- (column by attnum, function by oid), so the stale vector is still cleared.
-        select coalesce(fn, r.fn), coalesce(case when has_column then embedding_column end, r.embedding_column)
-        into fn, embedding_column
+        select r.* into registered
         from autoembed.registered_trigger_target(TG_RELID, content_function, embedding_column) r;
-        has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
+        if registered.fn is not null then
+            fn := coalesce(fn, registered.fn);
+            embedding_column := case when has_column then embedding_column else registered.embedding_column end;
+            has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
+        end if;
     end if;
     if fn is null then
         raise warning 'autoembed: content function % (taking a row of %) does not exist; job enqueued, it will be dead-lettered',
