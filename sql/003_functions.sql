@@ -175,16 +175,35 @@ left join pg_type vt on vt.oid = ea.atttypid and vt.typname in ('vector', 'halfv
 left join pg_proc p on p.oid = t.content_fn and p.pronargs = 1 and p.proargtypes[0] = c.reltype;
 revoke all on autoembed.target_catalog from public;
 
--- The fields every message of a target carries: Supabase's (current names) + "target" + "keyColumn".
-create or replace function autoembed.message_header(target_id bigint)
-returns jsonb
-language sql
+drop function if exists autoembed.message_header(bigint);
+
+-- A target as its triggers need it, in one lean query (the common key types are checked without
+-- the recursive base-type lookup): current names, whether the key column still is a key, whether
+-- keys are integers, and the header every message of the target carries: Supabase's fields
+-- (current names, the content function as registered) + "target" + "keyColumn". No row for an
+-- unknown id; key_column/embedding_column NULL when that column is gone.
+create or replace function autoembed.live_target(target_id bigint,
+                                                 out id bigint, out relid oid, out queue text, out key_column text,
+                                                 out embedding_column text, out key_ok boolean, out integer_keys boolean,
+                                                 out header jsonb)
+language plpgsql  -- not sql: plpgsql keeps the plan (this runs once per statement of every enrolled table)
 stable
 as $$
-    select jsonb_build_object('schema', c.schema_name, 'table', c.table_name,
-                              'contentFunction', c.content_function, 'embeddingColumn', c.embedding_column,
-                              'target', c.id, 'keyColumn', c.key_column)
-    from autoembed.target_catalog c where c.id = target_id
+begin
+    select r.id, r.relid, r.queue, ka.attname::text, ea.attname::text,
+           ka.atttypid = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
+               or autoembed.key_type_ok(ka.atttypid),
+           ka.atttypid = any ('{int2,int4,int8}'::regtype[]) or autoembed.integer_key(ka.atttypid),
+           jsonb_build_object('schema', n.nspname, 'table', c.relname, 'contentFunction', r.content_function,
+                              'embeddingColumn', ea.attname, 'target', r.id, 'keyColumn', ka.attname)
+    into id, relid, queue, key_column, embedding_column, key_ok, integer_keys, header
+    from autoembed.targets r
+    join pg_class c on c.oid = r.relid
+    join pg_namespace n on n.oid = c.relnamespace
+    left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+    left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+    where r.id = target_id;
+end;
 $$;
 
 -- The job messages for rows `keys` (exact key texts, see key_texts): one message per group of up
@@ -195,16 +214,24 @@ $$;
 create or replace function autoembed.key_messages(keys text[], integer_keys boolean, header jsonb,
                                                   group_size integer default 200)
 returns jsonb[]
-language sql
+language plpgsql
 immutable
 as $$
-    select array(
+declare
+    n integer := coalesce(cardinality(keys), 0);
+begin
+    if n = 1 then  -- a one-row statement, the common single-row write: nothing else built
+        return array[jsonb_build_object('id', case when integer_keys then to_jsonb(keys[1]::bigint) else to_jsonb(keys[1]) end)
+                     || header];
+    end if;
+    return array(
         select jsonb_build_object('id', case when integer_keys then to_jsonb(keys[i]::bigint) else to_jsonb(keys[i]) end)
                || header
                || case when i = n then '{}'::jsonb
                        when integer_keys then jsonb_build_object('ids', array_to_string(keys[i:i + group_size - 1], ','))
                        else jsonb_build_object('ids', to_jsonb(keys[i:i + group_size - 1])) end
-        from (select coalesce(cardinality(keys), 0) as n) c, generate_series(1, c.n, group_size) i)
+        from generate_series(1, n, group_size) i);
+end;
 $$;
 
 -- The job messages for the integer keys lo..hi, all of them (a bulk INSERT with consecutive keys,
@@ -229,10 +256,14 @@ returns void
 language plpgsql
 as $$
 begin
-    if coalesce(cardinality(messages), 0) > 0 then
+    if cardinality(messages) = 1 then
+        perform pgmq.send(queue, messages[1]);  -- far cheaper than send_batch for one message
+    elsif cardinality(messages) > 1 then
         perform pgmq.send_batch(queue, messages);
-        perform pg_notify('autoembed', queue);
+    else
+        return;
     end if;
+    perform pg_notify('autoembed', queue);
 end;
 $$;
 

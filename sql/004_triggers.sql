@@ -148,7 +148,7 @@ begin
             content_function, embedding_column, key_column, queue, tbl::regclass, t.origin, t.id;
     end if;
     if target_id is not null then
-        header := autoembed.message_header(target_id);
+        header := (autoembed.live_target(target_id)).header;
     else
         header := jsonb_build_object('schema', (select n.nspname from pg_class c join pg_namespace n on n.oid = c.relnamespace
                                                 where c.oid = tbl),
@@ -226,29 +226,31 @@ begin
 end;
 $$;
 
--- The target of an enrolled table's trigger (argument: the target id), under its current names.
+-- The target of an enrolled table's trigger (argument: the target id), as autoembed.live_target.
 -- NULL with a warning when the trigger names a target that is not this table's or is broken: the
 -- user's write goes on, and nothing unregistered is enqueued.
+do $$
+begin  -- an earlier form returned autoembed.target_catalog
+    drop function if exists autoembed.trigger_target(oid, integer, text);
+end
+$$;
 create or replace function autoembed.trigger_target(tbl oid, nargs integer, arg text)
-returns autoembed.target_catalog
+returns record
 language plpgsql
 stable
-set search_path = pg_catalog, pg_temp
 as $$
-#variable_conflict use_variable
 declare
-    c autoembed.target_catalog;
+    c record;
 begin
     if nargs = 1 and arg ~ '^[0-9]{1,18}$' then
-        select tc.* into c from autoembed.target_catalog tc join autoembed.targets r on r.id = tc.id
-        where r.id = arg::bigint and r.relid = tbl;
+        select t.* into c from autoembed.live_target(arg::bigint) t where t.relid = tbl;
     end if;
     if c.id is null then
         raise warning 'autoembed: a trigger on % names no target of this table (% arguments, the first %): nothing enqueued; run autoembed db init, or enroll the table again',
             tbl::regclass, nargs, quote_nullable(arg);
         return null;
     end if;
-    if c.key_type is null or c.embedding_column is null then
+    if not c.key_ok or c.embedding_column is null then
         raise warning 'autoembed: target % of % lost its key or embedding column (or the key type changed): nothing enqueued; enroll the table again',
             c.id, tbl::regclass;
         return null;
@@ -271,7 +273,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_variable
 declare
-    c autoembed.target_catalog;
+    c record;
     header jsonb;
     integer_keys boolean;
     keys text[];
@@ -286,12 +288,11 @@ begin
         return null;
     end if;
     c := autoembed.trigger_target(TG_RELID, TG_NARGS, TG_ARGV[0]);
-    if c.id is null then
+    if c is null then
         return null;
     end if;
-    header := autoembed.message_header(c.id);
-    integer_keys := autoembed.integer_key((select a.atttypid from pg_attribute a
-                                          where a.attrelid = TG_RELID and a.attname = c.key_column));
+    header := c.header;
+    integer_keys := c.integer_keys;
     if TG_OP = 'INSERT' then
         execute format('select autoembed.key_texts(array(select k.%I from autoembed_new k limit 2))', c.key_column)
             into keys;

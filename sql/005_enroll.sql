@@ -197,10 +197,8 @@ begin
         raise exception 'autoembed: no target %', target_id using errcode = 'undefined_object';
     end if;
     perform autoembed.require_owner(t.relid, 'queue its rows');
-    messages := autoembed.key_messages(autoembed.key_texts(keys), autoembed.integer_key(autoembed.base_type(
-                                           (select a.atttypid from pg_attribute a
-                                            where a.attrelid = t.relid and a.attnum = t.key_attnum))),
-                                       autoembed.message_header(t.id));
+    select autoembed.key_messages(autoembed.key_texts(keys), l.integer_keys, l.header) into messages
+    from autoembed.live_target(t.id) l;
     perform autoembed.send_jobs(t.queue, messages);
     return coalesce(cardinality(keys), 0);
 end;
