@@ -283,7 +283,7 @@ begin
 end;
 $$;
 
--- How many rows a job message covers (see job_messages, range_messages).
+-- How many rows a job message covers (see key_messages, range_messages).
 -- Never raises, whatever the message holds: status views read every message.
 create or replace function autoembed.message_rows(message jsonb)
 returns integer

@@ -259,12 +259,10 @@ begin
 end;
 $$;
 
--- AFTER INSERT/UPDATE statement trigger of enrolled tables, with transition tables autoembed_new
--- (and autoembed_old for UPDATE): one pgmq.send_batch per statement, one message per group of rows.
--- SECURITY DEFINER, and it reads only keys and the vector column: it calls no user function. An
--- UPDATE enqueues the rows whose vector the BEFORE trigger cleared (the input changed: the WHEN
--- clause compared it in the writer's context), and rows without a vector that really changed.
--- Argument: the target id.
+-- AFTER INSERT/UPDATE statement trigger of enrolled tables, with the transition table
+-- autoembed_new: one pgmq.send_batch per statement, one message per group of rows. SECURITY
+-- DEFINER, and it reads only keys and the vector column: it calls no user function. Argument: the
+-- target id.
 create or replace function autoembed.queue_embeddings_bulk()
 returns trigger
 language plpgsql
@@ -278,8 +276,6 @@ declare
     integer_keys boolean;
     keys text[];
     messages jsonb[];
-    old_columns text;
-    new_columns text;
     lo bigint;
     hi bigint;
     n bigint;
@@ -315,21 +311,13 @@ begin
             messages := autoembed.key_messages(keys, integer_keys, header);
         end if;
     else
-        -- A row is queued when its vector is NULL now and either it had one (the BEFORE trigger
-        -- cleared it: its WHEN clause saw the input change; or the writer removed it, and the row
-        -- gets it back), or it had none and something other than the vector changed. The text of
-        -- the other columns (output functions only, no user code) tells that from a re-save.
-        select string_agg(format('o.%I', a.attname), ', ' order by a.attnum),
-               string_agg(format('n.%I', a.attname), ', ' order by a.attnum)
-        into old_columns, new_columns
-        from pg_attribute a
-        where a.attrelid = TG_RELID and a.attnum > 0 and not a.attisdropped and a.attname <> c.embedding_column;
-        execute format(
-            $q$select autoembed.key_texts(array(
-                   select n.%1$I from autoembed_new n left join autoembed_old o on o.%1$I = n.%1$I
-                   where o.%1$I is null
-                      or (n.%2$I is null and (o.%2$I is not null or row(%3$s)::text is distinct from row(%4$s)::text))))$q$,
-            c.key_column, c.embedding_column, old_columns, new_columns)
+        -- Every updated row whose vector is NULL now: the BEFORE trigger cleared it (its WHEN clause
+        -- saw the input change, in the writer's context), or the row had none yet (or the writer
+        -- removed it). Only the new transition table is read: a re-save of a row that has its
+        -- vector queues nothing; a re-save of a row still waiting for one queues it again, which
+        -- the drain's content hash makes free.
+        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n where n.%I is null))',
+                       c.key_column, c.embedding_column)
             into keys;
         messages := autoembed.key_messages(keys, integer_keys, header);
     end if;

@@ -294,8 +294,7 @@ begin
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
     execute format(
-        'create trigger autoembed_enqueue_update after update on %s '
-        'referencing old table as autoembed_old new table as autoembed_new '
+        'create trigger autoembed_enqueue_update after update on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
     execute format(
         'create trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '

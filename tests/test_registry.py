@@ -259,3 +259,40 @@ def test_supabase_triggers_follow_renames_through_their_registration(supabase_do
     assert conn.execute(f"select id from {table} where {column} is null").fetchall() == [(1,)]
     assert messages(conn) == [{"id": 1, "schema": "public", "table": table, "contentFunction": "embedding_input",
                                "embeddingColumn": column, "target": target, "keyColumn": "id"}]
+
+
+def test_a_model_migration_keeps_an_enrolled_tables_clearing_on_the_live_column(conn):
+    """Promotion and rollback rename columns: the target ids keep their role (the live column) and
+    the enrolled triggers are re-created for the column that is live now."""
+    from autoembed_dagster.core.migration import ModelSpec, promote, rollback, start_migration
+    from autoembed_dagster.core.targets import TargetKey
+
+    make_docs(conn, "int", "id")
+    conn.execute("create function doc_input2(d docs) returns text language sql immutable as $$ select 'v2 ' || d.body $$")
+    conn.execute("insert into docs values (1, 'one', 't', '[1,2,3]'), (2, 'two', 't', '[1,2,3]')")
+    conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding', enqueue_backlog => false)")
+    live = conn.execute("select id from autoembed.targets").fetchone()[0]
+    m = start_migration(conn, TargetKey("public", "docs", "doc_input", "embedding"),
+                        ModelSpec("openai", "m2", 3, "doc_input2"))
+    shadow = conn.execute("select id from autoembed.target_catalog where embedding_column = 'embedding__next'").fetchone()[0]
+    assert catalog(conn, shadow)["origin"] == "migration"
+    with conn.transaction():
+        conn.execute("set local autoembed.draining = 'on'")
+        conn.execute("update docs set embedding__next = '[3,2,1]'")
+    purge(conn)
+
+    promote(conn, m, force=True)
+    assert (catalog(conn, live)["embedding_column"], catalog(conn, live)["function"]) == ("embedding", "doc_input2")
+    assert catalog(conn, shadow)["embedding_column"] == "embedding__old"
+    conn.execute("update docs set body = 'changed' where id = 1")
+    assert conn.execute("select id, embedding is null, embedding__old is null from docs order by id").fetchall() == [
+        (1, True, False), (2, False, False)]
+    assert [(x["target"], x["embeddingColumn"], x["contentFunction"]) for x in messages(conn)] == [
+        (live, "embedding", "doc_input2")]
+    purge(conn)
+
+    rollback(conn, m)
+    assert (catalog(conn, live)["embedding_column"], catalog(conn, live)["function"]) == ("embedding", "doc_input")
+    conn.execute("update docs set body = 'changed again' where id = 2")
+    assert conn.execute("select embedding is null from docs where id = 2").fetchone()[0]
+    assert {(x["target"], x["embeddingColumn"]) for x in messages(conn) if x["id"] == 2} >= {(live, "embedding")}
