@@ -76,8 +76,14 @@ begin
         end if;
     end if;
 
-    execute format('select autoembed.queue_embedding_job($1, $2, $3, $4, $5, $6, ($7).%I)', key_column)
-        using TG_RELID, content_function, fn, embedding_column, key_column, queue, NEW;
+    if key_column = 'id' then
+        -- Supabase's key, in static SQL: planned once per session and table (a dynamic statement is
+        -- planned for every row).
+        perform autoembed.queue_embedding_job(TG_RELID, content_function, fn, embedding_column, key_column, queue, NEW.id);
+    else
+        execute format('select autoembed.queue_embedding_job($1, $2, $3, $4, $5, $6, ($7).%I)', key_column)
+            using TG_RELID, content_function, fn, embedding_column, key_column, queue, NEW;
+    end if;
     return case when TG_WHEN = 'BEFORE' then NEW else null end;
 end;
 $$;
@@ -117,7 +123,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_variable
 declare
-    t autoembed.targets;
+    t record;
     target_id bigint;
     header jsonb;
 begin
@@ -129,13 +135,20 @@ begin
         raise exception 'autoembed: role % may not write %: it cannot queue its jobs', autoembed.caller_role(), tbl::regclass
             using errcode = 'insufficient_privilege';
     end if;
-    select r.* into t from autoembed.targets r
+    -- One query per row (this runs for every row written): the target and its message header.
+    select r.id, r.content_fn, r.queue, r.origin, ka.attname as key_name,
+           jsonb_build_object('schema', n.nspname, 'table', c.relname, 'contentFunction', r.content_function,
+                              'embeddingColumn', a.attname, 'target', r.id, 'keyColumn', ka.attname) as header
+    into t
+    from autoembed.targets r
     join pg_attribute a on a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
+    join pg_class c on c.oid = r.relid
+    join pg_namespace n on n.oid = c.relnamespace
+    left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
     where r.relid = tbl and a.attname = embedding_column;
-    if found and t.content_fn = fn and t.queue = queue
-       and t.key_attnum = (select a.attnum from pg_attribute a where a.attrelid = tbl and a.attname = key_column
-                                                                  and not a.attisdropped) then
+    if found and t.content_fn = fn and t.queue = queue and t.key_name = key_column then
         target_id := t.id;
+        header := t.header;
     elsif not found or t.origin = 'trigger' then
         begin
             target_id := autoembed.register_target(tbl, content_function, fn, embedding_column, key_column, queue,
@@ -147,7 +160,9 @@ begin
         raise warning 'autoembed: the trigger arguments (%, %, %, %) of % disagree with its % target %; the job is enqueued without a target, it will be dead-lettered',
             content_function, embedding_column, key_column, queue, tbl::regclass, t.origin, t.id;
     end if;
-    if target_id is not null then
+    if header is not null then
+        null;
+    elsif target_id is not null then
         header := (autoembed.live_target(target_id)).header;
     else
         header := jsonb_build_object('schema', (select n.nspname from pg_class c join pg_namespace n on n.oid = c.relnamespace
@@ -157,7 +172,9 @@ begin
                                      'keyColumn', key_column);
     end if;
     perform autoembed.send_jobs(queue, autoembed.key_messages(autoembed.key_texts(array[key]),
-                                                              autoembed.integer_key(pg_typeof(key)), header));
+                                                              -- (a domain key arrives as its base type)
+                                                              pg_typeof(key) = any ('{int2,int4,int8}'::regtype[]),
+                                                              header));
 end;
 $$;
 
