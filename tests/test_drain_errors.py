@@ -229,7 +229,8 @@ def test_rows_of_a_bulk_message_fail_alone_and_the_rest_is_written(conn, fake_op
     # before that message (one, in the shared message).
     message = conn.execute("select message from autoembed.dead_letter_jobs where row_id = '150'").fetchone()[0]
     assert message == {
-        "attempts": 1, "id": 150, "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
+        "attempts": 1, "id": 150, "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding",
+        "target": 1, "keyColumn": "id"}
     # After its first failure the broken row was sent alone, so it cannot fail its neighbours.
     broken = [r["inputs"] for r in fake_openai.requests if any("BROKEN" in t for t in r["inputs"])]
     assert len(broken) >= 3 and all(len(inputs) == 1 for inputs in broken[-2:])
@@ -249,7 +250,9 @@ def test_hostile_ids_in_a_message_are_dead_lettered_with_their_value(conn, fake_
     _enrolled_notes(conn, fake_openai)
     conn.execute("insert into notes select g, 'note ' || g from generate_series(1, 3) g")
     drain(conn, settings)
-    conn.execute("update notes set embedding = null")  # same input: nothing queued
+    with conn.transaction():  # as the drain writes: nothing queued
+        conn.execute("set local autoembed.draining = 'on'")
+        conn.execute("update notes set embedding = null")
     base = {"schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
     pgmq.send_batch(conn, "embedding_jobs", [
         {**base, "id": 1, "ids": "1,2;drop table notes,--5,3"},  # bad ids among good ones
