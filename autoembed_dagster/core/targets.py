@@ -227,7 +227,7 @@ def registered_target(conn: psycopg.Connection, body: Any, queue: str) -> tuple[
     key, row_ids = target_key_from_message(body)
     wanted = body.get("target")
     if wanted is not None and (type(wanted) is not int or wanted <= 0):
-        raise TargetError(f"message target must be a registered target id, got {wanted!r}")
+        raise TargetError(f"message target must be a registered target id, got {wanted!r}: nothing of this message was run")
     target, target_queue = lookup_registered(conn, target_id=wanted, key=key)
     if target_queue != queue:
         raise TargetError(f"target {target.registered} ({target.key.label}) is registered for queue "
