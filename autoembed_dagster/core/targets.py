@@ -249,10 +249,11 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
          "column": key and key.embedding_column, "fn": key and key.content_function, "key": key and key.key_column},
     ).fetchone()
     if row is None:
-        asked = (f"target {target_id}" if target_id is not None else
-                 f"{key.label} with content function {key.content_function!r} and key {key.key_column!r}")
-        raise TargetError(f"{asked} is not a registered target: nothing of this message was run; enrol the "
-                          "table (autoembed enroll) or give it util.queue_embeddings triggers")
+        if target_id is not None:
+            raise TargetError(f"target {target_id} is not a registered target: nothing of this message was run")
+        raise TargetError(f"{key.label} with content function {key.content_function!r} and key "
+                          f"{key.key_column!r} is not a registered target ({why_unregistered(conn, key)}): "
+                          "nothing of this message was run")
     (target_id, target_queue, schema, table, content_function, column, key_column, function, key_type,
      vector_type, dimensions, regclass) = row
     where = f"target {target_id} ({regclass}.{column})"
@@ -267,6 +268,36 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
     target = Target(TargetKey(schema, table, content_function, column, key_column), regclass, function, key_type,
                     vector_type, int(dimensions), target_id)
     return target, target_queue
+
+
+def why_unregistered(conn: psycopg.Connection, key: TargetKey) -> str:
+    """Why no target is registered under a message's names, and the fix, read from the catalog
+    only (nothing the message names is run). Registration rules: sql/005 register_target."""
+    rel = conn.execute(
+        "select c.oid, c.oid::regclass::text from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p')", (key.schema, key.table)).fetchone()
+    if rel is None:
+        return f"table {key.schema!r}.{key.table!r} does not exist"
+    oid, regclass = rel
+    fn = conn.execute(
+        """select p.oid::regprocedure::text, p.provolatile = 'v',
+                  p.proowner <> c.relowner and not r.rolsuper, p.proowner::regrole::text, c.relowner::regrole::text
+           from pg_proc p, pg_class c, pg_roles r
+           where p.oid = autoembed.content_function(%s::oid::regclass, %s) and c.oid = %s and r.oid = p.proowner""",
+        (oid, key.content_function, oid)).fetchone()
+    if fn is None:
+        return f"content function {key.content_function!r} taking a row of {regclass} does not exist"
+    function, volatile, foreign, fn_owner, table_owner = fn
+    if volatile:
+        return (f"content function {function} is VOLATILE: alter function {function} immutable (or stable), "
+                "then re-save the rows or retry the dead letters")
+    if foreign:
+        return f"content function {function} is owned by {fn_owner}, not by {table_owner}, the table's owner"
+    if conn.execute("select 1 from autoembed.vector_column(%s::oid::regclass, %s)",
+                    (oid, key.embedding_column)).fetchone() is None:
+        return f"{regclass} has no vector/halfvec column {key.embedding_column!r}"
+    return ("no enrolment or util.queue_embeddings trigger registered it: enrol the table (autoembed enroll), "
+            "or check the key column and queue its trigger names")
 
 
 def check_dimensions(target: Target, model_dimensions: int, model: str) -> None:
