@@ -100,7 +100,7 @@ def test_bad_request_for_one_row_dead_letters_only_that_row(supabase_docs, fake_
 def test_null_and_blank_input_leave_no_vector_and_no_job(conn, fake_openai, settings):
     conn.execute("""
         create table posts (id int primary key, body text, embedding vector(1536));
-        create function post_input(p posts) returns text language sql as $$ select p.body $$;
+        create function post_input(p posts) returns text language sql immutable as $$ select p.body $$;
         create trigger q after insert or update on posts for each row
             execute function util.queue_embeddings('post_input', 'embedding');
         insert into posts values (1, null), (2, ''), (3, '   '), (4, 'real text');
@@ -148,7 +148,7 @@ def test_hostile_trigger_arguments_never_execute_and_lose_nothing(conn, fake_ope
     conn.execute("create table victims (id int)")
     conn.execute("""
         create table docs (id int primary key, body text, embedding vector(1536));
-        create function embedding_input(d docs) returns text language sql as $$ select d.body $$;
+        create function embedding_input(d docs) returns text language sql immutable as $$ select d.body $$;
     """)
     conn.execute(
         "create trigger q after insert or update on docs for each row "

@@ -152,7 +152,7 @@ def test_dimension_mismatch_is_a_clear_dead_letter(conn, fake_openai, settings, 
     monkeypatch.delenv("AUTOEMBED_MODEL")
     conn.execute("""
         create table items (id int primary key, body text, embedding vector(1536));
-        create function item_input(i items) returns text language sql as $$ select i.body $$;
+        create function item_input(i items) returns text language sql immutable as $$ select i.body $$;
         create trigger q after insert on items for each row
             execute function util.queue_embeddings('item_input', 'embedding');
         insert into items values (1, 'hello');

@@ -80,7 +80,7 @@ def check_identifier(what: str, value: Any) -> str:
     return value
 
 
-MAX_IDS_PER_MESSAGE = 10_000  # the triggers group 200 rows per message (sql/003 job_messages)
+MAX_IDS_PER_MESSAGE = 10_000  # the triggers group 200 rows per message (sql/003 key_messages)
 
 
 def target_key_from_message(body: Any) -> tuple[TargetKey, list[Any]]:
