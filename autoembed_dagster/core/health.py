@@ -102,12 +102,27 @@ def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableH
     )
 
 
+def pipeline_columns(column: str) -> list[str]:
+    """Every column a pipeline's jobs may name: the live one and a migration's shadow and old ones."""
+    from .migration import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
+
+    return [column, suffixed(column, SHADOW_SUFFIX), suffixed(column, OLD_SUFFIX)]
+
+
 def dead_letter_count(conn: psycopg.Connection, key: TargetKey) -> int:
+    """Dead letters of the table's jobs for its column, a migration's shadow column included."""
     return conn.execute(
         """select count(*) from autoembed.dead_letters
-           where message ->> 'schema' = %s and message ->> 'table' = %s and message ->> 'embeddingColumn' = %s""",
-        (key.schema, key.table, key.embedding_column),
+           where message ->> 'schema' = %s and message ->> 'table' = %s and message ->> 'embeddingColumn' = any(%s)""",
+        (key.schema, key.table, pipeline_columns(key.embedding_column)),
     ).fetchone()[0]
+
+
+def held_models(conn: psycopg.Connection, key: TargetKey) -> list[tuple[str, int]]:
+    """(model, rows) the column's stored vectors were made with, most common first."""
+    from .migration import column_models
+
+    return column_models(conn, key.schema, key.table, key.embedding_column)
 
 
 @dataclass(frozen=True)
