@@ -57,10 +57,8 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 def test_daemon_sensor_launches_a_drain_that_embeds_new_rows(supabase_docs, fake_openai, db_url, dagster_home, tmp_path):
     home, storage = dagster_home
-    pipelines = tmp_path / "autoembed.toml"
-    pipelines.write_text('[pipelines.documents]\ntable = "public.documents"\n')
-    env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage,
-           "AUTOEMBED_PIPELINES": str(pipelines), "PYTHONUNBUFFERED": "1"}
+    # The repository's own project: its example pipeline defs/documents/defs.yaml is this table.
+    env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage, "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "daemon.log"
     conn = supabase_docs
     with open(log, "wb") as out:
@@ -105,8 +103,7 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, pg_server_url)
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
         monkeypatch.delenv(var, raising=False)
     home = tmp_path / "dagster_home"
-    env = {**os.environ, "AUTOEMBED_HOME": str(tmp_path / "autoembed"),
-           "AUTOEMBED_PIPELINES": str(tmp_path / "none.toml")}
+    env = {**os.environ, "AUTOEMBED_HOME": str(tmp_path / "autoembed")}
     proc = subprocess.Popen(
         [str(BIN / "autoembed"), "demo", "--no-ui", "--rows", "40", "--timeout", str(WAIT_SECONDS),
          "--dagster-home", str(home)],
@@ -136,6 +133,11 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, pg_server_url)
 
 
 def test_storage_url_forms():
+    # key=value conninfo (what libpq accepts too) becomes a URL: SQLAlchemy parses nothing else
+    assert sqlalchemy_url("host=/tmp/x/pgdata dbname=dagster user=postgres") == \
+        "postgresql+psycopg2://postgres@/dagster?host=%2Ftmp%2Fx%2Fpgdata"
+    assert sqlalchemy_url("host=db.example port=5433 dbname=d user=u password=p@ss sslmode=require") == \
+        "postgresql+psycopg2://u:p%40ss@db.example:5433/d?sslmode=require"
     assert sqlalchemy_url("postgresql://postgres:@/dagster?host=/tmp/x/pgdata") == \
         "postgresql+psycopg2://postgres@/dagster?host=/tmp/x/pgdata"
     assert sqlalchemy_url("postgresql://u:p%40ss@db.example:5433/dagster?sslmode=require") == \

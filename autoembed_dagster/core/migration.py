@@ -506,6 +506,9 @@ def _swap_index_names(conn: psycopg.Connection, m: Migration, promoting: bool) -
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
+PROBE_TEXT = "autoembed probe: can this model embed?"
+
+
 def probe_target(spec: ModelSpec, base: EmbedderSettings | None = None) -> None:
     """Embed one text with the target model before a migration creates anything. An impossible
     target (the local provider asked for an OpenAI model, a missing API key, a size the model
@@ -516,7 +519,7 @@ def probe_target(spec: ModelSpec, base: EmbedderSettings | None = None) -> None:
         embedder = make_embedder(settings, dimensions=spec.dimensions)
         if embedder.identity.key != spec.identity_key:
             raise ConfigError(f"the {spec.provider} provider makes {embedder.identity.key} vectors")
-        outcome = embedder.embed(["autoembed probe: can this model embed?"])
+        outcome = embedder.embed([PROBE_TEXT])
         if outcome.errors[0] is not None:
             raise outcome.errors[0]
         made = len(outcome.vectors[0])
