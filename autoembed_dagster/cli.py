@@ -29,7 +29,30 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_unproducible_size(args: argparse.Namespace) -> None:
+    """Enrolling a column the default model cannot fill would dead-letter every row: refuse it."""
+    from .core.backfill import pipeline_spec
+    from .core.pipelines import Pipeline, split_table
+    from .core.targets import TargetKey, resolve
+
+    schema, table = split_table(args.table, args.table)
+    with api.session() as conn:
+        target = resolve(conn, TargetKey(schema, table, args.content_function, args.column, args.key))
+    spec = pipeline_spec(Pipeline(name="enroll", schema=schema, table=table, content_function=args.content_function,
+                                  embedding_column=args.column, key_column=args.key),
+                         column_dimensions=target.dimensions)
+    if spec.dimensions != target.dimensions:
+        column = f"{target.vector_type}({target.dimensions})"
+        raise ConfigError(
+            f"{args.table}.{args.column} is {column} but the model {spec.identity_key} makes {spec.dimensions} "
+            f"dimensions: alter the column to {target.vector_type}({spec.dimensions}), choose a model that makes "
+            f"{target.dimensions} (AUTOEMBED_PROVIDER / AUTOEMBED_MODEL, or `provider`/`model` in the pipeline's "
+            "defs.yaml), or pass --force to enrol it anyway")
+
+
 def _cmd_enroll(args: argparse.Namespace) -> int:
+    if not args.force:
+        _refuse_unproducible_size(args)
     n = api.enroll(args.table, args.content_function, args.column, key_column=args.key,
                    queue=args.queue, backlog=not args.no_backlog)
     print(f"{args.table} enrolled; {n} existing rows queued for embedding")
@@ -272,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--key", default="id", help="the key column (default: id)")
     en.add_argument("--queue", default="embedding_jobs", help="pgmq queue of the jobs (default: embedding_jobs)")
     en.add_argument("--no-backlog", action="store_true", help="do not queue existing rows")
+    en.add_argument("--force", action="store_true",
+                    help="enrol even when the default model cannot make vectors of the column's size")
     en.set_defaults(func=_cmd_enroll)
 
     st = sub.add_parser("status", help="queue depth, in flight, dead letters")

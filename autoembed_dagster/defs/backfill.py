@@ -69,7 +69,9 @@ def _ratio(cov: Coverage | None) -> dg.MetadataValue | str:
 
 def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict:
     s, cost = result.stats, estimated_shard_cost(spec, result.stats.tokens)
+    priced = {} if cost is None else {"estimated_cost_usd": dg.MetadataValue.float(round(cost, 6))}
     return {
+        **priced,
         "model": spec.key,
         "mode": result.plan.mode,
         "column": result.plan.column or "",
@@ -84,7 +86,6 @@ def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverag
         "rows_failed": s.failed,
         "tokens": s.tokens,
         "requests": s.requests,
-        "estimated_cost_usd": dg.MetadataValue.float(round(cost, 6)) if cost is not None else "unknown",
         "rows_per_second": dg.MetadataValue.float(round(s.rows_per_second, 2)),
         "seconds": dg.MetadataValue.float(round(s.seconds, 3)),
         "shard_coverage": _ratio(result.coverage),
