@@ -75,6 +75,12 @@ def test_scaffold_list_and_check_a_user_project(supabase_docs, tmp_path):
     assert [s["name"] for s in defs["sensors"] if s["name"].endswith("_sensor")] == ["embedding_jobs_sensor"]
 
 
+def test_the_repositorys_own_project_and_the_demo_pass_dg_check(db_url):
+    root = Path(__file__).resolve().parents[1]
+    for project in (root, root / "demo"):
+        assert "All definitions loaded successfully" in dg_cmd(["check", "defs"], project).stdout
+
+
 def test_pipelines_sharing_a_queue_share_one_lane(supabase_docs, fake_openai, tmp_path):
     supabase_docs.execute(NOTES_SQL)
     make_project(tmp_path, {"documents": {"table": "documents"},
