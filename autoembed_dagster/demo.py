@@ -451,6 +451,15 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
 
 
 def _masked(url: str) -> str:
+    """The URL or key=value conninfo with its password replaced by ***, for printing."""
+    if "://" not in url:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        try:
+            params = conninfo_to_dict(url)
+        except Exception:  # noqa: BLE001 - not parseable: print nothing of it
+            return "(AUTOEMBED_DATABASE_URL)"
+        return make_conninfo(**{**params, "password": "***"}) if "password" in params else url
     parsed = urlparse(url)
     if parsed.password:
         return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()

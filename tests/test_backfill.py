@@ -139,6 +139,10 @@ def test_model_change_stales_partitions_and_the_backfill_job_migrates_every_shar
     assert column_type(conn) == "halfvec(512)"
     assert_all_current(conn, 512)
     assert all(stale_status(defs_b, instance, f"{B}|{s}") == StaleStatus.FRESH for s in "0123")
+    # After the promotion every check is green with the code's model (never a red 0%).
+    checks = defs_b.resolve_job_def("health_checks").execute_in_process(instance=instance)
+    evaluations = [e.event_specific_data for e in checks.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert len(evaluations) == 4 and all(e.passed for e in evaluations), evaluations
 
     # `--all` would also run the retired model's partitions: they are skipped, not re-materialized.
     skipped = run_shard(defs_b, instance, DOCS_512, f"{A}|1")
