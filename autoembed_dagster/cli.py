@@ -10,13 +10,13 @@ import sys
 
 from .core import api
 from .core.config import ConfigError, Settings
-from .core.database import database_url, stop_embedded
+from .core.database import database_url, require_project, stop_embedded
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.action == "url":
-        print(database_url(settings))
+        print(database_url(settings, create=False))
     elif args.action == "init":
         done = api.init(database_url(settings))
         print(f"database ready ({'pgmq from the pgmq wheel SQL' if done['pgmq'] == 'sql' else 'pgmq ' + done['pgmq']}; "
@@ -25,7 +25,8 @@ def _cmd_db(args: argparse.Namespace) -> int:
         if settings.database_url:
             print("AUTOEMBED_DATABASE_URL is set: not stopping a server this tool does not own", file=sys.stderr)
             return 1
-        print("embedded server stopped" if stop_embedded(settings) else "embedded server was not running")
+        require_project(settings)
+        print(stop_embedded(settings))
     return 0
 
 
@@ -82,7 +83,7 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     settings = Settings.from_env()
-    url = database_url(settings)
+    url = database_url(settings, create=False)
     depth = sum(r.rows for r in api.status(url, settings.queue))
     bar = tqdm(total=depth, unit="row", disable=args.quiet or None, desc="draining")
 

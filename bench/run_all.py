@@ -17,6 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_backfill  # noqa: E402
+import bench_crash  # noqa: E402
 import bench_drain  # noqa: E402
 import bench_freshness  # noqa: E402
 import bench_local  # noqa: E402
@@ -43,6 +44,7 @@ def main() -> None:
                               "--cold-samples", "1" if q else "3"])
     loc = bench_local.main(["--rows", "100" if q else "400", "--words", "30"])
     b = bench_backfill.main(["--rows", "5000" if q else "20000"])
+    c = bench_crash.main(["--rows", "800" if q else "2500", "--kills", "3" if q else "6"])
 
     def p(values, q_):
         return float(np.percentile(np.array(values) * 1000, q_))
@@ -86,6 +88,9 @@ def main() -> None:
          ">= 90%", ok(loc["ratio"] >= 0.9)),
         ("backfill, 1 process", f"{b[1]:,.0f} rows/s", "", ""),
         ("backfill, 2 processes", f"{b[2]:,.0f} rows/s ({b[2] / b[1]:.2f}x)", "", ""),
+        ("crash recovery: drain after kill -9 of drains holding claims / same backlog, no crash (time)",
+         f"{c['ratio']:.2f}x ({c['after_crash']:,.0f} vs {c['clean']:,.0f} rows/s; {c['lost']} dead-lettered)",
+         "<= 1.5x", ok(c["ratio"] <= 1.5 and c["lost"] == 0)),
     ]
     print(f"\nAll benchmarks: {time.perf_counter() - started:.0f} s\n")
     print("| benchmark | result | target | |")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from autoembed_dagster.core.config import EmbedderSettings, Settings
 from autoembed_dagster.core.database import connect, throwaway_server, with_database
@@ -16,8 +18,21 @@ from autoembed_dagster.core.migrations import init_db
 
 from .fake_openai import FakeOpenAI
 
-TEMPLATE = "autoembed_template"
+# Every database a test session creates has a name of its own (pid + random): a server named by
+# AUTOEMBED_TEST_DATABASE_URL may hold other databases (`dagster`, another session's template),
+# and tests create and drop only their own.
+SESSION_TAG = f"{os.getpid()}_{secrets.token_hex(3)}"
+TEMPLATE = f"autoembed_template_{SESSION_TAG}"
 _counter = itertools.count()
+
+
+def unique_database_name(prefix: str) -> str:
+    return f"{prefix}_{SESSION_TAG}_{next(_counter)}"
+
+
+def drop_database(server_url: str, name: str) -> None:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")
@@ -30,25 +45,34 @@ def pg_server_url():
 @pytest.fixture(scope="session")
 def template_url(pg_server_url):
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"drop database if exists {TEMPLATE}")
-        conn.execute(f"create database {TEMPLATE}")
+        conn.execute(sql.SQL("create database {}").format(sql.Identifier(TEMPLATE)))
     url = with_database(pg_server_url, TEMPLATE)
     with connect(url) as conn:
         init_db(conn)
-    return url
+    yield url
+    drop_database(pg_server_url, TEMPLATE)
 
 
 @pytest.fixture
 def db_url(pg_server_url, template_url, monkeypatch):
     """A fresh, initialised database for one test; AUTOEMBED_DATABASE_URL points at it."""
-    name = f"t_{os.getpid()}_{next(_counter)}"
+    name = unique_database_name("t")
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"create database {name} template {TEMPLATE}")
+        conn.execute(sql.SQL("create database {} template {}").format(sql.Identifier(name), sql.Identifier(TEMPLATE)))
     url = with_database(pg_server_url, name)
     monkeypatch.setenv("AUTOEMBED_DATABASE_URL", url)
     yield url
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"drop database if exists {name} with (force)")
+    drop_database(pg_server_url, name)
+
+
+@pytest.fixture
+def dagster_database(pg_server_url, monkeypatch):
+    """A name of its own for the database `autoembed dagster-env` / `demo` give Dagster's storage
+    (AUTOEMBED_DAGSTER_DATABASE, default `dagster`), dropped after the test."""
+    name = unique_database_name("dagster")
+    monkeypatch.setenv("AUTOEMBED_DAGSTER_DATABASE", name)
+    yield name
+    drop_database(pg_server_url, name)
 
 
 @pytest.fixture

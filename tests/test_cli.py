@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -13,17 +16,28 @@ import pytest
 from autoembed_dagster.core.database import connect
 
 
-def run(args, env_extra=None, check=True):
+def run(args, env_extra=None, check=True, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"))}
     env.update(env_extra or {})
     proc = subprocess.run([sys.executable, "-m", "autoembed_dagster.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"autoembed {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def test_zero_config_embedded_server_lifecycle(tmp_path):
+@pytest.fixture
+def server_dir():
+    """A folder for an embedded server started by the CLI. Not under pytest's tmp_path: run as root,
+    pgserver runs postgres as the `pgserver` user, and another pytest session starting meanwhile
+    sets /tmp/pytest-of-root back to mode 0700 (postgres: "Permission denied")."""
+    path = Path(tempfile.mkdtemp(prefix="autoembed-cli-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_zero_config_embedded_server_lifecycle(server_dir):
+    tmp_path = server_dir
     env = {"AUTOEMBED_HOME": str(tmp_path / "home"), "AUTOEMBED_DATABASE_URL": ""}
     url = run(["db", "url"], env).stdout.strip()
     assert url.startswith("postgresql://") and str(tmp_path) in url
@@ -35,6 +49,64 @@ def test_zero_config_embedded_server_lifecycle(tmp_path):
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url, connect_timeout=2)
     assert "not running" in run(["db", "stop"], env).stdout
+
+
+def test_db_stop_after_a_crash_signals_no_process_that_reuses_the_servers_pid(server_dir):
+    """A stale postmaster.pid (the server died; its PID now belongs to an unrelated process): `db
+    stop` leaves that process alone, says why, removes the file; the server starts again after."""
+    env = {"AUTOEMBED_HOME": str(server_dir / "home"), "AUTOEMBED_DATABASE_URL": ""}
+    run(["db", "init"], env)
+    pidfile = server_dir / "home" / "pgdata" / "postmaster.pid"
+    crashed = pidfile.read_text().splitlines()
+    assert "stopped" in run(["db", "stop"], env).stdout and not pidfile.exists()
+    unrelated = subprocess.Popen(["sleep", "600"])
+    try:
+        pidfile.write_text("\n".join([str(unrelated.pid), *crashed[1:]]) + "\n")  # as a crash leaves it
+        out = run(["db", "stop"], env).stdout
+        assert unrelated.poll() is None, "db stop signalled an unrelated process"
+        assert "not running" in out and "stale" in out and f"pid {unrelated.pid} is now 'sleep'" in out, out
+        assert not pidfile.exists()
+
+        pidfile.write_text("\n".join([str(unrelated.pid), *crashed[1:]]) + "\n")
+        url = run(["db", "url"], env).stdout.strip()  # starts a server instead of "attaching" to sleep
+        with psycopg.connect(url) as conn:
+            assert conn.execute("select count(*) from pgmq.meta").fetchone()[0] >= 1
+        assert "embedded server stopped" in run(["db", "stop"], env).stdout
+        assert unrelated.poll() is None
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+def test_a_subfolder_uses_the_projects_server_and_no_project_says_what_to_run(server_dir):
+    tmp_path = server_dir
+    home = tmp_path / "user"  # $HOME: the search for .autoembed stops below it
+    project, other = home / "project", home / "elsewhere"
+    subfolder = project / "src" / "deep"
+    subfolder.mkdir(parents=True)
+    other.mkdir()
+    (tmp_path / ".autoembed").mkdir()  # above $HOME: never taken for a project
+    env = {"HOME": str(home), "AUTOEMBED_HOME": "", "AUTOEMBED_DATABASE_URL": ""}
+    run(["db", "init"], env, cwd=project)
+    try:
+        url = run(["db", "url"], env, cwd=subfolder).stdout.strip()
+        assert f"host={project / '.autoembed' / 'pgdata'}" in url, url
+        assert "embedding_jobs" in run(["status"], env, cwd=subfolder).stdout
+        assert not (subfolder / ".autoembed").exists() and not (project / "src" / ".autoembed").exists()
+
+        for args in (["status"], ["drain"], ["db", "url"], ["search", "cats", "--table", "documents"],
+                     ["enroll", "documents"], ["db", "stop"]):
+            proc = run(args, env, check=False, cwd=other)
+            assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+            assert "no autoembed project here" in proc.stderr and "`autoembed db init`" in proc.stderr
+            assert "AUTOEMBED_HOME" in proc.stderr and "AUTOEMBED_DATABASE_URL" in proc.stderr
+        assert not (other / ".autoembed").exists(), "a command that needs data started an empty server"
+
+        # AUTOEMBED_HOME wins over the folder found upwards.
+        explicit = {**env, "AUTOEMBED_HOME": str(tmp_path / "explicit")}
+        assert "not running" in run(["db", "stop"], explicit, cwd=subfolder).stdout
+    finally:
+        run(["db", "stop"], env, cwd=project)
 
 
 CORPUS = [

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -19,6 +21,8 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from autoembed_dagster.core.database import with_database
 from autoembed_dagster.defs.assets import LANE_TAG, queue_key
 from autoembed_dagster.demo import dagster_storage_url, sqlalchemy_url
+
+from .conftest import drop_database, unique_database_name
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -31,11 +35,10 @@ def dagster_home(tmp_path, pg_server_url):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    name = f"dagster_e2e_{os.getpid()}_{int(time.time() * 1000) % 10**6}"
+    name = unique_database_name("dagster_e2e")
     storage = dagster_storage_url(pg_server_url, name)
     yield home, storage
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(f"drop database if exists {name} with (force)")
+    drop_database(pg_server_url, name)
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -55,17 +58,28 @@ def stop_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_daemon_sensor_launches_a_drain_that_embeds_new_rows(supabase_docs, fake_openai, db_url, dagster_home, tmp_path):
+@contextmanager
+def daemon_running(dagster_home, tmp_path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`dagster-daemon run -w workspace.yaml` on the temporary DAGSTER_HOME, with the pipeline
+    `documents`; yields (the process, its log); stops it and its children after."""
     home, storage = dagster_home
     # The repository's own project: its example pipeline defs/documents/defs.yaml is this table.
     env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage, "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "daemon.log"
-    conn = supabase_docs
     with open(log, "wb") as out:
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
     try:
+        yield daemon, log
+    finally:
+        stop_group(daemon)
+
+
+def test_daemon_sensor_launches_a_drain_that_embeds_new_rows(supabase_docs, fake_openai, db_url, dagster_home, tmp_path):
+    home, storage = dagster_home
+    conn = supabase_docs
+    with daemon_running(dagster_home, tmp_path) as (daemon, log):
         conn.execute("insert into documents (title, content) select 'doc ' || i, 'text ' || i "
                      "from generate_series(1, 20) i")
         deadline = time.monotonic() + WAIT_SECONDS
@@ -94,11 +108,9 @@ def test_daemon_sensor_launches_a_drain_that_embeds_new_rows(supabase_docs, fake
                 assert observed and "depth" in observed[0].asset_observation.metadata
         finally:
             del os.environ["DAGSTER_POSTGRES_URL"]
-    finally:
-        stop_group(daemon)
 
 
-def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, pg_server_url):
+def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, dagster_database):
     """`autoembed demo --no-ui`: local model (no API key), corpus, Dagster daemon, drain, search."""
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
         monkeypatch.delenv(var, raising=False)
@@ -116,9 +128,6 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, pg_server_url)
         os.killpg(proc.pid, signal.SIGTERM)  # the demo stops its daemon on SIGTERM
         out, _ = proc.communicate(timeout=30)
         pytest.fail(f"demo did not finish:\n{out}")
-    finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute("drop database if exists dagster with (force)")
     assert proc.returncode == 0, out
     assert "all 40 rows settled" in out, out
     assert "argparse" in out.split("parse command-line options")[1].splitlines()[1], out
@@ -144,21 +153,17 @@ def test_storage_url_forms():
         "postgresql+psycopg2://u:p%40ss@db.example:5433/dagster?sslmode=require"
 
 
-def test_dagster_env_prints_what_dagster_dev_needs(db_url, pg_server_url):
+def test_dagster_env_prints_what_dagster_dev_needs(db_url, pg_server_url, dagster_database):
     """`eval "$(autoembed dagster-env)"`: Dagster's database exists with its tables, and the
     project's dagster.yaml opens a Postgres-backed instance from the printed variables."""
-    try:
-        out = subprocess.run([str(BIN / "autoembed"), "dagster-env"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120, check=True).stdout
-        env = dict(line.removeprefix("export ").split("=", 1) for line in out.strip().splitlines())
-        env = {k: v.strip("'") for k, v in env.items()}
-        assert set(env) == {"DAGSTER_HOME", "AUTOEMBED_DATABASE_URL", "DAGSTER_POSTGRES_URL"}
-        assert env["AUTOEMBED_DATABASE_URL"] == db_url
-        assert env["DAGSTER_HOME"] == str(ROOT / "dagster_home")
-        assert env["DAGSTER_POSTGRES_URL"].startswith("postgresql+psycopg2://")
-        with psycopg.connect(with_database(pg_server_url, "dagster")) as conn:
-            tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
-        assert {"runs", "event_logs", "jobs"} <= tables
-    finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute("drop database if exists dagster with (force)")
+    out = subprocess.run([str(BIN / "autoembed"), "dagster-env"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    env = dict(line.removeprefix("export ").split("=", 1) for line in out.strip().splitlines())
+    env = {k: v.strip("'") for k, v in env.items()}
+    assert set(env) == {"DAGSTER_HOME", "AUTOEMBED_DATABASE_URL", "DAGSTER_POSTGRES_URL"}
+    assert env["AUTOEMBED_DATABASE_URL"] == db_url
+    assert env["DAGSTER_HOME"] == str(ROOT / "dagster_home")
+    assert env["DAGSTER_POSTGRES_URL"].startswith("postgresql+psycopg2://")
+    with psycopg.connect(with_database(pg_server_url, dagster_database)) as conn:
+        tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
+    assert {"runs", "event_logs", "jobs"} <= tables

@@ -73,7 +73,7 @@ def test_dead_letter_after_max_attempts_without_blocking_others(supabase_docs, f
     assert queue_depth(conn) == 0
     dead = pgmq.dead_letters(conn)
     assert len(dead) == 1 and dead[0]["row_id"] == "2" and dead[0]["attempts"] == 3
-    assert "gave up after 3 attempts" in dead[0]["error"]
+    assert "gave up after 3 failed attempts" in dead[0]["error"]
     archived = conn.execute("select count(*) from pgmq.a_embedding_jobs").fetchone()[0]
     assert archived == 1
     assert_current(conn, 1)
@@ -224,7 +224,7 @@ def test_rows_of_a_bulk_message_fail_alone_and_the_rest_is_written(conn, fake_op
     dead = {d["row_id"]: d for d in pgmq.dead_letters(conn)}
     assert set(dead) == {"7", "150"}
     assert "not allowed" in dead["7"]["error"] and dead["7"]["attempts"] == 1
-    assert "gave up after 3 attempts" in dead["150"]["error"] and dead["150"]["attempts"] == 3
+    assert "gave up after 3 failed attempts" in dead["150"]["error"] and dead["150"]["attempts"] == 3
     # Each failed row went on in a message of its own: Supabase's shape plus the attempts made
     # before that message (one, in the shared message).
     message = conn.execute("select message from autoembed.dead_letter_jobs where row_id = '150'").fetchone()[0]

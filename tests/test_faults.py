@@ -174,7 +174,7 @@ def test_provider_faults_are_retried_or_dead_lettered_and_nothing_else_is_affect
     assert set(dead) == {"61", "62"}, dead
     assert "400" in dead["61"]["error"] and "not allowed" in dead["61"]["error"]
     assert dead["61"]["attempts"] == 1, "a rejected input is not retried"
-    assert "500" in dead["62"]["error"] and "gave up after 3 attempts" in dead["62"]["error"]
+    assert "500" in dead["62"]["error"] and "gave up after 3 failed attempts" in dead["62"]["error"]
     assert dead["62"]["attempts"] == 3
     for doc_id in range(1, 61):
         assert_current(conn, doc_id)
@@ -207,7 +207,7 @@ def test_postgres_restart_during_a_drain_fails_cleanly_and_the_next_drain_finish
         init_db(c)
         c.execute(SUPABASE_SQL)
         c.execute("insert into documents (title, content) select 'd' || g, 'c' || g from generate_series(1, 400) g")
-    fake_openai.delay(0.05)
+    fake_openai.delay(0.2)  # 20 batches of 0.2 s at least: the server stops mid-drain
     s = settings_with(settings, read_batch=20, visibility_timeout=2)
     result: dict = {}
 
@@ -220,7 +220,11 @@ def test_postgres_restart_during_a_drain_fails_cleanly_and_the_next_drain_finish
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(1.0)  # a few batches in
+    with connect(url) as c:  # a few batches in
+        end = time.monotonic() + 60
+        while c.execute("select count(*) from documents where embedding is not null").fetchone()[0] < 40:
+            assert time.monotonic() < end and t.is_alive(), "the drain should be writing"
+            time.sleep(0.05)
     server.stop()
     t.join(30)
     assert not t.is_alive(), "the drain hung after the server went away"

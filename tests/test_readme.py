@@ -71,57 +71,55 @@ def demo_copy(db_url, tmp_path, monkeypatch):
     return project
 
 
-def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_server_url, tmp_path):
+def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_server_url, dagster_database,
+                                                          tmp_path):
     commands = readme_commands()
     session = [c for c in commands if not c.startswith(SERVERS)]
     servers = [c for c in commands if c.startswith(SERVERS)]
     script = "set -e\n" + "".join(f"echo {MARK!r}{i}\n{c}\n" for i, c in enumerate(session))
     env = {**os.environ, "VIRTUAL_ENV": str(BIN.parent), "PATH": f"{BIN}:{os.environ['PATH']}",
            "AUTOEMBED_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    # Dagster's storage is the test's own database (the dagster_database fixture drops it).
+    proc = subprocess.run(["bash", "-c", script], cwd=demo_copy, env=env, capture_output=True, text=True,
+                          timeout=900)
+    outputs = dict(zip(session, re.split(rf"^{MARK}\d+\n", proc.stdout, flags=re.M)[1:]))
+    assert proc.returncode == 0, (f"stopped at: {session[len(outputs) - 1] if outputs else '?'}\n"
+                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    assert len(outputs) == len(session)
+    out = {c.split(" --")[0].split(" #")[0]: o for c, o in outputs.items()}
+    assert "autoembed_dagster.EmbeddingPipeline" in out["dg list components"]
+    assert "notes_embeddings" in out["dg list defs"] and "stdlib_docs_embeddings" in out["dg list defs"]
+    assert "(declared)" in out["autoembed pipelines"] and "stdlib_docs" in out["autoembed pipelines"]
+    hits = out['autoembed search "read and write CSV files"'].splitlines()
+    assert [h[:3] for h in hits] == ["1. ", "2. ", "3. "] and "autoembed_demo.stdlib_docs id=" in hits[0]
+    assert "no model migration" in out["autoembed migrate stdlib_docs status"]
+
+    # The two `dagster job launch` commands queued their runs in the project's Dagster storage.
+    with psycopg.connect(with_database(pg_server_url, dagster_database)) as conn:
+        jobs = {r[0] for r in conn.execute("select pipeline_name from runs")}
+    assert {"backfill", "model_migration"} <= jobs
+
+    # One long-running server, started once and polled until the UI answers.
+    first = servers[0]
+    assert first.startswith("autoembed dev"), servers
+    port = free_port()
+    server = subprocess.Popen(["bash", "-c", f"exec {first.split('#')[0].strip()} --port {port}"],
+                              cwd=demo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
-        proc = subprocess.run(["bash", "-c", script], cwd=demo_copy, env=env, capture_output=True, text=True,
-                              timeout=900)
-        outputs = dict(zip(session, re.split(rf"^{MARK}\d+\n", proc.stdout, flags=re.M)[1:]))
-        assert proc.returncode == 0, (f"stopped at: {session[len(outputs) - 1] if outputs else '?'}\n"
-                                      f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-        assert len(outputs) == len(session)
-        out = {c.split(" --")[0].split(" #")[0]: o for c, o in outputs.items()}
-        assert "autoembed_dagster.EmbeddingPipeline" in out["dg list components"]
-        assert "notes_embeddings" in out["dg list defs"] and "stdlib_docs_embeddings" in out["dg list defs"]
-        assert "(declared)" in out["autoembed pipelines"] and "stdlib_docs" in out["autoembed pipelines"]
-        hits = out['autoembed search "read and write CSV files"'].splitlines()
-        assert [h[:3] for h in hits] == ["1. ", "2. ", "3. "] and "autoembed_demo.stdlib_docs id=" in hits[0]
-        assert "no model migration" in out["autoembed migrate stdlib_docs status"]
-
-        # The two `dagster job launch` commands queued their runs in the project's Dagster storage.
-        with psycopg.connect(with_database(pg_server_url, "dagster")) as conn:
-            jobs = {r[0] for r in conn.execute("select pipeline_name from runs")}
-        assert {"backfill", "model_migration"} <= jobs
-
-        # One long-running server, started once and polled until the UI answers.
-        first = servers[0]
-        assert first.startswith("autoembed dev"), servers
-        port = free_port()
-        server = subprocess.Popen(["bash", "-c", f"exec {first.split('#')[0].strip()} --port {port}"],
-                                  cwd=demo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        try:
-            deadline, answered = time.monotonic() + 240, False
-            while time.monotonic() < deadline and server.poll() is None and not answered:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as resp:
-                        answered = resp.status == 200
-                except OSError:
-                    time.sleep(1)
-            assert answered, f"`{first}` did not serve the UI: {server.poll()}"
-        finally:
-            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(server.pid, sig)
-                    server.wait(wait)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
+        deadline, answered = time.monotonic() + 240, False
+        while time.monotonic() < deadline and server.poll() is None and not answered:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as resp:
+                    answered = resp.status == 200
+            except OSError:
+                time.sleep(1)
+        assert answered, f"`{first}` did not serve the UI: {server.poll()}"
     finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as conn:
-            conn.execute("drop database if exists dagster with (force)")
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue

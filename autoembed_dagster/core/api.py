@@ -16,9 +16,12 @@ from .search import Hit, search as _search
 
 
 @contextmanager
-def session(url: str | None = None, settings: Settings | None = None) -> Iterator[psycopg.Connection]:
+def session(url: str | None = None, settings: Settings | None = None, *,
+            create: bool = False) -> Iterator[psycopg.Connection]:
+    """A connection to the project's database; only `create` starts an embedded server where no
+    project exists yet (see database.require_project)."""
     settings = settings or Settings.from_env()
-    conn = connect(url or database_url(settings))
+    conn = connect(url or database_url(settings, create=create))
     try:
         yield conn
     finally:
@@ -27,7 +30,7 @@ def session(url: str | None = None, settings: Settings | None = None) -> Iterato
 
 def init(url: str | None = None) -> dict[str, str]:
     """Install pgvector, pgmq and the project's schema (idempotent)."""
-    with session(url) as conn:
+    with session(url, create=True) as conn:
         return init_db(conn)
 
 

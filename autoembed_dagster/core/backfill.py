@@ -24,9 +24,11 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
-from .config import ConfigError, EmbedderSettings, Settings
+from .config import ConfigError, EmbedderSettings
 from .database import second_connection
-from .drain import DrainStats, Drainer, _Outcome, completed, copy_records
+from .drain import completed, copy_records
+from .drain.loop import pin_session
+from .drain.settle import VectorWriter
 from .embedders import make_embedder
 from .embedders.base import EmbedOutcome, Embedder, EmbeddingError
 from .health import estimated_cost
@@ -172,16 +174,6 @@ def plan(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, *, start: bool 
 
 
 # -- the write path ------------------------------------------------------------------------------------
-def write_vectors(drainer: Drainer, target: Target, rows: list[tuple[str, bytes, bytes]]) -> tuple[int, int]:
-    """Write (row id, content hash the vector was made from, its COPY tuple from copy_records)
-    through the drain's own settle step: same locks, hash guard, COPY + UPDATE, embedding_state
-    upsert and deadlock retry, with no queue message attached. Returns (written, stale)."""
-    outcome = _Outcome(writes={target: [(row_id, h, record, []) for row_id, h, record in rows]})
-    stats = DrainStats()
-    drainer._settle(outcome, stats)
-    return stats.embedded, stats.stale
-
-
 # -- one shard -------------------------------------------------------------------------------------------
 @dataclass
 class _Page:
@@ -385,11 +377,14 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
     model = spec.identity_key
     before = coverage(conn, target, model, shard, shards)
     stats.current = before.current  # resumed: what an earlier (killed) run already wrote is skipped
-    drainer = Drainer(conn, Settings(queue=p.queue), lambda _target: embedder)
+    pin_session(conn)
+    writer = VectorWriter(conn)
     limit = batch_rows or min(getattr(embedder, "batch_size", None) or DEFAULT_BATCH_ROWS, 1024)
     read_page = _page_reader(target, embedder, model, shard, shards, limit, conn.info.encoding)
     # The next page is scanned and embedded on a second connection while this one is written.
     scan_conn = second_connection(conn, f"the scans of shard {shard} of {p.qualified_table}")
+    if scan_conn is not None:
+        pin_session(scan_conn)
     pool = ThreadPoolExecutor(1, thread_name_prefix="autoembed-backfill") if scan_conn is not None else None
 
     def next_page() -> Future:
@@ -408,10 +403,12 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
             if page.outcome is not None:
                 _count_page(stats, target, page)
                 if page.rows:
-                    written, stale = write_vectors(drainer, target, page.rows)
-                    stats.embedded += written
-                    stats.stale += stale
-                    stats.current += len(page.rows) - written - stale  # written meanwhile by the drain, same input
+                    w = writer.write(target, page.rows, embedder.identity.key)
+                    stats.embedded += w.written
+                    stats.stale += w.stale
+                    # Written meanwhile by the drain, same input. (Rows the application kept
+                    # locked are left out: the coverage still counts them missing.)
+                    stats.current += len(page.rows) - w.written - w.stale - len(w.busy)
                 stats.seconds = time.perf_counter() - started
                 if on_batch:
                     on_batch(stats, page.size)
@@ -502,6 +499,6 @@ def migration_action(conn: psycopg.Connection, p: Pipeline, m: Migration, action
         if configured != m.spec and not force:
             # Else the drain would go on embedding the live column with the old model.
             raise mig.MigrationError(f"{p.name} is configured with {configured.key} but the column holds "
-                                     f"{m.spec.key}: update autoembed.toml first (or force)")
+                                     f"{m.spec.key}: update the model in its defs.yaml first (or force)")
         return mig.drop_old(conn, m), None, configured
     return m, None, None

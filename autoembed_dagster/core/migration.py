@@ -599,7 +599,8 @@ class PromoteResult:
     indexes: list[str] = field(default_factory=list)  # vector indexes now serving the promoted column
     triggers: list[str] = field(default_factory=list)  # triggers re-pointed at a new content function
     notes: list[str] = field(default_factory=list)
-    already: bool = False
+    already: bool = False  # the migration was promoted before this call: nothing done
+    purged_jobs: int = 0  # queued jobs of the shadow column dropped by the promotion
     locked_seconds: float = 0.0
 
 
@@ -641,8 +642,9 @@ def promote(conn: psycopg.Connection, m: Migration, *, force: bool = False, lock
         triggers = _retarget_triggers(conn, mm, mm.old_content_function, mm.content_function)
         conn.execute("update autoembed.model_migrations set status = 'promoted', promoted_at = now() where id = %s",
                      (mm.id,))
-        return PromoteResult(_reload(conn, mm), cov, indexes, triggers, notes, purged,
-                             locked_seconds=time.perf_counter() - started)
+        # Keywords: positionally, `purged` once landed in `already` (a promotion reported as a no-op).
+        return PromoteResult(_reload(conn, mm), cov, indexes=indexes, triggers=triggers, notes=notes,
+                             purged_jobs=purged, locked_seconds=time.perf_counter() - started)
 
     result = _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
     result.notes = notes

@@ -30,24 +30,36 @@ def read(conn: psycopg.Connection, queue: str, vt: int, qty: int) -> list[Messag
     return [Message(*row) for row in rows]
 
 
+def table_of(queue: str) -> sql.Identifier:
+    """pgmq's table of `queue`: pgmq lower-cases the name it creates (`MyQueue` -> pgmq.q_myqueue)."""
+    return sql.Identifier("pgmq", "q_" + queue.lower())
+
+
+def has_visible(conn: psycopg.Connection, queue: str) -> bool:
+    """Whether the queue holds a message a drain could claim now."""
+    return conn.execute(sql.SQL("select exists (select 1 from {} where vt <= clock_timestamp())")
+                        .format(table_of(queue))).fetchone()[0]
+
+
 def read_claimed(conn: psycopg.Connection, queue: str, msg_ids: Sequence[int]) -> list[Message]:
     """Messages this reader claimed and still holds (no new claim, read_ct unchanged); deleted
     ones are left out. pgmq has no function for it: its queue table, by primary key."""
     if not msg_ids:
         return []
     rows = conn.execute(
-        sql.SQL("select msg_id, read_ct, enqueued_at, message from pgmq.{} where msg_id = any(%s) order by msg_id")
-        .format(sql.Identifier("q_" + queue)),
+        sql.SQL("select msg_id, read_ct, enqueued_at, message from {} where msg_id = any(%s) order by msg_id")
+        .format(table_of(queue)),
         (list(msg_ids),),
     ).fetchall()
     return [Message(*row) for row in rows]
 
 
-def send_batch(conn: psycopg.Connection, queue: str, bodies: Iterable[dict]) -> list[int]:
+def send_batch(conn: psycopg.Connection, queue: str, bodies: Iterable[dict], delay: int = 0) -> list[int]:
+    """Send messages (visible after `delay` seconds); returns their ids."""
     payload = [Jsonb(b) for b in bodies]
     if not payload:
         return []
-    rows = conn.execute("select * from pgmq.send_batch(%s, %s::jsonb[])", (queue, payload)).fetchall()
+    rows = conn.execute("select * from pgmq.send_batch(%s, %s::jsonb[], %s)", (queue, payload, delay)).fetchall()
     conn.execute("select pg_notify(%s, %s)", (NOTIFY_CHANNEL, queue))
     return [r[0] for r in rows]
 

@@ -7,7 +7,8 @@ regprocedure text that Postgres itself produced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -41,6 +42,7 @@ class Target:
     key_type: str  # format_type of the key column, e.g. "integer", "uuid"
     vector_type: str  # "vector" or "halfvec"
     dimensions: int
+    registered: int | None = None  # the id in autoembed.targets a message was resolved through
 
     @property
     def table_sql(self) -> sql.Composable:
@@ -118,10 +120,22 @@ def message_row_count(body: Any) -> int:
     return 1
 
 
-def key_value(text: str) -> int | str:
-    """A key written as text (an "ids" string, a row id): the integer when it is one."""
-    digits = text[1:] if text.startswith("-") else text
-    return int(text) if digits.isascii() and digits.isdigit() else text
+INTEGER_KEY_TYPES = ("smallint", "integer", "bigint")
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+
+
+def key_text(raw: Any, target: "Target") -> str:
+    """The exact text of one key a message names, checked against the target's key type so a
+    bad key fails alone. Keys are never converted: a text key '001' stays '001'."""
+    if raw is None or isinstance(raw, (bool, dict, list, float)):
+        # (JSON numbers with a fraction arrive as Decimal on the drain's connections: exact.)
+        raise TargetError(f"id {raw!r} is not a key: a message names keys as JSON strings or integers")
+    text = str(raw)
+    if target.key_type in INTEGER_KEY_TYPES and not _INTEGER_TEXT.fullmatch(text):
+        raise TargetError(f"id {raw!r} is not a valid {target.key_type} key of {target.regclass}")
+    if "\x00" in text:
+        raise TargetError(f"id {raw!r} contains a NUL byte")
+    return text
 
 
 def _row_ids(body: dict) -> list[Any]:
@@ -135,7 +149,7 @@ def _row_ids(body: dict) -> list[Any]:
     if "ids" not in body:
         ids = [body["id"]]
     elif isinstance(body["ids"], str):
-        ids = [key_value(i) for i in body["ids"].split(",")]
+        ids = body["ids"].split(",")  # integer keys; each piece is checked against the key type
     elif isinstance(body["ids"], list):
         ids = body["ids"]
     else:
@@ -144,10 +158,8 @@ def _row_ids(body: dict) -> list[Any]:
         raise TargetError(f"message ids is empty: {body!r}")
     if len(ids) > MAX_IDS_PER_MESSAGE:
         raise TargetError(f"message lists {len(ids)} ids, more than {MAX_IDS_PER_MESSAGE}")
-    for row_id in ids:
-        if row_id is None or isinstance(row_id, (dict, list, bool)) or row_id == "":
-            raise TargetError(f"message id must be a scalar, got {row_id!r}")
-    return list(dict.fromkeys(ids))
+    # Bad keys are dead-lettered one by one (drain.jobs), not the message's other rows.
+    return list({f"{type(i).__name__}:{i!r}": i for i in ids}.values())
 
 
 def resolve(conn: psycopg.Connection, key: TargetKey) -> Target:
@@ -186,6 +198,59 @@ def resolve(conn: psycopg.Connection, key: TargetKey) -> Target:
     if key_type is None:
         raise TargetError(f"{regclass} has no key column {key.key_column!r}")
     return Target(key, regclass, fn, key_type[0], vector_type, int(dimensions))
+
+
+class TargetChanged(RuntimeError):
+    """A table/column resolved earlier no longer is what the drain resolved (renamed, resized...)."""
+
+
+def check_target(conn: psycopg.Connection, target: Target) -> None:
+    """Raise TargetChanged when `target` no longer is what the catalog says (one lookup)."""
+    try:
+        now = resolve(conn, target.key)
+    except TargetError as exc:
+        raise TargetChanged(f"{target.key.label}: {exc}") from exc
+    if now != target:
+        raise TargetChanged(f"{target.key.label} is {now.vector_type}({now.dimensions}) now, "
+                            f"was {target.vector_type}({target.dimensions})")
+
+
+def registered_target(conn: psycopg.Connection, body: Any, queue: str) -> tuple[Target, list[Any]]:
+    """The target a queue message points at, as the registry (autoembed.targets, written only by
+    enrolment, the table owner's triggers and migrations) says it is, and the message's row keys.
+
+    A message is a pointer, never an instruction: a message with "target" is resolved by that id,
+    one without (Supabase's shape, sent by hand or before the registry existed) by its names. The
+    content function called is the one registered, never the one a message names. Raises
+    TargetError, naming what the message asked for, when nothing registered matches."""
+    key, row_ids = target_key_from_message(body)
+    wanted = body.get("target")
+    if wanted is not None and (type(wanted) is not int or wanted <= 0):
+        raise TargetError(f"message target must be a registered target id, got {wanted!r}")
+    row = conn.execute(
+        """select id, queue, schema_name, table_name, content_function, embedding_column, key_column, function
+           from autoembed.target_catalog
+           where case when %(id)s::bigint is not null then id = %(id)s
+                      else schema_name = %(schema)s and table_name = %(table)s and embedding_column = %(column)s
+                           and content_function = %(fn)s and key_column = %(key)s end""",
+        {"id": wanted, "schema": key.schema, "table": key.table, "column": key.embedding_column,
+         "fn": key.content_function, "key": key.key_column},
+    ).fetchone()
+    if row is None:
+        raise TargetError(
+            f"{key.schema}.{key.table}.{key.embedding_column} with content function {key.content_function!r} "
+            f"and key {key.key_column!r} is not a registered target"
+            + (f" (target {wanted})" if wanted is not None else "")
+            + ": nothing of this message was run; enrol the table (autoembed enroll) or give it "
+              "util.queue_embeddings triggers")
+    target_id, target_queue, schema, table, content_function, column, key_column, function = row
+    if target_queue != queue:
+        raise TargetError(f"target {target_id} ({schema}.{table}.{column}) is registered for queue "
+                          f"{target_queue!r}, not {queue!r}: nothing of this message was run")
+    if function is None:
+        raise TargetError(f"the content function registered for {schema}.{table}.{column} no longer exists")
+    target = resolve(conn, TargetKey(schema, table, content_function, column, key_column))
+    return replace(target, function=function, registered=target_id), row_ids
 
 
 def check_dimensions(target: Target, model_dimensions: int, model: str) -> None:

@@ -26,6 +26,9 @@ from .resources import AutoembedResource
 
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_TIME_BUDGET = 600.0
+# Run monitoring fails a drain run older than this (tag dagster/max_runtime): a hung drain cannot
+# block its lane forever. Above budget + idle timeout, with room for the final report and checks.
+MAX_RUNTIME_SECONDS = int(DEFAULT_TIME_BUDGET + DEFAULT_IDLE_TIMEOUT + 300)
 PROGRESS_EVERY_SECONDS = 5.0
 REPORT_EVERY_SECONDS = 60.0  # a long busy drain reports at least this often
 MIN_REPORT_SECONDS = 10.0  # bursts of new jobs reported at most this often (the first at once)
@@ -227,9 +230,7 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
         description=f"Drain lane of pgmq queue `{queue}` (started by the `{queue}_sensor`).",
         tags={
             LANE_TAG: queue,
-            # Run monitoring fails a run that outlives this (e.g. its process was killed), so a dead
-            # run cannot block its lane forever.
-            "dagster/max_runtime_seconds": str(int(DEFAULT_TIME_BUDGET + DEFAULT_IDLE_TIMEOUT + 600)),
+            dg.MAX_RUNTIME_SECONDS_TAG: str(MAX_RUNTIME_SECONDS),
         },
     )
     def drain_job():

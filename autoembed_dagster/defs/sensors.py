@@ -43,7 +43,7 @@ def _blocking_runs(instance: dg.DagsterInstance, job_name: str, queue: str) -> l
     now = time.time()
     live = []
     for record in records:
-        max_runtime = record.dagster_run.tags.get("dagster/max_runtime_seconds")
+        max_runtime = record.dagster_run.tags.get(dg.MAX_RUNTIME_SECONDS_TAG)
         started = record.start_time
         if (record.dagster_run.status == DagsterRunStatus.STARTED and started and max_runtime
                 and now - started > float(max_runtime) + 60):

@@ -22,11 +22,14 @@ class ModelIdentity:
 
 
 class EmbeddingError(Exception):
-    """The provider could not embed. `retryable` says whether trying again later may succeed."""
+    """The provider could not embed. `retryable` says whether trying again later may succeed;
+    `configuration` that no input can succeed until the configuration is fixed (a rejected API
+    key, an unknown model): the drain then stops and leaves every job queued."""
 
-    def __init__(self, message: str, retryable: bool = True):
+    def __init__(self, message: str, retryable: bool = True, configuration: bool = False):
         super().__init__(message)
-        self.retryable = retryable
+        self.retryable = retryable and not configuration
+        self.configuration = configuration
 
 
 @dataclass

@@ -20,7 +20,7 @@ import orjson
 import pybase64
 import tiktoken
 
-from ..config import ConfigError, EmbedderSettings
+from ..config import ConfigError, CredentialsError, EmbedderSettings
 from .base import EmbedOutcome, EmbeddingError, ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class OpenAIEmbedder:
         api_key = os.environ.get("OPENAI_API_KEY") or None
         if api_key is None:
             if not (settings.base_url or os.environ.get("OPENAI_BASE_URL")):
-                raise ConfigError("OPENAI_API_KEY is not set (and no OPENAI_BASE_URL for a local compatible server)")
+                raise CredentialsError("OPENAI_API_KEY is not set (and no OPENAI_BASE_URL for a local compatible server)")
             api_key = PLACEHOLDER_KEY
         # The key lives only inside the client; we keep no copy of it.
         self._client = openai.OpenAI(
@@ -201,11 +201,13 @@ class OpenAIEmbedder:
             return None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
             # The provider's message may echo part of the key: say only what to fix.
-            err = EmbeddingError(f"authentication failed (HTTP {e.status_code}): check OPENAI_API_KEY", retryable=False)
+            err = EmbeddingError(f"authentication failed (HTTP {e.status_code}): check OPENAI_API_KEY",
+                                 configuration=True)
             self._fail(out, batch, err)
             return err
         except openai.NotFoundError as e:
-            err = EmbeddingError(f"model {self.identity.model!r} or endpoint not found (HTTP 404): {_reason(e)}", retryable=False)
+            err = EmbeddingError(f"model {self.identity.model!r} or endpoint not found (HTTP 404): {_reason(e)}; "
+                                 "check AUTOEMBED_MODEL and OPENAI_BASE_URL", configuration=True)
             self._fail(out, batch, err)
             return err
         except openai.APIStatusError as e:  # 429/5xx etc. after the client's own retries

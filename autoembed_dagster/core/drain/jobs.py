@@ -1,0 +1,85 @@
+"""Claimed messages → jobs: one job per row a message covers, with its target and its failures.
+
+A message is a pointer (target + keys), never an instruction: the target it names is resolved
+against what the database says (core.targets), and its keys are kept as exact text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+from .. import queue as pgmq
+from ..targets import INTEGER_KEY_TYPES, Target, TargetError, key_text
+
+MAX_RECORDED_ATTEMPTS = 1000  # an "attempts" field beyond this is not ours: ignored
+
+
+@dataclass
+class Job:
+    """One row of a claimed message (a message of a bulk statement covers up to 200 rows)."""
+
+    msg_id: int
+    body: object
+    row_id: str  # the key as exact text (what the message carried)
+    key: object = None  # the key as a message sends it: an integer key a JSON number, any other its text
+    failures: int = 0  # recorded failures of this row before this attempt (never claims)
+    message_rows: int = 1  # rows the message covers
+
+    @property
+    def attempts(self) -> int:
+        """Attempts at this row including the one running now."""
+        return self.failures + 1
+
+    @property
+    def shared(self) -> bool:
+        return self.message_rows > 1
+
+    @property
+    def failed_before(self) -> bool:
+        return self.failures > 0
+
+
+def recorded_failures(conn: psycopg.Connection, queue: str, messages: list[pgmq.Message]) -> dict[int, int]:
+    """Failures recorded for each message: the error record of a message retried before, else the
+    "attempts" a row split off a shared message carries. A claim is not a failure: a drain killed
+    while holding a message costs it nothing."""
+    failures: dict[int, int] = {}
+    for m in messages:
+        carried = m.body.get("attempts") if isinstance(m.body, dict) else None
+        if isinstance(carried, int) and not isinstance(carried, bool) and 0 <= carried < MAX_RECORDED_ATTEMPTS:
+            failures[m.msg_id] = carried
+    ids = [m.msg_id for m in messages]
+    if ids:
+        for msg_id, attempts in conn.execute(
+            "select msg_id, attempts from autoembed.message_errors where queue_name = %s and msg_id = any(%s)",
+            (queue, ids), prepare=False,
+        ):
+            failures[msg_id] = max(failures.get(msg_id, 0), attempts)
+    return failures
+
+
+def row_jobs(message: pgmq.Message, target: Target, row_ids: list[object], failures: int,
+             bad: list[tuple[Job, str]]) -> list[Job]:
+    """The jobs of one message's rows; a key that cannot be one of `target`'s goes to `bad` alone."""
+    jobs = []
+    for raw in row_ids:
+        job = Job(message.msg_id, message.body, str(raw), raw, failures, len(row_ids))
+        try:
+            job.row_id = key_text(raw, target)
+        except TargetError as exc:
+            bad.append((job, str(exc)))
+            continue
+        job.key = int(job.row_id) if target.key_type in INTEGER_KEY_TYPES else job.row_id
+        jobs.append(job)
+    return jobs
+
+
+def single_body(job: Job, failures: int) -> dict:
+    """The one-row message of a row split off a shared message (Supabase's shape, plus the
+    failures so far in "attempts")."""
+    body = {k: v for k, v in job.body.items() if k not in ("ids", "idRange")}
+    body["id"] = job.key
+    body["attempts"] = failures
+    return body

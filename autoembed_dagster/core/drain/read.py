@@ -1,0 +1,128 @@
+"""The read stage: the current input of the rows a batch's jobs name, and what to do with each.
+
+Nothing is locked here (the application is never made to wait on a read); the write stage
+checks the input again under its locks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from ..embedders.base import Embedder
+from ..targets import Target, check_target
+from .jobs import Job
+from .outcome import Outcome
+from .stats import DrainStats
+
+
+@dataclass
+class Row:
+    key: str  # the key's canonical text (the drain's session settings): embedding_state.row_id
+    input: str | None
+    hash: bytes | None
+    has_vector: bool
+    state_hash: bytes | None
+    state_model: str | None
+
+
+@dataclass
+class Work:
+    """One provider call to make: rows of one target, embedded together."""
+
+    target: Target
+    embedder: Embedder
+    row_ids: list[str]  # keys as the jobs name them
+    rows: dict[str, Row]
+    jobs: dict[str, list[Job]]  # by key: several jobs for one row are embedded once
+
+
+def read_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> dict[str, Row]:
+    """The rows that exist, by the key text the jobs gave. Keys are matched as values of the key
+    column's type (a text that is not the canonical form still finds its row) and stored state is
+    looked up by the canonical text."""
+    query = sql.SQL(
+        """select u.k, r.key, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model
+           from unnest(%s::text[]) u(k)
+           cross join lateral (select t.{key}::text as key, {fn}(t)::text as input, t.{col} is not null as has_vector
+                               from {table} t where t.{key} = u.k::{key_type}) r
+           left join autoembed.embedding_state s
+             on s.schema_name = %s and s.table_name = %s and s.embedding_column = %s and s.row_id = r.key"""
+    ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql,
+             table=target.table_sql, key_type=target.key_type_sql)
+    ids = list(dict.fromkeys(row_ids))
+    # prepare=False wherever a key array is bound: a cached generic plan can scan the whole table.
+    cur = conn.execute(query, (ids, target.key.schema, target.key.table, target.key.embedding_column),
+                       prepare=False)
+    return {r[0]: Row(*r[1:]) for r in cur.fetchall()}
+
+
+def read_rows_or_isolate(conn: psycopg.Connection, target: Target,
+                         row_ids: list[str]) -> tuple[dict[str, Row], dict[str, str]]:
+    """read_rows; when the batch read fails because the content function fails on some row (or
+    a key is not a value of the key type), read them one by one so that only those rows fail,
+    with the reason. Connection and server errors are raised: the claims come back later."""
+    try:
+        return read_rows(conn, target, row_ids), {}
+    except (psycopg.OperationalError, psycopg.InterfaceError):
+        raise
+    except psycopg.Error:
+        check_target(conn, target)  # a column renamed away by a promotion: retry the batch, not per row
+    rows: dict[str, Row] = {}
+    unreadable: dict[str, str] = {}
+    for row_id in dict.fromkeys(row_ids):
+        try:
+            rows.update(read_rows(conn, target, [row_id]))
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except psycopg.Error as exc:
+            unreadable[row_id] = (f"{target.regclass} id={row_id!r}: reading its input with {target.function} "
+                                  f"failed: {type(exc).__name__}: {str(exc).strip()}")
+    return rows, unreadable
+
+
+def sort_jobs(target: Target, embedder: Embedder, jobs: list[Job], rows: dict[str, Row],
+              unreadable: dict[str, str], in_flight: dict[str, bytes], outcome: Outcome,
+              stats: DrainStats) -> list[Work]:
+    """Settle what needs no provider call (deleted row, empty or unchanged input, an input the
+    batch before is writing) and return the provider calls to make for the rest."""
+    model = embedder.identity.key
+    to_embed: dict[str, list[Job]] = {}
+    for job in jobs:
+        row = rows.get(job.row_id)
+        if job.row_id in unreadable:
+            # The content function fails on this row (bad bytes, a RAISE...): retrying cannot help.
+            outcome.dead.append((job, unreadable[job.row_id]))
+        elif row is None:
+            stats.deleted_rows += 1
+            outcome.done.append(job.msg_id)
+            outcome.deleted_rows.setdefault(target, []).append(job.row_id)
+        elif row.input is None or not row.input.strip():
+            stats.empty_input += 1
+            outcome.done.append(job.msg_id)
+        elif row.has_vector and row.state_hash == row.hash and row.state_model == model:
+            stats.unchanged += 1
+            outcome.done.append(job.msg_id)
+        elif in_flight.get(row.key) == row.hash:
+            # The batch before this one is writing this very input (it commits first): written
+            # there, or found stale there because a newer job for the row exists.
+            stats.unchanged += 1
+            outcome.done.append(job.msg_id)
+        else:
+            to_embed.setdefault(job.row_id, []).append(job)
+    if not to_embed:
+        return []
+    # A row that really failed before is embedded in a request of its own, so a row that keeps
+    # failing every request it is in (a 500 on its content, say) cannot fail its neighbours.
+    # A claim alone is not a failure: after a crash the rows go back into full batches.
+    # (A shared message that failed is retried whole once, then split into one-row messages.)
+    first_try = [r for r in to_embed if not _isolated(to_embed[r])]
+    isolated = [[r] for r in to_embed if _isolated(to_embed[r])]
+    return [Work(target, embedder, ids, rows, to_embed) for ids in ([first_try] if first_try else []) + isolated]
+
+
+
+def _isolated(jobs: list[Job]) -> bool:
+    return any(not j.shared and j.failed_before for j in jobs)

@@ -1,0 +1,367 @@
+"""The settle stage: in ONE transaction, write the vectors whose rows still have the input they
+were made from, and settle every claimed message (deleted, dead-lettered, or put back).
+
+The drain gives way, never the application: it locks the rows it writes with SKIP LOCKED, so it
+never waits for a row an application transaction holds (and so can never be part of a deadlock
+with one); a row it could not lock is put back for a moment later, with no attempt counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import errors, sql
+
+from .. import queue as pgmq
+from ..config import Settings
+from ..targets import Target
+from .claims import Claims
+from .embed import COPY_HEADER, COPY_TRAILER
+from .jobs import Job, single_body
+from .outcome import Outcome, Write
+from .stats import DrainStats, table_key, table_of_body
+
+BUSY_RETRY_SECONDS = 1  # a row the application holds locked is tried again this much later
+LOCK_TIMEOUT = "5s"  # a table lock (TRUNCATE, ALTER) the drain would wait for longer: give way
+SETTLE_TRIES = 3
+
+
+@dataclass
+class Written:
+    written: int = 0
+    stale: int = 0
+    busy: list[str] = field(default_factory=list)  # keys of rows another transaction held locked
+
+
+class Stages:
+    """The session's staging tables (one per vector type) for binary COPY of vectors. Created
+    outside any settle transaction, so a rolled-back settle cannot leave a stage believed to exist."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+        self._made: set[str] = set()
+
+    @staticmethod
+    def name(target: Target) -> sql.Identifier:
+        return sql.Identifier(f"autoembed_stage_{target.vector_type}")
+
+    def ensure(self, targets) -> None:
+        for target in targets:
+            if target.vector_type not in self._made:
+                self.conn.execute(sql.SQL(
+                    "create temp table if not exists {} (k text, h bytea, v {}) on commit delete rows"
+                ).format(self.name(target), sql.SQL(target.vector_type)))
+                self._made.add(target.vector_type)
+
+
+def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writes: list[Write], model: str,
+                  used_stages: set[str]) -> Written:
+    """Write vectors whose row still has the input they were made from (inside the caller's
+    transaction). Rows locked by another transaction are skipped and reported busy."""
+    out = Written()
+    if not writes:
+        return out
+    writes = list({w[0]: w for w in writes}.values())  # one write per row
+    ids = [w[0] for w in writes]
+    current: dict[str, bytes] = {}
+    has_vector: set[str] = set()
+    for k, h, v in conn.execute(
+        sql.SQL(
+            """select t.{key}::text, autoembed.content_hash({fn}(t)::text), t.{col} is not null
+               from {table} t where t.{key} = any(%s::text[]::{key_type}[])
+               order by t.{key} for update of t skip locked"""
+        ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
+                 key_type=target.key_type_sql),
+        (ids,), prepare=False,
+    ).fetchall():
+        current[k] = h
+        if v:
+            has_vector.add(k)
+    missing = [k for k in ids if k not in current]
+    if missing:
+        # Not locked: deleted meanwhile (its job is done), or held by another transaction (busy).
+        out.busy = [k for (k,) in conn.execute(
+            sql.SQL("select t.{key}::text from {table} t where t.{key} = any(%s::text[]::{key_type}[])").format(
+                key=target.key_sql, table=target.table_sql, key_type=target.key_type_sql),
+            (missing,), prepare=False)]
+    # Another drain may have written the same input meanwhile: then there is nothing to do.
+    already = {
+        row_id for row_id, state_hash, state_model in conn.execute(
+            """select row_id, content_hash, model from autoembed.embedding_state
+               where schema_name = %s and table_name = %s and embedding_column = %s and row_id = any(%s)""",
+            (target.key.schema, target.key.table, target.key.embedding_column, sorted(has_vector)),
+            prepare=False,
+        ) if state_model == model and state_hash == current.get(row_id)
+    } if has_vector else set()
+    fresh = [w for w in writes if current.get(w[0]) == w[1] and w[0] not in already]
+    out.stale = sum(1 for w in writes if w[0] in current and current[w[0]] != w[1])
+    if not fresh:
+        return out
+    stage = Stages.name(target)
+    with conn.cursor() as cur:
+        if target.vector_type in used_stages:
+            cur.execute(sql.SQL("truncate {}").format(stage))  # rows of another target, same transaction
+        used_stages.add(target.vector_type)
+        # One binary COPY of the tuples copy_records() made, already in the column's own type.
+        with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(stage)) as copy:
+            copy.write(b"".join([COPY_HEADER, *(w[2] for w in fresh), COPY_TRAILER]))
+        # The key array lets the planner probe the key index instead of hashing the whole table.
+        cur.execute(
+            sql.SQL(
+                """update {table} t set {col} = s.v from {stage} s
+                   where t.{key} = s.k::{key_type} and t.{key} = any(%s::text[]::{key_type}[])"""
+            ).format(table=target.table_sql, col=target.column_sql, stage=stage,
+                     key=target.key_sql, key_type=target.key_type_sql),
+            ([w[0] for w in fresh],), prepare=False,
+        )
+        cur.execute(
+            sql.SQL(
+                """insert into autoembed.embedding_state as e
+                       (schema_name, table_name, embedding_column, row_id, content_hash, model, embedded_at)
+                   select %s, %s, %s, s.k, s.h, %s, now() from {stage} s
+                   on conflict (schema_name, table_name, embedding_column, row_id) do update
+                   set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()"""
+            ).format(stage=stage),
+            (target.key.schema, target.key.table, target.key.embedding_column, model),
+        )
+    out.written = len(fresh)
+    return out
+
+
+class VectorWriter:
+    """The settle stage's vector write with no queue message attached (the backfill's writes):
+    same locks, hash guard, COPY + UPDATE and state upsert. A row an application transaction
+    holds is tried again a few times, never waited for."""
+
+    BUSY_WAITS = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+        self.stages = Stages(conn)
+
+    def write(self, target: Target, rows: list[tuple[str, bytes, bytes]], model: str) -> Written:
+        """Write (row key, content hash the vector was made from, its COPY tuple). Rows still busy
+        after the last try are returned in `busy`, unwritten."""
+        self.stages.ensure([target])
+        total = Written()
+        pending = [(k, h, record, []) for k, h, record in rows]
+        for wait in (*self.BUSY_WAITS, None):
+            with self.conn.transaction():
+                self.conn.execute("set local autoembed.draining = 'on'")
+                self.conn.execute(sql.SQL("set local lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+                w = write_vectors(self.conn, self.stages, target, pending, model, set())
+            total.written += w.written
+            total.stale += w.stale
+            busy = set(w.busy)
+            pending = [p for p in pending if p[0] in busy]
+            if not pending or wait is None:
+                break
+            time.sleep(wait)
+        total.busy = [p[0] for p in pending]
+        return total
+
+
+def forget_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> None:
+    conn.execute(
+        """delete from autoembed.embedding_state where schema_name = %s and table_name = %s
+           and embedding_column = %s and row_id = any(%s)""",
+        (target.key.schema, target.key.table, target.key.embedding_column, row_ids),
+    )
+
+
+@dataclass
+class _Fate:
+    """What becomes of the claimed messages that are not simply deleted."""
+
+    dead: list[tuple[Job, str]]
+    retry: list[tuple[Job, str]]  # failed: the failure is recorded
+    busy: list[Job]  # rows the application held locked: taken up again a moment later, no failure counted
+    done: list[int]
+    later: list[int] = field(default_factory=list)  # messages of busy rows, kept claimed by this drain
+
+
+class Settler:
+    """Settles batches of one queue on the drain's connection."""
+
+    def __init__(self, conn: psycopg.Connection, settings: Settings, claims: Claims | None, resolver):
+        self.conn = conn
+        self.settings = settings
+        self.claims = claims
+        self.resolver = resolver
+        self.stages = Stages(conn)
+
+    def settle(self, outcome: Outcome, stats: DrainStats, msg_ids: list[int]) -> None:
+        """Write and settle `outcome` in one transaction (retried when a deadlock or lock timeout
+        made the drain give way). `msg_ids`: every message of the batch."""
+        self.stages.ensure(t for t, w in outcome.writes.items() if w)
+        if self.claims is not None:
+            self.claims.release(msg_ids)  # the heartbeat must not touch what this settles
+        for attempt in range(1, SETTLE_TRIES + 1):
+            try:
+                with self.conn.transaction():
+                    result = self._settle_once(outcome)
+                break
+            except (errors.DeadlockDetected, errors.LockNotAvailable):
+                if attempt == SETTLE_TRIES:
+                    raise
+                time.sleep(0.05 * attempt)
+        self._count(result, stats)
+        if self.claims is not None:
+            self.claims.keep_for_later(result[1].later, BUSY_RETRY_SECONDS)
+
+    def _settle_once(self, outcome: Outcome):
+        conn, q = self.conn, self.settings.queue
+        conn.execute("set local autoembed.draining = 'on'")
+        conn.execute(sql.SQL("set local lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+        wrote: list[tuple[Target, Written]] = []
+        done = list(outcome.done)
+        busy: list[Job] = []
+        used_stages: set[str] = set()
+        for target, writes in outcome.writes.items():
+            model = outcome.models.get(target) or self.resolver(target).identity.key
+            w = write_vectors(conn, self.stages, target, writes, model, used_stages)
+            wrote.append((target, w))
+            busy_keys = set(w.busy)
+            jobs = outcome.jobs.get(target, {})
+            for key, *_, msg_ids in writes:
+                if key in busy_keys:
+                    busy.extend(jobs.get(key, ()))
+                else:
+                    done.extend(msg_ids)
+        for target, row_ids in outcome.deleted_rows.items():
+            forget_rows(conn, target, row_ids)
+        dead = list(outcome.dead)
+        retry: list[tuple[Job, str]] = []
+        for job, error in outcome.retry:
+            if job.attempts >= self.settings.max_attempts:
+                dead.append((job, f"{error} (gave up after {job.attempts} failed attempts)"))
+            else:
+                retry.append((job, error))
+        fate = self._split_shared(_Fate(dead, retry, busy, done))
+        self._dead_letter(fate.dead)
+        self._schedule_retries(fate.retry)
+        pgmq.delete(conn, q, fate.done)
+        if fate.done:
+            conn.execute("delete from autoembed.message_errors where queue_name = %s and msg_id = any(%s)",
+                         (q, fate.done))
+        return wrote, fate
+
+    def _split_shared(self, fate: _Fate) -> _Fate:
+        """Rows of a message for several rows that are not done. When every row of it failed at a
+        first attempt (a provider outage, a timeout) or was busy, the message is put back whole.
+        Otherwise each such row gets a message of its own (Supabase's shape plus "attempts": its
+        failures so far), retried alone, dead-lettered or kept for later, and the shared message
+        is deleted."""
+        open_rows: dict[int, list[tuple[Job, str | None, str]]] = defaultdict(list)
+        for kind, pairs in (("dead", fate.dead), ("retry", fate.retry), ("busy", [(j, None) for j in fate.busy])):
+            for job, error in pairs:
+                if job.shared:
+                    open_rows[job.msg_id].append((job, error, kind))
+        whole: set[int] = set()
+        own: list[tuple[Job, str | None, str]] = []
+        for msg_id, rows in open_rows.items():
+            first_time = all(kind == "busy" or (kind == "retry" and not job.failed_before) for job, _, kind in rows)
+            if first_time and len(rows) == rows[0][0].message_rows:
+                whole.add(msg_id)
+            else:
+                own += rows
+        split = self._send_own(own)
+        # A message put back whole is settled once: as a failure when any of its rows failed, else
+        # (all busy) kept claimed like a busy one-row message.
+        whole_failed = {job.msg_id for job, _ in fate.retry if job.msg_id in whole}
+        kept = {j.msg_id for j in fate.busy if not j.shared or (j.msg_id in whole and j.msg_id not in whole_failed)}
+        return _Fate(
+            dead=[d for d in fate.dead if not d[0].shared] + [(j, e) for j, e, k in split if k == "dead"],
+            retry=(_one_per_message([r for r in fate.retry if not r[0].shared or r[0].msg_id in whole])
+                   + [(j, e) for j, e, k in split if k == "retry"]),
+            busy=fate.busy,
+            done=fate.done + sorted({job.msg_id for job, _, _ in own}),
+            later=sorted(kept) + [j.msg_id for j, _, k in split if k == "busy"],
+        )
+
+    def _send_own(self, rows: list[tuple[Job, str | None, str]]) -> list[tuple[Job, str | None, str]]:
+        """A one-row message for each (job, error, kind) row split off a shared message; the new
+        jobs. A busy row's message is sent invisible for a full timeout: it is this drain's, taken
+        up again in a moment (a failed row's is made visible by its retry or archived)."""
+        split = []
+        for busy in (False, True):
+            group = [r for r in rows if (r[2] == "busy") == busy]
+            bodies = [single_body(job, job.failures + (not busy)) for job, _, _ in group]
+            ids = pgmq.send_batch(self.conn, self.settings.queue, bodies,
+                                  delay=self.settings.visibility_timeout if busy else 0)
+            split += [(Job(msg_id, body, job.row_id, job.key, job.failures, 1), error, kind)
+                      for (job, error, kind), body, msg_id in zip(group, bodies, ids)]
+        return split
+
+    def _dead_letter(self, dead: list[tuple[Job, str]]) -> None:
+        if not dead:
+            return
+        q = self.settings.queue
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                """insert into autoembed.dead_letters (queue_name, msg_id, message, error, attempts)
+                   values (%s, %s, %s, %s, %s)
+                   on conflict (queue_name, msg_id) do update set error = excluded.error,
+                       attempts = excluded.attempts, failed_at = now()""",
+                [(q, job.msg_id, psycopg.types.json.Jsonb(job.body), clean(error), job.attempts)
+                 for job, error in dead],
+            )
+        ids = [job.msg_id for job, _ in dead]
+        pgmq.archive(self.conn, q, ids)
+        self.conn.execute("delete from autoembed.message_errors where queue_name = %s and msg_id = any(%s)", (q, ids))
+
+    def _schedule_retries(self, retry: list[tuple[Job, str]]) -> None:
+        """Record the failure (the attempt count is the number of recorded failures) and make the
+        message visible again after a back-off that grows with it."""
+        if not retry:
+            return
+        q = self.settings.queue
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                """insert into autoembed.message_errors (queue_name, msg_id, error, attempts)
+                   values (%s, %s, %s, %s)
+                   on conflict (queue_name, msg_id) do update set error = excluded.error,
+                       attempts = greatest(autoembed.message_errors.attempts, excluded.attempts), failed_at = now()""",
+                [(q, job.msg_id, clean(error), job.attempts) for job, error in retry],
+            )
+        by_delay: dict[int, list[int]] = defaultdict(list)
+        for job, _ in retry:
+            by_delay[self.settings.retry_delay * max(job.attempts, 1)].append(job.msg_id)
+        for delay, ids in by_delay.items():
+            pgmq.set_vt(self.conn, q, ids, delay)
+
+    def _count(self, result, stats: DrainStats) -> None:
+        wrote, fate = result
+        stats.dead_lettered += len(fate.dead)
+        stats.retried += sum(job.message_rows for job, _ in fate.retry)  # a message retried whole: its rows
+        stats.busy += len(fate.busy)
+        for _, error in fate.dead:
+            stats.note_error(error)
+        for target, w in wrote:
+            ts = stats.table(table_key(target.key))
+            ts.embedded += w.written
+            ts.stale += w.stale
+            stats.embedded += w.written
+            stats.stale += w.stale
+        for job, _ in fate.dead:
+            stats.table(table_of_body(job.body)).dead_lettered += 1
+        for job, _ in fate.retry:
+            stats.table(table_of_body(job.body)).retried += job.message_rows
+        for job in fate.busy:
+            stats.table(table_of_body(job.body)).busy += 1
+
+
+def _one_per_message(pairs: list[tuple[Job, str]]) -> list[tuple[Job, str]]:
+    """One entry per message (a message put back whole is listed once per row)."""
+    seen: dict[int, tuple[Job, str]] = {}
+    for job, error in pairs:
+        seen.setdefault(job.msg_id, (job, error))
+    return list(seen.values())
+
+
+def clean(text: str) -> str:
+    """Error text that Postgres can store (no NUL) and that stays readable."""
+    return text.replace("\x00", "\\0")[:4000]
