@@ -75,21 +75,11 @@ def demo_pipeline() -> Pipeline:
     return pipelines[0]
 
 
-def sqlalchemy_url(libpq_url: str) -> str:
-    """The same URL in the form Dagster's Postgres storage needs (psycopg2 driver; an empty
-    password dropped, so `postgres:@` becomes `postgres@`). A key=value conninfo string
-    (`host=... dbname=...`) is converted: SQLAlchemy parses URLs only."""
-    if "://" not in libpq_url:
-        return _conninfo_to_sqlalchemy(libpq_url)
-    parsed = urlparse(libpq_url)
-    netloc = parsed.netloc
-    if parsed.password == "" and "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}@{host}"
-    return parsed._replace(scheme="postgresql+psycopg2", netloc=netloc).geturl()
-
-
-def _conninfo_to_sqlalchemy(conninfo: str) -> str:
+def as_url(conninfo: str) -> str:
+    """A libpq key=value conninfo string (`host=... dbname=...`) as the equivalent postgresql://
+    URL: SQLAlchemy and the URL helpers read URLs only. A URL is returned unchanged."""
+    if "://" in conninfo:
+        return conninfo
     from urllib.parse import quote, urlencode
 
     from psycopg.conninfo import conninfo_to_dict
@@ -102,11 +92,22 @@ def _conninfo_to_sqlalchemy(conninfo: str) -> str:
     user, password = params.pop("user", ""), params.pop("password", "")
     host, port, dbname = params.pop("host", ""), params.pop("port", ""), params.pop("dbname", "")
     auth = quote(user, safe="") + (":" + quote(password, safe="") if password else "") + ("@" if user else "")
-    if host.startswith("/"):  # a unix socket directory goes in the query (SQLAlchemy's form)
+    if host.startswith("/"):  # a unix socket directory goes in the query
         params["host"], host = host, ""
     netloc = auth + host + (f":{port}" if port else "")
     query = f"?{urlencode(params)}" if params else ""
-    return f"postgresql+psycopg2://{netloc}/{quote(dbname, safe='')}{query}"
+    return f"postgresql://{netloc}/{quote(dbname, safe='')}{query}"
+
+
+def sqlalchemy_url(libpq_url: str) -> str:
+    """The same URL (or conninfo string) in the form Dagster's Postgres storage needs (psycopg2
+    driver; an empty password dropped, so `postgres:@` becomes `postgres@`)."""
+    parsed = urlparse(as_url(libpq_url))
+    netloc = parsed.netloc
+    if parsed.password == "" and "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}@{host}"
+    return parsed._replace(scheme="postgresql+psycopg2", netloc=netloc).geturl()
 
 
 def dagster_database() -> str:
@@ -153,7 +154,7 @@ def dagster_env(settings: Settings | None = None, *, prepare_storage: bool = Tru
     root = project_root()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        url = database_url(settings)
+        url = as_url(database_url(settings))  # key=value conninfo too
     with connect(url) as conn:
         init_db(conn)
     env = {
@@ -370,7 +371,7 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
     t0 = time.monotonic()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pgserver's note about XDG_RUNTIME_DIR on headless machines
-        url = database_url(settings)
+        url = as_url(database_url(settings))  # key=value conninfo too
     with connect(url) as conn:
         init_db(conn)
     where = f"embedded, data in {embedded_pgdata(settings)}" if embedded else "AUTOEMBED_DATABASE_URL"

@@ -167,3 +167,27 @@ def test_dagster_env_prints_what_dagster_dev_needs(db_url, pg_server_url, dagste
     with psycopg.connect(with_database(pg_server_url, dagster_database)) as conn:
         tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
     assert {"runs", "event_logs", "jobs"} <= tables
+
+
+def test_dagster_env_accepts_a_key_value_conninfo(db_url, pg_server_url, dagster_database):
+    """AUTOEMBED_DATABASE_URL="host=... dbname=..." (libpq's other form): the printed variables
+    open a Postgres-backed Dagster instance (SQLAlchemy could not parse it before)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    conninfo = make_conninfo(**conninfo_to_dict(db_url))
+    assert "://" not in conninfo
+    out = subprocess.run([str(BIN / "autoembed"), "dagster-env"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "AUTOEMBED_DATABASE_URL": conninfo})
+    assert out.returncode == 0, out.stderr
+    env = {k: v.strip("'") for k, v in (line.removeprefix("export ").split("=", 1)
+                                        for line in out.stdout.strip().splitlines())}
+    assert env["DAGSTER_POSTGRES_URL"].startswith("postgresql+psycopg2://")
+    with psycopg.connect(env["AUTOEMBED_DATABASE_URL"]) as conn:  # the same database, as a URL
+        assert conn.info.dbname == conninfo_to_dict(db_url)["dbname"]
+    os.environ["DAGSTER_POSTGRES_URL"] = env["DAGSTER_POSTGRES_URL"]
+    try:
+        with DagsterInstance.from_config(str(ROOT / "dagster_home")) as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            instance.get_run_records(limit=1)
+    finally:
+        del os.environ["DAGSTER_POSTGRES_URL"]
