@@ -21,6 +21,7 @@ import bench_crash  # noqa: E402
 import bench_drain  # noqa: E402
 import bench_freshness  # noqa: E402
 import bench_local  # noqa: E402
+import bench_scale  # noqa: E402
 import bench_supabase  # noqa: E402
 import bench_write_path  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,6 +45,8 @@ def main() -> None:
                               "--cold-samples", "1" if q else "3"])
     loc = bench_local.main(["--rows", "100" if q else "400", "--words", "30"])
     b = bench_backfill.main(["--rows", "5000" if q else "20000"])
+    sc = bench_scale.main(["--rows", "5000" if q else "20000", "--hnsw-rows", "1000" if q else "3000",
+                           "--limited-rows", "120" if q else "300"])
     c = bench_crash.main(["--rows", "800" if q else "2500", "--kills", "3" if q else "6"])
 
     def p(values, q_):
@@ -88,6 +91,16 @@ def main() -> None:
          ">= 90%", ok(loc["ratio"] >= 0.9)),
         ("backfill, 1 process", f"{b[1]:,.0f} rows/s", "", ""),
         ("backfill, 2 processes", f"{b[2]:,.0f} rows/s ({b[2] / b[1]:.2f}x)", "", ""),
+        ("drains 1/2/4 processes, no index",
+         " / ".join(f"{sc['plain'][n]:,.0f}" for n in (1, 2, 4)) + f" rows/s ({sc['plain'][4] / sc['plain'][1]:.2f}x at 4)",
+         "ratio", ""),
+        ("drains 1/2/4 processes, HNSW",
+         " / ".join(f"{sc['hnsw'][n]:,.0f}" for n in (1, 2, 4)) + f" rows/s ({sc['hnsw'][4] / sc['hnsw'][1]:.2f}x at 4)",
+         "ratio", ""),
+        ("4 drains, shared rate limit = the provider's: achieved requests/min, 429s",
+         f"{sc['rate']['limited']['achieved_rpm']:,.0f}/min, {sc['rate']['limited']['throttled']} x 429 "
+         f"(no limit: {sc['rate']['unlimited']['throttled']} x 429)", "<= limit, ~0 x 429",
+         ok(sc['rate']['limited']['achieved_rpm'] <= sc['limit'] * 1.02)),
         ("crash recovery: drain after kill -9 of drains holding claims / same backlog, no crash (time)",
          f"{c['ratio']:.2f}x ({c['after_crash']:,.0f} vs {c['clean']:,.0f} rows/s; {c['lost']} dead-lettered)",
          "<= 1.5x", ok(c["ratio"] <= 1.5 and c["lost"] == 0)),

@@ -7,6 +7,7 @@ timeouts, parsing); nothing is mocked. Faults are injected per request, thread-s
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import threading
@@ -67,6 +68,8 @@ class FakeOpenAI:
             self._bad: list[str] = []
             self._poison: list[tuple[str, int, str]] = []
             self._delay = 0.0
+            self._rate: tuple[int, float] | None = None
+            self._accepted: collections.deque[float] = collections.deque()
             self._requests.clear()
 
     def fail_next(self, n: int, status: int = 500, retry_after: float | None = None, body: Any = None) -> None:
@@ -94,6 +97,34 @@ class FakeOpenAI:
         """Every request waits `seconds` (simulates network/provider latency)."""
         with self._lock:
             self._delay = seconds
+
+    def limit_per_minute(self, n: int | None, window_seconds: float = 60.0) -> None:
+        """Answer 429 (with Retry-After) to a request past `n` per minute: at most
+        n * window_seconds / 60 accepted requests in any sliding window of `window_seconds` (a
+        provider enforces its per-minute limit over shorter periods too). None: no limit."""
+        with self._lock:
+            self._rate = (max(1, round(n * window_seconds / 60.0)), window_seconds) if n else None
+            self._accepted.clear()
+
+    def _over_limit(self) -> float | None:
+        """Seconds until a request would be accepted, or None (and counted) if it is now."""
+        with self._lock:
+            if self._rate is None:
+                return None
+            allowed, window = self._rate
+            now = time.monotonic()
+            while self._accepted and self._accepted[0] <= now - window:
+                self._accepted.popleft()
+            if len(self._accepted) >= allowed:
+                return self._accepted[0] + window - now
+            self._accepted.append(now)
+            return None
+
+    @property
+    def throttled_count(self) -> int:
+        """Requests answered 429."""
+        with self._lock:
+            return sum(1 for r in self._requests if r["status"] == 429)
 
     # -- observation -------------------------------------------------------------------------
     @property
@@ -137,6 +168,12 @@ class FakeOpenAI:
             "status": None,
         }
         self._record(entry)  # before any sleep, so a client that gave up is still counted
+        wait = self._over_limit()
+        if wait is not None:
+            entry["status"] = 429
+            status, _, payload = _json(429, {"error": {"message": "rate limit reached (fake provider)",
+                                                       "type": "requests", "param": None, "code": "rate_limit_exceeded"}})
+            return status, {"Retry-After": f"{max(wait, 0.001):.3f}"}, payload
         fail, sleep, bad, hit, delay = self._take(inputs if isinstance(inputs, list) else [])
         if delay:
             time.sleep(delay)

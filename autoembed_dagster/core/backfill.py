@@ -24,6 +24,7 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
+from . import backfill_control
 from .config import ConfigError, EmbedderSettings
 from .database import second_connection
 from .drain import completed, copy_records
@@ -214,6 +215,7 @@ def _count_page(stats: "ShardStats", target: Target, page: _Page) -> None:
     """The provider usage and the failures of an embedded page."""
     stats.tokens += page.outcome.tokens
     stats.requests += page.outcome.requests
+    stats.limit_wait_seconds += page.outcome.limit_wait_seconds
     stats.batches += 1
     for k, error in zip(page.keys, page.outcome.errors):
         if error is None:
@@ -238,6 +240,8 @@ class ShardStats:
     requests: int = 0
     batches: int = 0
     seconds: float = 0.0
+    limit_wait_seconds: float = 0.0  # waiting for the shared provider rate limit
+    stopped: str | None = None  # why the shard stopped before its end (paused, outside its window)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -249,8 +253,9 @@ class ShardStats:
             self.errors.append(text)
 
     def add(self, other: "ShardStats") -> None:
+        self.stopped = self.stopped or other.stopped
         for name in ("embedded", "current", "empty_input", "stale", "failed", "retryable_failures", "tokens",
-                     "requests", "batches"):
+                     "requests", "batches", "limit_wait_seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for e in other.errors:
             self.note_error(e)
@@ -258,7 +263,9 @@ class ShardStats:
     def summary(self) -> str:
         return (f"{self.embedded} embedded, {self.current} already current, {self.empty_input} empty, "
                 f"{self.stale} stale (left to the queue), {self.failed} failed; {self.tokens} tokens, "
-                f"{self.requests} requests; {self.seconds:.1f} s, {self.rows_per_second:.0f} rows/s")
+                f"{self.requests} requests; {self.seconds:.1f} s, {self.rows_per_second:.0f} rows/s"
+                + (f", {self.limit_wait_seconds:.1f} s waiting for the rate limit" if self.limit_wait_seconds else "")
+                + (f"; stopped: {self.stopped}" if self.stopped else ""))
 
 
 @dataclass
@@ -390,15 +397,21 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
     def next_page() -> Future:
         return pool.submit(read_page, scan_conn) if pool is not None else completed(read_page, conn)
 
+    def go_on() -> bool:
+        """Whether to read another page: not paused, inside the pipeline's window (checked per page)."""
+        stats.stopped = backfill_control.stop_reason(conn, p.name)
+        return stats.stopped is None
+
     try:
-        pending: Future | None = next_page() if max_rows is None or max_rows > 0 else None
+        pending: Future | None = next_page() if (max_rows is None or max_rows > 0) and go_on() else None
         while pending is not None:
             page = pending.result()
             if page is None:
                 break
             # A page read ahead must be one this run writes: a time-boxed run would pay for its
             # embeddings and the next run pay again.
-            pending = next_page() if max_rows is None or stats.embedded + len(page.rows) < max_rows else None
+            pending = (next_page() if (max_rows is None or stats.embedded + len(page.rows) < max_rows) and go_on()
+                       else None)
             stats.empty_input += page.empty_input
             if page.outcome is not None:
                 _count_page(stats, target, page)
@@ -412,7 +425,7 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
                 stats.seconds = time.perf_counter() - started
                 if on_batch:
                     on_batch(stats, page.size)
-            if pending is None and (max_rows is None or stats.embedded < max_rows):
+            if pending is None and stats.stopped is None and (max_rows is None or stats.embedded < max_rows):
                 pending = next_page()
     finally:
         if pool is not None:

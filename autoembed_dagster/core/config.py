@@ -45,11 +45,11 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
-def _env_opt_int(name: str) -> int | None:
+def _env_opt_int(name: str, minimum: int = 0) -> int | None:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return None
-    return _env_int(name, 0)
+    return _env_int(name, 0, minimum)
 
 
 PROVIDERS = ("openai", "local")
@@ -102,6 +102,9 @@ class EmbedderSettings:
     batch_size: int = 256
     max_batch_tokens: int = 250_000
     max_input_tokens: int = 8191
+    # The provider's limit shared by every worker (core.ratelimit); None: not paced.
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
     @classmethod
     def from_env(cls) -> "EmbedderSettings":
@@ -124,6 +127,8 @@ class EmbedderSettings:
             batch_size=_env_int("AUTOEMBED_EMBED_BATCH", default_batch),
             max_batch_tokens=_env_int("AUTOEMBED_MAX_BATCH_TOKENS", 250_000),
             max_input_tokens=_env_int("AUTOEMBED_MAX_INPUT_TOKENS", 8191),
+            requests_per_minute=_env_opt_int("AUTOEMBED_REQUESTS_PER_MINUTE", minimum=1),
+            tokens_per_minute=_env_opt_int("AUTOEMBED_TOKENS_PER_MINUTE", minimum=1),
         )
 
 
@@ -154,4 +159,27 @@ class Settings:
             visibility_timeout=_env_int("AUTOEMBED_VISIBILITY_TIMEOUT", 120),
             max_attempts=_env_int("AUTOEMBED_MAX_ATTEMPTS", 5),
             retry_delay=_env_int("AUTOEMBED_RETRY_DELAY", 10, minimum=0),
+        )
+
+
+# Default drains per queue: a second drain overlaps its provider calls and HNSW index inserts with
+# the first one's (an indexed table takes ~2x with 2 writers), while the two cores of one machine
+# leave nothing for a third. Past one machine (deploy/), raise it.
+DEFAULT_MAX_DRAINS = 2
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    """How many drain runs a queue's sensor asks for (core.scaling.desired_drains)."""
+
+    max_drains: int = DEFAULT_MAX_DRAINS
+    rows_per_drain: int = 5000  # claimable backlog one drain is expected to handle
+    min_age_seconds: float = 10.0  # a backlog younger than this needs no extra drain yet
+
+    @classmethod
+    def from_env(cls) -> "ScalingSettings":
+        return cls(
+            max_drains=_env_int("AUTOEMBED_MAX_DRAINS", DEFAULT_MAX_DRAINS),
+            rows_per_drain=_env_int("AUTOEMBED_ROWS_PER_DRAIN", 5000),
+            min_age_seconds=_env_float("AUTOEMBED_SCALE_MIN_AGE", 10.0),
         )

@@ -80,17 +80,16 @@ def _signature(node: ast.AST) -> str:
         return getattr(node, "name", "")
 
 
-def module_docs(module: str, path: Path, max_chars: int = 600) -> list[Doc]:
-    """The module's docstring, then its public top-level classes and functions, in file order."""
+def _parse(path: Path) -> ast.Module | None:
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-        return []
-    docs: list[Doc] = []
-    doc = ast.get_docstring(tree, clean=True)
-    if doc and len(doc) >= MIN_DOC_CHARS:
-        docs.append(Doc(module, module, "module", _trim(doc, max_chars)))
-    for node in tree.body:
+        return None
+
+
+def _member_docs(prefix: str, module: str, body: list[ast.stmt], max_chars: int) -> Iterator[tuple[ast.AST, Doc]]:
+    """(node, Doc) of the public classes and functions in `body` that have a docstring."""
+    for node in body:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             continue
         if node.name.startswith("_"):
@@ -99,8 +98,20 @@ def module_docs(module: str, path: Path, max_chars: int = 600) -> list[Doc]:
         if not doc or len(doc) < MIN_DOC_CHARS:
             continue
         kind = "class" if isinstance(node, ast.ClassDef) else "function"
-        body = _trim(doc, max_chars)
-        docs.append(Doc(module, f"{module}.{node.name}", kind, f"{_signature(node)}\n\n{body}"))
+        body_text = _trim(doc, max_chars)
+        yield node, Doc(module, f"{prefix}.{node.name}", kind, f"{_signature(node)}\n\n{body_text}")
+
+
+def module_docs(module: str, path: Path, max_chars: int = 600) -> list[Doc]:
+    """The module's docstring, then its public top-level classes and functions, in file order."""
+    tree = _parse(path)
+    if tree is None:
+        return []
+    docs: list[Doc] = []
+    doc = ast.get_docstring(tree, clean=True)
+    if doc and len(doc) >= MIN_DOC_CHARS:
+        docs.append(Doc(module, module, "module", _trim(doc, max_chars)))
+    docs.extend(d for _, d in _member_docs(module, module, tree.body, max_chars))
     return docs
 
 
@@ -126,4 +137,41 @@ def stdlib_docs(limit: int = 1200, max_chars: int = 600, root: Path | None = Non
                 if len(picked) == limit:
                     break
         depth += 1
+    return picked
+
+
+@dataclass(frozen=True)
+class LongDoc:
+    module: str  # e.g. "json"
+    content: str  # the module's docstring, then every public class/function: signature + whole docstring
+
+
+def module_text(module: str, path: Path) -> str | None:
+    """One long document per module (for chunked pipelines): the module docstring, then every
+    public class, its public methods and every public function, each with its signature and whole
+    docstring, as paragraph-separated sections under title lines. None when it has no docs."""
+    tree = _parse(path)
+    if tree is None:
+        return None
+    sections = [f"# {module}"]
+    doc = ast.get_docstring(tree, clean=True)
+    if doc:
+        sections.append(doc)
+    for node, d in _member_docs(module, module, tree.body, 10**9):
+        sections.append(f"## {d.name}\n\n{d.content}")
+        if isinstance(node, ast.ClassDef):
+            sections.extend(f"### {m.name}\n\n{m.content}" for _, m in _member_docs(d.name, module, node.body, 10**9))
+    return "\n\n".join(sections) if len(sections) > 1 else None
+
+
+def stdlib_long_docs(limit: int = 300, min_chars: int = 2000, root: Path | None = None) -> list[LongDoc]:
+    """Up to `limit` whole-module documents of at least `min_chars` characters, in module order
+    (deterministic for a given Python installation). Nothing is imported or downloaded."""
+    picked: list[LongDoc] = []
+    for module, path in _module_files(root or stdlib_dir()):
+        if len(picked) >= limit:
+            break
+        text = module_text(module, path)
+        if text is not None and len(text) >= min_chars:
+            picked.append(LongDoc(module, text))
     return picked

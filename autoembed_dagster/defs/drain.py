@@ -19,6 +19,7 @@ from ..core.drain import Drainer, DrainStats, TableStats, pipeline_resolver, res
 from ..core.drain_report import run_in_chunks
 from ..core.health import estimated_cost, price_per_million_tokens
 from ..core.pipelines import Pipeline
+from ..core.scaling import drain_pool
 from ..core.targets import TargetKey
 from .assets import LANE_TAG, embeddings_key, index_key
 from .checks import as_check_evaluation, evaluate
@@ -169,7 +170,8 @@ class _Reporter:
 def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
     pipelines_by_table = {(p.schema, p.table, p.embedding_column): p for p in pipelines}
 
-    @dg.op(name=f"drain_queue_{queue}", description=f"Embed every job of pgmq queue `{queue}`.")
+    @dg.op(name=f"drain_queue_{queue}", description=f"Embed every job of pgmq queue `{queue}`.",
+           pool=drain_pool(queue))  # dagster.yaml concurrency.pools caps the drains of a queue
     def drain_op(context: dg.OpExecutionContext, config: DrainConfig, autoembed: AutoembedResource):
         settings = autoembed.settings(queue)
         resolver = pipeline_resolver(pipelines)

@@ -2,8 +2,10 @@
 
 A queue sensor only reads the queue's metrics (never claims: claiming happens inside the run). Each
 tick it records an observation of the queue asset when the numbers moved (or once a minute), so
-the UI plots depth and age, and it requests a drain run when jobs are claimable and no drain of
-that lane is queued or running. Run keys are unique per tick: Dagster dedupes run keys forever.
+the UI plots depth and age, and it requests drain runs while jobs are claimable: as many as
+core.scaling.drains_to_request says for the backlog's depth and age, minus the drains of that lane
+already queued or running (AUTOEMBED_MAX_DRAINS at most). Run keys are unique per tick and run:
+Dagster dedupes run keys forever.
 """
 
 
@@ -15,6 +17,8 @@ import dagster as dg
 from dagster import DagsterRunStatus, RunsFilter
 
 from ..core import queue as pgmq
+from ..core.config import ScalingSettings
+from ..core.scaling import drains_to_request
 from .assets import LANE_TAG, queue_key
 from .resources import AutoembedResource
 
@@ -34,11 +38,11 @@ def sensor_interval() -> int:
         return 5
 
 
-def _blocking_runs(instance: dg.DagsterInstance, job_name: str, queue: str) -> list:
+def _blocking_runs(instance: dg.DagsterInstance, job_name: str, queue: str, limit: int = 10) -> list:
     """Drain runs of this lane that are queued or running (and not past their maximum runtime:
-    a run whose process died is failed by run monitoring, and must not block the lane meanwhile)."""
+    a run whose process died is failed by run monitoring, and must not count meanwhile)."""
     records = instance.get_run_records(
-        RunsFilter(job_name=job_name, tags={LANE_TAG: queue}, statuses=ACTIVE_STATUSES), limit=10
+        RunsFilter(job_name=job_name, tags={LANE_TAG: queue}, statuses=ACTIVE_STATUSES), limit=limit
     )
     now = time.time()
     live = []
@@ -58,7 +62,8 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition
         job=job,
         minimum_interval_seconds=sensor_interval(),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Watches pgmq queue `{queue}`; starts `{job.name}` when jobs wait and no drain runs.",
+        description=(f"Watches pgmq queue `{queue}`; starts `{job.name}` runs while jobs wait: one, and more "
+                     "while the backlog stays deep and old (AUTOEMBED_MAX_DRAINS at most)."),
     )
     def queue_sensor(context: dg.SensorEvaluationContext, autoembed: AutoembedResource) -> dg.SensorResult:
         try:
@@ -92,17 +97,23 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition
         if m.visible == 0:
             return dg.SensorResult(asset_events=events, cursor=cursor,
                                    skip_reason=f"no claimable job in {queue} (depth {m.depth})")
-        blocking = _blocking_runs(context.instance, job.name, queue)
-        if blocking:
-            run = blocking[0].dagster_run
+        scaling = ScalingSettings.from_env()
+        active = _blocking_runs(context.instance, job.name, queue, limit=scaling.max_drains + 10)
+        more = drains_to_request(m.visible, m.oldest_age_seconds, len(active), scaling)
+        if not more:
+            run = active[0].dagster_run
             return dg.SensorResult(
                 asset_events=events, cursor=cursor,
-                skip_reason=f"{m.visible} job(s) wait; drain run {run.run_id[:8]} is {run.status.value}")
-        request = dg.RunRequest(
-            run_key=f"{queue}:{tick}:{int(now * 1000)}",
-            tags={LANE_TAG: queue, "autoembed/claimable_at_request": str(m.visible)},
-        )
-        return dg.SensorResult(run_requests=[request], asset_events=events, cursor=cursor)
+                skip_reason=(f"{m.visible} job(s) wait; drain run {run.run_id[:8]} is {run.status.value}"
+                             f" ({len(active)} of at most {scaling.max_drains} active)"))
+        requests = [
+            dg.RunRequest(
+                run_key=f"{queue}:{tick}:{int(now * 1000)}:{i}",  # unique per tick and per run of the tick
+                tags={LANE_TAG: queue, "autoembed/claimable_at_request": str(m.visible)},
+            )
+            for i in range(more)
+        ]
+        return dg.SensorResult(run_requests=requests, asset_events=events, cursor=cursor)
 
     return queue_sensor
 

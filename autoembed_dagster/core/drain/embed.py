@@ -36,6 +36,7 @@ def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -
     stats.tokens += result.tokens
     stats.requests += result.requests
     stats.truncated += result.truncated
+    stats.limit_wait_seconds += result.limit_wait_seconds
     fatal = next((e for e in result.errors if e is not None and e.configuration), None)
     if fatal is not None:
         stats.note_error(f"{target.regclass}: {fatal}")

@@ -198,7 +198,7 @@ class Drainer:
             key = table_key(work.target.key)
             ts = batch.stats.table(key)
             started = time.perf_counter()
-            with attributed(batch.stats, key, ("tokens", "requests", "truncated")):
+            with attributed(batch.stats, key, ("tokens", "requests", "truncated", "limit_wait_seconds")):
                 batch.stopped_by = embed_work(work, batch.outcome, batch.stats, self._encoding)
             ts.embed_seconds += time.perf_counter() - started
             ts.embed_calls += 1

@@ -26,6 +26,7 @@ class _Counts:
     tokens: int = 0
     requests: int = 0  # provider requests (HTTP calls, or local model batches)
     truncated: int = 0
+    limit_wait_seconds: float = 0.0  # waiting for the shared provider rate limit
 
     @property
     def skipped(self) -> int:

@@ -45,6 +45,7 @@ class EmbedOutcome:
     tokens: int = 0
     requests: int = 0
     truncated: int = 0
+    limit_wait_seconds: float = 0.0  # time spent waiting for the shared provider rate limit
 
     @property
     def failed_indexes(self) -> list[int]:

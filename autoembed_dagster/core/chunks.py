@@ -1,0 +1,392 @@
+"""Chunk tables: plan which chunks of changed documents need embedding, then replace each
+document's chunk set in the caller's transaction (sql/011_chunks.sql creates the tables).
+
+The drain (and the backfill) call three functions:
+
+    plan = chunks.plan(conn, target, docs, splitter, model_key)       # docs: key -> (input, input hash)
+    outcome = embedder.embed(plan.texts)                              # only chunk texts with no vector yet
+    stats = chunks.write(conn, target, plan, dict(zip(plan.hashes, outcome.vectors)), model_key)
+
+A chunk whose exact text already has a vector under `model_key` anywhere in the chunk table is
+not embedded again (matched by hash, so shifted positions and repeated boilerplate cost nothing).
+`write` locks each parent row without waiting (a busy row is reported, never waited for), skips a
+document whose input changed since it was read (stale), and swaps the chunk set of the others
+with one DELETE and one INSERT in the caller's transaction: other transactions see the old set or
+the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from .chunking import Splitter, chunk_hash
+from .embedders.base import Embedder
+# The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
+from .drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
+from .migration import Coverage
+from .targets import TargetError, check_identifier
+
+VECTOR_COLUMN = "embedding"
+
+
+@dataclass(frozen=True)
+class ChunkTarget:
+    """A parent table + content function + its chunk table, resolved against the catalog."""
+
+    schema: str
+    table: str
+    key_column: str
+    key_type: str  # format_type of the key, as Postgres prints it
+    function: str  # regproc text of the content function, as Postgres prints it
+    chunk_table: str  # name of the chunk table, in `schema`
+    vector_type: str  # "vector" or "halfvec"
+    dimensions: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema}.{self.table} -> {self.chunk_table}"
+
+    @property
+    def parent_sql(self) -> sql.Composable:
+        return sql.Identifier(self.schema, self.table)
+
+    @property
+    def chunks_sql(self) -> sql.Composable:
+        return sql.Identifier(self.schema, self.chunk_table)
+
+    @property
+    def key_sql(self) -> sql.Composable:
+        return sql.Identifier(self.key_column)
+
+    @property
+    def key_type_sql(self) -> sql.Composable:
+        return sql.SQL(self.key_type)  # catalog text, not user text
+
+    @property
+    def function_sql(self) -> sql.Composable:
+        return sql.SQL(self.function)  # regproc text from the catalog (quoted by Postgres)
+
+    def with_chunk_table(self, name: str) -> "ChunkTarget":
+        return ChunkTarget(self.schema, self.table, self.key_column, self.key_type, self.function, name,
+                           self.vector_type, self.dimensions)
+
+
+def create_chunk_table(conn: psycopg.Connection, schema: str, table: str, *, key_column: str = "id",
+                       vector_type: str = "halfvec", dimensions: int, chunk_table: str | None = None) -> str:
+    """Create (or check) `<schema>.<table>_chunks`; returns its regclass text."""
+    for what, value in (("schema", schema), ("table", table), ("key column", key_column)):
+        check_identifier(what, value)
+    if chunk_table is not None:
+        check_identifier("chunk table", chunk_table)
+    parent = conn.execute("select to_regclass(format('%%I.%%I', %s::text, %s::text))::text", (schema, table)).fetchone()[0]
+    if parent is None:
+        raise TargetError(f"table {schema!r}.{table!r} does not exist")
+    return conn.execute("select autoembed.create_chunk_table(%s::regclass, %s, %s, %s, %s)::text",
+                        (parent, key_column, vector_type, dimensions, chunk_table)).fetchone()[0]
+
+
+def resolve_chunk_target(conn: psycopg.Connection, schema: str, table: str, content_function: str, *,
+                         key_column: str = "id", chunk_table: str | None = None) -> ChunkTarget:
+    """Look a chunk target up in the catalog. Raises TargetError naming what is missing or wrong."""
+    for what, value in (("schema", schema), ("table", table), ("content function", content_function),
+                        ("key column", key_column)):
+        check_identifier(what, value)
+    chunk_table = check_identifier("chunk table", chunk_table or f"{table}_chunks")
+    row = conn.execute(
+        """select p.oid::regclass::text, autoembed.content_function(p.oid::regclass, %s)::oid::regproc::text,
+                  (select format_type(a.atttypid, a.atttypmod) from pg_attribute a
+                    where a.attrelid = p.oid and a.attname = %s and a.attnum > 0 and not a.attisdropped),
+                  c.oid::regclass::text, (select parent::text from autoembed.chunk_parent(c.oid)),
+                  (select key_column from autoembed.chunk_parent(c.oid))
+           from (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) p,
+                (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c""",
+        (content_function, key_column, schema, table, schema, chunk_table),
+    ).fetchone()
+    parent, function, key_type, chunks, chunk_parent, chunk_key = row
+    if parent is None:
+        raise TargetError(f"table {schema!r}.{table!r} does not exist")
+    if function is None:
+        raise TargetError(f"content function {content_function!r} taking a row of {parent} does not exist")
+    if key_type is None:
+        raise TargetError(f"{parent} has no key column {key_column!r}")
+    if chunks is None:
+        raise TargetError(f"chunk table {schema!r}.{chunk_table!r} does not exist: create it with "
+                          f"autoembed.create_chunk_table('{parent}', '{key_column}', 'halfvec', <dimensions>)")
+    if chunk_parent != parent or chunk_key != key_column:
+        raise TargetError(f"{chunks} is not the chunk table of {parent}.{key_column} (it references {chunk_parent})")
+    col = conn.execute("select type_name, dimensions from autoembed.vector_column(%s::regclass, %s)",
+                       (chunks, VECTOR_COLUMN)).fetchone()
+    if col is None or col[1] is None:
+        raise TargetError(f"{chunks} has no sized vector/halfvec column {VECTOR_COLUMN!r}")
+    return ChunkTarget(schema, table, key_column, key_type, function, chunk_table, col[0], int(col[1]))
+
+
+# -- plan ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    text: str
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class DocumentPlan:
+    input_hash: bytes | None  # the parent's content hash the chunks were made from (None: NULL input)
+    chunks: list[Chunk]
+
+
+@dataclass
+class ChunkPlan:
+    model: str
+    splitter: str
+    documents: dict[str, DocumentPlan] = field(default_factory=dict)  # to (re)write
+    unchanged: list[str] = field(default_factory=list)  # chunk set already current: nothing to do
+    to_embed: dict[bytes, str] = field(default_factory=dict)  # chunk hash -> text, no vector yet
+    reused: set[bytes] = field(default_factory=set)  # chunk hashes with a vector under the model
+
+    @property
+    def hashes(self) -> list[bytes]:
+        return list(self.to_embed)
+
+    @property
+    def texts(self) -> list[str]:
+        """The texts to give the embedder, aligned with `hashes`."""
+        return list(self.to_embed.values())
+
+    @property
+    def chunk_count(self) -> int:
+        return sum(len(d.chunks) for d in self.documents.values())
+
+
+def read_documents(conn: psycopg.Connection, target: ChunkTarget, keys: list[str]) -> dict[str, tuple[str | None, bytes | None]]:
+    """key -> (current input, its content hash) for the parent rows that exist."""
+    rows = conn.execute(
+        sql.SQL("""select r.k, r.input, autoembed.content_hash(r.input)
+                   from (select t.{key}::text as k, {fn}(t)::text as input from {parent} t
+                         where t.{key} = any(%s::text[]::{kt}[])) r""").format(
+            key=target.key_sql, fn=target.function_sql, parent=target.parent_sql, kt=target.key_type_sql),
+        (list(keys),), prepare=False).fetchall()
+    return {k: (text, h) for k, text, h in rows}
+
+
+def plan(conn: psycopg.Connection, target: ChunkTarget, docs: Mapping[str, tuple[str | None, bytes | None]],
+         splitter: Splitter, model_key: str) -> ChunkPlan:
+    """The chunking of each document and which chunk texts need a vector (see module doc)."""
+    result = ChunkPlan(model_key, splitter.key)
+    current = {k: (h, m, s, n) for k, h, m, s, n in conn.execute(
+        sql.SQL("""select c.{key}::text, (array_agg(c.source_hash))[1], (array_agg(c.model))[1],
+                          (array_agg(c.splitter))[1], count(*)
+                   from {chunks} c where c.{key} = any(%s::text[]::{kt}[]) group by 1""").format(
+            key=target.key_sql, chunks=target.chunks_sql, kt=target.key_type_sql),
+        (list(docs),), prepare=False).fetchall()}
+    wanted: dict[bytes, str] = {}
+    for key, (text, input_hash) in docs.items():
+        pieces = splitter.split(text)
+        doc = DocumentPlan(input_hash, [Chunk(i, c, chunk_hash(c)) for i, c in enumerate(pieces)])
+        have = current.get(key)
+        if (have is None and not pieces) or (
+                have is not None and have[:3] == (input_hash, model_key, splitter.key) and have[3] == len(pieces)):
+            result.unchanged.append(key)
+            continue
+        result.documents[key] = doc
+        for c in doc.chunks:
+            wanted.setdefault(c.hash, c.text)
+    if wanted:
+        known = {bytes(h) for (h,) in conn.execute(
+            sql.SQL("select distinct chunk_hash from {chunks} where model = %s and chunk_hash = any(%s)").format(
+                chunks=target.chunks_sql), (model_key, list(wanted)), prepare=False).fetchall()}
+        result.reused = known
+        result.to_embed = {h: t for h, t in wanted.items() if h not in known}
+    return result
+
+
+# -- write --------------------------------------------------------------------------------------
+@dataclass
+class WriteStats:
+    written: list[str] = field(default_factory=list)  # documents whose chunk set was replaced
+    busy: list[str] = field(default_factory=list)  # parent row locked by someone else: not waited for
+    stale: list[str] = field(default_factory=list)  # input changed since the plan: not written
+    gone: list[str] = field(default_factory=list)  # parent row deleted (its chunks went with it)
+    missing: list[str] = field(default_factory=list)  # a chunk's vector was not given (embedding failed)
+    chunks_embedded: int = 0  # chunk rows written with a vector embedded for this plan
+    chunks_reused: int = 0  # chunk rows written with a vector that was already in the table
+    chunks_deleted: int = 0  # chunk rows of the replaced sets
+
+
+def _stages(conn: psycopg.Connection, target: ChunkTarget) -> tuple[sql.Identifier, sql.Identifier]:
+    """Session temp tables (rows cleared at commit) for a plan's chunks and vectors."""
+    chunks, vectors = sql.Identifier("autoembed_chunk_stage"), sql.Identifier(f"autoembed_chunk_vectors_{target.vector_type}")
+    conn.execute(sql.SQL("""create temp table if not exists {} (k text, i integer, c text, h bytea, sh bytea)
+                            on commit delete rows""").format(chunks))
+    conn.execute(sql.SQL("""create temp table if not exists {} (k text, h bytea primary key, v {})
+                            on commit delete rows""").format(
+        vectors, sql.SQL(target.vector_type)))
+    # Empty unless this transaction wrote before (commit clears them); DELETE, not TRUNCATE: a
+    # truncate makes new files for both tables on every call.
+    conn.execute(sql.SQL("delete from {}").format(chunks))
+    conn.execute(sql.SQL("delete from {}").format(vectors))
+    return chunks, vectors
+
+
+def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
+          vectors_by_hash: Mapping[bytes, np.ndarray | None], model_key: str) -> WriteStats:
+    """Replace the chunk sets of the planned documents, in the caller's transaction (see module doc)."""
+    if plan.model != model_key:
+        raise ValueError(f"the plan was made for model {plan.model!r}, not {model_key!r}")
+    stats = WriteStats()
+    keys = list(plan.documents)
+    if not keys:
+        return stats
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE and conn.autocommit:
+        raise RuntimeError("chunks.write() must run inside a transaction (with conn.transaction(): ...)")
+    fmt = dict(key=target.key_sql, fn=target.function_sql, parent=target.parent_sql, kt=target.key_type_sql,
+               chunks=target.chunks_sql)
+    # Lock the parents in key order (no deadlock between writers); a row locked by someone else is
+    # skipped, not waited for: the application's writes never queue behind a drain.
+    locked = dict(conn.execute(sql.SQL(
+        """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
+           where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update skip locked""").format(**fmt),
+        (keys,), prepare=False).fetchall())
+    unlocked = [k for k in keys if k not in locked]
+    if unlocked:
+        present = {k for (k,) in conn.execute(sql.SQL(
+            "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[])").format(**fmt),
+            (unlocked,), prepare=False).fetchall()}
+        stats.busy = [k for k in unlocked if k in present]
+        stats.gone = [k for k in unlocked if k not in present]
+    fresh: list[str] = []
+    for k in keys:
+        if k not in locked:
+            continue
+        doc = plan.documents[k]
+        if locked[k] != doc.input_hash:
+            stats.stale.append(k)
+        elif any(c.hash not in plan.reused and vectors_by_hash.get(c.hash) is None for c in doc.chunks):
+            stats.missing.append(k)
+        else:
+            fresh.append(k)
+    if not fresh:
+        return stats
+    chunk_stage, vector_stage = _stages(conn, target)
+    needed = {c.hash for k in fresh for c in plan.documents[k].chunks}
+    embedded = [(h, vectors_by_hash[h]) for h in needed if h not in plan.reused]
+    with conn.cursor() as cur:
+        with cur.copy(sql.SQL("copy {} (k, i, c, h, sh) from stdin").format(chunk_stage)) as copy:
+            for k in fresh:
+                doc = plan.documents[k]
+                for c in doc.chunks:
+                    copy.write_row((k, c.index, c.text, c.hash, doc.input_hash))
+        if embedded:
+            # The drain's binary COPY tuples (key text, hash, vector): one numpy conversion for all.
+            records = copy_records(target, [("", h, v) for h, v in embedded], conn.info.encoding)
+            with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(vector_stage)) as copy:
+                copy.write(b"".join([COPY_HEADER, *records, COPY_TRAILER]))
+        # Reused vectors are copied before the old sets are deleted (they may be among them).
+        cur.execute(sql.SQL(
+            """insert into {stage} (h, v)
+               select distinct on (c.chunk_hash) c.chunk_hash, c.embedding from {chunks} c
+               where c.model = %s and c.chunk_hash = any(%s) order by c.chunk_hash
+               on conflict (h) do nothing""").format(stage=vector_stage, **fmt),
+            (model_key, [h for h in needed if h in plan.reused]), prepare=False)
+        # A reused vector that vanished since the plan (another document was rewritten): that
+        # document waits for the next round instead of being written without it.
+        lost = {k for (k,) in cur.execute(sql.SQL(
+            "select distinct s.k from {cs} s where not exists (select 1 from {vs} v where v.h = s.h)").format(
+                cs=chunk_stage, vs=vector_stage)).fetchall()}
+        if lost:
+            stats.missing.extend(sorted(lost))
+            fresh = [k for k in fresh if k not in lost]
+            cur.execute(sql.SQL("delete from {} where k = any(%s)").format(chunk_stage), (sorted(lost),))
+        cur.execute(sql.SQL("delete from {chunks} c where c.{key} = any(%s::text[]::{kt}[])").format(**fmt),
+                    (fresh,), prepare=False)
+        stats.chunks_deleted = cur.rowcount
+        cur.execute(sql.SQL(
+            """insert into {chunks} ({key}, chunk_index, chunk, {col}, chunk_hash, source_hash, model, splitter)
+               select s.k::{kt}, s.i, s.c, v.v, s.h, s.sh, %s, %s from {cs} s join {vs} v on v.h = s.h""").format(
+                col=sql.Identifier(VECTOR_COLUMN), cs=chunk_stage, vs=vector_stage, **fmt),
+            (model_key, plan.splitter))
+        written_rows = cur.rowcount
+    fresh_hashes = {h for h, _ in embedded}
+    stats.chunks_embedded = sum(1 for k in fresh for c in plan.documents[k].chunks if c.hash in fresh_hashes)
+    stats.chunks_reused = written_rows - stats.chunks_embedded
+    stats.written = fresh
+    return stats
+
+
+# -- coverage and promotion (model migrations) -------------------------------------------------
+def coverage(conn: psycopg.Connection, target: ChunkTarget, model_key: str, splitter_key: str) -> Coverage:
+    """Documents whose chunk set is the chunking of their current input under `model_key` and
+    `splitter_key` (NULL/blank input: current when it has no chunks)."""
+    rows, embeddable, current = conn.execute(sql.SQL(
+        """select count(*), count(*) filter (where x.embeddable),
+                  count(*) filter (where x.embeddable and s.source_hash = x.h and s.model = %s and s.splitter = %s)
+           from (select t.{key} as k, autoembed.content_hash({fn}(t)::text) as h,
+                        coalesce(btrim({fn}(t)::text), '') <> '' as embeddable
+                 from {parent} t) x
+           left join lateral (select c.source_hash, c.model, c.splitter from {chunks} c
+                              where c.{key} = x.k limit 1) s on true""").format(
+        key=target.key_sql, fn=target.function_sql, parent=target.parent_sql, chunks=target.chunks_sql),
+        (model_key, splitter_key)).fetchone()
+    return Coverage(rows, embeddable, current)
+
+
+def shadow_name(target: ChunkTarget) -> str:
+    from .migration import suffixed
+
+    return suffixed(target.chunk_table, "__next")
+
+
+def create_shadow(conn: psycopg.Connection, target: ChunkTarget, *, vector_type: str | None = None,
+                  dimensions: int | None = None) -> ChunkTarget:
+    """The shadow chunk table a backfill to another model writes into (same parent, any size)."""
+    create_chunk_table(conn, target.schema, target.table, key_column=target.key_column,
+                       vector_type=vector_type or target.vector_type,
+                       dimensions=dimensions or target.dimensions, chunk_table=shadow_name(target))
+    return resolve_chunk_target(conn, target.schema, target.table, target.function,
+                                key_column=target.key_column, chunk_table=shadow_name(target))
+
+
+def promote(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget, model_key: str, splitter_key: str,
+            *, force: bool = False) -> str:
+    """Swap the shadow in for the live chunk table in one transaction, when every document's
+    shadow chunk set is current (or `force`). Returns the old table's name (kept for rollback)."""
+    with conn.transaction():
+        if not force:
+            cov = coverage(conn, shadow, model_key, splitter_key)
+            if not cov.complete:
+                raise TargetError(f"{shadow.label}: {cov.missing} of {cov.embeddable} documents have no current "
+                                  f"chunk set under {model_key}: finish the backfill, or promote with force")
+        old = conn.execute("select autoembed.promote_chunk_table(%s::regclass, %s::regclass)::text",
+                           (_regclass(live), _regclass(shadow))).fetchone()[0]
+    return old
+
+
+def _regclass(target: ChunkTarget) -> str:
+    return sql.Identifier(target.schema, target.chunk_table).as_string(None)
+
+
+# -- one round, for callers without a queue (backfill, CLI, demo, tests) ------------------------
+@dataclass
+class SyncResult:
+    plan: ChunkPlan
+    stats: WriteStats
+    tokens: int  # as the provider reported them
+    errors: dict[bytes, str]  # chunk hash -> why its embedding failed
+
+
+def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitter: Splitter,
+         embedder: Embedder) -> SyncResult:
+    """Bring the chunk sets of `keys` up to date: read, plan, embed what is new, write (one
+    transaction). The drain does the same in its own stages, with its claims around them."""
+    model = embedder.identity.key
+    p = plan(conn, target, read_documents(conn, target, keys), splitter, model)
+    out = embedder.embed(p.texts)
+    with conn.transaction():
+        stats = write(conn, target, p, dict(zip(p.hashes, out.vectors)), model)
+    errors = {h: str(e) for h, e in zip(p.hashes, out.errors) if e is not None}
+    return SyncResult(p, stats, out.tokens, errors)

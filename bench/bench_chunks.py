@@ -1,0 +1,158 @@
+"""Chunked embeddings: throughput against the same tokens as a column target, and what an edit costs.
+
+1. Throughput. Whole-module stdlib documents (core/corpus.py stdlib_long_docs) are split, planned,
+   embedded through the real openai client against the instant fake provider, and written into a
+   chunk table (core/chunks.py: read, plan, embed, write; one transaction per batch of documents).
+   Baseline in the same run: the same chunk texts as rows of a column target, enrolled and drained
+   by the project's drain (Drainer.run). Ratio = chunk path rows/s / column drain rows/s.
+2. Edit one paragraph. For each document of >= 40 chunks, one paragraph gets one more sentence;
+   provider inputs and tokens with chunk reuse, against re-embedding every chunk of the edited
+   document (what pgai's vectorizer does). Ratio = whole / reuse.
+
+    python bench/bench_chunks.py [--docs 200] [--max-tokens 256] [--overlap 32] [--edits 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+
+from common import Timer, connect, embedded_server, fake_provider, fresh_db, header, line
+
+from autoembed_dagster.core import chunks
+from autoembed_dagster.core.chunking import splitter_for
+from autoembed_dagster.core.config import EmbedderSettings, Settings
+from autoembed_dagster.core.corpus import stdlib_long_docs
+from autoembed_dagster.core.drain import Drainer
+from autoembed_dagster.core.embedders import make_embedder
+
+BATCH_DOCS = 20
+
+
+def load_docs(conn, docs: list[str]) -> chunks.ChunkTarget:
+    conn.execute("""create table docs (id integer primary key, body text);
+                    create function docs_input(d docs) returns text language sql immutable as $$ select d.body $$""")
+    with conn.cursor().copy("copy docs (id, body) from stdin") as cp:
+        for i, text in enumerate(docs, 1):
+            cp.write_row((i, text))
+    chunks.create_chunk_table(conn, "public", "docs", dimensions=1536)
+    return chunks.resolve_chunk_target(conn, "public", "docs", "docs_input")
+
+
+def chunk_pass(conn, target, keys: list[str], splitter, embedder) -> dict:
+    """Read, plan, embed, write every document (one transaction per BATCH_DOCS documents);
+    returns chunk counts and seconds per phase."""
+    r = {"written": 0, "embedded": 0, "read": 0.0, "plan": 0.0, "embed": 0.0, "write": 0.0, "texts": []}
+    model = embedder.identity.key
+    for s in range(0, len(keys), BATCH_DOCS):
+        with Timer() as t:
+            docs = chunks.read_documents(conn, target, keys[s:s + BATCH_DOCS])
+        r["read"] += t.seconds
+        with Timer() as t:
+            p = chunks.plan(conn, target, docs, splitter, model)
+        r["plan"] += t.seconds
+        with Timer() as t:
+            out = embedder.embed(p.texts)
+        r["embed"] += t.seconds
+        with Timer() as t, conn.transaction():
+            st = chunks.write(conn, target, p, dict(zip(p.hashes, out.vectors)), model)
+        r["write"] += t.seconds
+        r["written"] += st.chunks_embedded + st.chunks_reused
+        r["embedded"] += st.chunks_embedded
+        r["texts"].extend(p.texts)
+    return r
+
+
+def column_drain(conn, url: str, texts: list[str]) -> float:
+    """Seconds for the project's drain to embed `texts` as rows of a column target."""
+    conn.execute("""create table flat (id integer primary key, body text, embedding halfvec(1536));
+                    create function flat_input(f flat) returns text language sql immutable as $$ select f.body $$""")
+    with conn.cursor().copy("copy flat (id, body) from stdin") as cp:
+        for i, text in enumerate(texts, 1):
+            cp.write_row((i, text))
+    conn.execute("select autoembed.enroll('flat', 'flat_input', 'embedding', enqueue_backlog => true)")
+    with connect(url) as c, Timer() as t:
+        Drainer(c, Settings.from_env()).run()
+    done = conn.execute("select count(*) from flat where embedding is not null").fetchone()[0]
+    if done < len(texts):
+        raise RuntimeError(f"the column drain embedded {done} of {len(texts)} rows")
+    return t.seconds
+
+
+def edits(conn, target, all_keys: list[str], splitter, embedder, n_edits: int, min_chunks: int = 40) -> dict:
+    rng = random.Random(7)
+    keys = [k for k, (text, _) in chunks.read_documents(conn, target, all_keys).items()
+            if len(splitter.split(text)) >= min_chunks]
+    reuse_inputs = whole_inputs = reuse_tokens = whole_tokens = 0
+    per_edit = []
+    for key in sorted(keys, key=int):
+        for _ in range(n_edits):
+            text = chunks.read_documents(conn, target, [key])[key][0]
+            paras = text.split("\n\n")
+            i = rng.randrange(len(paras))
+            paras[i] += " This sentence was added by an edit."
+            conn.execute("update docs set body = %s where id = %s", ("\n\n".join(paras), int(key)))
+            p = chunks.sync(conn, target, [key], splitter, embedder).plan
+            whole = splitter.split("\n\n".join(paras))
+            reuse_inputs += len(p.texts)
+            reuse_tokens += sum(embedder.count_tokens(x) for x in p.texts)
+            whole_inputs += len(whole)
+            whole_tokens += sum(embedder.count_tokens(x) for x in whole)
+            per_edit.append(len(p.texts))
+    return {"documents": len(keys), "edits": len(per_edit), "reuse_inputs": reuse_inputs,
+            "whole_inputs": whole_inputs, "reuse_tokens": reuse_tokens, "whole_tokens": whole_tokens,
+            "max_inputs_per_edit": max(per_edit, default=0),
+            "median_inputs_per_edit": statistics.median(per_edit) if per_edit else 0}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--overlap", type=int, default=32)
+    ap.add_argument("--edits", type=int, default=5, help="edits per document of >= 40 chunks")
+    args = ap.parse_args(argv)
+    corpus = [d.content for d in stdlib_long_docs(args.docs, min_chars=0)]
+    header(f"chunks: {len(corpus)} stdlib module documents, {sum(map(len, corpus)):,} chars, "
+           f"{args.max_tokens} tokens per chunk, overlap {args.overlap}")
+    with embedded_server() as server, fake_provider():
+        embedder = make_embedder(EmbedderSettings.from_env(), dimensions=1536)
+        splitter = splitter_for(embedder, args.max_tokens, args.overlap)
+        url = fresh_db(server)
+        with connect(url) as conn:
+            target = load_docs(conn, corpus)
+            keys = [str(i) for i in range(1, len(corpus) + 1)]
+            with Timer() as t:
+                r = chunk_pass(conn, target, keys, splitter, embedder)
+            written, embedded = r["written"], r["embedded"]
+            tokens = sum(embedder.count_tokens(x) for x in r["texts"])
+            with Timer() as st:
+                for text in corpus:
+                    splitter.split(text)
+            split_s = st.seconds
+            chunk_rate = written / t.seconds
+            texts = [r[0] for r in conn.execute("select chunk from docs_chunks order by id, chunk_index")]
+            col_s = column_drain(conn, url, texts)
+            col_rate = len(texts) / col_s
+            line("chunk path: chunks written / embedded (reused across documents)",
+                 f"{written:,} / {embedded:,}")
+            line("chunk path: read / plan (split + lookups) / embed / write / total",
+                 f"{r['read']:.2f} / {r['plan']:.2f} / {r['embed']:.2f} / {r['write']:.2f} / {t.seconds:.2f} s")
+            line("splitting alone, every document once", f"{split_s:.2f} s")
+            line("chunk path: chunks/s, tokens/s", f"{chunk_rate:,.0f}, {tokens / t.seconds:,.0f}")
+            line("column drain of the same chunk texts: rows/s", f"{col_rate:,.0f}")
+            line("chunk path / column drain (same texts)", f"{chunk_rate / col_rate:.0%}")
+            e = edits(conn, target, keys, splitter, embedder, args.edits)
+            line(f"edit one paragraph: {e['edits']} edits of {e['documents']} documents with >= 40 chunks", "")
+            line("  provider inputs: reuse / whole document",
+                 f"{e['reuse_inputs']:,} / {e['whole_inputs']:,} ({e['whole_inputs'] / max(1, e['reuse_inputs']):.1f}x fewer)")
+            line("  tokens: reuse / whole document",
+                 f"{e['reuse_tokens']:,} / {e['whole_tokens']:,} ({e['whole_tokens'] / max(1, e['reuse_tokens']):.1f}x fewer)")
+            line("  inputs per edit: median / max", f"{e['median_inputs_per_edit']} / {e['max_inputs_per_edit']}")
+    return {"chunk_rate": chunk_rate, "column_rate": col_rate, "ratio": chunk_rate / col_rate, "split_s": split_s,
+            "total_s": t.seconds, **e}
+
+
+if __name__ == "__main__":
+    main()
