@@ -136,6 +136,8 @@ def test_env_templating_in_defs_yaml(tmp_path, monkeypatch):
     graph = load_project_defs(tmp_path).get_repository_def().asset_graph
     docs = Pipeline(name="documents", schema="public", table="documents")
     assert graph.get(embeddings_key(docs)).code_version == "openai:text-embedding-3-large:column:embedding_input"
+    # no database at load: the asset says why its code version has no digest of the function's body
+    assert "AUTOEMBED_DATABASE_URL is not set" in str(graph.get(embeddings_key(docs)).metadata["content_function_digest"])
 
 
 def run_cli(args, cwd, env_extra=None, check=True):

@@ -81,7 +81,7 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
             raise dg.DagsterInvalidDefinitionError(
                 f"two EmbeddingPipeline components are named {', '.join(dup)}: give one a different `name:`")
         facts = load_time_facts(tuple(declared))
-        own = build_pipeline_defs(me, facts.digests.get(me.name))
+        own = build_pipeline_defs(me, facts)
         if declared[0].name != me.name:
             return own
         return dg.Definitions.merge(own, build_shared_defs(declared, facts))

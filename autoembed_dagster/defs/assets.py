@@ -86,7 +86,7 @@ def shared_specs(pipelines: Sequence[Pipeline]) -> list[dg.AssetSpec]:
     return list(specs.values())
 
 
-def pipeline_specs(p: Pipeline, digest: str | None = None) -> list[dg.AssetSpec]:
+def pipeline_specs(p: Pipeline, digest: str | None = None, why_no_digest: str = "") -> list[dg.AssetSpec]:
     """The pipeline's own assets: its embeddings and its vector index."""
     version = model_version(p, digest)
     tags = {"autoembed/origin": "discovered" if p.discovered else "declared"}
@@ -104,7 +104,7 @@ def pipeline_specs(p: Pipeline, digest: str | None = None) -> list[dg.AssetSpec]
                 "table": p.qualified_table,
                 "embedding_column": p.embedding_column,
                 "content_function": p.content_function,
-                "content_function_digest": digest or "unknown (database not reachable at load)",
+                "content_function_digest": digest or f"unknown: {why_no_digest or 'the function does not exist yet'}",
                 "queue": p.queue,
                 "model": version,
                 "origin": _origin(p),

@@ -72,9 +72,11 @@ def load_time_facts(declared: tuple[Pipeline, ...]) -> LoadTimeFacts:
         return facts
 
 
-def build_pipeline_defs(p: Pipeline, digest: str | None = None) -> dg.Definitions:
+def build_pipeline_defs(p: Pipeline, facts: LoadTimeFacts | None = None) -> dg.Definitions:
+    facts = facts or LoadTimeFacts()
+    digest = facts.digests.get(p.name)
     return dg.Definitions.merge(
-        dg.Definitions(assets=pipeline_specs(p, digest), asset_checks=[build_health_checks(p)]),
+        dg.Definitions(assets=pipeline_specs(p, digest, facts.note), asset_checks=[build_health_checks(p)]),
         build_reembed_defs(p, digest),
     )
 
@@ -107,7 +109,7 @@ def build_shared_defs(declared: Sequence[Pipeline], facts: LoadTimeFacts | None 
             resources={"autoembed": autoembed_resource()},
         ),
         build_model_change_defs(pipelines),
-        *(build_pipeline_defs(p, facts.digests.get(p.name)) for p in facts.discovered),
+        *(build_pipeline_defs(p, facts) for p in facts.discovered),
     )
 
 
@@ -116,6 +118,6 @@ def build_defs(pipelines: Sequence[Pipeline], *, discover: bool = False) -> dg.D
     declared = tuple(pipelines)
     facts = load_time_facts(declared) if discover else LoadTimeFacts()
     return dg.Definitions.merge(
-        *(build_pipeline_defs(p, facts.digests.get(p.name)) for p in declared),
+        *(build_pipeline_defs(p, facts) for p in declared),
         build_shared_defs(declared, facts),
     )
