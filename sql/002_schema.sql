@@ -36,6 +36,29 @@ create table if not exists autoembed.message_errors (
     primary key (queue_name, msg_id)
 );
 
+-- The registry of embedding targets: what the triggers may enqueue and the only functions the
+-- drain may call. One row per (table, embedding column). Tables, columns and the content function
+-- are held by oid/attnum so that renames are followed; `content_function` keeps the name as it was
+-- given (what Supabase-shaped messages carry). Written only by the project's SECURITY DEFINER
+-- functions (enroll, the trigger registration, model migrations): nobody else has rights on it.
+create table if not exists autoembed.targets (
+    id               bigint      generated always as identity primary key,
+    relid            oid         not null,
+    key_column       text        not null,  -- name at registration (target_catalog has the current one)
+    key_attnum       smallint    not null,
+    key_type         text        not null,  -- format_type at registration
+    embedding_column text        not null,  -- name at registration
+    embedding_attnum smallint    not null,
+    content_function text        not null,  -- as given to enroll / the trigger
+    content_fn       oid         not null,  -- what it resolved to: the only function the drain may call
+    queue            text        not null,
+    origin           text        not null check (origin in ('enroll', 'trigger', 'migration')),
+    created_at       timestamptz not null default now(),
+    updated_at       timestamptz not null default now(),
+    unique (relid, embedding_attnum)
+);
+revoke all on autoembed.targets from public;
+
 -- Supabase's queue name, so a database that ran Supabase's guide keeps its queue.
 do $$
 begin

@@ -69,50 +69,167 @@ language sql
 stable
 as $$ select jsonb_populate_record(rec, jsonb_build_object(col, null)) $$;
 
--- One job message: Supabase's shape. Every message autoembed sends starts from this one.
-create or replace function autoembed.job_message(row_id jsonb, schema_name text, table_name text,
-                                                 content_function text, embedding_column text)
-returns jsonb
+-- Message builders of versions before the target registry (keys as JSON values, no "target").
+drop function if exists autoembed.job_message(jsonb, text, text, text, text);
+drop function if exists autoembed.job_messages(anyarray, text, text, text, text, jsonb, integer);
+drop function if exists autoembed.range_messages(bigint, bigint, text, text, text, text, jsonb, integer);
+
+-- The base type of a (domain) type.
+create or replace function autoembed.base_type(typ oid)
+returns regtype
 language sql
-immutable
-parallel safe
+stable
 as $$
-    select jsonb_build_object('id', row_id, 'schema', schema_name, 'table', table_name,
-                              'contentFunction', content_function, 'embeddingColumn', embedding_column)
+    with recursive chain(oid, base, depth) as (
+        select t.oid, t.typbasetype, 0 from pg_type t where t.oid = typ
+        union all
+        select t.oid, t.typbasetype, c.depth + 1 from chain c join pg_type t on t.oid = c.base
+        where c.base <> 0 and c.depth < 32
+    )
+    select oid::regtype from chain order by depth desc limit 1
 $$;
 
--- The job messages for the rows `ids` of one table: Supabase's message shape, one message per
--- group of up to `group_size` rows. A message for several rows lists them all in "ids" ("id" is
--- the first); integer keys travel as one comma-separated string, far cheaper to build and parse
--- than a JSON array of numbers. A group of one row is exactly Supabase's message. Grouping is
--- what keeps a bulk statement's enqueue cheap: one queue row per group instead of one per row.
-create or replace function autoembed.job_messages(
-    ids anyarray,
-    schema_name text,
-    table_name text,
-    content_function text,
-    embedding_column text,
-    extra jsonb default '{}',
-    group_size integer default 200
-)
+-- Key types whose text form round-trips exactly through `key::text` and back with btree equality
+-- (with the settings key_texts pins). Floats (rounding), json (no equality), money (locale),
+-- arrays and composites are not keys.
+create or replace function autoembed.key_type_ok(typ oid)
+returns boolean
+language sql
+stable
+as $$
+    select coalesce(autoembed.base_type(typ) = any (array['smallint', 'integer', 'bigint', 'numeric', 'text',
+        'character varying', 'character', 'uuid', 'date', 'timestamp without time zone',
+        'timestamp with time zone']::regtype[]), false)
+$$;
+
+-- Integer keys travel as JSON numbers (and "ids" as one comma-separated string); others as strings.
+create or replace function autoembed.integer_key(typ oid)
+returns boolean
+language sql
+stable
+as $$ select coalesce(autoembed.base_type(typ) = any (array['smallint', 'integer', 'bigint']::regtype[]), false) $$;
+
+-- The exact text of keys: the one place every trigger, enrolment and migration path converts keys,
+-- with the settings that change a key's text pinned (the drain pins the same on its session).
+create or replace function autoembed.key_texts(keys anyarray)
+returns text[]
+language sql
+stable
+set timezone = 'UTC'
+set datestyle = 'ISO, YMD'
+set intervalstyle = 'postgres'
+as $$ select array(select k::text from unnest(keys) with ordinality u(k, i) order by i) $$;
+
+-- The role a SECURITY DEFINER function acts for: the session's role (SET ROLE, or the login role).
+create or replace function autoembed.caller_role()
+returns name
+language sql
+stable
+as $$ select coalesce(nullif(current_setting('role'), 'none'), session_user)::name $$;
+
+-- The arguments of a trigger (pg_trigger.tgargs: NUL-terminated strings in the database encoding).
+create or replace function autoembed.trigger_args(tgargs bytea, nargs integer)
+returns text[]
+language plpgsql
+immutable
+as $$
+declare
+    result text[] := '{}';
+    rest bytea := tgargs;
+    pos integer;
+begin
+    for i in 1 .. coalesce(nargs, 0) loop
+        pos := position('\x00'::bytea in rest);
+        result := result || convert_from(substring(rest from 1 for pos - 1), getdatabaseencoding());
+        rest := substring(rest from pos + 1);
+    end loop;
+    return result;
+end;
+$$;
+
+-- The registered targets under their CURRENT names (tables, columns and the content function are
+-- held by oid/attnum, so renames are followed). `function` is the content function as Postgres
+-- prints it (what the drain splices into its SELECT); NULL when the function is gone or no longer
+-- takes a row of the table. key_type is NULL when the key column is gone or its type is no longer a
+-- key type; dimensions is NULL when the embedding column is gone or not a vector/halfvec column.
+create or replace view autoembed.target_catalog as
+select t.id,
+       t.queue,
+       n.nspname::text as schema_name,
+       c.relname::text as table_name,
+       ka.attname::text as key_column,
+       case when autoembed.key_type_ok(ka.atttypid) then format_type(ka.atttypid, ka.atttypmod) end as key_type,
+       ea.attname::text as embedding_column,
+       t.content_function,
+       p.oid::regproc::text as function,
+       vt.typname::text as vector_type,
+       case when vt.oid is not null then nullif(ea.atttypmod, -1) end as dimensions,
+       t.origin
+from autoembed.targets t
+join pg_class c on c.oid = t.relid
+join pg_namespace n on n.oid = c.relnamespace
+left join pg_attribute ka on ka.attrelid = t.relid and ka.attnum = t.key_attnum and not ka.attisdropped
+left join pg_attribute ea on ea.attrelid = t.relid and ea.attnum = t.embedding_attnum and not ea.attisdropped
+left join pg_type vt on vt.oid = ea.atttypid and vt.typname in ('vector', 'halfvec')
+      and vt.typnamespace = (select e.extnamespace from pg_extension e where e.extname = 'vector')
+left join pg_proc p on p.oid = t.content_fn and p.pronargs = 1 and p.proargtypes[0] = c.reltype;
+revoke all on autoembed.target_catalog from public;
+
+drop function if exists autoembed.message_header(bigint);
+
+-- A target as its triggers need it, in one lean query (the common key types are checked without
+-- the recursive base-type lookup): current names, whether the key column still is a key, whether
+-- keys are integers, and the header every message of the target carries: Supabase's fields
+-- (current names, the content function as registered) + "target" + "keyColumn". No row for an
+-- unknown id; key_column/embedding_column NULL when that column is gone.
+create or replace function autoembed.live_target(target_id bigint,
+                                                 out id bigint, out relid oid, out queue text, out key_column text,
+                                                 out embedding_column text, out key_ok boolean, out integer_keys boolean,
+                                                 out header jsonb)
+language plpgsql  -- not sql: plpgsql keeps the plan (this runs once per statement of every enrolled table)
+stable
+as $$
+begin
+    select r.id, r.relid, r.queue, ka.attname::text, ea.attname::text,
+           ka.atttypid = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
+               or autoembed.key_type_ok(ka.atttypid),
+           ka.atttypid = any ('{int2,int4,int8}'::regtype[]) or autoembed.integer_key(ka.atttypid),
+           jsonb_build_object('schema', n.nspname, 'table', c.relname, 'contentFunction', r.content_function,
+                              'embeddingColumn', ea.attname, 'target', r.id, 'keyColumn', ka.attname)
+    into id, relid, queue, key_column, embedding_column, key_ok, integer_keys, header
+    from autoembed.targets r
+    join pg_class c on c.oid = r.relid
+    join pg_namespace n on n.oid = c.relnamespace
+    left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+    left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+    where r.id = target_id;
+end;
+$$;
+
+-- The job messages for rows `keys` (exact key texts, see key_texts): one message per group of up
+-- to `group_size` rows. A message for several rows lists them all in "ids" ("id" is the first);
+-- integer keys travel as JSON numbers and "ids" as one comma-separated string, far cheaper to
+-- build and parse than a JSON array; other keys as JSON strings. A group of one row is Supabase's
+-- message (plus the header's extra fields). Grouping keeps a bulk statement's enqueue cheap.
+create or replace function autoembed.key_messages(keys text[], integer_keys boolean, header jsonb,
+                                                  group_size integer default 200)
 returns jsonb[]
 language plpgsql
 immutable
 as $$
 declare
-    n integer := coalesce(cardinality(ids), 0);
-    integer_keys boolean;
+    n integer := coalesce(cardinality(keys), 0);
 begin
-    if n = 0 then
-        return '{}';
+    if n = 1 then  -- a one-row statement, the common single-row write: nothing else built
+        return array[jsonb_build_object('id', case when integer_keys then to_jsonb(keys[1]::bigint) else to_jsonb(keys[1]) end)
+                     || header];
     end if;
-    integer_keys := pg_typeof(ids[1]) in ('bigint'::regtype, 'integer'::regtype, 'smallint'::regtype);
     return array(
-        select autoembed.job_message(to_jsonb(ids[i]), schema_name, table_name, content_function, embedding_column)
-               || extra
+        select jsonb_build_object('id', case when integer_keys then to_jsonb(keys[i]::bigint) else to_jsonb(keys[i]) end)
+               || header
                || case when i = n then '{}'::jsonb
-                       when integer_keys then jsonb_build_object('ids', array_to_string(ids[i:i + group_size - 1], ','))
-                       else jsonb_build_object('ids', to_jsonb(ids[i:i + group_size - 1])) end
+                       when integer_keys then jsonb_build_object('ids', array_to_string(keys[i:i + group_size - 1], ','))
+                       else jsonb_build_object('ids', to_jsonb(keys[i:i + group_size - 1])) end
         from generate_series(1, n, group_size) i);
 end;
 $$;
@@ -120,29 +237,53 @@ $$;
 -- The job messages for the integer keys lo..hi, all of them (a bulk INSERT with consecutive keys,
 -- the usual case of an identity or serial key): one message per group of up to `group_size` keys,
 -- each naming its keys as "idRange": [first, last]. No array of keys is built or sent.
-create or replace function autoembed.range_messages(
-    lo bigint,
-    hi bigint,
-    schema_name text,
-    table_name text,
-    content_function text,
-    embedding_column text,
-    extra jsonb default '{}',
-    group_size integer default 200
-)
+create or replace function autoembed.range_messages(lo bigint, hi bigint, header jsonb, group_size integer default 200)
 returns jsonb[]
 language sql
 immutable
 as $$
     select array(
-        select autoembed.job_message(to_jsonb(i), schema_name, table_name, content_function, embedding_column)
-               || extra
+        select jsonb_build_object('id', i) || header
                || case when i = hi then '{}'::jsonb
                        else jsonb_build_object('idRange', jsonb_build_array(i, least(i + group_size - 1, hi))) end
         from generate_series(lo, hi, group_size) i)
 $$;
 
--- How many rows a job message covers (see job_messages, range_messages).
+-- Send job messages to a queue in one pgmq.send_batch and wake the drains (LISTEN autoembed). Sends
+-- nothing for no messages (send_batch raises on an empty array).
+create or replace function autoembed.send_jobs(queue text, messages jsonb[])
+returns void
+language plpgsql
+as $$
+begin
+    if cardinality(messages) = 1 then
+        perform pgmq.send(queue, messages[1]);  -- far cheaper than send_batch for one message
+    elsif cardinality(messages) > 1 then
+        perform pgmq.send_batch(queue, messages);
+    else
+        return;
+    end if;
+    perform pg_notify('autoembed', queue);
+end;
+$$;
+
+-- Raise unless the acting role (autoembed.caller_role) may act as the owner of table `tbl`: what
+-- the SECURITY DEFINER functions that change a table's registration or queue its rows require.
+create or replace function autoembed.require_owner(tbl oid, doing text)
+returns void
+language plpgsql
+stable
+as $$
+begin
+    if not pg_has_role(autoembed.caller_role(), (select c.relowner from pg_class c where c.oid = tbl), 'USAGE') then
+        raise exception 'autoembed: only the owner of % (%) may %, not %', tbl::regclass,
+            (select c.relowner::regrole from pg_class c where c.oid = tbl), doing, autoembed.caller_role()
+            using errcode = 'insufficient_privilege';
+    end if;
+end;
+$$;
+
+-- How many rows a job message covers (see key_messages, range_messages).
 -- Never raises, whatever the message holds: status views read every message.
 create or replace function autoembed.message_rows(message jsonb)
 returns integer

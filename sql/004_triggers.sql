@@ -1,53 +1,60 @@
 -- Triggers that put embedding jobs into pgmq. They only enqueue (and clear the stale vector):
--- no HTTP, no model, nothing that can make the user's write fail or wait. A bad trigger argument
--- raises a WARNING and the job is still enqueued, so the drain dead-letters it with a reason
--- instead of the user's INSERT failing.
+-- no HTTP, no model, nothing that can make the user's write fail or wait.
+--
+-- Trust: the writing role needs rights on its own table only. Everything that touches the queue,
+-- the registry or embedding_state runs in SECURITY DEFINER functions owned by the project's owner,
+-- with search_path pinned and every name qualified. Those functions never call a user's content
+-- function: comparing the input of OLD and NEW happens in the writer's own context (a WHEN clause,
+-- or util.queue_embeddings, which is not a definer), and the definer functions get only the table
+-- (TG_RELID, or a table oid they check) and keys. A message they send is built from the registry.
 
 -- Supabase's trigger function, same call shape: util.queue_embeddings(content_function,
 -- embedding_column), plus optional key column (default 'id') and queue (default 'embedding_jobs').
 -- Works as an AFTER row trigger (Supabase's guide: clearing costs a second row write) and as a
--- BEFORE row trigger (clearing happens in NEW, no second write).
+-- BEFORE row trigger (clearing happens in NEW, no second write). It runs as the writer (it calls
+-- the content function), and enqueues through autoembed.queue_embedding_job: the writing role
+-- needs USAGE on schema autoembed (and nothing else of the project). A bad trigger argument raises
+-- a WARNING and the job is still enqueued without a target, so the drain dead-letters it with a
+-- reason instead of the user's write failing.
 create or replace function util.queue_embeddings()
 returns trigger
 language plpgsql
 as $$
+#variable_conflict use_variable
 declare
     content_function text := TG_ARGV[0];
     embedding_column text := TG_ARGV[1];
     key_column text := coalesce(TG_ARGV[2], 'id');
     queue text := coalesce(TG_ARGV[3], 'embedding_jobs');
     fn regprocedure;
-    key_value jsonb;
     has_column boolean;
-    message jsonb;
-    checked text;
-    seen boolean := false;
+    registered record;
 begin
     -- The drain's own vector writes must not re-enqueue.
     if current_setting('autoembed.draining', true) = 'on' or TG_LEVEL <> 'ROW' then
         return case when TG_WHEN = 'BEFORE' then NEW else null end;
     end if;
 
-    -- An INSERT needs the content function and column only to warn about them: check (and warn,
-    -- and notify) once per transaction and trigger arguments, not once per row. The mark is a
-    -- transaction-local setting, so it also goes away with a rolled-back savepoint.
-    if TG_OP = 'INSERT' then
-        checked := 'autoembed.checked_' || md5(concat_ws(chr(31), TG_RELID::oid::text, content_function,
-                                                         embedding_column, key_column, queue));
-        seen := current_setting(checked, true) = 'on';
+    fn := autoembed.content_function(TG_RELID, content_function);
+    has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
+    if fn is null or not has_column then
+        -- Renamed since the target was registered from these arguments: follow the registry
+        -- (column by attnum, function by oid), so the stale vector is still cleared.
+        select r.* into registered
+        from autoembed.registered_trigger_target(TG_RELID, content_function, embedding_column) r;
+        if registered.fn is not null then
+            fn := coalesce(fn, registered.fn);
+            embedding_column := case when has_column then embedding_column else registered.embedding_column end;
+            has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
+        end if;
     end if;
-
-    if not seen then
-        fn := autoembed.content_function(TG_RELID, content_function);
-        has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
-        if fn is null then
-            raise warning 'autoembed: content function % (taking a row of %) does not exist; job enqueued, it will be dead-lettered',
-                quote_literal(content_function), TG_RELID::regclass;
-        end if;
-        if not has_column then
-            raise warning 'autoembed: % has no vector/halfvec column %; job enqueued, it will be dead-lettered',
-                TG_RELID::regclass, quote_literal(embedding_column);
-        end if;
+    if fn is null then
+        raise warning 'autoembed: content function % (taking a row of %) does not exist; job enqueued, it will be dead-lettered',
+            quote_literal(content_function), TG_RELID::regclass;
+    end if;
+    if not has_column then
+        raise warning 'autoembed: % has no vector/halfvec column %; job enqueued, it will be dead-lettered',
+            TG_RELID::regclass, quote_literal(embedding_column);
     end if;
 
     if TG_OP = 'UPDATE' and fn is not null then
@@ -70,24 +77,104 @@ begin
     end if;
 
     if key_column = 'id' then
-        key_value := to_jsonb(NEW.id);
+        -- Supabase's key, in static SQL: planned once per session and table (a dynamic statement is
+        -- planned for every row).
+        perform autoembed.queue_embedding_job(TG_RELID, content_function, fn, embedding_column, key_column, queue, NEW.id);
     else
-        execute format('select to_jsonb(($1).%I)', key_column) into key_value using NEW;
-    end if;
-    message := autoembed.job_message(key_value, TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column);
-    if key_column <> 'id' then
-        message := message || jsonb_build_object('keyColumn', key_column);
-    end if;
-    perform pgmq.send(queue, message);
-
-    if not seen then
-        -- One notification per transaction is enough (it is delivered at commit).
-        perform pg_notify('autoembed', queue);
-        if TG_OP = 'INSERT' then
-            perform set_config(checked, 'on', true);
-        end if;
+        execute format('select autoembed.queue_embedding_job($1, $2, $3, $4, $5, $6, ($7).%I)', key_column)
+            using TG_RELID, content_function, fn, embedding_column, key_column, queue, NEW;
     end if;
     return case when TG_WHEN = 'BEFORE' then NEW else null end;
+end;
+$$;
+
+-- The target registered from util.queue_embeddings arguments (content function, column, as they
+-- were given) under its current column name and function: what a trigger whose arguments went
+-- stale by a rename still clears and queues for. No row when there is none.
+create or replace function autoembed.registered_trigger_target(tbl oid, content_function text, embedding_column text)
+returns table (embedding_column text, fn regprocedure)
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select a.attname::text, r.content_fn::regprocedure
+    from autoembed.targets r
+    join pg_attribute a on a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
+    where r.relid = registered_trigger_target.tbl and r.origin in ('trigger', 'migration')
+      and r.content_function = registered_trigger_target.content_function
+      and r.embedding_column = registered_trigger_target.embedding_column
+      and exists (select 1 from pg_proc p where p.oid = r.content_fn)
+$$;
+
+-- Enqueue the job of one row for util.queue_embeddings. SECURITY DEFINER: it never runs the
+-- content function (`fn` is only compared with the registry). The target is registered from the
+-- trigger's own arguments the first time (autoembed.register_target checks that such a trigger
+-- exists on the table: its arguments were set by the table's owner); a caller must be inside a
+-- trigger and its role must be allowed to write the table, so a role cannot queue jobs for a table
+-- it may not write.
+create or replace function autoembed.queue_embedding_job(tbl oid, content_function text, fn regprocedure,
+                                                         embedding_column text, key_column text, queue text,
+                                                         key anyelement)
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    t record;
+    target_id bigint;
+    header jsonb;
+begin
+    if pg_trigger_depth() = 0 then
+        raise exception 'autoembed.queue_embedding_job is called by util.queue_embeddings triggers only'
+            using errcode = 'insufficient_privilege';
+    end if;
+    if not has_table_privilege(autoembed.caller_role(), tbl, 'INSERT, UPDATE') then
+        raise exception 'autoembed: role % may not write %: it cannot queue its jobs', autoembed.caller_role(), tbl::regclass
+            using errcode = 'insufficient_privilege';
+    end if;
+    -- One query per row (this runs for every row written): the target and its message header.
+    select r.id, r.content_fn, r.queue, r.origin, ka.attname as key_name,
+           jsonb_build_object('schema', n.nspname, 'table', c.relname, 'contentFunction', r.content_function,
+                              'embeddingColumn', a.attname, 'target', r.id, 'keyColumn', ka.attname) as header
+    into t
+    from autoembed.targets r
+    join pg_attribute a on a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
+    join pg_class c on c.oid = r.relid
+    join pg_namespace n on n.oid = c.relnamespace
+    left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+    where r.relid = tbl and a.attname = embedding_column;
+    if found and t.content_fn = fn and t.queue = queue and t.key_name = key_column then
+        target_id := t.id;
+        header := t.header;
+    elsif not found or t.origin = 'trigger' then
+        begin
+            target_id := autoembed.register_target(tbl, content_function, fn, embedding_column, key_column, queue,
+                                                   'trigger');
+        exception when others then
+            raise warning 'autoembed: %; the job is enqueued without a target, it will be dead-lettered', sqlerrm;
+        end;
+    else
+        raise warning 'autoembed: the trigger arguments (%, %, %, %) of % disagree with its % target %; the job is enqueued without a target, it will be dead-lettered',
+            content_function, embedding_column, key_column, queue, tbl::regclass, t.origin, t.id;
+    end if;
+    if header is not null then
+        null;
+    elsif target_id is not null then
+        header := (autoembed.live_target(target_id)).header;
+    else
+        header := jsonb_build_object('schema', (select n.nspname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                                                where c.oid = tbl),
+                                     'table', (select c.relname from pg_class c where c.oid = tbl),
+                                     'contentFunction', content_function, 'embeddingColumn', embedding_column,
+                                     'keyColumn', key_column);
+    end if;
+    perform autoembed.send_jobs(queue, autoembed.key_messages(autoembed.key_texts(array[key]),
+                                                              -- (a domain key arrives as its base type)
+                                                              pg_typeof(key) = any ('{int2,int4,int8}'::regtype[]),
+                                                              header));
 end;
 $$;
 
@@ -96,59 +183,116 @@ create or replace function util.clear_column()
 returns trigger
 language plpgsql
 as $$
+#variable_conflict use_variable
 declare
     clear_column text := TG_ARGV[0];
 begin
     if current_setting('autoembed.draining', true) = 'on' then
         return NEW;
     end if;
-    return autoembed.with_null_column(NEW, clear_column);
+    return pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(clear_column, null));
 end;
 $$;
 
--- BEFORE UPDATE row trigger of enrolled tables: clears the vector only when the input changed.
--- Arguments: content function, embedding column.
+-- BEFORE UPDATE row trigger function of tables enrolled by older versions (content function,
+-- column): db init re-enrols them (sql/008); one that could not be clears on every update, which
+-- is wasteful but never leaves a stale vector. Enrolled tables now get a function of their own
+-- (autoembed.install_clear_function).
 create or replace function autoembed.clear_on_change()
 returns trigger
 language plpgsql
 as $$
-declare
-    fn regprocedure;
 begin
-    -- (enroll's WHEN clause skips this function for the drain's writes; this check covers a
-    -- trigger created without it)
-    if current_setting('autoembed.draining', true) = 'on' then
-        return NEW;
-    end if;
-    fn := autoembed.content_function(TG_RELID, TG_ARGV[0]);
-    if fn is null then
-        return NEW;
-    end if;
-    if autoembed.input_of(fn, OLD) is distinct from autoembed.input_of(fn, NEW) then
-        return autoembed.with_null_column(NEW, TG_ARGV[1]);
-    end if;
-    return NEW;
+    return pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], null));
 end;
 $$;
 
--- AFTER INSERT/UPDATE statement trigger of enrolled tables with transition tables named
--- autoembed_new (and autoembed_old for UPDATE): one pgmq.send_batch per statement, one message per
--- group of rows (autoembed.job_messages).
--- Arguments: content function, embedding column, key column, queue.
+-- The BEFORE UPDATE row trigger function of one enrolled target, autoembed.clear_target_<id>():
+-- `NEW.<column> := null`. A generated function, because a static field assignment is what makes
+-- a bulk UPDATE cheap (jsonb_populate_record on a row holding a vector cost 3x more per row). The
+-- trigger's WHEN clause calls it only when the input changed, compared in the writer's context.
+-- It runs as the writer and touches nothing of the project's. A rename of the column regenerates
+-- it (the event trigger in sql/008, when db init ran as a superuser); without that event trigger,
+-- an UPDATE after the rename fails loudly ("record new has no field") until the table is enrolled
+-- again: it never leaves a stale vector. SECURITY DEFINER (it creates a function in schema
+-- autoembed); only the table's owner may call it. Returns the function.
+create or replace function autoembed.install_clear_function(target_id bigint)
+returns regprocedure
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    c autoembed.target_catalog;
+    name text := format('clear_target_%s', target_id);
+begin
+    select tc.* into c from autoembed.target_catalog tc where tc.id = target_id;
+    if c.embedding_column is null then
+        raise exception 'autoembed: target % has no embedding column', target_id using errcode = 'undefined_column';
+    end if;
+    perform autoembed.require_owner((select r.relid from autoembed.targets r where r.id = target_id), 'change its triggers');
+    execute format($f$
+        create or replace function autoembed.%I() returns trigger language plpgsql as $b$
+        begin
+            NEW.%I := null;
+            return NEW;
+        end;
+        $b$
+    $f$, name, c.embedding_column);
+    return format('autoembed.%I()', name)::regprocedure;
+end;
+$$;
+
+-- The target of an enrolled table's trigger (argument: the target id), as autoembed.live_target.
+-- NULL with a warning when the trigger names a target that is not this table's or is broken: the
+-- user's write goes on, and nothing unregistered is enqueued.
+do $$
+begin  -- an earlier form returned autoembed.target_catalog
+    drop function if exists autoembed.trigger_target(oid, integer, text);
+end
+$$;
+create or replace function autoembed.trigger_target(tbl oid, nargs integer, arg text)
+returns record
+language plpgsql
+stable
+as $$
+declare
+    c record;
+begin
+    if nargs = 1 and arg ~ '^[0-9]{1,18}$' then
+        select t.* into c from autoembed.live_target(arg::bigint) t where t.relid = tbl;
+    end if;
+    if c.id is null then
+        raise warning 'autoembed: a trigger on % names no target of this table (% arguments, the first %): nothing enqueued; run autoembed db init, or enroll the table again',
+            tbl::regclass, nargs, quote_nullable(arg);
+        return null;
+    end if;
+    if not c.key_ok or c.embedding_column is null then
+        raise warning 'autoembed: target % of % lost its key or embedding column (or the key type changed): nothing enqueued; enroll the table again',
+            c.id, tbl::regclass;
+        return null;
+    end if;
+    return c;
+end;
+$$;
+
+-- AFTER INSERT/UPDATE statement trigger of enrolled tables, with the transition table
+-- autoembed_new: one pgmq.send_batch per statement, one message per group of rows. SECURITY
+-- DEFINER, and it reads only keys and the vector column: it calls no user function. Argument: the
+-- target id.
 create or replace function autoembed.queue_embeddings_bulk()
 returns trigger
 language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
 as $$
+#variable_conflict use_variable
 declare
-    content_function text := TG_ARGV[0];
-    embedding_column text := TG_ARGV[1];
-    key_column text := TG_ARGV[2];
-    queue text := TG_ARGV[3];
-    fn regprocedure;
-    extra jsonb := '{}';
-    changed text;
+    c record;
+    header jsonb;
+    integer_keys boolean;
+    keys text[];
     messages jsonb[];
-    first_keys jsonb[];
     lo bigint;
     hi bigint;
     n bigint;
@@ -156,70 +300,84 @@ begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
+    c := autoembed.trigger_target(TG_RELID, TG_NARGS, TG_ARGV[0]);
+    if c is null then
+        return null;
+    end if;
+    header := c.header;
+    integer_keys := c.integer_keys;
     if TG_OP = 'INSERT' then
-        -- A one-row INSERT (the common single-row write): Supabase's message, nothing else built.
-        if key_column = 'id' then
-            first_keys := array(select to_jsonb(k.id) from autoembed_new k limit 2);
+        if c.key_column = 'id' and integer_keys then
+            -- The usual integer key `id` in static SQL, planned once per session and table (a dynamic
+            -- statement is planned for every statement: a third of a single-row INSERT's trigger
+            -- cost); an integer's text needs no pinned settings.
+            keys := array(select k.id::text from autoembed_new k limit 2);
         else
-            execute format('select array(select to_jsonb(k.%I) from autoembed_new k limit 2)', key_column)
-                into first_keys;
+            execute format('select autoembed.key_texts(array(select k.%I from autoembed_new k limit 2))', c.key_column)
+                into keys;
         end if;
-        if cardinality(first_keys) = 0 then
+        if cardinality(keys) = 0 then
             return null;
-        elsif cardinality(first_keys) = 1 then
-            perform pgmq.send(queue, autoembed.job_message(first_keys[1], TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                                                           content_function, embedding_column) || extra);
-            perform pg_notify('autoembed', queue);
-            return null;
-        end if;
-        -- Integer keys: when the statement inserted consecutive keys (one identity/serial bulk
-        -- load), the messages are ranges and the keys are read once, without an array of them.
-        if exists (select 1 from pg_attribute where attrelid = TG_RELID and attname = key_column
-                   and atttypid in ('int8'::regtype, 'int4'::regtype, 'int2'::regtype)) then
-            if key_column = 'id' then
-                select min(k.id), max(k.id), count(*) into lo, hi, n from autoembed_new k;
-            else
-                execute format('select min(k.%1$I), max(k.%1$I), count(*) from autoembed_new k', key_column)
-                    into lo, hi, n;
-            end if;
+        elsif cardinality(keys) = 1 then
+            -- A one-row INSERT (the common single-row write): one message, nothing else built.
+            messages := autoembed.key_messages(keys, integer_keys, header);
+        elsif integer_keys then
+            -- Consecutive integer keys (one identity/serial bulk load): ranges, without an array of keys.
+            execute format('select min(k.%1$I), max(k.%1$I), count(*) from autoembed_new k', c.key_column)
+                into lo, hi, n;
             if hi - lo + 1 = n then
-                perform pgmq.send_batch(queue, autoembed.range_messages(lo, hi, TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                                                                        content_function, embedding_column, extra));
-                perform pg_notify('autoembed', queue);
-                return null;
+                messages := autoembed.range_messages(lo, hi, header);
             end if;
         end if;
-    end if;
-    if TG_OP = 'UPDATE' then
-        fn := autoembed.content_function(TG_RELID, content_function);
-        changed := case when fn is null then 'true' else
-            -- Transition rows are plain records: cast them so an overloaded name (one
-            -- embedding_input per table, Supabase's convention) resolves to this table's function.
-            format('%1$s(o::%2$s) is distinct from %1$s(n::%2$s)', fn::oid::regproc, TG_RELID::regclass) end;
-        execute format(
-            $q$select autoembed.job_messages(
-                 array(select n.%1$I from autoembed_new n join autoembed_old o on o.%1$I = n.%1$I where %2$s),
-                 $1, $2, $3, $4, $5)$q$,
-            key_column, changed)
-            into messages
-            using TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
-    elsif key_column = 'id' then
-        -- The common case in static SQL: planned once per session and table, where the dynamic
-        -- statements are planned per statement.
-        messages := autoembed.job_messages(array(select n.id from autoembed_new n), TG_TABLE_SCHEMA,
-                                           TG_TABLE_NAME, content_function, embedding_column);
+        if messages is null then
+            execute format('select autoembed.key_texts(array(select k.%I from autoembed_new k))', c.key_column)
+                into keys;
+            messages := autoembed.key_messages(keys, integer_keys, header);
+        end if;
     else
+        -- Every updated row whose vector is NULL now: the BEFORE trigger cleared it (its WHEN clause
+        -- saw the input change, in the writer's context), or the row had none yet (or the writer
+        -- removed it). Only the new transition table is read: a re-save of a row that has its
+        -- vector queues nothing; a re-save of a row still waiting for one queues it again, which
+        -- the drain's content hash makes free.
+        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n where n.%I is null))',
+                       c.key_column, c.embedding_column)
+            into keys;
+        messages := autoembed.key_messages(keys, integer_keys, header);
+    end if;
+    perform autoembed.send_jobs(c.queue, messages);
+    return null;
+end;
+$$;
+
+-- AFTER DELETE (transition table autoembed_old) and AFTER TRUNCATE statement trigger of enrolled
+-- tables: the embedding_state records of rows that are gone go too. SECURITY DEFINER (the writer
+-- has no rights on embedding_state); reads only keys. Argument: the target id.
+create or replace function autoembed.forget_rows()
+returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    c autoembed.target_catalog;
+begin
+    if TG_OP = 'TRUNCATE' then
+        delete from autoembed.embedding_state s
+        where s.schema_name = TG_TABLE_SCHEMA and s.table_name = TG_TABLE_NAME;
+        return null;
+    end if;
+    -- Every target of the table (a model migration's shadow column too), each by its own key.
+    for c in select tc.* from autoembed.target_catalog tc join autoembed.targets r on r.id = tc.id
+             where r.relid = TG_RELID and tc.key_type is not null and tc.embedding_column is not null loop
         execute format(
-            $q$select autoembed.job_messages(array(select n.%1$I from autoembed_new n), $1, $2, $3, $4, $5)$q$,
-            key_column)
-            into messages
-            using TG_TABLE_SCHEMA, TG_TABLE_NAME, content_function, embedding_column, extra;
-    end if;
-    -- pgmq.send_batch rejects an empty array: a statement that changed no input sends nothing.
-    if cardinality(messages) > 0 then
-        perform pgmq.send_batch(queue, messages);
-        perform pg_notify('autoembed', queue);
-    end if;
+            $q$delete from autoembed.embedding_state s
+               where s.schema_name = $1 and s.table_name = $2 and s.embedding_column = $3
+                 and s.row_id = any(autoembed.key_texts(array(select o.%I from autoembed_old o)))$q$,
+            c.key_column)
+            using TG_TABLE_SCHEMA, TG_TABLE_NAME, c.embedding_column;
+    end loop;
     return null;
 end;
 $$;

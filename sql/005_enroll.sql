@@ -1,6 +1,326 @@
--- Enrol a table: validate everything up front (clear errors naming the offending value), install
--- the project's own triggers (BEFORE clear + AFTER statement enqueue), and enqueue the backlog of
--- rows that have no vector yet. Idempotent: enrolling again replaces the triggers.
+-- Enrolment: register a target (validated up front, with errors naming the offending value and the
+-- fix), install the project's triggers, and enqueue the backlog of rows that have no vector yet.
+-- Idempotent: enrolling again replaces the triggers and updates the registration.
+
+-- A queue name pgmq keeps as given: pgmq lower-cases its table names (q_<lower(name)>), so a
+-- mixed-case name would break every statement that quotes it; at most 47 characters (pgmq's limit).
+create or replace function autoembed.check_queue_name(queue text)
+returns text
+language plpgsql
+immutable
+as $$
+#variable_conflict use_variable
+begin
+    if queue is null or queue !~ '^[a-z_][a-z0-9_]{0,46}$' then
+        raise exception 'autoembed: queue name % is not a valid pgmq queue name', quote_nullable(queue)
+            using errcode = 'invalid_parameter_value',
+                  hint = format('use lower-case letters, digits and _ (at most 47 characters, not starting with a digit), e.g. %L',
+                                left(regexp_replace(lower(coalesce(queue, '')), '[^a-z0-9_]', '_', 'g'), 47));
+    end if;
+    return queue;
+end;
+$$;
+
+-- The key column of a target: it must exist, be NOT NULL, have a unique index on exactly it, and be
+-- of a type whose text round-trips (key_type_ok). Returns its attnum.
+create or replace function autoembed.check_key_column(tbl regclass, key_column text)
+returns smallint
+language plpgsql
+stable
+as $$
+#variable_conflict use_variable
+declare
+    att pg_attribute;
+    is_unique boolean;
+    fix constant text := 'add a primary key (or a unique not null column) and pass it as the key column (autoembed enroll --key)';
+begin
+    select a.* into att from pg_attribute a
+    where a.attrelid = tbl and a.attname = key_column and a.attnum > 0 and not a.attisdropped;
+    if not found then
+        raise exception 'autoembed: % has no key column %', tbl, quote_literal(key_column)
+            using errcode = 'undefined_column', hint = fix;
+    end if;
+    if not autoembed.key_type_ok(att.atttypid) then
+        raise exception 'autoembed: key column % of % is of type %, whose text form does not round-trip exactly',
+            quote_ident(key_column), tbl, format_type(att.atttypid, att.atttypmod)
+            using errcode = 'datatype_mismatch',
+                  hint = 'keys may be smallint, integer, bigint, numeric, text, varchar, char(n), uuid, date, timestamp or timestamptz (or domains over them): '
+                         || fix;
+    end if;
+    is_unique := exists (select 1 from pg_index i
+                         where i.indrelid = tbl and i.indisunique and i.indnkeyatts = 1
+                           and i.indkey[0] = att.attnum and i.indexprs is null and i.indpred is null);
+    if not is_unique or not att.attnotnull then
+        raise exception 'autoembed: key column % of % is %', quote_ident(key_column), tbl,
+            concat_ws(' and ', case when not is_unique then 'not unique (no primary key or unique index on exactly it)' end,
+                      case when not att.attnotnull then 'nullable (not NOT NULL)' end)
+            using errcode = 'invalid_table_definition', hint = fix;
+    end if;
+    return att.attnum;
+end;
+$$;
+
+-- Whether `tbl` has a util.queue_embeddings trigger with exactly these (effective) arguments: the
+-- arguments the table's owner set, which is what registers a Supabase-style target.
+create or replace function autoembed.has_queue_trigger(tbl oid, content_function text, embedding_column text,
+                                                       key_column text, queue text)
+returns boolean
+language sql
+stable
+as $$
+    select exists (
+        select 1 from pg_trigger tr
+        cross join lateral (select autoembed.trigger_args(tr.tgargs, tr.tgnargs) as a) x
+        where tr.tgrelid = tbl and tr.tgfoid = 'util.queue_embeddings()'::regprocedure
+          and x.a[1] = content_function and x.a[2] = embedding_column
+          and coalesce(x.a[3], 'id') = key_column and coalesce(x.a[4], 'embedding_jobs') = queue)
+$$;
+
+-- Register (or update) the target (tbl, embedding_column) in autoembed.targets; returns its id.
+-- SECURITY DEFINER: the registry is writable by nobody else. Who may register:
+--   origin 'enroll' / 'migration': a role that owns the table (or a superuser);
+--   origin 'trigger': anyone whose write fires a util.queue_embeddings trigger with exactly these
+--     arguments on the table (the owner created it: its arguments are the registration).
+-- The content function `fn` (resolved by the caller from `content_function`) must take a row of
+-- the table, be IMMUTABLE or STABLE (the content hash relies on equal input giving equal text) and
+-- be owned by the table's owner or a superuser: the drain runs it, so nobody but the owner may
+-- choose what it runs. Creates the queue when missing.
+create or replace function autoembed.register_target(tbl regclass, content_function text, fn regprocedure,
+                                                     embedding_column text, key_column text, queue text,
+                                                     origin text)
+returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    rel pg_class;
+    proc pg_proc;
+    emb_attnum smallint;
+    key_attnum smallint;
+    result bigint;
+begin
+    select c.* into rel from pg_class c where c.oid = tbl;
+    if not found or rel.relkind not in ('r', 'p') then
+        raise exception 'autoembed: % is not a table', tbl using errcode = 'wrong_object_type';
+    end if;
+    if origin = 'trigger' then
+        if not autoembed.has_queue_trigger(tbl, content_function, embedding_column, key_column, queue) then
+            raise exception 'autoembed: % has no util.queue_embeddings(%, %, %, %) trigger', tbl,
+                quote_literal(content_function), quote_literal(embedding_column), quote_literal(key_column),
+                quote_literal(queue) using errcode = 'insufficient_privilege';
+        end if;
+    elsif origin in ('enroll', 'migration') then
+        perform autoembed.require_owner(tbl, 'enroll it');
+    else
+        raise exception 'autoembed: unknown target origin %', quote_nullable(origin);
+    end if;
+    if fn is null then
+        raise exception 'autoembed: content function % taking a row of % does not exist',
+            quote_literal(content_function), tbl using errcode = 'undefined_function';
+    end if;
+    select a.attnum into emb_attnum
+    from pg_attribute a join pg_type t on t.oid = a.atttypid
+    where a.attrelid = tbl and a.attname = embedding_column and a.attnum > 0 and not a.attisdropped
+      and t.typname in ('vector', 'halfvec')
+      and t.typnamespace = (select e.extnamespace from pg_extension e where e.extname = 'vector');
+    if emb_attnum is null then
+        raise exception 'autoembed: % has no vector/halfvec column %', tbl, quote_literal(embedding_column)
+            using errcode = 'undefined_column';
+    end if;
+    key_attnum := autoembed.check_key_column(tbl, key_column);
+    select p.* into proc from pg_proc p where p.oid = fn;
+    if proc.pronargs <> 1 or proc.proargtypes[0] <> rel.reltype then
+        raise exception 'autoembed: content function % does not take a row of %', fn, tbl
+            using errcode = 'undefined_function';
+    end if;
+    if proc.proowner <> rel.relowner and not (select r.rolsuper from pg_roles r where r.oid = proc.proowner) then
+        raise exception 'autoembed: content function % is owned by %, not by %, the owner of %', fn,
+            proc.proowner::regrole, rel.relowner::regrole, tbl
+            using errcode = 'insufficient_privilege',
+                  hint = format('the drain runs this function, so only the table''s owner may choose it: alter function %s owner to %s',
+                                fn, rel.relowner::regrole);
+    end if;
+    if proc.provolatile = 'v' then
+        raise exception 'autoembed: content function % is VOLATILE', fn
+            using errcode = 'invalid_function_definition',
+                  hint = format('equal input must give equal text (the content hash relies on it): alter function %s immutable (or stable)', fn);
+    end if;
+    perform autoembed.check_queue_name(queue);
+    if not exists (select 1 from pgmq.meta m where m.queue_name = queue) then
+        perform pgmq.create(queue);
+    end if;
+    insert into autoembed.targets as t (relid, key_column, key_attnum, key_type, embedding_column, embedding_attnum,
+                                        content_function, content_fn, queue, origin)
+    values (tbl, key_column, key_attnum,
+            (select format_type(a.atttypid, a.atttypmod) from pg_attribute a where a.attrelid = tbl and a.attnum = key_attnum),
+            embedding_column, emb_attnum, content_function, fn, queue, origin)
+    on conflict (relid, embedding_attnum) do update
+        set key_column = excluded.key_column, key_attnum = excluded.key_attnum, key_type = excluded.key_type,
+            embedding_column = excluded.embedding_column, content_function = excluded.content_function,
+            content_fn = excluded.content_fn, queue = excluded.queue, origin = excluded.origin, updated_at = now()
+    returning t.id into result;
+    return result;
+end;
+$$;
+
+-- The registered target of column `embedding_column` of `tbl` (current name), or NULL.
+create or replace function autoembed.target_of(tbl regclass, embedding_column text)
+returns bigint
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select r.id from autoembed.targets r
+    join pg_attribute a on a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
+    where r.relid = target_of.tbl and a.attname = target_of.embedding_column
+$$;
+
+-- Queue jobs for rows `keys` of a target (enrolment's backlog, a migration's re-queue). SECURITY
+-- DEFINER: the caller's role must own the target's table. The caller reads the keys itself (with
+-- its own rights); this only converts them (key_texts) and sends. Returns the rows queued.
+create or replace function autoembed.enqueue_keys(target_id bigint, keys anyarray)
+returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    t autoembed.targets;
+    messages jsonb[];
+begin
+    select r.* into t from autoembed.targets r where r.id = target_id;
+    if not found then
+        raise exception 'autoembed: no target %', target_id using errcode = 'undefined_object';
+    end if;
+    perform autoembed.require_owner(t.relid, 'queue its rows');
+    select autoembed.key_messages(autoembed.key_texts(keys), l.integer_keys, l.header) into messages
+    from autoembed.live_target(t.id) l;
+    perform autoembed.send_jobs(t.queue, messages);
+    return coalesce(cardinality(keys), 0);
+end;
+$$;
+
+-- Remove registrations of `tbl` (of one column, or every 'enroll' one when NULL). Owner only.
+create or replace function autoembed.unregister_targets(tbl regclass, embedding_column text default null)
+returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    gone bigint;
+    name text;
+begin
+    perform autoembed.require_owner(tbl, 'unregister its targets');
+    delete from autoembed.targets r
+    where r.relid = tbl
+      and (case when embedding_column is null then r.origin = 'enroll'
+                else r.embedding_attnum = (select a.attnum from pg_attribute a where a.attrelid = tbl
+                                           and a.attname = embedding_column and not a.attisdropped) end);
+    get diagnostics gone = row_count;
+    -- Generated clear functions of targets that are gone (their triggers go with them).
+    for name in select p.proname from pg_proc p
+                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^clear_target_[0-9]+$'
+                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 14)::bigint) loop
+        execute format('drop function autoembed.%I() cascade', name);
+    end loop;
+    return gone;
+end;
+$$;
+
+-- Swap the columns (and content functions) of the targets of two columns of `tbl` (names after a
+-- model migration renamed them), so that each target id keeps its role: "the column search uses"
+-- and "the other one". Messages queued for the live target keep going to the live column. Owner only.
+create or replace function autoembed.swap_targets(tbl regclass, column_a text, column_b text)
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    a autoembed.targets;
+    b autoembed.targets;
+begin
+    perform autoembed.require_owner(tbl, 'change its targets');
+    select r.* into a from autoembed.targets r where r.relid = tbl and r.embedding_attnum =
+        (select at.attnum from pg_attribute at where at.attrelid = tbl and at.attname = column_a and not at.attisdropped);
+    select r.* into b from autoembed.targets r where r.relid = tbl and r.embedding_attnum =
+        (select at.attnum from pg_attribute at where at.attrelid = tbl and at.attname = column_b and not at.attisdropped);
+    if a.id is null or b.id is null then
+        return;  -- nothing registered to swap (e.g. a table with neither enrolment nor trigger)
+    end if;
+    update autoembed.targets set embedding_attnum = -embedding_attnum where id = a.id;  -- unique (relid, attnum)
+    update autoembed.targets
+        set embedding_attnum = a.embedding_attnum, embedding_column = column_a, content_function = a.content_function,
+            content_fn = a.content_fn, updated_at = now()
+        where id = b.id;
+    update autoembed.targets
+        set embedding_attnum = b.embedding_attnum, embedding_column = column_b, content_function = b.content_function,
+            content_fn = b.content_fn, updated_at = now()
+        where id = a.id;
+end;
+$$;
+
+-- The triggers of an enrolled table (re-created from the registry's target `target_id`), run with
+-- the caller's own rights (creating triggers needs the table's owner):
+--   autoembed_clear             BEFORE UPDATE row, WHEN the input changed (compared in the writer's
+--                               context, function bound by oid and vector column by attnum) and the
+--                               drain is not the writer: sets the vector to NULL;
+--   autoembed_enqueue_insert/_update  AFTER statement, transition tables: one send_batch each;
+--   autoembed_forget_delete/_truncate AFTER statement: embedding_state of gone rows goes too.
+create or replace function autoembed.install_triggers(tbl regclass, target_id bigint, fn regprocedure,
+                                                      embedding_column text)
+returns void
+language plpgsql
+as $$
+#variable_conflict use_variable
+declare
+    clear_function regprocedure;
+begin
+    perform autoembed.uninstall_triggers(tbl);
+    clear_function := autoembed.install_clear_function(target_id);
+    execute format(
+        'create trigger autoembed_clear before update on %1$s for each row '
+        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null '
+        'and %3$s(old) is distinct from %3$s(new)) '
+        'execute function %4$s', tbl, embedding_column, fn::oid::regproc, clear_function);
+    execute format(
+        'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
+        'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
+    execute format(
+        'create trigger autoembed_enqueue_update after update on %s referencing new table as autoembed_new '
+        'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
+    execute format(
+        'create trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '
+        'for each statement execute function autoembed.forget_rows(%L)', tbl, target_id);
+    execute format(
+        'create trigger autoembed_forget_truncate after truncate on %s '
+        'for each statement execute function autoembed.forget_rows(%L)', tbl, target_id);
+end;
+$$;
+
+create or replace function autoembed.uninstall_triggers(tbl regclass)
+returns void
+language plpgsql
+as $$
+#variable_conflict use_variable
+declare
+    name text;
+begin
+    for name in select tr.tgname from pg_trigger tr
+                where tr.tgrelid = tbl and tr.tgname in ('autoembed_clear', 'autoembed_enqueue_insert', 'autoembed_enqueue_update',
+                                                         'autoembed_forget_delete', 'autoembed_forget_truncate') loop
+        execute format('drop trigger %I on %s', name, tbl);
+    end loop;
+end;
+$$;
+
 create or replace function autoembed.enroll(
     tbl regclass,
     content_function text,
@@ -12,63 +332,20 @@ create or replace function autoembed.enroll(
 returns bigint
 language plpgsql
 as $$
+#variable_conflict use_variable
 declare
+    -- Resolved here, with the caller's search_path: the caller owns the table.
     fn regprocedure := autoembed.content_function(tbl, content_function);
-    schema_name text;
-    table_name text;
+    target_id bigint;
     backlog bigint := 0;
-    messages jsonb[];
 begin
-    select n.nspname, c.relname into schema_name, table_name
-    from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = tbl;
-    if fn is null then
-        raise exception 'autoembed: content function % taking a row of % does not exist',
-            quote_literal(content_function), tbl using errcode = 'undefined_function';
-    end if;
-    if not exists (select 1 from autoembed.vector_column(tbl, embedding_column)) then
-        raise exception 'autoembed: % has no vector/halfvec column %', tbl, quote_literal(embedding_column)
-            using errcode = 'undefined_column';
-    end if;
-    if not exists (select 1 from pg_attribute where attrelid = tbl and attname = key_column
-                   and not attisdropped and attnum > 0) then
-        raise exception 'autoembed: % has no key column %', tbl, quote_literal(key_column)
-            using errcode = 'undefined_column';
-    end if;
-    if not exists (select 1 from pgmq.meta m where m.queue_name = queue) then
-        perform pgmq.create(queue);
-    end if;
-
-    execute format('drop trigger if exists autoembed_clear on %s', tbl);
-    execute format('drop trigger if exists autoembed_enqueue_insert on %s', tbl);
-    execute format('drop trigger if exists autoembed_enqueue_update on %s', tbl);
-    execute format(
-        'create trigger autoembed_clear before update on %s for each row '
-        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'') '
-        'execute function autoembed.clear_on_change(%L, %L)', tbl, content_function, embedding_column);
-    execute format(
-        'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
-        'for each statement execute function autoembed.queue_embeddings_bulk(%L, %L, %L, %L)',
-        tbl, content_function, embedding_column, key_column, queue);
-    execute format(
-        'create trigger autoembed_enqueue_update after update on %s '
-        'referencing old table as autoembed_old new table as autoembed_new '
-        'for each statement execute function autoembed.queue_embeddings_bulk(%L, %L, %L, %L)',
-        tbl, content_function, embedding_column, key_column, queue);
-
+    target_id := autoembed.register_target(tbl, content_function, fn, embedding_column, key_column, queue, 'enroll');
+    perform autoembed.install_triggers(tbl, target_id, fn, embedding_column);
     if enqueue_backlog then
-        execute format(
-            $q$select autoembed.job_messages(ids, $1, $2, $3, $4,
-                                             case when $5 = 'id' then '{}'::jsonb
-                                                  else jsonb_build_object('keyColumn', $5) end),
-                      cardinality(ids)
-               from (select array(select t.%1$I from %2$s t where t.%3$I is null) as ids) backlog$q$,
-            key_column, tbl, embedding_column)
-            into messages, backlog
-            using schema_name, table_name, content_function, embedding_column, key_column;
-    end if;
-    if coalesce(cardinality(messages), 0) > 0 then
-        perform pgmq.send_batch(queue, messages);
-        perform pg_notify('autoembed', queue);
+        execute format('select autoembed.enqueue_keys($1, array(select t.%I from %s t where t.%I is null))',
+                       key_column, tbl, embedding_column)
+            into backlog
+            using target_id;
     end if;
     return backlog;
 end;
@@ -78,28 +355,9 @@ create or replace function autoembed.unenroll(tbl regclass)
 returns void
 language plpgsql
 as $$
+#variable_conflict use_variable
 begin
-    execute format('drop trigger if exists autoembed_clear on %s', tbl);
-    execute format('drop trigger if exists autoembed_enqueue_insert on %s', tbl);
-    execute format('drop trigger if exists autoembed_enqueue_update on %s', tbl);
-end;
-$$;
-
--- Tables enrolled before the clear trigger had its WHEN clause: the drain's own UPDATE of the
--- vectors entered the trigger function once per row (measured: 40% of that UPDATE). Re-created
--- from Postgres's own definition with the clause added; a no-op once every trigger has it.
-do $$
-declare
-    t record;
-begin
-    for t in select tr.tgrelid::regclass as tbl, pg_get_triggerdef(tr.oid) as def
-             from pg_trigger tr
-             where tr.tgname = 'autoembed_clear' and tr.tgqual is null
-               and tr.tgfoid = 'autoembed.clear_on_change'::regproc
-    loop
-        execute format('drop trigger autoembed_clear on %s', t.tbl);
-        execute replace(t.def, ' FOR EACH ROW EXECUTE ',
-                        ' FOR EACH ROW WHEN (current_setting(''autoembed.draining'', true) is distinct from ''on'') EXECUTE ');
-    end loop;
+    perform autoembed.uninstall_triggers(tbl);
+    perform autoembed.unregister_targets(tbl);
 end;
 $$;

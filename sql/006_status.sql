@@ -24,10 +24,16 @@ returns table (
 )
 language plpgsql
 stable
+-- Counts only: SECURITY DEFINER so that a dashboard role needs EXECUTE on this (revoked from
+-- PUBLIC below), not the right to read the queues.
+security definer
+set search_path = pg_catalog, pg_temp
 as $$
 declare
     q record;
 begin
+    -- pgmq names a queue's table q_<lower(name)>: ask pgmq, so a mixed-case queue created before
+    -- enrolment refused such names cannot break the status of every queue.
     for q in select m.queue_name from pgmq.meta m order by m.queue_name loop
         return query execute format(
             $s$select $1::text,
@@ -38,11 +44,13 @@ begin
                       (select count(*) from autoembed.message_errors e where e.queue_name = $1),
                       coalesce(extract(epoch from clock_timestamp() - min(enqueued_at)), 0)::double precision,
                       (select count(*) from autoembed.dead_letters d where d.queue_name = $1)
-               from pgmq.%I$s$, 'q_' || q.queue_name)
+               from pgmq.%I$s$, pgmq.format_table_name(q.queue_name, 'q'))
             using q.queue_name;
     end loop;
 end;
 $$;
+
+revoke execute on function autoembed.queue_status() from public;
 
 create or replace view autoembed.queues as select * from autoembed.queue_status();
 
@@ -59,7 +67,6 @@ language plpgsql
 as $$
 declare
     messages jsonb[];
-    moved bigint;
 begin
     with gone as (
         delete from autoembed.dead_letters d
@@ -67,11 +74,7 @@ begin
         returning d.message
     )
     select array(select message from gone) into messages;
-    moved := coalesce(cardinality(messages), 0);
-    if moved > 0 then
-        perform pgmq.send_batch(queue, messages);
-        perform pg_notify('autoembed', queue);
-    end if;
-    return moved;
+    perform autoembed.send_jobs(queue, messages);
+    return coalesce(cardinality(messages), 0);
 end;
 $$;

@@ -63,7 +63,7 @@ def audit(conn) -> None:
         create table audit_enqueued (row_id text);
         create table audit_written (row_id text);
         create function audit_enq() returns trigger language plpgsql as $$
-        begin insert into audit_enqueued select n.message ->> 'id' from audit_new n; return null; end $$;
+        begin insert into public.audit_enqueued select n.message ->> 'id' from audit_new n; return null; end $$;
         create trigger audit_enq after insert on pgmq.q_embedding_jobs referencing new table as audit_new
             for each statement execute function audit_enq();
         create function audit_wr() returns trigger language plpgsql as $$

@@ -40,8 +40,10 @@ def test_supabase_sql_runs_unchanged_and_rows_get_embedded(supabase_docs, fake_o
     conn.execute("insert into documents (title, content) values ('Cats', 'Cats purr.'), ('Dogs', 'Dogs bark.')")
     assert queue_depth(conn) == 2
     message = conn.execute("select message from pgmq.q_embedding_jobs order by msg_id limit 1").fetchone()[0]
-    assert message == {"id": 1, "schema": "public", "table": "documents",
-                       "contentFunction": "embedding_input", "embeddingColumn": "embedding"}
+    # Supabase's message, plus the registered target (from the trigger's own arguments) and the key.
+    target = conn.execute("select id from autoembed.target_catalog where table_name = 'documents'").fetchone()[0]
+    assert message == {"id": 1, "schema": "public", "table": "documents", "contentFunction": "embedding_input",
+                       "embeddingColumn": "embedding", "target": target, "keyColumn": "id"}
 
     stats = drain(conn, settings)
 
@@ -121,7 +123,8 @@ def test_bulk_statement_trigger_sends_one_batch_and_only_changed_rows(conn, fake
     assert messages[0]["ids"] == ",".join(str(i) for i in range(1, 51))  # the backlog
     assert messages[1]["id"] == 51 and messages[1]["idRange"] == [51, 250] and messages[-1]["idRange"] == [2851, 3050]
     assert {k: v for k, v in messages[1].items() if k not in ("id", "idRange")} == {
-        "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding"}
+        "schema": "public", "table": "notes", "contentFunction": "note_input", "embeddingColumn": "embedding",
+        "target": 1, "keyColumn": "id"}
     conn.execute("insert into notes select g, 'note ' || g, 't', null from generate_series(5001, 5500, 2) g")
     gapped = [m for (m,) in conn.execute("select message from pgmq.q_embedding_jobs where msg_id > %s order by msg_id",
                                          (conn.execute("select max(msg_id) - 2 from pgmq.q_embedding_jobs").fetchone()[0],))]
@@ -149,7 +152,7 @@ def test_dimension_mismatch_is_a_clear_dead_letter(conn, fake_openai, settings, 
     monkeypatch.delenv("AUTOEMBED_MODEL")
     conn.execute("""
         create table items (id int primary key, body text, embedding vector(1536));
-        create function item_input(i items) returns text language sql as $$ select i.body $$;
+        create function item_input(i items) returns text language sql immutable as $$ select i.body $$;
         create trigger q after insert on items for each row
             execute function util.queue_embeddings('item_input', 'embedding');
         insert into items values (1, 'hello');
@@ -287,7 +290,8 @@ def _clear_trigger_calls(conn, statement: str, draining: bool) -> int:
         conn.execute("set local track_functions = 'pl'")
         if draining:
             conn.execute("set local autoembed.draining = 'on'")
-        calls = "select coalesce(pg_stat_get_xact_function_calls('autoembed.clear_on_change'::regproc), 0)"
+        calls = ("select coalesce(sum(pg_stat_get_xact_function_calls(tgfoid)), 0) from pg_trigger"
+                 " where tgname = 'autoembed_clear'")
         before = conn.execute(calls).fetchone()[0]  # counts not flushed yet carry over between transactions
         conn.execute(statement)
         return conn.execute(calls).fetchone()[0] - before
@@ -305,7 +309,9 @@ def test_the_drains_writes_skip_the_clear_trigger_also_on_tables_enrolled_before
     assert _clear_trigger_calls(conn, write_vectors, draining=True) == 0
     assert _clear_trigger_calls(conn, user_edit, draining=False) == 10
 
-    # A table enrolled by an older version: its trigger has no WHEN clause. `db init` adds it.
+    # A table enrolled by an older version: its clear trigger has neither the drain check nor the
+    # input comparison in its WHEN clause. `db init` enrols it again (tests/test_registry.py has
+    # the full upgrade).
     conn.execute("drop trigger autoembed_clear on notes")
     conn.execute("create trigger autoembed_clear before update on notes for each row "
                  "execute function autoembed.clear_on_change('note_input', 'embedding')")
@@ -313,7 +319,7 @@ def test_the_drains_writes_skip_the_clear_trigger_also_on_tables_enrolled_before
     init_db(conn)
     init_db(conn)  # idempotent
     definition = conn.execute("select pg_get_triggerdef(oid) from pg_trigger where tgname = 'autoembed_clear'").fetchone()[0]
-    assert "WHEN" in definition and "clear_on_change('note_input', 'embedding')" in definition
+    assert "WHEN" in definition and "note_input(old.*) IS DISTINCT FROM note_input(new.*)" in definition
     assert _clear_trigger_calls(conn, write_vectors, draining=True) == 0
     conn.execute(user_edit)
     assert conn.execute("select count(*) from notes where embedding is null").fetchone()[0] == 10

@@ -25,7 +25,6 @@ from typing import Callable, TypeVar
 
 import psycopg
 from psycopg import errors, sql
-from psycopg.types.json import Jsonb
 
 from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
 from .database import lent_connection
@@ -335,22 +334,47 @@ def _purge_jobs(conn: psycopg.Connection, m: Migration, column: str) -> int:
     return cur.rowcount
 
 
-def _enqueue(conn: psycopg.Connection, m: Migration, column: str, fn: str, where: sql.Composable) -> int:
-    """Send one job per row matching `where` (over alias t) for `column`, in one send_batch."""
-    messages = conn.execute(sql.SQL(
-        """select array(select autoembed.job_message(to_jsonb(t.{key}), %(schema)s::text, %(table)s::text,
-                                                     %(fn)s::text, %(column)s::text)
-                               || case when %(key)s::text = 'id' then '{{}}'::jsonb
-                                       else jsonb_build_object('keyColumn', %(key)s::text) end
-                        from {table} t where {where})"""
-    ).format(key=sql.Identifier(m.key_column), table=_table_sql(m), where=where),
-        {"schema": m.schema_name, "table": m.table_name, "fn": fn, "column": column, "key": m.key_column},
-    ).fetchone()[0]
-    if messages:
-        conn.execute("select pgmq.send_batch(%s, %s::jsonb[])",
-                     (m.queue, [Jsonb(msg) for msg in messages]))
-        conn.execute("select pg_notify('autoembed', %s)", (m.queue,))
-    return len(messages or [])
+def _target_id(conn: psycopg.Connection, m: Migration, column: str) -> int | None:
+    """The registered target of `column` (current name) of the migration's table."""
+    return conn.execute("select autoembed.target_of(%s::regclass, %s)",
+                        (_table_sql(m).as_string(conn), column)).fetchone()[0]
+
+
+def _enqueue(conn: psycopg.Connection, m: Migration, column: str, where: sql.Composable) -> int:
+    """Queue a job per row matching `where` (over alias t) for `column`'s registered target, in
+    one send_batch (autoembed.enqueue_keys builds the messages: exact key texts, "target")."""
+    target_id = _target_id(conn, m, column)
+    if target_id is None:
+        raise MigrationError(f"{m.label}: column {column} has no registered target: enroll the table again")
+    return conn.execute(sql.SQL(
+        "select autoembed.enqueue_keys(%s, array(select t.{key} from {table} t where {where}))"
+    ).format(key=sql.Identifier(m.key_column), table=_table_sql(m), where=where), (target_id,)).fetchone()[0]
+
+
+def _register_shadow(conn: psycopg.Connection, m: Migration) -> None:
+    """Register the shadow column as a target of its own (origin 'migration'): its jobs are
+    resolved like any other, and only the content function it names may run for it."""
+    table = _table_sql(m).as_string(conn)
+    conn.execute(
+        "select autoembed.register_target(%s::regclass, %s, autoembed.content_function(%s::regclass, %s), %s, %s, %s,"
+        " 'migration')", (table, m.content_function, table, m.content_function, m.shadow_column, m.key_column, m.queue))
+
+
+def _swap_targets(conn: psycopg.Connection, m: Migration, live: str, other: str, live_fn: str) -> None:
+    """After the column renames of a promotion/rollback: the live target moves to the column now
+    named `live` (target ids keep their role, so queued jobs of the live column stay with it), and
+    an enrolled table's triggers are re-created for it (they hold the column by attnum and the
+    content function by oid)."""
+    table = _table_sql(m).as_string(conn)
+    conn.execute("select autoembed.swap_targets(%s::regclass, %s, %s)", (table, live, other))
+    conn.execute(
+        """select autoembed.install_triggers(%(t)s::regclass, c.id, autoembed.content_function(%(t)s::regclass, %(fn)s), %(col)s)
+           from autoembed.target_catalog c where c.id = autoembed.target_of(%(t)s::regclass, %(col)s) and c.origin = 'enroll'""",
+        {"t": table, "fn": live_fn, "col": live})
+
+
+def _unregister(conn: psycopg.Connection, m: Migration, column: str) -> None:
+    conn.execute("select autoembed.unregister_targets(%s::regclass, %s)", (_table_sql(m).as_string(conn), column))
 
 
 def _rename_state(conn: psycopg.Connection, m: Migration, moves: list[tuple[str, str]]) -> None:
@@ -404,9 +428,14 @@ def _retarget_triggers(conn: psycopg.Connection, m: Migration, from_fn: str, to_
 
 
 def trigger_content_functions(conn: psycopg.Connection, schema: str, table: str, column: str) -> list[str]:
-    """The content functions the table's embedding triggers pass for `column` (what its vectors are
-    made of, whatever the configuration says now), most used first."""
+    """The content functions `column`'s vectors are made of, whatever the configuration says now:
+    the registered target's first, then those the table's util.queue_embeddings triggers pass,
+    most used first."""
     counts: dict[str, int] = {}
+    for (fn,) in conn.execute("select content_function from autoembed.target_catalog"
+                              " where schema_name = %s and table_name = %s and embedding_column = %s",
+                              (schema, table, column)):
+        counts[fn] = 10**6
     for func, raw_args, nargs in conn.execute(
         """select pn.nspname || '.' || p.proname, t.tgargs, t.tgnargs from pg_trigger t
            join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
@@ -574,6 +603,7 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
         assert m is not None
         conn.execute(sql.SQL("alter table {} add column {} {}").format(
             _table_sql(m), sql.Identifier(shadow), sql.SQL(f"{vtype}({int(spec.dimensions)})")))
+        _register_shadow(conn, m)
         _install_shadow_trigger(conn, m)
         conn.execute(sql.SQL(
             "create or replace trigger {} before insert or update on autoembed.embedding_state for each row "
@@ -637,6 +667,7 @@ def promote(conn: psycopg.Connection, m: Migration, *, force: bool = False, lock
         purged = _purge_jobs(conn, mm, mm.shadow_column)
         _rename_column(conn, mm, mm.embedding_column, mm.old_column)
         _rename_column(conn, mm, mm.shadow_column, mm.embedding_column)
+        _swap_targets(conn, mm, mm.embedding_column, mm.old_column, mm.content_function)
         indexes = _swap_index_names(conn, mm, promoting=True)
         _rename_state(conn, mm, [(mm.embedding_column, mm.old_column), (mm.shadow_column, mm.embedding_column)])
         triggers = _retarget_triggers(conn, mm, mm.old_content_function, mm.content_function)
@@ -666,6 +697,7 @@ def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
             raise MigrationError(f"{mm.label}: the old vectors ({mm.old_column}) were dropped; nothing to roll back to")
         _rename_column(conn, mm, mm.embedding_column, mm.shadow_column)
         _rename_column(conn, mm, mm.old_column, mm.embedding_column)
+        _swap_targets(conn, mm, mm.embedding_column, mm.shadow_column, mm.old_content_function)
         _swap_index_names(conn, mm, promoting=False)
         _rename_state(conn, mm, [(mm.embedding_column, mm.shadow_column), (mm.old_column, mm.embedding_column)])
         _retarget_triggers(conn, mm, mm.content_function, mm.old_content_function)
@@ -685,7 +717,7 @@ def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
                          and s.row_id = t.{key}::text and s.content_hash = autoembed.content_hash({fn}(t)::text))"""
             ).format(table=target.table_sql, col=target.column_sql, key=target.key_sql, fn=target.function_sql),
                 (mm.schema_name, mm.table_name, column))
-            _enqueue(conn, mm, column, fn, sql.SQL("t.{col} is null and nullif(btrim({fn}(t)::text), '') is not null")
+            _enqueue(conn, mm, column, sql.SQL("t.{col} is null and nullif(btrim({fn}(t)::text), '') is not null")
                      .format(col=target.column_sql, fn=target.function_sql))
         return mm
 
@@ -698,6 +730,7 @@ def drop_old(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
         mm = _reload(conn, m, lock=True)
         if mm.status != "promoted":
             raise MigrationError(f"{mm.label}: only a promoted migration can drop its old vectors (it is {mm.status})")
+        _unregister(conn, mm, mm.old_column)
         conn.execute(sql.SQL("alter table {} drop column if exists {}").format(_table_sql(mm), sql.Identifier(mm.old_column)))
         conn.execute("""delete from autoembed.embedding_state
                         where schema_name = %s and table_name = %s and embedding_column = %s""",
@@ -718,6 +751,7 @@ def abort(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, 
             raise MigrationError(f"{mm.label}: only a backfilling migration can be aborted (it is {mm.status}); "
                                  "roll it back first")
         _drop_shadow_trigger(conn, mm)
+        _unregister(conn, mm, mm.shadow_column)
         conn.execute(sql.SQL("alter table {} drop column if exists {}").format(_table_sql(mm), sql.Identifier(mm.shadow_column)))
         conn.execute("""delete from autoembed.embedding_state
                         where schema_name = %s and table_name = %s and embedding_column = %s""",

@@ -8,7 +8,7 @@ regprocedure text that Postgres itself produced.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -80,7 +80,7 @@ def check_identifier(what: str, value: Any) -> str:
     return value
 
 
-MAX_IDS_PER_MESSAGE = 10_000  # the triggers group 200 rows per message (sql/003 job_messages)
+MAX_IDS_PER_MESSAGE = 10_000  # the triggers group 200 rows per message (sql/003 key_messages)
 
 
 def target_key_from_message(body: Any) -> tuple[TargetKey, list[Any]]:
@@ -205,9 +205,10 @@ class TargetChanged(RuntimeError):
 
 
 def check_target(conn: psycopg.Connection, target: Target) -> None:
-    """Raise TargetChanged when `target` no longer is what the catalog says (one lookup)."""
+    """Raise TargetChanged when `target` no longer is what the registry or catalog says."""
     try:
-        now = resolve(conn, target.key)
+        now = (lookup_registered(conn, target_id=target.registered)[0] if target.registered is not None
+               else resolve(conn, target.key))
     except TargetError as exc:
         raise TargetChanged(f"{target.key.label}: {exc}") from exc
     if now != target:
@@ -226,31 +227,77 @@ def registered_target(conn: psycopg.Connection, body: Any, queue: str) -> tuple[
     key, row_ids = target_key_from_message(body)
     wanted = body.get("target")
     if wanted is not None and (type(wanted) is not int or wanted <= 0):
-        raise TargetError(f"message target must be a registered target id, got {wanted!r}")
+        raise TargetError(f"message target must be a registered target id, got {wanted!r}: nothing of this message was run")
+    target, target_queue = lookup_registered(conn, target_id=wanted, key=key)
+    if target_queue != queue:
+        raise TargetError(f"target {target.registered} ({target.key.label}) is registered for queue "
+                          f"{target_queue!r}, not {queue!r}: nothing of this message was run")
+    return target, row_ids
+
+
+def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
+                      key: TargetKey | None = None) -> tuple[Target, str]:
+    """A registered target (by id, else by names) with its current catalog names, and its queue."""
     row = conn.execute(
-        """select id, queue, schema_name, table_name, content_function, embedding_column, key_column, function
+        """select id, queue, schema_name, table_name, content_function, embedding_column, key_column, function,
+                  key_type, vector_type, dimensions, format('%%I.%%I', schema_name, table_name)::regclass::text
            from autoembed.target_catalog
            where case when %(id)s::bigint is not null then id = %(id)s
                       else schema_name = %(schema)s and table_name = %(table)s and embedding_column = %(column)s
                            and content_function = %(fn)s and key_column = %(key)s end""",
-        {"id": wanted, "schema": key.schema, "table": key.table, "column": key.embedding_column,
-         "fn": key.content_function, "key": key.key_column},
+        {"id": target_id, "schema": key and key.schema, "table": key and key.table,
+         "column": key and key.embedding_column, "fn": key and key.content_function, "key": key and key.key_column},
     ).fetchone()
     if row is None:
-        raise TargetError(
-            f"{key.schema}.{key.table}.{key.embedding_column} with content function {key.content_function!r} "
-            f"and key {key.key_column!r} is not a registered target"
-            + (f" (target {wanted})" if wanted is not None else "")
-            + ": nothing of this message was run; enrol the table (autoembed enroll) or give it "
-              "util.queue_embeddings triggers")
-    target_id, target_queue, schema, table, content_function, column, key_column, function = row
-    if target_queue != queue:
-        raise TargetError(f"target {target_id} ({schema}.{table}.{column}) is registered for queue "
-                          f"{target_queue!r}, not {queue!r}: nothing of this message was run")
+        if target_id is not None:
+            raise TargetError(f"target {target_id} is not a registered target: nothing of this message was run")
+        raise TargetError(f"{key.label} with content function {key.content_function!r} and key "
+                          f"{key.key_column!r} is not a registered target ({why_unregistered(conn, key)}): "
+                          "nothing of this message was run")
+    (target_id, target_queue, schema, table, content_function, column, key_column, function, key_type,
+     vector_type, dimensions, regclass) = row
+    where = f"target {target_id} ({regclass}.{column})"
     if function is None:
-        raise TargetError(f"the content function registered for {schema}.{table}.{column} no longer exists")
-    target = resolve(conn, TargetKey(schema, table, content_function, column, key_column))
-    return replace(target, function=function, registered=target_id), row_ids
+        raise TargetError(f"the content function registered for {where} no longer exists: enrol the table again")
+    if column is None or vector_type is None:
+        raise TargetError(f"the embedding column of {where} is gone or no longer a vector column: enrol it again")
+    if dimensions is None:
+        raise TargetError(f"column {regclass}.{column} has no declared size: declare it as {vector_type}(n)")
+    if key_column is None or key_type is None:
+        raise TargetError(f"the key column of {where} is gone or of a type that cannot round-trip: enrol it again")
+    target = Target(TargetKey(schema, table, content_function, column, key_column), regclass, function, key_type,
+                    vector_type, int(dimensions), target_id)
+    return target, target_queue
+
+
+def why_unregistered(conn: psycopg.Connection, key: TargetKey) -> str:
+    """Why no target is registered under a message's names, and the fix, read from the catalog
+    only (nothing the message names is run). Registration rules: sql/005 register_target."""
+    rel = conn.execute(
+        "select c.oid, c.oid::regclass::text from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p')", (key.schema, key.table)).fetchone()
+    if rel is None:
+        return f"table {key.schema!r}.{key.table!r} does not exist"
+    oid, regclass = rel
+    fn = conn.execute(
+        """select p.oid::regprocedure::text, p.provolatile = 'v',
+                  p.proowner <> c.relowner and not r.rolsuper, p.proowner::regrole::text, c.relowner::regrole::text
+           from pg_proc p, pg_class c, pg_roles r
+           where p.oid = autoembed.content_function(%s::oid::regclass, %s) and c.oid = %s and r.oid = p.proowner""",
+        (oid, key.content_function, oid)).fetchone()
+    if fn is None:
+        return f"content function {key.content_function!r} taking a row of {regclass} does not exist"
+    function, volatile, foreign, fn_owner, table_owner = fn
+    if volatile:
+        return (f"content function {function} is VOLATILE: alter function {function} immutable (or stable), "
+                "then re-save the rows or retry the dead letters")
+    if foreign:
+        return f"content function {function} is owned by {fn_owner}, not by {table_owner}, the table's owner"
+    if conn.execute("select 1 from autoembed.vector_column(%s::oid::regclass, %s)",
+                    (oid, key.embedding_column)).fetchone() is None:
+        return f"{regclass} has no vector/halfvec column {key.embedding_column!r}"
+    return ("no enrolment or util.queue_embeddings trigger registered it: enrol the table (autoembed enroll), "
+            "or check the key column and queue its trigger names")
 
 
 def check_dimensions(target: Target, model_dimensions: int, model: str) -> None:

@@ -21,7 +21,8 @@ from .. import queue as pgmq
 from ..config import ConfigError, CredentialsError, Settings
 from ..database import conninfo_of, second_connection
 from ..embedders.base import EmbeddingError
-from ..targets import Target, TargetChanged, TargetError, TargetKey, check_dimensions, resolve, target_key_from_message
+from ..targets import (Target, TargetChanged, TargetError, TargetKey, check_dimensions, registered_target,
+                       target_key_from_message)
 from .claims import Claims
 from .embed import ProviderConfigError, embed_work
 from .jobs import Job, recorded_failures, row_jobs
@@ -29,7 +30,7 @@ from .outcome import Outcome
 from .read import Work, read_rows_or_isolate, sort_jobs
 from .resolvers import EmbedderResolver, default_resolver, resolve_embedder
 from .settle import Settler
-from .stats import UNKNOWN_TABLE, DrainStats, attributed, spent, table_key
+from .stats import UNKNOWN_TABLE, DrainStats, attributed, spent, table_key, table_of_body
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,7 +97,7 @@ class Drainer:
         self.resolver = resolver or default_resolver(url=conninfo_of(conn))
         pin_session(conn)
         self._encoding = conn.info.encoding  # of the keys in COPY tuples, made in the worker thread too
-        self._targets: dict[TargetKey, Target] = {}
+        self._targets: dict[TargetKey | tuple[str, int], Target] = {}
         s = self.settings
         self.claims = Claims(s.queue, s.visibility_timeout, s.read_batch)
         self.settler = Settler(conn, s, self.claims, self.resolver)
@@ -150,9 +151,9 @@ class Drainer:
                 if message.read_ct > self.max_claims and not failures.get(message.msg_id):
                     raise TargetError(f"claimed {message.read_ct} times and never settled: the drains that "
                                       "held it died on it (out of memory? a crash in the embedder?)")
-                key, row_ids = target_key_from_message(message.body)
-                table = table_key(key)
-                target = self._target(key, conn)
+                table = table_of_body(message.body)
+                target, row_ids = self._target(message.body, conn)
+                table = table_key(target.key)
             except TargetError as exc:
                 batch.outcome.dead.append((Job(message.msg_id, message.body, "", None,
                                                failures.get(message.msg_id, 0)), str(exc)))
@@ -248,12 +249,17 @@ class Drainer:
                     "retrying the batch", self.settings.queue, type(exc).__name__, str(exc).strip())
         self._targets.clear()
 
-    def _target(self, key: TargetKey, conn: psycopg.Connection | None = None) -> Target:
-        target = self._targets.get(key)
+    def _target(self, body: object, conn: psycopg.Connection) -> tuple[Target, list]:
+        """The registered target a message points at (targets.registered_target), and its keys.
+        Kept for the life of the Drainer, by target id or by the names a message gives."""
+        key, row_ids = target_key_from_message(body)
+        wanted = body.get("target")
+        cache_key = ("id", wanted) if type(wanted) is int else key
+        target = self._targets.get(cache_key)
         if target is None:
-            target = resolve(conn or self.conn, key)
-            self._targets[key] = target
-        return target
+            target, row_ids = registered_target(conn, body, self.settings.queue)
+            self._targets[cache_key] = target
+        return target, row_ids
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, *, idle_timeout: float = 0.0, time_budget: float | None = None,

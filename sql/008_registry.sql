@@ -1,0 +1,83 @@
+-- Upgrade of databases set up before the target registry. Idempotent: a no-op once done.
+
+-- Registrations of dropped tables (their oid could be reused by another table).
+delete from autoembed.targets t where not exists (select 1 from pg_class c where c.oid = t.relid);
+
+-- Tables enrolled by an older version: their triggers pass names (content function, column, key,
+-- queue), not a target, and the clear trigger has no input comparison in its WHEN clause. Enrolled
+-- again from those arguments (or from the registry), without a backlog. A table that can no longer
+-- be enrolled (say, its key is not unique) keeps its old triggers, which then enqueue nothing: the
+-- warning says why.
+do $$
+declare
+    t record;
+    reg record;
+begin
+    for t in
+        select tr.tgrelid::regclass as tbl,
+               (select autoembed.trigger_args(q.tgargs, q.tgnargs) from pg_trigger q
+                where q.tgrelid = tr.tgrelid and q.tgnargs = 4
+                  and q.tgfoid = 'autoembed.queue_embeddings_bulk()'::regprocedure limit 1) as args
+        from pg_trigger tr
+        where tr.tgfoid in ('autoembed.queue_embeddings_bulk()'::regprocedure, 'autoembed.clear_on_change()'::regprocedure)
+          and tr.tgnargs <> 1
+        group by tr.tgrelid
+    loop
+        begin
+            if t.args is not null then
+                perform autoembed.enroll(t.tbl, t.args[1], t.args[2], t.args[3], t.args[4], false);
+            else
+                select c.* into reg from autoembed.target_catalog c join autoembed.targets r on r.id = c.id
+                where r.relid = t.tbl and r.origin = 'enroll' limit 1;
+                if reg.id is null then
+                    raise exception 'no registered target and no enqueue trigger to enrol it from';
+                end if;
+                perform autoembed.enroll(t.tbl, reg.content_function, reg.embedding_column, reg.key_column, reg.queue, false);
+            end if;
+        exception when others then
+            raise warning 'autoembed: could not upgrade the triggers of %: %; they enqueue nothing until it is enrolled again',
+                t.tbl, sqlerrm;
+        end;
+    end loop;
+end;
+$$;
+
+-- Renames of an enrolled embedding column: the generated clear function names the column (see
+-- autoembed.install_clear_function), so an ALTER TABLE regenerates the clear functions of the
+-- table's targets. Event triggers need a superuser: when db init runs as another role there is
+-- none, and an UPDATE after such a rename fails loudly until the table is enrolled again.
+create or replace function autoembed.follow_renames()
+returns event_trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    target_id bigint;
+begin
+    for target_id in
+        select distinct r.id from pg_event_trigger_ddl_commands() d
+        join autoembed.targets r on r.relid = d.objid
+        where d.classid = 'pg_class'::regclass
+          and exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
+                                                and p.proname = format('clear_target_%s', r.id))
+    loop
+        begin
+            perform autoembed.install_clear_function(target_id);
+        exception when others then
+            raise warning 'autoembed: could not follow the change of the table of target %: %; enroll it again',
+                target_id, sqlerrm;
+        end;
+    end loop;
+end;
+$$;
+
+do $$
+begin
+    if (select r.rolsuper from pg_roles r where r.rolname = current_user)
+       and not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames') then
+        create event trigger autoembed_follow_renames on ddl_command_end when tag in ('ALTER TABLE')
+            execute function autoembed.follow_renames();
+    end if;
+end;
+$$;
