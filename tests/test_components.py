@@ -254,3 +254,19 @@ def test_dead_letter_check_counts_shadow_columns_and_purge_removes_orphans(supab
     done = run_cli(["dead-letters", "--purge", "--yes"], tmp_path).stdout
     assert "2 dead letter(s) deleted" in done
     assert health.dead_letter_count(conn, key) == 1
+
+
+def test_discovery_reads_the_registry_then_triggers_not_fired_yet(supabase_docs):
+    from autoembed_dagster.core.pipelines import discover_pipelines
+
+    conn = supabase_docs
+    conn.execute(NOTES_SQL)  # enrolled: in the autoembed.targets registry
+    for (name,) in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass "
+                                "and not tgisinternal").fetchall():
+        conn.execute(f'drop trigger "{name}" on notes')  # the registry alone names it now
+    found = {p.name: p for p in discover_pipelines(conn, [])}
+    assert set(found) == {"documents", "notes"}  # documents: Supabase's triggers, no write yet
+    assert found["notes"].content_function == "notes_input" and found["notes"].discovered
+    assert not conn.execute("select 1 from autoembed.target_catalog where table_name = 'documents'").fetchone()
+    declared = Pipeline(name="docs", schema="public", table="documents")
+    assert [p.name for p in discover_pipelines(conn, [declared])] == ["notes"]  # a declaration wins

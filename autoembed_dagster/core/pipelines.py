@@ -95,10 +95,17 @@ def make_pipeline(name: str, *, table: str, **fields) -> Pipeline:
 
 # -- tables registered in the database but declared nowhere ------------------------------------------
 def registered_targets(conn: psycopg.Connection) -> list[tuple[str, str, str, str, str, str]]:
-    """(schema, table, content function, embedding column, key column, queue) of every table whose
-    triggers enqueue embedding jobs. The one place that reads the registrations: switch it to the
-    `autoembed.targets` registry once it exists."""
+    """(schema, table, content function, embedding column, key column, queue) of every table
+    registered for embedding: the `autoembed.targets` registry (enrolled tables, and tables whose
+    Supabase-style trigger has fired), then tables whose enqueue triggers have not fired yet (not
+    registered until their first write). A migration's shadow column is not a table of its own."""
     found: dict[tuple[str, str, str], tuple[str, str, str, str, str, str]] = {}
+    for schema, table, fn, column, key, queue in conn.execute(
+        """select schema_name, table_name, content_function, embedding_column, key_column, queue
+           from autoembed.target_catalog
+           where origin <> 'migration' and embedding_column is not null and key_column is not null
+           order by 1, 2, 4"""):
+        found.setdefault((schema, table, column), (schema, table, fn, column, key, queue))
     for schema, table, func, raw_args, nargs in conn.execute(
         """select n.nspname, c.relname, pn.nspname || '.' || p.proname, t.tgargs, t.tgnargs
            from pg_trigger t
