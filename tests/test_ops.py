@@ -20,13 +20,13 @@ from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteRepositoryOrigin
 from dagster._core.test_utils import create_run_for_test
 from dagster._daemon.monitoring.run_monitoring import monitor_started_run
-from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
 from psycopg import sql
 
 from autoembed_dagster.core import migration as mig
 from autoembed_dagster.core.backfill import resolve_spec, run_backfill
 from autoembed_dagster.defs.assets import LANE_TAG
 from autoembed_dagster.defs.drain import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIME_BUDGET, build_drain_job
+from autoembed_dagster.defs.sensors import _blocking_runs
 
 from .test_dagster_e2e import ROOT, daemon_running, dagster_home  # noqa: F401 - dagster_home is a fixture
 from .test_migration import DOCS_512, column_type, seed
@@ -161,22 +161,16 @@ def instance(dagster_home, monkeypatch):
         yield inst
 
 
-def _dequeueable(instance) -> set[str]:
-    """The queued runs Dagster's run queue would launch now (its tag concurrency limits applied)."""
-    daemon = QueuedRunCoordinatorDaemon(interval_seconds=1)
-    return {run.run_id for run in daemon._get_runs_to_dequeue(instance, instance.get_concurrency_config(), None)}
-
-
 def _run(instance, job_name: str, tags: dict, status: DagsterRunStatus):
     """A run of the project's code location, as the sensor would create it (without launching it)."""
     origin = RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("autoembed"), "__repository__").get_job_origin(job_name)
     return create_run_for_test(instance, job_name=job_name, tags=tags, status=status, remote_job_origin=origin)
 
 
-def test_a_drain_run_past_its_maximum_runtime_is_failed_and_frees_its_lane(instance):
+def test_a_drain_run_past_its_maximum_runtime_is_failed_and_frees_its_slot(instance):
     """Unit level, through the instance of the project's dagster.yaml: run monitoring fails a
-    drain run older than its `dagster/max_runtime`, and the queued drain of the same lane may
-    then start (Dagster's own run-queue logic); before that, the lane blocks it."""
+    drain run older than its `dagster/max_runtime`, so it holds no slot of its queue's pool (the
+    pool itself is tested in test_scaling.py), and the queue sensor stops counting it at once."""
     job = build_drain_job("embedding_jobs", [])
     max_runtime = float(job.tags[dg.MAX_RUNTIME_SECONDS_TAG])
     assert max_runtime > DEFAULT_TIME_BUDGET + DEFAULT_IDLE_TIMEOUT
@@ -187,9 +181,8 @@ def test_a_drain_run_past_its_maximum_runtime_is_failed_and_frees_its_lane(insta
     started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=max_runtime + 30)
     instance.handle_run_event(hung.run_id, DagsterEvent(DagsterEventType.RUN_START.value, job_name=job.name),
                               update_timestamp=started)
-    waiting = _run(instance, job.name, dict(job.tags), DagsterRunStatus.QUEUED)
-    other_lane = _run(instance, "drain_other", {LANE_TAG: "other"}, DagsterRunStatus.QUEUED)
-    assert _dequeueable(instance) == {other_lane.run_id}, "the hung run does not hold its lane"
+    assert instance.get_run_by_id(hung.run_id).status == DagsterRunStatus.STARTED
+    assert [r.dagster_run.run_id for r in _blocking_runs(instance, job.name, "embedding_jobs")] == [hung.run_id]
 
     # A run within its maximum runtime is left alone.
     young = _run(instance, "drain_young", {**job.tags, LANE_TAG: "young"}, DagsterRunStatus.STARTING)
@@ -200,7 +193,7 @@ def test_a_drain_run_past_its_maximum_runtime_is_failed_and_frees_its_lane(insta
 
     assert instance.get_run_by_id(hung.run_id).status == DagsterRunStatus.FAILURE
     assert instance.get_run_by_id(young.run_id).status == DagsterRunStatus.STARTED
-    assert _dequeueable(instance) == {waiting.run_id, other_lane.run_id}
+    assert _blocking_runs(instance, job.name, "embedding_jobs") == [], "a failed run holds nothing"
 
 
 def _worker_pid(instance, run_id: str) -> int | None:
