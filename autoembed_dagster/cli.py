@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .core import api
@@ -29,7 +30,30 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_unproducible_size(args: argparse.Namespace) -> None:
+    """Enrolling a column the default model cannot fill would dead-letter every row: refuse it."""
+    from .core.backfill import pipeline_spec
+    from .core.pipelines import Pipeline, split_table
+    from .core.targets import TargetKey, resolve
+
+    schema, table = split_table(args.table, args.table)
+    with api.session() as conn:
+        target = resolve(conn, TargetKey(schema, table, args.content_function, args.column, args.key))
+    spec = pipeline_spec(Pipeline(name="enroll", schema=schema, table=table, content_function=args.content_function,
+                                  embedding_column=args.column, key_column=args.key),
+                         column_dimensions=target.dimensions)
+    if spec.dimensions != target.dimensions:
+        column = f"{target.vector_type}({target.dimensions})"
+        raise ConfigError(
+            f"{args.table}.{args.column} is {column} but the model {spec.identity_key} makes {spec.dimensions} "
+            f"dimensions: alter the column to {target.vector_type}({spec.dimensions}), choose a model that makes "
+            f"{target.dimensions} (AUTOEMBED_PROVIDER / AUTOEMBED_MODEL, or `provider`/`model` in the pipeline's "
+            "defs.yaml), or pass --force to enrol it anyway")
+
+
 def _cmd_enroll(args: argparse.Namespace) -> int:
+    if not args.force:
+        _refuse_unproducible_size(args)
     n = api.enroll(args.table, args.content_function, args.column, key_column=args.key,
                    queue=args.queue, backlog=not args.no_backlog)
     print(f"{args.table} enrolled; {n} existing rows queued for embedding")
@@ -82,17 +106,48 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    hits = api.search(args.query, table=args.table, schema=args.schema, content_function=args.content_function,
-                      embedding_column=args.column, key_column=args.key, k=args.k)
+    if args.pipeline:
+        from .core.drain import pipeline_resolver
+
+        p = _pipeline_named(args.pipeline)
+        where = dict(table=p.table, schema=p.schema, content_function=p.content_function,
+                     embedding_column=p.embedding_column, key_column=p.key_column, resolver=pipeline_resolver([p]))
+    elif args.table:
+        schema, _, table = args.table.rpartition(".")
+        where = dict(table=table, schema=schema or args.schema, content_function=args.content_function,
+                     embedding_column=args.column, key_column=args.key)
+    else:
+        raise ConfigError("name what to search: --pipeline NAME (a defs/<name>/defs.yaml) or --table TABLE")
+    hits = api.search(args.query, k=args.k, **where)
     if not hits:
         print("no embedded rows yet: run `autoembed drain`")
+    label = f"{where['schema']}.{where['table']}"
     for rank, hit in enumerate(hits, 1):
         first = " ".join(hit.input.split())[:100]
-        print(f"{rank}. [{hit.distance:.3f}] {args.table} id={hit.id}: {first}")
+        print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id}: {first}")
     return 0
 
 
 def _cmd_dead(args: argparse.Namespace) -> int:
+    if args.purge:
+        from .core.health import orphaned_dead_letters, purge_dead_letters
+
+        with api.session() as conn:
+            orphans = orphaned_dead_letters(conn, args.queue, args.ids or None)
+            if not orphans:
+                print(f"no dead letter of {args.queue} is orphaned: nothing to purge")
+                return 0
+            for d in orphans[:args.limit]:
+                print(f"#{d.msg_id} {d.target}: {d.why}")
+            if not args.yes:
+                if not sys.stdin.isatty():
+                    raise ConfigError(f"{len(orphans)} dead letter(s) would be deleted: pass --yes to confirm")
+                if input(f"delete these {len(orphans)} dead letter(s)? [y/N] ").strip().lower() not in ("y", "yes"):
+                    print("nothing deleted")
+                    return 1
+            n = purge_dead_letters(conn, args.queue, [d.msg_id for d in orphans])
+        print(f"{n} dead letter(s) deleted")
+        return 0
     if args.retry:
         n = api.retry_dead_letters(queue=args.queue, ids=args.ids or None)
         print(f"{n} dead letter(s) put back on {args.queue}")
@@ -110,26 +165,58 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     dagster_home=args.dagster_home)
 
 
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from .demo import run_dagster_dev
+
+    return run_dagster_dev(port=args.port, workspace=args.workspace)
+
+
 def _cmd_dagster_env(args: argparse.Namespace) -> int:
     from .demo import print_dagster_env
 
     return print_dagster_env()
 
 
-def _pipeline_named(name: str):
-    from .core.pipelines import load_pipelines, pipelines_path
+def _all_pipelines():
+    """The project's declared pipelines (its defs.yaml files), then the tables registered in the
+    database but declared nowhere."""
+    from .components.declarations import declared_pipelines
+    from .core.pipelines import discover_pipelines
 
-    pipelines = load_pipelines()
-    for p in pipelines:
+    declared = declared_pipelines()
+    with api.session() as conn:
+        return declared, discover_pipelines(conn, declared)
+
+
+def _pipeline_named(name: str):
+    declared, discovered = _all_pipelines()
+    for p in (*declared, *discovered):
         if p.name == name:
             return p
-    raise ConfigError(f"no pipeline {name!r} in {pipelines_path()} (declared: {', '.join(q.name for q in pipelines) or 'none'})")
+    names = ", ".join(q.name for q in (*declared, *discovered)) or "none"
+    raise ConfigError(f"no pipeline {name!r} (known: {names}); declare one with "
+                      f"`dg scaffold defs autoembed_dagster.EmbeddingPipeline {name} --table TABLE`")
+
+
+def _cmd_pipelines(args: argparse.Namespace) -> int:
+    from .core.backfill import code_version
+
+    declared, discovered = _all_pipelines()
+    rows = [(p, "declared") for p in declared] + [(p, "discovered") for p in discovered]
+    if args.json:
+        print(json.dumps([{**p.__dict__, "origin": origin, "model": code_version(p)} for p, origin in rows], indent=2))
+        return 0
+    for p, origin in rows:
+        print(f"{p.name:<20} {p.qualified_table}.{p.embedding_column:<24} queue {p.queue:<16} "
+              f"{code_version(p)}  ({origin})")
+    return 0
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .core.backfill import resolve_spec, run_backfill
+    from .core.backfill import live_key, pipeline_spec, run_backfill
+    from .core.targets import resolve
 
     p = _pipeline_named(args.pipeline)
     bar = None
@@ -145,8 +232,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             bar.set_postfix(shard=stats.shard, embedded=stats.embedded, refresh=False)
 
     with api.session() as conn:
-        spec = resolve_spec(conn, p, provider=args.provider, model=args.model, dimensions=args.dimensions,
-                            content_function=args.content_function)
+        spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
         try:
             result = run_backfill(conn, p, spec, only=args.shards, promote_when_complete=not args.no_promote,
                                   batch_rows=args.batch_rows, on_batch=on_batch, on_plan=on_plan)
@@ -195,7 +281,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoembed", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens; show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database set-up")
@@ -203,40 +289,49 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(func=_cmd_db)
 
     en = sub.add_parser("enroll", help="keep a table's embedding column in sync")
-    en.add_argument("table")
-    en.add_argument("--content-function", default="embedding_input")
-    en.add_argument("--column", default="embedding")
-    en.add_argument("--key", default="id")
-    en.add_argument("--queue", default="embedding_jobs")
+    en.add_argument("table", help="the table, `name` or `schema.name`")
+    en.add_argument("--content-function", default="embedding_input",
+                    help="SQL function taking a row and returning the text to embed (default: embedding_input)")
+    en.add_argument("--column", default="embedding", help="the vector column (default: embedding)")
+    en.add_argument("--key", default="id", help="the key column (default: id)")
+    en.add_argument("--queue", default="embedding_jobs", help="pgmq queue of the jobs (default: embedding_jobs)")
     en.add_argument("--no-backlog", action="store_true", help="do not queue existing rows")
+    en.add_argument("--force", action="store_true",
+                    help="enrol even when the default model cannot make vectors of the column's size")
     en.set_defaults(func=_cmd_enroll)
 
     st = sub.add_parser("status", help="queue depth, in flight, dead letters")
-    st.add_argument("--queue")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--queue", help="only this queue (default: all)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_cmd_status)
 
     dr = sub.add_parser("drain", help="embed queued jobs until the queue is empty")
     dr.add_argument("--idle-timeout", type=float, default=0.0, help="then wait this long for more work")
     dr.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
-    dr.add_argument("-q", "--quiet", action="store_true")
+    dr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     dr.set_defaults(func=_cmd_drain)
 
     se = sub.add_parser("search", help="semantic search")
-    se.add_argument("query")
-    se.add_argument("--table", required=True)
-    se.add_argument("--schema", default="public")
-    se.add_argument("--content-function", default="embedding_input")
-    se.add_argument("--column", default="embedding")
-    se.add_argument("--key", default="id")
-    se.add_argument("-k", type=int, default=5)
+    se.add_argument("query", help="the text to search for")
+    se.add_argument("--pipeline", help="a declared (defs/<name>/defs.yaml) or discovered pipeline: its table, "
+                                       "column, content function and model")
+    se.add_argument("--table", help="or a table, `name` or `schema.name` (with the flags below)")
+    se.add_argument("--schema", default="public", help="schema of --table when it has none (default: public)")
+    se.add_argument("--content-function", default="embedding_input", help="with --table (default: embedding_input)")
+    se.add_argument("--column", default="embedding", help="with --table (default: embedding)")
+    se.add_argument("--key", default="id", help="with --table (default: id)")
+    se.add_argument("-k", type=int, default=5, help="how many rows (default: 5)")
     se.set_defaults(func=_cmd_search)
 
     dl = sub.add_parser("dead-letters", help="list dead letters, or --retry them")
-    dl.add_argument("--queue", default="embedding_jobs")
-    dl.add_argument("--retry", action="store_true")
-    dl.add_argument("--ids", type=int, nargs="*")
-    dl.add_argument("--limit", type=int, default=50)
+    dl.add_argument("--queue", default="embedding_jobs", help="the queue (default: embedding_jobs)")
+    dl.add_argument("--retry", action="store_true", help="put them back on the queue (after fixing the cause)")
+    dl.add_argument("--purge", action="store_true",
+                    help="delete the dead letters that cannot apply any more (their table or column is gone, "
+                         "e.g. a shadow column after an abort); asks first")
+    dl.add_argument("--yes", action="store_true", help="with --purge: do not ask")
+    dl.add_argument("--ids", type=int, nargs="*", help="only these message ids")
+    dl.add_argument("--limit", type=int, default=50, help="list at most this many (default: 50)")
     dl.set_defaults(func=_cmd_dead)
 
     dm = sub.add_parser("demo", help="the whole stack offline: Postgres, a docstring corpus, Dagster, search")
@@ -251,24 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("dagster-env", help="print the exports `dagster dev -w workspace.yaml` needs (eval them)")
     de.set_defaults(func=_cmd_dagster_env)
 
-    bf = sub.add_parser("backfill", help="re-embed a pipeline shard by shard (a model change: zero-downtime migration)")
-    bf.add_argument("pipeline", help="pipeline name (autoembed.toml)")
-    bf.add_argument("--provider", help="target model's provider (default: the pipeline's)")
-    bf.add_argument("--model", help="target model (default: the pipeline's)")
-    bf.add_argument("--dimensions", type=int, help="target size (default: the pipeline's)")
-    bf.add_argument("--content-function", help="target input function (default: the pipeline's)")
+    bf = sub.add_parser("backfill", help="re-embed a pipeline with the model its defs.yaml names, shard by shard "
+                                         "(a model change: zero-downtime migration)")
+    bf.add_argument("pipeline", help="pipeline name (its defs/<name>/defs.yaml; the model is the one it names)")
     bf.add_argument("--shards", type=int, nargs="*", help="only these shards (default: all)")
     bf.add_argument("--batch-rows", type=int, help="rows per provider request")
     bf.add_argument("--no-promote", action="store_true", help="do not promote the migration when it is complete")
-    bf.add_argument("-q", "--quiet", action="store_true")
+    bf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bf.set_defaults(func=_cmd_backfill)
 
     mg = sub.add_parser("migrate", help="a pipeline's model migration: status, promote, rollback, drop-old, abort")
-    mg.add_argument("pipeline", help="pipeline name (autoembed.toml)")
-    mg.add_argument("action", choices=["status", "promote", "rollback", "drop-old", "abort"])
+    mg.add_argument("pipeline", help="pipeline name (its defs/<name>/defs.yaml)")
+    mg.add_argument("action", choices=["status", "promote", "rollback", "drop-old", "abort"], help="what to do")
     mg.add_argument("--force", action="store_true", help="promote below 100%% coverage / drop-old whatever the config says")
-    mg.add_argument("--json", action="store_true")
+    mg.add_argument("--json", action="store_true", help="machine-readable output")
     mg.set_defaults(func=_cmd_migrate)
+
+    pl = sub.add_parser("pipelines", help="the project's pipelines: declared (defs.yaml) and discovered (SQL only)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=_cmd_pipelines)
+
+    dv = sub.add_parser("dev", help="`dagster dev` on this project's data: starts Postgres, prepares Dagster's "
+                                    "storage, sets the environment (no eval needed)")
+    dv.add_argument("--port", type=int, default=3000, help="port of the Dagster UI (default: 3000)")
+    dv.add_argument("-w", "--workspace", default=None,
+                    help="workspace.yaml to load (default: the project's, else its definitions module)")
+    dv.set_defaults(func=_cmd_dev)
     return p
 
 
@@ -278,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader (e.g. `head`) has gone: stop quietly, and keep Python from complaining again
+        # when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ConfigError, ValueError) as exc:
         print(f"autoembed: {exc}", file=sys.stderr)
         return 2

@@ -31,23 +31,14 @@ from .core.corpus import Doc, stdlib_docs
 from .core.database import (connect, database_name, database_url, embedded_pgdata, embedded_running, ensure_database,
                             stop_embedded)
 from .core.migrations import init_db
-from .core.pipelines import Pipeline, load_pipelines, pipelines_path
+from .core.pipelines import Pipeline
 
 DAGSTER_DATABASE = "dagster"  # Dagster's storage, on the data's server; AUTOEMBED_DAGSTER_DATABASE overrides
 DEMO_SCHEMA = "autoembed_demo"
 DEMO_TABLE = "stdlib_docs"
 # Schema-qualified: the triggers and the drain resolve it whatever the search_path.
 DEMO_FUNCTION = f"{DEMO_SCHEMA}.embedding_input"
-DEMO_PIPELINE = Pipeline(name="stdlib_docs", schema=DEMO_SCHEMA, table=DEMO_TABLE, content_function=DEMO_FUNCTION,
-                         provider="local")
-DEMO_PIPELINE_TOML = f"""
-[pipelines.{DEMO_PIPELINE.name}]
-table = "{DEMO_SCHEMA}.{DEMO_TABLE}"
-content_function = "{DEMO_FUNCTION}"
-embedding_column = "embedding"
-queue = "embedding_jobs"
-provider = "local"
-"""
+DEMO_PROJECT = "demo"  # the demo's Dagster project, in the checkout: demo/autoembed_demo_project/defs/*/defs.yaml
 QUERIES = (
     "parse command-line options and arguments",
     "compress data with gzip",
@@ -69,10 +60,49 @@ def project_root() -> Path:
     return root
 
 
+def demo_project() -> Path:
+    return project_root() / DEMO_PROJECT
+
+
+def demo_pipeline() -> Pipeline:
+    """The demo's pipeline, read from its defs.yaml like any declared pipeline."""
+    from .components.declarations import declared_pipelines
+
+    pipelines = declared_pipelines(demo_project())
+    if len(pipelines) != 1:
+        raise ConfigError(f"the demo project {demo_project()} must declare exactly one pipeline, found "
+                          f"{', '.join(p.name for p in pipelines) or 'none'}")
+    return pipelines[0]
+
+
+def as_url(conninfo: str) -> str:
+    """A libpq key=value conninfo string (`host=... dbname=...`) as the equivalent postgresql://
+    URL: SQLAlchemy and the URL helpers read URLs only. A URL is returned unchanged."""
+    if "://" in conninfo:
+        return conninfo
+    from urllib.parse import quote, urlencode
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
+    except Exception as exc:  # psycopg.ProgrammingError: not a conninfo either
+        raise ConfigError(f"AUTOEMBED_DATABASE_URL is neither a postgresql:// URL nor a key=value conninfo "
+                          f"string ({exc})") from None
+    user, password = params.pop("user", ""), params.pop("password", "")
+    host, port, dbname = params.pop("host", ""), params.pop("port", ""), params.pop("dbname", "")
+    auth = quote(user, safe="") + (":" + quote(password, safe="") if password else "") + ("@" if user else "")
+    if host.startswith("/"):  # a unix socket directory goes in the query
+        params["host"], host = host, ""
+    netloc = auth + host + (f":{port}" if port else "")
+    query = f"?{urlencode(params)}" if params else ""
+    return f"postgresql://{netloc}/{quote(dbname, safe='')}{query}"
+
+
 def sqlalchemy_url(libpq_url: str) -> str:
-    """The same URL in the form Dagster's Postgres storage needs (psycopg2 driver; an empty
-    password dropped, so `postgres:@` becomes `postgres@`)."""
-    parsed = urlparse(libpq_url)
+    """The same URL (or conninfo string) in the form Dagster's Postgres storage needs (psycopg2
+    driver; an empty password dropped, so `postgres:@` becomes `postgres@`)."""
+    parsed = urlparse(as_url(libpq_url))
     netloc = parsed.netloc
     if parsed.password == "" and "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
@@ -124,7 +154,7 @@ def dagster_env(settings: Settings | None = None, *, prepare_storage: bool = Tru
     root = project_root()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        url = database_url(settings)
+        url = as_url(database_url(settings))  # key=value conninfo too
     with connect(url) as conn:
         init_db(conn)
     env = {
@@ -142,6 +172,35 @@ def print_dagster_env(settings: Settings | None = None) -> int:
     for key, value in env.items():
         print(f"export {key}={shlex.quote(value)}")
     return 0
+
+
+def run_dagster_dev(port: int = 3000, workspace: str | None = None) -> int:
+    """`autoembed dev`: `dagster dev` with the environment `autoembed dagster-env` prints (Postgres
+    started, schema initialised, Dagster's storage ready), on the project in the current directory
+    (its workspace.yaml, else its definitions module), else this checkout's own project."""
+    from .components.declarations import project_root as dg_project_root
+
+    env = {**os.environ, **dagster_env()}
+    if workspace is None:
+        project = dg_project_root()
+        target = (["-w", str(project / "workspace.yaml")] if (project / "workspace.yaml").is_file()
+                  else ["-m", f"{_root_module(project)}.definitions"])
+    else:
+        project, target = Path.cwd(), ["-w", workspace]
+    argv = [_executable("dagster"), "dev", *target, "-p", str(port)]
+    say(f"DAGSTER_HOME={env['DAGSTER_HOME']}; data: {_masked(env['AUTOEMBED_DATABASE_URL'])}")
+    say("$ " + " ".join(shlex.quote(a) for a in argv))
+    try:
+        return subprocess.call(argv, cwd=project, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _root_module(project: Path) -> str:
+    import tomllib
+
+    data = tomllib.loads((project / "pyproject.toml").read_text())
+    return data["tool"]["dg"]["project"]["root_module"]
 
 
 # -- the demo table ------------------------------------------------------------------------------
@@ -180,23 +239,6 @@ def insert_docs(conn, docs: list[Doc]) -> None:
         with cur.copy(f"copy {DEMO_SCHEMA}.{DEMO_TABLE} (module, name, kind, content) from stdin") as copy:
             for d in docs:
                 copy.write_row((d.module, d.name, d.kind, d.content.replace("\x00", "")))
-
-
-def demo_pipelines_file(home: Path) -> Path:
-    """The user's pipelines (if any) plus the demo's, for the Dagster processes the demo starts."""
-    path = home / "demo" / "autoembed.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = DEMO_PIPELINE_TOML
-    user = pipelines_path()
-    if user.exists():
-        try:
-            names = {p.name for p in load_pipelines(user)}
-            if DEMO_PIPELINE.name not in names:
-                text = user.read_text() + "\n" + DEMO_PIPELINE_TOML
-        except ConfigError:
-            pass
-    path.write_text(text)
-    return path
 
 
 def progress(conn) -> tuple[pgmq.QueueStatus | None, int, int, int]:
@@ -329,7 +371,7 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
     t0 = time.monotonic()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pgserver's note about XDG_RUNTIME_DIR on headless machines
-        url = database_url(settings)
+        url = as_url(database_url(settings))  # key=value conninfo too
     with connect(url) as conn:
         init_db(conn)
     where = f"embedded, data in {embedded_pgdata(settings)}" if embedded else "AUTOEMBED_DATABASE_URL"
@@ -346,7 +388,6 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
         "AUTOEMBED_DATABASE_URL": url,
         "DAGSTER_POSTGRES_URL": dagster_storage_url(url),
         "AUTOEMBED_HOME": str(settings.home),
-        "AUTOEMBED_PIPELINES": str(demo_pipelines_file(settings.home)),
         "PYTHONUNBUFFERED": "1",
         # Claim 64 jobs per batch (default 500) so the progress below moves every second or two.
         "AUTOEMBED_READ_BATCH": os.environ.get("AUTOEMBED_READ_BATCH", "64"),
@@ -359,16 +400,19 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
 
     logs = settings.home / "demo" / "logs"
     started = Started()
-    workspace = str(root / "workspace.yaml")
+    project = demo_project()
+    workspace = str(project / "workspace.yaml")
+    say(f"the demo's Dagster project: {project} (its pipeline: "
+        f"{project / 'autoembed_demo_project' / 'defs' / demo_pipeline().name / 'defs.yaml'})")
     try:
         daemon = started.start("dagster-daemon", [_executable("dagster-daemon"), "run", "-w", workspace],
-                               cwd=root, env=env, log=logs / "dagster-daemon.log")
+                               cwd=project, env=env, log=logs / "dagster-daemon.log")
         say(f"dagster-daemon started (pid {daemon.pid}; log {logs / 'dagster-daemon.log'})")
         ui_url = f"http://127.0.0.1:{port}"
         if ui:
             web = started.start("dagster-webserver",
                                 [_executable("dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
-                                cwd=root, env=env, log=logs / "dagster-webserver.log")
+                                cwd=project, env=env, log=logs / "dagster-webserver.log")
             say(f"dagster-webserver started (pid {web.pid}) on {ui_url}")
 
         with connect(url) as conn:
@@ -419,6 +463,15 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
 
 
 def _masked(url: str) -> str:
+    """The URL or key=value conninfo with its password replaced by ***, for printing."""
+    if "://" not in url:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        try:
+            params = conninfo_to_dict(url)
+        except Exception:  # noqa: BLE001 - not parseable: print nothing of it
+            return "(AUTOEMBED_DATABASE_URL)"
+        return make_conninfo(**{**params, "password": "***"}) if "password" in params else url
     parsed = urlparse(url)
     if parsed.password:
         return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
@@ -473,7 +526,7 @@ def _search(url: str, queries: tuple[str, ...]) -> None:
     from .core.drain import pipeline_resolver
     from .core.search import search
 
-    resolver = pipeline_resolver([DEMO_PIPELINE])
+    resolver = pipeline_resolver([demo_pipeline()])
     say("")
     say("semantic search (local all-MiniLM-L6-v2, cosine distance):")
     with connect(url) as conn:

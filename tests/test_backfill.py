@@ -15,8 +15,9 @@ from dagster._core.loader import LoadingContextForTest
 from autoembed_dagster import cli
 from autoembed_dagster.core.pipelines import Pipeline
 from autoembed_dagster.defs.autoembed import build_defs
-from autoembed_dagster.defs.backfill import PROMOTE_TAG, build_backfill_defs, models_partitions_name, shards_key
+from autoembed_dagster.defs.backfill import PROMOTE_TAG, models_partitions_name, shards_key
 
+from .dg_project import load_project_defs, make_project
 from .test_migration import DOCS, assert_all_current, column_type, seed, stored
 
 A = "openai:text-embedding-3-small:1536:embedding_input"  # what the column holds at first
@@ -25,9 +26,12 @@ DOCS_512 = replace(DOCS, dimensions=512)
 QUICK = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 0.0, "time_budget": 60.0}}}}
 
 
+SHARD_NODE = "__".join(shards_key(DOCS).path)  # the op of the re-embed asset
+
+
 def definitions(p: Pipeline) -> dg.Definitions:
-    """What the code location serves for this pipeline config: the drain layer plus backfills."""
-    return dg.Definitions.merge(build_defs([p]), build_backfill_defs([p]))
+    """What the code location serves for this pipeline declaration: the drain layer plus backfills."""
+    return build_defs([p])
 
 
 @pytest.fixture
@@ -58,7 +62,7 @@ def stale_status(defs: dg.Definitions, instance, partition: str) -> StaleStatus:
 
 
 def materialization(result):
-    mats = result.asset_materializations_for_node(f"embeddings_by_shard__{DOCS.name}")
+    mats = result.asset_materializations_for_node(SHARD_NODE)
     return mats[0] if mats else None
 
 
@@ -74,12 +78,10 @@ def check_evaluation(result):
 
 
 def test_the_code_location_serves_the_backfill_objects(tmp_path, monkeypatch):
-    (tmp_path / "autoembed.toml").write_text('[pipelines.documents]\ntable = "public.documents"\ndimensions = 512\n'
-                                             'shards = 4\nprovider = "openai"\n')
-    monkeypatch.setenv("AUTOEMBED_PIPELINES", str(tmp_path / "autoembed.toml"))
-    from autoembed_dagster.definitions import defs as lazy_defs
-
-    repo = lazy_defs().get_repository_def()
+    make_project(tmp_path, {"documents": {"table": "public.documents", "dimensions": 512, "shards": 4,
+                                          "provider": "openai"}})
+    monkeypatch.delenv("AUTOEMBED_DATABASE_URL", raising=False)  # no database: no content-function digest
+    repo = load_project_defs(tmp_path).get_repository_def()
     assert {"backfill", "model_migration", "reembed_documents", "drain_embedding_jobs"} <= {j.name for j in repo.get_all_jobs()}
     assert "autoembed_model_partitions" in {s.name for s in repo.sensor_defs}
     node = repo.asset_graph.get(shards_key(DOCS))
@@ -137,6 +139,10 @@ def test_model_change_stales_partitions_and_the_backfill_job_migrates_every_shar
     assert column_type(conn) == "halfvec(512)"
     assert_all_current(conn, 512)
     assert all(stale_status(defs_b, instance, f"{B}|{s}") == StaleStatus.FRESH for s in "0123")
+    # After the promotion every check is green with the code's model (never a red 0%).
+    checks = defs_b.resolve_job_def("health_checks").execute_in_process(instance=instance)
+    evaluations = [e.event_specific_data for e in checks.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert len(evaluations) == 4 and all(e.passed for e in evaluations), evaluations
 
     # `--all` would also run the retired model's partitions: they are skipped, not re-materialized.
     skipped = run_shard(defs_b, instance, DOCS_512, f"{A}|1")
@@ -158,7 +164,7 @@ def test_a_shard_stopped_after_n_rows_resumes_without_re_embedding(supabase_docs
     register_models(defs, instance)
     key = "openai:text-embedding-3-small:512:embedding_input|0"
     fake_openai.reset()
-    first = run_shard(defs, instance, p, key, run_config={"ops": {"embeddings_by_shard__documents": {
+    first = run_shard(defs, instance, p, key, run_config={"ops": {SHARD_NODE: {
         "config": {"max_rows": 10, "batch_rows": 5}}}})
     assert first.success and materialization(first).metadata["rows_embedded"].value == 10
     assert not check_evaluation(first).passed  # 10 of 30: the shard is not complete yet
@@ -174,18 +180,22 @@ def test_a_shard_stopped_after_n_rows_resumes_without_re_embedding(supabase_docs
     assert_all_current(conn, 512)
 
 
-def test_backfill_job_can_migrate_ahead_of_the_config_change(supabase_docs, fake_openai, settings, instance):
+def test_backfill_job_migrates_to_the_code_model_and_waits_to_promote(supabase_docs, fake_openai, settings, instance):
     conn = supabase_docs
     seed(conn, settings, 12)
-    defs = definitions(replace(DOCS, shards=2))
-    config = {"ops": {"launch_backfill": {"config": {"pipeline": "documents", "model": "text-embedding-3-large",
-                                                     "dimensions": 256, "promote": False}}}}
+    large_docs = replace(DOCS, shards=2, model="text-embedding-3-large", dimensions=256)
+    defs = definitions(large_docs)  # the code names -large:256; the column holds -small:1536
+    # The model comes from the code only: run config naming another one is refused by Dagster.
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        defs.resolve_job_def("backfill").execute_in_process(
+            instance=instance, run_config={"ops": {"launch_backfill": {"config": {"model": "text-embedding-3-small"}}}})
+    config = {"ops": {"launch_backfill": {"config": {"promote": False}}}}
     assert defs.resolve_job_def("backfill").execute_in_process(instance=instance, run_config=config).success
     large = "openai:text-embedding-3-large:256:embedding_input"
     assert instance.get_dynamic_partitions(models_partitions_name(DOCS)) == [large]
     [backfill] = instance.get_backfills()
     for shard in "01":
-        assert run_shard(defs, instance, replace(DOCS, shards=2), f"{large}|{shard}", tags=dict(backfill.tags)).success
+        assert run_shard(defs, instance, large_docs, f"{large}|{shard}", tags=dict(backfill.tags)).success
     assert column_type(conn) == "halfvec(1536)"  # promote: false
 
     status = defs.resolve_job_def("model_migration").execute_in_process(instance=instance)
@@ -196,9 +206,10 @@ def test_backfill_job_can_migrate_ahead_of_the_config_change(supabase_docs, fake
     assert column_type(conn) == "halfvec(256)"
     assert {r["model"] for r in fake_openai.requests[-2:]} == {"text-embedding-3-large"}
     assert_all_current(conn, 256)
-    # The config still names the old model: dropping the old vectors must wait for the code change.
+    # The code was reverted to the old model meanwhile: dropping the old vectors must wait.
+    reverted = definitions(replace(DOCS, shards=2))
     drop = {"ops": {"model_migration_action": {"config": {"pipeline": "documents", "action": "drop_old"}}}}
-    assert not defs.resolve_job_def("model_migration").execute_in_process(
+    assert not reverted.resolve_job_def("model_migration").execute_in_process(
         instance=instance, run_config=drop, raise_on_error=False).success
     assert column_type(conn, "embedding__old") == "halfvec(1536)"
 
@@ -206,9 +217,8 @@ def test_backfill_job_can_migrate_ahead_of_the_config_change(supabase_docs, fake
 def test_cli_backfill_and_migrate(supabase_docs, fake_openai, settings, tmp_path, monkeypatch, capsys):
     conn = supabase_docs
     seed(conn, settings, 25)
-    (tmp_path / "autoembed.toml").write_text('[pipelines.documents]\ntable = "public.documents"\n'
-                                             'dimensions = 512\nshards = 3\n')
-    monkeypatch.setenv("AUTOEMBED_PIPELINES", str(tmp_path / "autoembed.toml"))
+    make_project(tmp_path, {"documents": {"table": "public.documents", "dimensions": 512, "shards": 3}})
+    monkeypatch.setenv("AUTOEMBED_PROJECT", str(tmp_path))
 
     assert cli.main(["backfill", "documents", "--no-promote", "-q"]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""The README's model change, end to end through real Dagster processes: a pipeline in autoembed.toml
-embedded with one model, the model changed in the file (1536 -> 512 dimensions), then exactly the
-documented `dagster job launch -w workspace.yaml -j backfill ...` with `dagster-daemon run -w
+"""The README's model change, end to end through real Dagster processes: a user's Dagster project
+whose pipeline (defs/documents/defs.yaml) is embedded with one model, the model changed in that
+file (1536 -> 512 dimensions), then exactly the documented `dagster job launch -w workspace.yaml
+-j backfill` (no config: one pipeline is stale) with `dagster-daemon run -w
 workspace.yaml` running (temporary DAGSTER_HOME with the project's dagster.yaml, Postgres storage on
 the test server). The daemon dequeues the `backfill` run, its backfill daemon launches one run per
 shard, and the last shard promotes the migration: every row then holds the new model's vector of its
@@ -8,7 +9,6 @@ current input in the live column."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -21,19 +21,19 @@ from autoembed_dagster.core import migration as mig
 from autoembed_dagster.core.database import connect
 from autoembed_dagster.defs.backfill import PIPELINE_TAG, PROMOTE_TAG, models_partitions_name, shards_key
 
+from .dg_project import make_project, write_pipeline
 from .fake_openai import fake_vector
 from .test_backfill import A, B, DOCS
-from .test_dagster_e2e import BIN, ROOT, dagster_home, stop_group  # noqa: F401 - dagster_home is a fixture
+from .test_dagster_e2e import BIN, dagster_home, stop_group  # noqa: F401 - dagster_home is a fixture
 from .test_migration import assert_all_current, column_type, seed
 
 ROWS = 36
 SHARDS = 4
 WAIT_SECONDS = 180
-CONFIG = {"ops": {"launch_backfill": {"config": {"pipeline": "documents"}}}}  # the README's command
 
 
-def toml(dimensions: int) -> str:
-    return f'[pipelines.documents]\ntable = "public.documents"\ndimensions = {dimensions}\nshards = {SHARDS}\n'
+def declaration(dimensions: int) -> dict:
+    return {"table": "public.documents", "dimensions": dimensions, "shards": SHARDS}
 
 
 def state(db_url: str) -> tuple[str | None, str | None, int]:
@@ -51,27 +51,25 @@ def test_readme_backfill_command_migrates_through_the_daemon(supabase_docs, fake
                                                              dagster_home, tmp_path):
     home, storage = dagster_home
     conn = supabase_docs
-    pipelines = tmp_path / "autoembed.toml"
-    pipelines.write_text(toml(1536))
+    project = make_project(tmp_path / "project", {"documents": declaration(1536)})
     seed(conn, settings, ROWS)  # embedded with the first model (the drain, in process)
     assert_all_current(conn, 1536)
 
     env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage,
-           "AUTOEMBED_PIPELINES": str(pipelines), "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1"}
     assert env["AUTOEMBED_DATABASE_URL"] == db_url and env["OPENAI_BASE_URL"] == fake_openai.base_url
     log = tmp_path / "daemon.log"
     started = time.monotonic()
     with open(log, "wb") as out:
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        # The model changes in the code (autoembed.toml) while the daemon runs; then the documented command.
-        pipelines.write_text(toml(512))
+        # The model changes in the code (defs.yaml) while the daemon runs; then the documented command.
+        write_pipeline(project, "documents", declaration(512))
         fake_openai.reset()
-        launch = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "backfill",
-                                 "--config-json", json.dumps(CONFIG)],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        launch = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "backfill"],
+                                cwd=project, env=env, capture_output=True, text=True, timeout=120)
         assert launch.returncode == 0, f"{launch.stdout}\n{launch.stderr}"
 
         launched = time.monotonic()
@@ -91,7 +89,9 @@ def test_readme_backfill_command_migrates_through_the_daemon(supabase_docs, fake
             assert column_type(fresh, "embedding__old") == "halfvec(1536)"  # kept until drop_old
             assert column_type(fresh, "embedding__next") is None
         assert {r["model"] for r in fake_openai.requests} == {"text-embedding-3-small"}
-        assert sum(len(r["inputs"]) for r in fake_openai.requests) == ROWS  # each row embedded once
+        texts = [t for r in fake_openai.requests for t in r["inputs"]]
+        assert texts.count(mig.PROBE_TEXT) == 1  # the target was proven once, before the migration began
+        assert len(texts) - 1 == ROWS  # each row embedded once
 
         # It went through the daemon: the queued `backfill` run, then the backfill's shard runs.
         os.environ["DAGSTER_POSTGRES_URL"] = storage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -158,3 +159,46 @@ def test_dead_letters_command_lists_and_retries(db_url):
     assert "ghost" in listed and "does not exist" in listed
     assert "1 dead letter(s) put back" in run(["dead-letters", "--retry"]).stdout
     assert "ghost" not in run(["dead-letters"]).stdout
+
+
+def test_enroll_refuses_a_column_the_model_cannot_fill(db_url):
+    """The local model makes 384 dimensions: a vector(768) column would dead-letter every row."""
+    with connect(db_url) as conn:
+        conn.execute("""
+            create table wide (id int primary key, body text, embedding vector(768));
+            create function embedding_input(w wide) returns text language sql immutable as $$ select w.body $$;
+            insert into wide values (1, 'hello');
+        """)
+    proc = run(["enroll", "wide"], check=False)
+    assert proc.returncode == 2
+    assert "vector(768)" in proc.stderr and "384" in proc.stderr and "--force" in proc.stderr
+    with connect(db_url) as conn:
+        assert conn.execute("select count(*) from pgmq.q_embedding_jobs").fetchone()[0] == 0  # nothing enrolled
+    assert "1 existing rows queued" in run(["enroll", "wide", "--force"]).stdout
+
+
+def test_output_piped_into_head_exits_quietly(db_url):
+    with connect(db_url) as conn:
+        for i in range(300):  # more dead letters than a pipe buffer holds once listed
+            conn.execute("insert into autoembed.dead_letters (queue_name, msg_id, message, error, attempts) "
+                         "values ('embedding_jobs', %s, '{\"schema\": \"public\", \"table\": \"t\", \"id\": 1}', %s, 5)",
+                         (i, "x" * 300))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for args in ("status", "dead-letters --limit 300"):
+        proc = subprocess.run(f"{sys.executable} -m autoembed_dagster.cli {args} | head -1", shell=True,
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.stdout.count("\n") == 1, proc.stdout
+        assert proc.stderr == "", f"autoembed {args} | head: {proc.stderr}"
+
+
+def test_every_option_has_help():
+    from autoembed_dagster.cli import build_parser
+
+    parser = build_parser()
+    missing = []
+    for action in parser._subparsers._group_actions[0].choices.items():
+        name, sub = action
+        for opt in sub._actions:
+            if opt.help is None and not isinstance(opt, argparse._HelpAction):
+                missing.append(f"{name} {'/'.join(opt.option_strings) or opt.dest}")
+    assert set(missing) <= {"db action"}, missing  # `db` belongs to another change

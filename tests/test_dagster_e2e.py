@@ -63,10 +63,8 @@ def daemon_running(dagster_home, tmp_path) -> Iterator[tuple[subprocess.Popen, P
     """`dagster-daemon run -w workspace.yaml` on the temporary DAGSTER_HOME, with the pipeline
     `documents`; yields (the process, its log); stops it and its children after."""
     home, storage = dagster_home
-    pipelines = tmp_path / "autoembed.toml"
-    pipelines.write_text('[pipelines.documents]\ntable = "public.documents"\n')
-    env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage,
-           "AUTOEMBED_PIPELINES": str(pipelines), "PYTHONUNBUFFERED": "1"}
+    # The repository's own project: its example pipeline defs/documents/defs.yaml is this table.
+    env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage, "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "daemon.log"
     with open(log, "wb") as out:
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
@@ -117,8 +115,7 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, dagster_databa
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
         monkeypatch.delenv(var, raising=False)
     home = tmp_path / "dagster_home"
-    env = {**os.environ, "AUTOEMBED_HOME": str(tmp_path / "autoembed"),
-           "AUTOEMBED_PIPELINES": str(tmp_path / "none.toml")}
+    env = {**os.environ, "AUTOEMBED_HOME": str(tmp_path / "autoembed")}
     proc = subprocess.Popen(
         [str(BIN / "autoembed"), "demo", "--no-ui", "--rows", "40", "--timeout", str(WAIT_SECONDS),
          "--dagster-home", str(home)],
@@ -145,6 +142,11 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, dagster_databa
 
 
 def test_storage_url_forms():
+    # key=value conninfo (what libpq accepts too) becomes a URL: SQLAlchemy parses nothing else
+    assert sqlalchemy_url("host=/tmp/x/pgdata dbname=dagster user=postgres") == \
+        "postgresql+psycopg2://postgres@/dagster?host=%2Ftmp%2Fx%2Fpgdata"
+    assert sqlalchemy_url("host=db.example port=5433 dbname=d user=u password=p@ss sslmode=require") == \
+        "postgresql+psycopg2://u:p%40ss@db.example:5433/d?sslmode=require"
     assert sqlalchemy_url("postgresql://postgres:@/dagster?host=/tmp/x/pgdata") == \
         "postgresql+psycopg2://postgres@/dagster?host=/tmp/x/pgdata"
     assert sqlalchemy_url("postgresql://u:p%40ss@db.example:5433/dagster?sslmode=require") == \
@@ -165,3 +167,27 @@ def test_dagster_env_prints_what_dagster_dev_needs(db_url, pg_server_url, dagste
     with psycopg.connect(with_database(pg_server_url, dagster_database)) as conn:
         tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
     assert {"runs", "event_logs", "jobs"} <= tables
+
+
+def test_dagster_env_accepts_a_key_value_conninfo(db_url, pg_server_url, dagster_database):
+    """AUTOEMBED_DATABASE_URL="host=... dbname=..." (libpq's other form): the printed variables
+    open a Postgres-backed Dagster instance (SQLAlchemy could not parse it before)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    conninfo = make_conninfo(**conninfo_to_dict(db_url))
+    assert "://" not in conninfo
+    out = subprocess.run([str(BIN / "autoembed"), "dagster-env"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "AUTOEMBED_DATABASE_URL": conninfo})
+    assert out.returncode == 0, out.stderr
+    env = {k: v.strip("'") for k, v in (line.removeprefix("export ").split("=", 1)
+                                        for line in out.stdout.strip().splitlines())}
+    assert env["DAGSTER_POSTGRES_URL"].startswith("postgresql+psycopg2://")
+    with psycopg.connect(env["AUTOEMBED_DATABASE_URL"]) as conn:  # the same database, as a URL
+        assert conn.info.dbname == conninfo_to_dict(db_url)["dbname"]
+    os.environ["DAGSTER_POSTGRES_URL"] = env["DAGSTER_POSTGRES_URL"]
+    try:
+        with DagsterInstance.from_config(str(ROOT / "dagster_home")) as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            instance.get_run_records(limit=1)
+    finally:
+        del os.environ["DAGSTER_POSTGRES_URL"]

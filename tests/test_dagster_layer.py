@@ -17,6 +17,8 @@ from autoembed_dagster.defs.assets import LANE_TAG, embeddings_key, index_key, q
 from autoembed_dagster.defs.autoembed import build_defs
 from autoembed_dagster.defs.resources import AutoembedResource
 
+from .dg_project import load_project_defs, make_project
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = Pipeline(name="documents", schema="public", table="documents")
 QUICK = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 0.0, "time_budget": 60.0}}}}
@@ -77,18 +79,14 @@ def check_results(instance, run_id):
 
 
 # -- definitions -----------------------------------------------------------------------------------
-def test_definitions_load_from_the_defs_folder_with_declared_pipelines(tmp_path, monkeypatch):
-    (tmp_path / "autoembed.toml").write_text(
-        '[pipelines.documents]\ntable = "public.documents"\n'
-        '[pipelines.notes]\ntable = "notes"\nqueue = "notes_q"\nprovider = "local"\n'
-    )
-    monkeypatch.setenv("AUTOEMBED_PIPELINES", str(tmp_path / "autoembed.toml"))
-    from autoembed_dagster.definitions import defs as lazy_defs
-
-    defs = lazy_defs()
-    repo = defs.get_repository_def()
+def test_definitions_load_from_a_projects_components(tmp_path, monkeypatch):
+    make_project(tmp_path, {"documents": {"table": "public.documents"},
+                            "notes": {"table": "notes", "queue": "notes_q", "provider": "local"}})
+    monkeypatch.delenv("AUTOEMBED_DATABASE_URL", raising=False)  # loads without touching a database
+    repo = load_project_defs(tmp_path).get_repository_def()
     jobs = {j.name for j in repo.get_all_jobs()}
-    assert {"drain_embedding_jobs", "drain_notes_q", "health_checks"} <= jobs
+    assert {"drain_embedding_jobs", "drain_notes_q", "health_checks", "backfill", "model_migration",
+            "reembed_documents", "reembed_notes"} <= jobs
     assert {"embedding_jobs_sensor", "notes_q_sensor"} <= {s.name for s in repo.sensor_defs}
     for name in ("embedding_jobs_sensor", "notes_q_sensor"):
         sensor = repo.get_sensor_def(name)
@@ -102,6 +100,9 @@ def test_definitions_load_from_the_defs_folder_with_declared_pipelines(tmp_path,
     assert {k.name for k in graph.asset_check_keys if k.asset_key == embeddings_key(DOCS)} == {
         "coverage", "staleness", "dead_letters", "dimensions"}
     assert repo.get_job("drain_notes_q").tags[LANE_TAG] == "notes_q"
+    # every node of the lineage has its own name (the UI shows the last part alone)
+    names = [k.path[-1] for k in graph.get_all_asset_keys()]
+    assert len(names) == len(set(names)), sorted(names)
 
 
 def test_dagster_yaml_is_valid_postgres_config(monkeypatch):

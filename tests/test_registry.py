@@ -261,9 +261,10 @@ def test_supabase_triggers_follow_renames_through_their_registration(supabase_do
                                "embeddingColumn": column, "target": target, "keyColumn": "id"}]
 
 
-def test_a_model_migration_keeps_an_enrolled_tables_clearing_on_the_live_column(conn):
+def test_a_model_migration_keeps_an_enrolled_tables_clearing_on_the_live_column(conn, fake_openai):
     """Promotion and rollback rename columns: the target ids keep their role (the live column) and
-    the enrolled triggers are re-created for the column that is live now."""
+    the enrolled triggers are re-created for the column that is live now. (fake_openai: the
+    migration proves its target model with one probe embedding before it starts.)"""
     from autoembed_dagster.core.migration import ModelSpec, promote, rollback, start_migration
     from autoembed_dagster.core.targets import TargetKey
 

@@ -512,6 +512,6 @@ def migration_action(conn: psycopg.Connection, p: Pipeline, m: Migration, action
         if configured != m.spec and not force:
             # Else the drain would go on embedding the live column with the old model.
             raise mig.MigrationError(f"{p.name} is configured with {configured.key} but the column holds "
-                                     f"{m.spec.key}: update autoembed.toml first (or force)")
+                                     f"{m.spec.key}: update the model in its defs.yaml first (or force)")
         return mig.drop_old(conn, m), None, configured
     return m, None, None

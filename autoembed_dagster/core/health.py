@@ -102,12 +102,27 @@ def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableH
     )
 
 
+def pipeline_columns(column: str) -> list[str]:
+    """Every column a pipeline's jobs may name: the live one and a migration's shadow and old ones."""
+    from .migration import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
+
+    return [column, suffixed(column, SHADOW_SUFFIX), suffixed(column, OLD_SUFFIX)]
+
+
 def dead_letter_count(conn: psycopg.Connection, key: TargetKey) -> int:
+    """Dead letters of the table's jobs for its column, a migration's shadow column included."""
     return conn.execute(
         """select count(*) from autoembed.dead_letters
-           where message ->> 'schema' = %s and message ->> 'table' = %s and message ->> 'embeddingColumn' = %s""",
-        (key.schema, key.table, key.embedding_column),
+           where message ->> 'schema' = %s and message ->> 'table' = %s and message ->> 'embeddingColumn' = any(%s)""",
+        (key.schema, key.table, pipeline_columns(key.embedding_column)),
     ).fetchone()[0]
+
+
+def held_models(conn: psycopg.Connection, key: TargetKey) -> list[tuple[str, int]]:
+    """(model, rows) the column's stored vectors were made with, most common first."""
+    from .migration import column_models
+
+    return column_models(conn, key.schema, key.table, key.embedding_column)
 
 
 @dataclass(frozen=True)
@@ -140,3 +155,39 @@ def resolve_target(conn: psycopg.Connection, key: TargetKey) -> tuple[Target | N
         return resolve(conn, key), None
     except TargetError as exc:
         return None, str(exc)
+
+
+# -- dead letters that cannot apply any more -------------------------------------------------------
+@dataclass(frozen=True)
+class OrphanedDeadLetter:
+    msg_id: int
+    target: str  # schema.table.column as the message names it
+    why: str
+
+
+def orphaned_dead_letters(conn: psycopg.Connection, queue: str, ids: list[int] | None = None) -> list[OrphanedDeadLetter]:
+    """Dead letters of `queue` whose table or column no longer exists (e.g. the shadow column of an
+    aborted migration, a dropped table): retrying them can never succeed."""
+    rows = conn.execute(
+        """select d.msg_id,
+                  concat_ws('.', d.message ->> 'schema', d.message ->> 'table', d.message ->> 'embeddingColumn'),
+                  case when d.message ->> 'table' is null then 'the message names no table'
+                       when r.t is null then 'the table no longer exists'
+                       else 'the column no longer exists' end
+           from autoembed.dead_letters d
+           cross join lateral (select case when d.message ->> 'schema' is not null and d.message ->> 'table' is not null
+                                      then to_regclass(format('%%I.%%I', d.message ->> 'schema', d.message ->> 'table'))
+                                      end as t) r
+           where d.queue_name = %s and (%s::bigint[] is null or d.msg_id = any(%s))
+             and (r.t is null or not exists (
+                   select 1 from pg_attribute a where a.attrelid = r.t and a.attnum > 0 and not a.attisdropped
+                     and a.attname = d.message ->> 'embeddingColumn'))
+           order by d.msg_id""",
+        (queue, ids, ids)).fetchall()
+    return [OrphanedDeadLetter(*r) for r in rows]
+
+
+def purge_dead_letters(conn: psycopg.Connection, queue: str, ids: list[int]) -> int:
+    """Delete these dead letters (their archived pgmq messages stay, as history)."""
+    return conn.execute("delete from autoembed.dead_letters where queue_name = %s and msg_id = any(%s)",
+                        (queue, ids)).rowcount

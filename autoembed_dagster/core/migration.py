@@ -535,9 +535,35 @@ def _swap_index_names(conn: psycopg.Connection, m: Migration, promoting: bool) -
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
+PROBE_TEXT = "autoembed probe: can this model embed?"
+
+
+def probe_target(spec: ModelSpec, base: EmbedderSettings | None = None) -> None:
+    """Embed one text with the target model before a migration creates anything. An impossible
+    target (the local provider asked for an OpenAI model, a missing API key, a size the model
+    cannot make) is refused here with the reason, instead of a shadow column, failing shard runs
+    and dead letters for every new row."""
+    settings = spec.settings(base or EmbedderSettings.from_env())
+    try:
+        embedder = make_embedder(settings, dimensions=spec.dimensions)
+        if embedder.identity.key != spec.identity_key:
+            raise ConfigError(f"the {spec.provider} provider makes {embedder.identity.key} vectors")
+        outcome = embedder.embed([PROBE_TEXT])
+        if outcome.errors[0] is not None:
+            raise outcome.errors[0]
+        made = len(outcome.vectors[0])
+        if made != spec.dimensions:
+            raise ConfigError(f"the model returned {made} dimensions, not {spec.dimensions}")
+    except Exception as exc:  # noqa: BLE001 - whatever stops the probe stops the migration, with its reason
+        raise MigrationError(f"cannot migrate to {spec.identity_key}: {exc}. Fix the model in the pipeline's "
+                             "defs.yaml (or the provider's key/URL in the environment) and launch again") from None
+
+
 def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, *, queue: str = "embedding_jobs",
                     vector_type: str | None = None, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
     """Start migrating `live` to `spec` (idempotent: the same spec returns the running migration)."""
+    probe_target(spec)
+
     def body() -> Migration:
         conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))",
                      (_LOCK_CLASS, f"{live.schema}.{live.table}.{live.embedding_column}"))

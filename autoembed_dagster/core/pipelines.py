@@ -1,33 +1,33 @@
-"""Pipeline definitions: which table/column is kept embedded, with which model.
+"""Pipeline specs: which table/column is kept embedded, with which model (plain data, no Dagster).
 
-Declared in `autoembed.toml` at the project root (or the file named by AUTOEMBED_PIPELINES), so a
-model change is a reviewed code change. Example:
+Pipelines are declared as Dagster components, one `defs/<name>/defs.yaml` per pipeline
+(`type: autoembed_dagster.EmbeddingPipeline`, see autoembed_dagster/components/); the component
+turns its attributes into the `Pipeline` below with `make_pipeline`, and core/ only ever receives
+these plain specs. Tables registered in the database but declared nowhere (Supabase's SQL
+triggers, `autoembed enroll`) are found by `discover_pipelines` and run with the default model.
 
-    [pipelines.documents]
-    table = "public.documents"
-    content_function = "embedding_input"
-    embedding_column = "embedding"
-    key_column = "id"
-    queue = "embedding_jobs"       # default: Supabase's queue
-    provider = "openai"            # default: AUTOEMBED_PROVIDER / zero-config choice
-    model = "text-embedding-3-small"
-    batch_size = 256
-    shards = 8
-
-Tables enrolled only through SQL (Supabase-style triggers) are drained too, with the default model.
+The old `autoembed.toml` is no longer read: `defs_yaml_for_toml` prints the defs.yaml files that
+replace it.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psycopg
+
 from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
 
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
+COMPONENT_TYPE = "autoembed_dagster.EmbeddingPipeline"
+# Triggers that enqueue jobs (what a table registered through SQL is recognised by). Their first
+# arguments are (content function, embedding column[, key column, queue]).
+_ENQUEUE_FUNCTIONS = ("util.queue_embeddings", "autoembed.queue_embeddings_bulk")
+_MIGRATION_TRIGGER_PREFIX = "autoembed_migration_"  # a migration's shadow-column trigger
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Pipeline:
     dimensions: int | None = None
     batch_size: int | None = None
     shards: int = 8
+    discovered: bool = False  # registered in the database, declared in no defs.yaml
 
     @property
     def qualified_table(self) -> str:
@@ -65,47 +66,124 @@ class Pipeline:
         )
 
 
-def _split_table(name: str, value: str) -> tuple[str, str]:
+def split_table(name: str, value: str) -> tuple[str, str]:
     parts = value.split(".")
-    if len(parts) == 1:
+    if len(parts) == 1 and parts[0]:
         return "public", parts[0]
     if len(parts) == 2 and all(parts):
         return parts[0], parts[1]
     raise ConfigError(f"pipeline {name!r}: table {value!r} must be 'table' or 'schema.table'")
 
 
-def parse_pipelines(data: dict) -> list[Pipeline]:
-    pipelines = []
-    for name, spec in (data.get("pipelines") or {}).items():
-        if not _NAME.fullmatch(name):
-            raise ConfigError(f"pipeline name {name!r} must be lowercase letters, digits and _")
-        if not isinstance(spec, dict) or "table" not in spec:
-            raise ConfigError(f"pipeline {name!r} needs a table")
-        known = set(Pipeline.__dataclass_fields__) - {"name", "schema"}
-        unknown = set(spec) - known
-        if unknown:
-            raise ConfigError(f"pipeline {name!r}: unknown setting(s) {', '.join(sorted(unknown))}")
-        if spec.get("provider") and spec["provider"] not in PROVIDERS:
-            raise ConfigError(f"pipeline {name!r}: provider {spec['provider']!r} is not one of {', '.join(PROVIDERS)}")
-        for field in ("dimensions", "batch_size", "shards"):
-            if field in spec and (not isinstance(spec[field], int) or spec[field] < 1):
-                raise ConfigError(f"pipeline {name!r}: {field} = {spec[field]!r} must be a positive integer")
-        schema, table = _split_table(name, spec["table"])
-        pipelines.append(Pipeline(name=name, schema=schema, **{**spec, "table": table}))
-    return pipelines
+def make_pipeline(name: str, *, table: str, **fields) -> Pipeline:
+    """A validated Pipeline from declared values (the component's attributes)."""
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"pipeline name {name!r} must be lowercase letters, digits and _ "
+                          "(rename the defs/<name>/ folder or set `name:`)")
+    unknown = set(fields) - (set(Pipeline.__dataclass_fields__) - {"name", "schema", "table"})
+    if unknown:
+        raise ConfigError(f"pipeline {name!r}: unknown setting(s) {', '.join(sorted(unknown))}")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if fields.get("provider") and fields["provider"] not in PROVIDERS:
+        raise ConfigError(f"pipeline {name!r}: provider {fields['provider']!r} is not one of {', '.join(PROVIDERS)}")
+    for field in ("dimensions", "batch_size", "shards"):
+        if field in fields and (not isinstance(fields[field], int) or fields[field] < 1):
+            raise ConfigError(f"pipeline {name!r}: {field} = {fields[field]!r} must be a positive integer")
+    schema, table_name = split_table(name, table)
+    return Pipeline(name=name, schema=schema, table=table_name, **fields)
 
 
-def pipelines_path() -> Path:
-    return Path(os.environ.get("AUTOEMBED_PIPELINES", "autoembed.toml"))
+# -- tables registered in the database but declared nowhere ------------------------------------------
+def registered_targets(conn: psycopg.Connection) -> list[tuple[str, str, str, str, str, str]]:
+    """(schema, table, content function, embedding column, key column, queue) of every table
+    registered for embedding: the `autoembed.targets` registry (enrolled tables, and tables whose
+    Supabase-style trigger has fired), then tables whose enqueue triggers have not fired yet (not
+    registered until their first write). A migration's shadow column is not a table of its own."""
+    found: dict[tuple[str, str, str], tuple[str, str, str, str, str, str]] = {}
+    for schema, table, fn, column, key, queue in conn.execute(
+        """select schema_name, table_name, content_function, embedding_column, key_column, queue
+           from autoembed.target_catalog
+           where origin <> 'migration' and embedding_column is not null and key_column is not null
+           order by 1, 2, 4"""):
+        found.setdefault((schema, table, column), (schema, table, fn, column, key, queue))
+    for schema, table, func, raw_args, nargs in conn.execute(
+        """select n.nspname, c.relname, pn.nspname || '.' || p.proname, t.tgargs, t.tgnargs
+           from pg_trigger t
+           join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
+           join pg_proc p on p.oid = t.tgfoid join pg_namespace pn on pn.oid = p.pronamespace
+           where not t.tgisinternal and t.tgname not like %s
+           order by 1, 2, t.tgname""", (_MIGRATION_TRIGGER_PREFIX + "%",)):
+        if func not in _ENQUEUE_FUNCTIONS:
+            continue
+        args = [a.decode() for a in bytes(raw_args).split(b"\x00")[:nargs]]
+        if len(args) < 2:
+            continue
+        key = args[2] if len(args) > 2 and args[2] else "id"
+        queue = args[3] if len(args) > 3 and args[3] else "embedding_jobs"
+        found.setdefault((schema, table, args[1]), (schema, table, args[0], args[1], key, queue))
+    return list(found.values())
 
 
-def load_pipelines(path: Path | None = None) -> list[Pipeline]:
-    """Pipelines from the TOML file; none when the file does not exist."""
-    path = path or pipelines_path()
-    if not path.exists():
-        return []
+def discovered_name(schema: str, table: str, column: str, taken: set[str]) -> str:
+    """A pipeline name for a discovered table: the table's name when that is free and plain."""
+    base = table if schema == "public" and column == "embedding" else f"{schema}_{table}_{column}"
+    base = re.sub(r"[^a-z0-9_]", "_", base.lower()).lstrip("_0123456789")[:40] or "table"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def discover_pipelines(conn: psycopg.Connection, declared: list[Pipeline]) -> list[Pipeline]:
+    """Registered tables that no declared pipeline covers, as pipelines with the default model.
+    A declared pipeline for the same table and column wins."""
+    covered = {(p.schema, p.table, p.embedding_column) for p in declared}
+    taken = {p.name for p in declared}
+    out = []
+    for schema, table, fn, column, key, queue in registered_targets(conn):
+        if (schema, table, column) in covered:
+            continue
+        name = discovered_name(schema, table, column, taken)
+        taken.add(name)
+        out.append(Pipeline(name=name, schema=schema, table=table, content_function=fn, embedding_column=column,
+                            key_column=key, queue=queue, discovered=True))
+    return out
+
+
+# -- the content function's body is part of the model identity ----------------------------------------
+def content_function_digest(conn: psycopg.Connection, p: Pipeline) -> str | None:
+    """First 12 hex digits of SHA-256 of the content function's definition (pg_get_functiondef),
+    so editing its body changes the pipeline's code version. None when it does not exist (yet)."""
+    row = conn.execute(
+        """select case when r.t is not null then pg_get_functiondef(autoembed.content_function(r.t, %s)) end
+           from (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as t) r""",
+        (p.content_function, p.schema, p.table)).fetchone()
+    if not row or row[0] is None:
+        return None
+    return hashlib.sha256(row[0].encode()).hexdigest()[:12]
+
+
+# -- autoembed.toml: read only to print what replaces it -----------------------------------------------
+def defs_yaml_for_toml(path: Path) -> dict[str, str]:
+    """{`defs/<name>/defs.yaml`: its text} for every pipeline of an old autoembed.toml."""
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return parse_pipelines(data)
+    out = {}
+    for name, spec in (data.get("pipelines") or {}).items():
+        if not isinstance(spec, dict) or "table" not in spec:
+            raise ConfigError(f"{path}: pipeline {name!r} needs a table")
+        make_pipeline(name, **spec)  # the same validation as the component's
+        lines = [f"type: {COMPONENT_TYPE}", "", "attributes:"]
+        lines += [f"  {k}: {_yaml_scalar(v)}" for k, v in spec.items()]
+        out[f"defs/{name}/defs.yaml"] = "\n".join(lines) + "\n"
+    return out
+
+
+def _yaml_scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,2 +1,4 @@
-"""Dagster objects only (loaded by `dg.load_from_defs_folder` from definitions.py). Each op, asset
-check and sensor here is a thin shell over `autoembed_dagster.core`."""
+"""The Dagster wiring of autoembed (thin shells over `autoembed_dagster.core`), built by the
+EmbeddingPipeline component (autoembed_dagster/components/). In this repository the folder is also
+the project's defs folder: `documents/defs.yaml` is its example pipeline. The modules define no
+Dagster objects at module level, so loading the folder adds only what the components build."""

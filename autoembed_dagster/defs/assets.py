@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 import dagster as dg
 
+from ..core.backfill import code_version
 from ..core.config import ConfigError
 from ..core.pipelines import Pipeline
 
@@ -41,26 +42,35 @@ def queue_key(queue: str) -> dg.AssetKey:
 
 
 def embeddings_key(p: Pipeline) -> dg.AssetKey:
-    return dg.AssetKey(["embeddings", p.name])
+    # Distinct last parts: the UI's lists and lineage show them alone (`documents` the table,
+    # `documents_embeddings`, `documents_vector_index`, `documents_embeddings_by_shard`).
+    return dg.AssetKey(["embeddings", f"{p.name}_embeddings"])
 
 
 def index_key(p: Pipeline) -> dg.AssetKey:
-    return dg.AssetKey(["vector_index", p.name])
+    return dg.AssetKey(["vector_index", f"{p.name}_vector_index"])
 
 
-def model_version(p: Pipeline) -> str:
-    """The model identity as configured (provider, model, size, input): the code version."""
-    s = p.embedder_settings()
-    return f"{s.provider}:{s.model}:{s.dimensions or 'column'}:{p.content_function}"
+def model_version(p: Pipeline, digest: str | None = None) -> str:
+    """The code version: the configured model identity (provider, model, size, input function) and
+    a digest of the input function's definition, so editing its body marks the asset stale."""
+    return code_version(p) + (f"@{digest}" if digest else "")
 
 
-def asset_specs(pipelines: Sequence[Pipeline]) -> list[dg.AssetSpec]:
+def _origin(p: Pipeline) -> str:
+    return ("discovered in the database (declared in no defs.yaml): default model"
+            if p.discovered else "declared in defs.yaml")
+
+
+def shared_specs(pipelines: Sequence[Pipeline]) -> list[dg.AssetSpec]:
+    """The queues and source tables (several pipelines may share one)."""
     specs: dict[dg.AssetKey, dg.AssetSpec] = {}
     for queue in queues_of(pipelines):
         specs[queue_key(queue)] = dg.AssetSpec(
             queue_key(queue),
             description=(f"pgmq queue `{queue}`: embedding jobs enqueued by the tables' triggers. "
-                         "The queue sensor records its depth and oldest message age as observations."),
+                         "The queue sensor records its depth (messages and the rows they cover) and "
+                         "oldest message age as observations."),
             group_name=GROUP,
             kinds={"postgres"},
             metadata={"queue": queue},
@@ -73,28 +83,40 @@ def asset_specs(pipelines: Sequence[Pipeline]) -> list[dg.AssetSpec]:
             kinds={"postgres", "table"},
             metadata={"table": p.qualified_table, "key_column": p.key_column},
         ))
-        specs[embeddings_key(p)] = dg.AssetSpec(
+    return list(specs.values())
+
+
+def pipeline_specs(p: Pipeline, digest: str | None = None, why_no_digest: str = "") -> list[dg.AssetSpec]:
+    """The pipeline's own assets: its embeddings and its vector index."""
+    version = model_version(p, digest)
+    tags = {"autoembed/origin": "discovered" if p.discovered else "declared"}
+    return [
+        dg.AssetSpec(
             embeddings_key(p),
             deps=[source_key(p), queue_key(p.queue)],
             description=(f"{p.qualified_table}.{p.embedding_column} = embedding of {p.content_function}(row). "
-                         f"Kept in sync by the drain lane of queue `{p.queue}`."),
+                         f"Kept in sync by the drain lane of queue `{p.queue}`. Pipeline {p.name}: {_origin(p)}."),
             group_name=GROUP,
             kinds={"pgvector"},
-            code_version=model_version(p),
+            code_version=version,
+            tags=tags,
             metadata={
                 "table": p.qualified_table,
                 "embedding_column": p.embedding_column,
                 "content_function": p.content_function,
+                "content_function_digest": digest or f"unknown: {why_no_digest or 'the function does not exist yet'}",
                 "queue": p.queue,
-                "model": model_version(p),
+                "model": version,
+                "origin": _origin(p),
             },
-        )
-        specs[index_key(p)] = dg.AssetSpec(
+        ),
+        dg.AssetSpec(
             index_key(p),
             deps=[embeddings_key(p)],
             description=f"Vector index(es) over {p.qualified_table}.{p.embedding_column}, updated as vectors are written.",
             group_name=GROUP,
             kinds={"pgvector", "index"},
+            tags=tags,
             metadata={"table": p.qualified_table, "embedding_column": p.embedding_column},
-        )
-    return list(specs.values())
+        ),
+    ]

@@ -22,13 +22,13 @@ from dagster._core.utils import make_new_backfill_id
 from pydantic import Field
 
 from ..core import migration as mig
-from ..core.backfill import (ShardResult, backfill_shard, code_version, estimated_shard_cost, live_key,
-                             migration_action, pipeline_spec, plan, resolve_spec, shard_keys)
+from ..core.backfill import (ShardResult, backfill_shard, estimated_shard_cost, live_key, migration_action,
+                             pipeline_spec, plan, shard_keys)
 from ..core.config import ConfigError
 from ..core.migration import Coverage, ModelSpec, coverage
-from ..core.pipelines import Pipeline, load_pipelines
+from ..core.pipelines import Pipeline
 from ..core.targets import resolve
-from .assets import GROUP, source_key
+from .assets import GROUP, model_version, source_key
 from .resources import AutoembedResource
 
 PROMOTE_TAG = "autoembed/promote"  # "false" on a run: a shard completing the migration does not promote
@@ -38,7 +38,7 @@ CHECK = "shard_complete"
 
 
 def shards_key(p: Pipeline) -> dg.AssetKey:
-    return dg.AssetKey(["embeddings_by_shard", p.name])
+    return dg.AssetKey(["embeddings_by_shard", f"{p.name}_embeddings_by_shard"])
 
 
 def models_partitions_name(p: Pipeline) -> str:
@@ -69,7 +69,9 @@ def _ratio(cov: Coverage | None) -> dg.MetadataValue | str:
 
 def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict:
     s, cost = result.stats, estimated_shard_cost(spec, result.stats.tokens)
+    priced = {} if cost is None else {"estimated_cost_usd": dg.MetadataValue.float(round(cost, 6))}
     return {
+        **priced,
         "model": spec.key,
         "mode": result.plan.mode,
         "column": result.plan.column or "",
@@ -84,7 +86,6 @@ def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverag
         "rows_failed": s.failed,
         "tokens": s.tokens,
         "requests": s.requests,
-        "estimated_cost_usd": dg.MetadataValue.float(round(cost, 6)) if cost is not None else "unknown",
         "rows_per_second": dg.MetadataValue.float(round(s.rows_per_second, 2)),
         "seconds": dg.MetadataValue.float(round(s.seconds, 3)),
         "shard_coverage": _ratio(result.coverage),
@@ -93,13 +94,13 @@ def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverag
     }
 
 
-def build_shards_asset(p: Pipeline) -> dg.AssetsDefinition:
+def build_shards_asset(p: Pipeline, digest: str | None = None) -> dg.AssetsDefinition:
     key = shards_key(p)
 
     @dg.asset(
         key=key,
         partitions_def=partitions_def(p),
-        code_version=code_version(p),
+        code_version=model_version(p, digest),
         deps=[source_key(p)],
         group_name=GROUP,
         kinds={"pgvector"},
@@ -111,7 +112,8 @@ def build_shards_asset(p: Pipeline) -> dg.AssetsDefinition:
             "the configured model identity: a model change makes the materialized partitions stale. A model other "
             "than the one the column holds is written to a shadow column and promoted atomically when complete."),
         metadata={"table": p.qualified_table, "embedding_column": p.embedding_column, "shards": p.shards,
-                  "shard_function": f"autoembed.shard_of({p.key_column}::text, {p.shards})"},
+                  "shard_function": f"autoembed.shard_of({p.key_column}::text, {p.shards})",
+                  "partition_key": "<model: provider:model:dimensions:content_function>|<shard>"},
     )
     def embeddings_by_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource):
         keys = context.partition_key.keys_by_dimension
@@ -164,11 +166,8 @@ def build_shards_asset(p: Pipeline) -> dg.AssetsDefinition:
 
 # -- the `backfill` job: start (or resume) a re-embed and fan it out, one run per shard ---------------------------
 class BackfillConfig(dg.Config):
-    pipeline: str = Field(description="Pipeline name (autoembed.toml).")
-    provider: str | None = Field(default=None, description="Target model's provider (default: the pipeline's).")
-    model: str | None = Field(default=None, description="Target model (default: the pipeline's).")
-    dimensions: int | None = Field(default=None, ge=1, description="Target size (default: the pipeline's).")
-    content_function: str | None = Field(default=None, description="Target input function (default: the pipeline's).")
+    pipeline: str | None = Field(
+        default=None, description="Pipeline name (its defs/<name>/ folder); default: the one stale pipeline.")
     shards: list[int] | None = Field(default=None, description="Only these shards (default: all).")
     promote: bool = Field(default=True, description="Promote the migration when the last shard completes it.")
 
@@ -180,36 +179,74 @@ def _pipeline(pipelines: Sequence[Pipeline], name: str) -> Pipeline:
     raise dg.Failure(f"no pipeline named {name!r} (declared: {', '.join(p.name for p in pipelines) or 'none'})")
 
 
-def build_backfill_job(pipelines: Sequence[Pipeline], assets: dict[str, dg.AssetsDefinition]) -> dg.JobDefinition:
-    default = {"pipeline": pipelines[0].name} if len(pipelines) == 1 else {}
+def _needs_backfill(conn, p: Pipeline) -> str | None:
+    """Why the table does not hold the pipeline's configured model for every row; None when it does."""
+    try:
+        spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+        shard_plan = plan(conn, p, spec, start=False)
+    except Exception:  # noqa: BLE001 - a broken pipeline (missing table...) is reported by its checks
+        return None
+    if shard_plan.mode != "in_place":
+        return shard_plan.reason
+    cov = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
+    return None if cov.complete else f"{cov.missing} of {cov.embeddable} rows lack the {spec.identity_key} vector"
 
-    @dg.op(name="launch_backfill", description="Resolve the target model, start the migration, submit one run per shard.")
+
+def stale_pipelines(conn, pipelines: Sequence[Pipeline]) -> dict[str, str]:
+    """{pipeline name: why it is stale} for every pipeline whose table does not match its code."""
+    out = {}
+    for p in pipelines:
+        why = _needs_backfill(conn, p)
+        if why:
+            out[p.name] = why
+    return out
+
+
+def _choose_pipeline(conn, pipelines: Sequence[Pipeline], name: str | None) -> Pipeline:
+    if name:
+        return _pipeline(pipelines, name)
+    if len(pipelines) == 1:
+        return pipelines[0]
+    stale = stale_pipelines(conn, pipelines)
+    if len(stale) == 1:
+        return _pipeline(pipelines, next(iter(stale)))
+    if not stale:
+        raise dg.Failure("no pipeline is stale (every table holds its configured model): nothing to backfill; "
+                         f"name one with the config `pipeline` ({', '.join(p.name for p in pipelines)}) to re-run it")
+    raise dg.Failure(f"{len(stale)} pipelines are stale ({'; '.join(f'{k}: {v}' for k, v in stale.items())}): "
+                     "choose one with --config-json '{\"ops\": {\"launch_backfill\": {\"config\": "
+                     "{\"pipeline\": \"NAME\"}}}}'")
+
+
+def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
+    @dg.op(name="launch_backfill",
+           description="Start (or resume) the re-embed of a pipeline with its configured model; one run per shard.")
     def launch_backfill(context: dg.OpExecutionContext, config: BackfillConfig, autoembed: AutoembedResource):
-        p = _pipeline(pipelines, config.pipeline)
         with autoembed.connect() as conn:
+            p = _choose_pipeline(conn, pipelines, config.pipeline)
             try:
-                spec = resolve_spec(conn, p, provider=config.provider, model=config.model, dimensions=config.dimensions,
-                                    content_function=config.content_function)
-            except (ConfigError, ValueError) as exc:
-                raise dg.Failure(str(exc)) from None
-            # Starts the migration now (from here on every write reaches both columns), also to a
-            # model the configuration does not name yet: migrating ahead of the code change.
-            shard_plan = plan(conn, p, spec, allow_unconfigured=True)
+                spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+                # The model the code names, nothing else: a migration to it starts here when the
+                # column holds another one (after a probe embedding proves the target).
+                shard_plan = plan(conn, p, spec)
+            except (ConfigError, ValueError, mig.MigrationError) as exc:
+                raise dg.Failure(f"{p.name}: {exc}", allow_retries=False) from None
             if shard_plan.mode == "skip":
-                raise dg.Failure(f"nothing to backfill: {shard_plan.reason}")
+                raise dg.Failure(f"nothing to backfill: {shard_plan.reason}", allow_retries=False)
             todo = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
         name = models_partitions_name(p)
         if not context.instance.has_dynamic_partition(name, spec.key):
             context.instance.add_dynamic_partitions(name, [spec.key])
         shard_names = shard_keys(p.shards)
         if config.shards is not None and not all(0 <= i < p.shards for i in config.shards):
-            raise dg.Failure(f"shards must be in 0..{p.shards - 1} (pipeline {p.name} has {p.shards}), got {config.shards}")
+            raise dg.Failure(f"shards must be in 0..{p.shards - 1} (pipeline {p.name} has {p.shards}), got {config.shards}",
+                             allow_retries=False)
         chosen = shard_names if config.shards is None else [shard_names[i] for i in config.shards]
         partitions = [f"{spec.key}|{s}" for s in chosen]
         backfill_id = make_new_backfill_id()
         context.instance.add_backfill(PartitionBackfill.from_asset_partitions(
             backfill_id=backfill_id,
-            asset_graph=AssetGraph.from_assets([assets[p.name]]),
+            asset_graph=AssetGraph.from_assets([build_shards_asset(p)]),
             partition_names=partitions,
             asset_selection=[shards_key(p)],
             backfill_timestamp=time.time(),
@@ -229,11 +266,12 @@ def build_backfill_job(pipelines: Sequence[Pipeline], assets: dict[str, dg.Asset
         })
 
     @dg.job(name="backfill", executor_def=dg.in_process_executor,
-            config={"ops": {"launch_backfill": {"config": default}}} if default else None,
-            description=("Re-embed a pipeline with its configured model (or the model in the config): starts the "
-                         "zero-downtime migration when the model changes, then one run per shard of "
-                         "embeddings_by_shard/<pipeline>. Config: pipeline, provider, model, dimensions, "
-                         "content_function, shards, promote."))
+            # A wrong pipeline name or an impossible model fails the same way on every retry.
+            tags={"dagster/retry_on_asset_or_op_failure": "false"},
+            description=("Re-embed a pipeline with the model its defs.yaml names: starts the zero-downtime "
+                         "migration when the table holds another model, then one run per shard of its "
+                         "embeddings_by_shard asset. No config needed when one pipeline is stale. "
+                         "Config: pipeline, shards, promote."))
     def backfill():
         launch_backfill()
 
@@ -242,7 +280,7 @@ def build_backfill_job(pipelines: Sequence[Pipeline], assets: dict[str, dg.Asset
 
 # -- the `model_migration` job -----------------------------------------------------------------------------------
 class MigrationConfig(dg.Config):
-    pipeline: str = Field(description="Pipeline name (autoembed.toml).")
+    pipeline: str = Field(description="Pipeline name (its defs/<name>/ folder).")
     action: Literal["status", "promote", "rollback", "drop_old", "abort"] = Field(default="status")
     force: bool = Field(default=False, description="promote below 100% coverage; drop_old when the config names another model.")
 
@@ -276,6 +314,7 @@ def build_migration_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
 
     @dg.job(name="model_migration", executor_def=dg.in_process_executor,
             config={"ops": {"model_migration_action": {"config": default}}} if default else None,
+            tags={"dagster/retry_on_asset_or_op_failure": "false"},
             description="Inspect or act on a pipeline's model migration: status, promote, rollback, drop_old, abort.")
     def model_migration():
         model_migration_action()
@@ -314,21 +353,18 @@ def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDef
     return model_partitions
 
 
-def build_backfill_defs(pipelines: Sequence[Pipeline], *, resources: dict | None = None) -> dg.Definitions:
-    """The objects above for `pipelines` (the `autoembed` resource comes from defs/autoembed.py)."""
+def build_reembed_defs(p: Pipeline, digest: str | None = None) -> dg.Definitions:
+    """One pipeline's partitioned re-embed asset and its job."""
+    job = dg.define_asset_job(reembed_job_name(p), selection=[shards_key(p)], executor_def=dg.in_process_executor,
+                              tags={PIPELINE_TAG: p.name},
+                              description=f"One shard × model of {p.qualified_table} per run "
+                                          f"(`dagster job backfill -j {reembed_job_name(p)} --all TRUE`).")
+    return dg.Definitions(assets=[build_shards_asset(p, digest)], jobs=[job])
+
+
+def build_model_change_defs(pipelines: Sequence[Pipeline]) -> dg.Definitions:
+    """`backfill`, `model_migration` and the model-partitions sensor, over every pipeline."""
     if not pipelines:
         return dg.Definitions()
-    assets = {p.name: build_shards_asset(p) for p in pipelines}
-    reembed_jobs = [dg.define_asset_job(reembed_job_name(p), selection=[shards_key(p)], executor_def=dg.in_process_executor,
-                                        tags={PIPELINE_TAG: p.name},
-                                        description=f"One shard × model of {p.qualified_table} per run "
-                                                    f"(`dagster job backfill -j {reembed_job_name(p)} --all TRUE`).")
-                    for p in pipelines]
-    jobs = [*reembed_jobs, build_backfill_job(pipelines, assets), build_migration_job(pipelines)]
-    return dg.Definitions(assets=list(assets.values()), jobs=jobs,
-                          sensors=[build_model_partitions_sensor(pipelines)], resources=resources)
-
-
-@dg.definitions
-def defs() -> dg.Definitions:
-    return build_backfill_defs(load_pipelines())
+    return dg.Definitions(jobs=[build_backfill_job(pipelines), build_migration_job(pipelines)],
+                          sensors=[build_model_partitions_sensor(pipelines)])

@@ -8,13 +8,14 @@ the end of every drain run for the pipelines it touched (drain.py).
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import dagster as dg
 import psycopg
 
 from ..core import health
 from ..core.drain import EmbedderResolver, pipeline_resolver, resolve_embedder
+from ..core.migration import get_migration
 from ..core.pipelines import Pipeline
 from ..core.targets import TargetKey
 from .assets import embeddings_key
@@ -81,18 +82,19 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
         )
     th = health.table_health(conn, target, identity.key if identity else "(misconfigured model)")
     threshold = min_coverage()
+    why = model_situation(conn, p, th) if th.stale or th.coverage < threshold else ""
     counts = {"rows": th.rows, "embeddable_rows": th.embeddable, "current_rows": th.current,
               "missing_rows": th.missing, "stale_rows": th.stale}
     return [
         CheckOutcome(
             "coverage", th.coverage >= threshold,
             f"{th.current} of {th.embeddable} rows with input have a current vector ({th.coverage:.1%}; "
-            f"threshold {threshold:.0%})",
+            f"threshold {threshold:.0%})" + why,
             {"coverage": dg.MetadataValue.float(round(th.coverage, 6)), **counts},
         ),
         CheckOutcome(
             "staleness", th.stale == 0,
-            f"{th.stale} row(s) carry a vector of other content or another model than {th.model}",
+            f"{th.stale} row(s) carry a vector of other content or another model than {th.model}" + why,
             {"stale_rows": th.stale, "model": th.model},
         ),
         CheckOutcome(
@@ -102,6 +104,21 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
         ),
         dims,
     ]
+
+
+def model_situation(conn: psycopg.Connection, p: Pipeline, th: health.TableHealth) -> str:
+    """Why vectors are not current, when the cause is a model change: a migration in flight, or
+    the code naming another model than the one the table holds (and what to do)."""
+    m = get_migration(conn, p.schema, p.table, p.embedding_column)
+    if m is not None and m.status == "backfilling":
+        return (f". Migration {m.id} to {m.spec.key} is in flight (into {m.shadow_column}; search uses the old "
+                "vectors until it is promoted)")
+    held = health.held_models(conn, TargetKey(p.schema, p.table, p.content_function, p.embedding_column))
+    if held and held[0][0] != th.model:
+        return (f". The code names {th.model}, the table holds {held[0][0]} ({held[0][1]} rows): launch the "
+                f"`backfill` job to re-embed with the code's model, or set the model in defs/{p.name}/defs.yaml "
+                "back to what the table holds")
+    return ""
 
 
 def as_check_result(p: Pipeline, o: CheckOutcome) -> dg.AssetCheckResult:
@@ -114,13 +131,13 @@ def as_check_evaluation(p: Pipeline, o: CheckOutcome) -> dg.AssetCheckEvaluation
                                    severity=o.severity, description=o.description, metadata=o.metadata)
 
 
-def build_health_checks(p: Pipeline, pipelines: Sequence[Pipeline]) -> dg.AssetChecksDefinition:
+def build_health_checks(p: Pipeline) -> dg.AssetChecksDefinition:
     specs = [dg.AssetCheckSpec(name, asset=embeddings_key(p), description=text) for name, text in CHECKS.items()]
 
     @dg.multi_asset_check(name=f"{p.name}_health", specs=specs,
                           description=f"Health of {p.qualified_table}.{p.embedding_column}")
     def _health(context: dg.AssetCheckExecutionContext, autoembed: AutoembedResource):
-        resolver = pipeline_resolver(pipelines)
+        resolver = pipeline_resolver([p])
         with autoembed.connect() as conn:
             for outcome in evaluate(conn, p, resolver):
                 yield as_check_result(p, outcome)

@@ -59,7 +59,11 @@ def _pipeline_metadata(p: Pipeline, ts: TableStats, model_key: str | None, perio
     settings = p.embedder_settings()
     price = price_per_million_tokens(settings.provider, settings.model)
     cost = estimated_cost(ts.tokens, settings.provider, settings.model)
+    # Cost only where a price is known: an "unknown" entry would be a plot of nothing in the UI.
+    priced = {} if price is None else {"price_per_1m_tokens_usd": dg.MetadataValue.float(price),
+                                       "estimated_cost_usd": dg.MetadataValue.float(cost)}
     return {
+        **priced,
         "rows_embedded": ts.embedded,
         # Settled with no provider call: unchanged input (content hash), deleted row, empty input.
         "rows_skipped": ts.skipped,
@@ -71,8 +75,6 @@ def _pipeline_metadata(p: Pipeline, ts: TableStats, model_key: str | None, perio
         "tokens": ts.tokens,
         "requests": ts.requests,
         "truncated_inputs": ts.truncated,
-        "price_per_1m_tokens_usd": dg.MetadataValue.float(price) if price is not None else "unknown",
-        "estimated_cost_usd": dg.MetadataValue.float(cost) if cost is not None else "unknown",
         # Mean time of one embed call (a batch of texts: the provider's latency, for HTTP).
         "embed_latency_ms_per_batch": dg.MetadataValue.float(
             round(1000 * ts.embed_seconds / ts.embed_calls, 1) if ts.embed_calls else 0.0),

@@ -1,0 +1,10 @@
+"""The demo's code location: the components under defs/ (what `dg scaffold project` writes)."""
+
+from pathlib import Path
+
+import dagster as dg
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).resolve().parent)

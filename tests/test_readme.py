@@ -1,0 +1,125 @@
+"""Every `autoembed`, `dagster` and `dg` command of the README's Components, Dagster and Model
+changes sections, run verbatim (one bash session, in order) in a copy of the demo's Dagster
+project, against the test database with the local model. Long-running servers are not run in the
+session: the first of them (`autoembed dev`) is started once and polled until the UI answers."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from autoembed_dagster.core.corpus import stdlib_docs
+from autoembed_dagster.core.database import connect, with_database
+from autoembed_dagster.demo import create_demo_table, insert_docs
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SECTIONS = ("Components", "Dagster", "Model changes")
+SERVERS = ("autoembed dev", "dagster dev", "dg dev", "dagster-daemon", "dagster-webserver", "autoembed demo")
+MARK = "@@@ "
+
+
+def readme_commands() -> list[str]:
+    """The command lines of the ```bash blocks in SECTIONS, in order (comment lines dropped)."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        if not section.startswith(SECTIONS):
+            continue
+        for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+            commands += [line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return commands
+
+
+def test_readme_lists_the_commands_we_run():
+    commands = readme_commands()
+    assert any(c.startswith("dg scaffold defs autoembed_dagster.EmbeddingPipeline") for c in commands)
+    assert "dagster job launch -w workspace.yaml -j backfill" in commands
+    assert any(c.startswith("autoembed dev") for c in commands)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo_copy(db_url, tmp_path, monkeypatch):
+    """A copy of demo/ with its table filled and embedded (20 docstrings, local model)."""
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    project = tmp_path / "demo"
+    shutil.copytree(ROOT / "demo", project, ignore=shutil.ignore_patterns("__pycache__"))
+    with connect(db_url) as conn:
+        create_demo_table(conn)
+        insert_docs(conn, stdlib_docs(20))
+    from autoembed_dagster.core import api
+
+    assert api.drain(db_url).embedded == 20
+    return project
+
+
+def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_server_url, dagster_database,
+                                                          tmp_path):
+    commands = readme_commands()
+    session = [c for c in commands if not c.startswith(SERVERS)]
+    servers = [c for c in commands if c.startswith(SERVERS)]
+    script = "set -e\n" + "".join(f"echo {MARK!r}{i}\n{c}\n" for i, c in enumerate(session))
+    env = {**os.environ, "VIRTUAL_ENV": str(BIN.parent), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "AUTOEMBED_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    # Dagster's storage is the test's own database (the dagster_database fixture drops it).
+    proc = subprocess.run(["bash", "-c", script], cwd=demo_copy, env=env, capture_output=True, text=True,
+                          timeout=900)
+    outputs = dict(zip(session, re.split(rf"^{MARK}\d+\n", proc.stdout, flags=re.M)[1:]))
+    assert proc.returncode == 0, (f"stopped at: {session[len(outputs) - 1] if outputs else '?'}\n"
+                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    assert len(outputs) == len(session)
+    out = {c.split(" --")[0].split(" #")[0]: o for c, o in outputs.items()}
+    assert "autoembed_dagster.EmbeddingPipeline" in out["dg list components"]
+    assert "notes_embeddings" in out["dg list defs"] and "stdlib_docs_embeddings" in out["dg list defs"]
+    assert "(declared)" in out["autoembed pipelines"] and "stdlib_docs" in out["autoembed pipelines"]
+    hits = out['autoembed search "read and write CSV files"'].splitlines()
+    assert [h[:3] for h in hits] == ["1. ", "2. ", "3. "] and "autoembed_demo.stdlib_docs id=" in hits[0]
+    assert "no model migration" in out["autoembed migrate stdlib_docs status"]
+
+    # The two `dagster job launch` commands queued their runs in the project's Dagster storage.
+    with psycopg.connect(with_database(pg_server_url, dagster_database)) as conn:
+        jobs = {r[0] for r in conn.execute("select pipeline_name from runs")}
+    assert {"backfill", "model_migration"} <= jobs
+
+    # One long-running server, started once and polled until the UI answers.
+    first = servers[0]
+    assert first.startswith("autoembed dev"), servers
+    port = free_port()
+    server = subprocess.Popen(["bash", "-c", f"exec {first.split('#')[0].strip()} --port {port}"],
+                              cwd=demo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline, answered = time.monotonic() + 240, False
+        while time.monotonic() < deadline and server.poll() is None and not answered:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as resp:
+                    answered = resp.status == 200
+            except OSError:
+                time.sleep(1)
+        assert answered, f"`{first}` did not serve the UI: {server.poll()}"
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
