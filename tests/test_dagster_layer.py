@@ -13,11 +13,12 @@ from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobO
 from dagster._core.test_utils import create_run_for_test
 
 from autoembed_dagster.core.pipelines import Pipeline
-from autoembed_dagster.defs.assets import LANE_TAG, embeddings_key, index_key, queue_key
+from autoembed_dagster.defs.assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, index_key, queue_key
 from autoembed_dagster.defs.autoembed import build_defs
 from autoembed_dagster.defs.resources import AutoembedResource
 
 from .dg_project import load_project_defs, make_project
+from .test_incremental import queue_depth
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = Pipeline(name="documents", schema="public", table="documents")
@@ -67,9 +68,9 @@ def insert_docs(conn, n, prefix="doc"):
     )
 
 
-def run_drain(defs, instance, run_config=QUICK):
+def run_drain(defs, instance, run_config=QUICK, raise_on_error=True):
     job = defs.resolve_job_def("drain_embedding_jobs")
-    return job.execute_in_process(instance=instance, run_config=run_config)
+    return job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=raise_on_error)
 
 
 def check_results(instance, run_id):
@@ -292,3 +293,27 @@ def test_resource_reads_the_url_through_envvar(db_url):
     assert isinstance(resource, AutoembedResource)
     # the URL is an EnvVar reference, not a value baked into the definitions / UI
     assert "AUTOEMBED_DATABASE_URL" in repr(resource.database_url)
+
+
+def test_a_rejected_key_fails_the_drain_run_once_and_the_sensor_holds_back(supabase_docs, fake_openai, defs,
+                                                                          instance):
+    """A 401 is a configuration error: the drain run fails with the reason (no run retry), the jobs
+    stay queued, and the queue sensor does not start drain after drain that would fail alike."""
+    insert_docs(supabase_docs, 3)
+    fake_openai.fail_next(50, status=401)
+
+    result = run_drain(defs, instance, raise_on_error=False)
+
+    assert not result.success
+    run = instance.get_run_by_id(result.run_id)
+    assert run.tags[CONFIG_ERROR_TAG] == "true" and run.tags["dagster/retry_on_asset_or_op_failure"] == "false"
+    failure = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE][0]
+    assert "check OPENAI_API_KEY" in failure.step_failure_data.error.message
+    assert queue_depth(supabase_docs) == 3
+    held = tick(defs, instance)
+    assert not held.run_requests and "failed on the provider's configuration" in held.skip_message
+    # Once a drain of the lane succeeded again (the configuration was fixed), drains start as usual.
+    fake_openai.reset()
+    assert run_drain(defs, instance).success
+    insert_docs(supabase_docs, 1, prefix="later")
+    assert len(tick(defs, instance).run_requests) == 1

@@ -18,7 +18,8 @@ from ..core.pipelines import Pipeline
 
 GROUP = "autoembed"
 DEFAULT_QUEUE = "embedding_jobs"  # Supabase's queue: SQL-enrolled tables land here
-LANE_TAG = "autoembed/lane"  # one drain at a time per value (dagster.yaml tag_concurrency_limits)
+LANE_TAG = "autoembed/lane"  # the queue a drain run drains
+CONFIG_ERROR_TAG = "autoembed/configuration_error"  # on a drain run the provider's configuration stopped
 _DAGSTER_NAME = re.compile(r"[A-Za-z0-9_]{1,60}")
 
 

@@ -15,13 +15,13 @@ from pydantic import Field
 
 from ..core import health
 from ..core import queue as pgmq
-from ..core.drain import Drainer, DrainStats, TableStats, pipeline_resolver, resolve_embedder
+from ..core.drain import Drainer, DrainStats, ProviderConfigError, TableStats, pipeline_resolver, resolve_embedder
 from ..core.drain_report import run_in_chunks
 from ..core.health import estimated_cost, price_per_million_tokens
 from ..core.pipelines import Pipeline
 from ..core.scaling import drain_pool
 from ..core.targets import TargetKey
-from .assets import LANE_TAG, embeddings_key, index_key
+from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, index_key
 from .checks import as_check_evaluation, evaluate
 from .resources import AutoembedResource
 
@@ -198,11 +198,17 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
                                      f"{total.dead_lettered + running.dead_lettered} dead-lettered")
 
             # Report as the drain goes: when the backlog is drained, then at least every minute.
-            for piece in run_in_chunks(drainer, idle_timeout=config.idle_timeout, time_budget=config.time_budget,
-                                       chunk_seconds=config.report_every, on_batch=on_batch):
-                total.add(piece.stats)
-                reporter.add(piece)
-                yield from reporter.report(piece.settled)
+            try:
+                for piece in run_in_chunks(drainer, idle_timeout=config.idle_timeout, time_budget=config.time_budget,
+                                           chunk_seconds=config.report_every, on_batch=on_batch):
+                    total.add(piece.stats)
+                    reporter.add(piece)
+                    yield from reporter.report(piece.settled)
+            except ProviderConfigError as exc:
+                # Retrying cannot help until the configuration changes: the sensor holds back the
+                # next drain of this queue for a while (CONFIG_ERROR_TAG), the jobs stay queued.
+                context.instance.add_run_tags(context.run_id, {CONFIG_ERROR_TAG: "true"})
+                raise dg.Failure(description=str(exc), allow_retries=False) from exc
             yield from reporter.report(settled=True, final=True)
             total.seconds = time.monotonic() - t0
             context.log.info(f"drain of {queue} done: {total.summary()}")
@@ -218,7 +224,10 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
             "rows_skipped": total.skipped,
             "rows_retried": total.retried,
             "rows_dead_lettered": total.dead_lettered,
+            # Rows the application held locked at write time: taken up again, no attempt counted.
+            "rows_busy": total.busy,
             "tokens": total.tokens,
+            "rate_limit_wait_seconds": dg.MetadataValue.float(round(total.limit_wait_seconds, 3)),
             "run_seconds": dg.MetadataValue.float(round(total.seconds, 3)),
             "queue_depth_at_start": start.depth,
             "oldest_job_age_at_start_s": dg.MetadataValue.float(start.oldest_age_seconds),
@@ -233,6 +242,8 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
         tags={
             LANE_TAG: queue,
             dg.MAX_RUNTIME_SECONDS_TAG: str(MAX_RUNTIME_SECONDS),
+            # A failed drain is not re-run: the queue sensor starts the next one when it should.
+            "dagster/retry_on_asset_or_op_failure": "false",
         },
     )
     def drain_job():

@@ -19,7 +19,7 @@ from dagster import DagsterRunStatus, RunsFilter
 from ..core import queue as pgmq
 from ..core.config import ScalingSettings
 from ..core.scaling import drains_to_request
-from .assets import LANE_TAG, queue_key
+from .assets import CONFIG_ERROR_TAG, LANE_TAG, queue_key
 from .resources import AutoembedResource
 
 ACTIVE_STATUSES = [
@@ -54,6 +54,27 @@ def _blocking_runs(instance: dg.DagsterInstance, job_name: str, queue: str, limi
             continue
         live.append(record)
     return live
+
+
+CONFIG_ERROR_BACKOFF_SECONDS = 300.0  # after a drain stopped by a configuration error
+
+
+def _stopped_by_configuration(instance: dg.DagsterInstance, job_name: str, queue: str) -> str | None:
+    """Why not to start a drain now: the lane's last finished drain run failed on the provider's
+    configuration (a rejected key, an unknown model) less than CONFIG_ERROR_BACKOFF_SECONDS ago.
+    A new run would fail the same way; the jobs wait, queued, until then (or until the fix)."""
+    records = instance.get_run_records(
+        RunsFilter(job_name=job_name, tags={LANE_TAG: queue},
+                   statuses=[DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE]), limit=1)
+    if not records:
+        return None
+    record = records[0]
+    ended = record.end_time or 0
+    if record.dagster_run.tags.get(CONFIG_ERROR_TAG) != "true" or time.time() - ended >= CONFIG_ERROR_BACKOFF_SECONDS:
+        return None
+    return (f"drain run {record.dagster_run.run_id[:8]} failed on the provider's configuration; the next drain of "
+            f"{queue} starts {CONFIG_ERROR_BACKOFF_SECONDS - (time.time() - ended):.0f} s from now (fix the "
+            "configuration, then launch a drain job to start at once)")
 
 
 def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition:
@@ -97,6 +118,9 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition
         if m.visible == 0:
             return dg.SensorResult(asset_events=events, cursor=cursor,
                                    skip_reason=f"no claimable job in {queue} (depth {m.depth})")
+        stopped = _stopped_by_configuration(context.instance, job.name, queue)
+        if stopped:
+            return dg.SensorResult(asset_events=events, cursor=cursor, skip_reason=stopped)
         scaling = ScalingSettings.from_env()
         active = _blocking_runs(context.instance, job.name, queue, limit=scaling.max_drains + 10)
         more = drains_to_request(m.visible, m.oldest_age_seconds, len(active), scaling)
