@@ -219,6 +219,13 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from .core.targets import resolve
 
     p = _pipeline_named(args.pipeline)
+    if args.pause or args.resume:
+        from .core import backfill_control
+
+        with api.session() as conn:
+            (backfill_control.pause if args.pause else backfill_control.resume)(conn, p.name)
+        print(f"backfill of {p.name} {'paused: running shards stop after their page' if args.pause else 'resumed'}")
+        return 0
     bar = None
 
     def on_plan(shard_plan, cov):
@@ -244,6 +251,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         return 1
     for r in result.shards:
         print(f"  shard {r.stats.shard}/{r.stats.shards}: {r.stats.summary()}")
+    if result.total.stopped:
+        print(f"stopped early: {result.total.stopped}", file=sys.stderr)
     cov = result.coverage
     print(f"{result.total.summary()}\ncoverage of {spec.identity_key} in {result.plan.column}: "
           f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable})")
@@ -353,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--batch-rows", type=int, help="rows per provider request")
     bf.add_argument("--no-promote", action="store_true", help="do not promote the migration when it is complete")
     bf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pause = bf.add_mutually_exclusive_group()
+    pause.add_argument("--pause", action="store_true",
+                       help="pause the pipeline's backfill everywhere (running shards stop after their page)")
+    pause.add_argument("--resume", action="store_true", help="lift --pause; shards resume where they stopped")
     bf.set_defaults(func=_cmd_backfill)
 
     mg = sub.add_parser("migrate", help="a pipeline's model migration: status, promote, rollback, drop-old, abort")

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--idle-samples", type=int, default=8)
     ap.add_argument("--cold-samples", type=int, default=3)
     args = ap.parse_args(argv)
-    header(f"freshness: commit -> vector visible")
+    header("freshness: commit -> vector visible")
     results = {}
     with embedded_server() as server, fake_provider():
         url = fresh_db(server)

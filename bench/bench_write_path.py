@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 from common import Timer, body_sql, connect, embedded_server, fresh_db, header, line
 
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
                 queue_only = statistics.median(floors)
                 plain = args.bulk / (results["plain"]["bulk_rate"])
                 results["floor"] = {"bulk": (plain + queue_only) / plain}
-                line(f"bulk   one message per row, no trigger (reference)", f"{results['floor']['bulk']:.2f}x")
+                line("bulk   one message per row, no trigger (reference)", f"{results['floor']['bulk']:.2f}x")
     target = {"bulk": 1.3, "single": 1.5, "update_change": 2.0, "update_resave": 2.0}
     # Supabase's row trigger (one pgmq.send per row) is a peer on bulk statements, not a target.
     for variant, kind in (("enroll", "bulk"), ("enroll", "single"), ("supabase", "single"),

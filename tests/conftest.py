@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from autoembed_dagster.core.config import EmbedderSettings, Settings
+from autoembed_dagster.core.config import Settings
 from autoembed_dagster.core.database import connect, throwaway_server, with_database
 from autoembed_dagster.core.embedders import clear_embedder_cache
 from autoembed_dagster.core.migrations import init_db

@@ -100,3 +100,12 @@ def test_a_paused_backfill_stops_between_pages_and_resumes_where_it_stopped(supa
     assert rest.stats.stopped is None and rest.complete
     assert rest.stats.current == first.stats.embedded  # nothing embedded twice
     assert_all_current(conn, 512, column="embedding__next")
+
+
+def test_the_cli_pauses_and_resumes_a_pipelines_backfill(conn, db_url, capsys):
+    from autoembed_dagster import cli
+
+    assert cli.main(["backfill", "documents", "--pause"]) == 0  # the repository's own defs/documents
+    assert bc.paused(conn, "documents") and "paused" in capsys.readouterr().out
+    assert cli.main(["backfill", "documents", "--resume"]) == 0
+    assert not bc.paused(conn, "documents")

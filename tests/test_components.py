@@ -20,7 +20,7 @@ from autoembed_dagster.core.pipelines import Pipeline
 from autoembed_dagster.defs.assets import LANE_TAG, embeddings_key
 from autoembed_dagster.defs.autoembed import _facts_cache, build_defs
 
-from .dg_project import load_project_defs, make_project, write_pipeline
+from .dg_project import load_project_defs, make_project
 
 BIN = Path(sys.executable).parent
 NOTES_SQL = """

@@ -6,8 +6,6 @@ import threading
 import time
 
 import numpy as np
-import psycopg
-import pytest
 
 from autoembed_dagster.core import queue as pgmq
 from autoembed_dagster.core.config import Settings
@@ -168,7 +166,7 @@ def test_queue_status_view(supabase_docs, fake_openai, settings):
     conn.execute("insert into documents (title, content) select 't', 'c' || g from generate_series(1, 5) g")
     status = pgmq.status(conn, "embedding_jobs")[0]
     assert (status.depth, status.visible, status.in_flight, status.dead_letters) == (5, 5, 0, 0)
-    claimed = pgmq.read(conn, "embedding_jobs", 30, 2)
+    assert len(pgmq.read(conn, "embedding_jobs", 30, 2)) == 2
     status = pgmq.status(conn, "embedding_jobs")[0]
     assert (status.visible, status.in_flight) == (3, 2)
     assert status.oldest_age_seconds >= 0

@@ -9,7 +9,6 @@ import itertools
 import psycopg
 import pytest
 
-from .conftest import SUPABASE_SQL
 
 _roles = itertools.count()
 

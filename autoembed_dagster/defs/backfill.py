@@ -88,6 +88,8 @@ def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverag
         "requests": s.requests,
         "rows_per_second": dg.MetadataValue.float(round(s.rows_per_second, 2)),
         "seconds": dg.MetadataValue.float(round(s.seconds, 3)),
+        "rate_limit_wait_seconds": dg.MetadataValue.float(round(s.limit_wait_seconds, 3)),
+        "stopped_early": s.stopped or "",
         "shard_coverage": _ratio(result.coverage),
         "migration_coverage": _ratio(migration_cov),
         "promoted": promoted,
