@@ -136,6 +136,7 @@ def test_sensor_requests_one_drain_when_work_waits_and_none_while_one_is_active(
     assert request.tags[LANE_TAG] == "embedding_jobs"
     obs = [e for e in first.asset_events if isinstance(e, dg.AssetObservation)]
     assert obs[0].metadata["depth"].value == 3 and obs[0].metadata["claimable"].value == 3
+    assert obs[0].metadata["rows"].value == 3
     cursor = json.loads(first.cursor)
     assert cursor["tick"] == 1
 
@@ -317,3 +318,14 @@ def test_a_rejected_key_fails_the_drain_run_once_and_the_sensor_holds_back(supab
     assert run_drain(defs, instance).success
     insert_docs(supabase_docs, 1, prefix="later")
     assert len(tick(defs, instance).run_requests) == 1
+
+
+def test_the_queue_asset_plots_rows_as_well_as_messages(conn, defs, instance):
+    conn.execute("""
+        create table notes (id bigint primary key, body text, embedding vector(8));
+        create function note_input(n notes) returns text language sql immutable as $$ select n.body $$;
+        select autoembed.enroll('notes', 'note_input', 'embedding');
+        insert into notes select g, 'note ' || g from generate_series(1, 300) g;
+    """)
+    obs = [e for e in tick(defs, instance).asset_events if isinstance(e, dg.AssetObservation)]
+    assert (obs[0].metadata["depth"].value, obs[0].metadata["rows"].value) == (2, 300)  # 200 + 100 rows

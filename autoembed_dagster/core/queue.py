@@ -104,6 +104,12 @@ def status(conn: psycopg.Connection, queue: str | None = None) -> list[QueueStat
     return [QueueStatus(*r) for r in rows]
 
 
+def rows(conn: psycopg.Connection, queue: str) -> int:
+    """Rows the queue's messages cover (a bulk statement's message covers up to 200)."""
+    return conn.execute(sql.SQL("select coalesce(sum(autoembed.message_rows(message)), 0) from {}")
+                        .format(table_of(queue))).fetchone()[0]
+
+
 def depth(conn: psycopg.Connection, queue: str) -> tuple[int, float]:
     """(messages in the queue, age of the oldest in seconds) from pgmq.metrics (see metrics())."""
     row = conn.execute(

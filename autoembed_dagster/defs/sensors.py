@@ -92,19 +92,23 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition
             tick = int(state.get("tick", 0)) + 1
         except (ValueError, TypeError, AttributeError):  # a cursor edited by hand: start over
             state, tick = {}, 1
-        with autoembed.connect() as conn:
-            m = pgmq.metrics(conn, queue)
-        if m is None:
-            return dg.SensorResult(skip_reason=f"queue {queue!r} does not exist (run `autoembed db init`)",
-                                   cursor=json.dumps({**state, "tick": tick}))
         now = time.time()
         events = []
         last = state.get("observed") or {}
-        if (last.get("depth") != m.depth or last.get("visible") != m.visible
-                or now - float(last.get("at", 0)) >= OBSERVE_AT_LEAST_EVERY_SECONDS):
+        with autoembed.connect() as conn:
+            m = pgmq.metrics(conn, queue)
+            observe = m is not None and (last.get("depth") != m.depth or last.get("visible") != m.visible
+                                         or now - float(last.get("at", 0)) >= OBSERVE_AT_LEAST_EVERY_SECONDS)
+            # Rows, not only messages: a bulk statement's message covers up to 200 rows.
+            queued_rows = pgmq.rows(conn, queue) if observe else None
+        if m is None:
+            return dg.SensorResult(skip_reason=f"queue {queue!r} does not exist (run `autoembed db init`)",
+                                   cursor=json.dumps({**state, "tick": tick}))
+        if observe:
             events.append(dg.AssetObservation(
                 asset_key=queue_key(queue),
                 metadata={
+                    "rows": queued_rows,
                     "depth": m.depth,
                     "claimable": m.visible,
                     "in_flight_or_retrying": m.invisible,
