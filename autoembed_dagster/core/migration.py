@@ -26,6 +26,7 @@ from typing import Callable, TypeVar
 import psycopg
 from psycopg import errors, sql
 
+from . import queue as pgmq
 from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
 from .database import lent_connection
 from .embedders import make_embedder
@@ -327,8 +328,8 @@ def _drop_shadow_trigger(conn: psycopg.Connection, m: Migration) -> None:
 def _purge_jobs(conn: psycopg.Connection, m: Migration, column: str) -> int:
     """Delete queued jobs of one column of the table (jobs of a column that is going away)."""
     cur = conn.execute(
-        sql.SQL("delete from pgmq.{} where message ->> 'schema' = %s and message ->> 'table' = %s"
-                " and message ->> 'embeddingColumn' = %s").format(sql.Identifier("q_" + m.queue)),
+        sql.SQL("delete from {} where message ->> 'schema' = %s and message ->> 'table' = %s"
+                " and message ->> 'embeddingColumn' = %s").format(pgmq.table_of(m.queue)),
         (m.schema_name, m.table_name, column),
     )
     return cur.rowcount
