@@ -100,7 +100,7 @@ class DrainStats(_Counts):
             f"{self.embedded} embedded, {self.unchanged} unchanged, {self.deleted_rows} deleted rows, "
             f"{self.empty_input} empty inputs, {self.stale} stale, {self.busy} busy, {self.retried} retried, "
             f"{self.dead_lettered} dead-lettered; {self.tokens} tokens, {self.requests} requests; "
-            f"{self.seconds:.1f} s, {self.rows_per_second:.0f} rows/s"
+            f"{self.seconds:.1f} s, {self.rows_per_second:.{0 if self.rows_per_second >= 100 else 1}f} rows/s"
         )
 
 
