@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
+import psutil
 import pytest
 
 from autoembed_dagster.core.corpus import stdlib_docs
@@ -123,3 +124,15 @@ def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_
                 break
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
+        _stop_left_behind(demo_copy)
+
+
+def _stop_left_behind(folder) -> None:
+    """`dagster dev` starts its code server in a process group of its own: one that outlived the
+    server's group is stopped here (only processes working in this test's copy of the demo)."""
+    for proc in psutil.process_iter(["cwd"]):
+        try:
+            if proc.info["cwd"] and Path(proc.info["cwd"]).is_relative_to(folder):
+                proc.kill()
+        except (psutil.Error, ValueError):
+            continue
