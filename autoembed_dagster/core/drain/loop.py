@@ -30,7 +30,7 @@ from .outcome import Outcome
 from .read import Work, read_rows_or_isolate, sort_jobs
 from .resolvers import EmbedderResolver, default_resolver, resolve_embedder
 from .settle import Settler
-from .stats import UNKNOWN_TABLE, DrainStats, attributed, spent, table_key, table_of_body
+from .stats import UNKNOWN_TABLE, DrainStats, attributed, spent, table_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,7 +100,7 @@ class Drainer:
         self._targets: dict[TargetKey | tuple[str, int], Target] = {}
         s = self.settings
         self.claims = Claims(s.queue, s.visibility_timeout, s.read_batch)
-        self.settler = Settler(conn, s, self.claims, self.resolver)
+        self.settler = Settler(conn, s, self.claims)
         self.pipeline = pipeline  # run(): embed batch N+1 in a worker thread while batch N is written
         # Claimed this often and never settled: the drains holding it died on it (a crash in the
         # embedder, out of memory). A safety net: claims are not attempts.
@@ -151,8 +151,9 @@ class Drainer:
                 if message.read_ct > self.max_claims and not failures.get(message.msg_id):
                     raise TargetError(f"claimed {message.read_ct} times and never settled: the drains that "
                                       "held it died on it (out of memory? a crash in the embedder?)")
-                table = table_of_body(message.body)
-                target, row_ids = self._target(message.body, conn)
+                key, row_ids = target_key_from_message(message.body)
+                table = table_key(key)
+                target = self._target(message.body, key, conn)
                 table = table_key(target.key)
             except TargetError as exc:
                 batch.outcome.dead.append((Job(message.msg_id, message.body, "", None,
@@ -249,17 +250,16 @@ class Drainer:
                     "retrying the batch", self.settings.queue, type(exc).__name__, str(exc).strip())
         self._targets.clear()
 
-    def _target(self, body: object, conn: psycopg.Connection) -> tuple[Target, list]:
-        """The registered target a message points at (targets.registered_target), and its keys.
-        Kept for the life of the Drainer, by target id or by the names a message gives."""
-        key, row_ids = target_key_from_message(body)
+    def _target(self, body: dict, key: TargetKey, conn: psycopg.Connection) -> Target:
+        """The registered target a message points at (targets.registered_target), kept for the life
+        of the Drainer by target id or by the names the message gives (`key`)."""
         wanted = body.get("target")
         cache_key = ("id", wanted) if type(wanted) is int else key
         target = self._targets.get(cache_key)
         if target is None:
-            target, row_ids = registered_target(conn, body, self.settings.queue)
+            target, _ = registered_target(conn, body, self.settings.queue)
             self._targets[cache_key] = target
-        return target, row_ids
+        return target
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, *, idle_timeout: float = 0.0, time_budget: float | None = None,

@@ -131,6 +131,13 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
     return out
 
 
+def act_as_drain(conn: psycopg.Connection) -> None:
+    """Inside a write transaction: the project's triggers skip the drain's own writes, and a table
+    lock held longer than LOCK_TIMEOUT makes the drain give way (the statement fails, is retried)."""
+    conn.execute("set local autoembed.draining = 'on'")
+    conn.execute(sql.SQL("set local lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+
+
 class VectorWriter:
     """The settle stage's vector write with no queue message attached (the backfill's writes):
     same locks, hash guard, COPY + UPDATE and state upsert. A row an application transaction
@@ -150,8 +157,7 @@ class VectorWriter:
         pending = [(k, h, record, []) for k, h, record in rows]
         for wait in (*self.BUSY_WAITS, None):
             with self.conn.transaction():
-                self.conn.execute("set local autoembed.draining = 'on'")
-                self.conn.execute(sql.SQL("set local lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+                act_as_drain(self.conn)
                 w = write_vectors(self.conn, self.stages, target, pending, model, set())
             total.written += w.written
             total.stale += w.stale
@@ -186,11 +192,10 @@ class _Fate:
 class Settler:
     """Settles batches of one queue on the drain's connection."""
 
-    def __init__(self, conn: psycopg.Connection, settings: Settings, claims: Claims | None, resolver):
+    def __init__(self, conn: psycopg.Connection, settings: Settings, claims: Claims | None):
         self.conn = conn
         self.settings = settings
         self.claims = claims
-        self.resolver = resolver
         self.stages = Stages(conn)
 
     def settle(self, outcome: Outcome, stats: DrainStats, msg_ids: list[int]) -> None:
@@ -214,15 +219,14 @@ class Settler:
 
     def _settle_once(self, outcome: Outcome):
         conn, q = self.conn, self.settings.queue
-        conn.execute("set local autoembed.draining = 'on'")
-        conn.execute(sql.SQL("set local lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+        act_as_drain(conn)
         wrote: list[tuple[Target, Written]] = []
         done = list(outcome.done)
         busy: list[Job] = []
         used_stages: set[str] = set()
         for target, writes in outcome.writes.items():
-            model = outcome.models.get(target) or self.resolver(target).identity.key
-            w = write_vectors(conn, self.stages, target, writes, model, used_stages)
+            # The model fixed when the vectors were made (embed_work records it with the writes).
+            w = write_vectors(conn, self.stages, target, writes, outcome.models[target], used_stages)
             wrote.append((target, w))
             busy_keys = set(w.busy)
             jobs = outcome.jobs.get(target, {})
