@@ -44,7 +44,20 @@ class Pipeline:
     dimensions: int | None = None
     batch_size: int | None = None
     shards: int = 8
+    # Long documents: embed chunks of at most `chunk_tokens` tokens (the model's own tokenizer) into
+    # `<schema>.<table>_chunks` instead of one vector per row; None = a vector column target.
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
     discovered: bool = False  # registered in the database, declared in no defs.yaml
+
+    @property
+    def chunked(self) -> bool:
+        return self.chunk_tokens is not None
+
+    @property
+    def chunk_table(self) -> str:
+        """The chunk table's name (same schema as the table)."""
+        return f"{self.table}_chunks"
 
     @property
     def qualified_table(self) -> str:
@@ -86,9 +99,15 @@ def make_pipeline(name: str, *, table: str, **fields) -> Pipeline:
     fields = {k: v for k, v in fields.items() if v is not None}
     if fields.get("provider") and fields["provider"] not in PROVIDERS:
         raise ConfigError(f"pipeline {name!r}: provider {fields['provider']!r} is not one of {', '.join(PROVIDERS)}")
-    for field in ("dimensions", "batch_size", "shards"):
+    for field in ("dimensions", "batch_size", "shards", "chunk_tokens"):
         if field in fields and (not isinstance(fields[field], int) or fields[field] < 1):
             raise ConfigError(f"pipeline {name!r}: {field} = {fields[field]!r} must be a positive integer")
+    overlap = fields.get("chunk_overlap", 0)
+    if not isinstance(overlap, int) or overlap < 0:
+        raise ConfigError(f"pipeline {name!r}: chunk_overlap = {overlap!r} must be 0 or a positive integer")
+    if overlap and (fields.get("chunk_tokens") is None or overlap >= fields["chunk_tokens"]):
+        raise ConfigError(f"pipeline {name!r}: chunk_overlap = {overlap!r} needs chunk_tokens greater than it "
+                          f"(chunk_tokens = {fields.get('chunk_tokens')!r})")
     schema, table_name = split_table(name, table)
     return Pipeline(name=name, schema=schema, table=table_name, **fields)
 
