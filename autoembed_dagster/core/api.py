@@ -8,9 +8,11 @@ from typing import Callable, Iterator
 import psycopg
 
 from . import queue as pgmq
-from .config import Settings
+from .chunking import splitter_for
+from .config import EmbedderSettings, Settings
 from .database import connect, database_url
 from .drain import DrainStats, EmbedderResolver, drain as _drain
+from .embedders import make_embedder
 from .migrations import init_db
 from .search import Hit, search as _search
 
@@ -43,9 +45,28 @@ def enroll(
     queue: str = "embedding_jobs",
     backlog: bool = True,
     url: str | None = None,
+    chunk_tokens: int | None = None,
+    chunk_overlap: int = 0,
+    embedder_settings: EmbedderSettings | None = None,
+    dimensions: int | None = None,
+    vector_type: str = "halfvec",
 ) -> int:
     """Install the project's triggers on `table` (a name, optionally schema-qualified) and enqueue
-    every row that has no vector yet. Returns the number of jobs enqueued."""
+    every row that has no vector yet. Returns the number of jobs enqueued.
+
+    With `chunk_tokens`: a chunk target (long documents). Its chunk table `<table>_chunks` is
+    created with `vector_type`(`dimensions`, default: the model's size); chunks hold at most
+    `chunk_tokens` tokens of the model (`embedder_settings`, default: the environment's), with
+    `chunk_overlap` tokens repeated from the previous chunk. `embedding_column` is not used then."""
+    if chunk_tokens is not None:
+        embedder = make_embedder(embedder_settings or EmbedderSettings.from_env(), dimensions)
+        splitter_for(embedder, chunk_tokens, chunk_overlap)  # refuses sizes beyond the model's window
+        with session(url) as conn:
+            return conn.execute(
+                "select autoembed.enroll_chunks(%s::regclass, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (table, content_function, chunk_tokens, chunk_overlap, key_column, queue, vector_type,
+                 dimensions or embedder.identity.dimensions, backlog),
+            ).fetchone()[0]
     with session(url) as conn:
         return conn.execute(
             "select autoembed.enroll(%s::regclass, %s, %s, %s, %s, %s)",
