@@ -255,3 +255,55 @@ def test_chunk_target_of_uses_the_registered_chunk_table(articles):
     ct = chunk_target_of(target)
     assert (ct.chunk_table, ct.key_column, ct.vector_type) == ("articles_chunks", "id", "halfvec")
     assert json.dumps(target.chunk_tokens) == str(TOKENS)
+
+
+# -- health, CLI ---------------------------------------------------------------------------------
+def test_health_counts_current_missing_and_stale_documents(articles, fake_openai, settings):
+    from autoembed_dagster.core.health import chunk_target_health, chunk_targets
+
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s), (3, 'C', null)", (_doc(10, 1), _doc(10, 2)))
+    drain(conn, settings)
+    conn.execute("insert into articles values (4, 'D', %s)", (_doc(10, 4),))  # queued, no chunks yet
+    conn.execute("update articles set body = body || ' more' where id = 2")  # stale until drained
+    [target] = chunk_targets(conn)
+    h = chunk_target_health(conn, target, _embedder())
+    assert (h.rows, h.embeddable, h.current, h.missing, h.stale) == (4, 3, 1, 1, 1)
+    drain(conn, settings)
+    h = chunk_target_health(conn, target, _embedder())
+    assert (h.current, h.missing, h.stale, h.coverage) == (3, 0, 0, 1.0)
+
+
+def test_cli_enrol_status_and_search_over_chunks(conn, db_url, fake_openai, settings):
+    from .test_cli import run
+
+    env = {"AUTOEMBED_DATABASE_URL": db_url, "OPENAI_BASE_URL": fake_openai.base_url, "OPENAI_API_KEY": "sk-test",
+           "AUTOEMBED_PROVIDER": "openai", "AUTOEMBED_MODEL": "text-embedding-3-small"}
+    conn.execute("""
+        create table articles (id bigint primary key, title text not null, body text);
+        create function article_text(a articles) returns text language sql immutable
+            as $$ select a.title || E'\\n\\n' || a.body $$;
+    """)
+    needle = "The walrus sings a lullaby to the harbour at dawn."
+    paras = _paragraphs(40, seed=5)
+    paras[25] = needle
+    conn.execute("insert into articles values (1, 'Sea', %s), (2, 'Other', %s)", ("\n\n".join(paras), _doc(40, 9)))
+    out = run(["enroll", "articles", "--content-function", "article_text", "--chunk-tokens", "64",
+               "--chunk-overlap", "8"], env).stdout
+    assert "articles_chunks" in out and "2 existing rows queued" in out
+    bad = run(["enroll", "articles", "--content-function", "article_text", "--chunk-tokens", "9000"], env, check=False)
+    assert bad.returncode != 0 and "--chunk-tokens 8191 or less" in bad.stderr
+    status = run(["status"], env).stdout
+    assert "public.articles -> articles_chunks" in status and "64/8" in status
+    run(["drain", "-q"], env)
+    # The fake provider's vectors are random by text (no meaning): query with the exact text of the
+    # chunk that holds the sentence, which then is the nearest chunk (distance 0).
+    passage = next(c for c in _splitter().split("Sea\n\n" + "\n\n".join(paras)) if needle in c)
+    out = run(["search", passage, "--table", "articles", "--content-function", "article_text", "--chunks", "-k", "2"],
+              env).stdout
+    first, second = out.splitlines()[:2]
+    assert first.startswith("1. [0.000] public.articles id=1 chunk ") and "walrus" in first
+    assert second.startswith("2. [") and "id=2 chunk" in second  # one line per parent row
+    status = run(["status"], env).stdout
+    row = next(line for line in status.splitlines() if line.startswith("public.articles -> articles_chunks"))
+    assert row.split()[4:7] == ["2", "2", "0"]  # documents, current, no chunks
