@@ -262,3 +262,23 @@ begin
     return backlog;
 end;
 $$;
+
+-- Promote a chunk target's shadow chunk table (a backfill to another model wrote it): swap the
+-- tables (autoembed.promote_chunk_table, sql/011) and point the registry's chunk target at the new
+-- live table, in the caller's transaction, so queued jobs go on to the table search reads.
+-- SECURITY DEFINER (the registry); the caller must own the parent table. Returns the old table.
+create or replace function autoembed.promote_chunk_target(live regclass, shadow regclass)
+returns regclass
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    old regclass;
+begin
+    perform autoembed.require_owner((select parent from autoembed.chunk_parent(live)), 'promote its chunk table');
+    old := autoembed.promote_chunk_table(live, shadow);
+    update autoembed.targets r set chunk_table = shadow, updated_at = now() where r.chunk_table = live;
+    return old;
+end;
+$$;

@@ -60,6 +60,12 @@ class Pipeline:
         return f"{self.table}_chunks"
 
     @property
+    def table_key(self) -> tuple[str, str, str]:
+        """How the drain names this pipeline's target (its stats' by_table key, the resolver's key):
+        (schema, table, embedding column), or for a chunked pipeline (schema, table, chunk table)."""
+        return (self.schema, self.table, self.chunk_table if self.chunked else self.embedding_column)
+
+    @property
     def qualified_table(self) -> str:
         return f"{self.schema}.{self.table}"
 
@@ -166,6 +172,18 @@ def discover_pipelines(conn: psycopg.Connection, declared: list[Pipeline]) -> li
         taken.add(name)
         out.append(Pipeline(name=name, schema=schema, table=table, content_function=fn, embedding_column=column,
                             key_column=key, queue=queue, discovered=True))
+    # Chunk targets (sql/012) enrolled without a declaration: their registered chunk sizes.
+    chunked = {(p.schema, p.table) for p in declared if p.chunked}
+    for schema, table, fn, chunk_table, key, queue, tokens, overlap in conn.execute(
+        """select schema_name, table_name, content_function, chunk_table, key_column, queue, chunk_tokens, chunk_overlap
+           from autoembed.target_catalog where chunk_tokens is not null and chunk_table is not null
+             and key_column is not null order by 1, 2"""):
+        if (schema, table) in chunked:
+            continue
+        name = discovered_name(schema, table, chunk_table, taken)
+        taken.add(name)
+        out.append(Pipeline(name=name, schema=schema, table=table, content_function=fn, key_column=key, queue=queue,
+                            chunk_tokens=tokens, chunk_overlap=overlap, discovered=True))
     return out
 
 

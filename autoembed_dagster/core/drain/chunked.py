@@ -16,7 +16,7 @@ autoembed.targets), never one a message names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import psycopg
@@ -35,6 +35,29 @@ def chunk_target_of(target: Target) -> chunks.ChunkTarget:
     assert target.chunk_table is not None, target
     return chunks.ChunkTarget(target.key.schema, target.key.table, target.key.key_column, target.key_type,
                               target.function, target.chunk_table, target.vector_type, target.dimensions)
+
+
+def shadow_of(conn: psycopg.Connection, target: Target) -> Target | None:
+    """The target's shadow chunk table (a model change in progress), or None. Its name is derived
+    from the registered chunk table, and it must hang on the same parent key: never a name a
+    message gave."""
+    name = chunks.shadow_name(chunk_target_of(target))
+    row = conn.execute(
+        """select v.type_name, v.dimensions, (p.parent = %s::regclass and p.key_column = %s)
+           from (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c
+           cross join lateral autoembed.chunk_parent(c.oid) p
+           cross join lateral autoembed.vector_column(c.oid, %s) v
+           where c.oid is not null""",
+        (target.regclass, target.key.key_column, target.key.schema, name, chunks.VECTOR_COLUMN)).fetchone()
+    if row is None or not row[2] or row[1] is None:
+        return None
+    return replace(target, chunk_table=name, vector_type=row[0], dimensions=int(row[1]))
+
+
+def write_target(conn: psycopg.Connection, target: Target) -> Target:
+    """Where the drain writes a chunk target's documents: the shadow chunk table while a model
+    change is in progress (so the promotion finds it complete), else the registered one."""
+    return shadow_of(conn, target) or target
 
 
 @dataclass
