@@ -4,10 +4,11 @@
 -- target id against this registry and writes only the registered chunk table (core/drain/chunked.py).
 --
 -- Triggers (the names of the column targets' own, so autoembed.unenroll / uninstall_triggers drop
--- them and a table has one kind of enrolment at a time):
---   autoembed_enqueue_insert  AFTER INSERT statement: every new row;
---   autoembed_enqueue_update  AFTER UPDATE statement, old and new transition tables: the rows whose
---                             input changed, compared set-wise in the writer's context.
+-- them and a table has one kind of enrolment at a time); the writing role needs rights on its own
+-- table only:
+--   autoembed_enqueue_insert  AFTER INSERT statement (transition table): every new row, one send;
+--   autoembed_enqueue_update  AFTER UPDATE row, WHEN the input changed (compared in the writer's
+--                             context, the content function bound by oid): that row.
 -- No clearing trigger: a stale chunk set stays until the drain swaps the new one in whole, and
 -- search_chunks(content_function => ...) skips it meanwhile. Deleted rows lose their chunks by the
 -- chunk table's foreign key (on delete cascade).
@@ -131,88 +132,79 @@ begin
 end;
 $$;
 
--- What the statement trigger of a chunk target needs, for the table `tbl` it fires on: the key
--- column and content function (current names). SECURITY DEFINER (the writer has no rights on the
--- registry); only inside a trigger. NULL when `arg` names no chunk target of `tbl`.
-create or replace function autoembed.chunk_trigger_target(tbl oid, arg text,
-                                                          out key_column text, out fn text)
+-- The key column of chunk target `arg` (a trigger argument) on table `tbl`, or NULL with a warning
+-- (the user's write goes on, nothing is enqueued).
+create or replace function autoembed.chunk_trigger_key(tbl oid, arg text)
+returns text
 language plpgsql
 stable
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    key_column text;
 begin
-    if pg_trigger_depth() = 0 then
-        raise exception 'autoembed.chunk_trigger_target is called by the triggers of chunk targets only'
-            using errcode = 'insufficient_privilege';
+    if arg ~ '^[0-9]{1,18}$' then
+        select ka.attname::text into key_column
+          from autoembed.targets r
+          join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+         where r.id = arg::bigint and r.relid = tbl and r.chunk_table is not null;
     end if;
-    if arg !~ '^[0-9]{1,18}$' then
-        return;
+    if key_column is null then
+        raise warning 'autoembed: a chunk trigger on % names no chunk target of this table (%): nothing enqueued; enroll the table again',
+            tbl::regclass, quote_nullable(arg);
     end if;
-    select ka.attname::text, p.oid::regproc::text into key_column, fn
-      from autoembed.targets r
-      join pg_class c on c.oid = r.relid
-      join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
-      join pg_proc p on p.oid = r.content_fn and p.pronargs = 1 and p.proargtypes[0] = c.reltype
-     where r.id = arg::bigint and r.relid = tbl and r.chunk_table is not null;
+    return key_column;
 end;
 $$;
+revoke execute on function autoembed.chunk_trigger_key(oid, text) from public;
 
--- Send the jobs a chunk target's trigger found. SECURITY DEFINER; only inside a trigger, for a
--- table the acting role may write and for that table's own chunk target.
-create or replace function autoembed.queue_chunk_keys(tbl oid, target_id bigint, keys text[])
-returns void
+-- AFTER INSERT statement trigger of a chunk target (argument: the target id): every new row.
+-- SECURITY DEFINER, reads only keys: it calls no user function, and the writing role needs rights
+-- on its own table only.
+create or replace function autoembed.queue_chunk_inserts()
+returns trigger
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
-begin
-    if pg_trigger_depth() = 0 then
-        raise exception 'autoembed.queue_chunk_keys is called by the triggers of chunk targets only'
-            using errcode = 'insufficient_privilege';
-    end if;
-    if not has_table_privilege(autoembed.caller_role(), tbl, 'INSERT, UPDATE') then
-        raise exception 'autoembed: role % may not write %: it cannot queue its jobs', autoembed.caller_role(), tbl::regclass
-            using errcode = 'insufficient_privilege';
-    end if;
-    if exists (select 1 from autoembed.targets r where r.id = target_id and r.relid = tbl and r.chunk_table is not null) then
-        perform autoembed.send_chunk_keys(target_id, keys);
-    end if;
-end;
-$$;
-
--- AFTER INSERT/UPDATE statement trigger of a chunk target (argument: the target id). Runs as the
--- writer: it calls the content function (as a column target's WHEN clause does) to compare the
--- input of the old and new rows set-wise, so re-saves and changes to other columns queue nothing.
--- A key that changed counts as a new row. A broken registration warns and queues nothing: the
--- user's write goes on.
-create or replace function autoembed.queue_chunk_jobs()
-returns trigger
-language plpgsql
-as $$
 declare
-    t record;
+    key_column text;
     keys text[];
 begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
-    t := autoembed.chunk_trigger_target(TG_RELID, TG_ARGV[0]);
-    if t.fn is null then
-        raise warning 'autoembed: the chunk trigger on % names no chunk target of this table (%): nothing enqueued; enroll the table again',
-            TG_RELID::regclass, quote_nullable(TG_ARGV[0]);
+    key_column := autoembed.chunk_trigger_key(TG_RELID, TG_ARGV[0]);
+    if key_column is not null then
+        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n))', key_column) into keys;
+        perform autoembed.send_chunk_keys(TG_ARGV[0]::bigint, keys);
+    end if;
+    return null;
+end;
+$$;
+
+-- AFTER UPDATE row trigger of a chunk target (argument: the target id), fired only WHEN the input
+-- changed: the trigger's WHEN clause compares the content function of OLD and NEW in the writer's
+-- context (a re-save or a change to another column costs no call here). SECURITY DEFINER, reads
+-- only the key of NEW.
+create or replace function autoembed.queue_chunk_row()
+returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    key_column text;
+    keys text[];
+begin
+    if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
-    if TG_OP = 'INSERT' then
-        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n))', t.key_column) into keys;
-    else
-        execute format(
-            'select autoembed.key_texts(array(select n.%1$I from autoembed_new n left join autoembed_old o on o.%1$I = n.%1$I
-                                              where o.%1$I is null or %2$s(o) is distinct from %2$s(n)))',
-            t.key_column, t.fn) into keys;
-    end if;
-    if cardinality(keys) > 0 then
-        perform autoembed.queue_chunk_keys(TG_RELID, TG_ARGV[0]::bigint, keys);
+    key_column := autoembed.chunk_trigger_key(TG_RELID, TG_ARGV[0]);
+    if key_column is not null then
+        execute format('select autoembed.key_texts(array[($1).%I])', key_column) into keys using NEW;
+        perform autoembed.send_chunk_keys(TG_ARGV[0]::bigint, keys);
     end if;
     return null;
 end;
@@ -248,11 +240,11 @@ begin
     perform autoembed.uninstall_triggers(tbl);
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
-        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+        'for each statement execute function autoembed.queue_chunk_inserts(%L)', tbl, target_id);
     execute format(
-        'create trigger autoembed_enqueue_update after update on %s '
-        'referencing old table as autoembed_old new table as autoembed_new '
-        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+        'create trigger autoembed_enqueue_update after update on %1$s for each row '
+        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_row(%3$L)',
+        tbl, fn::oid::regproc, target_id);
     if enqueue_backlog then
         execute format('select autoembed.enqueue_chunk_keys($1, array(select t.%1$I from %2$s t
                         where not exists (select 1 from %3$s c where c.%1$I = t.%1$I)))', key_column, tbl, chunks)

@@ -373,3 +373,28 @@ def test_backfill_to_a_new_size_fills_a_shadow_the_drain_follows_then_promotes_i
     hits = api.search_chunks(chunk_rows(conn, 1)[0][1], table="articles", content_function="article_text",
                              embedder_settings=p.embedder_settings(), url=conn.info.dsn)
     assert hits[0].id == "1" and hits[0].distance < 1e-3
+
+
+def test_a_role_with_rights_on_its_table_only_writes_a_chunk_target(articles, fake_openai, settings):
+    """The chunk triggers are SECURITY DEFINER and call no user function; the WHEN clause compares
+    the input in the writer's context: the writer needs no grant on the project's schemas."""
+    from .test_least_privilege import acting_as
+
+    conn = articles
+    role = f"app_{conn.info.backend_pid}"
+    conn.execute(f"create role {role} nologin")
+    try:
+        conn.execute(f"grant select, insert, update, delete on articles to {role}")
+        with acting_as(conn, role):
+            conn.execute("insert into articles values (1, 'A', 'alpha'), (2, 'B', 'beta')")
+            conn.execute("update articles set body = 'gamma' where id = 2")
+            conn.execute("update articles set title = title where id = 1")  # a re-save: nothing queued
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("select * from pgmq.q_embedding_jobs")
+        bodies = [m for (m,) in conn.execute("select message from pgmq.q_embedding_jobs order by msg_id")]
+        assert [(m["id"], m.get("ids")) for m in bodies] == [(1, "1,2"), (2, None)]
+        assert drain(conn, settings).embedded == 2
+        assert_current(conn, 2)
+    finally:
+        conn.execute(f"drop owned by {role} cascade")
+        conn.execute(f"drop role {role}")
