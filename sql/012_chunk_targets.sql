@@ -159,10 +159,13 @@ end;
 $$;
 revoke execute on function autoembed.chunk_trigger_key(oid, text) from public;
 
--- AFTER INSERT statement trigger of a chunk target (argument: the target id): every new row.
--- SECURITY DEFINER, reads only keys: it calls no user function, and the writing role needs rights
--- on its own table only.
-create or replace function autoembed.queue_chunk_inserts()
+-- The enqueue trigger of a chunk target (argument: the target id). As the AFTER INSERT statement
+-- trigger (transition table autoembed_new): every new row, in one send. As the AFTER UPDATE row
+-- trigger, fired only WHEN the input changed (its WHEN clause compares the content function of OLD
+-- and NEW in the writer's context: a re-save or a change to another column costs no call here):
+-- that row. SECURITY DEFINER, and it reads only keys: it calls no user function, so the writing
+-- role needs rights on its own table only.
+create or replace function autoembed.queue_chunk_jobs()
 returns trigger
 language plpgsql
 security definer
@@ -176,36 +179,14 @@ begin
         return null;
     end if;
     key_column := autoembed.chunk_trigger_key(TG_RELID, TG_ARGV[0]);
-    if key_column is not null then
-        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n))', key_column) into keys;
-        perform autoembed.send_chunk_keys(TG_ARGV[0]::bigint, keys);
-    end if;
-    return null;
-end;
-$$;
-
--- AFTER UPDATE row trigger of a chunk target (argument: the target id), fired only WHEN the input
--- changed: the trigger's WHEN clause compares the content function of OLD and NEW in the writer's
--- context (a re-save or a change to another column costs no call here). SECURITY DEFINER, reads
--- only the key of NEW.
-create or replace function autoembed.queue_chunk_row()
-returns trigger
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    key_column text;
-    keys text[];
-begin
-    if current_setting('autoembed.draining', true) = 'on' then
+    if key_column is null then
         return null;
-    end if;
-    key_column := autoembed.chunk_trigger_key(TG_RELID, TG_ARGV[0]);
-    if key_column is not null then
+    elsif TG_LEVEL = 'ROW' then
         execute format('select autoembed.key_texts(array[($1).%I])', key_column) into keys using NEW;
-        perform autoembed.send_chunk_keys(TG_ARGV[0]::bigint, keys);
+    else
+        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n))', key_column) into keys;
     end if;
+    perform autoembed.send_chunk_keys(TG_ARGV[0]::bigint, keys);
     return null;
 end;
 $$;
@@ -240,10 +221,10 @@ begin
     perform autoembed.uninstall_triggers(tbl);
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
-        'for each statement execute function autoembed.queue_chunk_inserts(%L)', tbl, target_id);
+        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
     execute format(
         'create trigger autoembed_enqueue_update after update on %1$s for each row '
-        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_row(%3$L)',
+        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_jobs(%3$L)',
         tbl, fn::oid::regproc, target_id);
     if enqueue_backlog then
         execute format('select autoembed.enqueue_chunk_keys($1, array(select t.%1$I from %2$s t
