@@ -245,7 +245,8 @@ def _cmd_pipelines(args: argparse.Namespace) -> int:
         print(json.dumps([{**p.__dict__, "origin": origin, "model": code_version(p)} for p, origin in rows], indent=2))
         return 0
     for p, origin in rows:
-        print(f"{p.name:<20} {p.qualified_table}.{p.embedding_column:<24} queue {p.queue:<16} "
+        target = f"{p.chunk_table} ({p.chunk_tokens}/{p.chunk_overlap} tokens)" if p.chunked else p.embedding_column
+        print(f"{p.name:<20} {p.qualified_table}.{target:<24} queue {p.queue:<16} "
               f"{code_version(p)}  ({origin})")
     return 0
 

@@ -307,6 +307,12 @@ def test_cli_enrol_status_and_search_over_chunks(conn, db_url, fake_openai, sett
     status = run(["status"], env).stdout
     row = next(line for line in status.splitlines() if line.startswith("public.articles -> articles_chunks"))
     assert row.split()[4:7] == ["2", "2", "0"]  # documents, current, no chunks
+    # Enrolled in SQL only: a discovered chunked pipeline, which searches its chunks by itself.
+    assert "articles_chunks (64/8 tokens)" in run(["pipelines"], env).stdout
+    out = run(["search", passage, "--pipeline", "articles", "-k", "1"], env).stdout
+    assert out.startswith("1. [0.000] public.articles id=1 chunk ")
+    out = run(["backfill", "articles"], env).stdout
+    assert "(in_place)" in out and "100.0% (2/2 documents)" in out
 
 
 # -- backfill and model change -------------------------------------------------------------------
@@ -398,3 +404,15 @@ def test_a_role_with_rights_on_its_table_only_writes_a_chunk_target(articles, fa
     finally:
         conn.execute(f"drop owned by {role} cascade")
         conn.execute(f"drop role {role}")
+
+
+def test_backfill_refuses_a_declaration_that_splits_otherwise_than_the_enrolment(articles, fake_openai):
+    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.pipelines import make_pipeline
+
+    p = make_pipeline("articles", table="articles", content_function="article_text", chunk_tokens=128)
+    with pytest.raises(ConfigError, match=r"enrolled with 64 \(overlap 8\).*--chunk-tokens 128 --chunk-overlap 0"):
+        run_chunk_backfill(articles, p)
+    plain = make_pipeline("plain", table="plain", content_function="f", chunk_tokens=64)
+    with pytest.raises(Exception, match="not enrolled as a chunk target: autoembed enroll public.plain"):
+        run_chunk_backfill(articles, plain)

@@ -66,8 +66,14 @@ def pipeline_embedder(conn: psycopg.Connection, p: Pipeline) -> tuple[Target, Mo
     embedder = make_embedder(spec.settings(p.embedder_settings()), dimensions=spec.dimensions)
     if embedder.identity.key != spec.identity_key:
         raise ConfigError(f"{spec.key}: the embedder reports itself as {embedder.identity.key}")
-    tokens = p.chunk_tokens or live.chunk_tokens
-    return live, spec, embedder, splitter_for(embedder, tokens, p.chunk_overlap if p.chunk_tokens else live.chunk_overlap)
+    if p.chunk_tokens is not None and (p.chunk_tokens, p.chunk_overlap) != (live.chunk_tokens, live.chunk_overlap):
+        # The drain splits as the registry says: a backfill splitting otherwise would fight it.
+        raise ConfigError(
+            f"pipeline {p.name} declares chunks of {p.chunk_tokens} tokens (overlap {p.chunk_overlap}) but "
+            f"{p.qualified_table} is enrolled with {live.chunk_tokens} (overlap {live.chunk_overlap}): enrol it "
+            f"again (autoembed enroll {p.qualified_table} --content-function {p.content_function} --chunk-tokens "
+            f"{p.chunk_tokens} --chunk-overlap {p.chunk_overlap}), then backfill")
+    return live, spec, embedder, splitter_for(embedder, live.chunk_tokens, live.chunk_overlap)
 
 
 def chunk_plan(conn: psycopg.Connection, p: Pipeline, live: Target, spec: ModelSpec) -> ChunkBackfillPlan:

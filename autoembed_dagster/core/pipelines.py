@@ -180,7 +180,7 @@ def discover_pipelines(conn: psycopg.Connection, declared: list[Pipeline]) -> li
              and key_column is not null order by 1, 2"""):
         if (schema, table) in chunked:
             continue
-        name = discovered_name(schema, table, chunk_table, taken)
+        name = discovered_name(schema, table, "embedding", taken)  # (a table has one kind of enrolment)
         taken.add(name)
         out.append(Pipeline(name=name, schema=schema, table=table, content_function=fn, key_column=key, queue=queue,
                             chunk_tokens=tokens, chunk_overlap=overlap, discovered=True))
