@@ -178,8 +178,11 @@ def test_delete_blank_and_null_leave_no_chunks(articles, fake_openai, settings):
     conn.execute("delete from articles where id = 1")
     assert chunk_rows(conn, 1) == []  # the foreign key cascades
     conn.execute("update articles set body = null where id = 2")
+    conn.execute("insert into articles values (5, 'E', %s)", (_doc(12, 5),))
+    conn.execute("delete from articles where id = 5")  # queued, then gone before the drain
     stats = drain(conn, settings)
     assert chunk_rows(conn, 2) == [] and stats.chunks_deleted > 0 and stats.empty_input == 1
+    assert stats.deleted_rows == 1 and stats.dead_lettered == 0 and chunk_rows(conn, 5) == []
 
 
 def test_a_bulk_update_statement_queues_only_changed_rows_and_all_become_current(articles, fake_openai, settings):
