@@ -43,6 +43,37 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def quickstart_block() -> str:
+    section = (ROOT / "README.md").read_text().split("## 60-second quickstart", 1)[1]
+    return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_the_quickstart_runs_verbatim_with_zero_configuration(tmp_path):
+    """The quickstart block, as one bash script, in an empty folder: no database URL, no API key, no
+    psql on PATH (the wheel's own is used), so the embedded server and the local model do the work."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AUTOEMBED_", "OPENAI_", "PG")) and k not in ("DAGSTER_HOME",)}
+    env.update(HOME=str(tmp_path), AUTOEMBED_PROJECT=str(ROOT), PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}:{tmp_path / 'bin'}")  # no /usr/bin: no system psql
+    (tmp_path / "bin").mkdir()
+    for tool in ("cat", "bash", "env", "sed", "head"):  # what a shell session needs, nothing of Postgres
+        if shutil.which(tool):
+            (tmp_path / "bin" / tool).symlink_to(shutil.which(tool))
+    try:
+        proc = subprocess.run([shutil.which("bash"), "-e", "-c", quickstart_block()], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        out = proc.stdout
+        assert "INSERT 0 2" in out and "documents enrolled; 2 existing rows queued" in out
+        assert re.search(r"^2 embedded, .* 0 dead-lettered", out, flags=re.M), out
+        hits = [line for line in out.splitlines() if re.match(r"\d+\. \[", line)]
+        assert len(hits) == 2 and "public.documents id=1: # Cats" in hits[0], out
+        assert re.search(r"^embedding_jobs\s+0\s+0\s+0\s+0\s+0\s+\S+\s+0$", out, flags=re.M), out
+        assert (tmp_path / ".autoembed" / "pgdata").is_dir()  # the zero-config server, in this folder
+    finally:
+        subprocess.run([str(BIN / "autoembed"), "db", "stop"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+
+
 def test_readme_lists_the_commands_we_run():
     commands = readme_commands()
     assert any(c.startswith("dg scaffold defs autoembed_dagster.EmbeddingPipeline") for c in commands)
