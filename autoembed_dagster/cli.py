@@ -52,6 +52,17 @@ def _refuse_unproducible_size(args: argparse.Namespace) -> None:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
+    if args.chunk_tokens is not None:
+        # The chunk table is created at the model's size: nothing to refuse (chunking checks the window).
+        n = api.enroll(args.table, args.content_function, key_column=args.key, queue=args.queue,
+                       backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap)
+        schema, _, table = args.table.rpartition(".")
+        print(f"{args.table} enrolled for chunks of at most {args.chunk_tokens} tokens "
+              f"(overlap {args.chunk_overlap}) in {schema + '.' if schema else ''}{table}_chunks; "
+              f"{n} existing rows queued for embedding")
+        return 0
+    if args.chunk_overlap:
+        raise ConfigError("--chunk-overlap needs --chunk-tokens N (the chunk size)")
     if not args.force:
         _refuse_unproducible_size(args)
     n = api.enroll(args.table, args.content_function, args.column, key_column=args.key,
@@ -70,6 +81,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.queue_name:<24}{r.depth:>9}{r.rows:>9}{r.visible:>9}{r.in_flight:>11}{r.retrying:>10}"
               f"{r.oldest_age_seconds:>10.1f}{r.dead_letters:>7}")
+    chunked = api.chunk_targets_health()
+    if chunked:
+        print(f"\n{'chunk target':<40}{'tokens':>8}{'documents':>11}{'current':>9}{'no chunks':>11}{'stale':>7}"
+              f"{'dead':>6}  model")
+        for target, h in chunked:
+            print(f"{h.table:<40}{f'{target.chunk_tokens}/{target.chunk_overlap}':>8}{h.embeddable:>11}"
+                  f"{h.current:>9}{h.missing:>11}{h.stale:>7}{h.dead_letters:>6}  {h.model}")
     dead = api.dead_letters(queue=args.queue, limit=10)
     if dead:
         print("\nlatest dead letters:")
@@ -110,8 +128,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
         from .core.drain import pipeline_resolver
 
         p = _pipeline_named(args.pipeline)
+        if p.chunked:
+            return _print_chunk_hits(args, dict(table=p.table, schema=p.schema, content_function=p.content_function,
+                                                key_column=p.key_column, embedder_settings=p.embedder_settings()))
         where = dict(table=p.table, schema=p.schema, content_function=p.content_function,
                      embedding_column=p.embedding_column, key_column=p.key_column, resolver=pipeline_resolver([p]))
+    elif args.table and args.chunks:
+        schema, _, table = args.table.rpartition(".")
+        return _print_chunk_hits(args, dict(table=table, schema=schema or args.schema,
+                                            content_function=args.content_function, key_column=args.key))
     elif args.table:
         schema, _, table = args.table.rpartition(".")
         where = dict(table=table, schema=schema or args.schema, content_function=args.content_function,
@@ -125,6 +150,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
     for rank, hit in enumerate(hits, 1):
         first = " ".join(hit.input.split())[:100]
         print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id}: {first}")
+    return 0
+
+
+def _print_chunk_hits(args: argparse.Namespace, where: dict) -> int:
+    """Rows ranked by their best chunk, each with that chunk (the matching passage)."""
+    hits = api.search_chunks(args.query, k=args.k, **where)
+    if not hits:
+        print("no embedded chunks yet: run `autoembed drain`")
+    label = f"{where['schema']}.{where['table']}"
+    for rank, hit in enumerate(hits, 1):
+        passage = " ".join(hit.chunk.split())
+        print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id} chunk {hit.chunk_index}: "
+              f"{passage[:300]}{'...' if len(passage) > 300 else ''}")
     return 0
 
 
@@ -307,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--no-backlog", action="store_true", help="do not queue existing rows")
     en.add_argument("--force", action="store_true",
                     help="enrol even when the default model cannot make vectors of the column's size")
+    en.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                    help="long documents: embed chunks of at most N tokens into <table>_chunks (no --column)")
+    en.add_argument("--chunk-overlap", type=int, default=0, metavar="M",
+                    help="with --chunk-tokens: repeat up to M tokens of the previous chunk (default: 0)")
     en.set_defaults(func=_cmd_enroll)
 
     st = sub.add_parser("status", help="queue depth, in flight, dead letters")
@@ -330,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--column", default="embedding", help="with --table (default: embedding)")
     se.add_argument("--key", default="id", help="with --table (default: id)")
     se.add_argument("-k", type=int, default=5, help="how many rows (default: 5)")
+    se.add_argument("--chunks", action="store_true",
+                    help="with --table: search its chunk table (<table>_chunks): rows ranked by their best chunk, "
+                         "with that passage (a chunked --pipeline does this by itself)")
     se.set_defaults(func=_cmd_search)
 
     dl = sub.add_parser("dead-letters", help="list dead letters, or --retry them")

@@ -58,6 +58,14 @@ create table if not exists autoembed.targets (
     unique (relid, embedding_attnum)
 );
 revoke all on autoembed.targets from public;
+-- Chunk targets (sql/012): the chunk table by oid and how documents are split; such a target has
+-- no embedding column in its table (embedding_attnum NULL, embedding_column = the chunk table's
+-- name at registration).
+alter table autoembed.targets add column if not exists chunk_table oid;
+alter table autoembed.targets add column if not exists chunk_tokens integer;
+alter table autoembed.targets add column if not exists chunk_overlap integer;
+alter table autoembed.targets alter column embedding_attnum drop not null;
+create unique index if not exists targets_chunk_table on autoembed.targets (chunk_table) where chunk_table is not null;
 
 -- Supabase's queue name, so a database that ran Supabase's guide keeps its queue.
 do $$

@@ -164,7 +164,10 @@ select t.id,
        p.oid::regproc::text as function,
        vt.typname::text as vector_type,
        case when vt.oid is not null then nullif(ea.atttypmod, -1) end as dimensions,
-       t.origin
+       t.origin,
+       ch.relname::text as chunk_table,  -- chunk targets (sql/012): current name, NULL if dropped
+       t.chunk_tokens,
+       t.chunk_overlap
 from autoembed.targets t
 join pg_class c on c.oid = t.relid
 join pg_namespace n on n.oid = c.relnamespace
@@ -172,7 +175,8 @@ left join pg_attribute ka on ka.attrelid = t.relid and ka.attnum = t.key_attnum 
 left join pg_attribute ea on ea.attrelid = t.relid and ea.attnum = t.embedding_attnum and not ea.attisdropped
 left join pg_type vt on vt.oid = ea.atttypid and vt.typname in ('vector', 'halfvec')
       and vt.typnamespace = (select e.extnamespace from pg_extension e where e.extname = 'vector')
-left join pg_proc p on p.oid = t.content_fn and p.pronargs = 1 and p.proargtypes[0] = c.reltype;
+left join pg_proc p on p.oid = t.content_fn and p.pronargs = 1 and p.proargtypes[0] = c.reltype
+left join pg_class ch on ch.oid = t.chunk_table;
 revoke all on autoembed.target_catalog from public;
 
 drop function if exists autoembed.message_header(bigint);

@@ -76,6 +76,39 @@ as $$
           and coalesce(x.a[3], 'id') = key_column and coalesce(x.a[4], 'embedding_jobs') = queue)
 $$;
 
+-- The content function `fn` of a target of `tbl`: it must take a row of the table, be owned by the
+-- table's owner or a superuser (the drain runs it, so nobody but the owner may choose what it
+-- runs) and be IMMUTABLE or STABLE (the content hash relies on equal input giving equal text).
+create or replace function autoembed.check_content_function(tbl regclass, fn regprocedure)
+returns void
+language plpgsql
+stable
+as $$
+declare
+    rel pg_class;
+    proc pg_proc;
+begin
+    select c.* into rel from pg_class c where c.oid = tbl;
+    select p.* into proc from pg_proc p where p.oid = fn;
+    if proc.pronargs <> 1 or proc.proargtypes[0] <> rel.reltype then
+        raise exception 'autoembed: content function % does not take a row of %', fn, tbl
+            using errcode = 'undefined_function';
+    end if;
+    if proc.proowner <> rel.relowner and not (select r.rolsuper from pg_roles r where r.oid = proc.proowner) then
+        raise exception 'autoembed: content function % is owned by %, not by %, the owner of %', fn,
+            proc.proowner::regrole, rel.relowner::regrole, tbl
+            using errcode = 'insufficient_privilege',
+                  hint = format('the drain runs this function, so only the table''s owner may choose it: alter function %s owner to %s',
+                                fn, rel.relowner::regrole);
+    end if;
+    if proc.provolatile = 'v' then
+        raise exception 'autoembed: content function % is VOLATILE', fn
+            using errcode = 'invalid_function_definition',
+                  hint = format('equal input must give equal text (the content hash relies on it): alter function %s immutable (or stable)', fn);
+    end if;
+end;
+$$;
+
 -- Register (or update) the target (tbl, embedding_column) in autoembed.targets; returns its id.
 -- SECURITY DEFINER: the registry is writable by nobody else. Who may register:
 --   origin 'enroll' / 'migration': a role that owns the table (or a superuser);
@@ -96,7 +129,6 @@ as $$
 #variable_conflict use_variable
 declare
     rel pg_class;
-    proc pg_proc;
     emb_attnum smallint;
     key_attnum smallint;
     result bigint;
@@ -130,23 +162,7 @@ begin
             using errcode = 'undefined_column';
     end if;
     key_attnum := autoembed.check_key_column(tbl, key_column);
-    select p.* into proc from pg_proc p where p.oid = fn;
-    if proc.pronargs <> 1 or proc.proargtypes[0] <> rel.reltype then
-        raise exception 'autoembed: content function % does not take a row of %', fn, tbl
-            using errcode = 'undefined_function';
-    end if;
-    if proc.proowner <> rel.relowner and not (select r.rolsuper from pg_roles r where r.oid = proc.proowner) then
-        raise exception 'autoembed: content function % is owned by %, not by %, the owner of %', fn,
-            proc.proowner::regrole, rel.relowner::regrole, tbl
-            using errcode = 'insufficient_privilege',
-                  hint = format('the drain runs this function, so only the table''s owner may choose it: alter function %s owner to %s',
-                                fn, rel.relowner::regrole);
-    end if;
-    if proc.provolatile = 'v' then
-        raise exception 'autoembed: content function % is VOLATILE', fn
-            using errcode = 'invalid_function_definition',
-                  hint = format('equal input must give equal text (the content hash relies on it): alter function %s immutable (or stable)', fn);
-    end if;
+    perform autoembed.check_content_function(tbl, fn);
     perform autoembed.check_queue_name(queue);
     if not exists (select 1 from pgmq.meta m where m.queue_name = queue) then
         perform pgmq.create(queue);

@@ -8,11 +8,13 @@ from typing import Callable, Iterator
 import psycopg
 
 from . import queue as pgmq
-from .config import Settings
+from .chunking import splitter_for
+from .config import EmbedderSettings, Settings
 from .database import connect, database_url
 from .drain import DrainStats, EmbedderResolver, drain as _drain
+from .embedders import make_embedder
 from .migrations import init_db
-from .search import Hit, search as _search
+from .search import ChunkHit, Hit, search as _search, search_chunks as _search_chunks
 
 
 @contextmanager
@@ -43,9 +45,28 @@ def enroll(
     queue: str = "embedding_jobs",
     backlog: bool = True,
     url: str | None = None,
+    chunk_tokens: int | None = None,
+    chunk_overlap: int = 0,
+    embedder_settings: EmbedderSettings | None = None,
+    dimensions: int | None = None,
+    vector_type: str = "halfvec",
 ) -> int:
     """Install the project's triggers on `table` (a name, optionally schema-qualified) and enqueue
-    every row that has no vector yet. Returns the number of jobs enqueued."""
+    every row that has no vector yet. Returns the number of jobs enqueued.
+
+    With `chunk_tokens`: a chunk target (long documents). Its chunk table `<table>_chunks` is
+    created with `vector_type`(`dimensions`, default: the model's size); chunks hold at most
+    `chunk_tokens` tokens of the model (`embedder_settings`, default: the environment's), with
+    `chunk_overlap` tokens repeated from the previous chunk. `embedding_column` is not used then."""
+    if chunk_tokens is not None:
+        embedder = make_embedder(embedder_settings or EmbedderSettings.from_env(), dimensions)
+        splitter_for(embedder, chunk_tokens, chunk_overlap)  # refuses sizes beyond the model's window
+        with session(url) as conn:
+            return conn.execute(
+                "select autoembed.enroll_chunks(%s::regclass, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (table, content_function, chunk_tokens, chunk_overlap, key_column, queue, vector_type,
+                 dimensions or embedder.identity.dimensions, backlog),
+            ).fetchone()[0]
     with session(url) as conn:
         return conn.execute(
             "select autoembed.enroll(%s::regclass, %s, %s, %s, %s, %s)",
@@ -87,3 +108,27 @@ def retry_dead_letters(url: str | None = None, queue: str = "embedding_jobs", id
 def search(query: str, *, table: str, url: str | None = None, **kwargs) -> list[Hit]:
     with session(url) as conn:
         return _search(conn, query, table=table, **kwargs)
+
+
+def search_chunks(query: str, *, table: str, schema: str = "public", content_function: str = "embedding_input",
+                  key_column: str = "id", k: int = 5, embedder_settings: EmbedderSettings | None = None,
+                  url: str | None = None) -> list[ChunkHit]:
+    """The `k` rows of a chunk target whose best chunk is nearest to `query`, with that chunk's
+    text, searched with the model (`embedder_settings`, default: the environment's) that filled it."""
+    from .chunks import resolve_chunk_target
+
+    with session(url) as conn:
+        target = resolve_chunk_target(conn, schema, table, content_function, key_column=key_column)
+        embedder = make_embedder(embedder_settings or EmbedderSettings.from_env(), target.dimensions)
+        return _search_chunks(conn, query, embedder, table=table, schema=schema, content_function=content_function,
+                              key_column=key_column, k=k)
+
+
+def chunk_targets_health(url: str | None = None, embedder_settings: EmbedderSettings | None = None):
+    """(target, health) of every registered chunk target, under the model of `embedder_settings`
+    (default: the environment's) sized to its chunk table (core.health.chunk_target_health)."""
+    from .health import chunk_target_health, chunk_targets
+
+    settings = embedder_settings or EmbedderSettings.from_env()
+    with session(url) as conn:
+        return [(t, chunk_target_health(conn, t, make_embedder(settings, t.dimensions))) for t in chunk_targets(conn)]

@@ -319,20 +319,40 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
 
 
 # -- coverage and promotion (model migrations) -------------------------------------------------
-def coverage(conn: psycopg.Connection, target: ChunkTarget, model_key: str, splitter_key: str) -> Coverage:
-    """Documents whose chunk set is the chunking of their current input under `model_key` and
-    `splitter_key` (NULL/blank input: current when it has no chunks)."""
-    rows, embeddable, current = conn.execute(sql.SQL(
+def coverage(conn: psycopg.Connection, target: ChunkTarget, model_key: str, splitter_key: str,
+             shard: int | None = None, shards: int | None = None) -> Coverage:
+    """Documents (of one shard, or all) whose chunk set is the chunking of their current input
+    under `model_key` and `splitter_key`, out of those with input."""
+    return document_counts(conn, target, model_key, splitter_key, shard, shards).coverage
+
+
+@dataclass(frozen=True)
+class DocumentCounts:
+    coverage: Coverage  # documents with a current chunk set, of those with input
+    without_chunks: int  # documents with input and no chunk set (pending, or never queued)
+    stale: int  # documents whose chunk set is not the chunking of their current input under the model
+
+
+def document_counts(conn: psycopg.Connection, target: ChunkTarget, model_key: str, splitter_key: str,
+                    shard: int | None = None, shards: int | None = None) -> DocumentCounts:
+    """One scan of the parent table (content hash per row) against each document's chunk set."""
+    rows, embeddable, current, without, stale = conn.execute(sql.SQL(
         """select count(*), count(*) filter (where x.embeddable),
-                  count(*) filter (where x.embeddable and s.source_hash = x.h and s.model = %s and s.splitter = %s)
-           from (select t.{key} as k, autoembed.content_hash({fn}(t)::text) as h,
-                        coalesce(btrim({fn}(t)::text), '') <> '' as embeddable
-                 from {parent} t) x
-           left join lateral (select c.source_hash, c.model, c.splitter from {chunks} c
-                              where c.{key} = x.k limit 1) s on true""").format(
+                  count(*) filter (where x.embeddable and x.current),
+                  count(*) filter (where x.embeddable and x.source_hash is null),
+                  count(*) filter (where x.source_hash is not null and not (x.embeddable and x.current))
+           from (select y.*, coalesce(y.source_hash = y.h and y.model = %(model)s and y.splitter = %(splitter)s,
+                                      false) as current
+                 from (select t.{key} as k, autoembed.content_hash({fn}(t)::text) as h,
+                              coalesce(btrim({fn}(t)::text), '') <> '' as embeddable, s.*
+                       from {parent} t
+                       left join lateral (select c.source_hash, c.model, c.splitter from {chunks} c
+                                          where c.{key} = t.{key} limit 1) s on true
+                       where %(shards)s::integer is null
+                          or autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s) y) x""").format(
         key=target.key_sql, fn=target.function_sql, parent=target.parent_sql, chunks=target.chunks_sql),
-        (model_key, splitter_key)).fetchone()
-    return Coverage(rows, embeddable, current)
+        {"model": model_key, "splitter": splitter_key, "shard": shard, "shards": shards}).fetchone()
+    return DocumentCounts(Coverage(rows, embeddable, current), without, stale)
 
 
 def shadow_name(target: ChunkTarget) -> str:

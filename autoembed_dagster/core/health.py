@@ -102,6 +102,37 @@ def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableH
     )
 
 
+def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> TableHealth:
+    """A chunk target's documents: current = its chunk set is the chunking of its current input
+    under `embedder`'s model and the target's splitting (core.chunks.document_counts); missing =
+    documents with input and no chunk set; stale = chunk sets of older input, model or splitting."""
+    from .chunking import splitter_for
+    from .chunks import document_counts
+    from .drain.chunked import chunk_target_of
+
+    splitter = splitter_for(embedder, target.chunk_tokens, target.chunk_overlap)
+    counts = document_counts(conn, chunk_target_of(target), embedder.identity.key, splitter.key)
+    cov = counts.coverage
+    return TableHealth(table=f"{target.key.schema}.{target.key.table} -> {target.chunk_table}",
+                       model=embedder.identity.key, rows=cov.rows, embeddable=cov.embeddable, current=cov.current,
+                       missing=counts.without_chunks, stale=counts.stale,
+                       dead_letters=dead_letter_count(conn, target.key))
+
+
+def chunk_targets(conn: psycopg.Connection) -> list[Target]:
+    """The registered chunk targets that still resolve (a broken one is left out)."""
+    from .targets import lookup_registered
+
+    found = []
+    for (target_id,) in conn.execute(
+            "select id from autoembed.target_catalog where chunk_tokens is not null order by id").fetchall():
+        try:
+            found.append(lookup_registered(conn, target_id=target_id)[0])
+        except TargetError:
+            continue
+    return found
+
+
 def pipeline_columns(column: str) -> list[str]:
     """Every column a pipeline's jobs may name: the live one and a migration's shadow and old ones."""
     from .migration import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
@@ -182,6 +213,9 @@ def orphaned_dead_letters(conn: psycopg.Connection, queue: str, ids: list[int] |
              and (r.t is null or not exists (
                    select 1 from pg_attribute a where a.attrelid = r.t and a.attnum > 0 and not a.attisdropped
                      and a.attname = d.message ->> 'embeddingColumn'))
+             -- a chunk target's job names its chunk table instead of a column
+             and not (r.t is not null and d.message ->> 'chunkTable' is not null
+                      and to_regclass(format('%%I.%%I', d.message ->> 'schema', d.message ->> 'chunkTable')) is not null)
            order by d.msg_id""",
         (queue, ids, ids)).fetchall()
     return [OrphanedDeadLetter(*r) for r in rows]

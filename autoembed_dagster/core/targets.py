@@ -43,6 +43,15 @@ class Target:
     vector_type: str  # "vector" or "halfvec"
     dimensions: int
     registered: int | None = None  # the id in autoembed.targets a message was resolved through
+    # A chunk target (sql/012): documents embedded as chunks into this table of the same schema;
+    # key.embedding_column is then its name too, and vector_type/dimensions are its column's.
+    chunk_table: str | None = None
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
+
+    @property
+    def chunked(self) -> bool:
+        return self.chunk_table is not None
 
     @property
     def table_sql(self) -> sql.Composable:
@@ -240,7 +249,11 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
     """A registered target (by id, else by names) with its current catalog names, and its queue."""
     row = conn.execute(
         """select id, queue, schema_name, table_name, content_function, embedding_column, key_column, function,
-                  key_type, vector_type, dimensions, format('%%I.%%I', schema_name, table_name)::regclass::text
+                  key_type, vector_type, dimensions, format('%%I.%%I', schema_name, table_name)::regclass::text,
+                  chunk_table, chunk_tokens, chunk_overlap,
+                  case when chunk_table is not null then (
+                      select v.type_name || ',' || v.dimensions from autoembed.vector_column(
+                          format('%%I.%%I', schema_name, chunk_table)::regclass, 'embedding') v) end
            from autoembed.target_catalog
            where case when %(id)s::bigint is not null then id = %(id)s
                       else schema_name = %(schema)s and table_name = %(table)s and embedding_column = %(column)s
@@ -255,7 +268,14 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
                           f"{key.key_column!r} is not a registered target ({why_unregistered(conn, key)}): "
                           "nothing of this message was run")
     (target_id, target_queue, schema, table, content_function, column, key_column, function, key_type,
-     vector_type, dimensions, regclass) = row
+     vector_type, dimensions, regclass, chunk_table, chunk_tokens, chunk_overlap, chunk_vector) = row
+    if chunk_tokens is not None:
+        # A chunk target: the vector column is the chunk table's (core.chunks.VECTOR_COLUMN).
+        if chunk_table is None:
+            raise TargetError(f"the chunk table of target {target_id} ({regclass}) is gone: enrol the table again")
+        column = chunk_table
+        vector_type, _, size = (chunk_vector or ",").partition(",")
+        vector_type, dimensions = vector_type or None, int(size) if size else None
     where = f"target {target_id} ({regclass}.{column})"
     if function is None:
         raise TargetError(f"the content function registered for {where} no longer exists: enrol the table again")
@@ -266,7 +286,7 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
     if key_column is None or key_type is None:
         raise TargetError(f"the key column of {where} is gone or of a type that cannot round-trip: enrol it again")
     target = Target(TargetKey(schema, table, content_function, column, key_column), regclass, function, key_type,
-                    vector_type, int(dimensions), target_id)
+                    vector_type, int(dimensions), target_id, chunk_table, chunk_tokens, chunk_overlap or 0)
     return target, target_queue
 
 

@@ -23,6 +23,8 @@ from ..database import conninfo_of, second_connection
 from ..embedders.base import EmbeddingError
 from ..targets import (Target, TargetChanged, TargetError, TargetKey, check_dimensions, registered_target,
                        target_key_from_message)
+from ..chunking import Splitter, splitter_for
+from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs
 from .claims import Claims
 from .embed import ProviderConfigError, embed_work
 from .jobs import Job, recorded_failures, row_jobs
@@ -98,6 +100,7 @@ class Drainer:
         pin_session(conn)
         self._encoding = conn.info.encoding  # of the keys in COPY tuples, made in the worker thread too
         self._targets: dict[TargetKey | tuple[str, int], Target] = {}
+        self._splitters: dict[tuple[int, int, int], Splitter] = {}  # (embedder, tokens, overlap)
         s = self.settings
         self.claims = Claims(s.queue, s.visibility_timeout, s.read_batch)
         self.settler = Settler(conn, s, self.claims)
@@ -190,8 +193,22 @@ class Drainer:
             where = f"{target.regclass}.{target.key.embedding_column} ({target.vector_type}({target.dimensions}))"
             outcome.dead += [(job, f"{where}: {exc}") for job in jobs]
             return []
+        if target.chunked:
+            try:
+                splitter = self._splitter(embedder, target)
+            except ConfigError as exc:  # chunk tokens above this model's window
+                outcome.dead += [(job, f"{target.regclass} -> {target.chunk_table}: {exc}") for job in jobs]
+                return []
+            return read_chunk_jobs(conn, target, embedder, splitter, jobs, outcome, batch.stats)
         rows, unreadable = read_rows_or_isolate(conn, target, [job.row_id for job in jobs])
         return sort_jobs(target, embedder, jobs, rows, unreadable, in_flight, outcome, batch.stats)
+
+    def _splitter(self, embedder, target: Target) -> Splitter:
+        """The splitter of a chunk target under `embedder`, kept (with its token-count cache)."""
+        key = (id(embedder), target.chunk_tokens, target.chunk_overlap)
+        if key not in self._splitters:
+            self._splitters[key] = splitter_for(embedder, target.chunk_tokens, target.chunk_overlap)
+        return self._splitters[key]
 
     def _embed(self, batch: Batch) -> Batch:
         """The provider calls of a claimed batch. Touches no database connection, so a pipelined
@@ -200,11 +217,12 @@ class Drainer:
             key = table_key(work.target.key)
             ts = batch.stats.table(key)
             started = time.perf_counter()
+            embed = embed_chunk_work if isinstance(work, ChunkWork) else embed_work
             with attributed(batch.stats, key, ("tokens", "requests", "truncated", "limit_wait_seconds")):
-                batch.stopped_by = embed_work(work, batch.outcome, batch.stats, self._encoding)
+                batch.stopped_by = embed(work, batch.outcome, batch.stats, self._encoding)
             ts.embed_seconds += time.perf_counter() - started
             ts.embed_calls += 1
-            ts.texts += len(work.row_ids)
+            ts.texts += work.text_count
             if batch.stopped_by is not None:
                 break  # every further request would be refused the same way
         batch.work = []

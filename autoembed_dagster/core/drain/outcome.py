@@ -24,3 +24,5 @@ class Outcome:
     models: dict[Target, str] = field(default_factory=dict)
     # Jobs of each write, by row key: what is put back (no attempt counted) when the row is busy.
     jobs: dict[Target, dict[str, list[Job]]] = field(default_factory=dict)
+    # Chunk targets: documents to swap chunk sets of (drain.chunked.ChunkWrite), with their jobs.
+    chunk_writes: list = field(default_factory=list)

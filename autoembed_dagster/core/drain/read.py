@@ -38,6 +38,10 @@ class Work:
     rows: dict[str, Row]
     jobs: dict[str, list[Job]]  # by key: several jobs for one row are embedded once
 
+    @property
+    def text_count(self) -> int:
+        return len(self.row_ids)
+
 
 def read_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> dict[str, Row]:
     """The rows that exist, by the key text the jobs gave. Keys are matched as values of the key

@@ -18,6 +18,7 @@ from psycopg import errors, sql
 from .. import queue as pgmq
 from ..config import Settings
 from ..targets import Target
+from .chunked import ChunkWritten, write_chunk_sets
 from .claims import Claims
 from .embed import COPY_HEADER, COPY_TRAILER
 from .jobs import Job, single_body
@@ -235,6 +236,13 @@ class Settler:
                     busy.extend(jobs.get(key, ()))
                 else:
                     done.extend(msg_ids)
+        chunk_sets: list[tuple[Target, ChunkWritten]] = []
+        for cw in outcome.chunk_writes:
+            # A document's chunk set is swapped whole, in this transaction, with its messages' delete.
+            cs = write_chunk_sets(conn, cw)
+            chunk_sets.append((cw.target, cs))
+            busy.extend(cs.later)
+            done.extend(cs.done)
         for target, row_ids in outcome.deleted_rows.items():
             forget_rows(conn, target, row_ids)
         dead = list(outcome.dead)
@@ -251,7 +259,7 @@ class Settler:
         if fate.done:
             conn.execute("delete from autoembed.message_errors where queue_name = %s and msg_id = any(%s)",
                          (q, fate.done))
-        return wrote, fate
+        return wrote, fate, chunk_sets
 
     def _split_shared(self, fate: _Fate) -> _Fate:
         """Rows of a message for several rows that are not done. When every row of it failed at a
@@ -338,7 +346,15 @@ class Settler:
             pgmq.set_vt(self.conn, q, ids, delay)
 
     def _count(self, result, stats: DrainStats) -> None:
-        wrote, fate = result
+        wrote, fate, chunk_sets = result
+        for target, cs in chunk_sets:
+            ts = stats.table(table_key(target.key))
+            for counts in (ts, stats):
+                counts.embedded += len(cs.stats.written)  # documents whose chunk set was written
+                counts.stale += len(cs.stats.stale)
+                counts.chunks_embedded += cs.stats.chunks_embedded
+                counts.chunks_reused += cs.stats.chunks_reused
+                counts.chunks_deleted += cs.stats.chunks_deleted
         stats.dead_lettered += len(fate.dead)
         stats.retried += sum(job.message_rows for job, _ in fate.retry)  # a message retried whole: its rows
         stats.busy += len(fate.busy)

@@ -27,6 +27,10 @@ class _Counts:
     requests: int = 0  # provider requests (HTTP calls, or local model batches)
     truncated: int = 0
     limit_wait_seconds: float = 0.0  # waiting for the shared provider rate limit
+    # Chunk targets (`embedded` counts their documents whose chunk set was written):
+    chunks_embedded: int = 0  # chunk rows written with a vector the provider made now
+    chunks_reused: int = 0  # chunk rows written with a vector already in the chunk table (same text)
+    chunks_deleted: int = 0  # chunk rows of the replaced chunk sets
 
     @property
     def skipped(self) -> int:
@@ -96,10 +100,12 @@ class DrainStats(_Counts):
             self.errors.append(text)
 
     def summary(self) -> str:
+        chunked = (f"chunks: {self.chunks_embedded} embedded, {self.chunks_reused} reused, "
+                   f"{self.chunks_deleted} replaced; ") if self.chunks_embedded or self.chunks_reused or self.chunks_deleted else ""
         return (
             f"{self.embedded} embedded, {self.unchanged} unchanged, {self.deleted_rows} deleted rows, "
             f"{self.empty_input} empty inputs, {self.stale} stale, {self.busy} busy, {self.retried} retried, "
-            f"{self.dead_lettered} dead-lettered; {self.tokens} tokens, {self.requests} requests; "
+            f"{self.dead_lettered} dead-lettered; {chunked}{self.tokens} tokens, {self.requests} requests; "
             f"{self.seconds:.1f} s, {self.rows_per_second:.{0 if self.rows_per_second >= 100 else 1}f} rows/s"
         )
 

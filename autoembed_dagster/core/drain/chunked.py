@@ -1,0 +1,172 @@
+"""The drain's stages for chunk targets (a registered table whose documents are embedded as chunks
+into its chunk table, sql/012): read + plan, embed the new chunk texts, and the settle's write.
+
+Same claims, batching, rate limit, retries and dead letters as column targets; what differs:
+
+- read: a job's document is read (core.chunks.read_documents) and planned (core.chunks.plan):
+  only chunk texts with no vector under the model anywhere in the chunk table go to the provider;
+- embed: one provider call for the batch's new chunk texts; a document with a failed chunk is
+  retried or dead-lettered whole (a document's chunk set is never written in part);
+- settle: core.chunks.write swaps each document's chunk set inside the settle's one transaction,
+  with the message deletes (SKIP LOCKED on the parent row: the drain gives way to the application).
+
+The chunk table written is the registered one (Target.chunk_table, resolved by target id from
+autoembed.targets), never one a message names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import psycopg
+
+from .. import chunks
+from ..chunking import Splitter
+from ..embedders.base import Embedder, EmbeddingError
+from ..targets import Target
+from .jobs import Job
+from .outcome import Outcome
+from .stats import DrainStats
+
+
+def chunk_target_of(target: Target) -> chunks.ChunkTarget:
+    """The chunk table side of a registered chunk target."""
+    assert target.chunk_table is not None, target
+    return chunks.ChunkTarget(target.key.schema, target.key.table, target.key.key_column, target.key_type,
+                              target.function, target.chunk_table, target.vector_type, target.dimensions)
+
+
+@dataclass
+class ChunkWork:
+    """The provider call of one chunk target's documents in a batch."""
+
+    target: Target
+    chunk_target: chunks.ChunkTarget
+    embedder: Embedder
+    plan: chunks.ChunkPlan
+    jobs: dict[str, list[Job]]  # by document key
+
+    @property
+    def text_count(self) -> int:
+        return len(self.plan.to_embed)
+
+
+@dataclass
+class ChunkWrite:
+    """A planned and embedded set of documents, written by the settle (core.chunks.write)."""
+
+    target: Target
+    chunk_target: chunks.ChunkTarget
+    plan: chunks.ChunkPlan
+    vectors: dict[bytes, np.ndarray] = field(default_factory=dict)  # chunk hash -> new vector
+    jobs: dict[str, list[Job]] = field(default_factory=dict)  # by document key
+
+
+def read_chunk_jobs(conn: psycopg.Connection, target: Target, embedder: Embedder, splitter: Splitter,
+                    jobs: list[Job], outcome: Outcome, stats: DrainStats) -> list[ChunkWork]:
+    """Settle what needs no write (deleted row, unchanged chunk set) and plan the rest."""
+    ct = chunk_target_of(target)
+    by_key: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_key.setdefault(job.row_id, []).append(job)
+    docs, unreadable = _read_or_isolate(conn, target, ct, list(by_key))
+    docs = {k: v for k, v in docs.items() if k in by_key}  # (a key not in its canonical text: as gone)
+    for key, key_jobs in by_key.items():
+        if key in unreadable:
+            outcome.dead += [(job, unreadable[key]) for job in key_jobs]
+        elif key not in docs:
+            # Deleted: its chunks went with it (the chunk table's foreign key cascades).
+            stats.deleted_rows += len(key_jobs)
+            outcome.done += [job.msg_id for job in key_jobs]
+    plan = chunks.plan(conn, ct, docs, splitter, embedder.identity.key)
+    for key in plan.unchanged:
+        blank = not (docs[key][0] or "").strip()
+        if blank:
+            stats.empty_input += len(by_key[key])
+        else:
+            stats.unchanged += len(by_key[key])
+        outcome.done += [job.msg_id for job in by_key[key]]
+    for key, doc in plan.documents.items():
+        if not doc.chunks:
+            stats.empty_input += len(by_key[key])  # its old chunks are deleted by the write
+    if not plan.documents:
+        return []
+    return [ChunkWork(target, ct, embedder, plan, {k: by_key[k] for k in plan.documents})]
+
+
+def _read_or_isolate(conn: psycopg.Connection, target: Target, ct: chunks.ChunkTarget,
+                     keys: list[str]) -> tuple[dict[str, tuple[str | None, bytes | None]], dict[str, str]]:
+    """read_documents; when the content function fails on some document, read them one by one so
+    that only those fail, with the reason (as the column path's read_rows_or_isolate)."""
+    try:
+        return chunks.read_documents(conn, ct, keys), {}
+    except (psycopg.OperationalError, psycopg.InterfaceError):
+        raise
+    except psycopg.Error:
+        pass
+    docs: dict[str, tuple[str | None, bytes | None]] = {}
+    unreadable: dict[str, str] = {}
+    for key in keys:
+        try:
+            docs.update(chunks.read_documents(conn, ct, [key]))
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except psycopg.Error as exc:
+            unreadable[key] = (f"{target.regclass} id={key!r}: reading its input with {target.function} "
+                               f"failed: {type(exc).__name__}: {str(exc).strip()}")
+    return docs, unreadable
+
+
+def embed_chunk_work(work: ChunkWork, outcome: Outcome, stats: DrainStats, encoding: str) -> EmbeddingError | None:
+    """Embed the new chunk texts of `work` into `outcome.chunk_writes`. Returns a configuration
+    error that must stop the drain (its documents then stay queued). `encoding`: unused (the
+    chunk write encodes its own COPY tuples); the column path's signature."""
+    target, plan = work.target, work.plan
+    vectors: dict[bytes, np.ndarray] = {}
+    if plan.to_embed:
+        try:
+            result = work.embedder.embed(plan.texts)
+        except Exception as exc:  # an embedder bug or outage must not lose the batch: retry later
+            text = f"{target.regclass}: embedding failed: {type(exc).__name__}: {exc}"
+            stats.note_error(text)
+            outcome.retry.extend((job, text) for key_jobs in work.jobs.values() for job in key_jobs)
+            return None
+        stats.tokens += result.tokens
+        stats.requests += result.requests
+        stats.truncated += result.truncated
+        stats.limit_wait_seconds += result.limit_wait_seconds
+        fatal = next((e for e in result.errors if e is not None and e.configuration), None)
+        if fatal is not None:
+            stats.note_error(f"{target.regclass}: {fatal}")
+            return fatal
+        failed = {h: e for h, e in zip(plan.hashes, result.errors) if e is not None}
+        vectors = {h: v for h, v in zip(plan.hashes, result.vectors) if v is not None}
+        for key in [k for k, doc in plan.documents.items() if any(c.hash in failed for c in doc.chunks)]:
+            error = next(failed[c.hash] for c in plan.documents[key].chunks if c.hash in failed)
+            text = f"{target.regclass} id={key!r}: a chunk failed: {error}"
+            stats.note_error(text)
+            for job in work.jobs.pop(key):
+                (outcome.retry if error.retryable else outcome.dead).append((job, text))
+            del plan.documents[key]  # never written in part: the old chunk set stays whole
+    if plan.documents:
+        outcome.chunk_writes.append(ChunkWrite(target, work.chunk_target, plan, vectors, work.jobs))
+    return None
+
+
+@dataclass
+class ChunkWritten:
+    """What the settle's write of one ChunkWrite did (see core.chunks.WriteStats)."""
+
+    stats: chunks.WriteStats
+    later: list[Job]  # jobs of documents not written now (parent row busy, a reused vector gone)
+    done: list[int]  # messages settled (written, stale: a newer job exists, or the row is gone)
+
+
+def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite) -> ChunkWritten:
+    """Swap the planned chunk sets in, in the caller's (the settle's) transaction."""
+    w = chunks.write(conn, cw.chunk_target, cw.plan, cw.vectors, cw.plan.model)
+    again = set(w.busy) | set(w.missing)
+    later = [job for key in again for job in cw.jobs.get(key, ())]
+    done = [job.msg_id for key, key_jobs in cw.jobs.items() if key not in again for job in key_jobs]
+    return ChunkWritten(w, later, done)

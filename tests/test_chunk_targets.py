@@ -1,0 +1,309 @@
+"""Chunk targets through the core path: enrolment (registry, chunk table, triggers), the drain
+(plan, embed only new chunk texts, swap each document's chunk set in the settle's transaction),
+deletes, blanks, bulk statements, forged messages, failures, backfill and search. Real Postgres,
+real pgmq, real HTTP to the fake OpenAI server through the real OpenAI embedder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import psycopg
+import pytest
+
+from autoembed_dagster.core import api, chunks
+from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.chunking import splitter_for
+from autoembed_dagster.core.config import ConfigError, EmbedderSettings
+from autoembed_dagster.core.drain import Drainer, drain
+from autoembed_dagster.core.drain.chunked import chunk_target_of
+from autoembed_dagster.core.embedders import make_embedder
+from autoembed_dagster.core.targets import lookup_registered
+
+from .fake_openai import fake_vector
+
+TOKENS, OVERLAP = 64, 8
+MODEL = "openai:text-embedding-3-small:1536"
+
+
+def _paragraphs(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(15, 45))) + "." for _ in range(n)]
+
+
+def _doc(n: int, seed: int) -> str:
+    return "\n\n".join(_paragraphs(n, seed))
+
+
+@pytest.fixture
+def articles(conn, fake_openai):
+    """A table of long articles, enrolled as a chunk target."""
+    conn.execute("""
+        create table articles (id bigint primary key, title text not null, body text);
+        create function article_text(a articles) returns text language sql immutable
+            as $$ select case when a.body is null then null else a.title || E'\\n\\n' || a.body end $$;
+    """)
+    queued = api.enroll("articles", "article_text", chunk_tokens=TOKENS, chunk_overlap=OVERLAP, url=conn.info.dsn)
+    assert queued == 0
+    return conn
+
+
+def _embedder():
+    return make_embedder(EmbedderSettings.from_env(), 1536)
+
+
+def _splitter():
+    return splitter_for(_embedder(), TOKENS, OVERLAP)
+
+
+def chunk_rows(conn, doc_id, table="articles_chunks"):
+    return conn.execute(f"select chunk_index, chunk, embedding, model, source_hash from {table} "
+                        "where id = %s order by chunk_index", (doc_id,)).fetchall()
+
+
+def assert_current(conn, doc_id, table="articles_chunks", model=MODEL, dims=1536):
+    """The document's chunk set is exactly the chunking of its current input, each chunk with the
+    provider's vector of its own text under the current model."""
+    text = conn.execute("select article_text(a) from articles a where id = %s", (doc_id,)).fetchone()[0]
+    rows = chunk_rows(conn, doc_id, table)
+    expected = _splitter().split(text)
+    assert [r[1] for r in rows] == expected, f"document {doc_id}: chunk set is not the chunking of its input"
+    assert [r[0] for r in rows] == list(range(len(expected)))
+    for _, chunk, vec, model_key, _ in rows:
+        assert model_key == model
+        assert np.allclose(np.array(vec.to_list(), dtype=np.float32), fake_vector(chunk, dims), atol=2e-3)
+
+
+def provider_inputs(fake_openai) -> list[str]:
+    return [t for r in fake_openai.requests if r["status"] == 200 for t in r["inputs"]]
+
+
+# -- enrolment -----------------------------------------------------------------------------------
+def test_enrol_registers_the_chunk_target_creates_the_table_and_queues_the_backlog(conn, fake_openai):
+    conn.execute("""
+        create table notes (id integer primary key, body text);
+        create function note_text(n notes) returns text language sql immutable as $$ select n.body $$;
+        insert into notes values (1, 'one'), (2, 'two'), (3, null);
+    """)
+    assert api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn) == 3
+    reg = conn.execute("""select c.chunk_table, c.chunk_tokens, c.chunk_overlap, c.embedding_column, r.chunk_table::regclass::text
+                          from autoembed.target_catalog c join autoembed.targets r using (id)
+                          where c.table_name = 'notes'""").fetchone()
+    assert reg == ("notes_chunks", 128, 16, None, "notes_chunks")
+    target, queue = lookup_registered(conn, target_id=conn.execute(
+        "select id from autoembed.targets where chunk_table = 'notes_chunks'::regclass").fetchone()[0])
+    assert (target.chunk_table, target.chunk_tokens, target.chunk_overlap, target.vector_type, target.dimensions) == \
+        ("notes_chunks", 128, 16, "halfvec", 1536)
+    # Messages name the target by id (and the chunk table, for people reading the queue).
+    message = conn.execute("select message from pgmq.q_embedding_jobs order by msg_id limit 1").fetchone()[0]
+    assert message["target"] == target.registered and message["chunkTable"] == "notes_chunks"
+    # The chunk table hangs on the parent's key (cascade), no vector-clearing trigger on the parent.
+    triggers = {r[0] for r in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
+    assert triggers == {"autoembed_enqueue_insert", "autoembed_enqueue_update"}
+    # Idempotent: enrolling again queues only rows without a chunk set, keeps one registration.
+    api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn)
+    assert conn.execute("select count(*) from autoembed.targets where relid = 'notes'::regclass").fetchone()[0] == 1
+
+
+def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
+    conn.execute("""
+        create table notes (id integer primary key, body text, embedding halfvec(1536));
+        create function note_text(n notes) returns text language sql immutable as $$ select n.body $$;
+    """)
+    with pytest.raises(ConfigError, match="--chunk-tokens 8191 or less"):
+        api.enroll("notes", "note_text", chunk_tokens=9000, url=conn.info.dsn)
+    with pytest.raises(ConfigError, match="more than half"):
+        api.enroll("notes", "note_text", chunk_tokens=100, chunk_overlap=80, url=conn.info.dsn)
+    api.enroll("notes", "note_text", "embedding", url=conn.info.dsn)  # a column target already
+    with pytest.raises(psycopg.errors.ObjectInUse, match="one kind of enrolment"):
+        api.enroll("notes", "note_text", chunk_tokens=100, url=conn.info.dsn)
+
+
+# -- the drain -----------------------------------------------------------------------------------
+def test_long_documents_are_chunked_embedded_and_current_after_a_drain(articles, fake_openai, settings):
+    conn = articles
+    for i in range(1, 6):
+        conn.execute("insert into articles values (%s, %s, %s)", (i, f"Article {i}", _doc(30, seed=i)))
+    stats = drain(conn, settings)
+    assert stats.dead_lettered == 0 and stats.embedded == 5
+    total = conn.execute("select count(*) from articles_chunks").fetchone()[0]
+    assert total > 5 * 5 and stats.chunks_embedded + stats.chunks_reused == total
+    for i in range(1, 6):
+        assert_current(conn, i)
+    assert pgmq.status(conn, "embedding_jobs")[0].rows == 0
+    ts = stats.by_table[("public", "articles", "articles_chunks")]
+    assert ts.embedded == 5 and ts.chunks_embedded == stats.chunks_embedded
+    assert "chunks:" in stats.summary()
+    # A re-save and a change to another column queue nothing; a second drain has nothing to do.
+    fake_openai.reset()
+    conn.execute("update articles set title = title where id = 1")
+    assert pgmq.status(conn, "embedding_jobs")[0].rows == 0
+    assert drain(conn, settings).embedded == 0 and fake_openai.request_count == 0
+
+
+def test_editing_one_paragraph_reembeds_at_most_three_chunks(articles, fake_openai, settings):
+    conn = articles
+    paras = _paragraphs(160, seed=7)
+    conn.execute("insert into articles values (1, 'Long', %s)", ("\n\n".join(paras),))
+    drain(conn, settings)
+    before = len(chunk_rows(conn, 1))
+    assert before >= 40
+    fake_openai.reset()
+    paras[80] = paras[80] + " An extra closing sentence about omega."
+    conn.execute("update articles set body = %s where id = 1", ("\n\n".join(paras),))
+    stats = drain(conn, settings)
+    sent = provider_inputs(fake_openai)
+    assert 1 <= len(sent) <= 3, f"{len(sent)} chunk texts re-embedded for a one-paragraph edit"
+    assert stats.chunks_embedded == len(sent) and stats.chunks_reused >= before - 3
+    assert_current(conn, 1)
+
+
+def test_delete_blank_and_null_leave_no_chunks(articles, fake_openai, settings):
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s), (3, 'C', null), (4, 'D', '   ')",
+                 (_doc(12, 1), _doc(12, 2)))
+    drain(conn, settings)
+    assert len(chunk_rows(conn, 1)) > 0 and len(chunk_rows(conn, 2)) > 0
+    assert chunk_rows(conn, 3) == []
+    conn.execute("delete from articles where id = 1")
+    assert chunk_rows(conn, 1) == []  # the foreign key cascades
+    conn.execute("update articles set body = null where id = 2")
+    stats = drain(conn, settings)
+    assert chunk_rows(conn, 2) == [] and stats.chunks_deleted > 0 and stats.empty_input == 1
+
+
+def test_a_bulk_update_statement_queues_only_changed_rows_and_all_become_current(articles, fake_openai, settings):
+    conn = articles
+    with conn.cursor() as cur:
+        cur.executemany("insert into articles values (%s, %s, %s)", [(i, f"T{i}", _doc(6, i)) for i in range(1, 301)])
+    drain(conn, settings)
+    conn.execute("update articles set body = body || E'\\n\\nAppendix.' where id % 3 = 0")
+    conn.execute("update articles set title = title")  # a re-save of every row: nothing queued
+    assert pgmq.status(conn, "embedding_jobs")[0].rows == 100
+    stats = drain(conn, settings)
+    assert stats.embedded == 100 and stats.dead_lettered == 0
+    for i in (3, 150, 299, 300):
+        assert_current(conn, i)
+
+
+def test_a_forged_message_writes_only_the_registered_chunk_table(articles, fake_openai, settings):
+    conn = articles
+    conn.execute("""
+        create table other (id bigint primary key, body text);
+        create function other_text(o other) returns text language sql immutable as $$ select o.body $$;
+        insert into other values (1, 'secret');
+        insert into articles values (1, 'A', 'alpha');
+    """)
+    chunks.create_chunk_table(conn, "public", "other", dimensions=1536)
+    target = conn.execute("select id from autoembed.targets where chunk_table = 'articles_chunks'::regclass").fetchone()[0]
+    drain(conn, settings)
+    fake_openai.reset()
+    # Names another table and chunk table, with the articles target's id: the registry wins.
+    pgmq.send_batch(conn, "embedding_jobs", [
+        {"id": 1, "schema": "public", "table": "other", "contentFunction": "other_text", "embeddingColumn": "other_chunks",
+         "chunkTable": "other_chunks", "target": target, "keyColumn": "id"},
+        # No target id: names only, which resolve to no registered target (dead-lettered).
+        {"id": 1, "schema": "public", "table": "other", "contentFunction": "other_text", "embeddingColumn": "other_chunks",
+         "chunkTable": "other_chunks", "keyColumn": "id"},
+    ])
+    stats = drain(conn, settings)
+    assert conn.execute("select count(*) from other_chunks").fetchone()[0] == 0
+    assert all("secret" not in t for t in provider_inputs(fake_openai))
+    assert stats.dead_lettered == 1
+    error = conn.execute("select error from autoembed.dead_letters").fetchone()[0]
+    assert "not a registered target" in error
+
+
+def test_a_failure_mid_batch_leaves_the_old_chunk_set_whole_then_retries(articles, fake_openai, settings):
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s)", (_doc(20, 1), _doc(20, 2)))
+    drain(conn, settings)
+    old = {i: chunk_rows(conn, i) for i in (1, 2)}
+    conn.execute("update articles set body = body || E'\\n\\nNew closing paragraph number one.' where id = 1")
+    conn.execute("update articles set body = body || E'\\n\\nPOISON closing paragraph.' where id = 2")
+    fake_openai.poison("POISON", status=500)
+    stats = Drainer(conn, settings).drain_batch()
+    # The request holding document 2's new chunk failed (document 1's new chunk was in it too):
+    # both old sets are intact, never half-replaced, and the jobs are retried.
+    assert chunk_rows(conn, 2) == old[2] and chunk_rows(conn, 1) == old[1]
+    assert stats.retried == 2 and stats.embedded == 0 and stats.dead_lettered == 0
+    fake_openai.reset()
+    stats = drain(conn, settings)
+    assert stats.embedded == 2
+    assert_current(conn, 1)
+    assert_current(conn, 2)
+
+
+def test_the_drain_gives_way_to_an_application_holding_the_row(articles, fake_openai, settings, db_url):
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s)", (_doc(10, 1),))
+    with psycopg.connect(db_url) as app:
+        app.execute("select 1 from articles where id = 1 for update")
+        drainer = Drainer(conn, settings)
+        stats = drainer.drain_batch()
+        assert stats.busy == 1 and chunk_rows(conn, 1) == []
+        app.rollback()
+    assert drainer.run().embedded == 1  # the drain kept the job and takes it up again
+    assert_current(conn, 1)
+
+
+def test_chunk_target_of_uses_the_registered_chunk_table(articles):
+    target_id = articles.execute("select id from autoembed.targets where chunk_table is not null").fetchone()[0]
+    target, _ = lookup_registered(articles, target_id=target_id)
+    ct = chunk_target_of(target)
+    assert (ct.chunk_table, ct.key_column, ct.vector_type) == ("articles_chunks", "id", "halfvec")
+    assert json.dumps(target.chunk_tokens) == str(TOKENS)
+
+
+# -- health, CLI ---------------------------------------------------------------------------------
+def test_health_counts_current_missing_and_stale_documents(articles, fake_openai, settings):
+    from autoembed_dagster.core.health import chunk_target_health, chunk_targets
+
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s), (3, 'C', null)", (_doc(10, 1), _doc(10, 2)))
+    drain(conn, settings)
+    conn.execute("insert into articles values (4, 'D', %s)", (_doc(10, 4),))  # queued, no chunks yet
+    conn.execute("update articles set body = body || ' more' where id = 2")  # stale until drained
+    [target] = chunk_targets(conn)
+    h = chunk_target_health(conn, target, _embedder())
+    assert (h.rows, h.embeddable, h.current, h.missing, h.stale) == (4, 3, 1, 1, 1)
+    drain(conn, settings)
+    h = chunk_target_health(conn, target, _embedder())
+    assert (h.current, h.missing, h.stale, h.coverage) == (3, 0, 0, 1.0)
+
+
+def test_cli_enrol_status_and_search_over_chunks(conn, db_url, fake_openai, settings):
+    from .test_cli import run
+
+    env = {"AUTOEMBED_DATABASE_URL": db_url, "OPENAI_BASE_URL": fake_openai.base_url, "OPENAI_API_KEY": "sk-test",
+           "AUTOEMBED_PROVIDER": "openai", "AUTOEMBED_MODEL": "text-embedding-3-small"}
+    conn.execute("""
+        create table articles (id bigint primary key, title text not null, body text);
+        create function article_text(a articles) returns text language sql immutable
+            as $$ select a.title || E'\\n\\n' || a.body $$;
+    """)
+    needle = "The walrus sings a lullaby to the harbour at dawn."
+    paras = _paragraphs(40, seed=5)
+    paras[25] = needle
+    conn.execute("insert into articles values (1, 'Sea', %s), (2, 'Other', %s)", ("\n\n".join(paras), _doc(40, 9)))
+    out = run(["enroll", "articles", "--content-function", "article_text", "--chunk-tokens", "64",
+               "--chunk-overlap", "8"], env).stdout
+    assert "articles_chunks" in out and "2 existing rows queued" in out
+    bad = run(["enroll", "articles", "--content-function", "article_text", "--chunk-tokens", "9000"], env, check=False)
+    assert bad.returncode != 0 and "--chunk-tokens 8191 or less" in bad.stderr
+    status = run(["status"], env).stdout
+    assert "public.articles -> articles_chunks" in status and "64/8" in status
+    run(["drain", "-q"], env)
+    # The fake provider's vectors are random by text (no meaning): query with the exact text of the
+    # chunk that holds the sentence, which then is the nearest chunk (distance 0).
+    passage = next(c for c in _splitter().split("Sea\n\n" + "\n\n".join(paras)) if needle in c)
+    out = run(["search", passage, "--table", "articles", "--content-function", "article_text", "--chunks", "-k", "2"],
+              env).stdout
+    first, second = out.splitlines()[:2]
+    assert first.startswith("1. [0.000] public.articles id=1 chunk ") and "walrus" in first
+    assert second.startswith("2. [") and "id=2 chunk" in second  # one line per parent row
+    status = run(["status"], env).stdout
+    row = next(line for line in status.splitlines() if line.startswith("public.articles -> articles_chunks"))
+    assert row.split()[4:7] == ["2", "2", "0"]  # documents, current, no chunks
