@@ -165,7 +165,18 @@ class VectorIndex:
 
 
 def vector_indexes(conn: psycopg.Connection, target: Target) -> list[VectorIndex]:
-    """Indexes over the embedding column (the vector index asset)."""
+    """Indexes over the embedding column, or over a chunk target's chunk table's vectors (the
+    vector index asset)."""
+    if target.chunked:
+        from .chunks import VECTOR_COLUMN
+
+        relation = sql.Identifier(target.key.schema, target.chunk_table).as_string(conn)
+        return indexes_on(conn, relation, VECTOR_COLUMN)
+    return indexes_on(conn, target.regclass, target.key.embedding_column)
+
+
+def indexes_on(conn: psycopg.Connection, relation: str, column: str) -> list[VectorIndex]:
+    """Indexes of `relation` (regclass text) that cover `column`."""
     rows = conn.execute(
         """select i.indexrelid::regclass::text, am.amname, pg_relation_size(i.indexrelid),
                   pg_get_indexdef(i.indexrelid)
@@ -175,7 +186,7 @@ def vector_indexes(conn: psycopg.Connection, target: Target) -> list[VectorIndex
            join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
            where i.indrelid = %s::regclass and a.attname = %s
            order by 1""",
-        (target.regclass, target.key.embedding_column),
+        (relation, column),
     ).fetchall()
     return [VectorIndex(*r) for r in rows]
 
