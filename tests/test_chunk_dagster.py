@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
 
+from autoembed_dagster.core import api
 from autoembed_dagster.core.pipelines import Pipeline
 from autoembed_dagster.defs.assets import embeddings_key, index_key, queue_key, source_key
-from autoembed_dagster.defs.autoembed import _facts_cache
+from autoembed_dagster.defs.autoembed import _facts_cache, build_defs
 from autoembed_dagster.defs.backfill import shards_key
 
 from .dg_project import load_project_defs, make_project
@@ -151,3 +154,139 @@ def test_scaffold_check_and_list_a_chunked_pipeline(db_url, tmp_path):
         (project / "my_project" / "defs" / "articles" / "defs.yaml").read_text().replace("tokens: 200", "tokens: 300"))
     bad = dg_run(["check", "defs"], project)
     assert bad.returncode != 0 and "chunk tokens 300 is more than the model embeds (254 tokens)" in bad.stdout + bad.stderr
+
+
+# -- drain runs and checks on a chunk table -----------------------------------------------------
+QUICK = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 0.0, "time_budget": 60.0}}}}
+
+
+def _paragraphs(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(15, 45))) + "." for _ in range(n)]
+
+
+@pytest.fixture
+def articles(conn, fake_openai, db_url):
+    """A table of long articles enrolled as a chunk target (64/8 tokens, the fake OpenAI model)."""
+    conn.execute("""
+        create table articles (id bigint primary key, body text);
+        create function article_input(a articles) returns text language sql immutable as $$ select a.body $$;
+    """)
+    api.enroll("articles", "article_input", chunk_tokens=64, chunk_overlap=8, url=db_url)
+    return conn
+
+
+def run_job(defs, name: str, instance, **kwargs):
+    result = defs.resolve_job_def(name).execute_in_process(instance=instance, **kwargs)
+    assert result.success
+    return result
+
+
+def check_evaluations(instance, run_id) -> dict:
+    events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    return {e.get_dagster_event().event_specific_data.check_name: e.get_dagster_event().event_specific_data
+            for e in events}
+
+
+def chunk_materializations(result) -> list:
+    return [m for m in result.asset_materializations_for_node("drain_queue_embedding_jobs")
+            if m.asset_key == embeddings_key(ARTICLES)]
+
+
+def test_a_drain_run_reports_chunks_embedded_and_reused_and_the_checks_follow(articles, fake_openai):
+    conn = articles
+    paras = {i: _paragraphs(60, seed=i) for i in (1, 2, 3)}
+    for i, ps in paras.items():
+        conn.execute("insert into articles values (%s, %s)", (i, "\n\n".join(ps)))
+    defs = build_defs([ARTICLES])
+    with dg.instance_for_test() as instance:
+        first = run_job(defs, "drain_embedding_jobs", instance, run_config=QUICK)
+        [mat] = chunk_materializations(first)
+        chunk_rows = conn.execute("select count(*), count(distinct chunk_hash) from articles_chunks").fetchone()
+        sent = [t for r in fake_openai.requests if r["status"] == 200 for t in r["inputs"]]
+        assert mat.metadata["rows_embedded"].value == 3  # documents
+        assert mat.metadata["chunks_embedded"].value == chunk_rows[0] == len(sent) > 3 * 10
+        assert mat.metadata["chunks_reused"].value == 0
+        [index] = [m for m in first.asset_materializations_for_node("drain_queue_embedding_jobs")
+                   if m.asset_key == index_key(ARTICLES)]
+        assert index.metadata["vectors_written"].value == chunk_rows[0]
+        checks = check_evaluations(instance, first.run_id)  # evaluated at the end of the drain
+        assert set(checks) == {"coverage", "staleness", "dead_letters", "dimensions"}
+        assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
+        assert "3 of 3 documents with input have the current chunk set" in checks["coverage"].description
+        out = [e for e in first.events_for_node("drain_queue_embedding_jobs") if e.event_type_value == "STEP_OUTPUT"]
+        assert out[0].event_specific_data.metadata["chunks_embedded"].value == chunk_rows[0]
+
+        # One paragraph of document 2 edited: a few chunks embedded, the rest of its set reused.
+        fake_openai.reset()
+        paras[2][30] += " A closing sentence about omega."
+        conn.execute("update articles set body = %s where id = 2", ("\n\n".join(paras[2]),))
+        second = run_job(defs, "drain_embedding_jobs", instance, run_config=QUICK)
+        [mat] = chunk_materializations(second)
+        doc2 = conn.execute("select count(*) from articles_chunks where id = 2").fetchone()[0]
+        sent = [t for r in fake_openai.requests if r["status"] == 200 for t in r["inputs"]]
+        assert 1 <= mat.metadata["chunks_embedded"].value == len(sent) <= 3
+        assert mat.metadata["chunks_reused"].value == doc2 - len(sent)
+        assert mat.metadata["rows_embedded"].value == 1
+        assert "1 document(s) given their new chunk set" in mat.description
+        table = [e for e in second.events_for_node("drain_queue_embedding_jobs")
+                 if e.event_type_value == "STEP_OUTPUT"][0].event_specific_data.metadata["tables"].value
+        assert "| public.articles.articles_chunks | articles | 1 | 1 |" in table
+
+        # Document 3 changes and is not drained: the checks say so, with the count.
+        conn.execute("update articles set body = body || ' Appended.' where id = 3")
+        checks = check_evaluations(instance, run_job(defs, "health_checks", instance).run_id)
+        assert not checks["coverage"].passed and not checks["staleness"].passed
+        assert "2 of 3 documents with input have the current chunk set" in checks["coverage"].description
+        assert checks["coverage"].metadata["stale_documents"].value == 1
+        assert checks["staleness"].metadata["stale_documents"].value == 1
+        assert checks["dead_letters"].passed and checks["dimensions"].passed
+
+        run_job(defs, "drain_embedding_jobs", instance, run_config=QUICK)
+        checks = check_evaluations(instance, run_job(defs, "health_checks", instance).run_id)
+        assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
+
+
+def test_chunk_sets_of_other_sizes_than_declared_are_stale(articles, fake_openai):
+    """The registry enrolled 64/8; the code declares 48/8: the checks count every document stale
+    (the chunking is part of the pipeline's identity, not only of its code version)."""
+    articles.execute("insert into articles values (1, %s)", ("\n\n".join(_paragraphs(20, seed=1)),))
+    with dg.instance_for_test() as instance:
+        run_job(build_defs([ARTICLES]), "drain_embedding_jobs", instance, run_config=QUICK)
+        other = build_defs([replace(ARTICLES, chunk_tokens=48)])
+        checks = check_evaluations(instance, run_job(other, "health_checks", instance).run_id)
+    assert not checks["staleness"].passed and checks["staleness"].metadata["stale_documents"].value == 1
+    assert "chunks of at most 48 tokens, overlap 8" in checks["staleness"].description
+
+
+def test_a_chunked_pipeline_that_is_not_enrolled_says_how_to_enrol_it(conn, fake_openai):
+    conn.execute("create table articles (id bigint primary key, body text)")
+    conn.execute("create function article_input(a articles) returns text language sql immutable as $$ select a.body $$")
+    with dg.instance_for_test() as instance:
+        checks = check_evaluations(instance, run_job(build_defs([ARTICLES]), "health_checks", instance).run_id)
+    assert not any(c.passed for c in checks.values())
+    assert ("autoembed enroll public.articles --content-function article_input --chunk-tokens 64 --chunk-overlap 8"
+            in checks["coverage"].description)
+
+
+def test_a_chunk_target_enrolled_in_sql_only_is_discovered(articles, fake_openai, db_url):
+    """Enrolled with the CLI/SQL, declared nowhere: after a reload it has its chunks asset, checks
+    and drain lane, chunked with the registered sizes."""
+    articles.execute("insert into articles values (1, %s)", ("\n\n".join(_paragraphs(20, seed=1)),))
+    defs = build_defs([], discover=True)
+    graph = defs.get_repository_def().asset_graph
+    found = Pipeline(name="articles", schema="public", table="articles", chunk_tokens=64, chunk_overlap=8)
+    spec = graph.get(embeddings_key(found))
+    assert spec.tags["autoembed/origin"] == "discovered"
+    assert spec.code_version.startswith("openai:text-embedding-3-small:column:article_input:chunks64/8@")
+    assert graph.get(index_key(found)).parent_keys == {spec.key}
+    with dg.instance_for_test() as instance:
+        result = run_job(defs, "drain_embedding_jobs", instance, run_config=QUICK)
+    [mat] = [m for m in result.asset_materializations_for_node("drain_queue_embedding_jobs")
+             if m.asset_key == embeddings_key(found)]
+    assert mat.metadata["chunks_embedded"].value > 0
+    # a declaration of the same chunk table wins: nothing discovered twice
+    _facts_cache.clear()
+    declared = build_defs([ARTICLES], discover=True).get_repository_def().asset_graph
+    assert [k for k in declared.get_all_asset_keys() if k.path[0] == "chunks"] == [embeddings_key(ARTICLES)]

@@ -14,12 +14,16 @@ The queue's metrics (what the queue sensor reports) are core.queue.metrics().
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
 from .targets import Target, TargetError, TargetKey, resolve
+
+if TYPE_CHECKING:
+    from .pipelines import Pipeline
 
 # US$ per 1M input tokens (public list prices); the local model costs nothing per token.
 # AUTOEMBED_PRICE_PER_MTOK overrides for every remote model (e.g. a negotiated or self-hosted price).
@@ -117,6 +121,30 @@ def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> T
                        model=embedder.identity.key, rows=cov.rows, embeddable=cov.embeddable, current=cov.current,
                        missing=counts.without_chunks, stale=counts.stale,
                        dead_letters=dead_letter_count(conn, target.key))
+
+
+def pipeline_target(conn: psycopg.Connection, p: "Pipeline") -> tuple[Target | None, str | None]:
+    """(the target a pipeline keeps embedded, None), or (None, why it cannot be used): its vector
+    column, or the registered chunk target of a chunked pipeline (whose chunk sizes are the ones
+    the pipeline declares: chunk sets made with other sizes are not current)."""
+    if not p.chunked:
+        return resolve_target(conn, TargetKey(p.schema, p.table, p.content_function, p.embedding_column,
+                                               p.key_column))
+    for t in chunk_targets(conn):
+        if (t.key.schema, t.key.table, t.chunk_table, t.key.key_column) == (p.schema, p.table, p.chunk_table,
+                                                                           p.key_column):
+            return replace(t, chunk_tokens=p.chunk_tokens, chunk_overlap=p.chunk_overlap), None
+    return None, (f"{p.qualified_table} is not enrolled for chunks into {p.schema}.{p.chunk_table}: "
+                  f"autoembed enroll {p.qualified_table} --content-function {p.content_function} "
+                  f"--chunk-tokens {p.chunk_tokens}"
+                  + (f" --chunk-overlap {p.chunk_overlap}" if p.chunk_overlap else ""))
+
+
+def vectors_label(target: Target) -> str:
+    """Where a target's vectors are, for messages: `table.column`, or the chunk table's vectors."""
+    if target.chunked:
+        return f"{sql.Identifier(target.key.schema, target.chunk_table).as_string(None)}.embedding"
+    return f"{target.regclass}.{target.key.embedding_column}"
 
 
 def chunk_targets(conn: psycopg.Connection) -> list[Target]:

@@ -18,7 +18,7 @@ from ..core.drain import EmbedderResolver, pipeline_resolver, resolve_embedder
 from ..core.migration import get_migration
 from ..core.pipelines import Pipeline
 from ..core.targets import TargetKey
-from .assets import embeddings_key
+from .assets import embeddings_key, vectors_table
 from .resources import AutoembedResource
 
 CHECKS = {
@@ -28,6 +28,15 @@ CHECKS = {
                  "current input and the pipeline's current model.",
     "dead_letters": "No job of this table is in the dead-letter archive (`autoembed dead-letters`).",
     "dimensions": "The column's declared size equals the size of the vectors the model makes.",
+}
+# The same four for a chunked pipeline: a document is current when its whole chunk set is the
+# chunking of its current input (declared sizes, the model's tokenizer) under the current model.
+CHUNK_CHECKS = {
+    "coverage": "Every document with input has the chunk set of its current input under the current model and "
+                "the declared chunk sizes (AUTOEMBED_MIN_COVERAGE, default 1.0; WARN: documents in flight count).",
+    "staleness": "No document has a chunk set made from older input, another model or other chunk sizes.",
+    "dead_letters": "No job of this table is in the dead-letter archive (`autoembed dead-letters`).",
+    "dimensions": "The chunk table's vector size equals the size of the vectors the model makes.",
 }
 SEVERITY = {
     "coverage": dg.AssetCheckSeverity.WARN,
@@ -58,19 +67,18 @@ def min_coverage() -> float:
 
 def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) -> list[CheckOutcome]:
     """All four checks of one pipeline, from one scan of its table."""
-    key = TargetKey(p.schema, p.table, p.content_function, p.embedding_column, p.key_column)
-    target, why = health.resolve_target(conn, key)
+    target, why = health.pipeline_target(conn, p)
     if target is None:
         return [CheckOutcome(name, False, f"{p.name}: {why}") for name in CHECKS]
     try:
-        identity = resolve_embedder(resolver, target, conn).identity
-        model_error = None
+        embedder = resolve_embedder(resolver, target, conn)
+        identity, model_error = embedder.identity, None
     except ValueError as exc:  # ConfigError: e.g. the model cannot make vectors of this size
-        identity, model_error = None, str(exc)
+        embedder, identity, model_error = None, None, str(exc)
     column = f"{target.vector_type}({target.dimensions})"
+    where = health.vectors_label(target)
     if identity is None:
-        dims = CheckOutcome("dimensions", False, f"{target.regclass}.{p.embedding_column} is {column}: {model_error}",
-                            {"column": column})
+        dims = CheckOutcome("dimensions", False, f"{where} is {column}: {model_error}", {"column": column})
     else:
         ok = identity.dimensions == target.dimensions
         dims = CheckOutcome(
@@ -80,6 +88,11 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
             {"column_dimensions": target.dimensions, "model_dimensions": identity.dimensions,
              "model": identity.key},
         )
+    if p.chunked:
+        if embedder is None:
+            return [CheckOutcome(name, False, f"{where}: {model_error}") for name in CHECKS if name != "dimensions"] \
+                + [dims]
+        return _chunk_outcomes(p, health.chunk_target_health(conn, target, embedder), dims)
     th = health.table_health(conn, target, identity.key if identity else "(misconfigured model)")
     threshold = min_coverage()
     why = model_situation(conn, p, th) if th.stale or th.coverage < threshold else ""
@@ -100,6 +113,34 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
         CheckOutcome(
             "dead_letters", th.dead_letters == 0,
             f"{th.dead_letters} dead-lettered job(s) for {target.key.label}",
+            {"dead_letters": th.dead_letters},
+        ),
+        dims,
+    ]
+
+
+def _chunk_outcomes(p: Pipeline, th: health.TableHealth, dims: CheckOutcome) -> list[CheckOutcome]:
+    threshold = min_coverage()
+    sizes = f"chunks of at most {p.chunk_tokens} tokens, overlap {p.chunk_overlap}"
+    counts = {"documents": th.rows, "documents_with_input": th.embeddable, "current_documents": th.current,
+              "documents_without_chunks": th.missing, "stale_documents": th.stale}
+    return [
+        CheckOutcome(
+            "coverage", th.coverage >= threshold,
+            f"{th.current} of {th.embeddable} documents with input have the current chunk set ({th.coverage:.1%}; "
+            f"threshold {threshold:.0%}; {sizes})"
+            + (f": {th.missing} without chunks, {th.stale} with an outdated chunk set"
+               if th.current < th.embeddable else ""),
+            {"coverage": dg.MetadataValue.float(round(th.coverage, 6)), **counts},
+        ),
+        CheckOutcome(
+            "staleness", th.stale == 0,
+            f"{th.stale} document(s) have a chunk set of older input, another model than {th.model} or other "
+            f"chunk sizes than {sizes}",
+            {"stale_documents": th.stale, "model": th.model},
+        ),
+        CheckOutcome(
+            "dead_letters", th.dead_letters == 0, f"{th.dead_letters} dead-lettered job(s) for {th.table}",
             {"dead_letters": th.dead_letters},
         ),
         dims,
@@ -132,10 +173,10 @@ def as_check_evaluation(p: Pipeline, o: CheckOutcome) -> dg.AssetCheckEvaluation
 
 
 def build_health_checks(p: Pipeline) -> dg.AssetChecksDefinition:
-    specs = [dg.AssetCheckSpec(name, asset=embeddings_key(p), description=text) for name, text in CHECKS.items()]
+    texts = CHUNK_CHECKS if p.chunked else CHECKS
+    specs = [dg.AssetCheckSpec(name, asset=embeddings_key(p), description=text) for name, text in texts.items()]
 
-    @dg.multi_asset_check(name=f"{p.name}_health", specs=specs,
-                          description=f"Health of {p.qualified_table}.{p.embedding_column}")
+    @dg.multi_asset_check(name=f"{p.name}_health", specs=specs, description=f"Health of {vectors_table(p)}")
     def _health(context: dg.AssetCheckExecutionContext, autoembed: AutoembedResource):
         resolver = pipeline_resolver([p])
         with autoembed.connect() as conn:
