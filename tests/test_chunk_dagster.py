@@ -26,6 +26,7 @@ from autoembed_dagster.defs.backfill import shards_key
 from .dg_project import load_project_defs, make_project
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 ARTICLES = Pipeline(name="articles", schema="public", table="articles", content_function="article_input",
                     chunk_tokens=64, chunk_overlap=8)
 
@@ -290,3 +291,36 @@ def test_a_chunk_target_enrolled_in_sql_only_is_discovered(articles, fake_openai
     _facts_cache.clear()
     declared = build_defs([ARTICLES], discover=True).get_repository_def().asset_graph
     assert [k for k in declared.get_all_asset_keys() if k.path[0] == "chunks"] == [embeddings_key(ARTICLES)]
+
+
+# -- the demo --------------------------------------------------------------------------------------
+def test_the_demo_chunks_whole_module_docs_and_search_lands_on_the_passage(conn, monkeypatch):
+    """The demo project's chunked pipeline (local model, its defs.yaml's sizes), drained by its own
+    Dagster drain job: a question about one passage returns that module with that passage."""
+    from autoembed_dagster.core.corpus import named_long_docs
+    from autoembed_dagster.demo import create_demo_table, demo_pipelines, insert_modules, progress, search_modules
+
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    docs, modules = demo_pipelines()
+    assert modules.chunked and (modules.chunk_tokens, modules.chunk_overlap) == (200, 20) and not docs.chunked
+    create_demo_table(conn)
+    insert_modules(conn, named_long_docs(["shutil", "heapq", "smtplib", "textwrap", "json"]))
+    defs = load_project_defs(ROOT / "demo", module="autoembed_demo_project")
+    with dg.instance_for_test() as instance:
+        result = run_job(defs, "drain_embedding_jobs", instance, run_config=QUICK)
+        checks = check_evaluations(instance, result.run_id)
+    [mat] = [m for m in result.asset_materializations_for_node("drain_queue_embedding_jobs")
+             if m.asset_key == embeddings_key(modules)]
+    now = progress(conn)
+    assert now.modules == now.chunked == mat.metadata["rows_embedded"].value == 5
+    assert mat.metadata["chunks_embedded"].value + mat.metadata["chunks_reused"].value == now.chunks > 50
+    assert mat.metadata["model"].value == "local:all-MiniLM-L6-v2:384"
+    assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
+
+    [(module, hit), *_] = search_modules(conn, "recursively delete a directory tree")
+    assert module == "shutil" and "def rmtree(" in hit.chunk
+    [(module, hit), *_] = search_modules(conn, "log in to an SMTP server that requires authentication")
+    assert module == "smtplib" and "def login(self, user, password" in hit.chunk
+    assert hit.chunk in conn.execute("select content from autoembed_demo.stdlib_modules where module = 'smtplib'"
+                                     ).fetchone()[0]  # the exact passage of the document
