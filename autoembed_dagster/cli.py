@@ -246,7 +246,8 @@ def _cmd_pipelines(args: argparse.Namespace) -> int:
         print(json.dumps([{**p.__dict__, "origin": origin, "model": code_version(p)} for p, origin in rows], indent=2))
         return 0
     for p, origin in rows:
-        print(f"{p.name:<20} {p.qualified_table}.{p.embedding_column:<24} queue {p.queue:<16} "
+        target = f"{p.chunk_table} ({p.chunk_tokens}/{p.chunk_overlap} tokens)" if p.chunked else p.embedding_column
+        print(f"{p.name:<20} {p.qualified_table}.{target:<24} queue {p.queue:<16} "
               f"{code_version(p)}  ({origin})")
     return 0
 
@@ -265,6 +266,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             (backfill_control.pause if args.pause else backfill_control.resume)(conn, p.name)
         print(f"backfill of {p.name} {'paused: running shards stop after their page' if args.pause else 'resumed'}")
         return 0
+    if p.chunked:
+        return _chunk_backfill(args, p)
     bar = None
 
     def on_plan(shard_plan, cov):
@@ -301,6 +304,29 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     for error in result.total.errors:
         print(f"  error: {error}", file=sys.stderr)
     return 0 if not result.total.retryable_failures else 1
+
+
+def _chunk_backfill(args: argparse.Namespace, p) -> int:
+    """`autoembed backfill P` of a chunked pipeline (core.chunk_backfill)."""
+    from .core.chunk_backfill import run_chunk_backfill
+
+    def on_plan(plan, cov):
+        print(f"{p.name}: {plan.spec.key} ({plan.mode}): {plan.reason}; {cov.current}/{cov.embeddable} documents current")
+
+    with api.session() as conn:
+        result = run_chunk_backfill(conn, p, only=args.shards, promote_when_complete=not args.no_promote,
+                                    on_plan=on_plan)
+    for r in result.shards:
+        print(f"  shard {r.shard}/{r.shards}: {r.summary()}")
+    cov = result.coverage
+    print(f"{result.total.summary()}\ncoverage of {result.plan.spec.identity_key} in {result.plan.write_to.chunk_table}: "
+          f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable} documents)")
+    if result.promoted_old is not None:
+        print(f"promoted: {result.plan.live.chunk_table} now holds {result.plan.spec.identity_key} "
+              f"(old chunk sets in {result.promoted_old}: drop it when no longer needed)")
+    for error in result.total.errors:
+        print(f"  error: {error}", file=sys.stderr)
+    return 0 if not (result.total.failed or result.total.busy) else 1
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

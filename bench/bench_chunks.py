@@ -1,13 +1,16 @@
-"""Chunked embeddings: throughput against the same tokens as a column target, and what an edit costs.
+"""Chunked embeddings through the real drain: throughput against the same tokens as a column
+target, and what an edit costs.
 
-1. Throughput. Whole-module stdlib documents (core/corpus.py stdlib_long_docs) are split, planned,
-   embedded through the real openai client against the instant fake provider, and written into a
-   chunk table (core/chunks.py: read, plan, embed, write; one transaction per batch of documents).
-   Baseline in the same run: the same chunk texts as rows of a column target, enrolled and drained
-   by the project's drain (Drainer.run). Ratio = chunk path rows/s / column drain rows/s.
-2. Edit one paragraph. For each document of >= 40 chunks, one paragraph gets one more sentence;
-   provider inputs and tokens with chunk reuse, against re-embedding every chunk of the edited
-   document (what pgai's vectorizer does). Ratio = whole / reuse.
+1. Throughput. Whole-module stdlib documents (core/corpus.py stdlib_long_docs) are enrolled as a
+   chunk target (autoembed.enroll_chunks: chunk table, triggers, backlog) and drained by the
+   project's drain (Drainer.run: claim, read, split + plan, embed through the real openai client
+   against the instant fake provider, swap chunk sets in the settle transaction). Baseline in the
+   same run: the same chunk texts as rows of a column target, enrolled and drained by the same
+   drain. Ratio = chunk drain chunks/s / column drain rows/s (same texts, same tokens).
+2. Edit one paragraph. For each document of >= 40 chunks, one paragraph gets one more sentence,
+   through the trigger and the drain: provider inputs (the drain's chunks_embedded) and their
+   tokens, against re-embedding every chunk of the edited document (what pgai's vectorizer does).
+   Ratio = whole / reuse.
 
     python bench/bench_chunks.py [--docs 200] [--max-tokens 256] [--overlap 32] [--edits 5]
 """
@@ -27,41 +30,24 @@ from autoembed_dagster.core.corpus import stdlib_long_docs
 from autoembed_dagster.core.drain import Drainer
 from autoembed_dagster.core.embedders import make_embedder
 
-BATCH_DOCS = 20
-
-
-def load_docs(conn, docs: list[str]) -> chunks.ChunkTarget:
+def load_docs(conn, docs: list[str], max_tokens: int, overlap: int) -> chunks.ChunkTarget:
+    """The documents as a table, enrolled as a chunk target (every row queued)."""
     conn.execute("""create table docs (id integer primary key, body text);
                     create function docs_input(d docs) returns text language sql immutable as $$ select d.body $$""")
     with conn.cursor().copy("copy docs (id, body) from stdin") as cp:
         for i, text in enumerate(docs, 1):
             cp.write_row((i, text))
-    chunks.create_chunk_table(conn, "public", "docs", dimensions=1536)
+    conn.execute("select autoembed.enroll_chunks('docs', 'docs_input', %s, %s)", (max_tokens, overlap))
     return chunks.resolve_chunk_target(conn, "public", "docs", "docs_input")
 
 
-def chunk_pass(conn, target, keys: list[str], splitter, embedder) -> dict:
-    """Read, plan, embed, write every document (one transaction per BATCH_DOCS documents);
-    returns chunk counts and seconds per phase."""
-    r = {"written": 0, "embedded": 0, "read": 0.0, "plan": 0.0, "embed": 0.0, "write": 0.0, "texts": []}
-    model = embedder.identity.key
-    for s in range(0, len(keys), BATCH_DOCS):
-        with Timer() as t:
-            docs = chunks.read_documents(conn, target, keys[s:s + BATCH_DOCS])
-        r["read"] += t.seconds
-        with Timer() as t:
-            p = chunks.plan(conn, target, docs, splitter, model)
-        r["plan"] += t.seconds
-        with Timer() as t:
-            out = embedder.embed(p.texts)
-        r["embed"] += t.seconds
-        with Timer() as t, conn.transaction():
-            st = chunks.write(conn, target, p, dict(zip(p.hashes, out.vectors)), model)
-        r["write"] += t.seconds
-        r["written"] += st.chunks_embedded + st.chunks_reused
-        r["embedded"] += st.chunks_embedded
-        r["texts"].extend(p.texts)
-    return r
+def drain_all(url: str):
+    """The project's drain until the queue is empty: (stats, seconds)."""
+    with connect(url) as c, Timer() as t:
+        stats = Drainer(c, Settings.from_env()).run()
+    if stats.dead_lettered or stats.retried:
+        raise RuntimeError(f"the drain did not embed everything: {stats.summary()}")
+    return stats, t.seconds
 
 
 def column_drain(conn, url: str, texts: list[str]) -> float:
@@ -80,7 +66,9 @@ def column_drain(conn, url: str, texts: list[str]) -> float:
     return t.seconds
 
 
-def edits(conn, target, all_keys: list[str], splitter, embedder, n_edits: int, min_chunks: int = 40) -> dict:
+def edits(conn, url: str, target, all_keys: list[str], splitter, embedder, n_edits: int,
+          min_chunks: int = 40) -> dict:
+    """One-paragraph edits through the trigger and the drain (see module doc)."""
     rng = random.Random(7)
     keys = [k for k, (text, _) in chunks.read_documents(conn, target, all_keys).items()
             if len(splitter.split(text)) >= min_chunks]
@@ -89,17 +77,22 @@ def edits(conn, target, all_keys: list[str], splitter, embedder, n_edits: int, m
     for key in sorted(keys, key=int):
         for _ in range(n_edits):
             text = chunks.read_documents(conn, target, [key])[key][0]
+            known = {c for (c,) in conn.execute("select chunk from docs_chunks")}
             paras = text.split("\n\n")
             i = rng.randrange(len(paras))
             paras[i] += " This sentence was added by an edit."
             conn.execute("update docs set body = %s where id = %s", ("\n\n".join(paras), int(key)))
-            p = chunks.sync(conn, target, [key], splitter, embedder).plan
-            whole = splitter.split("\n\n".join(paras))
-            reuse_inputs += len(p.texts)
-            reuse_tokens += sum(embedder.count_tokens(x) for x in p.texts)
+            stats, _ = drain_all(url)
+            whole = [c for (c,) in conn.execute("select chunk from docs_chunks where id = %s order by chunk_index",
+                                                (int(key),))]
+            new = {c for c in whole if c not in known}  # what the provider was sent (reuse is by exact text)
+            if len(new) != stats.chunks_embedded:
+                raise RuntimeError(f"{len(new)} new chunk texts but the drain embedded {stats.chunks_embedded}")
+            reuse_inputs += stats.chunks_embedded
+            reuse_tokens += sum(embedder.count_tokens(x) for x in new)
             whole_inputs += len(whole)
             whole_tokens += sum(embedder.count_tokens(x) for x in whole)
-            per_edit.append(len(p.texts))
+            per_edit.append(stats.chunks_embedded)
     return {"documents": len(keys), "edits": len(per_edit), "reuse_inputs": reuse_inputs,
             "whole_inputs": whole_inputs, "reuse_tokens": reuse_tokens, "whole_tokens": whole_tokens,
             "max_inputs_per_edit": max(per_edit, default=0),
@@ -121,37 +114,36 @@ def main(argv: list[str] | None = None) -> dict:
         splitter = splitter_for(embedder, args.max_tokens, args.overlap)
         url = fresh_db(server)
         with connect(url) as conn:
-            target = load_docs(conn, corpus)
+            target = load_docs(conn, corpus, args.max_tokens, args.overlap)
             keys = [str(i) for i in range(1, len(corpus) + 1)]
-            with Timer() as t:
-                r = chunk_pass(conn, target, keys, splitter, embedder)
-            written, embedded = r["written"], r["embedded"]
-            tokens = sum(embedder.count_tokens(x) for x in r["texts"])
+            stats, drain_s = drain_all(url)
+            texts = [r[0] for r in conn.execute("select chunk from docs_chunks order by id, chunk_index")]
+            written, embedded = len(texts), stats.chunks_embedded
+            tokens = sum(embedder.count_tokens(x) for x in texts)
             with Timer() as st:
                 for text in corpus:
                     splitter.split(text)
             split_s = st.seconds
-            chunk_rate = written / t.seconds
-            texts = [r[0] for r in conn.execute("select chunk from docs_chunks order by id, chunk_index")]
+            chunk_rate = written / drain_s
             col_s = column_drain(conn, url, texts)
             col_rate = len(texts) / col_s
-            line("chunk path: chunks written / embedded (reused across documents)",
-                 f"{written:,} / {embedded:,}")
-            line("chunk path: read / plan (split + lookups) / embed / write / total",
-                 f"{r['read']:.2f} / {r['plan']:.2f} / {r['embed']:.2f} / {r['write']:.2f} / {t.seconds:.2f} s")
+            line("chunk drain: documents / chunks written / embedded (the rest reused across documents)",
+                 f"{stats.embedded:,} / {written:,} / {embedded:,}")
+            line("chunk drain: total", f"{drain_s:.2f} s")
             line("splitting alone, every document once", f"{split_s:.2f} s")
-            line("chunk path: chunks/s, tokens/s", f"{chunk_rate:,.0f}, {tokens / t.seconds:,.0f}")
+            line("chunk drain: chunks/s, tokens/s", f"{chunk_rate:,.0f}, {tokens / drain_s:,.0f}")
             line("column drain of the same chunk texts: rows/s", f"{col_rate:,.0f}")
-            line("chunk path / column drain (same texts)", f"{chunk_rate / col_rate:.0%}")
-            e = edits(conn, target, keys, splitter, embedder, args.edits)
-            line(f"edit one paragraph: {e['edits']} edits of {e['documents']} documents with >= 40 chunks", "")
+            line("chunk drain / column drain (same texts)", f"{chunk_rate / col_rate:.0%}")
+            e = edits(conn, url, target, keys, splitter, embedder, args.edits)
+            line(f"edit one paragraph (trigger + drain): {e['edits']} edits of {e['documents']} documents "
+                 "with >= 40 chunks", "")
             line("  provider inputs: reuse / whole document",
                  f"{e['reuse_inputs']:,} / {e['whole_inputs']:,} ({e['whole_inputs'] / max(1, e['reuse_inputs']):.1f}x fewer)")
             line("  tokens: reuse / whole document",
                  f"{e['reuse_tokens']:,} / {e['whole_tokens']:,} ({e['whole_tokens'] / max(1, e['reuse_tokens']):.1f}x fewer)")
             line("  inputs per edit: median / max", f"{e['median_inputs_per_edit']} / {e['max_inputs_per_edit']}")
     return {"chunk_rate": chunk_rate, "column_rate": col_rate, "ratio": chunk_rate / col_rate, "split_s": split_s,
-            "total_s": t.seconds, **e}
+            "total_s": drain_s, **e}
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
 -- target id against this registry and writes only the registered chunk table (core/drain/chunked.py).
 --
 -- Triggers (the names of the column targets' own, so autoembed.unenroll / uninstall_triggers drop
--- them and a table has one kind of enrolment at a time):
---   autoembed_enqueue_insert  AFTER INSERT statement: every new row;
---   autoembed_enqueue_update  AFTER UPDATE statement, old and new transition tables: the rows whose
---                             input changed, compared set-wise in the writer's context.
+-- them and a table has one kind of enrolment at a time); the writing role needs rights on its own
+-- table only:
+--   autoembed_enqueue_insert  AFTER INSERT statement (transition table): every new row, one send;
+--   autoembed_enqueue_update  AFTER UPDATE row, WHEN the input changed (compared in the writer's
+--                             context, the content function bound by oid): that row.
 -- No clearing trigger: a stale chunk set stays until the drain swaps the new one in whole, and
 -- search_chunks(content_function => ...) skips it meanwhile. Deleted rows lose their chunks by the
 -- chunk table's foreign key (on delete cascade).
@@ -131,89 +132,61 @@ begin
 end;
 $$;
 
--- What the statement trigger of a chunk target needs, for the table `tbl` it fires on: the key
--- column and content function (current names). SECURITY DEFINER (the writer has no rights on the
--- registry); only inside a trigger. NULL when `arg` names no chunk target of `tbl`.
-create or replace function autoembed.chunk_trigger_target(tbl oid, arg text,
-                                                          out key_column text, out fn text)
+-- The key column of chunk target `arg` (a trigger argument) on table `tbl`, or NULL with a warning
+-- (the user's write goes on, nothing is enqueued).
+create or replace function autoembed.chunk_trigger_key(tbl oid, arg text)
+returns text
 language plpgsql
 stable
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    key_column text;
 begin
-    if pg_trigger_depth() = 0 then
-        raise exception 'autoembed.chunk_trigger_target is called by the triggers of chunk targets only'
-            using errcode = 'insufficient_privilege';
+    if arg ~ '^[0-9]{1,18}$' then
+        select ka.attname::text into key_column
+          from autoembed.targets r
+          join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+         where r.id = arg::bigint and r.relid = tbl and r.chunk_table is not null;
     end if;
-    if arg !~ '^[0-9]{1,18}$' then
-        return;
+    if key_column is null then
+        raise warning 'autoembed: a chunk trigger on % names no chunk target of this table (%): nothing enqueued; enroll the table again',
+            tbl::regclass, quote_nullable(arg);
     end if;
-    select ka.attname::text, p.oid::regproc::text into key_column, fn
-      from autoembed.targets r
-      join pg_class c on c.oid = r.relid
-      join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
-      join pg_proc p on p.oid = r.content_fn and p.pronargs = 1 and p.proargtypes[0] = c.reltype
-     where r.id = arg::bigint and r.relid = tbl and r.chunk_table is not null;
+    return key_column;
 end;
 $$;
+revoke execute on function autoembed.chunk_trigger_key(oid, text) from public;
 
--- Send the jobs a chunk target's trigger found. SECURITY DEFINER; only inside a trigger, for a
--- table the acting role may write and for that table's own chunk target.
-create or replace function autoembed.queue_chunk_keys(tbl oid, target_id bigint, keys text[])
-returns void
+-- The enqueue trigger of a chunk target (argument: the target id). As the AFTER INSERT statement
+-- trigger (transition table autoembed_new): every new row, in one send. As the AFTER UPDATE row
+-- trigger, fired only WHEN the input changed (its WHEN clause compares the content function of OLD
+-- and NEW in the writer's context: a re-save or a change to another column costs no call here):
+-- that row. SECURITY DEFINER, and it reads only keys: it calls no user function, so the writing
+-- role needs rights on its own table only.
+create or replace function autoembed.queue_chunk_jobs()
+returns trigger
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
-begin
-    if pg_trigger_depth() = 0 then
-        raise exception 'autoembed.queue_chunk_keys is called by the triggers of chunk targets only'
-            using errcode = 'insufficient_privilege';
-    end if;
-    if not has_table_privilege(autoembed.caller_role(), tbl, 'INSERT, UPDATE') then
-        raise exception 'autoembed: role % may not write %: it cannot queue its jobs', autoembed.caller_role(), tbl::regclass
-            using errcode = 'insufficient_privilege';
-    end if;
-    if exists (select 1 from autoembed.targets r where r.id = target_id and r.relid = tbl and r.chunk_table is not null) then
-        perform autoembed.send_chunk_keys(target_id, keys);
-    end if;
-end;
-$$;
-
--- AFTER INSERT/UPDATE statement trigger of a chunk target (argument: the target id). Runs as the
--- writer: it calls the content function (as a column target's WHEN clause does) to compare the
--- input of the old and new rows set-wise, so re-saves and changes to other columns queue nothing.
--- A key that changed counts as a new row. A broken registration warns and queues nothing: the
--- user's write goes on.
-create or replace function autoembed.queue_chunk_jobs()
-returns trigger
-language plpgsql
-as $$
 declare
-    t record;
+    key_column text;
     keys text[];
 begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
-    t := autoembed.chunk_trigger_target(TG_RELID, TG_ARGV[0]);
-    if t.fn is null then
-        raise warning 'autoembed: the chunk trigger on % names no chunk target of this table (%): nothing enqueued; enroll the table again',
-            TG_RELID::regclass, quote_nullable(TG_ARGV[0]);
+    key_column := autoembed.chunk_trigger_key(TG_RELID, TG_ARGV[0]);
+    if key_column is null then
         return null;
-    end if;
-    if TG_OP = 'INSERT' then
-        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n))', t.key_column) into keys;
+    elsif TG_LEVEL = 'ROW' then
+        execute format('select autoembed.key_texts(array[($1).%I])', key_column) into keys using NEW;
     else
-        execute format(
-            'select autoembed.key_texts(array(select n.%1$I from autoembed_new n left join autoembed_old o on o.%1$I = n.%1$I
-                                              where o.%1$I is null or %2$s(o) is distinct from %2$s(n)))',
-            t.key_column, t.fn) into keys;
+        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n))', key_column) into keys;
     end if;
-    if cardinality(keys) > 0 then
-        perform autoembed.queue_chunk_keys(TG_RELID, TG_ARGV[0]::bigint, keys);
-    end if;
+    perform autoembed.send_chunk_keys(TG_ARGV[0]::bigint, keys);
     return null;
 end;
 $$;
@@ -250,9 +223,9 @@ begin
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
     execute format(
-        'create trigger autoembed_enqueue_update after update on %s '
-        'referencing old table as autoembed_old new table as autoembed_new '
-        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+        'create trigger autoembed_enqueue_update after update on %1$s for each row '
+        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_jobs(%3$L)',
+        tbl, fn::oid::regproc, target_id);
     if enqueue_backlog then
         execute format('select autoembed.enqueue_chunk_keys($1, array(select t.%1$I from %2$s t
                         where not exists (select 1 from %3$s c where c.%1$I = t.%1$I)))', key_column, tbl, chunks)
@@ -260,5 +233,25 @@ begin
             using target_id;
     end if;
     return backlog;
+end;
+$$;
+
+-- Promote a chunk target's shadow chunk table (a backfill to another model wrote it): swap the
+-- tables (autoembed.promote_chunk_table, sql/011) and point the registry's chunk target at the new
+-- live table, in the caller's transaction, so queued jobs go on to the table search reads.
+-- SECURITY DEFINER (the registry); the caller must own the parent table. Returns the old table.
+create or replace function autoembed.promote_chunk_target(live regclass, shadow regclass)
+returns regclass
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    old regclass;
+begin
+    perform autoembed.require_owner((select parent from autoembed.chunk_parent(live)), 'promote its chunk table');
+    old := autoembed.promote_chunk_table(live, shadow);
+    update autoembed.targets r set chunk_table = shadow, updated_at = now() where r.chunk_table = live;
+    return old;
 end;
 $$;

@@ -60,7 +60,7 @@ def _splitter():
 
 def chunk_rows(conn, doc_id, table="articles_chunks"):
     return conn.execute(f"select chunk_index, chunk, embedding, model, source_hash from {table} "
-                        "where id = %s order by chunk_index", (doc_id,)).fetchall()
+                        "where id = %s order by chunk_index", (doc_id,), prepare=False).fetchall()
 
 
 def assert_current(conn, doc_id, table="articles_chunks", model=MODEL, dims=1536):
@@ -307,3 +307,112 @@ def test_cli_enrol_status_and_search_over_chunks(conn, db_url, fake_openai, sett
     status = run(["status"], env).stdout
     row = next(line for line in status.splitlines() if line.startswith("public.articles -> articles_chunks"))
     assert row.split()[4:7] == ["2", "2", "0"]  # documents, current, no chunks
+    # Enrolled in SQL only: a discovered chunked pipeline, which searches its chunks by itself.
+    assert "articles_chunks (64/8 tokens)" in run(["pipelines"], env).stdout
+    out = run(["search", passage, "--pipeline", "articles", "-k", "1"], env).stdout
+    assert out.startswith("1. [0.000] public.articles id=1 chunk ")
+    out = run(["backfill", "articles"], env).stdout
+    assert "(in_place)" in out and "100.0% (2/2 documents)" in out
+
+
+# -- backfill and model change -------------------------------------------------------------------
+def _pipeline(**fields):
+    from autoembed_dagster.core.pipelines import make_pipeline
+
+    return make_pipeline("articles", table="articles", content_function="article_text", chunk_tokens=TOKENS,
+                         chunk_overlap=OVERLAP, shards=2, **fields)
+
+
+def test_backfill_in_place_skips_current_documents_and_fills_missing_ones(articles, fake_openai, settings):
+    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s)", (_doc(10, 1), _doc(10, 2)))
+    drain(conn, settings)
+    # Rows written while the triggers were away (no job queued): only a backfill finds them.
+    conn.execute("alter table articles disable trigger user")
+    conn.execute("insert into articles values (3, 'C', %s)", (_doc(10, 3),))
+    conn.execute("alter table articles enable trigger user")
+    fake_openai.reset()
+    result = run_chunk_backfill(conn, _pipeline())
+    assert result.plan.mode == "in_place" and result.promoted_old is None
+    assert (result.total.written, result.total.current) == (1, 2)
+    assert result.coverage.complete and len(provider_inputs(fake_openai)) == len(chunk_rows(conn, 3))
+    for i in (1, 2, 3):
+        assert_current(conn, i)
+
+
+def test_backfill_to_a_new_size_fills_a_shadow_the_drain_follows_then_promotes_it(articles, fake_openai, settings):
+    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.drain import pipeline_resolver
+
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s), (3, 'C', %s)",
+                 (_doc(10, 1), _doc(10, 2), _doc(10, 3)))
+    drain(conn, settings)
+    old_rows = {i: chunk_rows(conn, i) for i in (1, 2, 3)}
+    p = _pipeline(dimensions=512)
+    new_model = "openai:text-embedding-3-small:512"
+    # One shard of two, no promotion yet: the shadow is partly filled; search still reads the live table.
+    first = run_chunk_backfill(conn, p, only=[0])
+    assert first.plan.mode == "shadow" and first.plan.write_to.chunk_table == "articles_chunks__next"
+    assert first.promoted_old is None and not first.coverage.complete
+    assert {i: chunk_rows(conn, i) for i in (1, 2, 3)} == old_rows
+    # Meanwhile a document changes: the drain (configured with the new size) writes it to the shadow.
+    conn.execute("update articles set body = body || E'\\n\\nA late paragraph.' where id = 2")
+    assert drain(conn, settings, pipeline_resolver([p])).embedded == 1
+    assert chunk_rows(conn, 2) == old_rows[2]
+    assert_current(conn, 2, table="articles_chunks__next", model=new_model, dims=512)
+    done = run_chunk_backfill(conn, p)
+    assert done.coverage.complete and done.promoted_old == "articles_chunks__old"
+    kinds = conn.execute("""select format_type(a.atttypid, a.atttypmod) from pg_attribute a
+                            where a.attrelid = 'articles_chunks'::regclass and a.attname = 'embedding'""").fetchone()[0]
+    assert kinds == "halfvec(512)"
+    # The registry follows the promoted table: jobs go on to the table search reads.
+    assert conn.execute("select chunk_table::regclass::text from autoembed.targets where chunk_table is not null"
+                        ).fetchone()[0] == "articles_chunks"
+    for i in (1, 2, 3):
+        assert_current(conn, i, model=new_model, dims=512)
+    conn.execute("update articles set body = body || E'\\n\\nAfter the promotion.' where id = 3")
+    assert drain(conn, settings, pipeline_resolver([p])).embedded == 1
+    assert_current(conn, 3, model=new_model, dims=512)
+    hits = api.search_chunks(chunk_rows(conn, 1)[0][1], table="articles", content_function="article_text",
+                             embedder_settings=p.embedder_settings(), url=conn.info.dsn)
+    assert hits[0].id == "1" and hits[0].distance < 1e-3
+
+
+def test_a_role_with_rights_on_its_table_only_writes_a_chunk_target(articles, fake_openai, settings):
+    """The chunk triggers are SECURITY DEFINER and call no user function; the WHEN clause compares
+    the input in the writer's context: the writer needs no grant on the project's schemas."""
+    from .test_least_privilege import acting_as
+
+    conn = articles
+    role = f"app_{conn.info.backend_pid}"
+    conn.execute(f"create role {role} nologin")
+    try:
+        conn.execute(f"grant select, insert, update, delete on articles to {role}")
+        with acting_as(conn, role):
+            conn.execute("insert into articles values (1, 'A', 'alpha'), (2, 'B', 'beta')")
+            conn.execute("update articles set body = 'gamma' where id = 2")
+            conn.execute("update articles set title = title where id = 1")  # a re-save: nothing queued
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("select * from pgmq.q_embedding_jobs")
+        bodies = [m for (m,) in conn.execute("select message from pgmq.q_embedding_jobs order by msg_id")]
+        assert [(m["id"], m.get("ids")) for m in bodies] == [(1, "1,2"), (2, None)]
+        assert drain(conn, settings).embedded == 2
+        assert_current(conn, 2)
+    finally:
+        conn.execute(f"drop owned by {role} cascade")
+        conn.execute(f"drop role {role}")
+
+
+def test_backfill_refuses_a_declaration_that_splits_otherwise_than_the_enrolment(articles, fake_openai):
+    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.pipelines import make_pipeline
+
+    p = make_pipeline("articles", table="articles", content_function="article_text", chunk_tokens=128)
+    with pytest.raises(ConfigError, match=r"enrolled with 64 \(overlap 8\).*--chunk-tokens 128 --chunk-overlap 0"):
+        run_chunk_backfill(articles, p)
+    plain = make_pipeline("plain", table="plain", content_function="f", chunk_tokens=64)
+    with pytest.raises(Exception, match="not enrolled as a chunk target: autoembed enroll public.plain"):
+        run_chunk_backfill(articles, plain)

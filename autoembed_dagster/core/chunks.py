@@ -381,7 +381,8 @@ def promote(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget, mo
             if not cov.complete:
                 raise TargetError(f"{shadow.label}: {cov.missing} of {cov.embeddable} documents have no current "
                                   f"chunk set under {model_key}: finish the backfill, or promote with force")
-        old = conn.execute("select autoembed.promote_chunk_table(%s::regclass, %s::regclass)::text",
+        # (and the registry's chunk target follows the live table: sql/012)
+        old = conn.execute("select autoembed.promote_chunk_target(%s::regclass, %s::regclass)::text",
                            (_regclass(live), _regclass(shadow))).fetchone()[0]
     return old
 

@@ -60,10 +60,10 @@ class Pipeline:
         return f"{self.table}_chunks"
 
     @property
-    def target_column(self) -> str:
-        """What the registry, queue messages and drain stats name as the target's column: the
-        embedding column, or the chunk table's name for a chunked pipeline."""
-        return self.chunk_table if self.chunked else self.embedding_column
+    def table_key(self) -> tuple[str, str, str]:
+        """How the drain names this pipeline's target (its stats' by_table key, the resolver's key):
+        (schema, table, embedding column), or for a chunked pipeline (schema, table, chunk table)."""
+        return (self.schema, self.table, self.chunk_table if self.chunked else self.embedding_column)
 
     @property
     def qualified_table(self) -> str:
@@ -163,7 +163,7 @@ def discover_pipelines(conn: psycopg.Connection, declared: list[Pipeline]) -> li
     """Registered tables that no declared pipeline covers, as pipelines with the default model
     (chunk targets with their registered chunk sizes). A declared pipeline for the same table and
     column (or chunk table) wins."""
-    covered = {(p.schema, p.table, p.target_column) for p in declared}
+    covered = {p.table_key for p in declared}
     taken = {p.name for p in declared}
     out = []
     for schema, table, fn, column, key, queue in registered_targets(conn):
@@ -173,16 +173,15 @@ def discover_pipelines(conn: psycopg.Connection, declared: list[Pipeline]) -> li
         taken.add(name)
         out.append(Pipeline(name=name, schema=schema, table=table, content_function=fn, embedding_column=column,
                             key_column=key, queue=queue, discovered=True))
-    for schema, table, fn, key, queue, chunk_table, tokens, overlap in conn.execute(
-            """select schema_name, table_name, content_function, key_column, queue, chunk_table, chunk_tokens,
-                      coalesce(chunk_overlap, 0)
-               from autoembed.target_catalog
-               where origin <> 'migration' and chunk_tokens is not null and key_column is not null
-                 and chunk_table = table_name || '_chunks'
-               order by 1, 2"""):
-        if (schema, table, chunk_table) in covered:
+    # Chunk targets (sql/012) enrolled without a declaration: their registered chunk sizes.
+    chunked = {(p.schema, p.table) for p in declared if p.chunked}
+    for schema, table, fn, chunk_table, key, queue, tokens, overlap in conn.execute(
+        """select schema_name, table_name, content_function, chunk_table, key_column, queue, chunk_tokens, chunk_overlap
+           from autoembed.target_catalog where chunk_tokens is not null and chunk_table is not null
+             and key_column is not null order by 1, 2"""):
+        if (schema, table) in chunked:
             continue
-        name = discovered_name(schema, table, "embedding", taken)
+        name = discovered_name(schema, table, "embedding", taken)  # (a table has one kind of enrolment)
         taken.add(name)
         out.append(Pipeline(name=name, schema=schema, table=table, content_function=fn, key_column=key, queue=queue,
                             chunk_tokens=tokens, chunk_overlap=overlap, discovered=True))

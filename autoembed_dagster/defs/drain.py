@@ -136,7 +136,7 @@ class _Reporter:
         if settled:
             self.settled_once = True
         for p in self.on_queue:
-            ts = changes.get((p.schema, p.table, p.target_column))
+            ts = changes.get(p.table_key)
             if ts is not None:
                 yield from self._materialize(p, ts, period, busy)
                 self.pending_checks.add(p.name)
@@ -177,7 +177,7 @@ class _Reporter:
 
 
 def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
-    pipelines_by_table = {(p.schema, p.table, p.target_column): p for p in pipelines}
+    pipelines_by_table = {p.table_key: p for p in pipelines}
 
     @dg.op(name=f"drain_queue_{queue}", description=f"Embed every job of pgmq queue `{queue}`.",
            pool=drain_pool(queue))  # dagster.yaml concurrency.pools caps the drains of a queue

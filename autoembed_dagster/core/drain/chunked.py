@@ -16,7 +16,7 @@ autoembed.targets), never one a message names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import psycopg
@@ -25,8 +25,10 @@ from .. import chunks
 from ..chunking import Splitter
 from ..embedders.base import Embedder, EmbeddingError
 from ..targets import Target
+from .embed import provider_call
 from .jobs import Job
 from .outcome import Outcome
+from .read import read_rows_or_isolate
 from .stats import DrainStats
 
 
@@ -35,6 +37,29 @@ def chunk_target_of(target: Target) -> chunks.ChunkTarget:
     assert target.chunk_table is not None, target
     return chunks.ChunkTarget(target.key.schema, target.key.table, target.key.key_column, target.key_type,
                               target.function, target.chunk_table, target.vector_type, target.dimensions)
+
+
+def shadow_of(conn: psycopg.Connection, target: Target) -> Target | None:
+    """The target's shadow chunk table (a model change in progress), or None. Its name is derived
+    from the registered chunk table, and it must hang on the same parent key: never a name a
+    message gave."""
+    name = chunks.shadow_name(chunk_target_of(target))
+    row = conn.execute(
+        """select v.type_name, v.dimensions, (p.parent = %s::regclass and p.key_column = %s)
+           from (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c
+           cross join lateral autoembed.chunk_parent(c.oid) p
+           cross join lateral autoembed.vector_column(c.oid, %s) v
+           where c.oid is not null""",
+        (target.regclass, target.key.key_column, target.key.schema, name, chunks.VECTOR_COLUMN)).fetchone()
+    if row is None or not row[2] or row[1] is None:
+        return None
+    return replace(target, chunk_table=name, vector_type=row[0], dimensions=int(row[1]))
+
+
+def write_target(conn: psycopg.Connection, target: Target) -> Target:
+    """Where the drain writes a chunk target's documents: the shadow chunk table while a model
+    change is in progress (so the promotion finds it complete), else the registered one."""
+    return shadow_of(conn, target) or target
 
 
 @dataclass
@@ -70,7 +95,7 @@ def read_chunk_jobs(conn: psycopg.Connection, target: Target, embedder: Embedder
     by_key: dict[str, list[Job]] = {}
     for job in jobs:
         by_key.setdefault(job.row_id, []).append(job)
-    docs, unreadable = _read_or_isolate(conn, target, ct, list(by_key))
+    docs, unreadable = read_rows_or_isolate(conn, target, list(by_key), _read_documents)
     docs = {k: v for k, v in docs.items() if k in by_key}  # (a key not in its canonical text: as gone)
     for key, key_jobs in by_key.items():
         if key in unreadable:
@@ -95,27 +120,9 @@ def read_chunk_jobs(conn: psycopg.Connection, target: Target, embedder: Embedder
     return [ChunkWork(target, ct, embedder, plan, {k: by_key[k] for k in plan.documents})]
 
 
-def _read_or_isolate(conn: psycopg.Connection, target: Target, ct: chunks.ChunkTarget,
-                     keys: list[str]) -> tuple[dict[str, tuple[str | None, bytes | None]], dict[str, str]]:
-    """read_documents; when the content function fails on some document, read them one by one so
-    that only those fail, with the reason (as the column path's read_rows_or_isolate)."""
-    try:
-        return chunks.read_documents(conn, ct, keys), {}
-    except (psycopg.OperationalError, psycopg.InterfaceError):
-        raise
-    except psycopg.Error:
-        pass
-    docs: dict[str, tuple[str | None, bytes | None]] = {}
-    unreadable: dict[str, str] = {}
-    for key in keys:
-        try:
-            docs.update(chunks.read_documents(conn, ct, [key]))
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            raise
-        except psycopg.Error as exc:
-            unreadable[key] = (f"{target.regclass} id={key!r}: reading its input with {target.function} "
-                               f"failed: {type(exc).__name__}: {str(exc).strip()}")
-    return docs, unreadable
+def _read_documents(conn: psycopg.Connection, target: Target,
+                    keys: list[str]) -> dict[str, tuple[str | None, bytes | None]]:
+    return chunks.read_documents(conn, chunk_target_of(target), keys)
 
 
 def embed_chunk_work(work: ChunkWork, outcome: Outcome, stats: DrainStats, encoding: str) -> EmbeddingError | None:
@@ -125,20 +132,9 @@ def embed_chunk_work(work: ChunkWork, outcome: Outcome, stats: DrainStats, encod
     target, plan = work.target, work.plan
     vectors: dict[bytes, np.ndarray] = {}
     if plan.to_embed:
-        try:
-            result = work.embedder.embed(plan.texts)
-        except Exception as exc:  # an embedder bug or outage must not lose the batch: retry later
-            text = f"{target.regclass}: embedding failed: {type(exc).__name__}: {exc}"
-            stats.note_error(text)
-            outcome.retry.extend((job, text) for key_jobs in work.jobs.values() for job in key_jobs)
-            return None
-        stats.tokens += result.tokens
-        stats.requests += result.requests
-        stats.truncated += result.truncated
-        stats.limit_wait_seconds += result.limit_wait_seconds
-        fatal = next((e for e in result.errors if e is not None and e.configuration), None)
-        if fatal is not None:
-            stats.note_error(f"{target.regclass}: {fatal}")
+        result, fatal = provider_call(target, work.embedder, plan.texts,
+                                      [job for key_jobs in work.jobs.values() for job in key_jobs], outcome, stats)
+        if result is None or fatal is not None:
             return fatal
         failed = {h: e for h, e in zip(plan.hashes, result.errors) if e is not None}
         vectors = {h: v for h, v in zip(plan.hashes, result.vectors) if v is not None}

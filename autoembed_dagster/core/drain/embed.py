@@ -10,8 +10,9 @@ import struct
 
 import numpy as np
 
-from ..embedders.base import EmbeddingError
+from ..embedders.base import Embedder, EmbeddingError, EmbedOutcome
 from ..targets import Target
+from .jobs import Job
 from .outcome import Outcome
 from .read import Work
 from .stats import DrainStats
@@ -26,20 +27,9 @@ def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -
     """Embed one Work item into `outcome`. Returns a configuration error that must stop the drain
     (its rows are then left out of `outcome`: they stay queued)."""
     target, rows, to_embed = work.target, work.rows, work.jobs
-    try:
-        result = work.embedder.embed([rows[r].input for r in work.row_ids])
-    except Exception as exc:  # an embedder bug or outage must not lose the batch: retry later
-        text = f"{target.regclass}: embedding failed: {type(exc).__name__}: {exc}"
-        stats.note_error(text)
-        outcome.retry.extend((job, text) for r in work.row_ids for job in to_embed[r])
-        return None
-    stats.tokens += result.tokens
-    stats.requests += result.requests
-    stats.truncated += result.truncated
-    stats.limit_wait_seconds += result.limit_wait_seconds
-    fatal = next((e for e in result.errors if e is not None and e.configuration), None)
-    if fatal is not None:
-        stats.note_error(f"{target.regclass}: {fatal}")
+    result, fatal = provider_call(target, work.embedder, [rows[r].input for r in work.row_ids],
+                                  [job for r in work.row_ids for job in to_embed[r]], outcome, stats)
+    if result is None or fatal is not None:
         return fatal
     outcome.models[target] = work.embedder.identity.key
     embedded = [(rows[r].key, rows[r].hash, vector)
@@ -61,6 +51,28 @@ def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -
         for job in to_embed[r]:
             (outcome.retry if error.retryable else outcome.dead).append((job, text))
     return None
+
+
+def provider_call(target: Target, embedder: Embedder, texts: list[str], jobs: list[Job], outcome: Outcome,
+                  stats: DrainStats) -> tuple[EmbedOutcome | None, EmbeddingError | None]:
+    """embedder.embed(texts), its usage counted in `stats`. (None, None) when the call raised: the
+    batch is not lost, `jobs` are put back for a later attempt. Else (the outcome, a configuration
+    error that must stop the drain, or None)."""
+    try:
+        result = embedder.embed(texts)
+    except Exception as exc:  # an embedder bug or outage must not lose the batch: retry later
+        text = f"{target.regclass}: embedding failed: {type(exc).__name__}: {exc}"
+        stats.note_error(text)
+        outcome.retry.extend((job, text) for job in jobs)
+        return None, None
+    stats.tokens += result.tokens
+    stats.requests += result.requests
+    stats.truncated += result.truncated
+    stats.limit_wait_seconds += result.limit_wait_seconds
+    fatal = next((e for e in result.errors if e is not None and e.configuration), None)
+    if fatal is not None:
+        stats.note_error(f"{target.regclass}: {fatal}")
+    return result, fatal
 
 
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)

@@ -24,7 +24,7 @@ from ..embedders.base import EmbeddingError
 from ..targets import (Target, TargetChanged, TargetError, TargetKey, check_dimensions, registered_target,
                        target_key_from_message)
 from ..chunking import Splitter, splitter_for
-from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs
+from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs, write_target
 from .claims import Claims
 from .embed import ProviderConfigError, embed_work
 from .jobs import Job, recorded_failures, row_jobs
@@ -179,6 +179,8 @@ class Drainer:
     def _read(self, target: Target, jobs: list[Job], batch: Batch, in_flight: dict[str, bytes],
               conn: psycopg.Connection) -> list[Work]:
         outcome = batch.outcome
+        if target.chunked:
+            target = write_target(conn, target)  # a model change's shadow chunk table while it exists
         try:
             embedder = resolve_embedder(self.resolver, target, conn)
             check_dimensions(target, embedder.identity.dimensions, embedder.identity.model)

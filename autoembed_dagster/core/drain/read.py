@@ -7,6 +7,7 @@ checks the input again under its locks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -16,6 +17,8 @@ from ..targets import Target, check_target
 from .jobs import Job
 from .outcome import Outcome
 from .stats import DrainStats
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,22 +71,25 @@ def read_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> d
     return {r[0]: Row(*r[1:]) for r in cur.fetchall()}
 
 
-def read_rows_or_isolate(conn: psycopg.Connection, target: Target,
-                         row_ids: list[str]) -> tuple[dict[str, Row], dict[str, str]]:
-    """read_rows; when the batch read fails because the content function fails on some row (or
-    a key is not a value of the key type), read them one by one so that only those rows fail,
-    with the reason. Connection and server errors are raised: the claims come back later."""
+def read_rows_or_isolate(conn: psycopg.Connection, target: Target, row_ids: list[str],
+                         read: Callable[[psycopg.Connection, Target, list[str]], dict[str, T]] = read_rows,
+                         ) -> tuple[dict[str, T], dict[str, str]]:
+    """read(...) (default read_rows; a chunk target's documents: drain.chunked); when the batch
+    read fails because the content function fails on some row (or a key is not a value of the key
+    type), read them one by one so that only those rows fail, with the reason. Connection and
+    server errors are raised: the claims come back later."""
     try:
-        return read_rows(conn, target, row_ids), {}
+        return read(conn, target, row_ids), {}
     except (psycopg.OperationalError, psycopg.InterfaceError):
         raise
     except psycopg.Error:
-        check_target(conn, target)  # a column renamed away by a promotion: retry the batch, not per row
-    rows: dict[str, Row] = {}
+        if not target.chunked:  # (a chunk target may be its shadow here: not the registered one)
+            check_target(conn, target)  # a column renamed away by a promotion: retry the batch, not per row
+    rows: dict[str, T] = {}
     unreadable: dict[str, str] = {}
     for row_id in dict.fromkeys(row_ids):
         try:
-            rows.update(read_rows(conn, target, [row_id]))
+            rows.update(read(conn, target, [row_id]))
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except psycopg.Error as exc:

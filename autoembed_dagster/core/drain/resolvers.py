@@ -43,7 +43,7 @@ def pipeline_resolver(pipelines, base: EmbedderSettings | None = None, *, url: s
     Migration-aware like default_resolver: during a model migration the shadow column gets the new
     model and the live column keeps the model of the vectors it holds, whatever the config says."""
     base = base or EmbedderSettings.from_env()
-    by_target = {(p.schema, p.table, p.target_column): p.embedder_settings(base) for p in pipelines}
+    by_target = {p.table_key: p.embedder_settings(base) for p in pipelines}
 
     def configured(schema: str, table: str, column: str) -> EmbedderSettings:
         return by_target.get((schema, table, column), base)

@@ -1,0 +1,208 @@
+"""Full re-embed of a chunked pipeline, shard by shard, and its model change (plain Python).
+
+A shard (core.backfill.shard_of: the same key slices as column pipelines) walks its documents in
+key order and brings each one's chunk set up to date with core.chunks.sync: a document whose set
+is already the chunking of its current input under the model is skipped, and chunk texts that
+already have a vector under the model (anywhere in the table written) are reused, so a shard is
+idempotent and resumable.
+
+Where it writes (`chunk_plan`): the live chunk table when it holds only this model at this size;
+otherwise a shadow chunk table `<table>_chunks__next` (core.chunks.create_shadow), which search
+does not read. While the shadow exists the drain writes changed documents there too (see
+`write_target`), and when every document's shadow chunk set is current the shadow is promoted in
+one transaction (core.chunks.promote: tables swapped, the registry follows), the old table kept
+as `<table>_chunks__old` for rollback.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import psycopg
+from psycopg import sql
+
+from . import chunks
+from .backfill import pipeline_spec
+from .chunking import Splitter, splitter_for
+from .config import ConfigError
+from .drain.chunked import chunk_target_of, shadow_of
+from .embedders import make_embedder
+from .embedders.base import Embedder
+from .migration import Coverage, ModelSpec
+from .pipelines import Pipeline
+from .targets import Target, TargetError, lookup_registered
+
+DEFAULT_PAGE_DOCUMENTS = 32
+
+
+def registered_chunk_target(conn: psycopg.Connection, p: Pipeline) -> Target:
+    """The registered chunk target of the pipeline's table (what its enrolment made)."""
+    row = conn.execute(
+        """select id from autoembed.target_catalog
+           where schema_name = %s and table_name = %s and chunk_tokens is not null""",
+        (p.schema, p.table)).fetchone()
+    if row is None:
+        raise TargetError(f"{p.qualified_table} is not enrolled as a chunk target: autoembed enroll "
+                          f"{p.qualified_table} --content-function {p.content_function} --chunk-tokens {p.chunk_tokens}")
+    return lookup_registered(conn, target_id=row[0])[0]
+
+
+@dataclass(frozen=True)
+class ChunkBackfillPlan:
+    mode: str  # "in_place": the live chunk table; "shadow": the shadow of a model change
+    live: Target
+    write_to: Target
+    spec: ModelSpec
+    reason: str
+
+
+def pipeline_embedder(conn: psycopg.Connection, p: Pipeline) -> tuple[Target, ModelSpec, Embedder, Splitter]:
+    """The pipeline's live chunk target, its configured model (sized like the drain sizes it), the
+    embedder and the splitter."""
+    live = registered_chunk_target(conn, p)
+    spec = pipeline_spec(p, column_dimensions=live.dimensions)
+    embedder = make_embedder(spec.settings(p.embedder_settings()), dimensions=spec.dimensions)
+    if embedder.identity.key != spec.identity_key:
+        raise ConfigError(f"{spec.key}: the embedder reports itself as {embedder.identity.key}")
+    if p.chunk_tokens is not None and (p.chunk_tokens, p.chunk_overlap) != (live.chunk_tokens, live.chunk_overlap):
+        # The drain splits as the registry says: a backfill splitting otherwise would fight it.
+        raise ConfigError(
+            f"pipeline {p.name} declares chunks of {p.chunk_tokens} tokens (overlap {p.chunk_overlap}) but "
+            f"{p.qualified_table} is enrolled with {live.chunk_tokens} (overlap {live.chunk_overlap}): enrol it "
+            f"again (autoembed enroll {p.qualified_table} --content-function {p.content_function} --chunk-tokens "
+            f"{p.chunk_tokens} --chunk-overlap {p.chunk_overlap}), then backfill")
+    return live, spec, embedder, splitter_for(embedder, live.chunk_tokens, live.chunk_overlap)
+
+
+def chunk_plan(conn: psycopg.Connection, p: Pipeline, live: Target, spec: ModelSpec) -> ChunkBackfillPlan:
+    """Where the vectors of `spec` go (see module doc); creates the shadow when needed."""
+    shadow = shadow_of(conn, live)
+    if shadow is not None:
+        if shadow.dimensions != spec.dimensions:
+            raise TargetError(f"{shadow.regclass} -> {shadow.chunk_table} is {shadow.vector_type}({shadow.dimensions}) "
+                              f"but {spec.key} makes {spec.dimensions}: drop it (an abandoned model change) and run again")
+        return ChunkBackfillPlan("shadow", live, shadow, spec, f"model change in progress: new chunk sets go to "
+                                                               f"{shadow.chunk_table} until promotion")
+    others = [m for (m,) in conn.execute(
+        sql.SQL("select distinct model from {} where model <> %s limit 3").format(chunk_target_of(live).chunks_sql),
+        (spec.identity_key,)).fetchall()]
+    if live.dimensions == spec.dimensions and not others:
+        return ChunkBackfillPlan("in_place", live, live, spec, f"{live.chunk_table} holds {spec.identity_key}")
+    ct = chunks.create_shadow(conn, chunk_target_of(live), dimensions=spec.dimensions)
+    shadow = replace(live, chunk_table=ct.chunk_table, vector_type=ct.vector_type, dimensions=ct.dimensions)
+    held = ", ".join(others) or f"{live.vector_type}({live.dimensions}) vectors"
+    return ChunkBackfillPlan("shadow", live, shadow, spec,
+                             f"{live.chunk_table} holds {held}: new chunk sets of {spec.identity_key} go to "
+                             f"{shadow.chunk_table} until promotion")
+
+
+@dataclass
+class ChunkShardStats:
+    shard: int
+    shards: int
+    documents: int = 0  # documents looked at
+    written: int = 0  # documents whose chunk set was (re)written
+    current: int = 0  # already current: skipped
+    busy: int = 0  # held locked by the application: left for the next run
+    stale: int = 0  # changed meanwhile: left to the queue
+    failed: int = 0  # a chunk of theirs could not be embedded
+    chunks_embedded: int = 0
+    chunks_reused: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, other: "ChunkShardStats") -> None:
+        for name in ("documents", "written", "current", "busy", "stale", "failed", "chunks_embedded",
+                     "chunks_reused", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors = (self.errors + [e for e in other.errors if e not in self.errors])[:20]
+
+    def summary(self) -> str:
+        return (f"{self.written} documents written, {self.current} already current, {self.busy} busy, "
+                f"{self.stale} stale (left to the queue), {self.failed} failed; chunks: {self.chunks_embedded} "
+                f"embedded, {self.chunks_reused} reused; {self.tokens} tokens; {self.seconds:.1f} s")
+
+
+def _shard_keys(conn: psycopg.Connection, ct: chunks.ChunkTarget, shard: int, shards: int, after: str | None,
+                limit: int) -> list[str]:
+    return [k for (k,) in conn.execute(sql.SQL(
+        """select t.{key}::text from {parent} t
+           where autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s
+             and (%(after)s::text is null or t.{key} > %(after)s::text::{kt})
+           order by t.{key} limit %(limit)s""").format(key=ct.key_sql, parent=ct.parent_sql, kt=ct.key_type_sql),
+        {"shard": shard, "shards": shards, "after": after, "limit": limit}, prepare=False).fetchall()]
+
+
+def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: Embedder, splitter: Splitter,
+                         shard: int, shards: int, *, page_documents: int = DEFAULT_PAGE_DOCUMENTS,
+                         on_page: Callable[[ChunkShardStats, int], None] | None = None) -> ChunkShardStats:
+    """Bring every document of one shard up to date in `write_to`'s chunk table (see module doc)."""
+    if not 0 <= shard < shards:
+        raise ConfigError(f"shard {shard} is not in 0..{shards - 1}")
+    started = time.perf_counter()
+    stats = ChunkShardStats(shard, shards)
+    ct = chunk_target_of(write_to)
+    after: str | None = None
+    while True:
+        keys = _shard_keys(conn, ct, shard, shards, after, page_documents)
+        if not keys:
+            break
+        after = keys[-1]
+        r = chunks.sync(conn, ct, keys, splitter, embedder)
+        stats.documents += len(keys)
+        stats.current += len(r.plan.unchanged)
+        stats.written += len(r.stats.written)
+        stats.busy += len(r.stats.busy)
+        stats.stale += len(r.stats.stale)
+        stats.failed += len(r.stats.missing)
+        stats.chunks_embedded += r.stats.chunks_embedded
+        stats.chunks_reused += r.stats.chunks_reused
+        stats.tokens += r.tokens
+        for error in list(r.errors.values())[:3]:
+            if error not in stats.errors and len(stats.errors) < 20:
+                stats.errors.append(error)
+        stats.seconds = time.perf_counter() - started
+        if on_page:
+            on_page(stats, len(keys))
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+@dataclass
+class ChunkBackfillResult:
+    plan: ChunkBackfillPlan
+    shards: list[ChunkShardStats]
+    total: ChunkShardStats
+    coverage: Coverage  # of the table written, after the run
+    promoted_old: str | None = None  # the old live table, when the shadow was promoted
+
+
+def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int] | None = None,
+                       shards: int | None = None, promote_when_complete: bool = True,
+                       page_documents: int = DEFAULT_PAGE_DOCUMENTS,
+                       on_plan: Callable[[ChunkBackfillPlan, Coverage], None] | None = None,
+                       on_page: Callable[[ChunkShardStats, int], None] | None = None) -> ChunkBackfillResult:
+    """Every shard (or `only` these) one after the other, then promote a complete shadow."""
+    n = shards or p.shards
+    live, spec, embedder, splitter = pipeline_embedder(conn, p)
+    bp = chunk_plan(conn, p, live, spec)
+    ct = chunk_target_of(bp.write_to)
+    if on_plan:
+        on_plan(bp, chunks.coverage(conn, ct, embedder.identity.key, splitter.key))
+    total = ChunkShardStats(-1, n)
+    results = []
+    started = time.perf_counter()
+    for i in (only if only is not None else range(n)):
+        r = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, i, n, page_documents=page_documents,
+                                 on_page=on_page)
+        results.append(r)
+        total.add(r)
+    total.seconds = time.perf_counter() - started
+    cov = chunks.coverage(conn, ct, embedder.identity.key, splitter.key)
+    old = None
+    if bp.mode == "shadow" and promote_when_complete and cov.complete:
+        old = chunks.promote(conn, chunk_target_of(live), ct, embedder.identity.key, splitter.key)
+    return ChunkBackfillResult(bp, results, total, cov, old)
