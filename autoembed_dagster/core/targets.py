@@ -326,3 +326,11 @@ def check_dimensions(target: Target, model_dimensions: int, model: str) -> None:
             f"dimension mismatch: {target.regclass}.{target.key.embedding_column} is "
             f"{target.vector_type}({target.dimensions}) but model {model} makes {model_dimensions}-dimensional vectors"
         )
+
+
+def adopt_state_cleanup(conn: psycopg.Connection) -> int:
+    """Give tables registered by Supabase's triggers the state-cleanup triggers of enrolled tables
+    (sql/013). A drain role without EXECUTE on it leaves that to `autoembed db init`."""
+    allowed = conn.execute(
+        "select has_function_privilege('autoembed.adopt_state_cleanup()', 'execute')").fetchone()[0]
+    return conn.execute("select autoembed.adopt_state_cleanup()").fetchone()[0] if allowed else 0

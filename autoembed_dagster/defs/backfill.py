@@ -25,16 +25,22 @@ from ..core import migration as mig
 from ..core.backfill import (ShardResult, backfill_shard, estimated_shard_cost, live_key, migration_action,
                              pipeline_spec, plan, shard_keys)
 from ..core.config import ConfigError
+from ..core.drain import ProviderConfigError
 from ..core.migration import Coverage, ModelSpec, coverage
 from ..core.pipelines import Pipeline
-from ..core.targets import resolve
+from ..core.targets import TargetChanged, resolve
 from .assets import GROUP, model_version, source_key
 from .resources import AutoembedResource
 
+NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
 PROMOTE_TAG = "autoembed/promote"  # "false" on a run: a shard completing the migration does not promote
 PIPELINE_TAG = "autoembed/pipeline"
 PROGRESS_EVERY_SECONDS = 5.0
 CHECK = "shard_complete"
+# Failures that end the same way on every retry until the configuration changes (a wrong model or
+# key, a missing table, a migration conflict): such a shard run fails once. Provider outages and
+# rows that could not be embedded yet stay retried.
+DETERMINISTIC_FAILURES = (ConfigError, ProviderConfigError, mig.MigrationError, TargetChanged)
 
 
 def shards_key(p: Pipeline) -> dg.AssetKey:
@@ -118,52 +124,66 @@ def build_shards_asset(p: Pipeline, digest: str | None = None) -> dg.AssetsDefin
                   "partition_key": "<model: provider:model:dimensions:content_function>|<shard>"},
     )
     def embeddings_by_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource):
-        keys = context.partition_key.keys_by_dimension
-        spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
-        promote_on = config.promote if config.promote is not None else (
-            context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
-        with autoembed.connect() as conn:
-            shard_plan = plan(conn, p, spec)
-            if shard_plan.mode == "skip":
-                context.log.warning(f"partition {context.partition_key} skipped: {shard_plan.reason}")
-                yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
-                                          description=f"not embedded: {shard_plan.reason}")
-                return
-            context.log.info(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {shard_plan.reason}")
-            last = [time.monotonic()]
-
-            def on_batch(stats, rows):
-                if time.monotonic() - last[0] >= PROGRESS_EVERY_SECONDS:
-                    last[0] = time.monotonic()
-                    context.log.info(f"shard {shard}: {stats.embedded} embedded, {stats.rows_per_second:.0f} rows/s")
-
-            result = backfill_shard(conn, p, spec, shard, p.shards, shard_plan=shard_plan, batch_rows=config.batch_rows,
-                                    max_rows=config.max_rows, on_batch=on_batch)
-            context.log.info(f"shard {shard}: {result.stats.summary()}")
-            migration_cov, promoted = None, False
-            m = result.plan.migration
-            if result.plan.mode == "migration" and m is not None:
-                migration_cov = coverage(conn, resolve(conn, m.shadow_key), m.model_key)
-                if migration_cov.complete and promote_on:
-                    promotion = mig.promote(conn, m)
-                    promoted = not promotion.already
-                    if promoted:
-                        context.log.info(f"migration {m.id} complete: {m.embedding_column} now holds {m.model_key} "
-                                         f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
-        cov = result.coverage
-        yield dg.MaterializeResult(
-            metadata=_shard_metadata(result, spec, migration_cov, promoted),
-            check_results=[dg.AssetCheckResult(
-                check_name=CHECK, passed=result.complete, severity=dg.AssetCheckSeverity.WARN,
-                description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} vector "
-                             f"of their current input" if cov else "no coverage"),
-                metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0})],
-        )
-        if result.stats.retryable_failures:
-            raise dg.Failure(f"{result.stats.retryable_failures} row(s) could not be embedded (provider errors); "
-                             "re-run this partition to resume", metadata={"errors": "\n".join(result.stats.errors)})
+        try:
+            yield from _reembed_shard(context, config, autoembed, p)
+        except DETERMINISTIC_FAILURES as exc:
+            fail_without_retry(context, f"partition {context.partition_key} of {p.name}", exc)
 
     return embeddings_by_shard
+
+
+def fail_without_retry(context: dg.AssetExecutionContext | dg.OpExecutionContext, what: str, exc: Exception):
+    """Fail this run once: Dagster reads the run's tags when it decides on a run retry, and this
+    failure would repeat on every retry until the configuration changes."""
+    context.instance.add_run_tags(context.run_id, NO_RUN_RETRY)
+    raise dg.Failure(f"{what}: {exc}", allow_retries=False) from exc
+
+
+def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource, p: Pipeline):
+    keys = context.partition_key.keys_by_dimension
+    spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
+    promote_on = config.promote if config.promote is not None else (
+        context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
+    with autoembed.connect() as conn:
+        shard_plan = plan(conn, p, spec)
+        if shard_plan.mode == "skip":
+            context.log.warning(f"partition {context.partition_key} skipped: {shard_plan.reason}")
+            yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                      description=f"not embedded: {shard_plan.reason}")
+            return
+        context.log.info(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {shard_plan.reason}")
+        last = [time.monotonic()]
+
+        def on_batch(stats, rows):
+            if time.monotonic() - last[0] >= PROGRESS_EVERY_SECONDS:
+                last[0] = time.monotonic()
+                context.log.info(f"shard {shard}: {stats.embedded} embedded, {stats.rows_per_second:.0f} rows/s")
+
+        result = backfill_shard(conn, p, spec, shard, p.shards, shard_plan=shard_plan, batch_rows=config.batch_rows,
+                                max_rows=config.max_rows, on_batch=on_batch)
+        context.log.info(f"shard {shard}: {result.stats.summary()}")
+        migration_cov, promoted = None, False
+        m = result.plan.migration
+        if result.plan.mode == "migration" and m is not None:
+            migration_cov = coverage(conn, resolve(conn, m.shadow_key), m.model_key)
+            if migration_cov.complete and promote_on:
+                promotion = mig.promote(conn, m)
+                promoted = not promotion.already
+                if promoted:
+                    context.log.info(f"migration {m.id} complete: {m.embedding_column} now holds {m.model_key} "
+                                     f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
+    cov = result.coverage
+    yield dg.MaterializeResult(
+        metadata=_shard_metadata(result, spec, migration_cov, promoted),
+        check_results=[dg.AssetCheckResult(
+            check_name=CHECK, passed=result.complete, severity=dg.AssetCheckSeverity.WARN,
+            description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} vector "
+                         f"of their current input" if cov else "no coverage"),
+            metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0})],
+    )
+    if result.stats.retryable_failures:
+        raise dg.Failure(f"{result.stats.retryable_failures} row(s) could not be embedded (provider errors); "
+                         "re-run this partition to resume", metadata={"errors": "\n".join(result.stats.errors)})
 
 
 # -- the `backfill` job: start (or resume) a re-embed and fan it out, one run per shard ---------------------------
@@ -269,7 +289,7 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
 
     @dg.job(name="backfill", executor_def=dg.in_process_executor,
             # A wrong pipeline name or an impossible model fails the same way on every retry.
-            tags={"dagster/retry_on_asset_or_op_failure": "false"},
+            tags=NO_RUN_RETRY,
             description=("Re-embed a pipeline with the model its defs.yaml names: starts the zero-downtime "
                          "migration when the table holds another model, then one run per shard of its "
                          "embeddings_by_shard asset. No config needed when one pipeline is stale. "
@@ -316,7 +336,7 @@ def build_migration_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
 
     @dg.job(name="model_migration", executor_def=dg.in_process_executor,
             config={"ops": {"model_migration_action": {"config": default}}} if default else None,
-            tags={"dagster/retry_on_asset_or_op_failure": "false"},
+            tags=NO_RUN_RETRY,
             description="Inspect or act on a pipeline's model migration: status, promote, rollback, drop_old, abort.")
     def model_migration():
         model_migration_action()

@@ -21,8 +21,8 @@ from .. import queue as pgmq
 from ..config import ConfigError, CredentialsError, Settings
 from ..database import conninfo_of, second_connection
 from ..embedders.base import EmbeddingError
-from ..targets import (Target, TargetChanged, TargetError, TargetKey, check_dimensions, registered_target,
-                       target_key_from_message)
+from ..targets import (Target, TargetChanged, TargetError, TargetKey, adopt_state_cleanup, check_dimensions,
+                       registered_target, target_key_from_message)
 from ..chunking import Splitter, splitter_for
 from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs, write_target
 from .claims import Claims
@@ -98,6 +98,7 @@ class Drainer:
         # Migrations are looked up in the database being drained, not the configured default.
         self.resolver = resolver or default_resolver(url=conninfo_of(conn))
         pin_session(conn)
+        adopt_state_cleanup(conn)
         self._encoding = conn.info.encoding  # of the keys in COPY tuples, made in the worker thread too
         self._targets: dict[TargetKey | tuple[str, int], Target] = {}
         self._splitters: dict[tuple[int, int, int], Splitter] = {}  # (embedder, tokens, overlap)

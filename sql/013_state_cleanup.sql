@@ -1,0 +1,43 @@
+-- Tables registered by Supabase's `util.queue_embeddings` triggers get the state-cleanup triggers
+-- of enrolled tables (autoembed_forget_delete / _truncate, sql/004 forget_rows): without them the
+-- embedding_state records of deleted rows would stay forever. Their owner opted in by creating the
+-- enqueue triggers; these two only delete the project's own records. Called by `autoembed db init`
+-- and at the start of each drain (a target registers when its trigger first fires), so it waits at
+-- most 2 s for the table's lock and tries again next time. Returns the tables it adopted.
+create or replace function autoembed.adopt_state_cleanup()
+returns integer
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    tbl regclass;
+    adopted integer := 0;
+    was text := current_setting('lock_timeout');
+begin
+    for tbl in select distinct r.relid::regclass from autoembed.targets r
+               where r.origin = 'trigger'
+                 and not exists (select 1 from pg_trigger tr
+                                 where tr.tgrelid = r.relid and tr.tgname = 'autoembed_forget_delete') loop
+        begin
+            perform set_config('lock_timeout', '2s', true);
+            execute format(
+                'create trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '
+                'for each statement execute function autoembed.forget_rows()', tbl);
+            execute format(
+                'create trigger autoembed_forget_truncate after truncate on %s '
+                'for each statement execute function autoembed.forget_rows()', tbl);
+            adopted := adopted + 1;
+        exception when lock_not_available or insufficient_privilege or duplicate_object then
+            raise notice 'autoembed: state cleanup of % not installed yet: %', tbl, sqlerrm;
+        end;
+    end loop;
+    perform set_config('lock_timeout', was, true);
+    return adopted;
+end;
+$$;
+
+revoke execute on function autoembed.adopt_state_cleanup() from public;
+
+select autoembed.adopt_state_cleanup();
