@@ -324,3 +324,50 @@ def test_the_demo_chunks_whole_module_docs_and_search_lands_on_the_passage(conn,
     assert module == "smtplib" and "def login(self, user, password" in hit.chunk
     assert hit.chunk in conn.execute("select content from autoembed_demo.stdlib_modules where module = 'smtplib'"
                                      ).fetchone()[0]  # the exact passage of the document
+
+
+# -- model change of a chunked pipeline through Dagster ------------------------------------------
+def test_a_model_change_re_embeds_the_chunks_through_the_partitioned_asset_and_promotes(articles, fake_openai):
+    """defs.yaml changes dimensions 1536 -> 512: the model-partitions sensor adds the new model,
+    `backfill` (no config) launches one run per shard, the shard runs write the shadow chunk
+    table and the last one promotes; the checks are green with the new model."""
+    conn = articles
+    ARTICLES_2 = replace(ARTICLES, shards=2)
+    for i in (1, 2, 3, 4):
+        conn.execute("insert into articles values (%s, %s)", (i, "\n\n".join(_paragraphs(12, seed=i))))
+    with dg.instance_for_test() as instance:
+        run_job(build_defs([ARTICLES_2]), "drain_embedding_jobs", instance, run_config=QUICK)
+        new = replace(ARTICLES_2, dimensions=512)
+        defs = build_defs([new])
+        sensor = defs.resolve_sensor_def("autoembed_model_partitions")
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        [request] = tick.dynamic_partitions_requests
+        model = "openai:text-embedding-3-small:512:article_input"
+        assert list(request.partition_keys) == [model]
+        instance.add_dynamic_partitions(request.partitions_def_name, [model])
+
+        launched = run_job(defs, "backfill", instance)  # the one stale pipeline: no config
+        [out] = [e for e in launched.events_for_node("launch_backfill") if e.event_type_value == "STEP_OUTPUT"]
+        meta = out.event_specific_data.metadata
+        assert (meta["mode"].value, meta["model"].value, meta["partitions"].value) == ("shadow", model, 2)
+        assert meta["rows_to_embed"].value == 4
+        [backfill] = instance.get_backfills()
+        partitions = backfill.asset_backfill_data.target_subset.get_partitions_subset(shards_key(new)).get_partition_keys()
+        assert set(partitions) == {f"{model}|0", f"{model}|1"}
+
+        promoted = []
+        for partition in sorted(partitions):  # what the backfill daemon runs, one run per shard
+            result = defs.resolve_job_def("reembed_articles").execute_in_process(instance=instance,
+                                                                                 partition_key=partition)
+            assert result.success
+            [mat] = result.asset_materializations_for_node("__".join(shards_key(new).path))
+            assert mat.metadata["mode"].value == "shadow"
+            assert mat.metadata["chunk_table"].value == "public.articles_chunks__next"
+            promoted.append(mat.metadata["promoted"].value)
+        assert promoted == [False, True]  # the shard completing the shadow promotes it
+        dims = conn.execute("select format_type(atttypid, atttypmod) from pg_attribute "
+                            "where attrelid = 'articles_chunks'::regclass and attname = 'embedding'").fetchone()[0]
+        assert dims == "halfvec(512)"
+        checks = check_evaluations(instance, run_job(defs, "health_checks", instance).run_id)
+        assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
+        assert checks["staleness"].metadata["model"].value == "openai:text-embedding-3-small:512"
