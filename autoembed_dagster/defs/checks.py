@@ -94,55 +94,44 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
                 + [dims]
         return _chunk_outcomes(p, health.chunk_target_health(conn, target, embedder), dims)
     th = health.table_health(conn, target, identity.key if identity else "(misconfigured model)")
-    threshold = min_coverage()
-    why = model_situation(conn, p, th) if th.stale or th.coverage < threshold else ""
-    counts = {"rows": th.rows, "embeddable_rows": th.embeddable, "current_rows": th.current,
-              "missing_rows": th.missing, "stale_rows": th.stale}
-    return [
-        CheckOutcome(
-            "coverage", th.coverage >= threshold,
-            f"{th.current} of {th.embeddable} rows with input have a current vector ({th.coverage:.1%}; "
-            f"threshold {threshold:.0%})" + why,
-            {"coverage": dg.MetadataValue.float(round(th.coverage, 6)), **counts},
-        ),
-        CheckOutcome(
-            "staleness", th.stale == 0,
-            f"{th.stale} row(s) carry a vector of other content or another model than {th.model}" + why,
-            {"stale_rows": th.stale, "model": th.model},
-        ),
-        CheckOutcome(
-            "dead_letters", th.dead_letters == 0,
-            f"{th.dead_letters} dead-lettered job(s) for {target.key.label}",
-            {"dead_letters": th.dead_letters},
-        ),
-        dims,
-    ]
+    why = model_situation(conn, p, th) if th.stale or th.coverage < min_coverage() else ""
+    return _outcomes(
+        th, dims, target.key.label,
+        current=f"{th.current} of {th.embeddable} rows with input have a current vector", coverage_note=why,
+        stale=f"{th.stale} row(s) carry a vector of other content or another model than {th.model}{why}",
+        counts={"rows": th.rows, "embeddable_rows": th.embeddable, "current_rows": th.current,
+                "missing_rows": th.missing, "stale_rows": th.stale},
+        stale_key="stale_rows")
 
 
 def _chunk_outcomes(p: Pipeline, th: health.TableHealth, dims: CheckOutcome) -> list[CheckOutcome]:
-    threshold = min_coverage()
     sizes = f"chunks of at most {p.chunk_tokens} tokens, overlap {p.chunk_overlap}"
-    counts = {"documents": th.rows, "documents_with_input": th.embeddable, "current_documents": th.current,
-              "documents_without_chunks": th.missing, "stale_documents": th.stale}
+    return _outcomes(
+        th, dims, th.table,
+        current=f"{th.current} of {th.embeddable} documents with input have the current chunk set",
+        sizes=sizes,
+        coverage_note=(f": {th.missing} without chunks, {th.stale} with an outdated chunk set"
+                       if th.current < th.embeddable else ""),
+        stale=(f"{th.stale} document(s) have a chunk set of older input, another model than {th.model} or other "
+               f"chunk sizes than {sizes}"),
+        counts={"documents": th.rows, "documents_with_input": th.embeddable, "current_documents": th.current,
+                "documents_without_chunks": th.missing, "stale_documents": th.stale},
+        stale_key="stale_documents")
+
+
+def _outcomes(th: health.TableHealth, dims: CheckOutcome, label: str, *, current: str, stale: str, counts: dict,
+              stale_key: str, coverage_note: str = "", sizes: str = "") -> list[CheckOutcome]:
+    """The four outcomes from one health scan (rows of a column, or documents of a chunk table)."""
+    threshold = min_coverage()
     return [
         CheckOutcome(
             "coverage", th.coverage >= threshold,
-            f"{th.current} of {th.embeddable} documents with input have the current chunk set ({th.coverage:.1%}; "
-            f"threshold {threshold:.0%}; {sizes})"
-            + (f": {th.missing} without chunks, {th.stale} with an outdated chunk set"
-               if th.current < th.embeddable else ""),
+            f"{current} ({th.coverage:.1%}; threshold {threshold:.0%}{'; ' + sizes if sizes else ''}){coverage_note}",
             {"coverage": dg.MetadataValue.float(round(th.coverage, 6)), **counts},
         ),
-        CheckOutcome(
-            "staleness", th.stale == 0,
-            f"{th.stale} document(s) have a chunk set of older input, another model than {th.model} or other "
-            f"chunk sizes than {sizes}",
-            {"stale_documents": th.stale, "model": th.model},
-        ),
-        CheckOutcome(
-            "dead_letters", th.dead_letters == 0, f"{th.dead_letters} dead-lettered job(s) for {th.table}",
-            {"dead_letters": th.dead_letters},
-        ),
+        CheckOutcome("staleness", th.stale == 0, stale, {stale_key: th.stale, "model": th.model}),
+        CheckOutcome("dead_letters", th.dead_letters == 0, f"{th.dead_letters} dead-lettered job(s) for {label}",
+                     {"dead_letters": th.dead_letters}),
         dims,
     ]
 
