@@ -145,6 +145,10 @@ begin
         end if;
     elsif origin in ('enroll', 'migration') then
         perform autoembed.require_owner(tbl, 'enroll it');
+        if exists (select 1 from autoembed.targets r where r.relid = tbl and r.chunk_table is not null) then
+            raise exception 'autoembed: % is enrolled as a chunk target: a table has one kind of enrolment', tbl
+                using errcode = 'object_in_use', hint = 'unenroll it first (select autoembed.unenroll(...))';
+        end if;
     else
         raise exception 'autoembed: unknown target origin %', quote_nullable(origin);
     end if;

@@ -119,6 +119,10 @@ def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
     api.enroll("notes", "note_text", "embedding", url=conn.info.dsn)  # a column target already
     with pytest.raises(psycopg.errors.ObjectInUse, match="one kind of enrolment"):
         api.enroll("notes", "note_text", chunk_tokens=100, url=conn.info.dsn)
+    conn.execute("select autoembed.unenroll('notes')")
+    api.enroll("notes", "note_text", chunk_tokens=100, url=conn.info.dsn)
+    with pytest.raises(psycopg.errors.ObjectInUse, match="enrolled as a chunk target"):
+        api.enroll("notes", "note_text", "embedding", url=conn.info.dsn)
 
 
 # -- the drain -----------------------------------------------------------------------------------
