@@ -259,6 +259,9 @@ def test_chunk_sets_of_other_sizes_than_declared_are_stale(articles, fake_openai
         checks = check_evaluations(instance, run_job(other, "health_checks", instance).run_id)
     assert not checks["staleness"].passed and checks["staleness"].metadata["stale_documents"].value == 1
     assert "chunks of at most 48 tokens, overlap 8" in checks["staleness"].description
+    assert ("public.articles is enrolled with chunks of 64 tokens, overlap 8: enrol it again (autoembed enroll "
+            "public.articles --content-function article_input --chunk-tokens 48 --chunk-overlap 8), then launch "
+            "the `backfill` job") in checks["staleness"].description
 
 
 def test_a_chunked_pipeline_that_is_not_enrolled_says_how_to_enrol_it(conn, fake_openai):

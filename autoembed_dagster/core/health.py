@@ -14,7 +14,7 @@ The queue's metrics (what the queue sensor reports) are core.queue.metrics().
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -125,15 +125,14 @@ def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> T
 
 def pipeline_target(conn: psycopg.Connection, p: "Pipeline") -> tuple[Target | None, str | None]:
     """(the target a pipeline keeps embedded, None), or (None, why it cannot be used): its vector
-    column, or the registered chunk target of a chunked pipeline (whose chunk sizes are the ones
-    the pipeline declares: chunk sets made with other sizes are not current)."""
+    column, or the registered chunk target of a chunked pipeline (with the sizes it was enrolled with)."""
     if not p.chunked:
         return resolve_target(conn, TargetKey(p.schema, p.table, p.content_function, p.embedding_column,
                                                p.key_column))
     for t in chunk_targets(conn):
         if (t.key.schema, t.key.table, t.chunk_table, t.key.key_column) == (p.schema, p.table, p.chunk_table,
                                                                            p.key_column):
-            return replace(t, chunk_tokens=p.chunk_tokens, chunk_overlap=p.chunk_overlap), None
+            return t, None
     return None, (f"{p.qualified_table} is not enrolled for chunks into {p.schema}.{p.chunk_table}: "
                   f"autoembed enroll {p.qualified_table} --content-function {p.content_function} "
                   f"--chunk-tokens {p.chunk_tokens}"

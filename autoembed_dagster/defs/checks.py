@@ -7,7 +7,7 @@ the end of every drain run for the pipelines it touched (drain.py).
 
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dagster as dg
@@ -92,7 +92,10 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
         if embedder is None:
             return [CheckOutcome(name, False, f"{where}: {model_error}") for name in CHECKS if name != "dimensions"] \
                 + [dims]
-        return _chunk_outcomes(p, health.chunk_target_health(conn, target, embedder), dims)
+        # Current = the chunking the code declares (a set of other sizes is stale, whatever the registry says).
+        declared = replace(target, chunk_tokens=p.chunk_tokens, chunk_overlap=p.chunk_overlap)
+        return _chunk_outcomes(p, health.chunk_target_health(conn, declared, embedder), dims,
+                               enrolled=(target.chunk_tokens, target.chunk_overlap))
     th = health.table_health(conn, target, identity.key if identity else "(misconfigured model)")
     why = model_situation(conn, p, th) if th.stale or th.coverage < min_coverage() else ""
     return _outcomes(
@@ -104,8 +107,13 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
         stale_key="stale_rows")
 
 
-def _chunk_outcomes(p: Pipeline, th: health.TableHealth, dims: CheckOutcome) -> list[CheckOutcome]:
+def _chunk_outcomes(p: Pipeline, th: health.TableHealth, dims: CheckOutcome,
+                    enrolled: tuple[int | None, int]) -> list[CheckOutcome]:
     sizes = f"chunks of at most {p.chunk_tokens} tokens, overlap {p.chunk_overlap}"
+    fix = "" if enrolled == (p.chunk_tokens, p.chunk_overlap) else (
+        f". {p.qualified_table} is enrolled with chunks of {enrolled[0]} tokens, overlap {enrolled[1]}: enrol it "
+        f"again (autoembed enroll {p.qualified_table} --content-function {p.content_function} --chunk-tokens "
+        f"{p.chunk_tokens} --chunk-overlap {p.chunk_overlap}), then launch the `backfill` job")
     return _outcomes(
         th, dims, th.table,
         current=f"{th.current} of {th.embeddable} documents with input have the current chunk set",
@@ -113,7 +121,7 @@ def _chunk_outcomes(p: Pipeline, th: health.TableHealth, dims: CheckOutcome) -> 
         coverage_note=(f": {th.missing} without chunks, {th.stale} with an outdated chunk set"
                        if th.current < th.embeddable else ""),
         stale=(f"{th.stale} document(s) have a chunk set of older input, another model than {th.model} or other "
-               f"chunk sizes than {sizes}"),
+               f"chunk sizes than {sizes}{fix}"),
         counts={"documents": th.rows, "documents_with_input": th.embeddable, "current_documents": th.current,
                 "documents_without_chunks": th.missing, "stale_documents": th.stale},
         stale_key="stale_documents")
