@@ -335,7 +335,8 @@ declare
 begin
     for name in select tr.tgname from pg_trigger tr
                 where tr.tgrelid = tbl and tr.tgname in ('autoembed_clear', 'autoembed_enqueue_insert', 'autoembed_enqueue_update',
-                                                         'autoembed_forget_delete', 'autoembed_forget_truncate') loop
+                                                         'autoembed_forget_delete', 'autoembed_forget_truncate',
+                                                         'autoembed_chunk_changed') loop  -- (a chunk target's, sql/012)
         execute format('drop trigger %I on %s', name, tbl);
     end loop;
 end;

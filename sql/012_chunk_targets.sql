@@ -159,17 +159,25 @@ end;
 $$;
 revoke execute on function autoembed.chunk_trigger_key(oid, text) from public;
 
--- The enqueue trigger of a chunk target (argument: the target id). As the AFTER INSERT statement
--- trigger (transition table autoembed_new): every new row, in one send. As the AFTER UPDATE row
--- trigger, fired only WHEN the input changed (its WHEN clause compares the content function of OLD
--- and NEW in the writer's context: a re-save or a change to another column costs no call here):
--- that row. SECURITY DEFINER, and it reads only keys: it calls no user function, so the writing
--- role needs rights on its own table only.
+-- The enqueue triggers of a chunk target (first argument: the target id). SECURITY DEFINER, and
+-- they read only keys: they call no user function, so the writing role needs rights on its own
+-- table only.
+--   AFTER INSERT statement (transition table autoembed_new): every new row, in one send;
+--   AFTER UPDATE row (arguments: target id, key column), fired only WHEN the input changed (its
+--     WHEN clause compares the content function of OLD and NEW in the writer's context: a
+--     re-save or a change to another column costs no call here): notes the row's key in a
+--     session temp table (rows cleared at commit);
+--   AFTER UPDATE statement: sends the keys the row trigger noted, in one send (a bulk UPDATE is
+--     grouped like a column target's, 200 rows a message). Row triggers fire before it.
+-- The key settings are pinned (as autoembed.key_texts does) so a key's text is canonical.
 create or replace function autoembed.queue_chunk_jobs()
 returns trigger
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
+set timezone = 'UTC'
+set datestyle = 'ISO, YMD'
+set intervalstyle = 'postgres'
 as $$
 declare
     key_column text;
@@ -178,13 +186,26 @@ begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
+    if TG_LEVEL = 'ROW' then
+        if to_regclass('pg_temp.autoembed_chunk_changes') is null then
+            create temp table autoembed_chunk_changes (target bigint, k text) on commit delete rows;
+        end if;
+        if TG_ARGV[1] = 'id' then  -- the usual key in static SQL: planned once per session and table
+            insert into pg_temp.autoembed_chunk_changes values (TG_ARGV[0]::bigint, NEW.id::text);
+        else
+            execute format('insert into pg_temp.autoembed_chunk_changes values ($1, ($2).%I::text)', TG_ARGV[1])
+                using TG_ARGV[0]::bigint, NEW;
+        end if;
+        return null;
+    end if;
     key_column := autoembed.chunk_trigger_key(TG_RELID, TG_ARGV[0]);
     if key_column is null then
         return null;
-    elsif TG_LEVEL = 'ROW' then
-        execute format('select autoembed.key_texts(array[($1).%I])', key_column) into keys using NEW;
-    else
-        execute format('select autoembed.key_texts(array(select n.%I from autoembed_new n))', key_column) into keys;
+    elsif TG_OP = 'INSERT' then
+        execute format('select array(select n.%I::text from autoembed_new n)', key_column) into keys;
+    elsif to_regclass('pg_temp.autoembed_chunk_changes') is not null then
+        with noted as (delete from pg_temp.autoembed_chunk_changes c where c.target = TG_ARGV[0]::bigint returning c.k)
+        select array(select distinct k from noted) into keys;
     end if;
     perform autoembed.send_chunk_keys(TG_ARGV[0]::bigint, keys);
     return null;
@@ -192,7 +213,7 @@ end;
 $$;
 
 -- Enrol `tbl` as a chunk target: create (or check) its chunk table <table>_chunks with the given
--- vector type and size, register it, install the two statement triggers and queue every row that
+-- vector type and size, register it, install its triggers and queue every row that
 -- has no chunk set yet. Idempotent. Returns the rows queued. Run as the table's owner.
 create or replace function autoembed.enroll_chunks(
     tbl regclass,
@@ -223,9 +244,12 @@ begin
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
     execute format(
-        'create trigger autoembed_enqueue_update after update on %1$s for each row '
-        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_jobs(%3$L)',
-        tbl, fn::oid::regproc, target_id);
+        'create trigger autoembed_chunk_changed after update on %1$s for each row '
+        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
+        tbl, fn::oid::regproc, target_id, key_column);
+    execute format(
+        'create trigger autoembed_enqueue_update after update on %s '
+        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
     if enqueue_backlog then
         execute format('select autoembed.enqueue_chunk_keys($1, array(select t.%1$I from %2$s t
                         where not exists (select 1 from %3$s c where c.%1$I = t.%1$I)))', key_column, tbl, chunks)

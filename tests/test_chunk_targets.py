@@ -101,7 +101,7 @@ def test_enrol_registers_the_chunk_target_creates_the_table_and_queues_the_backl
     assert message["target"] == target.registered and message["chunkTable"] == "notes_chunks"
     # The chunk table hangs on the parent's key (cascade), no vector-clearing trigger on the parent.
     triggers = {r[0] for r in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
-    assert triggers == {"autoembed_enqueue_insert", "autoembed_enqueue_update"}
+    assert triggers == {"autoembed_enqueue_insert", "autoembed_chunk_changed", "autoembed_enqueue_update"}
     # Idempotent: enrolling again queues only rows without a chunk set, keeps one registration.
     api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn)
     assert conn.execute("select count(*) from autoembed.targets where relid = 'notes'::regclass").fetchone()[0] == 1
@@ -123,6 +123,10 @@ def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
     api.enroll("notes", "note_text", chunk_tokens=100, url=conn.info.dsn)
     with pytest.raises(psycopg.errors.ObjectInUse, match="enrolled as a chunk target"):
         api.enroll("notes", "note_text", "embedding", url=conn.info.dsn)
+    conn.execute("select autoembed.unenroll('notes')")  # triggers and registration go
+    assert conn.execute("select count(*) from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal"
+                        ).fetchone()[0] == 0
+    assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
 
 
 # -- the drain -----------------------------------------------------------------------------------
@@ -174,8 +178,11 @@ def test_delete_blank_and_null_leave_no_chunks(articles, fake_openai, settings):
     conn.execute("delete from articles where id = 1")
     assert chunk_rows(conn, 1) == []  # the foreign key cascades
     conn.execute("update articles set body = null where id = 2")
+    conn.execute("insert into articles values (5, 'E', %s)", (_doc(12, 5),))
+    conn.execute("delete from articles where id = 5")  # queued, then gone before the drain
     stats = drain(conn, settings)
     assert chunk_rows(conn, 2) == [] and stats.chunks_deleted > 0 and stats.empty_input == 1
+    assert stats.deleted_rows == 1 and stats.dead_lettered == 0 and chunk_rows(conn, 5) == []
 
 
 def test_a_bulk_update_statement_queues_only_changed_rows_and_all_become_current(articles, fake_openai, settings):
@@ -185,7 +192,8 @@ def test_a_bulk_update_statement_queues_only_changed_rows_and_all_become_current
     drain(conn, settings)
     conn.execute("update articles set body = body || E'\\n\\nAppendix.' where id % 3 = 0")
     conn.execute("update articles set title = title")  # a re-save of every row: nothing queued
-    assert pgmq.status(conn, "embedding_jobs")[0].rows == 100
+    # The row trigger notes the 100 changed keys; the statement trigger sends them in one message.
+    assert (pgmq.status(conn, "embedding_jobs")[0].depth, pgmq.status(conn, "embedding_jobs")[0].rows) == (1, 100)
     stats = drain(conn, settings)
     assert stats.embedded == 100 and stats.dead_lettered == 0
     for i in (3, 150, 299, 300):
