@@ -143,6 +143,10 @@ def test_scaffold_check_and_list_a_chunked_pipeline(db_url, tmp_path):
     assert scaffolded.returncode == 0, scaffolded.stderr
     written = yaml.safe_load((project / "my_project" / "defs" / "articles" / "defs.yaml").read_text())
     assert written["attributes"]["chunking"] == {"tokens": 200, "overlap": 20}
+    lone = dg_run(["scaffold", "defs", "autoembed_dagster.EmbeddingPipeline", "notes", "--table", "notes",
+                   "--chunk-overlap", "20"], project)
+    assert lone.returncode != 0 and "--chunk-overlap 20 needs --chunk-tokens" in lone.stdout + lone.stderr
+    assert not (project / "my_project" / "defs" / "notes" / "defs.yaml").exists()
     checked = dg_run(["check", "defs"], project)
     assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout, checked.stderr
     listed = json.loads(dg_run(["list", "defs", "--json"], project).stdout)
