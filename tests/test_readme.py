@@ -125,6 +125,7 @@ def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_
     out = {c.split(" --")[0].split(" #")[0]: o for c, o in outputs.items()}
     assert "autoembed_dagster.EmbeddingPipeline" in out["dg list components"]
     assert "notes_embeddings" in out["dg list defs"] and "stdlib_docs_embeddings" in out["dg list defs"]
+    assert "stdlib_modules_chunks" in out["dg list defs"]  # the demo's chunked pipeline
     assert "(declared)" in out["autoembed pipelines"] and "stdlib_docs" in out["autoembed pipelines"]
     hits = out['autoembed search "read and write CSV files"'].splitlines()
     assert [h[:3] for h in hits] == ["1. ", "2. ", "3. "] and "autoembed_demo.stdlib_docs id=" in hits[0]
