@@ -204,8 +204,9 @@ def _cmd_dead(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    extra = {} if args.modules is None else {"modules": args.modules}
     return run_demo(rows=args.rows, ui=not args.no_ui, port=args.port, timeout=args.timeout, keep_db=args.keep_db,
-                    dagster_home=args.dagster_home)
+                    dagster_home=args.dagster_home, **extra)
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="the whole stack offline: Postgres, a docstring corpus, Dagster, search")
     dm.add_argument("--rows", type=int, default=1200, help="documents to load (default 1200: about a minute to embed on 2 cores)")
+    dm.add_argument("--modules", type=int, default=None, metavar="N",
+                    help="whole-module documents to load, embedded as chunks (default 16: ~300 chunks; 0 for none)")
     dm.add_argument("--no-ui", action="store_true", help="no webserver: drain, search, then stop")
     dm.add_argument("--port", type=int, default=3000, help="port of the Dagster UI")
     dm.add_argument("--timeout", type=float, default=900.0, help="give up waiting for the drain after this many seconds")

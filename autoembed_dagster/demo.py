@@ -1,10 +1,13 @@
 """`autoembed demo` and `autoembed dagster-env`.
 
 The demo runs everything on this machine, offline and with no API key: the embedded Postgres,
-`autoembed db init`, a table of Python standard-library docstrings (core/corpus.py) enrolled for
-embedding with the local model (384 dimensions), then `dagster-daemon` and `dagster-webserver`
-(DAGSTER_HOME=dagster_home, -w workspace.yaml) whose queue sensor starts the drain run. It shows the
-queue draining and a semantic search answering; Ctrl-C stops the processes it started, by pid.
+`autoembed db init`, two tables of the Python standard library's docs (core/corpus.py) enrolled for
+embedding with the local model (384 dimensions): short docstrings, one vector per row
+(`stdlib_docs`), and whole-module documents embedded as chunks (`stdlib_modules` ->
+`stdlib_modules_chunks`); then `dagster-daemon` and `dagster-webserver` (DAGSTER_HOME=dagster_home,
+-w workspace.yaml) whose queue sensor starts the drain run. It shows the queue draining and semantic
+searches answering (over the chunks: the passage that matched); Ctrl-C stops the processes it
+started, by pid.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from urllib.parse import urlparse
 
 from .core import queue as pgmq
 from .core.config import ConfigError, Settings
-from .core.corpus import Doc, stdlib_docs
+from .core.corpus import Doc, LongDoc, named_long_docs, stdlib_docs
 from .core.database import (connect, database_name, database_url, embedded_pgdata, embedded_running, ensure_database,
                             stop_embedded)
 from .core.migrations import init_db
@@ -38,6 +41,8 @@ DEMO_SCHEMA = "autoembed_demo"
 DEMO_TABLE = "stdlib_docs"
 # Schema-qualified: the triggers and the drain resolve it whatever the search_path.
 DEMO_FUNCTION = f"{DEMO_SCHEMA}.embedding_input"
+MODULES_TABLE = "stdlib_modules"  # whole-module documents, embedded as chunks into stdlib_modules_chunks
+MODULES_FUNCTION = f"{DEMO_SCHEMA}.module_input"
 DEMO_PROJECT = "demo"  # the demo's Dagster project, in the checkout: demo/autoembed_demo_project/defs/*/defs.yaml
 QUERIES = (
     "parse command-line options and arguments",
@@ -45,6 +50,19 @@ QUERIES = (
     "read and write CSV files",
     "run functions in parallel on several processes",
     "send an email through an SMTP server",
+)
+# Whole modules (the demo loads the first --modules of them): well-known, one long document each
+# (~300 chunks of at most 200 tokens for all 16: about 20 s of the local model on 2 cores).
+DEMO_MODULES = (
+    "shutil", "smtplib", "heapq", "functools", "json", "tempfile", "textwrap", "argparse", "tarfile",
+    "urllib.parse", "uuid", "contextlib", "datetime", "csv", "gzip", "zipfile",
+)
+# A question answered by one passage of one module: search lands on that chunk.
+CHUNK_QUERIES = (
+    "recursively delete a directory tree",
+    "log in to an SMTP server that requires authentication",
+    "push an item on a heap and pop the smallest",
+    "cache the results of a function call",
 )
 
 
@@ -64,15 +82,24 @@ def demo_project() -> Path:
     return project_root() / DEMO_PROJECT
 
 
-def demo_pipeline() -> Pipeline:
-    """The demo's pipeline, read from its defs.yaml like any declared pipeline."""
+def demo_pipelines() -> tuple[Pipeline, Pipeline]:
+    """The demo's two pipelines (docstrings: a vector column; modules: chunks), read from their
+    defs.yaml like any declared pipeline."""
     from .components.declarations import declared_pipelines
 
     pipelines = declared_pipelines(demo_project())
-    if len(pipelines) != 1:
-        raise ConfigError(f"the demo project {demo_project()} must declare exactly one pipeline, found "
+    columns = [p for p in pipelines if p.table == DEMO_TABLE and not p.chunked]
+    chunked = [p for p in pipelines if p.table == MODULES_TABLE and p.chunked]
+    if len(columns) != 1 or len(chunked) != 1:
+        raise ConfigError(f"the demo project {demo_project()} must declare one pipeline of {DEMO_SCHEMA}.{DEMO_TABLE} "
+                          f"and one chunked pipeline of {DEMO_SCHEMA}.{MODULES_TABLE}, found "
                           f"{', '.join(p.name for p in pipelines) or 'none'}")
-    return pipelines[0]
+    return columns[0], chunked[0]
+
+
+def demo_pipeline() -> Pipeline:
+    """The demo's docstring pipeline (one vector per row)."""
+    return demo_pipelines()[0]
 
 
 def as_url(conninfo: str) -> str:
@@ -205,7 +232,7 @@ def _root_module(project: Path) -> str:
 
 # -- the demo table ------------------------------------------------------------------------------
 def create_demo_table(conn) -> None:
-    """(Re)create the demo's own schema, table, content function and triggers."""
+    """(Re)create the demo's own schema, tables, content functions and triggers."""
     conn.execute(f"drop schema if exists {DEMO_SCHEMA} cascade")
     for sql in (
         # Leftovers of an earlier demo run: queued jobs, stored hashes, dead letters.
@@ -225,12 +252,30 @@ def create_demo_table(conn) -> None:
         f"""create function {DEMO_FUNCTION}(doc {DEMO_SCHEMA}.{DEMO_TABLE})
             returns text language sql immutable
             as $$ select doc.name || E'\\n\\n' || doc.content $$""",
+        f"""create table {DEMO_SCHEMA}.{MODULES_TABLE} (
+                id bigint primary key generated always as identity,
+                module text not null unique,
+                content text not null
+            )""",
+        f"""create function {MODULES_FUNCTION}(m {DEMO_SCHEMA}.{MODULES_TABLE})
+            returns text language sql immutable
+            as $$ select m.content $$""",
     ):
         conn.execute(sql)
     conn.execute(
         "select autoembed.enroll(%s::regclass, %s, 'embedding', 'id', 'embedding_jobs', true)",
         (f"{DEMO_SCHEMA}.{DEMO_TABLE}", DEMO_FUNCTION),
     )
+    enroll_modules(conn)
+
+
+def enroll_modules(conn) -> None:
+    """The chunked pipeline's table, enrolled with the sizes its defs.yaml declares; an HNSW index
+    on its chunk table."""
+    p = demo_pipelines()[1]
+    conn.execute("select autoembed.enroll_chunks(%s::regclass, %s, %s, %s, %s, %s, 'vector', 384, true)",
+                 (p.qualified_table, p.content_function, p.chunk_tokens, p.chunk_overlap, p.key_column, p.queue))
+    conn.execute(f"create index on {p.schema}.{p.chunk_table} using hnsw (embedding vector_cosine_ops)")
 
 
 def insert_docs(conn, docs: list[Doc]) -> None:
@@ -241,15 +286,41 @@ def insert_docs(conn, docs: list[Doc]) -> None:
                 copy.write_row((d.module, d.name, d.kind, d.content.replace("\x00", "")))
 
 
-def progress(conn) -> tuple[pgmq.QueueStatus | None, int, int, int]:
-    """(queue status, rows, rows with a vector, dead letters of the demo table)."""
+def insert_modules(conn, docs: list[LongDoc]) -> None:
+    with conn.cursor() as cur:
+        with cur.copy(f"copy {DEMO_SCHEMA}.{MODULES_TABLE} (module, content) from stdin") as copy:
+            for d in docs:
+                copy.write_row((d.module, d.content.replace("\x00", "")))
+
+
+@dataclass(frozen=True)
+class Progress:
+    queue: pgmq.QueueStatus | None
+    rows: int  # docstrings
+    embedded: int  # docstrings with a vector
+    modules: int  # module documents
+    chunked: int  # module documents with their chunk set
+    chunks: int  # chunk rows
+    dead: int  # dead letters of the demo's tables
+
+    @property
+    def settled(self) -> int:
+        return self.embedded + self.chunked + self.dead
+
+
+def progress(conn) -> Progress:
+    """Where the demo's tables stand (the docstrings' vectors, the modules' chunk sets)."""
     status = next(iter(pgmq.status(conn, "embedding_jobs")), None)
     rows, embedded = conn.execute(
         f"select count(*), count(embedding) from {DEMO_SCHEMA}.{DEMO_TABLE}").fetchone()
+    modules, chunked, chunk_rows = conn.execute(
+        f"""select (select count(*) from {DEMO_SCHEMA}.{MODULES_TABLE}),
+                   (select count(distinct id) from {DEMO_SCHEMA}.{MODULES_TABLE}_chunks),
+                   (select count(*) from {DEMO_SCHEMA}.{MODULES_TABLE}_chunks)""").fetchone()
     dead = conn.execute(
         "select count(*) from autoembed.dead_letters where message ->> 'schema' = %s", (DEMO_SCHEMA,)
     ).fetchone()[0]
-    return status, rows, embedded, dead
+    return Progress(status, rows, embedded, modules, chunked, chunk_rows, dead)
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -349,7 +420,7 @@ def say(text: str = "") -> None:
 
 def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float = 900.0,
              keep_db: bool = False, dagster_home: Path | None = None,
-             queries: tuple[str, ...] = QUERIES) -> int:
+             queries: tuple[str, ...] = QUERIES, modules: int = len(DEMO_MODULES)) -> int:
     settings = Settings.from_env()
     root = project_root()
     if dagster_home is None:
@@ -379,8 +450,11 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
 
     t = time.monotonic()
     docs = stdlib_docs(rows)
-    say(f"corpus: {len(docs)} docstrings of the Python {sys.version_info.major}.{sys.version_info.minor} "
-        f"standard library (read with ast, nothing imported) in {time.monotonic() - t:.1f} s")
+    long_docs = named_long_docs(DEMO_MODULES[:max(modules, 0)])
+    say(f"corpus: {len(docs)} docstrings and {len(long_docs)} whole-module documents "
+        f"({sum(len(d.content) for d in long_docs) // 1000} k characters) of the Python "
+        f"{sys.version_info.major}.{sys.version_info.minor} standard library (read with ast, nothing imported) "
+        f"in {time.monotonic() - t:.1f} s")
 
     env = {
         **os.environ,
@@ -402,8 +476,8 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
     started = Started()
     project = demo_project()
     workspace = str(project / "workspace.yaml")
-    say(f"the demo's Dagster project: {project} (its pipeline: "
-        f"{project / 'autoembed_demo_project' / 'defs' / demo_pipeline().name / 'defs.yaml'})")
+    folders = ", ".join(str(project / "autoembed_demo_project" / "defs" / p.name / "defs.yaml") for p in demo_pipelines())
+    say(f"the demo's Dagster project: {project} (its pipelines: {folders})")
     try:
         daemon = started.start("dagster-daemon", [_executable("dagster-daemon"), "run", "-w", workspace],
                                cwd=project, env=env, log=logs / "dagster-daemon.log")
@@ -418,16 +492,19 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
         with connect(url) as conn:
             t = time.monotonic()
             insert_docs(conn, docs)
-            status, *_ = progress(conn)
-            say(f"inserted {len(docs)} rows into {DEMO_SCHEMA}.{DEMO_TABLE}: the trigger queued "
-                f"{status.depth if status else '?'} jobs in {time.monotonic() - t:.2f} s")
+            insert_modules(conn, long_docs)
+            status = progress(conn).queue
+            say(f"inserted {len(docs)} rows into {DEMO_SCHEMA}.{DEMO_TABLE} and {len(long_docs)} into "
+                f"{DEMO_SCHEMA}.{MODULES_TABLE}: the triggers queued {status.depth if status else '?'} jobs in "
+                f"{time.monotonic() - t:.2f} s")
             say("the queue sensor starts a drain run once the daemon is up (typically 10-30 s) ...")
-            ok = _watch(conn, started, len(docs), timeout)
+            ok = _watch(conn, started, len(docs) + len(long_docs), timeout)
         if not ok:
             say(f"not finished after {timeout:.0f} s: see {logs} and the Dagster UI")
             return 1
 
         _search(url, queries)
+        _search_chunks(url, CHUNK_QUERIES if long_docs else ())
         if ui:
             if not wait_http(f"{ui_url}/server_info", 60):
                 say(f"the webserver did not answer yet: see {logs / 'dagster-webserver.log'}")
@@ -490,13 +567,15 @@ def _watch(conn, started: Started, total: int, timeout: float) -> bool:
     last_print = 0.0
     while True:
         elapsed = time.monotonic() - t0
-        status, rows, embedded, dead = progress(conn)
-        if embedded and first_vector is None:
+        now = progress(conn)
+        status = now.queue
+        if (now.embedded or now.chunked) and first_vector is None:
             first_vector = elapsed
         line = (f"[{elapsed:6.1f} s] queue {status.depth if status else 0:>5} "
-                f"(in flight {status.in_flight if status else 0:>4}) | embedded {embedded:>5}/{rows}"
-                + (f" | dead letters {dead}" if dead else ""))
-        done = embedded + dead >= total
+                f"(in flight {status.in_flight if status else 0:>4}) | embedded {now.embedded:>5}/{now.rows}"
+                + (f" | modules {now.chunked:>3}/{now.modules} ({now.chunks} chunks)" if now.modules else "")
+                + (f" | dead letters {now.dead}" if now.dead else ""))
+        done = now.settled >= total
         if tty:
             print("\r" + line, end="\n" if done else "", flush=True)
         elif done or elapsed - last_print >= 5:
@@ -505,7 +584,8 @@ def _watch(conn, started: Started, total: int, timeout: float) -> bool:
         if done:
             # Polled every few seconds: a small corpus can go from 0 to done between two polls.
             draining = elapsed - first_vector if first_vector is not None else 0
-            rate = f"; {embedded / draining:.0f} rows/s while draining" if draining >= 1 else ""
+            rate = (f"; {now.embedded / draining:.0f} rows/s, {now.chunks / draining:.0f} chunks/s while draining"
+                    if draining >= 1 else "")
             say(f"all {total} rows settled in {elapsed:.1f} s (first vector after "
                 f"{first_vector or 0:.1f} s{rate})")
             return True
@@ -539,3 +619,30 @@ def _search(url: str, queries: tuple[str, ...]) -> None:
                 title, _, rest = hit.input.partition("\n\n")
                 first = " ".join(rest.split())[:70]
                 say(f"    {rank}. [{hit.distance:.3f}] {title}: {first}")
+
+
+def search_modules(conn, query: str, k: int = 3):
+    """The modules whose best chunk is nearest to `query`: [(module, ChunkHit)]."""
+    from .core.embedders import make_embedder
+    from .core.search import search_chunks
+
+    p = demo_pipelines()[1]
+    hits = search_chunks(conn, query, make_embedder(p.embedder_settings()), table=p.table, schema=p.schema,
+                         content_function=p.content_function, key_column=p.key_column, k=k)
+    names = dict(conn.execute(f"select id::text, module from {DEMO_SCHEMA}.{MODULES_TABLE} where id::text = any(%s)",
+                              ([h.id for h in hits],)).fetchall())
+    return [(names.get(h.id, "?"), h) for h in hits]
+
+
+def _search_chunks(url: str, queries: tuple[str, ...]) -> None:
+    if not queries:
+        return
+    say("")
+    say("semantic search over the modules' chunks (the passage that matched):")
+    with connect(url) as conn:
+        for query in queries:
+            t = time.monotonic()
+            hits = search_modules(conn, query)
+            say(f'  "{query}"  ({(time.monotonic() - t) * 1000:.0f} ms)')
+            for rank, (module, hit) in enumerate(hits, 1):
+                say(f"    {rank}. [{hit.distance:.3f}] {module} chunk {hit.chunk_index}: {' '.join(hit.chunk.split())[:70]}")

@@ -136,6 +136,15 @@ def test_env_templating_in_defs_yaml(tmp_path, monkeypatch):
     graph = load_project_defs(tmp_path).get_repository_def().asset_graph
     docs = Pipeline(name="documents", schema="public", table="documents")
     assert graph.get(embeddings_key(docs)).code_version == "openai:text-embedding-3-large:column:embedding_input"
+
+    # An integer attribute from the environment (a rendered template is a string; a pydantic `ge=`
+    # on the attribute used to refuse it before it was converted)
+    make_project(tmp_path / "ints", {"documents": {"table": "documents", "provider": "openai",
+                                                   "dimensions": "{{ env.MY_DIMS }}", "batch_size": "{{ env.MY_BATCH }}"}})
+    monkeypatch.setenv("MY_DIMS", "256")
+    monkeypatch.setenv("MY_BATCH", "16")
+    ints = load_project_defs(tmp_path / "ints").get_repository_def().asset_graph
+    assert ints.get(embeddings_key(docs)).code_version == "openai:text-embedding-3-small:256:embedding_input"
     # no database at load: the asset says why its code version has no digest of the function's body
     assert "AUTOEMBED_DATABASE_URL is not set" in str(graph.get(embeddings_key(docs)).metadata["content_function_digest"])
 

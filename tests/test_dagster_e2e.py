@@ -117,7 +117,7 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, dagster_databa
     home = tmp_path / "dagster_home"
     env = {**os.environ, "AUTOEMBED_HOME": str(tmp_path / "autoembed")}
     proc = subprocess.Popen(
-        [str(BIN / "autoembed"), "demo", "--no-ui", "--rows", "40", "--timeout", str(WAIT_SECONDS),
+        [str(BIN / "autoembed"), "demo", "--no-ui", "--rows", "40", "--modules", "2", "--timeout", str(WAIT_SECONDS),
          "--dagster-home", str(home)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
@@ -129,8 +129,10 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, dagster_databa
         out, _ = proc.communicate(timeout=30)
         pytest.fail(f"demo did not finish:\n{out}")
     assert proc.returncode == 0, out
-    assert "all 40 rows settled" in out, out
+    assert "all 42 rows settled" in out, out  # 40 docstrings, 2 module documents (shutil, smtplib) as chunks
     assert "argparse" in out.split("parse command-line options")[1].splitlines()[1], out
+    # over the chunks: the module, and the passage that matched
+    assert "shutil chunk" in out.split("recursively delete a directory tree")[1].splitlines()[1], out
     assert "stopped: dagster-daemon (pid" in out
     with psycopg.connect(db_url) as conn:
         rows, embedded = conn.execute(
@@ -139,6 +141,9 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, dagster_databa
         model = conn.execute("select distinct model from autoembed.embedding_state "
                              "where schema_name = 'autoembed_demo'").fetchall()
         assert model == [("local:all-MiniLM-L6-v2:384",)]
+        documents, chunk_models = conn.execute(
+            "select count(distinct id), array_agg(distinct model) from autoembed_demo.stdlib_modules_chunks").fetchone()
+        assert documents == 2 and chunk_models == ["local:all-MiniLM-L6-v2:384"]
 
 
 def test_storage_url_forms():

@@ -22,9 +22,9 @@ import psycopg
 import psutil
 import pytest
 
-from autoembed_dagster.core.corpus import stdlib_docs
+from autoembed_dagster.core.corpus import named_long_docs, stdlib_docs
 from autoembed_dagster.core.database import connect, with_database
-from autoembed_dagster.demo import create_demo_table, insert_docs
+from autoembed_dagster.demo import create_demo_table, insert_docs, insert_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -91,7 +91,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def demo_copy(db_url, tmp_path, monkeypatch):
-    """A copy of demo/ with its table filled and embedded (20 docstrings, local model)."""
+    """A copy of demo/ with its tables filled and embedded (20 docstrings; 2 whole modules as
+    chunks; the local model)."""
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
         monkeypatch.delenv(var, raising=False)
     project = tmp_path / "demo"
@@ -99,9 +100,10 @@ def demo_copy(db_url, tmp_path, monkeypatch):
     with connect(db_url) as conn:
         create_demo_table(conn)
         insert_docs(conn, stdlib_docs(20))
+        insert_modules(conn, named_long_docs(["shutil", "smtplib"]))
     from autoembed_dagster.core import api
 
-    assert api.drain(db_url).embedded == 20
+    assert api.drain(db_url).embedded == 22  # 20 rows + 2 documents
     return project
 
 
@@ -123,9 +125,13 @@ def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_
     out = {c.split(" --")[0].split(" #")[0]: o for c, o in outputs.items()}
     assert "autoembed_dagster.EmbeddingPipeline" in out["dg list components"]
     assert "notes_embeddings" in out["dg list defs"] and "stdlib_docs_embeddings" in out["dg list defs"]
+    assert "stdlib_modules_chunks" in out["dg list defs"]  # the demo's chunked pipeline
     assert "(declared)" in out["autoembed pipelines"] and "stdlib_docs" in out["autoembed pipelines"]
     hits = out['autoembed search "read and write CSV files"'].splitlines()
     assert [h[:3] for h in hits] == ["1. ", "2. ", "3. "] and "autoembed_demo.stdlib_docs id=" in hits[0]
+    passages = out['autoembed search "recursively delete a directory tree"'].splitlines()
+    assert len(passages) == 2 and "autoembed_demo.stdlib_modules id=1 chunk" in passages[0], passages
+    assert "def rmtree(" in passages[0]
     assert "no model migration" in out["autoembed migrate stdlib_docs status"]
 
     # The two `dagster job launch` commands queued their runs in the project's Dagster storage.

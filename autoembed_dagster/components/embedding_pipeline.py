@@ -6,8 +6,9 @@
       table: public.documents
       content_function: embedding_input
       model: "{{ env.AUTOEMBED_MODEL }}"     # per-deployment values from the environment
+      chunking: {tokens: 200, overlap: 20}   # long text: chunks into public.documents_chunks
 
-Each instance builds its pipeline's own objects (embeddings + vector index assets, health checks,
+Each instance builds its pipeline's own objects (embeddings (or chunks) + vector index assets, health checks,
 the partitioned re-embed asset and its job). Objects shared by several pipelines (a queue's drain
 lane: queue asset, drain job, sensor; the source tables; `backfill`, `model_migration`,
 `health_checks`; tables registered in the database but declared nowhere) are built once, by the
@@ -23,6 +24,8 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from ..core.chunking import check_chunk_sizes, provider_window
+from ..core.config import ConfigError
 from ..core.pipelines import Pipeline, make_pipeline
 from .scaffolder import EmbeddingPipelineScaffolder
 
@@ -30,6 +33,15 @@ from .scaffolder import EmbeddingPipelineScaffolder
 # `model` is the attribute users expect in defs.yaml; pydantic warns that it shadows the classmethod
 # Resolvable.model, which Dagster still reaches through the class (fields are not class attributes).
 warnings.filterwarnings("ignore", message='Field name "model" in "EmbeddingPipeline" shadows')
+
+
+class Chunking(dg.Resolvable, dg.Model):
+    """`chunking:` of a pipeline. No `ge=` constraints here: Dagster copies them onto the
+    template-accepting field and `{{ env.X }}` would fail; make_pipeline validates instead."""
+
+    tokens: int = Field(description=("Tokens per chunk at most, counted with the model's own tokenizer (the local "
+                                     "model embeds at most 254; OpenAI models 8191)."))
+    overlap: int = Field(default=0, description="Tokens of the previous chunk's end repeated at a chunk's start.")
 
 
 @dg.scaffold_with(EmbeddingPipelineScaffolder)
@@ -49,9 +61,13 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
     provider: Literal["openai", "local"] | None = Field(
         default=None, description="`openai` (any OpenAI-compatible server) or `local`; default: AUTOEMBED_PROVIDER.")
     model: str | None = Field(default=None, description="Model name; default: AUTOEMBED_MODEL or the provider's.")
-    dimensions: int | None = Field(default=None, ge=1, description="Output size; default: the column's size.")
-    batch_size: int | None = Field(default=None, ge=1, description="Texts per provider request.")
-    shards: int = Field(default=8, ge=1, description="Partitions of the re-embed asset (slices of the key space).")
+    dimensions: int | None = Field(default=None, description="Output size; default: the column's size.")
+    batch_size: int | None = Field(default=None, description="Texts per provider request.")
+    shards: int = Field(default=8, description="Partitions of the re-embed asset (slices of the key space).")
+    chunking: Chunking | None = Field(
+        default=None,
+        description=("Embed long text as chunks into `<table>_chunks` (one vector per chunk, not per row): "
+                     "e.g. `{tokens: 200, overlap: 20}`. Unset: one vector per row in `embedding_column`."))
     name: str | None = Field(default=None, description="Pipeline name; default: the defs/<name>/ folder's name.")
 
     _folder: str | None = PrivateAttr(default=None)
@@ -67,8 +83,19 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         name = self.name or self._folder
         if not name:
             raise dg.DagsterInvalidDefinitionError("EmbeddingPipeline needs a `name` when built outside a defs/ folder")
-        fields = self.model_dump(exclude={"name", "table"})
-        return make_pipeline(name, table=self.table, **fields)
+        fields = self.model_dump(exclude={"name", "table", "chunking"})
+        if self.chunking is not None:
+            fields.update(chunk_tokens=self.chunking.tokens, chunk_overlap=self.chunking.overlap)
+        p = make_pipeline(name, table=self.table, **fields)
+        if p.chunked:
+            # Checked at load, not at the first drain: the sizes and the model's window.
+            s = p.embedder_settings()
+            try:
+                check_chunk_sizes(p.chunk_tokens, p.chunk_overlap, provider_window(s.provider, s.max_input_tokens))
+            except ConfigError as exc:
+                raise ConfigError(f"pipeline {name!r}, chunking: {{tokens: {p.chunk_tokens}, overlap: "
+                                  f"{p.chunk_overlap}}} with the {s.provider} model: {exc}") from None
+        return p
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         from ..defs.autoembed import build_pipeline_defs, build_shared_defs, load_time_facts

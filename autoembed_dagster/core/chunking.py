@@ -38,6 +38,21 @@ _TAIL_CHARS_PER_TOKEN = 6  # the overlap is looked for in the last overlap*6 cha
 _CACHE_SIZE = 20_000  # token counts memoized per splitter (bounded: drains run for hours)
 
 
+def check_chunk_sizes(max_tokens: object, overlap: object, window: int | None = None) -> None:
+    """The sizes every splitter needs (checked again where a pipeline is declared, before any
+    drain runs); `window`: the most tokens one input of the model may have."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 8:
+        raise ConfigError(f"chunk tokens must be an integer of at least 8, got {max_tokens!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise ConfigError(f"chunk overlap must be a non-negative integer, got {overlap!r}")
+    if overlap > max_tokens // 2:
+        raise ConfigError(f"chunk overlap {overlap} is more than half of the chunk tokens {max_tokens}: "
+                          f"use at most {max_tokens // 2}")
+    if window is not None and max_tokens > window:
+        raise ConfigError(f"chunk tokens {max_tokens} is more than the model embeds ({window} tokens): "
+                          f"use {window} or less")
+
+
 class TokenCounting(Protocol):
     """What a splitter needs from an embedder (both embedders implement it)."""
 
@@ -63,14 +78,7 @@ class Splitter:
     _pieces: semchunk.Chunker = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 8:
-            raise ConfigError(f"chunk max_tokens must be an integer of at least 8, got {self.max_tokens!r}")
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 0:
-            raise ConfigError(f"chunk overlap must be a non-negative integer, got {self.overlap!r}")
-        if self.overlap > self.max_tokens // 2:
-            raise ConfigError(
-                f"chunk overlap {self.overlap} is more than half of max_tokens {self.max_tokens}: "
-                f"use at most {self.max_tokens // 2}")
+        check_chunk_sizes(self.max_tokens, self.overlap)
         self._pieces = semchunk.chunkerify(self.count_tokens, self.body_tokens, cache_maxsize=_CACHE_SIZE)
 
     @property
@@ -230,12 +238,17 @@ def chunk_hash(text: str) -> bytes:
 def model_window(embedder: object) -> int:
     """How many tokens one input of this embedder may have (beyond it the embedder truncates)."""
     identity = getattr(embedder, "identity", None)
-    if getattr(identity, "provider", None) == "local":
+    settings = getattr(embedder, "settings", None)
+    return provider_window(getattr(identity, "provider", None), int(getattr(settings, "max_input_tokens", 8191)))
+
+
+def provider_window(provider: str | None, max_input_tokens: int = 8191) -> int:
+    """The same from settings alone (no embedder, no model loaded: what a declaration is checked with)."""
+    if provider == "local":
         from .embedders.local import MAX_TOKENS
 
         return MAX_TOKENS - 2  # [CLS] and [SEP] are added to every input
-    settings = getattr(embedder, "settings", None)
-    return int(getattr(settings, "max_input_tokens", 8191))
+    return max_input_tokens
 
 
 def tokenizer_name(embedder: object) -> str:

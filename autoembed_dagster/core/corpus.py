@@ -13,7 +13,7 @@ import inspect
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 # Folders of the stdlib that are tests, tools, vendored or platform-specific demo code.
 SKIP_DIRS = {
@@ -173,5 +173,17 @@ def stdlib_long_docs(limit: int = 300, min_chars: int = 2000, root: Path | None 
             break
         text = module_text(module, path)
         if text is not None and len(text) >= min_chars:
+            picked.append(LongDoc(module, text))
+    return picked
+
+
+def named_long_docs(modules: Sequence[str], root: Path | None = None) -> list[LongDoc]:
+    """The whole-module documents of these modules, in this order (a module that does not exist in
+    this Python or has no docs is left out)."""
+    files = dict(_module_files(root or stdlib_dir()))
+    picked = []
+    for module in modules:
+        text = module_text(module, files[module]) if module in files else None
+        if text is not None:
             picked.append(LongDoc(module, text))
     return picked

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
 from .targets import Target, TargetError, TargetKey, resolve
+
+if TYPE_CHECKING:
+    from .pipelines import Pipeline
 
 # US$ per 1M input tokens (public list prices); the local model costs nothing per token.
 # AUTOEMBED_PRICE_PER_MTOK overrides for every remote model (e.g. a negotiated or self-hosted price).
@@ -119,6 +123,29 @@ def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> T
                        dead_letters=dead_letter_count(conn, target.key))
 
 
+def pipeline_target(conn: psycopg.Connection, p: "Pipeline") -> tuple[Target | None, str | None]:
+    """(the target a pipeline keeps embedded, None), or (None, why it cannot be used): its vector
+    column, or the registered chunk target of a chunked pipeline (with the sizes it was enrolled with)."""
+    if not p.chunked:
+        return resolve_target(conn, TargetKey(p.schema, p.table, p.content_function, p.embedding_column,
+                                               p.key_column))
+    for t in chunk_targets(conn):
+        if (t.key.schema, t.key.table, t.chunk_table, t.key.key_column) == (p.schema, p.table, p.chunk_table,
+                                                                           p.key_column):
+            return t, None
+    return None, (f"{p.qualified_table} is not enrolled for chunks into {p.schema}.{p.chunk_table}: "
+                  f"autoembed enroll {p.qualified_table} --content-function {p.content_function} "
+                  f"--chunk-tokens {p.chunk_tokens}"
+                  + (f" --chunk-overlap {p.chunk_overlap}" if p.chunk_overlap else ""))
+
+
+def vectors_label(target: Target) -> str:
+    """Where a target's vectors are, for messages: `table.column`, or the chunk table's vectors."""
+    if target.chunked:
+        return f"{sql.Identifier(target.key.schema, target.chunk_table).as_string(None)}.embedding"
+    return f"{target.regclass}.{target.key.embedding_column}"
+
+
 def chunk_targets(conn: psycopg.Connection) -> list[Target]:
     """The registered chunk targets that still resolve (a broken one is left out)."""
     from .targets import lookup_registered
@@ -165,7 +192,18 @@ class VectorIndex:
 
 
 def vector_indexes(conn: psycopg.Connection, target: Target) -> list[VectorIndex]:
-    """Indexes over the embedding column (the vector index asset)."""
+    """Indexes over the embedding column, or over a chunk target's chunk table's vectors (the
+    vector index asset)."""
+    if target.chunked:
+        from .chunks import VECTOR_COLUMN
+
+        relation = sql.Identifier(target.key.schema, target.chunk_table).as_string(conn)
+        return indexes_on(conn, relation, VECTOR_COLUMN)
+    return indexes_on(conn, target.regclass, target.key.embedding_column)
+
+
+def indexes_on(conn: psycopg.Connection, relation: str, column: str) -> list[VectorIndex]:
+    """Indexes of `relation` (regclass text) that cover `column`."""
     rows = conn.execute(
         """select i.indexrelid::regclass::text, am.amname, pg_relation_size(i.indexrelid),
                   pg_get_indexdef(i.indexrelid)
@@ -175,7 +213,7 @@ def vector_indexes(conn: psycopg.Connection, target: Target) -> list[VectorIndex
            join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
            where i.indrelid = %s::regclass and a.attname = %s
            order by 1""",
-        (target.regclass, target.key.embedding_column),
+        (relation, column),
     ).fetchall()
     return [VectorIndex(*r) for r in rows]
 

@@ -160,9 +160,10 @@ def discovered_name(schema: str, table: str, column: str, taken: set[str]) -> st
 
 
 def discover_pipelines(conn: psycopg.Connection, declared: list[Pipeline]) -> list[Pipeline]:
-    """Registered tables that no declared pipeline covers, as pipelines with the default model.
-    A declared pipeline for the same table and column wins."""
-    covered = {(p.schema, p.table, p.embedding_column) for p in declared}
+    """Registered tables that no declared pipeline covers, as pipelines with the default model
+    (chunk targets with their registered chunk sizes). A declared pipeline for the same table and
+    column (or chunk table) wins."""
+    covered = {p.table_key for p in declared}
     taken = {p.name for p in declared}
     out = []
     for schema, table, fn, column, key, queue in registered_targets(conn):

@@ -43,8 +43,11 @@ def queue_key(queue: str) -> dg.AssetKey:
 
 
 def embeddings_key(p: Pipeline) -> dg.AssetKey:
+    """The pipeline's vectors: its embeddings column, or its chunk table (`<name>_chunks`)."""
     # Distinct last parts: the UI's lists and lineage show them alone (`documents` the table,
-    # `documents_embeddings`, `documents_vector_index`, `documents_embeddings_by_shard`).
+    # `documents_embeddings` or `documents_chunks`, `documents_vector_index`, `documents_embeddings_by_shard`).
+    if p.chunked:
+        return dg.AssetKey(["chunks", f"{p.name}_chunks"])
     return dg.AssetKey(["embeddings", f"{p.name}_embeddings"])
 
 
@@ -52,10 +55,21 @@ def index_key(p: Pipeline) -> dg.AssetKey:
     return dg.AssetKey(["vector_index", f"{p.name}_vector_index"])
 
 
+def chunking_version(p: Pipeline) -> str:
+    """`:chunks<tokens>/<overlap>` for a chunked pipeline: other sizes make other chunk sets."""
+    return f":chunks{p.chunk_tokens}/{p.chunk_overlap}" if p.chunked else ""
+
+
 def model_version(p: Pipeline, digest: str | None = None) -> str:
-    """The code version: the configured model identity (provider, model, size, input function) and
-    a digest of the input function's definition, so editing its body marks the asset stale."""
-    return code_version(p) + (f"@{digest}" if digest else "")
+    """The code version: the configured model identity (provider, model, size, input function), the
+    chunk sizes of a chunked pipeline, and a digest of the input function's definition, so editing
+    its body marks the asset stale."""
+    return code_version(p) + chunking_version(p) + (f"@{digest}" if digest else "")
+
+
+def vectors_table(p: Pipeline) -> str:
+    """Where the pipeline's vectors are: `schema.table.column`, or the chunk table's `embedding`."""
+    return f"{p.schema}.{p.chunk_table}.embedding" if p.chunked else f"{p.qualified_table}.{p.embedding_column}"
 
 
 def _origin(p: Pipeline) -> str:
@@ -91,19 +105,27 @@ def pipeline_specs(p: Pipeline, digest: str | None = None, why_no_digest: str = 
     """The pipeline's own assets: its embeddings and its vector index."""
     version = model_version(p, digest)
     tags = {"autoembed/origin": "discovered" if p.discovered else "declared"}
+    if p.chunked:
+        what = (f"{p.schema}.{p.chunk_table}: the chunks of {p.content_function}(row) of every row of "
+                f"{p.qualified_table}, at most {p.chunk_tokens} tokens each (overlap {p.chunk_overlap}), one vector "
+                "each; an edit re-embeds only the chunks whose text is new.")
+        target = {"chunk_table": f"{p.schema}.{p.chunk_table}", "chunk_tokens": p.chunk_tokens,
+                  "chunk_overlap": p.chunk_overlap}
+    else:
+        what = f"{p.qualified_table}.{p.embedding_column} = embedding of {p.content_function}(row)."
+        target = {"embedding_column": p.embedding_column}
     return [
         dg.AssetSpec(
             embeddings_key(p),
             deps=[source_key(p), queue_key(p.queue)],
-            description=(f"{p.qualified_table}.{p.embedding_column} = embedding of {p.content_function}(row). "
-                         f"Kept in sync by the drain lane of queue `{p.queue}`. Pipeline {p.name}: {_origin(p)}."),
+            description=f"{what} Kept in sync by the drain lane of queue `{p.queue}`. Pipeline {p.name}: {_origin(p)}.",
             group_name=GROUP,
             kinds={"pgvector"},
             code_version=version,
             tags=tags,
             metadata={
                 "table": p.qualified_table,
-                "embedding_column": p.embedding_column,
+                **target,
                 "content_function": p.content_function,
                 "content_function_digest": digest or f"unknown: {why_no_digest or 'the function does not exist yet'}",
                 "queue": p.queue,
@@ -114,10 +136,10 @@ def pipeline_specs(p: Pipeline, digest: str | None = None, why_no_digest: str = 
         dg.AssetSpec(
             index_key(p),
             deps=[embeddings_key(p)],
-            description=f"Vector index(es) over {p.qualified_table}.{p.embedding_column}, updated as vectors are written.",
+            description=f"Vector index(es) over {vectors_table(p)}, updated as vectors are written.",
             group_name=GROUP,
             kinds={"pgvector", "index"},
             tags=tags,
-            metadata={"table": p.qualified_table, "embedding_column": p.embedding_column},
+            metadata={"table": p.qualified_table, "vectors": vectors_table(p)},
         ),
     ]

@@ -28,7 +28,8 @@ from ..core.config import ConfigError
 from ..core.drain import ProviderConfigError
 from ..core.migration import Coverage, ModelSpec, coverage
 from ..core.pipelines import Pipeline
-from ..core.targets import TargetChanged, resolve
+from ..core.targets import TargetChanged, TargetError, resolve
+from . import chunk_backfill
 from .assets import GROUP, model_version, source_key
 from .resources import AutoembedResource
 
@@ -144,6 +145,9 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
     promote_on = config.promote if config.promote is not None else (
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
+    if p.chunked:
+        yield from chunk_backfill.reembed_chunk_shard(context, spec, shard, promote_on, autoembed, p)
+        return
     with autoembed.connect() as conn:
         shard_plan = plan(conn, p, spec)
         if shard_plan.mode == "skip":
@@ -204,6 +208,8 @@ def _pipeline(pipelines: Sequence[Pipeline], name: str) -> Pipeline:
 def _needs_backfill(conn, p: Pipeline) -> str | None:
     """Why the table does not hold the pipeline's configured model for every row; None when it does."""
     try:
+        if p.chunked:
+            return chunk_backfill.needs_backfill(conn, p)
         spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
         shard_plan = plan(conn, p, spec, start=False)
     except Exception:  # noqa: BLE001 - a broken pipeline (missing table...) is reported by its checks
@@ -247,15 +253,22 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
         with autoembed.connect() as conn:
             p = _choose_pipeline(conn, pipelines, config.pipeline)
             try:
-                spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
-                # The model the code names, nothing else: a migration to it starts here when the
-                # column holds another one (after a probe embedding proves the target).
-                shard_plan = plan(conn, p, spec)
-            except (ConfigError, ValueError, mig.MigrationError) as exc:
+                if p.chunked:  # documents into the chunk table (or its shadow): defs/chunk_backfill.py
+                    spec, mode, reason, todo = chunk_backfill.launch_plan(conn, p)
+                    column, migration_id = "", -1
+                else:
+                    spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+                    # The model the code names, nothing else: a migration to it starts here when the
+                    # column holds another one (after a probe embedding proves the target).
+                    shard_plan = plan(conn, p, spec)
+                    mode, reason, column = shard_plan.mode, shard_plan.reason, shard_plan.column or ""
+                    migration_id = shard_plan.migration.id if shard_plan.migration else -1
+            except (ConfigError, ValueError, mig.MigrationError, TargetError) as exc:
                 raise dg.Failure(f"{p.name}: {exc}", allow_retries=False) from None
-            if shard_plan.mode == "skip":
-                raise dg.Failure(f"nothing to backfill: {shard_plan.reason}", allow_retries=False)
-            todo = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
+            if mode == "skip":
+                raise dg.Failure(f"nothing to backfill: {reason}", allow_retries=False)
+            if not p.chunked:
+                todo = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
         name = models_partitions_name(p)
         if not context.instance.has_dynamic_partition(name, spec.key):
             context.instance.add_dynamic_partitions(name, [spec.key])
@@ -276,15 +289,15 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
             dynamic_partitions_store=context.instance,
             all_partitions=False,
             title=f"re-embed {p.name}: {spec.key}",
-            description=shard_plan.reason,
+            description=reason,
             run_config=None,
         ))
         context.log.info(f"backfill {backfill_id}: {len(partitions)} shard run(s) of {shards_key(p).to_user_string()}; "
-                         f"{todo.missing} of {todo.embeddable} rows to embed; {shard_plan.reason}")
+                         f"{todo.missing} of {todo.embeddable} {'documents' if p.chunked else 'rows'} to embed; {reason}")
         return dg.Output(None, metadata={
-            "backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": shard_plan.mode,
-            "column": shard_plan.column or "", "partitions": len(partitions), "rows_to_embed": todo.missing,
-            "rows_with_input": todo.embeddable, "migration_id": shard_plan.migration.id if shard_plan.migration else -1,
+            "backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": mode,
+            "column": column, "partitions": len(partitions), "rows_to_embed": todo.missing,
+            "rows_with_input": todo.embeddable, "migration_id": migration_id,
         })
 
     @dg.job(name="backfill", executor_def=dg.in_process_executor,
@@ -362,7 +375,8 @@ def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDef
         with autoembed.connect() as conn:
             for p in pipelines:
                 try:
-                    spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+                    spec = (chunk_backfill.configured_spec(conn, p) if p.chunked
+                            else pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions))
                 except Exception as exc:  # noqa: BLE001 - one broken pipeline must not hide the others
                     problems.append(f"{p.name}: {exc}")
                     continue

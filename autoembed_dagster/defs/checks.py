@@ -7,7 +7,7 @@ the end of every drain run for the pipelines it touched (drain.py).
 
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dagster as dg
@@ -18,7 +18,7 @@ from ..core.drain import EmbedderResolver, pipeline_resolver, resolve_embedder
 from ..core.migration import get_migration
 from ..core.pipelines import Pipeline
 from ..core.targets import TargetKey
-from .assets import embeddings_key
+from .assets import embeddings_key, vectors_table
 from .resources import AutoembedResource
 
 CHECKS = {
@@ -28,6 +28,15 @@ CHECKS = {
                  "current input and the pipeline's current model.",
     "dead_letters": "No job of this table is in the dead-letter archive (`autoembed dead-letters`).",
     "dimensions": "The column's declared size equals the size of the vectors the model makes.",
+}
+# The same four for a chunked pipeline: a document is current when its whole chunk set is the
+# chunking of its current input (declared sizes, the model's tokenizer) under the current model.
+CHUNK_CHECKS = {
+    "coverage": "Every document with input has the chunk set of its current input under the current model and "
+                "the declared chunk sizes (AUTOEMBED_MIN_COVERAGE, default 1.0; WARN: documents in flight count).",
+    "staleness": "No document has a chunk set made from older input, another model or other chunk sizes.",
+    "dead_letters": "No job of this table is in the dead-letter archive (`autoembed dead-letters`).",
+    "dimensions": "The chunk table's vector size equals the size of the vectors the model makes.",
 }
 SEVERITY = {
     "coverage": dg.AssetCheckSeverity.WARN,
@@ -58,19 +67,18 @@ def min_coverage() -> float:
 
 def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) -> list[CheckOutcome]:
     """All four checks of one pipeline, from one scan of its table."""
-    key = TargetKey(p.schema, p.table, p.content_function, p.embedding_column, p.key_column)
-    target, why = health.resolve_target(conn, key)
+    target, why = health.pipeline_target(conn, p)
     if target is None:
         return [CheckOutcome(name, False, f"{p.name}: {why}") for name in CHECKS]
     try:
-        identity = resolve_embedder(resolver, target, conn).identity
-        model_error = None
+        embedder = resolve_embedder(resolver, target, conn)
+        identity, model_error = embedder.identity, None
     except ValueError as exc:  # ConfigError: e.g. the model cannot make vectors of this size
-        identity, model_error = None, str(exc)
+        embedder, identity, model_error = None, None, str(exc)
     column = f"{target.vector_type}({target.dimensions})"
+    where = health.vectors_label(target)
     if identity is None:
-        dims = CheckOutcome("dimensions", False, f"{target.regclass}.{p.embedding_column} is {column}: {model_error}",
-                            {"column": column})
+        dims = CheckOutcome("dimensions", False, f"{where} is {column}: {model_error}", {"column": column})
     else:
         ok = identity.dimensions == target.dimensions
         dims = CheckOutcome(
@@ -80,28 +88,58 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
             {"column_dimensions": target.dimensions, "model_dimensions": identity.dimensions,
              "model": identity.key},
         )
+    if p.chunked:
+        if embedder is None:
+            return [CheckOutcome(name, False, f"{where}: {model_error}") for name in CHECKS if name != "dimensions"] \
+                + [dims]
+        # Current = the chunking the code declares (a set of other sizes is stale, whatever the registry says).
+        declared = replace(target, chunk_tokens=p.chunk_tokens, chunk_overlap=p.chunk_overlap)
+        return _chunk_outcomes(p, health.chunk_target_health(conn, declared, embedder), dims,
+                               enrolled=(target.chunk_tokens, target.chunk_overlap))
     th = health.table_health(conn, target, identity.key if identity else "(misconfigured model)")
+    why = model_situation(conn, p, th) if th.stale or th.coverage < min_coverage() else ""
+    return _outcomes(
+        th, dims, target.key.label,
+        current=f"{th.current} of {th.embeddable} rows with input have a current vector", coverage_note=why,
+        stale=f"{th.stale} row(s) carry a vector of other content or another model than {th.model}{why}",
+        counts={"rows": th.rows, "embeddable_rows": th.embeddable, "current_rows": th.current,
+                "missing_rows": th.missing, "stale_rows": th.stale},
+        stale_key="stale_rows")
+
+
+def _chunk_outcomes(p: Pipeline, th: health.TableHealth, dims: CheckOutcome,
+                    enrolled: tuple[int | None, int]) -> list[CheckOutcome]:
+    sizes = f"chunks of at most {p.chunk_tokens} tokens, overlap {p.chunk_overlap}"
+    fix = "" if enrolled == (p.chunk_tokens, p.chunk_overlap) else (
+        f". {p.qualified_table} is enrolled with chunks of {enrolled[0]} tokens, overlap {enrolled[1]}: enrol it "
+        f"again (autoembed enroll {p.qualified_table} --content-function {p.content_function} --chunk-tokens "
+        f"{p.chunk_tokens} --chunk-overlap {p.chunk_overlap}), then launch the `backfill` job")
+    return _outcomes(
+        th, dims, th.table,
+        current=f"{th.current} of {th.embeddable} documents with input have the current chunk set",
+        sizes=sizes,
+        coverage_note=(f": {th.missing} without chunks, {th.stale} with an outdated chunk set"
+                       if th.current < th.embeddable else ""),
+        stale=(f"{th.stale} document(s) have a chunk set of older input, another model than {th.model} or other "
+               f"chunk sizes than {sizes}{fix}"),
+        counts={"documents": th.rows, "documents_with_input": th.embeddable, "current_documents": th.current,
+                "documents_without_chunks": th.missing, "stale_documents": th.stale},
+        stale_key="stale_documents")
+
+
+def _outcomes(th: health.TableHealth, dims: CheckOutcome, label: str, *, current: str, stale: str, counts: dict,
+              stale_key: str, coverage_note: str = "", sizes: str = "") -> list[CheckOutcome]:
+    """The four outcomes from one health scan (rows of a column, or documents of a chunk table)."""
     threshold = min_coverage()
-    why = model_situation(conn, p, th) if th.stale or th.coverage < threshold else ""
-    counts = {"rows": th.rows, "embeddable_rows": th.embeddable, "current_rows": th.current,
-              "missing_rows": th.missing, "stale_rows": th.stale}
     return [
         CheckOutcome(
             "coverage", th.coverage >= threshold,
-            f"{th.current} of {th.embeddable} rows with input have a current vector ({th.coverage:.1%}; "
-            f"threshold {threshold:.0%})" + why,
+            f"{current} ({th.coverage:.1%}; threshold {threshold:.0%}{'; ' + sizes if sizes else ''}){coverage_note}",
             {"coverage": dg.MetadataValue.float(round(th.coverage, 6)), **counts},
         ),
-        CheckOutcome(
-            "staleness", th.stale == 0,
-            f"{th.stale} row(s) carry a vector of other content or another model than {th.model}" + why,
-            {"stale_rows": th.stale, "model": th.model},
-        ),
-        CheckOutcome(
-            "dead_letters", th.dead_letters == 0,
-            f"{th.dead_letters} dead-lettered job(s) for {target.key.label}",
-            {"dead_letters": th.dead_letters},
-        ),
+        CheckOutcome("staleness", th.stale == 0, stale, {stale_key: th.stale, "model": th.model}),
+        CheckOutcome("dead_letters", th.dead_letters == 0, f"{th.dead_letters} dead-lettered job(s) for {label}",
+                     {"dead_letters": th.dead_letters}),
         dims,
     ]
 
@@ -132,10 +170,10 @@ def as_check_evaluation(p: Pipeline, o: CheckOutcome) -> dg.AssetCheckEvaluation
 
 
 def build_health_checks(p: Pipeline) -> dg.AssetChecksDefinition:
-    specs = [dg.AssetCheckSpec(name, asset=embeddings_key(p), description=text) for name, text in CHECKS.items()]
+    texts = CHUNK_CHECKS if p.chunked else CHECKS
+    specs = [dg.AssetCheckSpec(name, asset=embeddings_key(p), description=text) for name, text in texts.items()]
 
-    @dg.multi_asset_check(name=f"{p.name}_health", specs=specs,
-                          description=f"Health of {p.qualified_table}.{p.embedding_column}")
+    @dg.multi_asset_check(name=f"{p.name}_health", specs=specs, description=f"Health of {vectors_table(p)}")
     def _health(context: dg.AssetCheckExecutionContext, autoembed: AutoembedResource):
         resolver = pipeline_resolver([p])
         with autoembed.connect() as conn:

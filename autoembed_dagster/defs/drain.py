@@ -20,7 +20,6 @@ from ..core.drain_report import run_in_chunks
 from ..core.health import estimated_cost, price_per_million_tokens
 from ..core.pipelines import Pipeline
 from ..core.scaling import drain_pool
-from ..core.targets import TargetKey
 from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, index_key
 from .checks import as_check_evaluation, evaluate
 from .resources import AutoembedResource
@@ -62,8 +61,15 @@ def _pipeline_metadata(p: Pipeline, ts: TableStats, model_key: str | None, perio
     # Cost only where a price is known: an "unknown" entry would be a plot of nothing in the UI.
     priced = {} if price is None else {"price_per_1m_tokens_usd": dg.MetadataValue.float(price),
                                        "estimated_cost_usd": dg.MetadataValue.float(cost)}
+    # A chunked pipeline: rows are its documents; only chunks whose text is new reach the provider.
+    chunked = {} if not p.chunked else {
+        "chunks_embedded": ts.chunks_embedded,
+        "chunks_reused": ts.chunks_reused,
+        "chunks_replaced": ts.chunks_deleted,
+    }
     return {
         **priced,
+        **chunked,
         "rows_embedded": ts.embedded,
         # Settled with no provider call: unchanged input (content hash), deleted row, empty input.
         "rows_skipped": ts.skipped,
@@ -88,12 +94,13 @@ def _pipeline_metadata(p: Pipeline, ts: TableStats, model_key: str | None, perio
 
 
 def _stats_table(by_table: dict, pipelines_by_table: dict) -> str:
-    lines = ["| table | pipeline | jobs | embedded | skipped | retried | dead | tokens |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| table | pipeline | jobs | embedded | skipped | retried | dead | tokens | chunks embedded | chunks reused |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, ts in sorted(by_table.items()):
         p = pipelines_by_table.get(key)
         lines.append(f"| {'.'.join(key)} | {p.name if p else '(SQL-enrolled)'} | {ts.rows} | {ts.embedded} "
-                     f"| {ts.skipped} | {ts.retried} | {ts.dead_lettered} | {ts.tokens} |")
+                     f"| {ts.skipped} | {ts.retried} | {ts.dead_lettered} | {ts.tokens} "
+                     f"| {ts.chunks_embedded} | {ts.chunks_reused} |")
     return "\n".join(lines)
 
 
@@ -143,27 +150,29 @@ class _Reporter:
                 self.pending_checks.discard(p.name)
 
     def _materialize(self, p: Pipeline, ts: TableStats, period: float, busy: float):
-        target, _ = health.resolve_target(
-            self.conn, TargetKey(p.schema, p.table, p.content_function, p.embedding_column, p.key_column))
+        target, _ = health.pipeline_target(self.conn, p)
         model_key = None
         if target is not None:
             try:
                 model_key = resolve_embedder(self.resolver, target, self.conn).identity.key
             except ValueError:
                 pass
+        what = (f"{ts.embedded} document(s) given their new chunk set ({ts.chunks_embedded} chunk(s) embedded, "
+                f"{ts.chunks_reused} reused)" if p.chunked else f"{ts.embedded} row(s) embedded")
         yield dg.AssetMaterialization(
             asset_key=embeddings_key(p),
-            description=f"{ts.embedded} row(s) embedded by the drain lane of queue {self.queue}",
+            description=f"{what} by the drain lane of queue {self.queue}",
             metadata=_pipeline_metadata(p, ts, model_key, period, busy),
         )
-        if target is not None and ts.embedded:
+        written = ts.chunks_embedded + ts.chunks_reused if p.chunked else ts.embedded
+        if target is not None and written:
             indexes = health.vector_indexes(self.conn, target)
             names = ", ".join(f"{i.name} ({i.method})" for i in indexes)
             yield dg.AssetMaterialization(
                 asset_key=index_key(p),
-                description=f"{ts.embedded} vector(s) written into " + (names or "no index: searches scan the table"),
+                description=f"{written} vector(s) written into " + (names or "no index: searches scan the table"),
                 metadata={"indexes": names or "none", "index_size_bytes": sum(i.size_bytes for i in indexes),
-                          "vectors_written": ts.embedded},
+                          "vectors_written": written},
             )
 
 
@@ -221,6 +230,8 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
             "jobs": total.rows,
             "messages": total.messages,
             "rows_embedded": total.embedded,
+            "chunks_embedded": total.chunks_embedded,
+            "chunks_reused": total.chunks_reused,
             "rows_skipped": total.skipped,
             "rows_retried": total.retried,
             "rows_dead_lettered": total.dead_lettered,
