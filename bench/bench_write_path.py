@@ -7,7 +7,9 @@ Bulk = one INSERT ... SELECT
 of N rows; single-row = N autocommit INSERTs of one row each (each commit waits for the disk).
 Bulk UPDATE = one UPDATE of every row of a table of N rows that all have a vector: a real change
 of the input (`body`), and a re-save that changes nothing the input reads (`title = title`); each
-runs in a transaction that is rolled back, so every round updates the same table.
+runs in a transaction that is rolled back, so every round updates the same table. The real change
+has a fourth set-up, `plain_clear`: the plain table's UPDATE that clears the vector itself (the
+floor of any clearing: the vector's TOAST chunks are deleted), and the enroll/floor ratio.
 Targets: <= 1.3x bulk, <= 1.5x single-row, <= 2x bulk UPDATE. A bulk ratio is the median of the
 rounds' own ratios (each round runs every set-up once, in turn): a 100k-row INSERT moves +-20%
 between rounds with the disk, and the pairing cancels that drift.
@@ -70,6 +72,9 @@ def bulk_gapped(conn, table: str, n: int) -> float:
 
 
 UPDATES = {"update_change": "update {t} set body = body || '!'", "update_resave": "update {t} set title = title"}
+# The floor of a real change: the plain table's UPDATE clearing the vector itself. Clearing a TOASTed
+# vector deletes its TOAST chunks (two per halfvec(1536) row), whatever does the clearing.
+CLEAR_FLOOR = "update {t} set body = body || '!', embedding = null"
 
 
 def fill_with_vectors(conn, table: str, n: int) -> None:
@@ -84,13 +89,13 @@ def fill_with_vectors(conn, table: str, n: int) -> None:
     conn.execute(f"vacuum analyze {table}")
 
 
-def bulk_update(conn, table: str, kind: str, expected_jobs: int) -> float:
+def bulk_update(conn, table: str, statement: str, expected_jobs: int) -> float:
     """One UPDATE of every row, timed, then rolled back (the table is the same for every round)."""
     with conn.transaction(force_rollback=True):
         with Timer() as t:
-            conn.execute(UPDATES[kind].format(t=table))
+            conn.execute(statement.format(t=table))
         queued = queued_rows(conn)
-        assert queued == expected_jobs, f"{table} {kind}: {queued} jobs queued, expected {expected_jobs}"
+        assert queued == expected_jobs, f"{table} {statement}: {queued} jobs queued, expected {expected_jobs}"
     conn.execute(f"vacuum {table}")
     conn.execute("vacuum pgmq.q_embedding_jobs")
     return t.seconds
@@ -170,12 +175,20 @@ def main(argv: list[str] | None = None) -> dict:
             for table in tables.values() if conn else ():
                 fill_with_vectors(conn, table, args.update)
             for kind in UPDATES if conn else ():
-                times = {v: [] for v in tables}
+                variants = {v: (t, UPDATES[kind]) for v, t in tables.items()}
+                if kind == "update_change":
+                    variants["plain_clear"] = (tables["plain"], CLEAR_FLOOR)
+                times = {v: [] for v in variants}
                 for _ in range(args.repeat):
-                    for variant, table in tables.items():
-                        expected = args.update if kind == "update_change" and variant != "plain" else 0
-                        times[variant].append(bulk_update(conn, table, kind, expected))
+                    for variant, (table, statement) in variants.items():
+                        expected = args.update if kind == "update_change" and not variant.startswith("plain") else 0
+                        times[variant].append(bulk_update(conn, table, statement, expected))
                 report(results, times, kind, args.update)
+                if "plain_clear" in times:
+                    over = [e / f for e, f in zip(times["enroll"], times["plain_clear"])]
+                    results["enroll"]["update_change_vs_floor"] = statistics.median(over)
+                    line("update_change enroll / plain_clear (the floor)",
+                         f"{statistics.median(over):.2f}x   " + " ".join(f"{r:.2f}" for r in over))
         # What one message per row would cost at the least (why bulk statements group rows): the
         # same number of messages inserted straight into pgmq's queue table, no trigger at all.
         with connect(url) as conn:

@@ -243,37 +243,13 @@ begin
 end;
 $$;
 
--- The target of an enrolled table's trigger (argument: the target id), as autoembed.live_target.
--- NULL with a warning when the trigger names a target that is not this table's or is broken: the
--- user's write goes on, and nothing unregistered is enqueued.
+-- trigger_target (the target of an enrolled table's trigger) is folded into queue_embeddings_bulk:
+-- as a function returning a record it cost as much as everything else a single-row INSERT's trigger
+-- does.
 do $$
-begin  -- an earlier form returned autoembed.target_catalog
+begin
     drop function if exists autoembed.trigger_target(oid, integer, text);
 end
-$$;
-create or replace function autoembed.trigger_target(tbl oid, nargs integer, arg text)
-returns record
-language plpgsql
-stable
-as $$
-declare
-    c record;
-begin
-    if nargs = 1 and arg ~ '^[0-9]{1,18}$' then
-        select t.* into c from autoembed.live_target(arg::bigint) t where t.relid = tbl;
-    end if;
-    if c.id is null then
-        raise warning 'autoembed: a trigger on % names no target of this table (% arguments, the first %): nothing enqueued; run autoembed db init, or enroll the table again',
-            tbl::regclass, nargs, quote_nullable(arg);
-        return null;
-    end if;
-    if not c.key_ok or c.embedding_column is null then
-        raise warning 'autoembed: target % of % lost its key or embedding column (or the key type changed): nothing enqueued; enroll the table again',
-            c.id, tbl::regclass;
-        return null;
-    end if;
-    return c;
-end;
 $$;
 
 -- AFTER INSERT/UPDATE statement trigger of enrolled tables, with the transition table
@@ -300,8 +276,18 @@ begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
-    c := autoembed.trigger_target(TG_RELID, TG_NARGS, TG_ARGV[0]);
-    if c is null then
+    -- The target the trigger names, which must be this table's. A trigger that names none, or a
+    -- target that lost its key or vector column, warns: the user's write goes on, and nothing
+    -- unregistered is enqueued.
+    c := autoembed.live_target(case when TG_NARGS = 1 and TG_ARGV[0] ~ '^[0-9]{1,18}$' then TG_ARGV[0]::bigint end);
+    if c.id is null or c.relid <> TG_RELID then
+        raise warning 'autoembed: a trigger on % names no target of this table (% arguments, the first %): nothing enqueued; run autoembed db init, or enroll the table again',
+            TG_RELID::regclass, TG_NARGS, quote_nullable(TG_ARGV[0]);
+        return null;
+    end if;
+    if not c.key_ok or c.embedding_column is null then
+        raise warning 'autoembed: target % of % lost its key or embedding column (or the key type changed): nothing enqueued; enroll the table again',
+            c.id, TG_RELID::regclass;
         return null;
     end if;
     header := c.header;
