@@ -194,8 +194,9 @@ stable
 as $$
 begin
     select r.id, r.relid, r.queue, ka.attname::text, ea.attname::text,
-           ka.atttypid = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
-               or autoembed.key_type_ok(ka.atttypid),
+           -- (false, not NULL, when the key column is gone: callers test `not key_ok`)
+           coalesce(ka.atttypid = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
+                    or autoembed.key_type_ok(ka.atttypid), false),
            ka.atttypid = any ('{int2,int4,int8}'::regtype[]) or autoembed.integer_key(ka.atttypid),
            jsonb_build_object('schema', o.object_names[1], 'table', o.object_names[2],
                               'contentFunction', r.content_function,

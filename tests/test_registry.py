@@ -159,6 +159,40 @@ def test_renames_are_followed_and_no_stale_vector_stays(conn, rename):
                        "embeddingColumn": column, "target": target, "keyColumn": "id"}
 
 
+def test_a_statement_trigger_naming_another_tables_target_enqueues_nothing(conn):
+    """The statement trigger's argument is a target id; a table's owner who names another table's
+    target (or no target) gets a warning and no message, and the write goes on."""
+    make_docs(conn, "int", "id")
+    conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding', enqueue_backlog => false)")
+    target = conn.execute("select id from autoembed.targets").fetchone()[0]
+    conn.execute("create table other (id int primary key, body text, embedding vector(3))")
+    warnings = []
+    conn.add_notice_handler(lambda d: warnings.append(d.message_primary))
+    for row_id, arg in enumerate((str(target), "no target")):
+        conn.execute(f"""create or replace trigger forged after insert on other referencing new table as autoembed_new
+                         for each statement execute function autoembed.queue_embeddings_bulk('{arg}')""")
+        warnings.clear()
+        conn.execute("insert into other values (%s, 'x')", (row_id,))
+        assert messages(conn) == []
+        assert any("names no target of this table" in w for w in warnings), warnings
+    assert conn.execute("select count(*) from other").fetchone()[0] == 2
+    conn.execute("insert into docs values (1, 'one')")  # the enrolled table's own trigger still enqueues
+    assert [(m["id"], m["target"]) for m in messages(conn)] == [(1, target)]
+
+
+def test_a_target_whose_key_column_is_gone_enqueues_nothing_and_warns(conn):
+    make_docs(conn, "int", "id")
+    conn.execute("alter table docs add column doc_key text not null unique default 'k'")
+    conn.execute("alter table docs alter column doc_key drop default")
+    conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding', 'doc_key', enqueue_backlog => false)")
+    conn.execute("alter table docs drop column doc_key")
+    warnings = []
+    conn.add_notice_handler(lambda d: warnings.append(d.message_primary))
+    conn.execute("insert into docs values (1, 'one')")
+    assert messages(conn) == []
+    assert any("lost its key or embedding column" in w for w in warnings), warnings
+
+
 def test_dropped_content_function_or_column_leaves_no_usable_target(conn):
     make_docs(conn, "int", "id")
     conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding')")
