@@ -131,7 +131,7 @@ def report(results: dict, times: dict[str, list[float]], kind: str, n: int) -> N
         results.setdefault(variant, {})[kind] = ratio
         results[variant][f"{kind}_rate"] = n / med[variant]
         each = " ".join(f"{r:.2f}" for r in rounds) if variant != "plain" else ""
-        line(f"{kind:<13} {variant:<9} {n / med[variant]:>10,.0f} rows/s", f"{ratio:.2f}x   {each}")
+        line(f"{kind:<13} {variant:<11} {n / med[variant]:>10,.0f} rows/s", f"{ratio:.2f}x   {each}")
 
 
 def main(argv: list[str] | None = None) -> dict:
