@@ -4,7 +4,9 @@ Same table, same rows, three set-ups: no trigger; Supabase's guide (util.queue_e
 row triggers); the project's own triggers (autoembed.enroll: BEFORE row clear + AFTER statement
 triggers with transition tables, one pgmq.send_batch per statement, one message per 200 rows).
 Bulk = one INSERT ... SELECT
-of N rows; single-row = N autocommit INSERTs of one row each (each commit waits for the disk).
+of N rows; single-row = N autocommit INSERTs of one row each (each commit waits for the disk);
+single_cpu = the same N one-row INSERT statements in one DO loop, rolled back (no commits): the
+triggers' own time per statement, steady where the commits' disk waits are not.
 Bulk UPDATE = one UPDATE of every row of a table of N rows that all have a vector: a real change
 of the input (`body`), and a re-save that changes nothing the input reads (`title = title`); each
 runs in a transaction that is rolled back, so every round updates the same table. The real change
@@ -110,6 +112,23 @@ def single(conn, table: str, n: int, start: int = 1) -> float:
     return t.seconds
 
 
+def single_cpu(conn, table: str, n: int) -> float:
+    """n single-row INSERT statements in one DO loop, in a transaction that is rolled back: what the
+    statement triggers cost per statement without the commits (whose disk waits make the
+    autocommit figures noisy on a shared machine)."""
+    with conn.transaction(force_rollback=True):
+        with Timer() as t:
+            conn.execute(f"do $$ begin for i in 1..{int(n)} loop "
+                         f"insert into {table} (id, title, body) values (i, 'title ' || i, 'row ' || i || ' lorem ipsum'); "
+                         "end loop; end $$")
+        queued = queued_rows(conn)
+    expected = 0 if table.endswith("_plain") else n
+    assert queued == expected, f"{table}: {queued} jobs queued, expected {expected}"
+    conn.execute(f"vacuum {table}")
+    conn.execute("vacuum pgmq.q_embedding_jobs")
+    return t.seconds
+
+
 def single_interleaved(conn, tables: dict[str, str], n: int, chunk: int = 500) -> dict[str, float]:
     """Commit latency drifts (checkpoints, disk): the variants take turns every `chunk` commits,
     so drift hits all of them alike. Returns total seconds per variant."""
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--single", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--update", type=int, default=20_000, help="rows of the bulk UPDATE table")
-    ap.add_argument("--kinds", default="bulk,bulk_gapped,single,update",
+    ap.add_argument("--kinds", default="bulk,bulk_gapped,single,single_cpu,update",
                     help="which measurements to run (comma-separated; default all)")
     args = ap.parse_args(argv)
     header(f"write-path overhead ({args.bulk:,} rows bulk, {args.single:,} single-row inserts, "
@@ -152,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             tables = {v: setup(conn, v) for v in ("plain", "supabase", "enroll")}
             kinds = set(args.kinds.split(","))
             for kind, fn, n in (("bulk", bulk, args.bulk), ("bulk_gapped", bulk_gapped, args.bulk),
-                                ("single", single, args.single)):
+                                ("single", single, args.single), ("single_cpu", single_cpu, args.single)):
                 if kind not in kinds:
                     continue
                 times: dict[str, list[float]] = {v: [] for v in tables}
@@ -163,6 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
                         queued = queued_rows(conn)
                         assert queued == 2 * n, f"{queued} jobs queued, expected {2 * n}"
                         continue
+                    if kind == "single_cpu":
+                        for variant, table in tables.items():
+                            times[variant].append(single_cpu(conn, table, n))
+                        continue
                     for variant, table in tables.items():  # interleaved: drift hits all alike
                         reset(conn, table)
                         times[variant].append(fn(conn, table, n))
@@ -170,6 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
                         expected = 0 if variant == "plain" else n
                         assert queued == expected, f"{variant}: {queued} jobs queued, expected {expected}"
                 report(results, times, kind, n)
+                if kind == "single_cpu":
+                    for variant in ("supabase", "enroll"):
+                        extra = [(t - p) / n * 1e6 for t, p in zip(times[variant], times["plain"])]
+                        results[variant]["single_cpu_us"] = statistics.median(extra)
+                        line(f"single_cpu    {variant}: trigger time per statement",
+                             f"{statistics.median(extra):.0f} us   " + " ".join(f"{e:.0f}" for e in extra))
         # Bulk UPDATEs of a table whose rows all have a vector.
         with connect(url) if "update" in kinds else contextlib.nullcontext() as conn:
             for table in tables.values() if conn else ():
