@@ -23,6 +23,8 @@ import argparse
 import contextlib
 import statistics
 
+import psutil
+
 from common import Timer, body_sql, connect, embedded_server, fresh_db, header, line
 
 from autoembed_dagster.core import queue as pgmq
@@ -91,22 +93,32 @@ def fill_with_vectors(conn, table: str, n: int) -> None:
     conn.execute(f"vacuum analyze {table}")
 
 
-def bulk_update(conn, table: str, statement: str, expected_jobs: int, warm: bool = False) -> float:
+def bulk_update(conn, table: str, statement: str, expected_jobs: int, warm: bool = False) -> tuple[float, float]:
     """One UPDATE of every row, timed, then rolled back (the table is the same for every round).
     `warm`: read every vector first, so the TOAST pages that clearing deletes from are in shared
     buffers (a table whose vectors were just read or written). Otherwise they are wherever the
     previous statements left them: three 20k-row tables' TOAST (80 MB each) do not fit in the
-    embedded server's 128 MB, and a clearing UPDATE costs 1.5x or 4x a plain one by that alone."""
+    embedded server's 128 MB, and a clearing UPDATE costs 1.5x or 4x a plain one by that alone.
+    Returns (wall seconds, the server process's CPU seconds)."""
     if warm:
         conn.execute(f"select sum(vector_dims(embedding)) from {table}")
     with conn.transaction(force_rollback=True):
+        cpu_before = backend_cpu(conn)
         with Timer() as t:
             conn.execute(statement.format(t=table))
+        cpu = backend_cpu(conn) - cpu_before
         queued = queued_rows(conn)
         assert queued == expected_jobs, f"{table} {statement}: {queued} jobs queued, expected {expected_jobs}"
     conn.execute(f"vacuum {table}")
     conn.execute("vacuum pgmq.q_embedding_jobs")
-    return t.seconds
+    return t.seconds, cpu
+
+
+def backend_cpu(conn) -> float:
+    """CPU seconds the connection's server process has used (user + system): unlike the wall
+    clock, barely moved by other work on a shared machine (10 ms ticks: for statements of 100+ ms)."""
+    times = psutil.Process(conn.info.backend_pid).cpu_times()
+    return times.user + times.system
 
 
 def single(conn, table: str, n: int, start: int = 1) -> float:
@@ -219,17 +231,24 @@ def main(argv: list[str] | None = None) -> dict:
                 if kind == "update_change":
                     variants["plain_clear"] = (tables["plain"], CLEAR_FLOOR)
                 times = {v: [] for v in variants}
+                cpu = {v: [] for v in variants}
                 for _ in range(args.repeat):
                     for variant, (table, statement) in variants.items():
                         expected = args.update if kind == "update_change" and not variant.startswith("plain") else 0
-                        warm = args.update_cache == "warm"
-                        times[variant].append(bulk_update(conn, table, statement, expected, warm))
+                        wall, used = bulk_update(conn, table, statement, expected, args.update_cache == "warm")
+                        times[variant].append(wall)
+                        cpu[variant].append(used)
                 report(results, times, kind, args.update)
+                measures = [("", times)]
+                if min(min(c) for c in cpu.values()) > 0:  # (too short a statement shows 0 ticks)
+                    report(results, cpu, f"{kind}_cpu", args.update)  # (the rate: rows per server CPU second)
+                    measures.append(("_cpu", cpu))
                 if "plain_clear" in times:
-                    over = [e / f for e, f in zip(times["enroll"], times["plain_clear"])]
-                    results["enroll"]["update_change_vs_floor"] = statistics.median(over)
-                    line("update_change enroll / plain_clear (the floor)",
-                         f"{statistics.median(over):.2f}x   " + " ".join(f"{r:.2f}" for r in over))
+                    for what, measured in measures:
+                        over = [e / f for e, f in zip(measured["enroll"], measured["plain_clear"])]
+                        results["enroll"][f"update_change{what}_vs_floor"] = statistics.median(over)
+                        line(f"update_change{what} enroll / plain_clear (the floor)",
+                             f"{statistics.median(over):.2f}x   " + " ".join(f"{r:.2f}" for r in over))
         # What one message per row would cost at the least (why bulk statements group rows): the
         # same number of messages inserted straight into pgmq's queue table, no trigger at all.
         with connect(url) as conn:
