@@ -185,28 +185,32 @@ drop function if exists autoembed.message_header(bigint);
 -- the recursive base-type lookup): current names, whether the key column still is a key, whether
 -- keys are integers, and the header every message of the target carries: Supabase's fields
 -- (current names, the content function as registered) + "target" + "keyColumn". No row for an
--- unknown id; key_column/embedding_column NULL when that column is gone.
+-- unknown id; key_column/embedding_column NULL when that column is gone. The table's schema and
+-- name come from the catalog caches (pg_identify_object_as_address) rather than a join of
+-- pg_class and pg_namespace: this runs for every statement of every enrolled table, and the two
+-- index scans were a fifth of a single-row INSERT's trigger cost.
 create or replace function autoembed.live_target(target_id bigint,
                                                  out id bigint, out relid oid, out queue text, out key_column text,
                                                  out embedding_column text, out key_ok boolean, out integer_keys boolean,
                                                  out header jsonb)
-language plpgsql  -- not sql: plpgsql keeps the plan (this runs once per statement of every enrolled table)
+language plpgsql  -- not sql: plpgsql keeps the plan
 stable
 as $$
 begin
     select r.id, r.relid, r.queue, ka.attname::text, ea.attname::text,
-           ka.atttypid = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
-               or autoembed.key_type_ok(ka.atttypid),
+           -- (false, not NULL, when the key column is gone: callers test `not key_ok`)
+           coalesce(ka.atttypid = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
+                    or autoembed.key_type_ok(ka.atttypid), false),
            ka.atttypid = any ('{int2,int4,int8}'::regtype[]) or autoembed.integer_key(ka.atttypid),
-           jsonb_build_object('schema', n.nspname, 'table', c.relname, 'contentFunction', r.content_function,
+           jsonb_build_object('schema', o.object_names[1], 'table', o.object_names[2],
+                              'contentFunction', r.content_function,
                               'embeddingColumn', ea.attname, 'target', r.id, 'keyColumn', ka.attname)
     into id, relid, queue, key_column, embedding_column, key_ok, integer_keys, header
     from autoembed.targets r
-    join pg_class c on c.oid = r.relid
-    join pg_namespace n on n.oid = c.relnamespace
+    cross join lateral pg_identify_object_as_address('pg_class'::regclass, r.relid, 0) o
     left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
     left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
-    where r.id = target_id;
+    where r.id = target_id and o.object_names is not null;
 end;
 $$;
 
@@ -253,19 +257,25 @@ as $$
         from generate_series(lo, hi, group_size) i)
 $$;
 
--- Send job messages to a queue in one pgmq.send_batch and wake the drains (LISTEN autoembed). Sends
--- nothing for no messages (send_batch raises on an empty array).
+-- Send job messages to a queue and wake the drains (LISTEN autoembed). Sends nothing for no
+-- messages (send_batch raises on an empty array). The default queue (Supabase's `embedding_jobs`,
+-- created by db init) is written with a static INSERT into pgmq's queue table, the row pgmq.send
+-- writes (vt now, the message; pgmq's defaults do the rest): pgmq.send builds its INSERT with
+-- format() and EXECUTE, planned again on every call, which cost a third of a single-row INSERT's
+-- trigger; a static statement's plan is kept for the session. Other queues go through pgmq.
 create or replace function autoembed.send_jobs(queue text, messages jsonb[])
 returns void
 language plpgsql
 as $$
 begin
-    if cardinality(messages) = 1 then
-        perform pgmq.send(queue, messages[1]);  -- far cheaper than send_batch for one message
-    elsif cardinality(messages) > 1 then
-        perform pgmq.send_batch(queue, messages);
-    else
+    if coalesce(cardinality(messages), 0) = 0 then
         return;
+    elsif queue = 'embedding_jobs' then
+        insert into pgmq.q_embedding_jobs (vt, message) select clock_timestamp(), m from unnest(messages) m;
+    elsif cardinality(messages) = 1 then
+        perform pgmq.send(queue, messages[1]);  -- far cheaper than send_batch for one message
+    else
+        perform pgmq.send_batch(queue, messages);
     end if;
     perform pg_notify('autoembed', queue);
 end;

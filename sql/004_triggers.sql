@@ -126,6 +126,7 @@ declare
     t record;
     target_id bigint;
     header jsonb;
+    integer_key boolean;
 begin
     if pg_trigger_depth() = 0 then
         raise exception 'autoembed.queue_embedding_job is called by util.queue_embeddings triggers only'
@@ -135,15 +136,15 @@ begin
         raise exception 'autoembed: role % may not write %: it cannot queue its jobs', autoembed.caller_role(), tbl::regclass
             using errcode = 'insufficient_privilege';
     end if;
-    -- One query per row (this runs for every row written): the target and its message header.
+    -- One query per row (this runs for every row written): the target and its message header (the
+    -- table's names from the catalog caches, as autoembed.live_target).
     select r.id, r.content_fn, r.queue, r.origin, ka.attname as key_name,
-           jsonb_build_object('schema', n.nspname, 'table', c.relname, 'contentFunction', r.content_function,
+           jsonb_build_object('schema', o.object_names[1], 'table', o.object_names[2], 'contentFunction', r.content_function,
                               'embeddingColumn', a.attname, 'target', r.id, 'keyColumn', ka.attname) as header
     into t
     from autoembed.targets r
     join pg_attribute a on a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
-    join pg_class c on c.oid = r.relid
-    join pg_namespace n on n.oid = c.relnamespace
+    cross join lateral pg_identify_object_as_address('pg_class'::regclass, r.relid, 0) o
     left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
     where r.relid = tbl and a.attname = embedding_column;
     if found and t.content_fn = fn and t.queue = queue and t.key_name = key_column then
@@ -171,10 +172,12 @@ begin
                                      'contentFunction', content_function, 'embeddingColumn', embedding_column,
                                      'keyColumn', key_column);
     end if;
-    perform autoembed.send_jobs(queue, autoembed.key_messages(autoembed.key_texts(array[key]),
-                                                              -- (a domain key arrives as its base type)
-                                                              pg_typeof(key) = any ('{int2,int4,int8}'::regtype[]),
-                                                              header));
+    -- (a domain key arrives as its base type; an integer's text needs no pinned settings, and
+    -- key_texts' pinned settings cost a sixth of this function)
+    integer_key := pg_typeof(key) = any ('{int2,int4,int8}'::regtype[]);
+    perform autoembed.send_jobs(queue, autoembed.key_messages(case when integer_key then array[key::text]
+                                                                   else autoembed.key_texts(array[key]) end,
+                                                              integer_key, header));
 end;
 $$;
 
@@ -243,37 +246,13 @@ begin
 end;
 $$;
 
--- The target of an enrolled table's trigger (argument: the target id), as autoembed.live_target.
--- NULL with a warning when the trigger names a target that is not this table's or is broken: the
--- user's write goes on, and nothing unregistered is enqueued.
+-- trigger_target (the target of an enrolled table's trigger) is folded into queue_embeddings_bulk:
+-- as a function returning a record it cost as much as everything else a single-row INSERT's trigger
+-- does.
 do $$
-begin  -- an earlier form returned autoembed.target_catalog
+begin
     drop function if exists autoembed.trigger_target(oid, integer, text);
 end
-$$;
-create or replace function autoembed.trigger_target(tbl oid, nargs integer, arg text)
-returns record
-language plpgsql
-stable
-as $$
-declare
-    c record;
-begin
-    if nargs = 1 and arg ~ '^[0-9]{1,18}$' then
-        select t.* into c from autoembed.live_target(arg::bigint) t where t.relid = tbl;
-    end if;
-    if c.id is null then
-        raise warning 'autoembed: a trigger on % names no target of this table (% arguments, the first %): nothing enqueued; run autoembed db init, or enroll the table again',
-            tbl::regclass, nargs, quote_nullable(arg);
-        return null;
-    end if;
-    if not c.key_ok or c.embedding_column is null then
-        raise warning 'autoembed: target % of % lost its key or embedding column (or the key type changed): nothing enqueued; enroll the table again',
-            c.id, tbl::regclass;
-        return null;
-    end if;
-    return c;
-end;
 $$;
 
 -- AFTER INSERT/UPDATE statement trigger of enrolled tables, with the transition table
@@ -300,8 +279,18 @@ begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
-    c := autoembed.trigger_target(TG_RELID, TG_NARGS, TG_ARGV[0]);
-    if c is null then
+    -- The target the trigger names, which must be this table's. A trigger that names none, or a
+    -- target that lost its key or vector column, warns: the user's write goes on, and nothing
+    -- unregistered is enqueued.
+    c := autoembed.live_target(case when TG_NARGS = 1 and TG_ARGV[0] ~ '^[0-9]{1,18}$' then TG_ARGV[0]::bigint end);
+    if c.id is null or c.relid <> TG_RELID then
+        raise warning 'autoembed: a trigger on % names no target of this table (% arguments, the first %): nothing enqueued; run autoembed db init, or enroll the table again',
+            TG_RELID::regclass, TG_NARGS, quote_nullable(TG_ARGV[0]);
+        return null;
+    end if;
+    if not c.key_ok or c.embedding_column is null then
+        raise warning 'autoembed: target % of % lost its key or embedding column (or the key type changed): nothing enqueued; enroll the table again',
+            c.id, TG_RELID::regclass;
         return null;
     end if;
     header := c.header;

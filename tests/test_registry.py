@@ -7,6 +7,7 @@ import psycopg
 import pytest
 
 from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.database import connect
 from autoembed_dagster.core.migrations import init_db
 
 
@@ -157,6 +158,69 @@ def test_renames_are_followed_and_no_stale_vector_stays(conn, rename):
     (message,) = messages(conn)
     assert message == {"id": 1, "schema": row["schema_name"], "table": row["table_name"], "contentFunction": "doc_input",
                        "embeddingColumn": column, "target": target, "keyColumn": "id"}
+
+
+@pytest.mark.parametrize("queue", ["embedding_jobs", "other_jobs"])
+def test_statement_triggers_send_pgmq_messages_and_wake_the_drains(conn, db_url, queue):
+    """The default queue is written with a static INSERT into pgmq's queue table, other queues
+    through pgmq.send/send_batch: the same messages either way, read by pgmq.read, only in the
+    target's queue, and one NOTIFY per statement."""
+    make_docs(conn, "int", "id")
+    conn.execute("select pgmq.create('other_jobs')")
+    conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding', queue => %s, enqueue_backlog => false)",
+                 (queue,))
+    target = conn.execute("select id from autoembed.targets").fetchone()[0]
+    header = {"schema": "public", "table": "docs", "contentFunction": "doc_input", "embeddingColumn": "embedding",
+              "target": target, "keyColumn": "id"}
+    with connect(db_url) as listener:
+        listener.execute("listen autoembed")
+        conn.execute("insert into docs values (1, 'one')")
+        conn.execute("insert into docs select g, 'b' from generate_series(2, 4) g")
+        conn.execute("insert into docs values (10, 'x'), (12, 'y')")
+        conn.execute("insert into docs select 2 * g, 'z' from generate_series(100, 300) g")  # 201 keys: 2 messages
+        woken = [n.payload for n in listener.notifies(timeout=30, stop_after=4)]
+    assert woken == [queue] * 4
+    read = conn.execute("select message, read_ct from pgmq.read(%s, 30, 10)", (queue,)).fetchall()
+    assert read[:3] == [({"id": 1, **header}, 1), ({"id": 2, "idRange": [2, 4], **header}, 1),
+                        ({"id": 10, "ids": "10,12", **header}, 1)]
+    rest = [m for m, _ in read[3:]]
+    assert [m["ids"].count(",") + 1 if "ids" in m else 1 for m in rest] == [200, 1]
+    assert rest[1] == {"id": 600, **header}
+    assert messages(conn, "other_jobs" if queue == "embedding_jobs" else "embedding_jobs") == []
+
+
+def test_a_statement_trigger_naming_another_tables_target_enqueues_nothing(conn):
+    """The statement trigger's argument is a target id; a table's owner who names another table's
+    target (or no target) gets a warning and no message, and the write goes on."""
+    make_docs(conn, "int", "id")
+    conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding', enqueue_backlog => false)")
+    target = conn.execute("select id from autoembed.targets").fetchone()[0]
+    conn.execute("create table other (id int primary key, body text, embedding vector(3))")
+    warnings = []
+    conn.add_notice_handler(lambda d: warnings.append(d.message_primary))
+    for row_id, arg in enumerate((str(target), "no target")):
+        conn.execute(f"""create or replace trigger forged after insert on other referencing new table as autoembed_new
+                         for each statement execute function autoembed.queue_embeddings_bulk('{arg}')""")
+        warnings.clear()
+        conn.execute("insert into other values (%s, 'x')", (row_id,))
+        assert messages(conn) == []
+        assert any("names no target of this table" in w for w in warnings), warnings
+    assert conn.execute("select count(*) from other").fetchone()[0] == 2
+    conn.execute("insert into docs values (1, 'one')")  # the enrolled table's own trigger still enqueues
+    assert [(m["id"], m["target"]) for m in messages(conn)] == [(1, target)]
+
+
+def test_a_target_whose_key_column_is_gone_enqueues_nothing_and_warns(conn):
+    make_docs(conn, "int", "id")
+    conn.execute("alter table docs add column doc_key text not null unique default 'k'")
+    conn.execute("alter table docs alter column doc_key drop default")
+    conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding', 'doc_key', enqueue_backlog => false)")
+    conn.execute("alter table docs drop column doc_key")
+    warnings = []
+    conn.add_notice_handler(lambda d: warnings.append(d.message_primary))
+    conn.execute("insert into docs values (1, 'one')")
+    assert messages(conn) == []
+    assert any("lost its key or embedding column" in w for w in warnings), warnings
 
 
 def test_dropped_content_function_or_column_leaves_no_usable_target(conn):
