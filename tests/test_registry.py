@@ -162,9 +162,8 @@ def test_renames_are_followed_and_no_stale_vector_stays(conn, rename):
 
 @pytest.mark.parametrize("queue", ["embedding_jobs", "other_jobs"])
 def test_statement_triggers_send_pgmq_messages_and_wake_the_drains(conn, db_url, queue):
-    """The default queue is written with a static INSERT into pgmq's queue table, other queues
-    through pgmq.send/send_batch: the same messages either way, read by pgmq.read, only in the
-    target's queue, and one NOTIFY per statement."""
+    """Any queue is written through pgmq.send (one message) or pgmq.send_batch: the messages are
+    read by pgmq.read, only in the target's queue, and each statement sends one NOTIFY."""
     make_docs(conn, "int", "id")
     conn.execute("select pgmq.create('other_jobs')")
     conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding', queue => %s, enqueue_backlog => false)",
