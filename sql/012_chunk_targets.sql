@@ -279,3 +279,28 @@ begin
     return old;
 end;
 $$;
+
+-- Undo a promotion while <live>__old exists: the live table becomes the shadow again
+-- (`shadow_name`, where the drain and the backfill write until the next promotion) and the old
+-- table is live again, the registry following it. Same rights as promote_chunk_target. Returns
+-- the table that is the shadow now.
+create or replace function autoembed.rollback_chunk_target(live regclass, shadow_name text)
+returns regclass
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    old regclass := autoembed.old_chunk_table(live);
+    shadow regclass;
+begin
+    perform autoembed.require_owner((select parent from autoembed.chunk_parent(live)), 'roll back its chunk table');
+    if old is null then
+        raise exception '% has no old chunk table (dropped, or never promoted): nothing to roll back to', live
+            using errcode = 'undefined_table';
+    end if;
+    shadow := autoembed.swap_chunk_tables(live, old, shadow_name);
+    update autoembed.targets r set chunk_table = old, updated_at = now() where r.chunk_table = live;
+    return shadow;
+end;
+$$;

@@ -361,6 +361,13 @@ def shadow_name(target: ChunkTarget) -> str:
     return suffixed(target.chunk_table, "__next")
 
 
+def old_table(conn: psycopg.Connection, target: ChunkTarget) -> str | None:
+    """The previous live table a promotion kept (`<chunk table>__old`), if it still exists."""
+    row = conn.execute("select c.relname::text from pg_class c where c.oid = autoembed.old_chunk_table(%s::regclass)",
+                       (regclass_of(target),)).fetchone()
+    return row[0] if row else None
+
+
 def create_shadow(conn: psycopg.Connection, target: ChunkTarget, *, vector_type: str | None = None,
                   dimensions: int | None = None) -> ChunkTarget:
     """The shadow chunk table a backfill to another model writes into (same parent, any size)."""
@@ -383,11 +390,11 @@ def promote(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget, mo
                                   f"chunk set under {model_key}: finish the backfill, or promote with force")
         # (and the registry's chunk target follows the live table: sql/012)
         old = conn.execute("select autoembed.promote_chunk_target(%s::regclass, %s::regclass)::text",
-                           (_regclass(live), _regclass(shadow))).fetchone()[0]
+                           (regclass_of(live), regclass_of(shadow))).fetchone()[0]
     return old
 
 
-def _regclass(target: ChunkTarget) -> str:
+def regclass_of(target: ChunkTarget) -> str:
     return sql.Identifier(target.schema, target.chunk_table).as_string(None)
 
 

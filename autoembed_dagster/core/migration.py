@@ -276,7 +276,7 @@ def column_models(conn: psycopg.Connection, schema: str, table: str, column: str
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _in_locked_transaction(conn: psycopg.Connection, body: Callable[[], T], *, lock_timeout: float,
+def in_locked_transaction(conn: psycopg.Connection, body: Callable[[], T], *, lock_timeout: float,
                            attempts: int) -> T:
     """Run `body` in one transaction that waits at most `lock_timeout` s for each table lock.
 
@@ -620,7 +620,7 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
             (queue, queue, live.schema, live.table, live.embedding_column))
         return m
 
-    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
 @dataclass
@@ -678,7 +678,7 @@ def promote(conn: psycopg.Connection, m: Migration, *, force: bool = False, lock
         return PromoteResult(_reload(conn, mm), cov, indexes=indexes, triggers=triggers, notes=notes,
                              purged_jobs=purged, locked_seconds=time.perf_counter() - started)
 
-    result = _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    result = in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
     result.notes = notes
     return result
 
@@ -722,7 +722,7 @@ def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
                      .format(col=target.column_sql, fn=target.function_sql))
         return mm
 
-    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
 def drop_old(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
@@ -741,7 +741,7 @@ def drop_old(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
                      (mm.id,))
         return _reload(conn, mm)
 
-    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
 def abort(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
@@ -763,7 +763,7 @@ def abort(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, 
                      (mm.id,))
         return _reload(conn, mm)
 
-    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
 # -- the drain's view: which model embeds which column -------------------------------------------------
