@@ -139,8 +139,9 @@ $$;
 -- Parent rows ranked by their best chunk (cosine distance), with that chunk. With
 -- `content_function`, only chunk sets made from the parent's current input are searched (a
 -- changed row's old chunks are never returned while its new ones are pending). Exact: the
--- nearest chunks are taken in growing batches until they name `k` parents (or all are seen); an
--- HNSW index on the embedding serves the inner ORDER BY ... LIMIT.
+-- nearest chunks are taken in growing batches until they name `k` parents (or all are seen); the
+-- HNSW index on the embedding (ensure_chunk_vector_index) serves the inner ORDER BY ... LIMIT,
+-- scanning iteratively (up to hnsw.max_scan_tuples, 20,000 by default, per batch).
 create or replace function autoembed.search_chunks(
     chunk_table regclass,
     query vector,
@@ -158,9 +159,19 @@ declare
     total bigint;
     found integer;
     current_only text := '';
+    -- An HNSW scan returns at most hnsw.ef_search (40) rows unless it scans iteratively
+    -- (pgvector 0.8+): without that, a batch would look like "every chunk seen" and one document
+    -- with many near chunks would hide the others. Set for this call only, then put back.
+    iterative boolean := exists (select 1 from pg_extension where extname = 'vector'
+                                 and string_to_array(extversion, '.')::int[] >= array[0, 8]);
+    prior text;
 begin
     if k is null or k < 1 then
         raise exception 'k must be at least 1, got %', k;
+    end if;
+    if iterative then
+        prior := current_setting('hnsw.iterative_scan', true);
+        perform set_config('hnsw.iterative_scan', 'strict_order', true);
     end if;
     select * into p from autoembed.chunk_parent(chunk_table);
     if p.parent is null then
@@ -191,6 +202,9 @@ begin
              order by c.%1$I, c.d, c.chunk_index) x
          order by x.d, x.k limit $2',
         p.key_column, vtype, chunk_table, current_only) using query, k, batch;
+    if iterative then
+        perform set_config('hnsw.iterative_scan', coalesce(prior, 'off'), true);
+    end if;
 end;
 $$;
 

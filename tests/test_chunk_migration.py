@@ -229,3 +229,20 @@ def test_status_json_lists_queues_chunk_targets_and_dead_letters(articles, db_ur
     assert (target["chunk_tokens"], target["chunk_overlap"]) == (64, 8)
     assert (target["embeddable"], target["current"], target["stale"], target["coverage"]) == (4, 3, 1, 0.75)
     assert out["dead_letters"] == []
+
+
+def test_search_through_the_index_still_finds_k_parents_past_hnsws_candidate_list(conn):
+    """HNSW returns at most hnsw.ef_search (40) rows per scan unless it scans iteratively: one
+    document whose 100 chunks are all nearer than any other's must not hide the others."""
+    conn.execute("create table notes (id int primary key, body text)")
+    conn.execute("insert into notes select i, 'n' from generate_series(1, 5) i")
+    conn.execute("select autoembed.create_chunk_table('notes', 'id', 'vector', 3)")
+    assert vector_indexes(conn, "notes_chunks")
+    rows = [(1, i, f"[1,{0.001 * i},0]") for i in range(100)] + [(n, 0, f"[1,{n},0]") for n in (2, 3, 4, 5)]
+    with conn.cursor() as cur:
+        cur.executemany("insert into notes_chunks values (%s, %s, 'c', %s::vector, '\\x00', '\\x00', 'm', 's')", rows)
+    conn.execute("set enable_seqscan = off")  # the plan of a big table: the index serves the nearest chunks
+    hits = conn.execute("select parent_key, chunk_index from autoembed.search_chunks('notes_chunks', '[1,0,0]', 3)"
+                        ).fetchall()
+    assert hits == [("1", 0), ("2", 0), ("3", 0)]
+    assert conn.execute("select current_setting('hnsw.iterative_scan', true)").fetchone()[0] in (None, "off")
