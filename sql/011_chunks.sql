@@ -208,13 +208,22 @@ begin
 end;
 $$;
 
--- The table a chunk table's promotion retires it to (<live>__old, shortened to fit), if it exists.
+-- The name a promotion retires the live chunk table to (<live>__old, shortened to fit), and that
+-- table if it exists (kept for rollback until dropped).
+create or replace function autoembed.old_chunk_name(live regclass)
+returns text
+language sql
+stable
+as $$
+    select left(c.relname, 58) || '__old' from pg_class c where c.oid = live
+$$;
+
 create or replace function autoembed.old_chunk_table(live regclass)
 returns regclass
 language sql
 stable
 as $$
-    select to_regclass(format('%I.%I', n.nspname, left(c.relname, 58) || '__old'))
+    select to_regclass(format('%I.%I', n.nspname, autoembed.old_chunk_name(live)))
     from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = live
 $$;
 
@@ -239,7 +248,10 @@ begin
     if (select relnamespace from pg_class where oid = incoming) <> (select relnamespace from pg_class where oid = live) then
         raise exception '% is not in the schema of %', incoming, live;
     end if;
-    if to_regclass(format('%I.%I', nsp, retired_name)) is not null then
+    if retired_name = autoembed.old_chunk_name(live) and autoembed.old_chunk_table(live) is not null then
+        raise exception '% holds the chunk sets of a previous promotion: drop it first', autoembed.old_chunk_table(live)
+            using hint = 'autoembed migrate PIPELINE drop-old (or rollback)';
+    elsif to_regclass(format('%I.%I', nsp, retired_name)) is not null then
         raise exception '%.% exists: drop it first', quote_ident(nsp), quote_ident(retired_name);
     end if;
     execute format('lock table %s, %s in access exclusive mode', live, incoming);
@@ -256,16 +268,7 @@ $$;
 -- `autoembed migrate PIPELINE drop-old` drops it).
 create or replace function autoembed.promote_chunk_table(live regclass, shadow regclass)
 returns regclass
-language plpgsql
+language sql
 as $$
-declare
-    old regclass := autoembed.old_chunk_table(live);
-begin
-    if old is not null then
-        raise exception '% holds the chunk sets of a previous promotion: drop it first', old
-            using hint = 'autoembed migrate PIPELINE drop-old (or rollback)';
-    end if;
-    return autoembed.swap_chunk_tables(live, shadow,
-        (select left(c.relname, 58) || '__old' from pg_class c where c.oid = live));
-end;
+    select autoembed.swap_chunk_tables(live, shadow, autoembed.old_chunk_name(live))
 $$;

@@ -20,7 +20,10 @@ from autoembed_dagster.core.drain import drain, pipeline_resolver
 from autoembed_dagster.core.migration import MigrationError
 from autoembed_dagster.defs.autoembed import build_defs
 
-from .test_chunk_targets import _doc, _pipeline, articles, assert_current, chunk_rows  # noqa: F401 (fixture)
+from . import test_chunk_targets
+from .test_chunk_targets import _doc, _pipeline, assert_current, chunk_rows
+
+articles = test_chunk_targets.articles  # the fixture: a table of long articles enrolled as a chunk target
 
 NEW = "openai:text-embedding-3-small:512"
 
