@@ -249,3 +249,23 @@ def test_search_through_the_index_still_finds_k_parents_past_hnsws_candidate_lis
                         ).fetchall()
     assert hits == [("1", 0), ("2", 0), ("3", 0)]
     assert conn.execute("select current_setting('hnsw.iterative_scan', true)").fetchone()[0] in (None, "off")
+
+
+# -- 5. a chunk-size change keeps its model partition -------------------------------------------------
+def test_a_chunk_size_change_rechunks_in_place_under_the_same_model_partition(articles, fake_openai, settings):
+    """The sizes are in the code version (partitions go stale) but not in the partition key: a
+    size change re-chunks in place, each document's set swapped whole, no shadow needed."""
+    from autoembed_dagster.core.chunking import splitter_for
+
+    conn = articles
+    load(conn)
+    drain(conn, settings)
+    before = run_chunk_backfill(conn, _pipeline()).plan.spec.key
+    api.enroll("articles", "article_text", chunk_tokens=96, chunk_overlap=8, url=conn.info.dsn)
+    result = run_chunk_backfill(conn, replace(_pipeline(), chunk_tokens=96))
+    assert (result.plan.mode, result.plan.spec.key) == ("in_place", before)
+    assert result.total.written == 4 and result.coverage.complete
+    splitter = splitter_for(test_chunk_targets._embedder(), 96, 8)
+    for i in range(1, 5):
+        text = conn.execute("select article_text(a) from articles a where id = %s", (i,)).fetchone()[0]
+        assert [r[1] for r in chunk_rows(conn, i)] == splitter.split(text)
