@@ -269,3 +269,28 @@ def test_a_chunk_size_change_rechunks_in_place_under_the_same_model_partition(ar
     for i in range(1, 5):
         text = conn.execute("select article_text(a) from articles a where id = %s", (i,)).fetchone()[0]
         assert [r[1] for r in chunk_rows(conn, i)] == splitter.split(text)
+
+
+def test_only_the_tables_owner_swaps_its_chunk_tables(articles, fake_openai):
+    """swap_chunk_target is SECURITY DEFINER (it writes the registry): a role that may write the
+    table but does not own it can neither promote nor roll back its chunk tables."""
+    import psycopg
+
+    from .test_least_privilege import acting_as
+
+    conn = articles
+    conn.execute("select autoembed.create_chunk_table('articles', 'id', 'halfvec', 512, 'articles_chunks__next')")
+    role = f"app_{conn.info.backend_pid}"
+    conn.execute(f"create role {role} nologin")
+    try:
+        conn.execute(f"grant select, insert, update, delete on articles, articles_chunks to {role}")
+        with acting_as(conn, role):
+            for call in ("select autoembed.promote_chunk_target('articles_chunks', 'articles_chunks__next')",
+                         "select autoembed.swap_chunk_target('articles_chunks', 'articles_chunks__next', 'x')"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(call)
+        assert conn.execute("select to_regclass('articles_chunks__old')").fetchone()[0] is None
+        assert conn.execute("select to_regclass('x')").fetchone()[0] is None
+    finally:
+        conn.execute(f"drop owned by {role} cascade")
+        conn.execute(f"drop role {role}")
