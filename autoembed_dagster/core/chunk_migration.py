@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from . import chunks
+from .backfill import MIGRATION_ACTIONS
 from .chunk_backfill import pipeline_embedder
 from .drain.chunked import chunk_target_of, shadow_of
 from .migration import Coverage, MigrationError, in_locked_transaction
@@ -104,7 +105,7 @@ def chunk_migration_action(conn: psycopg.Connection, p: Pipeline, action: str, *
         _drop(conn, live, m.shadow.chunk_table, lock_timeout, attempts)
         requeue_stale_documents(conn, m.live)
     else:
-        raise MigrationError(f"migration action {action!r} is not one of status, promote, rollback, drop_old, abort")
+        raise MigrationError(f"migration action {action!r} is not one of {', '.join(MIGRATION_ACTIONS)}")
     return chunk_migration(conn, p)
 
 
