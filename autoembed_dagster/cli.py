@@ -332,7 +332,7 @@ def _chunk_backfill(args: argparse.Namespace, p) -> int:
           f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable} documents)")
     if result.promoted_old is not None:
         print(f"promoted: {result.plan.live.chunk_table} now holds {result.plan.spec.identity_key} "
-              f"(old chunk sets in {result.promoted_old}: drop it when no longer needed)")
+              f"(old chunk sets in {result.promoted_old} until `autoembed migrate {p.name} drop-old`)")
     if result.total.stopped:
         print(f"stopped early: {result.total.stopped}", file=sys.stderr)
     for error in result.total.errors:

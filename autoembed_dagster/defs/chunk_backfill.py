@@ -78,7 +78,8 @@ def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shar
         promoted = bp.mode == "shadow" and whole.complete and promote_on
         if promoted:
             old = chunks.promote(conn, chunk_target_of(live), written, embedder.identity.key, splitter.key)
-            context.log.info(f"model change complete: {live.chunk_table} now holds {spec.key} (old chunks kept in {old})")
+            context.log.info(f"model change complete: {live.chunk_table} now holds {spec.key} (old chunks kept in "
+                             f"{old} until the model_migration job's drop_old)")
     yield dg.MaterializeResult(
         metadata={
             "model": spec.key, "mode": bp.mode, "chunk_table": f"{p.schema}.{bp.write_to.chunk_table}",
