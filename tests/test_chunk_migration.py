@@ -77,6 +77,20 @@ def test_chunk_tables_get_an_hnsw_index_search_uses_and_the_promotion_keeps(arti
     assert len(vector_indexes(conn, "articles_chunks__old")) == 1  # the rollback's table keeps its own
 
 
+def test_the_shadow_rebuilds_the_live_tables_own_index_settings(articles, fake_openai, settings):
+    conn = articles
+    conn.execute("drop index articles_chunks_embedding_idx")
+    conn.execute("create index tuned on articles_chunks using hnsw (embedding halfvec_cosine_ops) with (m = 8)")
+    load(conn)
+    drain(conn, settings)
+    assert run_chunk_backfill(conn, _pipeline(dimensions=512)).promoted_old == "articles_chunks__old"
+    [ix] = vector_indexes(conn, "articles_chunks")  # the former shadow: the tuned index, not the default
+    assert "USING hnsw (embedding halfvec_cosine_ops) WITH (m='8')" in ix
+    assert "halfvec(512)" in conn.execute("select format_type(atttypid, atttypmod) from pg_attribute "
+                                          "where attrelid = 'articles_chunks'::regclass and attname = 'embedding'"
+                                          ).fetchone()[0]
+
+
 def test_the_index_follows_the_vector_type_and_skips_sizes_past_hnsw(conn):
     conn.execute("create table notes (id int primary key, body text)")
     for name, vtype, dims in (("v3", "vector", 3), ("h3000", "halfvec", 3000), ("v3000", "vector", 3000)):
