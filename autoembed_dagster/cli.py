@@ -78,22 +78,26 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     rows = api.status(queue=args.queue)
+    chunked = api.chunk_targets_health()
+    dead = api.dead_letters(queue=args.queue, limit=10)
     if args.json:
-        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        print(json.dumps({"queues": [r.__dict__ for r in rows],
+                          "chunk_targets": [{**h.__dict__, "chunk_table": t.chunk_table, "chunk_tokens": t.chunk_tokens,
+                                             "chunk_overlap": t.chunk_overlap, "coverage": round(h.coverage, 6)}
+                                            for t, h in chunked],
+                          "dead_letters": dead}, indent=2, default=str))
         return 0
     print(f"{'queue':<24}{'messages':>9}{'rows':>9}{'visible':>9}{'in flight':>11}{'retrying':>10}"
           f"{'oldest s':>10}{'dead':>7}")
     for r in rows:
         print(f"{r.queue_name:<24}{r.depth:>9}{r.rows:>9}{r.visible:>9}{r.in_flight:>11}{r.retrying:>10}"
               f"{r.oldest_age_seconds:>10.1f}{r.dead_letters:>7}")
-    chunked = api.chunk_targets_health()
     if chunked:
         print(f"\n{'chunk target':<40}{'tokens':>8}{'documents':>11}{'current':>9}{'no chunks':>11}{'stale':>7}"
               f"{'dead':>6}  model")
         for target, h in chunked:
             print(f"{h.table:<40}{f'{target.chunk_tokens}/{target.chunk_overlap}':>8}{h.embeddable:>11}"
                   f"{h.current:>9}{h.missing:>11}{h.stale:>7}{h.dead_letters:>6}  {h.model}")
-    dead = api.dead_letters(queue=args.queue, limit=10)
     if dead:
         print("\nlatest dead letters:")
         for d in dead:
@@ -328,10 +332,22 @@ def _chunk_backfill(args: argparse.Namespace, p) -> int:
           f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable} documents)")
     if result.promoted_old is not None:
         print(f"promoted: {result.plan.live.chunk_table} now holds {result.plan.spec.identity_key} "
-              f"(old chunk sets in {result.promoted_old}: drop it when no longer needed)")
+              f"(old chunk sets in {result.promoted_old} until `autoembed migrate {p.name} drop-old`)")
+    if result.total.stopped:
+        print(f"stopped early: {result.total.stopped}", file=sys.stderr)
     for error in result.total.errors:
         print(f"  error: {error}", file=sys.stderr)
     return 0 if not (result.total.failed or result.total.busy) else 1
+
+
+def _chunk_migrate(args: argparse.Namespace, p) -> int:
+    """`autoembed migrate P ACTION` of a chunked pipeline (core.chunk_migration)."""
+    from .core.chunk_migration import chunk_migration_action
+
+    with api.session() as conn:
+        m = chunk_migration_action(conn, p, args.action.replace("-", "_"), force=args.force)
+    print(json.dumps(m.as_dict()) if args.json else m.summary())
+    return 0  # a state that does not allow the action raised MigrationError (exit 1)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -340,6 +356,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from .core.targets import resolve
 
     p = _pipeline_named(args.pipeline)
+    if p.chunked:
+        return _chunk_migrate(args, p)
     with api.session() as conn:
         m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
         if m is None:

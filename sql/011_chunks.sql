@@ -6,6 +6,43 @@
 -- A document's chunk set is replaced whole in one transaction, so every row of a set carries the
 -- same source_hash/model/splitter: "current" = they match the parent's input and the pipeline.
 
+-- The vector index of a chunk table: HNSW with the cosine operator class of its vector type (what
+-- search_chunks orders by), unless the embedding already has an index. Returns the index, or NULL
+-- when there is one already or the size is past HNSW's limit (vector 2000, halfvec 4000: search
+-- stays exact). Enrolment and a model change's shadow get it at creation (the promotion renames
+-- tables, so it moves with its table).
+create or replace function autoembed.ensure_chunk_vector_index(chunk_table regclass)
+returns regclass
+language plpgsql
+as $$
+declare
+    vtype text;
+    dims integer;
+    before regclass[];
+    made regclass;
+begin
+    select t.typname::text, a.atttypmod into vtype, dims
+      from pg_attribute a join pg_type t on t.oid = a.atttypid
+     where a.attrelid = chunk_table and a.attname = 'embedding' and a.attnum > 0 and not a.attisdropped;
+    if vtype is null or exists (
+        select 1 from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+         where i.indrelid = chunk_table and a.attname = 'embedding') then
+        return null;
+    end if;
+    if dims > (array[2000, 4000])[(vtype = 'halfvec')::int + 1] then  -- vector, halfvec
+        raise notice '%: no HNSW index for %(%) (past pgvector''s limit): chunk search is an exact scan',
+            chunk_table, vtype, dims;
+        return null;
+    end if;
+    before := array(select indexrelid::regclass from pg_index where indrelid = chunk_table);
+    -- Unnamed: Postgres picks a free name, so a promoted shadow's index never collides.
+    execute format('create index on %s using hnsw (embedding %I)', chunk_table, vtype || '_cosine_ops');
+    select i.indexrelid::regclass into made from pg_index i
+     where i.indrelid = chunk_table and not (i.indexrelid::regclass = any(before));
+    return made;
+end;
+$$;
+
 -- Create (or check) the chunk table of `tbl`; returns it. Idempotent; an existing table of
 -- another shape is an error naming what differs.
 create or replace function autoembed.create_chunk_table(
@@ -67,6 +104,7 @@ begin
         -- Reuse looks vectors up by chunk hash across the whole table.
         -- (Unnamed: Postgres picks a free name, so a promoted shadow's index never collides.)
         execute format('create index on %I.%I (chunk_hash)', nsp, name);
+        perform autoembed.ensure_chunk_vector_index(format('%I.%I', nsp, name)::regclass);
         return format('%I.%I', nsp, name)::regclass;
     end if;
     select t.typname::text as vtype, a.atttypmod as dims,
@@ -80,6 +118,7 @@ begin
             existing, quote_ident(key_column), have.ktype, have.vtype, have.dims,
             quote_ident(key_column), key_type, vector_type, dimensions;
     end if;
+    perform autoembed.ensure_chunk_vector_index(existing);  -- a table made before chunk tables had one
     return existing;
 end;
 $$;
@@ -100,8 +139,9 @@ $$;
 -- Parent rows ranked by their best chunk (cosine distance), with that chunk. With
 -- `content_function`, only chunk sets made from the parent's current input are searched (a
 -- changed row's old chunks are never returned while its new ones are pending). Exact: the
--- nearest chunks are taken in growing batches until they name `k` parents (or all are seen); an
--- HNSW index on the embedding serves the inner ORDER BY ... LIMIT.
+-- nearest chunks are taken in growing batches until they name `k` parents (or all are seen); the
+-- HNSW index on the embedding (ensure_chunk_vector_index) serves the inner ORDER BY ... LIMIT,
+-- scanning iteratively (up to hnsw.max_scan_tuples, 20,000 by default, per batch).
 create or replace function autoembed.search_chunks(
     chunk_table regclass,
     query vector,
@@ -119,9 +159,19 @@ declare
     total bigint;
     found integer;
     current_only text := '';
+    -- An HNSW scan returns at most hnsw.ef_search (40) rows unless it scans iteratively
+    -- (pgvector 0.8+): without that, a batch would look like "every chunk seen" and one document
+    -- with many near chunks would hide the others. Set for this call only, then put back.
+    iterative boolean := exists (select 1 from pg_extension where extname = 'vector'
+                                 and string_to_array(extversion, '.')::int[] >= array[0, 8]);
+    prior text;
 begin
     if k is null or k < 1 then
         raise exception 'k must be at least 1, got %', k;
+    end if;
+    if iterative then
+        prior := current_setting('hnsw.iterative_scan', true);
+        perform set_config('hnsw.iterative_scan', 'strict_order', true);
     end if;
     select * into p from autoembed.chunk_parent(chunk_table);
     if p.parent is null then
@@ -152,39 +202,73 @@ begin
              order by c.%1$I, c.d, c.chunk_index) x
          order by x.d, x.k limit $2',
         p.key_column, vtype, chunk_table, current_only) using query, k, batch;
+    if iterative then
+        perform set_config('hnsw.iterative_scan', coalesce(prior, 'off'), true);
+    end if;
 end;
 $$;
 
--- Model migration of a chunk pipeline: the backfill writes the new model into a shadow chunk
--- table (create_chunk_table(..., chunk_table => '<table>_chunks__next')); promotion renames the
--- live table to <live>__old and the shadow to the live name in one transaction, so readers see
--- either the old chunk sets or the new ones. Returns the old table (kept for rollback: promote
--- it back the same way, or drop it). Taking the locks may wait for running readers.
-create or replace function autoembed.promote_chunk_table(live regclass, shadow regclass)
+-- The name a promotion retires the live chunk table to (<live>__old, shortened to fit), and that
+-- table if it exists (kept for rollback until dropped).
+create or replace function autoembed.old_chunk_name(live regclass)
+returns text
+language sql
+stable
+as $$
+    select left(c.relname, 58) || '__old' from pg_class c where c.oid = live
+$$;
+
+create or replace function autoembed.old_chunk_table(live regclass)
+returns regclass
+language sql
+stable
+as $$
+    select to_regclass(format('%I.%I', n.nspname, autoembed.old_chunk_name(live)))
+    from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = live
+$$;
+
+-- Swap two chunk tables of the same parent in one transaction: `live` is renamed `retired_name`,
+-- `incoming` takes the live name (its indexes go with it). A promotion retires the live table to
+-- <live>__old; a rollback retires it to the shadow name and brings <live>__old back. Returns the
+-- retired table. Taking the locks may wait for running readers.
+create or replace function autoembed.swap_chunk_tables(live regclass, incoming regclass, retired_name text)
 returns regclass
 language plpgsql
 as $$
 declare
     nsp text;
     live_name text;
-    old_name text;
     parent_live regclass := (select parent from autoembed.chunk_parent(live));
 begin
-    if parent_live is null or parent_live is distinct from (select parent from autoembed.chunk_parent(shadow)) then
-        raise exception '% and % are not chunk tables of the same parent table', live, shadow;
+    if parent_live is null or parent_live is distinct from (select parent from autoembed.chunk_parent(incoming)) then
+        raise exception '% and % are not chunk tables of the same parent table', live, incoming;
     end if;
     select n.nspname, c.relname into nsp, live_name
     from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = live;
-    if (select relnamespace from pg_class where oid = shadow) <> (select relnamespace from pg_class where oid = live) then
-        raise exception 'shadow % is not in the schema of %', shadow, live;
+    if (select relnamespace from pg_class where oid = incoming) <> (select relnamespace from pg_class where oid = live) then
+        raise exception '% is not in the schema of %', incoming, live;
     end if;
-    old_name := left(live_name, 58) || '__old';
-    if to_regclass(format('%I.%I', nsp, old_name)) is not null then
-        raise exception '%.% exists (a previous promotion): drop it first', quote_ident(nsp), quote_ident(old_name);
+    if retired_name = autoembed.old_chunk_name(live) and autoembed.old_chunk_table(live) is not null then
+        raise exception '% holds the chunk sets of a previous promotion: drop it first', autoembed.old_chunk_table(live)
+            using hint = 'autoembed migrate PIPELINE drop-old (or rollback)';
+    elsif to_regclass(format('%I.%I', nsp, retired_name)) is not null then
+        raise exception '%.% exists: drop it first', quote_ident(nsp), quote_ident(retired_name);
     end if;
-    execute format('lock table %s, %s in access exclusive mode', live, shadow);
-    execute format('alter table %s rename to %I', live, old_name);
-    execute format('alter table %s rename to %I', shadow, live_name);
-    return format('%I.%I', nsp, old_name)::regclass;
+    execute format('lock table %s, %s in access exclusive mode', live, incoming);
+    execute format('alter table %s rename to %I', live, retired_name);
+    execute format('alter table %s rename to %I', incoming, live_name);
+    return format('%I.%I', nsp, retired_name)::regclass;
 end;
+$$;
+
+-- Model migration of a chunk pipeline: the backfill writes the new model into a shadow chunk
+-- table (create_chunk_table(..., chunk_table => '<table>_chunks__next')); promotion renames the
+-- live table to <live>__old and the shadow to the live name in one transaction, so readers see
+-- either the old chunk sets or the new ones. Returns the old table (kept for rollback, until
+-- `autoembed migrate PIPELINE drop-old` drops it).
+create or replace function autoembed.promote_chunk_table(live regclass, shadow regclass)
+returns regclass
+language sql
+as $$
+    select autoembed.swap_chunk_tables(live, shadow, autoembed.old_chunk_name(live))
 $$;

@@ -260,22 +260,50 @@ begin
 end;
 $$;
 
--- Promote a chunk target's shadow chunk table (a backfill to another model wrote it): swap the
--- tables (autoembed.promote_chunk_table, sql/011) and point the registry's chunk target at the new
--- live table, in the caller's transaction, so queued jobs go on to the table search reads.
--- SECURITY DEFINER (the registry); the caller must own the parent table. Returns the old table.
-create or replace function autoembed.promote_chunk_target(live regclass, shadow regclass)
+-- Swap a chunk target's live chunk table for `incoming` (autoembed.swap_chunk_tables, sql/011:
+-- the live one is renamed `retired_name`) and point the registry's chunk target at the new live
+-- table, in the caller's transaction, so queued jobs go on to the table search reads. SECURITY
+-- DEFINER (the registry); the caller must own the parent table. Returns the retired table.
+create or replace function autoembed.swap_chunk_target(live regclass, incoming regclass, retired_name text)
 returns regclass
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    old regclass;
+    retired regclass;
 begin
-    perform autoembed.require_owner((select parent from autoembed.chunk_parent(live)), 'promote its chunk table');
-    old := autoembed.promote_chunk_table(live, shadow);
-    update autoembed.targets r set chunk_table = shadow, updated_at = now() where r.chunk_table = live;
-    return old;
+    perform autoembed.require_owner((select parent from autoembed.chunk_parent(live)), 'swap its chunk tables');
+    retired := autoembed.swap_chunk_tables(live, incoming, retired_name);
+    update autoembed.targets r set chunk_table = incoming, updated_at = now() where r.chunk_table = live;
+    return retired;
+end;
+$$;
+
+-- Promote a chunk target's shadow chunk table (a backfill to another model wrote it): the live
+-- table is kept as <live>__old (refused while one exists). Returns the old table.
+create or replace function autoembed.promote_chunk_target(live regclass, shadow regclass)
+returns regclass
+language sql
+as $$
+    select autoembed.swap_chunk_target(live, shadow, autoembed.old_chunk_name(live))
+$$;
+
+-- Undo a promotion while <live>__old exists: the live table becomes the shadow again
+-- (`shadow_name`, where the drain and the backfill write until the next promotion) and the old
+-- table is live again. Returns the table that is the shadow now.
+create or replace function autoembed.rollback_chunk_target(live regclass, shadow_name text)
+returns regclass
+language plpgsql
+as $$
+declare
+    old regclass := autoembed.old_chunk_table(live);
+begin
+    if old is null then
+        raise exception '% has no old chunk table (dropped, or never promoted): nothing to roll back to', live
+            using errcode = 'undefined_table';
+    end if;
+    perform autoembed.swap_chunk_target(live, old, shadow_name);
+    return live;
 end;
 $$;

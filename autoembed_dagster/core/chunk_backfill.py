@@ -23,14 +23,14 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
-from . import chunks
+from . import backfill_control, chunks
 from .backfill import pipeline_spec
 from .chunking import Splitter, splitter_for
 from .config import ConfigError
 from .drain.chunked import chunk_target_of, shadow_of
 from .embedders import make_embedder
 from .embedders.base import Embedder
-from .migration import Coverage, ModelSpec
+from .migration import Coverage, MigrationError, ModelSpec
 from .pipelines import Pipeline
 from .targets import Target, TargetError, lookup_registered
 
@@ -90,6 +90,12 @@ def chunk_plan(conn: psycopg.Connection, p: Pipeline, live: Target, spec: ModelS
         (spec.identity_key,)).fetchall()]
     if live.dimensions == spec.dimensions and not others:
         return ChunkBackfillPlan("in_place", live, live, spec, f"{live.chunk_table} holds {spec.identity_key}")
+    retired = chunks.old_table(conn, chunk_target_of(live))
+    if retired is not None:
+        # Its promotion would fail at the end, after the whole backfill: refuse before any work.
+        raise MigrationError(f"{p.qualified_table}: {retired} holds the chunk sets of the previous model change; "
+                             f"drop them first with `autoembed migrate {p.name} drop-old` (or roll that change "
+                             f"back: `autoembed migrate {p.name} rollback`), then backfill {spec.key}")
     ct = chunks.create_shadow(conn, chunk_target_of(live), dimensions=spec.dimensions)
     shadow = replace(live, chunk_table=ct.chunk_table, vector_type=ct.vector_type, dimensions=ct.dimensions)
     held = ", ".join(others) or f"{live.vector_type}({live.dimensions}) vectors"
@@ -112,9 +118,11 @@ class ChunkShardStats:
     chunks_reused: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    stopped: str | None = None  # why the shard stopped before its end (paused, outside its window)
     errors: list[str] = field(default_factory=list)
 
     def add(self, other: "ChunkShardStats") -> None:
+        self.stopped = self.stopped or other.stopped
         for name in ("documents", "written", "current", "busy", "stale", "failed", "chunks_embedded",
                      "chunks_reused", "tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -123,7 +131,8 @@ class ChunkShardStats:
     def summary(self) -> str:
         return (f"{self.written} documents written, {self.current} already current, {self.busy} busy, "
                 f"{self.stale} stale (left to the queue), {self.failed} failed; chunks: {self.chunks_embedded} "
-                f"embedded, {self.chunks_reused} reused; {self.tokens} tokens; {self.seconds:.1f} s")
+                f"embedded, {self.chunks_reused} reused; {self.tokens} tokens; {self.seconds:.1f} s"
+                + (f"; stopped: {self.stopped}" if self.stopped else ""))
 
 
 def _shard_keys(conn: psycopg.Connection, ct: chunks.ChunkTarget, shard: int, shards: int, after: str | None,
@@ -138,8 +147,12 @@ def _shard_keys(conn: psycopg.Connection, ct: chunks.ChunkTarget, shard: int, sh
 
 def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: Embedder, splitter: Splitter,
                          shard: int, shards: int, *, page_documents: int = DEFAULT_PAGE_DOCUMENTS,
+                         pipeline: str | None = None,
                          on_page: Callable[[ChunkShardStats, int], None] | None = None) -> ChunkShardStats:
-    """Bring every document of one shard up to date in `write_to`'s chunk table (see module doc)."""
+    """Bring every document of one shard up to date in `write_to`'s chunk table (see module doc).
+
+    With `pipeline`, its pause and time window (core.backfill_control) are checked before every
+    page, as column shards do: a stopped shard has lost nothing (the next run skips what is current)."""
     if not 0 <= shard < shards:
         raise ConfigError(f"shard {shard} is not in 0..{shards - 1}")
     started = time.perf_counter()
@@ -147,6 +160,10 @@ def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: E
     ct = chunk_target_of(write_to)
     after: str | None = None
     while True:
+        if pipeline is not None:
+            stats.stopped = backfill_control.stop_reason(conn, pipeline)
+            if stats.stopped is not None:
+                break
         keys = _shard_keys(conn, ct, shard, shards, after, page_documents)
         if not keys:
             break
@@ -197,9 +214,11 @@ def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int]
     started = time.perf_counter()
     for i in (only if only is not None else range(n)):
         r = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, i, n, page_documents=page_documents,
-                                 on_page=on_page)
+                                 pipeline=p.name, on_page=on_page)
         results.append(r)
         total.add(r)
+        if r.stopped:
+            break  # the same pause or window stops every later shard
     total.seconds = time.perf_counter() - started
     cov = chunks.coverage(conn, ct, embedder.identity.key, splitter.key)
     old = None

@@ -361,14 +361,55 @@ def shadow_name(target: ChunkTarget) -> str:
     return suffixed(target.chunk_table, "__next")
 
 
+def old_table(conn: psycopg.Connection, target: ChunkTarget) -> str | None:
+    """The previous live table a promotion kept (`<chunk table>__old`), if it still exists."""
+    row = conn.execute("select c.relname::text from pg_class c where c.oid = autoembed.old_chunk_table(%s::regclass)",
+                       (regclass_of(target),)).fetchone()
+    return row[0] if row else None
+
+
 def create_shadow(conn: psycopg.Connection, target: ChunkTarget, *, vector_type: str | None = None,
                   dimensions: int | None = None) -> ChunkTarget:
-    """The shadow chunk table a backfill to another model writes into (same parent, any size)."""
+    """The shadow chunk table a backfill to another model writes into (same parent, any size),
+    with the vector indexes of the live table rebuilt at its own type (see copy_vector_indexes)."""
     create_chunk_table(conn, target.schema, target.table, key_column=target.key_column,
                        vector_type=vector_type or target.vector_type,
                        dimensions=dimensions or target.dimensions, chunk_table=shadow_name(target))
-    return resolve_chunk_target(conn, target.schema, target.table, target.function,
-                                key_column=target.key_column, chunk_table=shadow_name(target))
+    shadow = resolve_chunk_target(conn, target.schema, target.table, target.function,
+                                  key_column=target.key_column, chunk_table=shadow_name(target))
+    copy_vector_indexes(conn, target, shadow)
+    return shadow
+
+
+def copy_vector_indexes(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget) -> list[str]:
+    """Give the shadow the live table's plain vector indexes (method, operator class for its own
+    vector type, options such as m = 32) instead of the default HNSW it was created with, so the
+    promotion swaps in the index the live table had. A live table with none keeps the default.
+    Returns the indexes created."""
+    from .migration import column_indexes, opclass_for, with_options
+
+    def shape(ix, vector_type: str) -> tuple:
+        return ix.method, opclass_for(ix.opclass, vector_type), tuple(sorted(ix.options or ()))
+
+    wanted = {shape(ix, shadow.vector_type): ix for ix in column_indexes(conn, regclass_of(live), VECTOR_COLUMN)
+              if ix.simple}
+    have = {shape(ix, shadow.vector_type): ix for ix in column_indexes(conn, regclass_of(shadow), VECTOR_COLUMN)}
+    if not wanted or wanted.keys() == have.keys():
+        return []
+    made = []
+    for key, ix in wanted.items():
+        method, opclass, _ = key
+        if key in have or conn.execute("select 1 from pg_opclass where opcname = %s", (opclass,)).fetchone() is None:
+            continue  # already there, or no such operator class for this vector type
+        conn.execute(sql.SQL("create index on {} using {} ({} {}){}").format(
+            shadow.chunks_sql, sql.Identifier(method), sql.Identifier(VECTOR_COLUMN), sql.Identifier(opclass),
+            with_options(ix)))
+        made.append(f"{method} ({opclass})")
+    if made or wanted.keys() & have.keys():  # the default goes only when a copy replaces it
+        for key, ix in have.items():
+            if key not in wanted:
+                conn.execute(sql.SQL("drop index {}").format(sql.Identifier(ix.schema, ix.name)))
+    return made
 
 
 def promote(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget, model_key: str, splitter_key: str,
@@ -383,11 +424,11 @@ def promote(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget, mo
                                   f"chunk set under {model_key}: finish the backfill, or promote with force")
         # (and the registry's chunk target follows the live table: sql/012)
         old = conn.execute("select autoembed.promote_chunk_target(%s::regclass, %s::regclass)::text",
-                           (_regclass(live), _regclass(shadow))).fetchone()[0]
+                           (regclass_of(live), regclass_of(shadow))).fetchone()[0]
     return old
 
 
-def _regclass(target: ChunkTarget) -> str:
+def regclass_of(target: ChunkTarget) -> str:
     return sql.Identifier(target.schema, target.chunk_table).as_string(None)
 
 

@@ -276,7 +276,7 @@ def column_models(conn: psycopg.Connection, schema: str, table: str, column: str
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _in_locked_transaction(conn: psycopg.Connection, body: Callable[[], T], *, lock_timeout: float,
+def in_locked_transaction(conn: psycopg.Connection, body: Callable[[], T], *, lock_timeout: float,
                            attempts: int) -> T:
     """Run `body` in one transaction that waits at most `lock_timeout` s for each table lock.
 
@@ -461,6 +461,11 @@ class IndexInfo:
 
 
 def _indexes(conn: psycopg.Connection, m: Migration, column: str) -> list[IndexInfo]:
+    return column_indexes(conn, sql.Identifier(m.schema_name, m.table_name).as_string(conn), column)
+
+
+def column_indexes(conn: psycopg.Connection, table: str, column: str) -> list[IndexInfo]:
+    """The indexes whose first column is `column` of `table` (a regclass text)."""
     rows = conn.execute(
         """select n.nspname, ci.relname, am.amname, opc.opcname, ci.reloptions,
                   i.indnatts = 1 and i.indexprs is null and i.indpred is null, i.indisvalid
@@ -471,17 +476,25 @@ def _indexes(conn: psycopg.Connection, m: Migration, column: str) -> list[IndexI
            join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]
            join pg_opclass opc on opc.oid = i.indclass[0]
            where i.indrelid = %s::regclass and a.attname = %s order by ci.relname""",
-        (sql.Identifier(m.schema_name, m.table_name).as_string(conn), column),
+        (table, column),
     ).fetchall()
     return [IndexInfo(*r) for r in rows]
 
 
-def _opclass_for(opclass: str, vector_type: str) -> str:
+def opclass_for(opclass: str, vector_type: str) -> str:
     """The same distance for another element type: halfvec_cosine_ops <-> vector_cosine_ops."""
     for prefix in ("halfvec_", "vector_"):
         if opclass.startswith(prefix):
             return vector_type + "_" + opclass[len(prefix):]
     return opclass
+
+
+def with_options(ix: IndexInfo) -> sql.Composable:
+    """` with (...)` of an index's storage options, or nothing."""
+    if not ix.options:
+        return sql.SQL("")
+    # reloptions as Postgres stores them (e.g. m=16), not user text.
+    return sql.SQL(" with ({})").format(sql.SQL(", ").join(sql.SQL(o) for o in ix.options))
 
 
 def prepare_indexes(conn: psycopg.Connection, m: Migration) -> tuple[list[str], list[str]]:
@@ -492,7 +505,7 @@ def prepare_indexes(conn: psycopg.Connection, m: Migration) -> tuple[list[str], 
         if not ix.simple:
             notes.append(f"index {ix.name} is not a plain one-column index: not rebuilt, create it yourself")
             continue
-        opclass = _opclass_for(ix.opclass, m.vector_type)
+        opclass = opclass_for(ix.opclass, m.vector_type)
         if conn.execute("select 1 from pg_opclass where opcname = %s", (opclass,)).fetchone() is None:
             notes.append(f"index {ix.name}: no operator class {opclass} for {m.vector_type}: not rebuilt")
             continue
@@ -503,13 +516,9 @@ def prepare_indexes(conn: psycopg.Connection, m: Migration) -> tuple[list[str], 
             continue
         if name in existing:  # left invalid by an interrupted concurrent build
             conn.execute(sql.SQL("drop index concurrently if exists {}").format(sql.Identifier(ix.schema, name)))
-        with_options = sql.SQL("")
-        if ix.options:
-            # reloptions as Postgres stores them (e.g. m=16), not user text.
-            with_options = sql.SQL(" with ({})").format(sql.SQL(", ").join(sql.SQL(o) for o in ix.options))
         conn.execute(sql.SQL("create index concurrently if not exists {} on {} using {} ({} {}){}").format(
             sql.Identifier(name), _table_sql(m), sql.Identifier(ix.method), sql.Identifier(m.shadow_column),
-            sql.Identifier(opclass), with_options))
+            sql.Identifier(opclass), with_options(ix)))
         ready.append(name)
     return ready, notes
 
@@ -620,7 +629,7 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
             (queue, queue, live.schema, live.table, live.embedding_column))
         return m
 
-    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
 @dataclass
@@ -678,7 +687,7 @@ def promote(conn: psycopg.Connection, m: Migration, *, force: bool = False, lock
         return PromoteResult(_reload(conn, mm), cov, indexes=indexes, triggers=triggers, notes=notes,
                              purged_jobs=purged, locked_seconds=time.perf_counter() - started)
 
-    result = _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    result = in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
     result.notes = notes
     return result
 
@@ -722,7 +731,7 @@ def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
                      .format(col=target.column_sql, fn=target.function_sql))
         return mm
 
-    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
 def drop_old(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
@@ -741,7 +750,7 @@ def drop_old(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
                      (mm.id,))
         return _reload(conn, mm)
 
-    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
 def abort(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
@@ -763,7 +772,7 @@ def abort(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, 
                      (mm.id,))
         return _reload(conn, mm)
 
-    return _in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
 # -- the drain's view: which model embeds which column -------------------------------------------------

@@ -326,6 +326,8 @@ def build_migration_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
     @dg.op(name="model_migration_action", description="status / promote / rollback / drop_old / abort a model migration.")
     def model_migration_action(context: dg.OpExecutionContext, config: MigrationConfig, autoembed: AutoembedResource):
         p = _pipeline(pipelines, config.pipeline)
+        if p.chunked:  # its shadow / old chunk tables: defs/chunk_backfill.py
+            return chunk_backfill.migration_action(context, p, config.action, config.force, autoembed)
         with autoembed.connect() as conn:
             m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
             if m is None:

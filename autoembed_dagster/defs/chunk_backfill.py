@@ -15,8 +15,9 @@ import psycopg
 from ..core import chunks
 from ..core.backfill import pipeline_spec
 from ..core.chunk_backfill import backfill_chunk_shard, chunk_plan, pipeline_embedder, registered_chunk_target
+from ..core.chunk_migration import chunk_migration_action
 from ..core.drain.chunked import chunk_target_of, shadow_of
-from ..core.migration import Coverage, ModelSpec
+from ..core.migration import Coverage, MigrationError, ModelSpec
 from ..core.pipelines import Pipeline
 from .resources import AutoembedResource
 
@@ -67,7 +68,8 @@ def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shar
                 context.log.info(f"shard {shard}: {stats.written} documents written, {stats.chunks_embedded} chunks "
                                  f"embedded, {stats.chunks_reused} reused")
 
-        stats = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, shard, p.shards, on_page=on_page)
+        stats = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, shard, p.shards, pipeline=p.name,
+                                     on_page=on_page)
         context.log.info(f"shard {shard}: {stats.summary()}")
         written = chunk_target_of(bp.write_to)
         mine = chunks.document_counts(conn, written, embedder.identity.key, splitter.key, shard=shard,
@@ -76,14 +78,15 @@ def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shar
         promoted = bp.mode == "shadow" and whole.complete and promote_on
         if promoted:
             old = chunks.promote(conn, chunk_target_of(live), written, embedder.identity.key, splitter.key)
-            context.log.info(f"model change complete: {live.chunk_table} now holds {spec.key} (old chunks kept in {old})")
+            context.log.info(f"model change complete: {live.chunk_table} now holds {spec.key} (old chunks kept in "
+                             f"{old} until the model_migration job's drop_old)")
     yield dg.MaterializeResult(
         metadata={
             "model": spec.key, "mode": bp.mode, "chunk_table": f"{p.schema}.{bp.write_to.chunk_table}",
             "shard": shard, "shards": p.shards, "documents_in_shard": mine.rows, "documents_written": stats.written,
             "documents_already_current": stats.current, "documents_failed": stats.failed,
             "chunks_embedded": stats.chunks_embedded, "chunks_reused": stats.chunks_reused, "tokens": stats.tokens,
-            "seconds": dg.MetadataValue.float(round(stats.seconds, 3)),
+            "seconds": dg.MetadataValue.float(round(stats.seconds, 3)), "stopped_early": stats.stopped or "",
             "coverage": dg.MetadataValue.float(round(whole.ratio, 6)), "promoted": promoted,
         },
         check_results=[dg.AssetCheckResult(
@@ -95,3 +98,19 @@ def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shar
     if stats.failed:
         raise dg.Failure(f"{stats.failed} document(s) could not be embedded (provider errors); re-run this partition "
                          "to resume", metadata={"errors": "\n".join(stats.errors)})
+
+
+def migration_action(context: dg.OpExecutionContext, p: Pipeline, action: str, force: bool,
+                     autoembed: AutoembedResource) -> dg.Output:
+    """The `model_migration` job's op for a chunked pipeline (core.chunk_migration)."""
+    with autoembed.connect() as conn:
+        try:
+            m = chunk_migration_action(conn, p, action, force=force)
+        except MigrationError as exc:
+            raise dg.Failure(str(exc)) from None
+    context.log.info(m.summary())
+    info = m.as_dict()
+    return dg.Output(None, metadata={
+        **{k: v if v is not None else "" for k, v in info.items() if k != "coverage"},
+        "coverage": dg.MetadataValue.float(info["coverage"]),
+        "missing_documents": m.coverage.missing})
