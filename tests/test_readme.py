@@ -28,7 +28,7 @@ from autoembed_dagster.demo import create_demo_table, insert_docs, insert_module
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SECTIONS = ("Components", "Dagster", "Model changes")
+SECTIONS = ("Components", "Dagster", "Model changes", "Long documents")
 SERVERS = ("autoembed dev", "dagster dev", "dg dev", "dagster-daemon", "dagster-webserver", "autoembed demo")
 MARK = "@@@ "
 
@@ -129,10 +129,20 @@ def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_
     assert "(declared)" in out["autoembed pipelines"] and "stdlib_docs" in out["autoembed pipelines"]
     hits = out['autoembed search "read and write CSV files"'].splitlines()
     assert [h[:3] for h in hits] == ["1. ", "2. ", "3. "] and "autoembed_demo.stdlib_docs id=" in hits[0]
-    passages = out['autoembed search "recursively delete a directory tree"'].splitlines()
-    assert len(passages) == 2 and "autoembed_demo.stdlib_modules id=1 chunk" in passages[0], passages
-    assert "def rmtree(" in passages[0]
+    for command in (c for c in session if c.startswith('autoembed search "recursively delete a directory tree"')):
+        passages = outputs[command].splitlines()  # Components (-k 2) and Long documents (--table ... --chunks)
+        assert len(passages) == 2 and "autoembed_demo.stdlib_modules id=1 chunk" in passages[0], (command, passages)
+        assert "def rmtree(" in passages[0]
     assert "no model migration" in out["autoembed migrate stdlib_docs status"]
+
+    # Long documents: the chunked pipeline through the CLI.
+    assert "0 existing rows queued" in out["autoembed enroll autoembed_demo.stdlib_modules"]
+    status = json.loads(next(o for c, o in outputs.items() if c.startswith("autoembed status --json")))
+    [chunked] = [t for t in status["chunk_targets"] if t["chunk_table"].endswith("stdlib_modules_chunks")]
+    assert chunked["coverage"] == 1.0, chunked
+    backfill = next(o for c, o in outputs.items() if re.match(r"autoembed backfill stdlib_modules +#", c))
+    assert "100.0% (2/2 documents)" in backfill, backfill
+    assert "no model migration" in next(o for c, o in outputs.items() if c.startswith("autoembed migrate stdlib_modules"))
 
     # The two `dagster job launch` commands queued their runs in the project's Dagster storage.
     with psycopg.connect(with_database(pg_server_url, dagster_database)) as conn:

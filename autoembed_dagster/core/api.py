@@ -49,19 +49,21 @@ def enroll(
     chunk_overlap: int = 0,
     embedder_settings: EmbedderSettings | None = None,
     dimensions: int | None = None,
-    vector_type: str = "halfvec",
+    vector_type: str | None = None,
 ) -> int:
     """Install the project's triggers on `table` (a name, optionally schema-qualified) and enqueue
     every row that has no vector yet. Returns the number of jobs enqueued.
 
     With `chunk_tokens`: a chunk target (long documents). Its chunk table `<table>_chunks` is
-    created with `vector_type`(`dimensions`, default: the model's size); chunks hold at most
+    created with `vector_type`(`dimensions`, default: the model's size; the type defaults to that of an
+    existing chunk table, else halfvec); chunks hold at most
     `chunk_tokens` tokens of the model (`embedder_settings`, default: the environment's), with
     `chunk_overlap` tokens repeated from the previous chunk. `embedding_column` is not used then."""
     if chunk_tokens is not None:
         embedder = make_embedder(embedder_settings or EmbedderSettings.from_env(), dimensions)
         splitter_for(embedder, chunk_tokens, chunk_overlap)  # refuses sizes beyond the model's window
         with session(url) as conn:
+            vector_type = vector_type or _chunk_table_vector_type(conn, table) or "halfvec"
             return conn.execute(
                 "select autoembed.enroll_chunks(%s::regclass, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (table, content_function, chunk_tokens, chunk_overlap, key_column, queue, vector_type,
@@ -72,6 +74,18 @@ def enroll(
             "select autoembed.enroll(%s::regclass, %s, %s, %s, %s, %s)",
             (table, content_function, embedding_column, key_column, queue, backlog),
         ).fetchone()[0]
+
+
+def _chunk_table_vector_type(conn: psycopg.Connection, table: str) -> str | None:
+    """`vector` or `halfvec`: the type of the vector column of `table`'s existing chunk table (enrolling
+    it again keeps it), None when there is none."""
+    row = conn.execute(
+        """select t.typname from pg_class p
+           join pg_class c on c.relnamespace = p.relnamespace and c.relname = p.relname || '_chunks'
+           join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+           join pg_type t on t.oid = a.atttypid and t.typname in ('vector', 'halfvec')
+           where p.oid = %s::regclass""", (table,)).fetchone()
+    return row[0] if row else None
 
 
 def drain(

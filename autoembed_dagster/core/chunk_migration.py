@@ -49,7 +49,8 @@ class ChunkMigration:
     def summary(self) -> str:
         where = self.shadow.chunk_table if self.shadow else self.live.chunk_table
         kept = f"; old chunk sets kept in {self.old_table}" if self.old_table else ""
-        return (f"{self.pipeline}: model change is {self.status}; {self.coverage.current}/{self.coverage.embeddable} "
+        state = "no model migration in flight" if self.status == "none" else f"model migration {self.status}"
+        return (f"{self.pipeline}: {state}; {self.coverage.current}/{self.coverage.embeddable} "
                 f"documents ({self.coverage.ratio:.1%}) hold their {self.model} chunk set in {where}{kept}")
 
 
