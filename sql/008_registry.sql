@@ -69,6 +69,20 @@ begin
                 target_id, sqlerrm;
         end;
     end loop;
+    -- A chunk target's row trigger and chunk tables name its key column: follow a renamed one.
+    for target_id in
+        select distinct r.id from pg_event_trigger_ddl_commands() d
+        join autoembed.targets r on r.relid = d.objid
+        where d.classid = 'pg_class'::regclass and r.chunk_table is not null
+    loop
+        begin
+            perform autoembed.follow_chunk_key_column(target_id);
+            perform autoembed.install_chunk_triggers(target_id);
+        exception when others then
+            raise warning 'autoembed: could not follow the change of the table of chunk target %: %; enroll it again',
+                target_id, sqlerrm;
+        end;
+    end loop;
 end;
 $$;
 

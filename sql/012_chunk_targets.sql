@@ -212,6 +212,80 @@ begin
 end;
 $$;
 
+-- (Re)create the enqueue triggers of chunk target `target_id` from the registry: the key column by
+-- its current name (the row trigger names it), the content function by oid. Called by enrolment and,
+-- after an ALTER TABLE of the table (a renamed key column), by the event trigger
+-- autoembed.follow_renames (sql/008), run as the table's owner or a superuser.
+create or replace function autoembed.install_chunk_triggers(target_id bigint)
+returns void
+language plpgsql
+as $$
+#variable_conflict use_variable
+declare
+    tbl regclass;
+    fn regprocedure;
+    key_column text;
+    name text;
+begin
+    select r.relid::regclass, r.content_fn::regprocedure, ka.attname::text into tbl, fn, key_column
+      from autoembed.targets r
+      join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+     where r.id = target_id and r.chunk_table is not null;
+    if tbl is null then
+        raise exception 'autoembed: % is not a chunk target with a key column', target_id
+            using errcode = 'undefined_object';
+    end if;
+    for name in select tr.tgname from pg_trigger tr
+                where tr.tgrelid = tbl and tr.tgname in ('autoembed_enqueue_insert', 'autoembed_chunk_changed',
+                                                         'autoembed_enqueue_update') loop
+        execute format('drop trigger %I on %s', name, tbl);
+    end loop;
+    execute format(
+        'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
+        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+    execute format(
+        'create trigger autoembed_chunk_changed after update on %1$s for each row '
+        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
+        tbl, fn::oid::regproc, target_id, key_column);
+    execute format(
+        'create trigger autoembed_enqueue_update after update on %s '
+        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+end;
+$$;
+
+-- After the parent's key column was renamed: the chunk tables of target `target_id` (the live one, a
+-- model change's shadow and retired table: every table with a foreign key to the parent's key and
+-- the chunk table's own columns) rename their key column the same way, since the drain and search
+-- name both by one name. Called by autoembed.follow_renames (sql/008).
+create or replace function autoembed.follow_chunk_key_column(target_id bigint)
+returns void
+language plpgsql
+as $$
+#variable_conflict use_variable
+declare
+    parent oid;
+    key_name text;
+    chunk record;
+begin
+    select r.relid, ka.attname::text into parent, key_name
+      from autoembed.targets r
+      join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+     where r.id = target_id and r.chunk_table is not null;
+    for chunk in
+        select k.conrelid::regclass as tbl, a.attname::text as col
+          from pg_constraint k
+          join pg_attribute a on a.attrelid = k.conrelid and a.attnum = k.conkey[1]
+         where k.contype = 'f' and k.confrelid = parent and cardinality(k.conkey) = 1
+           and (select count(*) from pg_attribute c where c.attrelid = k.conrelid and not c.attisdropped
+                  and c.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4
+    loop
+        if chunk.col <> key_name then
+            execute format('alter table %s rename column %I to %I', chunk.tbl, chunk.col, key_name);
+        end if;
+    end loop;
+end;
+$$;
+
 -- Enrol `tbl` as a chunk target: create (or check) its chunk table <table>_chunks with the given
 -- vector type and size, register it, install its triggers and queue every row that
 -- has no chunk set yet. Idempotent. Returns the rows queued. Run as the table's owner.
@@ -240,16 +314,7 @@ begin
     target_id := autoembed.register_chunk_target(tbl, content_function, fn, chunks, key_column, queue,
                                                  chunk_tokens, chunk_overlap);
     perform autoembed.uninstall_triggers(tbl);
-    execute format(
-        'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
-        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
-    execute format(
-        'create trigger autoembed_chunk_changed after update on %1$s for each row '
-        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
-        tbl, fn::oid::regproc, target_id, key_column);
-    execute format(
-        'create trigger autoembed_enqueue_update after update on %s '
-        'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+    perform autoembed.install_chunk_triggers(target_id);
     if enqueue_backlog then
         execute format('select autoembed.enqueue_chunk_keys($1, array(select t.%1$I from %2$s t
                         where not exists (select 1 from %3$s c where c.%1$I = t.%1$I)))', key_column, tbl, chunks)

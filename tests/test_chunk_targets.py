@@ -428,3 +428,21 @@ def test_backfill_refuses_a_declaration_that_splits_otherwise_than_the_enrolment
     plain = make_pipeline("plain", table="plain", content_function="f", chunk_tokens=64)
     with pytest.raises(Exception, match="not enrolled as a chunk target: autoembed enroll public.plain"):
         run_chunk_backfill(articles, plain)
+
+
+def test_a_renamed_key_column_is_followed_by_the_chunk_triggers(articles, fake_openai, settings):
+    """The UPDATE row trigger and the chunk table name the key column: after `rename column`, the
+    event trigger renames the chunk table's column and re-creates the trigger, so the application's
+    UPDATE goes on, is queued and drained."""
+    conn = articles
+    conn.execute("insert into articles values (1, 'One', %s), (2, 'Two', %s)", (_doc(6, 1), _doc(6, 2)))
+    drain(conn, settings)
+    conn.execute("alter table articles rename column id to article_id")
+    conn.execute("update articles set body = %s where article_id = 2", (_doc(6, 3),))
+    assert conn.execute("select message->>'id' from pgmq.q_embedding_jobs").fetchall() == [("2",)]
+    stats = drain(conn, settings)
+    assert (stats.embedded, stats.dead_lettered) == (1, 0), stats.summary()
+    text = conn.execute("select article_text(a) from articles a where article_id = 2").fetchone()[0]
+    got = [c for (c,) in conn.execute("select chunk from articles_chunks where article_id = 2 order by chunk_index",
+                                      prepare=False)]
+    assert got == _splitter().split(text)
