@@ -341,7 +341,8 @@ $$;
 
 -- AFTER DELETE (transition table autoembed_old) and AFTER TRUNCATE statement trigger of enrolled
 -- tables: the embedding_state records of rows that are gone go too. SECURITY DEFINER (the writer
--- has no rights on embedding_state); reads only keys. Argument: the target id.
+-- has no rights on embedding_state); reads only keys. No argument: it finds every target of the
+-- table (a model migration's shadow column too).
 create or replace function autoembed.forget_rows()
 returns trigger
 language plpgsql

@@ -316,12 +316,24 @@ begin
     execute format(
         'create trigger autoembed_enqueue_update after update on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
+    perform autoembed.install_forget_triggers(tbl);
+end;
+$$;
+
+-- The state cleanup of a table's targets: AFTER DELETE / TRUNCATE statement triggers calling
+-- autoembed.forget_rows (sql/004), which finds every target of the table itself. Installed by
+-- enrolment, and for tables with Supabase's triggers by autoembed.adopt_state_cleanup (sql/013).
+create or replace function autoembed.install_forget_triggers(tbl regclass)
+returns void
+language plpgsql
+as $$
+begin
     execute format(
         'create trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '
-        'for each statement execute function autoembed.forget_rows(%L)', tbl, target_id);
+        'for each statement execute function autoembed.forget_rows()', tbl);
     execute format(
         'create trigger autoembed_forget_truncate after truncate on %s '
-        'for each statement execute function autoembed.forget_rows(%L)', tbl, target_id);
+        'for each statement execute function autoembed.forget_rows()', tbl);
 end;
 $$;
 

@@ -44,7 +44,7 @@ $$;
 
 -- Renames of an enrolled embedding column: the generated clear function names the column (see
 -- autoembed.install_clear_function), so an ALTER TABLE regenerates the clear functions of the
--- table's targets. Event triggers need a superuser: when db init runs as another role there is
+-- table's targets (and a chunk target's triggers and chunk tables follow its key column). Event triggers need a superuser: when db init runs as another role there is
 -- none, and an UPDATE after such a rename fails loudly until the table is enrolled again.
 create or replace function autoembed.follow_renames()
 returns event_trigger
@@ -54,32 +54,27 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     target_id bigint;
+    chunked boolean;
 begin
-    for target_id in
-        select distinct r.id from pg_event_trigger_ddl_commands() d
+    -- A column target's generated clear function names its column; a chunk target's row trigger and
+    -- chunk tables name its key column.
+    for target_id, chunked in
+        select distinct r.id, r.chunk_table is not null from pg_event_trigger_ddl_commands() d
         join autoembed.targets r on r.relid = d.objid
         where d.classid = 'pg_class'::regclass
-          and exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
-                                                and p.proname = format('clear_target_%s', r.id))
+          and (r.chunk_table is not null
+               or exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
+                                                    and p.proname = format('clear_target_%s', r.id)))
     loop
         begin
-            perform autoembed.install_clear_function(target_id);
+            if chunked then
+                perform autoembed.follow_chunk_key_column(target_id);
+                perform autoembed.install_chunk_triggers(target_id);
+            else
+                perform autoembed.install_clear_function(target_id);
+            end if;
         exception when others then
             raise warning 'autoembed: could not follow the change of the table of target %: %; enroll it again',
-                target_id, sqlerrm;
-        end;
-    end loop;
-    -- A chunk target's row trigger and chunk tables name its key column: follow a renamed one.
-    for target_id in
-        select distinct r.id from pg_event_trigger_ddl_commands() d
-        join autoembed.targets r on r.relid = d.objid
-        where d.classid = 'pg_class'::regclass and r.chunk_table is not null
-    loop
-        begin
-            perform autoembed.follow_chunk_key_column(target_id);
-            perform autoembed.install_chunk_triggers(target_id);
-        exception when others then
-            raise warning 'autoembed: could not follow the change of the table of chunk target %: %; enroll it again',
                 target_id, sqlerrm;
         end;
     end loop;

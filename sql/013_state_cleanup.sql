@@ -22,12 +22,7 @@ begin
                                  where tr.tgrelid = r.relid and tr.tgname = 'autoembed_forget_delete') loop
         begin
             perform set_config('lock_timeout', '2s', true);
-            execute format(
-                'create trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '
-                'for each statement execute function autoembed.forget_rows()', tbl);
-            execute format(
-                'create trigger autoembed_forget_truncate after truncate on %s '
-                'for each statement execute function autoembed.forget_rows()', tbl);
+            perform autoembed.install_forget_triggers(tbl);
             adopted := adopted + 1;
         exception when lock_not_available or insufficient_privilege or duplicate_object then
             raise notice 'autoembed: state cleanup of % not installed yet: %', tbl, sqlerrm;
