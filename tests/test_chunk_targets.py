@@ -354,6 +354,24 @@ def test_backfill_in_place_skips_current_documents_and_fills_missing_ones(articl
         assert_current(conn, i)
 
 
+def test_a_chunk_backfill_the_provider_refuses_stops_and_writes_nothing(articles, fake_openai, settings):
+    """A rejected key fails every request alike: the re-embed stops at its first page with the
+    reason (a configuration error, not rows that failed), as a column backfill does."""
+    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.drain import ProviderConfigError
+
+    conn = articles
+    conn.execute("alter table articles disable trigger user")
+    conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s)", (_doc(10, 1), _doc(10, 2)))
+    conn.execute("alter table articles enable trigger user")
+    fake_openai.reset()
+    fake_openai.fail_next(1000, 401)
+    with pytest.raises(ProviderConfigError, match="refused the chunks of public.articles"):
+        run_chunk_backfill(conn, _pipeline())
+    assert len(fake_openai.requests) == 1
+    assert conn.execute("select count(*) from articles_chunks").fetchone()[0] == 0
+
+
 def test_backfill_to_a_new_size_fills_a_shadow_the_drain_follows_then_promotes_it(articles, fake_openai, settings):
     from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
     from autoembed_dagster.core.drain import pipeline_resolver

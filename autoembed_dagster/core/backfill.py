@@ -214,7 +214,7 @@ def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, sha
 def _count_page(stats: "ShardStats", target: Target, page: _Page) -> None:
     """The provider usage and the failures of an embedded page. A refusal that every request would
     get (401/403, unknown model) stops the shard: nothing of the page is written."""
-    fatal = next((e for e in page.outcome.errors if isinstance(e, EmbeddingError) and e.configuration), None)
+    fatal = page.outcome.refusal
     if fatal is not None:
         raise ProviderConfigError(f"the provider refused the re-embed of {target.regclass}: {fatal} "
                                   "(fix the key or the model, then re-run the shard: it resumes where it stopped)")

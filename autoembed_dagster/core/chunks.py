@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from .chunking import Splitter, chunk_hash
-from .embedders.base import Embedder
+from .embedders.base import Embedder, ProviderConfigError
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
 from .drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
 from .migration import Coverage
@@ -448,6 +448,9 @@ def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitte
     model = embedder.identity.key
     p = plan(conn, target, read_documents(conn, target, keys), splitter, model)
     out = embedder.embed(p.texts)
+    if out.refusal is not None:
+        raise ProviderConfigError(f"the provider refused the chunks of {target.label}: {out.refusal} "
+                                  "(fix the key or the model, then re-run: nothing of this page was written)")
     with conn.transaction():
         stats = write(conn, target, p, dict(zip(p.hashes, out.vectors)), model)
     errors = {h: str(e) for h, e in zip(p.hashes, out.errors) if e is not None}

@@ -18,11 +18,6 @@ from .read import Work
 from .stats import DrainStats
 
 
-class ProviderConfigError(RuntimeError):
-    """The provider refuses every request until its configuration is fixed (401/403, unknown
-    model): the drain stops with this error and leaves its jobs queued, unattempted."""
-
-
 def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -> EmbeddingError | None:
     """Embed one Work item into `outcome`. Returns a configuration error that must stop the drain
     (its rows are then left out of `outcome`: they stay queued)."""
@@ -69,7 +64,7 @@ def provider_call(target: Target, embedder: Embedder, texts: list[str], jobs: li
     stats.requests += result.requests
     stats.truncated += result.truncated
     stats.limit_wait_seconds += result.limit_wait_seconds
-    fatal = next((e for e in result.errors if e is not None and e.configuration), None)
+    fatal = result.refusal
     if fatal is not None:
         stats.note_error(f"{target.regclass}: {fatal}")
     return result, fatal

@@ -20,13 +20,13 @@ from psycopg import errors, sql
 from .. import queue as pgmq
 from ..config import ConfigError, CredentialsError, Settings
 from ..database import conninfo_of, second_connection
-from ..embedders.base import EmbeddingError
+from ..embedders.base import EmbeddingError, ProviderConfigError
 from ..chunking import Splitter, splitter_for
 from ..targets import (Target, TargetChanged, TargetError, TargetKey, adopt_state_cleanup, check_dimensions,
                        registered_target, target_key_from_message)
 from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs, write_target
 from .claims import Claims
-from .embed import ProviderConfigError, embed_work
+from .embed import embed_work
 from .jobs import Job, recorded_failures, row_jobs
 from .outcome import Outcome
 from .read import Work, read_rows_or_isolate, sort_jobs

@@ -51,6 +51,16 @@ class EmbedOutcome:
     def failed_indexes(self) -> list[int]:
         return [i for i, e in enumerate(self.errors) if e is not None]
 
+    @property
+    def refusal(self) -> "EmbeddingError | None":
+        """The first error that every request would get until the configuration is fixed."""
+        return next((e for e in self.errors if e is not None and e.configuration), None)
+
+
+class ProviderConfigError(RuntimeError):
+    """The provider refuses every request until its configuration is fixed (401/403, unknown
+    model): a drain or re-embed stops with this error and writes nothing of the refused batch."""
+
 
 class Embedder(Protocol):
     identity: ModelIdentity
