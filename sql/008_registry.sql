@@ -58,6 +58,20 @@ declare
 begin
     -- A column target's generated clear function names its column; a chunk target's row trigger and
     -- chunk tables name its key column.
+    -- Every target of an altered table gets its input function again: an owner change gives it
+    -- to the new owner (sql/005 install_input_function).
+    for target_id in
+        select distinct r.id from pg_event_trigger_ddl_commands() d
+        join autoembed.targets r on r.relid = d.objid
+        where d.classid = 'pg_class'::regclass
+    loop
+        begin
+            perform autoembed.install_input_function(target_id);
+        exception when others then
+            raise warning 'autoembed: could not re-create the input function of target %: %; run autoembed db init',
+                target_id, sqlerrm;
+        end;
+    end loop;
     for target_id, chunked in
         select distinct r.id, r.chunk_table is not null from pg_event_trigger_ddl_commands() d
         join autoembed.targets r on r.relid = d.objid
