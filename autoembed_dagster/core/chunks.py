@@ -29,7 +29,7 @@ from .embedders.base import Embedder, ProviderConfigError
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
 from .drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
 from .migration import Coverage
-from .targets import TargetError, check_identifier, require_input_function
+from .targets import TargetError, check_identifier, input_function, require_input_function
 
 VECTOR_COLUMN = "embedding"
 
@@ -98,8 +98,7 @@ def resolve_chunk_target(conn: psycopg.Connection, schema: str, table: str, cont
         check_identifier(what, value)
     chunk_table = check_identifier("chunk table", chunk_table or f"{table}_chunks")
     row = conn.execute(
-        """select p.oid::regclass::text,
-                  autoembed.input_function(p.oid, autoembed.content_function(p.oid::regclass, %s)::oid),
+        """select p.oid::regclass::text, p.oid::oid, autoembed.content_function(p.oid::regclass, %s)::oid,
                   (select format_type(a.atttypid, a.atttypmod) from pg_attribute a
                     where a.attrelid = p.oid and a.attname = %s and a.attnum > 0 and not a.attisdropped),
                   c.oid::regclass::text, (select parent::text from autoembed.chunk_parent(c.oid)),
@@ -108,15 +107,12 @@ def resolve_chunk_target(conn: psycopg.Connection, schema: str, table: str, cont
                 (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c""",
         (content_function, key_column, schema, table, schema, chunk_table),
     ).fetchone()
-    parent, function, key_type, chunks, chunk_parent, chunk_key = row
+    parent, parent_oid, function_oid, key_type, chunks, chunk_parent, chunk_key = row
     if parent is None:
         raise TargetError(f"table {schema!r}.{table!r} does not exist")
-    if function is None:
-        exists = conn.execute("select autoembed.content_function(%s::regclass, %s) is not null",
-                              (parent, content_function)).fetchone()[0]
-        if not exists:
-            raise TargetError(f"content function {content_function!r} taking a row of {parent} does not exist")
-        require_input_function(None, parent, content_function)
+    if function_oid is None:
+        raise TargetError(f"content function {content_function!r} taking a row of {parent} does not exist")
+    function = require_input_function(input_function(conn, parent_oid, function_oid), parent, content_function)
     if key_type is None:
         raise TargetError(f"{parent} has no key column {key_column!r}")
     if chunks is None:

@@ -95,11 +95,17 @@ def require_input_function(function: str | None, regclass: str, content_function
 
 
 def input_function(conn: psycopg.Connection, table_oid: int, function_oid: int | None) -> str | None:
-    """The input function (the content function with its table owner's rights) registered for
-    content function `function_oid` on table `table_oid`, or None (sql/014)."""
+    """How to call content function `function_oid` of table `table_oid` with the table owner's
+    rights: the input function registered for it (sql/014); else, when the acting role is the
+    table's owner itself, the content function (its rights are the owner's); else None."""
     if function_oid is None:
         return None
-    return conn.execute("select autoembed.input_function(%s::oid, %s::oid)", (table_oid, function_oid)).fetchone()[0]
+    registered, own = conn.execute(
+        """select autoembed.input_function(%(t)s::oid, %(f)s::oid),
+                  case when (select c.relowner from pg_class c where c.oid = %(t)s::oid)
+                            = (select r.oid from pg_roles r where r.rolname = current_user)
+                       then %(f)s::oid::regproc::text end""", {"t": table_oid, "f": function_oid}).fetchone()
+    return registered or own
 
 
 def check_identifier(what: str, value: Any) -> str:
