@@ -200,3 +200,19 @@ def test_a_provider_without_a_batch_api_is_refused(supabase_docs, settings, batc
         assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 2
         err = capsys.readouterr().err
         assert "pipeline documents" in err and "--via direct" in err
+
+
+def test_cli_via_batch_submits_collects_and_promotes(supabase_docs, fake_openai, settings, batch_env, monkeypatch,
+                                                     tmp_path, capsys):
+    conn = supabase_docs
+    load(conn, 60)
+    make_project(tmp_path, {"documents": {"table": "public.documents", "dimensions": 512, "shards": 2}})
+    monkeypatch.setenv("AUTOEMBED_PROJECT", str(tmp_path))
+    fake_openai.reset()
+    assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "through the Batch API" in out and "60 written" in out and "100.0%" in out and "promoted" in out
+    assert fake_openai.embedding_calls == 1 and fake_openai.batch_creations == 1
+    assert_all_current(conn, 512)
+    assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0  # nothing left: no new batch
+    assert fake_openai.batch_creations == 1

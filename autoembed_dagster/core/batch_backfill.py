@@ -193,6 +193,13 @@ def check_batch_support(p: Pipeline, base: EmbedderSettings | None = None, *, ca
         log.warning("%s: could not probe the Batch API: %s", what, exc)
 
 
+def refuse_chunked(p: Pipeline) -> None:
+    if p.chunked:
+        raise BatchUnsupported(f"pipeline {p.name} is chunked: its chunk table is not re-embedded through the Batch "
+                               "API (a document's chunk set is swapped whole, in one transaction): re-embed it with "
+                               "--via direct (or `backfill: {via: direct}` in its defs.yaml)")
+
+
 # -- custom_id --------------------------------------------------------------------------------------------
 def custom_id(key: TargetKey, content_hash: bytes, row_id: str) -> str:
     """`schema.table.column/<content hash hex>/<key>`: the target, the input and the row."""
@@ -694,9 +701,7 @@ def run_batch_backfill(
     """Submit, poll, collect, resubmit what came back missing, promote at 100%. `wait=False`
     returns after one round (collect what finished, submit what is not in a batch). Resumable:
     run it again after a crash or Ctrl-C; open batches are collected, never submitted again."""
-    if p.chunked:
-        raise BatchUnsupported(f"pipeline {p.name} is chunked: a chunk table cannot be re-embedded through the "
-                               "Batch API yet; use --via direct")
+    refuse_chunked(p)
     if fallback not in FALLBACKS:
         raise ConfigError(f"--fallback {fallback!r} is not one of {', '.join(FALLBACKS)}")
     check_batch_support(p, base)  # before any migration starts
