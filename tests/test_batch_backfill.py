@@ -216,3 +216,72 @@ def test_cli_via_batch_submits_collects_and_promotes(supabase_docs, fake_openai,
     assert_all_current(conn, 512)
     assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0  # nothing left: no new batch
     assert fake_openai.batch_creations == 1
+
+
+# -- Dagster ----------------------------------------------------------------------------------------------------
+def test_dagster_shard_runs_submit_and_the_sensor_launches_a_collect_run_per_batch(
+        supabase_docs, fake_openai, settings, batch_env):
+    import dagster as dg
+
+    from autoembed_dagster.defs.autoembed import build_defs
+    from autoembed_dagster.defs.backfill import models_partitions_name, reembed_job_name
+
+    conn = supabase_docs
+    load(conn, 200)
+    p = replace(DOCS_512, backfill_via="batch", shards=2)
+    spec = spec_of(conn, p)
+    defs = build_defs([p])
+    fake_openai.hold_batches()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(models_partitions_name(p), [spec.key])
+        submitted = 0
+        for shard in ("0", "1"):
+            run = defs.resolve_job_def(reembed_job_name(p)).execute_in_process(
+                instance=instance, partition_key=f"{spec.key}|{shard}")
+            [mat] = run.asset_materializations_for_node(run.dagster_run.step_keys_to_execute[0])
+            submitted += mat.metadata["rows_submitted"].value
+        assert submitted == 200 and fake_openai.batch_creations == 2  # each shard run returned at once
+        assert get_migration(conn, "public", "documents", "embedding").status == "backfilling"
+
+        sensor = defs.resolve_sensor_def("autoembed_batches")
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        assert not tick.run_requests and "validating" in tick.skip_message  # nothing finished: no run
+        fake_openai.advance_batches(2)
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        assert len(tick.run_requests) == 2
+        job = defs.resolve_job_def("collect_batches")
+        metas = []
+        for request in tick.run_requests:
+            run = job.execute_in_process(instance=instance, run_config=request.run_config, tags=request.tags)
+            [out] = [e for e in run.events_for_node("collect_batch") if e.event_type_value == "STEP_OUTPUT"]
+            metas.append(out.event_specific_data.metadata)
+        assert sum(m["rows_written"].value for m in metas) == 200
+        assert all(m["batch_id"].value.startswith("batch-") and m["tokens"].value > 0 for m in metas)
+        assert all(m["estimated_cost_usd"].value == m["saving_vs_direct_usd"].value for m in metas)  # half off
+        assert [m["promoted"].value for m in metas] == [False, True]
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        assert not tick.run_requests
+    assert column_type(conn) == "halfvec(512)"
+    assert_all_current(conn, 512)
+    assert fake_openai.embedding_calls == 1
+
+
+def test_dg_check_defs_refuses_batch_for_a_provider_without_one(tmp_path, monkeypatch, batch_env):
+    from .dg_project import load_project_defs
+    from .test_chunk_dagster import chain_text, dg_run
+
+    make_project(tmp_path, {"documents": {"table": "public.documents", "provider": "local",
+                                          "backfill": {"via": "batch"}}})
+    with pytest.raises(Exception) as info:
+        load_project_defs(tmp_path)
+    assert "pipeline documents: the local provider has no Batch API" in chain_text(info.value)
+    assert "--via direct" in chain_text(info.value)
+    with FakeOpenAI(batch_api=False) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        other = make_project(tmp_path / "other", {"documents": {"table": "public.documents", "provider": "openai",
+                                                                "backfill": {"via": "batch"}}})
+        checked = dg_run(["check", "defs"], other)
+        out = checked.stdout + checked.stderr
+        assert checked.returncode != 0 and "pipeline documents" in out and "404 on /v1/batches" in out, out
+        assert "--via direct" in out and server.calls["GET /v1/batches"] >= 1

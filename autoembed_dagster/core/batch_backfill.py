@@ -759,3 +759,64 @@ def run_batch_backfill(
             and not result.open_batches):
         result.promotion = promote(conn, m)
     return result
+
+
+# -- one step at a time (Dagster: shard runs submit, the sensor polls, collect runs collect) ----------------
+def submit_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shard: int, shards: int, *,
+                 base: EmbedderSettings | None = None) -> tuple[ShardPlan, SubmitStats]:
+    """Submit one shard's rows (starting the migration when needed) and return at once."""
+    refuse_chunked(p)
+    check_batch_support(p, base)
+    shard_plan = plan(conn, p, spec, base=base)
+    if shard_plan.mode == "skip":
+        return shard_plan, SubmitStats()
+    client = batch_client(p, spec, resolve(conn, shard_plan.target_key(p)), base)
+    return shard_plan, submit(conn, p, shard_plan, client, shard=shard, shards=shards)
+
+
+def poll_open(conn: psycopg.Connection, p: Pipeline, *, base: EmbedderSettings | None = None) -> list[BatchRecord]:
+    """Refresh the pipeline's open batches from the provider; the records as they are now."""
+    out = []
+    clients: dict[str, BatchClient] = {}
+    for record in batches(conn, pipeline=p.name, open_only=True):
+        if record.model not in clients:
+            spec = ModelSpec.from_identity(record.model, record.content_function)
+            clients[record.model] = batch_client(p, spec, base=base)
+        out.append(refresh(conn, clients[record.model], record))
+    return out
+
+
+@dataclass
+class Collected:
+    stats: CollectStats | None  # None: not finished, already collected, or claimed by another collector
+    record: BatchRecord | None
+    resubmitted: SubmitStats | None = None
+    coverage: Coverage | None = None
+    promotion: PromoteResult | None = None
+
+
+def collect_and_continue(conn: psycopg.Connection, p: Pipeline, record_id: int, *, fallback: str | None = None,
+                         promote_when_complete: bool = True, base: EmbedderSettings | None = None) -> Collected:
+    """Collect one finished batch; submit again what it left (its shard); promote the migration
+    when the target is complete and no batch of it is open."""
+    record = get_batch(conn, record_id)
+    if record is None:
+        raise ConfigError(f"no batch record {record_id}")
+    spec = ModelSpec.from_identity(record.model, record.content_function)
+    client = batch_client(p, spec, base=base)
+    got = collect(conn, p, record_id, client, fallback=fallback or p.backfill_fallback)
+    out = Collected(got, get_batch(conn, record_id))
+    if got is None:
+        return out
+    shard_plan = plan(conn, p, spec, start=False, base=base)
+    if shard_plan.mode == "skip":
+        return out
+    if got.resubmit:
+        out.resubmitted = submit(conn, p, shard_plan, client, shard=record.shard, shards=record.shards)
+    target = resolve(conn, shard_plan.target_key(p))
+    out.coverage = coverage(conn, target, spec.identity_key)
+    m = shard_plan.migration
+    if (shard_plan.mode == "migration" and m is not None and promote_when_complete and out.coverage.complete
+            and not batches(conn, key=shard_plan.target_key(p), model=spec.identity_key, open_only=True)):
+        out.promotion = promote(conn, m)
+    return out
