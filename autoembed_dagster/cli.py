@@ -354,9 +354,12 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
         except KeyboardInterrupt:
             if bar is not None:
                 bar.close()
-            left = bb.batches(conn, pipeline=p.name, open_only=True)
-            print(f"\ninterrupted: {len(left)} batch(es) left running at the provider "
-                  f"({', '.join(b.batch_id or f'record {b.id}' for b in left)}); run "
+            try:  # a fresh connection: the interrupted one may be mid-statement
+                with api.session() as fresh:
+                    left = [b.batch_id or f"record {b.id}" for b in bb.batches(fresh, pipeline=p.name, open_only=True)]
+            except Exception:  # noqa: BLE001 - the message below matters more than the list
+                left = ["?"]
+            print(f"\ninterrupted: {len(left)} batch(es) left running at the provider ({', '.join(left)}); run "
                   f"`autoembed backfill {p.name} --via batch` again to collect them", file=sys.stderr)
             return 130
         finally:

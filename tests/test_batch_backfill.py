@@ -270,17 +270,18 @@ def test_dg_check_defs_refuses_batch_for_a_provider_without_one(tmp_path, monkey
     from .dg_project import load_project_defs
     from .test_chunk_dagster import chain_text, dg_run
 
+    # (a module name of its own: the project's modules stay imported for the rest of the session)
     make_project(tmp_path, {"documents": {"table": "public.documents", "provider": "local",
-                                          "backfill": {"via": "batch"}}})
+                                          "backfill": {"via": "batch"}}}, module="local_batch_project")
     with pytest.raises(Exception) as info:
-        load_project_defs(tmp_path)
+        load_project_defs(tmp_path, module="local_batch_project")
     assert "pipeline documents: the local provider has no Batch API" in chain_text(info.value)
     assert "--via direct" in chain_text(info.value)
     with FakeOpenAI(batch_api=False) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
         other = make_project(tmp_path / "other", {"documents": {"table": "public.documents", "provider": "openai",
-                                                                "backfill": {"via": "batch"}}})
+                                                                "backfill": {"via": "batch"}}}, module="no_batch_api")
         checked = dg_run(["check", "defs"], other)
         out = checked.stdout + checked.stderr
         assert checked.returncode != 0 and "pipeline documents" in out and "404 on /v1/batches" in out, out
@@ -321,7 +322,7 @@ def test_ctrl_c_leaves_the_batches_running_and_the_same_command_collects_them(
     conn = supabase_docs
     load(conn, 80)
     make_project(tmp_path, {"documents": {"table": "public.documents", "dimensions": 512,
-                                          "backfill": {"via": "batch"}}})  # the declaration chooses batch
+                                          "backfill": {"via": "batch"}}}, module="ctrl_c_project")  # declared: batch
     monkeypatch.setenv("AUTOEMBED_PROJECT", str(tmp_path))
     fake_openai.hold_batches()
     proc = subprocess.Popen([sys.executable, "-m", "autoembed_dagster.cli", "backfill", "documents", "-q"],
@@ -352,7 +353,7 @@ def test_a_declared_batch_pipeline_loads_with_the_collect_job_and_sensor(tmp_pat
 
     monkeypatch.delenv("AUTOEMBED_DATABASE_URL", raising=False)
     make_project(tmp_path, {"documents": {"table": "public.documents", "provider": "openai",
-                                          "backfill": {"via": "batch", "fallback": "direct"}}})
-    defs = load_project_defs(tmp_path)
+                                          "backfill": {"via": "batch", "fallback": "direct"}}}, module="batch_project")
+    defs = load_project_defs(tmp_path, module="batch_project")
     assert defs.resolve_sensor_def("autoembed_batches") and defs.resolve_job_def("collect_batches")
     assert fake_openai.calls["GET /v1/batches"] == 1  # the probe at load
