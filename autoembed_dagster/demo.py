@@ -270,12 +270,11 @@ def create_demo_table(conn) -> None:
 
 
 def enroll_modules(conn) -> None:
-    """The chunked pipeline's table, enrolled with the sizes its defs.yaml declares; an HNSW index
-    on its chunk table."""
+    """The chunked pipeline's table, enrolled with the sizes its defs.yaml declares (enrolment
+    gives its chunk table its HNSW index)."""
     p = demo_pipelines()[1]
     conn.execute("select autoembed.enroll_chunks(%s::regclass, %s, %s, %s, %s, %s, 'vector', 384, true)",
                  (p.qualified_table, p.content_function, p.chunk_tokens, p.chunk_overlap, p.key_column, p.queue))
-    conn.execute(f"create index on {p.schema}.{p.chunk_table} using hnsw (embedding vector_cosine_ops)")
 
 
 def insert_docs(conn, docs: list[Doc]) -> None:

@@ -312,6 +312,10 @@ def test_the_demo_chunks_whole_module_docs_and_search_lands_on_the_passage(conn,
     docs, modules = demo_pipelines()
     assert modules.chunked and (modules.chunk_tokens, modules.chunk_overlap) == (200, 20) and not docs.chunked
     create_demo_table(conn)
+    # One vector index per table: enrolment made the chunk table's, the demo adds none of its own.
+    indexes = conn.execute("""select tablename, count(*) from pg_indexes where schemaname = 'autoembed_demo'
+                              and indexdef like '%USING hnsw%' group by 1 order by 1""").fetchall()
+    assert indexes == [("stdlib_docs", 1), ("stdlib_modules_chunks", 1)], indexes
     insert_modules(conn, named_long_docs(["shutil", "heapq", "smtplib", "textwrap", "json"]))
     defs = load_project_defs(ROOT / "demo", module="autoembed_demo_project")
     with dg.instance_for_test() as instance:
