@@ -59,8 +59,11 @@ def _refuse_unproducible_size(args: argparse.Namespace) -> None:
 def _cmd_enroll(args: argparse.Namespace) -> int:
     if args.chunk_tokens is not None:
         # The chunk table is created at the model's size: nothing to refuse (chunking checks the window).
+        from .core.chunking import CLI_NAMES
+
         n = api.enroll(args.table, args.content_function, key_column=args.key, queue=args.queue,
-                       backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap)
+                       backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
+                       size_names=CLI_NAMES)
         schema, _, table = args.table.rpartition(".")
         print(f"{args.table} enrolled for chunks of at most {args.chunk_tokens} tokens "
               f"(overlap {args.chunk_overlap}) in {schema + '.' if schema else ''}{table}_chunks; "
