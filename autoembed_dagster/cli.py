@@ -219,7 +219,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_dev(args: argparse.Namespace) -> int:
     from .demo import run_dagster_dev
 
-    return run_dagster_dev(port=args.port, workspace=args.workspace)
+    return run_dagster_dev(port=args.port, workspace=args.workspace, keep_db=args.keep_db)
 
 
 def _cmd_dagster_env(args: argparse.Namespace) -> int:
@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--port", type=int, default=3000, help="port of the Dagster UI (default: 3000)")
     dv.add_argument("-w", "--workspace", default=None,
                     help="workspace.yaml to load (default: the project's, else its definitions module)")
+    dv.add_argument("--keep-db", action="store_true",
+                    help="leave the embedded Postgres running at exit when this command started it")
     dv.set_defaults(func=_cmd_dev)
     return p
 
