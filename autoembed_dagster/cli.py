@@ -284,6 +284,9 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             (backfill_control.pause if args.pause else backfill_control.resume)(conn, p.name)
         print(f"backfill of {p.name} {'paused: running shards stop after their page' if args.pause else 'resumed'}")
         return 0
+    via = args.via or p.backfill_via
+    if via == "batch":
+        return _batch_backfill(args, p)
     if p.chunked:
         return _chunk_backfill(args, p)
     bar = None
@@ -322,6 +325,72 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     for error in result.total.errors:
         print(f"  error: {error}", file=sys.stderr)
     return 0 if not result.total.retryable_failures else 1
+
+
+def _batch_backfill(args: argparse.Namespace, p) -> int:
+    """`autoembed backfill P --via batch`: the provider's Batch API (core.batch_backfill). Ctrl-C
+    leaves the batches running; the same command again collects them."""
+    from tqdm import tqdm
+
+    from .core import batch_backfill as bb
+    from .core.backfill import live_key, pipeline_spec
+    from .core.targets import resolve
+
+    if args.shards:
+        raise ConfigError("--shards is for --via direct: a batch re-embed submits every row of the table")
+    bb.refuse_chunked(p)
+    bar = None
+
+    def on_plan(shard_plan, cov):
+        nonlocal bar
+        print(f"{p.name}: {shard_plan.spec.key} ({shard_plan.mode}) through the Batch API: {shard_plan.reason}")
+        bar = tqdm(total=cov.missing, unit="row", desc="collected", disable=args.quiet or None)
+
+    def on_progress(pr):
+        if bar is not None:
+            bar.n = min(pr.collected_rows, bar.total or pr.collected_rows)
+            bar.set_postfix(submitted=pr.submitted, validating=pr.by_status.get("validating", 0),
+                            in_progress=pr.by_status.get("in_progress", 0) + pr.by_status.get("finalizing", 0),
+                            refresh=False)
+            bar.refresh()
+
+    with api.session() as conn:
+        spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+        try:
+            result = bb.run_batch_backfill(conn, p, spec, fallback=args.fallback or p.backfill_fallback,
+                                           promote_when_complete=not args.no_promote, on_plan=on_plan,
+                                           on_progress=on_progress)
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            left = bb.batches(conn, pipeline=p.name, open_only=True)
+            print(f"\ninterrupted: {len(left)} batch(es) left running at the provider "
+                  f"({', '.join(b.batch_id or f'record {b.id}' for b in left)}); run "
+                  f"`autoembed backfill {p.name} --via batch` again to collect them", file=sys.stderr)
+            return 130
+        finally:
+            if bar is not None:
+                bar.close()
+        records = {c.batch: bb.get_batch(conn, c.batch) for c in result.collected}
+    if result.plan.mode == "skip":
+        print(f"nothing to do: {result.plan.reason}", file=sys.stderr)
+        return 1
+    for c in result.collected:
+        b = records[c.batch]
+        cost, saving = b.cost() if b else (None, None)
+        priced = f", ~${cost:.4f} (saved ~${saving:.4f} against direct calls)" if cost is not None else ""
+        print(f"  batch {b.batch_id if b else c.batch} ({c.status}): {c.written} written, {c.stale} stale, "
+              f"{c.resubmit} resubmitted, {c.direct} direct, {c.dead} dead-lettered; {c.tokens} tokens{priced}")
+    cov = result.coverage
+    print(f"{result.summary()}\ncoverage of {spec.identity_key} in {result.plan.column}: "
+          f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable})")
+    if result.promotion is not None:
+        print(f"promoted: {p.embedding_column} now holds {spec.identity_key} (old vectors in "
+              f"{result.promotion.migration.old_column} until `autoembed migrate {p.name} drop-old`)")
+    for c in result.collected:
+        for error in c.errors:
+            print(f"  error: {error}", file=sys.stderr)
+    return 0 if cov.complete else 1
 
 
 def _chunk_backfill(args: argparse.Namespace, p) -> int:
@@ -471,6 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--batch-rows", type=int, help="rows per provider request")
     bf.add_argument("--no-promote", action="store_true", help="do not promote the migration when it is complete")
     bf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bf.add_argument("--via", choices=["direct", "batch"], default=None,
+                    help="direct: /v1/embeddings (default, unless the defs.yaml says `backfill: {via: batch}`); "
+                         "batch: the provider's Batch API at half the price, results within 24 h (Ctrl-C leaves "
+                         "the batches running; run the command again to collect them)")
+    bf.add_argument("--fallback", choices=["resubmit", "direct"], default=None,
+                    help="--via batch: rows a batch did not return (expired, failed, missing) are submitted again "
+                         "(default) or embedded directly")
     pause = bf.add_mutually_exclusive_group()
     pause.add_argument("--pause", action="store_true",
                        help="pause the pipeline's backfill everywhere (running shards stop after their page)")
