@@ -83,8 +83,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = api.status(queue=args.queue)
     chunked = api.chunk_targets_health()
     dead = api.dead_letters(queue=args.queue, limit=10)
+    broken, repaired = api.schema_problems()
     if args.json:
         print(json.dumps({"queues": [r.__dict__ for r in rows],
+                          "broken_targets": [{**b.__dict__, "label": b.label} for b in broken],
+                          "repairs": [r.__dict__ for r in repaired],
                           "chunk_targets": [{**h.__dict__, "chunk_table": t.chunk_table, "chunk_tokens": t.chunk_tokens,
                                              "chunk_overlap": t.chunk_overlap, "coverage": round(h.coverage, 6)}
                                             for t, h in chunked],
@@ -98,6 +101,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(_table(["chunk target", "tokens", "documents", "current", "no chunks", "stale", "dead", "model"],
                      [[h.table, f"{target.chunk_tokens}/{target.chunk_overlap}", h.embeddable, h.current, h.missing,
                        h.stale, h.dead_letters, h.model] for target, h in chunked], left=(0, 7)))
+    if broken:
+        print("\nbroken targets (not kept current until fixed):")
+        for b in broken:
+            print(f"  target {b.target} {b.label}: {b.problem}: {b.detail}")
+    if repaired:
+        print("\nrepaired by autoembed:")
+        for r in repaired:
+            print(f"  {r.at:%Y-%m-%d %H:%M:%S} {r.what}")
     if dead:
         print("\nlatest dead letters:")
         for d in dead:
