@@ -10,6 +10,7 @@ import pytest
 
 from autoembed_dagster.core import api, health
 from autoembed_dagster.core.drain import drain
+from autoembed_dagster.core.migrations import init_db
 
 from .fake_openai import fake_vector
 
@@ -187,3 +188,17 @@ def test_key_no_longer_unique_dead_letters_instead_of_copying_a_vector(conn, fak
         assert np.allclose(held[1][0], fake_vector("one", DIMS), atol=2e-3) and len(held[1]) == 1
         assert np.allclose(held[3][0], fake_vector("three", DIMS), atol=2e-3)
     assert "key not unique" in api_status_text(conn)
+
+
+def test_chunk_target_key_change_moves_the_chunk_set(conn, fake_openai, settings):
+    make_table(conn, "chunk")
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    drain(conn, settings)
+    # A chunk table made before (no ON UPDATE): `db init` gives it the rule.
+    [fk] = conn.execute("select conname from pg_constraint where conrelid = 'notes_chunks'::regclass and contype = 'f'").fetchone()
+    conn.execute(f"alter table notes_chunks drop constraint {fk}, add constraint {fk} foreign key (id) references notes (id) on delete cascade")
+    init_db(conn)
+    conn.execute("update notes set id = 10 where id = 1")  # refused by the foreign key before
+    assert sorted(vectors(conn, "chunk")) == [2, 10]
+    assert_current(conn, "chunk", [2, 10])
+    assert drain(conn, settings).dead_lettered == 0
