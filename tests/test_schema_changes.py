@@ -10,6 +10,7 @@ import pytest
 
 from autoembed_dagster.core import api, health
 from autoembed_dagster.core.drain import drain
+from autoembed_dagster.core.migrations import init_db
 
 from .fake_openai import fake_vector
 
@@ -159,3 +160,45 @@ def test_supabase_key_column_renamed_writes_keep_working(supabase_docs, fake_ope
         vec = conn.execute("select embedding from documents where doc_id = %s", (doc_id,)).fetchone()[0]
         assert vec is not None and np.allclose(np.array(vec.to_list(), dtype=np.float32),
                                                fake_vector(text, DIMS), atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", ["column", "chunk"])
+def test_key_no_longer_unique_dead_letters_instead_of_copying_a_vector(conn, fake_openai, settings, shape):
+    target = make_table(conn, shape)
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    drain(conn, settings)
+    # The primary key goes (cascade: a chunk table's foreign key hangs on it), and a second row 1 comes.
+    conn.execute("alter table notes drop constraint notes_pkey cascade")
+    conn.execute("insert into notes (id, body) values (1, 'impostor'), (3, 'three')")
+    assert [(b.target, b.problem) for b in health.broken_targets(conn)] == [(target, "key not unique")]
+
+    stats = drain(conn, settings)
+
+    assert stats.dead_lettered == 1
+    [(error,)] = conn.execute("select error from autoembed.dead_letters").fetchall()
+    assert "'1' matches 2 rows" in error and "no longer unique" in error
+    # Row 3 got its vector; no row 1 holds the other one's vector.
+    if shape == "column":
+        rows = conn.execute("select body, embedding from notes where id = 1 order by body").fetchall()
+        assert rows[0][1] is None  # the impostor
+        assert np.allclose(np.array(rows[1][1].to_list(), dtype=np.float32), fake_vector("one", DIMS), atol=2e-3)
+        assert_current(conn, shape, [3])
+    else:
+        held = vectors(conn, shape)
+        assert np.allclose(held[1][0], fake_vector("one", DIMS), atol=2e-3) and len(held[1]) == 1
+        assert np.allclose(held[3][0], fake_vector("three", DIMS), atol=2e-3)
+    assert "key not unique" in api_status_text(conn)
+
+
+def test_chunk_target_key_change_moves_the_chunk_set(conn, fake_openai, settings):
+    make_table(conn, "chunk")
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    drain(conn, settings)
+    # A chunk table made before (no ON UPDATE): `db init` gives it the rule.
+    [fk] = conn.execute("select conname from pg_constraint where conrelid = 'notes_chunks'::regclass and contype = 'f'").fetchone()
+    conn.execute(f"alter table notes_chunks drop constraint {fk}, add constraint {fk} foreign key (id) references notes (id) on delete cascade")
+    init_db(conn)
+    conn.execute("update notes set id = 10 where id = 1")  # refused by the foreign key before
+    assert sorted(vectors(conn, "chunk")) == [2, 10]
+    assert_current(conn, "chunk", [2, 10])
+    assert drain(conn, settings).dead_lettered == 0

@@ -209,6 +209,22 @@ def resolve(conn: psycopg.Connection, key: TargetKey) -> Target:
     return Target(key, regclass, fn, key_type[0], vector_type, int(dimensions))
 
 
+def ambiguous_keys(keys) -> dict[str, int]:
+    """Keys that matched more than one row where vectors are written (the table's key lost its
+    primary key or unique index after enrolment): {key: rows}. Nothing is written for them."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return {k: n for k, n in counts.items() if n > 1}
+
+
+def ambiguous_key_error(target: "Target", key: str, rows: int) -> str:
+    """The dead letter's reason for a job whose key matches several rows."""
+    return (f"key {key!r} matches {rows} rows of {target.regclass}: its key column {target.key.key_column} is no "
+            "longer unique (primary key or unique index dropped?); no vector was written, so none can land on "
+            "another row. Make the key unique again, then retry the dead letters")
+
+
 class TargetChanged(RuntimeError):
     """A table/column resolved earlier no longer is what the drain resolved (renamed, resized...)."""
 
