@@ -59,8 +59,11 @@ def _refuse_unproducible_size(args: argparse.Namespace) -> None:
 def _cmd_enroll(args: argparse.Namespace) -> int:
     if args.chunk_tokens is not None:
         # The chunk table is created at the model's size: nothing to refuse (chunking checks the window).
+        from .core.chunking import CLI_NAMES
+
         n = api.enroll(args.table, args.content_function, key_column=args.key, queue=args.queue,
-                       backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap)
+                       backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
+                       size_names=CLI_NAMES)
         schema, _, table = args.table.rpartition(".")
         print(f"{args.table} enrolled for chunks of at most {args.chunk_tokens} tokens "
               f"(overlap {args.chunk_overlap}) in {schema + '.' if schema else ''}{table}_chunks; "
@@ -80,30 +83,47 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = api.status(queue=args.queue)
     chunked = api.chunk_targets_health()
     dead = api.dead_letters(queue=args.queue, limit=10)
+    broken, repaired = api.schema_problems()
     if args.json:
         print(json.dumps({"queues": [r.__dict__ for r in rows],
+                          "broken_targets": [{**b.__dict__, "label": b.label} for b in broken],
+                          "repairs": [r.__dict__ for r in repaired],
                           "chunk_targets": [{**h.__dict__, "chunk_table": t.chunk_table, "chunk_tokens": t.chunk_tokens,
                                              "chunk_overlap": t.chunk_overlap, "coverage": round(h.coverage, 6)}
                                             for t, h in chunked],
                           "dead_letters": dead}, indent=2, default=str))
         return 0
-    print(f"{'queue':<24}{'messages':>9}{'rows':>9}{'visible':>9}{'in flight':>11}{'retrying':>10}"
-          f"{'oldest s':>10}{'dead':>7}")
-    for r in rows:
-        print(f"{r.queue_name:<24}{r.depth:>9}{r.rows:>9}{r.visible:>9}{r.in_flight:>11}{r.retrying:>10}"
-              f"{r.oldest_age_seconds:>10.1f}{r.dead_letters:>7}")
+    print(_table(["queue", "messages", "rows", "visible", "in flight", "retrying", "oldest s", "dead"],
+                 [[r.queue_name, r.depth, r.rows, r.visible, r.in_flight, r.retrying, f"{r.oldest_age_seconds:.1f}",
+                   r.dead_letters] for r in rows]))
     if chunked:
-        print(f"\n{'chunk target':<40}{'tokens':>8}{'documents':>11}{'current':>9}{'no chunks':>11}{'stale':>7}"
-              f"{'dead':>6}  model")
-        for target, h in chunked:
-            print(f"{h.table:<40}{f'{target.chunk_tokens}/{target.chunk_overlap}':>8}{h.embeddable:>11}"
-                  f"{h.current:>9}{h.missing:>11}{h.stale:>7}{h.dead_letters:>6}  {h.model}")
+        print()
+        print(_table(["chunk target", "tokens", "documents", "current", "no chunks", "stale", "dead", "model"],
+                     [[h.table, f"{target.chunk_tokens}/{target.chunk_overlap}", h.embeddable, h.current, h.missing,
+                       h.stale, h.dead_letters, h.model] for target, h in chunked], left=(0, 7)))
+    if broken:
+        print("\nbroken targets (not kept current until fixed):")
+        for b in broken:
+            print(f"  target {b.target} {b.label}: {b.problem}: {b.detail}")
+    if repaired:
+        print("\nrepaired by autoembed:")
+        for r in repaired:
+            print(f"  {r.at:%Y-%m-%d %H:%M:%S} {r.what}")
     if dead:
         print("\nlatest dead letters:")
         for d in dead:
             print(f"  #{d['msg_id']} {d['schema_name']}.{d['table_name']} id={d['row_id']} "
                   f"after {d['attempts']} attempt(s): {d['error']}")
     return 0
+
+
+def _table(header: list[str], rows: list[list], left: tuple[int, ...] = (0,)) -> str:
+    """Columns as wide as their longest value (a long queue or table name does not push the rest out
+    of line): the columns in `left` left-aligned, the others right-aligned, two spaces apart."""
+    cells = [[str(v) for v in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                     .rstrip() for row in cells)
 
 
 def _cmd_drain(args: argparse.Namespace) -> int:
@@ -216,7 +236,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_dev(args: argparse.Namespace) -> int:
     from .demo import run_dagster_dev
 
-    return run_dagster_dev(port=args.port, workspace=args.workspace)
+    return run_dagster_dev(port=args.port, workspace=args.workspace, keep_db=args.keep_db)
 
 
 def _cmd_dagster_env(args: argparse.Namespace) -> int:
@@ -563,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--port", type=int, default=3000, help="port of the Dagster UI (default: 3000)")
     dv.add_argument("-w", "--workspace", default=None,
                     help="workspace.yaml to load (default: the project's, else its definitions module)")
+    dv.add_argument("--keep-db", action="store_true",
+                    help="leave the embedded Postgres running at exit when this command started it")
     dv.set_defaults(func=_cmd_dev)
     return p
 

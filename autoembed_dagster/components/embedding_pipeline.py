@@ -24,8 +24,9 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from ..core.chunking import check_chunk_sizes, provider_window
+from ..core.chunking import YAML_NAMES, check_chunk_sizes, provider_window
 from ..core.config import ConfigError
+from ..core.embedders import size_problem
 from ..core.pipelines import Pipeline, make_pipeline
 from .scaffolder import EmbeddingPipelineScaffolder
 
@@ -103,11 +104,17 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         if self.chunking is not None:
             fields.update(chunk_tokens=self.chunking.tokens, chunk_overlap=self.chunking.overlap)
         p = make_pipeline(name, table=self.table, **fields)
+        s = p.embedder_settings()
+        problem = size_problem(s.provider, s.model, p.dimensions)
+        if problem:  # checked at load (`dg check defs`), not by a backfill that cannot succeed
+            raise ConfigError(f"pipeline {name!r}: `dimensions: {p.dimensions}`: {problem}: remove `dimensions:` "
+                              "or choose a model that makes that size")
         if p.chunked:
             # Checked at load, not at the first drain: the sizes and the model's window.
             s = p.embedder_settings()
             try:
-                check_chunk_sizes(p.chunk_tokens, p.chunk_overlap, provider_window(s.provider, s.max_input_tokens))
+                check_chunk_sizes(p.chunk_tokens, p.chunk_overlap, provider_window(s.provider, s.max_input_tokens),
+                                  YAML_NAMES)
             except ConfigError as exc:
                 raise ConfigError(f"pipeline {name!r}, chunking: {{tokens: {p.chunk_tokens}, overlap: "
                                   f"{p.chunk_overlap}}} with the {s.provider} model: {exc}") from None

@@ -159,9 +159,13 @@ def registered_targets(conn: psycopg.Connection) -> list[tuple[str, str, str, st
 
 
 def discovered_name(schema: str, table: str, column: str, taken: set[str]) -> str:
-    """A pipeline name for a discovered table: the table's name when that is free and plain."""
-    base = table if schema == "public" and column == "embedding" else f"{schema}_{table}_{column}"
-    base = re.sub(r"[^a-z0-9_]", "_", base.lower()).lstrip("_0123456789")[:40] or "table"
+    """A pipeline name for a discovered table, what a user would type: the table's name (plus the
+    column when it is not `embedding`); the schema goes in front only when that name is taken."""
+    def plain(text: str) -> str:
+        return re.sub(r"[^a-z0-9_]", "_", text.lower()).lstrip("_0123456789")[:40] or "table"
+
+    short = plain(table if column == "embedding" else f"{table}_{column}")
+    base = short if short not in taken else plain(f"{schema}_{short}")
     name, i = base, 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1

@@ -209,6 +209,22 @@ def resolve(conn: psycopg.Connection, key: TargetKey) -> Target:
     return Target(key, regclass, fn, key_type[0], vector_type, int(dimensions))
 
 
+def ambiguous_keys(keys) -> dict[str, int]:
+    """Keys that matched more than one row where vectors are written (the table's key lost its
+    primary key or unique index after enrolment): {key: rows}. Nothing is written for them."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return {k: n for k, n in counts.items() if n > 1}
+
+
+def ambiguous_key_error(target: "Target", key: str, rows: int) -> str:
+    """The dead letter's reason for a job whose key matches several rows."""
+    return (f"key {key!r} matches {rows} rows of {target.regclass}: its key column {target.key.key_column} is no "
+            "longer unique (primary key or unique index dropped?); no vector was written, so none can land on "
+            "another row. Make the key unique again, then retry the dead letters")
+
+
 class TargetChanged(RuntimeError):
     """A table/column resolved earlier no longer is what the drain resolved (renamed, resized...)."""
 
@@ -334,3 +350,19 @@ def adopt_state_cleanup(conn: psycopg.Connection) -> int:
     allowed = conn.execute(
         "select has_function_privilege('autoembed.adopt_state_cleanup()', 'execute')").fetchone()[0]
     return conn.execute("select autoembed.adopt_state_cleanup()").fetchone()[0] if allowed else 0
+
+
+def repair_schema(conn: psycopg.Connection, queue: str) -> None:
+    """What the drain does at its start about schema changes (sql/014): re-create its queue when it
+    was dropped, bind targets whose content function was dropped and created again (when its role
+    may re-create their triggers; else they stay in autoembed.broken_targets), and give tables of
+    Supabase's triggers the state cleanup. A drain role without EXECUTE on these leaves them to the
+    event triggers and `autoembed db init`."""
+    for call in ("autoembed.restore_queue(%s)", "autoembed.rebind_content_functions()"):
+        name = call.split("(")[0]
+        signature = f"{name}(text)" if "%s" in call else f"{name}()"
+        if not conn.execute("select has_function_privilege(%s, 'execute')", (signature,)).fetchone()[0]:
+            continue
+        with conn.transaction():
+            conn.execute(f"select {call}", (queue,) if "%s" in call else None)
+    adopt_state_cleanup(conn)
