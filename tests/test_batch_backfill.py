@@ -357,3 +357,16 @@ def test_a_declared_batch_pipeline_loads_with_the_collect_job_and_sensor(tmp_pat
     defs = load_project_defs(tmp_path, module="batch_project")
     assert defs.resolve_sensor_def("autoembed_batches") and defs.resolve_job_def("collect_batches")
     assert fake_openai.calls["GET /v1/batches"] == 1  # the probe at load
+
+
+def test_resubmission_is_bounded_then_the_rows_are_dead_letters(supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 10)
+    fake_openai.expire_next_batch(keep_lines=0)
+    fake_openai.expire_next_batch(keep_lines=0)
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), max_attempts=2)
+    assert [c.status for c in result.collected] == ["expired", "expired"]
+    assert fake_openai.batch_creations == 2 and result.submitted.dead == 10
+    errors = [e for (e,) in conn.execute("select error from autoembed.dead_letters")]
+    assert len(errors) == 10 and all("gave up after 2 batch(es)" in e and "expired" in e for e in errors)
+    assert result.promotion is None and result.coverage.missing == 10

@@ -743,9 +743,10 @@ def run_batch_backfill(
     client = batch_client(p, spec, target, base)
     model = spec.identity_key
     progress = Progress()
-    progress.rows_to_embed = coverage(conn, target, model).missing
+    before = coverage(conn, target, model)
+    progress.rows_to_embed = before.missing
     if on_plan:
-        on_plan(shard_plan, coverage(conn, target, model))
+        on_plan(shard_plan, before)
 
     def report() -> None:
         open_now = batches(conn, key=key, model=model, open_only=True)
