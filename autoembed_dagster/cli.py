@@ -376,6 +376,19 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .components.declarations import project_root
+    from .deploy import scaffold
+
+    root = Path(args.project).resolve() if args.project else project_root()
+    for path in scaffold(root, image=args.image, force=args.force):
+        print(f"wrote {path}")
+    print("next: README 'Deploy to Kubernetes' (docker build, the secrets, helm upgrade --install with the image tag)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoembed", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens; show tracebacks")
@@ -478,6 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipelines", help="the project's pipelines: declared (defs.yaml) and discovered (SQL only)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=_cmd_pipelines)
+
+    dp = sub.add_parser("deploy", help="Kubernetes: `deploy scaffold` writes a Dockerfile, .dockerignore and Helm "
+                                       "values.yaml into your Dagster project")
+    dp.add_argument("action", choices=["scaffold"], help="scaffold: write the files (README: Deploy to Kubernetes)")
+    dp.add_argument("--project", default=None,
+                    help="the Dagster project's folder (default: the project at or above the current folder)")
+    dp.add_argument("--image", default=None,
+                    help="the image repository, e.g. registry.example.com/my-project (default: one under "
+                         "registry.example.com named after the code location)")
+    dp.add_argument("--force", action="store_true", help="overwrite files that exist")
+    dp.set_defaults(func=_cmd_deploy)
 
     dv = sub.add_parser("dev", help="`dagster dev` on this project's data: starts Postgres, prepares Dagster's "
                                     "storage, sets the environment (no eval needed)")
