@@ -40,6 +40,9 @@ class FakeOpenAI:
         self.default_dims = default_dims
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
+        # Called (no arguments, in the handler's thread) after each embeddings request is recorded:
+        # a test makes something happen "while the provider works" (e.g. a window closes).
+        self.on_request: Any = None
         self.reset()
         self._server = ThreadingHTTPServer((host, 0), _make_handler(self))
         self._server.daemon_threads = True  # a sleeping "timeout" handler must not block stop()
@@ -150,6 +153,9 @@ class FakeOpenAI:
     def _record(self, entry: dict[str, Any]) -> None:
         with self._lock:
             self._requests.append(entry)
+        hook = self.on_request
+        if hook is not None:
+            hook()
 
     def handle(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
         """Returns (status, extra headers, body bytes) for one POST /embeddings."""
