@@ -141,7 +141,7 @@ def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_
     [chunked] = [t for t in status["chunk_targets"] if t["chunk_table"].endswith("stdlib_modules_chunks")]
     assert chunked["coverage"] == 1.0, chunked
     backfill = next(o for c, o in outputs.items() if re.match(r"autoembed backfill stdlib_modules +#", c))
-    assert "100.0% (2/2 documents)" in backfill, backfill
+    assert "100% (2/2 documents)" in backfill, backfill
     assert "no model migration" in next(o for c, o in outputs.items() if c.startswith("autoembed migrate stdlib_modules"))
 
     # The two `dagster job launch` commands queued their runs in the project's Dagster storage.
