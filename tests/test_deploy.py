@@ -164,6 +164,49 @@ def test_values_keep_dagster_storage_in_an_external_postgres_and_no_secret_in_th
     assert scaling.max_drains >= 1
 
 
+# -- the chart's schema ---------------------------------------------------------------------------
+SCHEMA = Path(__file__).parent / "data" / "dagster_helm_values_schema.json"
+
+
+def schema_errors(values: dict) -> list[str]:
+    """What the chart's values.schema.json (tests/data: an excerpt, see its $comment) says of
+    `values`. Helm validates the values merged with the chart's defaults, which are not here:
+    `required` is dropped; types, enums and the keys the chart forbids are checked."""
+    import json
+
+    from jsonschema import Draft7Validator
+
+    def drop_required(node):
+        if isinstance(node, dict):
+            return {k: drop_required(v) for k, v in node.items() if k != "required"}
+        if isinstance(node, list):
+            return [drop_required(v) for v in node]
+        return node
+
+    schema = json.loads(SCHEMA.read_text())
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in Draft7Validator(drop_required(schema)).iter_errors(values)]
+    errors += [f"{key}: not a key of the chart" for key in values if key not in schema["topLevelKeys"]]
+    return errors
+
+
+def test_values_fit_the_charts_schema_and_a_misspelled_key_would_not(values):
+    import copy
+
+    assert schema_errors(values) == []
+    broken = copy.deepcopy(values)
+    broken["runLauncher"]["config"]["k8sRunLauncher"]["envSecret"] = [{"name": "x"}]  # envSecrets
+    broken["dagsterDaemon"]["runCoordinator"]["type"] = "QueuedCoordinator"
+    broken["concurrency"]["pools"]["default_limit"] = 8  # dagster.yaml's spelling, not the chart's
+    broken["dagster-user-deployments"]["deployments"][0]["image"]["pullPolicy"] = "IfMissing"
+    broken["concurency"] = {}
+    errors = "\n".join(schema_errors(broken))
+    assert re.search(r"^runLauncher\.config\.k8sRunLauncher: .*'envSecret'.* is not valid", errors, re.M), errors
+    for part in ("'QueuedCoordinator' is not one of", "'default_limit' was unexpected",
+                 "'IfMissing' is not one of", "concurency: not a key of the chart"):
+        assert part in errors, errors
+
+
 # -- the image -------------------------------------------------------------------------------------
 def test_dockerfile_serves_the_projects_module_with_the_values_port_and_no_secret(values, project):
     text = (project / "Dockerfile").read_text()
