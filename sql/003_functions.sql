@@ -120,6 +120,26 @@ set datestyle = 'ISO, YMD'
 set intervalstyle = 'postgres'
 as $$ select array(select k::text from unnest(keys) with ordinality u(k, i) order by i) $$;
 
+-- Raise unless `typ` is a key type (key_type_ok): a SECURITY DEFINER function converts keys to text,
+-- and a value of a caller's own type would run the caller's own cast to text with the definer's
+-- rights. Key types are built in (their casts cannot be replaced) or domains over them (a domain's
+-- own casts are never used). The common types are checked without the recursive lookup.
+create or replace function autoembed.require_key_type(typ regtype)
+returns void
+language plpgsql
+stable
+as $$
+begin
+    if typ = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
+       or autoembed.key_type_ok(typ) then
+        return;
+    end if;
+    raise exception 'autoembed: % is not a key type', typ
+        using errcode = 'datatype_mismatch',
+              hint = 'keys are smallint, integer, bigint, numeric, text, varchar, char(n), uuid, date, timestamp or timestamptz (or domains over them)';
+end;
+$$;
+
 -- The role a SECURITY DEFINER function acts for: the session's role (SET ROLE, or the login role).
 create or replace function autoembed.caller_role()
 returns name

@@ -166,6 +166,8 @@ begin
         raise exception 'autoembed: role % may not write %: it cannot queue its jobs', autoembed.caller_role(), tbl::regclass
             using errcode = 'insufficient_privilege';
     end if;
+    -- (before anything converts the key: a key of the caller's own type would run its own cast here)
+    perform autoembed.require_key_type(pg_typeof(key));
     -- One query per row (this runs for every row written): the target and its message header (the
     -- table's names from the catalog caches, as autoembed.live_target).
     select r.id, r.content_fn, r.queue, r.origin, ka.attname as key_name,

@@ -29,7 +29,7 @@ from ..core.drain import ProviderConfigError
 from ..core.migration import Coverage, ModelSpec, coverage
 from ..core.pipelines import Pipeline
 from ..core.targets import TargetChanged, TargetError, resolve
-from . import chunk_backfill
+from . import batch_backfill, chunk_backfill
 from .assets import GROUP, model_version, source_key
 from .resources import AutoembedResource
 
@@ -147,6 +147,9 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
     if p.chunked:
         yield from chunk_backfill.reembed_chunk_shard(context, spec, shard, promote_on, autoembed, p)
+        return
+    if p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects (defs/batch_backfill.py)
+        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK)
         return
     with autoembed.connect() as conn:
         shard_plan = plan(conn, p, spec)
@@ -404,5 +407,7 @@ def build_model_change_defs(pipelines: Sequence[Pipeline]) -> dg.Definitions:
     """`backfill`, `model_migration` and the model-partitions sensor, over every pipeline."""
     if not pipelines:
         return dg.Definitions()
-    return dg.Definitions(jobs=[build_backfill_job(pipelines), build_migration_job(pipelines)],
-                          sensors=[build_model_partitions_sensor(pipelines)])
+    return dg.Definitions.merge(
+        dg.Definitions(jobs=[build_backfill_job(pipelines), build_migration_job(pipelines)],
+                       sensors=[build_model_partitions_sensor(pipelines)]),
+        batch_backfill.build_batch_defs(list(pipelines)))
