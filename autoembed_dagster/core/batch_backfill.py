@@ -41,6 +41,8 @@ from . import queue as pgmq
 from .backfill import (MAX_SCAN_ROWS, ShardPlan, _candidates, embedder_for, plan)
 from .config import ConfigError, EmbedderSettings
 from .drain import copy_records
+from .database import second_connection
+from .drain.loop import pin_session
 from .drain.settle import VectorWriter, act_as_drain, clean
 from .embedders.base import Embedder, EmbeddingError
 from .embedders.batch_api import (FINISHED_STATUSES, BatchClient, BatchLimits, BatchUnsupported, Result)
@@ -58,7 +60,7 @@ MAX_ATTEMPTS = 3  # batches a row may be submitted in before it is dead-lettered
 DEFAULT_POLL_SECONDS = 30.0
 _LOCK_CLASS = 0x616562  # advisory lock class of batch collectors ("aeb")
 _SCAN_PAGE = 1000
-_WRITE_PAGE = 2000  # collected vectors written per transaction
+_WRITE_PAGE = 500  # collected vectors written per transaction
 _METADATA_KEY = "autoembed_batch"
 
 
@@ -265,6 +267,7 @@ def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client:
     """Submit every row of the plan's target (or of one shard) that lacks the model's vector of its
     current input and is in no open batch. Returns what was submitted."""
     limits = limits or BatchLimits.from_env()
+    pin_session(conn)  # key text as the triggers and the drain print it
     stats = SubmitStats()
     key = shard_plan.target_key(p)
     target = resolve(conn, key)
@@ -484,25 +487,28 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
         _close(conn, record.id, s, error=f"its column is gone ({exc}): its rows are re-scanned")
         s.note(f"batch {record.batch_id}: {exc}")
         return s
+    pin_session(conn)
     pending = dict(_rows(conn, record.id, "pending"))
-    writer = VectorWriter(conn)
     encoding = conn.info.encoding
     dead: dict[str, str] = {}
     retry: dict[str, str] = {}
     seen: set[str] = set()
+    counted = threading.Lock()
 
-    def write_page(page: list[tuple[str, bytes, object]], records: list[bytes]) -> None:
+    def write_page(wconn: psycopg.Connection, writer: VectorWriter, page: list[tuple[str, bytes, object]],
+                   records: list[bytes]) -> None:
         w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(page, records)], record.model)
         busy = set(w.busy)
         # Which rows were stale is asked only when some were (the guard counted them).
-        stale = _stale_keys(conn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
-        s.written += w.written
-        s.stale += w.stale
-        s.current += len(page) - w.written - w.stale - len(busy)
-        _set_rows(conn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
-        _set_rows(conn, record.id, "stale", stale)
-        for k in busy:
-            retry[k] = "the application held the row locked"
+        stale = _stale_keys(wconn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
+        _set_rows(wconn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
+        _set_rows(wconn, record.id, "stale", stale)
+        with counted:
+            s.written += w.written
+            s.stale += w.stale
+            s.current += len(page) - w.written - w.stale - len(busy)
+            for k in busy:
+                retry[k] = "the application held the row locked"
         if on_rows:
             on_rows(len(page))
 
@@ -542,23 +548,61 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
         except BaseException as exc:  # noqa: BLE001 - handed to the writer, which raises it
             pages.put(exc)
 
+    stop = threading.Event()
+
+    def consume(wconn: psycopg.Connection) -> None:
+        """Write pages until the end of the output (each of the two writers on its own connection:
+        the pages hold distinct rows, and an index insert, not the parse, bounds a write)."""
+        writer = VectorWriter(wconn)
+        while not stop.is_set():
+            item = pages.get()
+            if item is None or isinstance(item, BaseException):
+                pages.put(item)  # for the other writer
+                if item is not None:
+                    raise item
+                return
+            write_page(wconn, writer, *item)
+
     reader = threading.Thread(target=produce, name=f"autoembed-batch-{record.id}", daemon=True)
+    second = second_connection(conn, f"the second writer of batch {record.batch_id}") if record.row_count > _WRITE_PAGE \
+        else None
+    helper: threading.Thread | None = None
+    failure: list[BaseException] = []
     reader.start()
     try:
-        while True:
-            item = pages.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            write_page(*item)
+        if second is not None:
+            pin_session(second)
+
+            def run_second() -> None:
+                try:
+                    consume(second)
+                except BaseException as exc:  # noqa: BLE001 - raised by the main writer below
+                    failure.append(exc)
+                    stop.set()
+
+            helper = threading.Thread(target=run_second, name=f"autoembed-batch-{record.id}-w2", daemon=True)
+            helper.start()
+        consume(conn)
+        if helper is not None:
+            helper.join()
+        if failure:
+            raise failure[0]
     finally:
-        while reader.is_alive():  # unblock a reader waiting on a full queue after a failed write
+        stop.set()
+        while reader.is_alive() or (helper is not None and helper.is_alive()):
+            # After a failed write: unblock a reader waiting on a full queue, a writer on an empty one.
             try:
-                pages.get(timeout=0.1)
+                pages.get_nowait()
             except queue.Empty:
                 pass
+            try:
+                pages.put_nowait(None)
+            except queue.Full:
+                pass
+            time.sleep(0.05)
         reader.join()
+        if second is not None:
+            second.close()
     for k in pending:
         if k not in seen:
             retry[k] = f"not in the output of batch {record.batch_id} ({record.status})"
