@@ -272,3 +272,30 @@ def json_str(value: str) -> str:
     import json
 
     return json.dumps(value)
+
+
+@pytest.mark.parametrize("shape", ["column", "chunk"])
+def test_content_function_body_changed_marks_a_discovered_target_stale_and_backfill_reembeds(
+        conn, fake_openai, settings, shape):
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.drain import pipeline_resolver
+    from autoembed_dagster.core.pipelines import content_function_digest, discover_pipelines
+    from autoembed_dagster.defs.assets import model_version
+    from autoembed_dagster.defs.checks import evaluate
+
+    make_table(conn, shape)
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    drain(conn, settings)
+    [p] = discover_pipelines(conn, [])
+    before = model_version(p, content_function_digest(conn, p))
+    assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness")
+
+    conn.execute("create or replace function note_text(n notes) returns text language sql immutable "
+                 "as $$ select 'note: ' || n.body $$")
+
+    assert model_version(p, content_function_digest(conn, p)) != before  # the asset is stale in Dagster
+    [stale] = [o for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness"]
+    assert not stale.passed and "2" in stale.description
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert_current(conn, shape, [1, 2])
+    assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness")
