@@ -211,7 +211,7 @@ def test_cli_via_batch_submits_collects_and_promotes(supabase_docs, fake_openai,
     fake_openai.reset()
     assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "through the Batch API" in out and "60 written" in out and "100.0%" in out and "promoted" in out
+    assert "through the Batch API" in out and "60 written" in out and "100% (60/60)" in out and "promoted" in out
     assert fake_openai.embedding_calls == 1 and fake_openai.batch_creations == 1
     assert_all_current(conn, 512)
     assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0  # nothing left: no new batch
