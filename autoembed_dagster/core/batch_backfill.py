@@ -102,6 +102,7 @@ class BatchRecord:
     submitted_at: object
     updated_at: object
     collected_at: object
+    promote: bool
 
     @property
     def target_key(self) -> TargetKey:
@@ -263,7 +264,8 @@ def _excluded(conn: psycopg.Connection, key: TargetKey, model: str, rows: list[t
 
 def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client: BatchClient, *,
            shard: int | None = None, shards: int | None = None, limits: BatchLimits | None = None,
-           max_attempts: int = MAX_ATTEMPTS, on_batch: Callable[[BatchRecord], None] | None = None) -> SubmitStats:
+           max_attempts: int = MAX_ATTEMPTS, on_batch: Callable[[BatchRecord], None] | None = None,
+           promote_when_complete: bool = True) -> SubmitStats:
     """Submit every row of the plan's target (or of one shard) that lacks the model's vector of its
     current input and is in no open batch. Returns what was submitted."""
     limits = limits or BatchLimits.from_env()
@@ -275,17 +277,17 @@ def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client:
     lines: list[bytes] = []
     rows: list[tuple[str, bytes]] = []
     size = 0
-    attempt = 1
 
     def flush() -> None:
-        nonlocal lines, rows, size, attempt
+        nonlocal lines, rows, size
         if rows:
-            record = _create(conn, p, shard_plan, key, model, client, lines, rows, shard, shards, attempt)
+            record = _create(conn, p, shard_plan, key, model, client, lines, rows, shard, shards,
+                             promote_when_complete)
             stats.batches.append(record.id)
             stats.rows += len(rows)
             if on_batch:
                 on_batch(record)
-        lines, rows, size, attempt = [], [], 0, 1
+        lines, rows, size = [], [], 0
 
     after: str | None = None
     page_rows = max(1, min(_SCAN_PAGE, MAX_SCAN_ROWS // (shards or 1)))
@@ -322,7 +324,7 @@ def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client:
 
 def _create(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, key: TargetKey, model: str,
             client: BatchClient, lines: list[bytes], rows: list[tuple[str, bytes]], shard: int | None,
-            shards: int | None, attempt: int) -> BatchRecord:
+            shards: int | None, promote_when_complete: bool) -> BatchRecord:
     """Record the batch and its rows (committed), upload its file, create it, record its id."""
     data = b"".join(lines)
     retried = conn.execute(
@@ -334,11 +336,11 @@ def _create(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, key: T
         record_id = conn.execute(
             """insert into autoembed.embedding_batches
                  (pipeline, migration_id, schema_name, table_name, embedding_column, content_function, key_column,
-                  queue, model, shard, shards, attempt, row_count, input_bytes)
-               values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id""",
+                  queue, model, shard, shards, attempt, row_count, input_bytes, promote)
+               values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id""",
             (p.name, shard_plan.migration.id if shard_plan.migration and shard_plan.mode == "migration" else None,
              key.schema, key.table, key.embedding_column, key.content_function, key.key_column, p.queue, model,
-             shard, shards, 2 if retried else 1, len(rows), len(data))).fetchone()[0]
+             shard, shards, 2 if retried else 1, len(rows), len(data), promote_when_complete)).fetchone()[0]
         with conn.cursor().copy("copy autoembed.embedding_batch_rows (batch, row_id, content_hash) from stdin") as cp:
             for k, h in rows:
                 cp.write_row((record_id, k, h))
@@ -814,7 +816,8 @@ def run_batch_backfill(
                     result.collected.append(got)
                     need_submit = need_submit or got.resubmit > 0
         if need_submit:
-            sub = submit(conn, p, shard_plan, client, max_attempts=max_attempts)
+            sub = submit(conn, p, shard_plan, client, max_attempts=max_attempts,
+                         promote_when_complete=promote_when_complete)
             result.submitted.batches += sub.batches
             result.submitted.rows += sub.rows
             result.submitted.dead += sub.dead
@@ -835,6 +838,7 @@ def run_batch_backfill(
 
 # -- one step at a time (Dagster: shard runs submit, the sensor polls, collect runs collect) ----------------
 def submit_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shard: int, shards: int, *,
+                 promote_when_complete: bool = True,
                  base: EmbedderSettings | None = None) -> tuple[ShardPlan, SubmitStats]:
     """Submit one shard's rows (starting the migration when needed) and return at once."""
     refuse_chunked(p)
@@ -843,7 +847,8 @@ def submit_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shard: 
     if shard_plan.mode == "skip":
         return shard_plan, SubmitStats()
     client = batch_client(p, spec, resolve(conn, shard_plan.target_key(p)), base)
-    return shard_plan, submit(conn, p, shard_plan, client, shard=shard, shards=shards)
+    return shard_plan, submit(conn, p, shard_plan, client, shard=shard, shards=shards,
+                              promote_when_complete=promote_when_complete)
 
 
 def poll_open(conn: psycopg.Connection, p: Pipeline, *, base: EmbedderSettings | None = None) -> list[BatchRecord]:
@@ -868,9 +873,11 @@ class Collected:
 
 
 def collect_and_continue(conn: psycopg.Connection, p: Pipeline, record_id: int, *, fallback: str | None = None,
-                         promote_when_complete: bool = True, base: EmbedderSettings | None = None) -> Collected:
+                         promote_when_complete: bool | None = None,
+                         base: EmbedderSettings | None = None) -> Collected:
     """Collect one finished batch; submit again what it left (its shard); promote the migration
-    when the target is complete and no batch of it is open."""
+    when the target is complete and no batch of it is open (unless the batch was submitted with
+    promote=False, or `promote_when_complete` is False)."""
     record = get_batch(conn, record_id)
     if record is None:
         raise ConfigError(f"no batch record {record_id}")
@@ -883,12 +890,14 @@ def collect_and_continue(conn: psycopg.Connection, p: Pipeline, record_id: int, 
     shard_plan = plan(conn, p, spec, start=False, base=base)
     if shard_plan.mode == "skip":
         return out
+    promote_on = record.promote if promote_when_complete is None else promote_when_complete
     if got.resubmit:
-        out.resubmitted = submit(conn, p, shard_plan, client, shard=record.shard, shards=record.shards)
+        out.resubmitted = submit(conn, p, shard_plan, client, shard=record.shard, shards=record.shards,
+                                 promote_when_complete=record.promote)
     target = resolve(conn, shard_plan.target_key(p))
     out.coverage = coverage(conn, target, spec.identity_key)
     m = shard_plan.migration
-    if (shard_plan.mode == "migration" and m is not None and promote_when_complete and out.coverage.complete
+    if (shard_plan.mode == "migration" and m is not None and promote_on and out.coverage.complete
             and not batches(conn, key=shard_plan.target_key(p), model=spec.identity_key, open_only=True)):
         out.promotion = promote(conn, m)
     return out
