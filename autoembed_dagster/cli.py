@@ -98,6 +98,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         for target, h in chunked:
             print(f"{h.table:<40}{f'{target.chunk_tokens}/{target.chunk_overlap}':>8}{h.embeddable:>11}"
                   f"{h.current:>9}{h.missing:>11}{h.stale:>7}{h.dead_letters:>6}  {h.model}")
+            if h.unreadable:
+                print(f"  {h.unreadable} row(s) whose content function raises, e.g. {h.unreadable_error}")
     if dead:
         print("\nlatest dead letters:")
         for d in dead:

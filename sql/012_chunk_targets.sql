@@ -164,9 +164,10 @@ revoke execute on function autoembed.chunk_trigger_key(oid, text) from public;
 -- table only.
 --   AFTER INSERT statement (transition table autoembed_new): every new row, in one send;
 --   AFTER UPDATE row (arguments: target id, key column), fired only WHEN the input changed (its
---     WHEN clause compares the content function of OLD and NEW in the writer's context: a
---     re-save or a change to another column costs no call here): notes the row's key in a
---     session temp table (rows cleared at commit);
+--     WHEN clause compares the content function of OLD and NEW in the writer's context, through
+--     autoembed.input_changed_<id>: a function that raises for the row counts as a change and
+--     never fails the write; a re-save or a change to another column costs no call here): notes
+--     the row's key in a session temp table (rows cleared at commit);
 --   AFTER UPDATE statement: sends the keys the row trigger noted, in one send (a bulk UPDATE is
 --     grouped like a column target's, 200 rows a message). Row triggers fire before it.
 -- The key settings are pinned (as autoembed.key_texts does) so a key's text is canonical.
@@ -243,10 +244,12 @@ begin
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+    -- The WHEN function compares the content function of OLD and NEW in the writer's context; one
+    -- that raises for the row counts as a change (autoembed.install_changed_function).
     execute format(
         'create trigger autoembed_chunk_changed after update on %1$s for each row '
-        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
-        tbl, fn::oid::regproc, target_id, key_column);
+        'when (%2$s(old, new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
+        tbl, autoembed.install_changed_function(target_id)::oid::regproc, target_id, key_column);
     execute format(
         'create trigger autoembed_enqueue_update after update on %s '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
