@@ -56,6 +56,18 @@ def make_items(conn, shape: str, rows: int = ROWS, table: str = "items", marker:
                  f" || case when g = {BAD} then %s else '' end from generate_series(1, {rows}) g", (marker,))
 
 
+def raise_for(conn, row_id: int) -> None:
+    """The content function now raises for row `row_id` too (replaced: no trigger of the table fires)."""
+    conn.execute(f"""create or replace function item_text(i items) returns text language plpgsql immutable as $$
+                     begin
+                         if i.id = {int(row_id)} or i.body like '%RAISE%' then
+                             raise exception 'item % cannot be read', i.id;
+                         end if;
+                         return i.body;
+                     end;
+                     $$""")
+
+
 def written(conn, shape: str, table: str = "items") -> set[int]:
     """Rows (documents) that hold their vector (chunk set)."""
     query = (f"select id from {table} where embedding is not null" if shape == "column"
@@ -197,7 +209,7 @@ def test_status_and_the_checks_report_a_row_whose_content_function_raises(conn, 
 
     make_items(conn, shape)
     drain(conn, settings)
-    conn.execute("update items set body = 'RAISE now' where id = %s", (BAD,))
+    raise_for(conn, BAD)
     p = CHUNKS if shape == "chunks" else COLUMN
     outcomes = {o.name: o for o in evaluate(conn, p, pipeline_resolver([p]))}
     assert not outcomes["dead_letters"].passed
@@ -216,11 +228,9 @@ def test_a_backfill_page_with_bad_rows_writes_the_others(conn, shape, fake_opena
     from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
     from autoembed_dagster.core.targets import resolve
 
-    make_items(conn, shape)
+    make_items(conn, shape, marker=" BADVEC")
     conn.execute("select pgmq.purge_queue('embedding_jobs')")  # the re-embed alone
-    conn.execute("update items set body = 'RAISE now' where id = 3")
-    conn.execute("update items set body = body || ' BADVEC' where id = %s", (BAD,))
-    conn.execute("select pgmq.purge_queue('embedding_jobs')")
+    raise_for(conn, 3)
     fake_openai.corrupt("BADVEC", "huge")
     if shape == "chunks":
         result = run_chunk_backfill(conn, replace(CHUNKS, shards=1))
