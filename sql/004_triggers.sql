@@ -66,7 +66,10 @@ begin
                 return case when TG_WHEN = 'BEFORE' then NEW else null end;
             end if;
         exception when others then
-            null;
+            -- (unless only the vector changed: the clearing UPDATE of AFTER mode fires this again)
+            if has_column and to_jsonb(OLD) - embedding_column = to_jsonb(NEW) - embedding_column then
+                return case when TG_WHEN = 'BEFORE' then NEW else null end;
+            end if;
         end;
     end if;
 

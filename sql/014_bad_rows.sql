@@ -32,9 +32,9 @@ begin
              where (tr.tgname = 'autoembed_clear' and r.chunk_table is null
                     and exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
                                 and p.proname = format('clear_target_%s', r.id))
-                    and pg_get_triggerdef(tr.oid) like '%(old) IS DISTINCT FROM %(new)%')
+                    and pg_get_triggerdef(tr.oid) like '%(old.*) IS DISTINCT FROM %(new.*)%')
                 or (tr.tgname = 'autoembed_chunk_changed' and r.chunk_table is not null
-                    and pg_get_triggerdef(tr.oid) like '%(old) IS DISTINCT FROM %(new)%') loop
+                    and pg_get_triggerdef(tr.oid) like '%(old.*) IS DISTINCT FROM %(new.*)%') loop
         begin
             if t.chunked then
                 perform autoembed.install_chunk_triggers(t.id);

@@ -293,3 +293,41 @@ def test_the_drain_run_succeeds_and_counts_the_dead_letters(conn, fake_openai, s
     outputs = [e for e in result.all_node_events if e.event_type_value == "STEP_OUTPUT"]
     meta = outputs[-1].event_specific_data.metadata
     assert meta["rows_dead_lettered"].value == 1 and meta["rows_embedded"].value == ROWS - 1, meta
+
+
+def test_supabases_trigger_never_fails_the_write_of_a_row_whose_content_function_raises(conn, fake_openai,
+                                                                                        settings):
+    conn.execute(ITEMS.replace("{vector}", ", embedding halfvec(1536)"))
+    conn.execute("""create trigger embed after insert or update on items for each row
+                    execute function util.queue_embeddings('item_text', 'embedding')""")
+    conn.execute("insert into items select g, 'item ' || g from generate_series(1, 3) g")
+    drain(conn, settings)
+    conn.execute("update items set body = 'RAISE now' where id = 2")  # raised before
+    assert conn.execute("select embedding is null from items where id = 2").fetchone()[0]
+    assert drain(conn, settings).dead_lettered == 1
+    assert "item 2 cannot be read" in dead(conn)["2"]
+
+
+def test_db_init_replaces_triggers_that_called_the_content_function_in_their_when_clause(conn, shape,
+                                                                                        fake_openai, settings):
+    from autoembed_dagster.core.migrations import init_db
+
+    make_items(conn, shape)
+    drain(conn, settings)
+    # What enrolment installed before: the content function compared in the WHEN clause.
+    if shape == "column":
+        conn.execute("""drop trigger autoembed_clear on items;
+                        create trigger autoembed_clear before update on items for each row
+                        when (new.embedding is not null and item_text(old) is distinct from item_text(new))
+                        execute function autoembed.clear_target_1()""")
+    else:
+        conn.execute("""drop trigger autoembed_chunk_changed on items;
+                        create trigger autoembed_chunk_changed after update on items for each row
+                        when (item_text(old) is distinct from item_text(new))
+                        execute function autoembed.queue_chunk_jobs('1', 'id')""")
+    with pytest.raises(Exception, match="item 7 cannot be read"):
+        with conn.transaction():
+            conn.execute("update items set body = 'RAISE now' where id = %s", (BAD,))
+    init_db(conn)
+    conn.execute("update items set body = 'RAISE now' where id = %s", (BAD,))
+    assert drain(conn, settings).dead_lettered == 1

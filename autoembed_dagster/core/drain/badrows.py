@@ -47,8 +47,10 @@ def check_vectors(vector_type: str, dimensions: int, vectors: Sequence[np.ndarra
             sized.append(i)
     if not sized:
         return out
-    matrix = np.asarray([vectors[i] for i in sized], dtype=np.float64)
-    ok = np.isfinite(matrix).all(axis=1) & (np.abs(matrix) <= limit).all(axis=1)
+    matrix = np.asarray([vectors[i] for i in sized], dtype=np.float32)  # (what the provider sent)
+    ok = np.isfinite(matrix).all(axis=1)
+    if vector_type == "halfvec":  # (a finite float32 is always inside float4's range)
+        ok &= (np.abs(matrix) <= limit).all(axis=1)
     for j in np.flatnonzero(~ok).tolist():
         row = matrix[j]
         c = int(np.flatnonzero(~(np.isfinite(row) & (np.abs(row) <= limit)))[0])
