@@ -25,7 +25,7 @@ import psycopg
 from .. import chunks
 from ..chunking import Splitter
 from ..embedders.base import Embedder, EmbeddingError
-from ..targets import Target
+from ..targets import Target, ambiguous_key_error
 from .badrows import check_vectors
 from .embed import provider_call
 from .jobs import Job
@@ -170,7 +170,8 @@ class ChunkWritten:
     stats: chunks.WriteStats
     later: list[Job]  # jobs of documents not written now (parent row busy, a reused vector gone)
     done: list[int]  # messages settled (written, stale: a newer job exists, or the row is gone)
-    dead: list[tuple[Job, str]] = field(default_factory=list)  # documents whose write failed alone
+    # jobs whose key matches several rows, or whose document's write failed alone (badrows)
+    dead: list[tuple[Job, str]] = field(default_factory=list)
 
 
 def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite, check: Callable[[], None] | None = None) -> ChunkWritten:
@@ -179,8 +180,11 @@ def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite, check: Callable[[
     w, failed = chunks.write_isolating(conn, cw.chunk_target, cw.plan, cw.vectors, cw.plan.model, check=check)
     again = set(w.busy) | set(w.missing)
     later = [job for key in again for job in cw.jobs.get(key, ())]
-    dead = [(job, f"{cw.target.regclass} key {key}: {why}") for key, why in failed.items()
+    dead = [(job, ambiguous_key_error(cw.target, key, n)) for key, n in w.ambiguous.items()
             for job in cw.jobs.get(key, ())]
-    done = [job.msg_id for key, key_jobs in cw.jobs.items() if key not in again and key not in failed
+    dead += [(job, f"{cw.target.regclass} key {key}: {why}") for key, why in failed.items()
+             for job in cw.jobs.get(key, ())]
+    done = [job.msg_id for key, key_jobs in cw.jobs.items()
+            if key not in again and key not in failed and key not in w.ambiguous
             for job in key_jobs]
     return ChunkWritten(w, later, done, dead)

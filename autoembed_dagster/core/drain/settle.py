@@ -17,7 +17,8 @@ from psycopg import errors, sql
 
 from .. import queue as pgmq
 from ..config import Settings
-from ..targets import Target, TargetChanged, TargetError, check_target, lookup_registered
+from ..targets import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
+                       lookup_registered)
 from .badrows import write_isolating
 from .chunked import ChunkWritten, write_chunk_sets, write_target
 from .claims import Claims
@@ -36,6 +37,7 @@ class Written:
     written: int = 0
     stale: int = 0
     busy: list[str] = field(default_factory=list)  # keys of rows another transaction held locked
+    ambiguous: dict[str, int] = field(default_factory=dict)  # keys matching several rows: not written
     failed: dict[str, str] = field(default_factory=dict)  # key -> why its write failed (badrows)
 
 
@@ -71,7 +73,7 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
     ids = [w[0] for w in writes]
     current: dict[str, bytes] = {}
     has_vector: set[str] = set()
-    for k, h, v in conn.execute(
+    locked = conn.execute(
         sql.SQL(
             """select t.{key}::text, autoembed.content_hash({fn}(t)::text), t.{col} is not null
                from {table} t where t.{key} = any(%s::text[]::{key_type}[])
@@ -79,11 +81,15 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
         ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
                  key_type=target.key_type_sql),
         (ids,), prepare=False,
-    ).fetchall():
+    ).fetchall()
+    out.ambiguous = ambiguous_keys(k for k, _, _ in locked)
+    for k, h, v in locked:
+        if k in out.ambiguous:
+            continue  # never write one row's vector onto another
         current[k] = h
         if v:
             has_vector.add(k)
-    missing = [k for k in ids if k not in current]
+    missing = [k for k in ids if k not in current and k not in out.ambiguous]
     if missing:
         # Not locked: deleted meanwhile (its job is done), or held by another transaction (busy).
         out.busy = [k for (k,) in conn.execute(
@@ -169,6 +175,7 @@ def write_vectors_isolating(conn: psycopg.Connection, stages: Stages, target: Ta
         total.written += w.written
         total.stale += w.stale
         total.busy += w.busy
+        total.ambiguous.update(w.ambiguous)
     return Isolated(total, {w[0]: f"{target.regclass} key {w[0]}: writing its vector failed: {why}"
                             for w, why in failed})
 
@@ -269,7 +276,7 @@ class Settler:
         done = list(outcome.done)
         busy: list[Job] = []
         used_stages: set[str] = set()
-        dead = list(outcome.dead)
+        dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
         for target, writes in outcome.writes.items():
             # The model fixed when the vectors were made (embed_work records it with the writes).
             # A row whose write fails alone is dead-lettered; the batch's other rows are written.
@@ -284,6 +291,8 @@ class Settler:
                     dead.extend((job, isolated.failed[key]) for job in jobs.get(key, ()))
                 elif key in busy_keys:
                     busy.extend(jobs.get(key, ()))
+                elif key in w.ambiguous:
+                    dead.extend((job, ambiguous_key_error(target, key, w.ambiguous[key])) for job in jobs.get(key, ()))
                 else:
                     done.extend(msg_ids)
         chunk_sets: list[tuple[Target, ChunkWritten]] = []
