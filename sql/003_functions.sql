@@ -194,7 +194,7 @@ select t.id,
        -- (run autoembed db init).
        (select format('autoembed.%I', w.proname) from pg_proc w
          where w.pronamespace = 'autoembed'::regnamespace and w.proname = format('input_%s', t.id)
-           and w.prosecdef and w.proowner = c.relowner and w.pronargs = 1 and w.proargtypes[0] = c.reltype
+           and w.prosecdef and w.proowner = c.relowner and w.pronargs = 1 and w.proargtypes[0] = 'anyelement'::regtype
            and format('autoembed.content_fn=%s', t.content_fn) = any(w.proconfig)
            and p.oid is not null) as input_function
 from autoembed.targets t
@@ -288,7 +288,11 @@ $$;
 
 -- Send job messages to a queue and wake the drains (LISTEN autoembed). Sends nothing for no
 -- messages (send_batch raises on an empty array). Always through pgmq's own functions: one message
--- with pgmq.send (about half the cost of send_batch of one), more with one send_batch.
+-- with pgmq.send (about half the cost of send_batch of one), more with one send_batch. A queue
+-- dropped under us (pgmq.drop_queue, its table dropped) is re-created first and the repair recorded
+-- (autoembed.restore_queue, sql/015): the writer's statement goes on and its jobs are kept. (A
+-- catalog lookup, not an exception block: a subtransaction per statement would cost more, and
+-- thousands of them in one transaction overflow the subtransaction cache of every backend.)
 create or replace function autoembed.send_jobs(queue text, messages jsonb[])
 returns void
 language plpgsql
@@ -296,7 +300,11 @@ as $$
 begin
     if coalesce(cardinality(messages), 0) = 0 then
         return;
-    elsif cardinality(messages) = 1 then
+    end if;
+    if to_regclass('pgmq.' || quote_ident('q_' || lower(queue))) is null then
+        perform autoembed.restore_queue(queue);
+    end if;
+    if cardinality(messages) = 1 then
         perform pgmq.send(queue, messages[1]);
     else
         perform pgmq.send_batch(queue, messages);

@@ -111,7 +111,8 @@ $$;
 
 -- The content function of target `target_id` with its table owner's rights: the generated function
 -- autoembed.input_<id>(row) (SECURITY DEFINER, owned by the table's owner, search_path pinned)
--- that returns the content function's text of a row. The drain, backfills, status, checks and
+-- that returns the content function's text of a row (declared anyelement and checked, so that it
+-- does not depend on the table's row type: DROP TABLE goes on as before). The drain, backfills, status, checks and
 -- search call it instead of the content function itself (target_catalog.input_function), so a
 -- content function never runs with the rights of whoever reads the input (the drain is a superuser
 -- on the zero-config default). It refuses to run
@@ -137,7 +138,7 @@ declare
     name text := format('input_%s', target_id);
     refusal text;
 begin
-    select r.relid, c.reltype::regtype::text as rowtype, pg_get_userbyid(c.relowner)::text as owner,
+    select r.relid, c.reltype::regtype::text as rowtype, c.reltype::oid as reltype, pg_get_userbyid(c.relowner)::text as owner,
            r.content_fn::regproc::text as fn, r.content_fn::oid::text as content_fn
       into t
       from autoembed.targets r
@@ -150,7 +151,7 @@ begin
     refusal := format('autoembed: autoembed.%s runs the content function %s as %s, the owner of %s, only (by SECURITY DEFINER): run autoembed db init to re-create it',
                       name, t.fn, quote_ident(t.owner), t.relid::regclass);
     execute format($f$
-        create or replace function autoembed.%1$I(rec %2$s)
+        create or replace function autoembed.%1$I(rec anyelement)
         returns text
         language plpgsql
         stable
@@ -166,6 +167,11 @@ begin
                    and session_user operator(pg_catalog.<>) %3$L::pg_catalog.name) then
                 raise exception using message = %4$L, errcode = 'insufficient_privilege';
             end if;
+            if pg_catalog.pg_typeof(rec)::pg_catalog.oid operator(pg_catalog.<>) %10$s::pg_catalog.oid then
+                raise exception using message = pg_catalog.format('autoembed: %%s takes a row of %%s, not %%s', %9$L,
+                                                                   %6$L, pg_catalog.pg_typeof(rec)),
+                                      errcode = 'datatype_mismatch';
+            end if;
             if not pg_catalog.has_table_privilege(autoembed.caller_role(), %5$s::pg_catalog.oid, 'SELECT') then
                 raise exception using message = pg_catalog.format('autoembed: role %%s may not read %%s: it cannot read its content',
                                                                    autoembed.caller_role(), %6$L),
@@ -180,9 +186,12 @@ begin
             return result;
         end
         $b$
-    $f$, name, t.rowtype, t.owner, refusal, t.relid::oid, t.relid::regclass::text, t.fn, t.content_fn);
+    $f$, name, t.rowtype, t.owner, refusal, t.relid::oid, t.relid::regclass::text, t.fn, t.content_fn,
+       format('autoembed.%I', name), t.reltype);
     begin
-        execute format('alter function autoembed.%I(%s) owner to %I', name, t.rowtype, t.owner);
+        perform set_config('autoembed.installing_input', 'on', true);  -- (not followed: sql/008)
+        execute format('alter function autoembed.%I(anyelement) owner to %I', name, t.owner);
+        perform set_config('autoembed.installing_input', '', true);
     exception when insufficient_privilege then
         raise exception 'autoembed: cannot give autoembed.%(%) to %, the owner of %: %', name, t.rowtype,
             quote_ident(t.owner), t.relid::regclass, sqlerrm
@@ -337,6 +346,11 @@ begin
                                   where r.id = substring(p.proname from '[0-9]+$')::bigint) loop
         execute format('drop function %s cascade', name);
     end loop;
+    for name in select p.oid::regprocedure::text from pg_proc p
+                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^input_changed_[0-9]+$'
+                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 15)::bigint) loop
+        execute format('drop function %s cascade', name);
+    end loop;
     return gone;
 end;
 $$;
@@ -379,9 +393,10 @@ $$;
 
 -- The triggers of an enrolled table (re-created from the registry's target `target_id`), run with
 -- the caller's own rights (creating triggers needs the table's owner):
---   autoembed_clear             BEFORE UPDATE row, WHEN the input changed (compared in the writer's
---                               context, function bound by oid and vector column by attnum) and the
---                               drain is not the writer: sets the vector to NULL;
+--   autoembed_clear             BEFORE UPDATE row, WHEN the row holds a vector and the drain is not
+--                               the writer: its generated function sets the vector to NULL when the
+--                               input changed (compared in the writer's context; a content function
+--                               raising for the row counts as a change, never fails the write);
 --   autoembed_enqueue_insert/_update  AFTER statement, transition tables: one send_batch each;
 --   autoembed_forget_delete/_truncate AFTER statement: embedding_state of gone rows goes too.
 create or replace function autoembed.install_triggers(tbl regclass, target_id bigint, fn regprocedure,
@@ -397,9 +412,8 @@ begin
     clear_function := autoembed.install_clear_function(target_id);
     execute format(
         'create trigger autoembed_clear before update on %1$s for each row '
-        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null '
-        'and %3$s(old) is distinct from %3$s(new)) '
-        'execute function %4$s', tbl, embedding_column, fn::oid::regproc, clear_function);
+        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null) '
+        'execute function %3$s', tbl, embedding_column, clear_function);
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);

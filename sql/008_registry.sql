@@ -58,12 +58,22 @@ declare
 begin
     -- A column target's generated clear function names its column; a chunk target's row trigger and
     -- chunk tables name its key column.
-    -- Every target of an altered table gets its input function again: an owner change gives it
-    -- to the new owner (sql/005 install_input_function).
+    -- Both name the content function too (a renamed one: ALTER FUNCTION).
+    -- Every target of an altered table or content function gets its input function again (an owner
+    -- change gives it to the new owner; a renamed content function is called by its new name),
+    -- and so does a target whose input function someone altered (its owner may: say, to SECURITY
+    -- INVOKER): sql/005 install_input_function, whose own ALTER FUNCTION is not followed.
+    if current_setting('autoembed.installing_input', true) = 'on' then
+        return;
+    end if;
     for target_id in
         select distinct r.id from pg_event_trigger_ddl_commands() d
-        join autoembed.targets r on r.relid = d.objid
-        where d.classid = 'pg_class'::regclass
+        join autoembed.targets r on (d.classid = 'pg_class'::regclass and r.relid = d.objid)
+                                 or (d.classid = 'pg_proc'::regclass and r.content_fn = d.objid)
+                                 or (d.classid = 'pg_proc'::regclass and exists (
+                                         select 1 from pg_proc w where w.oid = d.objid
+                                            and w.pronamespace = 'autoembed'::regnamespace
+                                            and w.proname = format('input_%s', r.id)))
     loop
         begin
             perform autoembed.install_input_function(target_id);
@@ -74,11 +84,11 @@ begin
     end loop;
     for target_id, chunked in
         select distinct r.id, r.chunk_table is not null from pg_event_trigger_ddl_commands() d
-        join autoembed.targets r on r.relid = d.objid
-        where d.classid = 'pg_class'::regclass
-          and (r.chunk_table is not null
+        join autoembed.targets r on (d.classid = 'pg_class'::regclass and r.relid = d.objid)
+                                 or (d.classid = 'pg_proc'::regclass and r.content_fn = d.objid)
+        where r.chunk_table is not null
                or exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
-                                                    and p.proname = format('clear_target_%s', r.id)))
+                                                    and p.proname = format('clear_target_%s', r.id))
     loop
         begin
             if chunked then
@@ -97,10 +107,16 @@ $$;
 
 do $$
 begin
-    if (select r.rolsuper from pg_roles r where r.rolname = current_user)
-       and not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames') then
-        create event trigger autoembed_follow_renames on ddl_command_end when tag in ('ALTER TABLE')
-            execute function autoembed.follow_renames();
+    if (select r.rolsuper from pg_roles r where r.rolname = current_user) then
+        -- (an older one followed ALTER TABLE only)
+        if exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames'
+                   and not 'ALTER FUNCTION' = any(e.evttags)) then
+            drop event trigger autoembed_follow_renames;
+        end if;
+        if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames') then
+            create event trigger autoembed_follow_renames on ddl_command_end when tag in ('ALTER TABLE', 'ALTER FUNCTION')
+                execute function autoembed.follow_renames();
+        end if;
     end if;
 end;
 $$;
