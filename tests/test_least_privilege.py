@@ -261,7 +261,7 @@ def test_the_drain_and_dashboard_roles_work_with_the_grants_the_readme_lists(con
         for role in ("drain", "dashboard"):
             monkeypatch.setenv("AUTOEMBED_DATABASE_URL", urls[role])
             capsys.readouterr()
-            assert cli.main(["status"]) == 0
+            assert cli.main(["-v", "status"]) == 0
             assert "embedding_jobs" in capsys.readouterr().out
     finally:
         for name in roles.values():
