@@ -4,7 +4,7 @@ HNSW index on the chunk table, as enrolment makes it).
 
 The document's new input is queued; the project's drain (Drainer.run: claim, read, split, embed
 through the real openai client against the instant fake provider, settle) runs in a thread while
-the application updates the same row (a column the input does not read) in a tight autocommit loop,
+the application updates the same row (a column the input does not read) every 5 ms in autocommit,
 timing every statement. Baseline in the same run: the same loop with no drain running. The settle
 writes the new set without the parent's row lock and takes it only for the stale-write guard and
 the commit (core/chunks.py write): the longest wait stays near the baseline however large the set.
@@ -27,7 +27,7 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu x
 
 
 def body(chunks: int, round_: int) -> str:
-    """A text of about `chunks` chunks of 16 tokens (one sentence of 12 words each)."""
+    """A text of about `chunks` chunks of at most 32 tokens (one sentence of 12 words each)."""
     return "\n\n".join(" ".join(WORDS[(i * 7 + j + round_) % len(WORDS)] for j in range(12)) + f" {round_}.{i}."
                        for i in range(chunks))
 
@@ -39,6 +39,7 @@ def app_loop(url: str, stop: threading.Event) -> list[float]:
             t0 = time.perf_counter()
             app.execute("update docs set views = views + 1 where id = 1")
             waits.append(time.perf_counter() - t0)
+            time.sleep(0.005)  # an application writing the row often, not holding it all the time
     return waits
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                             create function docs_input(d docs) returns text language sql immutable
                                 as $$ select d.body $$;
                             insert into docs (id, body) values (1, 'start');
-                            select autoembed.enroll_chunks('docs', 'docs_input', 16, 0)""")
+                            select autoembed.enroll_chunks('docs', 'docs_input', 32, 0)""")
         with connect(url) as dc:
             Drainer(dc, Settings.from_env()).run()
         stop = threading.Event()

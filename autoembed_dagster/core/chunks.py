@@ -297,10 +297,7 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
         with conn.transaction():  # a savepoint: undone when the guard finds a parent changed or held
             fresh, written_rows, embedded = _write_sets(conn, target, plan, vectors_by_hash, model_key, fresh,
                                                         stats, fmt)
-            locked = dict(conn.execute(sql.SQL(
-                """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
-                   where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update skip locked""").format(**fmt),
-                (fresh,), prepare=False).fetchall())
+            locked = _guard_locks(conn, fresh, fmt)
             late_busy = [k for k in fresh if k not in locked]
             late_stale = [k for k in fresh if k in locked and locked[k] != plan.documents[k].input_hash]
             if late_busy or late_stale:
@@ -323,6 +320,25 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
 
 
 WRITE_ROUNDS = 3
+GUARD_WAIT = "100ms"  # how long the guard waits for a parent row an application's statement holds
+
+
+def _guard_locks(conn: psycopg.Connection, keys: list[str], fmt: dict) -> dict[str, bytes]:
+    """The stale-write guard's locks: key -> current content hash of the parents it locked. It
+    waits at most GUARD_WAIT for a row an application's statement holds (a one-row UPDATE commits
+    in milliseconds; the drain, not the application, waits); a row held longer is left out (busy)."""
+    prior = conn.execute("select current_setting('lock_timeout')").fetchone()[0]
+    conn.execute("select set_config('lock_timeout', %s, true)", (GUARD_WAIT,))
+    try:
+        with conn.transaction():
+            return dict(conn.execute(sql.SQL(
+                """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
+                   where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update""").format(**fmt),
+                (keys,), prepare=False).fetchall())
+    except psycopg.errors.LockNotAvailable:
+        return {}
+    finally:
+        conn.execute("select set_config('lock_timeout', %s, true)", (prior,))
 
 
 def _write_sets(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
