@@ -1,7 +1,7 @@
 -- Chunk tables: long documents embedded as chunks (core/chunks.py plans and writes them).
 --
--- <schema>.<table>_chunks holds, per parent row, its chunk set: the parent's key (foreign key,
--- on delete cascade), chunk_index, the exact chunk text that was embedded, its vector, the chunk's
+-- <schema>.<table>_chunks holds, per parent row, its chunk set: the parent's key (no foreign key:
+-- autoembed.chunk_tables and the parent's triggers keep it with the rows, sql/015), chunk_index, the exact chunk text that was embedded, its vector, the chunk's
 -- hash, and what the set was made from (source_hash = the parent's content hash, model, splitter).
 -- A document's chunk set is replaced whole in one transaction, so every row of a set carries the
 -- same source_hash/model/splitter: "current" = they match the parent's input and the pipeline.
@@ -193,7 +193,7 @@ begin
     end if;
     select * into p from autoembed.chunk_parent(chunk_table);
     if p.parent is null then
-        raise exception '% is not a chunk table (no foreign key to a parent table)', chunk_table;
+        raise exception '% is not a chunk table (not in autoembed.chunk_tables, no foreign key to a parent table)', chunk_table;
     end if;
     select format_type(a.atttypid, a.atttypmod) into vtype from pg_attribute a
      where a.attrelid = chunk_table and a.attname = 'embedding' and not a.attisdropped;

@@ -10,8 +10,8 @@
 --   autoembed_enqueue_update  AFTER UPDATE row, WHEN the input changed (compared in the writer's
 --                             context, the content function bound by oid): that row.
 -- No clearing trigger: a stale chunk set stays until the drain swaps the new one in whole, and
--- search_chunks(content_function => ...) skips it meanwhile. Deleted rows lose their chunks by the
--- chunk table's foreign key (on delete cascade).
+-- search_chunks(content_function => ...) skips it meanwhile. Deleted rows lose their chunks, a
+-- changed key moves them and a TRUNCATE truncates them: the parent's triggers (sql/015).
 
 -- Register (or update) the chunk target of `tbl` in autoembed.targets; returns its id. SECURITY
 -- DEFINER (the registry is writable by nobody else); the caller must own the table.

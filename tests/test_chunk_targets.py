@@ -125,9 +125,11 @@ def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
     api.enroll("notes", "note_text", chunk_tokens=100, url=conn.info.dsn)
     with pytest.raises(psycopg.errors.ObjectInUse, match="enrolled as a chunk target"):
         api.enroll("notes", "note_text", "embedding", url=conn.info.dsn)
-    conn.execute("select autoembed.unenroll('notes')")  # triggers and registration go
-    assert conn.execute("select count(*) from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal"
-                        ).fetchone()[0] == 0
+    conn.execute("select autoembed.unenroll('notes')")  # enqueue triggers and registration go
+    # (the chunk table stays, and so do the triggers that keep it with the table's rows)
+    assert {r[0] for r in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass"
+                                       " and not tgisinternal")} == {"autoembed_chunks_delete", "autoembed_chunks_key",
+                                                                     "autoembed_chunks_truncate"}
     assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
 
 
