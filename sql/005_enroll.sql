@@ -384,6 +384,28 @@ $$;
 --                                target's state goes by install_forget_triggers' autoembed_forget_row).
 -- No option: enrolment before or after the subscription is created works the same. Called by
 -- install_triggers and install_chunk_triggers, with the caller's rights (the table's owner).
+-- What install_replica_triggers needs of target `target_id` (the registry is readable by the
+-- project's owner only): its table, content function, embedding column's current name (NULL for a
+-- chunk target) and whether it is a chunk target. For the table's owner only.
+create or replace function autoembed.replica_trigger_target(target_id bigint, out tbl regclass, out fn regprocedure,
+                                                            out embedding_column text, out chunked boolean)
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    select r.relid::regclass, r.content_fn::regprocedure, ea.attname::text, r.chunk_table is not null
+      into tbl, fn, embedding_column, chunked
+      from autoembed.targets r
+      left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+     where r.id = target_id;
+    if tbl is not null then
+        perform autoembed.require_owner(tbl, 'change its triggers');
+    end if;
+end;
+$$;
+
 create or replace function autoembed.install_replica_triggers(target_id bigint)
 returns void
 language plpgsql
@@ -396,11 +418,8 @@ declare
     chunked boolean;
     name text;
 begin
-    select r.relid::regclass, r.content_fn::regprocedure, ea.attname::text, r.chunk_table is not null
-      into tbl, fn, col, chunked
-      from autoembed.targets r
-      left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
-     where r.id = target_id;
+    select t.tbl, t.fn, t.embedding_column, t.chunked into tbl, fn, col, chunked
+      from autoembed.replica_trigger_target(target_id) t;
     if tbl is null or (col is null and not chunked) then
         raise exception 'autoembed: % is not a target with an embedding column or a chunk table', target_id
             using errcode = 'undefined_object';
