@@ -23,7 +23,7 @@ import time
 import urllib.request
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -35,6 +35,9 @@ from .core.database import (connect, database_name, database_url, embedded_pgdat
                             stop_embedded)
 from .core.migrations import init_db
 from .core.pipelines import Pipeline
+from .packaged import checkout, packaged
+from .processes import Children as Started
+from .processes import stop_on_signals
 
 DAGSTER_DATABASE = "dagster"  # Dagster's storage, on the data's server; AUTOEMBED_DAGSTER_DATABASE overrides
 DEMO_SCHEMA = "autoembed_demo"
@@ -67,19 +70,30 @@ CHUNK_QUERIES = (
 
 
 # -- locations -----------------------------------------------------------------------------------
-def project_root() -> Path:
-    """The checkout holding workspace.yaml and dagster_home/ (the package is installed editable)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "workspace.yaml").is_file() or not (root / "dagster_home" / "dagster.yaml").is_file():
-        raise ConfigError(
-            f"workspace.yaml / dagster_home/dagster.yaml not found next to the package ({root}): "
-            "run from a checkout installed with `pip install -e .`"
-        )
-    return root
+def instance_home(settings: Settings | None = None) -> Path:
+    """Dagster's instance directory (DAGSTER_HOME): the checkout's dagster_home/; with an installed
+    wheel, dagster_home/ in the project's .autoembed folder, made from the packaged dagster.yaml."""
+    root = checkout()
+    if root is not None:
+        return root / "dagster_home"
+    home = (settings or Settings.from_env()).home.resolve() / "dagster_home"
+    if not (home / "dagster.yaml").is_file():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(packaged("dagster_home") / "dagster.yaml", home / "dagster.yaml")
+    return home
 
 
-def demo_project() -> Path:
-    return project_root() / DEMO_PROJECT
+def demo_project(settings: Settings | None = None) -> Path:
+    """The demo's Dagster project: demo/ of the checkout; with an installed wheel, a copy of the
+    packaged one in the project's .autoembed folder (made once: edits to its defs.yaml stay)."""
+    root = checkout()
+    if root is not None:
+        return root / DEMO_PROJECT
+    project = (settings or Settings.from_env()).home.resolve() / "demo" / "project"
+    if not (project / "pyproject.toml").is_file():
+        shutil.copytree(packaged("demo_project"), project, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return project
 
 
 def demo_pipelines() -> tuple[Pipeline, Pipeline]:
@@ -178,19 +192,19 @@ def dagster_env(settings: Settings | None = None, *, prepare_storage: bool = Tru
     """The environment `dagster dev` / `dagster-daemon` need for this project, after making sure
     the data database is initialised and Dagster's database exists."""
     settings = settings or Settings.from_env()
-    root = project_root()
+    home = instance_home(settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         url = as_url(database_url(settings))  # key=value conninfo too
     with connect(url) as conn:
         init_db(conn)
     env = {
-        "DAGSTER_HOME": str(root / "dagster_home"),
+        "DAGSTER_HOME": str(home),
         "AUTOEMBED_DATABASE_URL": url,
         "DAGSTER_POSTGRES_URL": dagster_storage_url(url),
     }
     if prepare_storage:
-        init_dagster_storage(root / "dagster_home", env)
+        init_dagster_storage(home, env)
     return env
 
 
@@ -201,26 +215,44 @@ def print_dagster_env(settings: Settings | None = None) -> int:
     return 0
 
 
-def run_dagster_dev(port: int = 3000, workspace: str | None = None) -> int:
+def run_dagster_dev(port: int = 3000, workspace: str | None = None, keep_db: bool = False) -> int:
     """`autoembed dev`: `dagster dev` with the environment `autoembed dagster-env` prints (Postgres
     started, schema initialised, Dagster's storage ready), on the project in the current directory
-    (its workspace.yaml, else its definitions module), else this checkout's own project."""
+    (its workspace.yaml, else its definitions module), else this checkout's own project. Ctrl-C,
+    SIGTERM or SIGHUP to this process stop `dagster dev` with everything it started, and the
+    embedded Postgres when this command started it (unless `keep_db`)."""
     from .components.declarations import project_root as dg_project_root
 
-    env = {**os.environ, **dagster_env()}
-    if workspace is None:
-        project = dg_project_root()
-        target = (["-w", str(project / "workspace.yaml")] if (project / "workspace.yaml").is_file()
-                  else ["-m", f"{_root_module(project)}.definitions"])
-    else:
-        project, target = Path.cwd(), ["-w", workspace]
-    argv = [_executable("dagster"), "dev", *target, "-p", str(port)]
-    say(f"DAGSTER_HOME={env['DAGSTER_HOME']}; data: {_masked(env['AUTOEMBED_DATABASE_URL'])}")
-    say("$ " + " ".join(shlex.quote(a) for a in argv))
+    stop_on_signals()
+    settings = Settings.from_env()
+    embedded = not settings.database_url
+    was_running = embedded and embedded_running(settings)
+    started = Started()
     try:
-        return subprocess.call(argv, cwd=project, env=env)
+        env = {**os.environ, **dagster_env(settings)}
+        if workspace is None:
+            project = dg_project_root()
+            target = (["-w", str(project / "workspace.yaml")] if (project / "workspace.yaml").is_file()
+                      else ["-m", f"{_root_module(project)}.definitions"])
+        else:
+            project, target = Path.cwd(), ["-w", workspace]
+        argv = [_executable("dagster"), "dev", *target, "-p", str(port)]
+        say(f"DAGSTER_HOME={env['DAGSTER_HOME']}; data: {_masked(env['AUTOEMBED_DATABASE_URL'])}")
+        say("$ " + " ".join(shlex.quote(a) for a in argv))
+        # SIGINT first: `dagster dev` shuts its webserver, daemon and code servers down on it (Ctrl-C).
+        dev = started.start("dagster dev", argv, cwd=project, env=env, first_signal=signal.SIGINT)
+        started.wait()
+        return dev.returncode
     except KeyboardInterrupt:
+        say("\nstopping ...")
         return 130
+    finally:
+        left = started.stop(timeout=30)
+        if left:
+            say(f"still running after SIGKILL: pid {', '.join(map(str, left))}")
+        if embedded and not was_running and not keep_db and embedded_running(settings):
+            stop_embedded(settings)
+            say("embedded Postgres stopped (it was started by this command; --keep-db leaves it running)")
 
 
 def _root_module(project: Path) -> str:
@@ -270,12 +302,11 @@ def create_demo_table(conn) -> None:
 
 
 def enroll_modules(conn) -> None:
-    """The chunked pipeline's table, enrolled with the sizes its defs.yaml declares; an HNSW index
-    on its chunk table."""
+    """The chunked pipeline's table, enrolled with the sizes its defs.yaml declares (enrolment
+    gives its chunk table its HNSW index)."""
     p = demo_pipelines()[1]
     conn.execute("select autoembed.enroll_chunks(%s::regclass, %s, %s, %s, %s, %s, 'vector', 384, true)",
                  (p.qualified_table, p.content_function, p.chunk_tokens, p.chunk_overlap, p.key_column, p.queue))
-    conn.execute(f"create index on {p.schema}.{p.chunk_table} using hnsw (embedding vector_cosine_ops)")
 
 
 def insert_docs(conn, docs: list[Doc]) -> None:
@@ -328,7 +359,9 @@ def _executable(name: str) -> str:
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise ConfigError(f"{name} not found: install the project with `pip install -e .`")
+        hint = (" (Dagster's web UI: `pip install 'autoembed-dagster[standalone]'`)" if name == "dagster-webserver"
+                else "")
+        raise ConfigError(f"{name} not found next to {sys.executable} or on PATH{hint}")
     return found
 
 
@@ -340,47 +373,6 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
-
-
-@dataclass
-class Started:
-    """Processes this demo started (each leads its own process group: its code servers and run
-    workers stop with it)."""
-
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    def start(self, name: str, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def dead(self) -> list[str]:
-        return [name for name, p in self.procs.items() if p.poll() is not None]
-
-    def stop(self, timeout: float = 15.0) -> None:
-        for proc in self.procs.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)  # stragglers of the group (run workers)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the group this demo created for the process (pgid == its pid)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def wait_http(url: str, timeout: float) -> bool:
@@ -422,16 +414,14 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
              keep_db: bool = False, dagster_home: Path | None = None,
              queries: tuple[str, ...] = QUERIES, modules: int = len(DEMO_MODULES)) -> int:
     settings = Settings.from_env()
-    root = project_root()
     if dagster_home is None:
-        dagster_home = root / "dagster_home"
-    else:  # another instance directory (tests): the project's dagster.yaml unless it has one
+        dagster_home = instance_home(settings)
+    else:  # another instance directory (tests): the packaged dagster.yaml unless it has one
         dagster_home = Path(dagster_home).resolve()
         if not (dagster_home / "dagster.yaml").exists():
             dagster_home.mkdir(parents=True, exist_ok=True)
-            shutil.copy(root / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` tidies up like Ctrl-C
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+            shutil.copy(packaged("dagster_home") / "dagster.yaml", dagster_home / "dagster.yaml")
+    stop_on_signals()  # `kill <pid>` tidies up like Ctrl-C, even when started in the background
     if ui and not port_free(port):
         raise ConfigError(f"port {port} is in use: pass --port")
     if "DAGSTER_HOME" in os.environ and Path(os.environ["DAGSTER_HOME"]).resolve() != dagster_home.resolve():
@@ -515,18 +505,16 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
                 f"\"insert into {DEMO_SCHEMA}.{DEMO_TABLE} (module, name, kind, content) "
                 "values ('demo', 'demo.hello', 'note', 'Vector search in Postgres')\"")
             say("Ctrl-C stops the daemon and the webserver.")
-            while True:
-                dead = started.dead()
-                if dead:
-                    say(f"{', '.join(dead)} exited: see {logs}")
-                    return 1
-                time.sleep(1)
+            say(f"{started.wait()} exited: see {logs}")
+            return 1
         return 0
     except KeyboardInterrupt:
         say("\nstopping ...")
         return 130
     finally:
-        started.stop()
+        left = started.stop()
+        if left:
+            say(f"still running after SIGKILL: pid {', '.join(map(str, left))}")
         try:
             n = fail_orphaned_drain_runs(dagster_home, dagster_env_only)
             if n:
@@ -553,10 +541,6 @@ def _masked(url: str) -> str:
     if parsed.password:
         return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
     return url
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _watch(conn, started: Started, total: int, timeout: float) -> bool:
@@ -589,6 +573,7 @@ def _watch(conn, started: Started, total: int, timeout: float) -> bool:
             say(f"all {total} rows settled in {elapsed:.1f} s (first vector after "
                 f"{first_vector or 0:.1f} s{rate})")
             return True
+        started.record()  # the run workers the daemon starts meanwhile
         dead_procs = started.dead()
         if dead_procs:
             if tty:

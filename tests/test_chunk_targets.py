@@ -327,7 +327,7 @@ def test_cli_enrol_status_and_search_over_chunks(conn, db_url, fake_openai, sett
     out = run(["search", passage, "--pipeline", "articles", "-k", "1"], env).stdout
     assert out.startswith("1. [0.000] public.articles id=1 chunk ")
     out = run(["backfill", "articles"], env).stdout
-    assert "(in_place)" in out and "100.0% (2/2 documents)" in out
+    assert "(in_place)" in out and "100% (2/2 documents)" in out
 
 
 # -- backfill and model change -------------------------------------------------------------------
@@ -467,3 +467,15 @@ def test_a_renamed_key_column_is_followed_by_the_chunk_triggers(articles, fake_o
     got = [c for (c,) in conn.execute("select chunk from articles_chunks where article_id = 2 order by chunk_index",
                                       prepare=False)]
     assert got == _splitter().split(text)
+
+
+def test_a_change_to_a_column_the_content_function_does_not_read_queues_nothing(articles, fake_openai, settings):
+    conn = articles
+    conn.execute("alter table articles add column views integer not null default 0")
+    conn.execute("insert into articles values (1, 'One', %s), (2, 'Two', %s)", (_doc(4, 1), _doc(4, 2)))
+    drain(conn, settings)
+    conn.execute("update articles set views = views + 1")
+    conn.execute("update articles set views = 7 where id = 2")
+    assert pgmq.status(conn, "embedding_jobs")[0].depth == 0
+    conn.execute("update articles set views = 8, title = 'Two, retitled' where id = 2")  # one it reads: queued
+    assert conn.execute("select message->>'id' from pgmq.q_embedding_jobs").fetchall() == [("2",)]
