@@ -380,7 +380,9 @@ $$;
 --                                ALWAYS-enabled clear trigger cleared it, or it had none), WHEN a
 --                                chunk target's input changed: the row's job;
 --   autoembed_replica_keep       (column targets) BEFORE UPDATE, WHEN the input did not change but a
---                                vector came with the row: keeps this database's own vector;
+--                                vector came with the row: keeps this database's own vector (the
+--                                vectors compared as text: their = operator is not on the pinned
+--                                search_path of a definer that re-creates triggers);
 --   autoembed_replica_delete     (chunk targets) AFTER DELETE: the row's chunks go (a column
 --                                target's state goes by install_forget_triggers' autoembed_forget_row).
 -- No option: enrolment before or after the subscription is created works the same. Called by
@@ -442,7 +444,7 @@ begin
         execute format('create trigger autoembed_replica_update after update on %s for each row '
                        'when (new.%I is null) execute function autoembed.queue_replicated_row(%L)', tbl, col, target_id);
         execute format('create trigger autoembed_replica_keep before update on %1$s for each row '
-                       'when (new.%2$I is distinct from old.%2$I and %3$s(old) is not distinct from %3$s(new)) '
+                       'when (%3$s(old) is not distinct from %3$s(new) and new.%2$I::text is distinct from old.%2$I::text) '
                        'execute function autoembed.keep_replicated_vector(%4$L)', tbl, col, fn::oid::regproc, target_id);
     end if;
     for name in select tr.tgname from pg_trigger tr
