@@ -9,6 +9,8 @@ import os
 import sys
 
 from .core import api
+from .core.pipelines import split_table
+from .core.targets import sql_name
 from .core.config import ConfigError, Settings
 from .core.database import database_url, psql_path, require_project, stop_embedded
 
@@ -38,7 +40,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
 def _refuse_unproducible_size(args: argparse.Namespace) -> None:
     """Enrolling a column the default model cannot fill would dead-letter every row: refuse it."""
     from .core.backfill import pipeline_spec
-    from .core.pipelines import Pipeline, split_table
+    from .core.pipelines import Pipeline
     from .core.targets import TargetKey, resolve
 
     schema, table = split_table(args.table, args.table)
@@ -64,9 +66,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         n = api.enroll(args.table, args.content_function, key_column=args.key, queue=args.queue,
                        backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
                        size_names=CLI_NAMES)
-        schema, _, table = args.table.rpartition(".")
+        schema, table = split_table(args.table, args.table, "")
+        chunks = sql_name(*filter(None, (schema, f"{table}_chunks")))
         print(f"{args.table} enrolled for chunks of at most {args.chunk_tokens} tokens "
-              f"(overlap {args.chunk_overlap}) in {schema + '.' if schema else ''}{table}_chunks; "
+              f"(overlap {args.chunk_overlap}) in {chunks}; "
               f"{n} existing rows queued for embedding")
         return 0
     if args.chunk_overlap:
@@ -171,19 +174,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
         where = dict(table=p.table, schema=p.schema, content_function=p.content_function,
                      embedding_column=p.embedding_column, key_column=p.key_column, resolver=pipeline_resolver([p]))
     elif args.table and args.chunks:
-        schema, _, table = args.table.rpartition(".")
-        return _print_chunk_hits(args, dict(table=table, schema=schema or args.schema,
+        schema, table = split_table(args.table, args.table, args.schema)
+        return _print_chunk_hits(args, dict(table=table, schema=schema,
                                             content_function=args.content_function, key_column=args.key))
     elif args.table:
-        schema, _, table = args.table.rpartition(".")
-        where = dict(table=table, schema=schema or args.schema, content_function=args.content_function,
+        schema, table = split_table(args.table, args.table, args.schema)
+        where = dict(table=table, schema=schema, content_function=args.content_function,
                      embedding_column=args.column, key_column=args.key)
     else:
         raise ConfigError("name what to search: --pipeline NAME (a defs/<name>/defs.yaml) or --table TABLE")
     hits = api.search(args.query, k=args.k, **where)
     if not hits:
         print("no embedded rows yet: run `autoembed drain`")
-    label = f"{where['schema']}.{where['table']}"
+    label = sql_name(where["schema"], where["table"])
     for rank, hit in enumerate(hits, 1):
         first = " ".join(hit.input.split())[:100]
         print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id}: {first}")
@@ -195,7 +198,7 @@ def _print_chunk_hits(args: argparse.Namespace, where: dict) -> int:
     hits = api.search_chunks(args.query, k=args.k, **where)
     if not hits:
         print("no embedded chunks yet: run `autoembed drain`")
-    label = f"{where['schema']}.{where['table']}"
+    label = sql_name(where["schema"], where["table"])
     for rank, hit in enumerate(hits, 1):
         passage = " ".join(hit.chunk.split())
         print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id} chunk {hit.chunk_index}: "
@@ -416,9 +419,12 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
         except KeyboardInterrupt:
             if bar is not None:
                 bar.close()
-            left = bb.batches(conn, pipeline=p.name, open_only=True)
-            print(f"\ninterrupted: {len(left)} batch(es) left running at the provider "
-                  f"({', '.join(b.batch_id or f'record {b.id}' for b in left)}); run "
+            try:  # a fresh connection: the interrupted one may be mid-statement
+                with api.session() as fresh:
+                    left = [b.batch_id or f"record {b.id}" for b in bb.batches(fresh, pipeline=p.name, open_only=True)]
+            except Exception:  # noqa: BLE001 - the message below matters more than the list
+                left = ["?"]
+            print(f"\ninterrupted: {len(left)} batch(es) left running at the provider ({', '.join(left)}); run "
                   f"`autoembed backfill {p.name} --via batch` again to collect them", file=sys.stderr)
             return 130
         finally:

@@ -268,3 +268,31 @@ cross join lateral (values
 ) b(problem, detail)
 where b.problem is not null;
 revoke all on autoembed.broken_targets from public;
+
+-- A chunk table follows its parent's key: a key changed by the application moves the document's
+-- chunk set with it (ON UPDATE CASCADE; before, the foreign key refused the application's UPDATE).
+-- Chunk tables made before get the rule here (a chunk-shaped table whose single-column foreign key
+-- references a registered table).
+do $$
+declare
+    k record;
+begin
+    for k in select c.conname, c.conrelid::regclass as chunks, c.confrelid::regclass as parent,
+                    a.attname::text as col, pa.attname::text as parent_col
+               from pg_constraint c
+               join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
+               join pg_attribute pa on pa.attrelid = c.confrelid and pa.attnum = c.confkey[1]
+              where c.contype = 'f' and cardinality(c.conkey) = 1 and c.confupdtype <> 'c'
+                and exists (select 1 from autoembed.targets r where r.relid = c.confrelid and r.chunk_table is not null)
+                and (select count(*) from pg_attribute x where x.attrelid = c.conrelid and not x.attisdropped
+                       and x.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4 loop
+        begin
+            execute format('alter table %s drop constraint %I, add constraint %I foreign key (%I) references %s (%I) '
+                           'on delete cascade on update cascade', k.chunks, k.conname, k.conname, k.col, k.parent,
+                           k.parent_col);
+        exception when others then
+            raise warning 'autoembed: could not let % follow key changes of %: %', k.chunks, k.parent, sqlerrm;
+        end;
+    end loop;
+end;
+$$;

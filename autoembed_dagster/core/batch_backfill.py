@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -56,6 +58,7 @@ MAX_ATTEMPTS = 3  # batches a row may be submitted in before it is dead-lettered
 DEFAULT_POLL_SECONDS = 30.0
 _LOCK_CLASS = 0x616562  # advisory lock class of batch collectors ("aeb")
 _SCAN_PAGE = 1000
+_WRITE_PAGE = 2000  # collected vectors written per transaction
 _METADATA_KEY = "autoembed_batch"
 
 
@@ -483,55 +486,79 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
         return s
     pending = dict(_rows(conn, record.id, "pending"))
     writer = VectorWriter(conn)
-    parser = client.embedder
     encoding = conn.info.encoding
     dead: dict[str, str] = {}
     retry: dict[str, str] = {}
-    page: list[tuple[str, bytes, object]] = []
+    seen: set[str] = set()
 
-    def write_page() -> None:
-        if not page:
-            return
-        records = copy_records(target, page, encoding)
+    def write_page(page: list[tuple[str, bytes, object]], records: list[bytes]) -> None:
         w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(page, records)], record.model)
         busy = set(w.busy)
-        stale = _stale_keys(conn, target, [(k, h) for k, h, _ in page if k not in busy])
-        written = [k for k, _, _ in page if k not in busy and k not in stale]
+        # Which rows were stale is asked only when some were (the guard counted them).
+        stale = _stale_keys(conn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
         s.written += w.written
         s.stale += w.stale
         s.current += len(page) - w.written - w.stale - len(busy)
-        _set_rows(conn, record.id, "written", written)
+        _set_rows(conn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
         _set_rows(conn, record.id, "stale", stale)
         for k in busy:
             retry[k] = "the application held the row locked"
         if on_rows:
             on_rows(len(page))
-        page.clear()
 
-    seen: set[str] = set()
-    for result in _results(client, record):
-        parsed = parse_custom_id(record.target_key, result.custom_id)
-        if parsed is None or parsed[0] not in pending or parsed[0] in seen:
-            s.note(f"batch {record.batch_id}: unexpected custom_id {result.custom_id!r} ignored")
-            continue
-        k, h = parsed
-        seen.add(k)
-        if result.error is None:
+    # The output is read and parsed in a thread, a page ahead of the writes (the writes wait on
+    # the database, the parse on the CPU).
+    pages: queue.Queue = queue.Queue(maxsize=2)
+
+    def produce() -> None:
+        try:
+            page: list[tuple[str, bytes, object]] = []
+            for result in _results(client, record):
+                parsed = parse_custom_id(record.target_key, result.custom_id)
+                if parsed is None or parsed[0] not in pending or parsed[0] in seen:
+                    s.note(f"batch {record.batch_id}: unexpected custom_id {result.custom_id!r} ignored")
+                    continue
+                k, h = parsed
+                seen.add(k)
+                if result.error is None:
+                    try:
+                        vector = client.embedder.parse_response(result.body or {}, 1)[0]  # type: ignore[attr-defined]
+                    except EmbeddingError as exc:
+                        retry[k] = str(exc)
+                        continue
+                    usage = (result.body or {}).get("usage")
+                    s.tokens += usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+                    page.append((k, h, vector))
+                    if len(page) >= _WRITE_PAGE:
+                        pages.put((page, copy_records(target, page, encoding)))
+                        page = []
+                elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 409, 429):
+                    dead[k] = result.error
+                else:
+                    retry[k] = result.error
+            if page:
+                pages.put((page, copy_records(target, page, encoding)))
+            pages.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer, which raises it
+            pages.put(exc)
+
+    reader = threading.Thread(target=produce, name=f"autoembed-batch-{record.id}", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = pages.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            write_page(*item)
+    finally:
+        while reader.is_alive():  # unblock a reader waiting on a full queue after a failed write
             try:
-                vector = parser.parse_response(result.body or {}, 1)[0]  # type: ignore[attr-defined]
-            except EmbeddingError as exc:
-                retry[k] = str(exc)
-                continue
-            usage = (result.body or {}).get("usage")
-            s.tokens += usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
-            page.append((k, h, vector))
-            if len(page) >= 1000:
-                write_page()
-        elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 409, 429):
-            dead[k] = result.error
-        else:
-            retry[k] = result.error
-    write_page()
+                pages.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        reader.join()
     for k in pending:
         if k not in seen:
             retry[k] = f"not in the output of batch {record.batch_id} ({record.status})"
@@ -716,9 +743,10 @@ def run_batch_backfill(
     client = batch_client(p, spec, target, base)
     model = spec.identity_key
     progress = Progress()
-    progress.rows_to_embed = coverage(conn, target, model).missing
+    before = coverage(conn, target, model)
+    progress.rows_to_embed = before.missing
     if on_plan:
-        on_plan(shard_plan, coverage(conn, target, model))
+        on_plan(shard_plan, before)
 
     def report() -> None:
         open_now = batches(conn, key=key, model=model, open_only=True)
