@@ -261,6 +261,12 @@ def test_dagster_shard_runs_submit_and_the_sensor_launches_a_collect_run_per_bat
         assert [m["promoted"].value for m in metas] == [False, True]
         tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
         assert not tick.run_requests
+        # Plotted on the re-embed asset: one observation per collected batch.
+        from autoembed_dagster.defs.backfill import shards_key
+
+        observed = instance.fetch_observations(shards_key(p), limit=10).records
+        assert len(observed) == 2
+        assert all("estimated_cost_usd" in r.asset_observation.metadata for r in observed)
     assert column_type(conn) == "halfvec(512)"
     assert_all_current(conn, 512)
     assert fake_openai.embedding_calls == 1
@@ -370,3 +376,35 @@ def test_resubmission_is_bounded_then_the_rows_are_dead_letters(supabase_docs, f
     errors = [e for (e,) in conn.execute("select error from autoembed.dead_letters")]
     assert len(errors) == 10 and all("gave up after 2 batch(es)" in e and "expired" in e for e in errors)
     assert result.promotion is None and result.coverage.missing == 10
+
+
+def test_a_cancelled_batch_is_submitted_again_and_chunked_pipelines_are_refused(
+        supabase_docs, fake_openai, settings, batch_env):
+    from autoembed_dagster.core.pipelines import make_pipeline
+
+    conn = supabase_docs
+    load(conn, 10)
+    fake_openai.hold_batches()
+    bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), wait=False)
+    [record] = bb.batches(conn)
+    bb.batch_client(DOCS_512, spec_of(conn)).cancel(record.batch_id)  # e.g. from the provider's dashboard
+    fake_openai.hold_batches(False)
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn))
+    assert [(c.status, c.resubmit) for c in result.collected] == [("cancelled", 10), ("completed", 0)]
+    assert result.promotion is not None and fake_openai.batch_creations == 2
+    chunked = make_pipeline("articles", table="articles", chunk_tokens=200)
+    with pytest.raises(BatchUnsupported, match="pipeline articles is chunked.*--via direct"):
+        bb.run_batch_backfill(conn, chunked, spec_of(conn))
+
+
+def test_a_batch_submitted_without_promotion_is_collected_without_promoting(
+        supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 10)
+    p = replace(DOCS_512, backfill_via="batch", shards=1)
+    fake_openai.hold_batches()
+    shard_plan, sub = bb.submit_shard(conn, p, spec_of(conn, p), 0, 1, promote_when_complete=False)
+    fake_openai.advance_batches(2)
+    done = bb.collect_and_continue(conn, p, sub.batches[0])
+    assert done.stats.written == 10 and done.coverage.complete and done.promotion is None
+    assert get_migration(conn, "public", "documents", "embedding").status == "backfilling"

@@ -272,3 +272,61 @@ def json_str(value: str) -> str:
     import json
 
     return json.dumps(value)
+
+
+@pytest.mark.parametrize("shape", ["column", "chunk"])
+def test_content_function_body_changed_marks_a_discovered_target_stale_and_backfill_reembeds(
+        conn, fake_openai, settings, shape):
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.drain import pipeline_resolver
+    from autoembed_dagster.core.pipelines import content_function_digest, discover_pipelines
+    from autoembed_dagster.defs.assets import model_version
+    from autoembed_dagster.defs.checks import evaluate
+
+    make_table(conn, shape)
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    drain(conn, settings)
+    [p] = discover_pipelines(conn, [])
+    before = model_version(p, content_function_digest(conn, p))
+    assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness")
+
+    conn.execute("create or replace function note_text(n notes) returns text language sql immutable "
+                 "as $$ select 'note: ' || n.body $$")
+
+    assert model_version(p, content_function_digest(conn, p)) != before  # the asset is stale in Dagster
+    [stale] = [o for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness"]
+    assert not stale.passed and "2" in stale.description
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert_current(conn, shape, [1, 2])
+    assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness")
+
+
+def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_openai, settings):
+    """embedding_state follows renames of the schema, table and column (nothing looks stale, a
+    backfill re-sends nothing), and goes with a dropped table."""
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.pipelines import discover_pipelines
+
+    make_table(conn, "column")
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 20) i")
+    drain(conn, settings)
+    conn.execute("create schema archive; alter table notes set schema archive")
+    conn.execute("alter table archive.notes rename to memos")
+    conn.execute("alter table archive.memos rename column embedding to vec")
+    conn.execute("alter schema archive rename to kept")
+    [p] = discover_pipelines(conn, [])
+    assert (p.schema, p.table, p.embedding_column) == ("kept", "memos", "vec")
+    assert conn.execute("select count(*) from autoembed.embedding_state where schema_name = 'kept'"
+                        " and table_name = 'memos' and embedding_column = 'vec'").fetchone()[0] == 20
+    from autoembed_dagster.core.targets import TargetKey
+
+    target, _ = health.resolve_target(conn, TargetKey("kept", "memos", "note_text", "vec"))
+    th = health.table_health(conn, target, "openai:text-embedding-3-small:1536")
+    assert (th.current, th.stale) == (20, 0)
+    sent = len(fake_openai.requests)
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert len(fake_openai.requests) == sent  # nothing re-embedded
+
+    conn.execute("drop table kept.memos cascade")
+    assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 0
+    assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
