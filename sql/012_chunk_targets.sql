@@ -305,6 +305,7 @@ begin
     execute format(
         'create trigger autoembed_enqueue_update after update on %s '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+    perform autoembed.install_replica_triggers(target_id);  -- rows arriving by logical replication (sql/005)
     perform autoembed.install_chunk_follow_triggers(tbl, key_column);  -- the chunks go with the rows (sql/015)
 end;
 $$;

@@ -100,10 +100,14 @@ def test_enrol_registers_the_chunk_target_creates_the_table_and_queues_the_backl
     message = conn.execute("select message from pgmq.q_embedding_jobs order by msg_id limit 1").fetchone()[0]
     assert message["target"] == target.registered and message["chunkTable"] == "notes_chunks"
     # The chunk table goes with the parent's rows (delete, key change, truncate: triggers of the
-    # parent, no foreign key), no vector-clearing trigger on the parent.
-    triggers = {r[0] for r in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
-    assert triggers == {"autoembed_enqueue_insert", "autoembed_chunk_changed", "autoembed_enqueue_update",
-                        "autoembed_chunks_delete", "autoembed_chunks_key", "autoembed_chunks_truncate"}
+    # parent, fired by local writes and replicated ones alike, no foreign key), no vector-clearing
+    # trigger on the parent. Local writes fire the enqueue triggers; rows arriving by logical
+    # replication the REPLICA ones (R).
+    triggers = {r[0]: r[1] for r in conn.execute(
+        "select tgname, tgenabled from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
+    assert triggers == {"autoembed_enqueue_insert": "O", "autoembed_chunk_changed": "O", "autoembed_enqueue_update": "O",
+                        "autoembed_replica_insert": "R", "autoembed_replica_update": "R", "autoembed_replica_delete": "R",
+                        "autoembed_chunks_delete": "O", "autoembed_chunks_key": "A", "autoembed_chunks_truncate": "A"}
     # Idempotent: enrolling again queues only rows without a chunk set, keeps one registration.
     api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn)
     assert conn.execute("select count(*) from autoembed.targets where relid = 'notes'::regclass").fetchone()[0] == 1
