@@ -317,6 +317,50 @@ begin
 end;
 $$;
 
+-- The triggers enrolment gives target `target_id`'s table (those a write needs to stay current).
+create or replace function autoembed.expected_triggers(target_id bigint)
+returns text[]
+language sql
+stable
+as $$
+    select case when r.chunk_table is not null
+                then array['autoembed_enqueue_insert', 'autoembed_chunk_changed', 'autoembed_enqueue_update',
+                           'autoembed_chunks_delete', 'autoembed_chunks_key', 'autoembed_chunks_truncate']
+                when r.origin = 'enroll' then array['autoembed_clear', 'autoembed_enqueue_insert', 'autoembed_enqueue_update']
+                else array[]::text[] end
+    from autoembed.targets r where r.id = target_id
+$$;
+
+-- Enrolled targets whose triggers were dropped (a trigger, or an object of ours they called, dropped
+-- with CASCADE): re-created from the registry, and recorded. Run at the start of every drain (not
+-- by an event trigger: enrolment itself drops and re-creates them). Returns the targets repaired.
+create or replace function autoembed.restore_target_triggers()
+returns integer
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t record;
+    restored integer := 0;
+begin
+    for t in select distinct b.target_id, b.detail from autoembed.broken_targets b where b.problem = 'triggers missing'
+              order by 1 loop
+        begin
+            perform autoembed.reinstall_target_triggers(t.target_id);
+            insert into autoembed.repairs (target_id, what) values (t.target_id, 'target ' || t.target_id || ': '
+                || replace(t.detail, 'the next drain re-creates them when its role owns the table; else enroll the table again',
+                           're-created'));
+            restored := restored + 1;
+        exception when others then
+            raise warning 'autoembed: could not re-create the triggers of target %: %', t.target_id, sqlerrm;
+        end;
+    end loop;
+    return restored;
+end;
+$$;
+revoke execute on function autoembed.restore_target_triggers() from public;
+
 -- Registered targets that cannot be kept current as they stand, one row per problem, with what to
 -- do. `autoembed status`, the Dagster checks and the drain read it; a target named here is never
 -- reported clean.
@@ -344,10 +388,14 @@ cross join lateral (values
             c.oid::regclass, coalesce((select quote_ident(a.attname) from pg_attribute a
                                        where a.attrelid = t.relid and a.attnum = t.key_attnum and not a.attisdropped),
                                       t.key_column))),
-    (case when t.origin = 'enroll'
-               and not exists (select 1 from pg_trigger tr where tr.tgrelid = t.relid and tr.tgname = 'autoembed_enqueue_insert')
+    (case when t.origin = 'enroll' and exists (select 1 from pg_proc p where p.oid = t.content_fn)
+               and exists (select 1 from unnest(autoembed.expected_triggers(t.id)) e(name)
+                           where not exists (select 1 from pg_trigger tr where tr.tgrelid = t.relid and tr.tgname = e.name))
           then 'triggers missing' end,
-     format('the enqueue triggers of %s were dropped: enroll the table again', c.oid::regclass)),
+     format('triggers of %s were dropped (%s): the next drain re-creates them when its role owns the table; else enroll the table again',
+            c.oid::regclass, array_to_string(array(
+                select e.name from unnest(autoembed.expected_triggers(t.id)) e(name)
+                where not exists (select 1 from pg_trigger tr where tr.tgrelid = t.relid and tr.tgname = e.name)), ', '))),
     (case when to_regclass('pgmq.' || quote_ident('q_' || lower(t.queue))) is null then 'queue dropped' end,
      format('queue %s is gone: the next write or drain re-creates it', quote_literal(t.queue)))
 ) b(problem, detail)

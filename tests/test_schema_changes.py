@@ -362,3 +362,26 @@ def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_op
     conn.execute("drop table kept.memos cascade")
     assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 0
     assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("shape", ["column", "chunk"])
+def test_dropped_triggers_of_ours_are_recreated_by_the_drain(conn, fake_openai, settings, shape):
+    target = make_table(conn, shape)
+    if shape == "column":  # the clear trigger's generated function, dropped with CASCADE, and an enqueue trigger
+        conn.execute(f"drop function autoembed.clear_target_{target}() cascade; drop trigger autoembed_enqueue_insert on notes")
+    else:  # the function that keeps the chunk tables with the rows, with CASCADE: its three triggers go
+        fn = conn.execute("select p.oid::regprocedure::text from pg_proc p"
+                          " where p.proname = 'autoembed_chunks_follow_' || 'notes'::regclass::oid").fetchone()[0]
+        conn.execute(f"drop function {fn} cascade; drop trigger autoembed_enqueue_insert on notes")
+    [broken] = health.broken_targets(conn)
+    assert (broken.target, broken.problem) == (target, "triggers missing") and "autoembed_enqueue_insert" in broken.detail
+    drain(conn, settings)  # its start re-creates them
+    assert health.broken_targets(conn) == []
+    assert any("re-created" in r.what and r.target == target for r in health.repairs(conn))
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    conn.execute("update notes set body = 'uno' where id = 1")
+    drain(conn, settings)
+    assert_current(conn, shape, [1, 2])
+    if shape == "chunk":
+        conn.execute("truncate notes")
+        assert vectors(conn, shape) == {}
