@@ -120,6 +120,12 @@ def test_the_image_steps_install_no_embedded_postgres_no_web_ui_and_serve_the_de
     assert found[:3] == ["True", "True", "True"], found
     assert "site-packages" in found[3] and str(ROOT) not in found[3]  # a regular install, not this checkout
     assert size < 1000, f"{size:.0f} MB"
+    # Without the standalone extra and without a database URL: the fix, not an ImportError.
+    env = {k: v for k, v in venv.env().items() if not k.startswith("AUTOEMBED_")}
+    refused = subprocess.run([str(venv.bin / "autoembed"), "db", "init"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env={**env, "AUTOEMBED_HOME": str(tmp_path / ".autoembed")})
+    assert refused.returncode == 2, refused.stderr
+    assert "pip install 'autoembed-dagster[standalone]'" in refused.stderr and "AUTOEMBED_DATABASE_URL" in refused.stderr
 
     port = free_port()
     server = subprocess.Popen(
