@@ -265,6 +265,9 @@ def test_a_paused_or_closed_backfill_launches_nothing_and_a_stopped_shard_run_is
     message = stopped.failure_data_for_node(SHARD_NODE).error.message
     assert "is paused (since" in message and "autoembed backfill documents --resume" in message, message
     assert instance.get_run_by_id(stopped.run_id).tags["dagster/retry_on_asset_or_op_failure"] == "false"
+    [observed] = instance.fetch_observations(shards_key(DOCS_512), limit=1).records
+    assert observed.partition_key == f"{B}|0"
+    assert observed.asset_observation.metadata["backfill"].value.startswith("paused (since")
     bc.resume(conn, "documents")
     done = run_shard(defs, instance, DOCS_512, f"{B}|0")
     assert done.success and materialization(done) is not None
