@@ -227,7 +227,8 @@ def test_cli_backfill_and_migrate(supabase_docs, fake_openai, settings, tmp_path
     status = json.loads(capsys.readouterr().out)
     assert status["status"] == "backfilling" and status["coverage"] == 1.0
     assert cli.main(["migrate", "documents", "promote"]) == 0
-    assert "promoted" in capsys.readouterr().out
+    assert ("promoted: embedding now holds model openai:text-embedding-3-small:1536 -> "
+            "openai:text-embedding-3-small:512 (old vectors in embedding__old") in capsys.readouterr().out
     assert_all_current(conn, 512)
     capsys.readouterr()
     assert cli.main(["migrate", "documents", "drop-old"]) == 0
