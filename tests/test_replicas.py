@@ -162,8 +162,6 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
         assert_current(s, "notes", "note_input", 1)
         splitter = splitter_for(make_embedder(EmbedderSettings.from_env(), 1536), TOKENS, 0)
         assert chunk_sets(s) == {i: splitter.split(f"article {i}\n\n{long_text(i)}") for i in (1, 2, 3)}
-        old_chunks_3 = s.execute("select count(*) from articles_chunks where id = 3").fetchone()[0]
-        assert old_chunks_3 > 0
 
     with psycopg.connect(pub, autocommit=True) as p:
         with p.transaction():  # one remote transaction: applied in one local one
@@ -174,16 +172,19 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
         p.execute("update articles set body = %s where id = 1", (long_text(11),))
         p.execute("insert into articles values (4, 'article 4', %s)", (long_text(4),))
         p.execute("delete from articles where id = 3")
+        p.execute("update articles set id = 20 where id = 2")  # a key change: the chunks follow it
     replicated(pub, sub)
 
     with connect(sub) as s:
         # Committed on the subscriber, before any drain: the edited row's stale vector is gone, the
-        # untouched input kept its vector, the deleted rows' state and chunks went with them.
+        # untouched input kept its vector, the deleted rows' state and chunks went with them, and an
+        # article's chunks followed its new key.
         assert vector(s, "docs", 1) is None
         assert_current(s, "docs", "doc_input", 2)
         assert s.execute("select count(*) from autoembed.embedding_state where table_name = 'docs' "
                          "and row_id = '3'").fetchone()[0] == 0
-        assert s.execute("select count(*) from articles_chunks where id = 3").fetchone()[0] == 0
+        assert s.execute("select count(*) from articles_chunks where id in (2, 3)").fetchone()[0] == 0
+        assert chunk_sets(s)[20] == splitter.split(f"article 2\n\n{long_text(2)}")
         assert queued_keys(s) == [1, 1, 4, 4, 5]  # docs 1, 4, 5; articles 1 (edited) and 4
         stats = drain(s, settings)
         assert stats.dead_lettered == 0
@@ -192,7 +193,8 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
         sets = chunk_sets(s)
         assert sets[1] == splitter.split(f"article 1\n\n{long_text(11)}")
         assert sets[4] == splitter.split(f"article 4\n\n{long_text(4)}")
-        assert 3 not in sets
+        assert 3 not in sets and 2 not in sets
+        assert sets[20] == splitter.split(f"article 2\n\n{long_text(2)}")
         assert pgmq.status(s, "embedding_jobs")[0].rows == 0
 
     # The publisher's application writes a vector of its own into notes, published with the row:
