@@ -164,7 +164,7 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
         yield from chunk_backfill.reembed_chunk_shard(context, spec, shard, promote_on, autoembed, p)
         return
     if p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects (defs/batch_backfill.py)
-        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK)
+        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK, promote_on)
         return
     with autoembed.connect() as conn:
         shard_plan = plan(conn, p, spec)
