@@ -385,9 +385,7 @@ $$;
 --                                ALWAYS-enabled clear trigger cleared it, or it had none), WHEN a
 --                                chunk target's input changed: the row's job;
 --   autoembed_replica_keep       (column targets) BEFORE UPDATE, WHEN the input did not change but a
---                                vector came with the row: keeps this database's own vector (the
---                                vectors compared as text: their = operator is not on the pinned
---                                search_path of a definer that re-creates triggers);
+--                                vector came with the row: keeps this database's own vector;
 --   autoembed_replica_delete     (chunk targets) AFTER DELETE: the row's chunks go (a column
 --                                target's state goes by install_forget_triggers' autoembed_forget_row);
 --   autoembed_replica_rekey      (chunk targets) AFTER UPDATE, WHEN the key changed: the chunks follow.
@@ -429,6 +427,7 @@ declare
     col text;
     chunked boolean;
     key_column text;
+    changed regproc;
     name text;
     names constant text[] := '{autoembed_replica_insert,autoembed_replica_update,autoembed_replica_keep,autoembed_replica_delete,autoembed_replica_rekey}';
 begin
@@ -438,6 +437,9 @@ begin
         raise exception 'autoembed: % is not a target with a key column and an embedding column or a chunk table', target_id
             using errcode = 'undefined_object';
     end if;
+    -- Whether the input changed, compared in the writer's context by the target's generated
+    -- function (a content function that raises counts as a change; sql/004), as local writes do.
+    changed := autoembed.install_changed_function(target_id)::oid::regproc;
     for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         execute format('drop trigger %I on %s', name, tbl);
     end loop;
@@ -445,8 +447,8 @@ begin
                    'execute function autoembed.queue_replicated_row(%L)', tbl, target_id);
     if chunked then
         execute format('create trigger autoembed_replica_update after update on %1$s for each row '
-                       'when (%2$s(old) is distinct from %2$s(new)) '
-                       'execute function autoembed.queue_replicated_row(%3$L)', tbl, fn::oid::regproc, target_id);
+                       'when (%2$s(old, new)) execute function autoembed.queue_replicated_row(%3$L)',
+                       tbl, changed, target_id);
         execute format('create trigger autoembed_replica_delete after delete on %s for each row '
                        'execute function autoembed.cascade_replicated_chunks()', tbl);
         execute format('create trigger autoembed_replica_rekey after update on %1$s for each row '
@@ -455,9 +457,13 @@ begin
     else
         execute format('create trigger autoembed_replica_update after update on %s for each row '
                        'when (new.%I is null) execute function autoembed.queue_replicated_row(%L)', tbl, col, target_id);
+        -- (new <> old for vectors, with pgvector's own operator named by its schema: the pinned
+        -- search_path of a definer re-creating the triggers does not find it.)
         execute format('create trigger autoembed_replica_keep before update on %1$s for each row '
-                       'when (%3$s(old) is not distinct from %3$s(new) and new.%2$I::text is distinct from old.%2$I::text) '
-                       'execute function autoembed.keep_replicated_vector(%4$L)', tbl, col, fn::oid::regproc, target_id);
+                       'when (((new.%2$I is null) <> (old.%2$I is null) or not coalesce(new.%2$I operator(%3$s.=) old.%2$I, true)) '
+                       'and not %4$s(old, new)) execute function autoembed.keep_replicated_vector(%5$L)',
+                       tbl, col, (select e.extnamespace::regnamespace::text from pg_extension e where e.extname = 'vector'),
+                       changed, target_id);
     end if;
     for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         perform autoembed.set_trigger_mode(tbl, name, 'replica');
