@@ -72,6 +72,8 @@ def test_a_backfill_made_only_of_batch_calls(supabase_docs, fake_openai, setting
     rows = conn.execute("select status, row_count, batch_id is not null, input_file_id is not null, tokens > 0, "
                         "submitted_at is not null, collected_at is not null from autoembed.embedding_batches").fetchall()
     assert len(rows) == 3 and all(r[0] == "collected" and all(r[2:]) for r in rows)
+    # Promoted: the per-row records are dropped, the batches' records stay.
+    assert conn.execute("select count(*) from autoembed.embedding_batch_rows").fetchone()[0] == 0
     assert progress[-1][2] == 2500 and any(s.get("in_progress") or s.get("validating") for _, s, _ in progress)
 
 

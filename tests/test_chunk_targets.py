@@ -116,7 +116,7 @@ def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
         create table notes (id integer primary key, body text, embedding halfvec(1536));
         create function note_text(n notes) returns text language sql immutable as $$ select n.body $$;
     """)
-    with pytest.raises(ConfigError, match="--chunk-tokens 8191 or less"):
+    with pytest.raises(ConfigError, match="chunk_tokens=8191 or less"):
         api.enroll("notes", "note_text", chunk_tokens=9000, url=conn.info.dsn)
     with pytest.raises(ConfigError, match="more than half"):
         api.enroll("notes", "note_text", chunk_tokens=100, chunk_overlap=80, url=conn.info.dsn)

@@ -733,6 +733,23 @@ def dead_letter(conn: psycopg.Connection, p: Pipeline, target: Target, rows: lis
     return len(rows)
 
 
+def forget_rows_of_collected(conn: psycopg.Connection, key: TargetKey, model: str) -> int:
+    """After a promotion: the per-row records of the target's collected batches are of no more use
+    (the batches' own records stay, for the history of what was paid)."""
+    return conn.execute(
+        """delete from autoembed.embedding_batch_rows r using autoembed.embedding_batches b
+           where r.batch = b.id and b.status = 'collected' and b.schema_name = %s and b.table_name = %s
+             and b.embedding_column = %s and b.model = %s""",
+        (key.schema, key.table, key.embedding_column, model)).rowcount
+
+
+def _promote(conn: psycopg.Connection, shard_plan: ShardPlan, p: Pipeline) -> PromoteResult:
+    assert shard_plan.migration is not None
+    result = promote(conn, shard_plan.migration)
+    forget_rows_of_collected(conn, shard_plan.target_key(p), shard_plan.spec.identity_key)
+    return result
+
+
 # -- the whole re-embed in one process (the CLI) ------------------------------------------------------------
 @dataclass
 class Progress:
@@ -842,7 +859,9 @@ def run_batch_backfill(
     m = shard_plan.migration
     if (shard_plan.mode == "migration" and m is not None and promote_when_complete and result.coverage.complete
             and not result.open_batches):
-        result.promotion = promote(conn, m)
+        result.promotion = _promote(conn, shard_plan, p)
+    elif shard_plan.mode == "in_place" and result.coverage.complete and not result.open_batches:
+        forget_rows_of_collected(conn, key, model)
     return result
 
 
@@ -909,5 +928,5 @@ def collect_and_continue(conn: psycopg.Connection, p: Pipeline, record_id: int, 
     m = shard_plan.migration
     if (shard_plan.mode == "migration" and m is not None and promote_on and out.coverage.complete
             and not batches(conn, key=shard_plan.target_key(p), model=spec.identity_key, open_only=True)):
-        out.promotion = promote(conn, m)
+        out.promotion = _promote(conn, shard_plan, p)
     return out
