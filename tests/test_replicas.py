@@ -39,8 +39,13 @@ create table sync_marker (id integer primary key);
 """
 
 SUBSCRIBER_FUNCTIONS = """
-create function doc_input(d docs) returns text language sql immutable
-    as $$ select d.title || E'\\n\\n' || coalesce(d.body, '') $$;
+create function doc_input(d docs) returns text language plpgsql immutable as $$
+begin
+    if d.title = 'boom' then
+        raise exception 'doc_input cannot read %', d.id;  -- a content function that raises for one row
+    end if;
+    return d.title || E'\\n\\n' || coalesce(d.body, '');
+end $$;
 create function note_input(n notes) returns text language sql immutable as $$ select n.body $$;
 create function article_text(a articles) returns text language sql immutable
     as $$ select case when a.body is null then null else a.title || E'\\n\\n' || a.body end $$;
@@ -231,3 +236,14 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
             assert_current(s, "docs", "doc_input", key)
         assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state "
                          "where table_name = 'docs'").fetchone()[0] == ["1", "6"]
+
+    # A content function that raises for a replicated row fails neither the apply worker nor the
+    # replication: the change counts as one (the vector is cleared, the row queued, later
+    # dead-lettered by the drain with the reason), and later transactions are applied.
+    with psycopg.connect(pub, autocommit=True) as p:
+        p.execute("update docs set title = 'boom' where id = 6")
+        p.execute("insert into docs (id, title, body) values (7, 'boom', 'unreadable')")
+    replicated(pub, sub)
+    with connect(sub) as s:
+        assert vector(s, "docs", 6) is None
+        assert queued_keys(s) == [6, 7]
