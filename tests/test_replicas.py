@@ -38,7 +38,7 @@ create table articles (id integer primary key, title text not null, body text);
 create table sync_marker (id integer primary key);
 """
 
-SUBSCRIBER_FUNCTIONS = """
+DOC_INPUT = """
 create function doc_input(d docs) returns text language plpgsql immutable as $$
 begin
     if d.title = 'boom' then
@@ -46,10 +46,15 @@ begin
     end if;
     return d.title || E'\\n\\n' || coalesce(d.body, '');
 end $$;
+"""
+NOTE_INPUT = """
 create function note_input(n notes) returns text language sql immutable as $$ select n.body $$;
+"""
+ARTICLE_TEXT = """
 create function article_text(a articles) returns text language sql immutable
     as $$ select case when a.body is null then null else a.title || E'\\n\\n' || a.body end $$;
 """
+SUBSCRIBER_FUNCTIONS = DOC_INPUT + NOTE_INPUT + ARTICLE_TEXT
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 
@@ -247,3 +252,34 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
     with connect(sub) as s:
         assert vector(s, "docs", 6) is None
         assert queued_keys(s) == [6, 7]
+
+
+def test_db_init_gives_tables_enrolled_before_the_replica_triggers(conn):
+    """A table enrolled by an earlier version (no replica triggers) gets them from `db init`,
+    column and chunk targets alike, enabled REPLICA; the triggers of local writes stay as they were."""
+    conn.execute("""
+        create table docs (id integer primary key, title text not null, body text, views integer default 0,
+                           embedding halfvec(1536));
+        create table articles (id integer primary key, title text not null, body text);
+    """)
+    conn.execute(DOC_INPUT + ARTICLE_TEXT)
+    conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding')")
+    conn.execute("select autoembed.enroll_chunks('articles', 'article_text', 64)")
+
+    def triggers(table):
+        return dict(conn.execute("select tgname, tgenabled from pg_trigger where tgrelid = %s::regclass "
+                                 "and not tgisinternal", (table,)).fetchall())
+
+    enrolled = {t: triggers(t) for t in ("docs", "articles")}
+    assert enrolled["docs"]["autoembed_replica_insert"] == "R" and enrolled["docs"]["autoembed_clear"] == "A"
+    for table, names in (("docs", ["autoembed_replica_insert", "autoembed_replica_update", "autoembed_replica_keep",
+                                   "autoembed_forget_row"]),
+                         ("articles", ["autoembed_replica_insert", "autoembed_replica_update",
+                                       "autoembed_replica_delete", "autoembed_replica_rekey"])):
+        for name in names:
+            conn.execute(f"drop trigger {name} on {table}")
+    conn.execute("alter table docs enable trigger autoembed_clear")  # as an earlier version left it
+
+    init_db(conn)
+
+    assert {t: triggers(t) for t in ("docs", "articles")} == enrolled
