@@ -550,13 +550,14 @@ begin
 end;
 $$;
 
--- AFTER DELETE row trigger, enabled REPLICA, of a chunk target: the chunks of a row deleted by
--- replication go with it. The chunk tables' foreign key cascade does that for local deletes, but
--- foreign key actions are triggers enabled ORIGIN: the apply worker does not fire them. Every
--- chunk table of the row (the live one, a model change's shadow and retired table: each table with
--- a cascading foreign key to the table's key and a chunk table's own columns). Runs as the writer
--- (the apply worker runs as the table's owner, who owns its chunk tables).
-create or replace function autoembed.delete_replicated_chunks()
+-- AFTER DELETE and AFTER UPDATE (WHEN the key changed) row triggers, enabled REPLICA, of a chunk
+-- target: the chunks of a row that replication deleted go with it, and follow a replicated key
+-- change. The chunk tables' foreign key does that for local writes (ON DELETE / ON UPDATE
+-- CASCADE), but foreign key actions are triggers enabled ORIGIN: the apply worker does not fire
+-- them. Every chunk table of the row (the live one, a model change's shadow and retired table:
+-- each table with a cascading foreign key to the table's key and a chunk table's own columns).
+-- Runs as the writer (the apply worker runs as the table's owner, who owns its chunk tables).
+create or replace function autoembed.cascade_replicated_chunks()
 returns trigger
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -569,11 +570,17 @@ begin
           from pg_constraint k
           join pg_attribute a on a.attrelid = k.conrelid and a.attnum = k.conkey[1]
           join pg_attribute pa on pa.attrelid = k.confrelid and pa.attnum = k.confkey[1]
-         where k.contype = 'f' and k.confrelid = TG_RELID and cardinality(k.conkey) = 1 and k.confdeltype = 'c'
+         where k.contype = 'f' and k.confrelid = TG_RELID and cardinality(k.conkey) = 1
+           and (case when TG_OP = 'DELETE' then k.confdeltype else k.confupdtype end) = 'c'
            and (select count(*) from pg_attribute c where c.attrelid = k.conrelid and not c.attisdropped
                   and c.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4
     loop
-        execute format('delete from %s c where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.parent_col) using OLD;
+        if TG_OP = 'DELETE' then
+            execute format('delete from %s c where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.parent_col) using OLD;
+        else
+            execute format('update %s c set %I = ($2).%I where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.parent_col,
+                           chunk.col, chunk.parent_col) using OLD, NEW;
+        end if;
     end loop;
     return null;
 end;
