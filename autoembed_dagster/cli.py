@@ -109,6 +109,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(_table(["chunk target", "tokens", "documents", "current", "no chunks", "stale", "dead", "model"],
                      [[h.table, f"{target.chunk_tokens}/{target.chunk_overlap}", h.embeddable, h.current, h.missing,
                        h.stale, h.dead_letters, h.model] for target, h in chunked], left=(0, 7)))
+        for target, h in chunked:
+            if h.unreadable:
+                print(f"  {h.table}: {h.unreadable} row(s) whose content function raises, e.g. {h.unreadable_error}")
     if broken:
         print("\nbroken targets (not kept current until fixed):")
         for b in broken:

@@ -69,10 +69,19 @@ begin
     end if;
 
     if TG_OP = 'UPDATE' and fn is not null then
-        -- Re-saves and changes to columns the input does not use cost nothing.
-        if autoembed.input_of(fn, OLD) is not distinct from autoembed.input_of(fn, NEW) then
-            return case when TG_WHEN = 'BEFORE' then NEW else null end;
-        end if;
+        -- Re-saves and changes to columns the input does not use cost nothing. A content function
+        -- that raises for this row must not fail the application's write: the row counts as
+        -- changed (its vector is cleared, it is queued) and the drain dead-letters it with the error.
+        begin
+            if autoembed.input_of(fn, OLD) is not distinct from autoembed.input_of(fn, NEW) then
+                return case when TG_WHEN = 'BEFORE' then NEW else null end;
+            end if;
+        exception when others then
+            -- (unless only the vector changed: the clearing UPDATE of AFTER mode fires this again)
+            if has_column and to_jsonb(OLD) - embedding_column = to_jsonb(NEW) - embedding_column then
+                return case when TG_WHEN = 'BEFORE' then NEW else null end;
+            end if;
+        end;
     end if;
 
     -- Clear the now-stale vector so search never returns a vector of old content.
@@ -243,14 +252,20 @@ end;
 $$;
 
 -- The BEFORE UPDATE row trigger function of one enrolled target, autoembed.clear_target_<id>():
--- `NEW.<column> := null`. A generated function, because a static field assignment is what makes
--- a bulk UPDATE cheap (jsonb_populate_record on a row holding a vector cost 3x more per row). The
--- trigger's WHEN clause calls it only when the input changed, compared in the writer's context.
--- It runs as the writer and touches nothing of the project's. A rename of the column regenerates
--- it (the event trigger in sql/008, when db init ran as a superuser); without that event trigger,
--- an UPDATE after the rename fails loudly ("record new has no field") until the table is enrolled
--- again: it never leaves a stale vector. SECURITY DEFINER (it creates a function in schema
--- autoembed); only the table's owner may call it. Returns the function.
+-- `NEW.<column> := null` when the input changed. A generated function, because a static field
+-- assignment is what makes a bulk UPDATE cheap (jsonb_populate_record on a row holding a vector
+-- cost 3x more per row). The trigger's WHEN clause fires it only for rows that hold a vector; it
+-- compares the content function of OLD and NEW itself, inside an exception block: a content
+-- function that raises for one row must not fail the application's write (the row is then
+-- cleared and queued, and the drain dead-letters it with the function's error). Measured
+-- (bench/bench_write_path.py): as cheap as the comparison in the WHEN clause for a real change,
+-- +20-40% for a re-save; a plpgsql wrapper called from the WHEN clause cost 2x. It runs as the
+-- writer and touches nothing of the project's. A rename of the column or of the content
+-- function regenerates it (the event trigger in sql/008, when db init ran as a superuser);
+-- without that event trigger, an UPDATE after a column rename fails loudly ("record new has no
+-- field") until the table is enrolled again, and after a function rename every update clears and
+-- queues its row: neither leaves a stale vector. SECURITY DEFINER (it creates a function in
+-- schema autoembed); only the table's owner may call it. Returns the function.
 create or replace function autoembed.install_clear_function(target_id bigint)
 returns regprocedure
 language plpgsql
@@ -259,6 +274,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     c autoembed.target_catalog;
+    fn regproc;
     name text := format('clear_target_%s', target_id);
 begin
     select tc.* into c from autoembed.target_catalog tc where tc.id = target_id;
@@ -266,15 +282,71 @@ begin
         raise exception 'autoembed: target % has no embedding column', target_id using errcode = 'undefined_column';
     end if;
     perform autoembed.require_owner((select r.relid from autoembed.targets r where r.id = target_id), 'change its triggers');
+    select r.content_fn::oid::regproc into fn from autoembed.targets r where r.id = target_id;
+    if c.function is null then
+        -- The content function is gone (dropped, or no longer takes a row of the table): every
+        -- update clears its row (never a stale vector); the drain dead-letters its jobs.
+        execute format($f$
+            create or replace function autoembed.%I() returns trigger language plpgsql as $b$
+            begin
+                NEW.%I := null;
+                return NEW;
+            end;
+            $b$
+        $f$, name, c.embedding_column);
+    else
+        execute format($f$
+            create or replace function autoembed.%I() returns trigger language plpgsql as $b$
+            begin
+                begin
+                    if %s(OLD) is not distinct from %s(NEW) then
+                        return NEW;
+                    end if;
+                exception when others then
+                    null;  -- the content function raises for this row: cleared and queued, never failed
+                end;
+                NEW.%I := null;
+                return NEW;
+            end;
+            $b$
+        $f$, name, fn, fn, c.embedding_column);
+    end if;
+    return format('autoembed.%I()', name)::regprocedure;
+end;
+$$;
+
+-- The WHEN function of a chunk target's row trigger, autoembed.input_changed_<id>(old, new):
+-- whether the content function of the two rows differs, true when it raises for either (the
+-- application's write goes on, the row is queued, the drain dead-letters it with the error).
+-- Generated, runs as the writer, touches nothing of the project's; regenerated with the chunk
+-- target's triggers (autoembed.install_chunk_triggers). SECURITY DEFINER (it creates a function
+-- in schema autoembed); only the table's owner may call it.
+create or replace function autoembed.install_changed_function(target_id bigint)
+returns regprocedure
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    tbl regclass;
+    fn regproc;
+    name text := format('input_changed_%s', target_id);
+begin
+    select r.relid::regclass, r.content_fn::oid::regproc into tbl, fn from autoembed.targets r where r.id = target_id;
+    if tbl is null then
+        raise exception 'autoembed: no target %', target_id using errcode = 'undefined_object';
+    end if;
+    perform autoembed.require_owner(tbl, 'change its triggers');
     execute format($f$
-        create or replace function autoembed.%I() returns trigger language plpgsql as $b$
+        create or replace function autoembed.%I(o %s, n %s) returns boolean language plpgsql stable as $b$
         begin
-            NEW.%I := null;
-            return NEW;
+            return %s(o) is distinct from %s(n);
+        exception when others then
+            return true;  -- the content function raises for this row: queued, never failed
         end;
         $b$
-    $f$, name, c.embedding_column);
-    return format('autoembed.%I()', name)::regprocedure;
+    $f$, name, tbl, tbl, fn, fn);
+    return format('autoembed.%I(%s, %s)', name, tbl, tbl)::regprocedure;
 end;
 $$;
 

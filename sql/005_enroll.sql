@@ -250,6 +250,11 @@ begin
                   and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 14)::bigint) loop
         execute format('drop function autoembed.%I() cascade', name);
     end loop;
+    for name in select p.oid::regprocedure::text from pg_proc p
+                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^input_changed_[0-9]+$'
+                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 15)::bigint) loop
+        execute format('drop function %s cascade', name);
+    end loop;
     return gone;
 end;
 $$;
@@ -290,9 +295,10 @@ $$;
 
 -- The triggers of an enrolled table (re-created from the registry's target `target_id`), run with
 -- the caller's own rights (creating triggers needs the table's owner):
---   autoembed_clear             BEFORE UPDATE row, WHEN the input changed (compared in the writer's
---                               context, function bound by oid and vector column by attnum) and the
---                               drain is not the writer: sets the vector to NULL;
+--   autoembed_clear             BEFORE UPDATE row, WHEN the row holds a vector and the drain is not
+--                               the writer: its generated function sets the vector to NULL when the
+--                               input changed (compared in the writer's context; a content function
+--                               raising for the row counts as a change, never fails the write);
 --   autoembed_enqueue_insert/_update  AFTER statement, transition tables: one send_batch each;
 --   autoembed_forget_delete/_truncate AFTER statement: embedding_state of gone rows goes too.
 create or replace function autoembed.install_triggers(tbl regclass, target_id bigint, fn regprocedure,
@@ -308,9 +314,8 @@ begin
     clear_function := autoembed.install_clear_function(target_id);
     execute format(
         'create trigger autoembed_clear before update on %1$s for each row '
-        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null '
-        'and %3$s(old) is distinct from %3$s(new)) '
-        'execute function %4$s', tbl, embedding_column, fn::oid::regproc, clear_function);
+        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null) '
+        'execute function %3$s', tbl, embedding_column, clear_function);
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);

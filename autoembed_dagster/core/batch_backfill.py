@@ -41,6 +41,7 @@ from . import queue as pgmq
 from .backfill import (MAX_SCAN_ROWS, ShardPlan, _candidates, embedder_for, plan)
 from .config import ConfigError, EmbedderSettings
 from .drain import copy_records
+from .drain.badrows import check_vectors
 from .database import second_connection
 from .drain.loop import pin_session
 from .drain.settle import VectorWriter, act_as_drain, clean
@@ -233,6 +234,7 @@ class SubmitStats:
     in_open_batches: int = 0  # rows left out: an open batch holds them
     dead: int = 0  # rows dead-lettered: submitted max_attempts times already
     truncated: int = 0
+    unreadable: int = 0  # rows left out: their content function raises (the drain dead-letters their jobs)
 
 
 def _excluded(conn: psycopg.Connection, key: TargetKey, model: str, rows: list[tuple[str, str, bytes]],
@@ -292,10 +294,11 @@ def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client:
     after: str | None = None
     page_rows = max(1, min(_SCAN_PAGE, MAX_SCAN_ROWS // (shards or 1)))
     while True:
-        scanned_to, page = _candidates(conn, target, model, shard or 0, shards or 1, after, page_rows)
+        scanned_to, page, unreadable = _candidates(conn, target, model, shard or 0, shards or 1, after, page_rows)
         if scanned_to is None:
             break
         after = scanned_to
+        stats.unreadable += len(unreadable)  # the content function raises for them: left out (badrows)
         todo = [(k, text, bytes(h)) for k, text, h in page if text is not None and text.strip()]
         stats.empty_input += len(page) - len(todo)
         if not todo:
@@ -500,7 +503,7 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
     def write_page(wconn: psycopg.Connection, writer: VectorWriter, page: list[tuple[str, bytes, object]],
                    records: list[bytes]) -> None:
         w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(page, records)], record.model)
-        busy = set(w.busy)
+        busy = set(w.busy) | set(w.failed)  # (failed: a row whose write failed alone, badrows)
         # Which rows were stale is asked only when some were (the guard counted them).
         stale = _stale_keys(wconn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
         _set_rows(wconn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
@@ -509,8 +512,9 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
             s.written += w.written
             s.stale += w.stale
             s.current += len(page) - w.written - w.stale - len(busy)
-            for k in busy:
+            for k in w.busy:
                 retry[k] = "the application held the row locked"
+            dead.update(w.failed)
         if on_rows:
             on_rows(len(page))
 
@@ -536,6 +540,10 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
                         continue
                     usage = (result.body or {}).get("usage")
                     s.tokens += usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+                    problem = check_vectors(target.vector_type, target.dimensions, [vector])[0]
+                    if problem is not None:  # a vector the column cannot hold: this row alone (badrows)
+                        dead[k] = f"key {k}: {problem}"
+                        continue
                     page.append((k, h, vector))
                     if len(page) >= _WRITE_PAGE:
                         pages.put((page, copy_records(target, page, encoding)))
@@ -669,10 +677,12 @@ def _embed_directly(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, 
                              record.model)
             s.direct += w.written
             s.stale += w.stale
-            busy = set(w.busy)
+            busy = set(w.busy) | set(w.failed)
             done += [k for k, _, _ in ok if k not in busy]
         bad = [(k, str(e)) for (k, _, _), e in zip(chunk, outcome.errors)
                if isinstance(e, EmbeddingError) and not e.retryable]
+        if ok:
+            bad += list(w.failed.items())  # a row whose write failed alone (badrows)
         if bad:
             s.dead += dead_letter(conn, p, target, bad)
             _set_rows(conn, record.id, "dead", [k for k, _ in bad], dict(bad))
