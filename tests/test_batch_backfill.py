@@ -27,6 +27,9 @@ DOCS_512 = replace(DOCS, dimensions=512)  # the model change: 1536 -> 512 dimens
 @pytest.fixture
 def batch_env(monkeypatch):
     monkeypatch.setenv("AUTOEMBED_BATCH_POLL_SECONDS", "0.01")
+    # The poll that completes a batch makes its whole output (up to 1,000 vectors here): on a loaded
+    # machine that takes longer than the 5 s the fake_openai fixture gives a request.
+    monkeypatch.setenv("AUTOEMBED_REQUEST_TIMEOUT", "120")
     bb._PROBED.clear()
 
 
