@@ -488,9 +488,15 @@ def _chunk_migrate(args: argparse.Namespace, p) -> int:
     """`autoembed migrate P ACTION` of a chunked pipeline (core.chunk_migration)."""
     from .core.chunk_migration import chunk_migration_action
 
+    from .core import backfill_control
+
     with api.session() as conn:
         m = chunk_migration_action(conn, p, args.action.replace("-", "_"), force=args.force)
-    print(json.dumps(m.as_dict()) if args.json else m.summary())
+        held = backfill_control.hold(conn, p.name) if m.status == "backfilling" else None
+    if args.json:
+        print(json.dumps({**m.as_dict(), "backfill": held.state if held else None}))
+    else:
+        print(m.summary() + (f"; backfill {held.state}: {held.lift}" if held else ""))
     return 0  # a state that does not allow the action raised MigrationError (exit 1)
 
 
