@@ -326,7 +326,7 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
         return dg.Output(None, metadata={
             "backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": mode,
             "column": column, "partitions": len(partitions), "rows_to_embed": todo.missing,
-            "rows_with_input": todo.embeddable, "migration_id": migration_id,
+            "rows_with_input": todo.embeddable, "migration_id": migration_id, "via": p.backfill_via,
         })
 
     @dg.job(name="backfill", executor_def=dg.in_process_executor,
