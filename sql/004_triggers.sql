@@ -550,13 +550,14 @@ begin
 end;
 $$;
 
--- AFTER DELETE row trigger, enabled REPLICA, of a chunk target: the chunks of a row deleted by
--- replication go with it. A statement trigger does that for local deletes (sql/015
--- install_chunk_follow_triggers), but the apply worker fires row triggers only. Every
--- chunk table of the row (the live one, a model change's shadow and retired table:
--- autoembed.chunk_tables_of). Runs as the writer
--- (the apply worker runs as the table's owner, who owns its chunk tables).
-create or replace function autoembed.delete_replicated_chunks()
+-- AFTER DELETE and AFTER UPDATE (WHEN the key changed) row triggers, enabled REPLICA, of a chunk
+-- target: the chunks of a row that replication deleted go with it, and follow a replicated key
+-- change. Triggers of the parent do that for local writes (sql/015 install_chunk_follow_triggers:
+-- a statement trigger for DELETE, which the apply worker never fires). Every chunk table of the
+-- row (the live one, a model change's shadow and retired table: autoembed.chunk_tables_of; they
+-- hang on no foreign key). Runs as the writer (the apply worker runs as the table's owner, who
+-- owns its chunk tables).
+create or replace function autoembed.cascade_replicated_chunks()
 returns trigger
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -570,7 +571,12 @@ begin
         select t.tbl, (select p.key_column from autoembed.chunk_parent(t.tbl) p) as col
           from autoembed.chunk_tables_of(TG_RELID) t(tbl)
     loop
-        execute format('delete from %s c where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.col) using OLD;
+        if TG_OP = 'DELETE' then
+            execute format('delete from %s c where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.col) using OLD;
+        else
+            execute format('update %s c set %I = ($2).%I where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.col,
+                           chunk.col, chunk.col) using OLD, NEW;
+        end if;
     end loop;
     return null;
 end;

@@ -385,28 +385,30 @@ $$;
 --                                ALWAYS-enabled clear trigger cleared it, or it had none), WHEN a
 --                                chunk target's input changed: the row's job;
 --   autoembed_replica_keep       (column targets) BEFORE UPDATE, WHEN the input did not change but a
---                                vector came with the row: keeps this database's own vector (the
---                                vectors compared as text: their = operator is not on the pinned
---                                search_path of a definer that re-creates triggers);
+--                                vector came with the row: keeps this database's own vector;
 --   autoembed_replica_delete     (chunk targets) AFTER DELETE: the row's chunks go (a column
---                                target's state goes by install_forget_triggers' autoembed_forget_row).
+--                                target's state goes by install_forget_triggers' autoembed_forget_row);
+--   autoembed_replica_rekey      (chunk targets) AFTER UPDATE, WHEN the key changed: the chunks follow.
 -- No option: enrolment before or after the subscription is created works the same. Called by
 -- install_triggers and install_chunk_triggers, with the caller's rights (the table's owner).
 -- What install_replica_triggers needs of target `target_id` (the registry is readable by the
 -- project's owner only): its table, content function, embedding column's current name (NULL for a
--- chunk target) and whether it is a chunk target. For the table's owner only.
+-- chunk target), whether it is a chunk target, and its key column's name. For the table's owner only.
+drop function if exists autoembed.replica_trigger_target(bigint);
 create or replace function autoembed.replica_trigger_target(target_id bigint, out tbl regclass, out fn regprocedure,
-                                                            out embedding_column text, out chunked boolean)
+                                                            out embedding_column text, out chunked boolean,
+                                                            out key_column text)
 language plpgsql
 stable
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
-    select r.relid::regclass, r.content_fn::regprocedure, ea.attname::text, r.chunk_table is not null
-      into tbl, fn, embedding_column, chunked
+    select r.relid::regclass, r.content_fn::regprocedure, ea.attname::text, r.chunk_table is not null, ka.attname::text
+      into tbl, fn, embedding_column, chunked, key_column
       from autoembed.targets r
       left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+      left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
      where r.id = target_id;
     if tbl is not null then
         perform autoembed.require_owner(tbl, 'change its triggers');
@@ -424,37 +426,46 @@ declare
     fn regprocedure;
     col text;
     chunked boolean;
+    key_column text;
+    changed regproc;
     name text;
+    names constant text[] := '{autoembed_replica_insert,autoembed_replica_update,autoembed_replica_keep,autoembed_replica_delete,autoembed_replica_rekey}';
 begin
-    select t.tbl, t.fn, t.embedding_column, t.chunked into tbl, fn, col, chunked
+    select t.tbl, t.fn, t.embedding_column, t.chunked, t.key_column into tbl, fn, col, chunked, key_column
       from autoembed.replica_trigger_target(target_id) t;
-    if tbl is null or (col is null and not chunked) then
-        raise exception 'autoembed: % is not a target with an embedding column or a chunk table', target_id
+    if tbl is null or (col is null and not chunked) or key_column is null then
+        raise exception 'autoembed: % is not a target with a key column and an embedding column or a chunk table', target_id
             using errcode = 'undefined_object';
     end if;
-    for name in select tr.tgname from pg_trigger tr
-                where tr.tgrelid = tbl and tr.tgname in ('autoembed_replica_insert', 'autoembed_replica_update',
-                                                         'autoembed_replica_keep', 'autoembed_replica_delete') loop
+    -- Whether the input changed, compared in the writer's context by the target's generated
+    -- function (a content function that raises counts as a change; sql/004), as local writes do.
+    changed := autoembed.install_changed_function(target_id)::oid::regproc;
+    for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         execute format('drop trigger %I on %s', name, tbl);
     end loop;
     execute format('create trigger autoembed_replica_insert after insert on %s for each row '
                    'execute function autoembed.queue_replicated_row(%L)', tbl, target_id);
     if chunked then
         execute format('create trigger autoembed_replica_update after update on %1$s for each row '
-                       'when (%2$s(old) is distinct from %2$s(new)) '
-                       'execute function autoembed.queue_replicated_row(%3$L)', tbl, fn::oid::regproc, target_id);
+                       'when (%2$s(old, new)) execute function autoembed.queue_replicated_row(%3$L)',
+                       tbl, changed, target_id);
         execute format('create trigger autoembed_replica_delete after delete on %s for each row '
-                       'execute function autoembed.delete_replicated_chunks()', tbl);
+                       'execute function autoembed.cascade_replicated_chunks()', tbl);
+        execute format('create trigger autoembed_replica_rekey after update on %1$s for each row '
+                       'when (old.%2$I is distinct from new.%2$I) execute function autoembed.cascade_replicated_chunks()',
+                       tbl, key_column);
     else
         execute format('create trigger autoembed_replica_update after update on %s for each row '
                        'when (new.%I is null) execute function autoembed.queue_replicated_row(%L)', tbl, col, target_id);
+        -- (new <> old for vectors, with pgvector's own operator named by its schema: the pinned
+        -- search_path of a definer re-creating the triggers does not find it.)
         execute format('create trigger autoembed_replica_keep before update on %1$s for each row '
-                       'when (%3$s(old) is not distinct from %3$s(new) and new.%2$I::text is distinct from old.%2$I::text) '
-                       'execute function autoembed.keep_replicated_vector(%4$L)', tbl, col, fn::oid::regproc, target_id);
+                       'when (((new.%2$I is null) <> (old.%2$I is null) or not coalesce(new.%2$I operator(%3$s.=) old.%2$I, true)) '
+                       'and not %4$s(old, new)) execute function autoembed.keep_replicated_vector(%5$L)',
+                       tbl, col, (select e.extnamespace::regnamespace::text from pg_extension e where e.extname = 'vector'),
+                       changed, target_id);
     end if;
-    for name in select tr.tgname from pg_trigger tr
-                where tr.tgrelid = tbl and tr.tgname in ('autoembed_replica_insert', 'autoembed_replica_update',
-                                                         'autoembed_replica_keep', 'autoembed_replica_delete') loop
+    for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         perform autoembed.set_trigger_mode(tbl, name, 'replica');
     end loop;
 end;
@@ -473,7 +484,7 @@ begin
                                                          'autoembed_forget_delete', 'autoembed_forget_truncate',
                                                          'autoembed_forget_row', 'autoembed_replica_insert',
                                                          'autoembed_replica_update', 'autoembed_replica_keep',
-                                                         'autoembed_replica_delete',
+                                                         'autoembed_replica_delete', 'autoembed_replica_rekey',
                                                          'autoembed_chunk_changed') loop  -- (a chunk target's, sql/012)
         execute format('drop trigger %I on %s', name, tbl);
     end loop;

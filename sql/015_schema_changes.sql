@@ -522,9 +522,9 @@ begin
         'when (old.%2$I is distinct from new.%2$I) execute function %3$s', parent, key_column, fn);
     execute format('create trigger autoembed_chunks_truncate after truncate on %s for each statement execute function %s',
                    parent, fn);
-    -- Logical replication's apply worker fires row and TRUNCATE triggers enabled ALWAYS (never
-    -- statement ones: a replicated DELETE's chunks go by autoembed_replica_delete, sql/005).
-    perform autoembed.set_trigger_mode(parent, 'autoembed_chunks_key', 'always');
+    -- Logical replication's apply worker fires TRUNCATE triggers enabled ALWAYS; a replicated
+    -- DELETE or key change moves the chunks by the REPLICA row triggers of sql/005
+    -- (autoembed_replica_delete / _rekey).
     perform autoembed.set_trigger_mode(parent, 'autoembed_chunks_truncate', 'always');
 end;
 $$;

@@ -107,7 +107,8 @@ def test_enrol_registers_the_chunk_target_creates_the_table_and_queues_the_backl
         "select tgname, tgenabled from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
     assert triggers == {"autoembed_enqueue_insert": "O", "autoembed_chunk_changed": "O", "autoembed_enqueue_update": "O",
                         "autoembed_replica_insert": "R", "autoembed_replica_update": "R", "autoembed_replica_delete": "R",
-                        "autoembed_chunks_delete": "O", "autoembed_chunks_key": "A", "autoembed_chunks_truncate": "A"}
+                        "autoembed_replica_rekey": "R",
+                        "autoembed_chunks_delete": "O", "autoembed_chunks_key": "O", "autoembed_chunks_truncate": "A"}
     # Idempotent: enrolling again queues only rows without a chunk set, keeps one registration.
     api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn)
     assert conn.execute("select count(*) from autoembed.targets where relid = 'notes'::regclass").fetchone()[0] == 1

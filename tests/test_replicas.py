@@ -38,13 +38,23 @@ create table articles (id integer primary key, title text not null, body text);
 create table sync_marker (id integer primary key);
 """
 
-SUBSCRIBER_FUNCTIONS = """
-create function doc_input(d docs) returns text language sql immutable
-    as $$ select d.title || E'\\n\\n' || coalesce(d.body, '') $$;
+DOC_INPUT = """
+create function doc_input(d docs) returns text language plpgsql immutable as $$
+begin
+    if d.title = 'boom' then
+        raise exception 'doc_input cannot read %', d.id;  -- a content function that raises for one row
+    end if;
+    return d.title || E'\\n\\n' || coalesce(d.body, '');
+end $$;
+"""
+NOTE_INPUT = """
 create function note_input(n notes) returns text language sql immutable as $$ select n.body $$;
+"""
+ARTICLE_TEXT = """
 create function article_text(a articles) returns text language sql immutable
     as $$ select case when a.body is null then null else a.title || E'\\n\\n' || a.body end $$;
 """
+SUBSCRIBER_FUNCTIONS = DOC_INPUT + NOTE_INPUT + ARTICLE_TEXT
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 
@@ -162,8 +172,6 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
         assert_current(s, "notes", "note_input", 1)
         splitter = splitter_for(make_embedder(EmbedderSettings.from_env(), 1536), TOKENS, 0)
         assert chunk_sets(s) == {i: splitter.split(f"article {i}\n\n{long_text(i)}") for i in (1, 2, 3)}
-        old_chunks_3 = s.execute("select count(*) from articles_chunks where id = 3").fetchone()[0]
-        assert old_chunks_3 > 0
 
     with psycopg.connect(pub, autocommit=True) as p:
         with p.transaction():  # one remote transaction: applied in one local one
@@ -174,16 +182,19 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
         p.execute("update articles set body = %s where id = 1", (long_text(11),))
         p.execute("insert into articles values (4, 'article 4', %s)", (long_text(4),))
         p.execute("delete from articles where id = 3")
+        p.execute("update articles set id = 20 where id = 2")  # a key change: the chunks follow it
     replicated(pub, sub)
 
     with connect(sub) as s:
         # Committed on the subscriber, before any drain: the edited row's stale vector is gone, the
-        # untouched input kept its vector, the deleted rows' state and chunks went with them.
+        # untouched input kept its vector, the deleted rows' state and chunks went with them, and an
+        # article's chunks followed its new key.
         assert vector(s, "docs", 1) is None
         assert_current(s, "docs", "doc_input", 2)
         assert s.execute("select count(*) from autoembed.embedding_state where table_name = 'docs' "
                          "and row_id = '3'").fetchone()[0] == 0
-        assert s.execute("select count(*) from articles_chunks where id = 3").fetchone()[0] == 0
+        assert s.execute("select count(*) from articles_chunks where id in (2, 3)").fetchone()[0] == 0
+        assert chunk_sets(s)[20] == splitter.split(f"article 2\n\n{long_text(2)}")
         assert queued_keys(s) == [1, 1, 4, 4, 5]  # docs 1, 4, 5; articles 1 (edited) and 4
         stats = drain(s, settings)
         assert stats.dead_lettered == 0
@@ -192,7 +203,8 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
         sets = chunk_sets(s)
         assert sets[1] == splitter.split(f"article 1\n\n{long_text(11)}")
         assert sets[4] == splitter.split(f"article 4\n\n{long_text(4)}")
-        assert 3 not in sets
+        assert 3 not in sets and 2 not in sets
+        assert sets[20] == splitter.split(f"article 2\n\n{long_text(2)}")
         assert pgmq.status(s, "embedding_jobs")[0].rows == 0
 
     # The publisher's application writes a vector of its own into notes, published with the row:
@@ -229,3 +241,45 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
             assert_current(s, "docs", "doc_input", key)
         assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state "
                          "where table_name = 'docs'").fetchone()[0] == ["1", "6"]
+
+    # A content function that raises for a replicated row fails neither the apply worker nor the
+    # replication: the change counts as one (the vector is cleared, the row queued, later
+    # dead-lettered by the drain with the reason), and later transactions are applied.
+    with psycopg.connect(pub, autocommit=True) as p:
+        p.execute("update docs set title = 'boom' where id = 6")
+        p.execute("insert into docs (id, title, body) values (7, 'boom', 'unreadable')")
+    replicated(pub, sub)
+    with connect(sub) as s:
+        assert vector(s, "docs", 6) is None
+        assert queued_keys(s) == [6, 7]
+
+
+def test_db_init_gives_tables_enrolled_before_the_replica_triggers(conn):
+    """A table enrolled by an earlier version (no replica triggers) gets them from `db init`,
+    column and chunk targets alike, enabled REPLICA; the triggers of local writes stay as they were."""
+    conn.execute("""
+        create table docs (id integer primary key, title text not null, body text, views integer default 0,
+                           embedding halfvec(1536));
+        create table articles (id integer primary key, title text not null, body text);
+    """)
+    conn.execute(DOC_INPUT + ARTICLE_TEXT)
+    conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding')")
+    conn.execute("select autoembed.enroll_chunks('articles', 'article_text', 64)")
+
+    def triggers(table):
+        return dict(conn.execute("select tgname, tgenabled from pg_trigger where tgrelid = %s::regclass "
+                                 "and not tgisinternal", (table,)).fetchall())
+
+    enrolled = {t: triggers(t) for t in ("docs", "articles")}
+    assert enrolled["docs"]["autoembed_replica_insert"] == "R" and enrolled["docs"]["autoembed_clear"] == "A"
+    for table, names in (("docs", ["autoembed_replica_insert", "autoembed_replica_update", "autoembed_replica_keep",
+                                   "autoembed_forget_row"]),
+                         ("articles", ["autoembed_replica_insert", "autoembed_replica_update",
+                                       "autoembed_replica_delete", "autoembed_replica_rekey"])):
+        for name in names:
+            conn.execute(f"drop trigger {name} on {table}")
+    conn.execute("alter table docs enable trigger autoembed_clear")  # as an earlier version left it
+
+    init_db(conn)
+
+    assert {t: triggers(t) for t in ("docs", "articles")} == enrolled
