@@ -50,7 +50,7 @@ from .embedders.batch_api import (FINISHED_STATUSES, BatchClient, BatchLimits, B
 from .health import estimated_cost
 from .migration import Coverage, ModelSpec, PromoteResult, coverage, promote
 from .pipelines import Pipeline
-from .targets import INTEGER_KEY_TYPES, Target, TargetKey, resolve
+from .targets import INTEGER_KEY_TYPES, Target, TargetKey, ambiguous_key_error, resolve
 
 log = logging.getLogger(__name__)
 
@@ -503,7 +503,8 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
     def write_page(wconn: psycopg.Connection, writer: VectorWriter, page: list[tuple[str, bytes, object]],
                    records: list[bytes]) -> None:
         w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(page, records)], record.model)
-        busy = set(w.busy) | set(w.failed)  # (failed: a row whose write failed alone, badrows)
+        # Not written: busy (retried), failed alone (badrows) or matching several rows: dead letters.
+        busy = set(w.busy) | set(w.failed) | set(w.ambiguous)
         # Which rows were stale is asked only when some were (the guard counted them).
         stale = _stale_keys(wconn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
         _set_rows(wconn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
@@ -515,6 +516,7 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
             for k in w.busy:
                 retry[k] = "the application held the row locked"
             dead.update(w.failed)
+            dead.update({k: ambiguous_key_error(target, k, n) for k, n in w.ambiguous.items()})
         if on_rows:
             on_rows(len(page))
 
@@ -677,12 +679,13 @@ def _embed_directly(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, 
                              record.model)
             s.direct += w.written
             s.stale += w.stale
-            busy = set(w.busy) | set(w.failed)
+            busy = set(w.busy) | set(w.failed) | set(w.ambiguous)
             done += [k for k, _, _ in ok if k not in busy]
         bad = [(k, str(e)) for (k, _, _), e in zip(chunk, outcome.errors)
                if isinstance(e, EmbeddingError) and not e.retryable]
         if ok:
             bad += list(w.failed.items())  # a row whose write failed alone (badrows)
+            bad += [(k, ambiguous_key_error(target, k, n)) for k, n in w.ambiguous.items()]
         if bad:
             s.dead += dead_letter(conn, p, target, bad)
             _set_rows(conn, record.id, "dead", [k for k, _ in bad], dict(bad))
