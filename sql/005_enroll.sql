@@ -384,8 +384,9 @@ $$;
 --   autoembed_replica_update     AFTER UPDATE, WHEN a column target's vector is NULL now (the
 --                                ALWAYS-enabled clear trigger cleared it, or it had none), WHEN a
 --                                chunk target's input changed: the row's job;
---   autoembed_replica_keep       (column targets) BEFORE UPDATE, WHEN the input did not change but a
---                                vector came with the row: keeps this database's own vector;
+--   autoembed_replica_keep       (column targets) BEFORE UPDATE, WHEN a vector came with the row
+--                                and the input did not change (autoembed_clear, ALWAYS, cleared it
+--                                otherwise): keeps this database's own vector (or none);
 --   autoembed_replica_delete     (chunk targets) AFTER DELETE: the row's chunks go (a column
 --                                target's state goes by install_forget_triggers' autoembed_forget_row);
 --   autoembed_replica_rekey      (chunk targets) AFTER UPDATE, WHEN the key changed: the chunks follow.
@@ -437,15 +438,16 @@ begin
         raise exception 'autoembed: % is not a target with a key column and an embedding column or a chunk table', target_id
             using errcode = 'undefined_object';
     end if;
-    -- Whether the input changed, compared in the writer's context by the target's generated
-    -- function (a content function that raises counts as a change; sql/004), as local writes do.
-    changed := autoembed.install_changed_function(target_id)::oid::regproc;
+
     for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         execute format('drop trigger %I on %s', name, tbl);
     end loop;
     execute format('create trigger autoembed_replica_insert after insert on %s for each row '
                    'execute function autoembed.queue_replicated_row(%L)', tbl, target_id);
     if chunked then
+        -- Whether the input changed, compared in the writer's context by the target's generated
+        -- function (a content function that raises counts as a change; sql/004), as local writes do.
+        changed := autoembed.install_changed_function(target_id)::oid::regproc;
         execute format('create trigger autoembed_replica_update after update on %1$s for each row '
                        'when (%2$s(old, new)) execute function autoembed.queue_replicated_row(%3$L)',
                        tbl, changed, target_id);
@@ -457,13 +459,16 @@ begin
     else
         execute format('create trigger autoembed_replica_update after update on %s for each row '
                        'when (new.%I is null) execute function autoembed.queue_replicated_row(%L)', tbl, col, target_id);
-        -- (new <> old for vectors, with pgvector's own operator named by its schema: the pinned
-        -- search_path of a definer re-creating the triggers does not find it.)
+        -- A vector that came with the row and is not ours. It runs after autoembed_clear (BEFORE
+        -- triggers fire in name order, and a WHEN clause sees what the triggers before it made of
+        -- the row): when the input changed, the clear trigger has already set it NULL, so what
+        -- remains to keep is a vector for unchanged input. (pgvector's = named by its schema: the
+        -- pinned search_path of a definer re-creating the triggers does not find it.)
         execute format('create trigger autoembed_replica_keep before update on %1$s for each row '
-                       'when (((new.%2$I is null) <> (old.%2$I is null) or not coalesce(new.%2$I operator(%3$s.=) old.%2$I, true)) '
-                       'and not %4$s(old, new)) execute function autoembed.keep_replicated_vector(%5$L)',
+                       'when (new.%2$I is not null and (old.%2$I is null or not (new.%2$I operator(%3$s.=) old.%2$I))) '
+                       'execute function autoembed.keep_replicated_vector(%4$L)',
                        tbl, col, (select e.extnamespace::regnamespace::text from pg_extension e where e.extname = 'vector'),
-                       changed, target_id);
+                       target_id);
     end if;
     for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         perform autoembed.set_trigger_mode(tbl, name, 'replica');
