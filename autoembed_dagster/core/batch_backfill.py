@@ -50,7 +50,7 @@ from .embedders.batch_api import (FINISHED_STATUSES, BatchClient, BatchLimits, B
 from .health import estimated_cost
 from .migration import Coverage, ModelSpec, PromoteResult, coverage, promote
 from .pipelines import Pipeline
-from .targets import INTEGER_KEY_TYPES, Target, TargetKey, resolve
+from .targets import INTEGER_KEY_TYPES, Target, TargetKey, ambiguous_key_error, resolve
 
 log = logging.getLogger(__name__)
 
@@ -503,7 +503,8 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
     def write_page(wconn: psycopg.Connection, writer: VectorWriter, page: list[tuple[str, bytes, object]],
                    records: list[bytes]) -> None:
         w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(page, records)], record.model)
-        busy = set(w.busy) | set(w.failed)  # (failed: a row whose write failed alone, badrows)
+        # Not written: busy (retried), failed alone (badrows) or matching several rows: dead letters.
+        busy = set(w.busy) | set(w.failed) | set(w.ambiguous)
         # Which rows were stale is asked only when some were (the guard counted them).
         stale = _stale_keys(wconn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
         _set_rows(wconn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
@@ -515,6 +516,7 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
             for k in w.busy:
                 retry[k] = "the application held the row locked"
             dead.update(w.failed)
+            dead.update({k: ambiguous_key_error(target, k, n) for k, n in w.ambiguous.items()})
         if on_rows:
             on_rows(len(page))
 
@@ -677,12 +679,13 @@ def _embed_directly(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, 
                              record.model)
             s.direct += w.written
             s.stale += w.stale
-            busy = set(w.busy) | set(w.failed)
+            busy = set(w.busy) | set(w.failed) | set(w.ambiguous)
             done += [k for k, _, _ in ok if k not in busy]
         bad = [(k, str(e)) for (k, _, _), e in zip(chunk, outcome.errors)
                if isinstance(e, EmbeddingError) and not e.retryable]
         if ok:
             bad += list(w.failed.items())  # a row whose write failed alone (badrows)
+            bad += [(k, ambiguous_key_error(target, k, n)) for k, n in w.ambiguous.items()]
         if bad:
             s.dead += dead_letter(conn, p, target, bad)
             _set_rows(conn, record.id, "dead", [k for k, _ in bad], dict(bad))
@@ -731,6 +734,23 @@ def dead_letter(conn: psycopg.Connection, p: Pipeline, target: Target, rows: lis
                 [(p.queue, i, Jsonb(b), clean(f"batch re-embed: {e}")) for i, b, (_, e) in zip(ids, bodies, rows)])
         pgmq.archive(conn, p.queue, ids)
     return len(rows)
+
+
+def forget_rows_of_collected(conn: psycopg.Connection, key: TargetKey, model: str) -> int:
+    """After a promotion: the per-row records of the target's collected batches are of no more use
+    (the batches' own records stay, for the history of what was paid)."""
+    return conn.execute(
+        """delete from autoembed.embedding_batch_rows r using autoembed.embedding_batches b
+           where r.batch = b.id and b.status = 'collected' and b.schema_name = %s and b.table_name = %s
+             and b.embedding_column = %s and b.model = %s""",
+        (key.schema, key.table, key.embedding_column, model)).rowcount
+
+
+def _promote(conn: psycopg.Connection, shard_plan: ShardPlan, p: Pipeline) -> PromoteResult:
+    assert shard_plan.migration is not None
+    result = promote(conn, shard_plan.migration)
+    forget_rows_of_collected(conn, shard_plan.target_key(p), shard_plan.spec.identity_key)
+    return result
 
 
 # -- the whole re-embed in one process (the CLI) ------------------------------------------------------------
@@ -842,7 +862,9 @@ def run_batch_backfill(
     m = shard_plan.migration
     if (shard_plan.mode == "migration" and m is not None and promote_when_complete and result.coverage.complete
             and not result.open_batches):
-        result.promotion = promote(conn, m)
+        result.promotion = _promote(conn, shard_plan, p)
+    elif shard_plan.mode == "in_place" and result.coverage.complete and not result.open_batches:
+        forget_rows_of_collected(conn, key, model)
     return result
 
 
@@ -909,5 +931,5 @@ def collect_and_continue(conn: psycopg.Connection, p: Pipeline, record_id: int, 
     m = shard_plan.migration
     if (shard_plan.mode == "migration" and m is not None and promote_on and out.coverage.complete
             and not batches(conn, key=shard_plan.target_key(p), model=spec.identity_key, open_only=True)):
-        out.promotion = promote(conn, m)
+        out.promotion = _promote(conn, shard_plan, p)
     return out
