@@ -96,7 +96,7 @@ def require_input_function(function: str | None, regclass: str, content_function
 
 def input_function(conn: psycopg.Connection, table_oid: int, function_oid: int | None) -> str | None:
     """How to call content function `function_oid` of table `table_oid` with the table owner's
-    rights: the input function registered for it (sql/016); else, when the acting role is the
+    rights: the input function registered for it (sql/017); else, when the acting role is the
     table's owner itself, the content function (its rights are the owner's); else None."""
     if function_oid is None:
         return None
