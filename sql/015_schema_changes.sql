@@ -321,10 +321,14 @@ end;
 $$;
 
 -- The triggers enrolment gives target `target_id`'s table (those a write needs to stay current).
+-- SECURITY DEFINER: autoembed.broken_targets calls it for the drain's and the dashboard's roles,
+-- which may not read the registry; it returns trigger names only.
 create or replace function autoembed.expected_triggers(target_id bigint)
 returns text[]
 language sql
 stable
+security definer
+set search_path = pg_catalog, pg_temp
 as $$
     select case when r.chunk_table is not null
                 then array['autoembed_enqueue_insert', 'autoembed_chunk_changed', 'autoembed_enqueue_update',
