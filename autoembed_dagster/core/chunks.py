@@ -256,8 +256,8 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
                chunks=target.chunks_sql)
     # The application never waits for the write of a chunk set, however large: the new sets are
     # written (old rows deleted, new ones inserted with their vector index entries: seconds for
-    # thousands of chunks) WITHOUT a lock on the parent rows (the chunk rows' foreign key takes KEY
-    # SHARE, which an UPDATE of other columns does not wait for), inside a savepoint; then the
+    # thousands of chunks) holding only KEY SHARE on the parent rows (an UPDATE of other columns
+    # does not wait for it; a DELETE, a key change or SELECT FOR UPDATE does), inside a savepoint; then the
     # stale-write guard takes the parents' row locks (key order, SKIP LOCKED: never waiting for
     # the application) and checks that each parent's input is still the one the set was made from.
     # A parent that changed or is held by another transaction meanwhile undoes the savepoint: the
@@ -348,8 +348,8 @@ def _write_sets(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     (the documents written: those whose reused vectors are all still there, the chunk rows
     written, the (hash, vector) pairs embedded for them); documents deferred are added to
     stats.missing and stats.chunks_deleted counts the old rows."""
-    # KEY SHARE (what the foreign key takes anyway; an UPDATE of other columns does not wait for
-    # it), never waited for: a parent deleted since it was read is gone, not a failed insert; one
+    # KEY SHARE (an UPDATE of other columns does not wait for it; it keeps the row from being
+    # deleted or re-keyed under the write), never waited for: a parent deleted since it was read is gone, not a failed insert; one
     # held FOR UPDATE (or being deleted) by another transaction is busy.
     present = {k for (k,) in conn.execute(sql.SQL(
         "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[]) for key share skip locked"
