@@ -488,9 +488,15 @@ def _chunk_migrate(args: argparse.Namespace, p) -> int:
     """`autoembed migrate P ACTION` of a chunked pipeline (core.chunk_migration)."""
     from .core.chunk_migration import chunk_migration_action
 
+    from .core import backfill_control
+
     with api.session() as conn:
         m = chunk_migration_action(conn, p, args.action.replace("-", "_"), force=args.force)
-    print(json.dumps(m.as_dict()) if args.json else m.summary())
+        held = backfill_control.hold(conn, p.name) if m.status == "backfilling" else None
+    if args.json:
+        print(json.dumps({**m.as_dict(), "backfill": held.state if held else None}))
+    else:
+        print(m.summary() + (f"; backfill {held.state}: {held.lift}" if held else ""))
     return 0  # a state that does not allow the action raised MigrationError (exit 1)
 
 
@@ -508,7 +514,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         if m is None:
             print(json.dumps({"status": "none"}) if args.json else f"{p.name}: no model migration in flight")
             return 0 if args.action == "status" else 1
-        m, _, _ = migration_action(conn, p, m, args.action.replace("-", "_"), force=args.force)
+        m, promotion, _ = migration_action(conn, p, m, args.action.replace("-", "_"), force=args.force)
         cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
         held = backfill_control.hold(conn, p.name) if m.status == "backfilling" else None
     info = {"migration": m.id, "status": m.status, "model": m.spec.key, "old_model": m.old_model,
@@ -520,6 +526,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     else:
         print(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {_pct(cov.ratio)} "
               f"({cov.current}/{cov.embeddable})" + (f"; backfill {held.state}: {held.lift}" if held else ""))
+        if promotion is not None and not promotion.already:
+            print(_promoted_line(p, promotion.migration))
     return 0
 
 

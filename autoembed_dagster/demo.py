@@ -223,6 +223,7 @@ def run_dagster_dev(port: int = 3000, workspace: str | None = None, keep_db: boo
     embedded Postgres when this command started it (unless `keep_db`)."""
     from .components.declarations import project_root as dg_project_root
 
+    _executable("dagster-webserver")  # `dagster dev` needs it: say so before anything starts
     stop_on_signals()
     settings = Settings.from_env()
     embedded = not settings.database_url
@@ -422,6 +423,8 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
             dagster_home.mkdir(parents=True, exist_ok=True)
             shutil.copy(packaged("dagster_home") / "dagster.yaml", dagster_home / "dagster.yaml")
     stop_on_signals()  # `kill <pid>` tidies up like Ctrl-C, even when started in the background
+    if ui:
+        _executable("dagster-webserver")  # the standalone extra: say so before anything starts
     if ui and not port_free(port):
         raise ConfigError(f"port {port} is in use: pass --port")
     if "DAGSTER_HOME" in os.environ and Path(os.environ["DAGSTER_HOME"]).resolve() != dagster_home.resolve():

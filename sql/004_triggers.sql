@@ -456,21 +456,131 @@ as $$
 #variable_conflict use_variable
 declare
     c autoembed.target_catalog;
+    keys text[];
 begin
     if TG_OP = 'TRUNCATE' then
         delete from autoembed.embedding_state s
         where s.schema_name = TG_TABLE_SCHEMA and s.table_name = TG_TABLE_NAME;
         return null;
     end if;
-    -- Every target of the table (a model migration's shadow column too), each by its own key.
+    -- Every target of the table (a model migration's shadow column too), each by its own key. As a
+    -- row trigger (the replica trigger autoembed_forget_row: logical replication's apply worker
+    -- fires row triggers only) the gone row is OLD.
     for c in select tc.* from autoembed.target_catalog tc join autoembed.targets r on r.id = tc.id
              where r.relid = TG_RELID and tc.key_type is not null and tc.embedding_column is not null loop
-        execute format(
-            $q$delete from autoembed.embedding_state s
-               where s.schema_name = $1 and s.table_name = $2 and s.embedding_column = $3
-                 and s.row_id = any(autoembed.key_texts(array(select o.%I from autoembed_old o)))$q$,
-            c.key_column)
-            using TG_TABLE_SCHEMA, TG_TABLE_NAME, c.embedding_column;
+        if TG_LEVEL = 'ROW' then
+            execute format('select autoembed.key_texts(array[($1).%I])', c.key_column) into keys using OLD;
+        else
+            execute format('select autoembed.key_texts(array(select o.%I from autoembed_old o))', c.key_column)
+                into keys;
+        end if;
+        delete from autoembed.embedding_state s
+        where s.schema_name = TG_TABLE_SCHEMA and s.table_name = TG_TABLE_NAME
+          and s.embedding_column = c.embedding_column and s.row_id = any(keys);
+    end loop;
+    return null;
+end;
+$$;
+
+-- Rows that arrive by logical replication. The apply worker of a subscription (and its initial
+-- table copy) runs with session_replication_role = replica: it fires only row triggers enabled
+-- REPLICA or ALWAYS, never the statement triggers that enqueue local writes. Enrolment therefore
+-- installs row triggers enabled REPLICA beside them (autoembed.install_replica_triggers, sql/005),
+-- which local writes never fire. This is their enqueue function, AFTER INSERT / UPDATE of one row
+-- (argument: the target id), for both shapes: a column target's job (sent when the row's vector is
+-- NULL: the trigger's WHEN clause), a chunk target's document. SECURITY DEFINER, and it reads only
+-- the key of NEW: it calls no user function.
+create or replace function autoembed.queue_replicated_row()
+returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    c record;
+    keys text[];
+begin
+    if current_setting('autoembed.draining', true) = 'on' then
+        return null;
+    end if;
+    c := autoembed.live_target(case when TG_NARGS = 1 and TG_ARGV[0] ~ '^[0-9]{1,18}$' then TG_ARGV[0]::bigint end);
+    if c.id is null or c.relid <> TG_RELID or not c.key_ok then
+        raise warning 'autoembed: a replica trigger on % names no target of this table with a key column (%): nothing enqueued; enroll the table again',
+            TG_RELID::regclass, quote_nullable(TG_ARGV[0]);
+        return null;
+    end if;
+    execute format('select autoembed.key_texts(array[($1).%I])', c.key_column) into keys using NEW;
+    if c.embedding_column is not null then
+        perform autoembed.send_jobs(c.queue, autoembed.key_messages(keys, c.integer_keys, c.header));
+    elsif exists (select 1 from autoembed.targets r where r.id = c.id and r.chunk_table is not null) then
+        perform autoembed.send_chunk_keys(c.id, keys);
+    else
+        raise warning 'autoembed: target % of % lost its embedding column: nothing enqueued; enroll the table again',
+            c.id, TG_RELID::regclass;
+    end if;
+    return null;
+end;
+$$;
+
+-- BEFORE UPDATE row trigger, enabled REPLICA, of a column target (argument: the target id): a
+-- replicated UPDATE whose input did not change but that carries a vector in the enrolled column
+-- (the publisher publishes its own embedding column, written by its own drain) keeps the
+-- subscriber's vector: the enrolled column holds only what this database's drain wrote, under its
+-- model, and the two drains never overwrite each other. (An input change clears the column as a
+-- local write does: the clear trigger is enabled ALWAYS.) SECURITY DEFINER (the registry); calls
+-- no user function.
+create or replace function autoembed.keep_replicated_vector()
+returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    col text;
+begin
+    select ea.attname::text into col
+    from autoembed.targets r
+    join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+    where TG_NARGS = 1 and TG_ARGV[0] ~ '^[0-9]{1,18}$' and r.id = TG_ARGV[0]::bigint and r.relid = TG_RELID;
+    if col is null then
+        return NEW;
+    end if;
+    return jsonb_populate_record(NEW, jsonb_build_object(col, to_jsonb(OLD) -> col));
+end;
+$$;
+
+-- AFTER DELETE and AFTER UPDATE (WHEN the key changed) row triggers, enabled REPLICA, of a chunk
+-- target: the chunks of a row that replication deleted go with it, and follow a replicated key
+-- change. The chunk tables' foreign key does that for local writes (ON DELETE / ON UPDATE
+-- CASCADE), but foreign key actions are triggers enabled ORIGIN: the apply worker does not fire
+-- them. Every chunk table of the row (the live one, a model change's shadow and retired table:
+-- each table with a cascading foreign key to the table's key and a chunk table's own columns).
+-- Runs as the writer (the apply worker runs as the table's owner, who owns its chunk tables).
+create or replace function autoembed.cascade_replicated_chunks()
+returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    chunk record;
+begin
+    for chunk in
+        select k.conrelid::regclass as tbl, a.attname::text as col, pa.attname::text as parent_col
+          from pg_constraint k
+          join pg_attribute a on a.attrelid = k.conrelid and a.attnum = k.conkey[1]
+          join pg_attribute pa on pa.attrelid = k.confrelid and pa.attnum = k.confkey[1]
+         where k.contype = 'f' and k.confrelid = TG_RELID and cardinality(k.conkey) = 1
+           and (case when TG_OP = 'DELETE' then k.confdeltype else k.confupdtype end) = 'c'
+           and (select count(*) from pg_attribute c where c.attrelid = k.conrelid and not c.attisdropped
+                  and c.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4
+    loop
+        if TG_OP = 'DELETE' then
+            execute format('delete from %s c where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.parent_col) using OLD;
+        else
+            execute format('update %s c set %I = ($2).%I where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.parent_col,
+                           chunk.col, chunk.parent_col) using OLD, NEW;
+        end if;
     end loop;
     return null;
 end;

@@ -56,6 +56,9 @@ declare
     target_id bigint;
     chunked boolean;
 begin
+    if current_setting('autoembed.enabling_triggers', true) = 'on' then
+        return;  -- autoembed enabling its own triggers (autoembed.set_trigger_mode, sql/005)
+    end if;
     -- A column target's generated clear function names its column; a chunk target's row trigger and
     -- chunk tables name its key column.
     -- Both name the content function too (a renamed one: ALTER FUNCTION).

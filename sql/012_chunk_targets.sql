@@ -305,6 +305,7 @@ begin
     execute format(
         'create trigger autoembed_enqueue_update after update on %s '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+    perform autoembed.install_replica_triggers(target_id);  -- rows arriving by logical replication (sql/005)
 end;
 $$;
 

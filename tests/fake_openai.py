@@ -63,7 +63,7 @@ class FakeOpenAI:
     def __init__(self, default_dims: int = 1536, host: str = "127.0.0.1", batch_api: bool = True) -> None:
         self.default_dims = default_dims
         self.batch_api = batch_api  # False: /v1/batches and /v1/files answer 404, like a server without them
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a batch completing runs _respond, which takes it too
         self._corrupt_lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
         # Called (no arguments, in the handler's thread) after each embeddings request is recorded:

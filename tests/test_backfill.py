@@ -227,7 +227,8 @@ def test_cli_backfill_and_migrate(supabase_docs, fake_openai, settings, tmp_path
     status = json.loads(capsys.readouterr().out)
     assert status["status"] == "backfilling" and status["coverage"] == 1.0
     assert cli.main(["migrate", "documents", "promote"]) == 0
-    assert "promoted" in capsys.readouterr().out
+    assert ("promoted: embedding now holds model openai:text-embedding-3-small:1536 -> "
+            "openai:text-embedding-3-small:512 (old vectors in embedding__old") in capsys.readouterr().out
     assert_all_current(conn, 512)
     capsys.readouterr()
     assert cli.main(["migrate", "documents", "drop-old"]) == 0
@@ -265,6 +266,9 @@ def test_a_paused_or_closed_backfill_launches_nothing_and_a_stopped_shard_run_is
     message = stopped.failure_data_for_node(SHARD_NODE).error.message
     assert "is paused (since" in message and "autoembed backfill documents --resume" in message, message
     assert instance.get_run_by_id(stopped.run_id).tags["dagster/retry_on_asset_or_op_failure"] == "false"
+    [observed] = instance.fetch_observations(shards_key(DOCS_512), limit=1).records
+    assert observed.partition_key == f"{B}|0"
+    assert observed.asset_observation.metadata["backfill"].value.startswith("paused (since")
     bc.resume(conn, "documents")
     done = run_shard(defs, instance, DOCS_512, f"{B}|0")
     assert done.success and materialization(done) is not None

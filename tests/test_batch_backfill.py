@@ -27,6 +27,9 @@ DOCS_512 = replace(DOCS, dimensions=512)  # the model change: 1536 -> 512 dimens
 @pytest.fixture
 def batch_env(monkeypatch):
     monkeypatch.setenv("AUTOEMBED_BATCH_POLL_SECONDS", "0.01")
+    # The poll that completes a batch makes its whole output (up to 1,000 vectors here): on a loaded
+    # machine that takes longer than the 5 s the fake_openai fixture gives a request.
+    monkeypatch.setenv("AUTOEMBED_REQUEST_TIMEOUT", "120")
     bb._PROBED.clear()
 
 
@@ -72,6 +75,8 @@ def test_a_backfill_made_only_of_batch_calls(supabase_docs, fake_openai, setting
     rows = conn.execute("select status, row_count, batch_id is not null, input_file_id is not null, tokens > 0, "
                         "submitted_at is not null, collected_at is not null from autoembed.embedding_batches").fetchall()
     assert len(rows) == 3 and all(r[0] == "collected" and all(r[2:]) for r in rows)
+    # Promoted: the per-row records are dropped, the batches' records stay.
+    assert conn.execute("select count(*) from autoembed.embedding_batch_rows").fetchone()[0] == 0
     assert progress[-1][2] == 2500 and any(s.get("in_progress") or s.get("validating") for _, s, _ in progress)
 
 
@@ -395,3 +400,35 @@ def test_a_cancelled_batch_is_submitted_again_and_chunked_pipelines_are_refused(
     chunked = make_pipeline("articles", table="articles", chunk_tokens=200)
     with pytest.raises(BatchUnsupported, match="pipeline articles is chunked.*--via direct"):
         bb.run_batch_backfill(conn, chunked, spec_of(conn))
+
+
+def test_a_batch_submitted_without_promotion_is_collected_without_promoting(
+        supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 10)
+    p = replace(DOCS_512, backfill_via="batch", shards=1)
+    fake_openai.hold_batches()
+    shard_plan, sub = bb.submit_shard(conn, p, spec_of(conn, p), 0, 1, promote_when_complete=False)
+    fake_openai.advance_batches(2)
+    done = bb.collect_and_continue(conn, p, sub.batches[0])
+    assert done.stats.written == 10 and done.coverage.complete and done.promotion is None
+    assert get_migration(conn, "public", "documents", "embedding").status == "backfilling"
+
+
+def test_a_key_matching_several_rows_is_a_dead_letter_not_a_write(supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 20)
+    fake_openai.hold_batches()
+    bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), wait=False)
+    # While the batch runs, the key stops being unique and a second row takes key 5.
+    conn.execute("alter table documents drop constraint documents_pkey")
+    conn.execute("alter table documents alter column id drop identity")
+    conn.execute("insert into documents (id, title, content) select id, title, content from documents where id = 5")
+    conn.execute("delete from pgmq.q_embedding_jobs")
+    fake_openai.advance_batches(2)
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), promote_when_complete=False)
+    [c] = result.collected
+    assert c.dead == 1 and c.written == 19
+    [(error,)] = conn.execute("select error from autoembed.dead_letters").fetchall()
+    assert "matches 2 rows" in error
+    assert conn.execute("select count(*) from documents where id = 5 and embedding__next is not null").fetchone()[0] == 0

@@ -50,7 +50,9 @@ class Venv:
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a process of this venv: no PYTHONPATH (nothing of the checkout)."""
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-        env.update(VIRTUAL_ENV=str(self.path), PATH=f"{self.bin}:{env.get('PATH', '')}", PIP_FIND_LINKS=str(self.wheels),
+        # PATH: this venv's bin, and none of the test runner's venv (its dagster-webserver, its autoembed).
+        path = [d for d in env.get("PATH", "").split(":") if d and Path(d).resolve() != Path(sys.executable).parent.resolve()]
+        env.update(VIRTUAL_ENV=str(self.path), PATH=":".join([str(self.bin), *path]), PIP_FIND_LINKS=str(self.wheels),
                    PIP_DISABLE_PIP_VERSION_CHECK="1")
         env.update(extra)
         return env
@@ -71,8 +73,18 @@ class Venv:
 def installed(tmp_path_factory):
     """(the venv, the demo project it serves, the image's installed size in MB)."""
     base = tmp_path_factory.mktemp("install")
-    wheels = base / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+    wheels, source = base / "wheels", base / "source"
+    # Built from a copy (what a clone holds: the package with its links, sql/, demo/, the instance
+    # config), so that the build leaves nothing in this checkout.
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("autoembed_dagster", "sql", "demo"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=ignore)
+    (source / "dagster_home").mkdir()
+    shutil.copy(ROOT / "dagster_home" / "dagster.yaml", source / "dagster_home" / "dagster.yaml")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)],
                    check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("autoembed_dagster-*.whl")
     subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True, timeout=300)
@@ -110,6 +122,16 @@ def test_the_image_steps_install_no_embedded_postgres_no_web_ui_and_serve_the_de
     assert found[:3] == ["True", "True", "True"], found
     assert "site-packages" in found[3] and str(ROOT) not in found[3]  # a regular install, not this checkout
     assert size < 1000, f"{size:.0f} MB"
+    # Without the standalone extra and without a database URL: the fix, not an ImportError.
+    env = {k: v for k, v in venv.env().items() if not k.startswith("AUTOEMBED_")}
+    refused = subprocess.run([str(venv.bin / "autoembed"), "db", "init"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env={**env, "AUTOEMBED_HOME": str(tmp_path / ".autoembed")})
+    assert refused.returncode == 2, refused.stderr
+    assert "pip install 'autoembed-dagster[standalone]'" in refused.stderr and "AUTOEMBED_DATABASE_URL" in refused.stderr
+    no_ui = subprocess.run([str(venv.bin / "autoembed"), "dev"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert no_ui.returncode == 2 and "dagster-webserver not found" in no_ui.stderr, no_ui.stderr
+    assert "pip install 'autoembed-dagster[standalone]'" in no_ui.stderr
 
     port = free_port()
     server = subprocess.Popen(

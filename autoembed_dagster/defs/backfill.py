@@ -141,10 +141,14 @@ def fail_without_retry(context: dg.AssetExecutionContext | dg.OpExecutionContext
     raise dg.Failure(f"{what}: {exc}", allow_retries=False) from exc
 
 
-def stop_shard_run(context: dg.AssetExecutionContext, p: Pipeline, why: str, metadata: dict | None = None):
+def stop_shard_run(context: dg.AssetExecutionContext, p: Pipeline, why: str, metadata: dict | None = None,
+                   state: str | None = None):
     """A shard run that a pause or the pipeline's window stops (before it starts, or part-way) ends
     as a failure without retry, not a success: its partition is not materialized (the rows it wrote
-    stay; the next run of it continues where it stopped)."""
+    stay; the next run of it continues where it stopped). The asset's page shows why: an
+    observation of the partition with `backfill` = "paused (...)" / "waiting for its window (...)"."""
+    context.log_event(dg.AssetObservation(asset_key=shards_key(p), partition=context.partition_key,
+                                          metadata={"backfill": state or why}))
     context.instance.add_run_tags(context.run_id, NO_RUN_RETRY)
     raise dg.Failure(f"partition {context.partition_key} of {p.name} not finished: {why}; then launch the backfill "
                      "again: its shards continue where they stopped",
@@ -155,7 +159,7 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     with autoembed.connect() as conn:
         held = backfill_control.hold(conn, p.name)
     if held is not None:  # before anything is planned: no migration, no shadow column
-        stop_shard_run(context, p, held.message)
+        stop_shard_run(context, p, held.message, state=held.state)
     keys = context.partition_key.keys_by_dimension
     spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
     promote_on = config.promote if config.promote is not None else (
@@ -164,7 +168,7 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
         yield from chunk_backfill.reembed_chunk_shard(context, spec, shard, promote_on, autoembed, p)
         return
     if p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects (defs/batch_backfill.py)
-        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK)
+        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK, promote_on)
         return
     with autoembed.connect() as conn:
         shard_plan = plan(conn, p, spec)
@@ -322,7 +326,7 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
         return dg.Output(None, metadata={
             "backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": mode,
             "column": column, "partitions": len(partitions), "rows_to_embed": todo.missing,
-            "rows_with_input": todo.embeddable, "migration_id": migration_id,
+            "rows_with_input": todo.embeddable, "migration_id": migration_id, "via": p.backfill_via,
         })
 
     @dg.job(name="backfill", executor_def=dg.in_process_executor,

@@ -211,6 +211,7 @@ class VectorWriter:
                 isolated = write_vectors_isolating(self.conn, self.stages, target, pending, model, set())
             w = isolated.written
             total.failed.update(isolated.failed)
+            total.ambiguous.update(w.ambiguous)
             total.written += w.written
             total.stale += w.stale
             busy = set(w.busy)
