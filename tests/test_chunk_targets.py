@@ -99,13 +99,16 @@ def test_enrol_registers_the_chunk_target_creates_the_table_and_queues_the_backl
     # Messages name the target by id (and the chunk table, for people reading the queue).
     message = conn.execute("select message from pgmq.q_embedding_jobs order by msg_id limit 1").fetchone()[0]
     assert message["target"] == target.registered and message["chunkTable"] == "notes_chunks"
-    # The chunk table hangs on the parent's key (cascade), no vector-clearing trigger on the parent.
-    # Local writes fire the first three; rows arriving by logical replication the REPLICA ones (R).
+    # The chunk table goes with the parent's rows (delete, key change, truncate: triggers of the
+    # parent, fired by local writes and replicated ones alike, no foreign key), no vector-clearing
+    # trigger on the parent. Local writes fire the enqueue triggers; rows arriving by logical
+    # replication the REPLICA ones (R).
     triggers = {r[0]: r[1] for r in conn.execute(
         "select tgname, tgenabled from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
     assert triggers == {"autoembed_enqueue_insert": "O", "autoembed_chunk_changed": "O", "autoembed_enqueue_update": "O",
                         "autoembed_replica_insert": "R", "autoembed_replica_update": "R", "autoembed_replica_delete": "R",
-                        "autoembed_replica_rekey": "R"}
+                        "autoembed_replica_rekey": "R",
+                        "autoembed_chunks_delete": "O", "autoembed_chunks_key": "O", "autoembed_chunks_truncate": "A"}
     # Idempotent: enrolling again queues only rows without a chunk set, keeps one registration.
     api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn)
     assert conn.execute("select count(*) from autoembed.targets where relid = 'notes'::regclass").fetchone()[0] == 1
@@ -127,9 +130,11 @@ def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
     api.enroll("notes", "note_text", chunk_tokens=100, url=conn.info.dsn)
     with pytest.raises(psycopg.errors.ObjectInUse, match="enrolled as a chunk target"):
         api.enroll("notes", "note_text", "embedding", url=conn.info.dsn)
-    conn.execute("select autoembed.unenroll('notes')")  # triggers and registration go
-    assert conn.execute("select count(*) from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal"
-                        ).fetchone()[0] == 0
+    conn.execute("select autoembed.unenroll('notes')")  # enqueue triggers and registration go
+    # (the chunk table stays, and so do the triggers that keep it with the table's rows)
+    assert {r[0] for r in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass"
+                                       " and not tgisinternal")} == {"autoembed_chunks_delete", "autoembed_chunks_key",
+                                                                     "autoembed_chunks_truncate"}
     assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
 
 
