@@ -75,6 +75,7 @@ begin
             content_fn = excluded.content_fn, queue = excluded.queue, chunk_tokens = excluded.chunk_tokens,
             chunk_overlap = excluded.chunk_overlap, updated_at = now()
     returning t.id into result;
+    perform autoembed.install_input_function(result);
     return result;
 end;
 $$;

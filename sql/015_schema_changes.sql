@@ -164,7 +164,8 @@ begin
       into c
       from autoembed.targets r
       join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
-     where r.id = target_id;
+     where r.id = target_id
+       and autoembed.key_type_ok(ka.atttypid);  -- (converted to text here: never by the owner's own cast)
     if not found then
         return 0;
     end if;
@@ -233,6 +234,7 @@ begin
         begin
             perform autoembed.check_content_function(t.relid, fn);
             update autoembed.targets set content_fn = fn, updated_at = now() where id = t.id;
+            perform autoembed.install_input_function(t.id);
             perform autoembed.reinstall_target_triggers(t.id);
             perform autoembed.requeue_rows(t.id);
             insert into autoembed.repairs (target_id, what) values (t.id, format(
@@ -265,6 +267,7 @@ begin
         delete from autoembed.chunk_tables ct where ct.chunk_table = d.objid or ct.parent = d.objid;
         for gone in delete from autoembed.targets r where r.relid = d.objid returning r.id loop
             execute format('drop function if exists autoembed.%I()', format('clear_target_%s', gone));
+            execute format('drop function if exists autoembed.%I(anyelement)', format('input_%s', gone));
         end loop;
         delete from autoembed.embedding_state s
          where s.schema_name = d.address_names[1] and s.table_name = d.address_names[2];
@@ -318,10 +321,14 @@ end;
 $$;
 
 -- The triggers enrolment gives target `target_id`'s table (those a write needs to stay current).
+-- SECURITY DEFINER: autoembed.broken_targets calls it for the drain's and the dashboard's roles,
+-- which may not read the registry; it returns trigger names only.
 create or replace function autoembed.expected_triggers(target_id bigint)
 returns text[]
 language sql
 stable
+security definer
+set search_path = pg_catalog, pg_temp
 as $$
     select case when r.chunk_table is not null
                 then array['autoembed_enqueue_insert', 'autoembed_chunk_changed', 'autoembed_enqueue_update',

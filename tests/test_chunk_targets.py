@@ -485,3 +485,49 @@ def test_a_change_to_a_column_the_content_function_does_not_read_queues_nothing(
     assert pgmq.status(conn, "embedding_jobs")[0].depth == 0
     conn.execute("update articles set views = 8, title = 'Two, retitled' where id = 2")  # one it reads: queued
     assert conn.execute("select message->>'id' from pgmq.q_embedding_jobs").fetchall() == [("2",)]
+
+
+def test_the_application_never_waits_for_the_write_of_a_chunk_set(articles, fake_openai, settings, db_url):
+    """The settle writes a document's new chunk set without holding its parent row: the
+    application's UPDATE of that row during the write goes through at once (lock_timeout 2 s, far
+    below the write, which a trigger on the chunk table holds until the test lets it go), and the
+    stale-write guard then keeps the set that was made from the old input out."""
+    import threading
+
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s)", (_doc(8, 1),))
+    assert drain(conn, settings).embedded == 1
+    old = chunk_rows(conn, 1)
+    conn.execute("update articles set body = %s where id = 1", (_doc(40, 2),))  # a long new input, queued
+    # A write that takes as long as the test wants: the chunk table's insert waits for lock 4242.
+    conn.execute("""
+        create function hold_chunk_write() returns trigger language plpgsql as $$
+        begin perform pg_advisory_lock_shared(4242); perform pg_advisory_unlock_shared(4242); return null; end $$;
+        create trigger hold after insert on articles_chunks for each statement execute function hold_chunk_write();
+    """)
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as app:
+        gate.execute("select pg_advisory_lock(4242)")
+        done: dict = {}
+        with psycopg.connect(db_url, autocommit=True) as drain_conn:
+            pid = drain_conn.info.backend_pid
+            worker = threading.Thread(target=lambda: done.setdefault("stats", Drainer(drain_conn, settings).drain_batch()))
+            worker.start()
+            try:
+                # Wait (on a condition) until the drain is inside the write: its insert waits for the gate.
+                for _ in range(600):
+                    if gate.execute("select exists (select 1 from pg_locks where pid = %s and locktype = 'advisory'"
+                                    " and not granted)", (pid,)).fetchone()[0]:
+                        break
+                    worker.join(0.1)
+                else:
+                    pytest.fail("the drain never reached the chunk write")
+                app.execute("set lock_timeout = '2s'")
+                app.execute("update articles set body = %s where id = 1", (_doc(6, 3),))  # does not wait
+            finally:
+                gate.execute("select pg_advisory_unlock(4242)")
+                worker.join(120)
+        assert done["stats"].embedded == 0  # the guard saw the input change: the set of the old input is out
+    assert chunk_rows(conn, 1) == old  # never the set of the input the application replaced meanwhile
+    conn.execute("drop trigger hold on articles_chunks")
+    assert drain(conn, settings).embedded == 1
+    assert_current(conn, 1)
