@@ -24,7 +24,7 @@ import psycopg
 
 from ..core.pipelines import Pipeline, content_function_digest, discover_pipelines
 from .assets import embeddings_key, pipeline_specs, queues_of, shared_specs
-from .backfill import build_model_change_defs, build_reembed_defs
+from .backfill import build_embeddings_asset, build_model_change_defs, build_reembed_defs
 from .checks import build_health_checks
 from .drain import build_drain_job
 from .resources import autoembed_resource
@@ -75,8 +75,9 @@ def load_time_facts(declared: tuple[Pipeline, ...]) -> LoadTimeFacts:
 def build_pipeline_defs(p: Pipeline, facts: LoadTimeFacts | None = None) -> dg.Definitions:
     facts = facts or LoadTimeFacts()
     digest = facts.digests.get(p.name)
+    embeddings, *others = pipeline_specs(p, digest, facts.note)
     return dg.Definitions.merge(
-        dg.Definitions(assets=pipeline_specs(p, digest, facts.note), asset_checks=[build_health_checks(p)]),
+        dg.Definitions(assets=[build_embeddings_asset(p, embeddings), *others], asset_checks=[build_health_checks(p)]),
         build_reembed_defs(p, digest),
     )
 
