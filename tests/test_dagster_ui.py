@@ -26,6 +26,7 @@ query ($key: AssetKeyInput!) {
       staleStatus
       staleCauses { reason category }
       partitionStats { numMaterialized numPartitions numFailed }
+      targetingInstigators { ... on Sensor { name } }
     }
   }
 }"""
@@ -60,6 +61,8 @@ def test_partitions_and_staleness_say_what_the_database_holds(supabase_docs, fak
         with ui(project, instance) as context:
             embeddings, shards = node(context, embeddings_key(DOCS)), node(context, shards_key(DOCS))
         assert embeddings["staleStatus"] == "FRESH", embeddings
+        # the asset page names the sensor that keeps it fresh (it said "No automations")
+        assert {"name": "embedding_jobs_sensor"} in embeddings["targetingInstigators"], embeddings
         assert shards["partitionStats"] == {"numMaterialized": 2, "numPartitions": 2, "numFailed": 0}, shards
         assert "shadow column embedding__next" in shards["description"]
 

@@ -90,7 +90,13 @@ def build_shared_defs(declared: Sequence[Pipeline], facts: LoadTimeFacts | None 
     for queue in queues_of(pipelines):
         job = build_drain_job(queue, pipelines)
         jobs.append(job)
-        sensors.append(build_queue_sensor(queue, job))
+        on_queue = [embeddings_key(p) for p in pipelines if p.queue == queue]
+        refresh = dg.define_asset_job(
+            f"refresh_{queue}", selection=on_queue, executor_def=dg.in_process_executor,
+            description=(f"Check the pipelines of queue `{queue}`; re-embed those whose table is not current "
+                         "under the code's model (what the asset page's Materialize does).")) if on_queue else None
+        jobs += [refresh] if refresh is not None else []
+        sensors.append(build_queue_sensor(queue, job, refresh))
     schedules = []
     if pipelines:
         health_job = dg.define_asset_job(
