@@ -100,8 +100,11 @@ def test_enrol_registers_the_chunk_target_creates_the_table_and_queues_the_backl
     message = conn.execute("select message from pgmq.q_embedding_jobs order by msg_id limit 1").fetchone()[0]
     assert message["target"] == target.registered and message["chunkTable"] == "notes_chunks"
     # The chunk table hangs on the parent's key (cascade), no vector-clearing trigger on the parent.
-    triggers = {r[0] for r in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
-    assert triggers == {"autoembed_enqueue_insert", "autoembed_chunk_changed", "autoembed_enqueue_update"}
+    # Local writes fire the first three; rows arriving by logical replication the REPLICA ones (R).
+    triggers = {r[0]: r[1] for r in conn.execute(
+        "select tgname, tgenabled from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
+    assert triggers == {"autoembed_enqueue_insert": "O", "autoembed_chunk_changed": "O", "autoembed_enqueue_update": "O",
+                        "autoembed_replica_insert": "R", "autoembed_replica_update": "R", "autoembed_replica_delete": "R"}
     # Idempotent: enrolling again queues only rows without a chunk set, keeps one registration.
     api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn)
     assert conn.execute("select count(*) from autoembed.targets where relid = 'notes'::regclass").fetchone()[0] == 1
@@ -112,7 +115,7 @@ def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
         create table notes (id integer primary key, body text, embedding halfvec(1536));
         create function note_text(n notes) returns text language sql immutable as $$ select n.body $$;
     """)
-    with pytest.raises(ConfigError, match="--chunk-tokens 8191 or less"):
+    with pytest.raises(ConfigError, match="chunk_tokens=8191 or less"):
         api.enroll("notes", "note_text", chunk_tokens=9000, url=conn.info.dsn)
     with pytest.raises(ConfigError, match="more than half"):
         api.enroll("notes", "note_text", chunk_tokens=100, chunk_overlap=80, url=conn.info.dsn)
@@ -324,7 +327,7 @@ def test_cli_enrol_status_and_search_over_chunks(conn, db_url, fake_openai, sett
     out = run(["search", passage, "--pipeline", "articles", "-k", "1"], env).stdout
     assert out.startswith("1. [0.000] public.articles id=1 chunk ")
     out = run(["backfill", "articles"], env).stdout
-    assert "(in_place)" in out and "100.0% (2/2 documents)" in out
+    assert "(in_place)" in out and "100% (2/2 documents)" in out
 
 
 # -- backfill and model change -------------------------------------------------------------------
@@ -464,3 +467,15 @@ def test_a_renamed_key_column_is_followed_by_the_chunk_triggers(articles, fake_o
     got = [c for (c,) in conn.execute("select chunk from articles_chunks where article_id = 2 order by chunk_index",
                                       prepare=False)]
     assert got == _splitter().split(text)
+
+
+def test_a_change_to_a_column_the_content_function_does_not_read_queues_nothing(articles, fake_openai, settings):
+    conn = articles
+    conn.execute("alter table articles add column views integer not null default 0")
+    conn.execute("insert into articles values (1, 'One', %s), (2, 'Two', %s)", (_doc(4, 1), _doc(4, 2)))
+    drain(conn, settings)
+    conn.execute("update articles set views = views + 1")
+    conn.execute("update articles set views = 7 where id = 2")
+    assert pgmq.status(conn, "embedding_jobs")[0].depth == 0
+    conn.execute("update articles set views = 8, title = 'Two, retitled' where id = 2")  # one it reads: queued
+    assert conn.execute("select message->>'id' from pgmq.q_embedding_jobs").fetchall() == [("2",)]

@@ -5,6 +5,7 @@ real OpenAI embedder), the real local tokenizer."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import psycopg
@@ -334,3 +335,30 @@ def test_search_looks_past_a_parent_that_fills_the_first_batch_of_nearest_chunks
     hits = nearest_chunks(conn, target, np.array(near, dtype=np.float32), 2)
     assert [(h.id, h.chunk) for h in hits] == [("1", "chunk 0"), ("2", "two")]
     assert [h.id for h in nearest_chunks(conn, target, np.array(near, dtype=np.float32), 3)] == ["1", "2", "3"]
+
+
+def test_a_document_rechunked_under_another_model_reuses_none_of_the_old_models_vectors(conn, fake_openai,
+                                                                                         openai_embedder):
+    """Chunk reuse is per model: a chunk text with a vector under the old model only is embedded
+    again under the new one (same size, so the old vectors would fit the column)."""
+    text = "\n\n".join(_paragraphs(30, seed=3))
+    target = _setup(conn, {1: text, 2: None})
+    sp = splitter_for(openai_embedder, 120, overlap=20)
+    _run(conn, target, [1], sp, openai_embedder)
+    other = make_embedder(replace(EmbedderSettings.from_env(), model="text-embedding-3-large"),
+                          dimensions=1536)
+    assert other.identity.key != openai_embedder.identity.key
+    conn.execute("update docs set body = %s where id = 2", (text,))  # the same chunk texts in a second document
+    fake_openai.reset()
+    p, stats = _run(conn, target, [1, 2], sp, other)
+    pieces = sp.split(text)
+    assert p.reused == set() and sorted(stats.written) == ["1", "2"]
+    assert stats.chunks_embedded == 2 * len(pieces) and stats.chunks_reused == 0
+    assert sorted({t for r in fake_openai.requests for t in r["inputs"]}) == sorted(set(pieces))
+    assert {r["model"] for r in fake_openai.requests} == {"text-embedding-3-large"}
+    assert {m for (m,) in conn.execute("select distinct model from docs_chunks")} == {other.identity.key}
+    # Under the new model, its own vectors are reused again.
+    conn.execute("update docs set body = body || ' (edited)' where id = 2")
+    fake_openai.reset()
+    _, stats = _run(conn, target, [2], sp, other)
+    assert stats.written == ["2"] and stats.chunks_reused >= len(pieces) - 1 and stats.chunks_embedded <= 1

@@ -427,7 +427,7 @@ def test_abort_drops_the_shadow_column_its_records_trigger_and_jobs(supabase_doc
                         ).fetchone()[0] == 0
     # The migration's trigger is gone; the table keeps only the state cleanup the drain gave it (sql/013).
     assert [t for (t,) in conn.execute("select tgname from pg_trigger where tgname like 'autoembed_%%' order by 1")] == [
-        "autoembed_forget_delete", "autoembed_forget_truncate"]
+        "autoembed_forget_delete", "autoembed_forget_row", "autoembed_forget_truncate"]
     drain_all(conn, settings)
     assert_all_current(conn, 1536)
 
@@ -502,3 +502,31 @@ def test_a_content_function_change_is_a_migration_that_retargets_the_triggers(su
         "embedding_input_v2"}
     drain_all(conn, settings)
     assert_all_current(conn, 1536, fn="embedding_input_v2")
+
+
+def test_rolling_back_a_content_function_change_points_the_triggers_at_the_old_function(supabase_docs, fake_openai,
+                                                                                        settings):
+    conn = supabase_docs
+    conn.execute("""create function embedding_input_v2(doc documents) returns text language sql immutable
+                    as $$ select upper(doc.title) || ': ' || doc.content $$""")
+    seed(conn, settings, 8)
+    p = replace(DOCS, content_function="embedding_input_v2")
+    result = run_backfill(conn, p, resolve_spec(conn, p))
+    assert mig.trigger_content_functions(conn, "public", "documents", "embedding") == ["embedding_input_v2"]
+
+    back = mig.rollback(conn, result.promotion.migration)
+
+    assert back.status == "backfilling"
+    assert mig.trigger_content_functions(conn, "public", "documents", "embedding") == ["embedding_input"]
+    fns = {r[0] for r in conn.execute(
+        """select encode(t.tgargs, 'escape') from pg_trigger t
+           where t.tgrelid = 'documents'::regclass and not t.tgisinternal and t.tgname like 'embed_documents_%'""")}
+    assert fns and all("embedding_input\\000" in f and "embedding_input_v2" not in f for f in fns), fns
+    conn.execute("update documents set title = 'renamed' where id = 2")
+    conn.execute("insert into documents (title, content) values ('fresh', 'row')")
+    live_jobs = {r[0] for r in conn.execute(
+        "select message->>'contentFunction' from pgmq.q_embedding_jobs where message->>'embeddingColumn' = 'embedding'")}
+    assert live_jobs == {"embedding_input"}
+    drain_all(conn, settings)
+    assert_all_current(conn, 1536, fn="embedding_input")
+    assert_all_current(conn, 1536, column="embedding__next", fn="embedding_input_v2")

@@ -45,6 +45,18 @@ class Chunking(dg.Resolvable, dg.Model):
     overlap: int = Field(default=0, description="Tokens of the previous chunk's end repeated at a chunk's start.")
 
 
+class Backfill(dg.Resolvable, dg.Model):
+    """`backfill:` of a pipeline: how a re-embed (a model change) calls the provider."""
+
+    via: Literal["direct", "batch"] = Field(
+        default="direct",
+        description=("`direct`: /v1/embeddings; `batch`: the provider's Batch API (half the price, results within "
+                     "24 h; shard runs submit and return, the `autoembed_batches` sensor collects)."))
+    fallback: Literal["resubmit", "direct"] = Field(
+        default="resubmit",
+        description="Rows a batch did not return (expired, failed, missing lines): submit them again, or embed them directly.")
+
+
 @dg.scaffold_with(EmbeddingPipelineScaffolder)
 class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
     """Keep a Postgres table's vector column equal to the embedding of each row's current content:
@@ -69,6 +81,8 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         default=None,
         description=("Embed long text as chunks into `<table>_chunks` (one vector per chunk, not per row): "
                      "e.g. `{tokens: 200, overlap: 20}`. Unset: one vector per row in `embedding_column`."))
+    backfill: Backfill | None = Field(
+        default=None, description="How a re-embed calls the provider: `{via: batch}` for the Batch API at half price.")
     name: str | None = Field(default=None, description="Pipeline name; default: the defs/<name>/ folder's name.")
 
     _folder: str | None = PrivateAttr(default=None)
@@ -84,7 +98,9 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         name = self.name or self._folder
         if not name:
             raise dg.DagsterInvalidDefinitionError("EmbeddingPipeline needs a `name` when built outside a defs/ folder")
-        fields = self.model_dump(exclude={"name", "table", "chunking"})
+        fields = self.model_dump(exclude={"name", "table", "chunking", "backfill"})
+        if self.backfill is not None:
+            fields.update(backfill_via=self.backfill.via, backfill_fallback=self.backfill.fallback)
         if self.chunking is not None:
             fields.update(chunk_tokens=self.chunking.tokens, chunk_overlap=self.chunking.overlap)
         p = make_pipeline(name, table=self.table, **fields)
@@ -108,6 +124,12 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         from ..defs.autoembed import build_pipeline_defs, build_shared_defs, load_time_facts
 
         me = self.pipeline()
+        if me.backfill_via == "batch":
+            # Refused at load (`dg check defs`): the local model, a server answering 404 on /v1/batches.
+            from ..core.batch_backfill import check_batch_support, refuse_chunked
+
+            refuse_chunked(me)
+            check_batch_support(me)
         declared = sorted(project_pipelines(context, self), key=lambda p: p.name)
         names = [p.name for p in declared]
         if len(set(names)) != len(names):

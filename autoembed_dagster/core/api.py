@@ -112,6 +112,14 @@ def status(url: str | None = None, queue: str | None = None) -> list[pgmq.QueueS
         return pgmq.status(conn, queue)
 
 
+def schema_problems(url: str | None = None):
+    """(broken targets, latest repairs): what the schema broke and what was repaired (core.health)."""
+    from .health import broken_targets, repairs
+
+    with session(url) as conn:
+        return broken_targets(conn), repairs(conn)
+
+
 def dead_letters(url: str | None = None, queue: str | None = None, limit: int = 50) -> list[dict]:
     with session(url) as conn:
         return pgmq.dead_letters(conn, queue, limit)

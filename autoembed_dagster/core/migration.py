@@ -115,6 +115,19 @@ class ModelSpec:
         return replace(base, model=self.model, dimensions=self.dimensions)
 
 
+def describe_change(old: ModelSpec | None, new: ModelSpec) -> str:
+    """Every part of what makes a vector that changed from `old` to `new` (model, dimensions,
+    content function), for promotion messages."""
+    if old is None:
+        return f"{new.identity_key} of {new.content_function}"
+    parts = []
+    if old.identity_key != new.identity_key:
+        parts.append(f"model {old.identity_key} -> {new.identity_key}")
+    if old.content_function != new.content_function:
+        parts.append(f"content function {old.content_function} -> {new.content_function}")
+    return ", ".join(parts) or f"{new.key} (unchanged)"
+
+
 # -- the migration record ------------------------------------------------------------------------
 _COLUMNS = ("id", "schema_name", "table_name", "embedding_column", "shadow_column", "old_column",
             "key_column", "queue", "content_function", "old_content_function", "provider", "model",
@@ -158,7 +171,7 @@ class Migration:
     @property
     def live_key(self) -> TargetKey:
         """The column search uses, with the input of the vectors it holds now."""
-        fn = self.content_function if self.status == "promoted" else self.old_content_function
+        fn = self.content_function if self.status in ("promoted", "finished") else self.old_content_function
         return TargetKey(self.schema_name, self.table_name, fn, self.embedding_column, self.key_column)
 
     @property
@@ -221,6 +234,9 @@ class Coverage:
     rows: int
     embeddable: int  # rows whose input is not NULL/blank
     current: int  # embeddable rows holding the vector of their current input under the model
+    # Rows whose content function raises (not counted embeddable: they cannot be), and one error.
+    unreadable: int = 0
+    unreadable_error: str | None = None
 
     @property
     def missing(self) -> int:
@@ -237,32 +253,40 @@ class Coverage:
 
 def coverage(conn: psycopg.Connection, target: Target, model_key: str,
              shard: int | None = None, shards: int | None = None) -> Coverage:
-    """How many rows (of one shard, or all) hold `model_key`'s vector of their current input."""
-    query = sql.SQL(
-        """
-        select count(*), count(*) filter (where x.embeddable),
-               count(*) filter (where x.embeddable and x.has_vector and s.model = %(model)s
-                                and s.content_hash = x.h)
-        from (select r.k, r.has_vector, autoembed.content_hash(r.input) as h,
-                     r.input is not null and btrim(r.input) <> '' as embeddable
-              from (select t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
-                    from {table} t
-                    where %(shards)s::integer is null
-                       or autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s) r) x
-        -- A primary-key probe per row: with stale statistics on embedding_state (it grows fast
-        -- during a backfill) a plain join became a nested loop over every state row.
-        left join lateral (
-            select s.model, s.content_hash from autoembed.embedding_state s
-            where s.schema_name = %(schema)s and s.table_name = %(table)s
-              and s.embedding_column = %(column)s and s.row_id = x.k
-            limit 1) s on true
-        """
-    ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql, table=target.table_sql)
-    rows, embeddable, current = conn.execute(query, {
+    """How many rows (of one shard, or all) hold `model_key`'s vector of their current input. Rows
+    whose content function raises are counted apart (drain.badrows.scan_isolating)."""
+    from .drain.badrows import input_lateral, scan_isolating
+
+    def query(safe: bool) -> sql.Composable:
+        return sql.SQL(
+            """
+            select count(*), count(*) filter (where x.embeddable),
+                   count(*) filter (where x.embeddable and x.has_vector and s.model = %(model)s
+                                    and s.content_hash = x.h),
+                   count(*) filter (where x.error is not null),
+                   min('key ' || x.k || ': ' || x.error)
+            from (select r.k, r.has_vector, autoembed.content_hash(r.input) as h, r.error,
+                         r.input is not null and btrim(r.input) <> '' as embeddable
+                  from (select t.{key}::text as k, i.input, i.error, t.{col} is not null as has_vector
+                        from {table} t {lateral}
+                        where %(shards)s::integer is null
+                           or autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s) r) x
+            -- A primary-key probe per row: with stale statistics on embedding_state (it grows fast
+            -- during a backfill) a plain join became a nested loop over every state row.
+            left join lateral (
+                select s.model, s.content_hash from autoembed.embedding_state s
+                where s.schema_name = %(schema)s and s.table_name = %(table)s
+                  and s.embedding_column = %(column)s and s.row_id = x.k
+                limit 1) s on true
+            """
+        ).format(key=target.key_sql, col=target.column_sql, table=target.table_sql,
+                 lateral=input_lateral(conn, target.function_sql, "t", safe))
+
+    rows, embeddable, current, unreadable, error = scan_isolating(conn, query, {
         "model": model_key, "shards": shards, "shard": shard, "schema": target.key.schema,
         "table": target.key.table, "column": target.key.embedding_column,
-    }).fetchone()
-    return Coverage(rows, embeddable, current)
+    })
+    return Coverage(rows, embeddable, current, unreadable, error)
 
 
 def column_models(conn: psycopg.Connection, schema: str, table: str, column: str) -> list[tuple[str, int]]:

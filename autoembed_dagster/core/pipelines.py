@@ -48,6 +48,10 @@ class Pipeline:
     # `<schema>.<table>_chunks` instead of one vector per row; None = a vector column target.
     chunk_tokens: int | None = None
     chunk_overlap: int = 0
+    # How a re-embed calls the provider: "direct" (/v1/embeddings) or "batch" (its Batch API, half
+    # price, within 24 h; core/batch_backfill.py); what a batch leaves undone: "resubmit" or "direct".
+    backfill_via: str = "direct"
+    backfill_fallback: str = "resubmit"
     discovered: bool = False  # registered in the database, declared in no defs.yaml
 
     @property
@@ -85,13 +89,16 @@ class Pipeline:
         )
 
 
-def split_table(name: str, value: str) -> tuple[str, str]:
-    parts = value.split(".")
-    if len(parts) == 1 and parts[0]:
-        return "public", parts[0]
-    if len(parts) == 2 and all(parts):
-        return parts[0], parts[1]
-    raise ConfigError(f"pipeline {name!r}: table {value!r} must be 'table' or 'schema.table'")
+def split_table(name: str, value: str, default_schema: str = "public") -> tuple[str, str]:
+    """(schema, table) of a table named as in SQL (core.targets.parse_qualified: `name`,
+    `schema.name`, quoted parts taken exactly)."""
+    from .targets import parse_qualified
+
+    try:
+        schema, table = parse_qualified(value if isinstance(value, str) else "")
+    except ValueError as exc:
+        raise ConfigError(f"pipeline {name!r}: {exc}; write 'table' or 'schema.table'") from None
+    return schema or default_schema, table
 
 
 def make_pipeline(name: str, *, table: str, **fields) -> Pipeline:
@@ -114,6 +121,11 @@ def make_pipeline(name: str, *, table: str, **fields) -> Pipeline:
     if overlap and (fields.get("chunk_tokens") is None or overlap >= fields["chunk_tokens"]):
         raise ConfigError(f"pipeline {name!r}: chunk_overlap = {overlap!r} needs chunk_tokens greater than it "
                           f"(chunk_tokens = {fields.get('chunk_tokens')!r})")
+    if fields.get("backfill_via", "direct") not in ("direct", "batch"):
+        raise ConfigError(f"pipeline {name!r}: backfill via {fields['backfill_via']!r} must be `direct` or `batch`")
+    if fields.get("backfill_fallback", "resubmit") not in ("resubmit", "direct"):
+        raise ConfigError(f"pipeline {name!r}: backfill fallback {fields['backfill_fallback']!r} must be `resubmit` "
+                          "or `direct`")
     schema, table_name = split_table(name, table)
     return Pipeline(name=name, schema=schema, table=table_name, **fields)
 

@@ -21,6 +21,7 @@ from dagster._core.execution.backfill import PartitionBackfill
 from dagster._core.utils import make_new_backfill_id
 from pydantic import Field
 
+from ..core import backfill_control
 from ..core import migration as mig
 from ..core.backfill import (ShardResult, backfill_shard, estimated_shard_cost, live_key, migration_action,
                              pipeline_spec, plan, shard_keys)
@@ -29,7 +30,7 @@ from ..core.drain import ProviderConfigError, pipeline_resolver
 from ..core.migration import Coverage, ModelSpec, coverage
 from ..core.pipelines import Pipeline
 from ..core.targets import TargetChanged, TargetError, resolve
-from . import chunk_backfill
+from . import batch_backfill, chunk_backfill
 from .assets import GROUP, embeddings_key, model_version, source_key
 from .resources import AutoembedResource
 
@@ -176,13 +177,30 @@ def fail_without_retry(context: dg.AssetExecutionContext | dg.OpExecutionContext
     raise dg.Failure(f"{what}: {exc}", allow_retries=False) from exc
 
 
+def stop_shard_run(context: dg.AssetExecutionContext, p: Pipeline, why: str, metadata: dict | None = None):
+    """A shard run that a pause or the pipeline's window stops (before it starts, or part-way) ends
+    as a failure without retry, not a success: its partition is not materialized (the rows it wrote
+    stay; the next run of it continues where it stopped)."""
+    context.instance.add_run_tags(context.run_id, NO_RUN_RETRY)
+    raise dg.Failure(f"partition {context.partition_key} of {p.name} not finished: {why}; then launch the backfill "
+                     "again: its shards continue where they stopped",
+                     metadata={**(metadata or {}), "stopped_early": why}, allow_retries=False)
+
+
 def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource, p: Pipeline):
+    with autoembed.connect() as conn:
+        held = backfill_control.hold(conn, p.name)
+    if held is not None:  # before anything is planned: no migration, no shadow column
+        stop_shard_run(context, p, held.message)
     keys = context.partition_key.keys_by_dimension
     spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
     promote_on = config.promote if config.promote is not None else (
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
     if p.chunked:
         yield from chunk_backfill.reembed_chunk_shard(context, spec, shard, promote_on, autoembed, p)
+        return
+    if p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects (defs/batch_backfill.py)
+        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK, promote_on)
         return
     with autoembed.connect() as conn:
         shard_plan = plan(conn, p, spec)
@@ -202,6 +220,8 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
         result = backfill_shard(conn, p, spec, shard, p.shards, shard_plan=shard_plan, batch_rows=config.batch_rows,
                                 max_rows=config.max_rows, on_batch=on_batch)
         context.log.info(f"shard {shard}: {result.stats.summary()}")
+        if result.stats.stopped:
+            stop_shard_run(context, p, result.stats.stopped, _shard_metadata(result, spec, None, False))
         migration_cov, promoted = None, False
         m = result.plan.migration
         if result.plan.mode == "migration" and m is not None:
@@ -210,7 +230,8 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
                 promotion = mig.promote(conn, m)
                 promoted = not promotion.already
                 if promoted:
-                    context.log.info(f"migration {m.id} complete: {m.embedding_column} now holds {m.model_key} "
+                    context.log.info(f"migration {m.id} complete: {m.embedding_column} now holds "
+                                     f"{mig.describe_change(m.old_spec, m.spec)} "
                                      f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
     cov = result.coverage
     yield dg.MaterializeResult(
@@ -287,6 +308,10 @@ def start_reembed(context, autoembed: AutoembedResource, p: Pipeline, shards: li
     """Start (or resume) the re-embed of `p` with its configured model: the migration when the table
     holds another model, then a Dagster backfill of one run per shard. Its metadata."""
     with autoembed.connect() as conn:
+        held = backfill_control.hold(conn, p.name)
+        if held is not None:  # refused before a migration or a shadow column exists
+            raise dg.Failure(f"{held.message} (nothing launched)", allow_retries=False,
+                             metadata={"pipeline": p.name, "backfill": held.state})
         try:
             if p.chunked:  # documents into the chunk table (or its shadow): defs/chunk_backfill.py
                 spec, mode, reason, todo = chunk_backfill.launch_plan(conn, p)
@@ -499,5 +524,7 @@ def build_model_change_defs(pipelines: Sequence[Pipeline]) -> dg.Definitions:
     """`backfill`, `model_migration` and the model-partitions sensor, over every pipeline."""
     if not pipelines:
         return dg.Definitions()
-    return dg.Definitions(jobs=[build_backfill_job(pipelines), build_migration_job(pipelines)],
-                          sensors=[build_model_partitions_sensor(pipelines)])
+    return dg.Definitions.merge(
+        dg.Definitions(jobs=[build_backfill_job(pipelines), build_migration_job(pipelines)],
+                       sensors=[build_model_partitions_sensor(pipelines)]),
+        batch_backfill.build_batch_defs(list(pipelines)))

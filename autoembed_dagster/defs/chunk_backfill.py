@@ -48,7 +48,7 @@ def needs_backfill(conn: psycopg.Connection, p: Pipeline) -> str | None:
 
 def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shard: int, promote_on: bool,
                         autoembed: AutoembedResource, p: Pipeline):
-    from .backfill import CHECK, PROGRESS_EVERY_SECONDS
+    from .backfill import CHECK, PROGRESS_EVERY_SECONDS, stop_shard_run
 
     with autoembed.connect() as conn:
         live, configured, embedder, splitter = pipeline_embedder(conn, p)
@@ -71,6 +71,8 @@ def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shar
         stats = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, shard, p.shards, pipeline=p.name,
                                      on_page=on_page)
         context.log.info(f"shard {shard}: {stats.summary()}")
+        if stats.stopped:
+            stop_shard_run(context, p, stats.stopped, {"documents_written": stats.written, "shard": shard})
         written = chunk_target_of(bp.write_to)
         mine = chunks.document_counts(conn, written, embedder.identity.key, splitter.key, shard=shard,
                                       shards=p.shards).coverage
@@ -78,7 +80,8 @@ def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shar
         promoted = bp.mode == "shadow" and whole.complete and promote_on
         if promoted:
             old = chunks.promote(conn, chunk_target_of(live), written, embedder.identity.key, splitter.key)
-            context.log.info(f"model change complete: {live.chunk_table} now holds {spec.key} (old chunks kept in "
+            context.log.info(f"model change complete: {live.chunk_table} now holds {spec.identity_key} of "
+                             f"{spec.content_function} (old chunks kept in "
                              f"{old} until the model_migration job's drop_old)")
     yield dg.MaterializeResult(
         metadata={
