@@ -3,6 +3,9 @@
 Same table, same rows, three set-ups: no trigger; Supabase's guide (util.queue_embeddings AFTER
 row triggers); the project's own triggers (autoembed.enroll: BEFORE row clear + AFTER statement
 triggers with transition tables, one pgmq.send_batch per statement, one message per 200 rows).
+The single-row kinds add `enroll_send`: the same triggers on a queue created after `db init`, whose
+one message per statement goes through pgmq.send (format() + EXECUTE) instead of the static INSERT
+autoembed.send_one makes for the default queue (sql/017): the before/after of that change in one run.
 Bulk = one INSERT ... SELECT
 of N rows; single-row = N autocommit INSERTs of one row each (each commit waits for the disk);
 single_cpu = the same N one-row INSERT statements in one DO loop, rolled back (no commits): the
@@ -48,18 +51,24 @@ def setup(conn, variant: str) -> str:
         conn.execute(SUPABASE_TRIGGERS.format(t=t))
     elif variant == "enroll":
         conn.execute(f"select autoembed.enroll('{t}', '{t}_input', 'embedding', enqueue_backlog => false)")
+    elif variant == "enroll_send":  # its own queue, created after db init: its sends go through pgmq.send
+        conn.execute(f"select autoembed.enroll('{t}', '{t}_input', 'embedding', 'id', '{SEND_QUEUE}', false)")
     return t
 
 
-def queued_rows(conn) -> int:
-    return pgmq.status(conn, "embedding_jobs")[0].rows
+SEND_QUEUE = "send_path"  # enroll_send's queue: the single-row baseline through pgmq.send (sql/017)
+
+
+def queued_rows(conn, queue: str = "embedding_jobs") -> int:
+    return pgmq.status(conn, queue)[0].rows
 
 
 def reset(conn, table: str) -> None:
     conn.execute(f"truncate {table}")
-    conn.execute("select pgmq.purge_queue('embedding_jobs')")
+    queue = SEND_QUEUE if table.endswith("_enroll_send") else "embedding_jobs"
+    conn.execute("select pgmq.purge_queue(%s)", (queue,))
     conn.execute(f"vacuum analyze {table}")
-    conn.execute("vacuum pgmq.q_embedding_jobs")
+    conn.execute(f"vacuum pgmq.q_{queue}")
     conn.execute("checkpoint")
 
 
@@ -145,11 +154,12 @@ def single_cpu(conn, table: str, n: int) -> float:
             conn.execute(f"do $$ begin for i in 1..{int(n)} loop "
                          f"insert into {table} (id, title, body) values (i, 'title ' || i, 'row ' || i || ' lorem ipsum'); "
                          "end loop; end $$")
-        queued = queued_rows(conn)
+        queue = SEND_QUEUE if table.endswith("_enroll_send") else "embedding_jobs"
+        queued = queued_rows(conn, queue)
     expected = 0 if table.endswith("_plain") else n
     assert queued == expected, f"{table}: {queued} jobs queued, expected {expected}"
     conn.execute(f"vacuum {table}")
-    conn.execute("vacuum pgmq.q_embedding_jobs")
+    conn.execute(f"vacuum pgmq.q_{queue}")
     return t.seconds
 
 
@@ -195,24 +205,28 @@ def main(argv: list[str] | None = None) -> dict:
         url = fresh_db(server)
         with connect(url) as conn:
             tables = {v: setup(conn, v) for v in ("plain", "supabase", "enroll")}
+            # single-row kinds only: the same trigger whose one message goes through pgmq.send
+            # (format() + EXECUTE) instead of autoembed.send_one's static INSERT (sql/017)
+            single_tables = {**tables, "enroll_send": setup(conn, "enroll_send")}
             kinds = set(args.kinds.split(","))
             for kind, fn, n in (("bulk", bulk, args.bulk), ("bulk_gapped", bulk_gapped, args.bulk),
                                 ("single", single, args.single), ("single_cpu", single_cpu, args.single)):
                 if kind not in kinds:
                     continue
-                times: dict[str, list[float]] = {v: [] for v in tables}
+                variants = single_tables if kind.startswith("single") else tables
+                times: dict[str, list[float]] = {v: [] for v in variants}
                 if kind == "single_cpu":  # (its rounds roll back: the tables stay empty)
-                    for table in tables.values():
+                    for table in variants.values():
                         reset(conn, table)
                 for _ in range(args.repeat):
                     if kind == "single":
-                        for variant, secs in single_interleaved(conn, tables, n).items():
+                        for variant, secs in single_interleaved(conn, variants, n).items():
                             times[variant].append(secs)
                         queued = queued_rows(conn)
                         assert queued == 2 * n, f"{queued} jobs queued, expected {2 * n}"
                         continue
                     if kind == "single_cpu":
-                        for variant, table in tables.items():
+                        for variant, table in variants.items():
                             times[variant].append(single_cpu(conn, table, n))
                         continue
                     for variant, table in tables.items():  # interleaved: drift hits all alike
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                         assert queued == expected, f"{variant}: {queued} jobs queued, expected {expected}"
                 report(results, times, kind, n)
                 if kind == "single_cpu":
-                    for variant in ("supabase", "enroll"):
+                    for variant in ("supabase", "enroll", "enroll_send"):
                         extra = [(t - p) / n * 1e6 for t, p in zip(times[variant], times["plain"])]
                         results[variant]["single_cpu_us"] = statistics.median(extra)
                         line(f"single_cpu    {variant}: trigger time per statement",
@@ -278,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
                 line("bulk   one message per row, no trigger (reference)", f"{results['floor']['bulk']:.2f}x")
     target = {"bulk": 1.3, "single": 1.5, "update_change": 2.0, "update_resave": 2.0}
     # Supabase's row trigger (one pgmq.send per row) is a peer on bulk statements, not a target.
+    for variant in ("enroll", "enroll_send"):
+        if "single" in results.get(variant, {}):
+            line(f"single {variant}: ratio to plain per round (median)", f"{results[variant]['single']:.2f}x")
     for variant, kind in (("enroll", "bulk"), ("enroll", "single"), ("supabase", "single"),
                           ("enroll", "update_change"), ("enroll", "update_resave")):
         if kind not in results.get(variant, {}):

@@ -287,8 +287,9 @@ as $$
 $$;
 
 -- Send job messages to a queue and wake the drains (LISTEN autoembed). Sends nothing for no
--- messages (send_batch raises on an empty array). Always through pgmq's own functions: one message
--- with pgmq.send (about half the cost of send_batch of one), more with one send_batch. A queue
+-- messages (send_batch raises on an empty array). One message with autoembed.send_one (a static
+-- INSERT into the queue's table where db init verified its layout, else pgmq.send: sql/017), more
+-- with one pgmq.send_batch. A queue
 -- dropped under us (pgmq.drop_queue, its table dropped) is re-created first and the repair recorded
 -- (autoembed.restore_queue, sql/015): the writer's statement goes on and its jobs are kept. (A
 -- catalog lookup, not an exception block: a subtransaction per statement would cost more, and
@@ -305,7 +306,7 @@ begin
         perform autoembed.restore_queue(queue);
     end if;
     if cardinality(messages) = 1 then
-        perform pgmq.send(queue, messages[1]);
+        perform autoembed.send_one(queue, messages[1]);  -- a static INSERT where it can (sql/017)
     else
         perform pgmq.send_batch(queue, messages);
     end if;
