@@ -37,7 +37,7 @@ from .core.migrations import init_db
 from .core.pipelines import Pipeline
 from .packaged import checkout, packaged
 from .processes import Children as Started
-from .processes import stop_on_signals
+from .processes import AlreadyRunning, hold_the_database, stop_on_signals
 
 DAGSTER_DATABASE = "dagster"  # Dagster's storage, on the data's server; AUTOEMBED_DAGSTER_DATABASE overrides
 DEMO_SCHEMA = "autoembed_demo"
@@ -229,8 +229,10 @@ def run_dagster_dev(port: int = 3000, workspace: str | None = None, keep_db: boo
     embedded = not settings.database_url
     was_running = embedded and embedded_running(settings)
     started = Started()
+    held = None
     try:
         env = {**os.environ, **dagster_env(settings)}
+        held = hold_the_database(env["AUTOEMBED_DATABASE_URL"], f"dev port {port}")
         if workspace is None:
             project = dg_project_root()
             target = (["-w", str(project / "workspace.yaml")] if (project / "workspace.yaml").is_file()
@@ -251,6 +253,8 @@ def run_dagster_dev(port: int = 3000, workspace: str | None = None, keep_db: boo
         left = started.stop(timeout=30)
         if left:
             say(f"still running after SIGKILL: pid {', '.join(map(str, left))}")
+        if held is not None:
+            held.close()
         if embedded and not was_running and not keep_db and embedded_running(settings):
             stop_embedded(settings)
             say("embedded Postgres stopped (it was started by this command; --keep-db leaves it running)")
@@ -438,6 +442,12 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
         url = as_url(database_url(settings))  # key=value conninfo too
     with connect(url) as conn:
         init_db(conn)
+    try:
+        held = hold_the_database(url, f"demo port {port}")  # before the demo's tables are re-created
+    except AlreadyRunning:
+        if embedded and not was_running and not keep_db:
+            stop_embedded(settings)
+        raise
     where = f"embedded, data in {embedded_pgdata(settings)}" if embedded else "AUTOEMBED_DATABASE_URL"
     say(f"Postgres ready ({where}); `autoembed db init` done in {time.monotonic() - t0:.1f} s")
 
@@ -518,6 +528,7 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
         left = started.stop()
         if left:
             say(f"still running after SIGKILL: pid {', '.join(map(str, left))}")
+        held.close()
         try:
             n = fail_orphaned_drain_runs(dagster_home, dagster_env_only)
             if n:

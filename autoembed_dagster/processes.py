@@ -19,6 +19,12 @@ from pathlib import Path
 
 import psutil
 
+from .core.config import ConfigError
+
+# One `autoembed dev` / `demo` per database: a session advisory lock on the data database, held by
+# a connection that lives as long as the command (released by Postgres when the process dies).
+_LOCK = (0x61757465, 0x6D626564)  # 'aute', 'mbed'
+
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
@@ -121,3 +127,31 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)  # the session this module created for the child (pgid == its pid)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+class AlreadyRunning(ConfigError):
+    """Another `autoembed dev` / `demo` runs Dagster on this database."""
+
+
+def hold_the_database(url: str, what: str):
+    """Take the database for this command (`what`, e.g. "dev port 3000"): a connection holding a
+    session advisory lock, named after this process (close it at exit). Raises AlreadyRunning
+    naming the process that holds it: a second copy of the same project would run a second daemon
+    on the same tables and Dagster storage."""
+    import psycopg
+
+    conn = psycopg.connect(url, autocommit=True, application_name=f"autoembed {what} pid {os.getpid()}"[:63])
+    if conn.execute("select pg_try_advisory_lock(%s, %s)", _LOCK).fetchone()[0]:
+        return conn
+    holder = conn.execute(
+        """select a.application_name, a.pid, a.backend_start from pg_locks l join pg_stat_activity a using (pid)
+           where l.locktype = 'advisory' and l.classid = %s::oid and l.objid = %s::oid and l.granted
+             and l.database = (select oid from pg_database where datname = current_database())""",
+        tuple(k & 0xFFFFFFFF for k in _LOCK)).fetchone()
+    conn.close()
+    who = f"`{holder[0]}` (since {holder[2]:%Y-%m-%d %H:%M:%S %Z})" if holder else "another autoembed command"
+    raise AlreadyRunning(
+        f"{who} already runs Dagster on this database: a second one would run a second daemon on the same "
+        "tables and Dagster storage. Use the one running (its UI), or stop it first (`kill <its pid>`); "
+        "another project gets a database of its own with its own .autoembed folder (AUTOEMBED_HOME) "
+        "or AUTOEMBED_DATABASE_URL")

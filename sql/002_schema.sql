@@ -67,6 +67,17 @@ alter table autoembed.targets add column if not exists chunk_overlap integer;
 alter table autoembed.targets alter column embedding_attnum drop not null;
 create unique index if not exists targets_chunk_table on autoembed.targets (chunk_table) where chunk_table is not null;
 
+-- Chunk tables (sql/011): whose chunk table each is (the parent by oid) and its key column (by
+-- attnum), so renames are followed. Written by autoembed.register_chunk_table (sql/015) only;
+-- readable by all (oids and attnums: search reads it).
+create table if not exists autoembed.chunk_tables (
+    chunk_table oid      primary key,
+    parent      oid      not null,
+    key_attnum  smallint not null
+);
+revoke all on autoembed.chunk_tables from public;
+grant select on autoembed.chunk_tables to public;
+
 -- Supabase's queue name, so a database that ran Supabase's guide keeps its queue.
 do $$
 begin

@@ -187,7 +187,16 @@ select t.id,
        t.origin,
        ch.relname::text as chunk_table,  -- chunk targets (sql/012): current name, NULL if dropped
        t.chunk_tokens,
-       t.chunk_overlap
+       t.chunk_overlap,
+       -- The content function with its table owner's rights (sql/005 install_input_function): what
+       -- every reader of a target's input calls; NULL unless it is there, SECURITY DEFINER, owned by
+       -- the table's owner, taking a row of the table and calling the registered content function
+       -- (run autoembed db init).
+       (select format('autoembed.%I', w.proname) from pg_proc w
+         where w.pronamespace = 'autoembed'::regnamespace and w.proname = format('input_%s', t.id)
+           and w.prosecdef and w.proowner = c.relowner and w.pronargs = 1 and w.proargtypes[0] = 'anyelement'::regtype
+           and format('autoembed.content_fn=%s', t.content_fn) = any(w.proconfig)
+           and p.oid is not null) as input_function
 from autoembed.targets t
 join pg_class c on c.oid = t.relid
 join pg_namespace n on n.oid = c.relnamespace

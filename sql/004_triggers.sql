@@ -552,11 +552,11 @@ $$;
 
 -- AFTER DELETE and AFTER UPDATE (WHEN the key changed) row triggers, enabled REPLICA, of a chunk
 -- target: the chunks of a row that replication deleted go with it, and follow a replicated key
--- change. The chunk tables' foreign key does that for local writes (ON DELETE / ON UPDATE
--- CASCADE), but foreign key actions are triggers enabled ORIGIN: the apply worker does not fire
--- them. Every chunk table of the row (the live one, a model change's shadow and retired table:
--- each table with a cascading foreign key to the table's key and a chunk table's own columns).
--- Runs as the writer (the apply worker runs as the table's owner, who owns its chunk tables).
+-- change. Triggers of the parent do that for local writes (sql/015 install_chunk_follow_triggers:
+-- a statement trigger for DELETE, which the apply worker never fires). Every chunk table of the
+-- row (the live one, a model change's shadow and retired table: autoembed.chunk_tables_of; they
+-- hang on no foreign key). Runs as the writer (the apply worker runs as the table's owner, who
+-- owns its chunk tables).
 create or replace function autoembed.cascade_replicated_chunks()
 returns trigger
 language plpgsql
@@ -565,21 +565,17 @@ as $$
 declare
     chunk record;
 begin
+    -- The table's chunk tables (sql/015 chunk_tables_of: they hang on no foreign key), each by its
+    -- key column, which has the parent's key column's name.
     for chunk in
-        select k.conrelid::regclass as tbl, a.attname::text as col, pa.attname::text as parent_col
-          from pg_constraint k
-          join pg_attribute a on a.attrelid = k.conrelid and a.attnum = k.conkey[1]
-          join pg_attribute pa on pa.attrelid = k.confrelid and pa.attnum = k.confkey[1]
-         where k.contype = 'f' and k.confrelid = TG_RELID and cardinality(k.conkey) = 1
-           and (case when TG_OP = 'DELETE' then k.confdeltype else k.confupdtype end) = 'c'
-           and (select count(*) from pg_attribute c where c.attrelid = k.conrelid and not c.attisdropped
-                  and c.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4
+        select t.tbl, (select p.key_column from autoembed.chunk_parent(t.tbl) p) as col
+          from autoembed.chunk_tables_of(TG_RELID) t(tbl)
     loop
         if TG_OP = 'DELETE' then
-            execute format('delete from %s c where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.parent_col) using OLD;
+            execute format('delete from %s c where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.col) using OLD;
         else
-            execute format('update %s c set %I = ($2).%I where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.parent_col,
-                           chunk.col, chunk.parent_col) using OLD, NEW;
+            execute format('update %s c set %I = ($2).%I where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.col,
+                           chunk.col, chunk.col) using OLD, NEW;
         end if;
     end loop;
     return null;

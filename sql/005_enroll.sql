@@ -109,6 +109,100 @@ begin
 end;
 $$;
 
+-- The content function of target `target_id` with its table owner's rights: the generated function
+-- autoembed.input_<id>(row) (SECURITY DEFINER, owned by the table's owner, search_path pinned)
+-- that returns the content function's text of a row (declared anyelement and checked, so that it
+-- does not depend on the table's row type: DROP TABLE goes on as before). The drain, backfills, status, checks and
+-- search call it instead of the content function itself (target_catalog.input_function), so a
+-- content function never runs with the rights of whoever reads the input (the drain is a superuser
+-- on the zero-config default). It refuses to run
+--   * as anyone but the table's owner (the owner may ALTER its own function, e.g. to SECURITY
+--     INVOKER with SET role: every check is schema-qualified, operators included);
+--   * for a role that may not read the table (autoembed.caller_role: the session's role);
+-- and runs the content function in a subtransaction it rolls back (keeping the text): whatever the
+-- function changed (a session setting such as search_path, a write) is undone before the caller's
+-- next statement. Its setting autoembed.content_fn records the content function it calls
+-- (target_catalog.input_function checks it). Made at registration, after a promotion swapped the
+-- targets' functions, at `db init` for older targets (sql/014) and after an
+-- ALTER TABLE of the table (an owner change: autoembed.follow_renames). Internal (the registration
+-- functions call it); it needs a superuser as the project's owner (to give the function to the
+-- table's owner). Returns the function's name.
+create or replace function autoembed.install_input_function(target_id bigint)
+returns text
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t record;
+    name text := format('input_%s', target_id);
+    refusal text;
+begin
+    select r.relid, c.reltype::regtype::text as rowtype, c.reltype::oid as reltype, pg_get_userbyid(c.relowner)::text as owner,
+           r.content_fn::regproc::text as fn, r.content_fn::oid::text as content_fn
+      into t
+      from autoembed.targets r
+      join pg_class c on c.oid = r.relid
+      join pg_proc p on p.oid = r.content_fn
+     where r.id = target_id;
+    if not found then
+        return null;
+    end if;
+    refusal := format('autoembed: autoembed.%s runs the content function %s as %s, the owner of %s, only (by SECURITY DEFINER): run autoembed db init to re-create it',
+                      name, t.fn, quote_ident(t.owner), t.relid::regclass);
+    execute format($f$
+        create or replace function autoembed.%1$I(rec anyelement)
+        returns text
+        language plpgsql
+        stable
+        security definer
+        set search_path = pg_catalog, pg_temp
+        set autoembed.content_fn = %8$L
+        as $b$
+        declare
+            result text;
+        begin
+            if current_user operator(pg_catalog.<>) %3$L::pg_catalog.name
+               or (pg_catalog.current_setting('role') operator(pg_catalog.=) %3$L
+                   and session_user operator(pg_catalog.<>) %3$L::pg_catalog.name) then
+                raise exception using message = %4$L, errcode = 'insufficient_privilege';
+            end if;
+            if pg_catalog.pg_typeof(rec)::pg_catalog.oid operator(pg_catalog.<>) %10$s::pg_catalog.oid then
+                raise exception using message = pg_catalog.format('autoembed: %%s takes a row of %%s, not %%s', %9$L,
+                                                                   %6$L, pg_catalog.pg_typeof(rec)),
+                                      errcode = 'datatype_mismatch';
+            end if;
+            if not pg_catalog.has_table_privilege(autoembed.caller_role(), %5$s::pg_catalog.oid, 'SELECT') then
+                raise exception using message = pg_catalog.format('autoembed: role %%s may not read %%s: it cannot read its content',
+                                                                   autoembed.caller_role(), %6$L),
+                                      errcode = 'insufficient_privilege';
+            end if;
+            begin
+                result := %7$s(rec)::text;
+                raise sqlstate 'AEIN0';  -- undo whatever the content function changed; keep its text
+            exception when sqlstate 'AEIN0' then
+                null;
+            end;
+            return result;
+        end
+        $b$
+    $f$, name, t.rowtype, t.owner, refusal, t.relid::oid, t.relid::regclass::text, t.fn, t.content_fn,
+       format('autoembed.%I', name), t.reltype);
+    begin
+        perform set_config('autoembed.installing_input', 'on', true);  -- (not followed: sql/008)
+        execute format('alter function autoembed.%I(anyelement) owner to %I', name, t.owner);
+        perform set_config('autoembed.installing_input', '', true);
+    exception when insufficient_privilege then
+        raise exception 'autoembed: cannot give autoembed.%(%) to %, the owner of %: %', name, t.rowtype,
+            quote_ident(t.owner), t.relid::regclass, sqlerrm
+            using errcode = 'insufficient_privilege',
+                  hint = 'run autoembed db init (and enrol) as a superuser: content functions run with their table owner''s rights through a function that role owns';
+    end;
+    return format('autoembed.%I', name);
+end;
+$$;
+revoke execute on function autoembed.install_input_function(bigint) from public;
+
 -- Register (or update) the target (tbl, embedding_column) in autoembed.targets; returns its id.
 -- SECURITY DEFINER: the registry is writable by nobody else. Who may register:
 --   origin 'enroll' / 'migration': a role that owns the table (or a superuser);
@@ -181,6 +275,7 @@ begin
             embedding_column = excluded.embedding_column, content_function = excluded.content_function,
             content_fn = excluded.content_fn, queue = excluded.queue, origin = excluded.origin, updated_at = now()
     returning t.id into result;
+    perform autoembed.install_input_function(result);
     return result;
 end;
 $$;
@@ -244,11 +339,12 @@ begin
                 else r.embedding_attnum = (select a.attnum from pg_attribute a where a.attrelid = tbl
                                            and a.attname = embedding_column and not a.attisdropped) end);
     get diagnostics gone = row_count;
-    -- Generated clear functions of targets that are gone (their triggers go with them).
-    for name in select p.proname from pg_proc p
-                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^clear_target_[0-9]+$'
-                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 14)::bigint) loop
-        execute format('drop function autoembed.%I() cascade', name);
+    -- Generated clear and input functions of targets that are gone (their triggers go with them).
+    for name in select p.oid::regprocedure::text from pg_proc p
+                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^(clear_target|input)_[0-9]+$'
+                  and not exists (select 1 from autoembed.targets r
+                                  where r.id = substring(p.proname from '[0-9]+$')::bigint) loop
+        execute format('drop function %s cascade', name);
     end loop;
     for name in select p.oid::regprocedure::text from pg_proc p
                 where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^input_changed_[0-9]+$'
@@ -290,6 +386,8 @@ begin
         set embedding_attnum = b.embedding_attnum, embedding_column = column_b, content_function = b.content_function,
             content_fn = b.content_fn, updated_at = now()
         where id = a.id;
+    perform autoembed.install_input_function(a.id);
+    perform autoembed.install_input_function(b.id);
 end;
 $$;
 
@@ -384,8 +482,9 @@ $$;
 --   autoembed_replica_update     AFTER UPDATE, WHEN a column target's vector is NULL now (the
 --                                ALWAYS-enabled clear trigger cleared it, or it had none), WHEN a
 --                                chunk target's input changed: the row's job;
---   autoembed_replica_keep       (column targets) BEFORE UPDATE, WHEN the input did not change but a
---                                vector came with the row: keeps this database's own vector;
+--   autoembed_replica_keep       (column targets) BEFORE UPDATE, WHEN a vector came with the row
+--                                and the input did not change (autoembed_clear, ALWAYS, cleared it
+--                                otherwise): keeps this database's own vector (or none);
 --   autoembed_replica_delete     (chunk targets) AFTER DELETE: the row's chunks go (a column
 --                                target's state goes by install_forget_triggers' autoembed_forget_row);
 --   autoembed_replica_rekey      (chunk targets) AFTER UPDATE, WHEN the key changed: the chunks follow.
@@ -437,15 +536,16 @@ begin
         raise exception 'autoembed: % is not a target with a key column and an embedding column or a chunk table', target_id
             using errcode = 'undefined_object';
     end if;
-    -- Whether the input changed, compared in the writer's context by the target's generated
-    -- function (a content function that raises counts as a change; sql/004), as local writes do.
-    changed := autoembed.install_changed_function(target_id)::oid::regproc;
+
     for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         execute format('drop trigger %I on %s', name, tbl);
     end loop;
     execute format('create trigger autoembed_replica_insert after insert on %s for each row '
                    'execute function autoembed.queue_replicated_row(%L)', tbl, target_id);
     if chunked then
+        -- Whether the input changed, compared in the writer's context by the target's generated
+        -- function (a content function that raises counts as a change; sql/004), as local writes do.
+        changed := autoembed.install_changed_function(target_id)::oid::regproc;
         execute format('create trigger autoembed_replica_update after update on %1$s for each row '
                        'when (%2$s(old, new)) execute function autoembed.queue_replicated_row(%3$L)',
                        tbl, changed, target_id);
@@ -457,13 +557,16 @@ begin
     else
         execute format('create trigger autoembed_replica_update after update on %s for each row '
                        'when (new.%I is null) execute function autoembed.queue_replicated_row(%L)', tbl, col, target_id);
-        -- (new <> old for vectors, with pgvector's own operator named by its schema: the pinned
-        -- search_path of a definer re-creating the triggers does not find it.)
+        -- A vector that came with the row and is not ours. It runs after autoembed_clear (BEFORE
+        -- triggers fire in name order, and a WHEN clause sees what the triggers before it made of
+        -- the row): when the input changed, the clear trigger has already set it NULL, so what
+        -- remains to keep is a vector for unchanged input. (pgvector's = named by its schema: the
+        -- pinned search_path of a definer re-creating the triggers does not find it.)
         execute format('create trigger autoembed_replica_keep before update on %1$s for each row '
-                       'when (((new.%2$I is null) <> (old.%2$I is null) or not coalesce(new.%2$I operator(%3$s.=) old.%2$I, true)) '
-                       'and not %4$s(old, new)) execute function autoembed.keep_replicated_vector(%5$L)',
+                       'when (new.%2$I is not null and (old.%2$I is null or not (new.%2$I operator(%3$s.=) old.%2$I))) '
+                       'execute function autoembed.keep_replicated_vector(%4$L)',
                        tbl, col, (select e.extnamespace::regnamespace::text from pg_extension e where e.extname = 'vector'),
-                       changed, target_id);
+                       target_id);
     end if;
     for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         perform autoembed.set_trigger_mode(tbl, name, 'replica');

@@ -62,6 +62,29 @@ begin
     -- A column target's generated clear function names its column; a chunk target's row trigger and
     -- chunk tables name its key column.
     -- Both name the content function too (a renamed one: ALTER FUNCTION).
+    -- Every target of an altered table or content function gets its input function again (an owner
+    -- change gives it to the new owner; a renamed content function is called by its new name),
+    -- and so does a target whose input function someone altered (its owner may: say, to SECURITY
+    -- INVOKER): sql/005 install_input_function, whose own ALTER FUNCTION is not followed.
+    if current_setting('autoembed.installing_input', true) = 'on' then
+        return;
+    end if;
+    for target_id in
+        select distinct r.id from pg_event_trigger_ddl_commands() d
+        join autoembed.targets r on (d.classid = 'pg_class'::regclass and r.relid = d.objid)
+                                 or (d.classid = 'pg_proc'::regclass and r.content_fn = d.objid)
+                                 or (d.classid = 'pg_proc'::regclass and exists (
+                                         select 1 from pg_proc w where w.oid = d.objid
+                                            and w.pronamespace = 'autoembed'::regnamespace
+                                            and w.proname = format('input_%s', r.id)))
+    loop
+        begin
+            perform autoembed.install_input_function(target_id);
+        exception when others then
+            raise warning 'autoembed: could not re-create the input function of target %: %; run autoembed db init',
+                target_id, sqlerrm;
+        end;
+    end loop;
     for target_id, chunked in
         select distinct r.id, r.chunk_table is not null from pg_event_trigger_ddl_commands() d
         join autoembed.targets r on (d.classid = 'pg_class'::regclass and r.relid = d.objid)

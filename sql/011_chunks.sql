@@ -1,7 +1,7 @@
 -- Chunk tables: long documents embedded as chunks (core/chunks.py plans and writes them).
 --
--- <schema>.<table>_chunks holds, per parent row, its chunk set: the parent's key (foreign key,
--- on delete cascade), chunk_index, the exact chunk text that was embedded, its vector, the chunk's
+-- <schema>.<table>_chunks holds, per parent row, its chunk set: the parent's key (no foreign key:
+-- autoembed.chunk_tables and the parent's triggers keep it with the rows, sql/015), chunk_index, the exact chunk text that was embedded, its vector, the chunk's
 -- hash, and what the set was made from (source_hash = the parent's content hash, model, splitter).
 -- A document's chunk set is replaced whole in one transaction, so every row of a set carries the
 -- same source_hash/model/splitter: "current" = they match the parent's input and the pipeline.
@@ -91,7 +91,7 @@ begin
     if existing is null then
         execute format(
             'create table %1$I.%2$I (
-                 %3$I %4$s not null references %5$s (%3$I) on delete cascade on update cascade,
+                 %3$I %4$s not null,
                  chunk_index integer not null check (chunk_index >= 0),
                  chunk text not null,
                  embedding %6$s(%7$s) not null,
@@ -101,6 +101,11 @@ begin
                  splitter text not null,
                  primary key (%3$I, chunk_index))',
             nsp, name, key_column, key_type, tbl, vector_type, dimensions);
+        -- No foreign key (it refused the application's TRUNCATE of the parent and its key changes):
+        -- the registry says whose chunk table it is, and triggers on the parent keep the chunks
+        -- with its rows (sql/015 install_chunk_follow_triggers).
+        perform autoembed.register_chunk_table(format('%I.%I', nsp, name)::regclass, tbl, key_column);
+        perform autoembed.install_chunk_follow_triggers(tbl, key_column);
         -- Reuse looks vectors up by chunk hash across the whole table.
         -- (Unnamed: Postgres picks a free name, so a promoted shadow's index never collides.)
         execute format('create index on %I.%I (chunk_hash)', nsp, name);
@@ -119,20 +124,33 @@ begin
             quote_ident(key_column), key_type, vector_type, dimensions;
     end if;
     perform autoembed.ensure_chunk_vector_index(existing);  -- a table made before chunk tables had one
+    if (select p.parent from autoembed.chunk_parent(existing) p) is null then
+        perform autoembed.register_chunk_table(existing, tbl, key_column);
+        perform autoembed.install_chunk_follow_triggers(tbl, key_column);
+    end if;
     return existing;
 end;
 $$;
 
--- The parent table and key column a chunk table hangs on (its foreign key).
+-- Which table's chunk table a table is, and the name of its key column: autoembed.chunk_tables
+-- (sql/015), or for a chunk table made before it, its foreign key.
 create or replace function autoembed.chunk_parent(chunk_table regclass, out parent regclass, out key_column text)
 language sql
 stable
 as $$
-    select k.confrelid::regclass, a.attname::text
-    from pg_constraint k
-    join pg_attribute a on a.attrelid = k.conrelid and a.attnum = k.conkey[1]
-    where k.conrelid = chunk_table and k.contype = 'f' and cardinality(k.conkey) = 1
-    order by k.oid
+    select x.parent, x.key_column from (
+        select ct.parent::regclass as parent, a.attname::text as key_column, 0 as pick
+        from autoembed.chunk_tables ct
+        join pg_class p on p.oid = ct.parent
+        join pg_attribute a on a.attrelid = ct.chunk_table and a.attnum = ct.key_attnum and not a.attisdropped
+        where ct.chunk_table = chunk_parent.chunk_table
+        union all
+        select k.confrelid::regclass, a.attname::text, 1
+        from pg_constraint k
+        join pg_attribute a on a.attrelid = k.conrelid and a.attnum = k.conkey[1]
+        where k.conrelid = chunk_parent.chunk_table and k.contype = 'f' and cardinality(k.conkey) = 1
+    ) x
+    order by x.pick
     limit 1
 $$;
 
@@ -175,7 +193,7 @@ begin
     end if;
     select * into p from autoembed.chunk_parent(chunk_table);
     if p.parent is null then
-        raise exception '% is not a chunk table (no foreign key to a parent table)', chunk_table;
+        raise exception '% is not a chunk table (not in autoembed.chunk_tables, no foreign key to a parent table)', chunk_table;
     end if;
     select format_type(a.atttypid, a.atttypmod) into vtype from pg_attribute a
      where a.attrelid = chunk_table and a.attname = 'embedding' and not a.attisdropped;

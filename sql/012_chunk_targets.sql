@@ -10,8 +10,8 @@
 --   autoembed_enqueue_update  AFTER UPDATE row, WHEN the input changed (compared in the writer's
 --                             context, the content function bound by oid): that row.
 -- No clearing trigger: a stale chunk set stays until the drain swaps the new one in whole, and
--- search_chunks(content_function => ...) skips it meanwhile. Deleted rows lose their chunks by the
--- chunk table's foreign key (on delete cascade).
+-- search_chunks(content_function => ...) skips it meanwhile. Deleted rows lose their chunks, a
+-- changed key moves them and a TRUNCATE truncates them: the parent's triggers (sql/015).
 
 -- Register (or update) the chunk target of `tbl` in autoembed.targets; returns its id. SECURITY
 -- DEFINER (the registry is writable by nobody else); the caller must own the table.
@@ -75,6 +75,7 @@ begin
             content_fn = excluded.content_fn, queue = excluded.queue, chunk_tokens = excluded.chunk_tokens,
             chunk_overlap = excluded.chunk_overlap, updated_at = now()
     returning t.id into result;
+    perform autoembed.install_input_function(result);
     return result;
 end;
 $$;
@@ -306,12 +307,12 @@ begin
         'create trigger autoembed_enqueue_update after update on %s '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
     perform autoembed.install_replica_triggers(target_id);  -- rows arriving by logical replication (sql/005)
+    perform autoembed.install_chunk_follow_triggers(tbl, key_column);  -- the chunks go with the rows (sql/015)
 end;
 $$;
 
 -- After the parent's key column was renamed: the chunk tables of target `target_id` (the live one, a
--- model change's shadow and retired table: every table with a foreign key to the parent's key and
--- the chunk table's own columns) rename their key column the same way, since the drain and search
+-- model change's shadow and retired table: autoembed.chunk_tables_of) rename their key column the same way, since the drain and search
 -- name both by one name. Called by autoembed.follow_renames (sql/008).
 create or replace function autoembed.follow_chunk_key_column(target_id bigint)
 returns void
@@ -328,12 +329,8 @@ begin
       join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
      where r.id = target_id and r.chunk_table is not null;
     for chunk in
-        select k.conrelid::regclass as tbl, a.attname::text as col
-          from pg_constraint k
-          join pg_attribute a on a.attrelid = k.conrelid and a.attnum = k.conkey[1]
-         where k.contype = 'f' and k.confrelid = parent and cardinality(k.conkey) = 1
-           and (select count(*) from pg_attribute c where c.attrelid = k.conrelid and not c.attisdropped
-                  and c.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4
+        select t.tbl, (select p.key_column from autoembed.chunk_parent(t.tbl) p) as col
+          from autoembed.chunk_tables_of(parent::regclass) t(tbl)
     loop
         if chunk.col <> key_name then
             execute format('alter table %s rename column %I to %I', chunk.tbl, chunk.col, key_name);

@@ -164,7 +164,8 @@ begin
       into c
       from autoembed.targets r
       join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
-     where r.id = target_id;
+     where r.id = target_id
+       and autoembed.key_type_ok(ka.atttypid);  -- (converted to text here: never by the owner's own cast)
     if not found then
         return 0;
     end if;
@@ -233,6 +234,7 @@ begin
         begin
             perform autoembed.check_content_function(t.relid, fn);
             update autoembed.targets set content_fn = fn, updated_at = now() where id = t.id;
+            perform autoembed.install_input_function(t.id);
             perform autoembed.reinstall_target_triggers(t.id);
             perform autoembed.requeue_rows(t.id);
             insert into autoembed.repairs (target_id, what) values (t.id, format(
@@ -262,8 +264,10 @@ declare
 begin
     for d in select o.objid, o.address_names from pg_event_trigger_dropped_objects() o
              where o.classid = 'pg_class'::regclass and o.objsubid = 0 and o.object_type = 'table' loop
+        delete from autoembed.chunk_tables ct where ct.chunk_table = d.objid or ct.parent = d.objid;
         for gone in delete from autoembed.targets r where r.relid = d.objid returning r.id loop
             execute format('drop function if exists autoembed.%I()', format('clear_target_%s', gone));
+            execute format('drop function if exists autoembed.%I(anyelement)', format('input_%s', gone));
         end loop;
         delete from autoembed.embedding_state s
          where s.schema_name = d.address_names[1] and s.table_name = d.address_names[2];
@@ -316,6 +320,54 @@ begin
 end;
 $$;
 
+-- The triggers enrolment gives target `target_id`'s table (those a write needs to stay current).
+-- SECURITY DEFINER: autoembed.broken_targets calls it for the drain's and the dashboard's roles,
+-- which may not read the registry; it returns trigger names only.
+create or replace function autoembed.expected_triggers(target_id bigint)
+returns text[]
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select case when r.chunk_table is not null
+                then array['autoembed_enqueue_insert', 'autoembed_chunk_changed', 'autoembed_enqueue_update',
+                           'autoembed_chunks_delete', 'autoembed_chunks_key', 'autoembed_chunks_truncate']
+                when r.origin = 'enroll' then array['autoembed_clear', 'autoembed_enqueue_insert', 'autoembed_enqueue_update']
+                else array[]::text[] end
+    from autoembed.targets r where r.id = target_id
+$$;
+
+-- Enrolled targets whose triggers were dropped (a trigger, or an object of ours they called, dropped
+-- with CASCADE): re-created from the registry, and recorded. Run at the start of every drain (not
+-- by an event trigger: enrolment itself drops and re-creates them). Returns the targets repaired.
+create or replace function autoembed.restore_target_triggers()
+returns integer
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t record;
+    restored integer := 0;
+begin
+    for t in select distinct b.target_id, b.detail from autoembed.broken_targets b where b.problem = 'triggers missing'
+              order by 1 loop
+        begin
+            perform autoembed.reinstall_target_triggers(t.target_id);
+            insert into autoembed.repairs (target_id, what) values (t.target_id, 'target ' || t.target_id || ': '
+                || replace(t.detail, 'the next drain re-creates them when its role owns the table; else enroll the table again',
+                           're-created'));
+            restored := restored + 1;
+        exception when others then
+            raise warning 'autoembed: could not re-create the triggers of target %: %', t.target_id, sqlerrm;
+        end;
+    end loop;
+    return restored;
+end;
+$$;
+revoke execute on function autoembed.restore_target_triggers() from public;
+
 -- Registered targets that cannot be kept current as they stand, one row per problem, with what to
 -- do. `autoembed status`, the Dagster checks and the drain read it; a target named here is never
 -- reported clean.
@@ -343,20 +395,149 @@ cross join lateral (values
             c.oid::regclass, coalesce((select quote_ident(a.attname) from pg_attribute a
                                        where a.attrelid = t.relid and a.attnum = t.key_attnum and not a.attisdropped),
                                       t.key_column))),
-    (case when t.origin = 'enroll'
-               and not exists (select 1 from pg_trigger tr where tr.tgrelid = t.relid and tr.tgname = 'autoembed_enqueue_insert')
+    (case when t.origin = 'enroll' and exists (select 1 from pg_proc p where p.oid = t.content_fn)
+               and exists (select 1 from unnest(autoembed.expected_triggers(t.id)) e(name)
+                           where not exists (select 1 from pg_trigger tr where tr.tgrelid = t.relid and tr.tgname = e.name))
           then 'triggers missing' end,
-     format('the enqueue triggers of %s were dropped: enroll the table again', c.oid::regclass)),
+     format('triggers of %s were dropped (%s): the next drain re-creates them when its role owns the table; else enroll the table again',
+            c.oid::regclass, array_to_string(array(
+                select e.name from unnest(autoembed.expected_triggers(t.id)) e(name)
+                where not exists (select 1 from pg_trigger tr where tr.tgrelid = t.relid and tr.tgname = e.name)), ', '))),
     (case when to_regclass('pgmq.' || quote_ident('q_' || lower(t.queue))) is null then 'queue dropped' end,
      format('queue %s is gone: the next write or drain re-creates it', quote_literal(t.queue)))
 ) b(problem, detail)
 where b.problem is not null;
 revoke all on autoembed.broken_targets from public;
 
--- A chunk table follows its parent's key: a key changed by the application moves the document's
--- chunk set with it (ON UPDATE CASCADE; before, the foreign key refused the application's UPDATE).
--- Chunk tables made before get the rule here (a chunk-shaped table whose single-column foreign key
--- references a registered table).
+-- A chunk table goes with its parent's rows and follows its key. It used to hang on the parent by a
+-- foreign key (ON DELETE CASCADE), which refused the application's TRUNCATE of the parent ("cannot
+-- truncate a table referenced in a foreign key constraint": checked before any trigger fires, and
+-- whether or not the key is NOT ENFORCED once the parent has triggers) and its key changes (no ON
+-- UPDATE). Now autoembed.chunk_tables says whose chunk table it is, and three triggers on the parent
+-- do what the foreign key did and more: an AFTER DELETE statement trigger deletes the gone rows'
+-- chunks, an AFTER UPDATE row trigger (WHEN the key changed) moves a row's chunks to its new key,
+-- an AFTER TRUNCATE trigger truncates the chunk tables.
+
+-- Record `chunk` as the chunk table of `parent` (key column `key_column` of the chunk table). SECURITY
+-- DEFINER (the registry); the caller must own the parent, and the chunk table must be its owner's.
+create or replace function autoembed.register_chunk_table(chunk regclass, parent regclass, key_column text)
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    attnum smallint;
+begin
+    perform autoembed.require_owner(parent, 'register its chunk table');
+    if (select c.relowner from pg_class c where c.oid = chunk) <> (select c.relowner from pg_class c where c.oid = parent) then
+        raise exception 'autoembed: % is not owned by the owner of %', chunk, parent using errcode = 'insufficient_privilege';
+    end if;
+    select a.attnum into attnum from pg_attribute a
+     where a.attrelid = chunk and a.attname = key_column and a.attnum > 0 and not a.attisdropped;
+    if attnum is null then
+        raise exception 'autoembed: % has no column %', chunk, quote_ident(key_column) using errcode = 'undefined_column';
+    end if;
+    insert into autoembed.chunk_tables as ct (chunk_table, parent, key_attnum) values (chunk, parent, attnum)
+    on conflict (chunk_table) do update set parent = excluded.parent, key_attnum = excluded.key_attnum;
+end;
+$$;
+
+-- The chunk tables of `parent`: the live one, a model change's shadow and retired one (registered in
+-- autoembed.chunk_tables, or made before it: a single-column foreign key to the parent), each of the
+-- parent's owner and with a chunk table's columns.
+create or replace function autoembed.chunk_tables_of(parent regclass)
+returns setof regclass
+language sql
+stable
+as $$
+    select x.chunk::regclass from (
+        select ct.chunk_table as chunk from autoembed.chunk_tables ct where ct.parent = chunk_tables_of.parent
+        union
+        select k.conrelid from pg_constraint k
+         where k.contype = 'f' and k.confrelid = chunk_tables_of.parent and cardinality(k.conkey) = 1
+    ) x
+    join pg_class ch on ch.oid = x.chunk
+    join pg_class pa on pa.oid = chunk_tables_of.parent
+    where ch.relowner = pa.relowner
+      and (select count(*) from pg_attribute c where c.attrelid = x.chunk and not c.attisdropped
+             and c.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4
+    order by x.chunk
+$$;
+
+-- The triggers that keep the chunk tables of `parent` (key column `key_column`) with its rows (see
+-- above), and their function: generated in the table's schema, owned by the table's owner and
+-- SECURITY DEFINER as that owner, so a writer who may delete, update or truncate the table needs no
+-- right on its chunk tables, and nothing runs with the project's rights. Called when a chunk table
+-- is made (create_chunk_table) and by install_chunk_triggers (enrolment, the key-rename event trigger).
+create or replace function autoembed.install_chunk_follow_triggers(parent regclass, key_column text)
+returns void
+language plpgsql
+as $$
+#variable_conflict use_variable
+declare
+    nsp text;
+    owner regrole;
+    fname text := format('autoembed_chunks_follow_%s', parent::oid);
+    fn regprocedure;
+    name text;
+begin
+    for name in select tr.tgname from pg_trigger tr
+                where tr.tgrelid = parent and tr.tgname in ('autoembed_chunks_delete', 'autoembed_chunks_key',
+                                                            'autoembed_chunks_truncate') loop
+        execute format('drop trigger %I on %s', name, parent);
+    end loop;
+    select n.nspname::text, c.relowner::regrole into nsp, owner
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = parent;
+    execute format($f$
+        create or replace function %1$I.%2$I() returns trigger
+        language plpgsql
+        security definer
+        set search_path = pg_catalog, pg_temp
+        as $b$
+        -- Generated by autoembed (install_chunk_follow_triggers): keeps the chunk tables of a table with its rows.
+        declare
+            chunks regclass;
+            k text;
+        begin
+            for chunks in select autoembed.chunk_tables_of(TG_RELID) loop
+                k := (select p.key_column from autoembed.chunk_parent(chunks) p);
+                if TG_OP = 'TRUNCATE' then
+                    execute format('truncate %%s', chunks);
+                elsif TG_OP = 'DELETE' then
+                    execute format('delete from %%s c using autoembed_old o where c.%%2$I = o.%%2$I', chunks, k);
+                else
+                    execute format('update %%s set %%2$I = ($2).%%2$I where %%2$I = ($1).%%2$I', chunks, k)
+                        using OLD, NEW;
+                end if;
+            end loop;
+            return null;
+        end;
+        $b$
+    $f$, nsp, fname);
+    fn := format('%I.%I()', nsp, fname)::regprocedure;
+    if (select p.proowner from pg_proc p where p.oid = fn) <> owner then
+        execute format('alter function %s owner to %s', fn, owner);
+    end if;
+    execute format('revoke all on function %s from public', fn);
+    execute format(
+        'create trigger autoembed_chunks_delete after delete on %s referencing old table as autoembed_old '
+        'for each statement execute function %s', parent, fn);
+    execute format(
+        'create trigger autoembed_chunks_key after update on %1$s for each row '
+        'when (old.%2$I is distinct from new.%2$I) execute function %3$s', parent, key_column, fn);
+    execute format('create trigger autoembed_chunks_truncate after truncate on %s for each statement execute function %s',
+                   parent, fn);
+    -- Logical replication's apply worker fires TRUNCATE triggers enabled ALWAYS; a replicated
+    -- DELETE or key change moves the chunks by the REPLICA row triggers of sql/005
+    -- (autoembed_replica_delete / _rekey).
+    perform autoembed.set_trigger_mode(parent, 'autoembed_chunks_truncate', 'always');
+end;
+$$;
+
+-- Chunk tables made before: registered, the parent's triggers installed, then the foreign key
+-- dropped (one step per chunk table: all or nothing).
 do $$
 declare
     k record;
@@ -366,16 +547,15 @@ begin
                from pg_constraint c
                join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
                join pg_attribute pa on pa.attrelid = c.confrelid and pa.attnum = c.confkey[1]
-              where c.contype = 'f' and cardinality(c.conkey) = 1 and c.confupdtype <> 'c'
-                and exists (select 1 from autoembed.targets r where r.relid = c.confrelid and r.chunk_table is not null)
-                and (select count(*) from pg_attribute x where x.attrelid = c.conrelid and not x.attisdropped
-                       and x.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4 loop
+              where c.contype = 'f' and cardinality(c.conkey) = 1
+                and c.conrelid in (select autoembed.chunk_tables_of(c.confrelid)) loop
         begin
-            execute format('alter table %s drop constraint %I, add constraint %I foreign key (%I) references %s (%I) '
-                           'on delete cascade on update cascade', k.chunks, k.conname, k.conname, k.col, k.parent,
-                           k.parent_col);
+            perform autoembed.register_chunk_table(k.chunks, k.parent, k.col);
+            perform autoembed.install_chunk_follow_triggers(k.parent, k.parent_col);
+            execute format('alter table %s drop constraint %I', k.chunks, k.conname);
         exception when others then
-            raise warning 'autoembed: could not let % follow key changes of %: %', k.chunks, k.parent, sqlerrm;
+            raise warning 'autoembed: could not let % follow the rows of % (TRUNCATE and key changes of it stay refused): %; enroll the table again',
+                k.chunks, k.parent, sqlerrm;
         end;
     end loop;
 end;

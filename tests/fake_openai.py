@@ -64,6 +64,7 @@ class FakeOpenAI:
         self.default_dims = default_dims
         self.batch_api = batch_api  # False: /v1/batches and /v1/files answer 404, like a server without them
         self._lock = threading.RLock()  # re-entrant: a batch completing runs _respond, which takes it too
+        self._corrupt_lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
         # Called (no arguments, in the handler's thread) after each embeddings request is recorded:
         # a test makes something happen "while the provider works" (e.g. a window closes).
@@ -175,7 +176,7 @@ class FakeOpenAI:
         otherwise good response, whatever request it is in."""
         if kind not in BAD_VECTOR_KINDS:
             raise ValueError(f"unknown bad vector kind {kind!r}; one of {BAD_VECTOR_KINDS}")
-        with self._lock:
+        with self._corrupt_lock:
             self._corrupt.append((substring, kind))
 
     def corrupt_next(self, kind: str, index: int) -> None:
@@ -183,7 +184,7 @@ class FakeOpenAI:
         the request has fewer inputs)."""
         if kind not in BAD_VECTOR_KINDS:
             raise ValueError(f"unknown bad vector kind {kind!r}; one of {BAD_VECTOR_KINDS}")
-        with self._lock:
+        with self._corrupt_lock:
             self._corrupt_next.append((kind, index))
 
     def delay(self, seconds: float) -> None:
@@ -304,7 +305,7 @@ class FakeOpenAI:
         elif bad == "nan":
             vecs[0] = vecs[0].copy()
             vecs[0][0] = np.nan
-        with self._lock:
+        with self._corrupt_lock:  # (not self._lock: a batch's lines are answered with it held)
             corrupt = list(self._corrupt)
             once = self._corrupt_next.pop(0) if self._corrupt_next else None
         for i, t in enumerate(inputs):

@@ -99,13 +99,16 @@ def test_enrol_registers_the_chunk_target_creates_the_table_and_queues_the_backl
     # Messages name the target by id (and the chunk table, for people reading the queue).
     message = conn.execute("select message from pgmq.q_embedding_jobs order by msg_id limit 1").fetchone()[0]
     assert message["target"] == target.registered and message["chunkTable"] == "notes_chunks"
-    # The chunk table hangs on the parent's key (cascade), no vector-clearing trigger on the parent.
-    # Local writes fire the first three; rows arriving by logical replication the REPLICA ones (R).
+    # The chunk table goes with the parent's rows (delete, key change, truncate: triggers of the
+    # parent, fired by local writes and replicated ones alike, no foreign key), no vector-clearing
+    # trigger on the parent. Local writes fire the enqueue triggers; rows arriving by logical
+    # replication the REPLICA ones (R).
     triggers = {r[0]: r[1] for r in conn.execute(
         "select tgname, tgenabled from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
     assert triggers == {"autoembed_enqueue_insert": "O", "autoembed_chunk_changed": "O", "autoembed_enqueue_update": "O",
                         "autoembed_replica_insert": "R", "autoembed_replica_update": "R", "autoembed_replica_delete": "R",
-                        "autoembed_replica_rekey": "R"}
+                        "autoembed_replica_rekey": "R",
+                        "autoembed_chunks_delete": "O", "autoembed_chunks_key": "O", "autoembed_chunks_truncate": "A"}
     # Idempotent: enrolling again queues only rows without a chunk set, keeps one registration.
     api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn)
     assert conn.execute("select count(*) from autoembed.targets where relid = 'notes'::regclass").fetchone()[0] == 1
@@ -127,9 +130,11 @@ def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
     api.enroll("notes", "note_text", chunk_tokens=100, url=conn.info.dsn)
     with pytest.raises(psycopg.errors.ObjectInUse, match="enrolled as a chunk target"):
         api.enroll("notes", "note_text", "embedding", url=conn.info.dsn)
-    conn.execute("select autoembed.unenroll('notes')")  # triggers and registration go
-    assert conn.execute("select count(*) from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal"
-                        ).fetchone()[0] == 0
+    conn.execute("select autoembed.unenroll('notes')")  # enqueue triggers and registration go
+    # (the chunk table stays, and so do the triggers that keep it with the table's rows)
+    assert {r[0] for r in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass"
+                                       " and not tgisinternal")} == {"autoembed_chunks_delete", "autoembed_chunks_key",
+                                                                     "autoembed_chunks_truncate"}
     assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
 
 
@@ -480,3 +485,49 @@ def test_a_change_to_a_column_the_content_function_does_not_read_queues_nothing(
     assert pgmq.status(conn, "embedding_jobs")[0].depth == 0
     conn.execute("update articles set views = 8, title = 'Two, retitled' where id = 2")  # one it reads: queued
     assert conn.execute("select message->>'id' from pgmq.q_embedding_jobs").fetchall() == [("2",)]
+
+
+def test_the_application_never_waits_for_the_write_of_a_chunk_set(articles, fake_openai, settings, db_url):
+    """The settle writes a document's new chunk set without holding its parent row: the
+    application's UPDATE of that row during the write goes through at once (lock_timeout 2 s, far
+    below the write, which a trigger on the chunk table holds until the test lets it go), and the
+    stale-write guard then keeps the set that was made from the old input out."""
+    import threading
+
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s)", (_doc(8, 1),))
+    assert drain(conn, settings).embedded == 1
+    old = chunk_rows(conn, 1)
+    conn.execute("update articles set body = %s where id = 1", (_doc(40, 2),))  # a long new input, queued
+    # A write that takes as long as the test wants: the chunk table's insert waits for lock 4242.
+    conn.execute("""
+        create function hold_chunk_write() returns trigger language plpgsql as $$
+        begin perform pg_advisory_lock_shared(4242); perform pg_advisory_unlock_shared(4242); return null; end $$;
+        create trigger hold after insert on articles_chunks for each statement execute function hold_chunk_write();
+    """)
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as app:
+        gate.execute("select pg_advisory_lock(4242)")
+        done: dict = {}
+        with psycopg.connect(db_url, autocommit=True) as drain_conn:
+            pid = drain_conn.info.backend_pid
+            worker = threading.Thread(target=lambda: done.setdefault("stats", Drainer(drain_conn, settings).drain_batch()))
+            worker.start()
+            try:
+                # Wait (on a condition) until the drain is inside the write: its insert waits for the gate.
+                for _ in range(600):
+                    if gate.execute("select exists (select 1 from pg_locks where pid = %s and locktype = 'advisory'"
+                                    " and not granted)", (pid,)).fetchone()[0]:
+                        break
+                    worker.join(0.1)
+                else:
+                    pytest.fail("the drain never reached the chunk write")
+                app.execute("set lock_timeout = '2s'")
+                app.execute("update articles set body = %s where id = 1", (_doc(6, 3),))  # does not wait
+            finally:
+                gate.execute("select pg_advisory_unlock(4242)")
+                worker.join(120)
+        assert done["stats"].embedded == 0  # the guard saw the input change: the set of the old input is out
+    assert chunk_rows(conn, 1) == old  # never the set of the input the application replaced meanwhile
+    conn.execute("drop trigger hold on articles_chunks")
+    assert drain(conn, settings).embedded == 1
+    assert_current(conn, 1)

@@ -189,37 +189,81 @@ def test_the_table_owner_enrols_its_own_table_without_rights_on_the_registry(con
     assert conn.execute("select origin from autoembed.target_catalog where schema_name = 'own'").fetchone()[0] == "enroll"
 
 
-DRAIN_GRANTS = """
-grant usage on schema autoembed, pgmq, public to {r};
-grant select, update, delete, insert on pgmq.meta, pgmq.q_embedding_jobs, pgmq.a_embedding_jobs to {r};
-grant usage, select, update on all sequences in schema pgmq to {r};
-grant select on autoembed.target_catalog, autoembed.model_migrations to {r};
-grant execute on function autoembed.adopt_state_cleanup() to {r};
-grant select, insert, update, delete on autoembed.embedding_state, autoembed.dead_letters,
-                                       autoembed.message_errors, autoembed.message_returns to {r};
-grant select, update (embedding) on public.notes to {r};
-grant temporary on database {db} to {r};
+def readme_grants() -> dict[str, str]:
+    """The SQL blocks of README "Roles and grants", by the role they grant to ("drain",
+    "dashboard"): the test runs them as written, so README and test cannot drift."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Roles and grants", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sql\n(.*?)```", section, re.S)
+    by_role = {}
+    for block in blocks:
+        role = re.search(r"\bto (\w+);", block).group(1)
+        by_role[role] = block
+    assert set(by_role) == {"drain", "dashboard"}, by_role.keys()
+    return by_role
+
+
+def as_written(block: str, role: str, name: str, db: str) -> str:
+    """The README's block for `role`, granting to `name` in database `db` (the only changes)."""
+    import re
+
+    return re.sub(rf"\bto {role}\b", f"to {name}", block).replace("database mydb", f"database {db}")
+
+
+README_TABLE = """
+create table documents (id bigint primary key, title text not null, content text not null, embedding halfvec(1536));
+create function embedding_input(doc documents) returns text language sql immutable
+    as $$ select '# ' || doc.title || E'\\n\\n' || doc.content $$;
+select autoembed.enroll('documents', 'embedding_input', 'embedding');
 """
 
 
-def test_the_drain_works_with_the_grants_the_readme_lists(conn, db_url, fake_openai, settings):
-    """README "Roles and grants": a login role with exactly these grants drains an enrolled table."""
+def test_the_drain_and_dashboard_roles_work_with_the_grants_the_readme_lists(conn, db_url, fake_openai, settings,
+                                                                            monkeypatch, capsys):
+    """README "Roles and grants", as written: login roles with exactly those grants drain an
+    enrolled table, run a backfill page, `autoembed status` and the Dagster checks (the drain's
+    role), and `autoembed status` (the dashboard role)."""
+    from autoembed_dagster import cli
+    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
     from autoembed_dagster.core.database import connect
-    from autoembed_dagster.core.drain import drain
+    from autoembed_dagster.core.drain import default_resolver, drain
+    from autoembed_dagster.core.pipelines import Pipeline
+    from autoembed_dagster.defs.checks import evaluate
 
-    role = f"drain_{conn.info.backend_pid}"
-    conn.execute(f"create role {role} login")
+    grants = readme_grants()
+    roles = {r: f"{r}_{conn.info.backend_pid}" for r in grants}
+    for name in roles.values():
+        conn.execute(f"create role {name} login")
     try:
-        enrolled_notes(conn)
-        conn.execute("insert into notes select g, 'note ' || g, 't' from generate_series(1, 30) g")
-        conn.execute(DRAIN_GRANTS.format(r=role, db=conn.info.dbname))
-        fake_openai.default_dims = 3
-        with connect(psycopg.conninfo.make_conninfo(db_url, user=role)) as drainer:
-            assert drainer.execute("select current_user").fetchone()[0] == role
+        conn.execute(README_TABLE)
+        conn.execute("insert into documents select g, 'title ' || g, 'content ' || g from generate_series(1, 20) g")
+        for role, block in grants.items():
+            conn.execute(as_written(block, role, roles[role], conn.info.dbname))
+        urls = {r: psycopg.conninfo.make_conninfo(db_url, user=name) for r, name in roles.items()}
+
+        with connect(urls["drain"]) as drainer:
+            assert drainer.execute("select current_user").fetchone()[0] == roles["drain"]
             stats = drain(drainer, settings)
-        assert (stats.embedded, stats.dead_lettered) == (30, 0), stats.summary()
-        assert conn.execute("select count(*) from notes where embedding is null").fetchone()[0] == 0
-        assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 30
+            assert (stats.embedded, stats.dead_lettered) == (20, 0), stats.summary()
+            conn.execute("insert into documents select g, 'title ' || g, 'content ' || g from generate_series(21, 25) g")
+            p = Pipeline(name="documents", schema="public", table="documents", shards=1)
+            page = backfill_shard(drainer, p, resolve_spec(drainer, p), 0, 1)
+            assert page.complete and page.stats.embedded == 5, page.stats.summary()
+            monkeypatch.setenv("AUTOEMBED_DATABASE_URL", urls["drain"])
+            outcomes = evaluate(drainer, p, default_resolver(url=urls["drain"]))
+            assert {o.name: o.passed for o in outcomes} == dict.fromkeys(
+                ("coverage", "staleness", "dead_letters", "dimensions"), True), outcomes
+        assert conn.execute("select count(*) from documents where embedding is null").fetchone()[0] == 0
+
+        for role in ("drain", "dashboard"):
+            monkeypatch.setenv("AUTOEMBED_DATABASE_URL", urls[role])
+            capsys.readouterr()
+            assert cli.main(["-v", "status"]) == 0
+            assert "embedding_jobs" in capsys.readouterr().out
     finally:
-        conn.execute(f"drop owned by {role} cascade")
-        conn.execute(f"drop role {role}")
+        for name in roles.values():
+            conn.execute(f"drop owned by {name} cascade")
+            conn.execute(f"drop role {name}")

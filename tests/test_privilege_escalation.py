@@ -206,3 +206,105 @@ def test_a_table_owner_cannot_run_a_cast_of_its_own_when_queueing_its_rows(conn,
         assert conn.execute(f"select {call}({target}, array[7::bigint])").fetchone()[0] == 1
     assert not is_superuser(conn, hostile)
     assert [m["id"] for m in messages(conn)] == [7]
+
+
+# -- table owners: the content function runs with the owner's rights, never the reader's ------------
+# A STABLE content function that calls a volatile function trying `alter role <owner> superuser`
+# (it works when the function runs as a superuser: the drain on the zero-config default) and
+# moving the session's search_path to the owner's schema; its text says whose rights it ran with.
+HOSTILE_INPUT = """
+create table {s}.notes (id bigint primary key, body text{column});
+create function {s}.grab() returns text language plpgsql volatile as $f$
+begin
+    begin
+        execute format('alter role %I superuser', '{s}');
+    exception when insufficient_privilege then
+        null;
+    end;
+    perform set_config('search_path', '{s}, pg_catalog', false);
+    return current_user;
+end $f$;
+create function {s}.note_input(n {s}.notes) returns text language sql stable
+    as $$ select case when n.body is not null then n.body || ' as ' || {s}.grab() end $$;
+"""
+
+
+def hostile_owner_table(conn, owner, *, chunks: bool) -> None:
+    """As `owner`: its table, the content function above, enrolment (a column target of
+    vector(3), or a chunk target) and two rows."""
+    with acting_as(conn, owner):
+        conn.execute(HOSTILE_INPUT.format(s=owner, column="" if chunks else ", embedding vector(3)"))
+        if chunks:
+            conn.execute(f"select autoembed.enroll_chunks('{owner}.notes', '{owner}.note_input', 64, 0)")
+        else:
+            conn.execute(f"select autoembed.enroll('{owner}.notes', '{owner}.note_input', 'embedding')")
+        conn.execute(f"insert into {owner}.notes values (1, 'one'), (2, 'two')")
+    conn.execute("reset search_path")
+
+
+def provider_inputs(fake_openai) -> list[str]:
+    return sorted(t for r in fake_openai.requests if r["status"] == 200 for t in r["inputs"])
+
+
+def search_path(conn) -> str:
+    return conn.execute("show search_path").fetchone()[0]
+
+
+def test_a_column_targets_content_function_runs_with_its_owners_rights_in_drain_status_and_search(
+        conn, db_url, hostile, fake_openai, settings):
+    from autoembed_dagster.core.drain import drain
+    from autoembed_dagster.core.health import table_health
+    from autoembed_dagster.core.targets import lookup_registered
+
+    fake_openai.default_dims = 3
+    hostile_owner_table(conn, hostile, chunks=False)
+    before = search_path(conn)
+    stats = drain(conn, settings)
+    assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()
+    assert not is_superuser(conn, hostile)
+    assert provider_inputs(fake_openai) == [f"one as {hostile}", f"two as {hostile}"]
+    assert search_path(conn) == before  # what the function changed was undone
+
+    target_id = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
+    health = table_health(conn, lookup_registered(conn, target_id=target_id)[0], "openai:text-embedding-3-small:3")
+    assert (health.rows, health.current) == (2, 2)
+    hits = api.search("one", table="notes", schema=hostile, content_function=f"{hostile}.note_input", k=2, url=db_url)
+    assert sorted(h.input for h in hits) == [f"one as {hostile}", f"two as {hostile}"]
+    assert not is_superuser(conn, hostile)
+    assert search_path(conn) == before
+
+
+def test_a_backfill_page_runs_the_content_function_with_its_owners_rights(conn, hostile, fake_openai, settings):
+    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
+    from autoembed_dagster.core.pipelines import Pipeline
+
+    fake_openai.default_dims = 3
+    hostile_owner_table(conn, hostile, chunks=False)
+    p = Pipeline(name="notes", schema=hostile, table="notes", content_function=f"{hostile}.note_input",
+                 dimensions=3, shards=1)
+    result = backfill_shard(conn, p, resolve_spec(conn, p), 0, 1)
+    assert result.complete and result.stats.embedded == 2, result.stats.summary()
+    assert not is_superuser(conn, hostile)
+    assert provider_inputs(fake_openai) == [f"one as {hostile}", f"two as {hostile}"]
+
+
+def test_a_chunk_targets_content_function_runs_with_its_owners_rights_in_drain_status_and_search(
+        conn, db_url, hostile, fake_openai, settings):
+    from autoembed_dagster.core.drain import drain
+
+    hostile_owner_table(conn, hostile, chunks=True)
+    before = search_path(conn)
+    stats = drain(conn, settings)
+    assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()
+    assert not is_superuser(conn, hostile)
+    assert provider_inputs(fake_openai) == [f"one as {hostile}", f"two as {hostile}"]
+    assert conn.execute(f"select array_agg(chunk order by id) from {hostile}.notes_chunks").fetchone()[0] == [
+        f"one as {hostile}", f"two as {hostile}"]
+
+    [(target, health)] = api.chunk_targets_health(url=db_url)
+    assert (health.rows, health.current) == (2, 2)
+    hits = api.search_chunks("one", table="notes", schema=hostile, content_function=f"{hostile}.note_input", k=2,
+                             url=db_url)
+    assert sorted(h.chunk for h in hits) == [f"one as {hostile}", f"two as {hostile}"]
+    assert not is_superuser(conn, hostile)
+    assert search_path(conn) == before

@@ -58,7 +58,8 @@ def workdir():
 @pytest.mark.parametrize("command", ["dev", "demo"])
 def test_sigterm_to_the_pid_stops_every_child_and_the_postgres_it_started(workdir, command):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOEMBED_", "OPENAI_", "DAGSTER_"))}
-    env.update(AUTOEMBED_HOME=str(workdir / "home"), PYTHONUNBUFFERED="1", PATH=f"{BIN}:{env['PATH']}")
+    env.update(AUTOEMBED_HOME=str(workdir / "home"), PYTHONUNBUFFERED="1", PATH=f"{BIN}:{env['PATH']}",
+               PYTHONPATH=str(ROOT))
     port = free_port()
     if command == "dev":
         cwd = workdir / "demo"
@@ -66,8 +67,8 @@ def test_sigterm_to_the_pid_stops_every_child_and_the_postgres_it_started(workdi
         argv = [str(BIN / "autoembed"), "dev", "--port", str(port)]
     else:
         cwd = workdir
-        argv = [str(BIN / "autoembed"), "demo", "--rows", "10", "--modules", "1", "--port", str(port),
-                "--dagster-home", str(workdir / "dagster_home")]
+        argv = [str(BIN / "autoembed"), "demo", "--rows", "10", "--modules", "1",
+                "--dagster-home", str(workdir / "dagster_home"), "--port", str(port)]
     log = open(workdir / "out.log", "wb")
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own group: the test signals the pid, never the group
@@ -87,6 +88,13 @@ def test_sigterm_to_the_pid_stops_every_child_and_the_postgres_it_started(workdi
         tree.append(psutil.Process(pg))
         names = " ".join(" ".join(p.cmdline()[:3]) for p in tree)
         assert "dagster" in names and "postgres" in names, names
+
+        # A second copy of the same project says what runs, and starts nothing.
+        second = subprocess.run([*argv[:-1], str(free_port())], cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 2, (second.stdout, second.stderr)
+        assert f"`autoembed {command} port {port} pid {proc.pid}`" in second.stderr, second.stderr
+        assert "already runs Dagster on this database" in second.stderr
 
         os.kill(proc.pid, signal.SIGTERM)  # the pid only
         proc.wait(timeout=180)

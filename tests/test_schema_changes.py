@@ -17,6 +17,18 @@ from .fake_openai import fake_vector
 DIMS = 1536
 
 
+@pytest.fixture
+def app_role(conn):
+    """A login-less application role (used through SET ROLE)."""
+    import secrets
+
+    name = f"app_{secrets.token_hex(4)}"
+    conn.execute(f"create role {name} nologin")
+    yield name
+    conn.execute("reset role")
+    conn.execute(f"drop owned by {name}; drop role {name}")
+
+
 def make_table(conn, shape: str) -> int:
     """`notes` (integer key, body), enrolled as a vector column or a chunk target; returns its target id."""
     conn.execute("""
@@ -190,18 +202,38 @@ def test_key_no_longer_unique_dead_letters_instead_of_copying_a_vector(conn, fak
     assert "key not unique" in api_status_text(conn)
 
 
-def test_chunk_target_key_change_moves_the_chunk_set(conn, fake_openai, settings):
+def test_chunk_target_chunks_follow_key_changes_deletes_and_truncate(conn, fake_openai, settings, app_role):
+    """The application changes a key, deletes rows and truncates the table of a chunk target, as a
+    role with rights on its own table only: the chunks go with the rows (before, the chunk table's
+    foreign key refused the key change and the TRUNCATE)."""
     make_table(conn, "chunk")
-    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    conn.execute(f"grant select, insert, update, delete, truncate on notes to {app_role}; "
+                 f"grant usage on schema autoembed to {app_role}")
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two'), (3, 'three')")
     drain(conn, settings)
-    # A chunk table made before (no ON UPDATE): `db init` gives it the rule.
-    [fk] = conn.execute("select conname from pg_constraint where conrelid = 'notes_chunks'::regclass and contype = 'f'").fetchone()
-    conn.execute(f"alter table notes_chunks drop constraint {fk}, add constraint {fk} foreign key (id) references notes (id) on delete cascade")
+    # A chunk table made before (hanging on a foreign key that cascades deletes): `db init` upgrades it.
+    conn.execute("delete from autoembed.chunk_tables; drop trigger autoembed_chunks_delete on notes; "
+                 "drop trigger autoembed_chunks_key on notes; drop trigger autoembed_chunks_truncate on notes; "
+                 "alter table notes_chunks add foreign key (id) references notes (id) on delete cascade")
     init_db(conn)
-    conn.execute("update notes set id = 10 where id = 1")  # refused by the foreign key before
-    assert sorted(vectors(conn, "chunk")) == [2, 10]
-    assert_current(conn, "chunk", [2, 10])
+    assert conn.execute("select count(*) from pg_constraint where conrelid = 'notes_chunks'::regclass"
+                        " and contype = 'f'").fetchone()[0] == 0
+
+    conn.execute(f"set role {app_role}")
+    conn.execute("update notes set id = 10 where id = 1")
+    conn.execute("delete from notes where id = 2")
+    conn.execute("reset role")
+    assert sorted(vectors(conn, "chunk")) == [3, 10]
+    assert_current(conn, "chunk", [3, 10])
     assert drain(conn, settings).dead_lettered == 0
+
+    conn.execute(f"set role {app_role}")
+    conn.execute("truncate notes")
+    conn.execute("reset role")
+    assert conn.execute("select count(*) from notes_chunks").fetchone()[0] == 0
+    conn.execute("insert into notes (id, body) values (1, 'again')")
+    drain(conn, settings)
+    assert_current(conn, "chunk", [1])
 
 
 @pytest.mark.parametrize("schema, table, column, key, function", [
@@ -330,3 +362,26 @@ def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_op
     conn.execute("drop table kept.memos cascade")
     assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 0
     assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("shape", ["column", "chunk"])
+def test_dropped_triggers_of_ours_are_recreated_by_the_drain(conn, fake_openai, settings, shape):
+    target = make_table(conn, shape)
+    if shape == "column":  # the clear trigger's generated function, dropped with CASCADE, and an enqueue trigger
+        conn.execute(f"drop function autoembed.clear_target_{target}() cascade; drop trigger autoembed_enqueue_insert on notes")
+    else:  # the function that keeps the chunk tables with the rows, with CASCADE: its three triggers go
+        fn = conn.execute("select p.oid::regprocedure::text from pg_proc p"
+                          " where p.proname = 'autoembed_chunks_follow_' || 'notes'::regclass::oid").fetchone()[0]
+        conn.execute(f"drop function {fn} cascade; drop trigger autoembed_enqueue_insert on notes")
+    [broken] = health.broken_targets(conn)
+    assert (broken.target, broken.problem) == (target, "triggers missing") and "autoembed_enqueue_insert" in broken.detail
+    drain(conn, settings)  # its start re-creates them
+    assert health.broken_targets(conn) == []
+    assert any("re-created" in r.what and r.target == target for r in health.repairs(conn))
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    conn.execute("update notes set body = 'uno' where id = 1")
+    drain(conn, settings)
+    assert_current(conn, shape, [1, 2])
+    if shape == "chunk":
+        conn.execute("truncate notes")
+        assert vectors(conn, shape) == {}

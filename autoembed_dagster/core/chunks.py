@@ -9,14 +9,17 @@ The drain (and the backfill) call three functions:
 
 A chunk whose exact text already has a vector under `model_key` anywhere in the chunk table is
 not embedded again (matched by hash, so shifted positions and repeated boilerplate cost nothing).
-`write` locks each parent row without waiting (a busy row is reported, never waited for), skips a
-document whose input changed since it was read (stale), and swaps the chunk set of the others
-with one DELETE and one INSERT in the caller's transaction: other transactions see the old set or
-the new one, never a mix.
+`write` swaps the chunk sets with one DELETE and one INSERT in the caller's transaction (other
+transactions see the old set or the new one, never a mix) without holding the parent rows' locks
+meanwhile; then the stale-write guard locks each parent row without waiting (a busy row is
+reported, never waited for) and keeps only the sets whose parent still has the input they were
+made from (a document whose input changed is stale). The application's UPDATE of a parent waits
+at most from the guard to the commit, never for the write (bench/bench_settle_wait.py).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
@@ -29,7 +32,7 @@ from .embedders.base import Embedder, ProviderConfigError
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
 from .drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
 from .migration import Coverage
-from .targets import TargetError, ambiguous_keys, check_identifier
+from .targets import TargetError, ambiguous_keys, check_identifier, input_function, require_input_function
 
 VECTOR_COLUMN = "embedding"
 
@@ -98,7 +101,7 @@ def resolve_chunk_target(conn: psycopg.Connection, schema: str, table: str, cont
         check_identifier(what, value)
     chunk_table = check_identifier("chunk table", chunk_table or f"{table}_chunks")
     row = conn.execute(
-        """select p.oid::regclass::text, autoembed.content_function(p.oid::regclass, %s)::oid::regproc::text,
+        """select p.oid::regclass::text, p.oid::oid, autoembed.content_function(p.oid::regclass, %s)::oid,
                   (select format_type(a.atttypid, a.atttypmod) from pg_attribute a
                     where a.attrelid = p.oid and a.attname = %s and a.attnum > 0 and not a.attisdropped),
                   c.oid::regclass::text, (select parent::text from autoembed.chunk_parent(c.oid)),
@@ -107,11 +110,15 @@ def resolve_chunk_target(conn: psycopg.Connection, schema: str, table: str, cont
                 (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c""",
         (content_function, key_column, schema, table, schema, chunk_table),
     ).fetchone()
-    parent, function, key_type, chunks, chunk_parent, chunk_key = row
+    parent, parent_oid, function_oid, key_type, chunks, chunk_parent, chunk_key = row
     if parent is None:
         raise TargetError(f"table {schema!r}.{table!r} does not exist")
-    if function is None:
+    if function_oid is None and re.fullmatch(r"autoembed\.input_[0-9]+", content_function):
+        # A target's own input function (e.g. ChunkTarget.function, for its shadow table).
+        function_oid = conn.execute("select to_regprocedure(%s)::oid", (f"{content_function}(anyelement)",)).fetchone()[0]
+    if function_oid is None:
         raise TargetError(f"content function {content_function!r} taking a row of {parent} does not exist")
+    function = require_input_function(input_function(conn, parent_oid, function_oid), parent, content_function)
     if key_type is None:
         raise TargetError(f"{parent} has no key column {key_column!r}")
     if chunks is None:
@@ -247,34 +254,113 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
         raise RuntimeError("chunks.write() must run inside a transaction (with conn.transaction(): ...)")
     fmt = dict(key=target.key_sql, fn=target.function_sql, parent=target.parent_sql, kt=target.key_type_sql,
                chunks=target.chunks_sql)
-    # Lock the parents in key order (no deadlock between writers); a row locked by someone else is
-    # skipped, not waited for: the application's writes never queue behind a drain.
+    # The application never waits for the write of a chunk set, however large: the new sets are
+    # written (old rows deleted, new ones inserted with their vector index entries: seconds for
+    # thousands of chunks) holding only KEY SHARE on the parent rows (an UPDATE of other columns
+    # does not wait for it; a DELETE, a key change or SELECT FOR UPDATE does), inside a savepoint; then the
+    # stale-write guard takes the parents' row locks (key order, SKIP LOCKED: never waiting for
+    # the application) and checks that each parent's input is still the one the set was made from.
+    # A parent that changed or is held by another transaction meanwhile undoes the savepoint: the
+    # others are written again without it (at most WRITE_ROUNDS rounds, then the rest waits for the
+    # next claim, busy). From the guard to the settle's commit, the application's UPDATE of such a
+    # row waits: a few statements, never the write itself. One drain writes a document at a time
+    # (a transaction-level advisory lock per chunk table and key; the application never takes it).
     rows = conn.execute(sql.SQL(
         """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
-           where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update skip locked""").format(**fmt),
+           where t.{key} = any(%s::text[]::{kt}[])""").format(**fmt),
         (keys,), prepare=False).fetchall()
     stats.ambiguous = ambiguous_keys(k for k, _ in rows)  # the key lost its uniqueness: write nothing for them
-    locked = {k: h for k, h in rows if k not in stats.ambiguous}
-    unlocked = [k for k in keys if k not in locked and k not in stats.ambiguous]
-    if unlocked:
-        present = {k for (k,) in conn.execute(sql.SQL(
-            "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[])").format(**fmt),
-            (unlocked,), prepare=False).fetchall()}
-        stats.busy = [k for k in unlocked if k in present]
-        stats.gone = [k for k in unlocked if k not in present]
+    now = {k: h for k, h in rows if k not in stats.ambiguous}
+    stats.gone = [k for k in keys if k not in now and k not in stats.ambiguous]
+    candidates = [k for k in keys if k in now]
+    mine = {k for (k,) in conn.execute(
+        "select k from unnest(%s::text[]) k where pg_try_advisory_xact_lock(hashtextextended(%s || k, 0))",
+        (candidates, f"autoembed.chunks:{regclass_of(target)}:"), prepare=False).fetchall()}
+    stats.busy = [k for k in candidates if k not in mine]  # another drain writes it now
     fresh: list[str] = []
-    for k in keys:
-        if k not in locked:
+    for k in candidates:
+        if k not in mine:
             continue
         doc = plan.documents[k]
-        if locked[k] != doc.input_hash:
+        if now[k] != doc.input_hash:
             stats.stale.append(k)
         elif any(c.hash not in plan.reused and vectors_by_hash.get(c.hash) is None for c in doc.chunks):
             stats.missing.append(k)
         else:
             fresh.append(k)
-    if not fresh:
+    for _ in range(WRITE_ROUNDS):
+        if not fresh:
+            break
+        late_busy: list[str] = []
+        late_stale: list[str] = []
+        round_keys = list(fresh)
+        with conn.transaction():  # a savepoint: undone when the guard finds a parent changed or held
+            fresh, written_rows, embedded = _write_sets(conn, target, plan, vectors_by_hash, model_key, fresh,
+                                                        stats, fmt)
+            locked = _guard_locks(conn, fresh, fmt)
+            late_busy = [k for k in fresh if k not in locked]
+            late_stale = [k for k in fresh if k in locked and locked[k] != plan.documents[k].input_hash]
+            if late_busy or late_stale:
+                stats.missing = [k for k in stats.missing if k not in round_keys]  # found again next round
+                stats.gone = [k for k in stats.gone if k not in round_keys]
+                stats.busy = [k for k in stats.busy if k not in round_keys]
+                raise psycopg.Rollback()
+        if late_busy or late_stale:
+            stats.busy.extend(late_busy)
+            stats.stale.extend(late_stale)
+            fresh = [k for k in fresh if k not in late_busy and k not in late_stale]
+            continue
+        fresh_hashes = {h for h, _ in embedded}
+        stats.chunks_embedded = sum(1 for k in fresh for c in plan.documents[k].chunks if c.hash in fresh_hashes)
+        stats.chunks_reused = written_rows - stats.chunks_embedded
+        stats.written = fresh
         return stats
+    stats.busy.extend(fresh)  # (still changing after WRITE_ROUNDS rounds: the next claim)
+    return stats
+
+
+WRITE_ROUNDS = 3
+GUARD_WAIT = "100ms"  # how long the guard waits for a parent row an application's statement holds
+
+
+def _guard_locks(conn: psycopg.Connection, keys: list[str], fmt: dict) -> dict[str, bytes]:
+    """The stale-write guard's locks: key -> current content hash of the parents it locked. It
+    waits at most GUARD_WAIT for a row an application's statement holds (a one-row UPDATE commits
+    in milliseconds; the drain, not the application, waits); a row held longer is left out (busy)."""
+    prior = conn.execute("select current_setting('lock_timeout')").fetchone()[0]
+    conn.execute("select set_config('lock_timeout', %s, true)", (GUARD_WAIT,))
+    try:
+        with conn.transaction():
+            return dict(conn.execute(sql.SQL(
+                """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
+                   where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update""").format(**fmt),
+                (keys,), prepare=False).fetchall())
+    except psycopg.errors.LockNotAvailable:
+        return {}
+    finally:
+        conn.execute("select set_config('lock_timeout', %s, true)", (prior,))
+
+
+def _write_sets(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
+                vectors_by_hash: Mapping[bytes, np.ndarray | None], model_key: str, fresh: list[str],
+                stats: WriteStats, fmt: dict) -> tuple[list[str], int, list]:
+    """Replace the chunk sets of documents `fresh` (no lock on their parents: see write). Returns
+    (the documents written: those whose reused vectors are all still there, the chunk rows
+    written, the (hash, vector) pairs embedded for them); documents deferred are added to
+    stats.missing and stats.chunks_deleted counts the old rows."""
+    # KEY SHARE (an UPDATE of other columns does not wait for it; it keeps the row from being
+    # deleted or re-keyed under the write), never waited for: a parent deleted since it was read is gone, not a failed insert; one
+    # held FOR UPDATE (or being deleted) by another transaction is busy.
+    present = {k for (k,) in conn.execute(sql.SQL(
+        "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[]) for key share skip locked"
+    ).format(**fmt), (fresh,), prepare=False).fetchall()}
+    if len(present) < len(fresh):
+        held = {k for (k,) in conn.execute(sql.SQL(
+            "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[])").format(**fmt),
+            ([k for k in fresh if k not in present],), prepare=False).fetchall()}
+        stats.busy.extend(k for k in fresh if k in held)
+        stats.gone.extend(k for k in fresh if k not in present and k not in held)
+    fresh = [k for k in fresh if k in present]
     chunk_stage, vector_stage = _stages(conn, target)
     needed = {c.hash for k in fresh for c in plan.documents[k].chunks}
     embedded = [(h, vectors_by_hash[h]) for h in needed if h not in plan.reused]
@@ -313,12 +399,7 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
                select s.k::{kt}, s.i, s.c, v.v, s.h, s.sh, %s, %s from {cs} s join {vs} v on v.h = s.h""").format(
                 col=sql.Identifier(VECTOR_COLUMN), cs=chunk_stage, vs=vector_stage, **fmt),
             (model_key, plan.splitter))
-        written_rows = cur.rowcount
-    fresh_hashes = {h for h, _ in embedded}
-    stats.chunks_embedded = sum(1 for k in fresh for c in plan.documents[k].chunks if c.hash in fresh_hashes)
-    stats.chunks_reused = written_rows - stats.chunks_embedded
-    stats.written = fresh
-    return stats
+        return fresh, cur.rowcount, embedded
 
 
 def write_isolating(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,

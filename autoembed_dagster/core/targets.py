@@ -38,7 +38,10 @@ class TargetKey:
 class Target:
     key: TargetKey
     regclass: str  # quoted, schema-qualified name as Postgres prints it
-    function: str  # regproc text of the content function, as Postgres prints it
+    # The content function with its table owner's rights: the registered target's input function
+    # autoembed.input_<id> (sql/005 install_input_function), as text the catalog produced. None
+    # when no target of the table registers the content function: then nothing here runs it.
+    function: str | None
     key_type: str  # format_type of the key column, e.g. "integer", "uuid"
     vector_type: str  # "vector" or "halfvec"
     dimensions: int
@@ -67,8 +70,8 @@ class Target:
 
     @property
     def function_sql(self) -> sql.Composable:
-        # regproc text from the catalog (already quoted by Postgres), not user text.
-        return sql.SQL(self.function)
+        # Catalog text (already quoted by Postgres), not user text.
+        return sql.SQL(require_input_function(self.function, self.regclass, self.key.content_function))
 
     @property
     def key_type_sql(self) -> sql.Composable:
@@ -77,6 +80,32 @@ class Target:
     @property
     def vector_type_sql(self) -> sql.Composable:
         return sql.SQL(f"{self.vector_type}({int(self.dimensions)})")
+
+
+def require_input_function(function: str | None, regclass: str, content_function: str) -> str:
+    """The owner's-rights input function of a target, or TargetError naming the fix: a content
+    function runs only through the input function of a registered target, never with the rights
+    of whoever reads the input."""
+    if function is None:
+        raise TargetError(
+            f"content function {content_function!r} of {regclass} is not registered by an enrolment or trigger of "
+            f"the table (or its input function autoembed.input_<target> is missing): enrol the table, or run "
+            f"autoembed db init; content functions run only with their table owner's rights")
+    return function
+
+
+def input_function(conn: psycopg.Connection, table_oid: int, function_oid: int | None) -> str | None:
+    """How to call content function `function_oid` of table `table_oid` with the table owner's
+    rights: the input function registered for it (sql/017); else, when the acting role is the
+    table's owner itself, the content function (its rights are the owner's); else None."""
+    if function_oid is None:
+        return None
+    registered, own = conn.execute(
+        """select autoembed.input_function(%(t)s::oid, %(f)s::oid),
+                  case when (select c.relowner from pg_class c where c.oid = %(t)s::oid)
+                            = (select r.oid from pg_roles r where r.rolname = current_user)
+                       then %(f)s::oid::regproc::text end""", {"t": table_oid, "f": function_oid}).fetchone()
+    return registered or own
 
 
 def check_identifier(what: str, value: Any) -> str:
@@ -236,9 +265,10 @@ def resolve(conn: psycopg.Connection, key: TargetKey) -> Target:
     if rel is None:
         raise TargetError(f"table {key.schema!r}.{key.table!r} does not exist")
     oid, regclass = rel
-    fn = conn.execute(
-        "select autoembed.content_function(%s::oid::regclass, %s)::oid::regproc::text", (oid, key.content_function)
-    ).fetchone()[0]
+    fn, fn_oid = conn.execute(
+        "select f::oid::regproc::text, f::oid from autoembed.content_function(%s::oid::regclass, %s) f",
+        (oid, key.content_function)
+    ).fetchone()
     if fn is None:
         raise TargetError(
             f"content function {key.content_function!r} taking a row of {regclass} does not exist"
@@ -261,7 +291,7 @@ def resolve(conn: psycopg.Connection, key: TargetKey) -> Target:
     ).fetchone()
     if key_type is None:
         raise TargetError(f"{regclass} has no key column {key.key_column!r}")
-    return Target(key, regclass, fn, key_type[0], vector_type, int(dimensions))
+    return Target(key, regclass, input_function(conn, oid, fn_oid), key_type[0], vector_type, int(dimensions))
 
 
 def ambiguous_keys(keys) -> dict[str, int]:
@@ -324,7 +354,8 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
                   chunk_table, chunk_tokens, chunk_overlap,
                   case when chunk_table is not null then (
                       select v.type_name || ',' || v.dimensions from autoembed.vector_column(
-                          format('%%I.%%I', schema_name, chunk_table)::regclass, 'embedding') v) end
+                          format('%%I.%%I', schema_name, chunk_table)::regclass, 'embedding') v) end,
+                  input_function
            from autoembed.target_catalog
            where case when %(id)s::bigint is not null then id = %(id)s
                       else schema_name = %(schema)s and table_name = %(table)s and embedding_column = %(column)s
@@ -339,7 +370,7 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
                           f"{key.key_column!r} is not a registered target ({why_unregistered(conn, key)}): "
                           "nothing of this message was run")
     (target_id, target_queue, schema, table, content_function, column, key_column, function, key_type,
-     vector_type, dimensions, regclass, chunk_table, chunk_tokens, chunk_overlap, chunk_vector) = row
+     vector_type, dimensions, regclass, chunk_table, chunk_tokens, chunk_overlap, chunk_vector, input_fn) = row
     if chunk_tokens is not None:
         # A chunk target: the vector column is the chunk table's (core.chunks.VECTOR_COLUMN).
         if chunk_table is None:
@@ -350,6 +381,11 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
     where = f"target {target_id} ({regclass}.{column})"
     if function is None:
         raise TargetError(f"the content function registered for {where} no longer exists: enrol the table again")
+    if input_fn is None:
+        raise TargetError(f"the content function {function} registered for {where} has no input function "
+                          f"autoembed.input_{target_id} owned by the table's owner (content functions run with "
+                          "their table owner's rights only): run autoembed db init as a superuser")
+    function = input_fn
     if column is None or vector_type is None:
         raise TargetError(f"the embedding column of {where} is gone or no longer a vector column: enrol it again")
     if dimensions is None:
@@ -410,12 +446,13 @@ def adopt_state_cleanup(conn: psycopg.Connection) -> int:
 def repair_schema(conn: psycopg.Connection, queue: str) -> None:
     """What the drain does at its start about schema changes (sql/015): re-create its queue when it
     was dropped, bind targets whose content function was dropped and created again (when its role
-    may re-create their triggers; else they stay in autoembed.broken_targets), move the
+    may re-create their triggers; else they stay in autoembed.broken_targets), re-create the
+    triggers of enrolled tables that were dropped (same condition), move the
     embedding_state records of renamed tables and columns, and give tables of Supabase's triggers
     the state cleanup. A drain role without EXECUTE on these leaves them to the
     event triggers and `autoembed db init`."""
     for call in ("autoembed.restore_queue(%s)", "autoembed.rebind_content_functions()",
-                 "autoembed.follow_state_names()"):
+                 "autoembed.restore_target_triggers()", "autoembed.follow_state_names()"):
         name = call.split("(")[0]
         signature = f"{name}(text)" if "%s" in call else f"{name}()"
         if not conn.execute("select has_function_privilege(%s, 'execute')", (signature,)).fetchone()[0]:

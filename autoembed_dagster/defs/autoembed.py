@@ -24,7 +24,7 @@ import psycopg
 
 from ..core.pipelines import Pipeline, content_function_digest, discover_pipelines
 from .assets import embeddings_key, pipeline_specs, queues_of, shared_specs
-from .backfill import build_model_change_defs, build_reembed_defs
+from .backfill import build_embeddings_asset, build_model_change_defs, build_reembed_defs
 from .checks import build_health_checks
 from .drain import build_drain_job
 from .resources import autoembed_resource
@@ -75,8 +75,9 @@ def load_time_facts(declared: tuple[Pipeline, ...]) -> LoadTimeFacts:
 def build_pipeline_defs(p: Pipeline, facts: LoadTimeFacts | None = None) -> dg.Definitions:
     facts = facts or LoadTimeFacts()
     digest = facts.digests.get(p.name)
+    embeddings, *others = pipeline_specs(p, digest, facts.note)
     return dg.Definitions.merge(
-        dg.Definitions(assets=pipeline_specs(p, digest, facts.note), asset_checks=[build_health_checks(p)]),
+        dg.Definitions(assets=[build_embeddings_asset(p, embeddings), *others], asset_checks=[build_health_checks(p)]),
         build_reembed_defs(p, digest),
     )
 
@@ -89,7 +90,13 @@ def build_shared_defs(declared: Sequence[Pipeline], facts: LoadTimeFacts | None 
     for queue in queues_of(pipelines):
         job = build_drain_job(queue, pipelines)
         jobs.append(job)
-        sensors.append(build_queue_sensor(queue, job))
+        on_queue = [embeddings_key(p) for p in pipelines if p.queue == queue]
+        refresh = dg.define_asset_job(
+            f"refresh_{queue}", selection=on_queue, executor_def=dg.in_process_executor,
+            description=(f"Check the pipelines of queue `{queue}`; re-embed those whose table is not current "
+                         "under the code's model (what the asset page's Materialize does).")) if on_queue else None
+        jobs += [refresh] if refresh is not None else []
+        sensors.append(build_queue_sensor(queue, job, refresh))
     schedules = []
     if pipelines:
         health_job = dg.define_asset_job(

@@ -26,12 +26,12 @@ from ..core import migration as mig
 from ..core.backfill import (ShardResult, backfill_shard, estimated_shard_cost, live_key, migration_action,
                              pipeline_spec, plan, shard_keys)
 from ..core.config import ConfigError
-from ..core.drain import ProviderConfigError
+from ..core.drain import ProviderConfigError, pipeline_resolver
 from ..core.migration import Coverage, ModelSpec, coverage
 from ..core.pipelines import Pipeline
 from ..core.targets import TargetChanged, TargetError, resolve
 from . import batch_backfill, chunk_backfill
-from .assets import GROUP, model_version, source_key
+from .assets import GROUP, embeddings_key, model_version, source_key
 from .resources import AutoembedResource
 
 NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
@@ -104,6 +104,17 @@ def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverag
     }
 
 
+def _shards_description(p: Pipeline) -> str:
+    what, shadow = ((f"{p.schema}.{p.chunk_table} (the chunks of {p.qualified_table})",
+                     f"a shadow chunk table {p.schema}.{p.chunk_table}__next, swapped in")
+                    if p.chunked else (f"{p.qualified_table}.{p.embedding_column}",
+                                       f"a shadow column {p.embedding_column}__next, promoted"))
+    return (f"{what} re-embedded shard by shard (model × shard). The code version is the configured model "
+            "identity: a model change makes the materialized partitions stale. A model other than the one the "
+            f"table holds is written to {shadow} atomically when complete. Shards the drain already keeps "
+            "current under the code's model are reported materialized by it.")
+
+
 def build_shards_asset(p: Pipeline, digest: str | None = None) -> dg.AssetsDefinition:
     key = shards_key(p)
 
@@ -117,11 +128,9 @@ def build_shards_asset(p: Pipeline, digest: str | None = None) -> dg.AssetsDefin
         output_required=False,  # a partition of a retired model is skipped, not materialized
         check_specs=[dg.AssetCheckSpec(CHECK, asset=key, description=(
             "Every row of the shard with input holds the partition model's vector of its current input."))],
-        description=(
-            f"{p.qualified_table}.{p.embedding_column} re-embedded shard by shard (model × shard). The code version is "
-            "the configured model identity: a model change makes the materialized partitions stale. A model other "
-            "than the one the column holds is written to a shadow column and promoted atomically when complete."),
-        metadata={"table": p.qualified_table, "embedding_column": p.embedding_column, "shards": p.shards,
+        description=_shards_description(p),
+        metadata={"table": p.qualified_table, **({"chunk_table": f"{p.schema}.{p.chunk_table}"} if p.chunked
+                                                 else {"embedding_column": p.embedding_column}), "shards": p.shards,
                   "shard_function": f"autoembed.shard_of({p.key_column}::text, {p.shards})",
                   "partition_key": "<model: provider:model:dimensions:content_function>|<shard>"},
     )
@@ -130,8 +139,35 @@ def build_shards_asset(p: Pipeline, digest: str | None = None) -> dg.AssetsDefin
             yield from _reembed_shard(context, config, autoembed, p)
         except DETERMINISTIC_FAILURES as exc:
             fail_without_retry(context, f"partition {context.partition_key} of {p.name}", exc)
+        yield from _record_completion(context, autoembed, p)
 
     return embeddings_by_shard
+
+
+def _record_completion(context: dg.AssetExecutionContext, autoembed: AutoembedResource, p: Pipeline):
+    """The shard that completes the re-embed (every shard of the code's model materialized, the
+    table current under it) records the embeddings asset's new code version: it is no longer
+    stale in the UI (defs/truth.py)."""
+    from .assets import queue_key
+    from .checks import evaluate
+    from .truth import defined_version, provenance_tags
+
+    model = context.partition_key.keys_by_dimension["model"]
+    done = {str(k) for k in context.instance.get_materialized_partitions(shards_key(p))} | {context.partition_key}
+    if any(f"{model}|{s}" not in done for s in shard_keys(p.shards)):
+        return
+    with autoembed.connect() as conn:
+        if partition_model_key(conn, p) != model:
+            return
+        outcomes = evaluate(conn, p, pipeline_resolver([p]))
+        version = defined_version(context, embeddings_key(p), conn, p)
+        current = table_is_current(conn, p, outcomes)
+    if version and current:
+        yield dg.AssetMaterialization(
+            asset_key=embeddings_key(p),
+            description=f"re-embed with {model} complete: every vector of {p.qualified_table} is current",
+            metadata={"model": model, "completed_by": f"partition {context.partition_key}"},
+            tags=provenance_tags(version, [source_key(p), queue_key(p.queue)]))
 
 
 def fail_without_retry(context: dg.AssetExecutionContext | dg.OpExecutionContext, what: str, exc: Exception):
@@ -271,63 +307,90 @@ def _choose_pipeline(conn, pipelines: Sequence[Pipeline], name: str | None) -> P
                      "{\"pipeline\": \"NAME\"}}}}'")
 
 
+def start_reembed(context, autoembed: AutoembedResource, p: Pipeline, shards: list[int] | None = None,
+                  promote: bool = True) -> dict:
+    """Start (or resume) the re-embed of `p` with its configured model: the migration when the table
+    holds another model, then a Dagster backfill of one run per shard. Its metadata."""
+    with autoembed.connect() as conn:
+        held = backfill_control.hold(conn, p.name)
+        if held is not None:  # refused before a migration or a shadow column exists
+            raise dg.Failure(f"{held.message} (nothing launched)", allow_retries=False,
+                             metadata={"pipeline": p.name, "backfill": held.state})
+        try:
+            if p.chunked:  # documents into the chunk table (or its shadow): defs/chunk_backfill.py
+                spec, mode, reason, todo = chunk_backfill.launch_plan(conn, p)
+                column, migration_id = "", -1
+            else:
+                spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+                # The model the code names, nothing else: a migration to it starts here when the
+                # column holds another one (after a probe embedding proves the target).
+                shard_plan = plan(conn, p, spec)
+                mode, reason, column = shard_plan.mode, shard_plan.reason, shard_plan.column or ""
+                migration_id = shard_plan.migration.id if shard_plan.migration else -1
+        except (ConfigError, ValueError, mig.MigrationError, TargetError) as exc:
+            raise dg.Failure(f"{p.name}: {exc}", allow_retries=False) from None
+        if mode == "skip":
+            raise dg.Failure(f"nothing to backfill: {reason}", allow_retries=False)
+        if not p.chunked:
+            todo = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
+    name = models_partitions_name(p)
+    if not context.instance.has_dynamic_partition(name, spec.key):
+        context.instance.add_dynamic_partitions(name, [spec.key])
+    shard_names = shard_keys(p.shards)
+    if shards is not None and not all(0 <= i < p.shards for i in shards):
+        raise dg.Failure(f"shards must be in 0..{p.shards - 1} (pipeline {p.name} has {p.shards}), got {shards}",
+                         allow_retries=False)
+    chosen = shard_names if shards is None else [shard_names[i] for i in shards]
+    partitions = [f"{spec.key}|{s}" for s in chosen]
+    backfill_id = make_new_backfill_id()
+    context.instance.add_backfill(PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id,
+        asset_graph=AssetGraph.from_assets([build_shards_asset(p)]),
+        partition_names=partitions,
+        asset_selection=[shards_key(p)],
+        backfill_timestamp=time.time(),
+        tags={PIPELINE_TAG: p.name, PROMOTE_TAG: str(promote).lower()},
+        dynamic_partitions_store=context.instance,
+        all_partitions=False,
+        title=f"re-embed {p.name}: {spec.key}",
+        description=reason,
+        run_config=None,
+    ))
+    context.log.info(f"backfill {backfill_id}: {len(partitions)} shard run(s) of {shards_key(p).to_user_string()}; "
+                     f"{todo.missing} of {todo.embeddable} {'documents' if p.chunked else 'rows'} to embed; {reason}")
+    return {"backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": mode,
+            "column": column, "partitions": len(partitions), "rows_to_embed": todo.missing,
+            "rows_with_input": todo.embeddable, "migration_id": migration_id, "via": p.backfill_via}
+
+
+def build_embeddings_asset(p: Pipeline, spec: dg.AssetSpec) -> dg.AssetsDefinition:
+    """The pipeline's embeddings as an asset Dagster can call stale: the drain lane and the re-embed
+    record its materializations (defs/truth.py); materializing it by hand (the UI's Materialize)
+    records it when the table is current under the code's model, and otherwise starts the re-embed,
+    whose last shard records it."""
+    from .checks import evaluate
+
+    @dg.multi_asset(name=f"{p.name}_refresh", specs=[spec.replace_attributes(skippable=True)],
+                    description=f"Check {p.name}; re-embed it when the table is not current under the code's model.")
+    def refresh(context: dg.AssetExecutionContext, autoembed: AutoembedResource):
+        with autoembed.connect() as conn:
+            current = table_is_current(conn, p, evaluate(conn, p, pipeline_resolver([p])))
+        if current:
+            yield dg.MaterializeResult(asset_key=spec.key, metadata={"current": True})
+            return
+        started = start_reembed(context, autoembed, p)
+        context.log.info(f"{p.name} is not current under the code's model: re-embed started ({started})")
+
+    return refresh
+
+
 def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
     @dg.op(name="launch_backfill",
            description="Start (or resume) the re-embed of a pipeline with its configured model; one run per shard.")
     def launch_backfill(context: dg.OpExecutionContext, config: BackfillConfig, autoembed: AutoembedResource):
         with autoembed.connect() as conn:
             p = _choose_pipeline(conn, pipelines, config.pipeline)
-            held = backfill_control.hold(conn, p.name)
-            if held is not None:  # refused before a migration or a shadow column exists
-                raise dg.Failure(f"{held.message} (nothing launched)", allow_retries=False,
-                                 metadata={"pipeline": p.name, "backfill": held.state})
-            try:
-                if p.chunked:  # documents into the chunk table (or its shadow): defs/chunk_backfill.py
-                    spec, mode, reason, todo = chunk_backfill.launch_plan(conn, p)
-                    column, migration_id = "", -1
-                else:
-                    spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
-                    # The model the code names, nothing else: a migration to it starts here when the
-                    # column holds another one (after a probe embedding proves the target).
-                    shard_plan = plan(conn, p, spec)
-                    mode, reason, column = shard_plan.mode, shard_plan.reason, shard_plan.column or ""
-                    migration_id = shard_plan.migration.id if shard_plan.migration else -1
-            except (ConfigError, ValueError, mig.MigrationError, TargetError) as exc:
-                raise dg.Failure(f"{p.name}: {exc}", allow_retries=False) from None
-            if mode == "skip":
-                raise dg.Failure(f"nothing to backfill: {reason}", allow_retries=False)
-            if not p.chunked:
-                todo = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
-        name = models_partitions_name(p)
-        if not context.instance.has_dynamic_partition(name, spec.key):
-            context.instance.add_dynamic_partitions(name, [spec.key])
-        shard_names = shard_keys(p.shards)
-        if config.shards is not None and not all(0 <= i < p.shards for i in config.shards):
-            raise dg.Failure(f"shards must be in 0..{p.shards - 1} (pipeline {p.name} has {p.shards}), got {config.shards}",
-                             allow_retries=False)
-        chosen = shard_names if config.shards is None else [shard_names[i] for i in config.shards]
-        partitions = [f"{spec.key}|{s}" for s in chosen]
-        backfill_id = make_new_backfill_id()
-        context.instance.add_backfill(PartitionBackfill.from_asset_partitions(
-            backfill_id=backfill_id,
-            asset_graph=AssetGraph.from_assets([build_shards_asset(p)]),
-            partition_names=partitions,
-            asset_selection=[shards_key(p)],
-            backfill_timestamp=time.time(),
-            tags={PIPELINE_TAG: p.name, PROMOTE_TAG: str(config.promote).lower()},
-            dynamic_partitions_store=context.instance,
-            all_partitions=False,
-            title=f"re-embed {p.name}: {spec.key}",
-            description=reason,
-            run_config=None,
-        ))
-        context.log.info(f"backfill {backfill_id}: {len(partitions)} shard run(s) of {shards_key(p).to_user_string()}; "
-                         f"{todo.missing} of {todo.embeddable} {'documents' if p.chunked else 'rows'} to embed; {reason}")
-        return dg.Output(None, metadata={
-            "backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": mode,
-            "column": column, "partitions": len(partitions), "rows_to_embed": todo.missing,
-            "rows_with_input": todo.embeddable, "migration_id": migration_id, "via": p.backfill_via,
-        })
+        return dg.Output(None, metadata=start_reembed(context, autoembed, p, config.shards, config.promote))
 
     @dg.job(name="backfill", executor_def=dg.in_process_executor,
             # A wrong pipeline name or an impossible model fails the same way on every retry.
@@ -396,6 +459,39 @@ def _retire_model_partitions(instance: dg.DagsterInstance, p: Pipeline, keep: se
             instance.delete_dynamic_partition(name, key)
 
 
+def configured_spec(conn, p: Pipeline) -> ModelSpec:
+    """The model the code names (sized to the table's column)."""
+    return (chunk_backfill.configured_spec(conn, p) if p.chunked
+            else pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions))
+
+
+def configured_model_key(conn, p: Pipeline) -> str:
+    """The model dimension's key of the model the code names."""
+    return configured_spec(conn, p).key
+
+
+def table_is_current(conn, p: Pipeline, outcomes) -> bool | None:
+    """Every vector of the table is of its current input under the model the code names (from the
+    check outcomes: a live column still holding the old model during a migration is not)."""
+    from .truth import is_current
+
+    current = is_current(outcomes)
+    if not current:
+        return current
+    try:
+        expected = configured_spec(conn, p).identity_key
+    except Exception:  # noqa: BLE001 - cannot be sized: not current under it
+        return False
+    return all(str(o.metadata.get("model", expected)) == expected for o in outcomes if o.name == "staleness")
+
+
+def partition_model_key(conn, p: Pipeline) -> str | None:
+    try:
+        return configured_model_key(conn, p)
+    except Exception:  # noqa: BLE001 - a table not enrolled yet, a model that cannot be sized
+        return None
+
+
 # -- the sensor: the configured model's partitions exist as soon as the code does ----------------------------------
 def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDefinition:
     @dg.sensor(name="autoembed_model_partitions", minimum_interval_seconds=30,
@@ -406,13 +502,12 @@ def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDef
         with autoembed.connect() as conn:
             for p in pipelines:
                 try:
-                    spec = (chunk_backfill.configured_spec(conn, p) if p.chunked
-                            else pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions))
+                    model = configured_model_key(conn, p)
                 except Exception as exc:  # noqa: BLE001 - one broken pipeline must not hide the others
                     problems.append(f"{p.name}: {exc}")
                     continue
-                if not context.instance.has_dynamic_partition(models_partitions_name(p), spec.key):
-                    requests.append(dg.AddDynamicPartitionsRequest(models_partitions_name(p), [spec.key]))
+                if not context.instance.has_dynamic_partition(models_partitions_name(p), model):
+                    requests.append(dg.AddDynamicPartitionsRequest(models_partitions_name(p), [model]))
         if not requests:
             return dg.SensorResult(skip_reason="; ".join(problems) or "every configured model is registered")
         return dg.SensorResult(dynamic_partitions_requests=requests)

@@ -20,7 +20,9 @@ from ..core.drain_report import run_in_chunks
 from ..core.health import estimated_cost, price_per_million_tokens
 from ..core.pipelines import Pipeline
 from ..core.scaling import drain_pool
-from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, index_key
+from . import truth
+from .backfill import table_is_current
+from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, index_key, queue_key, source_key
 from .checks import as_check_evaluation, evaluate
 from .resources import AutoembedResource
 
@@ -108,8 +110,9 @@ class _Reporter:
     """Turns the drain's per-table numbers into materializations (the work since the previous
     report) and check evaluations (at most every CHECKS_EVERY_SECONDS per pipeline, and at the end)."""
 
-    def __init__(self, conn, queue: str, pipelines: Sequence[Pipeline], resolver, checks: bool):
+    def __init__(self, conn, queue: str, pipelines: Sequence[Pipeline], resolver, checks: bool, context=None):
         self.conn, self.queue, self.resolver, self.checks = conn, queue, resolver, checks
+        self.context = context  # the op's: the instance and the loaded code versions (truth.py)
         self.on_queue = [p for p in pipelines if p.queue == queue]
         self.unreported = DrainStats()  # the pieces since the last report
         self.last_report = time.monotonic()
@@ -138,18 +141,24 @@ class _Reporter:
         for p in self.on_queue:
             ts = changes.get(p.table_key)
             if ts is not None:
-                yield from self._materialize(p, ts, period, busy)
                 self.pending_checks.add(p.name)
             # Checks when the queue is empty (coverage means something then), throttled: a scan.
+            outcomes = None
             if self.checks and settled and p.name in self.pending_checks and (
                     final or p.name not in self.last_checks
                     or now - self.last_checks[p.name] >= CHECKS_EVERY_SECONDS):
-                for outcome in evaluate(self.conn, p, self.resolver):
-                    yield as_check_evaluation(p, outcome)
+                outcomes = evaluate(self.conn, p, self.resolver)
                 self.last_checks[p.name] = now
                 self.pending_checks.discard(p.name)
+            current = table_is_current(self.conn, p, outcomes) if outcomes is not None else None
+            if ts is not None:
+                yield from self._materialize(p, ts, period, busy, current)
+            for outcome in outcomes or ():
+                yield as_check_evaluation(p, outcome)
+            if current and self.context is not None:
+                yield from truth.settled_shards(self.context, self.conn, p, f"drain run of queue {self.queue}")
 
-    def _materialize(self, p: Pipeline, ts: TableStats, period: float, busy: float):
+    def _materialize(self, p: Pipeline, ts: TableStats, period: float, busy: float, current: bool | None = None):
         target, _ = health.pipeline_target(self.conn, p)
         model_key = None
         if target is not None:
@@ -159,10 +168,12 @@ class _Reporter:
                 pass
         what = (f"{ts.embedded} document(s) given their new chunk set ({ts.chunks_embedded} chunk(s) embedded, "
                 f"{ts.chunks_reused} reused)" if p.chunked else f"{ts.embedded} row(s) embedded")
+        version = truth.version_to_record(self.context, embeddings_key(p), current, self.conn, p) if self.context else None
         yield dg.AssetMaterialization(
             asset_key=embeddings_key(p),
             description=f"{what} by the drain lane of queue {self.queue}",
             metadata=_pipeline_metadata(p, ts, model_key, period, busy),
+            tags=truth.provenance_tags(version, [source_key(p), queue_key(p.queue)]) if version else None,
         )
         written = ts.chunks_embedded + ts.chunks_reused if p.chunked else ts.embedded
         if target is not None and written:
@@ -193,7 +204,7 @@ def build_drain_job(queue: str, pipelines: Sequence[Pipeline]) -> dg.JobDefiniti
             context.log.info(f"queue {queue}: {start.depth} message(s), {start.visible} claimable, "
                              f"oldest {start.oldest_age_seconds:.0f} s")
             drainer = Drainer(conn, settings, resolver)
-            reporter = _Reporter(conn, queue, pipelines, resolver, config.checks)
+            reporter = _Reporter(conn, queue, pipelines, resolver, config.checks, context)
             total = DrainStats()
             t0 = time.monotonic()
             last_log = [t0]

@@ -85,14 +85,18 @@ def _stopped_by_configuration(instance: dg.DagsterInstance, job_name: str, queue
             "configuration, then launch a drain job to start at once)")
 
 
-def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition:
+def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None) -> dg.SensorDefinition:
+    """`refresh_job`: the asset job of the queue's embeddings assets. The sensor never starts it; it
+    is among its targets so that each embeddings asset's page names the sensor that keeps it
+    fresh (Dagster lists the sensors targeting a job that holds the asset)."""
     @dg.sensor(
         name=f"{queue}_sensor",
-        job=job,
+        jobs=[job, refresh_job] if refresh_job is not None else [job],
         minimum_interval_seconds=sensor_interval(),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=(f"Watches pgmq queue `{queue}`; starts `{job.name}` runs while jobs wait: one, and more "
-                     "while the backlog stays deep and old (AUTOEMBED_MAX_DRAINS at most)."),
+        description=(f"Keeps the embeddings of queue `{queue}` fresh: watches the queue and starts `{job.name}` "
+                     "runs while jobs wait: one, and more while the backlog stays deep and old "
+                     "(AUTOEMBED_MAX_DRAINS at most)."),
     )
     def queue_sensor(context: dg.SensorEvaluationContext, autoembed: AutoembedResource) -> dg.SensorResult:
         try:
@@ -144,6 +148,7 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition) -> dg.SensorDefinition
                              f" ({len(active)} of at most {scaling.max_drains} active)"))
         requests = [
             dg.RunRequest(
+                job_name=job.name,
                 run_key=f"{queue}:{tick}:{int(now * 1000)}:{i}",  # unique per tick and per run of the tick
                 tags={LANE_TAG: queue, "autoembed/claimable_at_request": str(m.visible)},
             )

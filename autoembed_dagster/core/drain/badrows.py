@@ -8,7 +8,10 @@ backfill page) call these, so a row that cannot be written costs only itself:
 - key_problem: a key a message names, against the key column's type (an integer out of range);
 - write_isolating: a write that fails is retried in halves (savepoints in the caller's
   transaction) until the rows that fail alone are known; the others are written in the same
-  transaction, and each failing row gets the database's error as its reason.
+  transaction, and each failing row gets the database's error as its reason;
+- read_isolating: a read of the rows' input that fails is read again row by row;
+- input_lateral / scan_isolating: a whole-table scan (health, coverage) that fails because the
+  content function raises for some row is run again catching each row's error (sql/014).
 
 Connection errors, lock waits given up, deadlocks and serialization failures are not a row's
 fault: they are raised (the caller retries the whole batch or gives its claims back).
@@ -16,7 +19,7 @@ fault: they are raised (the caller retries the whole batch or gives its claims b
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import psycopg
@@ -178,10 +181,6 @@ def cast_problem(conn: psycopg.Connection, key: str, key_type: "psycopg.sql.Comp
             raise
         return describe(exc)
     return None
-
-
-def first(values: Iterable[str | None]) -> str | None:
-    return next((v for v in values if v is not None), None)
 
 
 # -- scans of a whole table (health, coverage) ------------------------------------------------------

@@ -1,0 +1,108 @@
+"""The application never waits for a drain: the longest wait of the application's UPDATE of a
+document's row while the drain settles that document's new chunk set (1, 100 and 4,000 chunks,
+HNSW index on the chunk table, as enrolment makes it).
+
+The document's new input is queued; the project's drain (Drainer.run: claim, read, split, embed
+through the real openai client against the instant fake provider, settle) runs in a thread while
+the application updates the same row (a column the input does not read) every 5 ms in autocommit,
+timing every statement. Baseline in the same run: the same loop with no drain running. The settle
+writes the new set without the parent's row lock and takes it only for the stale-write guard and
+the commit (core/chunks.py write): the longest wait stays near the baseline however large the set.
+
+    python bench/bench_settle_wait.py [--sizes 1,100,4000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+from common import connect, embedded_server, fake_provider, fresh_db, header, line
+
+from autoembed_dagster.core.config import Settings
+from autoembed_dagster.core.drain import Drainer
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def body(chunks: int, round_: int) -> str:
+    """A text of about `chunks` chunks of at most 32 tokens (one sentence of 12 words each)."""
+    return "\n\n".join(" ".join(WORDS[(i * 7 + j + round_) % len(WORDS)] for j in range(12)) + f" {round_}.{i}."
+                       for i in range(chunks))
+
+
+def app_loop(url: str, stop: threading.Event) -> list[float]:
+    waits = []
+    with connect(url) as app:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            app.execute("update docs set views = views + 1 where id = 1")
+            waits.append(time.perf_counter() - t0)
+            time.sleep(0.005)  # an application writing the row often, not holding it all the time
+    return waits
+
+
+def settle_round(url: str, chunks: int, round_: int) -> tuple[float, float, int]:
+    """(longest application wait, drain seconds, chunks written) of one settle of a new set."""
+    with connect(url) as conn:
+        conn.execute("update docs set body = %s where id = 1", (body(chunks, round_),))
+    stop = threading.Event()
+    result: dict = {}
+    app = threading.Thread(target=lambda: result.setdefault("waits", app_loop(url, stop)))
+    app.start()
+    t0 = time.perf_counter()
+    with connect(url) as dc:
+        stats = Drainer(dc, Settings.from_env()).run()
+    seconds = time.perf_counter() - t0
+    stop.set()
+    app.join()
+    if stats.embedded != 1:
+        raise RuntimeError(f"the drain did not write the document: {stats.summary()}")
+    return max(result["waits"]), seconds, stats.chunks_written if hasattr(stats, "chunks_written") else 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1,100,4000")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    header("the application's UPDATE of a document's row while the drain settles its chunk set")
+    out: dict = {}
+    with embedded_server() as server, fake_provider():
+        url = fresh_db(server)
+        with connect(url) as conn:
+            conn.execute("""create table docs (id integer primary key, views integer not null default 0, body text);
+                            create function docs_input(d docs) returns text language sql immutable
+                                as $$ select d.body $$;
+                            insert into docs (id, body) values (1, 'start');
+                            select autoembed.enroll_chunks('docs', 'docs_input', 32, 0)""")
+        with connect(url) as dc:
+            Drainer(dc, Settings.from_env()).run()
+        stop = threading.Event()
+        base: dict = {}
+        t = threading.Thread(target=lambda: base.setdefault("waits", app_loop(url, stop)))
+        t.start()
+        time.sleep(2.0)
+        stop.set()
+        t.join()
+        baseline = max(base["waits"])
+        line("baseline: longest UPDATE, no drain running", f"{baseline * 1000:.1f} ms")
+        out["baseline_ms"] = baseline * 1000
+        for n in sizes:
+            worst, seconds = 0.0, []
+            for r in range(args.rounds):
+                wait, s, _ = settle_round(url, n, r + 1)
+                worst = max(worst, wait)
+                seconds.append(s)
+            with connect(url) as conn:
+                have = conn.execute("select count(*) from docs_chunks where id = 1").fetchone()[0]
+            line(f"{have:,}-chunk set: longest UPDATE during the settle",
+                 f"{worst * 1000:.1f} ms ({worst / baseline:.1f}x baseline; drain {max(seconds):.2f} s)")
+            out[n] = {"chunks": have, "longest_wait_ms": worst * 1000, "drain_s": max(seconds)}
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""What the Dagster UI shows, read through Dagster's GraphQL API (what the webserver serves the UI):
+the re-embed asset's partitions say what the database holds, and the embeddings asset is stale
+after a model change until the re-embed completes. A project on disk, loaded by a real code server
+(dagster_graphql's out-of-process workspace), real Postgres, the fake OpenAI HTTP server."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import dagster as dg
+from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
+
+from autoembed_dagster.core.pipelines import Pipeline
+from autoembed_dagster.defs.assets import embeddings_key
+from autoembed_dagster.defs.backfill import shards_key
+
+from .dg_project import load_project_defs, make_project, write_pipeline
+from .test_dagster_layer import QUICK, insert_docs
+
+DOCS = Pipeline(name="documents", schema="public", table="documents", shards=2)
+NODE = """
+query ($key: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $key) {
+    ... on AssetNode {
+      description
+      staleStatus
+      staleCauses { reason category }
+      partitionStats { numMaterialized numPartitions numFailed }
+      targetingInstigators { ... on Sensor { name } }
+    }
+  }
+}"""
+
+
+@contextmanager
+def ui(project, instance):
+    with define_out_of_process_context(str(project / "workspace.yaml"), None, instance) as context:
+        yield context
+
+
+def node(context, key: dg.AssetKey) -> dict:
+    result = execute_dagster_graphql(context, NODE, {"key": {"path": list(key.path)}})
+    assert not result.errors, result.errors
+    return result.data["assetNodeOrError"]
+
+
+def run(project, instance, job: str, **kwargs):
+    result = load_project_defs(project).resolve_job_def(job).execute_in_process(instance=instance, **kwargs)
+    assert result.success
+    return result
+
+
+def test_partitions_and_staleness_say_what_the_database_holds(supabase_docs, fake_openai, tmp_path, monkeypatch):
+    conn = supabase_docs
+    monkeypatch.chdir(tmp_path)  # the code server loads the project from its folder, as `dg dev` does
+    project = make_project(tmp_path, {"documents": {"table": "public.documents", "shards": 2}})
+    insert_docs(conn, 6)
+    with dg.instance_for_test() as instance:
+        # The drain embeds every row: both shard partitions of the model hold it (not "Missing (2)").
+        run(project, instance, "drain_embedding_jobs", run_config=QUICK)
+        with ui(project, instance) as context:
+            embeddings, shards = node(context, embeddings_key(DOCS)), node(context, shards_key(DOCS))
+        assert embeddings["staleStatus"] == "FRESH", embeddings
+        # the asset page names the sensor that keeps it fresh (it said "No automations")
+        assert {"name": "embedding_jobs_sensor"} in embeddings["targetingInstigators"], embeddings
+        assert shards["partitionStats"] == {"numMaterialized": 2, "numPartitions": 2, "numFailed": 0}, shards
+        assert "shadow column embedding__next" in shards["description"]
+
+        # A model change: the asset is stale, with the reason, until the re-embed completes.
+        write_pipeline(project, "documents", {"table": "public.documents", "shards": 2, "dimensions": 512})
+        with ui(project, instance) as context:
+            embeddings = node(context, embeddings_key(DOCS))
+        assert embeddings["staleStatus"] == "STALE", embeddings
+        assert {"reason": "has a new code version", "category": "CODE"} in embeddings["staleCauses"]
+
+        model = "openai:text-embedding-3-small:512:embedding_input"
+        instance.add_dynamic_partitions("documents_models", [model])
+        run(project, instance, "backfill")  # starts the migration (a shadow column), queues the shard runs
+        insert_docs(conn, 1, prefix="meanwhile")
+        run(project, instance, "drain_embedding_jobs", run_config=QUICK)  # a drain meanwhile: still stale
+        with ui(project, instance) as context:
+            assert node(context, embeddings_key(DOCS))["staleStatus"] == "STALE"
+
+        for shard in ("0", "1"):  # what the backfill daemon runs, one run per shard
+            run(project, instance, "reembed_documents", partition_key=f"{model}|{shard}")
+        assert conn.execute("select format_type(atttypid, atttypmod) from pg_attribute where attrelid = "
+                            "'documents'::regclass and attname = 'embedding'").fetchone()[0] == "halfvec(512)"
+        with ui(project, instance) as context:
+            embeddings = node(context, embeddings_key(DOCS))
+        assert embeddings["staleStatus"] == "FRESH", embeddings  # the shard that completed it recorded the version
