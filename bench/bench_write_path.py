@@ -5,7 +5,7 @@ row triggers); the project's own triggers (autoembed.enroll: BEFORE row clear + 
 triggers with transition tables, one pgmq.send_batch per statement, one message per 200 rows).
 The single-row kinds add `enroll_send`: the same triggers on a queue created after `db init`, whose
 one message per statement goes through pgmq.send (format() + EXECUTE) instead of the static INSERT
-autoembed.send_one makes for the default queue (sql/017): the before/after of that change in one run.
+autoembed.send_one makes for the default queue (sql/018): the before/after of that change in one run.
 Bulk = one INSERT ... SELECT
 of N rows; single-row = N autocommit INSERTs of one row each (each commit waits for the disk);
 single_cpu = the same N one-row INSERT statements in one DO loop, rolled back (no commits): the
@@ -56,7 +56,7 @@ def setup(conn, variant: str) -> str:
     return t
 
 
-SEND_QUEUE = "send_path"  # enroll_send's queue: the single-row baseline through pgmq.send (sql/017)
+SEND_QUEUE = "send_path"  # enroll_send's queue: the single-row baseline through pgmq.send (sql/018)
 
 
 def queued_rows(conn, queue: str = "embedding_jobs") -> int:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         with connect(url) as conn:
             tables = {v: setup(conn, v) for v in ("plain", "supabase", "enroll")}
             # single-row kinds only: the same trigger whose one message goes through pgmq.send
-            # (format() + EXECUTE) instead of autoembed.send_one's static INSERT (sql/017)
+            # (format() + EXECUTE) instead of autoembed.send_one's static INSERT (sql/018)
             single_tables = {**tables, "enroll_send": setup(conn, "enroll_send")}
             kinds = set(args.kinds.split(","))
             for kind, fn, n in (("bulk", bulk, args.bulk), ("bulk_gapped", bulk_gapped, args.bulk),

@@ -288,7 +288,7 @@ $$;
 
 -- Send job messages to a queue and wake the drains (LISTEN autoembed). Sends nothing for no
 -- messages (send_batch raises on an empty array). One message with autoembed.send_one (a static
--- INSERT into the queue's table where db init verified its layout, else pgmq.send: sql/017), more
+-- INSERT into the queue's table where db init verified its layout, else pgmq.send: sql/018), more
 -- with one pgmq.send_batch. A queue
 -- dropped under us (pgmq.drop_queue, its table dropped) is re-created first and the repair recorded
 -- (autoembed.restore_queue, sql/015): the writer's statement goes on and its jobs are kept. (A
@@ -306,7 +306,7 @@ begin
         perform autoembed.restore_queue(queue);
     end if;
     if cardinality(messages) = 1 then
-        perform autoembed.send_one(queue, messages[1]);  -- a static INSERT where it can (sql/017)
+        perform autoembed.send_one(queue, messages[1]);  -- a static INSERT where it can (sql/018)
     else
         perform pgmq.send_batch(queue, messages);
     end if;

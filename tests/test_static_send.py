@@ -1,4 +1,4 @@
-"""One job message is written with a static INSERT into pgmq's queue table (sql/017), only where
+"""One job message is written with a static INSERT into pgmq's queue table (sql/018), only where
 `autoembed db init` verified that table's layout; elsewhere it goes through pgmq.send."""
 import psycopg
 

@@ -1,0 +1,132 @@
+"""Cold start: one row committed while only `dagster-daemon` runs (no drain run alive) -> its
+vector visible, through the project's real Dagster path (workspace.yaml's code location, the
+queue sensor, the run queue, the default run launcher, the drain op), with where the time goes:
+
+  commit -> run created   : waiting for the sensor daemon's loop (Dagster evaluates sensors every
+                            5 s at the most often, whatever minimum_interval_seconds says) + the
+                            sensor's evaluation and the run's creation
+  created -> started      : the run queue's dequeue (dequeue_interval_seconds) + the launch: a new
+                            process, `import dagster`, the code location's load, the run's start
+  started -> visible      : the drain op: connection, target lookup, first provider call, write
+
+Each sample waits until the previous drain run has ended (its idle timeout, 30 s) and then a
+random 0-5 s, so the commit lands anywhere in the sensor loop. The provider is the instant fake.
+Also prints the import and load time of the code location (what every run worker pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, connect, embedded_server, fake_provider, fresh_db, header, line
+
+BIN = Path(sys.executable).parent
+
+DOCS = """
+create table documents (id bigint primary key generated always as identity, title text not null,
+                        content text not null, embedding halfvec(1536));
+create function embedding_input(doc documents) returns text language sql immutable
+    as $$ select '# ' || doc.title || E'\\n\\n' || doc.content $$;
+select autoembed.enroll('documents', 'embedding_input', 'embedding', enqueue_backlog => false);
+"""
+ACTIVE = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED")
+
+
+def code_load_seconds() -> tuple[float, float]:
+    """(import, load) of the code location in a fresh interpreter, as a run worker does them."""
+    out = subprocess.run([sys.executable, "-c", (
+        "import time; t0 = time.perf_counter(); import autoembed_dagster.definitions as d; "
+        "t1 = time.perf_counter(); d.defs(); t2 = time.perf_counter(); print(t1 - t0, t2 - t1)")],
+        cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    a, b = out.stdout.split()[-2:]
+    return float(a), float(b)
+
+
+def runs(dconn) -> list[tuple]:
+    """Drain runs of the lane: (run_id, status, create_timestamp, start_time, end_time), newest first."""
+    return dconn.execute(
+        "select r.run_id, r.status, extract(epoch from r.create_timestamp at time zone 'UTC'), r.start_time, r.end_time "
+        "from runs r where r.pipeline_name = 'drain_embedding_jobs' order by r.id desc").fetchall()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=3)
+    args = ap.parse_args(argv)
+    header(f"cold start: commit -> vector visible, only dagster-daemon running ({args.samples} samples)")
+    imp, load = code_load_seconds()
+    line("code location: import / load (a run worker's start-up, fresh interpreter)", f"{imp:.2f} s / {load:.2f} s")
+    results: dict[str, list[float]] = {"total": [], "to_created": [], "to_started": [], "to_visible": []}
+    home = Path(tempfile.mkdtemp(prefix="autoembed-cold-"))
+    with embedded_server() as server, fake_provider():
+        from autoembed_dagster.demo import dagster_storage_url
+
+        url = fresh_db(server)
+        storage = dagster_storage_url(server, f"dagster_cold_{os.getpid()}")
+        shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+        env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage,
+               "AUTOEMBED_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], check=True, capture_output=True, env=env)
+        dagster_db = storage.replace("postgresql+psycopg2://", "postgresql://")
+        with connect(url) as conn, connect(dagster_db) as dconn:
+            conn.execute(DOCS)
+            log = open(home / "daemon.log", "wb")
+            daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                for sample in range(args.samples + 1):  # the first one warms the daemon's code server: not counted
+                    while any(r[1] in ACTIVE for r in runs(dconn)):
+                        assert daemon.poll() is None, (home / "daemon.log").read_text()[-3000:]
+                        time.sleep(0.2)
+                    time.sleep(random.uniform(0, 5))
+                    before = {r[0] for r in runs(dconn)}
+                    (row_id,) = conn.execute("insert into documents (title, content) values ('t', 'cold') returning id").fetchone()
+                    t0 = time.time()
+                    deadline = t0 + 180
+                    while conn.execute("select embedding is null from documents where id = %s", (row_id,)).fetchone()[0]:
+                        assert time.time() < deadline and daemon.poll() is None, (home / "daemon.log").read_text()[-3000:]
+                        time.sleep(0.01)
+                    t1 = time.time()
+                    new = [r for r in runs(dconn) if r[0] not in before]
+                    assert len(new) == 1, new
+                    _, _, created, started, _ = new[0]
+                    parts = (t1 - t0, float(created) - t0, float(started) - float(created), t1 - float(started))
+                    label = "warm-up (not counted)" if sample == 0 else f"sample {sample}"
+                    events = dict(dconn.execute(
+                        "select dagster_event_type, min(extract(epoch from timestamp)) from event_logs "
+                        "where run_id = %s and dagster_event_type is not null group by 1", (new[0][0],)).fetchall())
+                    steps = ["PIPELINE_ENQUEUED", "PIPELINE_DEQUEUED", "PIPELINE_STARTING", "PIPELINE_START", "STEP_START"]  # (RUN_* events keep their old names)
+                    marks = [(k, float(events[k])) for k in steps if k in events]
+                    line(f"{label}: run events after the commit",
+                         ", ".join(f"{k.lower().replace('pipeline_', 'run_')} +{v - t0:.2f}" for k, v in marks) + " s")
+                    line(f"{label}: total / to run created / to run started / to visible",
+                         " / ".join(f"{p:.2f}" for p in parts) + " s")
+                    if sample:
+                        for key, p in zip(results, parts):
+                            results[key].append(p)
+            finally:
+                os.killpg(daemon.pid, 15)
+                try:
+                    daemon.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(daemon.pid, 9)
+                log.close()
+    shutil.rmtree(home, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    line("median: total / to run created / to run started / to visible",
+         " / ".join(f"{med[k]:.2f}" for k in results) + " s")
+    return med
+
+
+if __name__ == "__main__":
+    main()
