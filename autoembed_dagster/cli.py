@@ -10,7 +10,7 @@ import sys
 
 from .core import api
 from .core.config import ConfigError, Settings
-from .core.database import database_url, psql_path, require_project, stop_embedded
+from .core.db.server import database_url, psql_path, require_project, stop_embedded
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
@@ -37,9 +37,9 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 def _refuse_unproducible_size(args: argparse.Namespace) -> None:
     """Enrolling a column the default model cannot fill would dead-letter every row: refuse it."""
-    from .core.backfill import pipeline_spec
+    from .core.migrate.backfill import pipeline_spec
     from .core.pipelines import Pipeline, split_table
-    from .core.targets import TargetKey, resolve
+    from .core.targets.catalog import TargetKey, resolve
 
     schema, table = split_table(args.table, args.table)
     with api.session() as conn:
@@ -206,7 +206,7 @@ def _cmd_dead(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.runner import run_demo
 
     extra = {} if args.modules is None else {"modules": args.modules}
     return run_demo(rows=args.rows, ui=not args.no_ui, port=args.port, timeout=args.timeout, keep_db=args.keep_db,
@@ -214,13 +214,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from .demo import run_dagster_dev
+    from .demo.runner import run_dagster_dev
 
     return run_dagster_dev(port=args.port, workspace=args.workspace)
 
 
 def _cmd_dagster_env(args: argparse.Namespace) -> int:
-    from .demo import print_dagster_env
+    from .demo.runner import print_dagster_env
 
     return print_dagster_env()
 
@@ -247,7 +247,7 @@ def _pipeline_named(name: str):
 
 
 def _cmd_pipelines(args: argparse.Namespace) -> int:
-    from .core.backfill import code_version
+    from .core.migrate.backfill import code_version
 
     declared, discovered = _all_pipelines()
     rows = [(p, "declared") for p in declared] + [(p, "discovered") for p in discovered]
@@ -264,12 +264,12 @@ def _cmd_pipelines(args: argparse.Namespace) -> int:
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .core.backfill import live_key, pipeline_spec, run_backfill
-    from .core.targets import resolve
+    from .core.migrate.backfill import live_key, pipeline_spec, run_backfill
+    from .core.targets.catalog import resolve
 
     p = _pipeline_named(args.pipeline)
     if args.pause or args.resume:
-        from .core import backfill_control
+        from .core.migrate import backfill_control
 
         with api.session() as conn:
             (backfill_control.pause if args.pause else backfill_control.resume)(conn, p.name)
@@ -317,7 +317,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 def _chunk_backfill(args: argparse.Namespace, p) -> int:
     """`autoembed backfill P` of a chunked pipeline (core.chunk_backfill)."""
-    from .core.chunk_backfill import run_chunk_backfill
+    from .core.migrate.chunk_backfill import run_chunk_backfill
 
     def on_plan(plan, cov):
         print(f"{p.name}: {plan.spec.key} ({plan.mode}): {plan.reason}; {cov.current}/{cov.embeddable} documents current")
@@ -342,7 +342,7 @@ def _chunk_backfill(args: argparse.Namespace, p) -> int:
 
 def _chunk_migrate(args: argparse.Namespace, p) -> int:
     """`autoembed migrate P ACTION` of a chunked pipeline (core.chunk_migration)."""
-    from .core.chunk_migration import chunk_migration_action
+    from .core.migrate.chunk_migration import chunk_migration_action
 
     with api.session() as conn:
         m = chunk_migration_action(conn, p, args.action.replace("-", "_"), force=args.force)
@@ -351,9 +351,9 @@ def _chunk_migrate(args: argparse.Namespace, p) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from .core import migration as mig
-    from .core.backfill import migration_action
-    from .core.targets import resolve
+    from .core.migrate import migration as mig
+    from .core.migrate.backfill import migration_action
+    from .core.targets.catalog import resolve
 
     p = _pipeline_named(args.pipeline)
     if p.chunked:

@@ -23,12 +23,12 @@ import statistics
 
 from common import Timer, connect, embedded_server, fake_provider, fresh_db, header, line
 
-from autoembed_dagster.core import chunks
-from autoembed_dagster.core.chunking import splitter_for
+from autoembed_dagster.core.targets import chunks
+from autoembed_dagster.core.targets.splitter import splitter_for
 from autoembed_dagster.core.config import EmbedderSettings, Settings
-from autoembed_dagster.core.corpus import stdlib_long_docs
+from autoembed_dagster.demo.corpus import stdlib_long_docs
 from autoembed_dagster.core.drain import Drainer
-from autoembed_dagster.core.embedders import make_embedder
+from autoembed_dagster.core.embed import make_embedder
 
 def load_docs(conn, docs: list[str], max_tokens: int, overlap: int) -> chunks.ChunkTarget:
     """The documents as a table, enrolled as a chunk target (every row queued)."""

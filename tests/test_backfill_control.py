@@ -7,7 +7,7 @@ from datetime import datetime, time, timezone
 import psycopg
 import pytest
 
-from autoembed_dagster.core import backfill_control as bc
+from autoembed_dagster.core.migrate import backfill_control as bc
 from autoembed_dagster.core.config import ConfigError
 
 
@@ -73,7 +73,7 @@ def test_the_window_comes_from_the_pipeline_variable_first(conn, monkeypatch):
 
 def test_a_paused_backfill_stops_between_pages_and_resumes_where_it_stopped(supabase_docs, fake_openai, settings,
                                                                              monkeypatch):
-    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
+    from autoembed_dagster.core.migrate.backfill import backfill_shard, resolve_spec
     from autoembed_dagster.core.pipelines import Pipeline
 
     from .test_migration import assert_all_current, seed

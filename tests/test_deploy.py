@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from autoembed_dagster.core.config import ScalingSettings
-from autoembed_dagster.core.database import ensure_database
+from autoembed_dagster.core.db.server import ensure_database
 
 ROOT = Path(__file__).resolve().parents[1]
 VALUES = ROOT / "deploy" / "helm" / "values.yaml"

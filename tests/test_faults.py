@@ -18,12 +18,12 @@ import numpy as np
 import psycopg
 import pytest
 
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 from autoembed_dagster.core.config import Settings
-from autoembed_dagster.core.database import connect, ensure_database, start_embedded
+from autoembed_dagster.core.db.server import connect, ensure_database, start_embedded
 from autoembed_dagster.core.drain import Drainer, drain
-from autoembed_dagster.core.embedders import clear_embedder_cache
-from autoembed_dagster.core.migrations import init_db
+from autoembed_dagster.core.embed import clear_embedder_cache
+from autoembed_dagster.core.db.schema import init_db
 
 from .conftest import SUPABASE_SQL
 from .fake_openai import fake_vector

@@ -94,7 +94,7 @@ def test_a_supabase_trigger_table_forgets_the_state_of_deleted_rows(supabase_doc
                                                                    settings):
     """Supabase's triggers fire on INSERT/UPDATE only: the drain gives the table the project's
     DELETE/TRUNCATE state cleanup once the trigger has registered it (sql/013)."""
-    from autoembed_dagster.core.database import connect
+    from autoembed_dagster.core.db.server import connect
     from autoembed_dagster.core.drain import drain
 
     conn = supabase_docs
@@ -204,7 +204,7 @@ grant temporary on database {db} to {r};
 
 def test_the_drain_works_with_the_grants_the_readme_lists(conn, db_url, fake_openai, settings):
     """README "Roles and grants": a login role with exactly these grants drains an enrolled table."""
-    from autoembed_dagster.core.database import connect
+    from autoembed_dagster.core.db.server import connect
     from autoembed_dagster.core.drain import drain
 
     role = f"drain_{conn.info.backend_pid}"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from autoembed_dagster.core import ratelimit
+from autoembed_dagster.core.embed import ratelimit
 from autoembed_dagster.core.config import ConfigError, EmbedderSettings
-from autoembed_dagster.core.embedders import clear_embedder_cache, make_embedder
-from autoembed_dagster.core.ratelimit import Limiter, RateLimit, retry_after_seconds
+from autoembed_dagster.core.embed import clear_embedder_cache, make_embedder
+from autoembed_dagster.core.embed.ratelimit import Limiter, RateLimit, retry_after_seconds
 
 BIN = Path(sys.executable).parent
 

@@ -22,9 +22,9 @@ import psycopg
 import psutil
 import pytest
 
-from autoembed_dagster.core.corpus import named_long_docs, stdlib_docs
-from autoembed_dagster.core.database import connect, with_database
-from autoembed_dagster.demo import create_demo_table, insert_docs, insert_modules
+from autoembed_dagster.demo.corpus import named_long_docs, stdlib_docs
+from autoembed_dagster.core.db.server import connect, with_database
+from autoembed_dagster.demo.runner import create_demo_table, insert_docs, insert_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -10,7 +10,7 @@ import pytest
 from dagster import DagsterRunStatus
 
 from autoembed_dagster.core.config import DEFAULT_MAX_DRAINS, ConfigError, ScalingSettings
-from autoembed_dagster.core.scaling import desired_drains, drain_pool, drains_to_request
+from autoembed_dagster.core.drain.scaling import desired_drains, drain_pool, drains_to_request
 from autoembed_dagster.defs.assets import LANE_TAG
 
 from .test_dagster_layer import defs, insert_docs, instance, make_run, tick  # noqa: F401 - fixtures

@@ -24,7 +24,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from ..core.chunking import check_chunk_sizes, provider_window
+from ..core.targets.splitter import check_chunk_sizes, provider_window
 from ..core.config import ConfigError
 from ..core.pipelines import Pipeline, make_pipeline
 from .scaffolder import EmbeddingPipelineScaffolder

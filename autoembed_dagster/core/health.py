@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
-from .targets import Target, TargetError, TargetKey, resolve
+from .targets.catalog import Target, TargetError, TargetKey, resolve
 
 if TYPE_CHECKING:
     from .pipelines import Pipeline
@@ -110,8 +110,8 @@ def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> T
     """A chunk target's documents: current = its chunk set is the chunking of its current input
     under `embedder`'s model and the target's splitting (core.chunks.document_counts); missing =
     documents with input and no chunk set; stale = chunk sets of older input, model or splitting."""
-    from .chunking import splitter_for
-    from .chunks import document_counts
+    from .targets.splitter import splitter_for
+    from .targets.chunks import document_counts
     from .drain.chunked import chunk_target_of
 
     splitter = splitter_for(embedder, target.chunk_tokens, target.chunk_overlap)
@@ -148,7 +148,7 @@ def vectors_label(target: Target) -> str:
 
 def chunk_targets(conn: psycopg.Connection) -> list[Target]:
     """The registered chunk targets that still resolve (a broken one is left out)."""
-    from .targets import lookup_registered
+    from .targets.catalog import lookup_registered
 
     found = []
     for (target_id,) in conn.execute(
@@ -162,7 +162,7 @@ def chunk_targets(conn: psycopg.Connection) -> list[Target]:
 
 def pipeline_columns(column: str) -> list[str]:
     """Every column a pipeline's jobs may name: the live one and a migration's shadow and old ones."""
-    from .migration import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
+    from .migrate.migration import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
 
     return [column, suffixed(column, SHADOW_SUFFIX), suffixed(column, OLD_SUFFIX)]
 
@@ -178,7 +178,7 @@ def dead_letter_count(conn: psycopg.Connection, key: TargetKey) -> int:
 
 def held_models(conn: psycopg.Connection, key: TargetKey) -> list[tuple[str, int]]:
     """(model, rows) the column's stored vectors were made with, most common first."""
-    from .migration import column_models
+    from .migrate.migration import column_models
 
     return column_models(conn, key.schema, key.table, key.embedding_column)
 
@@ -195,7 +195,7 @@ def vector_indexes(conn: psycopg.Connection, target: Target) -> list[VectorIndex
     """Indexes over the embedding column, or over a chunk target's chunk table's vectors (the
     vector index asset)."""
     if target.chunked:
-        from .chunks import VECTOR_COLUMN
+        from .targets.chunks import VECTOR_COLUMN
 
         relation = sql.Identifier(target.key.schema, target.chunk_table).as_string(conn)
         return indexes_on(conn, relation, VECTOR_COLUMN)

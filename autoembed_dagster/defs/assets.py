@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import dagster as dg
 
-from ..core.backfill import code_version
+from ..core.migrate.backfill import code_version
 from ..core.config import ConfigError
 from ..core.pipelines import Pipeline
 

@@ -21,14 +21,14 @@ from dagster._core.execution.backfill import PartitionBackfill
 from dagster._core.utils import make_new_backfill_id
 from pydantic import Field
 
-from ..core import migration as mig
-from ..core.backfill import (ShardResult, backfill_shard, estimated_shard_cost, live_key, migration_action,
-                             pipeline_spec, plan, shard_keys)
+from ..core.migrate import migration as mig
+from ..core.migrate.backfill import (ShardResult, backfill_shard, estimated_shard_cost, live_key, migration_action,
+                                     pipeline_spec, plan, shard_keys)
 from ..core.config import ConfigError
 from ..core.drain import ProviderConfigError
-from ..core.migration import Coverage, ModelSpec, coverage
+from ..core.migrate.migration import Coverage, ModelSpec, coverage
 from ..core.pipelines import Pipeline
-from ..core.targets import TargetChanged, TargetError, resolve
+from ..core.targets.catalog import TargetChanged, TargetError, resolve
 from . import chunk_backfill
 from .assets import GROUP, model_version, source_key
 from .resources import AutoembedResource

@@ -12,12 +12,12 @@ import time
 import dagster as dg
 import psycopg
 
-from ..core import chunks
-from ..core.backfill import pipeline_spec
-from ..core.chunk_backfill import backfill_chunk_shard, chunk_plan, pipeline_embedder, registered_chunk_target
-from ..core.chunk_migration import chunk_migration_action
+from ..core.targets import chunks
+from ..core.migrate.backfill import pipeline_spec
+from ..core.migrate.chunk_backfill import backfill_chunk_shard, chunk_plan, pipeline_embedder, registered_chunk_target
+from ..core.migrate.chunk_migration import chunk_migration_action
 from ..core.drain.chunked import chunk_target_of, shadow_of
-from ..core.migration import Coverage, MigrationError, ModelSpec
+from ..core.migrate.migration import Coverage, MigrationError, ModelSpec
 from ..core.pipelines import Pipeline
 from .resources import AutoembedResource
 

@@ -14,12 +14,12 @@ import dagster as dg
 from pydantic import Field
 
 from ..core import health
-from ..core import queue as pgmq
+from ..core.queue import pgmq
 from ..core.drain import Drainer, DrainStats, ProviderConfigError, TableStats, pipeline_resolver, resolve_embedder
-from ..core.drain_report import run_in_chunks
+from ..core.drain.report import run_in_chunks
 from ..core.health import estimated_cost, price_per_million_tokens
 from ..core.pipelines import Pipeline
-from ..core.scaling import drain_pool
+from ..core.drain.scaling import drain_pool
 from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, index_key
 from .checks import as_check_evaluation, evaluate
 from .resources import AutoembedResource

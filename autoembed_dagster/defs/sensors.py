@@ -16,9 +16,9 @@ import time
 import dagster as dg
 from dagster import DagsterRunStatus, RunsFilter
 
-from ..core import queue as pgmq
+from ..core.queue import pgmq
 from ..core.config import ScalingSettings
-from ..core.scaling import drains_to_request
+from ..core.drain.scaling import drains_to_request
 from .assets import CONFIG_ERROR_TAG, LANE_TAG, queue_key
 from .resources import AutoembedResource
 

@@ -15,7 +15,7 @@ claim is never counted as an attempt. Plain Python: the CLI, the Python API, Dag
 backfill and the benchmarks all call it.
 """
 
-from ..embedders.base import ProviderConfigError
+from ..embed.base import ProviderConfigError
 from .embed import copy_records
 from .loop import Drainer, completed, drain
 from .resolvers import EmbedderResolver, default_resolver, pipeline_resolver, resolve_embedder

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import psycopg
 
-from .. import chunks
-from ..chunking import Splitter
-from ..embedders.base import Embedder, EmbeddingError
-from ..targets import Target
+from ..targets import chunks
+from ..targets.splitter import Splitter
+from ..embed.base import Embedder, EmbeddingError
+from ..targets.catalog import Target
 from .embed import provider_call
 from .jobs import Job
 from .outcome import Outcome

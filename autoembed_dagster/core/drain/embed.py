@@ -10,8 +10,8 @@ import struct
 
 import numpy as np
 
-from ..embedders.base import Embedder, EmbeddingError, EmbedOutcome
-from ..targets import Target
+from ..embed.base import Embedder, EmbeddingError, EmbedOutcome
+from ..targets.catalog import Target
 from .jobs import Job
 from .outcome import Outcome
 from .read import Work

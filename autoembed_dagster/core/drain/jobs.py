@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from .. import queue as pgmq
-from ..targets import INTEGER_KEY_TYPES, Target, TargetError, key_text
+from ..queue import pgmq
+from ..targets.catalog import INTEGER_KEY_TYPES, Target, TargetError, key_text
 
 MAX_RECORDED_ATTEMPTS = 1000  # an "attempts" field beyond this is not ours: ignored
 

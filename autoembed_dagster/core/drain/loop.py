@@ -17,15 +17,15 @@ from typing import Callable, TypeVar
 import psycopg
 from psycopg import errors, sql
 
-from .. import queue as pgmq
+from ..queue import pgmq
 from ..config import ConfigError, CredentialsError, Settings
-from ..database import conninfo_of, second_connection
-from ..embedders.base import EmbeddingError, ProviderConfigError
-from ..chunking import Splitter, splitter_for
-from ..targets import (Target, TargetChanged, TargetError, TargetKey, adopt_state_cleanup, check_dimensions,
-                       registered_target, target_key_from_message)
+from ..db.server import conninfo_of, second_connection
+from ..embed.base import EmbeddingError, ProviderConfigError
+from ..targets.splitter import Splitter, splitter_for
+from ..targets.catalog import (Target, TargetChanged, TargetError, TargetKey, adopt_state_cleanup, check_dimensions,
+                               registered_target, target_key_from_message)
 from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs, write_target
-from .claims import Claims
+from ..queue.claims import Claims
 from .embed import embed_work
 from .jobs import Job, recorded_failures, row_jobs
 from .outcome import Outcome
@@ -73,7 +73,7 @@ _TARGET_CHANGE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def target_changed(exc: BaseException) -> bool:
-    from ..migration import MigrationChanged  # migration.py imports this package's peers
+    from ..migrate.migration import MigrationChanged  # migration.py imports this package's peers
 
     return isinstance(exc, (MigrationChanged, *_TARGET_CHANGE_ERRORS))
 

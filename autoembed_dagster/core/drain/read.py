@@ -12,8 +12,8 @@ from typing import Callable, TypeVar
 import psycopg
 from psycopg import sql
 
-from ..embedders.base import Embedder
-from ..targets import Target, check_target
+from ..embed.base import Embedder
+from ..targets.catalog import Target, check_target
 from .jobs import Job
 from .outcome import Outcome
 from .stats import DrainStats

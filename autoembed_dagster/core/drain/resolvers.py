@@ -7,10 +7,10 @@ from typing import Callable
 import psycopg
 
 from ..config import EmbedderSettings
-from ..database import lending
-from ..embedders import make_embedder
-from ..embedders.base import Embedder
-from ..targets import Target
+from ..db.server import lending
+from ..embed import make_embedder
+from ..embed.base import Embedder
+from ..targets.catalog import Target
 
 EmbedderResolver = Callable[[Target], Embedder]
 
@@ -31,7 +31,7 @@ def default_resolver(settings: EmbedderSettings | None = None, *, url: str | Non
     settings = settings or EmbedderSettings.from_env()
     if not migrations:
         return lambda target: make_embedder(settings, dimensions=target.dimensions)
-    from ..migration import migration_aware  # migration.py imports this package's peers
+    from ..migrate.migration import migration_aware  # migration.py imports this package's peers
 
     return migration_aware(lambda schema, table, column: settings, url)
 
@@ -49,7 +49,7 @@ def pipeline_resolver(pipelines, base: EmbedderSettings | None = None, *, url: s
         return by_target.get((schema, table, column), base)
 
     if migrations:
-        from ..migration import migration_aware
+        from ..migrate.migration import migration_aware
 
         return migration_aware(configured, url)
 

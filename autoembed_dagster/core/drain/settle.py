@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import errors, sql
 
-from .. import queue as pgmq
+from ..queue import pgmq
 from ..config import Settings
-from ..targets import Target
+from ..targets.catalog import Target
 from .chunked import ChunkWritten, write_chunk_sets
-from .claims import Claims
+from ..queue.claims import Claims
 from .embed import COPY_HEADER, COPY_TRAILER
 from .jobs import Job, single_body
 from .outcome import Outcome, Write

@@ -23,7 +23,7 @@ import pybase64
 import tiktoken
 
 from ..config import ConfigError, CredentialsError, EmbedderSettings
-from ..ratelimit import Limiter, RateLimit, retry_after_seconds
+from .ratelimit import Limiter, RateLimit, retry_after_seconds
 from .base import EmbedOutcome, EmbeddingError, ModelIdentity
 
 log = logging.getLogger(__name__)

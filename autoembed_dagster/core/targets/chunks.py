@@ -24,12 +24,12 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from .chunking import Splitter, chunk_hash
-from .embedders.base import Embedder, ProviderConfigError
+from .splitter import Splitter, chunk_hash
+from ..embed.base import Embedder, ProviderConfigError
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
-from .drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
-from .migration import Coverage
-from .targets import TargetError, check_identifier
+from ..drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
+from ..migrate.migration import Coverage
+from .catalog import TargetError, check_identifier
 
 VECTOR_COLUMN = "embedding"
 
@@ -356,7 +356,7 @@ def document_counts(conn: psycopg.Connection, target: ChunkTarget, model_key: st
 
 
 def shadow_name(target: ChunkTarget) -> str:
-    from .migration import suffixed
+    from ..migrate.migration import suffixed
 
     return suffixed(target.chunk_table, "__next")
 
@@ -386,7 +386,7 @@ def copy_vector_indexes(conn: psycopg.Connection, live: ChunkTarget, shadow: Chu
     vector type, options such as m = 32) instead of the default HNSW it was created with, so the
     promotion swaps in the index the live table had. A live table with none keeps the default.
     Returns the indexes created."""
-    from .migration import column_indexes, opclass_for, with_options
+    from ..migrate.migration import column_indexes, opclass_for, with_options
 
     def shape(ix, vector_type: str) -> tuple:
         return ix.method, opclass_for(ix.opclass, vector_type), tuple(sorted(ix.options or ()))

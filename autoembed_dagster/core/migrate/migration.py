@@ -26,12 +26,12 @@ from typing import Callable, TypeVar
 import psycopg
 from psycopg import errors, sql
 
-from . import queue as pgmq
-from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
-from .database import lent_connection
-from .embedders import make_embedder
-from .embedders.base import Embedder
-from .targets import MAX_IDENTIFIER_BYTES, Target, TargetError, TargetKey, resolve
+from ..queue import pgmq
+from ..config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
+from ..db.server import lent_connection
+from ..embed import make_embedder
+from ..embed.base import Embedder
+from ..targets.catalog import MAX_IDENTIFIER_BYTES, Target, TargetError, TargetKey, resolve
 
 SHADOW_SUFFIX = "__next"
 OLD_SUFFIX = "__old"
@@ -831,7 +831,7 @@ class MigrationAwareResolver:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            from .database import connect, database_url
+            from ..db.server import connect, database_url
 
             self._conn = connect(self._url or database_url())
             weakref.finalize(self, self._conn.close)

@@ -23,16 +23,17 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
-from . import backfill_control, chunks
+from . import backfill_control
+from ..targets import chunks
 from .backfill import pipeline_spec
-from .chunking import Splitter, splitter_for
-from .config import ConfigError
-from .drain.chunked import chunk_target_of, shadow_of
-from .embedders import make_embedder
-from .embedders.base import Embedder
+from ..targets.splitter import Splitter, splitter_for
+from ..config import ConfigError
+from ..drain.chunked import chunk_target_of, shadow_of
+from ..embed import make_embedder
+from ..embed.base import Embedder
 from .migration import Coverage, MigrationError, ModelSpec
-from .pipelines import Pipeline
-from .targets import Target, TargetError, lookup_registered
+from ..pipelines import Pipeline
+from ..targets.catalog import Target, TargetError, lookup_registered
 
 DEFAULT_PAGE_DOCUMENTS = 32
 

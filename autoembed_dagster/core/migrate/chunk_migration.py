@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from . import chunks
+from ..targets import chunks
 from .backfill import MIGRATION_ACTIONS
 from .chunk_backfill import pipeline_embedder
-from .drain.chunked import chunk_target_of, shadow_of
+from ..drain.chunked import chunk_target_of, shadow_of
 from .migration import Coverage, MigrationError, in_locked_transaction
-from .pipelines import Pipeline
-from .targets import Target
+from ..pipelines import Pipeline
+from ..targets.catalog import Target
 
 
 @dataclass(frozen=True)

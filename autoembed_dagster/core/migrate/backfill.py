@@ -25,18 +25,18 @@ import psycopg
 from psycopg import sql
 
 from . import backfill_control
-from .config import ConfigError, EmbedderSettings
-from .database import second_connection
-from .drain import ProviderConfigError, completed, copy_records
-from .drain.loop import pin_session
-from .drain.settle import VectorWriter
-from .embedders import make_embedder
-from .embedders.base import EmbedOutcome, Embedder, EmbeddingError
-from .health import estimated_cost
+from ..config import ConfigError, EmbedderSettings
+from ..db.server import second_connection
+from ..drain import ProviderConfigError, completed, copy_records
+from ..drain.loop import pin_session
+from ..drain.settle import VectorWriter
+from ..embed import make_embedder
+from ..embed.base import EmbedOutcome, Embedder, EmbeddingError
+from ..health import estimated_cost
 from .migration import (Coverage, Migration, ModelSpec, PromoteResult, coverage, get_migration, promote,
                         start_migration, trigger_content_functions)
-from .pipelines import Pipeline
-from .targets import Target, TargetKey, check_dimensions, resolve
+from ..pipelines import Pipeline
+from ..targets.catalog import Target, TargetKey, check_dimensions, resolve
 
 DEFAULT_BATCH_ROWS = 256
 
@@ -59,10 +59,10 @@ def shard_keys(shards: int) -> list[str]:
 def _native_dimensions(provider: str, model: str) -> tuple[int | None, bool]:
     """(output size without a `dimensions` request, whether the model can make other sizes)."""
     if provider == "local":
-        from .embedders.local import DIMENSIONS
+        from ..embed.local import DIMENSIONS
 
         return DIMENSIONS, False
-    from .embedders.openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
+    from ..embed.openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
 
     return KNOWN_DIMENSIONS.get(model), supports_dimensions(model) or model not in KNOWN_DIMENSIONS
 

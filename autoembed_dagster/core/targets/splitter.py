@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 
 import semchunk
 
-from .config import ConfigError
+from ..config import ConfigError
 
 ALGORITHM = "para-cdc-v1"  # part of the splitter key: a change here makes stored chunk sets stale
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
@@ -245,7 +245,7 @@ def model_window(embedder: object) -> int:
 def provider_window(provider: str | None, max_input_tokens: int = 8191) -> int:
     """The same from settings alone (no embedder, no model loaded: what a declaration is checked with)."""
     if provider == "local":
-        from .embedders.local import MAX_TOKENS
+        from ..embed.local import MAX_TOKENS
 
         return MAX_TOKENS - 2  # [CLS] and [SEP] are added to every input
     return max_input_tokens

@@ -20,7 +20,7 @@ def sql_dir() -> Path:
     override = os.environ.get("AUTOEMBED_SQL_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "sql"
+    return Path(__file__).resolve().parents[3] / "sql"
 
 
 def sql_files() -> list[Path]:

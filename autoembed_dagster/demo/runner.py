@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from .core import queue as pgmq
-from .core.config import ConfigError, Settings
-from .core.corpus import Doc, LongDoc, named_long_docs, stdlib_docs
-from .core.database import (connect, database_name, database_url, embedded_pgdata, embedded_running, ensure_database,
-                            stop_embedded)
-from .core.migrations import init_db
-from .core.pipelines import Pipeline
+from ..core.queue import pgmq
+from ..core.config import ConfigError, Settings
+from .corpus import Doc, LongDoc, named_long_docs, stdlib_docs
+from ..core.db.server import (connect, database_name, database_url, embedded_pgdata, embedded_running,
+                              ensure_database, stop_embedded)
+from ..core.db.schema import init_db
+from ..core.pipelines import Pipeline
 
 DAGSTER_DATABASE = "dagster"  # Dagster's storage, on the data's server; AUTOEMBED_DAGSTER_DATABASE overrides
 DEMO_SCHEMA = "autoembed_demo"
@@ -69,7 +69,7 @@ CHUNK_QUERIES = (
 # -- locations -----------------------------------------------------------------------------------
 def project_root() -> Path:
     """The checkout holding workspace.yaml and dagster_home/ (the package is installed editable)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "workspace.yaml").is_file() or not (root / "dagster_home" / "dagster.yaml").is_file():
         raise ConfigError(
             f"workspace.yaml / dagster_home/dagster.yaml not found next to the package ({root}): "
@@ -85,7 +85,7 @@ def demo_project() -> Path:
 def demo_pipelines() -> tuple[Pipeline, Pipeline]:
     """The demo's two pipelines (docstrings: a vector column; modules: chunks), read from their
     defs.yaml like any declared pipeline."""
-    from .components.declarations import declared_pipelines
+    from ..components.declarations import declared_pipelines
 
     pipelines = declared_pipelines(demo_project())
     columns = [p for p in pipelines if p.table == DEMO_TABLE and not p.chunked]
@@ -205,7 +205,7 @@ def run_dagster_dev(port: int = 3000, workspace: str | None = None) -> int:
     """`autoembed dev`: `dagster dev` with the environment `autoembed dagster-env` prints (Postgres
     started, schema initialised, Dagster's storage ready), on the project in the current directory
     (its workspace.yaml, else its definitions module), else this checkout's own project."""
-    from .components.declarations import project_root as dg_project_root
+    from ..components.declarations import project_root as dg_project_root
 
     env = {**os.environ, **dagster_env()}
     if workspace is None:
@@ -603,8 +603,8 @@ def _watch(conn, started: Started, total: int, timeout: float) -> bool:
 
 
 def _search(url: str, queries: tuple[str, ...]) -> None:
-    from .core.drain import pipeline_resolver
-    from .core.search import search
+    from ..core.drain import pipeline_resolver
+    from ..core.search import search
 
     resolver = pipeline_resolver([demo_pipeline()])
     say("")
@@ -623,8 +623,8 @@ def _search(url: str, queries: tuple[str, ...]) -> None:
 
 def search_modules(conn, query: str, k: int = 3):
     """The modules whose best chunk is nearest to `query`: [(module, ChunkHit)]."""
-    from .core.embedders import make_embedder
-    from .core.search import search_chunks
+    from ..core.embed import make_embedder
+    from ..core.search import search_chunks
 
     p = demo_pipelines()[1]
     hits = search_chunks(conn, query, make_embedder(p.embedder_settings()), table=p.table, schema=p.schema,
