@@ -316,7 +316,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _chunk_backfill(args: argparse.Namespace, p) -> int:
-    """`autoembed backfill P` of a chunked pipeline (core.chunk_backfill)."""
+    """`autoembed backfill P` of a chunked pipeline (core.migrate.chunk_backfill)."""
     from .core.migrate.chunk_backfill import run_chunk_backfill
 
     def on_plan(plan, cov):
@@ -341,7 +341,7 @@ def _chunk_backfill(args: argparse.Namespace, p) -> int:
 
 
 def _chunk_migrate(args: argparse.Namespace, p) -> int:
-    """`autoembed migrate P ACTION` of a chunked pipeline (core.chunk_migration)."""
+    """`autoembed migrate P ACTION` of a chunked pipeline (core.migrate.chunk_migration)."""
     from .core.migrate.chunk_migration import chunk_migration_action
 
     with api.session() as conn:

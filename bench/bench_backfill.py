@@ -1,4 +1,4 @@
-"""Backfill: full re-embed of a table, shard by shard (core.backfill.backfill_shard), in one
+"""Backfill: full re-embed of a table, shard by shard (core.migrate.backfill.backfill_shard), in one
 process vs two processes (each taking half of the shards), against the instant fake provider.
 The default row count finishes in about a minute; `--rows 1000000 --shards 8` is the full-size
 run (~10 min on 2 cores).

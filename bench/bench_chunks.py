@@ -1,7 +1,7 @@
 """Chunked embeddings through the real drain: throughput against the same tokens as a column
 target, and what an edit costs.
 
-1. Throughput. Whole-module stdlib documents (core/corpus.py stdlib_long_docs) are enrolled as a
+1. Throughput. Whole-module stdlib documents (autoembed_dagster/demo/corpus.py stdlib_long_docs) are enrolled as a
    chunk target (autoembed.enroll_chunks: chunk table, triggers, backlog) and drained by the
    project's drain (Drainer.run: claim, read, split + plan, embed through the real openai client
    against the instant fake provider, swap chunk sets in the settle transaction). Baseline in the

@@ -1,4 +1,4 @@
-"""Per-table drain numbers (DrainStats.by_table), the drain cut into pieces (core/drain_report.py),
+"""Per-table drain numbers (DrainStats.by_table), the drain cut into pieces (core/drain/report.py),
 health and queue metrics, and the drain run reporting while it is still running, against real
 Postgres and the fake OpenAI server."""
 

@@ -1,4 +1,4 @@
-"""One provider rate limit for every worker (core/ratelimit.py, sql/010_rate_limit.sql): the paced
+"""One provider rate limit for every worker (core/embed/ratelimit.py, sql/010_rate_limit.sql): the paced
 schedule in Postgres, the pause a 429 sets for everyone, the OpenAI embedder's use of both, and
 4 `autoembed drain` processes against a provider that answers 429 past its per-minute limit."""
 

@@ -328,7 +328,8 @@ def test_a_model_migration_keeps_an_enrolled_tables_clearing_on_the_live_column(
     """Promotion and rollback rename columns: the target ids keep their role (the live column) and
     the enrolled triggers are re-created for the column that is live now. (fake_openai: the
     migration proves its target model with one probe embedding before it starts.)"""
-    from autoembed_dagster.core.migrate.migration import ModelSpec, promote, rollback, start_migration
+    from autoembed_dagster.core.migrate.migration import promote, rollback, start_migration
+    from autoembed_dagster.core.targets.models import ModelSpec
     from autoembed_dagster.core.targets.catalog import TargetKey
 
     make_docs(conn, "int", "id")

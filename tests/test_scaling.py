@@ -1,4 +1,4 @@
-"""Parallel drains per queue: the pure decision (core/scaling.py), the queue sensor that applies it
+"""Parallel drains per queue: the pure decision (core/drain/scaling.py), the queue sensor that applies it
 (build_sensor_context on a real instance and database), and the drain op's concurrency pool."""
 
 from __future__ import annotations

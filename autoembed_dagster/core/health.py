@@ -8,7 +8,9 @@ imports: the CLI or a test can call these directly.
 - dead letters of the table;
 - the column's declared size against the model's output size.
 
-The queue's metrics (what the queue sensor reports) are core.queue.metrics().
+The queue's metrics (what the queue sensor reports) are core.queue.pgmq.metrics().
+
+May import: core.config, core.pipelines, core.db, core.embed, core.targets, core.queue, core.drain.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableH
 
 def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> TableHealth:
     """A chunk target's documents: current = its chunk set is the chunking of its current input
-    under `embedder`'s model and the target's splitting (core.chunks.document_counts); missing =
+    under `embedder`'s model and the target's splitting (core.targets.chunks.document_counts); missing =
     documents with input and no chunk set; stale = chunk sets of older input, model or splitting."""
     from .targets.splitter import splitter_for
     from .targets.chunks import document_counts
@@ -162,7 +164,7 @@ def chunk_targets(conn: psycopg.Connection) -> list[Target]:
 
 def pipeline_columns(column: str) -> list[str]:
     """Every column a pipeline's jobs may name: the live one and a migration's shadow and old ones."""
-    from .migrate.migration import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
+    from .targets.shadow import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
 
     return [column, suffixed(column, SHADOW_SUFFIX), suffixed(column, OLD_SUFFIX)]
 
@@ -178,7 +180,7 @@ def dead_letter_count(conn: psycopg.Connection, key: TargetKey) -> int:
 
 def held_models(conn: psycopg.Connection, key: TargetKey) -> list[tuple[str, int]]:
     """(model, rows) the column's stored vectors were made with, most common first."""
-    from .migrate.migration import column_models
+    from .targets.shadow import column_models
 
     return column_models(conn, key.schema, key.table, key.embedding_column)
 

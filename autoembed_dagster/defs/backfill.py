@@ -8,7 +8,7 @@ stay listed, and show *stale*: the asset's code version is the configured model 
 `shard` is static (`0`..`n-1`, n = the pipeline's `shards`): rows where
 autoembed.shard_of(key::text, n) = shard (SHA-256 of the key, see sql/007).
 
-Everything here is a shell over core.backfill / core.migration.
+Everything here is a shell over core.migrate.backfill / core.migrate.migration.
 """
 
 
@@ -26,18 +26,18 @@ from ..core.migrate.backfill import (ShardResult, backfill_shard, estimated_shar
                                      pipeline_spec, plan, shard_keys)
 from ..core.config import ConfigError
 from ..core.drain import ProviderConfigError
-from ..core.migrate.migration import Coverage, ModelSpec, coverage
+from ..core.migrate.migration import coverage
+from ..core.targets.models import ModelSpec
+from ..core.targets.shadow import Coverage
 from ..core.pipelines import Pipeline
 from ..core.targets.catalog import TargetChanged, TargetError, resolve
 from . import chunk_backfill
-from .assets import GROUP, model_version, source_key
+from .assets import GROUP, PROGRESS_EVERY_SECONDS, SHARD_CHECK as CHECK, model_version, source_key
 from .resources import AutoembedResource
 
 NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
 PROMOTE_TAG = "autoembed/promote"  # "false" on a run: a shard completing the migration does not promote
 PIPELINE_TAG = "autoembed/pipeline"
-PROGRESS_EVERY_SECONDS = 5.0
-CHECK = "shard_complete"
 # Failures that end the same way on every retry until the configuration changes (a wrong model or
 # key, a missing table, a migration conflict): such a shard run fails once. Provider outages and
 # rows that could not be embedded yet stay retried.

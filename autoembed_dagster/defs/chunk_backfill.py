@@ -1,4 +1,4 @@
-"""The re-embed of a chunked pipeline in Dagster, over core.chunk_backfill: a partition run of its
+"""The re-embed of a chunked pipeline in Dagster, over core.migrate.chunk_backfill: a partition run of its
 `<name>_embeddings_by_shard` asset (model × shard) brings every document of the shard up to date
 (chunk texts that already have a vector are reused), into the live chunk table, or into the shadow
 `<table>_chunks__next` of a model change, promoted when every document's shadow set is current.
@@ -17,8 +17,11 @@ from ..core.migrate.backfill import pipeline_spec
 from ..core.migrate.chunk_backfill import backfill_chunk_shard, chunk_plan, pipeline_embedder, registered_chunk_target
 from ..core.migrate.chunk_migration import chunk_migration_action
 from ..core.drain.chunked import chunk_target_of, shadow_of
-from ..core.migrate.migration import Coverage, MigrationError, ModelSpec
+from ..core.migrate.migration import MigrationError
+from ..core.targets.models import ModelSpec
+from ..core.targets.shadow import Coverage
 from ..core.pipelines import Pipeline
+from .assets import PROGRESS_EVERY_SECONDS, SHARD_CHECK as CHECK
 from .resources import AutoembedResource
 
 
@@ -48,8 +51,6 @@ def needs_backfill(conn: psycopg.Connection, p: Pipeline) -> str | None:
 
 def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shard: int, promote_on: bool,
                         autoembed: AutoembedResource, p: Pipeline):
-    from .backfill import CHECK, PROGRESS_EVERY_SECONDS
-
     with autoembed.connect() as conn:
         live, configured, embedder, splitter = pipeline_embedder(conn, p)
         if spec.key != configured.key:
@@ -102,7 +103,7 @@ def reembed_chunk_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shar
 
 def migration_action(context: dg.OpExecutionContext, p: Pipeline, action: str, force: bool,
                      autoembed: AutoembedResource) -> dg.Output:
-    """The `model_migration` job's op for a chunked pipeline (core.chunk_migration)."""
+    """The `model_migration` job's op for a chunked pipeline (core.migrate.chunk_migration)."""
     with autoembed.connect() as conn:
         try:
             m = chunk_migration_action(conn, p, action, force=force)

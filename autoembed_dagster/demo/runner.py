@@ -1,7 +1,7 @@
 """`autoembed demo` and `autoembed dagster-env`.
 
 The demo runs everything on this machine, offline and with no API key: the embedded Postgres,
-`autoembed db init`, two tables of the Python standard library's docs (core/corpus.py) enrolled for
+`autoembed db init`, two tables of the Python standard library's docs (demo/corpus.py) enrolled for
 embedding with the local model (384 dimensions): short docstrings, one vector per row
 (`stdlib_docs`), and whole-module documents embedded as chunks (`stdlib_modules` ->
 `stdlib_modules_chunks`); then `dagster-daemon` and `dagster-webserver` (DAGSTER_HOME=dagster_home,

@@ -3,11 +3,11 @@ into its chunk table, sql/012): read + plan, embed the new chunk texts, and the 
 
 Same claims, batching, rate limit, retries and dead letters as column targets; what differs:
 
-- read: a job's document is read (core.chunks.read_documents) and planned (core.chunks.plan):
+- read: a job's document is read (core.targets.chunks.read_documents) and planned (core.targets.chunks.plan):
   only chunk texts with no vector under the model anywhere in the chunk table go to the provider;
 - embed: one provider call for the batch's new chunk texts; a document with a failed chunk is
   retried or dead-lettered whole (a document's chunk set is never written in part);
-- settle: core.chunks.write swaps each document's chunk set inside the settle's one transaction,
+- settle: core.targets.chunks.write swaps each document's chunk set inside the settle's one transaction,
   with the message deletes (SKIP LOCKED on the parent row: the drain gives way to the application).
 
 The chunk table written is the registered one (Target.chunk_table, resolved by target id from
@@ -79,7 +79,7 @@ class ChunkWork:
 
 @dataclass
 class ChunkWrite:
-    """A planned and embedded set of documents, written by the settle (core.chunks.write)."""
+    """A planned and embedded set of documents, written by the settle (core.targets.chunks.write)."""
 
     target: Target
     chunk_target: chunks.ChunkTarget
@@ -152,7 +152,7 @@ def embed_chunk_work(work: ChunkWork, outcome: Outcome, stats: DrainStats, encod
 
 @dataclass
 class ChunkWritten:
-    """What the settle's write of one ChunkWrite did (see core.chunks.WriteStats)."""
+    """What the settle's write of one ChunkWrite did (see core.targets.chunks.WriteStats)."""
 
     stats: chunks.WriteStats
     later: list[Job]  # jobs of documents not written now (parent row busy, a reused vector gone)

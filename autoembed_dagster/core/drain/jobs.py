@@ -1,7 +1,7 @@
 """Claimed messages → jobs: one job per row a message covers, with its target and its failures.
 
 A message is a pointer (target + keys), never an instruction: the target it names is resolved
-against what the database says (core.targets), and its keys are kept as exact text.
+against what the database says (core.targets.catalog), and its keys are kept as exact text.
 """
 
 from __future__ import annotations

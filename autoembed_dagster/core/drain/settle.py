@@ -20,7 +20,7 @@ from ..config import Settings
 from ..targets.catalog import Target
 from .chunked import ChunkWritten, write_chunk_sets
 from ..queue.claims import Claims
-from .embed import COPY_HEADER, COPY_TRAILER
+from ..targets.vectors import COPY_HEADER, COPY_TRAILER
 from .jobs import Job, single_body
 from .outcome import Outcome, Write
 from .stats import DrainStats, table_key, table_of_body

@@ -1,4 +1,7 @@
-"""Embedding providers behind one interface; `make_embedder()` picks one from settings."""
+"""Embedding providers behind one interface; `make_embedder()` picks one from settings. Also the
+provider rate limit shared by every worker (`ratelimit`) and the local model's files (`model_files/`).
+
+May import: core.config, core.db."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ class OpenAIEmbedder:
     def __repr__(self) -> str:
         return f"OpenAIEmbedder({self.identity.key}, base_url={self.settings.base_url!r})"
 
-    # -- the shared rate limit (core.ratelimit) -----------------------------------------------
+    # -- the shared rate limit (core.embed.ratelimit) -----------------------------------------------
     def _before_send(self, request: Any) -> None:  # an httpx(2) Request: openai brings its own httpx
         assert self._limiter is not None
         self._local.waited = getattr(self._local, "waited", 0.0) + self._limiter.acquire(

@@ -3,6 +3,5 @@ column, `chunk_backfill` for a chunk set), their pause and time window (`backfil
 the model migration of a column (`migration`: shadow column, promote, rollback, drop-old, abort)
 and of a chunk set (`chunk_migration`).
 
-May import: everything of core below it (config, db, embed, targets, queue, drain) and
-core.health (cost estimates). Only core.api, core.search, the CLI and the Dagster layer import it.
-(Today the drain imports `migration` lazily for the migration-aware resolver.)"""
+May import: everything of core below it (config, pipelines, db, embed, targets, queue, drain,
+health). Only the CLI and the Dagster layer import it."""

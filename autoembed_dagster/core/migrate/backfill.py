@@ -10,7 +10,7 @@ killed shard re-run starts where the committed batches end, and a row changed me
 to the incremental path (its trigger queued a job) instead of being overwritten with old content.
 
 Where a shard writes (`plan`): into the live column when the model is the one it already holds;
-otherwise into the shadow column of a model migration (core.migration), started on demand.
+otherwise into the shadow column of a model migration (core.migrate.migration), started on demand.
 """
 
 from __future__ import annotations
@@ -27,16 +27,18 @@ from psycopg import sql
 from . import backfill_control
 from ..config import ConfigError, EmbedderSettings
 from ..db.server import second_connection
-from ..drain import ProviderConfigError, completed, copy_records
+from ..drain import ProviderConfigError, completed
 from ..drain.loop import pin_session
 from ..drain.settle import VectorWriter
 from ..embed import make_embedder
 from ..embed.base import EmbedOutcome, Embedder, EmbeddingError
 from ..health import estimated_cost
-from .migration import (Coverage, Migration, ModelSpec, PromoteResult, coverage, get_migration, promote,
-                        start_migration, trigger_content_functions)
+from .migration import PromoteResult, coverage, promote, start_migration, trigger_content_functions
+from ..targets.models import Migration, ModelSpec, get_migration
+from ..targets.shadow import Coverage
 from ..pipelines import Pipeline
 from ..targets.catalog import Target, TargetKey, check_dimensions, resolve
+from ..targets.vectors import copy_records
 
 DEFAULT_BATCH_ROWS = 256
 

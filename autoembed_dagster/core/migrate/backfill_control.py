@@ -93,7 +93,7 @@ def window_for(pipeline: str) -> Window | None:
 def stop_reason(conn: psycopg.Connection, pipeline: str, now: datetime | None = None) -> str | None:
     """Why a shard run of `pipeline` must stop now (paused, or outside its window), or None."""
     if paused(conn, pipeline):
-        return f"backfill of {pipeline} is paused (resume: autoembed_dagster.core.backfill_control.resume)"
+        return f"backfill of {pipeline} is paused (resume: autoembed_dagster.core.migrate.backfill_control.resume)"
     window = window_for(pipeline)
     now = now or datetime.now(timezone.utc)
     if window is not None and not window.contains(now):

@@ -27,8 +27,8 @@ from psycopg import sql
 from .splitter import Splitter, chunk_hash
 from ..embed.base import Embedder, ProviderConfigError
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
-from ..drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
-from ..migrate.migration import Coverage
+from .vectors import COPY_HEADER, COPY_TRAILER, copy_records
+from .shadow import Coverage
 from .catalog import TargetError, check_identifier
 
 VECTOR_COLUMN = "embedding"
@@ -356,7 +356,7 @@ def document_counts(conn: psycopg.Connection, target: ChunkTarget, model_key: st
 
 
 def shadow_name(target: ChunkTarget) -> str:
-    from ..migrate.migration import suffixed
+    from .shadow import suffixed
 
     return suffixed(target.chunk_table, "__next")
 
@@ -386,7 +386,7 @@ def copy_vector_indexes(conn: psycopg.Connection, live: ChunkTarget, shadow: Chu
     vector type, options such as m = 32) instead of the default HNSW it was created with, so the
     promotion swaps in the index the live table had. A live table with none keeps the default.
     Returns the indexes created."""
-    from ..migrate.migration import column_indexes, opclass_for, with_options
+    from .shadow import column_indexes, opclass_for, with_options
 
     def shape(ix, vector_type: str) -> tuple:
         return ix.method, opclass_for(ix.opclass, vector_type), tuple(sorted(ix.options or ()))

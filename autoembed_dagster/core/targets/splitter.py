@@ -7,7 +7,7 @@ a chunk ends after a paragraph whose hash marks it as an anchor when the run sin
 anchor is long enough, and must end when the next paragraph would not fit. Plain greedy packing shifts every later
 boundary when one paragraph grows (all chunks after an edit change); anchors tie boundaries to
 content, so an edit changes the chunks around it and the rest keep their exact text (and so their
-vectors: see core/chunks.py). Each chunk is an exact slice of the document; with `overlap`, a
+vectors: see core/targets/chunks.py). Each chunk is an exact slice of the document; with `overlap`, a
 chunk starts with up to `overlap` tokens from the end of the previous chunk's last paragraph.
 
 Deterministic: the same text, tokenizer and settings give the same chunks.
