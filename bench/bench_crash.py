@@ -29,7 +29,7 @@ from tests.fake_openai import FakeOpenAI  # noqa: E402 - the fault-injecting pro
 
 DRAIN = r"""
 from autoembed_dagster.core.config import Settings
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import Drainer
 with connect() as conn:
     print("READY", flush=True)

@@ -291,8 +291,8 @@ def test_concurrent_writers_drains_and_backfill_end_consistent(supabase_docs, fa
 
 
 _KILLED_SHARD = textwrap.dedent("""
-    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
-    from autoembed_dagster.core.database import connect
+    from autoembed_dagster.core.migrate.backfill import backfill_shard, resolve_spec
+    from autoembed_dagster.core.db.server import connect
     from autoembed_dagster.core.pipelines import Pipeline
 
     p = Pipeline(name="documents", schema="public", table="documents", dimensions=512, shards=1)
