@@ -37,16 +37,14 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 def _refuse_unproducible_size(args: argparse.Namespace) -> None:
     """Enrolling a column the default model cannot fill would dead-letter every row: refuse it."""
-    from .core.migrate.backfill import pipeline_spec
     from .core.pipelines import Pipeline, split_table
     from .core.targets.catalog import TargetKey, resolve
 
     schema, table = split_table(args.table, args.table)
     with api.session() as conn:
         target = resolve(conn, TargetKey(schema, table, args.content_function, args.column, args.key))
-    spec = pipeline_spec(Pipeline(name="enroll", schema=schema, table=table, content_function=args.content_function,
-                                  embedding_column=args.column, key_column=args.key),
-                         column_dimensions=target.dimensions)
+    spec = Pipeline(name="enroll", schema=schema, table=table, content_function=args.content_function,
+                    embedding_column=args.column, key_column=args.key).spec(column_dimensions=target.dimensions)
     if spec.dimensions != target.dimensions:
         column = f"{target.vector_type}({target.dimensions})"
         raise ConfigError(
@@ -247,24 +245,22 @@ def _pipeline_named(name: str):
 
 
 def _cmd_pipelines(args: argparse.Namespace) -> int:
-    from .core.migrate.backfill import code_version
-
     declared, discovered = _all_pipelines()
     rows = [(p, "declared") for p in declared] + [(p, "discovered") for p in discovered]
     if args.json:
-        print(json.dumps([{**p.__dict__, "origin": origin, "model": code_version(p)} for p, origin in rows], indent=2))
+        print(json.dumps([{**p.__dict__, "origin": origin, "model": p.code_version()} for p, origin in rows], indent=2))
         return 0
     for p, origin in rows:
         target = f"{p.chunk_table} ({p.chunk_tokens}/{p.chunk_overlap} tokens)" if p.chunked else p.embedding_column
         print(f"{p.name:<20} {p.qualified_table}.{target:<24} queue {p.queue:<16} "
-              f"{code_version(p)}  ({origin})")
+              f"{p.code_version()}  ({origin})")
     return 0
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .core.migrate.backfill import live_key, pipeline_spec, run_backfill
+    from .core.migrate.backfill import run_backfill
     from .core.targets.catalog import resolve
 
     p = _pipeline_named(args.pipeline)
@@ -290,7 +286,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             bar.set_postfix(shard=stats.shard, embedded=stats.embedded, refresh=False)
 
     with api.session() as conn:
-        spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+        spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
         try:
             result = run_backfill(conn, p, spec, only=args.shards, promote_when_complete=not args.no_promote,
                                   batch_rows=args.batch_rows, on_batch=on_batch, on_plan=on_plan)

@@ -17,14 +17,13 @@ import psycopg
 import pytest
 
 from autoembed_dagster.core.migrate import migration as mig
-from autoembed_dagster.core.migrate.backfill import (backfill_shard, embedder_for, plan, resolve_spec, run_backfill,
-                                                     shard_keys, shard_of)
+from autoembed_dagster.core.migrate.backfill import backfill_shard, embedder_for, plan, resolve_spec, run_backfill
 from autoembed_dagster.core.db.server import connect, with_database
 from autoembed_dagster.core.drain import Drainer, default_resolver, drain
 from autoembed_dagster.core.migrate.migration import MigrationIncomplete
 from autoembed_dagster.core.targets.models import MigrationChanged, ModelSpec
 from autoembed_dagster.core.db.schema import init_db
-from autoembed_dagster.core.pipelines import Pipeline
+from autoembed_dagster.core.pipelines import Pipeline, shard_keys, shard_of
 from autoembed_dagster.core.search import search
 from autoembed_dagster.core.targets.catalog import TargetKey, resolve
 

@@ -12,7 +12,6 @@ from typing import Iterable, Sequence
 
 import dagster as dg
 
-from ..core.migrate.backfill import code_version
 from ..core.config import ConfigError
 from ..core.pipelines import Pipeline
 
@@ -66,7 +65,7 @@ def model_version(p: Pipeline, digest: str | None = None) -> str:
     """The code version: the configured model identity (provider, model, size, input function), the
     chunk sizes of a chunked pipeline, and a digest of the input function's definition, so editing
     its body marks the asset stale."""
-    return code_version(p) + chunking_version(p) + (f"@{digest}" if digest else "")
+    return p.code_version() + chunking_version(p) + (f"@{digest}" if digest else "")
 
 
 def vectors_table(p: Pipeline) -> str:

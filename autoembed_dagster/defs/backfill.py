@@ -22,8 +22,7 @@ from dagster._core.utils import make_new_backfill_id
 from pydantic import Field
 
 from ..core.migrate import migration as mig
-from ..core.migrate.backfill import (ShardResult, backfill_shard, estimated_shard_cost, live_key, migration_action,
-                                     pipeline_spec, plan, shard_keys)
+from ..core.migrate.backfill import ShardResult, backfill_shard, estimated_shard_cost, migration_action, plan
 from ..core.config import ConfigError
 from ..core.drain import ProviderConfigError
 from ..core.migrate.migration import coverage
@@ -59,7 +58,7 @@ def reembed_job_name(p: Pipeline) -> str:
 def partitions_def(p: Pipeline) -> dg.MultiPartitionsDefinition:
     return dg.MultiPartitionsDefinition({
         "model": dg.DynamicPartitionsDefinition(name=models_partitions_name(p)),
-        "shard": dg.StaticPartitionsDefinition(shard_keys(p.shards)),
+        "shard": dg.StaticPartitionsDefinition(p.shard_keys),
     })
 
 
@@ -210,7 +209,7 @@ def _needs_backfill(conn, p: Pipeline) -> str | None:
     try:
         if p.chunked:
             return chunk_backfill.needs_backfill(conn, p)
-        spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+        spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
         shard_plan = plan(conn, p, spec, start=False)
     except Exception:  # noqa: BLE001 - a broken pipeline (missing table...) is reported by its checks
         return None
@@ -257,7 +256,7 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
                     spec, mode, reason, todo = chunk_backfill.launch_plan(conn, p)
                     column, migration_id = "", -1
                 else:
-                    spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+                    spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
                     # The model the code names, nothing else: a migration to it starts here when the
                     # column holds another one (after a probe embedding proves the target).
                     shard_plan = plan(conn, p, spec)
@@ -272,7 +271,7 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
         name = models_partitions_name(p)
         if not context.instance.has_dynamic_partition(name, spec.key):
             context.instance.add_dynamic_partitions(name, [spec.key])
-        shard_names = shard_keys(p.shards)
+        shard_names = p.shard_keys
         if config.shards is not None and not all(0 <= i < p.shards for i in config.shards):
             raise dg.Failure(f"shards must be in 0..{p.shards - 1} (pipeline {p.name} has {p.shards}), got {config.shards}",
                              allow_retries=False)
@@ -378,7 +377,7 @@ def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDef
             for p in pipelines:
                 try:
                     spec = (chunk_backfill.configured_spec(conn, p) if p.chunked
-                            else pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions))
+                            else p.spec(column_dimensions=resolve(conn, p.live_key).dimensions))
                 except Exception as exc:  # noqa: BLE001 - one broken pipeline must not hide the others
                     problems.append(f"{p.name}: {exc}")
                     continue

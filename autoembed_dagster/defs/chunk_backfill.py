@@ -13,7 +13,6 @@ import dagster as dg
 import psycopg
 
 from ..core.targets import chunks
-from ..core.migrate.backfill import pipeline_spec
 from ..core.migrate.chunk_backfill import backfill_chunk_shard, chunk_plan, pipeline_embedder, registered_chunk_target
 from ..core.migrate.chunk_migration import chunk_migration_action
 from ..core.drain.chunked import chunk_target_of, shadow_of
@@ -27,7 +26,7 @@ from .resources import AutoembedResource
 
 def configured_spec(conn: psycopg.Connection, p: Pipeline) -> ModelSpec:
     """The model the pipeline's defs.yaml names, sized like its registered chunk table."""
-    return pipeline_spec(p, column_dimensions=registered_chunk_target(conn, p).dimensions)
+    return p.spec(column_dimensions=registered_chunk_target(conn, p).dimensions)
 
 
 def launch_plan(conn: psycopg.Connection, p: Pipeline) -> tuple[ModelSpec, str, str, Coverage]:

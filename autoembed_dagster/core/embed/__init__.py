@@ -21,6 +21,7 @@ __all__ = [
     "ModelIdentity",
     "clear_embedder_cache",
     "make_embedder",
+    "native_dimensions",
 ]
 
 _lock = threading.Lock()
@@ -63,3 +64,14 @@ def clear_embedder_cache() -> None:
     """Forget cached embedders (tests; after changing the environment)."""
     with _lock:
         _cache.clear()
+
+
+def native_dimensions(provider: str, model: str) -> tuple[int | None, bool]:
+    """(the model's output size without a `dimensions` request, whether it can make other sizes)."""
+    if provider == "local":
+        from .local import DIMENSIONS
+
+        return DIMENSIONS, False
+    from .openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
+
+    return KNOWN_DIMENSIONS.get(model), supports_dimensions(model) or model not in KNOWN_DIMENSIONS

@@ -1,6 +1,6 @@
 """Full re-embed of a chunked pipeline, shard by shard, and its model change (plain Python).
 
-A shard (core.migrate.backfill.shard_of: the same key slices as column pipelines) walks its documents in
+A shard (core.pipelines.shard_of: the same key slices as column pipelines) walks its documents in
 key order and brings each one's chunk set up to date with core.targets.chunks.sync: a document whose set
 is already the chunking of its current input under the model is skipped, and chunk texts that
 already have a vector under the model (anywhere in the table written) are reused, so a shard is
@@ -25,7 +25,6 @@ from psycopg import sql
 
 from . import backfill_control
 from ..targets import chunks
-from .backfill import pipeline_spec
 from ..targets.splitter import Splitter, splitter_for
 from ..config import ConfigError
 from ..drain.chunked import chunk_target_of, shadow_of
@@ -65,7 +64,7 @@ def pipeline_embedder(conn: psycopg.Connection, p: Pipeline) -> tuple[Target, Mo
     """The pipeline's live chunk target, its configured model (sized like the drain sizes it), the
     embedder and the splitter."""
     live = registered_chunk_target(conn, p)
-    spec = pipeline_spec(p, column_dimensions=live.dimensions)
+    spec = p.spec(column_dimensions=live.dimensions)
     embedder = make_embedder(spec.settings(p.embedder_settings()), dimensions=spec.dimensions)
     if embedder.identity.key != spec.identity_key:
         raise ConfigError(f"{spec.key}: the embedder reports itself as {embedder.identity.key}")
