@@ -19,7 +19,7 @@ GROUP = "autoembed"
 DEFAULT_QUEUE = "embedding_jobs"  # Supabase's queue: SQL-enrolled tables land here
 LANE_TAG = "autoembed/lane"  # the queue a drain run drains
 CONFIG_ERROR_TAG = "autoembed/configuration_error"  # on a drain run the provider's configuration stopped
-PROGRESS_EVERY_SECONDS = 5.0  # how often a drain or a backfill shard logs its progress
+PROGRESS_EVERY_SECONDS = 5.0  # how often a drain run logs its progress (a backfill shard: core.migrate.reembed)
 SHARD_CHECK = "shard_complete"  # the asset check a backfill shard run reports (column or chunk set)
 _DAGSTER_NAME = re.compile(r"[A-Za-z0-9_]{1,60}")
 

@@ -8,7 +8,8 @@ stay listed, and show *stale*: the asset's code version is the configured model 
 `shard` is static (`0`..`n-1`, n = the pipeline's `shards`): rows where
 autoembed.shard_of(key::text, n) = shard (SHA-256 of the key, see sql/007).
 
-Everything here is a shell over core.migrate.backfill / core.migrate.migration.
+Everything here is a shell over core.migrate.reembed, written once for both target shapes (a vector
+column, a chunk set).
 """
 
 
@@ -21,17 +22,14 @@ from dagster._core.execution.backfill import PartitionBackfill
 from dagster._core.utils import make_new_backfill_id
 from pydantic import Field
 
-from ..core.migrate import migration as mig
-from ..core.migrate.backfill import ShardResult, backfill_shard, estimated_shard_cost, migration_action, plan
 from ..core.config import ConfigError
 from ..core.drain import ProviderConfigError
-from ..core.migrate.migration import coverage
-from ..core.targets.models import ModelSpec
-from ..core.targets.shadow import Coverage
+from ..core.migrate.migration import MigrationError
+from ..core.migrate.reembed import ShardRun, reembed_of
 from ..core.pipelines import Pipeline
-from ..core.targets.catalog import TargetChanged, TargetError, resolve
-from . import chunk_backfill
-from .assets import GROUP, PROGRESS_EVERY_SECONDS, SHARD_CHECK as CHECK, model_version, source_key
+from ..core.targets.catalog import TargetChanged, TargetError
+from ..core.targets.models import ModelSpec
+from .assets import GROUP, SHARD_CHECK as CHECK, model_version, source_key
 from .resources import AutoembedResource
 
 NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
@@ -40,7 +38,7 @@ PIPELINE_TAG = "autoembed/pipeline"
 # Failures that end the same way on every retry until the configuration changes (a wrong model or
 # key, a missing table, a migration conflict): such a shard run fails once. Provider outages and
 # rows that could not be embedded yet stay retried.
-DETERMINISTIC_FAILURES = (ConfigError, ProviderConfigError, mig.MigrationError, TargetChanged)
+DETERMINISTIC_FAILURES = (ConfigError, ProviderConfigError, MigrationError, TargetChanged)
 
 
 def shards_key(p: Pipeline) -> dg.AssetKey:
@@ -67,39 +65,6 @@ class ShardConfig(dg.Config):
     max_rows: int | None = Field(default=None, ge=1, description="Stop after about this many vectors; a re-run resumes.")
     promote: bool | None = Field(
         default=None, description=f"Promote the migration when this shard completes it (default: run tag {PROMOTE_TAG}, else true).")
-
-
-def _ratio(cov: Coverage | None) -> dg.MetadataValue | str:
-    return dg.MetadataValue.float(round(cov.ratio, 6)) if cov is not None else "n/a"
-
-
-def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict:
-    s, cost = result.stats, estimated_shard_cost(spec, result.stats.tokens)
-    priced = {} if cost is None else {"estimated_cost_usd": dg.MetadataValue.float(round(cost, 6))}
-    return {
-        **priced,
-        "model": spec.key,
-        "mode": result.plan.mode,
-        "column": result.plan.column or "",
-        "migration_id": result.plan.migration.id if result.plan.migration else -1,
-        "shard": s.shard,
-        "shards": s.shards,
-        "rows_in_shard": result.coverage.rows if result.coverage else 0,
-        "rows_embedded": s.embedded,
-        "rows_already_current": s.current,
-        "rows_empty_input": s.empty_input,
-        "stale_writes_avoided": s.stale,
-        "rows_failed": s.failed,
-        "tokens": s.tokens,
-        "requests": s.requests,
-        "rows_per_second": dg.MetadataValue.float(round(s.rows_per_second, 2)),
-        "seconds": dg.MetadataValue.float(round(s.seconds, 3)),
-        "rate_limit_wait_seconds": dg.MetadataValue.float(round(s.limit_wait_seconds, 3)),
-        "stopped_early": s.stopped or "",
-        "shard_coverage": _ratio(result.coverage),
-        "migration_coverage": _ratio(migration_cov),
-        "promoted": promoted,
-    }
 
 
 def build_shards_asset(p: Pipeline, digest: str | None = None) -> dg.AssetsDefinition:
@@ -144,49 +109,22 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
     promote_on = config.promote if config.promote is not None else (
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
-    if p.chunked:
-        yield from chunk_backfill.reembed_chunk_shard(context, spec, shard, promote_on, autoembed, p)
-        return
     with autoembed.connect() as conn:
-        shard_plan = plan(conn, p, spec)
-        if shard_plan.mode == "skip":
-            context.log.warning(f"partition {context.partition_key} skipped: {shard_plan.reason}")
-            yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
-                                      description=f"not embedded: {shard_plan.reason}")
-            return
-        context.log.info(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {shard_plan.reason}")
-        last = [time.monotonic()]
-
-        def on_batch(stats, rows):
-            if time.monotonic() - last[0] >= PROGRESS_EVERY_SECONDS:
-                last[0] = time.monotonic()
-                context.log.info(f"shard {shard}: {stats.embedded} embedded, {stats.rows_per_second:.0f} rows/s")
-
-        result = backfill_shard(conn, p, spec, shard, p.shards, shard_plan=shard_plan, batch_rows=config.batch_rows,
-                                max_rows=config.max_rows, on_batch=on_batch)
-        context.log.info(f"shard {shard}: {result.stats.summary()}")
-        migration_cov, promoted = None, False
-        m = result.plan.migration
-        if result.plan.mode == "migration" and m is not None:
-            migration_cov = coverage(conn, resolve(conn, m.shadow_key), m.model_key)
-            if migration_cov.complete and promote_on:
-                promotion = mig.promote(conn, m)
-                promoted = not promotion.already
-                if promoted:
-                    context.log.info(f"migration {m.id} complete: {m.embedding_column} now holds {m.model_key} "
-                                     f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
-    cov = result.coverage
+        run: ShardRun = reembed_of(p).run_shard(conn, spec, shard, promote=promote_on, batch_rows=config.batch_rows,
+                                                max_rows=config.max_rows, log=context.log.info)
+    if run.skipped is not None:
+        context.log.warning(f"partition {context.partition_key} skipped: {run.skipped}")
+        yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                  description=f"not embedded: {run.skipped}")
+        return
     yield dg.MaterializeResult(
-        metadata=_shard_metadata(result, spec, migration_cov, promoted),
-        check_results=[dg.AssetCheckResult(
-            check_name=CHECK, passed=result.complete, severity=dg.AssetCheckSeverity.WARN,
-            description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} vector "
-                         f"of their current input" if cov else "no coverage"),
-            metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0})],
+        metadata=run.metadata,
+        check_results=[dg.AssetCheckResult(check_name=CHECK, passed=run.check_passed,
+                                           severity=dg.AssetCheckSeverity.WARN, description=run.check_description,
+                                           metadata=run.check_metadata)],
     )
-    if result.stats.retryable_failures:
-        raise dg.Failure(f"{result.stats.retryable_failures} row(s) could not be embedded (provider errors); "
-                         "re-run this partition to resume", metadata={"errors": "\n".join(result.stats.errors)})
+    if run.failure:
+        raise dg.Failure(run.failure, metadata={"errors": "\n".join(run.errors)})
 
 
 # -- the `backfill` job: start (or resume) a re-embed and fan it out, one run per shard ---------------------------
@@ -207,16 +145,9 @@ def _pipeline(pipelines: Sequence[Pipeline], name: str) -> Pipeline:
 def _needs_backfill(conn, p: Pipeline) -> str | None:
     """Why the table does not hold the pipeline's configured model for every row; None when it does."""
     try:
-        if p.chunked:
-            return chunk_backfill.needs_backfill(conn, p)
-        spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
-        shard_plan = plan(conn, p, spec, start=False)
+        return reembed_of(p).needs_backfill(conn)
     except Exception:  # noqa: BLE001 - a broken pipeline (missing table...) is reported by its checks
         return None
-    if shard_plan.mode != "in_place":
-        return shard_plan.reason
-    cov = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
-    return None if cov.complete else f"{cov.missing} of {cov.embeddable} rows lack the {spec.identity_key} vector"
 
 
 def stale_pipelines(conn, pipelines: Sequence[Pipeline]) -> dict[str, str]:
@@ -251,23 +182,14 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
     def launch_backfill(context: dg.OpExecutionContext, config: BackfillConfig, autoembed: AutoembedResource):
         with autoembed.connect() as conn:
             p = _choose_pipeline(conn, pipelines, config.pipeline)
+            reembed = reembed_of(p)
             try:
-                if p.chunked:  # documents into the chunk table (or its shadow): defs/chunk_backfill.py
-                    spec, mode, reason, todo = chunk_backfill.launch_plan(conn, p)
-                    column, migration_id = "", -1
-                else:
-                    spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
-                    # The model the code names, nothing else: a migration to it starts here when the
-                    # column holds another one (after a probe embedding proves the target).
-                    shard_plan = plan(conn, p, spec)
-                    mode, reason, column = shard_plan.mode, shard_plan.reason, shard_plan.column or ""
-                    migration_id = shard_plan.migration.id if shard_plan.migration else -1
-            except (ConfigError, ValueError, mig.MigrationError, TargetError) as exc:
+                launch = reembed.launch(conn)
+            except (ConfigError, ValueError, MigrationError, TargetError) as exc:
                 raise dg.Failure(f"{p.name}: {exc}", allow_retries=False) from None
-            if mode == "skip":
-                raise dg.Failure(f"nothing to backfill: {reason}", allow_retries=False)
-            if not p.chunked:
-                todo = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
+            if launch.mode == "skip":
+                raise dg.Failure(f"nothing to backfill: {launch.reason}", allow_retries=False)
+        spec, reason, todo = launch.spec, launch.reason, launch.todo
         name = models_partitions_name(p)
         if not context.instance.has_dynamic_partition(name, spec.key):
             context.instance.add_dynamic_partitions(name, [spec.key])
@@ -292,11 +214,11 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
             run_config=None,
         ))
         context.log.info(f"backfill {backfill_id}: {len(partitions)} shard run(s) of {shards_key(p).to_user_string()}; "
-                         f"{todo.missing} of {todo.embeddable} {'documents' if p.chunked else 'rows'} to embed; {reason}")
+                         f"{todo.missing} of {todo.embeddable} {reembed.noun} to embed; {reason}")
         return dg.Output(None, metadata={
-            "backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": mode,
-            "column": column, "partitions": len(partitions), "rows_to_embed": todo.missing,
-            "rows_with_input": todo.embeddable, "migration_id": migration_id,
+            "backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": launch.mode,
+            "column": launch.column, "partitions": len(partitions), "rows_to_embed": todo.missing,
+            "rows_with_input": todo.embeddable, "migration_id": launch.migration_id,
         })
 
     @dg.job(name="backfill", executor_def=dg.in_process_executor,
@@ -325,28 +247,15 @@ def build_migration_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
     @dg.op(name="model_migration_action", description="status / promote / rollback / drop_old / abort a model migration.")
     def model_migration_action(context: dg.OpExecutionContext, config: MigrationConfig, autoembed: AutoembedResource):
         p = _pipeline(pipelines, config.pipeline)
-        if p.chunked:  # its shadow / old chunk tables: defs/chunk_backfill.py
-            return chunk_backfill.migration_action(context, p, config.action, config.force, autoembed)
         with autoembed.connect() as conn:
-            m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
-            if m is None:
-                if config.action != "status":
-                    raise dg.Failure(f"{p.qualified_table}.{p.embedding_column} has no model migration in flight")
-                return dg.Output(None, metadata={"status": "none"})
-            cov = coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
-            meta = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "", "coverage": _ratio(cov),
-                    "missing_rows": cov.missing}
             try:
-                m, r, configured = migration_action(conn, p, m, config.action, force=config.force)
-                if r is not None:
-                    meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
-                                locked_seconds=dg.MetadataValue.float(round(r.locked_seconds, 4)))
-                if configured is not None:
-                    _retire_model_partitions(context.instance, p, keep={m.spec.key, configured.key})
-            except mig.MigrationError as exc:
+                result = reembed_of(p).migration_action(conn, config.action, config.force)
+            except MigrationError as exc:
                 raise dg.Failure(str(exc)) from None
-        context.log.info(f"migration {m.id} of {m.label}: {m.status}")
-        return dg.Output(None, metadata={**meta, "status": m.status})
+        if result.keep_models is not None:
+            _retire_model_partitions(context.instance, p, keep=result.keep_models)
+        context.log.info(result.summary)
+        return dg.Output(None, metadata=result.metadata)
 
     @dg.job(name="model_migration", executor_def=dg.in_process_executor,
             config={"ops": {"model_migration_action": {"config": default}}} if default else None,
@@ -376,8 +285,7 @@ def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDef
         with autoembed.connect() as conn:
             for p in pipelines:
                 try:
-                    spec = (chunk_backfill.configured_spec(conn, p) if p.chunked
-                            else p.spec(column_dimensions=resolve(conn, p.live_key).dimensions))
+                    spec = reembed_of(p).configured_spec(conn)
                 except Exception as exc:  # noqa: BLE001 - one broken pipeline must not hide the others
                     problems.append(f"{p.name}: {exc}")
                     continue
