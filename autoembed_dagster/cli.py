@@ -57,8 +57,11 @@ def _refuse_unproducible_size(args: argparse.Namespace) -> None:
 def _cmd_enroll(args: argparse.Namespace) -> int:
     if args.chunk_tokens is not None:
         # The chunk table is created at the model's size: nothing to refuse (chunking checks the window).
+        from .core.targets.splitter import CLI_NAMES
+
         n = api.enroll(args.table, args.content_function, key_column=args.key, queue=args.queue,
-                       backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap)
+                       backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
+                       size_names=CLI_NAMES)
         schema, _, table = args.table.rpartition(".")
         print(f"{args.table} enrolled for chunks of at most {args.chunk_tokens} tokens "
               f"(overlap {args.chunk_overlap}) in {schema + '.' if schema else ''}{table}_chunks; "
@@ -78,30 +81,47 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = api.status(queue=args.queue)
     chunked = api.chunk_targets_health()
     dead = api.dead_letters(queue=args.queue, limit=10)
+    broken, repaired = api.schema_problems()
     if args.json:
         print(json.dumps({"queues": [r.__dict__ for r in rows],
+                          "broken_targets": [{**b.__dict__, "label": b.label} for b in broken],
+                          "repairs": [r.__dict__ for r in repaired],
                           "chunk_targets": [{**h.__dict__, "chunk_table": t.chunk_table, "chunk_tokens": t.chunk_tokens,
                                              "chunk_overlap": t.chunk_overlap, "coverage": round(h.coverage, 6)}
                                             for t, h in chunked],
                           "dead_letters": dead}, indent=2, default=str))
         return 0
-    print(f"{'queue':<24}{'messages':>9}{'rows':>9}{'visible':>9}{'in flight':>11}{'retrying':>10}"
-          f"{'oldest s':>10}{'dead':>7}")
-    for r in rows:
-        print(f"{r.queue_name:<24}{r.depth:>9}{r.rows:>9}{r.visible:>9}{r.in_flight:>11}{r.retrying:>10}"
-              f"{r.oldest_age_seconds:>10.1f}{r.dead_letters:>7}")
+    print(_table(["queue", "messages", "rows", "visible", "in flight", "retrying", "oldest s", "dead"],
+                 [[r.queue_name, r.depth, r.rows, r.visible, r.in_flight, r.retrying, f"{r.oldest_age_seconds:.1f}",
+                   r.dead_letters] for r in rows]))
     if chunked:
-        print(f"\n{'chunk target':<40}{'tokens':>8}{'documents':>11}{'current':>9}{'no chunks':>11}{'stale':>7}"
-              f"{'dead':>6}  model")
-        for target, h in chunked:
-            print(f"{h.table:<40}{f'{target.chunk_tokens}/{target.chunk_overlap}':>8}{h.embeddable:>11}"
-                  f"{h.current:>9}{h.missing:>11}{h.stale:>7}{h.dead_letters:>6}  {h.model}")
+        print()
+        print(_table(["chunk target", "tokens", "documents", "current", "no chunks", "stale", "dead", "model"],
+                     [[h.table, f"{target.chunk_tokens}/{target.chunk_overlap}", h.embeddable, h.current, h.missing,
+                       h.stale, h.dead_letters, h.model] for target, h in chunked], left=(0, 7)))
+    if broken:
+        print("\nbroken targets (not kept current until fixed):")
+        for b in broken:
+            print(f"  target {b.target} {b.label}: {b.problem}: {b.detail}")
+    if repaired:
+        print("\nrepaired by autoembed:")
+        for r in repaired:
+            print(f"  {r.at:%Y-%m-%d %H:%M:%S} {r.what}")
     if dead:
         print("\nlatest dead letters:")
         for d in dead:
             print(f"  #{d['msg_id']} {d['schema_name']}.{d['table_name']} id={d['row_id']} "
                   f"after {d['attempts']} attempt(s): {d['error']}")
     return 0
+
+
+def _table(header: list[str], rows: list[list], left: tuple[int, ...] = (0,)) -> str:
+    """Columns as wide as their longest value (a long queue or table name does not push the rest out
+    of line): the columns in `left` left-aligned, the others right-aligned, two spaces apart."""
+    cells = [[str(v) for v in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                     .rstrip() for row in cells)
 
 
 def _cmd_drain(args: argparse.Namespace) -> int:
@@ -214,7 +234,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_dev(args: argparse.Namespace) -> int:
     from .demo.runner import run_dagster_dev
 
-    return run_dagster_dev(port=args.port, workspace=args.workspace)
+    return run_dagster_dev(port=args.port, workspace=args.workspace, keep_db=args.keep_db)
 
 
 def _cmd_dagster_env(args: argparse.Namespace) -> int:
@@ -271,6 +291,9 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             (backfill_control.pause if args.pause else backfill_control.resume)(conn, p.name)
         print(f"backfill of {p.name} {'paused: running shards stop after their page' if args.pause else 'resumed'}")
         return 0
+    via = args.via or p.backfill_via
+    if via == "batch":
+        return _batch_backfill(args, p)
     if p.chunked:
         return _chunk_backfill(args, p)
     bar = None
@@ -309,6 +332,71 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     for error in result.total.errors:
         print(f"  error: {error}", file=sys.stderr)
     return 0 if not result.total.retryable_failures else 1
+
+
+def _batch_backfill(args: argparse.Namespace, p) -> int:
+    """`autoembed backfill P --via batch`: the provider's Batch API (core.migrate.batch_backfill). Ctrl-C
+    leaves the batches running; the same command again collects them."""
+    from tqdm import tqdm
+
+    from .core.migrate import batch_backfill as bb
+    from .core.targets.catalog import resolve
+
+    if args.shards:
+        raise ConfigError("--shards is for --via direct: a batch re-embed submits every row of the table")
+    bb.refuse_chunked(p)
+    bar = None
+
+    def on_plan(shard_plan, cov):
+        nonlocal bar
+        print(f"{p.name}: {shard_plan.spec.key} ({shard_plan.mode}) through the Batch API: {shard_plan.reason}")
+        bar = tqdm(total=cov.missing, unit="row", desc="collected", disable=args.quiet or None)
+
+    def on_progress(pr):
+        if bar is not None:
+            bar.n = min(pr.collected_rows, bar.total or pr.collected_rows)
+            bar.set_postfix(submitted=pr.submitted, validating=pr.by_status.get("validating", 0),
+                            in_progress=pr.by_status.get("in_progress", 0) + pr.by_status.get("finalizing", 0),
+                            refresh=False)
+            bar.refresh()
+
+    with api.session() as conn:
+        spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
+        try:
+            result = bb.run_batch_backfill(conn, p, spec, fallback=args.fallback or p.backfill_fallback,
+                                           promote_when_complete=not args.no_promote, on_plan=on_plan,
+                                           on_progress=on_progress)
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            left = bb.batches(conn, pipeline=p.name, open_only=True)
+            print(f"\ninterrupted: {len(left)} batch(es) left running at the provider "
+                  f"({', '.join(b.batch_id or f'record {b.id}' for b in left)}); run "
+                  f"`autoembed backfill {p.name} --via batch` again to collect them", file=sys.stderr)
+            return 130
+        finally:
+            if bar is not None:
+                bar.close()
+        records = {c.batch: bb.get_batch(conn, c.batch) for c in result.collected}
+    if result.plan.mode == "skip":
+        print(f"nothing to do: {result.plan.reason}", file=sys.stderr)
+        return 1
+    for c in result.collected:
+        b = records[c.batch]
+        cost, saving = b.cost() if b else (None, None)
+        priced = f", ~${cost:.4f} (saved ~${saving:.4f} against direct calls)" if cost is not None else ""
+        print(f"  batch {b.batch_id if b else c.batch} ({c.status}): {c.written} written, {c.stale} stale, "
+              f"{c.resubmit} resubmitted, {c.direct} direct, {c.dead} dead-lettered; {c.tokens} tokens{priced}")
+    cov = result.coverage
+    print(f"{result.summary()}\ncoverage of {spec.identity_key} in {result.plan.column}: "
+          f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable})")
+    if result.promotion is not None:
+        print(f"promoted: {p.embedding_column} now holds {spec.identity_key} (old vectors in "
+              f"{result.promotion.migration.old_column} until `autoembed migrate {p.name} drop-old`)")
+    for c in result.collected:
+        for error in c.errors:
+            print(f"  error: {error}", file=sys.stderr)
+    return 0 if cov.complete else 1
 
 
 def _chunk_backfill(args: argparse.Namespace, p) -> int:
@@ -458,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--batch-rows", type=int, help="rows per provider request")
     bf.add_argument("--no-promote", action="store_true", help="do not promote the migration when it is complete")
     bf.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bf.add_argument("--via", choices=["direct", "batch"], default=None,
+                    help="direct: /v1/embeddings (default, unless the defs.yaml says `backfill: {via: batch}`); "
+                         "batch: the provider's Batch API at half the price, results within 24 h (Ctrl-C leaves "
+                         "the batches running; run the command again to collect them)")
+    bf.add_argument("--fallback", choices=["resubmit", "direct"], default=None,
+                    help="--via batch: rows a batch did not return (expired, failed, missing) are submitted again "
+                         "(default) or embedded directly")
     pause = bf.add_mutually_exclusive_group()
     pause.add_argument("--pause", action="store_true",
                        help="pause the pipeline's backfill everywhere (running shards stop after their page)")
@@ -480,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--port", type=int, default=3000, help="port of the Dagster UI (default: 3000)")
     dv.add_argument("-w", "--workspace", default=None,
                     help="workspace.yaml to load (default: the project's, else its definitions module)")
+    dv.add_argument("--keep-db", action="store_true",
+                    help="leave the embedded Postgres running at exit when this command started it")
     dv.set_defaults(func=_cmd_dev)
     return p
 

@@ -120,6 +120,26 @@ set datestyle = 'ISO, YMD'
 set intervalstyle = 'postgres'
 as $$ select array(select k::text from unnest(keys) with ordinality u(k, i) order by i) $$;
 
+-- Raise unless `typ` is a key type (key_type_ok): a SECURITY DEFINER function converts keys to text,
+-- and a value of a caller's own type would run the caller's own cast to text with the definer's
+-- rights. Key types are built in (their casts cannot be replaced) or domains over them (a domain's
+-- own casts are never used). The common types are checked without the recursive lookup.
+create or replace function autoembed.require_key_type(typ regtype)
+returns void
+language plpgsql
+stable
+as $$
+begin
+    if typ = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
+       or autoembed.key_type_ok(typ) then
+        return;
+    end if;
+    raise exception 'autoembed: % is not a key type', typ
+        using errcode = 'datatype_mismatch',
+              hint = 'keys are smallint, integer, bigint, numeric, text, varchar, char(n), uuid, date, timestamp or timestamptz (or domains over them)';
+end;
+$$;
+
 -- The role a SECURITY DEFINER function acts for: the session's role (SET ROLE, or the login role).
 create or replace function autoembed.caller_role()
 returns name
@@ -259,7 +279,11 @@ $$;
 
 -- Send job messages to a queue and wake the drains (LISTEN autoembed). Sends nothing for no
 -- messages (send_batch raises on an empty array). Always through pgmq's own functions: one message
--- with pgmq.send (about half the cost of send_batch of one), more with one send_batch.
+-- with pgmq.send (about half the cost of send_batch of one), more with one send_batch. A queue
+-- dropped under us (pgmq.drop_queue, its table dropped) is re-created first and the repair recorded
+-- (autoembed.restore_queue, sql/014): the writer's statement goes on and its jobs are kept. (A
+-- catalog lookup, not an exception block: a subtransaction per statement would cost more, and
+-- thousands of them in one transaction overflow the subtransaction cache of every backend.)
 create or replace function autoembed.send_jobs(queue text, messages jsonb[])
 returns void
 language plpgsql
@@ -267,7 +291,11 @@ as $$
 begin
     if coalesce(cardinality(messages), 0) = 0 then
         return;
-    elsif cardinality(messages) = 1 then
+    end if;
+    if to_regclass('pgmq.' || quote_ident('q_' || lower(queue))) is null then
+        perform autoembed.restore_queue(queue);
+    end if;
+    if cardinality(messages) = 1 then
         perform pgmq.send(queue, messages[1]);
     else
         perform pgmq.send_batch(queue, messages);

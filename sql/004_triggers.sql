@@ -48,6 +48,17 @@ begin
             has_column := exists (select 1 from autoembed.vector_column(TG_RELID, embedding_column));
         end if;
     end if;
+    if not exists (select 1 from pg_attribute a where a.attrelid = TG_RELID and a.attname = key_column
+                   and a.attnum > 0 and not a.attisdropped) then
+        -- The key column was renamed since the trigger was created: follow the registry (the key by
+        -- attnum), so the application's write goes on and the row is still queued.
+        key_column := autoembed.registered_trigger_key(TG_RELID, content_function, TG_ARGV[1]);
+        if key_column is null then
+            raise warning 'autoembed: % has no key column % (renamed?) and no registered target to follow: nothing enqueued; recreate the trigger with the key column''s name',
+                TG_RELID::regclass, quote_literal(coalesce(TG_ARGV[2], 'id'));
+            return case when TG_WHEN = 'BEFORE' then NEW else null end;
+        end if;
+    end if;
     if fn is null then
         raise warning 'autoembed: content function % (taking a row of %) does not exist; job enqueued, it will be dead-lettered',
             quote_literal(content_function), TG_RELID::regclass;
@@ -107,6 +118,25 @@ as $$
       and exists (select 1 from pg_proc p where p.oid = r.content_fn)
 $$;
 
+-- The current name of the key column of the target registered from util.queue_embeddings
+-- arguments (content function, column, as given): what a trigger whose key argument went stale by
+-- a rename follows. NULL when there is none.
+create or replace function autoembed.registered_trigger_key(tbl oid, content_function text, embedding_column text)
+returns text
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select ka.attname::text
+    from autoembed.targets r
+    join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+    where r.relid = registered_trigger_key.tbl and r.origin in ('trigger', 'migration')
+      and r.content_function = registered_trigger_key.content_function
+      and r.embedding_column = registered_trigger_key.embedding_column
+    limit 1
+$$;
+
 -- Enqueue the job of one row for util.queue_embeddings. SECURITY DEFINER: it never runs the
 -- content function (`fn` is only compared with the registry). The target is registered from the
 -- trigger's own arguments the first time (autoembed.register_target checks that such a trigger
@@ -136,6 +166,8 @@ begin
         raise exception 'autoembed: role % may not write %: it cannot queue its jobs', autoembed.caller_role(), tbl::regclass
             using errcode = 'insufficient_privilege';
     end if;
+    -- (before anything converts the key: a key of the caller's own type would run its own cast here)
+    perform autoembed.require_key_type(pg_typeof(key));
     -- One query per row (this runs for every row written): the target and its message header (the
     -- table's names from the catalog caches, as autoembed.live_target).
     select r.id, r.content_fn, r.queue, r.origin, ka.attname as key_name,

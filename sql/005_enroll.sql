@@ -237,6 +237,7 @@ begin
         raise exception 'autoembed: no target %', target_id using errcode = 'undefined_object';
     end if;
     perform autoembed.require_owner(t.relid, 'queue its rows');
+    perform autoembed.require_key_type((select e.typelem from pg_type e where e.oid = pg_typeof(keys)));
     select autoembed.key_messages(autoembed.key_texts(keys), l.integer_keys, l.header) into messages
     from autoembed.live_target(t.id) l;
     perform autoembed.send_jobs(t.queue, messages);

@@ -119,12 +119,14 @@ as $$
 begin
     perform autoembed.require_owner((select r.relid from autoembed.targets r where r.id = target_id
                                      and r.chunk_table is not null), 'queue its rows');
+    perform autoembed.require_key_type((select e.typelem from pg_type e where e.oid = pg_typeof(keys)));
     return autoembed.send_chunk_keys(target_id, autoembed.key_texts(keys));
 end;
 $$;
 
 -- The key column of chunk target `arg` (a trigger argument) on table `tbl`, or NULL with a warning
--- (the user's write goes on, nothing is enqueued).
+-- (the user's write goes on, nothing is enqueued), also when the column's type is no longer a key
+-- type (the definer converts keys to text: never with a cast the table's owner wrote).
 create or replace function autoembed.chunk_trigger_key(tbl oid, arg text)
 returns text
 language plpgsql
@@ -139,7 +141,8 @@ begin
         select ka.attname::text into key_column
           from autoembed.targets r
           join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
-         where r.id = arg::bigint and r.relid = tbl and r.chunk_table is not null;
+         where r.id = arg::bigint and r.relid = tbl and r.chunk_table is not null
+           and autoembed.key_type_ok(ka.atttypid);
     end if;
     if key_column is null then
         raise warning 'autoembed: a chunk trigger on % names no chunk target of this table (%): nothing enqueued; enroll the table again',
@@ -150,16 +153,33 @@ end;
 $$;
 revoke execute on function autoembed.chunk_trigger_key(oid, text) from public;
 
+-- The keys a chunk target's row trigger noted until its statement trigger sends them, per
+-- transaction (xid) and target. Owned by the project: nobody else may read, write or put a trigger
+-- on it (a temp table here, pg_temp.autoembed_chunk_changes, let a writer who created it first with
+-- a trigger of its own run that trigger with the definer's rights). Unlogged: nothing here outlives
+-- the statement that wrote it, but a crash.
+create unlogged table if not exists autoembed.chunk_changes (
+    xid    xid8   not null,
+    target bigint not null,
+    k      text   not null
+);
+create index if not exists chunk_changes_xid on autoembed.chunk_changes (xid, target);
+revoke all on autoembed.chunk_changes from public;
+-- Notes of transactions that ended without their statement trigger (say, the owner disabled it).
+delete from autoembed.chunk_changes c where c.xid < pg_snapshot_xmin(pg_current_snapshot());
+
 -- The enqueue triggers of a chunk target (first argument: the target id). SECURITY DEFINER, and
 -- they read only keys: they call no user function, so the writing role needs rights on its own
--- table only.
+-- table only. They touch nothing a caller can create: every table is the project's and
+-- schema-qualified, keys are converted to text only when their type is a key type.
 --   AFTER INSERT statement (transition table autoembed_new): every new row, in one send;
 --   AFTER UPDATE row (arguments: target id, key column), fired only WHEN the input changed (its
 --     WHEN clause compares the content function of OLD and NEW in the writer's context: a
---     re-save or a change to another column costs no call here): notes the row's key in a
---     session temp table (rows cleared at commit);
---   AFTER UPDATE statement: sends the keys the row trigger noted, in one send (a bulk UPDATE is
---     grouped like a column target's, 200 rows a message). Row triggers fire before it.
+--     re-save or a change to another column costs no call here): notes the row's key in
+--     autoembed.chunk_changes under the transaction's id;
+--   AFTER UPDATE statement: takes (deletes) the keys the row trigger noted and sends them in one
+--     send (a bulk UPDATE is grouped like a column target's, 200 rows a message). Row triggers
+--     fire before it, in the same (sub)transaction.
 -- The key settings are pinned (as autoembed.key_texts does) so a key's text is canonical.
 create or replace function autoembed.queue_chunk_jobs()
 returns trigger
@@ -172,34 +192,69 @@ set intervalstyle = 'postgres'
 as $$
 declare
     key_column text;
+    key_type regtype;
     keys text[];
 begin
     if current_setting('autoembed.draining', true) = 'on' then
         return null;
     end if;
     if TG_LEVEL = 'ROW' then
-        if to_regclass('pg_temp.autoembed_chunk_changes') is null then
-            create temp table autoembed_chunk_changes (target bigint, k text) on commit delete rows;
-        end if;
         if TG_ARGV[1] = 'id' then  -- the usual key in static SQL: planned once per session and table
-            insert into pg_temp.autoembed_chunk_changes values (TG_ARGV[0]::bigint, NEW.id::text);
+            key_type := pg_typeof(NEW.id);
         else
-            execute format('insert into pg_temp.autoembed_chunk_changes values ($1, ($2).%I::text)', TG_ARGV[1])
+            execute format('select pg_typeof(($1).%I)', TG_ARGV[1]) into key_type using NEW;
+        end if;
+        if not (key_type = any ('{int2,int4,int8,numeric,text,varchar,bpchar,uuid,date,timestamp,timestamptz}'::regtype[])
+                or autoembed.key_type_ok(key_type)) then
+            raise warning 'autoembed: the key column % of % is of type %, not a key type: nothing enqueued; enroll the table again',
+                quote_ident(TG_ARGV[1]), TG_RELID::regclass, key_type;
+            return null;
+        end if;
+        if TG_ARGV[1] = 'id' then
+            insert into autoembed.chunk_changes values (pg_current_xact_id(), TG_ARGV[0]::bigint, NEW.id::text);
+        else
+            execute format('insert into autoembed.chunk_changes values (pg_catalog.pg_current_xact_id(), $1, ($2).%I::text)',
+                           TG_ARGV[1])
                 using TG_ARGV[0]::bigint, NEW;
         end if;
         return null;
     end if;
     key_column := autoembed.chunk_trigger_key(TG_RELID, TG_ARGV[0]);
+    if TG_OP = 'UPDATE' then
+        -- (taken even when the target is gone, so nothing stays behind)
+        with noted as (delete from autoembed.chunk_changes c
+                       where c.xid = pg_current_xact_id_if_assigned() and c.target = TG_ARGV[0]::bigint
+                       returning c.k)
+        select array(select distinct k from noted) into keys;
+    end if;
     if key_column is null then
         return null;
     elsif TG_OP = 'INSERT' then
         execute format('select array(select n.%I::text from autoembed_new n)', key_column) into keys;
-    elsif to_regclass('pg_temp.autoembed_chunk_changes') is not null then
-        with noted as (delete from pg_temp.autoembed_chunk_changes c where c.target = TG_ARGV[0]::bigint returning c.k)
-        select array(select distinct k from noted) into keys;
     end if;
     perform autoembed.send_chunk_keys(TG_ARGV[0]::bigint, keys);
     return null;
+end;
+$$;
+
+-- A chunk target as autoembed.install_chunk_triggers needs it (the registry is readable by nobody
+-- but the project): its table, content function and key column's current name. SECURITY DEFINER;
+-- the acting role must own the table (a superuser's event trigger, sql/008, does).
+create or replace function autoembed.chunk_target_parts(target_id bigint,
+                                                        out tbl regclass, out fn regprocedure, out key_column text)
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    select r.relid::regclass, r.content_fn::regprocedure, ka.attname::text into tbl, fn, key_column
+      from autoembed.targets r
+      join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+     where r.id = target_id and r.chunk_table is not null;
+    if tbl is not null then
+        perform autoembed.require_owner(tbl, 'change its triggers');
+    end if;
 end;
 $$;
 
@@ -218,10 +273,7 @@ declare
     key_column text;
     name text;
 begin
-    select r.relid::regclass, r.content_fn::regprocedure, ka.attname::text into tbl, fn, key_column
-      from autoembed.targets r
-      join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
-     where r.id = target_id and r.chunk_table is not null;
+    select p.tbl, p.fn, p.key_column into tbl, fn, key_column from autoembed.chunk_target_parts(target_id) p;
     if tbl is null then
         raise exception 'autoembed: % is not a chunk target with a key column', target_id
             using errcode = 'undefined_object';

@@ -2,13 +2,22 @@
 
 It speaks HTTP on 127.0.0.1 so the real `openai` client is exercised end to end (retries,
 timeouts, parsing); nothing is mocked. Faults are injected per request, thread-safely.
+
+It also speaks the Batch API (`/v1/files`, `/v1/batches`): a batch moves validating ->
+in_progress -> completed one step per `GET /v1/batches/{id}` (or by `advance_batches()` when
+held with `hold_batches()`), so tests control its clock; faults: `expire_next_batch`,
+`fail_next_batch`, `drop_from_next_batch`, and `poison` substrings fail their lines into the
+error file. `calls` counts requests per endpoint (`calls["POST /v1/embeddings"]`).
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import email
+import email.policy
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -36,10 +45,12 @@ def _error_body(message: str, status: int) -> dict[str, Any]:
 class FakeOpenAI:
     """`with FakeOpenAI() as srv: OpenAI(base_url=srv.base_url, api_key="x")`."""
 
-    def __init__(self, default_dims: int = 1536, host: str = "127.0.0.1") -> None:
+    def __init__(self, default_dims: int = 1536, host: str = "127.0.0.1", batch_api: bool = True) -> None:
         self.default_dims = default_dims
+        self.batch_api = batch_api  # False: /v1/batches and /v1/files answer 404, like a server without them
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
+        self._ids = itertools.count(1)
         self.reset()
         self._server = ThreadingHTTPServer((host, 0), _make_handler(self))
         self._server.daemon_threads = True  # a sleeping "timeout" handler must not block stop()
@@ -71,6 +82,52 @@ class FakeOpenAI:
             self._rate: tuple[int, float] | None = None
             self._accepted: collections.deque[float] = collections.deque()
             self._requests.clear()
+            self.calls: collections.Counter[str] = collections.Counter()
+            self.files: dict[str, dict[str, Any]] = {}
+            self.batches: dict[str, dict[str, Any]] = {}
+            self._held = False
+            self._batch_faults: list[tuple[str, Any]] = []  # ("expire", lines kept) / ("fail", msg) / ("drop", n)
+            # The provider's limits per batch (OpenAI: 50,000 requests and inputs, 200 MB per file).
+            self.max_batch_requests, self.max_batch_inputs, self.max_file_bytes = 50_000, 50_000, 200 * 1024 * 1024
+
+    # -- the Batch API's clock and faults -------------------------------------------------------
+    def hold_batches(self, held: bool = True) -> None:
+        """Held: batches do not move on when polled, only through advance_batches()."""
+        with self._lock:
+            self._held = held
+
+    def advance_batches(self, steps: int = 1) -> None:
+        """Move every open batch `steps` states on (validating -> in_progress -> completed)."""
+        with self._lock:
+            for b in list(self.batches.values()):
+                for _ in range(steps):
+                    self._step(b)
+
+    def expire_next_batch(self, keep_lines: int = 0) -> None:
+        """The next batch to finish expires instead: only its first `keep_lines` results are returned."""
+        with self._lock:
+            self._batch_faults.append(("expire", keep_lines))
+
+    def fail_next_batch(self, message: str = "the input file failed validation") -> None:
+        """The next batch to be validated fails (status `failed`, no output)."""
+        with self._lock:
+            self._batch_faults.append(("fail", message))
+
+    def drop_from_next_batch(self, n: int) -> None:
+        """The next batch to complete leaves its last `n` lines out of both output and error files."""
+        with self._lock:
+            self._batch_faults.append(("drop", n))
+
+    @property
+    def batch_creations(self) -> int:
+        with self._lock:
+            return self.calls["POST /v1/batches"]
+
+    @property
+    def embedding_calls(self) -> int:
+        """POST /v1/embeddings requests received (direct calls, not batch lines)."""
+        with self._lock:
+            return self.calls["POST /v1/embeddings"]
 
     def fail_next(self, n: int, status: int = 500, retry_after: float | None = None, body: Any = None) -> None:
         """The next `n` requests get `status` (optionally with a Retry-After header, in seconds)."""
@@ -223,6 +280,170 @@ class FakeOpenAI:
             data = b'{"object": "list", "model": "\xff\xfe\xfd", "data": []}'
         return status, headers, data
 
+    # -- the Batch API (called from handler threads) -----------------------------------------
+    def count(self, what: str) -> None:
+        with self._lock:
+            self.calls[what] += 1
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids):06d}"
+
+    def handle_batch_api(self, method: str, path: str, body: bytes, content_type: str):
+        parts = [x for x in path.split("/") if x]
+        if parts[:1] == ["v1"]:
+            parts = parts[1:]
+        route = f"{method} /v1/{parts[0] if parts else ''}"
+        if len(parts) == 2:
+            route += "/{id}"
+        elif len(parts) == 3:
+            route += "/{id}/" + parts[2]
+        self.count(route)
+        if not self.batch_api or not parts or parts[0] not in ("files", "batches"):
+            return _json(404, _error_body(f"no route {method} {path}", 404))
+        try:
+            if route == "POST /v1/files":
+                return self._upload(body, content_type)
+            if route == "GET /v1/files/{id}/content":
+                with self._lock:
+                    f = self.files.get(parts[1])
+                if f is None:
+                    return _json(404, _error_body(f"no file {parts[1]}", 404))
+                return 200, {}, (f["data"],)
+            if route == "GET /v1/files/{id}":
+                with self._lock:
+                    f = self.files.get(parts[1])
+                return _json(200, f["object"]) if f else _json(404, _error_body(f"no file {parts[1]}", 404))
+            if route == "POST /v1/batches":
+                return self._create_batch(json.loads(body))
+            if route == "GET /v1/batches":
+                with self._lock:
+                    data = [dict(b["object"]) for b in self.batches.values()]
+                return _json(200, {"object": "list", "data": data[::-1], "has_more": False,
+                                   "first_id": data[-1]["id"] if data else None,
+                                   "last_id": data[0]["id"] if data else None})
+            if route == "GET /v1/batches/{id}":
+                with self._lock:
+                    b = self.batches.get(parts[1])
+                    if b is None:
+                        return _json(404, _error_body(f"no batch {parts[1]}", 404))
+                    if not self._held:
+                        self._step(b)
+                    return _json(200, dict(b["object"]))
+            if route == "POST /v1/batches/{id}/cancel":
+                with self._lock:
+                    b = self.batches.get(parts[1])
+                    if b is None:
+                        return _json(404, _error_body(f"no batch {parts[1]}", 404))
+                    if b["object"]["status"] in ("validating", "in_progress", "finalizing"):
+                        self._finish(b, "cancelled", keep=0)
+                    return _json(200, dict(b["object"]))
+        except (ValueError, KeyError) as exc:
+            return _json(400, _error_body(f"bad request: {exc}", 400))
+        return _json(404, _error_body(f"no route {method} {path}", 404))
+
+    def _upload(self, body: bytes, content_type: str):
+        msg = email.message_from_bytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body,
+                                       policy=email.policy.HTTP)
+        fields: dict[str, Any] = {}
+        for part in msg.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            fields[name] = (part.get_filename(), part.get_payload(decode=True))
+        if "file" not in fields or "purpose" not in fields:
+            return _json(400, _error_body("multipart upload needs `file` and `purpose`", 400))
+        purpose = fields["purpose"][1].decode()
+        filename, data = fields["file"]
+        if purpose != "batch":
+            return _json(400, _error_body(f"purpose {purpose!r}: this server takes only `batch` files", 400))
+        if len(data) > self.max_file_bytes:
+            return _json(413, _error_body(f"file of {len(data)} bytes is over the {self.max_file_bytes} byte limit", 413))
+        return _json(200, self._store_file(data, filename or "upload.jsonl", purpose))
+
+    def _store_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        fid = self._new_id("file")
+        obj = {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+               "filename": filename, "purpose": purpose, "status": "processed"}
+        with self._lock:
+            self.files[fid] = {"data": data, "object": obj}
+        return obj
+
+    def _create_batch(self, req: dict[str, Any]):
+        with self._lock:
+            f = self.files.get(req.get("input_file_id"))
+        if f is None:
+            return _json(400, _error_body(f"no input file {req.get('input_file_id')!r}", 400))
+        if req.get("endpoint") != "/v1/embeddings" or req.get("completion_window") != "24h":
+            return _json(400, _error_body("endpoint must be /v1/embeddings and completion_window 24h", 400))
+        bid = self._new_id("batch")
+        now = int(time.time())
+        obj = {"id": bid, "object": "batch", "endpoint": req["endpoint"], "errors": None,
+               "input_file_id": req["input_file_id"], "completion_window": "24h", "status": "validating",
+               "output_file_id": None, "error_file_id": None, "created_at": now, "expires_at": now + 86400,
+               "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.get("metadata")}
+        with self._lock:
+            self.batches[bid] = {"object": obj, "input": f["data"]}
+        return _json(200, obj)
+
+    def _step(self, b: dict[str, Any]) -> None:
+        """One tick of a batch's clock (lock held)."""
+        obj = b["object"]
+        if obj["status"] == "validating":
+            lines = [json.loads(x) for x in b["input"].splitlines() if x.strip()]
+            inputs = sum(len(x["body"]["input"]) if isinstance(x["body"]["input"], list) else 1 for x in lines)
+            fault = self._take_fault("fail")
+            problem = (fault[1] if fault else
+                       f"{len(lines)} requests is over the limit of {self.max_batch_requests}"
+                       if len(lines) > self.max_batch_requests else
+                       f"{inputs} embedding inputs is over the limit of {self.max_batch_inputs}"
+                       if inputs > self.max_batch_inputs else None)
+            if problem:
+                obj.update(status="failed", failed_at=int(time.time()),
+                           errors={"object": "list", "data": [{"code": "invalid_file", "message": problem,
+                                                                "line": None, "param": None}]})
+                return
+            b["lines"] = lines
+            obj["request_counts"] = {"total": len(lines), "completed": 0, "failed": 0}
+            obj.update(status="in_progress", in_progress_at=int(time.time()))
+        elif obj["status"] == "in_progress":
+            fault = self._take_fault("expire")
+            if fault:
+                self._finish(b, "expired", keep=fault[1])
+            else:
+                drop = self._take_fault("drop")
+                self._finish(b, "completed", keep=len(b["lines"]) - (drop[1] if drop else 0))
+
+    def _take_fault(self, kind: str):
+        for i, f in enumerate(self._batch_faults):
+            if f[0] == kind:
+                return self._batch_faults.pop(i)
+        return None
+
+    def _finish(self, b: dict[str, Any], status: str, keep: int) -> None:
+        """Run the first `keep` lines of the batch; write output and error files (lock held)."""
+        obj, out, err = b["object"], [], []
+        for line in b.get("lines", [])[:keep]:
+            req = line["body"]
+            raw = req.get("input")
+            inputs = [raw] if isinstance(raw, str) else raw
+            hit = next((p for p in self._poison for t in inputs if p[0] in t), None)
+            code, _, payload = self._respond(req, inputs, req.get("dimensions") or self.default_dims, None, None, hit)
+            result = {"id": self._new_id("batch_req"), "custom_id": line["custom_id"],
+                      "response": {"status_code": code, "request_id": self._new_id("req"),
+                                   "body": json.loads(payload)}, "error": None}
+            (out if code == 200 else err).append(json.dumps(result))
+        self._lock.release()  # _store_file takes the lock
+        try:
+            if out:
+                obj["output_file_id"] = self._store_file(("\n".join(out) + "\n").encode(), f"{obj['id']}_output.jsonl",
+                                                         "batch_output")["id"]
+            if err:
+                obj["error_file_id"] = self._store_file(("\n".join(err) + "\n").encode(), f"{obj['id']}_error.jsonl",
+                                                        "batch_output")["id"]
+        finally:
+            self._lock.acquire()
+        obj["request_counts"] = {"total": len(b.get("lines", [])), "completed": len(out), "failed": len(err)}
+        obj.update(status=status, **{f"{status}_at": int(time.time())})
+
+
 
 def _json(status: int, obj: Any) -> tuple[int, dict[str, str], bytes]:
     return status, {}, json.dumps(obj).encode()
@@ -238,15 +459,26 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802 - http.server naming
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
-            if self.path.rstrip("/") not in ("/v1/embeddings", "/embeddings"):
-                self._send(*_json(404, _error_body(f"no route {self.path}", 404)))
+            path = self.path.split("?")[0].rstrip("/")
+            if path in ("/v1/embeddings", "/embeddings"):
+                fake.count("POST /v1/embeddings")
+                self._send(*fake.handle(body))
                 return
-            self._send(*fake.handle(body))
+            self._send(*fake.handle_batch_api("POST", path, body, self.headers.get("Content-Type") or ""))
 
-        def _send(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        def do_GET(self) -> None:  # noqa: N802
+            path = self.path.split("?")[0].rstrip("/")
+            status, headers, data = fake.handle_batch_api("GET", path, b"", "")
+            if isinstance(data, tuple):  # file content: not JSON
+                self._send(status, headers, data[0], content_type="application/octet-stream")
+            else:
+                self._send(status, headers, data)
+
+        def _send(self, status: int, headers: dict[str, str], data: bytes,
+                  content_type: str = "application/json") -> None:
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in headers.items():
                     self.send_header(k, v)

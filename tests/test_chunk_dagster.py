@@ -18,12 +18,13 @@ import pytest
 import yaml
 
 from autoembed_dagster.core import api
+from autoembed_dagster.core.config import ConfigError
 from autoembed_dagster.core.pipelines import Pipeline
 from autoembed_dagster.defs.assets import embeddings_key, index_key, queue_key, source_key
 from autoembed_dagster.defs.autoembed import _facts_cache, build_defs
 from autoembed_dagster.defs.backfill import shards_key
 
-from .dg_project import load_project_defs, make_project
+from .dg_project import load_project_defs, make_project, write_pipeline
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,9 +119,10 @@ def chain_text(exc: BaseException) -> str:
 
 
 @pytest.mark.parametrize("provider, chunking, message", [
-    ("local", {"tokens": 400, "overlap": 40}, "chunk tokens 400 is more than the model embeds (254 tokens): use 254 or less"),
-    ("openai", {"tokens": 100, "overlap": 60}, "chunk overlap 60 is more than half of the chunk tokens 100: use at most 50"),
-    ("openai", {"tokens": 4}, "chunk tokens must be an integer of at least 8, got 4"),
+    ("local", {"tokens": 400, "overlap": 40},
+     "`tokens: 400` is more than the model embeds (254 tokens): use `tokens: 254` or less"),
+    ("openai", {"tokens": 100, "overlap": 60}, "`overlap: 60` is more than half of `tokens: 100`: use `overlap: 50` or less"),
+    ("openai", {"tokens": 4}, "`tokens: 4`: chunk tokens must be an integer of at least 8"),
     ("openai", {"tokens": 0}, "chunk_tokens = 0 must be a positive integer"),
 ])
 def test_bad_chunking_is_refused_at_load_naming_the_value_and_the_fix(tmp_path, monkeypatch, provider, chunking,
@@ -131,6 +133,52 @@ def test_bad_chunking_is_refused_at_load_naming_the_value_and_the_fix(tmp_path, 
         graph_of(tmp_path)
     text = chain_text(info.value)
     assert message in text and "articles" in text
+
+
+@pytest.mark.parametrize("attributes, message", [
+    ({"provider": "local", "dimensions": 256},
+     "`dimensions: 256`: the local model all-MiniLM-L6-v2 makes 384-dimensional vectors only, not 256"),
+    ({"provider": "openai", "model": "text-embedding-3-small", "dimensions": 3072},
+     "`dimensions: 3072`: text-embedding-3-small makes at most 1536 dimensions, not 3072"),
+    ({"provider": "openai", "model": "text-embedding-ada-002", "dimensions": 512},
+     "`dimensions: 512`: text-embedding-ada-002 makes 1536-dimensional vectors only, not 512"),
+])
+def test_a_size_the_model_cannot_make_is_refused_at_load(tmp_path, monkeypatch, attributes, message):
+    """`dimensions: 256` for the 384-dim local model passed `dg check defs` and failed in the backfill."""
+    monkeypatch.delenv("AUTOEMBED_DATABASE_URL", raising=False)
+    make_project(tmp_path, {"notes": {"table": "notes", **attributes}})
+    with pytest.raises(Exception) as info:
+        graph_of(tmp_path)
+    text = chain_text(info.value)
+    assert message in text and "'notes'" in text, text
+    write_pipeline(tmp_path, "notes", {"table": "notes", **{k: v for k, v in attributes.items() if k != "dimensions"}})
+    graph_of(tmp_path)  # without the size: loads
+
+
+def test_the_cli_refuses_a_declared_size_the_model_cannot_make(tmp_path):
+    """The CLI reads the same declarations: `autoembed pipelines` says why, and exits 2."""
+    make_project(tmp_path, {"notes": {"table": "notes", "provider": "local", "dimensions": 256}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOEMBED_", "OPENAI_"))}
+    proc = subprocess.run([sys.executable, "-m", "autoembed_dagster.cli", "pipelines"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "`dimensions: 256`: the local model all-MiniLM-L6-v2 makes 384-dimensional vectors only" in proc.stderr
+
+
+def test_chunk_size_errors_name_what_the_caller_typed(conn):
+    """A Python caller sees its keyword, a CLI caller the flag (the component: the YAML key, above)."""
+    conn.execute("create table longdocs (id int primary key, body text)")
+    conn.execute("create function longdocs_input(d longdocs) returns text language sql immutable as $$ select d.body $$")
+    with pytest.raises(ConfigError) as info:
+        api.enroll("longdocs", "longdocs_input", chunk_tokens=256, chunk_overlap=32,
+                   embedder_settings=Pipeline("x", "public", "longdocs", provider="local").embedder_settings())
+    assert "chunk_tokens=256 is more than the model embeds (254 tokens): use chunk_tokens=254 or less" in str(info.value)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOEMBED_PROVIDER", "OPENAI_"))}
+    proc = subprocess.run([sys.executable, "-m", "autoembed_dagster.cli", "enroll", "longdocs", "--content-function",
+                           "longdocs_input", "--chunk-tokens", "300"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "--chunk-tokens 300 is more than the model embeds (254 tokens): use " \
+        "--chunk-tokens 254 or less" in proc.stderr, proc.stderr
 
 
 def test_scaffold_check_and_list_a_chunked_pipeline(db_url, tmp_path):
@@ -158,7 +206,14 @@ def test_scaffold_check_and_list_a_chunked_pipeline(db_url, tmp_path):
     (project / "my_project" / "defs" / "articles" / "defs.yaml").write_text(
         (project / "my_project" / "defs" / "articles" / "defs.yaml").read_text().replace("tokens: 200", "tokens: 300"))
     bad = dg_run(["check", "defs"], project)
-    assert bad.returncode != 0 and "chunk tokens 300 is more than the model embeds (254 tokens)" in bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "`tokens: 300` is more than the model embeds (254 tokens)" in bad.stdout + bad.stderr
+    # A size the model cannot make fails it too (it passed, and the backfill failed later)
+    (project / "my_project" / "defs" / "articles" / "defs.yaml").write_text(
+        (project / "my_project" / "defs" / "articles" / "defs.yaml").read_text().replace("tokens: 300", "tokens: 200")
+        .replace("attributes:\n", "attributes:\n  provider: local\n  dimensions: 256\n"))
+    bad = dg_run(["check", "defs"], project)
+    assert bad.returncode != 0 and "`dimensions: 256`: the local model all-MiniLM-L6-v2 makes 384-dimensional " \
+        "vectors only" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
 
 
 # -- drain runs and checks on a chunk table -----------------------------------------------------
@@ -306,13 +361,17 @@ def test_the_demo_chunks_whole_module_docs_and_search_lands_on_the_passage(conn,
     Dagster drain job: a question about one passage returns that module with that passage."""
     from autoembed_dagster.demo.corpus import named_long_docs
     from autoembed_dagster.demo.runner import (create_demo_table, demo_pipelines, insert_modules, progress,
-                                               search_modules)
+                                                      search_modules)
 
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
         monkeypatch.delenv(var, raising=False)
     docs, modules = demo_pipelines()
     assert modules.chunked and (modules.chunk_tokens, modules.chunk_overlap) == (200, 20) and not docs.chunked
     create_demo_table(conn)
+    # One vector index per table: enrolment made the chunk table's, the demo adds none of its own.
+    indexes = conn.execute("""select tablename, count(*) from pg_indexes where schemaname = 'autoembed_demo'
+                              and indexdef like '%USING hnsw%' group by 1 order by 1""").fetchall()
+    assert indexes == [("stdlib_docs", 1), ("stdlib_modules_chunks", 1)], indexes
     insert_modules(conn, named_long_docs(["shutil", "heapq", "smtplib", "textwrap", "json"]))
     defs = load_project_defs(ROOT / "demo", module="autoembed_demo_project")
     with dg.instance_for_test() as instance:

@@ -89,7 +89,7 @@ def test_bad_settings_are_refused_with_the_fix(openai_embedder):
         splitter_for(openai_embedder, 4)
     with pytest.raises(ConfigError, match="more than half"):
         splitter_for(openai_embedder, 100, overlap=60)
-    with pytest.raises(ConfigError, match="--chunk-tokens 254"):
+    with pytest.raises(ConfigError, match="use chunk tokens 254 or less"):
         splitter_for(LocalEmbedder(), 300)
 
 

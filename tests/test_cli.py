@@ -202,3 +202,30 @@ def test_every_option_has_help():
             if opt.help is None and not isinstance(opt, argparse._HelpAction):
                 missing.append(f"{name} {'/'.join(opt.option_strings) or opt.dest}")
     assert set(missing) <= {"db action"}, missing  # `db` belongs to another change
+
+
+def test_status_columns_line_up_with_long_names(db_url):
+    """A queue or chunk target name longer than the old fixed widths pushed its row out of line."""
+    long_queue = "embedding_jobs_of_the_customer_support_tickets"
+    with connect(db_url) as conn:
+        conn.execute("select pgmq.create(%s)", (long_queue,))
+        conn.execute("""
+            create table customer_support_ticket_threads_archive (id int primary key, body text);
+            create function ticket_input(t customer_support_ticket_threads_archive) returns text
+                language sql immutable as $$ select t.body $$;
+            insert into customer_support_ticket_threads_archive values (1, 'printer on fire');
+            select autoembed.enroll_chunks('customer_support_ticket_threads_archive'::regclass, 'ticket_input', 64, 8,
+                                           'id', 'embedding_jobs', 'vector', 384, true);
+        """)
+    out = run(["status"]).stdout
+    queues, chunk_targets = out.split("\n\n")[:2]
+    lines = queues.splitlines()
+    assert any(line.startswith(long_queue) for line in lines), out
+    assert len({len(line) for line in lines}) == 1, out  # right-aligned last column: one edge
+    header, *rows = chunk_targets.splitlines()
+    assert rows and rows[0].startswith("public.customer_support_ticket_threads_archive"), out
+    model = header.index("model")
+    assert all(row[model - 2:model] == "  " and row[model] != " " for row in rows), out
+    for column in ("tokens", "documents", "dead"):  # right edges line up
+        end = header.index(column) + len(column)
+        assert all(row[end - 1] != " " and row[end] == " " for row in rows), (column, out)

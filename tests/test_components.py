@@ -265,6 +265,17 @@ def test_dead_letter_check_counts_shadow_columns_and_purge_removes_orphans(supab
     assert health.dead_letter_count(conn, key) == 1
 
 
+def test_discovered_pipelines_get_names_a_user_would_type():
+    """The table's name; the column when it is not `embedding`; the schema only when needed."""
+    from autoembed_dagster.core.pipelines import discovered_name
+
+    assert discovered_name("autoembed_demo", "stdlib_docs", "embedding", set()) == "stdlib_docs"
+    assert discovered_name("public", "docs", "title_vec", set()) == "docs_title_vec"
+    assert discovered_name("sales", "docs", "embedding", {"docs"}) == "sales_docs"
+    assert discovered_name("sales", "docs", "embedding", {"docs", "sales_docs"}) == "sales_docs_2"
+    assert discovered_name("public", "2024 Notes", "embedding", set()) == "notes"
+
+
 def test_discovery_reads_the_registry_then_triggers_not_fired_yet(supabase_docs):
     from autoembed_dagster.core.pipelines import discover_pipelines
 

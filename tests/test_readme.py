@@ -83,6 +83,20 @@ def test_readme_lists_the_commands_we_run():
     assert any(c.startswith("autoembed dev") for c in commands)
 
 
+def test_the_docs_name_nothing_a_clone_does_not_have():
+    """No files outside the repository (`../shared/...`), no internal issue numbers or branch names;
+    the demo project's own description names each of its pipelines."""
+    text = (ROOT / "README.md").read_text()
+    assert not re.findall(r"(?<!\.)\.\./[\w./-]+", text)  # (`.../x` is an ellipsis)
+    assert not re.findall(r"\bissues? \d+", text)
+    assert not re.findall(r"\bmain\b", text)
+    pipelines = sorted(p.parent.name for p in (ROOT / "demo").glob("*/defs/*/defs.yaml"))
+    assert len(pipelines) == 2
+    header = "".join(line for line in (ROOT / "demo" / "pyproject.toml").read_text().splitlines(True)
+                     if line.startswith("#"))
+    assert all(f"defs/{name}/defs.yaml" in header for name in pipelines) and "only" not in header, header
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,8 +24,9 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from ..core.targets.splitter import check_chunk_sizes, provider_window
+from ..core.targets.splitter import YAML_NAMES, check_chunk_sizes, provider_window
 from ..core.config import ConfigError
+from ..core.embed import size_problem
 from ..core.pipelines import Pipeline, make_pipeline
 from .scaffolder import EmbeddingPipelineScaffolder
 
@@ -42,6 +43,18 @@ class Chunking(dg.Resolvable, dg.Model):
     tokens: int = Field(description=("Tokens per chunk at most, counted with the model's own tokenizer (the local "
                                      "model embeds at most 254; OpenAI models 8191)."))
     overlap: int = Field(default=0, description="Tokens of the previous chunk's end repeated at a chunk's start.")
+
+
+class Backfill(dg.Resolvable, dg.Model):
+    """`backfill:` of a pipeline: how a re-embed (a model change) calls the provider."""
+
+    via: Literal["direct", "batch"] = Field(
+        default="direct",
+        description=("`direct`: /v1/embeddings; `batch`: the provider's Batch API (half the price, results within "
+                     "24 h; shard runs submit and return, the `autoembed_batches` sensor collects)."))
+    fallback: Literal["resubmit", "direct"] = Field(
+        default="resubmit",
+        description="Rows a batch did not return (expired, failed, missing lines): submit them again, or embed them directly.")
 
 
 @dg.scaffold_with(EmbeddingPipelineScaffolder)
@@ -68,6 +81,8 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         default=None,
         description=("Embed long text as chunks into `<table>_chunks` (one vector per chunk, not per row): "
                      "e.g. `{tokens: 200, overlap: 20}`. Unset: one vector per row in `embedding_column`."))
+    backfill: Backfill | None = Field(
+        default=None, description="How a re-embed calls the provider: `{via: batch}` for the Batch API at half price.")
     name: str | None = Field(default=None, description="Pipeline name; default: the defs/<name>/ folder's name.")
 
     _folder: str | None = PrivateAttr(default=None)
@@ -83,15 +98,23 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         name = self.name or self._folder
         if not name:
             raise dg.DagsterInvalidDefinitionError("EmbeddingPipeline needs a `name` when built outside a defs/ folder")
-        fields = self.model_dump(exclude={"name", "table", "chunking"})
+        fields = self.model_dump(exclude={"name", "table", "chunking", "backfill"})
+        if self.backfill is not None:
+            fields.update(backfill_via=self.backfill.via, backfill_fallback=self.backfill.fallback)
         if self.chunking is not None:
             fields.update(chunk_tokens=self.chunking.tokens, chunk_overlap=self.chunking.overlap)
         p = make_pipeline(name, table=self.table, **fields)
+        s = p.embedder_settings()
+        problem = size_problem(s.provider, s.model, p.dimensions)
+        if problem:  # checked at load (`dg check defs`), not by a backfill that cannot succeed
+            raise ConfigError(f"pipeline {name!r}: `dimensions: {p.dimensions}`: {problem}: remove `dimensions:` "
+                              "or choose a model that makes that size")
         if p.chunked:
             # Checked at load, not at the first drain: the sizes and the model's window.
             s = p.embedder_settings()
             try:
-                check_chunk_sizes(p.chunk_tokens, p.chunk_overlap, provider_window(s.provider, s.max_input_tokens))
+                check_chunk_sizes(p.chunk_tokens, p.chunk_overlap, provider_window(s.provider, s.max_input_tokens),
+                                  YAML_NAMES)
             except ConfigError as exc:
                 raise ConfigError(f"pipeline {name!r}, chunking: {{tokens: {p.chunk_tokens}, overlap: "
                                   f"{p.chunk_overlap}}} with the {s.provider} model: {exc}") from None
@@ -101,6 +124,12 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         from ..defs.autoembed import build_pipeline_defs, build_shared_defs, load_time_facts
 
         me = self.pipeline()
+        if me.backfill_via == "batch":
+            # Refused at load (`dg check defs`): the local model, a server answering 404 on /v1/batches.
+            from ..core.migrate.batch_backfill import check_batch_support, refuse_chunked
+
+            refuse_chunked(me)
+            check_batch_support(me)
         declared = sorted(project_pipelines(context, self), key=lambda p: p.name)
         names = [p.name for p in declared]
         if len(set(names)) != len(names):

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import psycopg
 
 from .queue import pgmq
-from .targets.splitter import splitter_for
+from .targets.splitter import PYTHON_NAMES, SizeNames, splitter_for
 from .config import EmbedderSettings, Settings
 from .db.server import connect, database_url
 from .drain import DrainStats, EmbedderResolver, drain as _drain
@@ -50,6 +50,7 @@ def enroll(
     embedder_settings: EmbedderSettings | None = None,
     dimensions: int | None = None,
     vector_type: str | None = None,
+    size_names: SizeNames = PYTHON_NAMES,
 ) -> int:
     """Install the project's triggers on `table` (a name, optionally schema-qualified) and enqueue
     every row that has no vector yet. Returns the number of jobs enqueued.
@@ -58,10 +59,12 @@ def enroll(
     created with `vector_type`(`dimensions`, default: the model's size; the type defaults to that of an
     existing chunk table, else halfvec); chunks hold at most
     `chunk_tokens` tokens of the model (`embedder_settings`, default: the environment's), with
-    `chunk_overlap` tokens repeated from the previous chunk. `embedding_column` is not used then."""
+    `chunk_overlap` tokens repeated from the previous chunk. `embedding_column` is not used then.
+    Sizes the model cannot take are refused naming them as `size_names` spells them (the Python
+    keywords; the CLI passes its flags)."""
     if chunk_tokens is not None:
         embedder = make_embedder(embedder_settings or EmbedderSettings.from_env(), dimensions)
-        splitter_for(embedder, chunk_tokens, chunk_overlap)  # refuses sizes beyond the model's window
+        splitter_for(embedder, chunk_tokens, chunk_overlap, size_names)  # refuses sizes beyond the model's window
         with session(url) as conn:
             vector_type = vector_type or _chunk_table_vector_type(conn, table) or "halfvec"
             return conn.execute(
@@ -107,6 +110,14 @@ def drain(
 def status(url: str | None = None, queue: str | None = None) -> list[pgmq.QueueStatus]:
     with session(url) as conn:
         return pgmq.status(conn, queue)
+
+
+def schema_problems(url: str | None = None):
+    """(broken targets, latest repairs): what the schema broke and what was repaired (core.health)."""
+    from .health import broken_targets, repairs
+
+    with session(url) as conn:
+        return broken_targets(conn), repairs(conn)
 
 
 def dead_letters(url: str | None = None, queue: str | None = None, limit: int = 50) -> list[dict]:

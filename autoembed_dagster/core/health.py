@@ -228,6 +228,45 @@ def resolve_target(conn: psycopg.Connection, key: TargetKey) -> tuple[Target | N
         return None, str(exc)
 
 
+# -- targets the schema broke, and what the project repaired by itself (sql/014) ------------------
+@dataclass(frozen=True)
+class BrokenTarget:
+    target: int
+    schema: str
+    table: str
+    vectors: str  # the embedding column, or the chunk table
+    problem: str  # 'content function dropped', 'key not unique', 'triggers missing', 'queue dropped'
+    detail: str  # what happened and what to do
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema}.{self.table} -> {self.vectors}"
+
+
+def broken_targets(conn: psycopg.Connection, schema: str | None = None, table: str | None = None) -> list[BrokenTarget]:
+    """Registered targets (of one table, or all) that cannot be kept current as they stand: never
+    reported clean by status or the checks."""
+    rows = conn.execute(
+        """select target_id, schema_name, table_name, vectors, problem, detail from autoembed.broken_targets
+           where (%(s)s::text is null or schema_name = %(s)s) and (%(t)s::text is null or table_name = %(t)s)
+           order by target_id, problem""", {"s": schema, "t": table}).fetchall()
+    return [BrokenTarget(*r) for r in rows]
+
+
+@dataclass(frozen=True)
+class Repair:
+    at: object  # datetime
+    target: int | None
+    what: str
+
+
+def repairs(conn: psycopg.Connection, limit: int = 10) -> list[Repair]:
+    """The latest repairs the project made by itself (a queue re-created, a function re-bound), oldest first."""
+    rows = conn.execute("select repaired_at, target_id, what from autoembed.repairs order by id desc limit %s",
+                        (limit,)).fetchall()
+    return [Repair(*r) for r in reversed(rows)]
+
+
 # -- dead letters that cannot apply any more -------------------------------------------------------
 @dataclass(frozen=True)
 class OrphanedDeadLetter:

@@ -57,6 +57,10 @@ class Pipeline:
     # `<schema>.<table>_chunks` instead of one vector per row; None = a vector column target.
     chunk_tokens: int | None = None
     chunk_overlap: int = 0
+    # How a re-embed calls the provider: "direct" (/v1/embeddings) or "batch" (its Batch API, half
+    # price, within 24 h; core/migrate/batch_backfill.py); what a batch leaves undone: "resubmit" or "direct".
+    backfill_via: str = "direct"
+    backfill_fallback: str = "resubmit"
     discovered: bool = False  # registered in the database, declared in no defs.yaml
 
     @property
@@ -169,6 +173,11 @@ def make_pipeline(name: str, *, table: str, **fields) -> Pipeline:
     if overlap and (fields.get("chunk_tokens") is None or overlap >= fields["chunk_tokens"]):
         raise ConfigError(f"pipeline {name!r}: chunk_overlap = {overlap!r} needs chunk_tokens greater than it "
                           f"(chunk_tokens = {fields.get('chunk_tokens')!r})")
+    if fields.get("backfill_via", "direct") not in ("direct", "batch"):
+        raise ConfigError(f"pipeline {name!r}: backfill via {fields['backfill_via']!r} must be `direct` or `batch`")
+    if fields.get("backfill_fallback", "resubmit") not in ("resubmit", "direct"):
+        raise ConfigError(f"pipeline {name!r}: backfill fallback {fields['backfill_fallback']!r} must be `resubmit` "
+                          "or `direct`")
     schema, table_name = split_table(name, table)
     return Pipeline(name=name, schema=schema, table=table_name, **fields)
 
@@ -205,9 +214,13 @@ def registered_targets(conn: psycopg.Connection) -> list[tuple[str, str, str, st
 
 
 def discovered_name(schema: str, table: str, column: str, taken: set[str]) -> str:
-    """A pipeline name for a discovered table: the table's name when that is free and plain."""
-    base = table if schema == "public" and column == "embedding" else f"{schema}_{table}_{column}"
-    base = re.sub(r"[^a-z0-9_]", "_", base.lower()).lstrip("_0123456789")[:40] or "table"
+    """A pipeline name for a discovered table, what a user would type: the table's name (plus the
+    column when it is not `embedding`); the schema goes in front only when that name is taken."""
+    def plain(text: str) -> str:
+        return re.sub(r"[^a-z0-9_]", "_", text.lower()).lstrip("_0123456789")[:40] or "table"
+
+    short = plain(table if column == "embedding" else f"{table}_{column}")
+    base = short if short not in taken else plain(f"{schema}_{short}")
     name, i = base, 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1

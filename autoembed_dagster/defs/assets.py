@@ -35,6 +35,11 @@ def queues_of(pipelines: Iterable[Pipeline]) -> list[str]:
     return sorted({DEFAULT_QUEUE, *(check_queue_name(p.queue) for p in pipelines)})
 
 
+def shards_key(p: Pipeline) -> dg.AssetKey:
+    """The re-embed asset of a pipeline (model × shard partitions, defs/backfill.py)."""
+    return dg.AssetKey(["embeddings_by_shard", f"{p.name}_embeddings_by_shard"])
+
+
 def source_key(p: Pipeline) -> dg.AssetKey:
     return dg.AssetKey(["postgres", p.schema, p.table])
 

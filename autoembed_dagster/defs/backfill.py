@@ -29,7 +29,8 @@ from ..core.migrate.reembed import ShardRun, reembed_of
 from ..core.pipelines import Pipeline
 from ..core.targets.catalog import TargetChanged, TargetError
 from ..core.targets.models import ModelSpec
-from .assets import GROUP, SHARD_CHECK as CHECK, model_version, source_key
+from . import batch_backfill
+from .assets import GROUP, SHARD_CHECK as CHECK, model_version, shards_key, source_key
 from .resources import AutoembedResource
 
 NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
@@ -39,10 +40,6 @@ PIPELINE_TAG = "autoembed/pipeline"
 # key, a missing table, a migration conflict): such a shard run fails once. Provider outages and
 # rows that could not be embedded yet stay retried.
 DETERMINISTIC_FAILURES = (ConfigError, ProviderConfigError, MigrationError, TargetChanged)
-
-
-def shards_key(p: Pipeline) -> dg.AssetKey:
-    return dg.AssetKey(["embeddings_by_shard", f"{p.name}_embeddings_by_shard"])
 
 
 def models_partitions_name(p: Pipeline) -> str:
@@ -109,6 +106,9 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
     promote_on = config.promote if config.promote is not None else (
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
+    if not p.chunked and p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects
+        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK)  # (defs/batch_backfill.py)
+        return
     with autoembed.connect() as conn:
         run: ShardRun = reembed_of(p).run_shard(conn, spec, shard, promote=promote_on, batch_rows=config.batch_rows,
                                                 max_rows=config.max_rows, log=context.log.info)
@@ -311,5 +311,7 @@ def build_model_change_defs(pipelines: Sequence[Pipeline]) -> dg.Definitions:
     """`backfill`, `model_migration` and the model-partitions sensor, over every pipeline."""
     if not pipelines:
         return dg.Definitions()
-    return dg.Definitions(jobs=[build_backfill_job(pipelines), build_migration_job(pipelines)],
-                          sensors=[build_model_partitions_sensor(pipelines)])
+    return dg.Definitions.merge(
+        dg.Definitions(jobs=[build_backfill_job(pipelines), build_migration_job(pipelines)],
+                       sensors=[build_model_partitions_sensor(pipelines)]),
+        batch_backfill.build_batch_defs(list(pipelines)))

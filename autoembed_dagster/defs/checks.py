@@ -66,7 +66,15 @@ def min_coverage() -> float:
 
 
 def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) -> list[CheckOutcome]:
-    """All four checks of one pipeline, from one scan of its table."""
+    """All four checks of one pipeline, from one scan of its table. A target the schema broke
+    (health.broken_targets: its content function dropped, its key no longer unique...) fails every
+    check with the reason: it is never reported clean."""
+    broken = [b for b in health.broken_targets(conn, p.schema, p.table)
+              if b.vectors in ((p.chunk_table,) if p.chunked else health.pipeline_columns(p.embedding_column))]
+    if broken:
+        why = "; ".join(f"{b.problem}: {b.detail}" for b in broken)
+        return [CheckOutcome(name, False, f"{p.name} is broken: {why}", {"problems": ", ".join(b.problem for b in broken)})
+                for name in CHECKS]
     target, why = health.pipeline_target(conn, p)
     if target is None:
         return [CheckOutcome(name, False, f"{p.name}: {why}") for name in CHECKS]

@@ -23,7 +23,7 @@ import time
 import urllib.request
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -35,6 +35,8 @@ from ..core.db.server import (connect, database_name, database_url, embedded_pgd
                               ensure_database, stop_embedded)
 from ..core.db.schema import init_db
 from ..core.pipelines import Pipeline
+from ..processes import Children as Started
+from ..processes import stop_on_signals
 
 DAGSTER_DATABASE = "dagster"  # Dagster's storage, on the data's server; AUTOEMBED_DAGSTER_DATABASE overrides
 DEMO_SCHEMA = "autoembed_demo"
@@ -201,26 +203,44 @@ def print_dagster_env(settings: Settings | None = None) -> int:
     return 0
 
 
-def run_dagster_dev(port: int = 3000, workspace: str | None = None) -> int:
+def run_dagster_dev(port: int = 3000, workspace: str | None = None, keep_db: bool = False) -> int:
     """`autoembed dev`: `dagster dev` with the environment `autoembed dagster-env` prints (Postgres
     started, schema initialised, Dagster's storage ready), on the project in the current directory
-    (its workspace.yaml, else its definitions module), else this checkout's own project."""
+    (its workspace.yaml, else its definitions module), else this checkout's own project. Ctrl-C,
+    SIGTERM or SIGHUP to this process stop `dagster dev` with everything it started, and the
+    embedded Postgres when this command started it (unless `keep_db`)."""
     from ..components.declarations import project_root as dg_project_root
 
-    env = {**os.environ, **dagster_env()}
-    if workspace is None:
-        project = dg_project_root()
-        target = (["-w", str(project / "workspace.yaml")] if (project / "workspace.yaml").is_file()
-                  else ["-m", f"{_root_module(project)}.definitions"])
-    else:
-        project, target = Path.cwd(), ["-w", workspace]
-    argv = [_executable("dagster"), "dev", *target, "-p", str(port)]
-    say(f"DAGSTER_HOME={env['DAGSTER_HOME']}; data: {_masked(env['AUTOEMBED_DATABASE_URL'])}")
-    say("$ " + " ".join(shlex.quote(a) for a in argv))
+    stop_on_signals()
+    settings = Settings.from_env()
+    embedded = not settings.database_url
+    was_running = embedded and embedded_running(settings)
+    started = Started()
     try:
-        return subprocess.call(argv, cwd=project, env=env)
+        env = {**os.environ, **dagster_env(settings)}
+        if workspace is None:
+            project = dg_project_root()
+            target = (["-w", str(project / "workspace.yaml")] if (project / "workspace.yaml").is_file()
+                      else ["-m", f"{_root_module(project)}.definitions"])
+        else:
+            project, target = Path.cwd(), ["-w", workspace]
+        argv = [_executable("dagster"), "dev", *target, "-p", str(port)]
+        say(f"DAGSTER_HOME={env['DAGSTER_HOME']}; data: {_masked(env['AUTOEMBED_DATABASE_URL'])}")
+        say("$ " + " ".join(shlex.quote(a) for a in argv))
+        # SIGINT first: `dagster dev` shuts its webserver, daemon and code servers down on it (Ctrl-C).
+        dev = started.start("dagster dev", argv, cwd=project, env=env, first_signal=signal.SIGINT)
+        started.wait()
+        return dev.returncode
     except KeyboardInterrupt:
+        say("\nstopping ...")
         return 130
+    finally:
+        left = started.stop(timeout=30)
+        if left:
+            say(f"still running after SIGKILL: pid {', '.join(map(str, left))}")
+        if embedded and not was_running and not keep_db and embedded_running(settings):
+            stop_embedded(settings)
+            say("embedded Postgres stopped (it was started by this command; --keep-db leaves it running)")
 
 
 def _root_module(project: Path) -> str:
@@ -270,12 +290,11 @@ def create_demo_table(conn) -> None:
 
 
 def enroll_modules(conn) -> None:
-    """The chunked pipeline's table, enrolled with the sizes its defs.yaml declares; an HNSW index
-    on its chunk table."""
+    """The chunked pipeline's table, enrolled with the sizes its defs.yaml declares (enrolment
+    gives its chunk table its HNSW index)."""
     p = demo_pipelines()[1]
     conn.execute("select autoembed.enroll_chunks(%s::regclass, %s, %s, %s, %s, %s, 'vector', 384, true)",
                  (p.qualified_table, p.content_function, p.chunk_tokens, p.chunk_overlap, p.key_column, p.queue))
-    conn.execute(f"create index on {p.schema}.{p.chunk_table} using hnsw (embedding vector_cosine_ops)")
 
 
 def insert_docs(conn, docs: list[Doc]) -> None:
@@ -342,47 +361,6 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-@dataclass
-class Started:
-    """Processes this demo started (each leads its own process group: its code servers and run
-    workers stop with it)."""
-
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    def start(self, name: str, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def dead(self) -> list[str]:
-        return [name for name, p in self.procs.items() if p.poll() is not None]
-
-    def stop(self, timeout: float = 15.0) -> None:
-        for proc in self.procs.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)  # stragglers of the group (run workers)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the group this demo created for the process (pgid == its pid)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def wait_http(url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -430,8 +408,7 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
         if not (dagster_home / "dagster.yaml").exists():
             dagster_home.mkdir(parents=True, exist_ok=True)
             shutil.copy(root / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` tidies up like Ctrl-C
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    stop_on_signals()  # `kill <pid>` tidies up like Ctrl-C, even when started in the background
     if ui and not port_free(port):
         raise ConfigError(f"port {port} is in use: pass --port")
     if "DAGSTER_HOME" in os.environ and Path(os.environ["DAGSTER_HOME"]).resolve() != dagster_home.resolve():
@@ -515,18 +492,16 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
                 f"\"insert into {DEMO_SCHEMA}.{DEMO_TABLE} (module, name, kind, content) "
                 "values ('demo', 'demo.hello', 'note', 'Vector search in Postgres')\"")
             say("Ctrl-C stops the daemon and the webserver.")
-            while True:
-                dead = started.dead()
-                if dead:
-                    say(f"{', '.join(dead)} exited: see {logs}")
-                    return 1
-                time.sleep(1)
+            say(f"{started.wait()} exited: see {logs}")
+            return 1
         return 0
     except KeyboardInterrupt:
         say("\nstopping ...")
         return 130
     finally:
-        started.stop()
+        left = started.stop()
+        if left:
+            say(f"still running after SIGKILL: pid {', '.join(map(str, left))}")
         try:
             n = fail_orphaned_drain_runs(dagster_home, dagster_env_only)
             if n:
@@ -553,10 +528,6 @@ def _masked(url: str) -> str:
     if parsed.password:
         return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
     return url
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _watch(conn, started: Started, total: int, timeout: float) -> bool:
@@ -589,6 +560,7 @@ def _watch(conn, started: Started, total: int, timeout: float) -> bool:
             say(f"all {total} rows settled in {elapsed:.1f} s (first vector after "
                 f"{first_vector or 0:.1f} s{rate})")
             return True
+        started.record()  # the run workers the daemon starts meanwhile
         dead_procs = started.dead()
         if dead_procs:
             if tty:

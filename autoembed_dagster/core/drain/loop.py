@@ -22,7 +22,7 @@ from ..config import ConfigError, CredentialsError, Settings
 from ..db.server import conninfo_of, second_connection
 from ..embed.base import EmbeddingError, ProviderConfigError
 from ..targets.splitter import Splitter, splitter_for
-from ..targets.catalog import (Target, TargetChanged, TargetError, TargetKey, adopt_state_cleanup, check_dimensions,
+from ..targets.catalog import (Target, TargetChanged, TargetError, TargetKey, repair_schema, check_dimensions,
                                registered_target, target_key_from_message)
 from ..targets.models import MigrationChanged
 from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs, write_target
@@ -97,7 +97,7 @@ class Drainer:
         # Migrations are looked up in the database being drained, not the configured default.
         self.resolver = resolver or default_resolver(url=conninfo_of(conn))
         pin_session(conn)
-        adopt_state_cleanup(conn)
+        repair_schema(conn, self.settings.queue)
         self._encoding = conn.info.encoding  # of the keys in COPY tuples, made in the worker thread too
         self._targets: dict[TargetKey | tuple[str, int], Target] = {}
         self._splitters: dict[tuple[int, int, int], Splitter] = {}  # (embedder, tokens, overlap)

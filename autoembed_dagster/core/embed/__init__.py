@@ -22,10 +22,35 @@ __all__ = [
     "clear_embedder_cache",
     "make_embedder",
     "native_dimensions",
+    "size_problem",
 ]
 
 _lock = threading.Lock()
 _cache: dict[tuple[EmbedderSettings, int | None, str | None], Embedder] = {}
+
+
+def size_problem(provider: str, model: str, dimensions: int | None) -> str | None:
+    """Why `model` cannot make `dimensions`-dimensional vectors, known without loading the model or
+    calling the provider (what a declaration is checked with); None when it can, or when only the
+    provider can tell (a compatible server's own model)."""
+    if dimensions is None:
+        return None
+    if provider == "local":
+        from .local import DIMENSIONS, MODEL
+
+        if dimensions != DIMENSIONS:
+            return f"the local model {MODEL} makes {DIMENSIONS}-dimensional vectors only, not {dimensions}"
+        return None
+    from .openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
+
+    native = KNOWN_DIMENSIONS.get(model)
+    if native is None:
+        return None
+    if not supports_dimensions(model) and dimensions != native:
+        return f"{model} makes {native}-dimensional vectors only, not {dimensions}"
+    if dimensions > native:
+        return f"{model} makes at most {native} dimensions, not {dimensions}"
+    return None
 
 
 def _key_fingerprint() -> str | None:

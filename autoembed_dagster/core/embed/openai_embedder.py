@@ -181,6 +181,29 @@ class OpenAIEmbedder:
             fatal = self._embed_batch(batch, out)
         return out
 
+    # -- the Batch API (core/embed/batch_api.py) builds its requests with these ------------
+    @property
+    def client(self) -> openai.OpenAI:
+        """The configured client (key, base URL, retries, the shared rate limit's hooks)."""
+        return self._client
+
+    def prepare_input(self, text: str) -> tuple[str, bool]:
+        """`text` as the direct path sends it: cut to max_input_tokens; and whether it was cut."""
+        item, truncated = self._item(0, text)
+        return item.text, truncated
+
+    def request_body(self, texts: list[str]) -> dict[str, Any]:
+        """The body of one POST /embeddings for `texts` (already prepared)."""
+        body: dict[str, Any] = {"model": self.identity.model, "input": texts, "encoding_format": "base64"}
+        if self._send_dimensions:
+            body["dimensions"] = self.identity.dimensions
+        return body
+
+    def parse_response(self, resp: dict[str, Any], n: int) -> list[np.ndarray]:
+        """The vectors of an embeddings response for `n` inputs, checked as the direct path checks
+        them (count, indexes, size, finite values); EmbeddingError names what is wrong."""
+        return self._parse(resp, n)
+
     def _batches(self, items: list[_Item]) -> list[list[_Item]]:
         """Requests of at most batch_size inputs and max_batch_tokens tokens. Uncounted items carry
         an upper bound: while the bounds fit, the exact counts fit too; only when they do not are
@@ -213,9 +236,7 @@ class OpenAIEmbedder:
 
     def _embed_batch(self, batch: list[_Item], out: EmbedOutcome) -> EmbeddingError | None:
         """Embeds one request's worth into `out`. Returns an error that must stop further requests."""
-        kwargs: dict[str, Any] = {"model": self.identity.model, "input": [it.text for it in batch], "encoding_format": "base64"}
-        if self._send_dimensions:
-            kwargs["dimensions"] = self.identity.dimensions
+        kwargs = self.request_body([it.text for it in batch])
         out.requests += 1
         try:
             resp = self._limited_request(kwargs, batch, out)

@@ -334,3 +334,19 @@ def adopt_state_cleanup(conn: psycopg.Connection) -> int:
     allowed = conn.execute(
         "select has_function_privilege('autoembed.adopt_state_cleanup()', 'execute')").fetchone()[0]
     return conn.execute("select autoembed.adopt_state_cleanup()").fetchone()[0] if allowed else 0
+
+
+def repair_schema(conn: psycopg.Connection, queue: str) -> None:
+    """What the drain does at its start about schema changes (sql/014): re-create its queue when it
+    was dropped, bind targets whose content function was dropped and created again (when its role
+    may re-create their triggers; else they stay in autoembed.broken_targets), and give tables of
+    Supabase's triggers the state cleanup. A drain role without EXECUTE on these leaves them to the
+    event triggers and `autoembed db init`."""
+    for call in ("autoembed.restore_queue(%s)", "autoembed.rebind_content_functions()"):
+        name = call.split("(")[0]
+        signature = f"{name}(text)" if "%s" in call else f"{name}()"
+        if not conn.execute("select has_function_privilege(%s, 'execute')", (signature,)).fetchone()[0]:
+            continue
+        with conn.transaction():
+            conn.execute(f"select {call}", (queue,) if "%s" in call else None)
+    adopt_state_cleanup(conn)

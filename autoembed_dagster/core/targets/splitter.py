@@ -38,19 +38,35 @@ _TAIL_CHARS_PER_TOKEN = 6  # the overlap is looked for in the last overlap*6 cha
 _CACHE_SIZE = 20_000  # token counts memoized per splitter (bounded: drains run for hours)
 
 
-def check_chunk_sizes(max_tokens: object, overlap: object, window: int | None = None) -> None:
+@dataclass(frozen=True)
+class SizeNames:
+    """How the caller spelled the two sizes, so that an error names what they typed: a Python
+    caller's keyword, a CLI flag, a defs.yaml key (each a format with one `{}` for the value)."""
+
+    tokens: str = "chunk tokens {}"
+    overlap: str = "chunk overlap {}"
+
+
+PYTHON_NAMES = SizeNames("chunk_tokens={}", "chunk_overlap={}")
+CLI_NAMES = SizeNames("--chunk-tokens {}", "--chunk-overlap {}")
+YAML_NAMES = SizeNames("`tokens: {}`", "`overlap: {}`")  # under `chunking:` in defs.yaml
+
+
+def check_chunk_sizes(max_tokens: object, overlap: object, window: int | None = None,
+                      names: SizeNames = SizeNames()) -> None:
     """The sizes every splitter needs (checked again where a pipeline is declared, before any
-    drain runs); `window`: the most tokens one input of the model may have."""
+    drain runs); `window`: the most tokens one input of the model may have; `names`: how the
+    caller spelled them."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 8:
-        raise ConfigError(f"chunk tokens must be an integer of at least 8, got {max_tokens!r}")
+        raise ConfigError(f"{names.tokens.format(repr(max_tokens))}: chunk tokens must be an integer of at least 8")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-        raise ConfigError(f"chunk overlap must be a non-negative integer, got {overlap!r}")
+        raise ConfigError(f"{names.overlap.format(repr(overlap))}: chunk overlap must be a non-negative integer")
     if overlap > max_tokens // 2:
-        raise ConfigError(f"chunk overlap {overlap} is more than half of the chunk tokens {max_tokens}: "
-                          f"use at most {max_tokens // 2}")
+        raise ConfigError(f"{names.overlap.format(overlap)} is more than half of {names.tokens.format(max_tokens)}: "
+                          f"use {names.overlap.format(max_tokens // 2)} or less")
     if window is not None and max_tokens > window:
-        raise ConfigError(f"chunk tokens {max_tokens} is more than the model embeds ({window} tokens): "
-                          f"use {window} or less")
+        raise ConfigError(f"{names.tokens.format(max_tokens)} is more than the model embeds ({window} tokens): "
+                          f"use {names.tokens.format(window)} or less")
 
 
 class TokenCounting(Protocol):
@@ -258,11 +274,9 @@ def tokenizer_name(embedder: object) -> str:
     return "cl100k_base"  # what OpenAIEmbedder.count_tokens uses for every model
 
 
-def splitter_for(embedder: TokenCounting, max_tokens: int, overlap: int = 0) -> Splitter:
-    """A splitter counting tokens with `embedder`'s own tokenizer, checked against its window."""
-    window = model_window(embedder)
-    if isinstance(max_tokens, int) and max_tokens > window:
-        raise ConfigError(
-            f"chunk max_tokens {max_tokens} is more than {embedder!r} embeds ({window} tokens): "
-            f"use --chunk-tokens {window} or less")
+def splitter_for(embedder: TokenCounting, max_tokens: int, overlap: int = 0,
+                 names: SizeNames = SizeNames()) -> Splitter:
+    """A splitter counting tokens with `embedder`'s own tokenizer, checked against its window
+    (errors name the sizes as the caller spelled them: `names`)."""
+    check_chunk_sizes(max_tokens, overlap, model_window(embedder), names)
     return Splitter(embedder.count_tokens, tokenizer_name(embedder), max_tokens, overlap)

@@ -1,0 +1,287 @@
+"""Re-embeds through the provider's Batch API: real Postgres, the real `openai` client against the
+in-suite server's /v1/files and /v1/batches (its clock moves one step per poll, or is held)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import replace
+
+import pytest
+
+from autoembed_dagster import cli
+from autoembed_dagster.core.migrate import batch_backfill as bb
+from autoembed_dagster.core.migrate.backfill import plan
+from autoembed_dagster.core.db.server import connect
+from autoembed_dagster.core.drain import drain
+from autoembed_dagster.core.embed.batch_api import BatchUnsupported
+from autoembed_dagster.core.migrate.migration import get_migration
+
+from .dg_project import make_project
+from .fake_openai import FakeOpenAI
+from .test_migration import DOCS, assert_all_current, column_type
+
+DOCS_512 = replace(DOCS, dimensions=512)  # the model change: 1536 -> 512 dimensions
+
+
+@pytest.fixture
+def batch_env(monkeypatch):
+    monkeypatch.setenv("AUTOEMBED_BATCH_POLL_SECONDS", "0.01")
+    bb._PROBED.clear()
+
+
+def load(conn, n: int) -> None:
+    """n documents whose live vectors are not made yet (their queued jobs are dropped: this is
+    about the re-embed, not the drain)."""
+    conn.execute("insert into documents (title, content) select 'doc' || i, 'content of doc ' || i "
+                 "from generate_series(1, %s) i", (n,))
+    conn.execute("delete from pgmq.q_embedding_jobs")
+
+
+def spec_of(conn, p=DOCS_512):
+    return p.spec(column_dimensions=1536)
+
+
+def input_lines(fake: FakeOpenAI) -> list[list[dict]]:
+    """The JSONL files the server received, parsed."""
+    return [[json.loads(x) for x in f["data"].splitlines()] for f in fake.files.values()
+            if f["object"]["purpose"] == "batch"]
+
+
+def test_a_backfill_made_only_of_batch_calls(supabase_docs, fake_openai, settings, batch_env, monkeypatch):
+    conn = supabase_docs
+    monkeypatch.setenv("AUTOEMBED_BATCH_MAX_REQUESTS", "1000")
+    load(conn, 2500)
+    fake_openai.reset()
+    progress = []
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), on_progress=lambda pr: progress.append(
+        (pr.submitted, dict(pr.by_status), pr.collected_rows)))
+    # One /v1/embeddings call: the migration's probe. Everything else went through batches.
+    assert fake_openai.embedding_calls == 1
+    assert fake_openai.batch_creations == 3  # 2500 rows at most 1000 per batch
+    files = input_lines(fake_openai)
+    assert sorted(len(f) for f in files) == [500, 1000, 1000]
+    line = files[0][0]
+    assert line["url"] == "/v1/embeddings" and line["body"]["dimensions"] == 512
+    assert line["custom_id"].startswith("public.documents.embedding__next/")
+    assert result.promotion is not None and result.coverage.complete
+    assert sum(c.written for c in result.collected) == 2500
+    assert column_type(conn) == "halfvec(512)"
+    assert_all_current(conn, 512)
+    # The record of every batch: provider ids, rows, tokens, times.
+    rows = conn.execute("select status, row_count, batch_id is not null, input_file_id is not null, tokens > 0, "
+                        "submitted_at is not null, collected_at is not null from autoembed.embedding_batches").fetchall()
+    assert len(rows) == 3 and all(r[0] == "collected" and all(r[2:]) for r in rows)
+    assert progress[-1][2] == 2500 and any(s.get("in_progress") or s.get("validating") for _, s, _ in progress)
+
+
+def test_rows_edited_during_the_batch_end_current(supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 300)
+    fake_openai.hold_batches()
+    first = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), wait=False)
+    assert first.submitted.rows == 300 and not first.collected and first.open_batches
+    # The application edits rows while the batch runs: the incremental path embeds them directly,
+    # into the live column and the shadow column.
+    calls = fake_openai.embedding_calls
+    conn.execute("update documents set content = content || ' (edited)' where id <= 20")
+    drain(conn, settings)
+    assert fake_openai.embedding_calls > calls
+    fake_openai.advance_batches(2)
+    done = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn))
+    [c] = done.collected
+    assert c.stale == 20 and c.written == 280  # the batch's results for the old inputs were dropped
+    assert done.submitted.rows == 0 and fake_openai.batch_creations == 1
+    assert done.promotion is not None
+    assert_all_current(conn, 512)  # the edited rows hold the vector of their edited content
+
+
+def test_a_crash_between_submit_and_collect_resumes_without_a_second_submission(
+        supabase_docs, fake_openai, settings, batch_env, db_url):
+    conn = supabase_docs
+    load(conn, 200)
+    fake_openai.hold_batches()
+    bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), wait=False)
+    [record] = bb.batches(conn)
+    # The worst moment: the batch was created at the provider but the process died before it
+    # recorded the batch's id (the record says `preparing`).
+    conn.execute("update autoembed.embedding_batches set status = 'preparing', batch_id = null")
+    conn.close()
+    fake_openai.advance_batches(2)
+    with connect(db_url) as again:  # another process
+        result = bb.run_batch_backfill(again, DOCS_512, spec_of(again))
+        assert fake_openai.batch_creations == 1 and fake_openai.calls["POST /v1/files"] == 1
+        assert result.submitted.rows == 0 and sum(c.written for c in result.collected) == 200
+        assert result.promotion is not None
+        assert bb.get_batch(again, record.id).batch_id == record.batch_id
+        assert_all_current(again, 512)
+
+
+def test_an_expired_batch_finishes_the_rest_and_bad_rows_are_dead_letters(
+        supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 400)
+    conn.execute("update documents set content = 'FORBIDDEN words' where id = 7")
+    conn.execute("delete from pgmq.q_embedding_jobs")
+    fake_openai.poison("FORBIDDEN", 400, "this input is not allowed")
+    fake_openai.expire_next_batch(keep_lines=150)  # 150 results, the other 250 never run
+    fake_openai.drop_from_next_batch(5)  # the resubmission loses 5 lines: submitted a third time
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), promote_when_complete=False)
+    first, second, third = result.collected
+    assert first.status == "expired" and first.resubmit == 250 and first.written + first.dead == 150
+    assert second.status == "completed" and second.resubmit == 5
+    assert third.written == 5 and fake_openai.batch_creations == 3
+    assert fake_openai.embedding_calls == 1  # the probe: the rest was resubmitted, not embedded directly
+    dead = conn.execute("select message, error from autoembed.dead_letters").fetchall()
+    assert len(dead) == 1 and dead[0][0]["id"] == 7 and dead[0][0]["embeddingColumn"] == "embedding__next"
+    assert "this input is not allowed" in dead[0][1]
+    assert result.coverage.missing == 1  # the dead letter; everything else current
+    # A second run does not offer the dead row again.
+    again = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), promote_when_complete=False)
+    assert again.submitted.rows == 0 and fake_openai.batch_creations == 3
+
+
+def test_fallback_direct_embeds_what_a_failed_batch_left(supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 120)
+    fake_openai.fail_next_batch("the input file failed validation")
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), fallback="direct")
+    [c] = result.collected
+    assert c.status == "failed" and c.direct == 120 and c.resubmit == 0
+    assert fake_openai.batch_creations == 1 and fake_openai.embedding_calls > 1
+    assert result.promotion is not None
+    assert_all_current(conn, 512)
+
+
+def test_two_collectors_of_one_batch_write_each_row_once(supabase_docs, fake_openai, settings, batch_env, db_url):
+    conn = supabase_docs
+    load(conn, 500)
+    fake_openai.hold_batches()
+    bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), wait=False)
+    fake_openai.advance_batches(2)
+    [record] = bb.batches(conn)
+    shard_plan = plan(conn, DOCS_512, spec_of(conn))
+    results, barrier = [], threading.Barrier(2)
+
+    def collector():
+        with connect(db_url) as c:
+            client = bb.batch_client(DOCS_512, spec_of(c))
+            barrier.wait()
+            results.append(bb.collect(c, DOCS_512, record.id, client))
+
+    threads = [threading.Thread(target=collector) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = [r for r in results if r is not None]
+    assert len(got) == 1 and got[0].written == 500  # the other found it claimed or collected
+    assert shard_plan.mode == "migration"
+    states = conn.execute("select count(*), count(distinct row_id) from autoembed.embedding_state "
+                          "where embedding_column = 'embedding__next'").fetchone()
+    assert states == (500, 500)
+
+
+def test_a_provider_without_a_batch_api_is_refused(supabase_docs, settings, batch_env, monkeypatch, tmp_path, capsys):
+    conn = supabase_docs
+    load(conn, 5)
+    local = replace(DOCS, provider="local", dimensions=None)
+    with pytest.raises(BatchUnsupported, match="pipeline documents.*--via direct"):
+        bb.check_batch_support(local)
+    with FakeOpenAI(batch_api=False) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        monkeypatch.setenv("AUTOEMBED_PROVIDER", "openai")
+        with pytest.raises(BatchUnsupported, match="pipeline documents.*404 on /v1/batches.*--via direct"):
+            bb.run_batch_backfill(conn, DOCS_512, spec_of(conn))
+        assert get_migration(conn, "public", "documents", "embedding") is None  # refused before anything started
+        make_project(tmp_path, {"documents": {"table": "public.documents", "dimensions": 512}})
+        monkeypatch.setenv("AUTOEMBED_PROJECT", str(tmp_path))
+        assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "pipeline documents" in err and "--via direct" in err
+
+
+def test_cli_via_batch_submits_collects_and_promotes(supabase_docs, fake_openai, settings, batch_env, monkeypatch,
+                                                     tmp_path, capsys):
+    conn = supabase_docs
+    load(conn, 60)
+    make_project(tmp_path, {"documents": {"table": "public.documents", "dimensions": 512, "shards": 2}})
+    monkeypatch.setenv("AUTOEMBED_PROJECT", str(tmp_path))
+    fake_openai.reset()
+    assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "through the Batch API" in out and "60 written" in out and "100.0%" in out and "promoted" in out
+    assert fake_openai.embedding_calls == 1 and fake_openai.batch_creations == 1
+    assert_all_current(conn, 512)
+    assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0  # nothing left: no new batch
+    assert fake_openai.batch_creations == 1
+
+
+# -- Dagster ----------------------------------------------------------------------------------------------------
+def test_dagster_shard_runs_submit_and_the_sensor_launches_a_collect_run_per_batch(
+        supabase_docs, fake_openai, settings, batch_env):
+    import dagster as dg
+
+    from autoembed_dagster.defs.autoembed import build_defs
+    from autoembed_dagster.defs.backfill import models_partitions_name, reembed_job_name
+
+    conn = supabase_docs
+    load(conn, 200)
+    p = replace(DOCS_512, backfill_via="batch", shards=2)
+    spec = spec_of(conn, p)
+    defs = build_defs([p])
+    fake_openai.hold_batches()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(models_partitions_name(p), [spec.key])
+        submitted = 0
+        for shard in ("0", "1"):
+            run = defs.resolve_job_def(reembed_job_name(p)).execute_in_process(
+                instance=instance, partition_key=f"{spec.key}|{shard}")
+            [mat] = run.asset_materializations_for_node(run.dagster_run.step_keys_to_execute[0])
+            submitted += mat.metadata["rows_submitted"].value
+        assert submitted == 200 and fake_openai.batch_creations == 2  # each shard run returned at once
+        assert get_migration(conn, "public", "documents", "embedding").status == "backfilling"
+
+        sensor = defs.resolve_sensor_def("autoembed_batches")
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        assert not tick.run_requests and "validating" in tick.skip_message  # nothing finished: no run
+        fake_openai.advance_batches(2)
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        assert len(tick.run_requests) == 2
+        job = defs.resolve_job_def("collect_batches")
+        metas = []
+        for request in tick.run_requests:
+            run = job.execute_in_process(instance=instance, run_config=request.run_config, tags=request.tags)
+            [out] = [e for e in run.events_for_node("collect_batch") if e.event_type_value == "STEP_OUTPUT"]
+            metas.append(out.event_specific_data.metadata)
+        assert sum(m["rows_written"].value for m in metas) == 200
+        assert all(m["batch_id"].value.startswith("batch-") and m["tokens"].value > 0 for m in metas)
+        assert all(m["estimated_cost_usd"].value == m["saving_vs_direct_usd"].value for m in metas)  # half off
+        assert [m["promoted"].value for m in metas] == [False, True]
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        assert not tick.run_requests
+    assert column_type(conn) == "halfvec(512)"
+    assert_all_current(conn, 512)
+    assert fake_openai.embedding_calls == 1
+
+
+def test_dg_check_defs_refuses_batch_for_a_provider_without_one(tmp_path, monkeypatch, batch_env):
+    from .dg_project import load_project_defs
+    from .test_chunk_dagster import chain_text, dg_run
+
+    make_project(tmp_path, {"documents": {"table": "public.documents", "provider": "local",
+                                          "backfill": {"via": "batch"}}})
+    with pytest.raises(Exception) as info:
+        load_project_defs(tmp_path)
+    assert "pipeline documents: the local provider has no Batch API" in chain_text(info.value)
+    assert "--via direct" in chain_text(info.value)
+    with FakeOpenAI(batch_api=False) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        other = make_project(tmp_path / "other", {"documents": {"table": "public.documents", "provider": "openai",
+                                                                "backfill": {"via": "batch"}}})
+        checked = dg_run(["check", "defs"], other)
+        out = checked.stdout + checked.stderr
+        assert checked.returncode != 0 and "pipeline documents" in out and "404 on /v1/batches" in out, out
+        assert "--via direct" in out and server.calls["GET /v1/batches"] >= 1

@@ -1,0 +1,208 @@
+"""Nothing a writer or a table owner creates runs with the project's rights.
+
+A hostile role plants objects under every name the project's SECURITY DEFINER functions use, in
+pg_temp and in a schema of its own, each with triggers that make the role a superuser when they
+run with a superuser's rights; then it writes its table as an application would. The role must
+not become a superuser, and its writes must still work and be queued."""
+
+from __future__ import annotations
+
+import itertools
+
+import psycopg
+import pytest
+
+from autoembed_dagster.core import api
+
+from .test_least_privilege import acting_as, messages
+
+_roles = itertools.count()
+
+# Every table name a definer function of ours reads or writes (schema-qualified there), and the
+# transition tables' names.
+PLANTED_TABLES = ["autoembed_chunk_changes", "chunk_changes", "targets", "meta", "embedding_state", "dead_letters",
+                  "message_errors", "q_embedding_jobs", "a_embedding_jobs", "autoembed_new", "autoembed_old",
+                  "target_catalog", "model_migrations"]
+
+
+@pytest.fixture
+def hostile(conn):
+    """A login-less role used through SET ROLE, with a schema of its own."""
+    name = f"hostile_{conn.info.backend_pid}_{next(_roles)}"
+    conn.execute(f"create role {name} nologin")
+    conn.execute(f"create schema {name} authorization {name}")
+    conn.execute(f"grant usage on schema autoembed to {name}")  # what a Supabase-trigger writer has
+    yield name
+    conn.execute("reset role")
+    conn.execute("reset search_path")
+    conn.execute(f"drop owned by {name} cascade")
+    conn.execute(f"drop role {name}")
+
+
+def is_superuser(conn, role) -> bool:
+    return conn.execute("select rolsuper from pg_roles where rolname = %s", (role,)).fetchone()[0]
+
+
+ESCALATE = """
+create function {s}.escalate() returns trigger language plpgsql as $f$
+begin
+    execute format('alter role %I superuser', '{role}');
+    return case when TG_LEVEL = 'ROW' and TG_OP <> 'DELETE' then NEW when TG_LEVEL = 'ROW' then OLD end;
+end $f$;
+create function {s}.escalate_f() returns text language plpgsql as $f$
+begin
+    execute format('alter role %I superuser', '{role}');
+    return 'x';
+end $f$;
+"""
+
+
+def plant(conn, role) -> None:
+    """As `role`, in pg_temp and in its own schema: a table under every name in PLANTED_TABLES
+    (columns any definer insert could name), each with row and statement triggers running
+    `alter role <role> superuser`, and functions under the names of the helpers the definer
+    functions call; then the role's search_path puts its own objects first."""
+    with acting_as(conn, role):
+        for schema in ("pg_temp", role):
+            conn.execute(ESCALATE.format(s=schema, role=role))
+            for table in PLANTED_TABLES:
+                conn.execute(f"""
+                    create table {schema}.{table} (target bigint, k text, id bigint, queue_name text, message jsonb,
+                                                   row_id text, schema_name text, table_name text);
+                    create trigger r before insert or update or delete on {schema}.{table}
+                        for each row execute function {schema}.escalate();
+                    create trigger s after insert or update or delete or truncate on {schema}.{table}
+                        for each statement execute function {schema}.escalate();
+                """)
+            for fn in ("key_texts(anyarray)", "send_jobs(text, jsonb[])", "key_messages(text[], boolean, jsonb)",
+                       "content_hash(text)", "live_target(bigint)", "require_owner(oid, text)",
+                       "caller_role()", "send(text, jsonb)", "send_batch(text, jsonb[])"):
+                name, args = fn.split("(")
+                params = ", ".join(f"a{i} {t.strip()}" for i, t in enumerate(args.rstrip(")").split(",")) if t.strip())
+                conn.execute(f"create function {schema}.{name}({params}) returns text language sql "
+                             f"as $$ select {schema}.escalate_f() $$")
+        conn.execute(f"set search_path = pg_temp, {role}, public")
+    assert not is_superuser(conn, role)
+
+
+# -- writers -------------------------------------------------------------------------------------
+@pytest.fixture
+def articles(conn, fake_openai):
+    conn.execute("""
+        create table articles (id bigint primary key, title text not null, body text);
+        create function article_text(a articles) returns text language sql immutable
+            as $$ select case when a.body is null then null else a.title || E'\\n\\n' || a.body end $$;
+    """)
+    api.enroll("articles", "article_text", chunk_tokens=64, chunk_overlap=8, url=conn.info.dsn)
+    return conn
+
+
+def test_a_writer_planting_objects_gains_nothing_on_a_chunk_target(articles, hostile):
+    """The chunk triggers noted changed keys in pg_temp.autoembed_chunk_changes: a role that
+    created that temp table first, with a trigger, became a superuser on its next UPDATE."""
+    conn = articles
+    conn.execute(f"grant select, insert, update, delete on articles to {hostile}")
+    plant(conn, hostile)
+    with acting_as(conn, hostile):
+        conn.execute("insert into articles values (1, 'A', 'alpha'), (2, 'B', 'beta'), (3, 'C', 'gamma')")
+        conn.execute("update articles set body = 'delta' where id = 2")
+        conn.execute("update articles set body = body || '!'")  # a bulk UPDATE: every row changed
+        conn.execute("update articles set title = title where id = 1")  # a re-save: nothing queued
+        conn.execute("delete from articles where id = 3")
+    assert not is_superuser(conn, hostile)
+    conn.execute("reset search_path")
+    queued = [sorted(str(m.get("ids", m["id"])).split(",")) for m in messages(conn)]
+    assert queued == [["1", "2", "3"], ["2"], ["1", "2", "3"]]
+    for table in ("autoembed_chunk_changes",):
+        assert conn.execute(f"select count(*) from pg_temp.{table}").fetchone()[0] == 0  # never written
+
+
+def test_a_writer_planting_objects_gains_nothing_on_an_enrolled_column(conn, hostile):
+    conn.execute("""
+        create table notes (id bigint primary key, body text, embedding vector(3));
+        create function note_input(n notes) returns text language sql immutable as $$ select n.body $$;
+        select autoembed.enroll('notes', 'note_input', 'embedding');
+    """)
+    conn.execute(f"grant select, insert, update, delete, truncate on notes to {hostile}")
+    plant(conn, hostile)
+    with acting_as(conn, hostile):
+        conn.execute("insert into notes values (1, 'one')")
+        conn.execute("insert into notes select g, 'n' || g from generate_series(2, 4) g")
+        conn.execute("update notes set embedding = '[1,2,3]'")
+        conn.execute("update notes set body = 'changed' where id = 2")
+        conn.execute("delete from notes where id = 4")
+        conn.execute("truncate notes")
+    assert not is_superuser(conn, hostile)
+    conn.execute("reset search_path")
+    assert [(m["id"], m.get("idRange")) for m in messages(conn)] == [(1, None), (2, [2, 4]), (2, None)]
+
+
+def test_a_writer_planting_objects_gains_nothing_through_supabases_triggers(supabase_docs, hostile):
+    conn = supabase_docs
+    conn.execute(f"grant select, insert, update, delete, truncate on documents to {hostile}")
+    plant(conn, hostile)
+    with acting_as(conn, hostile):
+        conn.execute("insert into documents (title, content) values ('A', 'a'), ('B', 'b')")
+        conn.execute("update documents set content = 'changed' where id = 1")
+        conn.execute("delete from documents where id = 2")
+    assert not is_superuser(conn, hostile)
+    conn.execute("reset search_path")
+    assert [m["id"] for m in messages(conn)] == [1, 2, 1]
+
+
+CAST = """
+create type {s}.k as (v integer);
+create function {s}.k_text({s}.k) returns text language plpgsql as $f$
+begin
+    execute format('alter role %I superuser', '{role}');
+    return 'x';
+end $f$;
+create cast ({s}.k as text) with function {s}.k_text({s}.k);
+"""
+
+
+def test_a_writer_cannot_run_a_cast_of_its_own_in_the_row_enqueue(conn, hostile):
+    """autoembed.queue_embedding_job (SECURITY DEFINER, callable from any trigger) converted its
+    key to text with `::text`: a key of the caller's own type ran the caller's cast as the definer."""
+    with acting_as(conn, hostile):
+        conn.execute(CAST.format(s=hostile, role=hostile))
+        conn.execute(f"""
+            create table {hostile}.mine (id int primary key, embedding vector(3));
+            create function {hostile}.forge() returns trigger language plpgsql as $f$
+            begin
+                perform autoembed.queue_embedding_job('{hostile}.mine'::regclass, 'f', null, 'embedding', 'id',
+                                                      'embedding_jobs', row(1)::{hostile}.k);
+                return null;
+            end $f$;
+            create trigger forge after insert on {hostile}.mine for each row execute function {hostile}.forge();
+        """)
+        with pytest.raises(psycopg.errors.DatatypeMismatch, match="not a key type"):
+            conn.execute(f"insert into {hostile}.mine values (1)")
+    assert not is_superuser(conn, hostile)
+    assert messages(conn) == []
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_a_table_owner_cannot_run_a_cast_of_its_own_when_queueing_its_rows(conn, hostile, shape):
+    """autoembed.enqueue_keys / enqueue_chunk_keys (SECURITY DEFINER) take keys of any type."""
+    with acting_as(conn, hostile):
+        conn.execute(CAST.format(s=hostile, role=hostile))
+        conn.execute(f"""
+            create table {hostile}.notes (id bigint primary key, body text, embedding vector(3));
+            create function {hostile}.note_input(n {hostile}.notes) returns text language sql immutable
+                as $$ select n.body $$;
+        """)
+        if shape == "column":
+            conn.execute(f"select autoembed.enroll('{hostile}.notes', '{hostile}.note_input', 'embedding')")
+            call = "autoembed.enqueue_keys"
+        else:
+            conn.execute(f"select autoembed.enroll_chunks('{hostile}.notes', '{hostile}.note_input', 64, 0,"
+                         " dimensions => 3, vector_type => 'vector')")
+            call = "autoembed.enqueue_chunk_keys"
+    target = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
+    with acting_as(conn, hostile):
+        with pytest.raises(psycopg.errors.DatatypeMismatch, match="not a key type"):
+            conn.execute(f"select {call}({target}, array[row(1)::{hostile}.k])")
+        assert conn.execute(f"select {call}({target}, array[7::bigint])").fetchone()[0] == 1
+    assert not is_superuser(conn, hostile)
+    assert [m["id"] for m in messages(conn)] == [7]
