@@ -9,6 +9,8 @@ import os
 import sys
 
 from .core import api
+from .core.pipelines import split_table
+from .core.targets.catalog import sql_name
 from .core.config import ConfigError, Settings
 from .core.db.server import database_url, psql_path, require_project, stop_embedded
 
@@ -37,7 +39,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 def _refuse_unproducible_size(args: argparse.Namespace) -> None:
     """Enrolling a column the default model cannot fill would dead-letter every row: refuse it."""
-    from .core.pipelines import Pipeline, split_table
+    from .core.pipelines import Pipeline
     from .core.targets.catalog import TargetKey, resolve
 
     schema, table = split_table(args.table, args.table)
@@ -62,9 +64,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         n = api.enroll(args.table, args.content_function, key_column=args.key, queue=args.queue,
                        backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
                        size_names=CLI_NAMES)
-        schema, _, table = args.table.rpartition(".")
+        schema, table = split_table(args.table, args.table, "")
+        chunks = sql_name(*filter(None, (schema, f"{table}_chunks")))
         print(f"{args.table} enrolled for chunks of at most {args.chunk_tokens} tokens "
-              f"(overlap {args.chunk_overlap}) in {schema + '.' if schema else ''}{table}_chunks; "
+              f"(overlap {args.chunk_overlap}) in {chunks}; "
               f"{n} existing rows queued for embedding")
         return 0
     if args.chunk_overlap:
@@ -78,12 +81,17 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from .core.migrate import backfill_control
+
     rows = api.status(queue=args.queue)
     chunked = api.chunk_targets_health()
     dead = api.dead_letters(queue=args.queue, limit=10)
     broken, repaired = api.schema_problems()
+    with api.session() as conn:
+        holds = backfill_control.held_pipelines(conn)
     if args.json:
         print(json.dumps({"queues": [r.__dict__ for r in rows],
+                          "backfills": [{"pipeline": h.pipeline, "state": h.state, "lift": h.lift} for h in holds],
                           "broken_targets": [{**b.__dict__, "label": b.label} for b in broken],
                           "repairs": [r.__dict__ for r in repaired],
                           "chunk_targets": [{**h.__dict__, "chunk_table": t.chunk_table, "chunk_tokens": t.chunk_tokens,
@@ -107,6 +115,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("\nrepaired by autoembed:")
         for r in repaired:
             print(f"  {r.at:%Y-%m-%d %H:%M:%S} {r.what}")
+    if holds:
+        print()
+        print(_table(["backfill", "state"], [[h.pipeline, f"{h.state}: {h.lift}"] for h in holds], left=(0, 1)))
     if dead:
         print("\nlatest dead letters:")
         for d in dead:
@@ -161,19 +172,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
         where = dict(table=p.table, schema=p.schema, content_function=p.content_function,
                      embedding_column=p.embedding_column, key_column=p.key_column, resolver=pipeline_resolver([p]))
     elif args.table and args.chunks:
-        schema, _, table = args.table.rpartition(".")
-        return _print_chunk_hits(args, dict(table=table, schema=schema or args.schema,
+        schema, table = split_table(args.table, args.table, args.schema)
+        return _print_chunk_hits(args, dict(table=table, schema=schema,
                                             content_function=args.content_function, key_column=args.key))
     elif args.table:
-        schema, _, table = args.table.rpartition(".")
-        where = dict(table=table, schema=schema or args.schema, content_function=args.content_function,
+        schema, table = split_table(args.table, args.table, args.schema)
+        where = dict(table=table, schema=schema, content_function=args.content_function,
                      embedding_column=args.column, key_column=args.key)
     else:
         raise ConfigError("name what to search: --pipeline NAME (a defs/<name>/defs.yaml) or --table TABLE")
     hits = api.search(args.query, k=args.k, **where)
     if not hits:
         print("no embedded rows yet: run `autoembed drain`")
-    label = f"{where['schema']}.{where['table']}"
+    label = sql_name(where["schema"], where["table"])
     for rank, hit in enumerate(hits, 1):
         first = " ".join(hit.input.split())[:100]
         print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id}: {first}")
@@ -185,7 +196,7 @@ def _print_chunk_hits(args: argparse.Namespace, where: dict) -> int:
     hits = api.search_chunks(args.query, k=args.k, **where)
     if not hits:
         print("no embedded chunks yet: run `autoembed drain`")
-    label = f"{where['schema']}.{where['table']}"
+    label = sql_name(where["schema"], where["table"])
     for rank, hit in enumerate(hits, 1):
         passage = " ".join(hit.chunk.split())
         print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id} chunk {hit.chunk_index}: "
@@ -277,61 +288,95 @@ def _cmd_pipelines(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pct(ratio: float) -> str:
+    return "100%" if ratio >= 1 else f"{ratio:.1%}"
+
+
+def _stopped_line(p, total_stopped: str | None, stopped_shards: list[int]) -> str | None:
+    """Said once at the end: which shards a pause or the window's end stopped, and how they go on."""
+    if not total_stopped:
+        return None
+    return (f"stopped: {total_stopped}; shard(s) {', '.join(map(str, stopped_shards))} not finished: they continue "
+            f"where they stopped on the next `autoembed backfill {p.name}`")
+
+
+def _promoted_line(p, m) -> str:
+    """A column migration's promotion: every part of the model that changed (model, dimensions,
+    content function)."""
+    from .core.targets.models import describe_change
+
+    return (f"promoted: {p.embedding_column} now holds {describe_change(m.old_spec, m.spec)} (old vectors in "
+            f"{m.old_column} until `autoembed migrate {p.name} drop-old`)")
+
+
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .core.migrate import backfill_control
     from .core.migrate.backfill import run_backfill
     from .core.targets.catalog import resolve
 
     p = _pipeline_named(args.pipeline)
     if args.pause or args.resume:
-        from .core.migrate import backfill_control
+        with api.session() as conn:
+            if args.pause:
+                backfill_control.pause(conn, p.name)
+                print(f"backfill of {p.name} paused: running shards stop after their page; new ones are refused "
+                      f"until `autoembed backfill {p.name} --resume`")
+            elif backfill_control.resume(conn, p.name):
+                print(f"backfill of {p.name} resumed: run `autoembed backfill {p.name}` (or launch the Dagster "
+                      "`backfill` job) to continue the stopped shards where they stopped; nothing restarts by itself")
+            else:
+                print(f"backfill of {p.name} was not paused: nothing to resume")
+        return 0
+    try:
+        if args.via == "batch" or (args.via is None and p.backfill_via == "batch"):
+            with api.session() as conn:  # a batch is not started while the backfill is held either
+                backfill_control.refuse_if_held(conn, p.name)
+            return _batch_backfill(args, p)
+        if p.chunked:
+            return _chunk_backfill(args, p)
+        bar = None
+
+        def on_plan(shard_plan, cov):
+            nonlocal bar
+            print(f"{p.name}: {shard_plan.spec.key} ({shard_plan.mode}): {shard_plan.reason}")
+            bar = tqdm(total=cov.missing, unit="row", desc="re-embedding", disable=args.quiet or None)
+
+        def on_batch(stats, rows):
+            if bar is not None:
+                bar.update(rows)
+                bar.set_postfix(shard=stats.shard, embedded=stats.embedded, refresh=False)
 
         with api.session() as conn:
-            (backfill_control.pause if args.pause else backfill_control.resume)(conn, p.name)
-        print(f"backfill of {p.name} {'paused: running shards stop after their page' if args.pause else 'resumed'}")
-        return 0
-    via = args.via or p.backfill_via
-    if via == "batch":
-        return _batch_backfill(args, p)
-    if p.chunked:
-        return _chunk_backfill(args, p)
-    bar = None
-
-    def on_plan(shard_plan, cov):
-        nonlocal bar
-        print(f"{p.name}: {shard_plan.spec.key} ({shard_plan.mode}): {shard_plan.reason}")
-        bar = tqdm(total=cov.missing, unit="row", desc="re-embedding", disable=args.quiet or None)
-
-    def on_batch(stats, rows):
-        if bar is not None:
-            bar.update(rows)
-            bar.set_postfix(shard=stats.shard, embedded=stats.embedded, refresh=False)
-
-    with api.session() as conn:
-        spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
-        try:
-            result = run_backfill(conn, p, spec, only=args.shards, promote_when_complete=not args.no_promote,
-                                  batch_rows=args.batch_rows, on_batch=on_batch, on_plan=on_plan)
-        finally:
-            if bar is not None:
-                bar.close()
+            spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
+            try:
+                result = run_backfill(conn, p, spec, only=args.shards, promote_when_complete=not args.no_promote,
+                                      batch_rows=args.batch_rows, on_batch=on_batch, on_plan=on_plan)
+            finally:
+                if bar is not None:
+                    bar.close()
+    except backfill_control.BackfillHeld as held:
+        print(f"autoembed: {held} (nothing started; exit status {backfill_control.REFUSED_EXIT})", file=sys.stderr)
+        return backfill_control.REFUSED_EXIT
     if result.plan.mode == "skip":
         print(f"nothing to do: {result.plan.reason}", file=sys.stderr)
         return 1
     for r in result.shards:
-        print(f"  shard {r.stats.shard}/{r.stats.shards}: {r.stats.summary()}")
-    if result.total.stopped:
-        print(f"stopped early: {result.total.stopped}", file=sys.stderr)
+        print(f"  shard {r.stats.shard}/{r.stats.shards}: {r.stats.summary(with_stop=False)}")
     cov = result.coverage
-    print(f"{result.total.summary()}\ncoverage of {spec.identity_key} in {result.plan.column}: "
-          f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable})")
+    print(f"{result.total.summary(with_stop=False)}\ncoverage of {spec.identity_key} in {result.plan.column}: "
+          f"{_pct(cov.ratio)} ({cov.current}/{cov.embeddable})")
     if result.promotion is not None:
-        print(f"promoted: {p.embedding_column} now holds {spec.identity_key} (old vectors in "
-              f"{result.promotion.migration.old_column} until `autoembed migrate {p.name} drop-old`)")
+        print(_promoted_line(p, result.promotion.migration))
+    stopped = _stopped_line(p, result.total.stopped, result.stopped_shards)
+    if stopped:
+        print(stopped, file=sys.stderr)
     for error in result.total.errors:
         print(f"  error: {error}", file=sys.stderr)
-    return 0 if not result.total.retryable_failures else 1
+    if result.total.retryable_failures:
+        return 1
+    return backfill_control.STOPPED_EXIT if stopped else 0
 
 
 def _batch_backfill(args: argparse.Namespace, p) -> int:
@@ -369,9 +414,12 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
         except KeyboardInterrupt:
             if bar is not None:
                 bar.close()
-            left = bb.batches(conn, pipeline=p.name, open_only=True)
-            print(f"\ninterrupted: {len(left)} batch(es) left running at the provider "
-                  f"({', '.join(b.batch_id or f'record {b.id}' for b in left)}); run "
+            try:  # a fresh connection: the interrupted one may be mid-statement
+                with api.session() as fresh:
+                    left = [b.batch_id or f"record {b.id}" for b in bb.batches(fresh, pipeline=p.name, open_only=True)]
+            except Exception:  # noqa: BLE001 - the message below matters more than the list
+                left = ["?"]
+            print(f"\ninterrupted: {len(left)} batch(es) left running at the provider ({', '.join(left)}); run "
                   f"`autoembed backfill {p.name} --via batch` again to collect them", file=sys.stderr)
             return 130
         finally:
@@ -389,10 +437,9 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
               f"{c.resubmit} resubmitted, {c.direct} direct, {c.dead} dead-lettered; {c.tokens} tokens{priced}")
     cov = result.coverage
     print(f"{result.summary()}\ncoverage of {spec.identity_key} in {result.plan.column}: "
-          f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable})")
+          f"{_pct(cov.ratio)} ({cov.current}/{cov.embeddable})")
     if result.promotion is not None:
-        print(f"promoted: {p.embedding_column} now holds {spec.identity_key} (old vectors in "
-              f"{result.promotion.migration.old_column} until `autoembed migrate {p.name} drop-old`)")
+        print(_promoted_line(p, result.promotion.migration))
     for c in result.collected:
         for error in c.errors:
             print(f"  error: {error}", file=sys.stderr)
@@ -401,6 +448,7 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
 
 def _chunk_backfill(args: argparse.Namespace, p) -> int:
     """`autoembed backfill P` of a chunked pipeline (core.migrate.chunk_backfill)."""
+    from .core.migrate import backfill_control
     from .core.migrate.chunk_backfill import run_chunk_backfill
 
     def on_plan(plan, cov):
@@ -410,18 +458,22 @@ def _chunk_backfill(args: argparse.Namespace, p) -> int:
         result = run_chunk_backfill(conn, p, only=args.shards, promote_when_complete=not args.no_promote,
                                     on_plan=on_plan)
     for r in result.shards:
-        print(f"  shard {r.shard}/{r.shards}: {r.summary()}")
+        print(f"  shard {r.shard}/{r.shards}: {r.summary(with_stop=False)}")
     cov = result.coverage
-    print(f"{result.total.summary()}\ncoverage of {result.plan.spec.identity_key} in {result.plan.write_to.chunk_table}: "
-          f"{cov.ratio:.1%} ({cov.current}/{cov.embeddable} documents)")
+    print(f"{result.total.summary(with_stop=False)}\ncoverage of {result.plan.spec.identity_key} in "
+          f"{result.plan.write_to.chunk_table}: {_pct(cov.ratio)} ({cov.current}/{cov.embeddable} documents)")
     if result.promoted_old is not None:
-        print(f"promoted: {result.plan.live.chunk_table} now holds {result.plan.spec.identity_key} "
-              f"(old chunk sets in {result.promoted_old} until `autoembed migrate {p.name} drop-old`)")
-    if result.total.stopped:
-        print(f"stopped early: {result.total.stopped}", file=sys.stderr)
+        print(f"promoted: {result.plan.live.chunk_table} now holds {result.plan.spec.identity_key} of "
+              f"{result.plan.spec.content_function} (old chunk sets in {result.promoted_old} until "
+              f"`autoembed migrate {p.name} drop-old`)")
+    stopped = _stopped_line(p, result.total.stopped, result.stopped_shards)
+    if stopped:
+        print(stopped, file=sys.stderr)
     for error in result.total.errors:
         print(f"  error: {error}", file=sys.stderr)
-    return 0 if not (result.total.failed or result.total.busy) else 1
+    if result.total.failed or result.total.busy:
+        return 1
+    return backfill_control.STOPPED_EXIT if stopped else 0
 
 
 def _chunk_migrate(args: argparse.Namespace, p) -> int:
@@ -435,6 +487,7 @@ def _chunk_migrate(args: argparse.Namespace, p) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
+    from .core.migrate import backfill_control
     from .core.migrate import migration as mig
     from .core.migrate.backfill import migration_action
     from .core.targets.catalog import resolve
@@ -449,14 +502,29 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             return 0 if args.action == "status" else 1
         m, _, _ = migration_action(conn, p, m, args.action.replace("-", "_"), force=args.force)
         cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
+        held = backfill_control.hold(conn, p.name) if m.status == "backfilling" else None
     info = {"migration": m.id, "status": m.status, "model": m.spec.key, "old_model": m.old_model,
             "column": m.embedding_column, "shadow_column": m.shadow_column, "coverage": round(cov.ratio, 6),
-            "rows_current": cov.current, "rows_with_input": cov.embeddable}
+            "rows_current": cov.current, "rows_with_input": cov.embeddable,
+            "backfill": held.state if held else None}
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {cov.ratio:.1%} "
-              f"({cov.current}/{cov.embeddable})")
+        print(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {_pct(cov.ratio)} "
+              f"({cov.current}/{cov.embeddable})" + (f"; backfill {held.state}: {held.lift}" if held else ""))
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .components.declarations import project_root
+    from .deploy import scaffold
+
+    root = Path(args.project).resolve() if args.project else project_root()
+    for path in scaffold(root, image=args.image, force=args.force):
+        print(f"wrote {path}")
+    print("next: README 'Deploy to Kubernetes' (docker build, the secrets, helm upgrade --install with the image tag)")
     return 0
 
 
@@ -540,7 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=_cmd_dagster_env)
 
     bf = sub.add_parser("backfill", help="re-embed a pipeline with the model its defs.yaml names, shard by shard "
-                                         "(a model change: zero-downtime migration)")
+                                         "(a model change: zero-downtime migration)",
+                        epilog="exit status: 0 done; 1 errors (rows left to retry); 2 bad input; "
+                               "3 refused, nothing ran: the backfill is paused (--resume) or outside its "
+                               "AUTOEMBED_BACKFILL_WINDOW; 4 a pause or the window's end stopped shards part-way")
     bf.add_argument("pipeline", help="pipeline name (its defs/<name>/defs.yaml; the model is the one it names)")
     bf.add_argument("--shards", type=int, nargs="*", help="only these shards (default: all)")
     bf.add_argument("--batch-rows", type=int, help="rows per provider request")
@@ -556,7 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     pause = bf.add_mutually_exclusive_group()
     pause.add_argument("--pause", action="store_true",
                        help="pause the pipeline's backfill everywhere (running shards stop after their page)")
-    pause.add_argument("--resume", action="store_true", help="lift --pause; shards resume where they stopped")
+    pause.add_argument("--resume", action="store_true",
+                       help="lift --pause; nothing restarts by itself: the stopped shards continue where they "
+                            "stopped on the next `autoembed backfill PIPELINE` (or Dagster `backfill` job launch)")
     bf.set_defaults(func=_cmd_backfill)
 
     mg = sub.add_parser("migrate", help="a pipeline's model migration: status, promote, rollback, drop-old, abort")
@@ -569,6 +642,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipelines", help="the project's pipelines: declared (defs.yaml) and discovered (SQL only)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=_cmd_pipelines)
+
+    dp = sub.add_parser("deploy", help="Kubernetes: `deploy scaffold` writes a Dockerfile, .dockerignore and Helm "
+                                       "values.yaml into your Dagster project")
+    dp.add_argument("action", choices=["scaffold"], help="scaffold: write the files (README: Deploy to Kubernetes)")
+    dp.add_argument("--project", default=None,
+                    help="the Dagster project's folder (default: the project at or above the current folder)")
+    dp.add_argument("--image", default=None,
+                    help="the image repository, e.g. registry.example.com/my-project (default: one under "
+                         "registry.example.com named after the code location)")
+    dp.add_argument("--force", action="store_true", help="overwrite files that exist")
+    dp.set_defaults(func=_cmd_deploy)
 
     dv = sub.add_parser("dev", help="`dagster dev` on this project's data: starts Postgres, prepares Dagster's "
                                     "storage, sets the environment (no eval needed)")

@@ -281,7 +281,7 @@ $$;
 -- messages (send_batch raises on an empty array). Always through pgmq's own functions: one message
 -- with pgmq.send (about half the cost of send_batch of one), more with one send_batch. A queue
 -- dropped under us (pgmq.drop_queue, its table dropped) is re-created first and the repair recorded
--- (autoembed.restore_queue, sql/014): the writer's statement goes on and its jobs are kept. (A
+-- (autoembed.restore_queue, sql/015): the writer's statement goes on and its jobs are kept. (A
 -- catalog lookup, not an exception block: a subtransaction per statement would cost more, and
 -- thousands of them in one transaction overflow the subtransaction cache of every backend.)
 create or replace function autoembed.send_jobs(queue text, messages jsonb[])

@@ -91,7 +91,7 @@ begin
     if existing is null then
         execute format(
             'create table %1$I.%2$I (
-                 %3$I %4$s not null references %5$s (%3$I) on delete cascade,
+                 %3$I %4$s not null references %5$s (%3$I) on delete cascade on update cascade,
                  chunk_index integer not null check (chunk_index >= 0),
                  chunk text not null,
                  embedding %6$s(%7$s) not null,

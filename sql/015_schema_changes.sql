@@ -17,6 +17,15 @@ revoke all on autoembed.repairs from public;
 alter table autoembed.targets add column if not exists fn_schema text;
 alter table autoembed.targets add column if not exists fn_name text;
 
+
+-- embedding_state records a column target's vectors under its table's and column's names; the
+-- registry keeps the names they are recorded under, so a rename (of the schema, the table or the
+-- column) moves the records with it instead of leaving every row looking stale (a backfill then
+-- re-sent unchanged rows). Filled at registration; autoembed.follow_state_names moves them.
+alter table autoembed.targets add column if not exists state_schema text;
+alter table autoembed.targets add column if not exists state_table text;
+alter table autoembed.targets add column if not exists state_column text;
+
 create or replace function autoembed.remember_function_name()
 returns trigger
 language plpgsql
@@ -32,6 +41,12 @@ begin
         NEW.fn_schema := named.nsp;
         NEW.fn_name := named.name;
     end if;
+    if TG_OP = 'INSERT' and NEW.embedding_attnum is not null then
+        select n.nspname::text, c.relname::text, a.attname::text into NEW.state_schema, NEW.state_table, NEW.state_column
+          from pg_class c join pg_namespace n on n.oid = c.relnamespace
+          join pg_attribute a on a.attrelid = c.oid and a.attnum = NEW.embedding_attnum
+         where c.oid = NEW.relid;
+    end if;
     return NEW;
 end;
 $$;
@@ -42,6 +57,70 @@ create or replace trigger remember_function_name before insert or update of cont
 update autoembed.targets t set fn_schema = n.nspname, fn_name = p.proname
   from pg_proc p join pg_namespace n on n.oid = p.pronamespace
  where p.oid = t.content_fn and (t.fn_schema, t.fn_name) is distinct from (n.nspname::text, p.proname::text);
+
+update autoembed.targets r set state_schema = n.nspname, state_table = c.relname, state_column = a.attname
+  from pg_class c join pg_namespace n on n.oid = c.relnamespace, pg_attribute a
+ where c.oid = r.relid and a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
+   and r.state_schema is null;
+
+-- Move the embedding_state records of column targets whose schema, table or column was renamed to
+-- the current names (records already under those names that the move would collide with are
+-- leftovers of a dropped object of that name: replaced). Inside a model migration's transaction
+-- (autoembed.migrating) it does nothing: the migration moves its records itself (a promotion's or
+-- rollback's recorded names that went stale then name no records, and are simply re-recorded the
+-- next time). Run by the event trigger
+-- autoembed_follow_state_names (ALTER TABLE / ALTER SCHEMA, when db init ran as a superuser) and at
+-- the start of every drain. Returns the targets whose records moved.
+create or replace function autoembed.follow_state_names()
+returns integer
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t record;
+    moved integer := 0;
+begin
+    if current_setting('autoembed.migrating', true) = 'on' then
+        return 0;
+    end if;
+    for t in select r.id, n.nspname::text as nsp, c.relname::text as rel, a.attname::text as col,
+                    r.state_schema, r.state_table, r.state_column
+               from autoembed.targets r
+               join pg_class c on c.oid = r.relid
+               join pg_namespace n on n.oid = c.relnamespace
+               join pg_attribute a on a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
+              where (n.nspname::text, c.relname::text, a.attname::text)
+                    is distinct from (r.state_schema, r.state_table, r.state_column)
+              order by r.id loop
+        if t.state_schema is not null then
+            delete from autoembed.embedding_state s
+             where s.schema_name = t.nsp and s.table_name = t.rel and s.embedding_column = t.col
+               and exists (select 1 from autoembed.embedding_state o
+                            where o.schema_name = t.state_schema and o.table_name = t.state_table
+                              and o.embedding_column = t.state_column and o.row_id = s.row_id);
+            update autoembed.embedding_state s set schema_name = t.nsp, table_name = t.rel, embedding_column = t.col
+             where s.schema_name = t.state_schema and s.table_name = t.state_table
+               and s.embedding_column = t.state_column;
+            moved := moved + 1;
+        end if;
+        update autoembed.targets set state_schema = t.nsp, state_table = t.rel, state_column = t.col where id = t.id;
+    end loop;
+    return moved;
+end;
+$$;
+revoke execute on function autoembed.follow_state_names() from public;
+
+create or replace function autoembed.follow_state_names_event()
+returns event_trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform autoembed.follow_state_names();
+end;
+$$;
 
 -- Re-create queue `queue` when it is gone (pgmq.drop_queue, or its table dropped): called by
 -- autoembed.send_jobs before it sends (so the writer's statement goes on and its jobs are kept) and
@@ -74,6 +153,7 @@ returns bigint
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
+set row_security = off  -- (a table's policies never run with our rights: such a table is refused)
 as $$
 #variable_conflict use_variable
 declare
@@ -224,6 +304,10 @@ begin
             create event trigger autoembed_follow_functions on ddl_command_end when tag in ('CREATE FUNCTION')
                 execute function autoembed.follow_functions();
         end if;
+        if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_state_names') then
+            create event trigger autoembed_follow_state_names on ddl_command_end when tag in ('ALTER TABLE', 'ALTER SCHEMA')
+                execute function autoembed.follow_state_names_event();
+        end if;
         if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_drops') then
             create event trigger autoembed_follow_drops on sql_drop when tag in ('DROP TABLE', 'DROP SCHEMA')
                 execute function autoembed.follow_drops();
@@ -268,3 +352,31 @@ cross join lateral (values
 ) b(problem, detail)
 where b.problem is not null;
 revoke all on autoembed.broken_targets from public;
+
+-- A chunk table follows its parent's key: a key changed by the application moves the document's
+-- chunk set with it (ON UPDATE CASCADE; before, the foreign key refused the application's UPDATE).
+-- Chunk tables made before get the rule here (a chunk-shaped table whose single-column foreign key
+-- references a registered table).
+do $$
+declare
+    k record;
+begin
+    for k in select c.conname, c.conrelid::regclass as chunks, c.confrelid::regclass as parent,
+                    a.attname::text as col, pa.attname::text as parent_col
+               from pg_constraint c
+               join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
+               join pg_attribute pa on pa.attrelid = c.confrelid and pa.attnum = c.confkey[1]
+              where c.contype = 'f' and cardinality(c.conkey) = 1 and c.confupdtype <> 'c'
+                and exists (select 1 from autoembed.targets r where r.relid = c.confrelid and r.chunk_table is not null)
+                and (select count(*) from pg_attribute x where x.attrelid = c.conrelid and not x.attisdropped
+                       and x.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4 loop
+        begin
+            execute format('alter table %s drop constraint %I, add constraint %I foreign key (%I) references %s (%I) '
+                           'on delete cascade on update cascade', k.chunks, k.conname, k.conname, k.col, k.parent,
+                           k.parent_col);
+        exception when others then
+            raise warning 'autoembed: could not let % follow key changes of %: %', k.chunks, k.parent, sqlerrm;
+        end;
+    end loop;
+end;
+$$;

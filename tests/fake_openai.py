@@ -50,6 +50,9 @@ class FakeOpenAI:
         self.batch_api = batch_api  # False: /v1/batches and /v1/files answer 404, like a server without them
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
+        # Called (no arguments, in the handler's thread) after each embeddings request is recorded:
+        # a test makes something happen "while the provider works" (e.g. a window closes).
+        self.on_request: Any = None
         self._ids = itertools.count(1)
         self.reset()
         self._server = ThreadingHTTPServer((host, 0), _make_handler(self))
@@ -207,6 +210,9 @@ class FakeOpenAI:
     def _record(self, entry: dict[str, Any]) -> None:
         with self._lock:
             self._requests.append(entry)
+        hook = self.on_request
+        if hook is not None:
+            hook()
 
     def handle(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
         """Returns (status, extra headers, body bytes) for one POST /embeddings."""

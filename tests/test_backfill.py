@@ -222,17 +222,63 @@ def test_cli_backfill_and_migrate(supabase_docs, fake_openai, settings, tmp_path
 
     assert cli.main(["backfill", "documents", "--no-promote", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "25 embedded" in out and "migration" in out and "100.0%" in out
+    assert "25 embedded" in out and "migration" in out and "coverage of openai:text-embedding-3-small:512 in embedding__next: 100% (25/25)" in out
     assert cli.main(["migrate", "documents", "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["status"] == "backfilling" and status["coverage"] == 1.0
     assert cli.main(["migrate", "documents", "promote"]) == 0
     assert "promoted" in capsys.readouterr().out
     assert_all_current(conn, 512)
+    capsys.readouterr()
     assert cli.main(["migrate", "documents", "drop-old"]) == 0
+    # The live column holds the new model of the new input: all of it (it read 0.0% (0/25)).
+    assert "is finished; coverage 100% (25/25)" in capsys.readouterr().out
     assert cli.main(["backfill", "documents", "-q"]) == 0  # nothing left to do
     assert "0 embedded" in capsys.readouterr().out
     assert stored(conn)[1][0].shape == (512,)
+
+
+def test_a_paused_or_closed_backfill_launches_nothing_and_a_stopped_shard_run_is_not_a_success(
+        supabase_docs, fake_openai, settings, instance, monkeypatch):
+    """In Dagster: the `backfill` job refuses a held pipeline before a migration exists; a shard run
+    stopped by a pause fails (without retry) with the command that lifts it, and its partition is
+    not materialized; after --resume it completes."""
+    from autoembed_dagster.core.migrate import backfill_control as bc
+
+    conn = supabase_docs
+    seed(conn, settings, 12)
+    defs = definitions(replace(DOCS_512, shards=2))
+    window = f"{(dg_now_hour() + 2) % 24:02d}:00-{(dg_now_hour() + 3) % 24:02d}:00"
+    monkeypatch.setenv("AUTOEMBED_BACKFILL_WINDOW_DOCUMENTS", window)
+    launch = defs.resolve_job_def("backfill").execute_in_process(instance=instance, raise_on_error=False)
+    assert not launch.success
+    failure = launch.failure_data_for_node("launch_backfill").error.message
+    assert f"waiting for its window (opens {window[:5]} UTC)" in failure and "nothing launched" in failure
+    assert conn.execute("select count(*) from autoembed.model_migrations").fetchone()[0] == 0
+    assert column_type(conn, "embedding__next") is None
+    monkeypatch.delenv("AUTOEMBED_BACKFILL_WINDOW_DOCUMENTS")
+
+    register_models(defs, instance)
+    bc.pause(conn, "documents")
+    stopped = run_shard_unchecked(defs, instance, DOCS_512, f"{B}|0")
+    assert not stopped.success and materialization(stopped) is None
+    message = stopped.failure_data_for_node(SHARD_NODE).error.message
+    assert "is paused (since" in message and "autoembed backfill documents --resume" in message, message
+    assert instance.get_run_by_id(stopped.run_id).tags["dagster/retry_on_asset_or_op_failure"] == "false"
+    bc.resume(conn, "documents")
+    done = run_shard(defs, instance, DOCS_512, f"{B}|0")
+    assert done.success and materialization(done) is not None
+
+
+def dg_now_hour() -> int:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).hour
+
+
+def run_shard_unchecked(defs: dg.Definitions, instance, p: Pipeline, partition: str):
+    job = defs.resolve_job_def(f"reembed_{p.name}")
+    return job.execute_in_process(instance=instance, partition_key=partition, raise_on_error=False)
 
 
 def test_a_shard_run_fails_once_on_a_configuration_error_and_stays_retried_on_an_outage(

@@ -211,7 +211,7 @@ def test_cli_via_batch_submits_collects_and_promotes(supabase_docs, fake_openai,
     fake_openai.reset()
     assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "through the Batch API" in out and "60 written" in out and "100.0%" in out and "promoted" in out
+    assert "through the Batch API" in out and "60 written" in out and "100% (60/60)" in out and "promoted" in out
     assert fake_openai.embedding_calls == 1 and fake_openai.batch_creations == 1
     assert_all_current(conn, 512)
     assert cli.main(["backfill", "documents", "--via", "batch", "-q"]) == 0  # nothing left: no new batch
@@ -261,6 +261,12 @@ def test_dagster_shard_runs_submit_and_the_sensor_launches_a_collect_run_per_bat
         assert [m["promoted"].value for m in metas] == [False, True]
         tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
         assert not tick.run_requests
+        # Plotted on the re-embed asset: one observation per collected batch.
+        from autoembed_dagster.defs.backfill import shards_key
+
+        observed = instance.fetch_observations(shards_key(p), limit=10).records
+        assert len(observed) == 2
+        assert all("estimated_cost_usd" in r.asset_observation.metadata for r in observed)
     assert column_type(conn) == "halfvec(512)"
     assert_all_current(conn, 512)
     assert fake_openai.embedding_calls == 1
@@ -270,18 +276,122 @@ def test_dg_check_defs_refuses_batch_for_a_provider_without_one(tmp_path, monkey
     from .dg_project import load_project_defs
     from .test_chunk_dagster import chain_text, dg_run
 
+    # (a module name of its own: the project's modules stay imported for the rest of the session)
     make_project(tmp_path, {"documents": {"table": "public.documents", "provider": "local",
-                                          "backfill": {"via": "batch"}}})
+                                          "backfill": {"via": "batch"}}}, module="local_batch_project")
     with pytest.raises(Exception) as info:
-        load_project_defs(tmp_path)
+        load_project_defs(tmp_path, module="local_batch_project")
     assert "pipeline documents: the local provider has no Batch API" in chain_text(info.value)
     assert "--via direct" in chain_text(info.value)
     with FakeOpenAI(batch_api=False) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
         other = make_project(tmp_path / "other", {"documents": {"table": "public.documents", "provider": "openai",
-                                                                "backfill": {"via": "batch"}}})
+                                                                "backfill": {"via": "batch"}}}, module="no_batch_api")
         checked = dg_run(["check", "defs"], other)
         out = checked.stdout + checked.stderr
         assert checked.returncode != 0 and "pipeline documents" in out and "404 on /v1/batches" in out, out
         assert "--via direct" in out and server.calls["GET /v1/batches"] >= 1
+
+
+def test_requests_are_cut_like_direct_calls_and_files_stay_under_the_byte_limit(
+        supabase_docs, fake_openai, settings, batch_env, monkeypatch):
+    conn = supabase_docs
+    monkeypatch.setenv("AUTOEMBED_MAX_INPUT_TOKENS", "30")
+    monkeypatch.setenv("AUTOEMBED_BATCH_MAX_BYTES", "6000")
+    load(conn, 60)
+    conn.execute("update documents set content = repeat('many words here ', 200) where id = 1")
+    conn.execute("delete from pgmq.q_embedding_jobs")
+    fake_openai.hold_batches()
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), wait=False)
+    files = [f["data"] for f in fake_openai.files.values() if f["object"]["purpose"] == "batch"]
+    assert len(files) == len(result.submitted.batches) > 1 and all(len(f) <= 6000 for f in files)
+    assert sum(len(f.splitlines()) for f in files) == 60
+    [long_line] = [json.loads(x) for f in files for x in f.splitlines() if json.loads(x)["custom_id"].endswith("/1")]
+    # The direct path's cut of the same text, sent to /v1/embeddings by the same embedder:
+    client = bb.batch_client(DOCS_512, spec_of(conn))
+    text = conn.execute("select embedding_input(d) from documents d where id = 1").fetchone()[0]
+    client.embedder.embed([text])
+    assert long_line["body"]["input"] == fake_openai.requests[-1]["inputs"]
+    assert client.embedder.count_tokens(long_line["body"]["input"][0]) <= 30 < client.embedder.count_tokens(text)
+    assert result.submitted.truncated == 1
+
+
+def test_ctrl_c_leaves_the_batches_running_and_the_same_command_collects_them(
+        supabase_docs, fake_openai, settings, batch_env, monkeypatch, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    conn = supabase_docs
+    load(conn, 80)
+    make_project(tmp_path, {"documents": {"table": "public.documents", "dimensions": 512,
+                                          "backfill": {"via": "batch"}}}, module="ctrl_c_project")  # declared: batch
+    monkeypatch.setenv("AUTOEMBED_PROJECT", str(tmp_path))
+    fake_openai.hold_batches()
+    proc = subprocess.Popen([sys.executable, "-m", "autoembed_dagster.cli", "backfill", "documents", "-q"],
+                            env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not conn.execute("select 1 from autoembed.embedding_batches where batch_id is not null").fetchone():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "left running at the provider" in err and "--via batch" in err
+    [batch] = fake_openai.batches.values()
+    assert batch["object"]["status"] == "validating"  # not cancelled
+    assert fake_openai.calls["POST /v1/batches/{id}/cancel"] == 0
+    fake_openai.hold_batches(False)
+    assert cli.main(["backfill", "documents", "-q"]) == 0
+    assert "80 written" in capsys.readouterr().out and fake_openai.batch_creations == 1
+    assert_all_current(conn, 512)
+
+
+def test_a_declared_batch_pipeline_loads_with_the_collect_job_and_sensor(tmp_path, fake_openai, batch_env,
+                                                                          monkeypatch):
+    from .dg_project import load_project_defs
+
+    monkeypatch.delenv("AUTOEMBED_DATABASE_URL", raising=False)
+    make_project(tmp_path, {"documents": {"table": "public.documents", "provider": "openai",
+                                          "backfill": {"via": "batch", "fallback": "direct"}}}, module="batch_project")
+    defs = load_project_defs(tmp_path, module="batch_project")
+    assert defs.resolve_sensor_def("autoembed_batches") and defs.resolve_job_def("collect_batches")
+    assert fake_openai.calls["GET /v1/batches"] == 1  # the probe at load
+
+
+def test_resubmission_is_bounded_then_the_rows_are_dead_letters(supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 10)
+    fake_openai.expire_next_batch(keep_lines=0)
+    fake_openai.expire_next_batch(keep_lines=0)
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), max_attempts=2)
+    assert [c.status for c in result.collected] == ["expired", "expired"]
+    assert fake_openai.batch_creations == 2 and result.submitted.dead == 10
+    errors = [e for (e,) in conn.execute("select error from autoembed.dead_letters")]
+    assert len(errors) == 10 and all("gave up after 2 batch(es)" in e and "expired" in e for e in errors)
+    assert result.promotion is None and result.coverage.missing == 10
+
+
+def test_a_cancelled_batch_is_submitted_again_and_chunked_pipelines_are_refused(
+        supabase_docs, fake_openai, settings, batch_env):
+    from autoembed_dagster.core.pipelines import make_pipeline
+
+    conn = supabase_docs
+    load(conn, 10)
+    fake_openai.hold_batches()
+    bb.run_batch_backfill(conn, DOCS_512, spec_of(conn), wait=False)
+    [record] = bb.batches(conn)
+    bb.batch_client(DOCS_512, spec_of(conn)).cancel(record.batch_id)  # e.g. from the provider's dashboard
+    fake_openai.hold_batches(False)
+    result = bb.run_batch_backfill(conn, DOCS_512, spec_of(conn))
+    assert [(c.status, c.resubmit) for c in result.collected] == [("cancelled", 10), ("completed", 0)]
+    assert result.promotion is not None and fake_openai.batch_creations == 2
+    chunked = make_pipeline("articles", table="articles", chunk_tokens=200)
+    with pytest.raises(BatchUnsupported, match="pipeline articles is chunked.*--via direct"):
+        bb.run_batch_backfill(conn, chunked, spec_of(conn))

@@ -219,8 +219,8 @@ def test_a_paused_chunk_backfill_stops_between_pages_and_resumes_where_it_stoppe
     bc.resume(conn, "articles")
     later = (datetime.now(timezone.utc).hour + 2) % 24  # a window that is not now: stop at once
     monkeypatch.setenv("AUTOEMBED_BACKFILL_WINDOW_ARTICLES", f"{later:02d}:00-{(later + 1) % 24:02d}:00")
-    outside = run_chunk_backfill(conn, p, page_documents=3)
-    assert "runs only" in outside.total.stopped and outside.total.documents == 0
+    with pytest.raises(bc.BackfillHeld, match="waiting for its window"):  # refused before it starts
+        run_chunk_backfill(conn, p, page_documents=3)
     monkeypatch.delenv("AUTOEMBED_BACKFILL_WINDOW_ARTICLES")
     fake_openai.reset()
     rest = run_chunk_backfill(conn, p, page_documents=3)

@@ -325,7 +325,7 @@ def test_cli_enrol_status_and_search_over_chunks(conn, db_url, fake_openai, sett
     out = run(["search", passage, "--pipeline", "articles", "-k", "1"], env).stdout
     assert out.startswith("1. [0.000] public.articles id=1 chunk ")
     out = run(["backfill", "articles"], env).stdout
-    assert "(in_place)" in out and "100.0% (2/2 documents)" in out
+    assert "(in_place)" in out and "100% (2/2 documents)" in out
 
 
 # -- backfill and model change -------------------------------------------------------------------

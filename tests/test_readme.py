@@ -1,48 +1,118 @@
-"""Every `autoembed`, `dagster` and `dg` command of the README's Components, Dagster and Model
-changes sections, run verbatim (one bash session, in order) in a copy of the demo's Dagster
-project, against the test database with the local model. Long-running servers are not run in the
-session: `autoembed dev` and `dg dev` are each started once and polled until the UI lists the demo's
-assets. The quickstart block runs on its own, with zero configuration."""
+"""The README, verbatim. Every ```bash / ```python / ```sql block of README.md is either run by
+`test_every_readme_block_runs_in_order_on_a_fresh_copy` or marked `<!-- illustration: why -->` on
+the line before it. The runnable blocks run in README order, each in its own shell started at the
+root of a fresh copy of the repository (a block that needs another folder says `cd` itself),
+against the test database with the local model; a long-running server (`autoembed demo`,
+`autoembed dev`, `dg dev`, `dagster dev`) is started by tests/readme_serve.py, polled until its UI
+lists assets and stopped with SIGTERM to its pid. The quickstart block also runs on its own with
+zero configuration."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-import psutil
-import pytest
 
-from autoembed_dagster.demo.corpus import named_long_docs, stdlib_docs
-from autoembed_dagster.core.db.server import connect, with_database
-from autoembed_dagster.demo.runner import create_demo_table, insert_docs, insert_modules
+from autoembed_dagster.core.db.server import with_database
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SECTIONS = ("Components", "Dagster", "Model changes", "Long documents")
-SERVERS = ("autoembed dev", "dagster dev", "dg dev", "dagster-daemon", "dagster-webserver", "autoembed demo")
+SERVERS = ("autoembed dev", "dagster dev", "dg dev", "autoembed demo")
 MARK = "@@@ "
+RUNNABLE = ("bash", "python", "sql")
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int  # of the opening fence, 1-based
+    lang: str
+    body: str
+    illustration: bool
+
+
+def readme_blocks(text: str | None = None) -> list[Block]:
+    """Every fenced block of the README, in order (indented ones in lists too)."""
+    lines = (text if text is not None else (ROOT / "README.md").read_text()).splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = re.match(r"^(\s*)```(\w+)\s*$", lines[i])
+        if fence:
+            indent, j = fence.group(1), i + 1
+            while lines[j].strip() != "```":
+                j += 1
+            body = "\n".join(line[len(indent):] for line in lines[i + 1:j]) + "\n"
+            marked = i > 0 and lines[i - 1].strip().startswith("<!-- illustration")
+            blocks.append(Block(i + 1, fence.group(2), body, marked))
+            i = j
+        i += 1
+    return blocks
+
+
+def runnable_blocks() -> list[Block]:
+    return [b for b in readme_blocks() if b.lang in RUNNABLE and not b.illustration]
 
 
 def readme_commands() -> list[str]:
-    """The command lines of the ```bash blocks in SECTIONS, in order (comment lines dropped)."""
-    text = (ROOT / "README.md").read_text()
-    commands = []
-    for section in re.split(r"^## ", text, flags=re.M)[1:]:
-        if not section.startswith(SECTIONS):
+    """The command lines of the runnable bash blocks, in order (comments and heredoc bodies dropped)."""
+    return [c for b in runnable_blocks() if b.lang == "bash" for c, _ in _bash_lines(b.body)]
+
+
+def _bash_lines(body: str) -> list[tuple[str, str]]:
+    """(command line, its text with any heredoc body) for each command of a bash block."""
+    out, heredoc = [], None
+    for raw in body.splitlines():
+        if heredoc is not None:
+            out[-1] = (out[-1][0], out[-1][1] + raw + "\n")
+            if raw.strip() == heredoc:
+                heredoc = None
             continue
-        for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
-            commands += [line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return commands
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        out.append((line, raw + "\n"))
+        tag = re.search(r"<<-?\s*'?(\w+)'?", line)
+        if tag:
+            heredoc = tag.group(1)
+    return out
+
+
+def block_script(block: Block, python: str, serve: str) -> tuple[list[str], str]:
+    """The commands of `block` and a bash script running them, each preceded by a marker line."""
+    if block.lang == "python":
+        command = f"python block at README line {block.line}"
+        return [command], f"echo {shlex.quote(MARK + command)}\n{shlex.quote(python)} - <<'PYEOF'\n{block.body}PYEOF\n"
+    if block.lang == "sql":
+        command = f"sql block at README line {block.line}"
+        return [command], (f"echo {shlex.quote(MARK + command)}\n{shlex.quote(str(BIN / 'autoembed'))} db psql "
+                           f"<<'SQLEOF'\n{block.body}SQLEOF\n")
+    commands, script = [], ""
+    for command, text in _bash_lines(block.body):
+        commands.append(command)
+        if command.startswith(SERVERS):
+            text = f"{shlex.quote(python)} {shlex.quote(serve)} {shlex.quote(command)}\n"
+        script += f"echo {shlex.quote(MARK + command)}\n{text}"
+    return commands, script
+
+
+def test_every_command_block_runs_or_is_marked_as_an_illustration():
+    blocks = readme_blocks()
+    runnable = runnable_blocks()
+    assert [b for b in blocks if b.lang not in RUNNABLE + ("yaml", "")] == [], "unknown block language"
+    assert len(runnable) >= 9 and {b.lang for b in runnable} == {"bash", "python"}
+    # The mechanism itself: a marked block is skipped, an unmarked one of each language runs.
+    sample = "x\n<!-- illustration: why -->\n```bash\nrm -rf /\n```\n\n```python\nprint(1)\n```\n  ```sql\n  select 1;\n  ```\n"
+    assert [(b.lang, b.illustration, b.body) for b in readme_blocks(sample)] == [
+        ("bash", True, "rm -rf /\n"), ("python", False, "print(1)\n"), ("sql", False, "select 1;\n")]
+    assert _bash_lines("a <<'SQL'\nselect 1;\nSQL\n# c\nb  # d\n") == [("a <<'SQL'", "a <<'SQL'\nselect 1;\nSQL\n"),
+                                                                       ("b  # d", "b  # d\n")]
 
 
 def quickstart_block() -> str:
@@ -80,7 +150,10 @@ def test_readme_lists_the_commands_we_run():
     commands = readme_commands()
     assert any(c.startswith("dg scaffold defs autoembed_dagster.EmbeddingPipeline") for c in commands)
     assert "dagster job launch -w workspace.yaml -j backfill" in commands
-    assert any(c.startswith("autoembed dev") for c in commands)
+    assert [c for c in commands if c.startswith(SERVERS)] == [
+        "autoembed demo", "dg dev                            # the UI on http://127.0.0.1:3000: this project's pipelines",
+        "autoembed dev                     # embedded Postgres + `dagster dev` on this project, nothing to eval",
+        "dagster dev -w workspace.yaml     # UI on http://127.0.0.1:3000 (`dg dev` works too)"]
 
 
 def test_the_docs_name_nothing_a_clone_does_not_have():
@@ -97,119 +170,77 @@ def test_the_docs_name_nothing_a_clone_does_not_have():
     assert all(f"defs/{name}/defs.yaml" in header for name in pipelines) and "only" not in header, header
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def fresh_copy(dest: Path) -> Path:
+    """The repository as a clone has it: its tracked files (plus this change's new ones), no local
+    state (.autoembed, caches, a venv)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
 
 
-@pytest.fixture
-def demo_copy(db_url, tmp_path, monkeypatch):
-    """A copy of demo/ with its tables filled and embedded (20 docstrings; 2 whole modules as
-    chunks; the local model)."""
-    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
+def test_every_readme_block_runs_in_order_on_a_fresh_copy(db_url, pg_server_url, dagster_database, tmp_path,
+                                                          monkeypatch):
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL", "DAGSTER_HOME"):
         monkeypatch.delenv(var, raising=False)
-    project = tmp_path / "demo"
-    shutil.copytree(ROOT / "demo", project, ignore=shutil.ignore_patterns("__pycache__"))
-    with connect(db_url) as conn:
-        create_demo_table(conn)
-        insert_docs(conn, stdlib_docs(20))
-        insert_modules(conn, named_long_docs(["shutil", "smtplib"]))
-    from autoembed_dagster.core import api
-
-    assert api.drain(db_url).embedded == 22  # 20 rows + 2 documents
-    return project
-
-
-def test_readme_commands_run_verbatim_on_the_demo_project(demo_copy, db_url, pg_server_url, dagster_database,
-                                                          tmp_path):
-    commands = readme_commands()
-    session = [c for c in commands if not c.startswith(SERVERS)]
-    servers = [c for c in commands if c.startswith(SERVERS)]
-    script = "set -e\n" + "".join(f"echo {MARK!r}{i}\n{c}\n" for i, c in enumerate(session))
+    copy = fresh_copy(tmp_path / "autoembed-dagster")
     env = {**os.environ, "VIRTUAL_ENV": str(BIN.parent), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "PYTHONPATH": str(copy),  # the copy's code, not the checkout's
            "AUTOEMBED_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
-    # Dagster's storage is the test's own database (the dagster_database fixture drops it).
-    proc = subprocess.run(["bash", "-c", script], cwd=demo_copy, env=env, capture_output=True, text=True,
-                          timeout=900)
-    outputs = dict(zip(session, re.split(rf"^{MARK}\d+\n", proc.stdout, flags=re.M)[1:]))
-    assert proc.returncode == 0, (f"stopped at: {session[len(outputs) - 1] if outputs else '?'}\n"
-                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    assert len(outputs) == len(session)
-    out = {c.split(" --")[0].split(" #")[0]: o for c, o in outputs.items()}
-    assert "autoembed_dagster.EmbeddingPipeline" in out["dg list components"]
-    assert "notes_embeddings" in out["dg list defs"] and "stdlib_docs_embeddings" in out["dg list defs"]
-    assert "stdlib_modules_chunks" in out["dg list defs"]  # the demo's chunked pipeline
-    assert "(declared)" in out["autoembed pipelines"] and "stdlib_docs" in out["autoembed pipelines"]
-    hits = out['autoembed search "read and write CSV files"'].splitlines()
+    python, serve = str(BIN / "python"), str(ROOT / "tests" / "readme_serve.py")
+    outputs: list[tuple[str, str]] = []
+    for block in runnable_blocks():
+        commands, script = block_script(block, python, serve)
+        # Each block in a shell of its own, from the copy's root (Dagster's storage: the test's own database).
+        proc = subprocess.run(["bash", "-e", "-c", script], cwd=copy, env=env, capture_output=True, text=True,
+                              timeout=1200)
+        parts = re.split(rf"^{re.escape(MARK)}.*\n", proc.stdout, flags=re.M)[1:]
+        assert proc.returncode == 0, (f"README line {block.line}, stopped at: "
+                                      f"{commands[len(parts) - 1] if parts else '?'}\n{proc.stdout[-5000:]}\n"
+                                      f"{proc.stderr[-5000:]}")
+        assert len(parts) == len(commands), (commands, proc.stdout)
+        outputs += list(zip(commands, parts))
+
+    def out(prefix: str) -> str:
+        found = [o for c, o in outputs if c.startswith(prefix)]
+        assert found, f"no README command starts with {prefix!r}"
+        return found[0]
+
+    # `autoembed demo` ran first, filled and drained the demo's tables and answered its searches.
+    assert "all 22 rows settled" in out("autoembed demo") and "shutil chunk" in out("autoembed demo")
+    assert "left running: nothing" in out("autoembed demo")
+    # Components, in demo/
+    assert "autoembed_dagster.EmbeddingPipeline" in out("dg list components")
+    listed = out("dg list defs")
+    assert "notes_embeddings" in listed and "stdlib_docs_embeddings" in listed and "stdlib_modules_chunks" in listed
+    assert "(declared)" in out("autoembed pipelines") and "stdlib_docs" in out("autoembed pipelines")
+    hits = out('autoembed search "read and write CSV files"').splitlines()
     assert [h[:3] for h in hits] == ["1. ", "2. ", "3. "] and "autoembed_demo.stdlib_docs id=" in hits[0]
-    for command in (c for c in session if c.startswith('autoembed search "recursively delete a directory tree"')):
-        passages = outputs[command].splitlines()  # Components (-k 2) and Long documents (--table ... --chunks)
-        assert len(passages) == 2 and "autoembed_demo.stdlib_modules id=1 chunk" in passages[0], (command, passages)
-        assert "def rmtree(" in passages[0]
-    assert "no model migration" in out["autoembed migrate stdlib_docs status"]
-
-    # Long documents: the chunked pipeline through the CLI.
-    assert "0 existing rows queued" in out["autoembed enroll autoembed_demo.stdlib_modules"]
-    status = json.loads(next(o for c, o in outputs.items() if c.startswith("autoembed status --json")))
-    [chunked] = [t for t in status["chunk_targets"] if t["chunk_table"].endswith("stdlib_modules_chunks")]
-    assert chunked["coverage"] == 1.0, chunked
-    backfill = next(o for c, o in outputs.items() if re.match(r"autoembed backfill stdlib_modules +#", c))
-    assert "100.0% (2/2 documents)" in backfill, backfill
-    assert "no model migration" in next(o for c, o in outputs.items() if c.startswith("autoembed migrate stdlib_modules"))
-
-    # The two `dagster job launch` commands queued their runs in the project's Dagster storage.
+    for command, o in outputs:
+        if command.startswith('autoembed search "recursively delete a directory tree"'):
+            passages = o.splitlines()  # Components (-k 2) and Long documents (--table ... --chunks)
+            assert len(passages) >= 2 and "autoembed_demo.stdlib_modules id=1 chunk" in passages[0], (command, o)
+            assert "def rmtree(" in passages[0]
+    for server in ("dg dev", "autoembed dev", "dagster dev"):
+        assert "left running: nothing" in out(server), out(server)
+    # The quickstart, from the root (this repository's own project: the pipeline `documents`)
+    assert re.search(r"^2 embedded, .* 0 dead-lettered", out("autoembed drain "), flags=re.M)
+    assert "public.documents id=1: # Cats" in out('autoembed search "kittens"')
+    # Model changes, in demo/
+    assert "no model migration" in out("autoembed migrate stdlib_docs status")
     with psycopg.connect(with_database(pg_server_url, dagster_database)) as conn:
         jobs = {r[0] for r in conn.execute("select pipeline_name from runs")}
-    assert {"backfill", "model_migration"} <= jobs
-
-    # The long-running servers, each started once and polled until the UI answers: `autoembed dev`
-    # needs nothing; `dg dev` runs after the README's `eval "$(autoembed dagster-env)"`.
-    started = {c.split("#")[0].strip(): c for c in servers}
-    assert {"autoembed dev", "dg dev"} <= set(started), servers
-    env_line = next(c for c in session if c.startswith('eval "$(autoembed dagster-env)"'))
-    for command, prelude in (("autoembed dev", ""), ("dg dev", f"{env_line}\n")):
-        _serve_ui(f"{prelude}exec {command} --port {{port}}", demo_copy, env)
-
-
-def _serve_ui(script: str, cwd: Path, env: dict) -> None:
-    port = free_port()
-    server = subprocess.Popen(["bash", "-c", script.format(port=port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # Answered = the UI lists the demo pipeline's assets (its code location has loaded).
-        query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
-        deadline, answered = time.monotonic() + 240, False
-        while time.monotonic() < deadline and server.poll() is None and not answered:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=10) as resp:
-                    answered = "stdlib_docs_embeddings" in resp.read().decode()
-            except OSError:
-                pass
-            if not answered:
-                time.sleep(1)
-        exited = server.poll()
-        output = server.communicate(timeout=60)[0].decode(errors="replace")[-3000:] if exited is not None else ""
-        assert answered, f"`{script}` did not serve the UI (exit {exited}):\n{output}"
-    finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(wait)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        _stop_left_behind(cwd)
-
-
-def _stop_left_behind(folder) -> None:
-    """`dagster dev` starts its code server in a process group of its own: one that outlived the
-    server's group is stopped here (only processes working in this test's copy of the demo)."""
-    for proc in psutil.process_iter(["cwd"]):
-        try:
-            if proc.info["cwd"] and Path(proc.info["cwd"]).is_relative_to(folder):
-                proc.kill()
-        except (psutil.Error, ValueError):
-            continue
+    assert {"backfill", "model_migration"} <= jobs  # the two `dagster job launch` commands queued their runs
+    # Long documents, in demo/
+    assert "0 existing rows queued" in out("autoembed enroll autoembed_demo.stdlib_modules")
+    status = json.loads(out("autoembed status --json"))
+    [chunked] = [t for t in status["chunk_targets"] if t["chunk_table"].endswith("stdlib_modules_chunks")]
+    assert chunked["coverage"] == 1.0, chunked
+    backfill = next(o for c, o in outputs if re.match(r"autoembed backfill stdlib_modules +#", c))
+    assert "100% (2/2 documents)" in backfill, backfill
+    assert "no model migration" in out("autoembed migrate stdlib_modules")
+    python_blocks = [o for c, o in outputs if c.startswith("python block")]
+    assert len(python_blocks) == 2 and "def rmtree(" in python_blocks[0], python_blocks

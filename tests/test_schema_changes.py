@@ -10,6 +10,7 @@ import pytest
 
 from autoembed_dagster.core import api, health
 from autoembed_dagster.core.drain import drain
+from autoembed_dagster.core.db.schema import init_db
 
 from .fake_openai import fake_vector
 
@@ -159,3 +160,173 @@ def test_supabase_key_column_renamed_writes_keep_working(supabase_docs, fake_ope
         vec = conn.execute("select embedding from documents where doc_id = %s", (doc_id,)).fetchone()[0]
         assert vec is not None and np.allclose(np.array(vec.to_list(), dtype=np.float32),
                                                fake_vector(text, DIMS), atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", ["column", "chunk"])
+def test_key_no_longer_unique_dead_letters_instead_of_copying_a_vector(conn, fake_openai, settings, shape):
+    target = make_table(conn, shape)
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    drain(conn, settings)
+    # The primary key goes (cascade: a chunk table's foreign key hangs on it), and a second row 1 comes.
+    conn.execute("alter table notes drop constraint notes_pkey cascade")
+    conn.execute("insert into notes (id, body) values (1, 'impostor'), (3, 'three')")
+    assert [(b.target, b.problem) for b in health.broken_targets(conn)] == [(target, "key not unique")]
+
+    stats = drain(conn, settings)
+
+    assert stats.dead_lettered == 1
+    [(error,)] = conn.execute("select error from autoembed.dead_letters").fetchall()
+    assert "'1' matches 2 rows" in error and "no longer unique" in error
+    # Row 3 got its vector; no row 1 holds the other one's vector.
+    if shape == "column":
+        rows = conn.execute("select body, embedding from notes where id = 1 order by body").fetchall()
+        assert rows[0][1] is None  # the impostor
+        assert np.allclose(np.array(rows[1][1].to_list(), dtype=np.float32), fake_vector("one", DIMS), atol=2e-3)
+        assert_current(conn, shape, [3])
+    else:
+        held = vectors(conn, shape)
+        assert np.allclose(held[1][0], fake_vector("one", DIMS), atol=2e-3) and len(held[1]) == 1
+        assert np.allclose(held[3][0], fake_vector("three", DIMS), atol=2e-3)
+    assert "key not unique" in api_status_text(conn)
+
+
+def test_chunk_target_key_change_moves_the_chunk_set(conn, fake_openai, settings):
+    make_table(conn, "chunk")
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    drain(conn, settings)
+    # A chunk table made before (no ON UPDATE): `db init` gives it the rule.
+    [fk] = conn.execute("select conname from pg_constraint where conrelid = 'notes_chunks'::regclass and contype = 'f'").fetchone()
+    conn.execute(f"alter table notes_chunks drop constraint {fk}, add constraint {fk} foreign key (id) references notes (id) on delete cascade")
+    init_db(conn)
+    conn.execute("update notes set id = 10 where id = 1")  # refused by the foreign key before
+    assert sorted(vectors(conn, "chunk")) == [2, 10]
+    assert_current(conn, "chunk", [2, 10])
+    assert drain(conn, settings).dead_lettered == 0
+
+
+@pytest.mark.parametrize("schema, table, column, key, function", [
+    ("Docs", "Notes", "Embedding", "ID", "NoteText"),  # capitals
+    ("odd schema", 'my "table".x', "vec col", 'key"id', "text of"),  # spaces, quotes, dots
+])
+def test_cli_and_sql_take_every_legal_identifier_the_same_way(conn, fake_openai, settings, monkeypatch,
+                                                               schema, table, column, key, function):
+    """Tables and content functions are SQL names (quoted as in SQL, qualified by a dot: what
+    regclass and util.queue_embeddings take); columns and keys are exact names (as Supabase's
+    embedding column argument). The same strings work in SQL and in every command."""
+    from psycopg import sql
+
+    q = lambda *parts: ".".join(sql.Identifier(p).as_string(conn) for p in parts)  # noqa: E731
+    conn.execute(sql.SQL("""
+        create schema {s};
+        create table {t} ({k} integer primary key, body text, {c} halfvec(1536));
+        create function {f}(n {t}) returns text language sql immutable as $$ select n.body $$;
+        insert into {t} values (1, 'alpha'), (2, 'beta');
+    """).format(s=sql.Identifier(schema), t=sql.Identifier(schema, table), k=sql.Identifier(key),
+                c=sql.Identifier(column), f=sql.Identifier(schema, function)))
+    status = lambda: api_status_text(conn)  # noqa: E731
+    from autoembed_dagster.cli import main
+
+    assert main(["enroll", q(schema, table), "--content-function", q(schema, function), "--column", column,
+                 "--key", key]) == 0
+    # The same strings in SQL: enrolling again changes nothing.
+    conn.execute("select autoembed.enroll(%s, %s, %s, %s, enqueue_backlog => false)",
+                 (q(schema, table), q(schema, function), column, key))
+    assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 1
+    assert main(["drain", "-q"]) == 0
+    assert conn.execute(sql.SQL("select count({c}) from {t}").format(
+        c=sql.Identifier(column), t=sql.Identifier(schema, table))).fetchone()[0] == 2
+    status()
+
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["search", "alpha", "--table", q(schema, table), "--content-function", q(schema, function),
+                     "--column", column, "--key", key, "-k", "1"]) == 0
+    assert "id=1" in out.getvalue(), out.getvalue()
+
+    # A job that cannot apply (a key the table does not have the type of) is a dead letter listed by name.
+    target = conn.execute("select id from autoembed.targets").fetchone()[0]
+    conn.execute("select pgmq.send('embedding_jobs', %s::jsonb)", (
+        f'{{"id": "x", "schema": {json_str(schema)}, "table": {json_str(table)}, "contentFunction": '
+        f'{json_str(q(schema, function))}, "embeddingColumn": {json_str(column)}, "keyColumn": {json_str(key)}, '
+        f'"target": {target}}}',))
+    assert main(["drain", "-q"]) == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["dead-letters"]) == 0
+    assert table in out.getvalue(), out.getvalue()
+
+    # The backfill of the discovered pipeline (its name made from the table's).
+    from autoembed_dagster.core.pipelines import discover_pipelines
+
+    [p] = discover_pipelines(conn, [])
+    conn.execute(sql.SQL("update {t} set {c} = null").format(t=sql.Identifier(schema, table), c=sql.Identifier(column)))
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert conn.execute(sql.SQL("select count({c}) from {t}").format(
+        c=sql.Identifier(column), t=sql.Identifier(schema, table))).fetchone()[0] == 2
+
+
+def json_str(value: str) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+@pytest.mark.parametrize("shape", ["column", "chunk"])
+def test_content_function_body_changed_marks_a_discovered_target_stale_and_backfill_reembeds(
+        conn, fake_openai, settings, shape):
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.drain import pipeline_resolver
+    from autoembed_dagster.core.pipelines import content_function_digest, discover_pipelines
+    from autoembed_dagster.defs.assets import model_version
+    from autoembed_dagster.defs.checks import evaluate
+
+    make_table(conn, shape)
+    conn.execute("insert into notes (id, body) values (1, 'one'), (2, 'two')")
+    drain(conn, settings)
+    [p] = discover_pipelines(conn, [])
+    before = model_version(p, content_function_digest(conn, p))
+    assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness")
+
+    conn.execute("create or replace function note_text(n notes) returns text language sql immutable "
+                 "as $$ select 'note: ' || n.body $$")
+
+    assert model_version(p, content_function_digest(conn, p)) != before  # the asset is stale in Dagster
+    [stale] = [o for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness"]
+    assert not stale.passed and "2" in stale.description
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert_current(conn, shape, [1, 2])
+    assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness")
+
+
+def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_openai, settings):
+    """embedding_state follows renames of the schema, table and column (nothing looks stale, a
+    backfill re-sends nothing), and goes with a dropped table."""
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.pipelines import discover_pipelines
+
+    make_table(conn, "column")
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 20) i")
+    drain(conn, settings)
+    conn.execute("create schema archive; alter table notes set schema archive")
+    conn.execute("alter table archive.notes rename to memos")
+    conn.execute("alter table archive.memos rename column embedding to vec")
+    conn.execute("alter schema archive rename to kept")
+    [p] = discover_pipelines(conn, [])
+    assert (p.schema, p.table, p.embedding_column) == ("kept", "memos", "vec")
+    assert conn.execute("select count(*) from autoembed.embedding_state where schema_name = 'kept'"
+                        " and table_name = 'memos' and embedding_column = 'vec'").fetchone()[0] == 20
+    from autoembed_dagster.core.targets.catalog import TargetKey
+
+    target, _ = health.resolve_target(conn, TargetKey("kept", "memos", "note_text", "vec"))
+    th = health.table_health(conn, target, "openai:text-embedding-3-small:1536")
+    assert (th.current, th.stale) == (20, 0)
+    sent = len(fake_openai.requests)
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert len(fake_openai.requests) == sent  # nothing re-embedded
+
+    conn.execute("drop table kept.memos cascade")
+    assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 0
+    assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0

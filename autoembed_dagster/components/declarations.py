@@ -3,7 +3,7 @@ and the component's own model: one parser), for the `autoembed` CLI and the Pyth
 
 The project is the directory named by AUTOEMBED_PROJECT, else the nearest directory at or above
 the current one whose pyproject.toml / dg.toml has a `[tool.dg.project]` (or dg.toml `[project]`)
-table, else this package's own checkout.
+table, else (running from a source checkout) the checkout's own project.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ def project_root(start: Path | None = None) -> Path:
     for directory in (here, *here.parents):
         if _is_project(directory):
             return directory
-    own = Path(__file__).resolve().parents[2]
-    if _is_project(own):
+    from ..packaged import checkout
+
+    own = checkout()  # None in an installed wheel: there the user's project is the only one
+    if own is not None and _is_project(own):
         return own
     raise ConfigError(f"no Dagster project at or above {here}: run inside your project (pyproject.toml with "
                       "[tool.dg.project]) or set AUTOEMBED_PROJECT")

@@ -228,7 +228,7 @@ def resolve_target(conn: psycopg.Connection, key: TargetKey) -> tuple[Target | N
         return None, str(exc)
 
 
-# -- targets the schema broke, and what the project repaired by itself (sql/014) ------------------
+# -- targets the schema broke, and what the project repaired by itself (sql/015) ------------------
 @dataclass(frozen=True)
 class BrokenTarget:
     target: int

@@ -144,13 +144,16 @@ def shard_keys(shards: int) -> list[str]:
     return [str(i).zfill(width) for i in range(shards)]
 
 
-def split_table(name: str, value: str) -> tuple[str, str]:
-    parts = value.split(".")
-    if len(parts) == 1 and parts[0]:
-        return "public", parts[0]
-    if len(parts) == 2 and all(parts):
-        return parts[0], parts[1]
-    raise ConfigError(f"pipeline {name!r}: table {value!r} must be 'table' or 'schema.table'")
+def split_table(name: str, value: str, default_schema: str = "public") -> tuple[str, str]:
+    """(schema, table) of a table named as in SQL (core.targets.parse_qualified: `name`,
+    `schema.name`, quoted parts taken exactly)."""
+    from .targets.catalog import parse_qualified
+
+    try:
+        schema, table = parse_qualified(value if isinstance(value, str) else "")
+    except ValueError as exc:
+        raise ConfigError(f"pipeline {name!r}: {exc}; write 'table' or 'schema.table'") from None
+    return schema or default_schema, table
 
 
 def make_pipeline(name: str, *, table: str, **fields) -> Pipeline:

@@ -22,6 +22,7 @@ from dagster._core.execution.backfill import PartitionBackfill
 from dagster._core.utils import make_new_backfill_id
 from pydantic import Field
 
+from ..core.migrate import backfill_control
 from ..core.config import ConfigError
 from ..core.drain import ProviderConfigError
 from ..core.migrate.migration import MigrationError
@@ -101,7 +102,21 @@ def fail_without_retry(context: dg.AssetExecutionContext | dg.OpExecutionContext
     raise dg.Failure(f"{what}: {exc}", allow_retries=False) from exc
 
 
+def stop_shard_run(context: dg.AssetExecutionContext, p: Pipeline, why: str, metadata: dict | None = None):
+    """A shard run that a pause or the pipeline's window stops (before it starts, or part-way) ends
+    as a failure without retry, not a success: its partition is not materialized (the rows it wrote
+    stay; the next run of it continues where it stopped)."""
+    context.instance.add_run_tags(context.run_id, NO_RUN_RETRY)
+    raise dg.Failure(f"partition {context.partition_key} of {p.name} not finished: {why}; then launch the backfill "
+                     "again: its shards continue where they stopped",
+                     metadata={**(metadata or {}), "stopped_early": why}, allow_retries=False)
+
+
 def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource, p: Pipeline):
+    with autoembed.connect() as conn:
+        held = backfill_control.hold(conn, p.name)
+    if held is not None:  # before anything is planned: no migration, no shadow column
+        stop_shard_run(context, p, held.message)
     keys = context.partition_key.keys_by_dimension
     spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
     promote_on = config.promote if config.promote is not None else (
@@ -117,6 +132,8 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
         yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
                                   description=f"not embedded: {run.skipped}")
         return
+    if run.stopped is not None:  # a pause or the window stopped it part-way
+        stop_shard_run(context, p, run.stopped, run.metadata)
     yield dg.MaterializeResult(
         metadata=run.metadata,
         check_results=[dg.AssetCheckResult(check_name=CHECK, passed=run.check_passed,
@@ -182,6 +199,10 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
     def launch_backfill(context: dg.OpExecutionContext, config: BackfillConfig, autoembed: AutoembedResource):
         with autoembed.connect() as conn:
             p = _choose_pipeline(conn, pipelines, config.pipeline)
+            held = backfill_control.hold(conn, p.name)
+            if held is not None:  # refused before a migration or a shadow column exists
+                raise dg.Failure(f"{held.message} (nothing launched)", allow_retries=False,
+                                 metadata={"pipeline": p.name, "backfill": held.state})
             reembed = reembed_of(p)
             try:
                 launch = reembed.launch(conn)

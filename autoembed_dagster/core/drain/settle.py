@@ -17,7 +17,7 @@ from psycopg import errors, sql
 
 from ..queue import pgmq
 from ..config import Settings
-from ..targets.catalog import Target
+from ..targets.catalog import Target, ambiguous_key_error, ambiguous_keys
 from .chunked import ChunkWritten, write_chunk_sets
 from ..queue.claims import Claims
 from ..targets.vectors import COPY_HEADER, COPY_TRAILER
@@ -35,6 +35,7 @@ class Written:
     written: int = 0
     stale: int = 0
     busy: list[str] = field(default_factory=list)  # keys of rows another transaction held locked
+    ambiguous: dict[str, int] = field(default_factory=dict)  # keys matching several rows: not written
 
 
 class Stages:
@@ -69,7 +70,7 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
     ids = [w[0] for w in writes]
     current: dict[str, bytes] = {}
     has_vector: set[str] = set()
-    for k, h, v in conn.execute(
+    locked = conn.execute(
         sql.SQL(
             """select t.{key}::text, autoembed.content_hash({fn}(t)::text), t.{col} is not null
                from {table} t where t.{key} = any(%s::text[]::{key_type}[])
@@ -77,11 +78,15 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
         ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
                  key_type=target.key_type_sql),
         (ids,), prepare=False,
-    ).fetchall():
+    ).fetchall()
+    out.ambiguous = ambiguous_keys(k for k, _, _ in locked)
+    for k, h, v in locked:
+        if k in out.ambiguous:
+            continue  # never write one row's vector onto another
         current[k] = h
         if v:
             has_vector.add(k)
-    missing = [k for k in ids if k not in current]
+    missing = [k for k in ids if k not in current and k not in out.ambiguous]
     if missing:
         # Not locked: deleted meanwhile (its job is done), or held by another transaction (busy).
         out.busy = [k for (k,) in conn.execute(
@@ -224,6 +229,7 @@ class Settler:
         wrote: list[tuple[Target, Written]] = []
         done = list(outcome.done)
         busy: list[Job] = []
+        ambiguous: list[tuple[Job, str]] = []  # jobs whose key matches several rows: dead letters
         used_stages: set[str] = set()
         for target, writes in outcome.writes.items():
             # The model fixed when the vectors were made (embed_work records it with the writes).
@@ -234,6 +240,8 @@ class Settler:
             for key, *_, msg_ids in writes:
                 if key in busy_keys:
                     busy.extend(jobs.get(key, ()))
+                elif key in w.ambiguous:
+                    ambiguous.extend((job, ambiguous_key_error(target, key, w.ambiguous[key])) for job in jobs.get(key, ()))
                 else:
                     done.extend(msg_ids)
         chunk_sets: list[tuple[Target, ChunkWritten]] = []
@@ -243,9 +251,10 @@ class Settler:
             chunk_sets.append((cw.target, cs))
             busy.extend(cs.later)
             done.extend(cs.done)
+            ambiguous.extend(cs.dead)
         for target, row_ids in outcome.deleted_rows.items():
             forget_rows(conn, target, row_ids)
-        dead = list(outcome.dead)
+        dead = list(outcome.dead) + ambiguous
         retry: list[tuple[Job, str]] = []
         for job, error in outcome.retry:
             if job.attempts >= self.settings.max_attempts:

@@ -126,20 +126,24 @@ class BatchClient:
         """The lines of an output or error file."""
         if not file_id:
             return
-        data = self.client.files.content(file_id).content
-        for raw in data.splitlines():
-            if not raw.strip():
-                continue
-            line = orjson.loads(raw)
-            response = line.get("response") or {}
-            body = response.get("body") if isinstance(response, dict) else None
-            status = response.get("status_code") if isinstance(response, dict) else None
-            error = None
-            if line.get("error"):
-                e = line["error"]
-                error = f"{e.get('code') or 'error'}: {e.get('message')}" if isinstance(e, dict) else str(e)
-            elif status != 200:
-                err = body.get("error") if isinstance(body, dict) else None
-                msg = err.get("message") if isinstance(err, dict) else None
-                error = f"provider rejected input (HTTP {status}): {msg or body}"
-            yield Result(line.get("custom_id", ""), status, body if isinstance(body, dict) else None, error)
+        # Streamed: the first lines are written while the rest of the file (up to ~1 GB of
+        # base64 vectors for 50,000 rows) is still arriving.
+        with self.client.files.with_streaming_response.content(file_id) as response:
+            for raw in response.iter_lines():
+                if raw.strip():
+                    yield self._result(orjson.loads(raw))
+
+    @staticmethod
+    def _result(line: dict[str, Any]) -> Result:
+        response = line.get("response") or {}
+        body = response.get("body") if isinstance(response, dict) else None
+        status = response.get("status_code") if isinstance(response, dict) else None
+        error = None
+        if line.get("error"):
+            e = line["error"]
+            error = f"{e.get('code') or 'error'}: {e.get('message')}" if isinstance(e, dict) else str(e)
+        elif status != 200:
+            err = body.get("error") if isinstance(body, dict) else None
+            msg = err.get("message") if isinstance(err, dict) else None
+            error = f"provider rejected input (HTTP {status}): {msg or body}"
+        return Result(line.get("custom_id", ""), status, body if isinstance(body, dict) else None, error)

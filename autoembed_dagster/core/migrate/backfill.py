@@ -213,12 +213,13 @@ class ShardStats:
         for e in other.errors:
             self.note_error(e)
 
-    def summary(self) -> str:
+    def summary(self, with_stop: bool = True) -> str:
+        """One line; `with_stop=False` leaves out why it stopped (a caller that says it once)."""
         return (f"{self.embedded} embedded, {self.current} already current, {self.empty_input} empty, "
                 f"{self.stale} stale (left to the queue), {self.failed} failed; {self.tokens} tokens, "
                 f"{self.requests} requests; {self.seconds:.1f} s, {self.rows_per_second:.0f} rows/s"
                 + (f", {self.limit_wait_seconds:.1f} s waiting for the rate limit" if self.limit_wait_seconds else "")
-                + (f"; stopped: {self.stopped}" if self.stopped else ""))
+                + (f"; stopped: {self.stopped}" if self.stopped and with_stop else ""))
 
 
 @dataclass
@@ -402,6 +403,12 @@ class BackfillResult:
     total: ShardStats
     coverage: Coverage | None
     promotion: PromoteResult | None = None
+    not_run: list[int] = field(default_factory=list)  # shards not started: a pause or the window stopped the run
+
+    @property
+    def stopped_shards(self) -> list[int]:
+        """Shards a pause or the window's end stopped before their end, and those not started."""
+        return [r.stats.shard for r in self.shards if r.stats.stopped] + self.not_run
 
 
 def run_backfill(
@@ -417,8 +424,13 @@ def run_backfill(
     on_plan: Callable[[ShardPlan, Coverage], None] | None = None,
     base: EmbedderSettings | None = None,
 ) -> BackfillResult:
-    """Every shard (or `only` these) one after the other, then promote the migration if complete."""
+    """Every shard (or `only` these) one after the other, then promote the migration if complete.
+
+    Refused up front (BackfillHeld, nothing started: no migration, no shadow column) while the
+    pipeline's backfill is paused or outside its window; a pause or the window's end during the
+    run stops it after the current page (`total.stopped`, the shards in `stopped_shards`)."""
     n = shards or p.shards
+    backfill_control.refuse_if_held(conn, p.name)
     shard_plan = plan(conn, p, spec, base=base)
     total = ShardStats(-1, n)
     if shard_plan.mode == "skip":
@@ -427,18 +439,21 @@ def run_backfill(
     if on_plan:
         on_plan(shard_plan, coverage(conn, target, spec.identity_key))
     started = time.perf_counter()
-    results = []
-    for i in (only if only is not None else range(n)):
+    results, todo = [], list(only if only is not None else range(n))
+    for i in todo:
         r = backfill_shard(conn, p, spec, i, n, shard_plan=shard_plan, batch_rows=batch_rows, on_batch=on_batch,
                            base=base)
         results.append(r)
         total.add(r.stats)
+        if r.stats.stopped:
+            break  # the same pause or window stops every later shard
+    not_run = todo[len(results):]
     total.seconds = time.perf_counter() - started
     cov = coverage(conn, target, spec.identity_key)
     promotion = None
     if shard_plan.mode == "migration" and promote_when_complete and cov.complete and shard_plan.migration:
         promotion = promote(conn, shard_plan.migration)
-    return BackfillResult(shard_plan, results, total, cov, promotion)
+    return BackfillResult(shard_plan, results, total, cov, promotion, not_run)
 
 
 # -- migration actions (CLI `autoembed migrate` and the Dagster `model_migration` job) ------------------

@@ -5,6 +5,10 @@ run, on any machine, sees it at its next page. The window (e.g. nights only) com
 environment: AUTOEMBED_BACKFILL_WINDOW_<PIPELINE> or AUTOEMBED_BACKFILL_WINDOW, "HH:MM-HH:MM"
 with an optional IANA zone ("22:00-06:00 Europe/Berlin"; default UTC). A window may cross
 midnight. A shard that stops for either reason has lost nothing: the next run resumes it.
+
+A backfill that is held (paused, or outside its window) is refused before it starts anything (no
+migration, no shadow column): `hold()` says why and how to lift it. The CLI exits with
+REFUSED_EXIT then, and with STOPPED_EXIT when a pause or the window's end stopped shards part-way.
 """
 
 from __future__ import annotations
@@ -19,12 +23,25 @@ import psycopg
 
 from ..config import ConfigError
 
+REFUSED_EXIT = 3  # `autoembed backfill`: held (paused / outside its window), nothing ran
+STOPPED_EXIT = 4  # `autoembed backfill`: a pause or the window's end stopped shards part-way
+
 _WINDOW = re.compile(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*(?:\s(\S+))?\s*")
 
 
 def paused(conn: psycopg.Connection, pipeline: str) -> bool:
     return conn.execute("select exists (select from autoembed.backfill_pauses where pipeline = %s)",
                         (pipeline,)).fetchone()[0]
+
+
+def paused_at(conn: psycopg.Connection, pipeline: str) -> tuple[datetime, str | None] | None:
+    """(when, reason) of the pipeline's pause, or None."""
+    return conn.execute("select paused_at, reason from autoembed.backfill_pauses where pipeline = %s",
+                        (pipeline,)).fetchone()
+
+
+def paused_pipelines(conn: psycopg.Connection) -> list[tuple[str, datetime, str | None]]:
+    return conn.execute("select pipeline, paused_at, reason from autoembed.backfill_pauses order by pipeline").fetchall()
 
 
 def pause(conn: psycopg.Connection, pipeline: str, reason: str | None = None) -> None:
@@ -35,7 +52,8 @@ def pause(conn: psycopg.Connection, pipeline: str, reason: str | None = None) ->
 
 
 def resume(conn: psycopg.Connection, pipeline: str) -> bool:
-    """Lift the pause; returns whether there was one. Re-launch the backfill to continue."""
+    """Lift the pause; returns whether there was one. Nothing restarts by itself: the stopped
+    shards continue when the backfill is run (or launched in Dagster) again."""
     return conn.execute("delete from autoembed.backfill_pauses where pipeline = %s",
                         (pipeline,)).rowcount > 0
 
@@ -90,13 +108,87 @@ def window_for(pipeline: str) -> Window | None:
     return None
 
 
-def stop_reason(conn: psycopg.Connection, pipeline: str, now: datetime | None = None) -> str | None:
-    """Why a shard run of `pipeline` must stop now (paused, or outside its window), or None."""
-    if paused(conn, pipeline):
-        return f"backfill of {pipeline} is paused (resume: autoembed_dagster.core.migrate.backfill_control.resume)"
+def window_variable(pipeline: str) -> str | None:
+    """The variable that sets the pipeline's window (its own first), or None."""
+    for name in (f"AUTOEMBED_BACKFILL_WINDOW_{pipeline.upper()}", "AUTOEMBED_BACKFILL_WINDOW"):
+        if os.environ.get(name, "").strip():
+            return name
+    return None
+
+
+def _zone_name(window: Window) -> str:
+    return "UTC" if window.zone == timezone.utc else str(window.zone)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why a pipeline's backfill may not run now, for people: `state` (what `status` shows),
+    `lift` (how to lift it)."""
+
+    pipeline: str
+    kind: str  # "paused" | "window"
+    state: str  # "paused since ..." / "waiting for its window (opens 02:00 UTC)"
+    lift: str
+
+    @property
+    def message(self) -> str:
+        return f"backfill of {self.pipeline} is {self.state}: {self.lift}"
+
+
+def hold(conn: psycopg.Connection, pipeline: str, now: datetime | None = None) -> Hold | None:
+    """Whether the pipeline's backfill is held now (paused first, then its window), or None."""
+    pause_row = paused_at(conn, pipeline)
+    if pause_row is not None:
+        when, reason = pause_row
+        return Hold(pipeline, "paused",
+                    f"paused (since {when.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC{'; ' + reason if reason else ''})",
+                    f"resume it with `autoembed backfill {pipeline} --resume`")
     window = window_for(pipeline)
     now = now or datetime.now(timezone.utc)
     if window is not None and not window.contains(now):
-        return (f"backfill of {pipeline} runs only {window.start:%H:%M}-{window.end:%H:%M} {window.zone}; "
-                f"it is {now.astimezone(window.zone):%H:%M} there")
+        zone = _zone_name(window)
+        return Hold(pipeline, "window", f"waiting for its window (opens {window.start:%H:%M} {zone})",
+                    f"{window_variable(pipeline)} lets it run {window.start:%H:%M}-{window.end:%H:%M} {zone} only "
+                    f"(it is {now.astimezone(window.zone):%H:%M} there); run it then, or unset the variable")
     return None
+
+
+class BackfillHeld(Exception):
+    """A backfill refused before it started anything (no migration, no shadow column)."""
+
+    def __init__(self, held: Hold):
+        super().__init__(held.message)
+        self.hold = held
+
+
+def refuse_if_held(conn: psycopg.Connection, pipeline: str, now: datetime | None = None) -> None:
+    held = hold(conn, pipeline, now)
+    if held is not None:
+        raise BackfillHeld(held)
+
+
+def stop_reason(conn: psycopg.Connection, pipeline: str, now: datetime | None = None) -> str | None:
+    """Why a shard run of `pipeline` must stop now (paused, or outside its window), or None."""
+    held = hold(conn, pipeline, now)
+    return held.message if held is not None else None
+
+
+EVERY_PIPELINE = "(every pipeline)"
+
+
+def held_pipelines(conn: psycopg.Connection, now: datetime | None = None) -> list[Hold]:
+    """What `autoembed status` shows: every paused pipeline, every pipeline whose own window is
+    closed now, and the shared window (AUTOEMBED_BACKFILL_WINDOW) when it is closed."""
+    prefix = "AUTOEMBED_BACKFILL_WINDOW_"
+    names = {name for name, _, _ in paused_pipelines(conn)}
+    names |= {k[len(prefix):].lower() for k, v in os.environ.items() if k.startswith(prefix) and v.strip()}
+    holds = [h for h in (hold(conn, name, now) for name in sorted(names)) if h is not None]
+    shared = os.environ.get("AUTOEMBED_BACKFILL_WINDOW", "").strip()
+    if shared:
+        window, now = parse_window(shared), now or datetime.now(timezone.utc)
+        if not window.contains(now):
+            zone = _zone_name(window)
+            holds.append(Hold(EVERY_PIPELINE, "window", f"waiting for its window (opens {window.start:%H:%M} {zone})",
+                              f"AUTOEMBED_BACKFILL_WINDOW lets backfills run {window.start:%H:%M}-{window.end:%H:%M} "
+                              f"{zone} only (it is {now.astimezone(window.zone):%H:%M} there)"))
+    return holds

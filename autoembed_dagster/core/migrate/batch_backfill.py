@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -36,6 +38,8 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from ..config import ConfigError, EmbedderSettings
+from ..db.server import second_connection
+from ..drain.loop import pin_session
 from ..drain.settle import VectorWriter, act_as_drain, clean
 from ..embed.base import Embedder, EmbeddingError
 from ..embed.batch_api import FINISHED_STATUSES, BatchClient, BatchLimits, BatchUnsupported, Result
@@ -58,6 +62,7 @@ MAX_ATTEMPTS = 3  # batches a row may be submitted in before it is dead-lettered
 DEFAULT_POLL_SECONDS = 30.0
 _LOCK_CLASS = 0x616562  # advisory lock class of batch collectors ("aeb")
 _SCAN_PAGE = 1000
+_WRITE_PAGE = 500  # collected vectors written per transaction
 _METADATA_KEY = "autoembed_batch"
 
 
@@ -264,6 +269,7 @@ def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client:
     """Submit every row of the plan's target (or of one shard) that lacks the model's vector of its
     current input and is in no open batch. Returns what was submitted."""
     limits = limits or BatchLimits.from_env()
+    pin_session(conn)  # key text as the triggers and the drain print it
     stats = SubmitStats()
     key = shard_plan.target_key(p)
     target = resolve(conn, key)
@@ -483,57 +489,122 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
         _close(conn, record.id, s, error=f"its column is gone ({exc}): its rows are re-scanned")
         s.note(f"batch {record.batch_id}: {exc}")
         return s
+    pin_session(conn)
     pending = dict(_rows(conn, record.id, "pending"))
-    writer = VectorWriter(conn)
-    parser = client.embedder
     encoding = conn.info.encoding
     dead: dict[str, str] = {}
     retry: dict[str, str] = {}
-    page: list[tuple[str, bytes, object]] = []
+    seen: set[str] = set()
+    counted = threading.Lock()
 
-    def write_page() -> None:
-        if not page:
-            return
-        records = copy_records(target, page, encoding)
+    def write_page(wconn: psycopg.Connection, writer: VectorWriter, page: list[tuple[str, bytes, object]],
+                   records: list[bytes]) -> None:
         w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(page, records)], record.model)
         busy = set(w.busy)
-        stale = _stale_keys(conn, target, [(k, h) for k, h, _ in page if k not in busy])
-        written = [k for k, _, _ in page if k not in busy and k not in stale]
-        s.written += w.written
-        s.stale += w.stale
-        s.current += len(page) - w.written - w.stale - len(busy)
-        _set_rows(conn, record.id, "written", written)
-        _set_rows(conn, record.id, "stale", stale)
-        for k in busy:
-            retry[k] = "the application held the row locked"
+        # Which rows were stale is asked only when some were (the guard counted them).
+        stale = _stale_keys(wconn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
+        _set_rows(wconn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
+        _set_rows(wconn, record.id, "stale", stale)
+        with counted:
+            s.written += w.written
+            s.stale += w.stale
+            s.current += len(page) - w.written - w.stale - len(busy)
+            for k in busy:
+                retry[k] = "the application held the row locked"
         if on_rows:
             on_rows(len(page))
-        page.clear()
 
-    seen: set[str] = set()
-    for result in _results(client, record):
-        parsed = parse_custom_id(record.target_key, result.custom_id)
-        if parsed is None or parsed[0] not in pending or parsed[0] in seen:
-            s.note(f"batch {record.batch_id}: unexpected custom_id {result.custom_id!r} ignored")
-            continue
-        k, h = parsed
-        seen.add(k)
-        if result.error is None:
+    # The output is read and parsed in a thread, a page ahead of the writes (the writes wait on
+    # the database, the parse on the CPU).
+    pages: queue.Queue = queue.Queue(maxsize=2)
+
+    def produce() -> None:
+        try:
+            page: list[tuple[str, bytes, object]] = []
+            for result in _results(client, record):
+                parsed = parse_custom_id(record.target_key, result.custom_id)
+                if parsed is None or parsed[0] not in pending or parsed[0] in seen:
+                    s.note(f"batch {record.batch_id}: unexpected custom_id {result.custom_id!r} ignored")
+                    continue
+                k, h = parsed
+                seen.add(k)
+                if result.error is None:
+                    try:
+                        vector = client.embedder.parse_response(result.body or {}, 1)[0]  # type: ignore[attr-defined]
+                    except EmbeddingError as exc:
+                        retry[k] = str(exc)
+                        continue
+                    usage = (result.body or {}).get("usage")
+                    s.tokens += usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+                    page.append((k, h, vector))
+                    if len(page) >= _WRITE_PAGE:
+                        pages.put((page, copy_records(target, page, encoding)))
+                        page = []
+                elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 409, 429):
+                    dead[k] = result.error
+                else:
+                    retry[k] = result.error
+            if page:
+                pages.put((page, copy_records(target, page, encoding)))
+            pages.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer, which raises it
+            pages.put(exc)
+
+    stop = threading.Event()
+
+    def consume(wconn: psycopg.Connection) -> None:
+        """Write pages until the end of the output (each of the two writers on its own connection:
+        the pages hold distinct rows, and an index insert, not the parse, bounds a write)."""
+        writer = VectorWriter(wconn)
+        while not stop.is_set():
+            item = pages.get()
+            if item is None or isinstance(item, BaseException):
+                pages.put(item)  # for the other writer
+                if item is not None:
+                    raise item
+                return
+            write_page(wconn, writer, *item)
+
+    reader = threading.Thread(target=produce, name=f"autoembed-batch-{record.id}", daemon=True)
+    second = second_connection(conn, f"the second writer of batch {record.batch_id}") if record.row_count > _WRITE_PAGE \
+        else None
+    helper: threading.Thread | None = None
+    failure: list[BaseException] = []
+    reader.start()
+    try:
+        if second is not None:
+            pin_session(second)
+
+            def run_second() -> None:
+                try:
+                    consume(second)
+                except BaseException as exc:  # noqa: BLE001 - raised by the main writer below
+                    failure.append(exc)
+                    stop.set()
+
+            helper = threading.Thread(target=run_second, name=f"autoembed-batch-{record.id}-w2", daemon=True)
+            helper.start()
+        consume(conn)
+        if helper is not None:
+            helper.join()
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        while reader.is_alive() or (helper is not None and helper.is_alive()):
+            # After a failed write: unblock a reader waiting on a full queue, a writer on an empty one.
             try:
-                vector = parser.parse_response(result.body or {}, 1)[0]  # type: ignore[attr-defined]
-            except EmbeddingError as exc:
-                retry[k] = str(exc)
-                continue
-            usage = (result.body or {}).get("usage")
-            s.tokens += usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
-            page.append((k, h, vector))
-            if len(page) >= 1000:
-                write_page()
-        elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 409, 429):
-            dead[k] = result.error
-        else:
-            retry[k] = result.error
-    write_page()
+                pages.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                pages.put_nowait(None)
+            except queue.Full:
+                pass
+            time.sleep(0.05)
+        reader.join()
+        if second is not None:
+            second.close()
     for k in pending:
         if k not in seen:
             retry[k] = f"not in the output of batch {record.batch_id} ({record.status})"
@@ -718,9 +789,10 @@ def run_batch_backfill(
     client = batch_client(p, spec, target, base)
     model = spec.identity_key
     progress = Progress()
-    progress.rows_to_embed = coverage(conn, target, model).missing
+    before = coverage(conn, target, model)
+    progress.rows_to_embed = before.missing
     if on_plan:
-        on_plan(shard_plan, coverage(conn, target, model))
+        on_plan(shard_plan, before)
 
     def report() -> None:
         open_now = batches(conn, key=key, model=model, open_only=True)

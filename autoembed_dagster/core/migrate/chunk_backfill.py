@@ -130,11 +130,12 @@ class ChunkShardStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors = (self.errors + [e for e in other.errors if e not in self.errors])[:20]
 
-    def summary(self) -> str:
+    def summary(self, with_stop: bool = True) -> str:
+        """One line; `with_stop=False` leaves out why it stopped (a caller that says it once)."""
         return (f"{self.written} documents written, {self.current} already current, {self.busy} busy, "
                 f"{self.stale} stale (left to the queue), {self.failed} failed; chunks: {self.chunks_embedded} "
                 f"embedded, {self.chunks_reused} reused; {self.tokens} tokens; {self.seconds:.1f} s"
-                + (f"; stopped: {self.stopped}" if self.stopped else ""))
+                + (f"; stopped: {self.stopped}" if self.stopped and with_stop else ""))
 
 
 def _shard_keys(conn: psycopg.Connection, ct: chunks.ChunkTarget, shard: int, shards: int, after: str | None,
@@ -197,6 +198,11 @@ class ChunkBackfillResult:
     total: ChunkShardStats
     coverage: Coverage  # of the table written, after the run
     promoted_old: str | None = None  # the old live table, when the shadow was promoted
+    not_run: list[int] = field(default_factory=list)  # shards not started: a pause or the window stopped the run
+
+    @property
+    def stopped_shards(self) -> list[int]:
+        return [r.shard for r in self.shards if r.stopped] + self.not_run
 
 
 def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int] | None = None,
@@ -204,8 +210,10 @@ def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int]
                        page_documents: int = DEFAULT_PAGE_DOCUMENTS,
                        on_plan: Callable[[ChunkBackfillPlan, Coverage], None] | None = None,
                        on_page: Callable[[ChunkShardStats, int], None] | None = None) -> ChunkBackfillResult:
-    """Every shard (or `only` these) one after the other, then promote a complete shadow."""
+    """Every shard (or `only` these) one after the other, then promote a complete shadow. Refused
+    up front (BackfillHeld: no shadow table made) while paused or outside the pipeline's window."""
     n = shards or p.shards
+    backfill_control.refuse_if_held(conn, p.name)
     live, spec, embedder, splitter = pipeline_embedder(conn, p)
     bp = chunk_plan(conn, p, live, spec)
     ct = chunk_target_of(bp.write_to)
@@ -213,8 +221,9 @@ def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int]
         on_plan(bp, chunks.coverage(conn, ct, embedder.identity.key, splitter.key))
     total = ChunkShardStats(-1, n)
     results = []
+    todo = list(only if only is not None else range(n))
     started = time.perf_counter()
-    for i in (only if only is not None else range(n)):
+    for i in todo:
         r = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, i, n, page_documents=page_documents,
                                  pipeline=p.name, on_page=on_page)
         results.append(r)
@@ -226,4 +235,4 @@ def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int]
     old = None
     if bp.mode == "shadow" and promote_when_complete and cov.complete:
         old = chunks.promote(conn, chunk_target_of(live), ct, embedder.identity.key, splitter.key)
-    return ChunkBackfillResult(bp, results, total, cov, old)
+    return ChunkBackfillResult(bp, results, total, cov, old, todo[len(results):])

@@ -20,7 +20,7 @@ from ..drain.chunked import chunk_target_of, shadow_of
 from ..pipelines import Pipeline
 from ..targets import chunks
 from ..targets.catalog import resolve
-from ..targets.models import ModelSpec
+from ..targets.models import ModelSpec, describe_change
 from ..targets.shadow import Coverage
 from . import migration as mig
 from .backfill import backfill_shard, estimated_shard_cost, migration_action, plan
@@ -47,6 +47,7 @@ class ShardRun:
     """One shard × model run, as the Dagster asset reports it."""
 
     skipped: str | None = None  # why nothing was embedded (a retired model's partition)
+    stopped: str | None = None  # a pause or the window stopped it part-way (what it wrote stays)
     metadata: dict[str, Any] = field(default_factory=dict)
     check_passed: bool = False
     check_description: str = ""
@@ -134,6 +135,8 @@ class ColumnReembed:
                                     lambda stats, rows: log(f"shard {shard}: {stats.embedded} embedded, "
                                                             f"{stats.rows_per_second:.0f} rows/s")))
         log(f"shard {shard}: {result.stats.summary()}")
+        if result.stats.stopped:
+            return ShardRun(stopped=result.stats.stopped, metadata=_column_metadata(result, spec, None, False))
         migration_cov, promoted = None, False
         m = result.plan.migration
         if result.plan.mode == "migration" and m is not None:
@@ -142,22 +145,12 @@ class ColumnReembed:
                 promotion = mig.promote(conn, m)
                 promoted = not promotion.already
                 if promoted:
-                    log(f"migration {m.id} complete: {m.embedding_column} now holds {m.model_key} "
+                    log(f"migration {m.id} complete: {m.embedding_column} now holds "
+                        f"{describe_change(m.old_spec, m.spec)} "
                         f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
-        s, cost, cov = result.stats, estimated_shard_cost(spec, result.stats.tokens), result.coverage
-        metadata = {
-            **({} if cost is None else {"estimated_cost_usd": round(cost, 6)}),
-            "model": spec.key, "mode": result.plan.mode, "column": result.plan.column or "",
-            "migration_id": result.plan.migration.id if result.plan.migration else -1,
-            "shard": s.shard, "shards": s.shards, "rows_in_shard": cov.rows if cov else 0,
-            "rows_embedded": s.embedded, "rows_already_current": s.current, "rows_empty_input": s.empty_input,
-            "stale_writes_avoided": s.stale, "rows_failed": s.failed, "tokens": s.tokens, "requests": s.requests,
-            "rows_per_second": round(s.rows_per_second, 2), "seconds": round(s.seconds, 3),
-            "rate_limit_wait_seconds": round(s.limit_wait_seconds, 3), "stopped_early": s.stopped or "",
-            "shard_coverage": _ratio(cov), "migration_coverage": _ratio(migration_cov), "promoted": promoted,
-        }
+        s, cov = result.stats, result.coverage
         return ShardRun(
-            metadata=metadata, check_passed=result.complete,
+            metadata=_column_metadata(result, spec, migration_cov, promoted), check_passed=result.complete,
             check_description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} "
                                f"vector of their current input" if cov else "no coverage"),
             check_metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0},
@@ -166,22 +159,40 @@ class ColumnReembed:
             errors=list(s.errors))
 
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
-        p = self.p
-        m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
-        if m is None:
-            if action != "status":
-                raise mig.MigrationError(f"{p.qualified_table}.{p.embedding_column} has no model migration in flight")
-            return ActionResult({"status": "none"}, f"{p.qualified_table}.{p.embedding_column}: no model migration")
-        cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
-        meta: dict[str, Any] = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "",
-                                "coverage": _ratio(cov), "missing_rows": cov.missing}
-        m, r, configured = migration_action(conn, p, m, action, force=force)
-        if r is not None:
-            meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
-                        locked_seconds=round(r.locked_seconds, 4))
-        meta["status"] = m.status
-        return ActionResult(meta, f"migration {m.id} of {m.label}: {m.status}",
-                            {m.spec.key, configured.key} if configured is not None else None)
+        return _column_migration_action(conn, self.p, action, force)
+
+
+def _column_metadata(result, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict[str, Any]:
+    s, cost, cov = result.stats, estimated_shard_cost(spec, result.stats.tokens), result.coverage
+    return {
+        **({} if cost is None else {"estimated_cost_usd": round(cost, 6)}),
+        "model": spec.key, "mode": result.plan.mode, "column": result.plan.column or "",
+        "migration_id": result.plan.migration.id if result.plan.migration else -1,
+        "shard": s.shard, "shards": s.shards, "rows_in_shard": cov.rows if cov else 0,
+        "rows_embedded": s.embedded, "rows_already_current": s.current, "rows_empty_input": s.empty_input,
+        "stale_writes_avoided": s.stale, "rows_failed": s.failed, "tokens": s.tokens, "requests": s.requests,
+        "rows_per_second": round(s.rows_per_second, 2), "seconds": round(s.seconds, 3),
+        "rate_limit_wait_seconds": round(s.limit_wait_seconds, 3), "stopped_early": s.stopped or "",
+        "shard_coverage": _ratio(cov), "migration_coverage": _ratio(migration_cov), "promoted": promoted,
+    }
+
+
+def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str, force: bool) -> ActionResult:
+    m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
+    if m is None:
+        if action != "status":
+            raise mig.MigrationError(f"{p.qualified_table}.{p.embedding_column} has no model migration in flight")
+        return ActionResult({"status": "none"}, f"{p.qualified_table}.{p.embedding_column}: no model migration")
+    cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
+    meta: dict[str, Any] = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "",
+                            "coverage": _ratio(cov), "missing_rows": cov.missing}
+    m, r, configured = migration_action(conn, p, m, action, force=force)
+    if r is not None:
+        meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
+                    locked_seconds=round(r.locked_seconds, 4))
+    meta["status"] = m.status
+    return ActionResult(meta, f"migration {m.id} of {m.label}: {m.status}",
+                        {m.spec.key, configured.key} if configured is not None else None)
 
 
 # -- a chunk set -------------------------------------------------------------------------------------
@@ -222,6 +233,8 @@ class ChunkSetReembed:
                                                                    f"{st.chunks_embedded} chunks embedded, "
                                                                    f"{st.chunks_reused} reused")))
         log(f"shard {shard}: {stats.summary()}")
+        if stats.stopped:
+            return ShardRun(stopped=stats.stopped, metadata={"documents_written": stats.written, "shard": shard})
         written = chunk_target_of(bp.write_to)
         mine = chunks.document_counts(conn, written, embedder.identity.key, splitter.key, shard=shard,
                                       shards=p.shards).coverage
@@ -229,8 +242,8 @@ class ChunkSetReembed:
         promoted = bp.mode == "shadow" and whole.complete and promote
         if promoted:
             old = chunks.promote(conn, chunk_target_of(live), written, embedder.identity.key, splitter.key)
-            log(f"model change complete: {live.chunk_table} now holds {spec.key} (old chunks kept in "
-                f"{old} until the model_migration job's drop_old)")
+            log(f"model change complete: {live.chunk_table} now holds {spec.identity_key} of "
+                f"{spec.content_function} (old chunks kept in {old} until the model_migration job's drop_old)")
         metadata = {
             "model": spec.key, "mode": bp.mode, "chunk_table": f"{p.schema}.{bp.write_to.chunk_table}",
             "shard": shard, "shards": p.shards, "documents_in_shard": mine.rows, "documents_written": stats.written,

@@ -89,6 +89,61 @@ def check_identifier(what: str, value: Any) -> str:
     return value
 
 
+def parse_qualified(value: str, what: str = "table") -> tuple[str | None, str]:
+    """(schema or None, name) of an SQL name as Postgres reads it (parse_ident, regclass): parts
+    separated by dots; a part in double quotes is taken exactly ("" for a quote: `"My ""T"".x"`),
+    an unquoted part is folded to lower case. The one reading of table and content-function names
+    in the CLI, the pipelines' `table:` and the SQL functions. Raises ValueError naming the value."""
+    parts: list[str] = []
+    i, n = 0, len(value)
+    while True:
+        while i < n and value[i].isspace():
+            i += 1
+        if i < n and value[i] == '"':
+            j, part = i + 1, []
+            while True:
+                k = value.find('"', j)
+                if k < 0:
+                    raise ValueError(f"{what} {value!r}: unterminated quoted name")
+                part.append(value[j:k])
+                if value.startswith('"', k + 1):
+                    part.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            name = "".join(part)
+        else:
+            j = i
+            while j < n and value[j] != "." and not value[j].isspace():
+                j += 1
+            name = value[i:j]
+            if not re.fullmatch(r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*", name):
+                raise ValueError(f"{what} {value!r}: {name!r} is not a plain name; quote it as in SQL "
+                                 f"(\"{name.replace(chr(34), chr(34) * 2)}\")")
+            name = name.translate(str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"))
+            i = j
+        if not name:
+            raise ValueError(f"{what} {value!r}: an empty name")
+        parts.append(name)
+        while i < n and value[i].isspace():
+            i += 1
+        if i == n:
+            break
+        if value[i] != ".":
+            raise ValueError(f"{what} {value!r}: unexpected {value[i]!r} after {name!r}; quote a name that holds "
+                             'spaces, dots or capitals as in SQL ("my table")')
+        i += 1
+    if len(parts) > 2:
+        raise ValueError(f"{what} {value!r} has {len(parts)} parts: use name or schema.name (quote a name holding a dot)")
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+def sql_name(*parts: str) -> str:
+    """Parts joined as SQL writes them, each quoted only when it must be (what parse_qualified reads back)."""
+    return ".".join(p if re.fullmatch(r"[a-z_][a-z0-9_$]*", p) else '"' + p.replace('"', '""') + '"' for p in parts)
+
+
 MAX_IDS_PER_MESSAGE = 10_000  # the triggers group 200 rows per message (sql/003 key_messages)
 
 
@@ -207,6 +262,22 @@ def resolve(conn: psycopg.Connection, key: TargetKey) -> Target:
     if key_type is None:
         raise TargetError(f"{regclass} has no key column {key.key_column!r}")
     return Target(key, regclass, fn, key_type[0], vector_type, int(dimensions))
+
+
+def ambiguous_keys(keys) -> dict[str, int]:
+    """Keys that matched more than one row where vectors are written (the table's key lost its
+    primary key or unique index after enrolment): {key: rows}. Nothing is written for them."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return {k: n for k, n in counts.items() if n > 1}
+
+
+def ambiguous_key_error(target: "Target", key: str, rows: int) -> str:
+    """The dead letter's reason for a job whose key matches several rows."""
+    return (f"key {key!r} matches {rows} rows of {target.regclass}: its key column {target.key.key_column} is no "
+            "longer unique (primary key or unique index dropped?); no vector was written, so none can land on "
+            "another row. Make the key unique again, then retry the dead letters")
 
 
 class TargetChanged(RuntimeError):
@@ -337,12 +408,14 @@ def adopt_state_cleanup(conn: psycopg.Connection) -> int:
 
 
 def repair_schema(conn: psycopg.Connection, queue: str) -> None:
-    """What the drain does at its start about schema changes (sql/014): re-create its queue when it
+    """What the drain does at its start about schema changes (sql/015): re-create its queue when it
     was dropped, bind targets whose content function was dropped and created again (when its role
-    may re-create their triggers; else they stay in autoembed.broken_targets), and give tables of
-    Supabase's triggers the state cleanup. A drain role without EXECUTE on these leaves them to the
+    may re-create their triggers; else they stay in autoembed.broken_targets), move the
+    embedding_state records of renamed tables and columns, and give tables of Supabase's triggers
+    the state cleanup. A drain role without EXECUTE on these leaves them to the
     event triggers and `autoembed db init`."""
-    for call in ("autoembed.restore_queue(%s)", "autoembed.rebind_content_functions()"):
+    for call in ("autoembed.restore_queue(%s)", "autoembed.rebind_content_functions()",
+                 "autoembed.follow_state_names()"):
         name = call.split("(")[0]
         signature = f"{name}(text)" if "%s" in call else f"{name}()"
         if not conn.execute("select has_function_privilege(%s, 'execute')", (signature,)).fetchone()[0]:

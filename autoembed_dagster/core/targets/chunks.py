@@ -27,9 +27,9 @@ from psycopg import sql
 from .splitter import Splitter, chunk_hash
 from ..embed.base import Embedder, ProviderConfigError
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
-from .vectors import COPY_HEADER, COPY_TRAILER, copy_records
+from .catalog import TargetError, ambiguous_keys, check_identifier
 from .shadow import Coverage
-from .catalog import TargetError, check_identifier
+from .vectors import COPY_HEADER, COPY_TRAILER, copy_records
 
 VECTOR_COLUMN = "embedding"
 
@@ -213,6 +213,7 @@ class WriteStats:
     stale: list[str] = field(default_factory=list)  # input changed since the plan: not written
     gone: list[str] = field(default_factory=list)  # parent row deleted (its chunks went with it)
     missing: list[str] = field(default_factory=list)  # a chunk's vector was not given (embedding failed)
+    ambiguous: dict[str, int] = field(default_factory=dict)  # keys matching several parent rows: not written
     chunks_embedded: int = 0  # chunk rows written with a vector embedded for this plan
     chunks_reused: int = 0  # chunk rows written with a vector that was already in the table
     chunks_deleted: int = 0  # chunk rows of the replaced sets
@@ -248,11 +249,13 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
                chunks=target.chunks_sql)
     # Lock the parents in key order (no deadlock between writers); a row locked by someone else is
     # skipped, not waited for: the application's writes never queue behind a drain.
-    locked = dict(conn.execute(sql.SQL(
+    rows = conn.execute(sql.SQL(
         """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
            where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update skip locked""").format(**fmt),
-        (keys,), prepare=False).fetchall())
-    unlocked = [k for k in keys if k not in locked]
+        (keys,), prepare=False).fetchall()
+    stats.ambiguous = ambiguous_keys(k for k, _ in rows)  # the key lost its uniqueness: write nothing for them
+    locked = {k: h for k, h in rows if k not in stats.ambiguous}
+    unlocked = [k for k in keys if k not in locked and k not in stats.ambiguous]
     if unlocked:
         present = {k for (k,) in conn.execute(sql.SQL(
             "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[])").format(**fmt),

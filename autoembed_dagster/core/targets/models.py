@@ -95,6 +95,19 @@ class ModelSpec:
         return replace(base, model=self.model, dimensions=self.dimensions)
 
 
+def describe_change(old: ModelSpec | None, new: ModelSpec) -> str:
+    """Every part of what makes a vector that changed from `old` to `new` (model, dimensions,
+    content function), for promotion messages."""
+    if old is None:
+        return f"{new.identity_key} of {new.content_function}"
+    parts = []
+    if old.identity_key != new.identity_key:
+        parts.append(f"model {old.identity_key} -> {new.identity_key}")
+    if old.content_function != new.content_function:
+        parts.append(f"content function {old.content_function} -> {new.content_function}")
+    return ", ".join(parts) or f"{new.key} (unchanged)"
+
+
 # -- the migration record ------------------------------------------------------------------------
 MIGRATION_COLUMNS = ("id", "schema_name", "table_name", "embedding_column", "shadow_column", "old_column",
             "key_column", "queue", "content_function", "old_content_function", "provider", "model",
@@ -140,7 +153,7 @@ class Migration:
     @property
     def live_key(self) -> TargetKey:
         """The column search uses, with the input of the vectors it holds now."""
-        fn = self.content_function if self.status == "promoted" else self.old_content_function
+        fn = self.content_function if self.status in ("promoted", "finished") else self.old_content_function
         return TargetKey(self.schema_name, self.table_name, fn, self.embedding_column, self.key_column)
 
     @property
