@@ -107,6 +107,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(_table(["chunk target", "tokens", "documents", "current", "no chunks", "stale", "dead", "model"],
                      [[h.table, f"{target.chunk_tokens}/{target.chunk_overlap}", h.embeddable, h.current, h.missing,
                        h.stale, h.dead_letters, h.model] for target, h in chunked], left=(0, 7)))
+        for target, h in chunked:
+            if h.unreadable:
+                print(f"  {h.table}: {h.unreadable} row(s) whose content function raises, e.g. {h.unreadable_error}")
     if broken:
         print("\nbroken targets (not kept current until fixed):")
         for b in broken:
@@ -480,9 +483,15 @@ def _chunk_migrate(args: argparse.Namespace, p) -> int:
     """`autoembed migrate P ACTION` of a chunked pipeline (core.migrate.chunk_migration)."""
     from .core.migrate.chunk_migration import chunk_migration_action
 
+    from .core.migrate import backfill_control
+
     with api.session() as conn:
         m = chunk_migration_action(conn, p, args.action.replace("-", "_"), force=args.force)
-    print(json.dumps(m.as_dict()) if args.json else m.summary())
+        held = backfill_control.hold(conn, p.name) if m.status == "backfilling" else None
+    if args.json:
+        print(json.dumps({**m.as_dict(), "backfill": held.state if held else None}))
+    else:
+        print(m.summary() + (f"; backfill {held.state}: {held.lift}" if held else ""))
     return 0  # a state that does not allow the action raised MigrationError (exit 1)
 
 

@@ -1,9 +1,10 @@
 """Files the package carries besides its code, the same way in a checkout and in an installed wheel.
 
-The checkout keeps them at its top (sql/, demo/, dagster_home/dagster.yaml, deploy/); the package
-holds links to them (autoembed_dagster/sql, demo_project, dagster_home, deploy), which a wheel
-stores as real folders (pyproject.toml, package-data). Nothing here depends on the source tree
-being next to the installed package.
+The checkout keeps them at its top (sql/, demo/, dagster_home/dagster.yaml); the package holds
+links to them (autoembed_dagster/sql, demo_project, dagster_home), which a wheel stores as real
+folders (pyproject.toml, package-data); the deployment templates live in the package itself
+(autoembed_dagster/deploy). Nothing here depends on the source tree being next to the installed
+package.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 
 def packaged(name: str) -> Path:
-    """`name` (sql, demo_project, dagster_home, deploy) inside the installed package."""
+    """`name` (sql, demo_project, dagster_home) inside the installed package."""
     return Path(str(resources.files("autoembed_dagster").joinpath(name)))
 
 

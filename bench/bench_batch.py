@@ -62,6 +62,20 @@ def main(argv: list[str] | None = None) -> dict:
             assert r.total.embedded == n, r.total.summary()
             out["direct_lean_rows_per_s"] = n / t.seconds
             line("direct backfill, lean provider in its own process, rows/s", f"{n / t.seconds:10,.0f}")
+    saved = {k: os.environ.get(k) for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "AUTOEMBED_PROVIDER",
+                                            "AUTOEMBED_MODEL", "AUTOEMBED_BATCH_POLL_SECONDS")}
+    try:
+        return _batch_run(n, out)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        clear_embedder_cache()
+
+
+def _batch_run(n: int, out: dict) -> dict:
     with embedded_server() as server, FakeOpenAI() as fake:
         os.environ.update(OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="sk-bench", AUTOEMBED_PROVIDER="openai",
                           AUTOEMBED_MODEL="text-embedding-3-small", AUTOEMBED_BATCH_POLL_SECONDS="0")

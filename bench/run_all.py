@@ -17,6 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_backfill  # noqa: E402
+import bench_batch  # noqa: E402
 import bench_crash  # noqa: E402
 import bench_drain  # noqa: E402
 import bench_freshness  # noqa: E402
@@ -45,6 +46,7 @@ def main() -> None:
                               "--cold-samples", "1" if q else "3"])
     loc = bench_local.main(["--rows", "100" if q else "400", "--words", "30"])
     b = bench_backfill.main(["--rows", "5000" if q else "20000"])
+    bt = bench_batch.main(["--rows", "5000" if q else "20000"])
     sc = bench_scale.main(["--rows", "5000" if q else "20000", "--hnsw-rows", "1000" if q else "3000",
                            "--limited-rows", "120" if q else "300"])
     c = bench_crash.main(["--rows", "800" if q else "2500", "--kills", "3" if q else "6"])
@@ -91,6 +93,12 @@ def main() -> None:
          ">= 90%", ok(loc["ratio"] >= 0.9)),
         ("backfill, 1 process", f"{b[1]:,.0f} rows/s", "", ""),
         ("backfill, 2 processes", f"{b[2]:,.0f} rows/s ({b[2] / b[1]:.2f}x)", "", ""),
+        ("re-embed through the Batch API: collect completed batches / direct backfill (lean provider)",
+         f"{bt['batch_collect_rows_per_s'] / bt['direct_lean_rows_per_s']:.2f}x "
+         f"({bt['batch_collect_rows_per_s']:,.0f} vs {bt['direct_lean_rows_per_s']:,.0f} rows/s)", ">= 1x",
+         ok(bt["batch_collect_rows_per_s"] >= bt["direct_lean_rows_per_s"])),
+        ("provider requests, direct / Batch API, same rows",
+         f"{bt['direct_requests']:,} / {bt['batch_requests']:,}", "", ""),
         ("drains 1/2/4 processes, no index",
          " / ".join(f"{sc['plain'][n]:,.0f}" for n in (1, 2, 4)) + f" rows/s ({sc['plain'][4] / sc['plain'][1]:.2f}x at 4)",
          "ratio", ""),

@@ -69,10 +69,19 @@ begin
     end if;
 
     if TG_OP = 'UPDATE' and fn is not null then
-        -- Re-saves and changes to columns the input does not use cost nothing.
-        if autoembed.input_of(fn, OLD) is not distinct from autoembed.input_of(fn, NEW) then
-            return case when TG_WHEN = 'BEFORE' then NEW else null end;
-        end if;
+        -- Re-saves and changes to columns the input does not use cost nothing. A content function
+        -- that raises for this row must not fail the application's write: the row counts as
+        -- changed (its vector is cleared, it is queued) and the drain dead-letters it with the error.
+        begin
+            if autoembed.input_of(fn, OLD) is not distinct from autoembed.input_of(fn, NEW) then
+                return case when TG_WHEN = 'BEFORE' then NEW else null end;
+            end if;
+        exception when others then
+            -- (unless only the vector changed: the clearing UPDATE of AFTER mode fires this again)
+            if has_column and to_jsonb(OLD) - embedding_column = to_jsonb(NEW) - embedding_column then
+                return case when TG_WHEN = 'BEFORE' then NEW else null end;
+            end if;
+        end;
     end if;
 
     -- Clear the now-stale vector so search never returns a vector of old content.
@@ -243,14 +252,20 @@ end;
 $$;
 
 -- The BEFORE UPDATE row trigger function of one enrolled target, autoembed.clear_target_<id>():
--- `NEW.<column> := null`. A generated function, because a static field assignment is what makes
--- a bulk UPDATE cheap (jsonb_populate_record on a row holding a vector cost 3x more per row). The
--- trigger's WHEN clause calls it only when the input changed, compared in the writer's context.
--- It runs as the writer and touches nothing of the project's. A rename of the column regenerates
--- it (the event trigger in sql/008, when db init ran as a superuser); without that event trigger,
--- an UPDATE after the rename fails loudly ("record new has no field") until the table is enrolled
--- again: it never leaves a stale vector. SECURITY DEFINER (it creates a function in schema
--- autoembed); only the table's owner may call it. Returns the function.
+-- `NEW.<column> := null` when the input changed. A generated function, because a static field
+-- assignment is what makes a bulk UPDATE cheap (jsonb_populate_record on a row holding a vector
+-- cost 3x more per row). The trigger's WHEN clause fires it only for rows that hold a vector; it
+-- compares the content function of OLD and NEW itself, inside an exception block: a content
+-- function that raises for one row must not fail the application's write (the row is then
+-- cleared and queued, and the drain dead-letters it with the function's error). Measured
+-- (bench/bench_write_path.py): as cheap as the comparison in the WHEN clause for a real change,
+-- +20-40% for a re-save; a plpgsql wrapper called from the WHEN clause cost 2x. It runs as the
+-- writer and touches nothing of the project's. A rename of the column or of the content
+-- function regenerates it (the event trigger in sql/008, when db init ran as a superuser);
+-- without that event trigger, an UPDATE after a column rename fails loudly ("record new has no
+-- field") until the table is enrolled again, and after a function rename every update clears and
+-- queues its row: neither leaves a stale vector. SECURITY DEFINER (it creates a function in
+-- schema autoembed); only the table's owner may call it. Returns the function.
 create or replace function autoembed.install_clear_function(target_id bigint)
 returns regprocedure
 language plpgsql
@@ -259,6 +274,7 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     c autoembed.target_catalog;
+    fn regproc;
     name text := format('clear_target_%s', target_id);
 begin
     select tc.* into c from autoembed.target_catalog tc where tc.id = target_id;
@@ -266,15 +282,71 @@ begin
         raise exception 'autoembed: target % has no embedding column', target_id using errcode = 'undefined_column';
     end if;
     perform autoembed.require_owner((select r.relid from autoembed.targets r where r.id = target_id), 'change its triggers');
+    select r.content_fn::oid::regproc into fn from autoembed.targets r where r.id = target_id;
+    if c.function is null then
+        -- The content function is gone (dropped, or no longer takes a row of the table): every
+        -- update clears its row (never a stale vector); the drain dead-letters its jobs.
+        execute format($f$
+            create or replace function autoembed.%I() returns trigger language plpgsql as $b$
+            begin
+                NEW.%I := null;
+                return NEW;
+            end;
+            $b$
+        $f$, name, c.embedding_column);
+    else
+        execute format($f$
+            create or replace function autoembed.%I() returns trigger language plpgsql as $b$
+            begin
+                begin
+                    if %s(OLD) is not distinct from %s(NEW) then
+                        return NEW;
+                    end if;
+                exception when others then
+                    null;  -- the content function raises for this row: cleared and queued, never failed
+                end;
+                NEW.%I := null;
+                return NEW;
+            end;
+            $b$
+        $f$, name, fn, fn, c.embedding_column);
+    end if;
+    return format('autoembed.%I()', name)::regprocedure;
+end;
+$$;
+
+-- The WHEN function of a chunk target's row trigger, autoembed.input_changed_<id>(old, new):
+-- whether the content function of the two rows differs, true when it raises for either (the
+-- application's write goes on, the row is queued, the drain dead-letters it with the error).
+-- Generated, runs as the writer, touches nothing of the project's; regenerated with the chunk
+-- target's triggers (autoembed.install_chunk_triggers). SECURITY DEFINER (it creates a function
+-- in schema autoembed); only the table's owner may call it.
+create or replace function autoembed.install_changed_function(target_id bigint)
+returns regprocedure
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    tbl regclass;
+    fn regproc;
+    name text := format('input_changed_%s', target_id);
+begin
+    select r.relid::regclass, r.content_fn::oid::regproc into tbl, fn from autoembed.targets r where r.id = target_id;
+    if tbl is null then
+        raise exception 'autoembed: no target %', target_id using errcode = 'undefined_object';
+    end if;
+    perform autoembed.require_owner(tbl, 'change its triggers');
     execute format($f$
-        create or replace function autoembed.%I() returns trigger language plpgsql as $b$
+        create or replace function autoembed.%I(o %s, n %s) returns boolean language plpgsql stable as $b$
         begin
-            NEW.%I := null;
-            return NEW;
+            return %s(o) is distinct from %s(n);
+        exception when others then
+            return true;  -- the content function raises for this row: queued, never failed
         end;
         $b$
-    $f$, name, c.embedding_column);
-    return format('autoembed.%I()', name)::regprocedure;
+    $f$, name, tbl, tbl, fn, fn);
+    return format('autoembed.%I(%s, %s)', name, tbl, tbl)::regprocedure;
 end;
 $$;
 
@@ -384,21 +456,124 @@ as $$
 #variable_conflict use_variable
 declare
     c autoembed.target_catalog;
+    keys text[];
 begin
     if TG_OP = 'TRUNCATE' then
         delete from autoembed.embedding_state s
         where s.schema_name = TG_TABLE_SCHEMA and s.table_name = TG_TABLE_NAME;
         return null;
     end if;
-    -- Every target of the table (a model migration's shadow column too), each by its own key.
+    -- Every target of the table (a model migration's shadow column too), each by its own key. As a
+    -- row trigger (the replica trigger autoembed_forget_row: logical replication's apply worker
+    -- fires row triggers only) the gone row is OLD.
     for c in select tc.* from autoembed.target_catalog tc join autoembed.targets r on r.id = tc.id
              where r.relid = TG_RELID and tc.key_type is not null and tc.embedding_column is not null loop
-        execute format(
-            $q$delete from autoembed.embedding_state s
-               where s.schema_name = $1 and s.table_name = $2 and s.embedding_column = $3
-                 and s.row_id = any(autoembed.key_texts(array(select o.%I from autoembed_old o)))$q$,
-            c.key_column)
-            using TG_TABLE_SCHEMA, TG_TABLE_NAME, c.embedding_column;
+        if TG_LEVEL = 'ROW' then
+            execute format('select autoembed.key_texts(array[($1).%I])', c.key_column) into keys using OLD;
+        else
+            execute format('select autoembed.key_texts(array(select o.%I from autoembed_old o))', c.key_column)
+                into keys;
+        end if;
+        delete from autoembed.embedding_state s
+        where s.schema_name = TG_TABLE_SCHEMA and s.table_name = TG_TABLE_NAME
+          and s.embedding_column = c.embedding_column and s.row_id = any(keys);
+    end loop;
+    return null;
+end;
+$$;
+
+-- Rows that arrive by logical replication. The apply worker of a subscription (and its initial
+-- table copy) runs with session_replication_role = replica: it fires only row triggers enabled
+-- REPLICA or ALWAYS, never the statement triggers that enqueue local writes. Enrolment therefore
+-- installs row triggers enabled REPLICA beside them (autoembed.install_replica_triggers, sql/005),
+-- which local writes never fire. This is their enqueue function, AFTER INSERT / UPDATE of one row
+-- (argument: the target id), for both shapes: a column target's job (sent when the row's vector is
+-- NULL: the trigger's WHEN clause), a chunk target's document. SECURITY DEFINER, and it reads only
+-- the key of NEW: it calls no user function.
+create or replace function autoembed.queue_replicated_row()
+returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    c record;
+    keys text[];
+begin
+    if current_setting('autoembed.draining', true) = 'on' then
+        return null;
+    end if;
+    c := autoembed.live_target(case when TG_NARGS = 1 and TG_ARGV[0] ~ '^[0-9]{1,18}$' then TG_ARGV[0]::bigint end);
+    if c.id is null or c.relid <> TG_RELID or not c.key_ok then
+        raise warning 'autoembed: a replica trigger on % names no target of this table with a key column (%): nothing enqueued; enroll the table again',
+            TG_RELID::regclass, quote_nullable(TG_ARGV[0]);
+        return null;
+    end if;
+    execute format('select autoembed.key_texts(array[($1).%I])', c.key_column) into keys using NEW;
+    if c.embedding_column is not null then
+        perform autoembed.send_jobs(c.queue, autoembed.key_messages(keys, c.integer_keys, c.header));
+    elsif exists (select 1 from autoembed.targets r where r.id = c.id and r.chunk_table is not null) then
+        perform autoembed.send_chunk_keys(c.id, keys);
+    else
+        raise warning 'autoembed: target % of % lost its embedding column: nothing enqueued; enroll the table again',
+            c.id, TG_RELID::regclass;
+    end if;
+    return null;
+end;
+$$;
+
+-- BEFORE UPDATE row trigger, enabled REPLICA, of a column target (argument: the target id): a
+-- replicated UPDATE whose input did not change but that carries a vector in the enrolled column
+-- (the publisher publishes its own embedding column, written by its own drain) keeps the
+-- subscriber's vector: the enrolled column holds only what this database's drain wrote, under its
+-- model, and the two drains never overwrite each other. (An input change clears the column as a
+-- local write does: the clear trigger is enabled ALWAYS.) SECURITY DEFINER (the registry); calls
+-- no user function.
+create or replace function autoembed.keep_replicated_vector()
+returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    col text;
+begin
+    select ea.attname::text into col
+    from autoembed.targets r
+    join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+    where TG_NARGS = 1 and TG_ARGV[0] ~ '^[0-9]{1,18}$' and r.id = TG_ARGV[0]::bigint and r.relid = TG_RELID;
+    if col is null then
+        return NEW;
+    end if;
+    return jsonb_populate_record(NEW, jsonb_build_object(col, to_jsonb(OLD) -> col));
+end;
+$$;
+
+-- AFTER DELETE row trigger, enabled REPLICA, of a chunk target: the chunks of a row deleted by
+-- replication go with it. The chunk tables' foreign key cascade does that for local deletes, but
+-- foreign key actions are triggers enabled ORIGIN: the apply worker does not fire them. Every
+-- chunk table of the row (the live one, a model change's shadow and retired table: each table with
+-- a cascading foreign key to the table's key and a chunk table's own columns). Runs as the writer
+-- (the apply worker runs as the table's owner, who owns its chunk tables).
+create or replace function autoembed.delete_replicated_chunks()
+returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    chunk record;
+begin
+    for chunk in
+        select k.conrelid::regclass as tbl, a.attname::text as col, pa.attname::text as parent_col
+          from pg_constraint k
+          join pg_attribute a on a.attrelid = k.conrelid and a.attnum = k.conkey[1]
+          join pg_attribute pa on pa.attrelid = k.confrelid and pa.attnum = k.confkey[1]
+         where k.contype = 'f' and k.confrelid = TG_RELID and cardinality(k.conkey) = 1 and k.confdeltype = 'c'
+           and (select count(*) from pg_attribute c where c.attrelid = k.conrelid and not c.attisdropped
+                  and c.attname in ('chunk_index', 'chunk', 'chunk_hash', 'source_hash')) = 4
+    loop
+        execute format('delete from %s c where c.%I = ($1).%I', chunk.tbl, chunk.col, chunk.parent_col) using OLD;
     end loop;
     return null;
 end;

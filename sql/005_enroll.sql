@@ -270,6 +270,11 @@ begin
                   and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 14)::bigint) loop
         execute format('drop function autoembed.%I() cascade', name);
     end loop;
+    for name in select p.oid::regprocedure::text from pg_proc p
+                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^input_changed_[0-9]+$'
+                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 15)::bigint) loop
+        execute format('drop function %s cascade', name);
+    end loop;
     return gone;
 end;
 $$;
@@ -308,11 +313,30 @@ begin
 end;
 $$;
 
+-- ALTER TABLE tbl ENABLE <mode> TRIGGER name (mode 'always' or 'replica'), which the event trigger
+-- autoembed.follow_renames (sql/008) must not take for a user's ALTER TABLE: it would re-create the
+-- triggers being enabled, and enable them again, without end. The transaction-local setting
+-- autoembed.enabling_triggers tells it so.
+create or replace function autoembed.set_trigger_mode(tbl regclass, trigger_name text, mode text)
+returns void
+language plpgsql
+as $$
+begin
+    if mode not in ('always', 'replica') then
+        raise exception 'autoembed: trigger mode % is not always or replica', quote_nullable(mode);
+    end if;
+    perform set_config('autoembed.enabling_triggers', 'on', true);
+    execute format('alter table %s enable %s trigger %I', tbl, mode, trigger_name);
+    perform set_config('autoembed.enabling_triggers', 'off', true);
+end;
+$$;
+
 -- The triggers of an enrolled table (re-created from the registry's target `target_id`), run with
 -- the caller's own rights (creating triggers needs the table's owner):
---   autoembed_clear             BEFORE UPDATE row, WHEN the input changed (compared in the writer's
---                               context, function bound by oid and vector column by attnum) and the
---                               drain is not the writer: sets the vector to NULL;
+--   autoembed_clear             BEFORE UPDATE row, WHEN the row holds a vector and the drain is not
+--                               the writer: its generated function sets the vector to NULL when the
+--                               input changed (compared in the writer's context; a content function
+--                               raising for the row counts as a change, never fails the write);
 --   autoembed_enqueue_insert/_update  AFTER statement, transition tables: one send_batch each;
 --   autoembed_forget_delete/_truncate AFTER statement: embedding_state of gone rows goes too.
 create or replace function autoembed.install_triggers(tbl regclass, target_id bigint, fn regprocedure,
@@ -328,16 +352,18 @@ begin
     clear_function := autoembed.install_clear_function(target_id);
     execute format(
         'create trigger autoembed_clear before update on %1$s for each row '
-        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null '
-        'and %3$s(old) is distinct from %3$s(new)) '
-        'execute function %4$s', tbl, embedding_column, fn::oid::regproc, clear_function);
+        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null) '
+        'execute function %3$s', tbl, embedding_column, clear_function);
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
     execute format(
         'create trigger autoembed_enqueue_update after update on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
+    -- A replicated UPDATE clears the stale vector too (see install_replica_triggers).
+    perform autoembed.set_trigger_mode(tbl, 'autoembed_clear', 'always');
     perform autoembed.install_forget_triggers(tbl);
+    perform autoembed.install_replica_triggers(target_id);
 end;
 $$;
 
@@ -355,6 +381,102 @@ begin
     execute format(
         'create trigger autoembed_forget_truncate after truncate on %s '
         'for each statement execute function autoembed.forget_rows()', tbl);
+    -- Logical replication's apply worker fires TRUNCATE triggers enabled ALWAYS, and row triggers
+    -- only (see install_replica_triggers): a replicated DELETE forgets its row in a row trigger.
+    perform autoembed.set_trigger_mode(tbl, 'autoembed_forget_truncate', 'always');
+    execute format(
+        'create trigger autoembed_forget_row after delete on %s '
+        'for each row execute function autoembed.forget_rows()', tbl);
+    perform autoembed.set_trigger_mode(tbl, 'autoembed_forget_row', 'replica');
+end;
+$$;
+
+-- Rows that arrive by logical replication (the table is a subscriber's). The apply worker and the
+-- initial table copy of a subscription run with session_replication_role = replica: they fire
+-- row triggers enabled REPLICA or ALWAYS only, never the statement triggers that enqueue local
+-- writes, nor the chunk tables' foreign key cascade (checked on PostgreSQL 18: the initial copy
+-- fires row and statement INSERT triggers, the apply worker row triggers and TRUNCATE triggers).
+-- So every enrolled table also gets these row triggers, enabled REPLICA: a local write never fires
+-- them (it costs a skipped trigger per row), a replicated one fires them instead of the statement
+-- triggers, one job per row (the apply worker applies a remote transaction in one local one):
+--   autoembed_replica_insert     AFTER INSERT: the row's job (its vector, if one came, is replaced
+--                                by this database's drain);
+--   autoembed_replica_update     AFTER UPDATE, WHEN a column target's vector is NULL now (the
+--                                ALWAYS-enabled clear trigger cleared it, or it had none), WHEN a
+--                                chunk target's input changed: the row's job;
+--   autoembed_replica_keep       (column targets) BEFORE UPDATE, WHEN the input did not change but a
+--                                vector came with the row: keeps this database's own vector (the
+--                                vectors compared as text: their = operator is not on the pinned
+--                                search_path of a definer that re-creates triggers);
+--   autoembed_replica_delete     (chunk targets) AFTER DELETE: the row's chunks go (a column
+--                                target's state goes by install_forget_triggers' autoembed_forget_row).
+-- No option: enrolment before or after the subscription is created works the same. Called by
+-- install_triggers and install_chunk_triggers, with the caller's rights (the table's owner).
+-- What install_replica_triggers needs of target `target_id` (the registry is readable by the
+-- project's owner only): its table, content function, embedding column's current name (NULL for a
+-- chunk target) and whether it is a chunk target. For the table's owner only.
+create or replace function autoembed.replica_trigger_target(target_id bigint, out tbl regclass, out fn regprocedure,
+                                                            out embedding_column text, out chunked boolean)
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    select r.relid::regclass, r.content_fn::regprocedure, ea.attname::text, r.chunk_table is not null
+      into tbl, fn, embedding_column, chunked
+      from autoembed.targets r
+      left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+     where r.id = target_id;
+    if tbl is not null then
+        perform autoembed.require_owner(tbl, 'change its triggers');
+    end if;
+end;
+$$;
+
+create or replace function autoembed.install_replica_triggers(target_id bigint)
+returns void
+language plpgsql
+as $$
+#variable_conflict use_variable
+declare
+    tbl regclass;
+    fn regprocedure;
+    col text;
+    chunked boolean;
+    name text;
+begin
+    select t.tbl, t.fn, t.embedding_column, t.chunked into tbl, fn, col, chunked
+      from autoembed.replica_trigger_target(target_id) t;
+    if tbl is null or (col is null and not chunked) then
+        raise exception 'autoembed: % is not a target with an embedding column or a chunk table', target_id
+            using errcode = 'undefined_object';
+    end if;
+    for name in select tr.tgname from pg_trigger tr
+                where tr.tgrelid = tbl and tr.tgname in ('autoembed_replica_insert', 'autoembed_replica_update',
+                                                         'autoembed_replica_keep', 'autoembed_replica_delete') loop
+        execute format('drop trigger %I on %s', name, tbl);
+    end loop;
+    execute format('create trigger autoembed_replica_insert after insert on %s for each row '
+                   'execute function autoembed.queue_replicated_row(%L)', tbl, target_id);
+    if chunked then
+        execute format('create trigger autoembed_replica_update after update on %1$s for each row '
+                       'when (%2$s(old) is distinct from %2$s(new)) '
+                       'execute function autoembed.queue_replicated_row(%3$L)', tbl, fn::oid::regproc, target_id);
+        execute format('create trigger autoembed_replica_delete after delete on %s for each row '
+                       'execute function autoembed.delete_replicated_chunks()', tbl);
+    else
+        execute format('create trigger autoembed_replica_update after update on %s for each row '
+                       'when (new.%I is null) execute function autoembed.queue_replicated_row(%L)', tbl, col, target_id);
+        execute format('create trigger autoembed_replica_keep before update on %1$s for each row '
+                       'when (%3$s(old) is not distinct from %3$s(new) and new.%2$I::text is distinct from old.%2$I::text) '
+                       'execute function autoembed.keep_replicated_vector(%4$L)', tbl, col, fn::oid::regproc, target_id);
+    end if;
+    for name in select tr.tgname from pg_trigger tr
+                where tr.tgrelid = tbl and tr.tgname in ('autoembed_replica_insert', 'autoembed_replica_update',
+                                                         'autoembed_replica_keep', 'autoembed_replica_delete') loop
+        perform autoembed.set_trigger_mode(tbl, name, 'replica');
+    end loop;
 end;
 $$;
 
@@ -369,6 +491,9 @@ begin
     for name in select tr.tgname from pg_trigger tr
                 where tr.tgrelid = tbl and tr.tgname in ('autoembed_clear', 'autoembed_enqueue_insert', 'autoembed_enqueue_update',
                                                          'autoembed_forget_delete', 'autoembed_forget_truncate',
+                                                         'autoembed_forget_row', 'autoembed_replica_insert',
+                                                         'autoembed_replica_update', 'autoembed_replica_keep',
+                                                         'autoembed_replica_delete',
                                                          'autoembed_chunk_changed') loop  -- (a chunk target's, sql/012)
         execute format('drop trigger %I on %s', name, tbl);
     end loop;

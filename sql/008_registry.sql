@@ -56,15 +56,19 @@ declare
     target_id bigint;
     chunked boolean;
 begin
+    if current_setting('autoembed.enabling_triggers', true) = 'on' then
+        return;  -- autoembed enabling its own triggers (autoembed.set_trigger_mode, sql/005)
+    end if;
     -- A column target's generated clear function names its column; a chunk target's row trigger and
     -- chunk tables name its key column.
+    -- Both name the content function too (a renamed one: ALTER FUNCTION).
     for target_id, chunked in
         select distinct r.id, r.chunk_table is not null from pg_event_trigger_ddl_commands() d
-        join autoembed.targets r on r.relid = d.objid
-        where d.classid = 'pg_class'::regclass
-          and (r.chunk_table is not null
+        join autoembed.targets r on (d.classid = 'pg_class'::regclass and r.relid = d.objid)
+                                 or (d.classid = 'pg_proc'::regclass and r.content_fn = d.objid)
+        where r.chunk_table is not null
                or exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
-                                                    and p.proname = format('clear_target_%s', r.id)))
+                                                    and p.proname = format('clear_target_%s', r.id))
     loop
         begin
             if chunked then
@@ -83,10 +87,16 @@ $$;
 
 do $$
 begin
-    if (select r.rolsuper from pg_roles r where r.rolname = current_user)
-       and not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames') then
-        create event trigger autoembed_follow_renames on ddl_command_end when tag in ('ALTER TABLE')
-            execute function autoembed.follow_renames();
+    if (select r.rolsuper from pg_roles r where r.rolname = current_user) then
+        -- (an older one followed ALTER TABLE only)
+        if exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames'
+                   and not 'ALTER FUNCTION' = any(e.evttags)) then
+            drop event trigger autoembed_follow_renames;
+        end if;
+        if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames') then
+            create event trigger autoembed_follow_renames on ddl_command_end when tag in ('ALTER TABLE', 'ALTER FUNCTION')
+                execute function autoembed.follow_renames();
+        end if;
     end if;
 end;
 $$;

@@ -174,9 +174,10 @@ delete from autoembed.chunk_changes c where c.xid < pg_snapshot_xmin(pg_current_
 -- schema-qualified, keys are converted to text only when their type is a key type.
 --   AFTER INSERT statement (transition table autoembed_new): every new row, in one send;
 --   AFTER UPDATE row (arguments: target id, key column), fired only WHEN the input changed (its
---     WHEN clause compares the content function of OLD and NEW in the writer's context: a
---     re-save or a change to another column costs no call here): notes the row's key in
---     autoembed.chunk_changes under the transaction's id;
+--     WHEN clause compares the content function of OLD and NEW in the writer's context, through
+--     autoembed.input_changed_<id>: a function that raises for the row counts as a change and
+--     never fails the write; a re-save or a change to another column costs no call here): notes
+--     the row's key in autoembed.chunk_changes under the transaction's id;
 --   AFTER UPDATE statement: takes (deletes) the keys the row trigger noted and sends them in one
 --     send (a bulk UPDATE is grouped like a column target's, 200 rows a message). Row triggers
 --     fire before it, in the same (sub)transaction.
@@ -286,13 +287,16 @@ begin
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+    -- The WHEN function compares the content function of OLD and NEW in the writer's context; one
+    -- that raises for the row counts as a change (autoembed.install_changed_function).
     execute format(
         'create trigger autoembed_chunk_changed after update on %1$s for each row '
-        'when (%2$s(old) is distinct from %2$s(new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
-        tbl, fn::oid::regproc, target_id, key_column);
+        'when (%2$s(old, new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
+        tbl, autoembed.install_changed_function(target_id)::oid::regproc, target_id, key_column);
     execute format(
         'create trigger autoembed_enqueue_update after update on %s '
         'for each statement execute function autoembed.queue_chunk_jobs(%L)', tbl, target_id);
+    perform autoembed.install_replica_triggers(target_id);  -- rows arriving by logical replication (sql/005)
 end;
 $$;
 

@@ -54,3 +54,7 @@ create table if not exists autoembed.embedding_batch_rows (
 );
 
 create index if not exists embedding_batch_rows_row on autoembed.embedding_batch_rows (row_id);
+
+-- Whether collecting the batch that completes the migration promotes it (the `backfill` job's
+-- `promote` config, carried from the shard run that submitted it to the collect run).
+alter table autoembed.embedding_batches add column if not exists promote boolean not null default true;

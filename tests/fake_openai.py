@@ -27,6 +27,21 @@ from typing import Any
 import numpy as np
 
 BAD_PAYLOAD_KINDS = ("malformed_json", "wrong_count", "wrong_dimension", "nan", "invalid_utf8")
+# One vector of a response made bad (the rest of the response is good): corrupt() / corrupt_next().
+BAD_VECTOR_KINDS = ("huge", "nan", "short")
+HUGE_COMPONENT = 1_000_000.0  # past halfvec's range (65504), inside float4's
+
+
+def bad_vector(v: np.ndarray, kind: str) -> np.ndarray:
+    """`v` made bad: a component of 1e6 ("huge", component 1), NaN (component 0), one dimension short."""
+    if kind == "short":
+        return v[:-1].copy()
+    v = v.copy()
+    if kind == "huge":
+        v[1] = HUGE_COMPONENT
+    else:
+        v[0] = np.nan
+    return v
 
 
 def fake_vector(text: str, dims: int = 1536) -> np.ndarray:
@@ -81,6 +96,8 @@ class FakeOpenAI:
             self._timeouts: list[float] = []
             self._bad: list[str] = []
             self._poison: list[tuple[str, int, str]] = []
+            self._corrupt: list[tuple[str, str]] = []  # (substring, bad vector kind)
+            self._corrupt_next: list[tuple[str, int]] = []  # (bad vector kind, input index) per request
             self._delay = 0.0
             self._rate: tuple[int, float] | None = None
             self._accepted: collections.deque[float] = collections.deque()
@@ -152,6 +169,22 @@ class FakeOpenAI:
         """Any request with an input containing `substring` fails with `status`."""
         with self._lock:
             self._poison.append((substring, status, message or f"input contains forbidden text {substring!r}"))
+
+    def corrupt(self, substring: str, kind: str) -> None:
+        """Every input containing `substring` gets a bad vector of `kind` (BAD_VECTOR_KINDS) in an
+        otherwise good response, whatever request it is in."""
+        if kind not in BAD_VECTOR_KINDS:
+            raise ValueError(f"unknown bad vector kind {kind!r}; one of {BAD_VECTOR_KINDS}")
+        with self._lock:
+            self._corrupt.append((substring, kind))
+
+    def corrupt_next(self, kind: str, index: int) -> None:
+        """The next successful response gets a bad vector of `kind` at input `index` (ignored when
+        the request has fewer inputs)."""
+        if kind not in BAD_VECTOR_KINDS:
+            raise ValueError(f"unknown bad vector kind {kind!r}; one of {BAD_VECTOR_KINDS}")
+        with self._lock:
+            self._corrupt_next.append((kind, index))
 
     def delay(self, seconds: float) -> None:
         """Every request waits `seconds` (simulates network/provider latency)."""
@@ -271,6 +304,15 @@ class FakeOpenAI:
         elif bad == "nan":
             vecs[0] = vecs[0].copy()
             vecs[0][0] = np.nan
+        with self._lock:
+            corrupt = list(self._corrupt)
+            once = self._corrupt_next.pop(0) if self._corrupt_next else None
+        for i, t in enumerate(inputs):
+            kind = next((k for sub, k in corrupt if sub in t), None)
+            if once is not None and once[1] == i:
+                kind = once[0]
+            if kind is not None:
+                vecs[i] = bad_vector(vecs[i], kind)
         items = [
             {"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist()}
             for i, v in enumerate(vecs)

@@ -72,6 +72,8 @@ def test_a_backfill_made_only_of_batch_calls(supabase_docs, fake_openai, setting
     rows = conn.execute("select status, row_count, batch_id is not null, input_file_id is not null, tokens > 0, "
                         "submitted_at is not null, collected_at is not null from autoembed.embedding_batches").fetchall()
     assert len(rows) == 3 and all(r[0] == "collected" and all(r[2:]) for r in rows)
+    # Promoted: the per-row records are dropped, the batches' records stay.
+    assert conn.execute("select count(*) from autoembed.embedding_batch_rows").fetchone()[0] == 0
     assert progress[-1][2] == 2500 and any(s.get("in_progress") or s.get("validating") for _, s, _ in progress)
 
 
@@ -395,3 +397,16 @@ def test_a_cancelled_batch_is_submitted_again_and_chunked_pipelines_are_refused(
     chunked = make_pipeline("articles", table="articles", chunk_tokens=200)
     with pytest.raises(BatchUnsupported, match="pipeline articles is chunked.*--via direct"):
         bb.run_batch_backfill(conn, chunked, spec_of(conn))
+
+
+def test_a_batch_submitted_without_promotion_is_collected_without_promoting(
+        supabase_docs, fake_openai, settings, batch_env):
+    conn = supabase_docs
+    load(conn, 10)
+    p = replace(DOCS_512, backfill_via="batch", shards=1)
+    fake_openai.hold_batches()
+    shard_plan, sub = bb.submit_shard(conn, p, spec_of(conn, p), 0, 1, promote_when_complete=False)
+    fake_openai.advance_batches(2)
+    done = bb.collect_and_continue(conn, p, sub.batches[0])
+    assert done.stats.written == 10 and done.coverage.complete and done.promotion is None
+    assert get_migration(conn, "public", "documents", "embedding").status == "backfilling"

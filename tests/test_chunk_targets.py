@@ -101,8 +101,11 @@ def test_enrol_registers_the_chunk_target_creates_the_table_and_queues_the_backl
     message = conn.execute("select message from pgmq.q_embedding_jobs order by msg_id limit 1").fetchone()[0]
     assert message["target"] == target.registered and message["chunkTable"] == "notes_chunks"
     # The chunk table hangs on the parent's key (cascade), no vector-clearing trigger on the parent.
-    triggers = {r[0] for r in conn.execute("select tgname from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
-    assert triggers == {"autoembed_enqueue_insert", "autoembed_chunk_changed", "autoembed_enqueue_update"}
+    # Local writes fire the first three; rows arriving by logical replication the REPLICA ones (R).
+    triggers = {r[0]: r[1] for r in conn.execute(
+        "select tgname, tgenabled from pg_trigger where tgrelid = 'notes'::regclass and not tgisinternal")}
+    assert triggers == {"autoembed_enqueue_insert": "O", "autoembed_chunk_changed": "O", "autoembed_enqueue_update": "O",
+                        "autoembed_replica_insert": "R", "autoembed_replica_update": "R", "autoembed_replica_delete": "R"}
     # Idempotent: enrolling again queues only rows without a chunk set, keeps one registration.
     api.enroll("notes", "note_text", chunk_tokens=128, chunk_overlap=16, url=conn.info.dsn)
     assert conn.execute("select count(*) from autoembed.targets where relid = 'notes'::regclass").fetchone()[0] == 1
@@ -113,7 +116,7 @@ def test_enrol_refuses_bad_chunk_settings_with_the_fix(conn, fake_openai):
         create table notes (id integer primary key, body text, embedding halfvec(1536));
         create function note_text(n notes) returns text language sql immutable as $$ select n.body $$;
     """)
-    with pytest.raises(ConfigError, match="--chunk-tokens 8191 or less"):
+    with pytest.raises(ConfigError, match="chunk_tokens=8191 or less"):
         api.enroll("notes", "note_text", chunk_tokens=9000, url=conn.info.dsn)
     with pytest.raises(ConfigError, match="more than half"):
         api.enroll("notes", "note_text", chunk_tokens=100, chunk_overlap=80, url=conn.info.dsn)

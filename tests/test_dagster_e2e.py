@@ -37,6 +37,10 @@ def dagster_home(tmp_path, pg_server_url):
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     name = unique_database_name("dagster_e2e")
     storage = dagster_storage_url(pg_server_url, name)
+    # Dagster's tables made once here: a daemon and a `dagster job launch` started together on an
+    # empty database both create them, and the loser exits ("type event_logs already exists").
+    subprocess.run([str(BIN / "dagster"), "instance", "migrate"], check=True, capture_output=True,
+                   env={**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage})
     yield home, storage
     drop_database(pg_server_url, name)
 

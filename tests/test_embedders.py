@@ -154,7 +154,6 @@ def test_timeouts(srv, monkeypatch):
         ("invalid_utf8", "unreadable response"),
         ("wrong_count", "returned 2 embeddings for 3 inputs"),
         ("wrong_dimension", "provider returned 1024-dim vector, expected 1536 (model text-embedding-3-small)"),
-        ("nan", "non-finite"),
     ],
 )
 def test_bad_payload_is_a_retryable_batch_error(srv, kind, message):
@@ -164,6 +163,21 @@ def test_bad_payload_is_a_retryable_batch_error(srv, kind, message):
     assert out.vectors == [None] * 3 and out.failed_indexes == [0, 1, 2]
     assert all(e.retryable and message in str(e) for e in out.errors), out.errors[0]
     assert_fake(emb.embed(TEXTS[:3]), TEXTS[:3])  # next request is fine again
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("nan", "provider returned a non-finite value (nan) at component 0"),
+    ("short", "provider returned 1535-dim vector, expected 1536"),
+    ("huge", None),  # a float4 value: the embedder passes it; the column's range is the drain's check
+])
+def test_one_bad_vector_fails_its_input_alone(srv, kind, message):
+    srv.corrupt_next(kind, 1)
+    out = OpenAIEmbedder(settings(srv)).embed(TEXTS[:3])
+    assert out.failed_indexes == ([1] if message else [])
+    if message:
+        assert out.vectors[1] is None and out.errors[1].retryable and message in str(out.errors[1])
+    for i in (0, 2):
+        np.testing.assert_array_equal(out.vectors[i], fake_vector(TEXTS[i]))
 
 
 def test_rejected_input_is_isolated_by_bisection(srv):

@@ -71,8 +71,18 @@ class Venv:
 def installed(tmp_path_factory):
     """(the venv, the demo project it serves, the image's installed size in MB)."""
     base = tmp_path_factory.mktemp("install")
-    wheels = base / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+    wheels, source = base / "wheels", base / "source"
+    # Built from a copy (what a clone holds: the package with its links, sql/, demo/, the instance
+    # config), so that the build leaves nothing in this checkout.
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("autoembed_dagster", "sql", "demo"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=ignore)
+    (source / "dagster_home").mkdir()
+    shutil.copy(ROOT / "dagster_home" / "dagster.yaml", source / "dagster_home" / "dagster.yaml")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)],
                    check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("autoembed_dagster-*.whl")
     subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True, timeout=300)

@@ -196,7 +196,7 @@ grant usage, select, update on all sequences in schema pgmq to {r};
 grant select on autoembed.target_catalog, autoembed.model_migrations to {r};
 grant execute on function autoembed.adopt_state_cleanup() to {r};
 grant select, insert, update, delete on autoembed.embedding_state, autoembed.dead_letters,
-                                       autoembed.message_errors to {r};
+                                       autoembed.message_errors, autoembed.message_returns to {r};
 grant select, update (embedding) on public.notes to {r};
 grant temporary on database {db} to {r};
 """

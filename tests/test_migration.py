@@ -427,7 +427,7 @@ def test_abort_drops_the_shadow_column_its_records_trigger_and_jobs(supabase_doc
                         ).fetchone()[0] == 0
     # The migration's trigger is gone; the table keeps only the state cleanup the drain gave it (sql/013).
     assert [t for (t,) in conn.execute("select tgname from pg_trigger where tgname like 'autoembed_%%' order by 1")] == [
-        "autoembed_forget_delete", "autoembed_forget_truncate"]
+        "autoembed_forget_delete", "autoembed_forget_row", "autoembed_forget_truncate"]
     drain_all(conn, settings)
     assert_all_current(conn, 1536)
 

@@ -164,7 +164,7 @@ class Settings:
 
 # Default drains per queue: a second drain overlaps its provider calls and HNSW index inserts with
 # the first one's (an indexed table takes ~2x with 2 writers), while the two cores of one machine
-# leave nothing for a third. Past one machine (deploy/), raise it.
+# leave nothing for a third. Past one machine (README: Deploy to Kubernetes), raise it.
 DEFAULT_MAX_DRAINS = 2
 
 

@@ -65,6 +65,9 @@ class TableHealth:
     missing: int  # embeddable rows without a vector (pending, or never enqueued)
     stale: int  # rows with a vector that is not the current input's under the current model
     dead_letters: int
+    # Rows whose content function raises (not counted embeddable), and one of the errors.
+    unreadable: int = 0
+    unreadable_error: str | None = None
 
     @property
     def coverage(self) -> float:
@@ -72,30 +75,38 @@ class TableHealth:
 
 
 def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableHealth:
-    """One scan of the table (its content function and hash per row) joined with embedding_state."""
-    query = sql.SQL(
-        """
-        select count(*),
-               count(*) filter (where x.embeddable),
-               count(*) filter (where x.has_vector and s.content_hash = x.h and s.model = %(model)s),
-               count(*) filter (where x.embeddable and not x.has_vector),
-               count(*) filter (where x.has_vector
-                                and (s.row_id is null or s.content_hash is distinct from x.h
-                                     or s.model is distinct from %(model)s))
-        from (
-            select r.k, r.has_vector, autoembed.content_hash(r.input) as h,
-                   r.input is not null and btrim(r.input) <> '' as embeddable
-            from (select t.{key}::text as k, {fn}(t)::text as input, t.{col} is not null as has_vector
-                  from {table} t) r
-        ) x
-        left join autoembed.embedding_state s
-          on s.schema_name = %(schema)s and s.table_name = %(table)s
-         and s.embedding_column = %(column)s and s.row_id = x.k
-        """
-    ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql, table=target.table_sql)
+    """One scan of the table (its content function and hash per row) joined with embedding_state.
+    Rows whose content function raises are counted apart (targets.badrows.scan_isolating)."""
+    from .targets.badrows import input_lateral, scan_isolating
+
+    def query(safe: bool) -> sql.Composable:
+        return sql.SQL(
+            """
+            select count(*),
+                   count(*) filter (where x.embeddable),
+                   count(*) filter (where x.has_vector and s.content_hash = x.h and s.model = %(model)s),
+                   count(*) filter (where x.embeddable and not x.has_vector),
+                   count(*) filter (where x.has_vector
+                                    and (s.row_id is null or s.content_hash is distinct from x.h
+                                         or s.model is distinct from %(model)s)),
+                   count(*) filter (where x.error is not null),
+                   min('key ' || x.k || ': ' || x.error)
+            from (
+                select r.k, r.has_vector, autoembed.content_hash(r.input) as h, r.error,
+                       r.input is not null and btrim(r.input) <> '' as embeddable
+                from (select t.{key}::text as k, i.input, i.error, t.{col} is not null as has_vector
+                      from {table} t {lateral}) r
+            ) x
+            left join autoembed.embedding_state s
+              on s.schema_name = %(schema)s and s.table_name = %(table)s
+             and s.embedding_column = %(column)s and s.row_id = x.k
+            """
+        ).format(key=target.key_sql, col=target.column_sql, table=target.table_sql,
+                 lateral=input_lateral(conn, target.function_sql, "t", safe))
+
     params = {"model": model, "schema": target.key.schema, "table": target.key.table,
               "column": target.key.embedding_column}
-    rows, embeddable, current, missing, stale = conn.execute(query, params).fetchone()
+    rows, embeddable, current, missing, stale, unreadable, error = scan_isolating(conn, query, params)
     return TableHealth(
         table=target.key.label,
         model=model,
@@ -105,6 +116,8 @@ def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableH
         missing=missing,
         stale=stale,
         dead_letters=dead_letter_count(conn, target.key),
+        unreadable=unreadable,
+        unreadable_error=error,
     )
 
 
@@ -122,7 +135,8 @@ def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> T
     return TableHealth(table=f"{target.key.schema}.{target.key.table} -> {target.chunk_table}",
                        model=embedder.identity.key, rows=cov.rows, embeddable=cov.embeddable, current=cov.current,
                        missing=counts.without_chunks, stale=counts.stale,
-                       dead_letters=dead_letter_count(conn, target.key))
+                       dead_letters=dead_letter_count(conn, target.key), unreadable=cov.unreadable,
+                       unreadable_error=cov.unreadable_error)
 
 
 def pipeline_target(conn: psycopg.Connection, p: "Pipeline") -> tuple[Target | None, str | None]:

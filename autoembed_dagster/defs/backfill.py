@@ -122,7 +122,7 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     promote_on = config.promote if config.promote is not None else (
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
     if not p.chunked and p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects
-        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK)  # (defs/batch_backfill.py)
+        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK, promote_on)  # (defs/batch_backfill.py)
         return
     with autoembed.connect() as conn:
         run: ShardRun = reembed_of(p).run_shard(conn, spec, shard, promote=promote_on, batch_rows=config.batch_rows,

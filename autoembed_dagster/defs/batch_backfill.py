@@ -37,10 +37,11 @@ def batch_metadata(record: bb.BatchRecord, stats: bb.CollectStats | None = None)
 
 
 def submit_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shard: int, autoembed: AutoembedResource,
-                 p: Pipeline, check_name: str):
-    """The shard run of a `via: batch` pipeline: submit and return."""
+                 p: Pipeline, check_name: str, promote_on: bool = True):
+    """The shard run of a `via: batch` pipeline: submit and return. Whether the collect run that
+    completes the migration promotes it is recorded with the batches."""
     with autoembed.connect() as conn:
-        shard_plan, sub = bb.submit_shard(conn, p, spec, shard, p.shards)
+        shard_plan, sub = bb.submit_shard(conn, p, spec, shard, p.shards, promote_when_complete=promote_on)
         records = [bb.get_batch(conn, i) for i in sub.batches]
     if shard_plan.mode == "skip":
         context.log.warning(f"partition {context.partition_key} skipped: {shard_plan.reason}")
@@ -62,7 +63,9 @@ def submit_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shard: int,
 class CollectConfig(dg.Config):
     pipeline: str = Field(description="Pipeline name.")
     batch: int = Field(description="autoembed.embedding_batches.id of the batch to collect.")
-    promote: bool = Field(default=True, description="Promote the migration when this batch completes it.")
+    promote: bool | None = Field(
+        default=None, description="Promote the migration when this batch completes it (default: as the shard run "
+                                  "that submitted it was told, `promote` of the `backfill` job).")
 
 
 def build_collect_job(pipelines: list[Pipeline]) -> dg.JobDefinition:

@@ -146,8 +146,13 @@ def _outcomes(th: health.TableHealth, dims: CheckOutcome, label: str, *, current
             {"coverage": dg.MetadataValue.float(round(th.coverage, 6)), **counts},
         ),
         CheckOutcome("staleness", th.stale == 0, stale, {stale_key: th.stale, "model": th.model}),
-        CheckOutcome("dead_letters", th.dead_letters == 0, f"{th.dead_letters} dead-lettered job(s) for {label}",
-                     {"dead_letters": th.dead_letters}),
+        # A row whose content function raises is reported here, with one of its errors: its job is
+        # (or will be) a dead letter, and the scan goes on past it.
+        CheckOutcome("dead_letters", th.dead_letters == 0 and th.unreadable == 0,
+                     f"{th.dead_letters} dead-lettered job(s) for {label}"
+                     + (f"; {th.unreadable} row(s) whose content function raises ({th.unreadable_error})"
+                        if th.unreadable else ""),
+                     {"dead_letters": th.dead_letters, "unreadable_rows": th.unreadable}),
         dims,
     ]
 

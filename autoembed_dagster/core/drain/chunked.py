@@ -17,6 +17,7 @@ autoembed.targets), never one a message names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import psycopg
@@ -25,6 +26,7 @@ from ..embed.base import Embedder, EmbeddingError
 from ..targets import chunks
 from ..targets.catalog import Target, ambiguous_key_error
 from ..targets.splitter import Splitter
+from ..targets.badrows import check_vectors
 from .embed import provider_call
 from .jobs import Job
 from .outcome import Outcome
@@ -136,18 +138,29 @@ def embed_chunk_work(work: ChunkWork, outcome: Outcome, stats: DrainStats, encod
                                       [job for key_jobs in work.jobs.values() for job in key_jobs], outcome, stats)
         if result is None or fatal is not None:
             return fatal
-        failed = {h: e for h, e in zip(plan.hashes, result.errors) if e is not None}
-        vectors = {h: v for h, v in zip(plan.hashes, result.vectors) if v is not None}
+        failed, vectors = chunk_vectors(target, plan.hashes, result.vectors, result.errors)
         for key in [k for k, doc in plan.documents.items() if any(c.hash in failed for c in doc.chunks)]:
-            error = next(failed[c.hash] for c in plan.documents[key].chunks if c.hash in failed)
-            text = f"{target.regclass} id={key!r}: a chunk failed: {error}"
+            chunk, error = next((c, failed[c.hash]) for c in plan.documents[key].chunks if c.hash in failed)
+            text = (f"{target.regclass} key {key} chunk {chunk.index}: {error}" if isinstance(error, str)
+                    else f"{target.regclass} id={key!r}: a chunk failed: {error}")
             stats.note_error(text)
             for job in work.jobs.pop(key):
-                (outcome.retry if error.retryable else outcome.dead).append((job, text))
+                (outcome.retry if getattr(error, "retryable", False) else outcome.dead).append((job, text))
             del plan.documents[key]  # never written in part: the old chunk set stays whole
     if plan.documents:
         outcome.chunk_writes.append(ChunkWrite(target, work.chunk_target, plan, vectors, work.jobs))
     return None
+
+
+def chunk_vectors(target: Target, hashes: list[bytes], vectors: list, errors: list
+                  ) -> tuple[dict[bytes, object], dict[bytes, np.ndarray]]:
+    """(failed chunk hash -> the provider's EmbeddingError or why the column cannot hold its
+    vector, good chunk hash -> vector): each chunk's vector checked on its own (badrows)."""
+    failed: dict[bytes, object] = {h: e for h, e in zip(hashes, errors) if e is not None}
+    for h, problem in zip(hashes, check_vectors(target.vector_type, target.dimensions, vectors)):
+        if problem is not None:
+            failed[h] = problem
+    return failed, {h: v for h, v in zip(hashes, vectors) if v is not None and h not in failed}
 
 
 @dataclass
@@ -157,16 +170,21 @@ class ChunkWritten:
     stats: chunks.WriteStats
     later: list[Job]  # jobs of documents not written now (parent row busy, a reused vector gone)
     done: list[int]  # messages settled (written, stale: a newer job exists, or the row is gone)
-    dead: list[tuple[Job, str]] = field(default_factory=list)  # jobs whose key matches several rows
+    # jobs whose key matches several rows, or whose document's write failed alone (badrows)
+    dead: list[tuple[Job, str]] = field(default_factory=list)
 
 
-def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite) -> ChunkWritten:
-    """Swap the planned chunk sets in, in the caller's (the settle's) transaction."""
-    w = chunks.write(conn, cw.chunk_target, cw.plan, cw.vectors, cw.plan.model)
+def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite, check: Callable[[], None] | None = None) -> ChunkWritten:
+    """Swap the planned chunk sets in, in the caller's (the settle's) transaction. A document whose
+    write fails alone (targets.badrows) is dead-lettered; the others are written."""
+    w, failed = chunks.write_isolating(conn, cw.chunk_target, cw.plan, cw.vectors, cw.plan.model, check=check)
     again = set(w.busy) | set(w.missing)
     later = [job for key in again for job in cw.jobs.get(key, ())]
     dead = [(job, ambiguous_key_error(cw.target, key, n)) for key, n in w.ambiguous.items()
             for job in cw.jobs.get(key, ())]
-    done = [job.msg_id for key, key_jobs in cw.jobs.items() if key not in again and key not in w.ambiguous
+    dead += [(job, f"{cw.target.regclass} key {key}: {why}") for key, why in failed.items()
+             for job in cw.jobs.get(key, ())]
+    done = [job.msg_id for key, key_jobs in cw.jobs.items()
+            if key not in again and key not in failed and key not in w.ambiguous
             for job in key_jobs]
     return ChunkWritten(w, later, done, dead)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..embed.base import Embedder, EmbeddingError, EmbedOutcome
 from ..targets.catalog import Target
 from ..targets.vectors import copy_records
+from ..targets.badrows import check_vectors
 from .jobs import Job
 from .outcome import Outcome
 from .read import Work
@@ -25,24 +26,33 @@ def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -
     if result is None or fatal is not None:
         return fatal
     outcome.models[target] = work.embedder.identity.key
+    vectors = list(result.vectors)
+    errors: list[object] = list(result.errors)
+    # Each vector on its own: one the column cannot hold fails its row alone.
+    for i, problem in enumerate(check_vectors(target.vector_type, target.dimensions, vectors)):
+        if problem is not None:
+            vectors[i] = None
+            errors[i] = f"key {work.row_ids[i]}: {problem}"
     embedded = [(rows[r].key, rows[r].hash, vector)
-                for r, vector in zip(work.row_ids, result.vectors) if vector is not None]
+                for r, vector in zip(work.row_ids, vectors) if vector is not None]
     # Encoded here, in the pipelined run's worker: the writer only joins the tuples.
     records = copy_records(target, embedded, encoding)
     jobs_by_key = outcome.jobs.setdefault(target, {})
-    for r, vector in zip(work.row_ids, result.vectors):
+    for r, vector in zip(work.row_ids, vectors):
         if vector is not None:
             jobs_by_key.setdefault(rows[r].key, []).extend(to_embed[r])
     outcome.writes.setdefault(target, []).extend(
         (key, h, record, [j.msg_id for j in jobs_by_key[key]])
         for (key, h, _), record in zip(embedded, records))
-    for r, error in zip(work.row_ids, result.errors):
+    for r, error in zip(work.row_ids, errors):
         if error is None:
             continue
-        text = f"{target.regclass} id={r!r}: {error}"
+        # A vector the column cannot hold (out of range) is the same vector next time: not retried.
+        retryable = getattr(error, "retryable", False)
+        text = f"{target.regclass} {error}" if isinstance(error, str) else f"{target.regclass} id={r!r}: {error}"
         stats.note_error(text)
         for job in to_embed[r]:
-            (outcome.retry if error.retryable else outcome.dead).append((job, text))
+            (outcome.retry if retryable else outcome.dead).append((job, text))
     return None
 
 

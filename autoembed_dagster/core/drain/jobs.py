@@ -12,6 +12,7 @@ import psycopg
 
 from ..queue import pgmq
 from ..targets.catalog import INTEGER_KEY_TYPES, Target, TargetError, key_text
+from ..targets.badrows import key_problem
 
 MAX_RECORDED_ATTEMPTS = 1000  # an "attempts" field beyond this is not ours: ignored
 
@@ -45,19 +46,44 @@ def recorded_failures(conn: psycopg.Connection, queue: str, messages: list[pgmq.
     """Failures recorded for each message: the error record of a message retried before, else the
     "attempts" a row split off a shared message carries. A claim is not a failure: a drain killed
     while holding a message costs it nothing."""
-    failures: dict[int, int] = {}
+    return {msg_id: h.failures for msg_id, h in claim_history(conn, queue, messages).items() if h.failures}
+
+
+@dataclass
+class History:
+    """What is known of a claimed message's earlier claims."""
+
+    failures: int = 0  # recorded failures (attempts that ended in an error)
+    returned: int = 0  # claims given back unused by a drain that stopped (claims.returned)
+    error: str | None = None  # the last recorded error
+
+    def unsettled(self, read_ct: int) -> int:
+        """Earlier claims that ended neither in a recorded failure nor given back: drains that
+        died holding the message (the claim running now excluded)."""
+        return read_ct - 1 - self.failures - self.returned
+
+
+def claim_history(conn: psycopg.Connection, queue: str, messages: list[pgmq.Message]) -> dict[int, History]:
+    """History of each claimed message (see recorded_failures)."""
+    out: dict[int, History] = {}
     for m in messages:
         carried = m.body.get("attempts") if isinstance(m.body, dict) else None
         if isinstance(carried, int) and not isinstance(carried, bool) and 0 <= carried < MAX_RECORDED_ATTEMPTS:
-            failures[m.msg_id] = carried
+            out[m.msg_id] = History(failures=carried)
     ids = [m.msg_id for m in messages]
     if ids:
-        for msg_id, attempts in conn.execute(
-            "select msg_id, attempts from autoembed.message_errors where queue_name = %s and msg_id = any(%s)",
-            (queue, ids), prepare=False,
+        for msg_id, attempts, error, returned in conn.execute(
+            """select m, e.attempts, e.error, r.returned from unnest(%s::bigint[]) m
+               left join autoembed.message_errors e on e.queue_name = %s and e.msg_id = m
+               left join autoembed.message_returns r on r.queue_name = %s and r.msg_id = m
+               where e.msg_id is not null or r.msg_id is not null""",
+            (ids, queue, queue), prepare=False,
         ):
-            failures[msg_id] = max(failures.get(msg_id, 0), attempts)
-    return failures
+            h = out.setdefault(msg_id, History())
+            h.failures = max(h.failures, attempts or 0)
+            h.error = error
+            h.returned = returned or 0
+    return out
 
 
 def row_jobs(message: pgmq.Message, target: Target, row_ids: list[object], failures: int,
@@ -70,6 +96,11 @@ def row_jobs(message: pgmq.Message, target: Target, row_ids: list[object], failu
             job.row_id = key_text(raw, target)
         except TargetError as exc:
             bad.append((job, str(exc)))
+            continue
+        problem = key_problem(job.row_id, target.key_type)
+        if problem is not None:  # each key on its own: the others of the message go on
+            bad.append((job, f"{target.regclass} key {job.row_id}: not a value of its key column "
+                             f"{target.key.key_column}: {problem}"))
             continue
         job.key = int(job.row_id) if target.key_type in INTEGER_KEY_TYPES else job.row_id
         jobs.append(job)

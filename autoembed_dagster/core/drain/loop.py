@@ -28,7 +28,7 @@ from ..targets.models import MigrationChanged
 from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs, write_target
 from ..queue.claims import Claims
 from .embed import embed_work
-from .jobs import Job, recorded_failures, row_jobs
+from .jobs import History, Job, claim_history, row_jobs
 from .outcome import Outcome
 from .read import Work, read_rows_or_isolate, sort_jobs
 from .resolvers import EmbedderResolver, default_resolver, resolve_embedder
@@ -105,8 +105,9 @@ class Drainer:
         self.claims = Claims(s.queue, s.visibility_timeout, s.read_batch)
         self.settler = Settler(conn, s, self.claims)
         self.pipeline = pipeline  # run(): embed batch N+1 in a worker thread while batch N is written
-        # Claimed this often and never settled: the drains holding it died on it (a crash in the
-        # embedder, out of memory). A safety net: claims are not attempts.
+        # Claimed this often by drains that died holding it (a crash in the embedder, out of
+        # memory): dead-lettered. A safety net: claims given back unused and failed attempts
+        # (counted against max_attempts) are not counted (jobs.History.unsettled).
         self.max_claims = max(10, 3 * s.max_attempts)
         self._progress_at = time.monotonic()  # the last batch that settled more than busy rows
 
@@ -146,14 +147,21 @@ class Drainer:
         conn = conn or self.conn
         stats = DrainStats(batches=1, messages=len(messages))
         batch = Batch(stats, Outcome(), started, msg_ids=[m.msg_id for m in messages], retried=retried)
-        failures = recorded_failures(conn, self.settings.queue, messages)
+        history = claim_history(conn, self.settings.queue, messages)
+        failures = {msg_id: h.failures for msg_id, h in history.items() if h.failures}
         groups: dict[Target, list[Job]] = defaultdict(list)
         for message in messages:
             table = UNKNOWN_TABLE
             try:
-                if message.read_ct > self.max_claims and not failures.get(message.msg_id):
-                    raise TargetError(f"claimed {message.read_ct} times and never settled: the drains that "
-                                      "held it died on it (out of memory? a crash in the embedder?)")
+                h = history.get(message.msg_id) or History()
+                if h.unsettled(message.read_ct) >= self.max_claims:
+                    # Claims given back unused and attempts that ended in a recorded error are not
+                    # counted: only drains that died holding it (a crash, out of memory, a killed run).
+                    raise TargetError(
+                        f"claimed {message.read_ct} times and never settled: {h.unsettled(message.read_ct)} drains "
+                        f"died holding it (a crash or out of memory while embedding or writing it? a killed run?)"
+                        + (f"; {h.failures} failed attempt(s) recorded, the last: {h.error}" if h.error
+                           else "; no error was recorded for it"))
                 key, row_ids = target_key_from_message(message.body)
                 table = table_key(key)
                 target = self._target(message.body, key, conn)

@@ -14,6 +14,7 @@ from psycopg import sql
 
 from ..embed.base import Embedder
 from ..targets.catalog import Target, check_target
+from ..targets.badrows import cast_problem, describe, read_isolating
 from .jobs import Job
 from .outcome import Outcome
 from .stats import DrainStats
@@ -76,26 +77,18 @@ def read_rows_or_isolate(conn: psycopg.Connection, target: Target, row_ids: list
                          ) -> tuple[dict[str, T], dict[str, str]]:
     """read(...) (default read_rows; a chunk target's documents: drain.chunked); when the batch
     read fails because the content function fails on some row (or a key is not a value of the key
-    type), read them one by one so that only those rows fail, with the reason. Connection and
-    server errors are raised: the claims come back later."""
-    try:
-        return read(conn, target, row_ids), {}
-    except (psycopg.OperationalError, psycopg.InterfaceError):
-        raise
-    except psycopg.Error:
-        if not target.chunked:  # (a chunk target may be its shadow here: not the registered one)
-            check_target(conn, target)  # a column renamed away by a promotion: retry the batch, not per row
-    rows: dict[str, T] = {}
-    unreadable: dict[str, str] = {}
-    for row_id in dict.fromkeys(row_ids):
-        try:
-            rows.update(read(conn, target, [row_id]))
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            raise
-        except psycopg.Error as exc:
-            unreadable[row_id] = (f"{target.regclass} id={row_id!r}: reading its input with {target.function} "
-                                  f"failed: {type(exc).__name__}: {str(exc).strip()}")
-    return rows, unreadable
+    type), read them one by one so that only those rows fail, with the reason (badrows).
+    Connection and server errors are raised: the claims come back later."""
+    def why(row_id: str, exc: BaseException) -> str:
+        cast = cast_problem(conn, row_id, target.key_type_sql)
+        if cast is not None:
+            return f"{target.regclass} key {row_id}: not a value of its key type {target.key_type}: {cast}"
+        return (f"{target.regclass} key {row_id}: reading its input with {target.function} failed: "
+                f"{describe(exc)}")
+
+    # (a chunk target may be its shadow here, not the registered one: no catalog check then)
+    check = None if target.chunked else (lambda: check_target(conn, target))
+    return read_isolating(conn, list(dict.fromkeys(row_ids)), lambda ids: read(conn, target, ids), why, check=check)
 
 
 def sort_jobs(target: Target, embedder: Embedder, jobs: list[Job], rows: dict[str, Row],

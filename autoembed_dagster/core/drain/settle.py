@@ -17,10 +17,12 @@ from psycopg import errors, sql
 
 from ..queue import pgmq
 from ..config import Settings
-from ..targets.catalog import Target, ambiguous_key_error, ambiguous_keys
-from .chunked import ChunkWritten, write_chunk_sets
 from ..queue.claims import Claims
+from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
+                               lookup_registered)
 from ..targets.vectors import COPY_HEADER, COPY_TRAILER
+from ..targets.badrows import write_isolating
+from .chunked import ChunkWritten, write_chunk_sets, write_target
 from .jobs import Job, single_body
 from .outcome import Outcome, Write
 from .stats import DrainStats, table_key, table_of_body
@@ -36,6 +38,7 @@ class Written:
     stale: int = 0
     busy: list[str] = field(default_factory=list)  # keys of rows another transaction held locked
     ambiguous: dict[str, int] = field(default_factory=dict)  # keys matching several rows: not written
+    failed: dict[str, str] = field(default_factory=dict)  # key -> why its write failed (badrows)
 
 
 class Stages:
@@ -137,6 +140,46 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
     return out
 
 
+@dataclass
+class Isolated:
+    """What write_vectors_isolating did: the rows written (etc.) and the rows that failed alone."""
+
+    written: Written
+    failed: dict[str, str]  # row key -> why its write failed
+
+
+def still_target(conn: psycopg.Connection, target: Target) -> None:
+    """Raise TargetChanged when the table or column `target` names changed under the write (a
+    model-migration promotion renamed it): then the whole batch is taken up again, no row is blamed."""
+    if not target.chunked:
+        check_target(conn, target)
+        return
+    try:
+        now = write_target(conn, lookup_registered(conn, target_id=target.registered)[0])
+    except TargetError as exc:
+        raise TargetChanged(f"{target.key.label}: {exc}") from exc
+    if (now.chunk_table, now.vector_type, now.dimensions) != (target.chunk_table, target.vector_type, target.dimensions):
+        raise TargetChanged(f"{target.key.label} writes into {now.chunk_table} now, not {target.chunk_table}")
+
+
+def write_vectors_isolating(conn: psycopg.Connection, stages: Stages, target: Target, writes: list[Write],
+                            model: str, used_stages: set[str]) -> Isolated:
+    """write_vectors, with a row whose write fails (a trigger raising for it, a check constraint, a
+    revoked grant) failing alone: the others are written in the same transaction (badrows)."""
+    writes = list({w[0]: w for w in writes}.values())  # one write per row
+    parts, failed = write_isolating(conn, writes,
+                                    lambda part: write_vectors(conn, stages, target, part, model, used_stages),
+                                    check=lambda: still_target(conn, target))
+    total = Written()
+    for w in parts:
+        total.written += w.written
+        total.stale += w.stale
+        total.busy += w.busy
+        total.ambiguous.update(w.ambiguous)
+    return Isolated(total, {w[0]: f"{target.regclass} key {w[0]}: writing its vector failed: {why}"
+                            for w, why in failed})
+
+
 def act_as_drain(conn: psycopg.Connection) -> None:
     """Inside a write transaction: the project's triggers skip the drain's own writes, and a table
     lock held longer than LOCK_TIMEOUT makes the drain give way (the statement fails, is retried)."""
@@ -157,14 +200,17 @@ class VectorWriter:
 
     def write(self, target: Target, rows: list[tuple[str, bytes, bytes]], model: str) -> Written:
         """Write (row key, content hash the vector was made from, its COPY tuple). Rows still busy
-        after the last try are returned in `busy`, unwritten."""
+        after the last try are returned in `busy`, unwritten; rows whose write fails alone in
+        `failed` (key -> why)."""
         self.stages.ensure([target])
         total = Written()
         pending = [(k, h, record, []) for k, h, record in rows]
         for wait in (*self.BUSY_WAITS, None):
             with self.conn.transaction():
                 act_as_drain(self.conn)
-                w = write_vectors(self.conn, self.stages, target, pending, model, set())
+                isolated = write_vectors_isolating(self.conn, self.stages, target, pending, model, set())
+            w = isolated.written
+            total.failed.update(isolated.failed)
             total.written += w.written
             total.stale += w.stale
             busy = set(w.busy)
@@ -229,32 +275,36 @@ class Settler:
         wrote: list[tuple[Target, Written]] = []
         done = list(outcome.done)
         busy: list[Job] = []
-        ambiguous: list[tuple[Job, str]] = []  # jobs whose key matches several rows: dead letters
         used_stages: set[str] = set()
+        dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
         for target, writes in outcome.writes.items():
             # The model fixed when the vectors were made (embed_work records it with the writes).
-            w = write_vectors(conn, self.stages, target, writes, outcome.models[target], used_stages)
+            # A row whose write fails alone is dead-lettered; the batch's other rows are written.
+            isolated = write_vectors_isolating(conn, self.stages, target, writes, outcome.models[target],
+                                               used_stages)
+            w = isolated.written
             wrote.append((target, w))
             busy_keys = set(w.busy)
             jobs = outcome.jobs.get(target, {})
-            for key, *_, msg_ids in writes:
-                if key in busy_keys:
+            for key, *_, msg_ids in {w[0]: w for w in writes}.values():
+                if key in isolated.failed:
+                    dead.extend((job, isolated.failed[key]) for job in jobs.get(key, ()))
+                elif key in busy_keys:
                     busy.extend(jobs.get(key, ()))
                 elif key in w.ambiguous:
-                    ambiguous.extend((job, ambiguous_key_error(target, key, w.ambiguous[key])) for job in jobs.get(key, ()))
+                    dead.extend((job, ambiguous_key_error(target, key, w.ambiguous[key])) for job in jobs.get(key, ()))
                 else:
                     done.extend(msg_ids)
         chunk_sets: list[tuple[Target, ChunkWritten]] = []
         for cw in outcome.chunk_writes:
             # A document's chunk set is swapped whole, in this transaction, with its messages' delete.
-            cs = write_chunk_sets(conn, cw)
+            cs = write_chunk_sets(conn, cw, check=lambda t=cw.target: still_target(conn, t))
             chunk_sets.append((cw.target, cs))
             busy.extend(cs.later)
             done.extend(cs.done)
-            ambiguous.extend(cs.dead)
+            dead.extend(cs.dead)
         for target, row_ids in outcome.deleted_rows.items():
             forget_rows(conn, target, row_ids)
-        dead = list(outcome.dead) + ambiguous
         retry: list[tuple[Job, str]] = []
         for job, error in outcome.retry:
             if job.attempts >= self.settings.max_attempts:

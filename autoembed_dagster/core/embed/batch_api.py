@@ -25,6 +25,7 @@ MAX_REQUESTS = 50_000
 MAX_INPUTS = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
 COMPLETION_WINDOW = "24h"
+PROBE_TIMEOUT = 5.0  # seconds
 ENDPOINT = "/v1/embeddings"
 # Statuses of a batch at the provider.
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
@@ -95,7 +96,8 @@ class BatchClient:
         """Raise BatchUnsupported when the provider answers 404 on /v1/batches. Other failures
         (no connection, a 5xx) say nothing about support and are raised as they are."""
         try:
-            self.client.batches.list(limit=1)
+            # Bounded: it runs when the code location loads (`dg check defs`, every run's load).
+            self.client.with_options(timeout=PROBE_TIMEOUT, max_retries=0).batches.list(limit=1)
         except openai.NotFoundError:
             raise BatchUnsupported(
                 f"{self.what}: the provider at {self.client.base_url} has no Batch API (404 on /v1/batches): "

@@ -201,8 +201,12 @@ class OpenAIEmbedder:
 
     def parse_response(self, resp: dict[str, Any], n: int) -> list[np.ndarray]:
         """The vectors of an embeddings response for `n` inputs, checked as the direct path checks
-        them (count, indexes, size, finite values); EmbeddingError names what is wrong."""
-        return self._parse(resp, n)
+        them (count, indexes, size, finite values); EmbeddingError names what is wrong (the first
+        bad vector's, when one is)."""
+        vectors, bad = self._parse(resp, n)
+        if bad:
+            raise bad[min(bad)]
+        return vectors  # type: ignore[return-value]
 
     def _batches(self, items: list[_Item]) -> list[list[_Item]]:
         """Requests of at most batch_size inputs and max_batch_tokens tokens. Uncounted items carry
@@ -277,13 +281,15 @@ class OpenAIEmbedder:
             return None
 
         try:
-            vectors = self._parse(resp, len(batch))
+            vectors, bad = self._parse(resp, len(batch))
         except EmbeddingError as err:
             log.warning("embedding batch of %d rejected: %s", len(batch), err)
             self._fail(out, batch, err)
             return None
-        for it, vec in zip(batch, vectors):
+        for i, (it, vec) in enumerate(zip(batch, vectors)):
             out.vectors[it.index] = vec
+            if i in bad:
+                out.errors[it.index] = bad[i]
         usage = resp.get("usage")
         prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         out.tokens += prompt_tokens if isinstance(prompt_tokens, int) else sum(self._count(it) for it in batch)
@@ -311,8 +317,12 @@ class OpenAIEmbedder:
         resp = orjson.loads(self._client.post("/embeddings", cast_to=bytes, body=body))
         return resp if isinstance(resp, dict) else {}
 
-    def _parse(self, resp: dict[str, Any], n: int) -> list[np.ndarray]:
-        """Vectors in input order, or EmbeddingError(retryable) naming what is wrong."""
+    def _parse(self, resp: dict[str, Any], n: int) -> tuple[list[np.ndarray | None], dict[int, EmbeddingError]]:
+        """(vectors in input order, errors by position): a vector of the wrong length or with a
+        non-finite value fails its own input alone (retryable: the drain tries that row again in a
+        request of its own, up to AUTOEMBED_MAX_ATTEMPTS, then dead-letters it). A response that
+        cannot be matched to its inputs (no list, a wrong count, a bad index, undecodable base64)
+        raises EmbeddingError (retryable) for all."""
         model, dims = self.identity.model, self.identity.dimensions
         data = resp.get("data")
         if not isinstance(data, list):
@@ -320,9 +330,10 @@ class OpenAIEmbedder:
         if len(data) != n:
             raise EmbeddingError(f"provider returned {len(data)} embeddings for {n} inputs (model {model})")
         # One (n, dims) array, decoded row by row straight into place; the vectors are its rows.
-        matrix = np.empty((n, dims), dtype="<f4")  # base64 embeddings are little-endian float32
+        matrix = np.zeros((n, dims), dtype="<f4")  # base64 embeddings are little-endian float32
         rows = matrix.view(np.uint8).reshape(n, dims * 4)
         seen = bytearray(n)
+        bad: dict[int, EmbeddingError] = {}
         for item in data:
             idx = item.get("index") if isinstance(item, dict) else None
             if not isinstance(idx, int) or not 0 <= idx < n or seen[idx]:
@@ -335,20 +346,31 @@ class OpenAIEmbedder:
                     if len(buf) % 4:
                         raise EmbeddingError(f"provider returned an undecodable base64 embedding: {len(buf)} bytes "
                                              "is not a whole number of float32 values")
-                    raise EmbeddingError(f"provider returned {len(buf) // 4}-dim vector, expected {dims} (model {model})")
+                    bad[idx] = _wrong_length(len(buf) // 4, dims, model)
+                    continue
                 rows[idx] = np.frombuffer(buf, dtype=np.uint8)
             else:
                 vec = _decode(raw)
                 if vec.shape != (dims,):
-                    raise EmbeddingError(f"provider returned {vec.size}-dim vector, expected {dims} (model {model})")
+                    bad[idx] = _wrong_length(vec.size, dims, model)
+                    continue
                 matrix[idx] = vec
         if matrix.dtype != np.float32:  # a big-endian machine
             matrix = matrix.astype(np.float32)
         finite = np.isfinite(matrix).all(axis=1)
         if not finite.all():
-            idx = int(np.argmin(finite))
-            raise EmbeddingError(f"provider returned non-finite values (NaN/inf) in embedding {idx} (model {model})")
-        return list(matrix)
+            for idx in np.flatnonzero(~finite).tolist():
+                component = int(np.flatnonzero(~np.isfinite(matrix[idx]))[0])
+                bad[idx] = EmbeddingError(f"provider returned a non-finite value ({float(matrix[idx, component])}) at "
+                                          f"component {component} (model {model})")
+        vectors: list[np.ndarray | None] = list(matrix)
+        for idx in bad:
+            vectors[idx] = None
+        return vectors, bad
+
+
+def _wrong_length(got: int, dims: int, model: str) -> EmbeddingError:
+    return EmbeddingError(f"provider returned {got}-dim vector, expected {dims} (model {model})")
 
 
 def _utf8_len(text: str) -> int:

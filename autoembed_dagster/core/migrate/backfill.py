@@ -27,17 +27,18 @@ from . import backfill_control
 from ..config import ConfigError, EmbedderSettings
 from ..db.server import second_connection
 from ..drain import ProviderConfigError, completed
+from ..targets.badrows import check_vectors, row_error
 from ..drain.loop import pin_session
 from ..drain.settle import VectorWriter
 from ..embed import make_embedder, native_dimensions
 from ..embed.base import EmbedOutcome, Embedder, EmbeddingError
 from ..health import estimated_cost
-from .migration import PromoteResult, coverage, promote, start_migration, trigger_content_functions
-from ..targets.models import Migration, ModelSpec, get_migration
-from ..targets.shadow import Coverage
 from ..pipelines import Pipeline
 from ..targets.catalog import Target, TargetKey, check_dimensions, resolve
+from ..targets.models import Migration, ModelSpec, get_migration
+from ..targets.shadow import Coverage
 from ..targets.vectors import copy_records
+from .migration import PromoteResult, coverage, promote, start_migration, trigger_content_functions
 
 DEFAULT_BATCH_ROWS = 256
 
@@ -133,6 +134,7 @@ class _Page:
     outcome: EmbedOutcome | None  # the provider's answer; None when nothing was embedded
     keys: list[str]  # the rows sent to the provider, in the outcome's order
     rows: list[tuple[str, bytes, bytes]]  # (key, content hash, COPY tuple) of the rows it embedded
+    unreadable: dict[str, str] = field(default_factory=dict)  # key -> why its input could not be read
 
 
 def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, shards: int, limit: int,
@@ -143,18 +145,23 @@ def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, sha
 
     def read(conn: psycopg.Connection) -> _Page | None:
         nonlocal after
-        scanned_to, page = _candidates(conn, target, model, shard, shards, after, limit)
+        scanned_to, page, unreadable = _candidates(conn, target, model, shard, shards, after, limit)
         if scanned_to is None:
             return None
         after = scanned_to
         todo = [(k, text, h) for k, text, h in page if text is not None and text.strip()]
         if not todo:
-            return _Page(len(page), len(page), None, [], [])
+            return _Page(len(page), len(page), None, [], [], unreadable)
         outcome = embedder.embed([text for _, text, _ in todo])
+        # Each vector on its own (targets.badrows): one the column cannot hold fails its row alone.
+        for i, problem in enumerate(check_vectors(target.vector_type, target.dimensions, outcome.vectors)):
+            if problem is not None:
+                outcome.vectors[i] = None
+                outcome.errors[i] = EmbeddingError(problem, retryable=False)
         embedded = [(k, h, v) for (k, _, h), v in zip(todo, outcome.vectors) if v is not None]
         records = copy_records(target, embedded, encoding)
         return _Page(len(page), len(page) - len(todo), outcome, [k for k, _, _ in todo],
-                     [(k, h, record) for (k, h, _), record in zip(embedded, records)])
+                     [(k, h, record) for (k, h, _), record in zip(embedded, records)], unreadable)
 
     return read
 
@@ -275,11 +282,34 @@ def _candidates(conn: psycopg.Connection, target: Target, model: str, shard: int
            order by 1, 2"""
     ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql, table=target.table_sql,
              key_type=target.key_type_sql)
-    rows = conn.execute(query, {
-        "shards": shards, "shard": shard, "after": after, "schema": target.key.schema, "table": target.key.table,
-        "column": target.key.embedding_column, "model": model, "scan": scan,
-    }, prepare=False).fetchall()
-    return rows[0][2], [(k, text, h) for _, _, _, k, text, h in rows[1:]]
+    params = {"shards": shards, "shard": shard, "after": after, "schema": target.key.schema,
+              "table": target.key.table, "column": target.key.embedding_column, "model": model, "scan": scan}
+    try:
+        rows = conn.execute(query, params, prepare=False).fetchall()
+    except psycopg.Error as exc:
+        if not row_error(exc):
+            raise
+        return _candidates_isolating(conn, target, model, params)
+    return rows[0][2], [(k, text, h) for _, _, _, k, text, h in rows[1:]], {}
+
+
+def _candidates_isolating(conn: psycopg.Connection, target: Target, model: str, params: dict):
+    """_candidates' page when the content function raises for some row of it: the page's keys, then
+    their inputs read with the drain's isolation (drain.read), so only those rows fail."""
+    from ..drain.read import read_rows_or_isolate
+
+    keys = conn.execute(sql.SQL(
+        """with scan as materialized (
+               select t.{key} as kv from {table} t
+               where %(after)s::text is null or t.{key} > %(after)s::text::{key_type}
+               order by t.{key} limit %(scan)s)
+           select (select max(kv) from scan)::text, array(select kv::text from scan
+                   where autoembed.shard_of(kv::text, %(shards)s) = %(shard)s order by kv)""").format(
+        key=target.key_sql, table=target.table_sql, key_type=target.key_type_sql), params, prepare=False).fetchone()
+    rows, unreadable = read_rows_or_isolate(conn, target, keys[1])
+    todo = [(r.key, r.input, r.hash) for k in keys[1] if (r := rows.get(k)) is not None
+            and not (r.has_vector and r.state_model == model and r.state_hash == r.hash)]
+    return keys[0], todo, unreadable
 
 
 def embedder_for(p: Pipeline, spec: ModelSpec, target: Target, base: EmbedderSettings | None = None) -> Embedder:
@@ -367,6 +397,9 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
             pending = (next_page() if (max_rows is None or stats.embedded + len(page.rows) < max_rows) and go_on()
                        else None)
             stats.empty_input += page.empty_input
+            stats.failed += len(page.unreadable)
+            for why in page.unreadable.values():
+                stats.note_error(why)
             if page.outcome is not None:
                 _count_page(stats, target, page)
                 if page.rows:
@@ -375,7 +408,10 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
                     stats.stale += w.stale
                     # Written meanwhile by the drain, same input. (Rows the application kept
                     # locked are left out: the coverage still counts them missing.)
-                    stats.current += len(page.rows) - w.written - w.stale - len(w.busy)
+                    stats.current += len(page.rows) - w.written - w.stale - len(w.busy) - len(w.failed)
+                    stats.failed += len(w.failed)
+                    for why in w.failed.values():
+                        stats.note_error(why)
                 stats.seconds = time.perf_counter() - started
                 if on_batch:
                     on_batch(stats, page.size)

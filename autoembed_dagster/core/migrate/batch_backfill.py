@@ -39,6 +39,7 @@ from psycopg.types.json import Jsonb
 
 from ..config import ConfigError, EmbedderSettings
 from ..db.server import second_connection
+from ..targets.badrows import check_vectors
 from ..drain.loop import pin_session
 from ..drain.settle import VectorWriter, act_as_drain, clean
 from ..embed.base import Embedder, EmbeddingError
@@ -104,6 +105,7 @@ class BatchRecord:
     submitted_at: object
     updated_at: object
     collected_at: object
+    promote: bool
 
     @property
     def target_key(self) -> TargetKey:
@@ -234,6 +236,7 @@ class SubmitStats:
     in_open_batches: int = 0  # rows left out: an open batch holds them
     dead: int = 0  # rows dead-lettered: submitted max_attempts times already
     truncated: int = 0
+    unreadable: int = 0  # rows left out: their content function raises (the drain dead-letters their jobs)
 
 
 def _excluded(conn: psycopg.Connection, key: TargetKey, model: str, rows: list[tuple[str, str, bytes]],
@@ -265,7 +268,8 @@ def _excluded(conn: psycopg.Connection, key: TargetKey, model: str, rows: list[t
 
 def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client: BatchClient, *,
            shard: int | None = None, shards: int | None = None, limits: BatchLimits | None = None,
-           max_attempts: int = MAX_ATTEMPTS, on_batch: Callable[[BatchRecord], None] | None = None) -> SubmitStats:
+           max_attempts: int = MAX_ATTEMPTS, on_batch: Callable[[BatchRecord], None] | None = None,
+           promote_when_complete: bool = True) -> SubmitStats:
     """Submit every row of the plan's target (or of one shard) that lacks the model's vector of its
     current input and is in no open batch. Returns what was submitted."""
     limits = limits or BatchLimits.from_env()
@@ -277,25 +281,26 @@ def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client:
     lines: list[bytes] = []
     rows: list[tuple[str, bytes]] = []
     size = 0
-    attempt = 1
 
     def flush() -> None:
-        nonlocal lines, rows, size, attempt
+        nonlocal lines, rows, size
         if rows:
-            record = _create(conn, p, shard_plan, key, model, client, lines, rows, shard, shards, attempt)
+            record = _create(conn, p, shard_plan, key, model, client, lines, rows, shard, shards,
+                             promote_when_complete)
             stats.batches.append(record.id)
             stats.rows += len(rows)
             if on_batch:
                 on_batch(record)
-        lines, rows, size, attempt = [], [], 0, 1
+        lines, rows, size = [], [], 0
 
     after: str | None = None
     page_rows = max(1, min(_SCAN_PAGE, MAX_SCAN_ROWS // (shards or 1)))
     while True:
-        scanned_to, page = _candidates(conn, target, model, shard or 0, shards or 1, after, page_rows)
+        scanned_to, page, unreadable = _candidates(conn, target, model, shard or 0, shards or 1, after, page_rows)
         if scanned_to is None:
             break
         after = scanned_to
+        stats.unreadable += len(unreadable)  # the content function raises for them: left out (badrows)
         todo = [(k, text, bytes(h)) for k, text, h in page if text is not None and text.strip()]
         stats.empty_input += len(page) - len(todo)
         if not todo:
@@ -324,7 +329,7 @@ def submit(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, client:
 
 def _create(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, key: TargetKey, model: str,
             client: BatchClient, lines: list[bytes], rows: list[tuple[str, bytes]], shard: int | None,
-            shards: int | None, attempt: int) -> BatchRecord:
+            shards: int | None, promote_when_complete: bool) -> BatchRecord:
     """Record the batch and its rows (committed), upload its file, create it, record its id."""
     data = b"".join(lines)
     retried = conn.execute(
@@ -336,11 +341,11 @@ def _create(conn: psycopg.Connection, p: Pipeline, shard_plan: ShardPlan, key: T
         record_id = conn.execute(
             """insert into autoembed.embedding_batches
                  (pipeline, migration_id, schema_name, table_name, embedding_column, content_function, key_column,
-                  queue, model, shard, shards, attempt, row_count, input_bytes)
-               values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id""",
+                  queue, model, shard, shards, attempt, row_count, input_bytes, promote)
+               values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning id""",
             (p.name, shard_plan.migration.id if shard_plan.migration and shard_plan.mode == "migration" else None,
              key.schema, key.table, key.embedding_column, key.content_function, key.key_column, p.queue, model,
-             shard, shards, 2 if retried else 1, len(rows), len(data))).fetchone()[0]
+             shard, shards, 2 if retried else 1, len(rows), len(data), promote_when_complete)).fetchone()[0]
         with conn.cursor().copy("copy autoembed.embedding_batch_rows (batch, row_id, content_hash) from stdin") as cp:
             for k, h in rows:
                 cp.write_row((record_id, k, h))
@@ -500,7 +505,7 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
     def write_page(wconn: psycopg.Connection, writer: VectorWriter, page: list[tuple[str, bytes, object]],
                    records: list[bytes]) -> None:
         w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(page, records)], record.model)
-        busy = set(w.busy)
+        busy = set(w.busy) | set(w.failed)  # (failed: a row whose write failed alone, badrows)
         # Which rows were stale is asked only when some were (the guard counted them).
         stale = _stale_keys(wconn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
         _set_rows(wconn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
@@ -509,8 +514,9 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
             s.written += w.written
             s.stale += w.stale
             s.current += len(page) - w.written - w.stale - len(busy)
-            for k in busy:
+            for k in w.busy:
                 retry[k] = "the application held the row locked"
+            dead.update(w.failed)
         if on_rows:
             on_rows(len(page))
 
@@ -536,6 +542,10 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
                         continue
                     usage = (result.body or {}).get("usage")
                     s.tokens += usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+                    problem = check_vectors(target.vector_type, target.dimensions, [vector])[0]
+                    if problem is not None:  # a vector the column cannot hold: this row alone (badrows)
+                        dead[k] = f"key {k}: {problem}"
+                        continue
                     page.append((k, h, vector))
                     if len(page) >= _WRITE_PAGE:
                         pages.put((page, copy_records(target, page, encoding)))
@@ -669,10 +679,12 @@ def _embed_directly(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, 
                              record.model)
             s.direct += w.written
             s.stale += w.stale
-            busy = set(w.busy)
+            busy = set(w.busy) | set(w.failed)
             done += [k for k, _, _ in ok if k not in busy]
         bad = [(k, str(e)) for (k, _, _), e in zip(chunk, outcome.errors)
                if isinstance(e, EmbeddingError) and not e.retryable]
+        if ok:
+            bad += list(w.failed.items())  # a row whose write failed alone (badrows)
         if bad:
             s.dead += dead_letter(conn, p, target, bad)
             _set_rows(conn, record.id, "dead", [k for k, _ in bad], dict(bad))
@@ -721,6 +733,23 @@ def dead_letter(conn: psycopg.Connection, p: Pipeline, target: Target, rows: lis
                 [(p.queue, i, Jsonb(b), clean(f"batch re-embed: {e}")) for i, b, (_, e) in zip(ids, bodies, rows)])
         pgmq.archive(conn, p.queue, ids)
     return len(rows)
+
+
+def forget_rows_of_collected(conn: psycopg.Connection, key: TargetKey, model: str) -> int:
+    """After a promotion: the per-row records of the target's collected batches are of no more use
+    (the batches' own records stay, for the history of what was paid)."""
+    return conn.execute(
+        """delete from autoembed.embedding_batch_rows r using autoembed.embedding_batches b
+           where r.batch = b.id and b.status = 'collected' and b.schema_name = %s and b.table_name = %s
+             and b.embedding_column = %s and b.model = %s""",
+        (key.schema, key.table, key.embedding_column, model)).rowcount
+
+
+def _promote(conn: psycopg.Connection, shard_plan: ShardPlan, p: Pipeline) -> PromoteResult:
+    assert shard_plan.migration is not None
+    result = promote(conn, shard_plan.migration)
+    forget_rows_of_collected(conn, shard_plan.target_key(p), shard_plan.spec.identity_key)
+    return result
 
 
 # -- the whole re-embed in one process (the CLI) ------------------------------------------------------------
@@ -816,7 +845,8 @@ def run_batch_backfill(
                     result.collected.append(got)
                     need_submit = need_submit or got.resubmit > 0
         if need_submit:
-            sub = submit(conn, p, shard_plan, client, max_attempts=max_attempts)
+            sub = submit(conn, p, shard_plan, client, max_attempts=max_attempts,
+                         promote_when_complete=promote_when_complete)
             result.submitted.batches += sub.batches
             result.submitted.rows += sub.rows
             result.submitted.dead += sub.dead
@@ -831,12 +861,15 @@ def run_batch_backfill(
     m = shard_plan.migration
     if (shard_plan.mode == "migration" and m is not None and promote_when_complete and result.coverage.complete
             and not result.open_batches):
-        result.promotion = promote(conn, m)
+        result.promotion = _promote(conn, shard_plan, p)
+    elif shard_plan.mode == "in_place" and result.coverage.complete and not result.open_batches:
+        forget_rows_of_collected(conn, key, model)
     return result
 
 
 # -- one step at a time (Dagster: shard runs submit, the sensor polls, collect runs collect) ----------------
 def submit_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shard: int, shards: int, *,
+                 promote_when_complete: bool = True,
                  base: EmbedderSettings | None = None) -> tuple[ShardPlan, SubmitStats]:
     """Submit one shard's rows (starting the migration when needed) and return at once."""
     refuse_chunked(p)
@@ -845,7 +878,8 @@ def submit_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shard: 
     if shard_plan.mode == "skip":
         return shard_plan, SubmitStats()
     client = batch_client(p, spec, resolve(conn, shard_plan.target_key(p)), base)
-    return shard_plan, submit(conn, p, shard_plan, client, shard=shard, shards=shards)
+    return shard_plan, submit(conn, p, shard_plan, client, shard=shard, shards=shards,
+                              promote_when_complete=promote_when_complete)
 
 
 def poll_open(conn: psycopg.Connection, p: Pipeline, *, base: EmbedderSettings | None = None) -> list[BatchRecord]:
@@ -870,9 +904,11 @@ class Collected:
 
 
 def collect_and_continue(conn: psycopg.Connection, p: Pipeline, record_id: int, *, fallback: str | None = None,
-                         promote_when_complete: bool = True, base: EmbedderSettings | None = None) -> Collected:
+                         promote_when_complete: bool | None = None,
+                         base: EmbedderSettings | None = None) -> Collected:
     """Collect one finished batch; submit again what it left (its shard); promote the migration
-    when the target is complete and no batch of it is open."""
+    when the target is complete and no batch of it is open (unless the batch was submitted with
+    promote=False, or `promote_when_complete` is False)."""
     record = get_batch(conn, record_id)
     if record is None:
         raise ConfigError(f"no batch record {record_id}")
@@ -885,12 +921,14 @@ def collect_and_continue(conn: psycopg.Connection, p: Pipeline, record_id: int, 
     shard_plan = plan(conn, p, spec, start=False, base=base)
     if shard_plan.mode == "skip":
         return out
+    promote_on = record.promote if promote_when_complete is None else promote_when_complete
     if got.resubmit:
-        out.resubmitted = submit(conn, p, shard_plan, client, shard=record.shard, shards=record.shards)
+        out.resubmitted = submit(conn, p, shard_plan, client, shard=record.shard, shards=record.shards,
+                                 promote_when_complete=record.promote)
     target = resolve(conn, shard_plan.target_key(p))
     out.coverage = coverage(conn, target, spec.identity_key)
     m = shard_plan.migration
-    if (shard_plan.mode == "migration" and m is not None and promote_when_complete and out.coverage.complete
+    if (shard_plan.mode == "migration" and m is not None and promote_on and out.coverage.complete
             and not batches(conn, key=shard_plan.target_key(p), model=spec.identity_key, open_only=True)):
-        out.promotion = promote(conn, m)
+        out.promotion = _promote(conn, shard_plan, p)
     return out

@@ -181,7 +181,7 @@ def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: E
         stats.chunks_embedded += r.stats.chunks_embedded
         stats.chunks_reused += r.stats.chunks_reused
         stats.tokens += r.tokens
-        for error in list(r.errors.values())[:3]:
+        for error in list(r.failed.values())[:3] + list(r.errors.values())[:3]:
             if error not in stats.errors and len(stats.errors) < 20:
                 stats.errors.append(error)
         stats.seconds = time.perf_counter() - started

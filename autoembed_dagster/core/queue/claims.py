@@ -4,7 +4,9 @@ A drain keeps what it claimed: while its batches are in flight a heartbeat exten
 visibility of every message it holds (every third of the timeout, whatever the batches are
 doing), so a slow provider never lets a claim expire under a live drain, and the drain never
 takes its own messages a second time. When the drain dies, the heartbeat dies with it and the
-messages come back once their timeout ends; a claim costs no attempt (jobs.recorded_failures).
+messages come back once their timeout ends; a claim costs no attempt (jobs.recorded_failures), and
+a claim given back unused is recorded as such (returned), so the safety net for messages that
+kill the drains holding them counts only the claims of drains that died.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections import deque
 
 import psycopg
+from psycopg import sql
 
 from . import pgmq
 from ..targets.catalog import message_row_count
@@ -137,6 +140,7 @@ class Claims:
         self._chunks.clear()
         self._later = []
         pgmq.set_vt(conn, self.queue, ids, 0)
+        returned(conn, self.queue, ids)
 
     # -- heartbeat ---------------------------------------------------------------------------
     def beat(self, conn: psycopg.Connection) -> None:
@@ -174,3 +178,19 @@ class Claims:
             self._stop.set()
             self._thread.join()
             self._thread = None
+
+
+def returned(conn: psycopg.Connection, queue: str, msg_ids: list[int]) -> None:
+    """Count claims given back unused: they were no attempt (the safety net in drain.loop counts
+    claims of drains that died holding a message). Records of messages gone are pruned here."""
+    if not msg_ids:
+        return
+    conn.execute(
+        """insert into autoembed.message_returns as r (queue_name, msg_id, returned)
+           select %s, m, 1 from unnest(%s::bigint[]) m
+           on conflict (queue_name, msg_id) do update set returned = r.returned + 1""",
+        (queue, msg_ids), prepare=False)
+    conn.execute(sql.SQL(
+        """delete from autoembed.message_returns r where r.queue_name = %s
+           and not exists (select 1 from {} q where q.msg_id = r.msg_id)""").format(pgmq.table_of(queue)),
+        (queue,))

@@ -17,8 +17,8 @@ the new one, never a mix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping
 
 import numpy as np
 import psycopg
@@ -321,6 +321,31 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     return stats
 
 
+def write_isolating(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
+                    vectors_by_hash: Mapping[bytes, np.ndarray | None], model_key: str,
+                    check: Callable[[], None] | None = None) -> tuple[WriteStats, dict[str, str]]:
+    """write(), with a document whose write fails (a trigger or constraint of the chunk table, a
+    content function raising for its parent, a revoked grant) failing alone: the others are
+    written in the same transaction (targets.badrows.write_isolating). Returns (what was written,
+    {document key: why it failed})."""
+    from .badrows import write_isolating as isolate
+
+    def part(keys: list[str]) -> WriteStats:
+        return write(conn, target, replace(plan, documents={k: plan.documents[k] for k in keys}),
+                     vectors_by_hash, model_key)
+
+    parts, failed = isolate(conn, list(plan.documents), part, check=check)
+    total = WriteStats()
+    for w in parts:
+        for name in ("written", "busy", "stale", "gone", "missing"):
+            getattr(total, name).extend(getattr(w, name))
+        total.ambiguous.update(w.ambiguous)
+        total.chunks_embedded += w.chunks_embedded
+        total.chunks_reused += w.chunks_reused
+        total.chunks_deleted += w.chunks_deleted
+    return total, {k: f"writing its chunk set into {target.chunk_table} failed: {why}" for k, why in failed}
+
+
 # -- coverage and promotion (model migrations) -------------------------------------------------
 def coverage(conn: psycopg.Connection, target: ChunkTarget, model_key: str, splitter_key: str,
              shard: int | None = None, shards: int | None = None) -> Coverage:
@@ -338,24 +363,33 @@ class DocumentCounts:
 
 def document_counts(conn: psycopg.Connection, target: ChunkTarget, model_key: str, splitter_key: str,
                     shard: int | None = None, shards: int | None = None) -> DocumentCounts:
-    """One scan of the parent table (content hash per row) against each document's chunk set."""
-    rows, embeddable, current, without, stale = conn.execute(sql.SQL(
-        """select count(*), count(*) filter (where x.embeddable),
-                  count(*) filter (where x.embeddable and x.current),
-                  count(*) filter (where x.embeddable and x.source_hash is null),
-                  count(*) filter (where x.source_hash is not null and not (x.embeddable and x.current))
-           from (select y.*, coalesce(y.source_hash = y.h and y.model = %(model)s and y.splitter = %(splitter)s,
-                                      false) as current
-                 from (select t.{key} as k, autoembed.content_hash({fn}(t)::text) as h,
-                              coalesce(btrim({fn}(t)::text), '') <> '' as embeddable, s.*
-                       from {parent} t
-                       left join lateral (select c.source_hash, c.model, c.splitter from {chunks} c
-                                          where c.{key} = t.{key} limit 1) s on true
-                       where %(shards)s::integer is null
-                          or autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s) y) x""").format(
-        key=target.key_sql, fn=target.function_sql, parent=target.parent_sql, chunks=target.chunks_sql),
-        {"model": model_key, "splitter": splitter_key, "shard": shard, "shards": shards}).fetchone()
-    return DocumentCounts(Coverage(rows, embeddable, current), without, stale)
+    """One scan of the parent table (content hash per row) against each document's chunk set. Rows
+    whose content function raises are counted apart (targets.badrows.scan_isolating)."""
+    from .badrows import input_lateral, scan_isolating
+
+    def query(safe: bool) -> sql.Composable:
+        return sql.SQL(
+            """select count(*), count(*) filter (where x.embeddable),
+                      count(*) filter (where x.embeddable and x.current),
+                      count(*) filter (where x.embeddable and x.source_hash is null),
+                      count(*) filter (where x.source_hash is not null and not (x.embeddable and x.current)),
+                      count(*) filter (where x.error is not null),
+                      min('key ' || x.k::text || ': ' || x.error)
+               from (select y.*, coalesce(y.source_hash = y.h and y.model = %(model)s and y.splitter = %(splitter)s,
+                                          false) as current
+                     from (select t.{key} as k, autoembed.content_hash(i.input) as h, i.error,
+                                  coalesce(btrim(i.input), '') <> '' as embeddable, s.*
+                           from {parent} t {lateral}
+                           left join lateral (select c.source_hash, c.model, c.splitter from {chunks} c
+                                              where c.{key} = t.{key} limit 1) s on true
+                           where %(shards)s::integer is null
+                              or autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s) y) x""").format(
+            key=target.key_sql, parent=target.parent_sql, chunks=target.chunks_sql,
+            lateral=input_lateral(conn, target.function_sql, "t", safe))
+
+    rows, embeddable, current, without, stale, unreadable, error = scan_isolating(
+        conn, query, {"model": model_key, "splitter": splitter_key, "shard": shard, "shards": shards})
+    return DocumentCounts(Coverage(rows, embeddable, current, unreadable, error), without, stale)
 
 
 def shadow_name(target: ChunkTarget) -> str:
@@ -442,19 +476,37 @@ class SyncResult:
     stats: WriteStats
     tokens: int  # as the provider reported them
     errors: dict[bytes, str]  # chunk hash -> why its embedding failed
+    failed: dict[str, str] = field(default_factory=dict)  # document key -> why it was not written
 
 
 def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitter: Splitter,
          embedder: Embedder) -> SyncResult:
     """Bring the chunk sets of `keys` up to date: read, plan, embed what is new, write (one
     transaction). The drain does the same in its own stages, with its claims around them."""
+    from .badrows import check_vectors, describe, read_isolating
+
     model = embedder.identity.key
-    p = plan(conn, target, read_documents(conn, target, keys), splitter, model)
+    docs, unreadable = read_isolating(
+        conn, keys, lambda part: read_documents(conn, target, part),
+        lambda k, exc: f"reading its input with {target.function} failed: {describe(exc)}")
+    p = plan(conn, target, docs, splitter, model)
     out = embedder.embed(p.texts)
     if out.refusal is not None:
         raise ProviderConfigError(f"the provider refused the chunks of {target.label}: {out.refusal} "
                                   "(fix the key or the model, then re-run: nothing of this page was written)")
-    with conn.transaction():
-        stats = write(conn, target, p, dict(zip(p.hashes, out.vectors)), model)
+    # Each chunk's vector on its own (targets.badrows): a bad one fails its document alone.
+    vectors = list(out.vectors)
     errors = {h: str(e) for h, e in zip(p.hashes, out.errors) if e is not None}
-    return SyncResult(p, stats, out.tokens, errors)
+    for h, problem in zip(p.hashes, check_vectors(target.vector_type, target.dimensions, vectors)):
+        if problem is not None:
+            errors[h] = problem
+    with conn.transaction():
+        stats, failed = write_isolating(conn, target, p, {h: v for h, v in zip(p.hashes, vectors)
+                                                          if h not in errors}, model)
+    failed.update(unreadable)
+    stats.missing.extend(failed)
+    for k, doc in p.documents.items():
+        bad = next((c for c in doc.chunks if c.hash in errors), None)
+        if bad is not None:
+            failed[k] = f"chunk {bad.index}: {errors[bad.hash]}"
+    return SyncResult(p, stats, out.tokens, errors, {k: f"{target.label} key {k}: {why}" for k, why in failed.items()})

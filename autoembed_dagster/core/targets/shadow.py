@@ -35,6 +35,9 @@ class Coverage:
     rows: int
     embeddable: int  # rows whose input is not NULL/blank
     current: int  # embeddable rows holding the vector of their current input under the model
+    # Rows whose content function raises (not counted embeddable: they cannot be), and one error.
+    unreadable: int = 0
+    unreadable_error: str | None = None
 
     @property
     def missing(self) -> int:
