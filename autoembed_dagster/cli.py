@@ -10,9 +10,9 @@ import sys
 
 from .core import api
 from .core.pipelines import split_table
-from .core.targets import sql_name
+from .core.targets.catalog import sql_name
 from .core.config import ConfigError, Settings
-from .core.database import database_url, psql_path, require_project, stop_embedded
+from .core.db.server import database_url, psql_path, require_project, stop_embedded
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
@@ -39,16 +39,14 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 def _refuse_unproducible_size(args: argparse.Namespace) -> None:
     """Enrolling a column the default model cannot fill would dead-letter every row: refuse it."""
-    from .core.backfill import pipeline_spec
     from .core.pipelines import Pipeline
-    from .core.targets import TargetKey, resolve
+    from .core.targets.catalog import TargetKey, resolve
 
     schema, table = split_table(args.table, args.table)
     with api.session() as conn:
         target = resolve(conn, TargetKey(schema, table, args.content_function, args.column, args.key))
-    spec = pipeline_spec(Pipeline(name="enroll", schema=schema, table=table, content_function=args.content_function,
-                                  embedding_column=args.column, key_column=args.key),
-                         column_dimensions=target.dimensions)
+    spec = Pipeline(name="enroll", schema=schema, table=table, content_function=args.content_function,
+                    embedding_column=args.column, key_column=args.key).spec(column_dimensions=target.dimensions)
     if spec.dimensions != target.dimensions:
         column = f"{target.vector_type}({target.dimensions})"
         raise ConfigError(
@@ -61,7 +59,7 @@ def _refuse_unproducible_size(args: argparse.Namespace) -> None:
 def _cmd_enroll(args: argparse.Namespace) -> int:
     if args.chunk_tokens is not None:
         # The chunk table is created at the model's size: nothing to refuse (chunking checks the window).
-        from .core.chunking import CLI_NAMES
+        from .core.targets.splitter import CLI_NAMES
 
         n = api.enroll(args.table, args.content_function, key_column=args.key, queue=args.queue,
                        backlog=not args.no_backlog, chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
@@ -83,7 +81,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .core import backfill_control
+    from .core.migrate import backfill_control
 
     rows = api.status(queue=args.queue)
     chunked = api.chunk_targets_health()
@@ -240,7 +238,7 @@ def _cmd_dead(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.runner import run_demo
 
     extra = {} if args.modules is None else {"modules": args.modules}
     return run_demo(rows=args.rows, ui=not args.no_ui, port=args.port, timeout=args.timeout, keep_db=args.keep_db,
@@ -248,13 +246,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from .demo import run_dagster_dev
+    from .demo.runner import run_dagster_dev
 
     return run_dagster_dev(port=args.port, workspace=args.workspace, keep_db=args.keep_db)
 
 
 def _cmd_dagster_env(args: argparse.Namespace) -> int:
-    from .demo import print_dagster_env
+    from .demo.runner import print_dagster_env
 
     return print_dagster_env()
 
@@ -281,17 +279,15 @@ def _pipeline_named(name: str):
 
 
 def _cmd_pipelines(args: argparse.Namespace) -> int:
-    from .core.backfill import code_version
-
     declared, discovered = _all_pipelines()
     rows = [(p, "declared") for p in declared] + [(p, "discovered") for p in discovered]
     if args.json:
-        print(json.dumps([{**p.__dict__, "origin": origin, "model": code_version(p)} for p, origin in rows], indent=2))
+        print(json.dumps([{**p.__dict__, "origin": origin, "model": p.code_version()} for p, origin in rows], indent=2))
         return 0
     for p, origin in rows:
         target = f"{p.chunk_table} ({p.chunk_tokens}/{p.chunk_overlap} tokens)" if p.chunked else p.embedding_column
         print(f"{p.name:<20} {p.qualified_table}.{target:<24} queue {p.queue:<16} "
-              f"{code_version(p)}  ({origin})")
+              f"{p.code_version()}  ({origin})")
     return 0
 
 
@@ -310,7 +306,7 @@ def _stopped_line(p, total_stopped: str | None, stopped_shards: list[int]) -> st
 def _promoted_line(p, m) -> str:
     """A column migration's promotion: every part of the model that changed (model, dimensions,
     content function)."""
-    from .core.migration import describe_change
+    from .core.targets.models import describe_change
 
     return (f"promoted: {p.embedding_column} now holds {describe_change(m.old_spec, m.spec)} (old vectors in "
             f"{m.old_column} until `autoembed migrate {p.name} drop-old`)")
@@ -319,9 +315,9 @@ def _promoted_line(p, m) -> str:
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .core import backfill_control
-    from .core.backfill import live_key, pipeline_spec, run_backfill
-    from .core.targets import resolve
+    from .core.migrate import backfill_control
+    from .core.migrate.backfill import run_backfill
+    from .core.targets.catalog import resolve
 
     p = _pipeline_named(args.pipeline)
     if args.pause or args.resume:
@@ -356,7 +352,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
                 bar.set_postfix(shard=stats.shard, embedded=stats.embedded, refresh=False)
 
         with api.session() as conn:
-            spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+            spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
             try:
                 result = run_backfill(conn, p, spec, only=args.shards, promote_when_complete=not args.no_promote,
                                       batch_rows=args.batch_rows, on_batch=on_batch, on_plan=on_plan)
@@ -387,13 +383,12 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _batch_backfill(args: argparse.Namespace, p) -> int:
-    """`autoembed backfill P --via batch`: the provider's Batch API (core.batch_backfill). Ctrl-C
+    """`autoembed backfill P --via batch`: the provider's Batch API (core.migrate.batch_backfill). Ctrl-C
     leaves the batches running; the same command again collects them."""
     from tqdm import tqdm
 
-    from .core import batch_backfill as bb
-    from .core.backfill import live_key, pipeline_spec
-    from .core.targets import resolve
+    from .core.migrate import batch_backfill as bb
+    from .core.targets.catalog import resolve
 
     if args.shards:
         raise ConfigError("--shards is for --via direct: a batch re-embed submits every row of the table")
@@ -414,7 +409,7 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
             bar.refresh()
 
     with api.session() as conn:
-        spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+        spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
         try:
             result = bb.run_batch_backfill(conn, p, spec, fallback=args.fallback or p.backfill_fallback,
                                            promote_when_complete=not args.no_promote, on_plan=on_plan,
@@ -455,9 +450,9 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
 
 
 def _chunk_backfill(args: argparse.Namespace, p) -> int:
-    """`autoembed backfill P` of a chunked pipeline (core.chunk_backfill)."""
-    from .core import backfill_control
-    from .core.chunk_backfill import run_chunk_backfill
+    """`autoembed backfill P` of a chunked pipeline (core.migrate.chunk_backfill)."""
+    from .core.migrate import backfill_control
+    from .core.migrate.chunk_backfill import run_chunk_backfill
 
     def on_plan(plan, cov):
         print(f"{p.name}: {plan.spec.key} ({plan.mode}): {plan.reason}; {cov.current}/{cov.embeddable} documents current")
@@ -485,10 +480,10 @@ def _chunk_backfill(args: argparse.Namespace, p) -> int:
 
 
 def _chunk_migrate(args: argparse.Namespace, p) -> int:
-    """`autoembed migrate P ACTION` of a chunked pipeline (core.chunk_migration)."""
-    from .core.chunk_migration import chunk_migration_action
+    """`autoembed migrate P ACTION` of a chunked pipeline (core.migrate.chunk_migration)."""
+    from .core.migrate.chunk_migration import chunk_migration_action
 
-    from .core import backfill_control
+    from .core.migrate import backfill_control
 
     with api.session() as conn:
         m = chunk_migration_action(conn, p, args.action.replace("-", "_"), force=args.force)
@@ -501,10 +496,10 @@ def _chunk_migrate(args: argparse.Namespace, p) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from .core import backfill_control
-    from .core import migration as mig
-    from .core.backfill import migration_action
-    from .core.targets import resolve
+    from .core.migrate import backfill_control
+    from .core.migrate import migration as mig
+    from .core.migrate.backfill import migration_action
+    from .core.targets.catalog import resolve
 
     p = _pipeline_named(args.pipeline)
     if p.chunked:

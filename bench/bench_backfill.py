@@ -1,4 +1,4 @@
-"""Backfill: full re-embed of a table, shard by shard (core.backfill.backfill_shard), in one
+"""Backfill: full re-embed of a table, shard by shard (core.migrate.backfill.backfill_shard), in one
 process vs two processes (each taking half of the shards), against the instant fake provider.
 The default row count finishes in about a minute; `--rows 1000000 --shards 8` is the full-size
 run (~10 min on 2 cores).
@@ -16,8 +16,8 @@ from common import ROOT, Timer, body_sql, connect, create_docs, embedded_server,
 
 WORKER = r"""
 import json, sys, time
-from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.migrate.backfill import backfill_shard, resolve_spec
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.pipelines import Pipeline
 url, shards, mine = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")]
 p = Pipeline(name="docs", schema="public", table="docs", content_function="docs_input",

@@ -1,4 +1,4 @@
-"""Re-embed through the Batch API vs direct calls (core.batch_backfill vs core.backfill).
+"""Re-embed through the Batch API vs direct calls (core.migrate.batch_backfill vs core.migrate.backfill).
 
 Both run in this process against the same in-suite OpenAI-compatible server (tests/fake_openai.py,
 in a thread here: it has the Batch API the lean bench server lacks), on fresh databases with the
@@ -27,9 +27,9 @@ from common import (ROOT, Timer, body_sql, connect, create_docs, embedded_server
 
 sys.path.insert(0, str(ROOT))
 
-from autoembed_dagster.core import batch_backfill as bb  # noqa: E402
-from autoembed_dagster.core.backfill import run_backfill  # noqa: E402
-from autoembed_dagster.core.embedders import clear_embedder_cache  # noqa: E402
+from autoembed_dagster.core.migrate import batch_backfill as bb  # noqa: E402
+from autoembed_dagster.core.migrate.backfill import run_backfill  # noqa: E402
+from autoembed_dagster.core.embed import clear_embedder_cache  # noqa: E402
 from autoembed_dagster.core.pipelines import Pipeline  # noqa: E402
 from tests.fake_openai import FakeOpenAI  # noqa: E402
 
@@ -56,11 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     with embedded_server() as server:
         # The direct path at its best: the lean instant provider in a process of its own.
         with fake_provider():
-            from autoembed_dagster.core.backfill import pipeline_spec
-
             url = setup(server, n)
             with connect(url) as conn, Timer() as t:
-                r = run_backfill(conn, P, pipeline_spec(P, column_dimensions=1536))
+                r = run_backfill(conn, P, P.spec(column_dimensions=1536))
             assert r.total.embedded == n, r.total.summary()
             out["direct_lean_rows_per_s"] = n / t.seconds
             line("direct backfill, lean provider in its own process, rows/s", f"{n / t.seconds:10,.0f}")
@@ -82,10 +80,7 @@ def _batch_run(n: int, out: dict) -> dict:
         os.environ.update(OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="sk-bench", AUTOEMBED_PROVIDER="openai",
                           AUTOEMBED_MODEL="text-embedding-3-small", AUTOEMBED_BATCH_POLL_SECONDS="0")
         clear_embedder_cache()
-        from autoembed_dagster.core.backfill import pipeline_spec
-
-        spec = pipeline_spec(P, column_dimensions=1536)
-
+        spec = P.spec(column_dimensions=1536)
         url = setup(server, n)
         with connect(url) as conn, Timer() as t:
             r = run_backfill(conn, P, spec)

@@ -1,7 +1,7 @@
 """Chunked embeddings through the real drain: throughput against the same tokens as a column
 target, and what an edit costs.
 
-1. Throughput. Whole-module stdlib documents (core/corpus.py stdlib_long_docs) are enrolled as a
+1. Throughput. Whole-module stdlib documents (autoembed_dagster/demo/corpus.py stdlib_long_docs) are enrolled as a
    chunk target (autoembed.enroll_chunks: chunk table, triggers, backlog) and drained by the
    project's drain (Drainer.run: claim, read, split + plan, embed through the real openai client
    against the instant fake provider, swap chunk sets in the settle transaction). Baseline in the
@@ -23,12 +23,12 @@ import statistics
 
 from common import Timer, connect, embedded_server, fake_provider, fresh_db, header, line
 
-from autoembed_dagster.core import chunks
-from autoembed_dagster.core.chunking import splitter_for
+from autoembed_dagster.core.targets import chunks
+from autoembed_dagster.core.targets.splitter import splitter_for
 from autoembed_dagster.core.config import EmbedderSettings, Settings
-from autoembed_dagster.core.corpus import stdlib_long_docs
+from autoembed_dagster.demo.corpus import stdlib_long_docs
 from autoembed_dagster.core.drain import Drainer
-from autoembed_dagster.core.embedders import make_embedder
+from autoembed_dagster.core.embed import make_embedder
 
 def load_docs(conn, docs: list[str], max_tokens: int, overlap: int) -> chunks.ChunkTarget:
     """The documents as a table, enrolled as a chunk target (every row queued)."""

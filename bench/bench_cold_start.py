@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, list[float]] = {"total": [], "to_created": [], "to_started": [], "to_visible": []}
     home = Path(tempfile.mkdtemp(prefix="autoembed-cold-"))
     with embedded_server() as server, fake_provider():
-        from autoembed_dagster.demo import dagster_storage_url
+        from autoembed_dagster.demo.runner import dagster_storage_url
 
         url = fresh_db(server)
         storage = dagster_storage_url(server, f"dagster_cold_{os.getpid()}")

@@ -22,14 +22,14 @@ from common import ROOT, Timer, body_sql, connect, create_docs, embedded_server,
 
 from autoembed_dagster.core.config import Settings
 from autoembed_dagster.core.drain import Drainer
-from autoembed_dagster.core.embedders import clear_embedder_cache, make_embedder
+from autoembed_dagster.core.embed import clear_embedder_cache, make_embedder
 
 sys.path.insert(0, str(ROOT))
 from tests.fake_openai import FakeOpenAI  # noqa: E402 - the fault-injecting provider of the tests
 
 DRAIN = r"""
 from autoembed_dagster.core.config import Settings
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import Drainer
 with connect() as conn:
     print("READY", flush=True)

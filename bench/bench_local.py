@@ -12,7 +12,7 @@ from common import Timer, connect, embedded_server, fresh_db, header, line
 
 from autoembed_dagster.core.config import EmbedderSettings, Settings
 from autoembed_dagster.core.drain import Drainer
-from autoembed_dagster.core.embedders.local import LocalEmbedder
+from autoembed_dagster.core.embed.local import LocalEmbedder
 
 WORDS = ("postgres vector search embedding model queue trigger drain batch index latency throughput "
          "document title content shard backfill migration column table dagster sensor asset").split()

@@ -7,7 +7,7 @@ through the real openai client against the instant fake provider, settle) runs i
 the application updates the same row (a column the input does not read) every 5 ms in autocommit,
 timing every statement. Baseline in the same run: the same loop with no drain running. The settle
 writes the new set without the parent's row lock and takes it only for the stale-write guard and
-the commit (core/chunks.py write): the longest wait stays near the baseline however large the set.
+the commit (core/targets/chunks.py write): the longest wait stays near the baseline however large the set.
 
     python bench/bench_settle_wait.py [--sizes 1,100,4000] [--rounds 3]
 """

@@ -20,8 +20,8 @@ import tiktoken
 
 from common import header, line
 
-from autoembed_dagster.core.chunking import Splitter
-from autoembed_dagster.core.corpus import stdlib_long_docs
+from autoembed_dagster.core.targets.splitter import Splitter
+from autoembed_dagster.demo.corpus import stdlib_long_docs
 
 HOSTILE = {
     "one 20k-char word": "x" * 20_000,

@@ -23,7 +23,7 @@ import openai
 from common import Timer, connect, embedded_server, fake_provider, fresh_db, header, line, timed_threads
 
 from autoembed_dagster.core.config import EmbedderSettings, Settings
-from autoembed_dagster.core.embedders import make_embedder
+from autoembed_dagster.core.embed import make_embedder
 from autoembed_dagster.core.drain import Drainer
 
 SUPABASE_TABLE = """

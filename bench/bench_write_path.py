@@ -30,7 +30,7 @@ import psutil
 
 from common import Timer, body_sql, connect, embedded_server, fresh_db, header, line
 
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 
 SUPABASE_TRIGGERS = """
 create trigger embed_on_insert after insert on {t} for each row

@@ -17,9 +17,9 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoembed_dagster.core.database import connect, ensure_database, throwaway_server  # noqa: E402
-from autoembed_dagster.core.embedders import clear_embedder_cache  # noqa: E402
-from autoembed_dagster.core.migrations import init_db  # noqa: E402
+from autoembed_dagster.core.db.server import connect, ensure_database, throwaway_server  # noqa: E402
+from autoembed_dagster.core.embed import clear_embedder_cache  # noqa: E402
+from autoembed_dagster.core.db.schema import init_db  # noqa: E402
 
 
 @contextlib.contextmanager

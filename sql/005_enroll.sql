@@ -203,6 +203,35 @@ end;
 $$;
 revoke execute on function autoembed.install_input_function(bigint) from public;
 
+-- The checks of every registration, whatever the target's shape (register_target below and
+-- register_chunk_target, sql/012): the content function `fn` (resolved by the caller from
+-- `content_function`) exists and passes check_content_function, the key column passes
+-- check_key_column, the queue name is valid, and the queue exists (created when missing).
+-- Returns the key column's attnum. Called by the SECURITY DEFINER registrations only.
+create or replace function autoembed.check_registration(tbl regclass, content_function text, fn regprocedure,
+                                                        key_column text, queue text)
+returns smallint
+language plpgsql
+as $$
+#variable_conflict use_variable
+declare
+    key_attnum smallint;
+begin
+    if fn is null then
+        raise exception 'autoembed: content function % taking a row of % does not exist',
+            quote_literal(content_function), tbl using errcode = 'undefined_function';
+    end if;
+    key_attnum := autoembed.check_key_column(tbl, key_column);
+    perform autoembed.check_content_function(tbl, fn);
+    perform autoembed.check_queue_name(queue);
+    if not exists (select 1 from pgmq.meta m where m.queue_name = queue) then
+        perform pgmq.create(queue);
+    end if;
+    return key_attnum;
+end;
+$$;
+revoke execute on function autoembed.check_registration(regclass, text, regprocedure, text, text) from public;
+
 -- Register (or update) the target (tbl, embedding_column) in autoembed.targets; returns its id.
 -- SECURITY DEFINER: the registry is writable by nobody else. Who may register:
 --   origin 'enroll' / 'migration': a role that owns the table (or a superuser);
@@ -246,10 +275,6 @@ begin
     else
         raise exception 'autoembed: unknown target origin %', quote_nullable(origin);
     end if;
-    if fn is null then
-        raise exception 'autoembed: content function % taking a row of % does not exist',
-            quote_literal(content_function), tbl using errcode = 'undefined_function';
-    end if;
     select a.attnum into emb_attnum
     from pg_attribute a join pg_type t on t.oid = a.atttypid
     where a.attrelid = tbl and a.attname = embedding_column and a.attnum > 0 and not a.attisdropped
@@ -259,12 +284,7 @@ begin
         raise exception 'autoembed: % has no vector/halfvec column %', tbl, quote_literal(embedding_column)
             using errcode = 'undefined_column';
     end if;
-    key_attnum := autoembed.check_key_column(tbl, key_column);
-    perform autoembed.check_content_function(tbl, fn);
-    perform autoembed.check_queue_name(queue);
-    if not exists (select 1 from pgmq.meta m where m.queue_name = queue) then
-        perform pgmq.create(queue);
-    end if;
+    key_attnum := autoembed.check_registration(tbl, content_function, fn, key_column, queue);
     insert into autoembed.targets as t (relid, key_column, key_attnum, key_type, embedding_column, embedding_attnum,
                                         content_function, content_fn, queue, origin)
     values (tbl, key_column, key_attnum,

@@ -90,7 +90,7 @@ as $$
     from autoembed.rate_limits where provider = p_provider and model = p_model;
 $$;
 
--- Backfills that an operator paused (`core.backfill_control`): a shard run checks it between
+-- Backfills that an operator paused (`core.migrate.backfill_control`): a shard run checks it between
 -- pages and stops early; resume deletes the row.
 create table if not exists autoembed.backfill_pauses (
     pipeline  text        primary key,

@@ -1,4 +1,4 @@
--- Chunk tables: long documents embedded as chunks (core/chunks.py plans and writes them).
+-- Chunk tables: long documents embedded as chunks (core/targets/chunks.py plans and writes them).
 --
 -- <schema>.<table>_chunks holds, per parent row, its chunk set: the parent's key (no foreign key:
 -- autoembed.chunk_tables and the parent's triggers keep it with the rows, sql/015), chunk_index, the exact chunk text that was embedded, its vector, the chunk's

@@ -33,12 +33,7 @@ begin
         raise exception 'autoembed: % is not a table', tbl using errcode = 'wrong_object_type';
     end if;
     perform autoembed.require_owner(tbl, 'enroll it');
-    if fn is null then
-        raise exception 'autoembed: content function % taking a row of % does not exist',
-            quote_literal(content_function), tbl using errcode = 'undefined_function';
-    end if;
-    perform autoembed.check_content_function(tbl, fn);
-    key_attnum := autoembed.check_key_column(tbl, key_column);
+    key_attnum := autoembed.check_registration(tbl, content_function, fn, key_column, queue);  -- (sql/005)
     select * into parent from autoembed.chunk_parent(chunk_rel);
     if parent.parent is distinct from tbl or parent.key_column is distinct from key_column then
         raise exception 'autoembed: % is not a chunk table of %.% (it references %)', chunk_rel, tbl,
@@ -57,10 +52,6 @@ begin
     if exists (select 1 from autoembed.targets r where r.relid = tbl and r.origin = 'enroll' and r.chunk_table is null) then
         raise exception 'autoembed: % is enrolled with an embedding column: a table has one kind of enrolment', tbl
             using errcode = 'object_in_use', hint = 'unenroll it first (select autoembed.unenroll(...))';
-    end if;
-    perform autoembed.check_queue_name(queue);
-    if not exists (select 1 from pgmq.meta m where m.queue_name = queue) then
-        perform pgmq.create(queue);
     end if;
     insert into autoembed.targets as t (relid, key_column, key_attnum, key_type, embedding_column, embedding_attnum,
                                         content_function, content_fn, queue, origin, chunk_table, chunk_tokens,

@@ -1,4 +1,4 @@
--- Re-embeds through the provider's Batch API (core/batch_backfill.py): every batch submitted, and
+-- Re-embeds through the provider's Batch API (core/migrate/batch_backfill.py): every batch submitted, and
 -- the rows it carries, so a restart, a second CLI or the Dagster sensor see the same state and no
 -- row is submitted twice while a batch holding it is open. Idempotent: applied by every `db init`.
 

@@ -12,9 +12,9 @@ import pytest
 from psycopg import sql
 
 from autoembed_dagster.core.config import Settings
-from autoembed_dagster.core.database import connect, throwaway_server, with_database
-from autoembed_dagster.core.embedders import clear_embedder_cache
-from autoembed_dagster.core.migrations import init_db
+from autoembed_dagster.core.db.server import connect, throwaway_server, with_database
+from autoembed_dagster.core.embed import clear_embedder_cache
+from autoembed_dagster.core.db.schema import init_db
 
 from .fake_openai import FakeOpenAI
 

@@ -244,7 +244,7 @@ def test_a_paused_or_closed_backfill_launches_nothing_and_a_stopped_shard_run_is
     """In Dagster: the `backfill` job refuses a held pipeline before a migration exists; a shard run
     stopped by a pause fails (without retry) with the command that lifts it, and its partition is
     not materialized; after --resume it completes."""
-    from autoembed_dagster.core import backfill_control as bc
+    from autoembed_dagster.core.migrate import backfill_control as bc
 
     conn = supabase_docs
     seed(conn, settings, 12)

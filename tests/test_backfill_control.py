@@ -10,7 +10,7 @@ from datetime import datetime, time, timezone
 import psycopg
 import pytest
 
-from autoembed_dagster.core import backfill_control as bc
+from autoembed_dagster.core.migrate import backfill_control as bc
 from autoembed_dagster.core.config import ConfigError
 
 
@@ -77,7 +77,7 @@ def test_the_window_comes_from_the_pipeline_variable_first(conn, monkeypatch):
 
 def test_a_paused_backfill_stops_between_pages_and_resumes_where_it_stopped(supabase_docs, fake_openai, settings,
                                                                              monkeypatch):
-    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
+    from autoembed_dagster.core.migrate.backfill import backfill_shard, resolve_spec
     from autoembed_dagster.core.pipelines import Pipeline
 
     from .test_migration import assert_all_current, seed
@@ -176,7 +176,7 @@ def test_a_held_backfill_is_refused_up_front_with_a_distinct_status_and_starts_n
 def test_a_pause_during_the_run_stops_the_shards_said_once_and_status_shows_it(
         supabase_docs, fake_openai, settings, tmp_path, monkeypatch, capsys):
     from autoembed_dagster import cli
-    from autoembed_dagster.core.backfill import resolve_spec, run_backfill
+    from autoembed_dagster.core.migrate.backfill import resolve_spec, run_backfill
     from autoembed_dagster.core.pipelines import Pipeline
 
     from .dg_project import make_project

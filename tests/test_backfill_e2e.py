@@ -17,8 +17,8 @@ import numpy as np
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.execution.backfill import BulkActionStatus
 
-from autoembed_dagster.core import migration as mig
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.migrate import migration as mig
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.defs.backfill import PIPELINE_TAG, PROMOTE_TAG, models_partitions_name, shards_key
 
 from .dg_project import make_project, write_pipeline

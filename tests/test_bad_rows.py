@@ -13,10 +13,10 @@ from dataclasses import replace
 import pytest
 
 from autoembed_dagster.core import api
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 from autoembed_dagster.core.config import Settings
 from autoembed_dagster.core.drain import Drainer, drain, pipeline_resolver
-from autoembed_dagster.core.drain.claims import Claims
+from autoembed_dagster.core.queue.claims import Claims
 from autoembed_dagster.core.pipelines import Pipeline
 
 ROWS = 20
@@ -224,9 +224,9 @@ def test_status_and_the_checks_report_a_row_whose_content_function_raises(conn, 
 
 # -- the re-embed (backfill) pages -----------------------------------------------------------------
 def test_a_backfill_page_with_bad_rows_writes_the_others(conn, shape, fake_openai, settings):
-    from autoembed_dagster.core.backfill import live_key, pipeline_spec, run_backfill
-    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
-    from autoembed_dagster.core.targets import resolve
+    from autoembed_dagster.core.migrate.backfill import run_backfill
+    from autoembed_dagster.core.migrate.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.targets.catalog import resolve
 
     make_items(conn, shape, marker=" BADVEC")
     conn.execute("select pgmq.purge_queue('embedding_jobs')")  # the re-embed alone
@@ -237,7 +237,7 @@ def test_a_backfill_page_with_bad_rows_writes_the_others(conn, shape, fake_opena
         assert result.total.failed == 2 and result.total.written == ROWS - 2, result.total.summary()
     else:
         p = replace(COLUMN, shards=1)
-        spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
+        spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
         result = run_backfill(conn, p, spec)
         assert result.total.failed == 2 and result.total.embedded == ROWS - 2, result.total.summary()
     assert written(conn, shape) == set(range(1, ROWS + 1)) - {3, BAD}
@@ -310,7 +310,7 @@ def test_supabases_trigger_never_fails_the_write_of_a_row_whose_content_function
 
 def test_db_init_replaces_triggers_that_called_the_content_function_in_their_when_clause(conn, shape,
                                                                                         fake_openai, settings):
-    from autoembed_dagster.core.migrations import init_db
+    from autoembed_dagster.core.db.schema import init_db
 
     make_items(conn, shape)
     drain(conn, settings)

@@ -10,12 +10,12 @@ from dataclasses import replace
 import pytest
 
 from autoembed_dagster import cli
-from autoembed_dagster.core import batch_backfill as bb
-from autoembed_dagster.core.backfill import pipeline_spec, plan
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.migrate import batch_backfill as bb
+from autoembed_dagster.core.migrate.backfill import plan
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import drain
-from autoembed_dagster.core.embedders.batch_api import BatchUnsupported
-from autoembed_dagster.core.migration import get_migration
+from autoembed_dagster.core.embed.batch_api import BatchUnsupported
+from autoembed_dagster.core.migrate.migration import get_migration
 
 from .dg_project import make_project
 from .fake_openai import FakeOpenAI
@@ -42,7 +42,7 @@ def load(conn, n: int) -> None:
 
 
 def spec_of(conn, p=DOCS_512):
-    return pipeline_spec(p, column_dimensions=1536)
+    return p.spec(column_dimensions=1536)
 
 
 def input_lines(fake: FakeOpenAI) -> list[list[dict]]:

@@ -359,8 +359,9 @@ def test_a_chunk_target_enrolled_in_sql_only_is_discovered(articles, fake_openai
 def test_the_demo_chunks_whole_module_docs_and_search_lands_on_the_passage(conn, monkeypatch):
     """The demo project's chunked pipeline (local model, its defs.yaml's sizes), drained by its own
     Dagster drain job: a question about one passage returns that module with that passage."""
-    from autoembed_dagster.core.corpus import named_long_docs
-    from autoembed_dagster.demo import create_demo_table, demo_pipelines, insert_modules, progress, search_modules
+    from autoembed_dagster.demo.corpus import named_long_docs
+    from autoembed_dagster.demo.runner import (create_demo_table, demo_pipelines, insert_modules, progress,
+                                                      search_modules)
 
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
         monkeypatch.delenv(var, raising=False)

@@ -13,11 +13,11 @@ import pytest
 
 from autoembed_dagster import cli
 from autoembed_dagster.core import api
-from autoembed_dagster.core import backfill_control as bc
-from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
-from autoembed_dagster.core.chunk_migration import chunk_migration, chunk_migration_action
+from autoembed_dagster.core.migrate import backfill_control as bc
+from autoembed_dagster.core.migrate.chunk_backfill import run_chunk_backfill
+from autoembed_dagster.core.migrate.chunk_migration import chunk_migration, chunk_migration_action
 from autoembed_dagster.core.drain import drain, pipeline_resolver
-from autoembed_dagster.core.migration import MigrationError
+from autoembed_dagster.core.migrate.migration import MigrationError
 from autoembed_dagster.defs.autoembed import build_defs
 
 from . import test_chunk_targets
@@ -269,7 +269,7 @@ def test_search_through_the_index_still_finds_k_parents_past_hnsws_candidate_lis
 def test_a_chunk_size_change_rechunks_in_place_under_the_same_model_partition(articles, fake_openai, settings):
     """The sizes are in the code version (partitions go stale) but not in the partition key: a
     size change re-chunks in place, each document's set swapped whole, no shadow needed."""
-    from autoembed_dagster.core.chunking import splitter_for
+    from autoembed_dagster.core.targets.splitter import splitter_for
 
     conn = articles
     load(conn)

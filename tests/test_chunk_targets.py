@@ -12,14 +12,15 @@ import numpy as np
 import psycopg
 import pytest
 
-from autoembed_dagster.core import api, chunks
-from autoembed_dagster.core import queue as pgmq
-from autoembed_dagster.core.chunking import splitter_for
+from autoembed_dagster.core import api
+from autoembed_dagster.core.targets import chunks
+from autoembed_dagster.core.queue import pgmq
+from autoembed_dagster.core.targets.splitter import splitter_for
 from autoembed_dagster.core.config import ConfigError, EmbedderSettings
 from autoembed_dagster.core.drain import Drainer, drain
 from autoembed_dagster.core.drain.chunked import chunk_target_of
-from autoembed_dagster.core.embedders import make_embedder
-from autoembed_dagster.core.targets import lookup_registered
+from autoembed_dagster.core.embed import make_embedder
+from autoembed_dagster.core.targets.catalog import lookup_registered
 
 from .fake_openai import fake_vector
 
@@ -345,7 +346,7 @@ def _pipeline(**fields):
 
 
 def test_backfill_in_place_skips_current_documents_and_fills_missing_ones(articles, fake_openai, settings):
-    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.migrate.chunk_backfill import run_chunk_backfill
 
     conn = articles
     conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s)", (_doc(10, 1), _doc(10, 2)))
@@ -366,7 +367,7 @@ def test_backfill_in_place_skips_current_documents_and_fills_missing_ones(articl
 def test_a_chunk_backfill_the_provider_refuses_stops_and_writes_nothing(articles, fake_openai, settings):
     """A rejected key fails every request alike: the re-embed stops at its first page with the
     reason (a configuration error, not rows that failed), as a column backfill does."""
-    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.migrate.chunk_backfill import run_chunk_backfill
     from autoembed_dagster.core.drain import ProviderConfigError
 
     conn = articles
@@ -382,7 +383,7 @@ def test_a_chunk_backfill_the_provider_refuses_stops_and_writes_nothing(articles
 
 
 def test_backfill_to_a_new_size_fills_a_shadow_the_drain_follows_then_promotes_it(articles, fake_openai, settings):
-    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.migrate.chunk_backfill import run_chunk_backfill
     from autoembed_dagster.core.drain import pipeline_resolver
 
     conn = articles
@@ -446,7 +447,7 @@ def test_a_role_with_rights_on_its_table_only_writes_a_chunk_target(articles, fa
 
 
 def test_backfill_refuses_a_declaration_that_splits_otherwise_than_the_enrolment(articles, fake_openai):
-    from autoembed_dagster.core.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.migrate.chunk_backfill import run_chunk_backfill
     from autoembed_dagster.core.pipelines import make_pipeline
 
     p = make_pipeline("articles", table="articles", content_function="article_text", chunk_tokens=128)

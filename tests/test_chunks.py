@@ -11,15 +11,15 @@ import numpy as np
 import psycopg
 import pytest
 
-from autoembed_dagster.core import chunks
-from autoembed_dagster.core.chunking import Splitter, chunk_hash, splitter_for
+from autoembed_dagster.core.targets import chunks
+from autoembed_dagster.core.targets.splitter import Splitter, chunk_hash, splitter_for
 from autoembed_dagster.core.config import ConfigError, EmbedderSettings
-from autoembed_dagster.core.corpus import stdlib_long_docs
-from autoembed_dagster.core.database import connect
-from autoembed_dagster.core.embedders import make_embedder
-from autoembed_dagster.core.embedders.local import LocalEmbedder
+from autoembed_dagster.demo.corpus import stdlib_long_docs
+from autoembed_dagster.core.db.server import connect
+from autoembed_dagster.core.embed import make_embedder
+from autoembed_dagster.core.embed.local import LocalEmbedder
 from autoembed_dagster.core.search import nearest_chunks, search_chunks
-from autoembed_dagster.core.targets import TargetError
+from autoembed_dagster.core.targets.catalog import TargetError
 
 from .fake_openai import fake_vector
 

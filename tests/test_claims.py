@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 
-from autoembed_dagster.core import queue as pgmq
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.queue import pgmq
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import Drainer
 
 from .test_faults import DRAIN_SCRIPT, ROOT, assert_all_current, settings_with

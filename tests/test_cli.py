@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.db.server import connect
 
 
 def run(args, env_extra=None, check=True, cwd=None):

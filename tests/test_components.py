@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from autoembed_dagster.core import migration as mig
+from autoembed_dagster.core.migrate import migration as mig
 from autoembed_dagster.core.pipelines import Pipeline
 from autoembed_dagster.defs.assets import LANE_TAG, embeddings_key
 from autoembed_dagster.defs.autoembed import _facts_cache, build_defs
@@ -206,7 +206,7 @@ def test_an_impossible_target_is_refused_before_anything_is_created(supabase_doc
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     spec = mig.ModelSpec("openai", "text-embedding-3-small", 1536, "embedding_input")
-    from autoembed_dagster.core.embedders import clear_embedder_cache
+    from autoembed_dagster.core.embed import clear_embedder_cache
 
     clear_embedder_cache()
     with pytest.raises(mig.MigrationError, match="api_key|API key|OPENAI_API_KEY"):
@@ -243,7 +243,7 @@ def test_backfill_job_without_config_picks_the_one_stale_pipeline(supabase_docs,
 def test_dead_letter_check_counts_shadow_columns_and_purge_removes_orphans(supabase_docs, fake_openai, settings,
                                                                           tmp_path):
     from autoembed_dagster.core import health
-    from autoembed_dagster.core.targets import TargetKey
+    from autoembed_dagster.core.targets.catalog import TargetKey
 
     conn = supabase_docs
     key = TargetKey("public", "documents", "embedding_input", "embedding")

@@ -18,9 +18,9 @@ import psycopg
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from autoembed_dagster.core.database import with_database
+from autoembed_dagster.core.db.server import with_database
 from autoembed_dagster.defs.assets import LANE_TAG, queue_key
-from autoembed_dagster.demo import dagster_storage_url, sqlalchemy_url
+from autoembed_dagster.demo.runner import dagster_storage_url, sqlalchemy_url
 
 from .conftest import drop_database, unique_database_name
 

@@ -1,4 +1,4 @@
-"""Per-table drain numbers (DrainStats.by_table), the drain cut into pieces (core/drain_report.py),
+"""Per-table drain numbers (DrainStats.by_table), the drain cut into pieces (core/drain/report.py),
 health and queue metrics, and the drain run reporting while it is still running, against real
 Postgres and the fake OpenAI server."""
 
@@ -11,11 +11,11 @@ import dagster as dg
 import pytest
 
 from autoembed_dagster.core import health
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 from autoembed_dagster.core.drain import Drainer, DrainStats, pipeline_resolver
-from autoembed_dagster.core.drain_report import run_in_chunks
+from autoembed_dagster.core.drain.report import run_in_chunks
 from autoembed_dagster.core.pipelines import Pipeline
-from autoembed_dagster.core.targets import TargetKey
+from autoembed_dagster.core.targets.catalog import TargetKey
 from autoembed_dagster.defs.assets import embeddings_key
 from autoembed_dagster.defs.autoembed import build_defs
 
@@ -100,7 +100,7 @@ def test_run_in_chunks_yields_while_the_drain_waits_for_more_work(supabase_docs,
 
     def later():
         time.sleep(1.0)
-        from autoembed_dagster.core.database import connect
+        from autoembed_dagster.core.db.server import connect
 
         with connect(conn.info.dsn) as other:
             other.execute("insert into documents (title, content) values ('late', 'arrives during the drain')")
@@ -147,7 +147,7 @@ def test_drain_run_reports_each_burst_while_it_runs(supabase_docs, fake_openai, 
     def later(instance):
         # The second burst comes once the run has reported the first one (however long Dagster
         # took to start), so the two cannot be claimed together. The run waits 5 s idle for it.
-        from autoembed_dagster.core.database import connect
+        from autoembed_dagster.core.db.server import connect
 
         end = time.monotonic() + 60
         while time.monotonic() < end:

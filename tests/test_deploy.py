@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from autoembed_dagster.core.config import ConfigError, ScalingSettings
-from autoembed_dagster.core.database import ensure_database
+from autoembed_dagster.core.db.server import ensure_database
 from autoembed_dagster.deploy import scaffold
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 from autoembed_dagster.core.config import Settings
 from autoembed_dagster.core.drain import Drainer, drain
 

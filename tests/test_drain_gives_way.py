@@ -12,10 +12,10 @@ import threading
 import psycopg
 import pytest
 
-from autoembed_dagster.core import queue as pgmq
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.queue import pgmq
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import Drainer, ProviderConfigError, drain
-from autoembed_dagster.core.embedders import clear_embedder_cache
+from autoembed_dagster.core.embed import clear_embedder_cache
 
 from .test_claims import wait_for
 from .test_faults import ROOT, assert_all_current, drain_until_empty, settings_with

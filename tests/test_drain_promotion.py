@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from autoembed_dagster.core import migration as mig
-from autoembed_dagster.core.backfill import resolve_spec, run_backfill
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.migrate import migration as mig
+from autoembed_dagster.core.migrate.backfill import resolve_spec, run_backfill
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import Drainer, default_resolver
 
 from .test_migration import DOCS_512, assert_all_current, column_type, queue_depth, seed

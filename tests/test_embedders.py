@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from autoembed_dagster.core.config import ConfigError, EmbedderSettings
-from autoembed_dagster.core.embedders import clear_embedder_cache, make_embedder
-from autoembed_dagster.core.embedders.local import LocalEmbedder
-from autoembed_dagster.core.embedders.openai_embedder import OpenAIEmbedder
+from autoembed_dagster.core.embed import clear_embedder_cache, make_embedder
+from autoembed_dagster.core.embed.local import LocalEmbedder
+from autoembed_dagster.core.embed.openai_embedder import OpenAIEmbedder
 
 try:
     from tests.fake_openai import FakeOpenAI, fake_vector

@@ -18,12 +18,12 @@ import numpy as np
 import psycopg
 import pytest
 
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 from autoembed_dagster.core.config import Settings
-from autoembed_dagster.core.database import connect, ensure_database, start_embedded
+from autoembed_dagster.core.db.server import connect, ensure_database, start_embedded
 from autoembed_dagster.core.drain import Drainer, drain
-from autoembed_dagster.core.embedders import clear_embedder_cache
-from autoembed_dagster.core.migrations import init_db
+from autoembed_dagster.core.embed import clear_embedder_cache
+from autoembed_dagster.core.db.schema import init_db
 
 from .conftest import SUPABASE_SQL
 from .fake_openai import fake_vector
@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DRAIN_SCRIPT = r"""
 import sys
 from autoembed_dagster.core.config import Settings
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import Drainer
-from autoembed_dagster.core.embedders import make_embedder
+from autoembed_dagster.core.embed import make_embedder
 make_embedder(dimensions=1536).count_tokens("warm up: imports and tokenizer, so kills land mid-work")
 with connect() as conn:
     print("READY", flush=True)

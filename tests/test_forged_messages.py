@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 from autoembed_dagster.core.drain import drain
 
 from .test_faults import settings_with

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 from autoembed_dagster.core.config import Settings
-from autoembed_dagster.core.database import connect
+from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import Drainer, drain
-from autoembed_dagster.core.migrations import init_db
+from autoembed_dagster.core.db.schema import init_db
 
 from .fake_openai import fake_vector
 

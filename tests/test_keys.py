@@ -8,7 +8,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from autoembed_dagster.core import queue as pgmq
+from autoembed_dagster.core.queue import pgmq
 from autoembed_dagster.core.drain import drain
 
 from .fake_openai import fake_vector

@@ -94,7 +94,7 @@ def test_a_supabase_trigger_table_forgets_the_state_of_deleted_rows(supabase_doc
                                                                    settings):
     """Supabase's triggers fire on INSERT/UPDATE only: the drain gives the table the project's
     DELETE/TRUNCATE state cleanup once the trigger has registered it (sql/013)."""
-    from autoembed_dagster.core.database import connect
+    from autoembed_dagster.core.db.server import connect
     from autoembed_dagster.core.drain import drain
 
     conn = supabase_docs
@@ -227,9 +227,9 @@ def test_the_drain_and_dashboard_roles_work_with_the_grants_the_readme_lists(con
     enrolled table, run a backfill page, `autoembed status` and the Dagster checks (the drain's
     role), and `autoembed status` (the dashboard role)."""
     from autoembed_dagster import cli
-    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
-    from autoembed_dagster.core.database import connect
+    from autoembed_dagster.core.db.server import connect
     from autoembed_dagster.core.drain import default_resolver, drain
+    from autoembed_dagster.core.migrate.backfill import backfill_shard, resolve_spec
     from autoembed_dagster.core.pipelines import Pipeline
     from autoembed_dagster.defs.checks import evaluate
 

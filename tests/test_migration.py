@@ -16,16 +16,16 @@ import numpy as np
 import psycopg
 import pytest
 
-from autoembed_dagster.core import migration as mig
-from autoembed_dagster.core.backfill import (backfill_shard, embedder_for, plan, resolve_spec, run_backfill,
-                                             shard_keys, shard_of)
-from autoembed_dagster.core.database import connect, with_database
+from autoembed_dagster.core.migrate import migration as mig
+from autoembed_dagster.core.migrate.backfill import backfill_shard, embedder_for, plan, resolve_spec, run_backfill
+from autoembed_dagster.core.db.server import connect, with_database
 from autoembed_dagster.core.drain import Drainer, default_resolver, drain
-from autoembed_dagster.core.migration import MigrationChanged, MigrationIncomplete, ModelSpec
-from autoembed_dagster.core.migrations import init_db
-from autoembed_dagster.core.pipelines import Pipeline
+from autoembed_dagster.core.migrate.migration import MigrationIncomplete
+from autoembed_dagster.core.targets.models import MigrationChanged, ModelSpec
+from autoembed_dagster.core.db.schema import init_db
+from autoembed_dagster.core.pipelines import Pipeline, shard_keys, shard_of
 from autoembed_dagster.core.search import search
-from autoembed_dagster.core.targets import TargetKey, resolve
+from autoembed_dagster.core.targets.catalog import TargetKey, resolve
 
 from .fake_openai import fake_vector
 from .test_incremental import queue_depth
@@ -290,8 +290,8 @@ def test_concurrent_writers_drains_and_backfill_end_consistent(supabase_docs, fa
 
 
 _KILLED_SHARD = textwrap.dedent("""
-    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
-    from autoembed_dagster.core.database import connect
+    from autoembed_dagster.core.migrate.backfill import backfill_shard, resolve_spec
+    from autoembed_dagster.core.db.server import connect
     from autoembed_dagster.core.pipelines import Pipeline
 
     p = Pipeline(name="documents", schema="public", table="documents", dimensions=512, shards=1)

@@ -22,8 +22,8 @@ from dagster._core.test_utils import create_run_for_test
 from dagster._daemon.monitoring.run_monitoring import monitor_started_run
 from psycopg import sql
 
-from autoembed_dagster.core import migration as mig
-from autoembed_dagster.core.backfill import resolve_spec, run_backfill
+from autoembed_dagster.core.migrate import migration as mig
+from autoembed_dagster.core.migrate.backfill import resolve_spec, run_backfill
 from autoembed_dagster.defs.assets import LANE_TAG
 from autoembed_dagster.defs.drain import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIME_BUDGET, build_drain_job
 from autoembed_dagster.defs.sensors import _blocking_runs

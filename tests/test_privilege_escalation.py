@@ -254,7 +254,7 @@ def test_a_column_targets_content_function_runs_with_its_owners_rights_in_drain_
         conn, db_url, hostile, fake_openai, settings):
     from autoembed_dagster.core.drain import drain
     from autoembed_dagster.core.health import table_health
-    from autoembed_dagster.core.targets import lookup_registered
+    from autoembed_dagster.core.targets.catalog import lookup_registered
 
     fake_openai.default_dims = 3
     hostile_owner_table(conn, hostile, chunks=False)
@@ -275,7 +275,7 @@ def test_a_column_targets_content_function_runs_with_its_owners_rights_in_drain_
 
 
 def test_a_backfill_page_runs_the_content_function_with_its_owners_rights(conn, hostile, fake_openai, settings):
-    from autoembed_dagster.core.backfill import backfill_shard, resolve_spec
+    from autoembed_dagster.core.migrate.backfill import backfill_shard, resolve_spec
     from autoembed_dagster.core.pipelines import Pipeline
 
     fake_openai.default_dims = 3

@@ -1,4 +1,4 @@
-"""One provider rate limit for every worker (core/ratelimit.py, sql/010_rate_limit.sql): the paced
+"""One provider rate limit for every worker (core/embed/ratelimit.py, sql/010_rate_limit.sql): the paced
 schedule in Postgres, the pause a 429 sets for everyone, the OpenAI embedder's use of both, and
 4 `autoembed drain` processes against a provider that answers 429 past its per-minute limit."""
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from autoembed_dagster.core import ratelimit
+from autoembed_dagster.core.embed import ratelimit
 from autoembed_dagster.core.config import ConfigError, EmbedderSettings
-from autoembed_dagster.core.embedders import clear_embedder_cache, make_embedder
-from autoembed_dagster.core.ratelimit import Limiter, RateLimit, retry_after_seconds
+from autoembed_dagster.core.embed import clear_embedder_cache, make_embedder
+from autoembed_dagster.core.embed.ratelimit import Limiter, RateLimit, retry_after_seconds
 
 BIN = Path(sys.executable).parent
 

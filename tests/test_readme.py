@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psycopg
 
-from autoembed_dagster.core.database import with_database
+from autoembed_dagster.core.db.server import with_database
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

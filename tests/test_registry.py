@@ -6,9 +6,9 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from autoembed_dagster.core import queue as pgmq
-from autoembed_dagster.core.database import connect
-from autoembed_dagster.core.migrations import init_db
+from autoembed_dagster.core.queue import pgmq
+from autoembed_dagster.core.db.server import connect
+from autoembed_dagster.core.db.schema import init_db
 
 
 def messages(conn, queue="embedding_jobs"):
@@ -331,8 +331,9 @@ def test_a_model_migration_keeps_an_enrolled_tables_clearing_on_the_live_column(
     """Promotion and rollback rename columns: the target ids keep their role (the live column) and
     the enrolled triggers are re-created for the column that is live now. (fake_openai: the
     migration proves its target model with one probe embedding before it starts.)"""
-    from autoembed_dagster.core.migration import ModelSpec, promote, rollback, start_migration
-    from autoembed_dagster.core.targets import TargetKey
+    from autoembed_dagster.core.migrate.migration import promote, rollback, start_migration
+    from autoembed_dagster.core.targets.models import ModelSpec
+    from autoembed_dagster.core.targets.catalog import TargetKey
 
     make_docs(conn, "int", "id")
     conn.execute("create function doc_input2(d docs) returns text language sql immutable as $$ select 'v2 ' || d.body $$")

@@ -17,13 +17,13 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from autoembed_dagster.core import api
-from autoembed_dagster.core import queue as pgmq
-from autoembed_dagster.core.chunking import splitter_for
+from autoembed_dagster.core.queue import pgmq
+from autoembed_dagster.core.targets.splitter import splitter_for
 from autoembed_dagster.core.config import EmbedderSettings
-from autoembed_dagster.core.database import connect, throwaway_server, with_database
+from autoembed_dagster.core.db.server import connect, throwaway_server, with_database
 from autoembed_dagster.core.drain import drain
-from autoembed_dagster.core.embedders import make_embedder
-from autoembed_dagster.core.migrations import init_db
+from autoembed_dagster.core.embed import make_embedder
+from autoembed_dagster.core.db.schema import init_db
 
 from .fake_openai import fake_vector
 

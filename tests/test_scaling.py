@@ -1,4 +1,4 @@
-"""Parallel drains per queue: the pure decision (core/scaling.py), the queue sensor that applies it
+"""Parallel drains per queue: the pure decision (core/drain/scaling.py), the queue sensor that applies it
 (build_sensor_context on a real instance and database), and the drain op's concurrency pool."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from dagster import DagsterRunStatus
 
 from autoembed_dagster.core.config import DEFAULT_MAX_DRAINS, ConfigError, ScalingSettings
-from autoembed_dagster.core.scaling import desired_drains, drain_pool, drains_to_request
+from autoembed_dagster.core.drain.scaling import desired_drains, drain_pool, drains_to_request
 from autoembed_dagster.defs.assets import LANE_TAG
 
 from .test_dagster_layer import defs, insert_docs, instance, make_run, tick  # noqa: F401 - fixtures

@@ -10,7 +10,7 @@ import pytest
 
 from autoembed_dagster.core import api, health
 from autoembed_dagster.core.drain import drain
-from autoembed_dagster.core.migrations import init_db
+from autoembed_dagster.core.db.schema import init_db
 
 from .fake_openai import fake_vector
 
@@ -350,7 +350,7 @@ def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_op
     assert (p.schema, p.table, p.embedding_column) == ("kept", "memos", "vec")
     assert conn.execute("select count(*) from autoembed.embedding_state where schema_name = 'kept'"
                         " and table_name = 'memos' and embedding_column = 'vec'").fetchone()[0] == 20
-    from autoembed_dagster.core.targets import TargetKey
+    from autoembed_dagster.core.targets.catalog import TargetKey
 
     target, _ = health.resolve_target(conn, TargetKey("kept", "memos", "note_text", "vec"))
     th = health.table_health(conn, target, "openai:text-embedding-3-small:1536")

@@ -2,8 +2,8 @@
 `autoembed db init` verified that table's layout; elsewhere it goes through pgmq.send."""
 import psycopg
 
-from autoembed_dagster.core.database import connect
-from autoembed_dagster.core.migrations import init_db
+from autoembed_dagster.core.db.server import connect
+from autoembed_dagster.core.db.schema import init_db
 
 
 def _enroll_docs(conn, queue="embedding_jobs"):

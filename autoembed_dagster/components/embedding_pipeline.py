@@ -24,9 +24,9 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from ..core.chunking import YAML_NAMES, check_chunk_sizes, provider_window
+from ..core.targets.splitter import YAML_NAMES, check_chunk_sizes, provider_window
 from ..core.config import ConfigError
-from ..core.embedders import size_problem
+from ..core.embed import size_problem
 from ..core.pipelines import Pipeline, make_pipeline
 from .scaffolder import EmbeddingPipelineScaffolder
 
@@ -126,7 +126,7 @@ class EmbeddingPipeline(dg.Component, dg.Resolvable, dg.Model):
         me = self.pipeline()
         if me.backfill_via == "batch":
             # Refused at load (`dg check defs`): the local model, a server answering 404 on /v1/batches.
-            from ..core.batch_backfill import check_batch_support, refuse_chunked
+            from ..core.migrate.batch_backfill import check_batch_support, refuse_chunked
 
             refuse_chunked(me)
             check_batch_support(me)

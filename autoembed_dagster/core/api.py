@@ -7,13 +7,13 @@ from typing import Callable, Iterator
 
 import psycopg
 
-from . import queue as pgmq
-from .chunking import PYTHON_NAMES, SizeNames, splitter_for
+from .queue import pgmq
+from .targets.splitter import PYTHON_NAMES, SizeNames, splitter_for
 from .config import EmbedderSettings, Settings
-from .database import connect, database_url
+from .db.server import connect, database_url
 from .drain import DrainStats, EmbedderResolver, drain as _drain
-from .embedders import make_embedder
-from .migrations import init_db
+from .embed import make_embedder
+from .db.schema import init_db
 from .search import ChunkHit, Hit, search as _search, search_chunks as _search_chunks
 
 
@@ -140,7 +140,7 @@ def search_chunks(query: str, *, table: str, schema: str = "public", content_fun
                   url: str | None = None) -> list[ChunkHit]:
     """The `k` rows of a chunk target whose best chunk is nearest to `query`, with that chunk's
     text, searched with the model (`embedder_settings`, default: the environment's) that filled it."""
-    from .chunks import resolve_chunk_target
+    from .targets.chunks import resolve_chunk_target
 
     with session(url) as conn:
         target = resolve_chunk_target(conn, schema, table, content_function, key_column=key_column)

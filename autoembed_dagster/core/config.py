@@ -102,7 +102,7 @@ class EmbedderSettings:
     batch_size: int = 256
     max_batch_tokens: int = 250_000
     max_input_tokens: int = 8191
-    # The provider's limit shared by every worker (core.ratelimit); None: not paced.
+    # The provider's limit shared by every worker (core.embed.ratelimit); None: not paced.
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
 
@@ -170,7 +170,7 @@ DEFAULT_MAX_DRAINS = 2
 
 @dataclass(frozen=True)
 class ScalingSettings:
-    """How many drain runs a queue's sensor asks for (core.scaling.desired_drains)."""
+    """How many drain runs a queue's sensor asks for (core.drain.scaling.desired_drains)."""
 
     max_drains: int = DEFAULT_MAX_DRAINS
     rows_per_drain: int = 5000  # claimable backlog one drain is expected to handle

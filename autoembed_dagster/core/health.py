@@ -8,7 +8,9 @@ imports: the CLI or a test can call these directly.
 - dead letters of the table;
 - the column's declared size against the model's output size.
 
-The queue's metrics (what the queue sensor reports) are core.queue.metrics().
+The queue's metrics (what the queue sensor reports) are core.queue.pgmq.metrics().
+
+May import: core.config, core.pipelines, core.db, core.embed, core.targets, core.queue, core.drain.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
-from .targets import Target, TargetError, TargetKey, resolve
+from .targets.catalog import Target, TargetError, TargetKey, resolve
 
 if TYPE_CHECKING:
     from .pipelines import Pipeline
@@ -74,8 +76,8 @@ class TableHealth:
 
 def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableHealth:
     """One scan of the table (its content function and hash per row) joined with embedding_state.
-    Rows whose content function raises are counted apart (drain.badrows.scan_isolating)."""
-    from .drain.badrows import input_lateral, scan_isolating
+    Rows whose content function raises are counted apart (targets.badrows.scan_isolating)."""
+    from .targets.badrows import input_lateral, scan_isolating
 
     def query(safe: bool) -> sql.Composable:
         return sql.SQL(
@@ -121,10 +123,10 @@ def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableH
 
 def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> TableHealth:
     """A chunk target's documents: current = its chunk set is the chunking of its current input
-    under `embedder`'s model and the target's splitting (core.chunks.document_counts); missing =
+    under `embedder`'s model and the target's splitting (core.targets.chunks.document_counts); missing =
     documents with input and no chunk set; stale = chunk sets of older input, model or splitting."""
-    from .chunking import splitter_for
-    from .chunks import document_counts
+    from .targets.splitter import splitter_for
+    from .targets.chunks import document_counts
     from .drain.chunked import chunk_target_of
 
     splitter = splitter_for(embedder, target.chunk_tokens, target.chunk_overlap)
@@ -162,7 +164,7 @@ def vectors_label(target: Target) -> str:
 
 def chunk_targets(conn: psycopg.Connection) -> list[Target]:
     """The registered chunk targets that still resolve (a broken one is left out)."""
-    from .targets import lookup_registered
+    from .targets.catalog import lookup_registered
 
     found = []
     for (target_id,) in conn.execute(
@@ -176,7 +178,7 @@ def chunk_targets(conn: psycopg.Connection) -> list[Target]:
 
 def pipeline_columns(column: str) -> list[str]:
     """Every column a pipeline's jobs may name: the live one and a migration's shadow and old ones."""
-    from .migration import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
+    from .targets.shadow import OLD_SUFFIX, SHADOW_SUFFIX, suffixed
 
     return [column, suffixed(column, SHADOW_SUFFIX), suffixed(column, OLD_SUFFIX)]
 
@@ -192,7 +194,7 @@ def dead_letter_count(conn: psycopg.Connection, key: TargetKey) -> int:
 
 def held_models(conn: psycopg.Connection, key: TargetKey) -> list[tuple[str, int]]:
     """(model, rows) the column's stored vectors were made with, most common first."""
-    from .migration import column_models
+    from .targets.shadow import column_models
 
     return column_models(conn, key.schema, key.table, key.embedding_column)
 
@@ -209,7 +211,7 @@ def vector_indexes(conn: psycopg.Connection, target: Target) -> list[VectorIndex
     """Indexes over the embedding column, or over a chunk target's chunk table's vectors (the
     vector index asset)."""
     if target.chunked:
-        from .chunks import VECTOR_COLUMN
+        from .targets.chunks import VECTOR_COLUMN
 
         relation = sql.Identifier(target.key.schema, target.chunk_table).as_string(conn)
         return indexes_on(conn, relation, VECTOR_COLUMN)

@@ -6,8 +6,14 @@ turns its attributes into the `Pipeline` below with `make_pipeline`, and core/ o
 these plain specs. Tables registered in the database but declared nowhere (Supabase's SQL
 triggers, `autoembed enroll`) are found by `discover_pipelines` and run with the default model.
 
+The facts every path needs about a pipeline live here, on `Pipeline`: its model spec sized like
+the drain sizes it (`spec`), its code version (`code_version`), its live target key (`live_key`),
+its shard keys (`shard_keys`; `shard_of` is SQL's autoembed.shard_of in Python).
+
 The old `autoembed.toml` is no longer read: `defs_yaml_for_toml` prints the defs.yaml files that
 replace it.
+
+May import: core.config, core.embed, core.targets.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from pathlib import Path
 import psycopg
 
 from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
+from .embed import native_dimensions
+from .targets.catalog import TargetKey
+from .targets.models import ModelSpec
 
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
 COMPONENT_TYPE = "autoembed_dagster.EmbeddingPipeline"
@@ -49,7 +58,7 @@ class Pipeline:
     chunk_tokens: int | None = None
     chunk_overlap: int = 0
     # How a re-embed calls the provider: "direct" (/v1/embeddings) or "batch" (its Batch API, half
-    # price, within 24 h; core/batch_backfill.py); what a batch leaves undone: "resubmit" or "direct".
+    # price, within 24 h; core/migrate/batch_backfill.py); what a batch leaves undone: "resubmit" or "direct".
     backfill_via: str = "direct"
     backfill_fallback: str = "resubmit"
     discovered: bool = False  # registered in the database, declared in no defs.yaml
@@ -88,11 +97,57 @@ class Pipeline:
             batch_size=self.batch_size or base.batch_size,
         )
 
+    def spec(self, *, column_dimensions: int | None = None, base: EmbedderSettings | None = None) -> ModelSpec:
+        """The model the configuration names, sized like the drain sizes it: the configured
+        dimensions, else the target's size (`column_dimensions`) when the model can make it, else
+        the model's own size."""
+        s = self.embedder_settings(base)
+        native, flexible = native_dimensions(s.provider, s.model)
+        dims = s.dimensions or (column_dimensions if flexible else None) or native
+        if dims is None:
+            raise ConfigError(f"pipeline {self.name}: the output size of {s.model!r} is unknown: set `dimensions`")
+        model = "all-MiniLM-L6-v2" if s.provider == "local" else s.model  # the local model's aliases
+        return ModelSpec(s.provider, model, dims, self.content_function)
+
+    def code_version(self, base: EmbedderSettings | None = None) -> str:
+        """The model identity as configured (provider, model, size, input), known without a
+        database: a size that follows the target reads `column`. A change of any part makes the
+        asset stale."""
+        s = self.embedder_settings(base)
+        native, flexible = native_dimensions(s.provider, s.model)
+        dims = s.dimensions or (None if flexible else native)
+        model = "all-MiniLM-L6-v2" if s.provider == "local" else s.model
+        return f"{s.provider}:{model}:{dims or 'column'}:{self.content_function}"
+
+    @property
+    def live_key(self) -> TargetKey:
+        """The vector column search reads (a column pipeline's target, as configured)."""
+        return TargetKey(self.schema, self.table, self.content_function, self.embedding_column, self.key_column)
+
+    @property
+    def shard_keys(self) -> list[str]:
+        """The partition keys of this pipeline's backfill shards (see shard_keys())."""
+        return shard_keys(self.shards)
+
+
+# -- shards: key slices of a table, the same for every target shape (SQL: autoembed.shard_of) --------
+def shard_of(key_text: str, shards: int) -> int:
+    """The shard of a row whose key prints as `key_text` (same as SQL autoembed.shard_of)."""
+    return int.from_bytes(hashlib.sha256(key_text.encode()).digest()[:4], "big") % shards
+
+
+def shard_keys(shards: int) -> list[str]:
+    """Partition keys of the shards, zero-padded so they sort in order: 00, 01, ... 15."""
+    if shards < 1:
+        raise ConfigError(f"shards must be at least 1, got {shards}")
+    width = len(str(shards - 1))
+    return [str(i).zfill(width) for i in range(shards)]
+
 
 def split_table(name: str, value: str, default_schema: str = "public") -> tuple[str, str]:
     """(schema, table) of a table named as in SQL (core.targets.parse_qualified: `name`,
     `schema.name`, quoted parts taken exactly)."""
-    from .targets import parse_qualified
+    from .targets.catalog import parse_qualified
 
     try:
         schema, table = parse_qualified(value if isinstance(value, str) else "")

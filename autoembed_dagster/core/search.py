@@ -10,11 +10,11 @@ import psycopg
 from psycopg import sql
 
 from .drain import EmbedderResolver, default_resolver, resolve_embedder
-from .embedders.base import Embedder, EmbeddingError
-from .targets import Target, TargetError, TargetKey, check_dimensions, resolve
+from .embed.base import Embedder, EmbeddingError
+from .targets.catalog import Target, TargetError, TargetKey, check_dimensions, resolve
 
 if TYPE_CHECKING:
-    from .chunks import ChunkTarget
+    from .targets.chunks import ChunkTarget
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def search_chunks(
 ) -> list[ChunkHit]:
     """The `k` parent rows whose best chunk is nearest to `query`, with that chunk; only chunk sets
     of the rows' current input, made by `embedder`'s model, are searched."""
-    from .chunks import resolve_chunk_target
+    from .targets.chunks import resolve_chunk_target
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")

@@ -12,7 +12,6 @@ from typing import Iterable, Sequence
 
 import dagster as dg
 
-from ..core.backfill import code_version
 from ..core.config import ConfigError
 from ..core.pipelines import Pipeline
 
@@ -20,6 +19,8 @@ GROUP = "autoembed"
 DEFAULT_QUEUE = "embedding_jobs"  # Supabase's queue: SQL-enrolled tables land here
 LANE_TAG = "autoembed/lane"  # the queue a drain run drains
 CONFIG_ERROR_TAG = "autoembed/configuration_error"  # on a drain run the provider's configuration stopped
+PROGRESS_EVERY_SECONDS = 5.0  # how often a drain run logs its progress (a backfill shard: core.migrate.reembed)
+SHARD_CHECK = "shard_complete"  # the asset check a backfill shard run reports (column or chunk set)
 _DAGSTER_NAME = re.compile(r"[A-Za-z0-9_]{1,60}")
 
 
@@ -32,6 +33,11 @@ def check_queue_name(queue: str) -> str:
 def queues_of(pipelines: Iterable[Pipeline]) -> list[str]:
     """Every queue to drain: Supabase's default queue plus each pipeline's."""
     return sorted({DEFAULT_QUEUE, *(check_queue_name(p.queue) for p in pipelines)})
+
+
+def shards_key(p: Pipeline) -> dg.AssetKey:
+    """The re-embed asset of a pipeline (model × shard partitions, defs/backfill.py)."""
+    return dg.AssetKey(["embeddings_by_shard", f"{p.name}_embeddings_by_shard"])
 
 
 def source_key(p: Pipeline) -> dg.AssetKey:
@@ -64,7 +70,7 @@ def model_version(p: Pipeline, digest: str | None = None) -> str:
     """The code version: the configured model identity (provider, model, size, input function), the
     chunk sizes of a chunked pipeline, and a digest of the input function's definition, so editing
     its body marks the asset stale."""
-    return code_version(p) + chunking_version(p) + (f"@{digest}" if digest else "")
+    return p.code_version() + chunking_version(p) + (f"@{digest}" if digest else "")
 
 
 def vectors_table(p: Pipeline) -> str:
@@ -143,3 +149,7 @@ def pipeline_specs(p: Pipeline, digest: str | None = None, why_no_digest: str = 
             metadata={"table": p.qualified_table, "vectors": vectors_table(p)},
         ),
     ]
+
+
+def models_partitions_name(p: Pipeline) -> str:
+    return f"{p.name}_models"

@@ -8,7 +8,8 @@ stay listed, and show *stale*: the asset's code version is the configured model 
 `shard` is static (`0`..`n-1`, n = the pipeline's `shards`): rows where
 autoembed.shard_of(key::text, n) = shard (SHA-256 of the key, see sql/007).
 
-Everything here is a shell over core.backfill / core.migration.
+Everything here is a shell over core.migrate.reembed, written once for both target shapes (a vector
+column, a chunk set).
 """
 
 
@@ -21,36 +22,26 @@ from dagster._core.execution.backfill import PartitionBackfill
 from dagster._core.utils import make_new_backfill_id
 from pydantic import Field
 
-from ..core import backfill_control
-from ..core import migration as mig
-from ..core.backfill import (ShardResult, backfill_shard, estimated_shard_cost, live_key, migration_action,
-                             pipeline_spec, plan, shard_keys)
+from ..core.migrate import backfill_control
 from ..core.config import ConfigError
 from ..core.drain import ProviderConfigError, pipeline_resolver
-from ..core.migration import Coverage, ModelSpec, coverage
+from ..core.migrate.migration import MigrationError
+from ..core.migrate.reembed import ShardRun, reembed_of
 from ..core.pipelines import Pipeline
-from ..core.targets import TargetChanged, TargetError, resolve
-from . import batch_backfill, chunk_backfill
-from .assets import GROUP, embeddings_key, model_version, source_key
+from ..core.targets.catalog import TargetChanged, TargetError
+from ..core.targets.models import ModelSpec
+from . import batch_backfill
+from .assets import GROUP, SHARD_CHECK as CHECK, embeddings_key, model_version, models_partitions_name, shards_key, source_key
+from .truth import configured_model_key, partition_model_key, table_is_current
 from .resources import AutoembedResource
 
 NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
 PROMOTE_TAG = "autoembed/promote"  # "false" on a run: a shard completing the migration does not promote
 PIPELINE_TAG = "autoembed/pipeline"
-PROGRESS_EVERY_SECONDS = 5.0
-CHECK = "shard_complete"
 # Failures that end the same way on every retry until the configuration changes (a wrong model or
 # key, a missing table, a migration conflict): such a shard run fails once. Provider outages and
 # rows that could not be embedded yet stay retried.
-DETERMINISTIC_FAILURES = (ConfigError, ProviderConfigError, mig.MigrationError, TargetChanged)
-
-
-def shards_key(p: Pipeline) -> dg.AssetKey:
-    return dg.AssetKey(["embeddings_by_shard", f"{p.name}_embeddings_by_shard"])
-
-
-def models_partitions_name(p: Pipeline) -> str:
-    return f"{p.name}_models"
+DETERMINISTIC_FAILURES = (ConfigError, ProviderConfigError, MigrationError, TargetChanged)
 
 
 def reembed_job_name(p: Pipeline) -> str:
@@ -60,7 +51,7 @@ def reembed_job_name(p: Pipeline) -> str:
 def partitions_def(p: Pipeline) -> dg.MultiPartitionsDefinition:
     return dg.MultiPartitionsDefinition({
         "model": dg.DynamicPartitionsDefinition(name=models_partitions_name(p)),
-        "shard": dg.StaticPartitionsDefinition(shard_keys(p.shards)),
+        "shard": dg.StaticPartitionsDefinition(p.shard_keys),
     })
 
 
@@ -69,39 +60,6 @@ class ShardConfig(dg.Config):
     max_rows: int | None = Field(default=None, ge=1, description="Stop after about this many vectors; a re-run resumes.")
     promote: bool | None = Field(
         default=None, description=f"Promote the migration when this shard completes it (default: run tag {PROMOTE_TAG}, else true).")
-
-
-def _ratio(cov: Coverage | None) -> dg.MetadataValue | str:
-    return dg.MetadataValue.float(round(cov.ratio, 6)) if cov is not None else "n/a"
-
-
-def _shard_metadata(result: ShardResult, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict:
-    s, cost = result.stats, estimated_shard_cost(spec, result.stats.tokens)
-    priced = {} if cost is None else {"estimated_cost_usd": dg.MetadataValue.float(round(cost, 6))}
-    return {
-        **priced,
-        "model": spec.key,
-        "mode": result.plan.mode,
-        "column": result.plan.column or "",
-        "migration_id": result.plan.migration.id if result.plan.migration else -1,
-        "shard": s.shard,
-        "shards": s.shards,
-        "rows_in_shard": result.coverage.rows if result.coverage else 0,
-        "rows_embedded": s.embedded,
-        "rows_already_current": s.current,
-        "rows_empty_input": s.empty_input,
-        "stale_writes_avoided": s.stale,
-        "rows_failed": s.failed,
-        "tokens": s.tokens,
-        "requests": s.requests,
-        "rows_per_second": dg.MetadataValue.float(round(s.rows_per_second, 2)),
-        "seconds": dg.MetadataValue.float(round(s.seconds, 3)),
-        "rate_limit_wait_seconds": dg.MetadataValue.float(round(s.limit_wait_seconds, 3)),
-        "stopped_early": s.stopped or "",
-        "shard_coverage": _ratio(result.coverage),
-        "migration_coverage": _ratio(migration_cov),
-        "promoted": promoted,
-    }
 
 
 def _shards_description(p: Pipeline) -> str:
@@ -154,7 +112,7 @@ def _record_completion(context: dg.AssetExecutionContext, autoembed: AutoembedRe
 
     model = context.partition_key.keys_by_dimension["model"]
     done = {str(k) for k in context.instance.get_materialized_partitions(shards_key(p))} | {context.partition_key}
-    if any(f"{model}|{s}" not in done for s in shard_keys(p.shards)):
+    if any(f"{model}|{s}" not in done for s in p.shard_keys):
         return
     with autoembed.connect() as conn:
         if partition_model_key(conn, p) != model:
@@ -200,55 +158,27 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
     promote_on = config.promote if config.promote is not None else (
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
-    if p.chunked:
-        yield from chunk_backfill.reembed_chunk_shard(context, spec, shard, promote_on, autoembed, p)
-        return
-    if p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects (defs/batch_backfill.py)
-        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK, promote_on)
+    if not p.chunked and p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects
+        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK, promote_on)  # (defs/batch_backfill.py)
         return
     with autoembed.connect() as conn:
-        shard_plan = plan(conn, p, spec)
-        if shard_plan.mode == "skip":
-            context.log.warning(f"partition {context.partition_key} skipped: {shard_plan.reason}")
-            yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
-                                      description=f"not embedded: {shard_plan.reason}")
-            return
-        context.log.info(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {shard_plan.reason}")
-        last = [time.monotonic()]
-
-        def on_batch(stats, rows):
-            if time.monotonic() - last[0] >= PROGRESS_EVERY_SECONDS:
-                last[0] = time.monotonic()
-                context.log.info(f"shard {shard}: {stats.embedded} embedded, {stats.rows_per_second:.0f} rows/s")
-
-        result = backfill_shard(conn, p, spec, shard, p.shards, shard_plan=shard_plan, batch_rows=config.batch_rows,
-                                max_rows=config.max_rows, on_batch=on_batch)
-        context.log.info(f"shard {shard}: {result.stats.summary()}")
-        if result.stats.stopped:
-            stop_shard_run(context, p, result.stats.stopped, _shard_metadata(result, spec, None, False))
-        migration_cov, promoted = None, False
-        m = result.plan.migration
-        if result.plan.mode == "migration" and m is not None:
-            migration_cov = coverage(conn, resolve(conn, m.shadow_key), m.model_key)
-            if migration_cov.complete and promote_on:
-                promotion = mig.promote(conn, m)
-                promoted = not promotion.already
-                if promoted:
-                    context.log.info(f"migration {m.id} complete: {m.embedding_column} now holds "
-                                     f"{mig.describe_change(m.old_spec, m.spec)} "
-                                     f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
-    cov = result.coverage
+        run: ShardRun = reembed_of(p).run_shard(conn, spec, shard, promote=promote_on, batch_rows=config.batch_rows,
+                                                max_rows=config.max_rows, log=context.log.info)
+    if run.skipped is not None:
+        context.log.warning(f"partition {context.partition_key} skipped: {run.skipped}")
+        yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                  description=f"not embedded: {run.skipped}")
+        return
+    if run.stopped is not None:  # a pause or the window stopped it part-way
+        stop_shard_run(context, p, run.stopped, run.metadata)
     yield dg.MaterializeResult(
-        metadata=_shard_metadata(result, spec, migration_cov, promoted),
-        check_results=[dg.AssetCheckResult(
-            check_name=CHECK, passed=result.complete, severity=dg.AssetCheckSeverity.WARN,
-            description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} vector "
-                         f"of their current input" if cov else "no coverage"),
-            metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0})],
+        metadata=run.metadata,
+        check_results=[dg.AssetCheckResult(check_name=CHECK, passed=run.check_passed,
+                                           severity=dg.AssetCheckSeverity.WARN, description=run.check_description,
+                                           metadata=run.check_metadata)],
     )
-    if result.stats.retryable_failures:
-        raise dg.Failure(f"{result.stats.retryable_failures} row(s) could not be embedded (provider errors); "
-                         "re-run this partition to resume", metadata={"errors": "\n".join(result.stats.errors)})
+    if run.failure:
+        raise dg.Failure(run.failure, metadata={"errors": "\n".join(run.errors)})
 
 
 # -- the `backfill` job: start (or resume) a re-embed and fan it out, one run per shard ---------------------------
@@ -269,16 +199,9 @@ def _pipeline(pipelines: Sequence[Pipeline], name: str) -> Pipeline:
 def _needs_backfill(conn, p: Pipeline) -> str | None:
     """Why the table does not hold the pipeline's configured model for every row; None when it does."""
     try:
-        if p.chunked:
-            return chunk_backfill.needs_backfill(conn, p)
-        spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
-        shard_plan = plan(conn, p, spec, start=False)
+        return reembed_of(p).needs_backfill(conn)
     except Exception:  # noqa: BLE001 - a broken pipeline (missing table...) is reported by its checks
         return None
-    if shard_plan.mode != "in_place":
-        return shard_plan.reason
-    cov = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
-    return None if cov.complete else f"{cov.missing} of {cov.embeddable} rows lack the {spec.identity_key} vector"
 
 
 def stale_pipelines(conn, pipelines: Sequence[Pipeline]) -> dict[str, str]:
@@ -316,27 +239,18 @@ def start_reembed(context, autoembed: AutoembedResource, p: Pipeline, shards: li
         if held is not None:  # refused before a migration or a shadow column exists
             raise dg.Failure(f"{held.message} (nothing launched)", allow_retries=False,
                              metadata={"pipeline": p.name, "backfill": held.state})
+        reembed = reembed_of(p)
         try:
-            if p.chunked:  # documents into the chunk table (or its shadow): defs/chunk_backfill.py
-                spec, mode, reason, todo = chunk_backfill.launch_plan(conn, p)
-                column, migration_id = "", -1
-            else:
-                spec = pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions)
-                # The model the code names, nothing else: a migration to it starts here when the
-                # column holds another one (after a probe embedding proves the target).
-                shard_plan = plan(conn, p, spec)
-                mode, reason, column = shard_plan.mode, shard_plan.reason, shard_plan.column or ""
-                migration_id = shard_plan.migration.id if shard_plan.migration else -1
-        except (ConfigError, ValueError, mig.MigrationError, TargetError) as exc:
+            launch = reembed.launch(conn)
+        except (ConfigError, ValueError, MigrationError, TargetError) as exc:
             raise dg.Failure(f"{p.name}: {exc}", allow_retries=False) from None
-        if mode == "skip":
-            raise dg.Failure(f"nothing to backfill: {reason}", allow_retries=False)
-        if not p.chunked:
-            todo = coverage(conn, resolve(conn, shard_plan.target_key(p)), spec.identity_key)
+        if launch.mode == "skip":
+            raise dg.Failure(f"nothing to backfill: {launch.reason}", allow_retries=False)
+    spec, reason, todo = launch.spec, launch.reason, launch.todo
     name = models_partitions_name(p)
     if not context.instance.has_dynamic_partition(name, spec.key):
         context.instance.add_dynamic_partitions(name, [spec.key])
-    shard_names = shard_keys(p.shards)
+    shard_names = p.shard_keys
     if shards is not None and not all(0 <= i < p.shards for i in shards):
         raise dg.Failure(f"shards must be in 0..{p.shards - 1} (pipeline {p.name} has {p.shards}), got {shards}",
                          allow_retries=False)
@@ -357,10 +271,10 @@ def start_reembed(context, autoembed: AutoembedResource, p: Pipeline, shards: li
         run_config=None,
     ))
     context.log.info(f"backfill {backfill_id}: {len(partitions)} shard run(s) of {shards_key(p).to_user_string()}; "
-                     f"{todo.missing} of {todo.embeddable} {'documents' if p.chunked else 'rows'} to embed; {reason}")
-    return {"backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": mode,
-            "column": column, "partitions": len(partitions), "rows_to_embed": todo.missing,
-            "rows_with_input": todo.embeddable, "migration_id": migration_id, "via": p.backfill_via}
+                     f"{todo.missing} of {todo.embeddable} {reembed.noun} to embed; {reason}")
+    return {"backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": launch.mode,
+            "column": launch.column, "partitions": len(partitions), "rows_to_embed": todo.missing,
+            "rows_with_input": todo.embeddable, "migration_id": launch.migration_id, "via": p.backfill_via}
 
 
 def build_embeddings_asset(p: Pipeline, spec: dg.AssetSpec) -> dg.AssetsDefinition:
@@ -418,28 +332,15 @@ def build_migration_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
     @dg.op(name="model_migration_action", description="status / promote / rollback / drop_old / abort a model migration.")
     def model_migration_action(context: dg.OpExecutionContext, config: MigrationConfig, autoembed: AutoembedResource):
         p = _pipeline(pipelines, config.pipeline)
-        if p.chunked:  # its shadow / old chunk tables: defs/chunk_backfill.py
-            return chunk_backfill.migration_action(context, p, config.action, config.force, autoembed)
         with autoembed.connect() as conn:
-            m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
-            if m is None:
-                if config.action != "status":
-                    raise dg.Failure(f"{p.qualified_table}.{p.embedding_column} has no model migration in flight")
-                return dg.Output(None, metadata={"status": "none"})
-            cov = coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
-            meta = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "", "coverage": _ratio(cov),
-                    "missing_rows": cov.missing}
             try:
-                m, r, configured = migration_action(conn, p, m, config.action, force=config.force)
-                if r is not None:
-                    meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
-                                locked_seconds=dg.MetadataValue.float(round(r.locked_seconds, 4)))
-                if configured is not None:
-                    _retire_model_partitions(context.instance, p, keep={m.spec.key, configured.key})
-            except mig.MigrationError as exc:
+                result = reembed_of(p).migration_action(conn, config.action, config.force)
+            except MigrationError as exc:
                 raise dg.Failure(str(exc)) from None
-        context.log.info(f"migration {m.id} of {m.label}: {m.status}")
-        return dg.Output(None, metadata={**meta, "status": m.status})
+        if result.keep_models is not None:
+            _retire_model_partitions(context.instance, p, keep=result.keep_models)
+        context.log.info(result.summary)
+        return dg.Output(None, metadata=result.metadata)
 
     @dg.job(name="model_migration", executor_def=dg.in_process_executor,
             config={"ops": {"model_migration_action": {"config": default}}} if default else None,
@@ -457,39 +358,6 @@ def _retire_model_partitions(instance: dg.DagsterInstance, p: Pipeline, keep: se
     for key in instance.get_dynamic_partitions(name):
         if key not in keep:
             instance.delete_dynamic_partition(name, key)
-
-
-def configured_spec(conn, p: Pipeline) -> ModelSpec:
-    """The model the code names (sized to the table's column)."""
-    return (chunk_backfill.configured_spec(conn, p) if p.chunked
-            else pipeline_spec(p, column_dimensions=resolve(conn, live_key(p)).dimensions))
-
-
-def configured_model_key(conn, p: Pipeline) -> str:
-    """The model dimension's key of the model the code names."""
-    return configured_spec(conn, p).key
-
-
-def table_is_current(conn, p: Pipeline, outcomes) -> bool | None:
-    """Every vector of the table is of its current input under the model the code names (from the
-    check outcomes: a live column still holding the old model during a migration is not)."""
-    from .truth import is_current
-
-    current = is_current(outcomes)
-    if not current:
-        return current
-    try:
-        expected = configured_spec(conn, p).identity_key
-    except Exception:  # noqa: BLE001 - cannot be sized: not current under it
-        return False
-    return all(str(o.metadata.get("model", expected)) == expected for o in outcomes if o.name == "staleness")
-
-
-def partition_model_key(conn, p: Pipeline) -> str | None:
-    try:
-        return configured_model_key(conn, p)
-    except Exception:  # noqa: BLE001 - a table not enrolled yet, a model that cannot be sized
-        return None
 
 
 # -- the sensor: the configured model's partitions exist as soon as the code does ----------------------------------

@@ -2,7 +2,7 @@
 `backfill: {via: batch}`): a shard run of `<pipeline>_embeddings_by_shard` submits its rows and
 returns at once; the `autoembed_batches` sensor polls the open batches and launches one
 `collect_batches` run per finished batch, which writes its vectors, submits again what it left
-and promotes at 100%. No run waits for a batch. Everything here is a shell over core.batch_backfill.
+and promotes at 100%. No run waits for a batch. Everything here is a shell over core.migrate.batch_backfill.
 """
 
 
@@ -10,10 +10,11 @@ import dagster as dg
 from dagster import RunsFilter
 from pydantic import Field
 
-from ..core import batch_backfill as bb
-from ..core.embedders.batch_api import FINISHED_STATUSES
-from ..core.migration import ModelSpec
+from ..core.migrate import batch_backfill as bb
+from ..core.embed.batch_api import FINISHED_STATUSES
 from ..core.pipelines import Pipeline
+from ..core.targets.models import ModelSpec
+from .assets import shards_key
 from .resources import AutoembedResource
 from .sensors import ACTIVE_STATUSES
 
@@ -75,8 +76,6 @@ def build_collect_job(pipelines: list[Pipeline]) -> dg.JobDefinition:
         p = by_name.get(config.pipeline)
         if p is None:
             raise dg.Failure(f"no pipeline {config.pipeline!r} declares backfill: {{via: batch}}", allow_retries=False)
-        from .backfill import shards_key
-
         with autoembed.connect() as conn:
             done = bb.collect_and_continue(conn, p, config.batch, promote_when_complete=config.promote)
         record = done.record

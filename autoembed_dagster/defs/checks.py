@@ -15,9 +15,9 @@ import psycopg
 
 from ..core import health
 from ..core.drain import EmbedderResolver, pipeline_resolver, resolve_embedder
-from ..core.migration import get_migration
+from ..core.targets.models import get_migration
 from ..core.pipelines import Pipeline
-from ..core.targets import TargetKey
+from ..core.targets.catalog import TargetKey
 from .assets import embeddings_key, vectors_table
 from .resources import AutoembedResource
 

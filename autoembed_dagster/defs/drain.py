@@ -14,15 +14,15 @@ import dagster as dg
 from pydantic import Field
 
 from ..core import health
-from ..core import queue as pgmq
+from ..core.queue import pgmq
 from ..core.drain import Drainer, DrainStats, ProviderConfigError, TableStats, pipeline_resolver, resolve_embedder
-from ..core.drain_report import run_in_chunks
+from ..core.drain.report import run_in_chunks
 from ..core.health import estimated_cost, price_per_million_tokens
 from ..core.pipelines import Pipeline
-from ..core.scaling import drain_pool
+from ..core.drain.scaling import drain_pool
 from . import truth
-from .backfill import table_is_current
-from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, index_key, queue_key, source_key
+from .truth import table_is_current
+from .assets import CONFIG_ERROR_TAG, LANE_TAG, PROGRESS_EVERY_SECONDS, embeddings_key, index_key, queue_key, source_key
 from .checks import as_check_evaluation, evaluate
 from .resources import AutoembedResource
 
@@ -31,7 +31,6 @@ DEFAULT_TIME_BUDGET = 600.0
 # Run monitoring fails a drain run older than this (tag dagster/max_runtime): a hung drain cannot
 # block its lane forever. Above budget + idle timeout, with room for the final report and checks.
 MAX_RUNTIME_SECONDS = int(DEFAULT_TIME_BUDGET + DEFAULT_IDLE_TIMEOUT + 300)
-PROGRESS_EVERY_SECONDS = 5.0
 REPORT_EVERY_SECONDS = 60.0  # a long busy drain reports at least this often
 MIN_REPORT_SECONDS = 10.0  # bursts of new jobs reported at most this often (the first at once)
 CHECKS_EVERY_SECONDS = 300.0  # health checks (a table scan) of a pipeline at most this often, and at the end

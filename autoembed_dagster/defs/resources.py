@@ -11,7 +11,7 @@ import dagster as dg
 import psycopg
 
 from ..core.config import Settings
-from ..core.database import connect, database_url
+from ..core.db.server import connect, database_url
 
 
 class AutoembedResource(dg.ConfigurableResource):

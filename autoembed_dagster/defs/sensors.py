@@ -3,7 +3,7 @@
 A queue sensor only reads the queue's metrics (never claims: claiming happens inside the run). Each
 tick it records an observation of the queue asset when the numbers moved (or once a minute), so
 the UI plots depth and age, and it requests drain runs while jobs are claimable: as many as
-core.scaling.drains_to_request says for the backlog's depth and age, minus the drains of that lane
+core.drain.scaling.drains_to_request says for the backlog's depth and age, minus the drains of that lane
 already queued or running (AUTOEMBED_MAX_DRAINS at most). Run keys are unique per tick and run:
 Dagster dedupes run keys forever.
 """
@@ -16,9 +16,9 @@ import time
 import dagster as dg
 from dagster import DagsterRunStatus, RunsFilter
 
-from ..core import queue as pgmq
+from ..core.queue import pgmq
 from ..core.config import ScalingSettings
-from ..core.scaling import drains_to_request
+from ..core.drain.scaling import drains_to_request
 from .assets import CONFIG_ERROR_TAG, LANE_TAG, queue_key
 from .resources import AutoembedResource
 

@@ -23,6 +23,7 @@ from dagster._core.definitions.data_version import (CODE_VERSION_TAG, DEFAULT_DA
                                                     NULL_EVENT_POINTER, extract_data_provenance_from_entry)
 
 from ..core.pipelines import Pipeline
+from ..core.targets.models import ModelSpec
 
 STALENESS = "staleness"
 NOT_CURRENT = "not current in the database"
@@ -85,8 +86,7 @@ def version_to_record(context, key: dg.AssetKey, current: bool | None, conn, p: 
 def settled_shards(context, conn, p: Pipeline, why: str) -> Iterator[dg.AssetMaterialization | dg.AssetCheckEvaluation]:
     """The shard partitions of the code's model that are not materialized yet, reported
     materialized (the table is current under that model: call only then), each with its check."""
-    from .backfill import CHECK, models_partitions_name, partition_model_key, shards_key
-    from ..core.backfill import shard_keys
+    from .assets import SHARD_CHECK as CHECK, models_partitions_name, shards_key
 
     model = partition_model_key(conn, p)
     if model is None:
@@ -97,7 +97,7 @@ def settled_shards(context, conn, p: Pipeline, why: str) -> Iterator[dg.AssetMat
     done = set(instance.get_materialized_partitions(key))
     version = defined_version(context, key, conn, p)
     deps = [dg.AssetKey(["postgres", p.schema, p.table])]
-    for shard in shard_keys(p.shards):
+    for shard in p.shard_keys:
         partition = dg.MultiPartitionKey({"model": model, "shard": shard})
         if partition in done:
             continue
@@ -109,3 +109,35 @@ def settled_shards(context, conn, p: Pipeline, why: str) -> Iterator[dg.AssetMat
         yield dg.AssetCheckEvaluation(
             asset_key=key, check_name=CHECK, passed=True, partition=partition, severity=dg.AssetCheckSeverity.WARN,
             description=f"every row of shard {shard} with input holds the {model} vector of its current input ({why})")
+
+
+def configured_spec(conn, p: Pipeline) -> ModelSpec:
+    """The model the code names (sized to the table's column)."""
+    from ..core.migrate.reembed import reembed_of
+
+    return reembed_of(p).configured_spec(conn)
+
+
+def configured_model_key(conn, p: Pipeline) -> str:
+    """The model dimension's key of the model the code names."""
+    return configured_spec(conn, p).key
+
+
+def table_is_current(conn, p: Pipeline, outcomes) -> bool | None:
+    """Every vector of the table is of its current input under the model the code names (from the
+    check outcomes: a live column still holding the old model during a migration is not)."""
+    current = is_current(outcomes)
+    if not current:
+        return current
+    try:
+        expected = configured_spec(conn, p).identity_key
+    except Exception:  # noqa: BLE001 - cannot be sized: not current under it
+        return False
+    return all(str(o.metadata.get("model", expected)) == expected for o in outcomes if o.name == "staleness")
+
+
+def partition_model_key(conn, p: Pipeline) -> str | None:
+    try:
+        return configured_model_key(conn, p)
+    except Exception:  # noqa: BLE001 - a table not enrolled yet, a model that cannot be sized
+        return None

@@ -2,7 +2,7 @@
 
 One batch goes through four stages, each in its own module:
 
-- claims   take messages from pgmq with a visibility timeout and keep them (heartbeat);
+- claims   take messages from pgmq with a visibility timeout and keep them (heartbeat; core.queue.claims);
 - jobs     turn each message into one job per row, resolved against the target it names;
 - read     read the rows' current input: skip what needs no provider call;
 - embed    call the provider, encode the vectors for COPY;
@@ -13,10 +13,11 @@ One batch goes through four stages, each in its own module:
 crash anywhere loses nothing: claimed messages reappear when their visibility timeout ends, and a
 claim is never counted as an attempt. Plain Python: the CLI, the Python API, Dagster runs, the
 backfill and the benchmarks all call it.
+
+May import: core.config, core.db, core.embed, core.targets, core.queue.
 """
 
-from ..embedders.base import ProviderConfigError
-from .embed import copy_records
+from ..embed.base import ProviderConfigError
 from .loop import Drainer, completed, drain
 from .resolvers import EmbedderResolver, default_resolver, pipeline_resolver, resolve_embedder
 from .stats import UNKNOWN_TABLE, DrainStats, TableKey, TableStats
@@ -30,7 +31,6 @@ __all__ = [
     "TableKey",
     "TableStats",
     "completed",
-    "copy_records",
     "default_resolver",
     "drain",
     "pipeline_resolver",

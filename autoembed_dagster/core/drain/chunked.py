@@ -3,11 +3,11 @@ into its chunk table, sql/012): read + plan, embed the new chunk texts, and the 
 
 Same claims, batching, rate limit, retries and dead letters as column targets; what differs:
 
-- read: a job's document is read (core.chunks.read_documents) and planned (core.chunks.plan):
+- read: a job's document is read (core.targets.chunks.read_documents) and planned (core.targets.chunks.plan):
   only chunk texts with no vector under the model anywhere in the chunk table go to the provider;
 - embed: one provider call for the batch's new chunk texts; a document with a failed chunk is
   retried or dead-lettered whole (a document's chunk set is never written in part);
-- settle: core.chunks.write swaps each document's chunk set inside the settle's one transaction,
+- settle: core.targets.chunks.write swaps each document's chunk set inside the settle's one transaction,
   with the message deletes (SKIP LOCKED on the parent row: the drain gives way to the application).
 
 The chunk table written is the registered one (Target.chunk_table, resolved by target id from
@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 import psycopg
 
-from .. import chunks
-from ..chunking import Splitter
-from ..embedders.base import Embedder, EmbeddingError
-from ..targets import Target, ambiguous_key_error
-from .badrows import check_vectors
+from ..embed.base import Embedder, EmbeddingError
+from ..targets import chunks
+from ..targets.catalog import Target, ambiguous_key_error
+from ..targets.splitter import Splitter
+from ..targets.badrows import check_vectors
 from .embed import provider_call
 from .jobs import Job
 from .outcome import Outcome
@@ -81,7 +81,7 @@ class ChunkWork:
 
 @dataclass
 class ChunkWrite:
-    """A planned and embedded set of documents, written by the settle (core.chunks.write)."""
+    """A planned and embedded set of documents, written by the settle (core.targets.chunks.write)."""
 
     target: Target
     chunk_target: chunks.ChunkTarget
@@ -165,7 +165,7 @@ def chunk_vectors(target: Target, hashes: list[bytes], vectors: list, errors: li
 
 @dataclass
 class ChunkWritten:
-    """What the settle's write of one ChunkWrite did (see core.chunks.WriteStats)."""
+    """What the settle's write of one ChunkWrite did (see core.targets.chunks.WriteStats)."""
 
     stats: chunks.WriteStats
     later: list[Job]  # jobs of documents not written now (parent row busy, a reused vector gone)
@@ -176,7 +176,7 @@ class ChunkWritten:
 
 def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite, check: Callable[[], None] | None = None) -> ChunkWritten:
     """Swap the planned chunk sets in, in the caller's (the settle's) transaction. A document whose
-    write fails alone (drain.badrows) is dead-lettered; the others are written."""
+    write fails alone (targets.badrows) is dead-lettered; the others are written."""
     w, failed = chunks.write_isolating(conn, cw.chunk_target, cw.plan, cw.vectors, cw.plan.model, check=check)
     again = set(w.busy) | set(w.missing)
     later = [job for key in again for job in cw.jobs.get(key, ())]

@@ -1,4 +1,5 @@
-"""The embed stage: provider calls for a batch's work, and the binary COPY tuples of the vectors.
+"""The embed stage: provider calls for a batch's work, and the binary COPY tuples of the vectors
+(core.targets.vectors).
 
 Touches no database connection, so a pipelined drain runs it in a worker thread while the
 previous batch is written.
@@ -6,13 +7,10 @@ previous batch is written.
 
 from __future__ import annotations
 
-import struct
-
-import numpy as np
-
-from ..embedders.base import Embedder, EmbeddingError, EmbedOutcome
-from ..targets import Target
-from .badrows import check_vectors
+from ..embed.base import Embedder, EmbeddingError, EmbedOutcome
+from ..targets.catalog import Target
+from ..targets.vectors import copy_records
+from ..targets.badrows import check_vectors
 from .jobs import Job
 from .outcome import Outcome
 from .read import Work
@@ -78,31 +76,3 @@ def provider_call(target: Target, embedder: Embedder, texts: list[str], jobs: li
     if fatal is not None:
         stats.note_error(f"{target.regclass}: {fatal}")
     return result, fatal
-
-
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-COPY_TRAILER = struct.pack(">h", -1)
-
-
-def copy_records(target: Target, rows: list[tuple[str, bytes, np.ndarray]], encoding: str) -> list[bytes]:
-    """The binary COPY tuple of each (key text, content hash bytea, vector|halfvec) row.
-
-    The vectors are converted to big-endian float32/float16 in one numpy call; each tuple is then
-    three length-prefixed fields. pgvector's binary format: int16 dim, int16 unused, elements.
-    """
-    if not rows:
-        return []
-    dims = target.dimensions
-    elem = np.dtype(">f2") if target.vector_type == "halfvec" else np.dtype(">f4")
-    matrix = np.asarray(np.stack([r[2] for r in rows]), dtype=np.float32).astype(elem)
-    if matrix.shape[1] != dims:
-        raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the column {dims}")
-    vector_head = struct.pack(">ihh", 4 + dims * elem.itemsize, dims, 0)
-    pack = struct.Struct(">hi").pack
-    pack_length = struct.Struct(">i").pack
-    records = []
-    for (key, content_hash, _), vector in zip(rows, matrix):
-        kb = key.encode(encoding)
-        records.append(b"".join((pack(3, len(kb)), kb, pack_length(len(content_hash)), content_hash,
-                                 vector_head, vector.tobytes())))
-    return records

@@ -1,7 +1,7 @@
 """Claimed messages → jobs: one job per row a message covers, with its target and its failures.
 
 A message is a pointer (target + keys), never an instruction: the target it names is resolved
-against what the database says (core.targets), and its keys are kept as exact text.
+against what the database says (core.targets.catalog), and its keys are kept as exact text.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import psycopg
 
-from .. import queue as pgmq
-from .badrows import key_problem
-from ..targets import INTEGER_KEY_TYPES, Target, TargetError, key_text
+from ..queue import pgmq
+from ..targets.catalog import INTEGER_KEY_TYPES, Target, TargetError, key_text
+from ..targets.badrows import key_problem
 
 MAX_RECORDED_ATTEMPTS = 1000  # an "attempts" field beyond this is not ours: ignored
 

@@ -17,15 +17,16 @@ from typing import Callable, TypeVar
 import psycopg
 from psycopg import errors, sql
 
-from .. import queue as pgmq
+from ..queue import pgmq
 from ..config import ConfigError, CredentialsError, Settings
-from ..database import conninfo_of, second_connection
-from ..embedders.base import EmbeddingError, ProviderConfigError
-from ..chunking import Splitter, splitter_for
-from ..targets import (Target, TargetChanged, TargetError, TargetKey, repair_schema, check_dimensions,
-                       registered_target, target_key_from_message)
+from ..db.server import conninfo_of, second_connection
+from ..embed.base import EmbeddingError, ProviderConfigError
+from ..targets.splitter import Splitter, splitter_for
+from ..targets.catalog import (Target, TargetChanged, TargetError, TargetKey, repair_schema, check_dimensions,
+                               registered_target, target_key_from_message)
+from ..targets.models import MigrationChanged
 from .chunked import ChunkWork, embed_chunk_work, read_chunk_jobs, write_target
-from .claims import Claims
+from ..queue.claims import Claims
 from .embed import embed_work
 from .jobs import History, Job, claim_history, row_jobs
 from .outcome import Outcome
@@ -60,9 +61,9 @@ class Batch:
 
 # What a batch meets when an embedding column changed under a drain that resolved it earlier: a
 # model-migration promotion or rollback renames columns and changes their size in one transaction.
-# MigrationChanged (the migration-aware resolver) is added lazily: see target_changed().
 _TARGET_CHANGE_ERRORS: tuple[type[BaseException], ...] = (
     TargetChanged,
+    MigrationChanged,  # the migration-aware resolver: the column's model changed since it was read
     errors.UndefinedColumn,  # the column was renamed away
     errors.UndefinedTable,
     errors.DatatypeMismatch,  # plpgsql: "type of parameter n does not match that when preparing the plan"
@@ -73,9 +74,7 @@ _TARGET_CHANGE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def target_changed(exc: BaseException) -> bool:
-    from ..migration import MigrationChanged  # migration.py imports this package's peers
-
-    return isinstance(exc, (MigrationChanged, *_TARGET_CHANGE_ERRORS))
+    return isinstance(exc, _TARGET_CHANGE_ERRORS)
 
 
 def pin_session(conn: psycopg.Connection) -> None:

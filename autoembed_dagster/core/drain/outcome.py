@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..targets import Target
+from ..targets.catalog import Target
 from .jobs import Job
 
 # (row key as canonical text, content hash the vector was made from, its binary COPY tuple,

@@ -12,9 +12,9 @@ from typing import Callable, TypeVar
 import psycopg
 from psycopg import sql
 
-from ..embedders.base import Embedder
-from ..targets import Target, check_target
-from .badrows import cast_problem, describe, read_isolating
+from ..embed.base import Embedder
+from ..targets.catalog import Target, check_target
+from ..targets.badrows import cast_problem, describe, read_isolating
 from .jobs import Job
 from .outcome import Outcome
 from .stats import DrainStats

@@ -7,10 +7,11 @@ from typing import Callable
 import psycopg
 
 from ..config import EmbedderSettings
-from ..database import lending
-from ..embedders import make_embedder
-from ..embedders.base import Embedder
-from ..targets import Target
+from ..db.server import lending
+from ..embed import make_embedder
+from ..embed.base import Embedder
+from ..targets.catalog import Target
+from ..targets.models import migration_aware
 
 EmbedderResolver = Callable[[Target], Embedder]
 
@@ -26,13 +27,11 @@ def default_resolver(settings: EmbedderSettings | None = None, *, url: str | Non
                      migrations: bool = True) -> EmbedderResolver:
     """The model for every table: AUTOEMBED_PROVIDER / AUTOEMBED_MODEL, sized to the column.
 
-    Migration-aware (core.migration): a column in a model migration gets the migration's model,
+    Migration-aware (core.targets.models): a column in a model migration gets the migration's model,
     looked up in the database at `url` (default: the configured one)."""
     settings = settings or EmbedderSettings.from_env()
     if not migrations:
         return lambda target: make_embedder(settings, dimensions=target.dimensions)
-    from ..migration import migration_aware  # migration.py imports this package's peers
-
     return migration_aware(lambda schema, table, column: settings, url)
 
 
@@ -49,8 +48,6 @@ def pipeline_resolver(pipelines, base: EmbedderSettings | None = None, *, url: s
         return by_target.get((schema, table, column), base)
 
     if migrations:
-        from ..migration import migration_aware
-
         return migration_aware(configured, url)
 
     def resolve(target: Target) -> Embedder:

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import errors, sql
 
-from .. import queue as pgmq
+from ..queue import pgmq
 from ..config import Settings
-from ..targets import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
-                       lookup_registered)
-from .badrows import write_isolating
+from ..queue.claims import Claims
+from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
+                               lookup_registered)
+from ..targets.vectors import COPY_HEADER, COPY_TRAILER
+from ..targets.badrows import write_isolating
 from .chunked import ChunkWritten, write_chunk_sets, write_target
-from .claims import Claims
-from .embed import COPY_HEADER, COPY_TRAILER
 from .jobs import Job, single_body
 from .outcome import Outcome, Write
 from .stats import DrainStats, table_key, table_of_body

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
-from ..targets import TargetError, TargetKey, target_key_from_message
+from ..targets.catalog import TargetError, TargetKey, target_key_from_message
 
 TableKey = tuple[str, str, str]  # (schema, table, embedding column): how pipelines name a target
 UNKNOWN_TABLE: TableKey = ("?", "?", "?")  # messages too malformed to name a table

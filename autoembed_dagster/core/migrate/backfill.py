@@ -1,7 +1,7 @@
 """Full re-embed of a pipeline's table, shard by shard (plain Python, no Dagster).
 
 A shard is a stable slice of the key space: `autoembed.shard_of(key::text, n)` = the first 32 bits
-of SHA-256 of the key's text, modulo n (see sql/007; `shard_of` below is the same in Python). A
+of SHA-256 of the key's text, modulo n (see sql/007; core.pipelines.shard_of is the same in Python). A
 shard walks its rows in key order, skips every row that already holds the vector of its current
 input under the model (embedding_state: content hash + model), embeds the rest in batches and
 writes them with the drain's own write path (row lock, content-hash guard, binary COPY + UPDATE,
@@ -10,12 +10,11 @@ killed shard re-run starts where the committed batches end, and a row changed me
 to the incremental path (its trigger queued a job) instead of being overwritten with old content.
 
 Where a shard writes (`plan`): into the live column when the model is the one it already holds;
-otherwise into the shadow column of a model migration (core.migration), started on demand.
+otherwise into the shadow column of a model migration (core.migrate.migration), started on demand.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,82 +24,31 @@ import psycopg
 from psycopg import sql
 
 from . import backfill_control
-from .config import ConfigError, EmbedderSettings
-from .database import second_connection
-from .drain import ProviderConfigError, completed, copy_records
-from .drain.loop import pin_session
-from .drain.badrows import check_vectors, row_error
-from .drain.settle import VectorWriter
-from .embedders import make_embedder
-from .embedders.base import EmbedOutcome, Embedder, EmbeddingError
-from .health import estimated_cost
-from .migration import (Coverage, Migration, ModelSpec, PromoteResult, coverage, get_migration, promote,
-                        start_migration, trigger_content_functions)
-from .pipelines import Pipeline
-from .targets import Target, TargetKey, check_dimensions, resolve
+from ..config import ConfigError, EmbedderSettings
+from ..db.server import second_connection
+from ..drain import ProviderConfigError, completed
+from ..targets.badrows import check_vectors, row_error
+from ..drain.loop import pin_session
+from ..drain.settle import VectorWriter
+from ..embed import make_embedder, native_dimensions
+from ..embed.base import EmbedOutcome, Embedder, EmbeddingError
+from ..health import estimated_cost
+from ..pipelines import Pipeline
+from ..targets.catalog import Target, TargetKey, check_dimensions, resolve
+from ..targets.models import Migration, ModelSpec, get_migration
+from ..targets.shadow import Coverage
+from ..targets.vectors import copy_records
+from .migration import PromoteResult, coverage, promote, start_migration, trigger_content_functions
 
 DEFAULT_BATCH_ROWS = 256
-
-
-# -- shards ------------------------------------------------------------------------------------------
-def shard_of(key_text: str, shards: int) -> int:
-    """The shard of a row whose key prints as `key_text` (same as SQL autoembed.shard_of)."""
-    return int.from_bytes(hashlib.sha256(key_text.encode()).digest()[:4], "big") % shards
-
-
-def shard_keys(shards: int) -> list[str]:
-    """Partition keys of the shards, zero-padded so they sort in order: 00, 01, ... 15."""
-    if shards < 1:
-        raise ConfigError(f"shards must be at least 1, got {shards}")
-    width = len(str(shards - 1))
-    return [str(i).zfill(width) for i in range(shards)]
-
-
-# -- the model of a pipeline ---------------------------------------------------------------------------
-def _native_dimensions(provider: str, model: str) -> tuple[int | None, bool]:
-    """(output size without a `dimensions` request, whether the model can make other sizes)."""
-    if provider == "local":
-        from .embedders.local import DIMENSIONS
-
-        return DIMENSIONS, False
-    from .embedders.openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
-
-    return KNOWN_DIMENSIONS.get(model), supports_dimensions(model) or model not in KNOWN_DIMENSIONS
-
-
-def pipeline_spec(p: Pipeline, *, column_dimensions: int | None = None,
-                  base: EmbedderSettings | None = None) -> ModelSpec:
-    """The model the pipeline's configuration names, sized like the drain sizes it: the configured
-    dimensions, else the column's size when the model can make it, else the model's own size."""
-    s = p.embedder_settings(base)
-    native, flexible = _native_dimensions(s.provider, s.model)
-    dims = s.dimensions or (column_dimensions if flexible else None) or native
-    if dims is None:
-        raise ConfigError(f"pipeline {p.name}: the output size of {s.model!r} is unknown: set `dimensions`")
-    model = "all-MiniLM-L6-v2" if s.provider == "local" else s.model  # the local model's aliases
-    return ModelSpec(s.provider, model, dims, p.content_function)
-
-
-def code_version(p: Pipeline, base: EmbedderSettings | None = None) -> str:
-    """The model identity as configured (provider, model, size, input), known without a database:
-    a size that follows the column reads `column`. A change of any part makes the asset stale."""
-    s = p.embedder_settings(base)
-    native, flexible = _native_dimensions(s.provider, s.model)
-    dims = s.dimensions or (None if flexible else native)
-    model = "all-MiniLM-L6-v2" if s.provider == "local" else s.model
-    return f"{s.provider}:{model}:{dims or 'column'}:{p.content_function}"
-
-
-def live_key(p: Pipeline) -> TargetKey:
-    return TargetKey(p.schema, p.table, p.content_function, p.embedding_column, p.key_column)
 
 
 def resolve_spec(conn: psycopg.Connection, p: Pipeline, *, provider: str | None = None, model: str | None = None,
                  dimensions: int | None = None, content_function: str | None = None,
                  base: EmbedderSettings | None = None) -> ModelSpec:
     """The pipeline's configured model with any part overridden (the `backfill` job's config)."""
-    column = resolve(conn, live_key(p)).dimensions
-    configured = pipeline_spec(p, column_dimensions=column, base=base)
+    column = resolve(conn, p.live_key).dimensions
+    configured = p.spec(column_dimensions=column, base=base)
     if not any((provider, model, dimensions, content_function)):
         return configured
     provider = provider or configured.provider
@@ -108,7 +56,7 @@ def resolve_spec(conn: psycopg.Connection, p: Pipeline, *, provider: str | None 
         model = configured.model if provider == configured.provider else (
             "text-embedding-3-small" if provider == "openai" else "all-MiniLM-L6-v2")
     if dimensions is None:
-        native, flexible = _native_dimensions(provider, model)
+        native, flexible = native_dimensions(provider, model)
         dimensions = (configured.dimensions if flexible else None) or native or column
     return ModelSpec(provider, model, dimensions, content_function or configured.content_function)
 
@@ -134,7 +82,7 @@ def plan(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, *, start: bool 
     from what the live column holds (and `start`). A model that is neither configured nor being
     migrated to is skipped (its partitions stay as they are, stale, until they are retired),
     unless `allow_unconfigured`: an explicit migration ahead of the configuration change."""
-    live = resolve(conn, live_key(p))
+    live = resolve(conn, p.live_key)
     m = get_migration(conn, p.schema, p.table, p.embedding_column)
     if m is not None and m.status == "backfilling":
         if m.spec == spec:
@@ -151,7 +99,7 @@ def plan(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, *, start: bool 
                              f"{spec.identity_key} is live since migration {m.id}")
         return ShardPlan("skip", spec, None, spec.content_function, m,
                          f"{m.label} holds {m.spec.key} (migration {m.id} promoted; drop its old vectors first)")
-    configured = pipeline_spec(p, column_dimensions=live.dimensions, base=base)
+    configured = p.spec(column_dimensions=live.dimensions, base=base)
     if spec != configured and not allow_unconfigured:
         return ShardPlan("skip", spec, None, spec.content_function, None,
                          f"{spec.key} is not the configured model ({configured.key}) and no migration to it "
@@ -205,7 +153,7 @@ def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, sha
         if not todo:
             return _Page(len(page), len(page), None, [], [], unreadable)
         outcome = embedder.embed([text for _, text, _ in todo])
-        # Each vector on its own (drain.badrows): one the column cannot hold fails its row alone.
+        # Each vector on its own (targets.badrows): one the column cannot hold fails its row alone.
         for i, problem in enumerate(check_vectors(target.vector_type, target.dimensions, outcome.vectors)):
             if problem is not None:
                 outcome.vectors[i] = None
@@ -348,7 +296,7 @@ def _candidates(conn: psycopg.Connection, target: Target, model: str, shard: int
 def _candidates_isolating(conn: psycopg.Connection, target: Target, model: str, params: dict):
     """_candidates' page when the content function raises for some row of it: the page's keys, then
     their inputs read with the drain's isolation (drain.read), so only those rows fail."""
-    from .drain.read import read_rows_or_isolate
+    from ..drain.read import read_rows_or_isolate
 
     keys = conn.execute(sql.SQL(
         """with scan as materialized (
@@ -564,7 +512,7 @@ def migration_action(conn: psycopg.Connection, p: Pipeline, m: Migration, action
     if action == "abort":
         return mig.abort(conn, m), None, None
     if action == "drop_old":
-        configured = pipeline_spec(p, column_dimensions=m.dimensions)
+        configured = p.spec(column_dimensions=m.dimensions)
         if configured != m.spec and not force:
             # Else the drain would go on embedding the live column with the old model.
             raise mig.MigrationError(f"{p.name} is configured with {configured.key} but the column holds "

@@ -1,7 +1,7 @@
 """`autoembed demo` and `autoembed dagster-env`.
 
 The demo runs everything on this machine, offline and with no API key: the embedded Postgres,
-`autoembed db init`, two tables of the Python standard library's docs (core/corpus.py) enrolled for
+`autoembed db init`, two tables of the Python standard library's docs (demo/corpus.py) enrolled for
 embedding with the local model (384 dimensions): short docstrings, one vector per row
 (`stdlib_docs`), and whole-module documents embedded as chunks (`stdlib_modules` ->
 `stdlib_modules_chunks`); then `dagster-daemon` and `dagster-webserver` (DAGSTER_HOME=dagster_home,
@@ -28,16 +28,16 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from .core import queue as pgmq
-from .core.config import ConfigError, Settings
-from .core.corpus import Doc, LongDoc, named_long_docs, stdlib_docs
-from .core.database import (connect, database_name, database_url, embedded_pgdata, embedded_running, ensure_database,
-                            stop_embedded)
-from .core.migrations import init_db
-from .core.pipelines import Pipeline
-from .packaged import checkout, packaged
-from .processes import Children as Started
-from .processes import AlreadyRunning, hold_the_database, stop_on_signals
+from ..core.config import ConfigError, Settings
+from ..core.db.schema import init_db
+from ..core.db.server import (connect, database_name, database_url, embedded_pgdata, embedded_running,
+                              ensure_database, stop_embedded)
+from ..core.pipelines import Pipeline
+from ..core.queue import pgmq
+from ..packaged import checkout, packaged
+from ..processes import Children as Started
+from ..processes import AlreadyRunning, hold_the_database, stop_on_signals
+from .corpus import Doc, LongDoc, named_long_docs, stdlib_docs
 
 DAGSTER_DATABASE = "dagster"  # Dagster's storage, on the data's server; AUTOEMBED_DAGSTER_DATABASE overrides
 DEMO_SCHEMA = "autoembed_demo"
@@ -99,7 +99,7 @@ def demo_project(settings: Settings | None = None) -> Path:
 def demo_pipelines() -> tuple[Pipeline, Pipeline]:
     """The demo's two pipelines (docstrings: a vector column; modules: chunks), read from their
     defs.yaml like any declared pipeline."""
-    from .components.declarations import declared_pipelines
+    from ..components.declarations import declared_pipelines
 
     pipelines = declared_pipelines(demo_project())
     columns = [p for p in pipelines if p.table == DEMO_TABLE and not p.chunked]
@@ -221,7 +221,7 @@ def run_dagster_dev(port: int = 3000, workspace: str | None = None, keep_db: boo
     (its workspace.yaml, else its definitions module), else this checkout's own project. Ctrl-C,
     SIGTERM or SIGHUP to this process stop `dagster dev` with everything it started, and the
     embedded Postgres when this command started it (unless `keep_db`)."""
-    from .components.declarations import project_root as dg_project_root
+    from ..components.declarations import project_root as dg_project_root
 
     _executable("dagster-webserver")  # `dagster dev` needs it: say so before anything starts
     stop_on_signals()
@@ -602,8 +602,8 @@ def _watch(conn, started: Started, total: int, timeout: float) -> bool:
 
 
 def _search(url: str, queries: tuple[str, ...]) -> None:
-    from .core.drain import pipeline_resolver
-    from .core.search import search
+    from ..core.drain import pipeline_resolver
+    from ..core.search import search
 
     resolver = pipeline_resolver([demo_pipeline()])
     say("")
@@ -622,8 +622,8 @@ def _search(url: str, queries: tuple[str, ...]) -> None:
 
 def search_modules(conn, query: str, k: int = 3):
     """The modules whose best chunk is nearest to `query`: [(module, ChunkHit)]."""
-    from .core.embedders import make_embedder
-    from .core.search import search_chunks
+    from ..core.embed import make_embedder
+    from ..core.search import search_chunks
 
     p = demo_pipelines()[1]
     hits = search_chunks(conn, query, make_embedder(p.embedder_settings()), table=p.table, schema=p.schema,

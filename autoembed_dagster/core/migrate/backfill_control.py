@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 
-from .config import ConfigError
+from ..config import ConfigError
 
 REFUSED_EXIT = 3  # `autoembed backfill`: held (paused / outside its window), nothing ran
 STOPPED_EXIT = 4  # `autoembed backfill`: a pause or the window's end stopped shards part-way

@@ -1,4 +1,7 @@
-"""Embedding providers behind one interface; `make_embedder()` picks one from settings."""
+"""Embedding providers behind one interface; `make_embedder()` picks one from settings. Also the
+provider rate limit shared by every worker (`ratelimit`) and the local model's files (`model_files/`).
+
+May import: core.config, core.db."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ __all__ = [
     "ModelIdentity",
     "clear_embedder_cache",
     "make_embedder",
+    "native_dimensions",
     "size_problem",
 ]
 
@@ -85,3 +89,14 @@ def clear_embedder_cache() -> None:
     """Forget cached embedders (tests; after changing the environment)."""
     with _lock:
         _cache.clear()
+
+
+def native_dimensions(provider: str, model: str) -> tuple[int | None, bool]:
+    """(the model's output size without a `dimensions` request, whether it can make other sizes)."""
+    if provider == "local":
+        from .local import DIMENSIONS
+
+        return DIMENSIONS, False
+    from .openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
+
+    return KNOWN_DIMENSIONS.get(model), supports_dimensions(model) or model not in KNOWN_DIMENSIONS

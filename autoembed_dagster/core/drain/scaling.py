@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 
-from .config import ScalingSettings
+from ..config import ScalingSettings
 
 
 def desired_drains(claimable: int, oldest_age_seconds: float, settings: ScalingSettings) -> int:

@@ -7,7 +7,7 @@ a chunk ends after a paragraph whose hash marks it as an anchor when the run sin
 anchor is long enough, and must end when the next paragraph would not fit. Plain greedy packing shifts every later
 boundary when one paragraph grows (all chunks after an edit change); anchors tie boundaries to
 content, so an edit changes the chunks around it and the rest keep their exact text (and so their
-vectors: see core/chunks.py). Each chunk is an exact slice of the document; with `overlap`, a
+vectors: see core/targets/chunks.py). Each chunk is an exact slice of the document; with `overlap`, a
 chunk starts with up to `overlap` tokens from the end of the previous chunk's last paragraph.
 
 Deterministic: the same text, tokenizer and settings give the same chunks.
@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 
 import semchunk
 
-from .config import ConfigError
+from ..config import ConfigError
 
 ALGORITHM = "para-cdc-v1"  # part of the splitter key: a change here makes stored chunk sets stale
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
@@ -261,7 +261,7 @@ def model_window(embedder: object) -> int:
 def provider_window(provider: str | None, max_input_tokens: int = 8191) -> int:
     """The same from settings alone (no embedder, no model loaded: what a declaration is checked with)."""
     if provider == "local":
-        from .embedders.local import MAX_TOKENS
+        from ..embed.local import MAX_TOKENS
 
         return MAX_TOKENS - 2  # [CLS] and [SEP] are added to every input
     return max_input_tokens

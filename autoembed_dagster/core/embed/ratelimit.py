@@ -20,7 +20,7 @@ from typing import Mapping
 
 import psycopg
 
-from .config import EmbedderSettings
+from ..config import EmbedderSettings
 
 # A hostile or confused provider must not stop every worker for hours with one header.
 MAX_PAUSE_SECONDS = 300.0
@@ -74,7 +74,7 @@ def _query(query: str, params: tuple) -> tuple:
         for attempt in (1, 2):
             try:
                 if _conn is None or _conn.closed:
-                    from .database import database_url
+                    from ..db.server import database_url
 
                     _conn = psycopg.connect(_conninfo or database_url(), autocommit=True)
                 row = _conn.execute(query, params, prepare=True).fetchone()

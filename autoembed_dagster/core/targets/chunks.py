@@ -27,12 +27,12 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from .chunking import Splitter, chunk_hash
-from .embedders.base import Embedder, ProviderConfigError
+from .splitter import Splitter, chunk_hash
+from ..embed.base import Embedder, ProviderConfigError
 # The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
-from .drain.embed import COPY_HEADER, COPY_TRAILER, copy_records
-from .migration import Coverage
-from .targets import TargetError, ambiguous_keys, check_identifier, input_function, require_input_function
+from .catalog import TargetError, ambiguous_keys, check_identifier, input_function, require_input_function
+from .shadow import Coverage
+from .vectors import COPY_HEADER, COPY_TRAILER, copy_records
 
 VECTOR_COLUMN = "embedding"
 
@@ -407,9 +407,9 @@ def write_isolating(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPl
                     check: Callable[[], None] | None = None) -> tuple[WriteStats, dict[str, str]]:
     """write(), with a document whose write fails (a trigger or constraint of the chunk table, a
     content function raising for its parent, a revoked grant) failing alone: the others are
-    written in the same transaction (drain.badrows.write_isolating). Returns (what was written,
+    written in the same transaction (targets.badrows.write_isolating). Returns (what was written,
     {document key: why it failed})."""
-    from .drain.badrows import write_isolating as isolate
+    from .badrows import write_isolating as isolate
 
     def part(keys: list[str]) -> WriteStats:
         return write(conn, target, replace(plan, documents={k: plan.documents[k] for k in keys}),
@@ -445,8 +445,8 @@ class DocumentCounts:
 def document_counts(conn: psycopg.Connection, target: ChunkTarget, model_key: str, splitter_key: str,
                     shard: int | None = None, shards: int | None = None) -> DocumentCounts:
     """One scan of the parent table (content hash per row) against each document's chunk set. Rows
-    whose content function raises are counted apart (drain.badrows.scan_isolating)."""
-    from .drain.badrows import input_lateral, scan_isolating
+    whose content function raises are counted apart (targets.badrows.scan_isolating)."""
+    from .badrows import input_lateral, scan_isolating
 
     def query(safe: bool) -> sql.Composable:
         return sql.SQL(
@@ -474,7 +474,7 @@ def document_counts(conn: psycopg.Connection, target: ChunkTarget, model_key: st
 
 
 def shadow_name(target: ChunkTarget) -> str:
-    from .migration import suffixed
+    from .shadow import suffixed
 
     return suffixed(target.chunk_table, "__next")
 
@@ -504,7 +504,7 @@ def copy_vector_indexes(conn: psycopg.Connection, live: ChunkTarget, shadow: Chu
     vector type, options such as m = 32) instead of the default HNSW it was created with, so the
     promotion swaps in the index the live table had. A live table with none keeps the default.
     Returns the indexes created."""
-    from .migration import column_indexes, opclass_for, with_options
+    from .shadow import column_indexes, opclass_for, with_options
 
     def shape(ix, vector_type: str) -> tuple:
         return ix.method, opclass_for(ix.opclass, vector_type), tuple(sorted(ix.options or ()))
@@ -564,7 +564,7 @@ def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitte
          embedder: Embedder) -> SyncResult:
     """Bring the chunk sets of `keys` up to date: read, plan, embed what is new, write (one
     transaction). The drain does the same in its own stages, with its claims around them."""
-    from .drain.badrows import check_vectors, describe, read_isolating
+    from .badrows import check_vectors, describe, read_isolating
 
     model = embedder.identity.key
     docs, unreadable = read_isolating(
@@ -575,7 +575,7 @@ def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitte
     if out.refusal is not None:
         raise ProviderConfigError(f"the provider refused the chunks of {target.label}: {out.refusal} "
                                   "(fix the key or the model, then re-run: nothing of this page was written)")
-    # Each chunk's vector on its own (drain.badrows): a bad one fails its document alone.
+    # Each chunk's vector on its own (targets.badrows): a bad one fails its document alone.
     vectors = list(out.vectors)
     errors = {h: str(e) for h, e in zip(p.hashes, out.errors) if e is not None}
     for h, problem in zip(p.hashes, check_vectors(target.vector_type, target.dimensions, vectors)):

@@ -23,7 +23,7 @@ import pybase64
 import tiktoken
 
 from ..config import ConfigError, CredentialsError, EmbedderSettings
-from ..ratelimit import Limiter, RateLimit, retry_after_seconds
+from .ratelimit import Limiter, RateLimit, retry_after_seconds
 from .base import EmbedOutcome, EmbeddingError, ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class OpenAIEmbedder:
     def __repr__(self) -> str:
         return f"OpenAIEmbedder({self.identity.key}, base_url={self.settings.base_url!r})"
 
-    # -- the shared rate limit (core.ratelimit) -----------------------------------------------
+    # -- the shared rate limit (core.embed.ratelimit) -----------------------------------------------
     def _before_send(self, request: Any) -> None:  # an httpx(2) Request: openai brings its own httpx
         assert self._limiter is not None
         self._local.waited = getattr(self._local, "waited", 0.0) + self._limiter.acquire(
@@ -181,7 +181,7 @@ class OpenAIEmbedder:
             fatal = self._embed_batch(batch, out)
         return out
 
-    # -- the Batch API (core/embedders/batch_api.py) builds its requests with these ------------
+    # -- the Batch API (core/embed/batch_api.py) builds its requests with these ------------
     @property
     def client(self) -> openai.OpenAI:
         """The configured client (key, base URL, retries, the shared rate limit's hooks)."""

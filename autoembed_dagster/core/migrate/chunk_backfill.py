@@ -1,16 +1,16 @@
 """Full re-embed of a chunked pipeline, shard by shard, and its model change (plain Python).
 
-A shard (core.backfill.shard_of: the same key slices as column pipelines) walks its documents in
-key order and brings each one's chunk set up to date with core.chunks.sync: a document whose set
+A shard (core.pipelines.shard_of: the same key slices as column pipelines) walks its documents in
+key order and brings each one's chunk set up to date with core.targets.chunks.sync: a document whose set
 is already the chunking of its current input under the model is skipped, and chunk texts that
 already have a vector under the model (anywhere in the table written) are reused, so a shard is
 idempotent and resumable.
 
 Where it writes (`chunk_plan`): the live chunk table when it holds only this model at this size;
-otherwise a shadow chunk table `<table>_chunks__next` (core.chunks.create_shadow), which search
+otherwise a shadow chunk table `<table>_chunks__next` (core.targets.chunks.create_shadow), which search
 does not read. While the shadow exists the drain writes changed documents there too (see
 `write_target`), and when every document's shadow chunk set is current the shadow is promoted in
-one transaction (core.chunks.promote: tables swapped, the registry follows), the old table kept
+one transaction (core.targets.chunks.promote: tables swapped, the registry follows), the old table kept
 as `<table>_chunks__old` for rollback.
 """
 
@@ -23,16 +23,18 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
-from . import backfill_control, chunks
-from .backfill import pipeline_spec
-from .chunking import Splitter, splitter_for
-from .config import ConfigError
-from .drain.chunked import chunk_target_of, shadow_of
-from .embedders import make_embedder
-from .embedders.base import Embedder
-from .migration import Coverage, MigrationError, ModelSpec
-from .pipelines import Pipeline
-from .targets import Target, TargetError, lookup_registered
+from . import backfill_control
+from ..targets import chunks
+from ..targets.splitter import Splitter, splitter_for
+from ..config import ConfigError
+from ..drain.chunked import chunk_target_of, shadow_of
+from ..embed import make_embedder
+from ..embed.base import Embedder
+from .migration import MigrationError
+from ..targets.models import ModelSpec
+from ..targets.shadow import Coverage
+from ..pipelines import Pipeline
+from ..targets.catalog import Target, TargetError, lookup_registered
 
 DEFAULT_PAGE_DOCUMENTS = 32
 
@@ -62,7 +64,7 @@ def pipeline_embedder(conn: psycopg.Connection, p: Pipeline) -> tuple[Target, Mo
     """The pipeline's live chunk target, its configured model (sized like the drain sizes it), the
     embedder and the splitter."""
     live = registered_chunk_target(conn, p)
-    spec = pipeline_spec(p, column_dimensions=live.dimensions)
+    spec = p.spec(column_dimensions=live.dimensions)
     embedder = make_embedder(spec.settings(p.embedder_settings()), dimensions=spec.dimensions)
     if embedder.identity.key != spec.identity_key:
         raise ConfigError(f"{spec.key}: the embedder reports itself as {embedder.identity.key}")
@@ -152,7 +154,7 @@ def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: E
                          on_page: Callable[[ChunkShardStats, int], None] | None = None) -> ChunkShardStats:
     """Bring every document of one shard up to date in `write_to`'s chunk table (see module doc).
 
-    With `pipeline`, its pause and time window (core.backfill_control) are checked before every
+    With `pipeline`, its pause and time window (core.migrate.backfill_control) are checked before every
     page, as column shards do: a stopped shard has lost nothing (the next run skips what is current)."""
     if not 0 <= shard < shards:
         raise ConfigError(f"shard {shard} is not in 0..{shards - 1}")

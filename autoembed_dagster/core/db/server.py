@@ -26,7 +26,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import make_conninfo
 
-from .config import HOME_DIRNAME, ConfigError, Settings
+from ..config import HOME_DIRNAME, ConfigError, Settings
 
 log = logging.getLogger(__name__)
 

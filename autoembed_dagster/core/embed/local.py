@@ -22,7 +22,7 @@ DIMENSIONS = 384
 MODEL_ALIASES = (MODEL, "sentence-transformers/all-MiniLM-L6-v2")
 MAX_TOKENS = 256  # the model's own limit; the shipped tokenizer.json says 128, fastembed would use 512
 MAX_BATCH = 32  # onnxruntime RSS grows to GBs at batch 128
-TOKENIZER_PATH = Path(__file__).resolve().parent.parent / "model_files" / "tokenizer.json"
+TOKENIZER_PATH = Path(__file__).resolve().parent / "model_files" / "tokenizer.json"
 
 _lock = threading.Lock()
 _sessions: dict[tuple[str, str | None], Any] = {}  # (model path, expected sha256) -> InferenceSession

@@ -2,7 +2,7 @@
 
 A chunked pipeline's model change lives in its tables, not in autoembed.model_migrations:
 
-    backfilling   the shadow `<table>_chunks__next` exists (core.chunk_backfill writes the new model
+    backfilling   the shadow `<table>_chunks__next` exists (core.migrate.chunk_backfill writes the new model
                   into it; the drain writes changed documents there too)
     promoted      `<table>_chunks__old` exists: the previous live table, kept for rollback
     none          neither
@@ -11,7 +11,7 @@ promote swaps the shadow in (at 100% coverage, or forced); rollback swaps `__old
 promoted table the shadow again (back to backfilling: promote again later, or abort); drop_old
 drops `__old` (the migration is finished); abort drops the shadow and queues the documents whose
 live chunk set went stale meanwhile (the drain wrote only the shadow). The swaps and drops run like
-the column migrations' (core.migration.in_locked_transaction: short lock waits, retried).
+the column migrations' (core.migrate.migration.in_locked_transaction: short lock waits, retried).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from . import chunks
+from ..targets import chunks
 from .backfill import MIGRATION_ACTIONS
 from .chunk_backfill import pipeline_embedder
-from .drain.chunked import chunk_target_of, shadow_of
-from .migration import Coverage, MigrationError, in_locked_transaction
-from .pipelines import Pipeline
-from .targets import Target
+from ..drain.chunked import chunk_target_of, shadow_of
+from .migration import MigrationError, in_locked_transaction
+from ..targets.shadow import Coverage
+from ..pipelines import Pipeline
+from ..targets.catalog import Target
 
 
 @dataclass(frozen=True)

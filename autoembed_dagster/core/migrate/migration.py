@@ -2,7 +2,7 @@
 
     start_migration ──▶ shadow column `<col>__next` (new size) + a BEFORE row trigger that enqueues a
                         job for it on every changed row (the ordinary drain embeds those)
-                    ──▶ backfill shards fill it (core/backfill.py)         search still uses <col>
+                    ──▶ backfill shards fill it (core/migrate/backfill.py)         search still uses <col>
     promote         ──▶ one transaction: rename <col> → <col>__old, <col>__next → <col>, move the
                         embedding_state records, swap triggers, swap the prebuilt vector indexes
     rollback        ──▶ the reverse swap, while <col>__old still exists
@@ -17,29 +17,23 @@ one until promotion; a guard trigger on embedding_state refuses any record contr
 
 from __future__ import annotations
 
-import hashlib
 import time
-import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import psycopg
 from psycopg import errors, sql
 
-from . import queue as pgmq
-from .config import PROVIDERS, ConfigError, EmbedderSettings, default_batch_size
-from .database import lent_connection
-from .embedders import make_embedder
-from .embedders.base import Embedder
-from .targets import MAX_IDENTIFIER_BYTES, Target, TargetError, TargetKey, resolve
+from ..config import ConfigError, EmbedderSettings
+from ..embed import make_embedder
+from ..queue import pgmq
+from ..targets.catalog import Target, TargetError, TargetKey, resolve
+from ..targets.models import (MIGRATION_COLUMNS, MIGRATION_SELECT, Migration, ModelSpec, get_migration,
+                              migration_from_row)
+from ..targets.shadow import (OLD_SUFFIX, SHADOW_SUFFIX, Coverage, IndexInfo, column_indexes, column_models,
+                              opclass_for, suffixed, with_options)
 
-SHADOW_SUFFIX = "__next"
-OLD_SUFFIX = "__old"
-ACTIVE = ("backfilling", "promoted")
 _LOCK_CLASS = 0x61656D  # advisory lock class of migrations ("aem")
-# Characters a model spec may not contain: Dagster partition keys forbid `| , [ ]`; ':' separates
-# the spec's fields (only the model name may contain it: Ollama tags like "nomic-embed-text:v1.5").
-_FORBIDDEN = set("|,[]") | {chr(c) for c in range(32)}
 
 T = TypeVar("T")
 
@@ -48,214 +42,19 @@ class MigrationError(Exception):
     """The migration cannot do what was asked (conflict, wrong state, incomplete coverage...)."""
 
 
-class MigrationChanged(RuntimeError):
-    """A writer holds a view of the column that a promotion/rollback has since changed.
-
-    Deliberately not a ValueError/TargetError: the drain must not dead-letter its jobs. The drain
-    batch fails, its messages reappear after their visibility timeout, and a fresh drain (which
-    re-reads the catalog) embeds them with the right model."""
-
-
-# -- model spec ----------------------------------------------------------------------------------
-def _check_part(what: str, value: object, extra: str = "") -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
-    bad = (_FORBIDDEN | set(extra)) & set(value)
-    if bad or "..." in value:
-        raise ConfigError(f"{what} {value!r} contains {''.join(sorted(bad)) or '...'!r}, which is not allowed")
-    return value
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What makes a vector: provider, model, output size and the input (content) function."""
-
-    provider: str
-    model: str
-    dimensions: int
-    content_function: str
-
-    def __post_init__(self) -> None:
-        if self.provider not in PROVIDERS:
-            raise ConfigError(f"provider {self.provider!r} is not one of {', '.join(PROVIDERS)}")
-        _check_part("model", self.model)
-        _check_part("content function", self.content_function, ":")
-        if not isinstance(self.dimensions, int) or self.dimensions < 1:
-            raise ConfigError(f"dimensions must be a positive integer, got {self.dimensions!r}")
-
-    @property
-    def identity_key(self) -> str:
-        """The model as embedding_state.model records it (ModelIdentity.key)."""
-        return f"{self.provider}:{self.model}:{self.dimensions}"
-
-    @property
-    def key(self) -> str:
-        """`provider:model:dimensions:content_function`: a Dagster partition key and code version."""
-        return f"{self.identity_key}:{self.content_function}"
-
-    @classmethod
-    def parse(cls, key: str) -> "ModelSpec":
-        parts = key.split(":")
-        if len(parts) < 4:
-            raise ConfigError(f"model key {key!r} is not provider:model:dimensions:content_function")
-        try:
-            dims = int(parts[-2])
-        except ValueError:
-            raise ConfigError(f"model key {key!r}: dimensions {parts[-2]!r} is not a number") from None
-        return cls(parts[0], ":".join(parts[1:-2]), dims, parts[-1])
-
-    @classmethod
-    def from_identity(cls, identity_key: str, content_function: str) -> "ModelSpec":
-        return cls.parse(f"{identity_key}:{content_function}")
-
-    def settings(self, base: EmbedderSettings) -> EmbedderSettings:
-        """Embedder settings for this model: the base's transport settings, this model's identity."""
-        if self.provider != base.provider:
-            base = replace(base, provider=self.provider, batch_size=default_batch_size(self.provider))
-        return replace(base, model=self.model, dimensions=self.dimensions)
-
-
-def describe_change(old: ModelSpec | None, new: ModelSpec) -> str:
-    """Every part of what makes a vector that changed from `old` to `new` (model, dimensions,
-    content function), for promotion messages."""
-    if old is None:
-        return f"{new.identity_key} of {new.content_function}"
-    parts = []
-    if old.identity_key != new.identity_key:
-        parts.append(f"model {old.identity_key} -> {new.identity_key}")
-    if old.content_function != new.content_function:
-        parts.append(f"content function {old.content_function} -> {new.content_function}")
-    return ", ".join(parts) or f"{new.key} (unchanged)"
-
-
-# -- the migration record ------------------------------------------------------------------------
-_COLUMNS = ("id", "schema_name", "table_name", "embedding_column", "shadow_column", "old_column",
-            "key_column", "queue", "content_function", "old_content_function", "provider", "model",
-            "dimensions", "vector_type", "model_key", "old_model", "status")
-_SELECT = sql.SQL("select {} from autoembed.model_migrations").format(
-    sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS))
-
-
-@dataclass(frozen=True)
-class Migration:
-    id: int
-    schema_name: str
-    table_name: str
-    embedding_column: str
-    shadow_column: str
-    old_column: str
-    key_column: str
-    queue: str
-    content_function: str
-    old_content_function: str
-    provider: str
-    model: str
-    dimensions: int
-    vector_type: str
-    model_key: str
-    old_model: str | None
-    status: str
-
-    @property
-    def spec(self) -> ModelSpec:
-        return ModelSpec(self.provider, self.model, self.dimensions, self.content_function)
-
-    @property
-    def old_spec(self) -> ModelSpec | None:
-        return ModelSpec.from_identity(self.old_model, self.old_content_function) if self.old_model else None
-
-    @property
-    def label(self) -> str:
-        return f"{self.schema_name}.{self.table_name}.{self.embedding_column}"
-
-    @property
-    def live_key(self) -> TargetKey:
-        """The column search uses, with the input of the vectors it holds now."""
-        fn = self.content_function if self.status in ("promoted", "finished") else self.old_content_function
-        return TargetKey(self.schema_name, self.table_name, fn, self.embedding_column, self.key_column)
-
-    @property
-    def shadow_key(self) -> TargetKey:
-        return TargetKey(self.schema_name, self.table_name, self.content_function, self.shadow_column,
-                         self.key_column)
-
-    def spec_for_column(self, column: str) -> ModelSpec | None:
-        """The model whose vectors `column` takes now; None: the configured one.
-
-        Raises MigrationChanged for the shadow name of a promoted migration (it no longer exists)."""
-        if self.status == "backfilling":
-            if column == self.shadow_column:
-                return self.spec
-            return self.old_spec if column == self.embedding_column else None
-        if self.status == "promoted":
-            if column == self.embedding_column:
-                return self.spec
-            if column == self.shadow_column:
-                raise MigrationChanged(f"{self.label}: the shadow column {column} was promoted; "
-                                       "its pending jobs were replaced by jobs for the live column")
-        return None
-
-
-def _row(row: tuple | None) -> Migration | None:
-    return Migration(*row) if row else None
-
-
-def get_migration(conn: psycopg.Connection, schema: str, table: str, column: str,
-                  statuses: tuple[str, ...] = ACTIVE) -> Migration | None:
-    """The migration in flight whose live (or shadow) column is `column`."""
-    return _row(conn.execute(
-        _SELECT + sql.SQL(" where schema_name = %s and table_name = %s and status = any(%s)"
-                          " and %s in (embedding_column, shadow_column) order by id desc limit 1"),
-        (schema, table, list(statuses), column),
-    ).fetchone())
-
-
 def _reload(conn: psycopg.Connection, m: Migration, lock: bool = False) -> Migration:
-    q = _SELECT + sql.SQL(" where id = %s") + (sql.SQL(" for update") if lock else sql.SQL(""))
-    fresh = _row(conn.execute(q, (m.id,)).fetchone())
+    q = MIGRATION_SELECT + sql.SQL(" where id = %s") + (sql.SQL(" for update") if lock else sql.SQL(""))
+    fresh = migration_from_row(conn.execute(q, (m.id,)).fetchone())
     if fresh is None:
         raise MigrationError(f"migration {m.id} no longer exists")
     return fresh
 
 
-def suffixed(name: str, suffix: str) -> str:
-    """`name + suffix`, shortened with a hash when it would pass Postgres's 63-byte limit."""
-    full = name + suffix
-    if len(full.encode()) <= MAX_IDENTIFIER_BYTES:
-        return full
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    keep = name.encode()[: MAX_IDENTIFIER_BYTES - len(suffix) - 9].decode(errors="ignore")
-    return f"{keep}_{digest}{suffix}"
-
-
-# -- coverage ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Coverage:
-    rows: int
-    embeddable: int  # rows whose input is not NULL/blank
-    current: int  # embeddable rows holding the vector of their current input under the model
-    # Rows whose content function raises (not counted embeddable: they cannot be), and one error.
-    unreadable: int = 0
-    unreadable_error: str | None = None
-
-    @property
-    def missing(self) -> int:
-        return self.embeddable - self.current
-
-    @property
-    def complete(self) -> bool:
-        return self.current == self.embeddable
-
-    @property
-    def ratio(self) -> float:
-        return self.current / self.embeddable if self.embeddable else 1.0
-
-
 def coverage(conn: psycopg.Connection, target: Target, model_key: str,
              shard: int | None = None, shards: int | None = None) -> Coverage:
     """How many rows (of one shard, or all) hold `model_key`'s vector of their current input. Rows
-    whose content function raises are counted apart (drain.badrows.scan_isolating)."""
-    from .drain.badrows import input_lateral, scan_isolating
+    whose content function raises are counted apart (targets.badrows.scan_isolating)."""
+    from ..targets.badrows import input_lateral, scan_isolating
 
     def query(safe: bool) -> sql.Composable:
         return sql.SQL(
@@ -287,16 +86,6 @@ def coverage(conn: psycopg.Connection, target: Target, model_key: str,
         "table": target.key.table, "column": target.key.embedding_column,
     })
     return Coverage(rows, embeddable, current, unreadable, error)
-
-
-def column_models(conn: psycopg.Connection, schema: str, table: str, column: str) -> list[tuple[str, int]]:
-    """(model, rows) recorded for a column, most common first."""
-    return [(r[0], r[1]) for r in conn.execute(
-        """select model, count(*) from autoembed.embedding_state
-           where schema_name = %s and table_name = %s and embedding_column = %s
-           group by model order by 2 desc, 1""",
-        (schema, table, column),
-    )]
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -472,53 +261,8 @@ def trigger_content_functions(conn: psycopg.Connection, schema: str, table: str,
     return sorted(counts, key=lambda fn: -counts[fn])
 
 
-# -- vector indexes --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class IndexInfo:
-    schema: str
-    name: str
-    method: str
-    opclass: str
-    options: list[str] | None
-    simple: bool  # one plain column, no expression, no predicate
-    valid: bool
-
-
 def _indexes(conn: psycopg.Connection, m: Migration, column: str) -> list[IndexInfo]:
     return column_indexes(conn, sql.Identifier(m.schema_name, m.table_name).as_string(conn), column)
-
-
-def column_indexes(conn: psycopg.Connection, table: str, column: str) -> list[IndexInfo]:
-    """The indexes whose first column is `column` of `table` (a regclass text)."""
-    rows = conn.execute(
-        """select n.nspname, ci.relname, am.amname, opc.opcname, ci.reloptions,
-                  i.indnatts = 1 and i.indexprs is null and i.indpred is null, i.indisvalid
-           from pg_index i
-           join pg_class ci on ci.oid = i.indexrelid
-           join pg_namespace n on n.oid = ci.relnamespace
-           join pg_am am on am.oid = ci.relam
-           join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]
-           join pg_opclass opc on opc.oid = i.indclass[0]
-           where i.indrelid = %s::regclass and a.attname = %s order by ci.relname""",
-        (table, column),
-    ).fetchall()
-    return [IndexInfo(*r) for r in rows]
-
-
-def opclass_for(opclass: str, vector_type: str) -> str:
-    """The same distance for another element type: halfvec_cosine_ops <-> vector_cosine_ops."""
-    for prefix in ("halfvec_", "vector_"):
-        if opclass.startswith(prefix):
-            return vector_type + "_" + opclass[len(prefix):]
-    return opclass
-
-
-def with_options(ix: IndexInfo) -> sql.Composable:
-    """` with (...)` of an index's storage options, or nothing."""
-    if not ix.options:
-        return sql.SQL("")
-    # reloptions as Postgres stores them (e.g. m=16), not user text.
-    return sql.SQL(" with ({})").format(sql.SQL(", ").join(sql.SQL(o) for o in ix.options))
 
 
 def prepare_indexes(conn: psycopg.Connection, m: Migration) -> tuple[list[str], list[str]]:
@@ -623,13 +367,13 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
         if not conn.execute("select 1 from pgmq.meta where queue_name = %s", (queue,)).fetchone():
             conn.execute("select pgmq.create(%s)", (queue,))
         models = column_models(conn, live.schema, live.table, live.embedding_column)
-        m = _row(conn.execute(sql.SQL(
+        m = migration_from_row(conn.execute(sql.SQL(
             """insert into autoembed.model_migrations
                  (schema_name, table_name, embedding_column, shadow_column, old_column, key_column, queue,
                   content_function, old_content_function, provider, model, dimensions, vector_type,
                   model_key, old_model)
                values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning {}"""
-        ).format(sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)), (
+        ).format(sql.SQL(", ").join(sql.Identifier(c) for c in MIGRATION_COLUMNS)), (
             live.schema, live.table, live.embedding_column, shadow, old, live.key_column, queue,
             spec.content_function, live.content_function, spec.provider, spec.model, spec.dimensions, vtype,
             spec.identity_key, models[0][0] if models else None,
@@ -799,73 +543,3 @@ def abort(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, 
     return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
 
 
-# -- the drain's view: which model embeds which column -------------------------------------------------
-ConfiguredSettings = Callable[[str, str, str], EmbedderSettings]  # (schema, table, live column) -> settings
-
-
-class MigrationAwareResolver:
-    """An EmbedderResolver that honours model migrations in flight.
-
-    Without a migration: the configured model. During one: the shadow column gets the new model and
-    the live column keeps the model its vectors were made with (the configuration may already name
-    the new one). After promotion: the live column gets the new model. One indexed query per call
-    (cheap next to a batch), on the connection a caller lends (database.lending: the drain lends
-    the one it claims on) or else on a connection of its own.
-    """
-
-    MISSING_TABLE_RECHECK_SECONDS = 30.0
-
-    def __init__(self, configured: ConfiguredSettings, url: str | None = None) -> None:
-        self._configured = configured
-        self._url = url
-        self._conn: psycopg.Connection | None = None
-        self._no_table_until = 0.0
-
-    def __call__(self, target: Target) -> Embedder:
-        k = target.key
-        m = self.migration_for(k.schema, k.table, k.embedding_column)
-        if m is None:
-            return make_embedder(self._configured(k.schema, k.table, k.embedding_column), dimensions=target.dimensions)
-        spec = m.spec_for_column(k.embedding_column)
-        settings = self._configured(k.schema, k.table, m.embedding_column)
-        if spec is not None:
-            if spec.dimensions != target.dimensions:
-                raise MigrationChanged(
-                    f"{k.label} holds {target.vector_type}({target.dimensions}) for this writer, but migration "
-                    f"{m.id} ({m.status}) gives it {spec.identity_key}: the column changed since it was read")
-            settings = spec.settings(settings)
-        return make_embedder(settings, dimensions=target.dimensions)
-
-    def migration_for(self, schema: str, table: str, column: str) -> Migration | None:
-        if time.monotonic() < self._no_table_until:
-            return None
-        lent = lent_connection()
-        for attempt in (1, 2):
-            conn = lent or self._connection()
-            try:
-                return get_migration(conn, schema, table, column)
-            except errors.UndefinedTable:
-                self._no_table_until = time.monotonic() + self.MISSING_TABLE_RECHECK_SECONDS  # before 007
-                return None
-            except psycopg.OperationalError:
-                if lent is not None or attempt == 2:
-                    raise  # the lender's connection is the lender's to reconnect
-                self.close()  # the server restarted or dropped us: one reconnect
-        return None
-
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            from .database import connect, database_url
-
-            self._conn = connect(self._url or database_url())
-            weakref.finalize(self, self._conn.close)
-        return self._conn
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def migration_aware(configured: ConfiguredSettings, url: str | None = None) -> MigrationAwareResolver:
-    return MigrationAwareResolver(configured, url)

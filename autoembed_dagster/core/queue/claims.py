@@ -19,8 +19,8 @@ from collections import deque
 import psycopg
 from psycopg import sql
 
-from .. import queue as pgmq
-from ..targets import message_row_count
+from . import pgmq
+from ..targets.catalog import message_row_count
 
 log = logging.getLogger(__name__)
 

@@ -372,7 +372,7 @@ def lookup_registered(conn: psycopg.Connection, *, target_id: int | None = None,
     (target_id, target_queue, schema, table, content_function, column, key_column, function, key_type,
      vector_type, dimensions, regclass, chunk_table, chunk_tokens, chunk_overlap, chunk_vector, input_fn) = row
     if chunk_tokens is not None:
-        # A chunk target: the vector column is the chunk table's (core.chunks.VECTOR_COLUMN).
+        # A chunk target: the vector column is the chunk table's (core.targets.chunks.VECTOR_COLUMN).
         if chunk_table is None:
             raise TargetError(f"the chunk table of target {target_id} ({regclass}) is gone: enrol the table again")
         column = chunk_table

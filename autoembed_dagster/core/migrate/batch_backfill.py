@@ -37,20 +37,22 @@ from psycopg import sql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from . import queue as pgmq
-from .backfill import (MAX_SCAN_ROWS, ShardPlan, _candidates, embedder_for, plan)
-from .config import ConfigError, EmbedderSettings
-from .drain import copy_records
-from .drain.badrows import check_vectors
-from .database import second_connection
-from .drain.loop import pin_session
-from .drain.settle import VectorWriter, act_as_drain, clean
-from .embedders.base import Embedder, EmbeddingError
-from .embedders.batch_api import (FINISHED_STATUSES, BatchClient, BatchLimits, BatchUnsupported, Result)
-from .health import estimated_cost
-from .migration import Coverage, ModelSpec, PromoteResult, coverage, promote
-from .pipelines import Pipeline
-from .targets import INTEGER_KEY_TYPES, Target, TargetKey, ambiguous_key_error, resolve
+from ..config import ConfigError, EmbedderSettings
+from ..db.server import second_connection
+from ..targets.badrows import check_vectors
+from ..drain.loop import pin_session
+from ..drain.settle import VectorWriter, act_as_drain, clean
+from ..embed.base import Embedder, EmbeddingError
+from ..embed.batch_api import FINISHED_STATUSES, BatchClient, BatchLimits, BatchUnsupported, Result
+from ..health import estimated_cost
+from ..pipelines import Pipeline
+from ..queue import pgmq
+from ..targets.catalog import INTEGER_KEY_TYPES, Target, TargetKey, ambiguous_key_error, resolve
+from ..targets.models import ModelSpec
+from ..targets.shadow import Coverage
+from ..targets.vectors import copy_records
+from .backfill import MAX_SCAN_ROWS, ShardPlan, _candidates, embedder_for, plan
+from .migration import PromoteResult, coverage, promote
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ def batch_client(p: Pipeline, spec: ModelSpec, target: Target | None = None,
     if target is not None:
         embedder = embedder_for(p, spec, target, base)
     else:
-        from .embedders import make_embedder
+        from ..embed import make_embedder
 
         embedder = make_embedder(spec.settings(p.embedder_settings(base)), dimensions=spec.dimensions)
     return BatchClient(embedder, what)
@@ -187,7 +189,7 @@ def check_batch_support(p: Pipeline, base: EmbedderSettings | None = None, *, ca
         if _PROBED[key]:
             raise BatchUnsupported(_PROBED[key])
         return
-    from .embedders import make_embedder
+    from ..embed import make_embedder
 
     try:
         client = BatchClient(make_embedder(s), what)
@@ -695,7 +697,7 @@ def _embed_directly(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, 
 
 
 def client_embedder(record: BatchRecord, p: Pipeline) -> Embedder:
-    from .embedders import make_embedder
+    from ..embed import make_embedder
 
     spec = ModelSpec.from_identity(record.model, record.content_function)
     return make_embedder(spec.settings(p.embedder_settings()), dimensions=spec.dimensions)

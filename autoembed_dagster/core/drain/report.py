@@ -12,8 +12,8 @@ from typing import Callable, Iterator
 
 from psycopg import sql
 
-from . import queue as pgmq
-from .drain import Drainer, DrainStats
+from ..queue import pgmq
+from . import Drainer, DrainStats
 
 
 @dataclass

@@ -1,0 +1,282 @@
+"""A pipeline's re-embed and model change, whatever the shape of its target: one interface
+(`Reembed`), one implementation per shape (`ColumnReembed`: a vector column, core.migrate.backfill
+and core.migrate.migration; `ChunkSetReembed`: a chunk set, core.migrate.chunk_backfill and
+core.migrate.chunk_migration), picked by `reembed_of(p)`. The Dagster layer (defs/backfill.py)
+is written once against it; a third shape is a third implementation.
+
+Everything a caller shows is plain data here (metadata dicts, check results, log lines), so the
+Dagster layer only wraps it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import psycopg
+
+from ..drain.chunked import chunk_target_of, shadow_of
+from ..pipelines import Pipeline
+from ..targets import chunks
+from ..targets.catalog import resolve
+from ..targets.models import ModelSpec, describe_change
+from ..targets.shadow import Coverage
+from . import migration as mig
+from .backfill import backfill_shard, estimated_shard_cost, migration_action, plan
+from .chunk_backfill import backfill_chunk_shard, chunk_plan, pipeline_embedder, registered_chunk_target
+from .chunk_migration import chunk_migration_action
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where a backfill of the configured model writes, and how much is left (the `backfill` job)."""
+
+    spec: ModelSpec
+    mode: str  # "in_place", "migration" (a shadow column), "shadow" (a shadow chunk table), "skip"
+    reason: str
+    todo: Coverage | None  # of the table written; None when skipped
+    column: str = ""
+    migration_id: int = -1
+
+
+@dataclass
+class ShardRun:
+    """One shard × model run, as the Dagster asset reports it."""
+
+    skipped: str | None = None  # why nothing was embedded (a retired model's partition)
+    stopped: str | None = None  # a pause or the window stopped it part-way (what it wrote stays)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    check_passed: bool = False
+    check_description: str = ""
+    check_metadata: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None  # rows that could not be embedded yet: the run fails, a re-run resumes
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ActionResult:
+    """A `model_migration` action's outcome."""
+
+    metadata: dict[str, Any]
+    summary: str
+    keep_models: set[str] | None = None  # model partitions still in use (others can go), when known
+
+
+class Reembed(Protocol):
+    p: Pipeline
+    noun: str  # what a shard counts: "rows" or "documents"
+
+    def configured_spec(self, conn: psycopg.Connection) -> ModelSpec:
+        """The model the pipeline's declaration names, sized like its live target."""
+
+    def needs_backfill(self, conn: psycopg.Connection) -> str | None:
+        """Why the target does not hold the configured model for everything; None when it does."""
+
+    def launch(self, conn: psycopg.Connection) -> Launch:
+        """Start (or resume) a backfill of the configured model: creates the shadow when needed."""
+
+    def run_shard(self, conn: psycopg.Connection, spec: ModelSpec, shard: int, *, promote: bool,
+                  batch_rows: int | None, max_rows: int | None, log: Log) -> ShardRun:
+        """Bring one shard up to date under `spec`; promote the shadow when it is complete."""
+
+    def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
+        """status / promote / rollback / drop_old / abort of the pipeline's model change."""
+
+
+def reembed_of(p: Pipeline) -> Reembed:
+    return ChunkSetReembed(p) if p.chunked else ColumnReembed(p)
+
+
+def _ratio(cov: Coverage | None) -> float | str:
+    return round(cov.ratio, 6) if cov is not None else "n/a"
+
+
+# -- a vector column -------------------------------------------------------------------------------
+class ColumnReembed:
+    noun = "rows"
+
+    def __init__(self, p: Pipeline) -> None:
+        self.p = p
+
+    def configured_spec(self, conn: psycopg.Connection) -> ModelSpec:
+        return self.p.spec(column_dimensions=resolve(conn, self.p.live_key).dimensions)
+
+    def needs_backfill(self, conn: psycopg.Connection) -> str | None:
+        spec = self.configured_spec(conn)
+        shard_plan = plan(conn, self.p, spec, start=False)
+        if shard_plan.mode != "in_place":
+            return shard_plan.reason
+        cov = mig.coverage(conn, resolve(conn, shard_plan.target_key(self.p)), spec.identity_key)
+        return None if cov.complete else f"{cov.missing} of {cov.embeddable} rows lack the {spec.identity_key} vector"
+
+    def launch(self, conn: psycopg.Connection) -> Launch:
+        spec = self.configured_spec(conn)
+        # The model the code names, nothing else: a migration to it starts here when the column
+        # holds another one (after a probe embedding proves the target).
+        shard_plan = plan(conn, self.p, spec)
+        if shard_plan.mode == "skip":
+            return Launch(spec, "skip", shard_plan.reason, None)
+        todo = mig.coverage(conn, resolve(conn, shard_plan.target_key(self.p)), spec.identity_key)
+        return Launch(spec, shard_plan.mode, shard_plan.reason, todo, shard_plan.column or "",
+                      shard_plan.migration.id if shard_plan.migration else -1)
+
+    def run_shard(self, conn: psycopg.Connection, spec: ModelSpec, shard: int, *, promote: bool,
+                  batch_rows: int | None, max_rows: int | None, log: Log) -> ShardRun:
+        p = self.p
+        shard_plan = plan(conn, p, spec)
+        if shard_plan.mode == "skip":
+            return ShardRun(skipped=shard_plan.reason)
+        log(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {shard_plan.reason}")
+        result = backfill_shard(conn, p, spec, shard, p.shards, shard_plan=shard_plan, batch_rows=batch_rows,
+                                max_rows=max_rows, on_batch=_every_few_seconds(
+                                    lambda stats, rows: log(f"shard {shard}: {stats.embedded} embedded, "
+                                                            f"{stats.rows_per_second:.0f} rows/s")))
+        log(f"shard {shard}: {result.stats.summary()}")
+        if result.stats.stopped:
+            return ShardRun(stopped=result.stats.stopped, metadata=_column_metadata(result, spec, None, False))
+        migration_cov, promoted = None, False
+        m = result.plan.migration
+        if result.plan.mode == "migration" and m is not None:
+            migration_cov = mig.coverage(conn, resolve(conn, m.shadow_key), m.model_key)
+            if migration_cov.complete and promote:
+                promotion = mig.promote(conn, m)
+                promoted = not promotion.already
+                if promoted:
+                    log(f"migration {m.id} complete: {m.embedding_column} now holds "
+                        f"{describe_change(m.old_spec, m.spec)} "
+                        f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
+        s, cov = result.stats, result.coverage
+        return ShardRun(
+            metadata=_column_metadata(result, spec, migration_cov, promoted), check_passed=result.complete,
+            check_description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} "
+                               f"vector of their current input" if cov else "no coverage"),
+            check_metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0},
+            failure=(f"{s.retryable_failures} row(s) could not be embedded (provider errors); re-run this partition "
+                     "to resume") if s.retryable_failures else None,
+            errors=list(s.errors))
+
+    def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
+        return _column_migration_action(conn, self.p, action, force)
+
+
+def _column_metadata(result, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict[str, Any]:
+    s, cost, cov = result.stats, estimated_shard_cost(spec, result.stats.tokens), result.coverage
+    return {
+        **({} if cost is None else {"estimated_cost_usd": round(cost, 6)}),
+        "model": spec.key, "mode": result.plan.mode, "column": result.plan.column or "",
+        "migration_id": result.plan.migration.id if result.plan.migration else -1,
+        "shard": s.shard, "shards": s.shards, "rows_in_shard": cov.rows if cov else 0,
+        "rows_embedded": s.embedded, "rows_already_current": s.current, "rows_empty_input": s.empty_input,
+        "stale_writes_avoided": s.stale, "rows_failed": s.failed, "tokens": s.tokens, "requests": s.requests,
+        "rows_per_second": round(s.rows_per_second, 2), "seconds": round(s.seconds, 3),
+        "rate_limit_wait_seconds": round(s.limit_wait_seconds, 3), "stopped_early": s.stopped or "",
+        "shard_coverage": _ratio(cov), "migration_coverage": _ratio(migration_cov), "promoted": promoted,
+    }
+
+
+def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str, force: bool) -> ActionResult:
+    m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
+    if m is None:
+        if action != "status":
+            raise mig.MigrationError(f"{p.qualified_table}.{p.embedding_column} has no model migration in flight")
+        return ActionResult({"status": "none"}, f"{p.qualified_table}.{p.embedding_column}: no model migration")
+    cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
+    meta: dict[str, Any] = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "",
+                            "coverage": _ratio(cov), "missing_rows": cov.missing}
+    m, r, configured = migration_action(conn, p, m, action, force=force)
+    if r is not None:
+        meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
+                    locked_seconds=round(r.locked_seconds, 4))
+    meta["status"] = m.status
+    return ActionResult(meta, f"migration {m.id} of {m.label}: {m.status}",
+                        {m.spec.key, configured.key} if configured is not None else None)
+
+
+# -- a chunk set -------------------------------------------------------------------------------------
+class ChunkSetReembed:
+    noun = "documents"
+
+    def __init__(self, p: Pipeline) -> None:
+        self.p = p
+
+    def configured_spec(self, conn: psycopg.Connection) -> ModelSpec:
+        return self.p.spec(column_dimensions=registered_chunk_target(conn, self.p).dimensions)
+
+    def needs_backfill(self, conn: psycopg.Connection) -> str | None:
+        live, _, embedder, splitter = pipeline_embedder(conn, self.p)
+        if shadow_of(conn, live) is not None:
+            return f"a model change into {chunks.shadow_name(chunk_target_of(live))} is in progress"
+        cov = chunks.coverage(conn, chunk_target_of(live), embedder.identity.key, splitter.key)
+        return None if cov.complete else (f"{cov.missing} of {cov.embeddable} documents lack the "
+                                          f"{embedder.identity.key} chunk set of their current input")
+
+    def launch(self, conn: psycopg.Connection) -> Launch:
+        live, spec, embedder, splitter = pipeline_embedder(conn, self.p)
+        bp = chunk_plan(conn, self.p, live, spec)
+        return Launch(spec, bp.mode, bp.reason, chunks.coverage(conn, chunk_target_of(bp.write_to),
+                                                                embedder.identity.key, splitter.key))
+
+    def run_shard(self, conn: psycopg.Connection, spec: ModelSpec, shard: int, *, promote: bool,
+                  batch_rows: int | None, max_rows: int | None, log: Log) -> ShardRun:
+        p = self.p
+        live, configured, embedder, splitter = pipeline_embedder(conn, p)
+        if spec.key != configured.key:
+            return ShardRun(skipped=f"{p.name} declares {configured.key}, not {spec.key} (a retired model's partition)")
+        bp = chunk_plan(conn, p, live, configured)
+        log(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {bp.reason}")
+        stats = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, shard, p.shards, pipeline=p.name,
+                                     on_page=_every_few_seconds(
+                                         lambda st, documents: log(f"shard {shard}: {st.written} documents written, "
+                                                                   f"{st.chunks_embedded} chunks embedded, "
+                                                                   f"{st.chunks_reused} reused")))
+        log(f"shard {shard}: {stats.summary()}")
+        if stats.stopped:
+            return ShardRun(stopped=stats.stopped, metadata={"documents_written": stats.written, "shard": shard})
+        written = chunk_target_of(bp.write_to)
+        mine = chunks.document_counts(conn, written, embedder.identity.key, splitter.key, shard=shard,
+                                      shards=p.shards).coverage
+        whole = chunks.coverage(conn, written, embedder.identity.key, splitter.key)
+        promoted = bp.mode == "shadow" and whole.complete and promote
+        if promoted:
+            old = chunks.promote(conn, chunk_target_of(live), written, embedder.identity.key, splitter.key)
+            log(f"model change complete: {live.chunk_table} now holds {spec.identity_key} of "
+                f"{spec.content_function} (old chunks kept in {old} until the model_migration job's drop_old)")
+        metadata = {
+            "model": spec.key, "mode": bp.mode, "chunk_table": f"{p.schema}.{bp.write_to.chunk_table}",
+            "shard": shard, "shards": p.shards, "documents_in_shard": mine.rows, "documents_written": stats.written,
+            "documents_already_current": stats.current, "documents_failed": stats.failed,
+            "chunks_embedded": stats.chunks_embedded, "chunks_reused": stats.chunks_reused, "tokens": stats.tokens,
+            "seconds": round(stats.seconds, 3), "stopped_early": stats.stopped or "",
+            "coverage": round(whole.ratio, 6), "promoted": promoted,
+        }
+        return ShardRun(
+            metadata=metadata, check_passed=mine.complete,
+            check_description=(f"{mine.current} of {mine.embeddable} documents with input hold the "
+                               f"{spec.identity_key} chunk set of their current input"),
+            check_metadata={"coverage": round(mine.ratio, 6), "missing_documents": mine.missing},
+            failure=(f"{stats.failed} document(s) could not be embedded (provider errors); re-run this partition "
+                     "to resume") if stats.failed else None,
+            errors=list(stats.errors))
+
+    def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
+        m = chunk_migration_action(conn, self.p, action, force=force)
+        info = m.as_dict()
+        return ActionResult({**{k: v if v is not None else "" for k, v in info.items() if k != "coverage"},
+                             "coverage": info["coverage"], "missing_documents": m.coverage.missing}, m.summary())
+
+
+PROGRESS_EVERY_SECONDS = 5.0  # how often a running shard logs its progress
+
+
+def _every_few_seconds(report: Callable[..., None]) -> Callable[..., None]:
+    last = [time.monotonic()]
+
+    def on_progress(*args: Any) -> None:
+        if time.monotonic() - last[0] >= PROGRESS_EVERY_SECONDS:
+            last[0] = time.monotonic()
+            report(*args)
+
+    return on_progress

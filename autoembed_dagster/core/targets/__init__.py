@@ -1,0 +1,10 @@
+"""Embedding targets: what is embedded and where its vectors go. `catalog` validates a target
+(table, key, content function, vector column) against the catalog and the registry; `chunks` is
+the chunk-set target (a parent table's chunk table: plan, write, coverage, shadow, promotion);
+`splitter` cuts documents into chunks by the model's own tokenizer; `models` says which model a
+target's vectors are of (model spec, the model migration in flight, the migration-aware
+resolver); `shadow` names and indexes shadow / retired copies and counts coverage; `vectors`
+encodes vectors for COPY in the target's own type; `badrows` makes one bad row fail alone
+(vector checks, write / read / scan isolation) for both shapes and both write paths.
+
+May import: core.config, core.db, core.embed."""
