@@ -83,7 +83,7 @@ def read_rows_or_isolate(conn: psycopg.Connection, target: Target, row_ids: list
         cast = cast_problem(conn, row_id, target.key_type_sql)
         if cast is not None:
             return f"{target.regclass} key {row_id}: not a value of its key type {target.key_type}: {cast}"
-        return (f"{target.regclass} key {row_id}: reading its input with {target.function} failed: "
+        return (f"{target.regclass} key {row_id}: reading its input with {target.key.content_function} failed: "
                 f"{describe(exc)}")
 
     # (a chunk target may be its shadow here, not the registered one: no catalog check then)
