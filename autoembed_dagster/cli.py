@@ -292,21 +292,13 @@ def _stopped_line(p, total_stopped: str | None, stopped_shards: list[int]) -> st
             f"where they stopped on the next `autoembed backfill {p.name}`")
 
 
-def _promoted_line(p, m) -> str:
-    """A column migration's promotion: every part of the model that changed (model, dimensions,
-    content function)."""
-    from .core.targets.models import describe_change
-
-    return (f"promoted: {p.embedding_column} now holds {describe_change(m.old_spec, m.spec)} (old vectors in "
-            f"{m.old_column} until `autoembed migrate {p.name} drop-old`)")
-
-
 def _cmd_backfill(args: argparse.Namespace) -> int:
+    """One path for both shapes (core.migrate.reembed, as the Dagster `backfill` job); the Batch API
+    is its own path (`_batch_backfill`)."""
     from tqdm import tqdm
 
     from .core.migrate import backfill_control
-    from .core.migrate.backfill import run_backfill
-    from .core.targets.catalog import resolve
+    from .core.migrate.reembed import reembed_of
 
     p = _pipeline_named(args.pipeline)
     if args.pause or args.resume:
@@ -321,30 +313,30 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             else:
                 print(f"backfill of {p.name} was not paused: nothing to resume")
         return 0
+    reembed = reembed_of(p)
+    unit = reembed.noun[:-1]  # "row", "document"
     try:
         if args.via == "batch" or (args.via is None and p.backfill_via == "batch"):
             with api.session() as conn:  # a batch is not started while the backfill is held either
                 backfill_control.refuse_if_held(conn, p.name)
             return _batch_backfill(args, p)
-        if p.chunked:
-            return _chunk_backfill(args, p)
         bar = None
 
-        def on_plan(shard_plan, cov):
+        def on_plan(plan, cov):
             nonlocal bar
-            print(f"{p.name}: {shard_plan.spec.key} ({shard_plan.mode}): {shard_plan.reason}")
-            bar = tqdm(total=cov.missing, unit="row", desc="re-embedding", disable=args.quiet or None)
+            print(f"{p.name}: {plan.spec.key} ({plan.mode}): {plan.reason}; {cov.current}/{cov.embeddable} "
+                  f"{reembed.noun} current")
+            bar = tqdm(total=cov.missing, unit=unit, desc="re-embedding", disable=args.quiet or None)
 
-        def on_batch(stats, rows):
+        def on_page(stats, units):
             if bar is not None:
-                bar.update(rows)
-                bar.set_postfix(shard=stats.shard, embedded=stats.embedded, refresh=False)
+                bar.update(units)
+                bar.set_postfix(shard=stats.shard, written=stats.written, refresh=False)
 
         with api.session() as conn:
-            spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
             try:
-                result = run_backfill(conn, p, spec, only=args.shards, promote_when_complete=not args.no_promote,
-                                      batch_rows=args.batch_rows, on_batch=on_batch, on_plan=on_plan)
+                result = reembed.run(conn, only=args.shards, promote=not args.no_promote, batch_rows=args.batch_rows,
+                                     on_plan=on_plan, on_page=on_page)
             finally:
                 if bar is not None:
                     bar.close()
@@ -354,20 +346,21 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     if result.plan.mode == "skip":
         print(f"nothing to do: {result.plan.reason}", file=sys.stderr)
         return 1
-    for r in result.shards:
-        print(f"  shard {r.stats.shard}/{r.stats.shards}: {r.stats.summary(with_stop=False)}")
+    for s in result.shards:
+        print(f"  shard {s.shard}/{s.shards}: {s.summary(with_stop=False)}")
     cov = result.coverage
-    print(f"{result.total.summary(with_stop=False)}\ncoverage of {spec.identity_key} in {result.plan.column}: "
-          f"{_pct(cov.ratio)} ({cov.current}/{cov.embeddable})")
+    print(f"{result.total.summary(with_stop=False)}\ncoverage of {result.plan.spec.identity_key} in "
+          f"{reembed.written_to(result.plan)}: {_pct(cov.ratio)} ({cov.current}/{cov.embeddable}"
+          f"{'' if reembed.noun == 'rows' else ' ' + reembed.noun})")
     if result.promotion is not None:
-        print(_promoted_line(p, result.promotion.migration))
+        print(reembed.promoted_line(result))
     stopped = _stopped_line(p, result.total.stopped, result.stopped_shards)
     if stopped:
         print(stopped, file=sys.stderr)
     for error in result.total.errors:
         print(f"  error: {error}", file=sys.stderr)
-    if result.total.retryable_failures:
-        return 1
+    if result.total.retryable_failures or result.total.busy:
+        return 1  # rows to embed on the next run: the provider failed them, or the application held them
     return backfill_control.STOPPED_EXIT if stopped else 0
 
 
@@ -377,6 +370,7 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
     from tqdm import tqdm
 
     from .core.migrate import batch_backfill as bb
+    from .core.migrate.reembed import reembed_of
     from .core.targets.catalog import resolve
 
     if args.shards:
@@ -431,88 +425,29 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
     print(f"{result.summary()}\ncoverage of {spec.identity_key} in {result.plan.column}: "
           f"{_pct(cov.ratio)} ({cov.current}/{cov.embeddable})")
     if result.promotion is not None:
-        print(_promoted_line(p, result.promotion.migration))
+        print(reembed_of(p).promoted_line(result))
     for c in result.collected:
         for error in c.errors:
             print(f"  error: {error}", file=sys.stderr)
     return 0 if cov.complete else 1
 
 
-def _chunk_backfill(args: argparse.Namespace, p) -> int:
-    """`autoembed backfill P` of a chunked pipeline (core.migrate.chunk_backfill)."""
-    from .core.migrate import backfill_control
-    from .core.migrate.chunk_backfill import run_chunk_backfill
-
-    def on_plan(plan, cov):
-        print(f"{p.name}: {plan.spec.key} ({plan.mode}): {plan.reason}; {cov.current}/{cov.embeddable} documents current")
-
-    with api.session() as conn:
-        result = run_chunk_backfill(conn, p, only=args.shards, promote_when_complete=not args.no_promote,
-                                    on_plan=on_plan)
-    for r in result.shards:
-        print(f"  shard {r.shard}/{r.shards}: {r.summary(with_stop=False)}")
-    cov = result.coverage
-    print(f"{result.total.summary(with_stop=False)}\ncoverage of {result.plan.spec.identity_key} in "
-          f"{result.plan.write_to.chunk_table}: {_pct(cov.ratio)} ({cov.current}/{cov.embeddable} documents)")
-    if result.promoted_old is not None:
-        print(f"promoted: {result.plan.live.chunk_table} now holds {result.plan.spec.identity_key} of "
-              f"{result.plan.spec.content_function} (old chunk sets in {result.promoted_old} until "
-              f"`autoembed migrate {p.name} drop-old`)")
-    stopped = _stopped_line(p, result.total.stopped, result.stopped_shards)
-    if stopped:
-        print(stopped, file=sys.stderr)
-    for error in result.total.errors:
-        print(f"  error: {error}", file=sys.stderr)
-    if result.total.failed or result.total.busy:
-        return 1
-    return backfill_control.STOPPED_EXIT if stopped else 0
-
-
-def _chunk_migrate(args: argparse.Namespace, p) -> int:
-    """`autoembed migrate P ACTION` of a chunked pipeline (core.migrate.chunk_migration)."""
-    from .core.migrate.chunk_migration import chunk_migration_action
-
-    from .core.migrate import backfill_control
-
-    with api.session() as conn:
-        m = chunk_migration_action(conn, p, args.action.replace("-", "_"), force=args.force)
-        held = backfill_control.hold(conn, p.name) if m.status == "backfilling" else None
-    if args.json:
-        print(json.dumps({**m.as_dict(), "backfill": held.state if held else None}))
-    else:
-        print(m.summary() + (f"; backfill {held.state}: {held.lift}" if held else ""))
-    return 0  # a state that does not allow the action raised MigrationError (exit 1)
-
-
 def _cmd_migrate(args: argparse.Namespace) -> int:
+    """One path for both shapes (core.migrate.reembed, as the Dagster `model_migration` job)."""
     from .core.migrate import backfill_control
-    from .core.migrate import migration as mig
-    from .core.migrate.backfill import migration_action
-    from .core.targets.catalog import resolve
+    from .core.migrate.reembed import reembed_of
 
     p = _pipeline_named(args.pipeline)
-    if p.chunked:
-        return _chunk_migrate(args, p)
     with api.session() as conn:
-        m = mig.get_migration(conn, p.schema, p.table, p.embedding_column)
-        if m is None:
-            print(json.dumps({"status": "none"}) if args.json else f"{p.name}: no model migration in flight")
-            return 0 if args.action == "status" else 1
-        m, promotion, _ = migration_action(conn, p, m, args.action.replace("-", "_"), force=args.force)
-        cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
-        held = backfill_control.hold(conn, p.name) if m.status == "backfilling" else None
-    info = {"migration": m.id, "status": m.status, "model": m.spec.key, "old_model": m.old_model,
-            "column": m.embedding_column, "shadow_column": m.shadow_column, "coverage": round(cov.ratio, 6),
-            "rows_current": cov.current, "rows_with_input": cov.embeddable,
-            "backfill": held.state if held else None}
+        r = reembed_of(p).migration_action(conn, args.action.replace("-", "_"), force=args.force)
+        held = backfill_control.hold(conn, p.name) if r.status == "backfilling" else None
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps({**r.info, "backfill": held.state if held else None}))
     else:
-        print(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {_pct(cov.ratio)} "
-              f"({cov.current}/{cov.embeddable})" + (f"; backfill {held.state}: {held.lift}" if held else ""))
-        if promotion is not None and not promotion.already:
-            print(_promoted_line(p, promotion.migration))
-    return 0
+        print(r.line + (f"; backfill {held.state}: {held.lift}" if held else ""))
+        if r.promoted:
+            print(r.promoted)
+    return 0  # a state that does not allow the action raised MigrationError (exit 1)
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:

@@ -357,7 +357,7 @@ def test_backfill_in_place_skips_current_documents_and_fills_missing_ones(articl
     conn.execute("alter table articles enable trigger user")
     fake_openai.reset()
     result = run_chunk_backfill(conn, _pipeline())
-    assert result.plan.mode == "in_place" and result.promoted_old is None
+    assert result.plan.mode == "in_place" and result.promotion is None
     assert (result.total.written, result.total.current) == (1, 2)
     assert result.coverage.complete and len(provider_inputs(fake_openai)) == len(chunk_rows(conn, 3))
     for i in (1, 2, 3):
@@ -396,7 +396,7 @@ def test_backfill_to_a_new_size_fills_a_shadow_the_drain_follows_then_promotes_i
     # One shard of two, no promotion yet: the shadow is partly filled; search still reads the live table.
     first = run_chunk_backfill(conn, p, only=[0])
     assert first.plan.mode == "shadow" and first.plan.write_to.chunk_table == "articles_chunks__next"
-    assert first.promoted_old is None and not first.coverage.complete
+    assert first.promotion is None and not first.coverage.complete
     assert {i: chunk_rows(conn, i) for i in (1, 2, 3)} == old_rows
     # Meanwhile a document changes: the drain (configured with the new size) writes it to the shadow.
     conn.execute("update articles set body = body || E'\\n\\nA late paragraph.' where id = 2")
@@ -404,7 +404,7 @@ def test_backfill_to_a_new_size_fills_a_shadow_the_drain_follows_then_promotes_i
     assert chunk_rows(conn, 2) == old_rows[2]
     assert_current(conn, 2, table="articles_chunks__next", model=new_model, dims=512)
     done = run_chunk_backfill(conn, p)
-    assert done.coverage.complete and done.promoted_old == "articles_chunks__old"
+    assert done.coverage.complete and done.promotion == "articles_chunks__old"
     kinds = conn.execute("""select format_type(a.atttypid, a.atttypmod) from pg_attribute a
                             where a.attrelid = 'articles_chunks'::regclass and a.attname = 'embedding'""").fetchone()[0]
     assert kinds == "halfvec(512)"

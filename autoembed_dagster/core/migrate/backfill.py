@@ -16,17 +16,14 @@ otherwise into the shadow column of a model migration (core.migrate.migration), 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import psycopg
 from psycopg import sql
 
-from . import backfill_control
 from ..config import ConfigError, EmbedderSettings
-from ..db.server import second_connection
-from ..drain import ProviderConfigError, completed
+from ..drain import ProviderConfigError
 from ..targets.badrows import check_vectors, row_error
 from ..drain.loop import pin_session
 from ..drain.settle import VectorWriter
@@ -39,6 +36,7 @@ from ..targets.models import Migration, ModelSpec, get_migration
 from ..targets.shadow import Coverage
 from ..targets.vectors import copy_records
 from .migration import PromoteResult, coverage, promote, start_migration, trigger_content_functions
+from .shards import BackfillResult, ShardStats, run_shards, walk_pages
 
 DEFAULT_BATCH_ROWS = 256
 
@@ -70,6 +68,10 @@ class ShardPlan:
     content_function: str
     migration: Migration | None
     reason: str
+
+    @property
+    def into_shadow(self) -> bool:
+        return self.mode == "migration" and self.migration is not None
 
     def target_key(self, p: Pipeline) -> TargetKey:
         assert self.column is not None
@@ -184,49 +186,6 @@ def _count_page(stats: "ShardStats", target: Target, page: _Page) -> None:
         if not isinstance(error, EmbeddingError) or error.retryable:
             stats.retryable_failures += 1
         stats.note_error(f"{target.regclass} id={k}: {error}")
-
-
-@dataclass
-class ShardStats:
-    shard: int
-    shards: int
-    embedded: int = 0  # vectors written
-    current: int = 0  # rows skipped: they already hold the vector of their input under the model
-    empty_input: int = 0
-    stale: int = 0  # not written: the row changed meanwhile (the incremental path embeds it)
-    failed: int = 0  # the provider could not embed them (see errors)
-    retryable_failures: int = 0
-    tokens: int = 0
-    requests: int = 0
-    batches: int = 0
-    seconds: float = 0.0
-    limit_wait_seconds: float = 0.0  # waiting for the shared provider rate limit
-    stopped: str | None = None  # why the shard stopped before its end (paused, outside its window)
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.embedded / self.seconds if self.seconds > 0 else 0.0
-
-    def note_error(self, text: str) -> None:
-        if text not in self.errors and len(self.errors) < 20:
-            self.errors.append(text)
-
-    def add(self, other: "ShardStats") -> None:
-        self.stopped = self.stopped or other.stopped
-        for name in ("embedded", "current", "empty_input", "stale", "failed", "retryable_failures", "tokens",
-                     "requests", "batches", "limit_wait_seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for e in other.errors:
-            self.note_error(e)
-
-    def summary(self, with_stop: bool = True) -> str:
-        """One line; `with_stop=False` leaves out why it stopped (a caller that says it once)."""
-        return (f"{self.embedded} embedded, {self.current} already current, {self.empty_input} empty, "
-                f"{self.stale} stale (left to the queue), {self.failed} failed; {self.tokens} tokens, "
-                f"{self.requests} requests; {self.seconds:.1f} s, {self.rows_per_second:.0f} rows/s"
-                + (f", {self.limit_wait_seconds:.1f} s waiting for the rate limit" if self.limit_wait_seconds else "")
-                + (f"; stopped: {self.stopped}" if self.stopped and with_stop else ""))
 
 
 @dataclass
@@ -371,57 +330,35 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
     pin_session(conn)
     writer = VectorWriter(conn)
     limit = batch_rows or min(getattr(embedder, "batch_size", None) or DEFAULT_BATCH_ROWS, 1024)
-    read_page = _page_reader(target, embedder, model, shard, shards, limit, conn.info.encoding)
-    # The next page is scanned and embedded on a second connection while this one is written.
-    scan_conn = second_connection(conn, f"the scans of shard {shard} of {p.qualified_table}")
-    if scan_conn is not None:
-        pin_session(scan_conn)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="autoembed-backfill") if scan_conn is not None else None
 
-    def next_page() -> Future:
-        return pool.submit(read_page, scan_conn) if pool is not None else completed(read_page, conn)
-
-    def go_on() -> bool:
-        """Whether to read another page: not paused, inside the pipeline's window (checked per page)."""
-        stats.stopped = backfill_control.stop_reason(conn, p.name)
-        return stats.stopped is None
-
-    try:
-        pending: Future | None = next_page() if (max_rows is None or max_rows > 0) and go_on() else None
-        while pending is not None:
-            page = pending.result()
-            if page is None:
-                break
-            # A page read ahead must be one this run writes: a time-boxed run would pay for its
-            # embeddings and the next run pay again.
-            pending = (next_page() if (max_rows is None or stats.embedded + len(page.rows) < max_rows) and go_on()
-                       else None)
-            stats.empty_input += page.empty_input
-            stats.failed += len(page.unreadable)
-            for why in page.unreadable.values():
+    def write(page: _Page) -> int | None:
+        stats.empty_input += page.empty_input
+        stats.failed += len(page.unreadable)
+        for why in page.unreadable.values():
+            stats.note_error(why)
+        if page.outcome is None:
+            return None
+        _count_page(stats, target, page)
+        if page.rows:
+            w = writer.write(target, page.rows, embedder.identity.key)
+            stats.embedded += w.written
+            stats.stale += w.stale
+            # Written meanwhile by the drain, same input. (Rows the application kept locked are
+            # left out: the coverage still counts them missing.)
+            stats.current += len(page.rows) - w.written - w.stale - len(w.busy) - len(w.failed)
+            stats.failed += len(w.failed)
+            for why in w.failed.values():
                 stats.note_error(why)
-            if page.outcome is not None:
-                _count_page(stats, target, page)
-                if page.rows:
-                    w = writer.write(target, page.rows, embedder.identity.key)
-                    stats.embedded += w.written
-                    stats.stale += w.stale
-                    # Written meanwhile by the drain, same input. (Rows the application kept
-                    # locked are left out: the coverage still counts them missing.)
-                    stats.current += len(page.rows) - w.written - w.stale - len(w.busy) - len(w.failed)
-                    stats.failed += len(w.failed)
-                    for why in w.failed.values():
-                        stats.note_error(why)
-                stats.seconds = time.perf_counter() - started
-                if on_batch:
-                    on_batch(stats, page.size)
-            if pending is None and stats.stopped is None and (max_rows is None or stats.embedded < max_rows):
-                pending = next_page()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if scan_conn is not None:
-            scan_conn.close()
+        return page.size
+
+    def room(page: _Page | None) -> bool:
+        """A time-boxed run (`max_rows`) reads ahead only a page it will write."""
+        return max_rows is None or stats.embedded + (len(page.rows) if page is not None else 0) < max_rows
+
+    # The next page is scanned and embedded on a second connection while this one is written.
+    walk_pages(conn, p.name, stats, _page_reader(target, embedder, model, shard, shards, limit, conn.info.encoding),
+               write, read_ahead=f"the scans of shard {shard} of {p.qualified_table}", room=room, on_page=on_batch,
+               started=started)
     after_cov = coverage(conn, target, model, shard, shards)
     stats.seconds = time.perf_counter() - started
     return ShardResult(shard_plan, stats, after_cov, before)
@@ -431,20 +368,29 @@ def estimated_shard_cost(spec: ModelSpec, tokens: int) -> float | None:
     return estimated_cost(tokens, spec.provider, spec.model)
 
 
-# -- a whole backfill in one process (the CLI) ---------------------------------------------------
-@dataclass
-class BackfillResult:
-    plan: ShardPlan
-    shards: list[ShardResult]
-    total: ShardStats
-    coverage: Coverage | None
-    promotion: PromoteResult | None = None
-    not_run: list[int] = field(default_factory=list)  # shards not started: a pause or the window stopped the run
+# -- the column's parts of a whole backfill (core.migrate.shards.run_shards) ------------------------
+class ColumnBackfill:
+    """A vector column's backfill of `spec` (core.migrate.shards.ShapeBackfill): into the live
+    column, or the shadow column of a model migration (started by `plan`), promoted when complete."""
 
-    @property
-    def stopped_shards(self) -> list[int]:
-        """Shards a pause or the window's end stopped before their end, and those not started."""
-        return [r.stats.shard for r in self.shards if r.stats.stopped] + self.not_run
+    unit = "rows"
+
+    def __init__(self, p: Pipeline, spec: ModelSpec, *, batch_rows: int | None = None,
+                 on_batch: Callable[[ShardStats, int], None] | None = None, base: EmbedderSettings | None = None):
+        self.p, self.spec, self.batch_rows, self.on_batch, self.base = p, spec, batch_rows, on_batch, base
+
+    def plan(self, conn: psycopg.Connection) -> ShardPlan:
+        return plan(conn, self.p, self.spec, base=self.base)
+
+    def coverage(self, conn: psycopg.Connection, shard_plan: ShardPlan) -> Coverage:
+        return coverage(conn, resolve(conn, shard_plan.target_key(self.p)), self.spec.identity_key)
+
+    def fill(self, conn: psycopg.Connection, shard_plan: ShardPlan, shard: int, shards: int) -> ShardStats:
+        return backfill_shard(conn, self.p, self.spec, shard, shards, shard_plan=shard_plan,
+                              batch_rows=self.batch_rows, on_batch=self.on_batch, base=self.base).stats
+
+    def promote(self, conn: psycopg.Connection, shard_plan: ShardPlan) -> PromoteResult:
+        return promote(conn, shard_plan.migration)
 
 
 def run_backfill(
@@ -459,37 +405,11 @@ def run_backfill(
     on_batch: Callable[[ShardStats, int], None] | None = None,
     on_plan: Callable[[ShardPlan, Coverage], None] | None = None,
     base: EmbedderSettings | None = None,
-) -> BackfillResult:
-    """Every shard (or `only` these) one after the other, then promote the migration if complete.
-
-    Refused up front (BackfillHeld, nothing started: no migration, no shadow column) while the
-    pipeline's backfill is paused or outside its window; a pause or the window's end during the
-    run stops it after the current page (`total.stopped`, the shards in `stopped_shards`)."""
-    n = shards or p.shards
-    backfill_control.refuse_if_held(conn, p.name)
-    shard_plan = plan(conn, p, spec, base=base)
-    total = ShardStats(-1, n)
-    if shard_plan.mode == "skip":
-        return BackfillResult(shard_plan, [], total, None)
-    target = resolve(conn, shard_plan.target_key(p))
-    if on_plan:
-        on_plan(shard_plan, coverage(conn, target, spec.identity_key))
-    started = time.perf_counter()
-    results, todo = [], list(only if only is not None else range(n))
-    for i in todo:
-        r = backfill_shard(conn, p, spec, i, n, shard_plan=shard_plan, batch_rows=batch_rows, on_batch=on_batch,
-                           base=base)
-        results.append(r)
-        total.add(r.stats)
-        if r.stats.stopped:
-            break  # the same pause or window stops every later shard
-    not_run = todo[len(results):]
-    total.seconds = time.perf_counter() - started
-    cov = coverage(conn, target, spec.identity_key)
-    promotion = None
-    if shard_plan.mode == "migration" and promote_when_complete and cov.complete and shard_plan.migration:
-        promotion = promote(conn, shard_plan.migration)
-    return BackfillResult(shard_plan, results, total, cov, promotion, not_run)
+) -> BackfillResult[ShardPlan]:
+    """Every shard (or `only` these) of the column, then promote the migration if complete
+    (core.migrate.shards.run_shards: refused while held, stopped by a pause or the window's end)."""
+    return run_shards(conn, p, ColumnBackfill(p, spec, batch_rows=batch_rows, on_batch=on_batch, base=base),
+                      only=only, shards=shards, promote_when_complete=promote_when_complete, on_plan=on_plan)
 
 
 # -- migration actions (CLI `autoembed migrate` and the Dagster `model_migration` job) ------------------

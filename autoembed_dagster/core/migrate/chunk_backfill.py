@@ -16,14 +16,12 @@ as `<table>_chunks__old` for rollback.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import psycopg
 from psycopg import sql
 
-from . import backfill_control
 from ..targets import chunks
 from ..targets.splitter import Splitter, splitter_for
 from ..config import ConfigError
@@ -35,6 +33,7 @@ from ..targets.models import ModelSpec
 from ..targets.shadow import Coverage
 from ..pipelines import Pipeline
 from ..targets.catalog import Target, TargetError, lookup_registered
+from .shards import BackfillResult, ShardStats, run_shards, walk_pages
 
 DEFAULT_PAGE_DOCUMENTS = 32
 
@@ -58,6 +57,10 @@ class ChunkBackfillPlan:
     write_to: Target
     spec: ModelSpec
     reason: str
+
+    @property
+    def into_shadow(self) -> bool:
+        return self.mode == "shadow"
 
 
 def pipeline_embedder(conn: psycopg.Connection, p: Pipeline) -> tuple[Target, ModelSpec, Embedder, Splitter]:
@@ -106,38 +109,6 @@ def chunk_plan(conn: psycopg.Connection, p: Pipeline, live: Target, spec: ModelS
                              f"{shadow.chunk_table} until promotion")
 
 
-@dataclass
-class ChunkShardStats:
-    shard: int
-    shards: int
-    documents: int = 0  # documents looked at
-    written: int = 0  # documents whose chunk set was (re)written
-    current: int = 0  # already current: skipped
-    busy: int = 0  # held locked by the application: left for the next run
-    stale: int = 0  # changed meanwhile: left to the queue
-    failed: int = 0  # a chunk of theirs could not be embedded
-    chunks_embedded: int = 0
-    chunks_reused: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    stopped: str | None = None  # why the shard stopped before its end (paused, outside its window)
-    errors: list[str] = field(default_factory=list)
-
-    def add(self, other: "ChunkShardStats") -> None:
-        self.stopped = self.stopped or other.stopped
-        for name in ("documents", "written", "current", "busy", "stale", "failed", "chunks_embedded",
-                     "chunks_reused", "tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.errors = (self.errors + [e for e in other.errors if e not in self.errors])[:20]
-
-    def summary(self, with_stop: bool = True) -> str:
-        """One line; `with_stop=False` leaves out why it stopped (a caller that says it once)."""
-        return (f"{self.written} documents written, {self.current} already current, {self.busy} busy, "
-                f"{self.stale} stale (left to the queue), {self.failed} failed; chunks: {self.chunks_embedded} "
-                f"embedded, {self.chunks_reused} reused; {self.tokens} tokens; {self.seconds:.1f} s"
-                + (f"; stopped: {self.stopped}" if self.stopped and with_stop else ""))
-
-
 def _shard_keys(conn: psycopg.Connection, ct: chunks.ChunkTarget, shard: int, shards: int, after: str | None,
                 limit: int) -> list[str]:
     return [k for (k,) in conn.execute(sql.SQL(
@@ -151,26 +122,26 @@ def _shard_keys(conn: psycopg.Connection, ct: chunks.ChunkTarget, shard: int, sh
 def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: Embedder, splitter: Splitter,
                          shard: int, shards: int, *, page_documents: int = DEFAULT_PAGE_DOCUMENTS,
                          pipeline: str | None = None,
-                         on_page: Callable[[ChunkShardStats, int], None] | None = None) -> ChunkShardStats:
+                         on_page: Callable[[ShardStats, int], None] | None = None) -> ShardStats:
     """Bring every document of one shard up to date in `write_to`'s chunk table (see module doc).
 
     With `pipeline`, its pause and time window (core.migrate.backfill_control) are checked before every
     page, as column shards do: a stopped shard has lost nothing (the next run skips what is current)."""
     if not 0 <= shard < shards:
         raise ConfigError(f"shard {shard} is not in 0..{shards - 1}")
-    started = time.perf_counter()
-    stats = ChunkShardStats(shard, shards)
+    stats = ShardStats(shard, shards, "documents")
     ct = chunk_target_of(write_to)
     after: str | None = None
-    while True:
-        if pipeline is not None:
-            stats.stopped = backfill_control.stop_reason(conn, pipeline)
-            if stats.stopped is not None:
-                break
-        keys = _shard_keys(conn, ct, shard, shards, after, page_documents)
+
+    def read(c: psycopg.Connection) -> list[str] | None:
+        nonlocal after
+        keys = _shard_keys(c, ct, shard, shards, after, page_documents)
         if not keys:
-            break
+            return None
         after = keys[-1]
+        return keys
+
+    def write(keys: list[str]) -> int:
         r = chunks.sync(conn, ct, keys, splitter, embedder)
         stats.documents += len(keys)
         stats.current += len(r.plan.unchanged)
@@ -182,57 +153,47 @@ def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: E
         stats.chunks_reused += r.stats.chunks_reused
         stats.tokens += r.tokens
         for error in list(r.failed.values())[:3] + list(r.errors.values())[:3]:
-            if error not in stats.errors and len(stats.errors) < 20:
-                stats.errors.append(error)
-        stats.seconds = time.perf_counter() - started
-        if on_page:
-            on_page(stats, len(keys))
-    stats.seconds = time.perf_counter() - started
+            stats.note_error(error)
+        return len(keys)
+
+    walk_pages(conn, pipeline, stats, read, write, on_page=on_page)
     return stats
 
 
-@dataclass
-class ChunkBackfillResult:
-    plan: ChunkBackfillPlan
-    shards: list[ChunkShardStats]
-    total: ChunkShardStats
-    coverage: Coverage  # of the table written, after the run
-    promoted_old: str | None = None  # the old live table, when the shadow was promoted
-    not_run: list[int] = field(default_factory=list)  # shards not started: a pause or the window stopped the run
+class ChunkSetBackfill:
+    """A chunk set's backfill of the pipeline's configured model (core.migrate.shards.ShapeBackfill):
+    into the live chunk table, or a shadow chunk table (made by `plan`), promoted when complete."""
 
-    @property
-    def stopped_shards(self) -> list[int]:
-        return [r.shard for r in self.shards if r.stopped] + self.not_run
+    unit = "documents"
+
+    def __init__(self, p: Pipeline, *, page_documents: int = DEFAULT_PAGE_DOCUMENTS,
+                 on_page: Callable[[ShardStats, int], None] | None = None) -> None:
+        self.p, self.page_documents, self.on_page = p, page_documents, on_page
+
+    def plan(self, conn: psycopg.Connection) -> ChunkBackfillPlan:
+        live, spec, self.embedder, self.splitter = pipeline_embedder(conn, self.p)
+        return chunk_plan(conn, self.p, live, spec)
+
+    def coverage(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> Coverage:
+        return chunks.coverage(conn, chunk_target_of(bp.write_to), self.embedder.identity.key, self.splitter.key)
+
+    def fill(self, conn: psycopg.Connection, bp: ChunkBackfillPlan, shard: int, shards: int) -> ShardStats:
+        return backfill_chunk_shard(conn, bp.write_to, self.embedder, self.splitter, shard, shards,
+                                    page_documents=self.page_documents, pipeline=self.p.name, on_page=self.on_page)
+
+    def promote(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> str:
+        """Returns the old live table (kept for rollback)."""
+        return chunks.promote(conn, chunk_target_of(bp.live), chunk_target_of(bp.write_to),
+                              self.embedder.identity.key, self.splitter.key)
 
 
 def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int] | None = None,
                        shards: int | None = None, promote_when_complete: bool = True,
                        page_documents: int = DEFAULT_PAGE_DOCUMENTS,
                        on_plan: Callable[[ChunkBackfillPlan, Coverage], None] | None = None,
-                       on_page: Callable[[ChunkShardStats, int], None] | None = None) -> ChunkBackfillResult:
-    """Every shard (or `only` these) one after the other, then promote a complete shadow. Refused
-    up front (BackfillHeld: no shadow table made) while paused or outside the pipeline's window."""
-    n = shards or p.shards
-    backfill_control.refuse_if_held(conn, p.name)
-    live, spec, embedder, splitter = pipeline_embedder(conn, p)
-    bp = chunk_plan(conn, p, live, spec)
-    ct = chunk_target_of(bp.write_to)
-    if on_plan:
-        on_plan(bp, chunks.coverage(conn, ct, embedder.identity.key, splitter.key))
-    total = ChunkShardStats(-1, n)
-    results = []
-    todo = list(only if only is not None else range(n))
-    started = time.perf_counter()
-    for i in todo:
-        r = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, i, n, page_documents=page_documents,
-                                 pipeline=p.name, on_page=on_page)
-        results.append(r)
-        total.add(r)
-        if r.stopped:
-            break  # the same pause or window stops every later shard
-    total.seconds = time.perf_counter() - started
-    cov = chunks.coverage(conn, ct, embedder.identity.key, splitter.key)
-    old = None
-    if bp.mode == "shadow" and promote_when_complete and cov.complete:
-        old = chunks.promote(conn, chunk_target_of(live), ct, embedder.identity.key, splitter.key)
-    return ChunkBackfillResult(bp, results, total, cov, old, todo[len(results):])
+                       on_page: Callable[[ShardStats, int], None] | None = None) -> BackfillResult[ChunkBackfillPlan]:
+    """Every shard (or `only` these) of the chunk set, then promote a complete shadow (its
+    `promotion`: the old live table) (core.migrate.shards.run_shards: refused while held, no
+    shadow table made; stopped by a pause or the window's end)."""
+    return run_shards(conn, p, ChunkSetBackfill(p, page_documents=page_documents, on_page=on_page), only=only,
+                      shards=shards, promote_when_complete=promote_when_complete, on_plan=on_plan)

@@ -23,9 +23,11 @@ from ..targets.catalog import resolve
 from ..targets.models import ModelSpec, describe_change
 from ..targets.shadow import Coverage
 from . import migration as mig
-from .backfill import backfill_shard, estimated_shard_cost, migration_action, plan
-from .chunk_backfill import backfill_chunk_shard, chunk_plan, pipeline_embedder, registered_chunk_target
+from .backfill import ShardPlan, backfill_shard, estimated_shard_cost, migration_action, plan, run_backfill
+from .chunk_backfill import (ChunkBackfillPlan, backfill_chunk_shard, chunk_plan, pipeline_embedder,
+                             registered_chunk_target, run_chunk_backfill)
 from .chunk_migration import chunk_migration_action
+from .shards import BackfillResult, ShardStats
 
 Log = Callable[[str], None]
 
@@ -58,11 +60,19 @@ class ShardRun:
 
 @dataclass
 class ActionResult:
-    """A `model_migration` action's outcome."""
+    """A migration action's outcome: `metadata` and `summary` for the Dagster `model_migration`
+    job, `info` (JSON) and `line` for `autoembed migrate`, `promoted` when it promoted."""
 
     metadata: dict[str, Any]
     summary: str
     keep_models: set[str] | None = None  # model partitions still in use (others can go), when known
+    info: dict[str, Any] = field(default_factory=dict)
+    line: str = ""
+    promoted: str | None = None
+
+    @property
+    def status(self) -> str:
+        return self.metadata["status"]
 
 
 class Reembed(Protocol):
@@ -84,6 +94,17 @@ class Reembed(Protocol):
 
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
         """status / promote / rollback / drop_old / abort of the pipeline's model change."""
+
+    def run(self, conn: psycopg.Connection, *, only: list[int] | None = None, promote: bool = True,
+            batch_rows: int | None = None, on_plan: Callable[[Any, Coverage], None] | None = None,
+            on_page: Callable[[ShardStats, int], None] | None = None) -> BackfillResult:
+        """A whole backfill of the configured model in this process (core.migrate.shards.run_shards)."""
+
+    def written_to(self, plan: Any) -> str:
+        """Where a backfill plan writes, for messages."""
+
+    def promoted_line(self, result: BackfillResult) -> str:
+        """What a backfill's promotion (`result.promotion`) did, and how it is finished."""
 
 
 def reembed_of(p: Pipeline) -> Reembed:
@@ -161,6 +182,25 @@ class ColumnReembed:
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
         return _column_migration_action(conn, self.p, action, force)
 
+    def run(self, conn: psycopg.Connection, *, only: list[int] | None = None, promote: bool = True,
+            batch_rows: int | None = None, on_plan: Callable[[Any, Coverage], None] | None = None,
+            on_page: Callable[[ShardStats, int], None] | None = None) -> BackfillResult:
+        return run_backfill(conn, self.p, self.configured_spec(conn), only=only, promote_when_complete=promote,
+                            batch_rows=batch_rows, on_batch=on_page, on_plan=on_plan)
+
+    def written_to(self, plan: ShardPlan) -> str:
+        return plan.column or ""
+
+    def promoted_line(self, result: BackfillResult) -> str:
+        return _promoted_line(self.p, result.promotion.migration)
+
+
+def _promoted_line(p: Pipeline, m: mig.Migration) -> str:
+    """A column migration's promotion: every part of the model that changed (model, dimensions,
+    content function)."""
+    return (f"promoted: {p.embedding_column} now holds {describe_change(m.old_spec, m.spec)} (old vectors in "
+            f"{m.old_column} until `autoembed migrate {p.name} drop-old`)")
+
 
 def _column_metadata(result, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict[str, Any]:
     s, cost, cov = result.stats, estimated_shard_cost(spec, result.stats.tokens), result.coverage
@@ -182,8 +222,9 @@ def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str,
     if m is None:
         if action != "status":
             raise mig.MigrationError(f"{p.qualified_table}.{p.embedding_column} has no model migration in flight")
-        return ActionResult({"status": "none"}, f"{p.qualified_table}.{p.embedding_column}: no model migration")
-    cov = mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
+        return ActionResult({"status": "none"}, f"{p.qualified_table}.{p.embedding_column}: no model migration",
+                            info={"status": "none"}, line=f"{p.name}: no model migration in flight")
+    cov = _migration_coverage(conn, m)
     meta: dict[str, Any] = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "",
                             "coverage": _ratio(cov), "missing_rows": cov.missing}
     m, r, configured = migration_action(conn, p, m, action, force=force)
@@ -191,8 +232,25 @@ def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str,
         meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
                     locked_seconds=round(r.locked_seconds, 4))
     meta["status"] = m.status
-    return ActionResult(meta, f"migration {m.id} of {m.label}: {m.status}",
-                        {m.spec.key, configured.key} if configured is not None else None)
+    cov = _migration_coverage(conn, m)  # after the action: what `autoembed migrate` says
+    return ActionResult(
+        meta, f"migration {m.id} of {m.label}: {m.status}",
+        {m.spec.key, configured.key} if configured is not None else None,
+        info={"migration": m.id, "status": m.status, "model": m.spec.key, "old_model": m.old_model,
+              "column": m.embedding_column, "shadow_column": m.shadow_column, "coverage": round(cov.ratio, 6),
+              "rows_current": cov.current, "rows_with_input": cov.embeddable},
+        line=(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {_pct(cov.ratio)} "
+              f"({cov.current}/{cov.embeddable})"),
+        promoted=_promoted_line(p, r.migration) if r is not None and not r.already else None)
+
+
+def _migration_coverage(conn: psycopg.Connection, m: mig.Migration) -> Coverage:
+    """Of the shadow column while backfilling, else of the live one."""
+    return mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
+
+
+def _pct(ratio: float) -> str:
+    return "100%" if ratio >= 1 else f"{ratio:.1%}"
 
 
 # -- a chunk set -------------------------------------------------------------------------------------
@@ -265,7 +323,23 @@ class ChunkSetReembed:
         m = chunk_migration_action(conn, self.p, action, force=force)
         info = m.as_dict()
         return ActionResult({**{k: v if v is not None else "" for k, v in info.items() if k != "coverage"},
-                             "coverage": info["coverage"], "missing_documents": m.coverage.missing}, m.summary())
+                             "coverage": info["coverage"], "missing_documents": m.coverage.missing}, m.summary(),
+                            info=info, line=m.summary())
+
+    def run(self, conn: psycopg.Connection, *, only: list[int] | None = None, promote: bool = True,
+            batch_rows: int | None = None, on_plan: Callable[[Any, Coverage], None] | None = None,
+            on_page: Callable[[ShardStats, int], None] | None = None) -> BackfillResult:
+        # A page is a few documents (their chunk sets), not `batch_rows` rows.
+        return run_chunk_backfill(conn, self.p, only=only, promote_when_complete=promote, on_plan=on_plan,
+                                  on_page=on_page)
+
+    def written_to(self, plan: ChunkBackfillPlan) -> str:
+        return plan.write_to.chunk_table or ""
+
+    def promoted_line(self, result: BackfillResult) -> str:
+        plan = result.plan
+        return (f"promoted: {plan.live.chunk_table} now holds {plan.spec.identity_key} of {plan.spec.content_function} "
+                f"(old chunk sets in {result.promotion} until `autoembed migrate {self.p.name} drop-old`)")
 
 
 PROGRESS_EVERY_SECONDS = 5.0  # how often a running shard logs its progress
