@@ -313,13 +313,11 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             else:
                 print(f"backfill of {p.name} was not paused: nothing to resume")
         return 0
-    reembed = reembed_of(p)
-    unit = reembed.noun[:-1]  # "row", "document"
     try:
-        if args.via == "batch" or (args.via is None and p.backfill_via == "batch"):
-            with api.session() as conn:  # a batch is not started while the backfill is held either
-                backfill_control.refuse_if_held(conn, p.name)
-            return _batch_backfill(args, p)
+        reembed = reembed_of(p, args.via or p.backfill_via)  # a chunked pipeline is refused --via batch
+        if reembed.via == "batch":
+            return _batch_backfill(args, p, reembed)
+        unit = reembed.noun[:-1]  # "row", "document"
         bar = None
 
         def on_plan(plan, cov):
@@ -364,18 +362,17 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     return backfill_control.STOPPED_EXIT if stopped else 0
 
 
-def _batch_backfill(args: argparse.Namespace, p) -> int:
-    """`autoembed backfill P --via batch`: the provider's Batch API (core.migrate.batch_backfill). Ctrl-C
-    leaves the batches running; the same command again collects them."""
+def _batch_backfill(args: argparse.Namespace, p, reembed) -> int:
+    """`autoembed backfill P --via batch`: the provider's Batch API (core.migrate.reembed.BatchReembed).
+    Ctrl-C leaves the batches running; the same command again collects them."""
     from tqdm import tqdm
 
     from .core.migrate import batch_backfill as bb
-    from .core.migrate.reembed import reembed_of
-    from .core.targets.catalog import resolve
 
     if args.shards:
         raise ConfigError("--shards is for --via direct: a batch re-embed submits every row of the table")
-    bb.refuse_chunked(p)
+    if args.fallback:
+        reembed.fallback = args.fallback
     bar = None
 
     def on_plan(shard_plan, cov):
@@ -392,11 +389,8 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
             bar.refresh()
 
     with api.session() as conn:
-        spec = p.spec(column_dimensions=resolve(conn, p.live_key).dimensions)
         try:
-            result = bb.run_batch_backfill(conn, p, spec, fallback=args.fallback or p.backfill_fallback,
-                                           promote_when_complete=not args.no_promote, on_plan=on_plan,
-                                           on_progress=on_progress)
+            result = reembed.run(conn, promote=not args.no_promote, on_plan=on_plan, on_page=on_progress)
         except KeyboardInterrupt:
             if bar is not None:
                 bar.close()
@@ -422,10 +416,10 @@ def _batch_backfill(args: argparse.Namespace, p) -> int:
         print(f"  batch {b.batch_id if b else c.batch} ({c.status}): {c.written} written, {c.stale} stale, "
               f"{c.resubmit} resubmitted, {c.direct} direct, {c.dead} dead-lettered; {c.tokens} tokens{priced}")
     cov = result.coverage
-    print(f"{result.summary()}\ncoverage of {spec.identity_key} in {result.plan.column}: "
+    print(f"{result.summary()}\ncoverage of {result.plan.spec.identity_key} in {result.plan.column}: "
           f"{_pct(cov.ratio)} ({cov.current}/{cov.embeddable})")
     if result.promotion is not None:
-        print(reembed_of(p).promoted_line(result))
+        print(reembed.promoted_line(result))
     for c in result.collected:
         for error in c.errors:
             print(f"  error: {error}", file=sys.stderr)

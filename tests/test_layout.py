@@ -170,3 +170,14 @@ def test_core_stages_import_only_the_stages_before_them_and_never_dagster():
 def test_each_stage_package_says_what_it_owns_and_may_import(package):
     doc = ast.get_docstring(ast.parse((ROOT / PACKAGE / package.replace(".", "/") / "__init__.py").read_text()))
     assert doc and "May import" in doc, package
+
+
+def test_the_readme_layout_names_every_module_of_core():
+    """README "Layout" is the map a newcomer walks: every module of core's stage packages is on it."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[: layout.index("```", layout.index("```") + 3)]
+    words = set(layout.replace("/", " ").replace(",", " ").replace("(", " ").replace(")", " ").split())
+    missing = [name for name in sorted(MODULES) if _stage(name) and name.count(".") == 3
+               and not name.endswith("__init__") and name.rsplit(".", 1)[1] not in words]
+    assert not missing, f"not on README's Layout: {missing}"

@@ -158,9 +158,8 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
     promote_on = config.promote if config.promote is not None else (
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
-    if not p.chunked and p.backfill_via == "batch":  # submit and return: the autoembed_batches sensor collects
-        yield from batch_backfill.submit_shard(context, spec, shard, autoembed, p, CHECK, promote_on)  # (defs/batch_backfill.py)
-        return
+    # One path for every shape and strategy: a `via: batch` pipeline's shard run submits and returns
+    # (core.migrate.reembed.BatchReembed); the autoembed_batches sensor collects (defs/batch_backfill.py).
     with autoembed.connect() as conn:
         run: ShardRun = reembed_of(p).run_shard(conn, spec, shard, promote=promote_on, batch_rows=config.batch_rows,
                                                 max_rows=config.max_rows, log=context.log.info)

@@ -1,6 +1,6 @@
 """Re-embeds through the provider's Batch API in Dagster (a pipeline declaring
 `backfill: {via: batch}`): a shard run of `<pipeline>_embeddings_by_shard` submits its rows and
-returns at once; the `autoembed_batches` sensor polls the open batches and launches one
+returns at once (defs/backfill.py over core.migrate.reembed.BatchReembed, like any shard run); the `autoembed_batches` sensor polls the open batches and launches one
 `collect_batches` run per finished batch, which writes its vectors, submits again what it left
 and promotes at 100%. No run waits for a batch. Everything here is a shell over core.migrate.batch_backfill.
 """
@@ -13,7 +13,6 @@ from pydantic import Field
 from ..core.migrate import batch_backfill as bb
 from ..core.embed.batch_api import FINISHED_STATUSES
 from ..core.pipelines import Pipeline
-from ..core.targets.models import ModelSpec
 from .assets import shards_key
 from .resources import AutoembedResource
 from .sensors import ACTIVE_STATUSES
@@ -34,30 +33,6 @@ def batch_metadata(record: bb.BatchRecord, stats: bb.CollectStats | None = None)
                     rows_dead_lettered=stats.dead,
                     collect_seconds=dg.MetadataValue.float(round(stats.seconds, 3)))
     return meta
-
-
-def submit_shard(context: dg.AssetExecutionContext, spec: ModelSpec, shard: int, autoembed: AutoembedResource,
-                 p: Pipeline, check_name: str, promote_on: bool = True):
-    """The shard run of a `via: batch` pipeline: submit and return. Whether the collect run that
-    completes the migration promotes it is recorded with the batches."""
-    with autoembed.connect() as conn:
-        shard_plan, sub = bb.submit_shard(conn, p, spec, shard, p.shards, promote_when_complete=promote_on)
-        records = [bb.get_batch(conn, i) for i in sub.batches]
-    if shard_plan.mode == "skip":
-        context.log.warning(f"partition {context.partition_key} skipped: {shard_plan.reason}")
-    for r in records:
-        context.log.info(f"shard {shard}: batch {r.batch_id} submitted ({r.row_count} rows, {r.input_bytes} bytes)")
-    yield dg.MaterializeResult(
-        metadata={"via": "batch", "model": spec.key, "mode": shard_plan.mode,
-                  "batches_submitted": len(sub.batches), "batch_ids": ", ".join(r.batch_id or "" for r in records),
-                  "rows_submitted": sub.rows, "rows_in_open_batches": sub.in_open_batches,
-                  "rows_empty_input": sub.empty_input, "rows_dead_lettered": sub.dead,
-                  "migration_id": shard_plan.migration.id if shard_plan.migration else -1},
-        check_results=[dg.AssetCheckResult(
-            check_name=check_name, passed=False, severity=dg.AssetCheckSeverity.WARN,
-            description=(f"{sub.rows} row(s) submitted to the Batch API ({len(sub.batches)} batch(es)): the "
-                         f"`autoembed_batches` sensor collects them when the provider is done"
-                         if sub.rows else f"nothing submitted: {sub.in_open_batches} row(s) already in open batches"))])
 
 
 class CollectConfig(dg.Config):

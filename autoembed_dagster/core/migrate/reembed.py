@@ -22,6 +22,9 @@ from ..targets import chunks
 from ..targets.catalog import resolve
 from ..targets.models import ModelSpec, describe_change
 from ..targets.shadow import Coverage
+from ..config import ConfigError
+from . import backfill_control
+from . import batch_backfill as bb
 from . import migration as mig
 from .backfill import ShardPlan, backfill_shard, estimated_shard_cost, migration_action, plan, run_backfill
 from .chunk_backfill import (ChunkBackfillPlan, backfill_chunk_shard, chunk_plan, pipeline_embedder,
@@ -78,6 +81,7 @@ class ActionResult:
 class Reembed(Protocol):
     p: Pipeline
     noun: str  # what a shard counts: "rows" or "documents"
+    via: str  # "direct", or "batch" (the provider's Batch API)
 
     def configured_spec(self, conn: psycopg.Connection) -> ModelSpec:
         """The model the pipeline's declaration names, sized like its live target."""
@@ -107,7 +111,17 @@ class Reembed(Protocol):
         """What a backfill's promotion (`result.promotion`) did, and how it is finished."""
 
 
-def reembed_of(p: Pipeline) -> Reembed:
+def reembed_of(p: Pipeline, via: str | None = None) -> Reembed:
+    """The pipeline's re-embed. `via`: "direct" (synchronous provider calls) or "batch" (the
+    provider's Batch API: `BatchReembed`; a chunked pipeline is refused, naming --via direct).
+    Default: what the declaration says (`backfill: {via: ...}`), direct for a chunked pipeline."""
+    if via is None:
+        via = "batch" if p.backfill_via == "batch" and not p.chunked else "direct"
+    if via not in bb.VIA:
+        raise ConfigError(f"--via {via!r} is not one of {', '.join(bb.VIA)}")
+    if via == "batch":
+        bb.refuse_chunked(p)
+        return BatchReembed(p)
     return ChunkSetReembed(p) if p.chunked else ColumnReembed(p)
 
 
@@ -118,6 +132,7 @@ def _ratio(cov: Coverage | None) -> float | str:
 # -- a vector column -------------------------------------------------------------------------------
 class ColumnReembed:
     noun = "rows"
+    via = "direct"
 
     def __init__(self, p: Pipeline) -> None:
         self.p = p
@@ -253,9 +268,56 @@ def _pct(ratio: float) -> str:
     return "100%" if ratio >= 1 else f"{ratio:.1%}"
 
 
+# -- a vector column through the Batch API -----------------------------------------------------------
+class BatchReembed(ColumnReembed):
+    """A vector column re-embedded through the provider's Batch API (core.migrate.batch_backfill):
+    the same plan, migration, coverage and promotion as `ColumnReembed`; a shard run submits its
+    rows and returns at once (the `autoembed_batches` sensor collects), a whole run submits, polls,
+    collects and promotes. `fallback`: what collects rows a batch left ("resubmit", "direct")."""
+
+    via = "batch"
+
+    def __init__(self, p: Pipeline, fallback: str | None = None) -> None:
+        super().__init__(p)
+        self.fallback = fallback or p.backfill_fallback
+
+    def run_shard(self, conn: psycopg.Connection, spec: ModelSpec, shard: int, *, promote: bool,
+                  batch_rows: int | None, max_rows: int | None, log: Log) -> ShardRun:
+        p = self.p
+        shard_plan, sub = bb.submit_shard(conn, p, spec, shard, p.shards, promote_when_complete=promote)
+        if shard_plan.mode == "skip":
+            return ShardRun(skipped=shard_plan.reason)
+        records = [bb.get_batch(conn, i) for i in sub.batches]
+        for r in records:
+            log(f"shard {shard}: batch {r.batch_id} submitted ({r.row_count} rows, {r.input_bytes} bytes)")
+        # Whether the collect run that completes the migration promotes it is recorded with the batches.
+        return ShardRun(
+            metadata={"via": "batch", "model": spec.key, "mode": shard_plan.mode,
+                      "batches_submitted": len(sub.batches), "batch_ids": ", ".join(r.batch_id or "" for r in records),
+                      "rows_submitted": sub.rows, "rows_in_open_batches": sub.in_open_batches,
+                      "rows_empty_input": sub.empty_input, "rows_dead_lettered": sub.dead,
+                      "migration_id": shard_plan.migration.id if shard_plan.migration else -1},
+            check_passed=False,
+            check_description=(f"{sub.rows} row(s) submitted to the Batch API ({len(sub.batches)} batch(es)): the "
+                               f"`autoembed_batches` sensor collects them when the provider is done" if sub.rows
+                               else f"nothing submitted: {sub.in_open_batches} row(s) already in open batches"))
+
+    def run(self, conn: psycopg.Connection, *, only: list[int] | None = None, promote: bool = True,
+            batch_rows: int | None = None, on_plan: Callable[[Any, Coverage], None] | None = None,
+            on_page: Callable[[Any], None] | None = None) -> bb.BatchBackfillResult:
+        """Submit, poll, collect, promote (core.migrate.batch_backfill.run_batch_backfill); `on_page`
+        is called with its `Progress` after each poll."""
+        if only:
+            raise ConfigError("--shards is for --via direct: a batch re-embed submits every row of the table")
+        backfill_control.refuse_if_held(conn, self.p.name)  # no batch is submitted while held
+        return bb.run_batch_backfill(conn, self.p, self.configured_spec(conn), fallback=self.fallback,
+                                     promote_when_complete=promote, on_plan=on_plan, on_progress=on_page)
+
+
 # -- a chunk set -------------------------------------------------------------------------------------
 class ChunkSetReembed:
     noun = "documents"
+    via = "direct"
 
     def __init__(self, p: Pipeline) -> None:
         self.p = p
