@@ -129,16 +129,28 @@ def _ratio(cov: Coverage | None) -> float | str:
     return round(cov.ratio, 6) if cov is not None else "n/a"
 
 
-# -- a vector column -------------------------------------------------------------------------------
-class ColumnReembed:
-    noun = "rows"
+class _PipelineReembed:
+    """What every implementation shares: its pipeline, the direct strategy, the configured model
+    sized like the live target (`live_dimensions`, per shape)."""
+
     via = "direct"
 
     def __init__(self, p: Pipeline) -> None:
         self.p = p
 
+    def live_dimensions(self, conn: psycopg.Connection) -> int:
+        raise NotImplementedError
+
     def configured_spec(self, conn: psycopg.Connection) -> ModelSpec:
-        return self.p.spec(column_dimensions=resolve(conn, self.p.live_key).dimensions)
+        return self.p.spec(column_dimensions=self.live_dimensions(conn))
+
+
+# -- a vector column -------------------------------------------------------------------------------
+class ColumnReembed(_PipelineReembed):
+    noun = "rows"
+
+    def live_dimensions(self, conn: psycopg.Connection) -> int:
+        return resolve(conn, self.p.live_key).dimensions
 
     def needs_backfill(self, conn: psycopg.Connection) -> str | None:
         spec = self.configured_spec(conn)
@@ -315,15 +327,11 @@ class BatchReembed(ColumnReembed):
 
 
 # -- a chunk set -------------------------------------------------------------------------------------
-class ChunkSetReembed:
+class ChunkSetReembed(_PipelineReembed):
     noun = "documents"
-    via = "direct"
 
-    def __init__(self, p: Pipeline) -> None:
-        self.p = p
-
-    def configured_spec(self, conn: psycopg.Connection) -> ModelSpec:
-        return self.p.spec(column_dimensions=registered_chunk_target(conn, self.p).dimensions)
+    def live_dimensions(self, conn: psycopg.Connection) -> int:
+        return registered_chunk_target(conn, self.p).dimensions
 
     def needs_backfill(self, conn: psycopg.Connection) -> str | None:
         live, _, embedder, splitter = pipeline_embedder(conn, self.p)
