@@ -191,7 +191,7 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
         # article's chunks followed its new key.
         assert vector(s, "docs", 1) is None
         assert_current(s, "docs", "doc_input", 2)
-        assert s.execute("select count(*) from autoembed.embedding_state where table_name = 'docs' "
+        assert s.execute("select count(*) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id where table_name = 'docs' "
                          "and row_id = '3'").fetchone()[0] == 0
         assert s.execute("select count(*) from articles_chunks where id in (2, 3)").fetchone()[0] == 0
         assert chunk_sets(s)[20] == splitter.split(f"article 2\n\n{long_text(2)}")
@@ -234,12 +234,12 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
     replicated(pub, sub)
     with connect(sub) as s:
         assert s.execute("select count(*) from docs").fetchone()[0] == 2
-        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state "
+        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
                          "where table_name = 'docs'").fetchone()[0] is None
         drain(s, settings)
         for key in (1, 6):
             assert_current(s, "docs", "doc_input", key)
-        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state "
+        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
                          "where table_name = 'docs'").fetchone()[0] == ["1", "6"]
 
     # A content function that raises for a replicated row fails neither the apply worker nor the

@@ -98,8 +98,7 @@ def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableH
                       from {table} t {lateral}) r
             ) x
             left join autoembed.embedding_state s
-              on s.schema_name = %(schema)s and s.table_name = %(table)s
-             and s.embedding_column = %(column)s and s.row_id = x.k
+              on s.target_id = (select autoembed.state_target(%(schema)s, %(table)s, %(column)s)) and s.row_id = x.k
             """
         ).format(key=target.key_sql, col=target.column_sql, table=target.table_sql,
                  lateral=input_lateral(conn, target.function_sql, "t", safe))
