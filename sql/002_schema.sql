@@ -78,10 +78,13 @@ create table if not exists autoembed.chunk_tables (
 revoke all on autoembed.chunk_tables from public;
 grant select on autoembed.chunk_tables to public;
 
--- Supabase's queue name, so a database that ran Supabase's guide keeps its queue.
+-- Supabase's queue name, so a database that ran Supabase's guide keeps its queue. (One that targets
+-- use and that was dropped is re-created by autoembed.restore_queue in sql/022, which queues its
+-- lost jobs again.)
 do $$
 begin
-    if not exists (select 1 from pgmq.meta where queue_name = 'embedding_jobs') then
+    if not exists (select 1 from pgmq.meta where queue_name = 'embedding_jobs')
+       and not exists (select 1 from autoembed.targets r where r.queue = 'embedding_jobs') then
         perform pgmq.create('embedding_jobs');
     end if;
 end
