@@ -417,17 +417,18 @@ def test_abort_drops_the_shadow_column_its_records_trigger_and_jobs(supabase_doc
     conn.execute("update documents set content = 'x' where id = 1")
     assert conn.execute("select count(*) from pgmq.q_embedding_jobs where message->>'embeddingColumn' = 'embedding__next'"
                         ).fetchone()[0] == 1
+    shadow = conn.execute("select autoembed.state_target('public', 'documents', 'embedding__next')").fetchone()[0]
 
     aborted = mig.abort(conn, shard_plan.migration)
 
     assert aborted.status == "aborted" and column_type(conn, "embedding__next") is None
-    assert conn.execute("select count(*) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id where embedding_column = 'embedding__next'"
-                        ).fetchone()[0] == 0
+    assert conn.execute("select count(*) from autoembed.embedding_state where target_id = %s", (shadow,)).fetchone()[0] == 0
     assert conn.execute("select count(*) from pgmq.q_embedding_jobs where message->>'embeddingColumn' <> 'embedding'"
                         ).fetchone()[0] == 0
-    # The migration's trigger is gone; the table keeps only the state cleanup the drain gave it (sql/013).
+    # The migration's trigger is gone; the table keeps only the state cleanup the drain gave it (sql/013, and
+    # the record's move on a key change: sql/022).
     assert [t for (t,) in conn.execute("select tgname from pg_trigger where tgname like 'autoembed_%%' order by 1")] == [
-        "autoembed_forget_delete", "autoembed_forget_row", "autoembed_forget_truncate"]
+        "autoembed_forget_delete", "autoembed_forget_row", "autoembed_forget_truncate", "autoembed_state_key"]
     drain_all(conn, settings)
     assert_all_current(conn, 1536)
 

@@ -544,3 +544,81 @@ def test_dropped_triggers_of_ours_are_recreated_by_the_drain(conn, fake_openai, 
     if shape == "chunk":
         conn.execute("truncate notes")
         assert vectors(conn, shape) == {}
+
+
+@pytest.fixture
+def owner_db(pg_server_url, monkeypatch):
+    """A database whose `autoembed db init` ran as its owner, a role that is not a superuser (so no
+    event triggers: pgvector created for it by a superuser, as a managed service's admin would).
+    Yields a connection as that role; AUTOEMBED_DATABASE_URL points at it."""
+    import secrets
+    from urllib.parse import urlparse
+
+    import psycopg
+
+    from autoembed_dagster.core.db.server import connect, with_database
+
+    from .conftest import drop_database, unique_database_name
+
+    role, name = f"owner_{secrets.token_hex(4)}", unique_database_name("nosuper")
+    with psycopg.connect(pg_server_url, autocommit=True) as c:
+        c.execute(f"create role {role} login nosuperuser")
+        c.execute(f"create database {name} owner {role}")
+    url = with_database(pg_server_url, name)
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("create extension vector")
+        # The owner's-rights input functions (sql/017) carry `set autoembed.content_fn`: a custom
+        # parameter in a function's SET clause needs this grant of a non-superuser.
+        c.execute(f"grant set on parameter autoembed.content_fn to {role}")
+    parsed = urlparse(url)
+    host = parsed.netloc.split("@", 1)[-1]
+    owner_url = parsed._replace(netloc=f"{role}@{host}").geturl()
+    monkeypatch.setenv("AUTOEMBED_DATABASE_URL", owner_url)
+    with connect(owner_url) as c:
+        init_db(c)
+        assert c.execute("select count(*) from pg_event_trigger").fetchone()[0] == 0
+        yield c
+    drop_database(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as c:
+        c.execute(f"revoke set on parameter autoembed.content_fn from {role}")
+        c.execute(f"drop role {role}")
+
+
+def test_without_a_superuser_at_db_init_status_and_checks_report_a_broken_target(owner_db, fake_openai, settings):
+    """No event triggers: a dropped content function is reported by `status` and every check from
+    the drop on; creating it again repairs nothing by itself (still reported), the next drain's
+    start binds it and re-embeds. Renames need no event trigger at all: the records are keyed by
+    target, so a backfill after a rename re-sends nothing."""
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.drain import pipeline_resolver
+    from autoembed_dagster.core.pipelines import discover_pipelines
+    from autoembed_dagster.defs.checks import evaluate
+
+    conn = owner_db
+    make_table(conn, "column")
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 3) i")
+    drain(conn, settings)
+
+    conn.execute("alter table notes rename to memos")  # (a renamed vector column needs the event trigger: README)
+    [p] = discover_pipelines(conn, [])
+    sent = len(fake_openai.requests)
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert len(fake_openai.requests) == sent  # nothing re-embedded
+
+    conn.execute("drop function note_text(memos) cascade")
+    text = api_status_text(conn)
+    assert "broken" in text and "memos" in text and "content function dropped" in text, text
+    outcomes = evaluate(conn, p, pipeline_resolver([p]))
+    assert outcomes and all(not o.passed and "content function dropped" in o.description for o in outcomes), outcomes
+
+    conn.execute("create function note_text(n memos) returns text language sql immutable as $$ select 'v2 ' || n.body $$")
+    assert "content function dropped" in api_status_text(conn)  # nothing followed it yet
+    conn.execute("update memos set body = 'changed' where id = 1")  # (no trigger compares inputs now)
+    drain(conn, settings)  # its start binds the target, re-creates the triggers, queues every row
+    assert health.broken_targets(conn) == []
+    assert any("bound to" in r.what for r in health.repairs(conn))
+    for i, text in conn.execute("select id, note_text(m) from memos m order by id").fetchall():
+        vec = conn.execute("select embedding from memos where id = %s", (i,)).fetchone()[0]
+        assert vec is not None and np.allclose(np.array(vec.to_list(), dtype=np.float32), fake_vector(text, DIMS),
+                                               atol=2e-3), i
+    assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name != "staleness")
