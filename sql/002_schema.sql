@@ -3,16 +3,16 @@ create schema if not exists autoembed;
 create schema if not exists util;
 
 -- What each stored vector was made from: the content hash guards against stale writes and
--- lets unchanged input skip the provider; the model says which model made it.
+-- lets unchanged input skip the provider; the model says which model made it. Keyed by the
+-- registered target (autoembed.targets.id; the foreign key and the conversion of the older layout,
+-- keyed by schema/table/column names, are in sql/022): renames change nothing.
 create table if not exists autoembed.embedding_state (
-    schema_name      text        not null,
-    table_name       text        not null,
-    embedding_column text        not null,
+    target_id        bigint      not null,
     row_id           text        not null,
     content_hash     bytea       not null,
     model            text        not null,
     embedded_at      timestamptz not null default now(),
-    primary key (schema_name, table_name, embedding_column, row_id)
+    primary key (target_id, row_id)
 );
 
 -- Messages that failed for good: the message also sits in pgmq's archive; this keeps the reason.
@@ -78,10 +78,13 @@ create table if not exists autoembed.chunk_tables (
 revoke all on autoembed.chunk_tables from public;
 grant select on autoembed.chunk_tables to public;
 
--- Supabase's queue name, so a database that ran Supabase's guide keeps its queue.
+-- Supabase's queue name, so a database that ran Supabase's guide keeps its queue. (One that targets
+-- use and that was dropped is re-created by autoembed.restore_queue in sql/022, which queues its
+-- lost jobs again.)
 do $$
 begin
-    if not exists (select 1 from pgmq.meta where queue_name = 'embedding_jobs') then
+    if not exists (select 1 from pgmq.meta where queue_name = 'embedding_jobs')
+       and not exists (select 1 from autoembed.targets r where r.queue = 'embedding_jobs') then
         perform pgmq.create('embedding_jobs');
     end if;
 end

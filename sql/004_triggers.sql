@@ -460,7 +460,7 @@ declare
 begin
     if TG_OP = 'TRUNCATE' then
         delete from autoembed.embedding_state s
-        where s.schema_name = TG_TABLE_SCHEMA and s.table_name = TG_TABLE_NAME;
+        where s.target_id in (select r.id from autoembed.targets r where r.relid = TG_RELID);
         return null;
     end if;
     -- Every target of the table (a model migration's shadow column too), each by its own key. As a
@@ -474,9 +474,7 @@ begin
             execute format('select autoembed.key_texts(array(select o.%I from autoembed_old o))', c.key_column)
                 into keys;
         end if;
-        delete from autoembed.embedding_state s
-        where s.schema_name = TG_TABLE_SCHEMA and s.table_name = TG_TABLE_NAME
-          and s.embedding_column = c.embedding_column and s.row_id = any(keys);
+        delete from autoembed.embedding_state s where s.target_id = c.id and s.row_id = any(keys);
     end loop;
     return null;
 end;

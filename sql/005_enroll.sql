@@ -406,6 +406,7 @@ begin
         set embedding_attnum = b.embedding_attnum, embedding_column = column_b, content_function = b.content_function,
             content_fn = b.content_fn, updated_at = now()
         where id = a.id;
+    perform autoembed.swap_state(a.id, b.id);  -- the records follow the columns (sql/022)
     perform autoembed.install_input_function(a.id);
     perform autoembed.install_input_function(b.id);
 end;
@@ -486,6 +487,7 @@ begin
         'create trigger autoembed_forget_row after delete on %s '
         'for each row execute function autoembed.forget_rows()', tbl);
     perform autoembed.set_trigger_mode(tbl, 'autoembed_forget_row', 'replica');
+    perform autoembed.install_state_key_trigger(tbl);  -- a changed key takes its record along (sql/022)
 end;
 $$;
 
@@ -608,7 +610,7 @@ begin
                                                          'autoembed_forget_row', 'autoembed_replica_insert',
                                                          'autoembed_replica_update', 'autoembed_replica_keep',
                                                          'autoembed_replica_delete', 'autoembed_replica_rekey',
-                                                         'autoembed_chunk_changed') loop  -- (a chunk target's, sql/012)
+                                                         'autoembed_chunk_changed', 'autoembed_state_key') loop  -- (a chunk target's, sql/012)
         execute format('drop trigger %I on %s', name, tbl);
     end loop;
 end;

@@ -57,12 +57,13 @@ create unique index if not exists model_migrations_one_active
     on autoembed.model_migrations (schema_name, table_name, embedding_column)
     where status in ('backfilling', 'promoted');
 
--- Guard installed on autoembed.embedding_state for the table of a migration in flight (one
--- trigger per migration, filtered by table in its WHEN clause so other tables pay nothing).
+-- Guard installed on autoembed.embedding_state for the targets of a migration in flight (one
+-- trigger per migration, filtered by target in its WHEN clause so other targets pay nothing).
 -- It refuses, in the writer's own transaction, a vector record whose model contradicts the
 -- migration: a drain that embedded with the old model just before the promotion committed, or
 -- a process running an outdated configuration, fails and retries instead of mislabelling vectors.
--- Argument: the migration id.
+-- Arguments: the migration id, the live target's id, the shadow (after promotion: old) target's
+-- id. Target ids keep their role through promotion and rollback (autoembed.swap_targets).
 create or replace function autoembed.guard_migration_model()
 returns trigger
 language plpgsql
@@ -70,29 +71,61 @@ as $$
 declare
     m autoembed.model_migrations;
     expected text;
+    live bigint := TG_ARGV[1]::bigint;
+    other bigint := TG_ARGV[2]::bigint;
 begin
     if current_setting('autoembed.migrating', true) = 'on' then
-        return NEW;  -- promotion/rollback renaming the records themselves
+        return NEW;  -- promotion/rollback moving the records themselves
     end if;
     select * into m from autoembed.model_migrations where id = TG_ARGV[0]::bigint;
-    if not found or NEW.schema_name <> m.schema_name or NEW.table_name <> m.table_name then
+    if not found then
         return NEW;
     end if;
     if m.status = 'backfilling' then
-        if NEW.embedding_column = m.shadow_column then
+        if NEW.target_id = other then
             expected := m.model_key;
-        elsif NEW.embedding_column = m.embedding_column then
+        elsif NEW.target_id = live then
             expected := m.old_model;
         end if;
-    elsif m.status = 'promoted' and NEW.embedding_column = m.embedding_column then
+    elsif m.status = 'promoted' and NEW.target_id = live then
         expected := m.model_key;
     end if;
     if expected is not null and NEW.model is distinct from expected then
         raise exception 'autoembed: %.%.% is in a model migration (%): it takes vectors of % only, not %',
-            NEW.schema_name, NEW.table_name, NEW.embedding_column, m.status, expected, NEW.model
+            m.schema_name, m.table_name,
+            case when NEW.target_id = live or m.status = 'promoted' then m.embedding_column else m.shadow_column end,
+            m.status, expected, NEW.model
             using errcode = 'serialization_failure',
                   hint = 'the migration changed while this writer was embedding; its jobs are retried';
     end if;
     return NEW;
+end;
+$$;
+
+-- (Re)install the guard of migration `migration_id` (backfilling or promoted) on its two targets.
+-- Run by start_migration and by `db init` (sql/022) for migrations in flight.
+create or replace function autoembed.install_migration_guard(migration_id bigint)
+returns void
+language plpgsql
+as $$
+declare
+    m autoembed.model_migrations;
+    tbl regclass;
+    live bigint;
+    other bigint;
+begin
+    select * into m from autoembed.model_migrations where id = migration_id;
+    tbl := to_regclass(format('%I.%I', m.schema_name, m.table_name));
+    if tbl is null or m.status not in ('backfilling', 'promoted') then
+        return;
+    end if;
+    live := autoembed.target_of(tbl, m.embedding_column);
+    other := autoembed.target_of(tbl, case when m.status = 'promoted' then m.old_column else m.shadow_column end);
+    if live is null or other is null then
+        return;
+    end if;
+    execute format('create or replace trigger %I before insert or update on autoembed.embedding_state for each row '
+                   'when (new.target_id in (%s, %s)) execute function autoembed.guard_migration_model(%L, %L, %L)',
+                   'autoembed_guard_' || m.id, live, other, m.id, live, other);
 end;
 $$;

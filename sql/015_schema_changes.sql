@@ -18,14 +18,6 @@ alter table autoembed.targets add column if not exists fn_schema text;
 alter table autoembed.targets add column if not exists fn_name text;
 
 
--- embedding_state records a column target's vectors under its table's and column's names; the
--- registry keeps the names they are recorded under, so a rename (of the schema, the table or the
--- column) moves the records with it instead of leaving every row looking stale (a backfill then
--- re-sent unchanged rows). Filled at registration; autoembed.follow_state_names moves them.
-alter table autoembed.targets add column if not exists state_schema text;
-alter table autoembed.targets add column if not exists state_table text;
-alter table autoembed.targets add column if not exists state_column text;
-
 create or replace function autoembed.remember_function_name()
 returns trigger
 language plpgsql
@@ -41,12 +33,6 @@ begin
         NEW.fn_schema := named.nsp;
         NEW.fn_name := named.name;
     end if;
-    if TG_OP = 'INSERT' and NEW.embedding_attnum is not null then
-        select n.nspname::text, c.relname::text, a.attname::text into NEW.state_schema, NEW.state_table, NEW.state_column
-          from pg_class c join pg_namespace n on n.oid = c.relnamespace
-          join pg_attribute a on a.attrelid = c.oid and a.attnum = NEW.embedding_attnum
-         where c.oid = NEW.relid;
-    end if;
     return NEW;
 end;
 $$;
@@ -58,88 +44,40 @@ update autoembed.targets t set fn_schema = n.nspname, fn_name = p.proname
   from pg_proc p join pg_namespace n on n.oid = p.pronamespace
  where p.oid = t.content_fn and (t.fn_schema, t.fn_name) is distinct from (n.nspname::text, p.proname::text);
 
-update autoembed.targets r set state_schema = n.nspname, state_table = c.relname, state_column = a.attname
-  from pg_class c join pg_namespace n on n.oid = c.relnamespace, pg_attribute a
- where c.oid = r.relid and a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
-   and r.state_schema is null;
-
--- Move the embedding_state records of column targets whose schema, table or column was renamed to
--- the current names (records already under those names that the move would collide with are
--- leftovers of a dropped object of that name: replaced). Inside a model migration's transaction
--- (autoembed.migrating) it does nothing: the migration moves its records itself (a promotion's or
--- rollback's recorded names that went stale then name no records, and are simply re-recorded the
--- next time). Run by the event trigger
--- autoembed_follow_state_names (ALTER TABLE / ALTER SCHEMA, when db init ran as a superuser) and at
--- the start of every drain. Returns the targets whose records moved.
-create or replace function autoembed.follow_state_names()
-returns integer
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    t record;
-    moved integer := 0;
-begin
-    if current_setting('autoembed.migrating', true) = 'on' then
-        return 0;
-    end if;
-    for t in select r.id, n.nspname::text as nsp, c.relname::text as rel, a.attname::text as col,
-                    r.state_schema, r.state_table, r.state_column
-               from autoembed.targets r
-               join pg_class c on c.oid = r.relid
-               join pg_namespace n on n.oid = c.relnamespace
-               join pg_attribute a on a.attrelid = r.relid and a.attnum = r.embedding_attnum and not a.attisdropped
-              where (n.nspname::text, c.relname::text, a.attname::text)
-                    is distinct from (r.state_schema, r.state_table, r.state_column)
-              order by r.id loop
-        if t.state_schema is not null then
-            delete from autoembed.embedding_state s
-             where s.schema_name = t.nsp and s.table_name = t.rel and s.embedding_column = t.col
-               and exists (select 1 from autoembed.embedding_state o
-                            where o.schema_name = t.state_schema and o.table_name = t.state_table
-                              and o.embedding_column = t.state_column and o.row_id = s.row_id);
-            update autoembed.embedding_state s set schema_name = t.nsp, table_name = t.rel, embedding_column = t.col
-             where s.schema_name = t.state_schema and s.table_name = t.state_table
-               and s.embedding_column = t.state_column;
-            moved := moved + 1;
-        end if;
-        update autoembed.targets set state_schema = t.nsp, state_table = t.rel, state_column = t.col where id = t.id;
-    end loop;
-    return moved;
-end;
-$$;
-revoke execute on function autoembed.follow_state_names() from public;
-
-create or replace function autoembed.follow_state_names_event()
-returns event_trigger
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    perform autoembed.follow_state_names();
-end;
-$$;
-
 -- Re-create queue `queue` when it is gone (pgmq.drop_queue, or its table dropped): called by
--- autoembed.send_jobs before it sends (so the writer's statement goes on and its jobs are kept) and
--- by the drain at its start. Records the repair. Returns whether it had to.
+-- autoembed.send_jobs before it sends (so the writer's statement goes on and its jobs are kept), by
+-- the drain at its start and by `autoembed db init` (sql/022). The jobs the queue held went with
+-- it: what they were for is queued again (autoembed.requeue_missing: every row of its targets
+-- without a vector, every row of its chunk targets). Records the repair. Returns whether it had to.
 create or replace function autoembed.restore_queue(queue text)
 returns boolean
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
+#variable_conflict use_variable
+declare
+    t record;
+    queued bigint := 0;
+    failed text[] := '{}';
 begin
     if to_regclass('pgmq.' || quote_ident('q_' || lower(queue))) is not null then
         return false;
     end if;
     perform pgmq.create(queue);
+    for t in select r.id, r.relid::regclass as tbl from autoembed.targets r where r.queue = queue order by r.id loop
+        begin
+            queued := queued + autoembed.requeue_missing(t.id);
+        exception when others then
+            failed := failed || format('target %s (%s): %s', t.id, t.tbl, sqlerrm);
+        end;
+    end loop;
     insert into autoembed.repairs (what) values (format(
-        'queue %s was dropped: re-created (jobs it held were lost with it; rows still without a vector are filled by a backfill)',
-        quote_literal(queue)));
-    raise warning 'autoembed: queue % was dropped: re-created', quote_literal(queue);
+        'queue %s was dropped: re-created; %s rows of its targets without a vector (every row of a chunk target) queued again%s',
+        quote_literal(queue), queued,
+        case when cardinality(failed) > 0
+             then format(' (not queued: %s; a backfill fills them)', array_to_string(failed, '; ')) else '' end));
+    raise warning 'autoembed: queue % was dropped: re-created, % rows queued again', quote_literal(queue), queued;
     return true;
 end;
 $$;
@@ -179,6 +117,48 @@ begin
 end;
 $$;
 revoke execute on function autoembed.requeue_rows(bigint) from public;
+
+-- Queue what a lost job may have been for, of target `target_id`: a column target's rows whose
+-- vector is NULL (a changed input clears it: a row with a vector has its current one), every row of
+-- a chunk target (the drain compares each document's hash: unchanged ones cost nothing). Reads only
+-- the key and vector columns. Internal: autoembed.restore_queue calls it.
+create or replace function autoembed.requeue_missing(target_id bigint)
+returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+set row_security = off  -- (a table's policies never run with our rights: such a table is refused)
+as $$
+#variable_conflict use_variable
+declare
+    c record;
+    keys text[];
+begin
+    select r.relid::regclass as tbl, ka.attname::text as key_column, ea.attname::text as col,
+           r.chunk_table is not null as chunked
+      into c
+      from autoembed.targets r
+      join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+      left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+     where r.id = target_id
+       and autoembed.key_type_ok(ka.atttypid);
+    if not found or c.chunked then
+        return autoembed.requeue_rows(target_id);
+    end if;
+    if c.col is null then
+        return 0;
+    end if;
+    execute format('select autoembed.key_texts(array(select t.%I from %s t where t.%I is null))', c.key_column, c.tbl, c.col)
+       into keys;
+    if coalesce(cardinality(keys), 0) = 0 then
+        return 0;
+    end if;
+    perform autoembed.send_jobs(l.queue, autoembed.key_messages(keys, l.integer_keys, l.header))
+       from autoembed.live_target(target_id) l;
+    return cardinality(keys);
+end;
+$$;
+revoke execute on function autoembed.requeue_missing(bigint) from public;
 
 -- (Re)install the triggers of target `target_id` from the registry, whatever its shape: the one
 -- place a repair re-creates triggers (enrolment's own functions do the work: install_triggers,
@@ -250,8 +230,8 @@ end;
 $$;
 revoke execute on function autoembed.rebind_content_functions() from public;
 
--- A dropped table: its registrations, embedding_state records and generated clear functions go
--- too (a table created later may get the same oid, and would otherwise inherit them).
+-- A dropped table: its registrations (and so their embedding_state records: sql/022's foreign key)
+-- and generated clear functions go too (a table created later may get the same oid, and would otherwise inherit them).
 create or replace function autoembed.forget_dropped_tables()
 returns void
 language plpgsql
@@ -269,8 +249,6 @@ begin
             execute format('drop function if exists autoembed.%I()', format('clear_target_%s', gone));
             execute format('drop function if exists autoembed.%I(anyelement)', format('input_%s', gone));
         end loop;
-        delete from autoembed.embedding_state s
-         where s.schema_name = d.address_names[1] and s.table_name = d.address_names[2];
     end loop;
 end;
 $$;
@@ -307,10 +285,6 @@ begin
         if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_functions') then
             create event trigger autoembed_follow_functions on ddl_command_end when tag in ('CREATE FUNCTION')
                 execute function autoembed.follow_functions();
-        end if;
-        if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_state_names') then
-            create event trigger autoembed_follow_state_names on ddl_command_end when tag in ('ALTER TABLE', 'ALTER SCHEMA')
-                execute function autoembed.follow_state_names_event();
         end if;
         if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_drops') then
             create event trigger autoembed_follow_drops on sql_drop when tag in ('DROP TABLE', 'DROP SCHEMA')

@@ -79,11 +79,12 @@ $$;
 revoke execute on function autoembed.install_static_send() from public;
 
 -- The default queue (the one SQL-enrolled tables and Supabase's guide use) exists from init on, so
--- its sends are static from the first enrolment.
+-- its sends are static from the first enrolment. (sql/002 creates it; missing here, it was dropped
+-- under targets that use it: restore_queue, sql/015, queues its lost jobs again.)
 do $$
 begin
     if not exists (select 1 from pgmq.meta m where m.queue_name = 'embedding_jobs') then
-        perform pgmq.create('embedding_jobs');
+        perform autoembed.restore_queue('embedding_jobs');
     end if;
 end;
 $$;

@@ -182,7 +182,7 @@ def test_two_collectors_of_one_batch_write_each_row_once(supabase_docs, fake_ope
     got = [r for r in results if r is not None]
     assert len(got) == 1 and got[0].written == 500  # the other found it claimed or collected
     assert shard_plan.mode == "migration"
-    states = conn.execute("select count(*), count(distinct row_id) from autoembed.embedding_state "
+    states = conn.execute("select count(*), count(distinct row_id) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
                           "where embedding_column = 'embedding__next'").fetchone()
     assert states == (500, 500)
 

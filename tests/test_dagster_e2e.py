@@ -142,7 +142,7 @@ def test_autoembed_demo_without_ui(db_url, tmp_path, monkeypatch, dagster_databa
         rows, embedded = conn.execute(
             "select count(*), count(embedding) from autoembed_demo.stdlib_docs").fetchone()
         assert rows == embedded == 40
-        model = conn.execute("select distinct model from autoembed.embedding_state "
+        model = conn.execute("select distinct model from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
                              "where schema_name = 'autoembed_demo'").fetchall()
         assert model == [("local:all-MiniLM-L6-v2:384",)]
         documents, chunk_models = conn.execute(

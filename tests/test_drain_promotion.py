@@ -39,7 +39,7 @@ def test_a_drainer_created_before_a_promotion_drains_after_it(supabase_docs, fak
     assert total.by_table[DOCS_TABLE].embedded == 3
     assert queue_depth(conn) == 0 and dead_letters(conn) == []
     assert_all_current(conn, 512)
-    assert {r[0] for r in conn.execute("select model from autoembed.embedding_state where embedding_column = 'embedding'")} \
+    assert {r[0] for r in conn.execute("select model from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id where embedding_column = 'embedding'")} \
         == {"openai:text-embedding-3-small:512"}
 
 

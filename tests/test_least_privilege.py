@@ -60,8 +60,8 @@ def test_a_role_with_rights_on_its_table_only_writes_an_enrolled_table(conn, app
     assert messages(conn) == [{"id": 1, **header}, {"id": 2, "idRange": [2, 4], **header}, {"id": 2, **header}]
     assert conn.execute("select id from notes where embedding is null").fetchall() == [(2,)]
 
-    conn.execute("""insert into autoembed.embedding_state (schema_name, table_name, embedding_column, row_id, content_hash, model)
-                    select 'public', 'notes', 'embedding', id::text, '\\x00', 'm' from notes""")
+    conn.execute("""insert into autoembed.embedding_state (target_id, row_id, content_hash, model)
+                    select autoembed.state_target('public', 'notes', 'embedding'), id::text, '\\x00', 'm' from notes""")
     with acting_as(conn, app_role):
         conn.execute("delete from notes where id = 1")
     assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 3

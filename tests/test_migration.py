@@ -149,7 +149,7 @@ def test_dimension_change_1536_to_512_backfills_promotes_and_keeps_the_index(sup
                                 "where indrelid = 'documents'::regclass").fetchall())
     assert "USING hnsw (embedding halfvec_cosine_ops)" in indexes["documents_embedding_idx"]
     assert "(embedding__old halfvec_cosine_ops)" in indexes["documents_embedding_idx__old"]
-    models = dict(conn.execute("select embedding_column, string_agg(distinct model, ',') from autoembed.embedding_state "
+    models = dict(conn.execute("select embedding_column, string_agg(distinct model, ',') from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
                                "group by 1").fetchall())
     assert models == {"embedding": "openai:text-embedding-3-small:512",
                       "embedding__old": "openai:text-embedding-3-small:1536"}
@@ -310,7 +310,7 @@ def test_a_shard_killed_with_sigkill_resumes_without_re_embedding_finished_rows(
     fake_openai.delay(0.15)  # ~5 rows per 0.15 s: slow enough to kill it mid-way
 
     def shadow_rows() -> set[str]:
-        return {r[0] for r in conn.execute("select row_id from autoembed.embedding_state "
+        return {r[0] for r in conn.execute("select row_id from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
                                            "where embedding_column = 'embedding__next'")}
 
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_SHARD], env=os.environ.copy())
@@ -417,17 +417,18 @@ def test_abort_drops_the_shadow_column_its_records_trigger_and_jobs(supabase_doc
     conn.execute("update documents set content = 'x' where id = 1")
     assert conn.execute("select count(*) from pgmq.q_embedding_jobs where message->>'embeddingColumn' = 'embedding__next'"
                         ).fetchone()[0] == 1
+    shadow = conn.execute("select autoembed.state_target('public', 'documents', 'embedding__next')").fetchone()[0]
 
     aborted = mig.abort(conn, shard_plan.migration)
 
     assert aborted.status == "aborted" and column_type(conn, "embedding__next") is None
-    assert conn.execute("select count(*) from autoembed.embedding_state where embedding_column = 'embedding__next'"
-                        ).fetchone()[0] == 0
+    assert conn.execute("select count(*) from autoembed.embedding_state where target_id = %s", (shadow,)).fetchone()[0] == 0
     assert conn.execute("select count(*) from pgmq.q_embedding_jobs where message->>'embeddingColumn' <> 'embedding'"
                         ).fetchone()[0] == 0
-    # The migration's trigger is gone; the table keeps only the state cleanup the drain gave it (sql/013).
+    # The migration's trigger is gone; the table keeps only the state cleanup the drain gave it (sql/013, and
+    # the record's move on a key change: sql/022).
     assert [t for (t,) in conn.execute("select tgname from pg_trigger where tgname like 'autoembed_%%' order by 1")] == [
-        "autoembed_forget_delete", "autoembed_forget_row", "autoembed_forget_truncate"]
+        "autoembed_forget_delete", "autoembed_forget_row", "autoembed_forget_truncate", "autoembed_state_key"]
     drain_all(conn, settings)
     assert_all_current(conn, 1536)
 
@@ -443,8 +444,8 @@ def test_the_resolver_and_the_guard_follow_the_migration(supabase_docs, fake_ope
     assert resolver(live).identity.key == "openai:text-embedding-3-small:1536"
     assert resolver(shadow).identity.key == "openai:text-embedding-3-small:512"
     with pytest.raises(psycopg.errors.SerializationFailure):
-        conn.execute("insert into autoembed.embedding_state (schema_name, table_name, embedding_column, row_id,"
-                     " content_hash, model) values ('public', 'documents', 'embedding__next', '1', '\\x00',"
+        conn.execute("insert into autoembed.embedding_state (target_id, row_id, content_hash, model)"
+                     " values (autoembed.state_target('public', 'documents', 'embedding__next'), '1', '\\x00',"
                      " 'openai:text-embedding-3-small:1536')")
 
     run_backfill(conn, DOCS_512, spec)

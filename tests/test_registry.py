@@ -49,8 +49,8 @@ def test_enrolled_key_column_travels_in_every_message(conn):
                               {"id": "a", "ids": ["a", ""], **header}]
     assert conn.execute("select doc_key from docs where embedding is null order by 1").fetchall() == [("",), ("a",)]
 
-    conn.execute("insert into autoembed.embedding_state (schema_name, table_name, embedding_column, row_id, content_hash, model)"
-                 " select 'public', 'docs', 'embedding', doc_key, '\\x00', 'm' from docs")
+    conn.execute("insert into autoembed.embedding_state (target_id, row_id, content_hash, model)"
+                 " select autoembed.state_target('public', 'docs', 'embedding'), doc_key, '\\x00', 'm' from docs")
     conn.execute("delete from docs where doc_key in ('b', '')")
     left = conn.execute("select row_id from autoembed.embedding_state order by 1").fetchall()
     assert left == [("a",), ("c",), ("d",)]
@@ -214,7 +214,9 @@ def test_a_target_whose_key_column_is_gone_enqueues_nothing_and_warns(conn):
     conn.execute("alter table docs add column doc_key text not null unique default 'k'")
     conn.execute("alter table docs alter column doc_key drop default")
     conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding', 'doc_key', enqueue_backlog => false)")
-    conn.execute("alter table docs drop column doc_key")
+    # CASCADE: the trigger that moves a row's embedding_state record when its key changes
+    # (autoembed_state_key, sql/022) watches the key column, as a chunk target's key trigger does.
+    conn.execute("alter table docs drop column doc_key cascade")
     warnings = []
     conn.add_notice_handler(lambda d: warnings.append(d.message_primary))
     conn.execute("insert into docs values (1, 'one')")
@@ -239,12 +241,16 @@ def test_dropped_content_function_or_column_leaves_no_usable_target(conn):
 def test_truncate_forgets_every_state_record_of_the_table(conn):
     make_docs(conn, "int", "id")
     conn.execute("create table other (id int primary key, body text, embedding vector(3))")
+    conn.execute("create function other_input(o other) returns text language sql immutable as $$ select o.body $$")
     conn.execute("insert into docs select g, 'b' from generate_series(1, 5) g")
     conn.execute("select autoembed.enroll('docs', 'doc_input', 'embedding')")
-    conn.execute("""insert into autoembed.embedding_state (schema_name, table_name, embedding_column, row_id, content_hash, model)
-                    select 'public', t, 'embedding', g::text, '\\x00', 'm' from generate_series(1, 5) g, unnest(array['docs', 'other']) t""")
+    conn.execute("select autoembed.enroll('other', 'other_input', 'embedding')")
+    conn.execute("""insert into autoembed.embedding_state (target_id, row_id, content_hash, model)
+                    select autoembed.state_target('public', t, 'embedding'), g::text, '\\x00', 'm'
+                    from generate_series(1, 5) g, unnest(array['docs', 'other']) t""")
     conn.execute("truncate docs")
-    assert conn.execute("select table_name, count(*) from autoembed.embedding_state group by 1").fetchall() == [("other", 5)]
+    assert conn.execute("select c.table_name, count(*) from autoembed.embedding_state s"
+                        " join autoembed.target_catalog c on c.id = s.target_id group by 1").fetchall() == [("other", 5)]
 
 
 def test_mixed_case_names_with_spaces_are_quoted_in_enrolment_and_after_mode_clearing(conn):

@@ -191,7 +191,7 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
         # article's chunks followed its new key.
         assert vector(s, "docs", 1) is None
         assert_current(s, "docs", "doc_input", 2)
-        assert s.execute("select count(*) from autoembed.embedding_state where table_name = 'docs' "
+        assert s.execute("select count(*) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id where table_name = 'docs' "
                          "and row_id = '3'").fetchone()[0] == 0
         assert s.execute("select count(*) from articles_chunks where id in (2, 3)").fetchone()[0] == 0
         assert chunk_sets(s)[20] == splitter.split(f"article 2\n\n{long_text(2)}")
@@ -234,13 +234,38 @@ def test_replicated_writes_get_current_vectors_on_the_subscriber(replication, fa
     replicated(pub, sub)
     with connect(sub) as s:
         assert s.execute("select count(*) from docs").fetchone()[0] == 2
-        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state "
+        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
                          "where table_name = 'docs'").fetchone()[0] is None
         drain(s, settings)
         for key in (1, 6):
             assert_current(s, "docs", "doc_input", key)
-        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state "
+        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
                          "where table_name = 'docs'").fetchone()[0] == ["1", "6"]
+
+    # A replicated key change: the row keeps its vector and its embedding_state record follows the
+    # new key (the ALWAYS-enabled autoembed_state_key), so nothing looks stale there.
+    with psycopg.connect(pub, autocommit=True) as p:
+        p.execute("update docs set id = 11 where id = 1")
+    replicated(pub, sub)
+    with connect(sub) as s:
+        assert_current(s, "docs", "doc_input", 11)
+        assert s.execute("select array_agg(row_id order by row_id) from autoembed.embedding_state s join autoembed.target_catalog c on c.id = s.target_id "
+                         "where table_name = 'docs'").fetchone()[0] == ["11", "6"]
+        assert queued_keys(s) == []
+
+    # A TRUNCATE of a chunk target's table on the publisher: the subscriber's chunk table is
+    # truncated with it (the ALWAYS-enabled autoembed_chunks_truncate; no foreign key refuses it),
+    # the subscription goes on, and rows inserted after it get their chunks.
+    with psycopg.connect(pub, autocommit=True) as p:
+        p.execute("truncate articles")
+        p.execute("insert into articles values (5, 'article 5', %s)", (long_text(5),))
+    replicated(pub, sub)
+    with connect(sub) as s:
+        assert s.execute("select array_agg(id) from articles").fetchone()[0] == [5]
+        assert chunk_sets(s) == {}
+        assert queued_keys(s) == [5]
+        assert drain(s, settings).dead_lettered == 0
+        assert chunk_sets(s) == {5: splitter.split(f"article 5\n\n{long_text(5)}")}
 
     # A content function that raises for a replicated row fails neither the apply worker nor the
     # replication: the change counts as one (the vector is cleared, the row queued, later

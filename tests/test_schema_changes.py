@@ -333,27 +333,37 @@ def test_content_function_body_changed_marks_a_discovered_target_stale_and_backf
     assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name == "staleness")
 
 
+def state_rows(conn) -> list[tuple]:
+    """Every embedding_state record, with its row version (xmin): a record rewritten shows."""
+    return conn.execute("select target_id, row_id, content_hash, model, xmin::text from autoembed.embedding_state"
+                        " order by 1, 2").fetchall()
+
+
 def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_openai, settings):
-    """embedding_state follows renames of the schema, table and column (nothing looks stale, a
-    backfill re-sends nothing), and goes with a dropped table."""
+    """embedding_state is keyed by the registered target: renames of the schema, table, embedding
+    and key column rewrite no record (nothing looks stale, a backfill re-sends nothing), and a
+    dropped table takes its records along."""
     from autoembed_dagster.cli import main
     from autoembed_dagster.core.pipelines import discover_pipelines
 
-    make_table(conn, "column")
+    target = make_table(conn, "column")
     conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 20) i")
     drain(conn, settings)
+    before = state_rows(conn)
+    assert len(before) == 20 and {r[0] for r in before} == {target}
     conn.execute("create schema archive; alter table notes set schema archive")
     conn.execute("alter table archive.notes rename to memos")
     conn.execute("alter table archive.memos rename column embedding to vec")
+    conn.execute("alter table archive.memos rename column id to memo_id")
     conn.execute("alter schema archive rename to kept")
+    drain(conn, settings)  # (the drain's start moved records on renames before; nothing to do now)
+    assert state_rows(conn) == before  # not one record rewritten
     [p] = discover_pipelines(conn, [])
     assert (p.schema, p.table, p.embedding_column) == ("kept", "memos", "vec")
-    assert conn.execute("select count(*) from autoembed.embedding_state where schema_name = 'kept'"
-                        " and table_name = 'memos' and embedding_column = 'vec'").fetchone()[0] == 20
     from autoembed_dagster.core.targets.catalog import TargetKey
 
-    target, _ = health.resolve_target(conn, TargetKey("kept", "memos", "note_text", "vec"))
-    th = health.target_health(conn, target, "openai:text-embedding-3-small:1536")
+    target_now, _ = health.resolve_target(conn, TargetKey("kept", "memos", "note_text", "vec", "memo_id"))
+    th = health.target_health(conn, target_now, "openai:text-embedding-3-small:1536")
     assert (th.current, th.stale) == (20, 0)
     sent = len(fake_openai.requests)
     assert main(["backfill", p.name, "-q"]) == 0
@@ -362,6 +372,155 @@ def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_op
     conn.execute("drop table kept.memos cascade")
     assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 0
     assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
+
+
+def test_a_dropped_targets_state_goes_with_it(conn, fake_openai, settings):
+    """A registration that goes takes its records along (the foreign key): unenrolling, and the
+    drain's start forgetting a table dropped while no event trigger saw it."""
+    target = make_table(conn, "column")
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 5) i")
+    drain(conn, settings)
+    assert conn.execute("select count(*) from autoembed.embedding_state where target_id = %s", (target,)).fetchone()[0] == 5
+    conn.execute("delete from autoembed.targets where id = %s", (target,))
+    assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 0
+
+    conn.execute("drop table notes cascade; drop function if exists note_text(notes)")
+    target = make_table(conn, "column")
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 5) i")
+    drain(conn, settings)
+    conn.execute("alter event trigger autoembed_follow_drops disable")  # as when db init had no superuser
+    try:
+        conn.execute("drop table notes cascade")
+        assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 5
+        drain(conn, settings)  # its start forgets the registration, and so the records
+    finally:
+        conn.execute("alter event trigger autoembed_follow_drops enable")
+    assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
+    assert conn.execute("select count(*) from autoembed.embedding_state").fetchone()[0] == 0
+
+
+OLD_STATE_LAYOUT = """
+    alter table autoembed.embedding_state rename to embedding_state_new;
+    alter index autoembed.embedding_state_pkey rename to embedding_state_new_pkey;
+    create table autoembed.embedding_state (
+        schema_name text not null, table_name text not null, embedding_column text not null,
+        row_id text not null, content_hash bytea not null, model text not null,
+        embedded_at timestamptz not null default now(),
+        primary key (schema_name, table_name, embedding_column, row_id));
+    insert into autoembed.embedding_state
+    select c.schema_name, c.table_name, c.embedding_column, s.row_id, s.content_hash, s.model, s.embedded_at
+      from autoembed.embedding_state_new s join autoembed.target_catalog c on c.id = s.target_id;
+    -- a record of no registered target (a dropped table of an older version)
+    insert into autoembed.embedding_state values ('public', 'gone', 'embedding', '1', '\\x00', 'm', now());
+    drop table autoembed.embedding_state_new;
+"""
+
+
+def test_db_init_converts_state_of_the_old_layout(conn, fake_openai, settings):
+    """A database whose embedding_state is keyed by names (the older layout): `db init` carries
+    every record over to its target (a backfill then re-sends nothing), drops records of no
+    target, and the state works as keyed by target from then on (a rename changes nothing)."""
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.pipelines import discover_pipelines
+
+    target = make_table(conn, "column")
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 10) i")
+    drain(conn, settings)
+    before = [r[:4] for r in state_rows(conn)]
+    conn.execute(OLD_STATE_LAYOUT)
+    assert conn.execute("select count(*) from autoembed.embedding_state where table_name = 'notes'").fetchone()[0] == 10
+
+    init_db(conn)
+    assert [r[:4] for r in state_rows(conn)] == before
+    assert {r[0] for r in state_rows(conn)} == {target}
+    init_db(conn)  # idempotent
+    assert [r[:4] for r in state_rows(conn)] == before
+    conn.execute("alter table notes rename column embedding to vec")
+    [p] = discover_pipelines(conn, [])
+    sent = len(fake_openai.requests)
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert len(fake_openai.requests) == sent  # every record found under its target
+    conn.execute("update notes set body = 'changed' where id = 1")
+    drain(conn, settings)
+    assert len(fake_openai.requests) == sent + 1
+
+
+def named_state(conn) -> list[tuple]:
+    return conn.execute("select c.embedding_column, s.row_id, s.model from autoembed.embedding_state s"
+                        " join autoembed.target_catalog c on c.id = s.target_id order by 1, 2").fetchall()
+
+
+def test_db_init_converts_state_of_a_model_migration_in_flight(supabase_docs, fake_openai, settings):
+    """The older layout mid-migration: the shadow column's records go to the shadow target, the
+    migration's guard is re-installed on the targets (by id now), and the promotion swaps the
+    records with the columns."""
+    from autoembed_dagster.core.migrate.backfill import backfill_shard, plan, resolve_spec, run_backfill
+
+    from .test_migration import DOCS_512, seed
+
+    conn = supabase_docs
+    seed(conn, settings, 12)
+    spec = resolve_spec(conn, DOCS_512)
+    shard_plan = plan(conn, DOCS_512, spec)
+    for shard in range(4):  # part of the rows
+        backfill_shard(conn, DOCS_512, spec, shard, 4, shard_plan=shard_plan, max_rows=2)
+    before = named_state(conn)
+    assert {r[0] for r in before} == {"embedding", "embedding__next"}
+    conn.execute(OLD_STATE_LAYOUT.replace("'gone'", "'other'"))  # (drops the guard trigger with the table)
+    init_db(conn)
+    assert named_state(conn) == before
+    m = shard_plan.migration
+    assert conn.execute("select count(*) from pg_trigger where tgname = %s", (f"autoembed_guard_{m.id}",)).fetchone()[0] == 1
+    result = run_backfill(conn, DOCS_512, spec)
+    assert result.promotion is not None and result.coverage.complete
+    models = {(c, mdl) for c, _, mdl in named_state(conn)}
+    assert models == {("embedding", "openai:text-embedding-3-small:512"),
+                      ("embedding__old", "openai:text-embedding-3-small:1536")}
+
+
+@pytest.mark.parametrize("when", ["send", "drain", "db init"])
+@pytest.mark.parametrize("shape", ["column", "chunk"])
+def test_jobs_of_a_dropped_queue_are_queued_again(conn, fake_openai, settings, shape, when):
+    """pgmq.drop_queue takes the jobs it holds: when the queue is found missing (the next write's
+    send, the drain's start, `db init`), every row of its targets without a vector (every row of
+    a chunk target) is queued again and the repair recorded. Nothing is lost."""
+    make_table(conn, shape)
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 5) i")
+    conn.execute("insert into notes (id, body) values (6, 'six')")
+    assert queued_ids(conn) == {1, 2, 3, 4, 5, 6}
+    conn.execute("select pgmq.drop_queue('embedding_jobs')")
+    if when == "send":
+        conn.execute("insert into notes (id, body) values (7, 'seven')")
+    elif when == "db init":
+        init_db(conn)
+    drain(conn, settings)
+    ids = [1, 2, 3, 4, 5, 6] + ([7] if when == "send" else [])
+    assert_current(conn, shape, ids)
+    [repair] = [r for r in health.repairs(conn) if "embedding_jobs" in r.what]
+    assert "re-created" in repair.what and "queued again" in repair.what, repair
+
+
+def test_a_key_change_takes_the_rows_state_along(conn, fake_openai, settings, app_role):
+    """UPDATE of a column target's key (by a writer with no right on our tables): the row keeps its
+    vector and its record moves to the new key, so a backfill re-sends nothing."""
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.pipelines import discover_pipelines
+
+    make_table(conn, "column")
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 4) i")
+    drain(conn, settings)
+    conn.execute(f"grant select, update on notes to {app_role}")
+    conn.execute(f"set role {app_role}")
+    conn.execute("update notes set id = id + 100 where id <= 2")  # the writer has no right on our tables
+    conn.execute("reset role")
+    assert conn.execute("select count(*) from notes where embedding is null").fetchone()[0] == 0
+    assert sorted(r[1] for r in state_rows(conn)) == ["101", "102", "3", "4"]
+    [p] = discover_pipelines(conn, [])
+    sent = len(fake_openai.requests)
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert len(fake_openai.requests) == sent  # nothing re-embedded
+
+    assert_current(conn, "column", [101, 102, 3, 4])
 
 
 @pytest.mark.parametrize("shape", ["column", "chunk"])
@@ -385,3 +544,81 @@ def test_dropped_triggers_of_ours_are_recreated_by_the_drain(conn, fake_openai, 
     if shape == "chunk":
         conn.execute("truncate notes")
         assert vectors(conn, shape) == {}
+
+
+@pytest.fixture
+def owner_db(pg_server_url, monkeypatch):
+    """A database whose `autoembed db init` ran as its owner, a role that is not a superuser (so no
+    event triggers: pgvector created for it by a superuser, as a managed service's admin would).
+    Yields a connection as that role; AUTOEMBED_DATABASE_URL points at it."""
+    import secrets
+    from urllib.parse import urlparse
+
+    import psycopg
+
+    from autoembed_dagster.core.db.server import connect, with_database
+
+    from .conftest import drop_database, unique_database_name
+
+    role, name = f"owner_{secrets.token_hex(4)}", unique_database_name("nosuper")
+    with psycopg.connect(pg_server_url, autocommit=True) as c:
+        c.execute(f"create role {role} login nosuperuser")
+        c.execute(f"create database {name} owner {role}")
+    url = with_database(pg_server_url, name)
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("create extension vector")
+        # The owner's-rights input functions (sql/017) carry `set autoembed.content_fn`: a custom
+        # parameter in a function's SET clause needs this grant of a non-superuser.
+        c.execute(f"grant set on parameter autoembed.content_fn to {role}")
+    parsed = urlparse(url)
+    host = parsed.netloc.split("@", 1)[-1]
+    owner_url = parsed._replace(netloc=f"{role}@{host}").geturl()
+    monkeypatch.setenv("AUTOEMBED_DATABASE_URL", owner_url)
+    with connect(owner_url) as c:
+        init_db(c)
+        assert c.execute("select count(*) from pg_event_trigger").fetchone()[0] == 0
+        yield c
+    drop_database(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as c:
+        c.execute(f"revoke set on parameter autoembed.content_fn from {role}")
+        c.execute(f"drop role {role}")
+
+
+def test_without_a_superuser_at_db_init_status_and_checks_report_a_broken_target(owner_db, fake_openai, settings):
+    """No event triggers: a dropped content function is reported by `status` and every check from
+    the drop on; creating it again repairs nothing by itself (still reported), the next drain's
+    start binds it and re-embeds. Renames need no event trigger at all: the records are keyed by
+    target, so a backfill after a rename re-sends nothing."""
+    from autoembed_dagster.cli import main
+    from autoembed_dagster.core.drain import pipeline_resolver
+    from autoembed_dagster.core.pipelines import discover_pipelines
+    from autoembed_dagster.defs.checks import evaluate
+
+    conn = owner_db
+    make_table(conn, "column")
+    conn.execute("insert into notes (id, body) select i, 'note ' || i from generate_series(1, 3) i")
+    drain(conn, settings)
+
+    conn.execute("alter table notes rename to memos")  # (a renamed vector column needs the event trigger: README)
+    [p] = discover_pipelines(conn, [])
+    sent = len(fake_openai.requests)
+    assert main(["backfill", p.name, "-q"]) == 0
+    assert len(fake_openai.requests) == sent  # nothing re-embedded
+
+    conn.execute("drop function note_text(memos) cascade")
+    text = api_status_text(conn)
+    assert "broken" in text and "memos" in text and "content function dropped" in text, text
+    outcomes = evaluate(conn, p, pipeline_resolver([p]))
+    assert outcomes and all(not o.passed and "content function dropped" in o.description for o in outcomes), outcomes
+
+    conn.execute("create function note_text(n memos) returns text language sql immutable as $$ select 'v2 ' || n.body $$")
+    assert "content function dropped" in api_status_text(conn)  # nothing followed it yet
+    conn.execute("update memos set body = 'changed' where id = 1")  # (no trigger compares inputs now)
+    drain(conn, settings)  # its start binds the target, re-creates the triggers, queues every row
+    assert health.broken_targets(conn) == []
+    assert any("bound to" in r.what for r in health.repairs(conn))
+    for i, text in conn.execute("select id, note_text(m) from memos m order by id").fetchall():
+        vec = conn.execute("select embedding from memos where id = %s", (i,)).fetchone()[0]
+        assert vec is not None and np.allclose(np.array(vec.to_list(), dtype=np.float32), fake_vector(text, DIMS),
+                                               atol=2e-3), i
+    assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name != "staleness")

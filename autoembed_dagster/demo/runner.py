@@ -272,9 +272,9 @@ def create_demo_table(conn) -> None:
     """(Re)create the demo's own schema, tables, content functions and triggers."""
     conn.execute(f"drop schema if exists {DEMO_SCHEMA} cascade")
     for sql in (
-        # Leftovers of an earlier demo run: queued jobs, stored hashes, dead letters.
+        # Leftovers of an earlier demo run: queued jobs, dead letters (stored hashes went with the
+        # dropped table's targets: embedding_state is keyed by target).
         f"delete from pgmq.q_embedding_jobs where message ->> 'schema' = '{DEMO_SCHEMA}'",
-        f"delete from autoembed.embedding_state where schema_name = '{DEMO_SCHEMA}'",
         f"delete from autoembed.dead_letters where message ->> 'schema' = '{DEMO_SCHEMA}'",
         f"create schema {DEMO_SCHEMA}",
         f"""create table {DEMO_SCHEMA}.{DEMO_TABLE} (

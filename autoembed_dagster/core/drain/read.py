@@ -61,7 +61,7 @@ def read_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> d
                  from {table} t where t.{key} = any(%s::text[]::{key_type}[])) r
            join unnest(%s::text[]) u(k) on r.value = u.k::{key_type}
            left join autoembed.embedding_state s
-             on s.schema_name = %s and s.table_name = %s and s.embedding_column = %s and s.row_id = r.key
+             on s.target_id = (select autoembed.state_target(%s, %s, %s)) and s.row_id = r.key
             and s.row_id = any(%s::text[])"""
     ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql,
              table=target.table_sql, key_type=target.key_type_sql)

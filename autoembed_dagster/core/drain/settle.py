@@ -100,7 +100,7 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
     already = {
         row_id for row_id, state_hash, state_model in conn.execute(
             """select row_id, content_hash, model from autoembed.embedding_state
-               where schema_name = %s and table_name = %s and embedding_column = %s and row_id = any(%s)""",
+               where target_id = (select autoembed.state_target(%s, %s, %s)) and row_id = any(%s)""",
             (target.key.schema, target.key.table, target.key.embedding_column, sorted(has_vector)),
             prepare=False,
         ) if state_model == model and state_hash == current.get(row_id)
@@ -128,13 +128,12 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
         )
         cur.execute(
             sql.SQL(
-                """insert into autoembed.embedding_state as e
-                       (schema_name, table_name, embedding_column, row_id, content_hash, model, embedded_at)
-                   select %s, %s, %s, s.k, s.h, %s, now() from {stage} s
-                   on conflict (schema_name, table_name, embedding_column, row_id) do update
+                """insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
+                   select %s, s.k, s.h, %s, now() from {stage} s
+                   on conflict (target_id, row_id) do update
                    set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()"""
             ).format(stage=stage),
-            (target.key.schema, target.key.table, target.key.embedding_column, model),
+            (state_target(conn, target), model),
         )
     out.written = len(fresh)
     return out
@@ -223,10 +222,21 @@ class VectorWriter:
         return total
 
 
+def state_target(conn: psycopg.Connection, target: Target) -> int:
+    """The registered target whose embedding_state records `target`'s vectors (by id: renames
+    change nothing). A vector is written only for a registered target (its input function is)."""
+    if target.registered is not None and not target.chunked:
+        return target.registered
+    found = conn.execute("select autoembed.state_target(%s, %s, %s)",
+                         (target.key.schema, target.key.table, target.key.embedding_column)).fetchone()[0]
+    if found is None:
+        raise TargetError(f"{target.key.label} is not a registered target: enrol the table (autoembed enroll)")
+    return found
+
+
 def forget_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> None:
     conn.execute(
-        """delete from autoembed.embedding_state where schema_name = %s and table_name = %s
-           and embedding_column = %s and row_id = any(%s)""",
+        """delete from autoembed.embedding_state where target_id = (select autoembed.state_target(%s, %s, %s)) and row_id = any(%s)""",
         (target.key.schema, target.key.table, target.key.embedding_column, row_ids),
     )
 

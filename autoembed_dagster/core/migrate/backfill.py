@@ -110,8 +110,7 @@ def plan(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, *, start: bool 
     # may already name another content function: that is a migration too).
     live_fn = next(iter(trigger_content_functions(conn, p.schema, p.table, p.embedding_column)), p.content_function)
     other_model = conn.execute(
-        """select 1 from autoembed.embedding_state where schema_name = %s and table_name = %s
-           and embedding_column = %s and model <> %s limit 1""",
+        """select 1 from autoembed.embedding_state where target_id = (select autoembed.state_target(%s, %s, %s)) and model <> %s limit 1""",
         (p.schema, p.table, p.embedding_column, spec.identity_key)).fetchone()
     if spec == configured and spec.dimensions == live.dimensions and spec.content_function == live_fn and not other_model:
         return ShardPlan("in_place", spec, p.embedding_column, live_fn, None,
@@ -234,8 +233,7 @@ def _candidates(conn: psycopg.Connection, target: Target, model: str, shard: int
            -- of embedding_state say (a plain join became a nested loop over all the column's states)
            left join lateral (
                select s.model, s.content_hash from autoembed.embedding_state s
-               where s.schema_name = %(schema)s and s.table_name = %(table)s
-                 and s.embedding_column = %(column)s and s.row_id = m.k
+               where s.target_id = (select autoembed.state_target(%(schema)s, %(table)s, %(column)s)) and s.row_id = m.k
                limit 1) s on true  -- (the primary key: at most one row; the limit keeps it a probe)
            where not (m.has_vector and s.model is not distinct from %(model)s and s.content_hash = m.h)
            order by 1, 2"""

@@ -4,7 +4,8 @@
                         job for it on every changed row (the ordinary drain embeds those)
                     ──▶ backfill shards fill it (core/migrate/backfill.py)         search still uses <col>
     promote         ──▶ one transaction: rename <col> → <col>__old, <col>__next → <col>, move the
-                        embedding_state records, swap triggers, swap the prebuilt vector indexes
+                        embedding_state records (autoembed.swap_targets: they are keyed by target), swap
+                        triggers, swap the prebuilt vector indexes
     rollback        ──▶ the reverse swap, while <col>__old still exists
     drop_old        ──▶ drop <col>__old: the migration is finished
     abort           ──▶ drop the shadow column of a migration that was not promoted
@@ -159,19 +160,6 @@ def _swap_targets(conn: psycopg.Connection, m: Migration, live: str, other: str,
 
 def _unregister(conn: psycopg.Connection, m: Migration, column: str) -> None:
     conn.execute("select autoembed.unregister_targets(%s::regclass, %s)", (_table_sql(m).as_string(conn), column))
-
-
-def _rename_state(conn: psycopg.Connection, m: Migration, moves: list[tuple[str, str]]) -> None:
-    """Move embedding_state records between column names, in order (targets must be free)."""
-    for source, dest in moves:
-        conn.execute(
-            """delete from autoembed.embedding_state
-               where schema_name = %s and table_name = %s and embedding_column = %s""",
-            (m.schema_name, m.table_name, dest))
-        conn.execute(
-            """update autoembed.embedding_state set embedding_column = %s
-               where schema_name = %s and table_name = %s and embedding_column = %s""",
-            (dest, m.schema_name, m.table_name, source))
 
 
 def _rename_column(conn: psycopg.Connection, m: Migration, source: str, dest: str) -> None:
@@ -353,10 +341,7 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
             _table_sql(m), sql.Identifier(shadow), sql.SQL(f"{vtype}({int(spec.dimensions)})")))
         _register_shadow(conn, m)
         _install_shadow_trigger(conn, m)
-        conn.execute(sql.SQL(
-            "create or replace trigger {} before insert or update on autoembed.embedding_state for each row "
-            "when (new.schema_name = {} and new.table_name = {}) execute function autoembed.guard_migration_model({})"
-        ).format(_guard_trigger(m), sql.Literal(m.schema_name), sql.Literal(m.table_name), sql.Literal(str(m.id))))
+        conn.execute("select autoembed.install_migration_guard(%s)", (m.id,))
         # Jobs dead-lettered because the configured model no longer fitted the live column (the
         # model was changed in code before this migration started) can succeed now: retry them.
         conn.execute(
@@ -417,7 +402,6 @@ def promote(conn: psycopg.Connection, m: Migration, *, force: bool = False, lock
         _rename_column(conn, mm, mm.shadow_column, mm.embedding_column)
         _swap_targets(conn, mm, mm.embedding_column, mm.old_column, mm.content_function)
         indexes = _swap_index_names(conn, mm, promoting=True)
-        _rename_state(conn, mm, [(mm.embedding_column, mm.old_column), (mm.shadow_column, mm.embedding_column)])
         triggers = _retarget_triggers(conn, mm, mm.old_content_function, mm.content_function)
         conn.execute("update autoembed.model_migrations set status = 'promoted', promoted_at = now() where id = %s",
                      (mm.id,))
@@ -447,7 +431,6 @@ def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
         _rename_column(conn, mm, mm.old_column, mm.embedding_column)
         _swap_targets(conn, mm, mm.embedding_column, mm.shadow_column, mm.old_content_function)
         _swap_index_names(conn, mm, promoting=False)
-        _rename_state(conn, mm, [(mm.embedding_column, mm.shadow_column), (mm.old_column, mm.embedding_column)])
         _retarget_triggers(conn, mm, mm.content_function, mm.old_content_function)
         conn.execute("update autoembed.model_migrations set status = 'backfilling', promoted_at = null where id = %s",
                      (mm.id,))
@@ -461,7 +444,7 @@ def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
             conn.execute(sql.SQL(
                 """update {table} t set {col} = null where t.{col} is not null and not exists (
                        select 1 from autoembed.embedding_state s
-                       where s.schema_name = %s and s.table_name = %s and s.embedding_column = %s
+                       where s.target_id = (select autoembed.state_target(%s, %s, %s))
                          and s.row_id = t.{key}::text and s.content_hash = autoembed.content_hash({fn}(t)::text))"""
             ).format(table=target.table_sql, col=target.column_sql, key=target.key_sql, fn=target.function_sql),
                 (mm.schema_name, mm.table_name, column))
@@ -480,9 +463,6 @@ def drop_old(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
             raise MigrationError(f"{mm.label}: only a promoted migration can drop its old vectors (it is {mm.status})")
         _unregister(conn, mm, mm.old_column)
         conn.execute(sql.SQL("alter table {} drop column if exists {}").format(_table_sql(mm), sql.Identifier(mm.old_column)))
-        conn.execute("""delete from autoembed.embedding_state
-                        where schema_name = %s and table_name = %s and embedding_column = %s""",
-                     (mm.schema_name, mm.table_name, mm.old_column))
         conn.execute(sql.SQL("drop trigger if exists {} on autoembed.embedding_state").format(_guard_trigger(mm)))
         conn.execute("update autoembed.model_migrations set status = 'finished', finished_at = now() where id = %s",
                      (mm.id,))
@@ -501,9 +481,6 @@ def abort(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, 
         _drop_shadow_trigger(conn, mm)
         _unregister(conn, mm, mm.shadow_column)
         conn.execute(sql.SQL("alter table {} drop column if exists {}").format(_table_sql(mm), sql.Identifier(mm.shadow_column)))
-        conn.execute("""delete from autoembed.embedding_state
-                        where schema_name = %s and table_name = %s and embedding_column = %s""",
-                     (mm.schema_name, mm.table_name, mm.shadow_column))
         _purge_jobs(conn, mm, mm.shadow_column)
         conn.execute(sql.SQL("drop trigger if exists {} on autoembed.embedding_state").format(_guard_trigger(mm)))
         conn.execute("update autoembed.model_migrations set status = 'aborted', finished_at = now() where id = %s",

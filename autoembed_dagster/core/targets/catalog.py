@@ -447,12 +447,12 @@ def repair_schema(conn: psycopg.Connection, queue: str) -> None:
     """What the drain does at its start about schema changes (sql/015): re-create its queue when it
     was dropped, bind targets whose content function was dropped and created again (when its role
     may re-create their triggers; else they stay in autoembed.broken_targets), re-create the
-    triggers of enrolled tables that were dropped (same condition), move the
-    embedding_state records of renamed tables and columns, and give tables of Supabase's triggers
+    triggers of enrolled tables that were dropped (same condition), forget the targets (and their
+    embedding_state records) of tables dropped unseen, and give tables of Supabase's triggers
     the state cleanup. A drain role without EXECUTE on these leaves them to the
     event triggers and `autoembed db init`."""
     for call in ("autoembed.restore_queue(%s)", "autoembed.rebind_content_functions()",
-                 "autoembed.restore_target_triggers()", "autoembed.follow_state_names()"):
+                 "autoembed.restore_target_triggers()", "autoembed.forget_gone_targets()"):
         name = call.split("(")[0]
         signature = f"{name}(text)" if "%s" in call else f"{name}()"
         if not conn.execute("select has_function_privilege(%s, 'execute')", (signature,)).fetchone()[0]:

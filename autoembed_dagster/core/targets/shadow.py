@@ -56,7 +56,7 @@ def column_models(conn: psycopg.Connection, schema: str, table: str, column: str
     """(model, rows) recorded for a column, most common first."""
     return [(r[0], r[1]) for r in conn.execute(
         """select model, count(*) from autoembed.embedding_state
-           where schema_name = %s and table_name = %s and embedding_column = %s
+           where target_id = (select autoembed.state_target(%s, %s, %s))
            group by model order by 2 desc, 1""",
         (schema, table, column),
     )]

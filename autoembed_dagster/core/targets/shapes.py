@@ -150,8 +150,8 @@ class ColumnShape:
                 -- during a backfill) a plain join became a nested loop over every state row.
                 left join lateral (
                     select s.row_id, s.model, s.content_hash from autoembed.embedding_state s
-                    where s.schema_name = %(schema)s and s.table_name = %(table)s
-                      and s.embedding_column = %(column)s and s.row_id = x.k
+                    where s.target_id = (select autoembed.state_target(%(schema)s, %(table)s, %(column)s))
+                      and s.row_id = x.k
                     limit 1) s on true
                 """
             ).format(key=target.key_sql, col=target.column_sql, table=target.table_sql,
