@@ -363,7 +363,7 @@ def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_op
     from autoembed_dagster.core.targets.catalog import TargetKey
 
     target_now, _ = health.resolve_target(conn, TargetKey("kept", "memos", "note_text", "vec", "memo_id"))
-    th = health.table_health(conn, target_now, "openai:text-embedding-3-small:1536")
+    th = health.target_health(conn, target_now, "openai:text-embedding-3-small:1536")
     assert (th.current, th.stale) == (20, 0)
     sent = len(fake_openai.requests)
     assert main(["backfill", p.name, "-q"]) == 0
