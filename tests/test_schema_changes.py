@@ -385,3 +385,25 @@ def test_dropped_triggers_of_ours_are_recreated_by_the_drain(conn, fake_openai, 
     if shape == "chunk":
         conn.execute("truncate notes")
         assert vectors(conn, shape) == {}
+
+
+def test_db_init_points_event_triggers_of_an_earlier_version_at_the_current_function(conn):
+    """An earlier version had one event trigger function per event trigger (follow_drops, ...):
+    db init re-creates such an event trigger on the current function, and a dropped table is
+    still forgotten through it."""
+    make_table(conn, "column")
+    conn.execute("""
+        drop event trigger autoembed_follow_drops;
+        create function autoembed.follow_drops() returns event_trigger language plpgsql as $$ begin end $$;
+        create event trigger autoembed_follow_drops on sql_drop when tag in ('DROP TABLE')
+            execute function autoembed.follow_drops();
+    """)
+    init_db(conn)
+    init_db(conn)  # idempotent
+    fns = dict(conn.execute("select evtname, evtfoid::regproc::text from pg_event_trigger"
+                            " where evtname like 'autoembed_follow_%'").fetchall())
+    assert fns["autoembed_follow_drops"] == "autoembed.follow_schema_changes", fns
+    assert conn.execute("select to_regprocedure('autoembed.follow_drops()')").fetchone()[0] is None
+    conn.execute("drop table notes")
+    assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
+    assert conn.execute("select count(*) from pg_proc where proname ~ '^(clear_target|input)_[0-9]+$'").fetchone()[0] == 0
