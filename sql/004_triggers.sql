@@ -241,7 +241,7 @@ $$;
 -- BEFORE UPDATE row trigger function of tables enrolled by older versions (content function,
 -- column): db init re-enrols them (sql/008); one that could not be clears on every update, which
 -- is wasteful but never leaves a stale vector. Enrolled tables now get a function of their own
--- (autoembed.install_clear_function).
+-- (autoembed.install_compare_function).
 create or replace function autoembed.clear_on_change()
 returns trigger
 language plpgsql

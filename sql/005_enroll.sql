@@ -203,8 +203,8 @@ end;
 $$;
 revoke execute on function autoembed.install_input_function(bigint) from public;
 
--- The checks of every registration, whatever the target's shape (register_target below and
--- register_chunk_target, sql/012): the content function `fn` (resolved by the caller from
+-- The checks of every registration, whatever the target's shape (register_target below): the
+-- content function `fn` (resolved by the caller from
 -- `content_function`) exists and passes check_content_function, the key column passes
 -- check_key_column, the queue name is valid, and the queue exists (created when missing).
 -- Returns the key column's attnum. Called by the SECURITY DEFINER registrations only.

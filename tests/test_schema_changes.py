@@ -404,6 +404,6 @@ def test_db_init_points_event_triggers_of_an_earlier_version_at_the_current_func
                             " where evtname like 'autoembed_follow_%'").fetchall())
     assert fns["autoembed_follow_drops"] == "autoembed.follow_schema_changes", fns
     assert conn.execute("select to_regprocedure('autoembed.follow_drops()')").fetchone()[0] is None
-    conn.execute("drop table notes")
+    conn.execute("drop table notes cascade")
     assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
     assert conn.execute("select count(*) from pg_proc where proname ~ '^(clear_target|input)_[0-9]+$'").fetchone()[0] == 0
