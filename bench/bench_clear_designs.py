@@ -35,8 +35,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from bench_write_path import backend_cpu, setup
-from common import body_sql, connect, embedded_server, fresh_db, header, line
+from bench_write_path import backend_cpu, fill_with_vectors, setup
+from common import connect, embedded_server, fresh_db, header, line
 
 REPLICA = ("autoembed_replica_update", "autoembed_replica_keep", "autoembed_replica_insert", "autoembed_forget_row")
 
@@ -124,43 +124,32 @@ def main(argv: list[str] | None = None) -> dict:
     header(f"clearing designs: {args.rows:,}-row bulk UPDATEs of rows holding halfvec(1536), server CPU, "
            f"median of {args.rounds}")
     results: dict[str, dict[str, float]] = {}
-    with embedded_server() as server:
-        url = fresh_db(server)
-        with connect(url) as conn:
-            tables = {"plain": setup(conn, "plain")}
-            for d in designs:
-                conn.execute(f"create table w_{d} (id bigint primary key, title text not null, body text not null,"
-                             f" embedding halfvec(1536));"
-                             f" create function w_{d}_input(d w_{d}) returns text language sql immutable"
-                             f" as $$ select '# ' || d.title || E'\\n\\n' || d.body $$")
-                conn.execute(f"select autoembed.enroll('w_{d}', 'w_{d}_input', 'embedding', enqueue_backlog => false)")
-                DESIGNS[d](conn, f"w_{d}")
-                tables[d] = f"w_{d}"
-            for t in tables.values():
-                conn.execute(f"insert into {t} (id, title, body) select g, 'title ' || g, {body_sql()}"
-                             f" from generate_series(1, {args.rows}) g")
-                with conn.transaction():
-                    conn.execute("set local autoembed.draining = 'on'")
-                    conn.execute(f"update {t} set embedding = array_fill(0.01, array[1536])::halfvec")
-                conn.execute(f"vacuum analyze {t}")
-            conn.execute("select pgmq.purge_queue('embedding_jobs')")
-            times: dict[tuple[str, str], list[float]] = {}
-            for _ in range(args.rounds):
-                for kind, statement in STATEMENTS.items():
-                    runs = [("floor", tables["plain"], FLOORS[kind], False)]
-                    runs += [(d, tables[d], statement, kind == "change" and d != "no_clear") for d in designs]
-                    for name, t, st, cleared in runs:
-                        conn.execute(f"select sum(vector_dims(embedding)) from {t}")  # its TOAST in the cache
-                        times.setdefault((kind, name), []).append(timed(conn, st.format(t=t), args.rows, cleared))
-                        conn.execute(f"vacuum {t}")
-                        conn.execute("vacuum pgmq.q_embedding_jobs")
-            for kind in STATEMENTS:
-                floor = times[(kind, "floor")]
-                for name in ["floor", *designs]:
-                    ratio = statistics.median(t / f for t, f in zip(times[(kind, name)], floor))
-                    results.setdefault(name, {})[kind] = ratio
-                    line(f"{kind:<7} {name:<11} {statistics.median(times[(kind, name)]) * 1000:8.1f} ms CPU",
-                         f"{ratio:.2f}x the floor")
+    with embedded_server() as server, connect(fresh_db(server)) as conn:
+        tables = {"plain": setup(conn, "plain")}
+        for d in designs:
+            tables[d] = setup(conn, d)
+            conn.execute(f"select autoembed.enroll('w_{d}', 'w_{d}_input', 'embedding', enqueue_backlog => false)")
+            DESIGNS[d](conn, tables[d])
+        for t in tables.values():
+            fill_with_vectors(conn, t, args.rows)
+        conn.execute("select pgmq.purge_queue('embedding_jobs')")
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.rounds):
+            for kind, statement in STATEMENTS.items():
+                runs = [("floor", tables["plain"], FLOORS[kind], False)]
+                runs += [(d, tables[d], statement, kind == "change" and d != "no_clear") for d in designs]
+                for name, t, st, cleared in runs:
+                    conn.execute(f"select sum(vector_dims(embedding)) from {t}")  # its TOAST in the cache
+                    times.setdefault((kind, name), []).append(timed(conn, st.format(t=t), args.rows, cleared))
+                    conn.execute(f"vacuum {t}")
+                    conn.execute("vacuum pgmq.q_embedding_jobs")
+        for kind in STATEMENTS:
+            floor = times[(kind, "floor")]
+            for name in ["floor", *designs]:
+                ratio = statistics.median(t / f for t, f in zip(times[(kind, name)], floor))
+                results.setdefault(name, {})[kind] = ratio
+                line(f"{kind:<7} {name:<11} {statistics.median(times[(kind, name)]) * 1000:8.1f} ms CPU",
+                     f"{ratio:.2f}x the floor")
     return results
 
 
