@@ -241,7 +241,7 @@ $$;
 -- BEFORE UPDATE row trigger function of tables enrolled by older versions (content function,
 -- column): db init re-enrols them (sql/008); one that could not be clears on every update, which
 -- is wasteful but never leaves a stale vector. Enrolled tables now get a function of their own
--- (autoembed.install_clear_function).
+-- (autoembed.install_compare_function).
 create or replace function autoembed.clear_on_change()
 returns trigger
 language plpgsql
@@ -251,102 +251,108 @@ begin
 end;
 $$;
 
--- The BEFORE UPDATE row trigger function of one enrolled target, autoembed.clear_target_<id>():
--- `NEW.<column> := null` when the input changed. A generated function, because a static field
--- assignment is what makes a bulk UPDATE cheap (jsonb_populate_record on a row holding a vector
--- cost 3x more per row). The trigger's WHEN clause fires it only for rows that hold a vector; it
--- compares the content function of OLD and NEW itself, inside an exception block: a content
--- function that raises for one row must not fail the application's write (the row is then
--- cleared and queued, and the drain dead-letters it with the function's error). Measured
--- (bench/bench_write_path.py): as cheap as the comparison in the WHEN clause for a real change,
--- +20-40% for a re-save; a plpgsql wrapper called from the WHEN clause cost 2x. It runs as the
--- writer and touches nothing of the project's. A rename of the column or of the content
--- function regenerates it (the event trigger in sql/008, when db init ran as a superuser);
--- without that event trigger, an UPDATE after a column rename fails loudly ("record new has no
--- field") until the table is enrolled again, and after a function rename every update clears and
--- queues its row: neither leaves a stale vector. SECURITY DEFINER (it creates a function in
--- schema autoembed); only the table's owner may call it. Returns the function.
-create or replace function autoembed.install_clear_function(target_id bigint)
-returns regprocedure
+-- A target as the functions that (re)create its triggers need it (the registry is readable by the
+-- project's owner only), for both shapes: its table, content function (NULL when it is gone or no
+-- longer takes a row of the table), embedding column's current name (NULL for a chunk target, or
+-- when the column is gone), whether it is a chunk target, its key column's current name and its
+-- origin. SECURITY DEFINER; the acting role must own the table (a superuser's event trigger,
+-- sql/008, does). No row's values (all NULL) for an unknown target.
+drop function if exists autoembed.replica_trigger_target(bigint);
+drop function if exists autoembed.chunk_target_parts(bigint);
+create or replace function autoembed.target_parts(target_id bigint, out tbl regclass, out fn regprocedure,
+                                                  out embedding_column text, out chunked boolean,
+                                                  out key_column text, out origin text)
 language plpgsql
+stable
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
-declare
-    c autoembed.target_catalog;
-    fn regproc;
-    name text := format('clear_target_%s', target_id);
 begin
-    select tc.* into c from autoembed.target_catalog tc where tc.id = target_id;
-    if c.embedding_column is null then
-        raise exception 'autoembed: target % has no embedding column', target_id using errcode = 'undefined_column';
+    select r.relid::regclass, p.oid::regprocedure, ea.attname::text, r.chunk_table is not null, ka.attname::text, r.origin
+      into tbl, fn, embedding_column, chunked, key_column, origin
+      from autoembed.targets r
+      join pg_class c on c.oid = r.relid
+      left join pg_proc p on p.oid = r.content_fn and p.pronargs = 1 and p.proargtypes[0] = c.reltype
+      left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
+      left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
+     where r.id = target_id;
+    if tbl is not null then
+        perform autoembed.require_owner(tbl, 'change its triggers');
     end if;
-    perform autoembed.require_owner((select r.relid from autoembed.targets r where r.id = target_id), 'change its triggers');
-    select r.content_fn::oid::regproc into fn from autoembed.targets r where r.id = target_id;
-    if c.function is null then
-        -- The content function is gone (dropped, or no longer takes a row of the table): every
-        -- update clears its row (never a stale vector); the drain dead-letters its jobs.
-        execute format($f$
-            create or replace function autoembed.%I() returns trigger language plpgsql as $b$
-            begin
-                NEW.%I := null;
-                return NEW;
-            end;
-            $b$
-        $f$, name, c.embedding_column);
-    else
-        execute format($f$
-            create or replace function autoembed.%I() returns trigger language plpgsql as $b$
-            begin
-                begin
-                    if %s(OLD) is not distinct from %s(NEW) then
-                        return NEW;
-                    end if;
-                exception when others then
-                    null;  -- the content function raises for this row: cleared and queued, never failed
-                end;
-                NEW.%I := null;
-                return NEW;
-            end;
-            $b$
-        $f$, name, fn, fn, c.embedding_column);
-    end if;
-    return format('autoembed.%I()', name)::regprocedure;
 end;
 $$;
 
--- The WHEN function of a chunk target's row trigger, autoembed.input_changed_<id>(old, new):
--- whether the content function of the two rows differs, true when it raises for either (the
--- application's write goes on, the row is queued, the drain dead-letters it with the error).
--- Generated, runs as the writer, touches nothing of the project's; regenerated with the chunk
--- target's triggers (autoembed.install_chunk_triggers). SECURITY DEFINER (it creates a function
--- in schema autoembed); only the table's owner may call it.
-create or replace function autoembed.install_changed_function(target_id bigint)
+-- The generated function that compares the input of OLD and NEW of target `target_id`, for both
+-- shapes, from one template: the content function of the two rows, compared inside an exception
+-- block (a content function that raises for a row must not fail the application's write: the row
+-- counts as changed, it is queued, and the drain dead-letters it with the function's error). It
+-- runs as the writer and touches nothing of the project's.
+--   * a column target: autoembed.clear_target_<id>(), its BEFORE UPDATE row trigger function
+--     (autoembed_clear, whose WHEN clause fires it only for rows that hold a vector): `NEW.<column>
+--     := null` when the input changed. A static field assignment is what makes a bulk UPDATE cheap
+--     (jsonb_populate_record on a row holding a vector cost 3x more per row); measured
+--     (bench/bench_write_path.py): as cheap as the comparison in the WHEN clause for a real
+--     change, +20-40% for a re-save; a plpgsql function called from the WHEN clause cost 2x.
+--   * a chunk target: autoembed.input_changed_<id>(old, new), the WHEN function of its row
+--     triggers: true when the input changed.
+-- With its content function gone (dropped, or no longer taking a row of the table) every update
+-- counts as changed (never a stale vector); the drain dead-letters its jobs. Regenerated with the
+-- target's triggers, and by a rename of the column or of the content function (the event trigger
+-- in sql/008, when db init ran as a superuser); without that event trigger, an UPDATE after a
+-- column rename fails loudly ("record new has no field") until the table is enrolled again, and
+-- after a function rename every update clears and queues its row: neither leaves a stale vector.
+-- SECURITY DEFINER (it creates a function in schema autoembed); only the table's owner may call it.
+-- Returns the function.
+drop function if exists autoembed.install_clear_function(bigint);
+drop function if exists autoembed.install_changed_function(bigint);
+create or replace function autoembed.install_compare_function(target_id bigint)
 returns regprocedure
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    tbl regclass;
-    fn regproc;
-    name text := format('input_changed_%s', target_id);
+    p record;
+    name text;
+    signature text;
+    same text;
+    changed text;
 begin
-    select r.relid::regclass, r.content_fn::oid::regproc into tbl, fn from autoembed.targets r where r.id = target_id;
-    if tbl is null then
+    select * into p from autoembed.target_parts(target_id);
+    if p.tbl is null then
         raise exception 'autoembed: no target %', target_id using errcode = 'undefined_object';
     end if;
-    perform autoembed.require_owner(tbl, 'change its triggers');
+    if p.chunked then
+        name := format('autoembed.%I(%s, %s)', format('input_changed_%s', target_id), p.tbl, p.tbl);
+        signature := format('autoembed.%I(old %s, new %s)', format('input_changed_%s', target_id), p.tbl, p.tbl);
+        same := 'return false;';
+        changed := 'return true;';
+    elsif p.embedding_column is null then
+        raise exception 'autoembed: target % has no embedding column', target_id using errcode = 'undefined_column';
+    else
+        name := format('autoembed.%I()', format('clear_target_%s', target_id));
+        signature := name;
+        same := 'return NEW;';
+        changed := format('NEW.%I := null;  -- stale: search never returns a vector of old content
+                return NEW;', p.embedding_column);
+    end if;
     execute format($f$
-        create or replace function autoembed.%I(o %s, n %s) returns boolean language plpgsql stable as $b$
+        create or replace function %1$s returns %2$s language plpgsql as $b$
         begin
-            return %s(o) is distinct from %s(n);
-        exception when others then
-            return true;  -- the content function raises for this row: queued, never failed
+            %3$s
+            %4$s
         end;
         $b$
-    $f$, name, tbl, tbl, fn, fn);
-    return format('autoembed.%I(%s, %s)', name, tbl, tbl)::regprocedure;
+    $f$, signature, case when p.chunked then 'boolean stable' else 'trigger' end,
+       case when p.fn is not null then format($c$begin
+                if %1$s(OLD) is not distinct from %1$s(NEW) then
+                    %2$s
+                end if;
+            exception when others then
+                null;  -- the content function raises for this row: changed (queued), never failed
+            end;$c$, p.fn::oid::regproc, same) end,
+       changed);
+    return name::regprocedure;
 end;
 $$;
 
@@ -443,6 +449,43 @@ begin
 end;
 $$;
 
+-- Queue jobs for rows `keys` (exact key texts, see key_texts) of target `target_id`, whatever its
+-- shape: messages of up to 200 keys (key_messages), each naming the target by id (the drain
+-- trusts nothing else of it) and, for people reading the queue, Supabase's fields under current
+-- names; a chunk target's name its chunk table ("embeddingColumn" and "chunkTable"). A chunk
+-- target that lost its key column or chunk table warns and queues nothing. Internal: the definer
+-- functions call it. Returns the rows queued.
+drop function if exists autoembed.send_chunk_keys(bigint, text[]);
+create or replace function autoembed.send_keys(target_id bigint, keys text[])
+returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_variable
+declare
+    l record;
+    chunks text;
+    chunked boolean;
+begin
+    if coalesce(cardinality(keys), 0) = 0 then
+        return 0;
+    end if;
+    select t.* into l from autoembed.live_target(target_id) t;
+    select r.chunk_table is not null, ch.relname::text into chunked, chunks
+      from autoembed.targets r left join pg_class ch on ch.oid = r.chunk_table where r.id = target_id;
+    if l.id is null or (chunked and (chunks is null or l.key_column is null)) then
+        raise warning 'autoembed: target % is gone or lost its key column or chunk table: nothing enqueued; enroll the table again',
+            target_id;
+        return 0;
+    end if;
+    perform autoembed.send_jobs(l.queue, autoembed.key_messages(keys, l.integer_keys, case when chunked
+        then l.header || jsonb_build_object('embeddingColumn', chunks, 'chunkTable', chunks) else l.header end));
+    return cardinality(keys);
+end;
+$$;
+revoke execute on function autoembed.send_keys(bigint, text[]) from public;
+
 -- AFTER DELETE (transition table autoembed_old) and AFTER TRUNCATE statement trigger of enrolled
 -- tables: the embedding_state records of rows that are gone go too. SECURITY DEFINER (the writer
 -- has no rights on embedding_state); reads only keys. No argument: it finds every target of the
@@ -509,13 +552,11 @@ begin
         return null;
     end if;
     execute format('select autoembed.key_texts(array[($1).%I])', c.key_column) into keys using NEW;
-    if c.embedding_column is not null then
-        perform autoembed.send_jobs(c.queue, autoembed.key_messages(keys, c.integer_keys, c.header));
-    elsif exists (select 1 from autoembed.targets r where r.id = c.id and r.chunk_table is not null) then
-        perform autoembed.send_chunk_keys(c.id, keys);
-    else
+    if c.embedding_column is null and not exists (select 1 from autoembed.targets r where r.id = c.id and r.chunk_table is not null) then
         raise warning 'autoembed: target % of % lost its embedding column: nothing enqueued; enroll the table again',
             c.id, TG_RELID::regclass;
+    else
+        perform autoembed.send_keys(c.id, keys);
     end if;
     return null;
 end;

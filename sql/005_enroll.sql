@@ -123,7 +123,7 @@ $$;
 -- function changed (a session setting such as search_path, a write) is undone before the caller's
 -- next statement. Its setting autoembed.content_fn records the content function it calls
 -- (target_catalog.input_function checks it). Made at registration, after a promotion swapped the
--- targets' functions, at `db init` for older targets (sql/014) and after an
+-- targets' functions, at `db init` for older targets (sql/017) and after an
 -- ALTER TABLE of the table (an owner change: autoembed.follow_renames). Internal (the registration
 -- functions call it); it needs a superuser as the project's owner (to give the function to the
 -- table's owner). Returns the function's name.
@@ -203,8 +203,8 @@ end;
 $$;
 revoke execute on function autoembed.install_input_function(bigint) from public;
 
--- The checks of every registration, whatever the target's shape (register_target below and
--- register_chunk_target, sql/012): the content function `fn` (resolved by the caller from
+-- The checks of every registration, whatever the target's shape (register_target below): the
+-- content function `fn` (resolved by the caller from
 -- `content_function`) exists and passes check_content_function, the key column passes
 -- check_key_column, the queue name is valid, and the queue exists (created when missing).
 -- Returns the key column's attnum. Called by the SECURITY DEFINER registrations only.
@@ -232,18 +232,27 @@ end;
 $$;
 revoke execute on function autoembed.check_registration(regclass, text, regprocedure, text, text) from public;
 
--- Register (or update) the target (tbl, embedding_column) in autoembed.targets; returns its id.
+-- Register (or update) a target of `tbl` in autoembed.targets, whatever its shape; returns its id.
+--   a vector column: `embedding_column` (a vector/halfvec column of the table), no chunk table;
+--   a chunk set (sql/012): `chunk_rel` (the table's chunk table, sql/011), `chunk_tokens` and
+--     `chunk_overlap`; its embedding_column records the chunk table's name.
 -- SECURITY DEFINER: the registry is writable by nobody else. Who may register:
 --   origin 'enroll' / 'migration': a role that owns the table (or a superuser);
---   origin 'trigger': anyone whose write fires a util.queue_embeddings trigger with exactly these
---     arguments on the table (the owner created it: its arguments are the registration).
--- The content function `fn` (resolved by the caller from `content_function`) must take a row of
--- the table, be IMMUTABLE or STABLE (the content hash relies on equal input giving equal text) and
--- be owned by the table's owner or a superuser: the drain runs it, so nobody but the owner may
--- choose what it runs. Creates the queue when missing.
+--   origin 'trigger' (column targets): anyone whose write fires a util.queue_embeddings trigger
+--     with exactly these arguments on the table (the owner created it: its arguments are the
+--     registration).
+-- A table has one kind of enrolment at a time. The content function `fn` (resolved by the caller
+-- from `content_function`) must take a row of the table, be IMMUTABLE or STABLE (the content hash
+-- relies on equal input giving equal text) and be owned by the table's owner or a superuser: the
+-- drain runs it, so nobody but the owner may choose what it runs (check_registration). Creates the
+-- queue when missing.
+drop function if exists autoembed.register_target(regclass, text, regprocedure, text, text, text, text);
+drop function if exists autoembed.register_chunk_target(regclass, text, regprocedure, regclass, text, text, integer, integer);
 create or replace function autoembed.register_target(tbl regclass, content_function text, fn regprocedure,
                                                      embedding_column text, key_column text, queue text,
-                                                     origin text)
+                                                     origin text, chunk_rel regclass default null,
+                                                     chunk_tokens integer default null,
+                                                     chunk_overlap integer default null)
 returns bigint
 language plpgsql
 security definer
@@ -252,6 +261,8 @@ as $$
 #variable_conflict use_variable
 declare
     rel pg_class;
+    chunked boolean := chunk_rel is not null;
+    parent record;
     emb_attnum smallint;
     key_attnum smallint;
     result bigint;
@@ -260,41 +271,73 @@ begin
     if not found or rel.relkind not in ('r', 'p') then
         raise exception 'autoembed: % is not a table', tbl using errcode = 'wrong_object_type';
     end if;
-    if origin = 'trigger' then
+    if origin = 'trigger' and not chunked then
         if not autoembed.has_queue_trigger(tbl, content_function, embedding_column, key_column, queue) then
             raise exception 'autoembed: % has no util.queue_embeddings(%, %, %, %) trigger', tbl,
                 quote_literal(content_function), quote_literal(embedding_column), quote_literal(key_column),
                 quote_literal(queue) using errcode = 'insufficient_privilege';
         end if;
-    elsif origin in ('enroll', 'migration') then
+    elsif origin = 'enroll' or (origin = 'migration' and not chunked) then
         perform autoembed.require_owner(tbl, 'enroll it');
-        if exists (select 1 from autoembed.targets r where r.relid = tbl and r.chunk_table is not null) then
-            raise exception 'autoembed: % is enrolled as a chunk target: a table has one kind of enrolment', tbl
+        if exists (select 1 from autoembed.targets r where r.relid = tbl and (r.chunk_table is not null) <> chunked
+                                                        and (r.chunk_table is not null or r.origin = 'enroll')) then
+            raise exception 'autoembed: % is enrolled %: a table has one kind of enrolment', tbl,
+                case when chunked then 'with an embedding column' else 'as a chunk target' end
                 using errcode = 'object_in_use', hint = 'unenroll it first (select autoembed.unenroll(...))';
         end if;
     else
         raise exception 'autoembed: unknown target origin %', quote_nullable(origin);
     end if;
-    select a.attnum into emb_attnum
-    from pg_attribute a join pg_type t on t.oid = a.atttypid
-    where a.attrelid = tbl and a.attname = embedding_column and a.attnum > 0 and not a.attisdropped
-      and t.typname in ('vector', 'halfvec')
-      and t.typnamespace = (select e.extnamespace from pg_extension e where e.extname = 'vector');
-    if emb_attnum is null then
-        raise exception 'autoembed: % has no vector/halfvec column %', tbl, quote_literal(embedding_column)
-            using errcode = 'undefined_column';
+    if chunked then
+        select * into parent from autoembed.chunk_parent(chunk_rel);
+        if parent.parent is distinct from tbl or parent.key_column is distinct from key_column then
+            raise exception 'autoembed: % is not a chunk table of %.% (it references %)', chunk_rel, tbl,
+                quote_ident(key_column), coalesce(parent.parent::text, 'no table')
+                using errcode = 'invalid_table_definition';
+        end if;
+        if chunk_tokens is null or chunk_tokens < 8 then
+            raise exception 'autoembed: chunk tokens must be at least 8, got %', quote_nullable(chunk_tokens)
+                using errcode = 'invalid_parameter_value', hint = 'pass --chunk-tokens 8 or more (e.g. 256)';
+        end if;
+        if chunk_overlap is null or chunk_overlap < 0 or chunk_overlap > chunk_tokens / 2 then
+            raise exception 'autoembed: chunk overlap % is not between 0 and half of chunk tokens %',
+                quote_nullable(chunk_overlap), chunk_tokens
+                using errcode = 'invalid_parameter_value', hint = format('pass --chunk-overlap 0..%s', chunk_tokens / 2);
+        end if;
+        embedding_column := (select c.relname::text from pg_class c where c.oid = chunk_rel);
+    else
+        select a.attnum into emb_attnum
+        from pg_attribute a join pg_type t on t.oid = a.atttypid
+        where a.attrelid = tbl and a.attname = embedding_column and a.attnum > 0 and not a.attisdropped
+          and t.typname in ('vector', 'halfvec')
+          and t.typnamespace = (select e.extnamespace from pg_extension e where e.extname = 'vector');
+        if emb_attnum is null then
+            raise exception 'autoembed: % has no vector/halfvec column %', tbl, quote_literal(embedding_column)
+                using errcode = 'undefined_column';
+        end if;
     end if;
     key_attnum := autoembed.check_registration(tbl, content_function, fn, key_column, queue);
+    -- (one statement for both shapes: a column target is (relid, embedding_attnum), a chunk target
+    -- its chunk table; the one that conflicts is updated)
     insert into autoembed.targets as t (relid, key_column, key_attnum, key_type, embedding_column, embedding_attnum,
-                                        content_function, content_fn, queue, origin)
+                                        content_function, content_fn, queue, origin, chunk_table, chunk_tokens,
+                                        chunk_overlap)
     values (tbl, key_column, key_attnum,
             (select format_type(a.atttypid, a.atttypmod) from pg_attribute a where a.attrelid = tbl and a.attnum = key_attnum),
-            embedding_column, emb_attnum, content_function, fn, queue, origin)
-    on conflict (relid, embedding_attnum) do update
-        set key_column = excluded.key_column, key_attnum = excluded.key_attnum, key_type = excluded.key_type,
-            embedding_column = excluded.embedding_column, content_function = excluded.content_function,
-            content_fn = excluded.content_fn, queue = excluded.queue, origin = excluded.origin, updated_at = now()
+            embedding_column, emb_attnum, content_function, fn, queue, origin, chunk_rel, chunk_tokens, chunk_overlap)
+    on conflict do nothing
     returning t.id into result;
+    if result is null then
+        update autoembed.targets t
+           set key_column = key_column, key_attnum = key_attnum,
+               key_type = (select format_type(a.atttypid, a.atttypmod) from pg_attribute a
+                            where a.attrelid = tbl and a.attnum = key_attnum),
+               embedding_column = embedding_column, content_function = content_function, content_fn = fn,
+               queue = queue, origin = origin, chunk_tokens = chunk_tokens, chunk_overlap = chunk_overlap,
+               updated_at = now()
+         where case when chunked then t.chunk_table = chunk_rel else t.relid = tbl and t.embedding_attnum = emb_attnum end
+        returning t.id into result;
+    end if;
     perform autoembed.install_input_function(result);
     return result;
 end;
@@ -313,9 +356,10 @@ as $$
     where r.relid = target_of.tbl and a.attname = target_of.embedding_column
 $$;
 
--- Queue jobs for rows `keys` of a target (enrolment's backlog, a migration's re-queue). SECURITY
--- DEFINER: the caller's role must own the target's table. The caller reads the keys itself (with
--- its own rights); this only converts them (key_texts) and sends. Returns the rows queued.
+-- Queue jobs for rows `keys` of a target, whatever its shape (enrolment's backlog, a migration's
+-- re-queue). SECURITY DEFINER: the caller's role must own the target's table. The caller reads the
+-- keys itself (with its own rights); this only converts them (key_texts, never with a cast the
+-- table's owner wrote) and sends (autoembed.send_keys, sql/004). Returns the rows queued.
 create or replace function autoembed.enqueue_keys(target_id bigint, keys anyarray)
 returns bigint
 language plpgsql
@@ -324,21 +368,46 @@ set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_variable
 declare
-    t autoembed.targets;
-    messages jsonb[];
+    tbl oid := (select r.relid from autoembed.targets r where r.id = target_id);
 begin
-    select r.* into t from autoembed.targets r where r.id = target_id;
-    if not found then
+    if tbl is null then
         raise exception 'autoembed: no target %', target_id using errcode = 'undefined_object';
     end if;
-    perform autoembed.require_owner(t.relid, 'queue its rows');
+    perform autoembed.require_owner(tbl, 'queue its rows');
     perform autoembed.require_key_type((select e.typelem from pg_type e where e.oid = pg_typeof(keys)));
-    select autoembed.key_messages(autoembed.key_texts(keys), l.integer_keys, l.header) into messages
-    from autoembed.live_target(t.id) l;
-    perform autoembed.send_jobs(t.queue, messages);
+    perform autoembed.send_keys(target_id, autoembed.key_texts(keys));
     return coalesce(cardinality(keys), 0);
 end;
 $$;
+
+-- (the chunk targets' name for it, kept for callers of an earlier version)
+create or replace function autoembed.enqueue_chunk_keys(target_id bigint, keys anyarray)
+returns bigint
+language sql
+as $$
+    select autoembed.enqueue_keys(target_id, keys)
+$$;
+
+-- The generated functions of targets that are gone (unregistered, or their table dropped: sql/015
+-- follow_schema_changes): clear_target_<id>, input_changed_<id> (sql/004) and input_<id> (above),
+-- with what depends on them (their triggers).
+create or replace function autoembed.drop_generated_functions()
+returns void
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    name text;
+begin
+    for name in select p.oid::regprocedure::text from pg_proc p
+                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^(clear_target|input|input_changed)_[0-9]+$'
+                  and not exists (select 1 from autoembed.targets r where r.id = substring(p.proname from '[0-9]+$')::bigint) loop
+        execute format('drop function %s cascade', name);
+    end loop;
+end;
+$$;
+revoke execute on function autoembed.drop_generated_functions() from public;
 
 -- Remove registrations of `tbl` (of one column, or every 'enroll' one when NULL). Owner only.
 create or replace function autoembed.unregister_targets(tbl regclass, embedding_column text default null)
@@ -350,7 +419,6 @@ as $$
 #variable_conflict use_variable
 declare
     gone bigint;
-    name text;
 begin
     perform autoembed.require_owner(tbl, 'unregister its targets');
     delete from autoembed.targets r
@@ -359,18 +427,7 @@ begin
                 else r.embedding_attnum = (select a.attnum from pg_attribute a where a.attrelid = tbl
                                            and a.attname = embedding_column and not a.attisdropped) end);
     get diagnostics gone = row_count;
-    -- Generated clear and input functions of targets that are gone (their triggers go with them).
-    for name in select p.oid::regprocedure::text from pg_proc p
-                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^(clear_target|input)_[0-9]+$'
-                  and not exists (select 1 from autoembed.targets r
-                                  where r.id = substring(p.proname from '[0-9]+$')::bigint) loop
-        execute format('drop function %s cascade', name);
-    end loop;
-    for name in select p.oid::regprocedure::text from pg_proc p
-                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^input_changed_[0-9]+$'
-                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 15)::bigint) loop
-        execute format('drop function %s cascade', name);
-    end loop;
+    perform autoembed.drop_generated_functions();
     return gone;
 end;
 $$;
@@ -430,39 +487,110 @@ begin
 end;
 $$;
 
--- The triggers of an enrolled table (re-created from the registry's target `target_id`), run with
--- the caller's own rights (creating triggers needs the table's owner):
---   autoembed_clear             BEFORE UPDATE row, WHEN the row holds a vector and the drain is not
---                               the writer: its generated function sets the vector to NULL when the
---                               input changed (compared in the writer's context; a content function
---                               raising for the row counts as a change, never fails the write);
---   autoembed_enqueue_insert/_update  AFTER statement, transition tables: one send_batch each;
---   autoembed_forget_delete/_truncate AFTER statement: embedding_state of gone rows goes too.
-create or replace function autoembed.install_triggers(tbl regclass, target_id bigint, fn regprocedure,
-                                                      embedding_column text)
+-- The triggers of an enrolled target (re-created from the registry's target `target_id`), for both
+-- shapes, run with the caller's own rights (creating triggers needs the table's owner). The
+-- generated autoembed.install_compare_function (sql/004) compares the input of OLD and NEW in the
+-- writer's context (a content function raising for the row counts as a change, never fails the
+-- write).
+--   a column target:
+--     autoembed_clear           BEFORE UPDATE row, WHEN the row holds a vector and the drain is not
+--                               the writer: the generated function sets the vector to NULL when the
+--                               input changed;
+--     autoembed_enqueue_insert/_update  AFTER statement, transition tables: one send_batch each
+--                               (autoembed.queue_embeddings_bulk, sql/004);
+--     autoembed_forget_*        embedding_state of gone rows goes too (install_forget_triggers).
+--   a chunk target (sql/012 autoembed.queue_chunk_jobs; no clearing: a stale chunk set stays until
+--   the drain swaps the new one in whole, and search_chunks skips it meanwhile):
+--     autoembed_enqueue_insert  AFTER INSERT statement (transition table): every new row, one send;
+--     autoembed_chunk_changed   AFTER UPDATE row, WHEN the generated function says the input
+--                               changed: notes the row's key (the key column by its current name);
+--     autoembed_enqueue_update  AFTER UPDATE statement: sends the keys noted;
+--     autoembed_chunks_*        the chunk tables go with the rows (install_chunk_follow_triggers, sql/015).
+--   both: the REPLICA row triggers for rows that arrive by logical replication (install_replica_triggers).
+-- A target registered by util.queue_embeddings triggers, or a migration's shadow column, has no
+-- triggers of ours (its triggers name the function by name): nothing is done for it. Called by
+-- enrolment, and to repair or upgrade a target's triggers (sql/008, 014, 015, 016).
+create or replace function autoembed.install_target_triggers(target_id bigint)
 returns void
 language plpgsql
 as $$
 #variable_conflict use_variable
 declare
-    clear_function regprocedure;
+    p record;
+    compare regprocedure;
+    enqueue text;
 begin
-    perform autoembed.uninstall_triggers(tbl);
-    clear_function := autoembed.install_clear_function(target_id);
-    execute format(
-        'create trigger autoembed_clear before update on %1$s for each row '
-        'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null) '
-        'execute function %3$s', tbl, embedding_column, clear_function);
+    select * into p from autoembed.target_parts(target_id);
+    if p.tbl is null or p.key_column is null or not p.chunked and (p.embedding_column is null or p.origin <> 'enroll') then
+        if p.origin in ('trigger', 'migration') then
+            return;
+        end if;
+        raise exception 'autoembed: % is not an enrolled target with a key column and an embedding column or a chunk table',
+            target_id using errcode = 'undefined_object';
+    end if;
+    perform autoembed.uninstall_triggers(p.tbl);
+    compare := autoembed.install_compare_function(target_id);
+    enqueue := case when p.chunked then 'queue_chunk_jobs' else 'queue_embeddings_bulk' end;
     execute format(
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
-        'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
-    execute format(
-        'create trigger autoembed_enqueue_update after update on %s referencing new table as autoembed_new '
-        'for each statement execute function autoembed.queue_embeddings_bulk(%L)', tbl, target_id);
-    -- A replicated UPDATE clears the stale vector too (see install_replica_triggers).
-    perform autoembed.set_trigger_mode(tbl, 'autoembed_clear', 'always');
-    perform autoembed.install_forget_triggers(tbl);
-    perform autoembed.install_replica_triggers(target_id);
+        'for each statement execute function autoembed.%I(%L)', p.tbl, enqueue, target_id);
+    if p.chunked then
+        execute format(
+            'create trigger autoembed_chunk_changed after update on %1$s for each row '
+            'when (%2$s(old, new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
+            p.tbl, compare::oid::regproc, target_id, p.key_column);
+        execute format(
+            'create trigger autoembed_enqueue_update after update on %s '
+            'for each statement execute function autoembed.queue_chunk_jobs(%L)', p.tbl, target_id);
+    else
+        execute format(
+            'create trigger autoembed_clear before update on %1$s for each row '
+            'when (current_setting(''autoembed.draining'', true) is distinct from ''on'' and new.%2$I is not null) '
+            'execute function %3$s', p.tbl, p.embedding_column, compare);
+        execute format(
+            'create trigger autoembed_enqueue_update after update on %s referencing new table as autoembed_new '
+            'for each statement execute function autoembed.queue_embeddings_bulk(%L)', p.tbl, target_id);
+        -- A replicated UPDATE clears the stale vector too (see install_replica_triggers).
+        perform autoembed.set_trigger_mode(p.tbl, 'autoembed_clear', 'always');
+        perform autoembed.install_forget_triggers(p.tbl);
+    end if;
+    perform autoembed.install_replica_triggers(p.tbl, target_id, p.embedding_column, p.key_column, compare);
+    if p.chunked then
+        perform autoembed.install_chunk_follow_triggers(p.tbl, p.key_column);  -- (sql/015)
+    end if;
+end;
+$$;
+
+-- (an earlier version's entry points: the registry has the rest)
+create or replace function autoembed.install_triggers(tbl regclass, target_id bigint, fn regprocedure,
+                                                      embedding_column text)
+returns void
+language sql
+as $$
+    select autoembed.install_target_triggers(target_id)
+$$;
+drop function if exists autoembed.install_chunk_triggers(bigint);
+drop function if exists autoembed.reinstall_target_triggers(bigint);
+
+-- db init's upgrades of the triggers an earlier version installed (sql/014, 016): the triggers of
+-- targets `ids` re-created from the registry, each on its own. A table whose triggers this role
+-- cannot change (db init run by a role that does not own it) keeps its old ones, which serve as
+-- before, and a warning says what they lack (`lacking`) and what to run.
+create or replace function autoembed.upgrade_target_triggers(ids bigint[], lacking text)
+returns void
+language plpgsql
+as $$
+declare
+    target_id bigint;
+begin
+    foreach target_id in array coalesce(ids, '{}') loop
+        begin
+            perform autoembed.install_target_triggers(target_id);
+        exception when others then
+            raise warning 'autoembed: could not upgrade the triggers of target % (%): %; until then they %: enroll it again as its owner (autoembed enroll)',
+                target_id, (select r.relid::regclass from autoembed.targets r where r.id = target_id), sqlerrm, lacking;
+        end;
+    end loop;
 end;
 $$;
 
@@ -511,66 +639,31 @@ $$;
 --                                target's state goes by install_forget_triggers' autoembed_forget_row);
 --   autoembed_replica_rekey      (chunk targets) AFTER UPDATE, WHEN the key changed: the chunks follow.
 -- No option: enrolment before or after the subscription is created works the same. Called by
--- install_triggers and install_chunk_triggers, with the caller's rights (the table's owner).
--- What install_replica_triggers needs of target `target_id` (the registry is readable by the
--- project's owner only): its table, content function, embedding column's current name (NULL for a
--- chunk target), whether it is a chunk target, and its key column's name. For the table's owner only.
-drop function if exists autoembed.replica_trigger_target(bigint);
-create or replace function autoembed.replica_trigger_target(target_id bigint, out tbl regclass, out fn regprocedure,
-                                                            out embedding_column text, out chunked boolean,
-                                                            out key_column text)
-language plpgsql
-stable
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    select r.relid::regclass, r.content_fn::regprocedure, ea.attname::text, r.chunk_table is not null, ka.attname::text
-      into tbl, fn, embedding_column, chunked, key_column
-      from autoembed.targets r
-      left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
-      left join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
-     where r.id = target_id;
-    if tbl is not null then
-        perform autoembed.require_owner(tbl, 'change its triggers');
-    end if;
-end;
-$$;
-
-create or replace function autoembed.install_replica_triggers(target_id bigint)
+-- install_target_triggers, with the caller's rights (the table's owner).
+-- What install_target_triggers gives it: the target's table, id, embedding column's current name
+-- (NULL for a chunk target), key column's current name and generated compare function.
+drop function if exists autoembed.install_replica_triggers(bigint);
+create or replace function autoembed.install_replica_triggers(tbl regclass, target_id bigint, col text,
+                                                              key_column text, compare regprocedure)
 returns void
 language plpgsql
 as $$
 #variable_conflict use_variable
 declare
-    tbl regclass;
-    fn regprocedure;
-    col text;
-    chunked boolean;
-    key_column text;
-    changed regproc;
     name text;
     names constant text[] := '{autoembed_replica_insert,autoembed_replica_update,autoembed_replica_keep,autoembed_replica_delete,autoembed_replica_rekey}';
 begin
-    select t.tbl, t.fn, t.embedding_column, t.chunked, t.key_column into tbl, fn, col, chunked, key_column
-      from autoembed.replica_trigger_target(target_id) t;
-    if tbl is null or (col is null and not chunked) or key_column is null then
-        raise exception 'autoembed: % is not a target with a key column and an embedding column or a chunk table', target_id
-            using errcode = 'undefined_object';
-    end if;
-
     for name in select tr.tgname from pg_trigger tr where tr.tgrelid = tbl and tr.tgname = any(names) loop
         execute format('drop trigger %I on %s', name, tbl);
     end loop;
     execute format('create trigger autoembed_replica_insert after insert on %s for each row '
                    'execute function autoembed.queue_replicated_row(%L)', tbl, target_id);
-    if chunked then
+    if col is null then
         -- Whether the input changed, compared in the writer's context by the target's generated
         -- function (a content function that raises counts as a change; sql/004), as local writes do.
-        changed := autoembed.install_changed_function(target_id)::oid::regproc;
         execute format('create trigger autoembed_replica_update after update on %1$s for each row '
                        'when (%2$s(old, new)) execute function autoembed.queue_replicated_row(%3$L)',
-                       tbl, changed, target_id);
+                       tbl, compare::oid::regproc, target_id);
         execute format('create trigger autoembed_replica_delete after delete on %s for each row '
                        'execute function autoembed.cascade_replicated_chunks()', tbl);
         execute format('create trigger autoembed_replica_rekey after update on %1$s for each row '
@@ -616,6 +709,54 @@ begin
 end;
 $$;
 
+-- Enrolment, one path for both target shapes (the public entry points enroll and enroll_chunks
+-- below pass their arguments on): a chunk target first gets its chunk table <table>_chunks (or
+-- has it checked: sql/011 create_chunk_table, with the given vector type and size); then the
+-- target is registered (register_target: validated up front, errors naming the offending value
+-- and the fix), its triggers installed (install_target_triggers), and the rows that have no vector
+-- (no chunk set) yet queued. Idempotent: enrolling again replaces the triggers and updates the
+-- registration. Run as the table's owner. Returns the rows queued.
+create or replace function autoembed.enroll_target(
+    tbl regclass,
+    content_function text,
+    key_column text,
+    queue text,
+    enqueue_backlog boolean,
+    embedding_column text default null,
+    chunk_tokens integer default null,
+    chunk_overlap integer default null,
+    vector_type text default null,
+    dimensions integer default null
+)
+returns bigint
+language plpgsql
+as $$
+#variable_conflict use_variable
+declare
+    -- Resolved here, with the caller's search_path: the caller owns the table.
+    fn regprocedure := autoembed.content_function(tbl, content_function);
+    chunks regclass;
+    target_id bigint;
+    backlog bigint := 0;
+begin
+    if embedding_column is null then
+        chunks := autoembed.create_chunk_table(tbl, key_column, vector_type, dimensions);
+    end if;
+    target_id := autoembed.register_target(tbl, content_function, fn, embedding_column, key_column, queue, 'enroll',
+                                           chunks, chunk_tokens, chunk_overlap);
+    perform autoembed.install_target_triggers(target_id);
+    if enqueue_backlog then
+        execute format('select autoembed.enqueue_keys($1, array(select t.%1$I from %2$s t where %3$s))', key_column, tbl,
+                       case when chunks is null then format('t.%I is null', embedding_column)
+                            else format('not exists (select 1 from %s c where c.%2$I = t.%2$I)', chunks, key_column) end)
+            into backlog
+            using target_id;
+    end if;
+    return backlog;
+end;
+$$;
+
+-- Enrol `tbl` with its vector column `embedding_column`.
 create or replace function autoembed.enroll(
     tbl regclass,
     content_function text,
@@ -625,25 +766,29 @@ create or replace function autoembed.enroll(
     enqueue_backlog boolean default true
 )
 returns bigint
-language plpgsql
+language sql
 as $$
-#variable_conflict use_variable
-declare
-    -- Resolved here, with the caller's search_path: the caller owns the table.
-    fn regprocedure := autoembed.content_function(tbl, content_function);
-    target_id bigint;
-    backlog bigint := 0;
-begin
-    target_id := autoembed.register_target(tbl, content_function, fn, embedding_column, key_column, queue, 'enroll');
-    perform autoembed.install_triggers(tbl, target_id, fn, embedding_column);
-    if enqueue_backlog then
-        execute format('select autoembed.enqueue_keys($1, array(select t.%I from %s t where t.%I is null))',
-                       key_column, tbl, embedding_column)
-            into backlog
-            using target_id;
-    end if;
-    return backlog;
-end;
+    select autoembed.enroll_target(tbl, content_function, key_column, queue, enqueue_backlog, coalesce(embedding_column, ''))
+$$;
+
+-- Enrol `tbl` as a chunk target (sql/012): its documents are split into chunks of `chunk_tokens`
+-- tokens (`chunk_overlap` shared between neighbours), embedded into its chunk table <table>_chunks.
+create or replace function autoembed.enroll_chunks(
+    tbl regclass,
+    content_function text,
+    chunk_tokens integer,
+    chunk_overlap integer default 0,
+    key_column text default 'id',
+    queue text default 'embedding_jobs',
+    vector_type text default 'halfvec',
+    dimensions integer default 1536,
+    enqueue_backlog boolean default true
+)
+returns bigint
+language sql
+as $$
+    select autoembed.enroll_target(tbl, content_function, key_column, queue, enqueue_backlog, null, chunk_tokens,
+                                   chunk_overlap, vector_type, dimensions)
 $$;
 
 create or replace function autoembed.unenroll(tbl regclass)

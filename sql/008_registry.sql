@@ -43,7 +43,7 @@ end;
 $$;
 
 -- Renames of an enrolled embedding column: the generated clear function names the column (see
--- autoembed.install_clear_function), so an ALTER TABLE regenerates the clear functions of the
+-- autoembed.install_compare_function), so an ALTER TABLE regenerates the clear functions of the
 -- table's targets (and a chunk target's triggers and chunk tables follow its key column). Event triggers need a superuser: when db init runs as another role there is
 -- none, and an UPDATE after such a rename fails loudly until the table is enrolled again.
 create or replace function autoembed.follow_renames()
@@ -96,9 +96,9 @@ begin
         begin
             if chunked then
                 perform autoembed.follow_chunk_key_column(target_id);
-                perform autoembed.install_chunk_triggers(target_id);
+                perform autoembed.install_target_triggers(target_id);
             else
-                perform autoembed.install_clear_function(target_id);
+                perform autoembed.install_compare_function(target_id);
             end if;
         exception when others then
             raise warning 'autoembed: could not follow the change of the table of target %: %; enroll it again',
@@ -108,18 +108,31 @@ begin
 end;
 $$;
 
-do $$
+-- Event trigger `name` on `event` for the command tags `tags`, executing `fn`: created when db init
+-- runs as a superuser (event triggers need one; without them the drain's start repairs what they
+-- would have followed, sql/015), and re-created when an earlier version's differs (its tags or its
+-- function). Used here and by sql/015.
+create or replace function autoembed.ensure_event_trigger(name text, event text, tags text[], fn regprocedure)
+returns void
+language plpgsql
+as $$
+#variable_conflict use_variable
 begin
-    if (select r.rolsuper from pg_roles r where r.rolname = current_user) then
-        -- (an older one followed ALTER TABLE only)
-        if exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames'
-                   and not 'ALTER FUNCTION' = any(e.evttags)) then
-            drop event trigger autoembed_follow_renames;
-        end if;
-        if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_renames') then
-            create event trigger autoembed_follow_renames on ddl_command_end when tag in ('ALTER TABLE', 'ALTER FUNCTION')
-                execute function autoembed.follow_renames();
-        end if;
+    if not (select r.rolsuper from pg_roles r where r.rolname = current_user) then
+        return;
+    end if;
+    if exists (select 1 from pg_event_trigger e where e.evtname = name
+                  and (e.evtevent <> event or e.evtfoid <> fn
+                       or (select array_agg(t order by t) from unnest(e.evttags) t)
+                          is distinct from (select array_agg(upper(t) order by upper(t)) from unnest(tags) t))) then
+        execute format('drop event trigger %I', name);
+    end if;
+    if not exists (select 1 from pg_event_trigger e where e.evtname = name) then
+        execute format('create event trigger %I on %I when tag in (%s) execute function %s', name, event,
+                       (select string_agg(quote_literal(t), ', ') from unnest(tags) t), fn);
     end if;
 end;
 $$;
+
+select autoembed.ensure_event_trigger('autoembed_follow_renames', 'ddl_command_end', '{ALTER TABLE,ALTER FUNCTION}',
+                                      'autoembed.follow_renames()');

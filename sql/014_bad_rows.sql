@@ -20,34 +20,17 @@ $$;
 -- application's write (their WHEN clause called the content function itself): installed again
 -- from the registry, once. A table whose triggers cannot be changed by this role keeps its old
 -- ones, with a warning (enroll it again as its owner).
-do $$
-declare
-    t record;
-begin
-    for t in select distinct r.id, r.relid::regclass as tbl, r.content_fn::regprocedure as fn,
-                    tc.embedding_column, r.chunk_table is not null as chunked
-             from autoembed.targets r
-             join autoembed.target_catalog tc on tc.id = r.id
-             join pg_trigger tr on tr.tgrelid = r.relid
-             where (tr.tgname = 'autoembed_clear' and r.chunk_table is null
-                    and exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
-                                and p.proname = format('clear_target_%s', r.id))
-                    and pg_get_triggerdef(tr.oid) like '%(old.*) IS DISTINCT FROM %(new.*)%')
-                or (tr.tgname = 'autoembed_chunk_changed' and r.chunk_table is not null
-                    and pg_get_triggerdef(tr.oid) like '%(old.*) IS DISTINCT FROM %(new.*)%') loop
-        begin
-            if t.chunked then
-                perform autoembed.install_chunk_triggers(t.id);
-            else
-                perform autoembed.install_triggers(t.tbl, t.id, t.fn, t.embedding_column);
-            end if;
-        exception when others then
-            raise warning 'autoembed: the triggers of % (target %) still fail the write of a row whose content function raises: %; enroll it again as its owner',
-                t.tbl, t.id, sqlerrm;
-        end;
-    end loop;
-end;
-$$;
+select autoembed.upgrade_target_triggers(array(
+    select distinct r.id
+      from autoembed.targets r
+      join pg_trigger tr on tr.tgrelid = r.relid
+     where (tr.tgname = 'autoembed_clear' and r.chunk_table is null
+            and exists (select 1 from pg_proc p where p.pronamespace = 'autoembed'::regnamespace
+                        and p.proname = format('clear_target_%s', r.id))
+            and pg_get_triggerdef(tr.oid) like '%(old.*) IS DISTINCT FROM %(new.*)%')
+        or (tr.tgname = 'autoembed_chunk_changed' and r.chunk_table is not null
+            and pg_get_triggerdef(tr.oid) like '%(old.*) IS DISTINCT FROM %(new.*)%')
+     order by r.id), 'fail the write of a row whose content function raises');
 
 -- Claims a drain gave back unused (the claims it still held when it stopped: rows the application
 -- kept locked, messages no batch took up): not attempts. The safety net for messages claimed again

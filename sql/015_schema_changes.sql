@@ -98,7 +98,7 @@ declare
     c record;
     keys text[];
 begin
-    select r.relid::regclass as tbl, ka.attname::text as key_column, r.chunk_table is not null as chunked
+    select r.relid::regclass as tbl, ka.attname::text as key_column
       into c
       from autoembed.targets r
       join pg_attribute ka on ka.attrelid = r.relid and ka.attnum = r.key_attnum and not ka.attisdropped
@@ -108,12 +108,7 @@ begin
         return 0;
     end if;
     execute format('select autoembed.key_texts(array(select t.%I from %s t))', c.key_column, c.tbl) into keys;
-    if c.chunked then
-        return autoembed.send_chunk_keys(target_id, keys);
-    end if;
-    perform autoembed.send_jobs(l.queue, autoembed.key_messages(keys, l.integer_keys, l.header))
-       from autoembed.live_target(target_id) l;
-    return coalesce(cardinality(keys), 0);
+    return autoembed.send_keys(target_id, keys);
 end;
 $$;
 revoke execute on function autoembed.requeue_rows(bigint) from public;
@@ -153,37 +148,10 @@ begin
     if coalesce(cardinality(keys), 0) = 0 then
         return 0;
     end if;
-    perform autoembed.send_jobs(l.queue, autoembed.key_messages(keys, l.integer_keys, l.header))
-       from autoembed.live_target(target_id) l;
-    return cardinality(keys);
+    return autoembed.send_keys(target_id, keys);
 end;
 $$;
 revoke execute on function autoembed.requeue_missing(bigint) from public;
-
--- (Re)install the triggers of target `target_id` from the registry, whatever its shape: the one
--- place a repair re-creates triggers (enrolment's own functions do the work: install_triggers,
--- install_chunk_triggers). A target registered by util.queue_embeddings triggers (or a migration's
--- shadow) has no triggers of ours: its trigger names the function by name.
-create or replace function autoembed.reinstall_target_triggers(target_id bigint)
-returns void
-language plpgsql
-as $$
-#variable_conflict use_variable
-declare
-    t record;
-begin
-    select r.relid::regclass as tbl, r.content_fn::regprocedure as fn, r.origin, r.chunk_table, ea.attname::text as col
-      into t
-      from autoembed.targets r
-      left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
-     where r.id = target_id;
-    if t.chunk_table is not null then
-        perform autoembed.install_chunk_triggers(target_id);
-    elsif t.origin = 'enroll' then
-        perform autoembed.install_triggers(t.tbl, target_id, t.fn, t.col);
-    end if;
-end;
-$$;
 
 -- Targets whose content function is gone (dropped, with its cascade taking the trigger that
 -- compared inputs) are bound to the function of the same schema, name and argument when there is
@@ -215,7 +183,7 @@ begin
             perform autoembed.check_content_function(t.relid, fn);
             update autoembed.targets set content_fn = fn, updated_at = now() where id = t.id;
             perform autoembed.install_input_function(t.id);
-            perform autoembed.reinstall_target_triggers(t.id);
+            perform autoembed.install_target_triggers(t.id);
             perform autoembed.requeue_rows(t.id);
             insert into autoembed.repairs (target_id, what) values (t.id, format(
                 'content function of %s was dropped and created again: bound to %s, triggers re-created, every row queued',
@@ -230,69 +198,51 @@ end;
 $$;
 revoke execute on function autoembed.rebind_content_functions() from public;
 
--- A dropped table: its registrations (and so their embedding_state records: sql/022's foreign key)
--- and generated clear functions go too (a table created later may get the same oid, and would otherwise inherit them).
-create or replace function autoembed.forget_dropped_tables()
-returns void
+-- The event triggers of schema changes, one function (when db init ran as a superuser; without
+-- them the drain's start does the same, core/targets/catalog.py):
+--   autoembed_follow_drops (DROP TABLE / DROP SCHEMA): a dropped table's registrations (and so
+--     their embedding_state records: sql/022's foreign key) and generated functions go too (a table
+--     created later may get the same oid, and would otherwise inherit them);
+--   autoembed_follow_functions (CREATE FUNCTION): targets whose content function is gone are bound
+--     to the new one when it has the same schema, name and argument (rebind_content_functions);
+-- (Renames need none for the state: embedding_state is keyed by target, sql/022.)
+drop function if exists autoembed.forget_dropped_tables();
+create or replace function autoembed.follow_schema_changes()
+returns event_trigger
 language plpgsql
 security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
     d record;
-    gone bigint;
 begin
-    for d in select o.objid, o.address_names from pg_event_trigger_dropped_objects() o
-             where o.classid = 'pg_class'::regclass and o.objsubid = 0 and o.object_type = 'table' loop
-        delete from autoembed.chunk_tables ct where ct.chunk_table = d.objid or ct.parent = d.objid;
-        for gone in delete from autoembed.targets r where r.relid = d.objid returning r.id loop
-            execute format('drop function if exists autoembed.%I()', format('clear_target_%s', gone));
-            execute format('drop function if exists autoembed.%I(anyelement)', format('input_%s', gone));
+    if TG_EVENT = 'sql_drop' then
+        for d in select o.objid, o.address_names from pg_event_trigger_dropped_objects() o
+                 where o.classid = 'pg_class'::regclass and o.objsubid = 0 and o.object_type = 'table' loop
+            delete from autoembed.chunk_tables ct where ct.chunk_table = d.objid or ct.parent = d.objid;
+            delete from autoembed.targets r where r.relid = d.objid;
+            perform autoembed.drop_generated_functions();
         end loop;
-    end loop;
-end;
-$$;
-
-create or replace function autoembed.follow_drops()
-returns event_trigger
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    perform autoembed.forget_dropped_tables();
-end;
-$$;
-
-create or replace function autoembed.follow_functions()
-returns event_trigger
-language plpgsql
-security definer
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    if exists (select 1 from autoembed.targets r join pg_class c on c.oid = r.relid
-               where not exists (select 1 from pg_proc p where p.oid = r.content_fn and p.pronargs = 1
-                                                         and p.proargtypes[0] = c.reltype)) then
-        perform autoembed.rebind_content_functions();
-    end if;
-end;
-$$;
-
-do $$
-begin
-    if (select r.rolsuper from pg_roles r where r.rolname = current_user) then
-        if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_functions') then
-            create event trigger autoembed_follow_functions on ddl_command_end when tag in ('CREATE FUNCTION')
-                execute function autoembed.follow_functions();
-        end if;
-        if not exists (select 1 from pg_event_trigger e where e.evtname = 'autoembed_follow_drops') then
-            create event trigger autoembed_follow_drops on sql_drop when tag in ('DROP TABLE', 'DROP SCHEMA')
-                execute function autoembed.follow_drops();
+    elsif TG_TAG = 'CREATE FUNCTION' then
+        if exists (select 1 from autoembed.targets r join pg_class c on c.oid = r.relid
+                   where not exists (select 1 from pg_proc p where p.oid = r.content_fn and p.pronargs = 1
+                                                             and p.proargtypes[0] = c.reltype)) then
+            perform autoembed.rebind_content_functions();
         end if;
     end if;
 end;
 $$;
+
+select autoembed.ensure_event_trigger('autoembed_follow_functions', 'ddl_command_end', '{CREATE FUNCTION}',
+                                      'autoembed.follow_schema_changes()');
+drop event trigger if exists autoembed_follow_state_names;  -- (an earlier version's: renames moved the state)
+select autoembed.ensure_event_trigger('autoembed_follow_drops', 'sql_drop', '{DROP TABLE,DROP SCHEMA}',
+                                      'autoembed.follow_schema_changes()');
+-- (an earlier version's event trigger functions, one per event trigger)
+drop function if exists autoembed.follow_state_names_event();
+drop function if exists autoembed.follow_drops();
+drop function if exists autoembed.follow_functions();
+
 
 -- The triggers enrolment gives target `target_id`'s table (those a write needs to stay current).
 -- SECURITY DEFINER: autoembed.broken_targets calls it for the drain's and the dashboard's roles,
@@ -328,7 +278,7 @@ begin
     for t in select distinct b.target_id, b.detail from autoembed.broken_targets b where b.problem = 'triggers missing'
               order by 1 loop
         begin
-            perform autoembed.reinstall_target_triggers(t.target_id);
+            perform autoembed.install_target_triggers(t.target_id);
             insert into autoembed.repairs (target_id, what) values (t.target_id, 'target ' || t.target_id || ': '
                 || replace(t.detail, 'the next drain re-creates them when its role owns the table; else enroll the table again',
                            're-created'));
@@ -444,7 +394,7 @@ $$;
 -- above), and their function: generated in the table's schema, owned by the table's owner and
 -- SECURITY DEFINER as that owner, so a writer who may delete, update or truncate the table needs no
 -- right on its chunk tables, and nothing runs with the project's rights. Called when a chunk table
--- is made (create_chunk_table) and by install_chunk_triggers (enrolment, the key-rename event trigger).
+-- is made (create_chunk_table) and by install_target_triggers (enrolment, the key-rename event trigger).
 create or replace function autoembed.install_chunk_follow_triggers(parent regclass, key_column text)
 returns void
 language plpgsql

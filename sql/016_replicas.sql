@@ -7,33 +7,14 @@
 -- re-created below.)
 drop function if exists autoembed.delete_replicated_chunks() cascade;
 
-do $$
-declare
-    t record;
-begin
-    for t in
-        select tr.tgrelid::regclass as tbl, r.id, r.chunk_table is not null as chunked,
-               r.content_fn::regprocedure as fn, ea.attname::text as col
-        from pg_trigger tr
-        join autoembed.targets r on r.id::text = (autoembed.trigger_args(tr.tgargs, tr.tgnargs))[1]
-                                and r.relid = tr.tgrelid
-        left join pg_attribute ea on ea.attrelid = r.relid and ea.attnum = r.embedding_attnum and not ea.attisdropped
-        where tr.tgname = 'autoembed_enqueue_insert' and tr.tgnargs = 1
-          and exists (select 1 from unnest(case when r.chunk_table is null
-                                                then '{autoembed_replica_insert,autoembed_replica_update,autoembed_forget_row}'::text[]
-                                                else '{autoembed_replica_insert,autoembed_replica_update,autoembed_replica_delete,autoembed_replica_rekey}'::text[] end) n
-                      where not exists (select 1 from pg_trigger q where q.tgrelid = tr.tgrelid and q.tgname = n))
-    loop
-        begin
-            if t.chunked then
-                perform autoembed.install_chunk_triggers(t.id);
-            else
-                perform autoembed.install_triggers(t.tbl, t.id, t.fn, t.col);
-            end if;
-        exception when others then
-            raise warning 'autoembed: could not add the replica triggers of %: %; rows replicated into it are not queued until it is enrolled again (autoembed enroll)',
-                t.tbl, sqlerrm;
-        end;
-    end loop;
-end;
-$$;
+select autoembed.upgrade_target_triggers(array(
+    select r.id
+      from pg_trigger tr
+      join autoembed.targets r on r.id::text = (autoembed.trigger_args(tr.tgargs, tr.tgnargs))[1]
+                              and r.relid = tr.tgrelid
+     where tr.tgname = 'autoembed_enqueue_insert' and tr.tgnargs = 1
+       and exists (select 1 from unnest(case when r.chunk_table is null
+                                             then '{autoembed_replica_insert,autoembed_replica_update,autoembed_forget_row}'::text[]
+                                             else '{autoembed_replica_insert,autoembed_replica_update,autoembed_replica_delete,autoembed_replica_rekey}'::text[] end) n
+                   where not exists (select 1 from pg_trigger q where q.tgrelid = tr.tgrelid and q.tgname = n))
+     order by r.id), 'do not queue rows replicated into it');

@@ -242,16 +242,14 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    gone bigint;
-    n integer := 0;
+    n integer;
 begin
     delete from autoembed.chunk_tables ct where not exists (select 1 from pg_class c where c.oid = ct.parent);
-    for gone in delete from autoembed.targets r where not exists (select 1 from pg_class c where c.oid = r.relid)
-                returning r.id loop
-        execute format('drop function if exists autoembed.%I()', format('clear_target_%s', gone));
-        execute format('drop function if exists autoembed.%I(anyelement)', format('input_%s', gone));
-        n := n + 1;
-    end loop;
+    delete from autoembed.targets r where not exists (select 1 from pg_class c where c.oid = r.relid);
+    get diagnostics n = row_count;
+    if n > 0 then
+        perform autoembed.drop_generated_functions();
+    end if;
     return n;
 end;
 $$;

@@ -514,11 +514,11 @@ def test_a_key_change_takes_the_rows_state_along(conn, fake_openai, settings, ap
     conn.execute("update notes set id = id + 100 where id <= 2")  # the writer has no right on our tables
     conn.execute("reset role")
     assert conn.execute("select count(*) from notes where embedding is null").fetchone()[0] == 0
-    assert sorted(r[1] for r in state_rows(conn)) == ["101", "102", "3", "4"]
     [p] = discover_pipelines(conn, [])
     sent = len(fake_openai.requests)
     assert main(["backfill", p.name, "-q"]) == 0
     assert len(fake_openai.requests) == sent  # nothing re-embedded
+    assert sorted(r[1] for r in state_rows(conn)) == ["101", "102", "3", "4"]
 
     assert_current(conn, "column", [101, 102, 3, 4])
 
@@ -622,3 +622,25 @@ def test_without_a_superuser_at_db_init_status_and_checks_report_a_broken_target
         assert vec is not None and np.allclose(np.array(vec.to_list(), dtype=np.float32), fake_vector(text, DIMS),
                                                atol=2e-3), i
     assert all(o.passed for o in evaluate(conn, p, pipeline_resolver([p])) if o.name != "staleness")
+
+
+def test_db_init_points_event_triggers_of_an_earlier_version_at_the_current_function(conn):
+    """An earlier version had one event trigger function per event trigger (follow_drops, ...):
+    db init re-creates such an event trigger on the current function, and a dropped table is
+    still forgotten through it."""
+    make_table(conn, "column")
+    conn.execute("""
+        drop event trigger autoembed_follow_drops;
+        create function autoembed.follow_drops() returns event_trigger language plpgsql as $$ begin end $$;
+        create event trigger autoembed_follow_drops on sql_drop when tag in ('DROP TABLE')
+            execute function autoembed.follow_drops();
+    """)
+    init_db(conn)
+    init_db(conn)  # idempotent
+    fns = dict(conn.execute("select evtname, evtfoid::regproc::text from pg_event_trigger"
+                            " where evtname like 'autoembed_follow_%'").fetchall())
+    assert fns["autoembed_follow_drops"] == "autoembed.follow_schema_changes", fns
+    assert conn.execute("select to_regprocedure('autoembed.follow_drops()')").fetchone()[0] is None
+    conn.execute("drop table notes cascade")
+    assert conn.execute("select count(*) from autoembed.targets").fetchone()[0] == 0
+    assert conn.execute("select count(*) from pg_proc where proname ~ '^(clear_target|input)_[0-9]+$'").fetchone()[0] == 0

@@ -62,20 +62,17 @@ def enroll(
     `chunk_overlap` tokens repeated from the previous chunk. `embedding_column` is not used then.
     Sizes the model cannot take are refused naming them as `size_names` spells them (the Python
     keywords; the CLI passes its flags)."""
-    if chunk_tokens is not None:
-        embedder = make_embedder(embedder_settings or EmbedderSettings.from_env(), dimensions)
-        splitter_for(embedder, chunk_tokens, chunk_overlap, size_names)  # refuses sizes beyond the model's window
-        with session(url) as conn:
-            vector_type = vector_type or _chunk_table_vector_type(conn, table) or "halfvec"
-            return conn.execute(
-                "select autoembed.enroll_chunks(%s::regclass, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (table, content_function, chunk_tokens, chunk_overlap, key_column, queue, vector_type,
-                 dimensions or embedder.identity.dimensions, backlog),
-            ).fetchone()[0]
+    shape: tuple = (embedding_column, None, None, None, None)  # a vector column
     with session(url) as conn:
+        if chunk_tokens is not None:
+            embedder = make_embedder(embedder_settings or EmbedderSettings.from_env(), dimensions)
+            splitter_for(embedder, chunk_tokens, chunk_overlap, size_names)  # refuses sizes beyond the model's window
+            shape = (None, chunk_tokens, chunk_overlap, vector_type or _chunk_table_vector_type(conn, table) or "halfvec",
+                     dimensions or embedder.identity.dimensions)
+        # One enrolment path for both shapes (sql/005 enroll_target).
         return conn.execute(
-            "select autoembed.enroll(%s::regclass, %s, %s, %s, %s, %s)",
-            (table, content_function, embedding_column, key_column, queue, backlog),
+            "select autoembed.enroll_target(%s::regclass, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (table, content_function, key_column, queue, backlog, *shape),
         ).fetchone()[0]
 
 

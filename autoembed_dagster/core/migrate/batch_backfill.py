@@ -3,7 +3,7 @@
     submit   the rows a backfill would embed (core.backfill's scan: not current under the model,
              input not empty), minus rows already in an open batch, as JSONL files of one
              `/v1/embeddings` request per row (custom_id = target/content hash/key); each batch is
-             recorded in autoembed.embedding_batches with its rows (sql/014) BEFORE it is created
+             recorded in autoembed.embedding_batches with its rows (sql/009) BEFORE it is created
              at the provider (its metadata names the record), so a crash at any point is resumed
              without a second submission
     refresh  poll the provider; the record follows its status and counts
