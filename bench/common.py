@@ -81,15 +81,63 @@ def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
             sig = signal.SIGKILL
 
 
+TAG_VARIABLE = "AUTOEMBED_BENCH_PROCESS_TAG"
+
+
+def tagged(tag: str) -> list[int]:
+    """Processes whose environment carries `tag` (inherited by everything a process starts, also
+    in a session of its own: `autoembed demo`'s daemon and webserver, their code servers)."""
+    import psutil
+
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    found = []
+    for pid in psutil.pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:
+            pass
+    return [p for p in found if p != os.getpid()]
+
+
+def stop_tagged(tag: str, grace: float = 20.0) -> None:
+    """SIGTERM every process carrying `tag`, then SIGKILL what is left after `grace` s."""
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
+    while True:
+        left = tagged(tag)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+        if time.monotonic() > deadline + 10:
+            raise RuntimeError(f"processes tagged {tag} survived SIGKILL: {tagged(tag)}")
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+
+
 @contextlib.contextmanager
 def process_group(args: list[str], **kwargs) -> Iterator[subprocess.Popen]:
-    """A subprocess in a process group of its own, stopped with everything it started (stop_group)
-    when the block ends, however it ends."""
+    """A subprocess in a process group of its own, stopped with everything it started when the
+    block ends, however it ends: its process group (stop_group), then any process that inherited
+    its environment's tag (those it started in sessions of their own, and their children)."""
+    import uuid
+
+    tag = uuid.uuid4().hex
+    kwargs["env"] = {**(kwargs.get("env") or os.environ), TAG_VARIABLE: tag}
     proc = subprocess.Popen(args, start_new_session=True, **kwargs)
     try:
         yield proc
     finally:
-        stop_group(proc)
+        try:
+            stop_group(proc)
+        finally:
+            stop_tagged(tag)
 
 
 @contextlib.contextmanager

@@ -51,23 +51,29 @@ def read_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> d
     """The rows that exist, by the key text the jobs gave. Keys are matched as values of the key
     column's type (a text that is not the canonical form still finds its row) and stored state is
     looked up by the canonical text."""
-    # The key arrays bound both sides to exactly these rows, whatever the planner's statistics say
-    # (a join on the computed key alone was planned as a scan of every state row of the table per
-    # row). A key given in a text that is not its canonical form finds its row, not its state: it
-    # is then embedded again, never wrongly skipped.
+    # Each side is read once, bounded by the key arrays, whatever the planner's statistics say (a
+    # state table filled by this very drain still looks empty to it): the rows by their key index,
+    # the content function called once per row (MATERIALIZED: a flattened subquery would call it
+    # again for the hash); the stored state in one scan of its primary key for all the keys. (A
+    # join on the computed key was planned as a scan of every state row per row; a key array
+    # tested inside a per-row index probe costs rows x keys.) A key given in a text that is not
+    # its canonical form finds its row, not its state: it is then embedded again, never wrongly
+    # skipped.
     query = sql.SQL(
-        """select u.k, r.key, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model
-           from (select t.{key} as value, t.{key}::text as key, {fn}(t)::text as input, t.{col} is not null as has_vector
-                 from {table} t where t.{key} = any(%s::text[]::{key_type}[])) r
-           join unnest(%s::text[]) u(k) on r.value = u.k::{key_type}
-           left join autoembed.embedding_state s
-             on s.target_id = (select autoembed.state_target(%s, %s, %s)) and s.row_id = r.key
-            and s.row_id = any(%s::text[])"""
+        """with r as materialized (
+               select t.{key} as value, t.{key}::text as key, {fn}(t)::text as input, t.{col} is not null as has_vector
+               from {table} t where t.{key} = any(%s::text[]::{key_type}[])),
+           s as materialized (
+               select s.row_id, s.content_hash, s.model from autoembed.embedding_state s
+               where s.target_id = (select autoembed.state_target(%s, %s, %s)) and s.row_id = any(%s::text[]))
+           select u.k, r.key, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model
+           from r join unnest(%s::text[]) u(k) on r.value = u.k::{key_type}
+           left join s on s.row_id = r.key"""
     ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql,
              table=target.table_sql, key_type=target.key_type_sql)
     ids = list(dict.fromkeys(row_ids))
     # prepare=False wherever a key array is bound: a cached generic plan can scan the whole table.
-    cur = conn.execute(query, (ids, ids, target.key.schema, target.key.table, target.key.embedding_column, ids),
+    cur = conn.execute(query, (ids, target.key.schema, target.key.table, target.key.embedding_column, ids, ids),
                        prepare=False)
     return {r[0]: Row(*r[1:]) for r in cur.fetchall()}
 
