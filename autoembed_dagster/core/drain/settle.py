@@ -20,7 +20,7 @@ from ..config import Settings
 from ..queue.claims import Claims
 from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
                                lookup_registered)
-from ..targets.vectors import COPY_HEADER, COPY_TRAILER
+from ..targets.vectors import vector_array, vector_value
 from ..targets.badrows import write_isolating
 from .chunked import ChunkWritten, write_chunk_sets, write_target
 from .jobs import Job, single_body
@@ -41,29 +41,7 @@ class Written:
     failed: dict[str, str] = field(default_factory=dict)  # key -> why its write failed (badrows)
 
 
-class Stages:
-    """The session's staging tables (one per vector type) for binary COPY of vectors. Created
-    outside any settle transaction, so a rolled-back settle cannot leave a stage believed to exist."""
-
-    def __init__(self, conn: psycopg.Connection):
-        self.conn = conn
-        self._made: set[str] = set()
-
-    @staticmethod
-    def name(target: Target) -> sql.Identifier:
-        return sql.Identifier(f"autoembed_stage_{target.vector_type}")
-
-    def ensure(self, targets) -> None:
-        for target in targets:
-            if target.vector_type not in self._made:
-                self.conn.execute(sql.SQL(
-                    "create temp table if not exists {} (k text, h bytea, v {}) on commit delete rows"
-                ).format(self.name(target), sql.SQL(target.vector_type)))
-                self._made.add(target.vector_type)
-
-
-def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writes: list[Write], model: str,
-                  used_stages: set[str]) -> Written:
+def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write], model: str) -> Written:
     """Write vectors whose row still has the input they were made from (inside the caller's
     transaction). Rows locked by another transaction are skipped and reported busy."""
     out = Written()
@@ -109,33 +87,21 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
     out.stale = sum(1 for w in writes if w[0] in current and current[w[0]] != w[1])
     if not fresh:
         return out
-    stage = Stages.name(target)
-    with conn.cursor() as cur:
-        if target.vector_type in used_stages:
-            cur.execute(sql.SQL("truncate {}").format(stage))  # rows of another target, same transaction
-        used_stages.add(target.vector_type)
-        # One binary COPY of the tuples copy_records() made, already in the column's own type.
-        with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(stage)) as copy:
-            copy.write(b"".join([COPY_HEADER, *(w[2] for w in fresh), COPY_TRAILER]))
-        # The key array lets the planner probe the key index instead of hashing the whole table.
-        cur.execute(
-            sql.SQL(
-                """update {table} t set {col} = s.v from {stage} s
-                   where t.{key} = s.k::{key_type} and t.{key} = any(%s::text[]::{key_type}[])"""
-            ).format(table=target.table_sql, col=target.column_sql, stage=stage,
-                     key=target.key_sql, key_type=target.key_type_sql),
-            ([w[0] for w in fresh],), prepare=False,
-        )
-        cur.execute(
-            sql.SQL(
-                """insert into autoembed.embedding_state as e
-                       (schema_name, table_name, embedding_column, row_id, content_hash, model, embedded_at)
-                   select %s, %s, %s, s.k, s.h, %s, now() from {stage} s
-                   on conflict (schema_name, table_name, embedding_column, row_id) do update
-                   set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()"""
-            ).format(stage=stage),
-            (target.key.schema, target.key.table, target.key.embedding_column, model),
-        )
+    keys = [w[0] for w in fresh]
+    # Through the target's write function (sql/019): the table owner's triggers run with the
+    # owner's rights, never the drain's. The vectors go as one binary array of the column's type.
+    conn.execute(
+        "select autoembed.write_vectors(%s::regclass, %s, %s, %s::text[], %b)",
+        (target.regclass, target.key.embedding_column, target.key.key_column, keys,
+         vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])), prepare=False)
+    conn.execute(
+        """insert into autoembed.embedding_state as e
+               (schema_name, table_name, embedding_column, row_id, content_hash, model, embedded_at)
+           select %s, %s, %s, s.k, s.h, %s, now() from unnest(%s::text[], %s::bytea[]) s(k, h)
+           on conflict (schema_name, table_name, embedding_column, row_id) do update
+           set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()""",
+        (target.key.schema, target.key.table, target.key.embedding_column, model, keys, [w[1] for w in fresh]),
+        prepare=False)
     out.written = len(fresh)
     return out
 
@@ -162,13 +128,12 @@ def still_target(conn: psycopg.Connection, target: Target) -> None:
         raise TargetChanged(f"{target.key.label} writes into {now.chunk_table} now, not {target.chunk_table}")
 
 
-def write_vectors_isolating(conn: psycopg.Connection, stages: Stages, target: Target, writes: list[Write],
-                            model: str, used_stages: set[str]) -> Isolated:
+def write_vectors_isolating(conn: psycopg.Connection, target: Target, writes: list[Write], model: str) -> Isolated:
     """write_vectors, with a row whose write fails (a trigger raising for it, a check constraint, a
     revoked grant) failing alone: the others are written in the same transaction (badrows)."""
     writes = list({w[0]: w for w in writes}.values())  # one write per row
     parts, failed = write_isolating(conn, writes,
-                                    lambda part: write_vectors(conn, stages, target, part, model, used_stages),
+                                    lambda part: write_vectors(conn, target, part, model),
                                     check=lambda: still_target(conn, target))
     total = Written()
     for w in parts:
@@ -196,19 +161,17 @@ class VectorWriter:
 
     def __init__(self, conn: psycopg.Connection):
         self.conn = conn
-        self.stages = Stages(conn)
 
     def write(self, target: Target, rows: list[tuple[str, bytes, bytes]], model: str) -> Written:
         """Write (row key, content hash the vector was made from, its COPY tuple). Rows still busy
         after the last try are returned in `busy`, unwritten; rows whose write fails alone in
         `failed` (key -> why)."""
-        self.stages.ensure([target])
         total = Written()
         pending = [(k, h, record, []) for k, h, record in rows]
         for wait in (*self.BUSY_WAITS, None):
             with self.conn.transaction():
                 act_as_drain(self.conn)
-                isolated = write_vectors_isolating(self.conn, self.stages, target, pending, model, set())
+                isolated = write_vectors_isolating(self.conn, target, pending, model)
             w = isolated.written
             total.failed.update(isolated.failed)
             total.ambiguous.update(w.ambiguous)
@@ -249,12 +212,10 @@ class Settler:
         self.conn = conn
         self.settings = settings
         self.claims = claims
-        self.stages = Stages(conn)
 
     def settle(self, outcome: Outcome, stats: DrainStats, msg_ids: list[int]) -> None:
         """Write and settle `outcome` in one transaction (retried when a deadlock or lock timeout
         made the drain give way). `msg_ids`: every message of the batch."""
-        self.stages.ensure(t for t, w in outcome.writes.items() if w)
         if self.claims is not None:
             self.claims.release(msg_ids)  # the heartbeat must not touch what this settles
         for attempt in range(1, SETTLE_TRIES + 1):
@@ -276,13 +237,11 @@ class Settler:
         wrote: list[tuple[Target, Written]] = []
         done = list(outcome.done)
         busy: list[Job] = []
-        used_stages: set[str] = set()
         dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
         for target, writes in outcome.writes.items():
             # The model fixed when the vectors were made (embed_work records it with the writes).
             # A row whose write fails alone is dead-lettered; the batch's other rows are written.
-            isolated = write_vectors_isolating(conn, self.stages, target, writes, outcome.models[target],
-                                               used_stages)
+            isolated = write_vectors_isolating(conn, target, writes, outcome.models[target])
             w = isolated.written
             wrote.append((target, w))
             busy_keys = set(w.busy)

@@ -29,10 +29,9 @@ from psycopg import sql
 
 from .splitter import Splitter, chunk_hash
 from ..embed.base import Embedder, ProviderConfigError
-# The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
 from .catalog import TargetError, ambiguous_keys, check_identifier, input_function, require_input_function
 from .shadow import Coverage
-from .vectors import COPY_HEADER, COPY_TRAILER, copy_records
+from .vectors import encode_vectors, vector_array
 
 VECTOR_COLUMN = "embedding"
 
@@ -226,21 +225,6 @@ class WriteStats:
     chunks_deleted: int = 0  # chunk rows of the replaced sets
 
 
-def _stages(conn: psycopg.Connection, target: ChunkTarget) -> tuple[sql.Identifier, sql.Identifier]:
-    """Session temp tables (rows cleared at commit) for a plan's chunks and vectors."""
-    chunks, vectors = sql.Identifier("autoembed_chunk_stage"), sql.Identifier(f"autoembed_chunk_vectors_{target.vector_type}")
-    conn.execute(sql.SQL("""create temp table if not exists {} (k text, i integer, c text, h bytea, sh bytea)
-                            on commit delete rows""").format(chunks))
-    conn.execute(sql.SQL("""create temp table if not exists {} (k text, h bytea primary key, v {})
-                            on commit delete rows""").format(
-        vectors, sql.SQL(target.vector_type)))
-    # Empty unless this transaction wrote before (commit clears them); DELETE, not TRUNCATE: a
-    # truncate makes new files for both tables on every call.
-    conn.execute(sql.SQL("delete from {}").format(chunks))
-    conn.execute(sql.SQL("delete from {}").format(vectors))
-    return chunks, vectors
-
-
 def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
           vectors_by_hash: Mapping[bytes, np.ndarray | None], model_key: str) -> WriteStats:
     """Replace the chunk sets of the planned documents, in the caller's transaction (see module doc)."""
@@ -361,45 +345,25 @@ def _write_sets(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
         stats.busy.extend(k for k in fresh if k in held)
         stats.gone.extend(k for k in fresh if k not in present and k not in held)
     fresh = [k for k in fresh if k in present]
-    chunk_stage, vector_stage = _stages(conn, target)
     needed = {c.hash for k in fresh for c in plan.documents[k].chunks}
     embedded = [(h, vectors_by_hash[h]) for h in needed if h not in plan.reused]
-    with conn.cursor() as cur:
-        with cur.copy(sql.SQL("copy {} (k, i, c, h, sh) from stdin").format(chunk_stage)) as copy:
-            for k in fresh:
-                doc = plan.documents[k]
-                for c in doc.chunks:
-                    copy.write_row((k, c.index, c.text, c.hash, doc.input_hash))
-        if embedded:
-            # The drain's binary COPY tuples (key text, hash, vector): one numpy conversion for all.
-            records = copy_records(target, [("", h, v) for h, v in embedded], conn.info.encoding)
-            with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(vector_stage)) as copy:
-                copy.write(b"".join([COPY_HEADER, *records, COPY_TRAILER]))
-        # Reused vectors are copied before the old sets are deleted (they may be among them).
-        cur.execute(sql.SQL(
-            """insert into {stage} (h, v)
-               select distinct on (c.chunk_hash) c.chunk_hash, c.embedding from {chunks} c
-               where c.model = %s and c.chunk_hash = any(%s) order by c.chunk_hash
-               on conflict (h) do nothing""").format(stage=vector_stage, **fmt),
-            (model_key, [h for h in needed if h in plan.reused]), prepare=False)
-        # A reused vector that vanished since the plan (another document was rewritten): that
-        # document waits for the next round instead of being written without it.
-        lost = {k for (k,) in cur.execute(sql.SQL(
-            "select distinct s.k from {cs} s where not exists (select 1 from {vs} v where v.h = s.h)").format(
-                cs=chunk_stage, vs=vector_stage)).fetchall()}
-        if lost:
-            stats.missing.extend(sorted(lost))
-            fresh = [k for k in fresh if k not in lost]
-            cur.execute(sql.SQL("delete from {} where k = any(%s)").format(chunk_stage), (sorted(lost),))
-        cur.execute(sql.SQL("delete from {chunks} c where c.{key} = any(%s::text[]::{kt}[])").format(**fmt),
-                    (fresh,), prepare=False)
-        stats.chunks_deleted = cur.rowcount
-        cur.execute(sql.SQL(
-            """insert into {chunks} ({key}, chunk_index, chunk, {col}, chunk_hash, source_hash, model, splitter)
-               select s.k::{kt}, s.i, s.c, v.v, s.h, s.sh, %s, %s from {cs} s join {vs} v on v.h = s.h""").format(
-                col=sql.Identifier(VECTOR_COLUMN), cs=chunk_stage, vs=vector_stage, **fmt),
-            (model_key, plan.splitter))
-        return fresh, cur.rowcount, embedded
+    rows = [(k, c.index, c.text, c.hash, plan.documents[k].input_hash) for k in fresh for c in plan.documents[k].chunks]
+    # One call of the target's write function (sql/019): the chunk table's triggers run with its
+    # owner's rights, never the drain's. It deletes the old sets and inserts the new ones, each
+    # chunk's vector the embedded one or, reused, one the table holds under the model (a document
+    # whose reused vector vanished since the plan is `lost`: it waits for the next round).
+    deleted, inserted, lost = conn.execute(
+        "select w.deleted, w.inserted, w.lost from autoembed.write_chunks(%s::regclass, %s::text[], %s::text[],"
+        " %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %b, %s, %s) w",
+        (regclass_of(target), fresh, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+         [r[3] for r in rows], [r[4] for r in rows], [h for h, _ in embedded],
+         vector_array(conn, target.vector_type, encode_vectors(target, [v for _, v in embedded])),
+         model_key, plan.splitter), prepare=False).fetchone()
+    if lost:
+        stats.missing.extend(lost)
+        fresh = [k for k in fresh if k not in set(lost)]
+    stats.chunks_deleted = deleted
+    return fresh, inserted, embedded
 
 
 def write_isolating(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
