@@ -67,6 +67,28 @@ def bare_staged_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batc
     return t.seconds
 
 
+def bare_array_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batch: int) -> float:
+    """The same writes through the target's write function (sql/019: one binary array of
+    vectors per batch, written with the table owner's rights): what the drain does now, vs the
+    staged COPY + UPDATE it did before. The target stays enrolled (its triggers skip the
+    drain's writes, as in the drain)."""
+    from autoembed_dagster.core.targets.vectors import vector_array
+
+    half = vecs.astype(">f2")
+    d = vecs.shape[1]
+    head = struct.pack(">hh", d, 0)
+    values = [head + v.tobytes() for v in half]
+    keys = [str(int(k)) for k in ids]
+    with Timer() as t:
+        for s in range(0, len(ids), batch):
+            with conn.transaction():
+                conn.execute("set local autoembed.draining = 'on'")
+                conn.execute("select autoembed.write_vectors(%s::regclass, 'embedding', 'id', %s::text[], %b)",
+                             (table, keys[s:s + batch], vector_array(conn, "halfvec", values[s:s + batch])),
+                             prepare=False)
+    return t.seconds
+
+
 def bare_copy_new(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batch: int) -> float:
     conn.execute(f"create table {table}_copy (like {table} including indexes)")
     title = b"t"
@@ -137,6 +159,16 @@ def scenario(server: str, n: int, hnsw: bool, settings: Settings, writers: int, 
             bares.append(n / bare_round(conn, ids, vecs, settings.read_batch))
         out["drain"] = statistics.median(drains)
         out["bare_update"] = statistics.median(bares)
+        arrays, staged = [], []
+        for _ in range(rounds):  # the write alone: arrays through the write function vs staged, in turns
+            conn.execute("update docs set embedding = null where embedding is not null")
+            arrays.append(n / bare_array_update(conn, "docs", ids, vecs, settings.read_batch))
+            staged.append(n / bare_round(conn, ids, vecs, settings.read_batch))
+            conn.execute("select autoembed.enroll('docs', 'docs_input', 'embedding', enqueue_backlog => false)")
+        out["bare_array"] = statistics.median(arrays)
+        line(f"[{label}] write function, one binary array per batch of {settings.read_batch} (median of {rounds})",
+             f"{out['bare_array']:8,.0f} rows/s   vs staged COPY + UPDATE {statistics.median(staged):,.0f} rows/s "
+             f"({out['bare_array'] / statistics.median(staged):.0%})")
         line(f"[{label}] drain, pipelined ({n:,} rows, median of {rounds})",
              f"{out['drain']:8,.0f} rows/s   cpu {cpus[sorted(range(rounds), key=drains.__getitem__)[rounds // 2]]}")
         line(f"[{label}] bare staged COPY + UPDATE, batches of {settings.read_batch} (median of {rounds})",

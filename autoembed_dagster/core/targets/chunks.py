@@ -352,9 +352,10 @@ def _write_sets(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     # owner's rights, never the drain's. It deletes the old sets and inserts the new ones, each
     # chunk's vector the embedded one or, reused, one the table holds under the model (a document
     # whose reused vector vanished since the plan is `lost`: it waits for the next round).
-    deleted, inserted, lost = conn.execute(
+    deleted, inserted, lost = conn.execute(sql.SQL(
         "select w.deleted, w.inserted, w.lost from autoembed.write_chunks(%s::regclass, %s::text[], %s::text[],"
-        " %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %b, %s, %s) w",
+        " %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %b::{}[], %s, %s) w").format(
+            sql.SQL("halfvec" if target.vector_type == "halfvec" else "vector")),
         (regclass_of(target), fresh, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
          [r[3] for r in rows], [r[4] for r in rows], [h for h, _ in embedded],
          vector_array(conn, target.vector_type, encode_vectors(target, [v for _, v in embedded])),
