@@ -99,8 +99,10 @@ begin
                  source_hash bytea not null,
                  model text not null,
                  splitter text not null,
-                 primary key (%3$I, chunk_index))',
+                 primary key (%3$I, chunk_index) deferrable initially immediate)',
             nsp, name, key_column, key_type, tbl, vector_type, dimensions);
+        -- The key is deferrable: a new chunk set goes in before the old one is deleted, so the
+        -- application's DELETE or key change of the parent never waits for the write (sql/019).
         -- No foreign key (it refused the application's TRUNCATE of the parent and its key changes):
         -- the registry says whose chunk table it is, and triggers on the parent keep the chunks
         -- with its rows (sql/015 install_chunk_follow_triggers).

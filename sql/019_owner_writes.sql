@@ -79,12 +79,18 @@ $$;
 -- rows (ck key, ci index, ct text, ch chunk hash, csh source hash), each row's vector taken from
 -- (vh hash, vv vector) or, for a hash not given, from a row of the table with that hash under
 -- `model` (read before the old sets are deleted: they may hold it). A document with a hash found
--- in neither is not written (returned in `lost`: it waits for the next round). Runs with the
--- rights of its caller (as write_vector_rows).
+-- in neither is not written (returned in `lost`: it waits for the next round). Returns the new rows
+-- (`written`, by ctid). When the table's primary key is deferrable (chunk tables made since), the
+-- new rows go in FIRST, with the key check deferred, and the old ones stay until
+-- autoembed.drop_old_chunk_rows (after the caller's stale-write guard): meanwhile no row an
+-- application's DELETE or key change of the parent reaches (through the parent's triggers, which
+-- delete or move its chunks) is locked by the write, so they never wait for it. Otherwise the old
+-- sets are deleted first (`deleted`). Runs with the rights of its caller (as write_vector_rows).
 create or replace function autoembed.write_chunk_rows(chunk_table regclass, keys text[], ck text[], ci integer[],
                                                       ct text[], ch bytea[], csh bytea[], vh bytea[], vv anyarray,
                                                       model text, splitter text,
-                                                      out deleted bigint, out inserted bigint, out lost text[])
+                                                      out deleted bigint, out inserted bigint, out lost text[],
+                                                      out written tid[])
 language plpgsql
 volatile
 set search_path = pg_catalog, pg_temp
@@ -96,6 +102,7 @@ declare
     rh bytea[];
     rv vv%type;
     kept text[];
+    pk text;
 begin
     select p.key_column, format_type(a.atttypid, a.atttypmod) into key, key_type
       from autoembed.chunk_table_key(chunk_table) p
@@ -119,24 +126,81 @@ begin
     lost := array(select distinct s.k from unnest(ck, ch) s(k, h)
                   where not s.h = any(vh) and not s.h = any(rh) order by 1);
     kept := array(select k from unnest(keys) k where not k = any(lost));
-    execute format('delete from %1$s c where c.%2$I = any($1::%3$s[])', chunk_table, key, key_type) using kept;
-    get diagnostics deleted = row_count;
+    pk := autoembed.deferrable_chunk_key(chunk_table);
+    deleted := 0;
+    if pk is not null then
+        execute format('set constraints %s deferred', pk);
+    else
+        execute format('delete from %1$s c where c.%2$I = any($1::%3$s[])', chunk_table, key, key_type) using kept;
+        get diagnostics deleted = row_count;
+    end if;
     execute format(
-        'insert into %1$s (%2$I, chunk_index, chunk, embedding, chunk_hash, source_hash, model, splitter)
-         select s.k::%3$s, s.i, s.c, v.v, s.h, s.sh, $8, $9
-         from unnest($1, $2, $3, $4, $5) s(k, i, c, h, sh)
-         join (select distinct on (u.h) u.h, u.v from (select * from unnest($6, $7) union all select * from unnest($10, $11)) u(h, v)) v
-           on v.h = s.h
-         where s.k = any($12)', chunk_table, key, key_type)
+        'with n as (
+             insert into %1$s (%2$I, chunk_index, chunk, embedding, chunk_hash, source_hash, model, splitter)
+             select s.k::%3$s, s.i, s.c, v.v, s.h, s.sh, $8, $9
+             from unnest($1, $2, $3, $4, $5) s(k, i, c, h, sh)
+             join (select distinct on (u.h) u.h, u.v
+                   from (select * from unnest($6, $7) union all select * from unnest($10, $11)) u(h, v)) v
+               on v.h = s.h
+             where s.k = any($12)
+             returning ctid)
+         select array_agg(n.ctid) from n', chunk_table, key, key_type)
+        into written
         using ck, ci, ct, ch, csh, vh, vv, model, splitter, rh, coalesce(rv, vv[0:-1]), kept;
-    get diagnostics inserted = row_count;
+    written := coalesce(written, '{}');
+    inserted := cardinality(written);
+end;
+$$;
+
+-- The primary key of chunk table `chunk_table` as SET CONSTRAINTS names it, when it is deferrable
+-- (chunk tables made since sql/019, and older ones db init converted); else NULL.
+create or replace function autoembed.deferrable_chunk_key(chunk_table regclass)
+returns text
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select format('%I.%I', n.nspname, k.conname) from pg_constraint k join pg_namespace n on n.oid = k.connamespace
+    where k.conrelid = chunk_table and k.contype = 'p' and k.condeferrable
+$$;
+
+-- The second half of a chunk set write (autoembed.write_chunk_rows): delete the old rows of the
+-- documents `keys` (every row of theirs but the new ones, `keep`), then check the deferred key.
+-- Returns the rows deleted. Runs with the rights of its caller.
+create or replace function autoembed.drop_old_chunk_rows(chunk_table regclass, keys text[], keep tid[])
+returns bigint
+language plpgsql
+volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    key text;
+    key_type text;
+    pk text := autoembed.deferrable_chunk_key(chunk_table);
+    deleted bigint;
+begin
+    select p.key_column, format_type(a.atttypid, a.atttypmod) into key, key_type
+      from autoembed.chunk_table_key(chunk_table) p
+      join pg_attribute a on a.attrelid = chunk_table and a.attname = p.key_column and not a.attisdropped;
+    if key is null then
+        raise exception 'autoembed: % is not a chunk table', chunk_table using errcode = 'wrong_object_type';
+    end if;
+    execute format('delete from %1$s c where c.%2$I = any($1::%3$s[]) and not c.ctid = any($2)', chunk_table, key,
+                   key_type) using keys, keep;
+    get diagnostics deleted = row_count;
+    if pk is not null then
+        execute format('set constraints %s immediate', pk);
+    end if;
+    return deleted;
 end;
 $$;
 
 -- The write function of target `target_id`, autoembed.write_<id> (see the top of this file):
 --   column target: write_<id>(keys text[], vectors anyarray) -> rows written;
 --   chunk target:  write_<id>(chunk_table regclass, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter)
---                  -> (deleted, inserted, lost), for a chunk table of the target's parent only.
+--                  -> (deleted, inserted, lost, written) and write_<id>(chunk_table, keys, keep) -> rows
+--                  deleted (autoembed.write_chunk_rows / drop_old_chunk_rows), for a chunk table of the
+--                  target's parent only.
 -- It refuses to run
 --   * as anyone but the table's owner (the owner may alter it: every check before that is
 --     schema-qualified, operators included, as in the input function);
@@ -219,7 +283,8 @@ begin
             create or replace function autoembed.%1$I(chunk_table regclass, keys text[], ck text[], ci integer[],
                                                       ct text[], ch bytea[], csh bytea[], vh bytea[], vv anyarray,
                                                       model text, splitter text,
-                                                      out deleted bigint, out inserted bigint, out lost text[])
+                                                      out deleted bigint, out inserted bigint, out lost text[],
+                                                      out written tid[])
             language plpgsql
             volatile
             security definer
@@ -233,8 +298,28 @@ begin
                                                                        chunk_table, %4$L),
                                           errcode = 'insufficient_privilege';
                 end if;
-                select w.deleted, w.inserted, w.lost into deleted, inserted, lost
+                select w.deleted, w.inserted, w.lost, w.written into deleted, inserted, lost, written
                   from autoembed.write_chunk_rows(chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter) w;
+            end
+            $b$
+        $f$, name, checks, t.relid::oid, t.relid::regclass::text);
+        execute format($f$
+            create or replace function autoembed.%1$I(chunk_table regclass, keys text[], keep tid[])
+            returns bigint
+            language plpgsql
+            volatile
+            security definer
+            set search_path = pg_catalog, pg_temp
+            as $b$
+            begin
+                %2$s
+                if (select p.parent from autoembed.chunk_table_key(chunk_table) p)
+                       operator(pg_catalog.<>) %3$s::pg_catalog.oid then
+                    raise exception using message = pg_catalog.format('autoembed: %%s is not a chunk table of %%s',
+                                                                       chunk_table, %4$L),
+                                          errcode = 'insufficient_privilege';
+                end if;
+                return autoembed.drop_old_chunk_rows(chunk_table, keys, keep);
             end
             $b$
         $f$, name, checks, t.relid::oid, t.relid::regclass::text);
@@ -242,6 +327,7 @@ begin
             perform set_config('autoembed.installing_input', 'on', true);
             execute format('alter function autoembed.%I(regclass, text[], text[], integer[], text[], bytea[], bytea[], bytea[], anyarray, text, text) owner to %I',
                            name, t.owner);
+            execute format('alter function autoembed.%I(regclass, text[], tid[]) owner to %I', name, t.owner);
             perform set_config('autoembed.installing_input', '', true);
         end;
     end if;
@@ -320,7 +406,8 @@ $$;
 create or replace function autoembed.write_chunks(chunk_table regclass, keys text[], ck text[], ci integer[],
                                                   ct text[], ch bytea[], csh bytea[], vh bytea[], vv anyarray,
                                                   model text, splitter text,
-                                                  out deleted bigint, out inserted bigint, out lost text[])
+                                                  out deleted bigint, out inserted bigint, out lost text[],
+                                                  out written tid[])
 language plpgsql
 volatile
 as $$
@@ -329,11 +416,11 @@ declare
     fn text := autoembed.write_function(chunk_table, null);
 begin
     if fn is not null then
-        execute pg_catalog.format('select w.deleted, w.inserted, w.lost from %s($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) w', fn)
-            into deleted, inserted, lost using chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter;
+        execute pg_catalog.format('select w.deleted, w.inserted, w.lost, w.written from %s($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) w', fn)
+            into deleted, inserted, lost, written using chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter;
     elsif (select c.relowner from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) chunk_table)
           operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
-        select w.deleted, w.inserted, w.lost into deleted, inserted, lost
+        select w.deleted, w.inserted, w.lost, w.written into deleted, inserted, lost, written
           from autoembed.write_chunk_rows(chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter) w;
     else
         raise exception using errcode = 'insufficient_privilege', message = pg_catalog.format(
@@ -342,6 +429,56 @@ begin
     end if;
     perform pg_catalog.set_config('search_path', caller_path, false);
 end;
+$$;
+
+-- The second half of a chunk set write through the target's write function (see
+-- autoembed.drop_old_chunk_rows, and write_vectors for the rest). Returns the rows deleted.
+create or replace function autoembed.drop_old_chunks(chunk_table regclass, keys text[], keep tid[])
+returns bigint
+language plpgsql
+volatile
+as $$
+declare
+    caller_path text := pg_catalog.current_setting('search_path');
+    fn text := autoembed.write_function(chunk_table, null);
+    deleted bigint;
+begin
+    if fn is not null then
+        execute pg_catalog.format('select %s($1, $2, $3)', fn) into deleted using chunk_table, keys, keep;
+    elsif (select c.relowner from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) chunk_table)
+          operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
+        deleted := autoembed.drop_old_chunk_rows(chunk_table, keys, keep);
+    else
+        raise exception using errcode = 'insufficient_privilege', message = pg_catalog.format(
+            'autoembed: no write function for chunk table %s (autoembed.write_<target>): enrol its table, or run '
+            'autoembed db init; chunks are written with the table owner''s rights only', chunk_table);
+    end if;
+    perform pg_catalog.set_config('search_path', caller_path, false);
+    return deleted;
+end;
+$$;
+
+-- Chunk tables made before sql/019 get a deferrable primary key (see write_chunk_rows): rebuilt
+-- once, here (the table is locked while its key index is built). A table that cannot be changed
+-- keeps its key: its chunk sets are written as before (the old rows deleted first).
+do $$
+declare
+    k record;
+begin
+    for k in select ct.chunk_table::regclass as chunks, c.conname, c.conkey,
+                    (select array_agg(quote_ident(a.attname) order by x.i) from unnest(c.conkey) with ordinality x(n, i)
+                       join pg_attribute a on a.attrelid = c.conrelid and a.attnum = x.n) as cols
+               from autoembed.chunk_tables ct
+               join pg_constraint c on c.conrelid = ct.chunk_table and c.contype = 'p' and not c.condeferrable loop
+        begin
+            execute format('alter table %s drop constraint %I, add constraint %I primary key (%s) deferrable initially immediate',
+                           k.chunks, k.conname, k.conname, array_to_string(k.cols, ', '));
+        exception when others then
+            raise warning 'autoembed: could not make the primary key of % deferrable: %; an application''s DELETE of a row waits for the write of its chunk set',
+                k.chunks, sqlerrm;
+        end;
+    end loop;
+end
 $$;
 
 -- A chunk table another role made for a table (a model change's shadow, made by whoever ran the
