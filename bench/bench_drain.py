@@ -159,9 +159,15 @@ def scenario(server: str, n: int, hnsw: bool, settings: Settings, writers: int, 
             bares.append(n / bare_round(conn, ids, vecs, settings.read_batch))
         out["drain"] = statistics.median(drains)
         out["bare_update"] = statistics.median(bares)
+        line(f"[{label}] drain, pipelined ({n:,} rows, median of {rounds})",
+             f"{out['drain']:8,.0f} rows/s   cpu {cpus[sorted(range(rounds), key=drains.__getitem__)[rounds // 2]]}")
+        line(f"[{label}] bare staged COPY + UPDATE, batches of {settings.read_batch} (median of {rounds})",
+             f"{out['bare_update']:8,.0f} rows/s")
+        line(f"[{label}] each round: drain / bare", "  ".join(f"{d / b:.0%}" for d, b in zip(drains, bares)))
         arrays, staged = [], []
         for _ in range(rounds):  # the write alone: arrays through the write function vs staged, in turns
             conn.execute("update docs set embedding = null where embedding is not null")
+            conn.execute("vacuum analyze docs")  # (as bare_round does before the staged write)
             arrays.append(n / bare_array_update(conn, "docs", ids, vecs, settings.read_batch))
             staged.append(n / bare_round(conn, ids, vecs, settings.read_batch))
             conn.execute("select autoembed.enroll('docs', 'docs_input', 'embedding', enqueue_backlog => false)")
@@ -169,11 +175,6 @@ def scenario(server: str, n: int, hnsw: bool, settings: Settings, writers: int, 
         line(f"[{label}] write function, one binary array per batch of {settings.read_batch} (median of {rounds})",
              f"{out['bare_array']:8,.0f} rows/s   vs staged COPY + UPDATE {statistics.median(staged):,.0f} rows/s "
              f"({out['bare_array'] / statistics.median(staged):.0%})")
-        line(f"[{label}] drain, pipelined ({n:,} rows, median of {rounds})",
-             f"{out['drain']:8,.0f} rows/s   cpu {cpus[sorted(range(rounds), key=drains.__getitem__)[rounds // 2]]}")
-        line(f"[{label}] bare staged COPY + UPDATE, batches of {settings.read_batch} (median of {rounds})",
-             f"{out['bare_update']:8,.0f} rows/s")
-        line(f"[{label}] each round: drain / bare", "  ".join(f"{d / b:.0%}" for d, b in zip(drains, bares)))
         if not hnsw:
             requeue(conn)
             secs, done = drain(url, settings, pipeline=False)

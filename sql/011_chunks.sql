@@ -103,6 +103,9 @@ begin
             nsp, name, key_column, key_type, tbl, vector_type, dimensions);
         -- The key is deferrable: a new chunk set goes in before the old one is deleted, so the
         -- application's DELETE or key change of the parent never waits for the write (sql/019).
+        -- A deferrable key is no replica identity: the table's is FULL, so a publication that
+        -- includes it (FOR ALL TABLES) still replicates its deletes.
+        execute format('alter table %I.%I replica identity full', nsp, name);
         -- No foreign key (it refused the application's TRUNCATE of the parent and its key changes):
         -- the registry says whose chunk table it is, and triggers on the parent keep the chunks
         -- with its rows (sql/015 install_chunk_follow_triggers).

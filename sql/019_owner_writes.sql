@@ -473,6 +473,8 @@ begin
         begin
             execute format('alter table %s drop constraint %I, add constraint %I primary key (%s) deferrable initially immediate',
                            k.chunks, k.conname, k.conname, array_to_string(k.cols, ', '));
+            -- (a deferrable key is no replica identity: see create_chunk_table, sql/011)
+            execute format('alter table %s replica identity full', k.chunks);
         exception when others then
             raise warning 'autoembed: could not make the primary key of % deferrable: %; an application''s DELETE of a row waits for the write of its chunk set',
                 k.chunks, sqlerrm;

@@ -326,17 +326,18 @@ GUARD_WAIT = "100ms"  # how long the guard waits for a parent row an application
 def _guard_locks(conn: psycopg.Connection, keys: list[str], fmt: dict) -> dict[str, bytes]:
     """The stale-write guard's locks: key -> current content hash of the parents it locked. It
     waits at most GUARD_WAIT for a row an application's statement holds (a one-row UPDATE commits
-    in milliseconds; the drain, not the application, waits); a row held longer is left out (busy)."""
+    in milliseconds; the drain, not the application, waits); a row held longer is left out (busy),
+    the others are locked (SKIP LOCKED)."""
+    query = sql.SQL(
+        """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
+           where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update{skip}""")
     prior = conn.execute("select current_setting('lock_timeout')").fetchone()[0]
     conn.execute("select set_config('lock_timeout', %s, true)", (GUARD_WAIT,))
     try:
         with conn.transaction():
-            return dict(conn.execute(sql.SQL(
-                """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
-                   where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update""").format(**fmt),
-                (keys,), prepare=False).fetchall())
+            return dict(conn.execute(query.format(skip=sql.SQL(""), **fmt), (keys,), prepare=False).fetchall())
     except psycopg.errors.LockNotAvailable:
-        return {}
+        return dict(conn.execute(query.format(skip=sql.SQL(" skip locked"), **fmt), (keys,), prepare=False).fetchall())
     finally:
         conn.execute("select set_config('lock_timeout', %s, true)", (prior,))
 
