@@ -281,7 +281,7 @@ def test_chunk_target_of_uses_the_registered_chunk_table(articles):
 
 # -- health, CLI ---------------------------------------------------------------------------------
 def test_health_counts_current_missing_and_stale_documents(articles, fake_openai, settings):
-    from autoembed_dagster.core.health import chunk_target_health, chunk_targets
+    from autoembed_dagster.core.health import chunk_targets, target_health
 
     conn = articles
     conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s), (3, 'C', null)", (_doc(10, 1), _doc(10, 2)))
@@ -289,10 +289,10 @@ def test_health_counts_current_missing_and_stale_documents(articles, fake_openai
     conn.execute("insert into articles values (4, 'D', %s)", (_doc(10, 4),))  # queued, no chunks yet
     conn.execute("update articles set body = body || ' more' where id = 2")  # stale until drained
     [target] = chunk_targets(conn)
-    h = chunk_target_health(conn, target, _embedder())
+    h = target_health(conn, target, _embedder())
     assert (h.rows, h.embeddable, h.current, h.missing, h.stale) == (4, 3, 1, 1, 1)
     drain(conn, settings)
-    h = chunk_target_health(conn, target, _embedder())
+    h = target_health(conn, target, _embedder())
     assert (h.current, h.missing, h.stale, h.coverage) == (3, 0, 0, 1.0)
 
 
