@@ -69,10 +69,16 @@ def settle_round(url: str, chunks: int, round_: int) -> tuple[float, float, int]
 KINDS = ("delete", "key update", "for update")
 
 
-def in_write(query: str | None) -> bool:
-    """Whether the drain's statement is the chunk write (this project's, or before it: the
-    INSERT / DELETE of the chunk rows under KEY SHARE)."""
-    return bool(query) and ("write_chunks" in query or "docs_chunks" in query)
+def in_write(probe, pid: int) -> bool:
+    """Whether the drain is inside the chunk write: it holds the document's advisory lock (taken
+    right before the write) and runs the write's statement (sql/019's write_chunks; before it, the
+    staging COPY, INSERT and DELETE under KEY SHARE), not yet the guard."""
+    row = probe.execute(
+        """select a.query from pg_stat_activity a where a.pid = %s and a.state = 'active'
+           and exists (select 1 from pg_locks l where l.pid = a.pid and l.locktype = 'advisory' and l.granted)""",
+        (pid,)).fetchone()
+    query = (row[0] if row else "").lower()
+    return any(w in query for w in ("write_chunks", "copy ", "insert into", "delete from"))
 
 
 def statement_round(url: str, chunks: int, round_: int, kind: str) -> tuple[float, bool]:
@@ -87,9 +93,7 @@ def statement_round(url: str, chunks: int, round_: int, kind: str) -> tuple[floa
         worker.start()
         inside = False
         while worker.is_alive() and not inside:
-            row = probe.execute("select query from pg_stat_activity where pid = %s and state = 'active'",
-                                (pid,)).fetchone()
-            inside = in_write(row[0] if row else None)
+            inside = in_write(probe, pid)
         t0 = time.perf_counter()
         if kind == "delete":
             app.execute("delete from docs where id = 1")

@@ -18,13 +18,12 @@ from psycopg import errors, sql
 from ..queue import pgmq
 from ..config import Settings
 from ..queue.claims import Claims
-from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
-                               lookup_registered)
+from ..targets.catalog import Target, ambiguous_key_error, ambiguous_keys
 from ..targets.vectors import vector_array, vector_value
 from ..targets.badrows import write_isolating
-from .chunked import ChunkWritten, write_chunk_sets, write_target
+from .chunked import still_target
 from .jobs import Job, single_body
-from .outcome import Outcome, Write
+from .outcome import Outcome, Settled, TargetWrite, Write
 from .stats import DrainStats, table_key, table_of_body
 
 BUSY_RETRY_SECONDS = 1  # a row the application holds locked is tried again this much later
@@ -114,20 +113,6 @@ class Isolated:
     failed: dict[str, str]  # row key -> why its write failed
 
 
-def still_target(conn: psycopg.Connection, target: Target) -> None:
-    """Raise TargetChanged when the table or column `target` names changed under the write (a
-    model-migration promotion renamed it): then the whole batch is taken up again, no row is blamed."""
-    if not target.chunked:
-        check_target(conn, target)
-        return
-    try:
-        now = write_target(conn, lookup_registered(conn, target_id=target.registered)[0])
-    except TargetError as exc:
-        raise TargetChanged(f"{target.key.label}: {exc}") from exc
-    if (now.chunk_table, now.vector_type, now.dimensions) != (target.chunk_table, target.vector_type, target.dimensions):
-        raise TargetChanged(f"{target.key.label} writes into {now.chunk_table} now, not {target.chunk_table}")
-
-
 def write_vectors_isolating(conn: psycopg.Connection, target: Target, writes: list[Write], model: str) -> Isolated:
     """write_vectors, with a row whose write fails (a trigger raising for it, a check constraint, a
     revoked grant) failing alone: the others are written in the same transaction (badrows)."""
@@ -143,6 +128,30 @@ def write_vectors_isolating(conn: psycopg.Connection, target: Target, writes: li
         total.ambiguous.update(w.ambiguous)
     return Isolated(total, {w[0]: f"{target.regclass} key {w[0]}: writing its vector failed: {why}"
                             for w, why in failed})
+
+
+@dataclass
+class ColumnWrite:
+    """The vector-column TargetWrite (drain.outcome): one batch's vectors for one target's column."""
+
+    target: Target
+    writes: list[Write]
+    model: str  # fixed when the vectors were made (a promotion meanwhile must not relabel them)
+    jobs: dict[str, list[Job]]
+
+    def keys(self) -> list[str]:
+        return list({w[0]: None for w in self.writes})
+
+    def settle(self, conn: psycopg.Connection) -> Settled:
+        """Write the vectors whose rows still have their input (write_vectors_isolating): a row whose
+        write fails alone, or whose key matches several rows, is dead; a row another transaction
+        holds is busy."""
+        isolated = write_vectors_isolating(conn, self.target, self.writes, self.model)
+        w = isolated.written
+        dead = dict(isolated.failed)
+        for key, n in w.ambiguous.items():
+            dead.setdefault(key, ambiguous_key_error(self.target, key, n))
+        return Settled(written=w.written, stale=w.stale, busy=[k for k in w.busy if k not in dead], dead=dead)
 
 
 def act_as_drain(conn: psycopg.Connection) -> None:
@@ -234,35 +243,24 @@ class Settler:
     def _settle_once(self, outcome: Outcome):
         conn, q = self.conn, self.settings.queue
         act_as_drain(conn)
-        wrote: list[tuple[Target, Written]] = []
+        wrote: list[tuple[Target, Settled]] = []
         done = list(outcome.done)
         busy: list[Job] = []
         dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
-        for target, writes in outcome.writes.items():
-            # The model fixed when the vectors were made (embed_work records it with the writes).
-            # A row whose write fails alone is dead-lettered; the batch's other rows are written.
-            isolated = write_vectors_isolating(conn, target, writes, outcome.models[target])
-            w = isolated.written
-            wrote.append((target, w))
-            busy_keys = set(w.busy)
-            jobs = outcome.jobs.get(target, {})
-            for key, *_, msg_ids in {w[0]: w for w in writes}.values():
-                if key in isolated.failed:
-                    dead.extend((job, isolated.failed[key]) for job in jobs.get(key, ()))
+        # One path for every target's shape (drain.outcome.TargetWrite): a row (document) is
+        # written whole under the stale-write guard, dead-lettered alone, or kept for later.
+        for tw in self._target_writes(outcome):
+            settled = tw.settle(conn)
+            wrote.append((tw.target, settled))
+            busy_keys = set(settled.busy)
+            for key in tw.keys():
+                jobs = tw.jobs.get(key, ())
+                if key in settled.dead:
+                    dead.extend((job, settled.dead[key]) for job in jobs)
                 elif key in busy_keys:
-                    busy.extend(jobs.get(key, ()))
-                elif key in w.ambiguous:
-                    dead.extend((job, ambiguous_key_error(target, key, w.ambiguous[key])) for job in jobs.get(key, ()))
+                    busy.extend(jobs)
                 else:
-                    done.extend(msg_ids)
-        chunk_sets: list[tuple[Target, ChunkWritten]] = []
-        for cw in outcome.chunk_writes:
-            # A document's chunk set is swapped whole, in this transaction, with its messages' delete.
-            cs = write_chunk_sets(conn, cw, check=lambda t=cw.target: still_target(conn, t))
-            chunk_sets.append((cw.target, cs))
-            busy.extend(cs.later)
-            done.extend(cs.done)
-            dead.extend(cs.dead)
+                    done.extend(job.msg_id for job in jobs)
         for target, row_ids in outcome.deleted_rows.items():
             forget_rows(conn, target, row_ids)
         retry: list[tuple[Job, str]] = []
@@ -278,7 +276,12 @@ class Settler:
         if fate.done:
             conn.execute("delete from autoembed.message_errors where queue_name = %s and msg_id = any(%s)",
                          (q, fate.done))
-        return wrote, fate, chunk_sets
+        return wrote, fate
+
+    @staticmethod
+    def _target_writes(outcome: Outcome) -> list[TargetWrite]:
+        return ([ColumnWrite(target, writes, outcome.models[target], outcome.jobs.get(target, {}))
+                 for target, writes in outcome.writes.items()] + list(outcome.chunk_writes))
 
     def _split_shared(self, fate: _Fate) -> _Fate:
         """Rows of a message for several rows that are not done. When every row of it failed at a
@@ -365,26 +368,20 @@ class Settler:
             pgmq.set_vt(self.conn, q, ids, delay)
 
     def _count(self, result, stats: DrainStats) -> None:
-        wrote, fate, chunk_sets = result
-        for target, cs in chunk_sets:
+        wrote, fate = result
+        for target, settled in wrote:
             ts = stats.table(table_key(target.key))
             for counts in (ts, stats):
-                counts.embedded += len(cs.stats.written)  # documents whose chunk set was written
-                counts.stale += len(cs.stats.stale)
-                counts.chunks_embedded += cs.stats.chunks_embedded
-                counts.chunks_reused += cs.stats.chunks_reused
-                counts.chunks_deleted += cs.stats.chunks_deleted
+                counts.embedded += settled.written  # rows (documents) whose vector (chunk set) was written
+                counts.stale += settled.stale
+                counts.chunks_embedded += settled.chunks_embedded
+                counts.chunks_reused += settled.chunks_reused
+                counts.chunks_deleted += settled.chunks_deleted
         stats.dead_lettered += len(fate.dead)
         stats.retried += sum(job.message_rows for job, _ in fate.retry)  # a message retried whole: its rows
         stats.busy += len(fate.busy)
         for _, error in fate.dead:
             stats.note_error(error)
-        for target, w in wrote:
-            ts = stats.table(table_key(target.key))
-            ts.embedded += w.written
-            ts.stale += w.stale
-            stats.embedded += w.written
-            stats.stale += w.stale
         for job, _ in fate.dead:
             stats.table(table_of_body(job.body)).dead_lettered += 1
         for job, _ in fate.retry:
