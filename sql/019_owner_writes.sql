@@ -37,6 +37,19 @@ as $$
     select p.parent::oid, p.key_column from autoembed.chunk_parent(chunk_table) p
 $$;
 
+-- The search_path the owner's triggers run with while a write function writes (set local before
+-- its INSERT/UPDATE/DELETE, put back when the function returns): the session's default, as when
+-- the drain wrote the table itself, so a trigger naming its tables unqualified still finds them.
+-- (Only the owner's code runs under it, with the owner's rights.)
+create or replace function autoembed.set_trigger_search_path()
+returns void
+language sql
+volatile
+as $$  -- (no SET clause: it would put the path back on return; every name is qualified)
+    select null::void from (select pg_catalog.set_config('search_path', s.reset_val, true)
+                            from pg_catalog.pg_settings s where s.name operator(pg_catalog.=) 'search_path') x
+$$;
+
 -- The one body of a vector column write: set column `emb_attnum` of `tbl` for the rows whose key
 -- (column `key_attnum`) is one of `keys`, to the vector at the same position. Runs with the rights
 -- of its caller: the target's write function (the owner), or a caller that owns the table.
@@ -65,6 +78,7 @@ begin
         raise exception 'autoembed: % has no column % or key column % any more', tbl::regclass, emb_attnum, key_attnum
             using errcode = 'undefined_column';
     end if;
+    perform autoembed.set_trigger_search_path();
     -- The key array lets the planner probe the key index instead of hashing the whole table.
     execute format('update %1$s t set %2$I = v.v from unnest($1, $2) v(k, v)
                     where t.%3$I = v.k::%4$s and t.%3$I = any($1::%4$s[])', tbl::regclass, col, key, key_type)
@@ -127,6 +141,7 @@ begin
                   where not s.h = any(vh) and not s.h = any(rh) order by 1);
     kept := array(select k from unnest(keys) k where not k = any(lost));
     pk := autoembed.deferrable_chunk_key(chunk_table);
+    perform autoembed.set_trigger_search_path();
     deleted := 0;
     if pk is not null then
         execute format('set constraints %s deferred', pk);
@@ -185,6 +200,7 @@ begin
     if key is null then
         raise exception 'autoembed: % is not a chunk table', chunk_table using errcode = 'wrong_object_type';
     end if;
+    perform autoembed.set_trigger_search_path();
     execute format('delete from %1$s c where c.%2$I = any($1::%3$s[]) and not c.ctid = any($2)', chunk_table, key,
                    key_type) using keys, keep;
     get diagnostics deleted = row_count;
