@@ -490,3 +490,21 @@ def test_the_owners_triggers_find_their_tables_unqualified_as_before(conn, fake_
     stats = drain(conn, settings)
     assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()
     assert sorted(i for (i,) in conn.execute("select id from written_log")) == [1, 2]
+
+
+def test_a_write_function_its_owner_altered_is_made_again(conn, hostile, fake_openai, settings):
+    """The owner owns autoembed.write_<target> and may alter it (to SECURITY INVOKER: it would run
+    as the drain): it refuses to run as anyone but the owner, and the ALTER is followed (sql/008),
+    so it is made again as it was and the drain writes as the owner."""
+    from autoembed_dagster.core.drain import drain
+
+    fake_openai.default_dims = 3
+    owner_with_triggers(conn, hostile, chunks=False)
+    target = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
+    with acting_as(conn, hostile):
+        conn.execute(f"alter function autoembed.write_{target}(text[], anyarray) security invoker")
+    assert conn.execute(f"select prosecdef from pg_proc where proname = 'write_{target}'").fetchone()[0]
+    stats = drain(conn, settings)
+    assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()
+    assert not is_superuser(conn, hostile)
+    assert ran_as(conn, hostile) == {hostile}
