@@ -67,6 +67,28 @@ def bare_staged_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batc
     return t.seconds
 
 
+def bare_array_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batch: int) -> float:
+    """The same writes through the target's write function (sql/019: one binary array of
+    vectors per batch, written with the table owner's rights): what the drain does now, vs the
+    staged COPY + UPDATE it did before. The target stays enrolled (its triggers skip the
+    drain's writes, as in the drain)."""
+    from autoembed_dagster.core.targets.vectors import vector_array
+
+    half = vecs.astype(">f2")
+    d = vecs.shape[1]
+    head = struct.pack(">hh", d, 0)
+    values = [head + v.tobytes() for v in half]
+    keys = [str(int(k)) for k in ids]
+    with Timer() as t:
+        for s in range(0, len(ids), batch):
+            with conn.transaction():
+                conn.execute("set local autoembed.draining = 'on'")
+                conn.execute("select autoembed.write_vectors(%s::regclass, 'embedding', 'id', %s::text[], %b)",
+                             (table, keys[s:s + batch], vector_array(conn, "halfvec", values[s:s + batch])),
+                             prepare=False)
+    return t.seconds
+
+
 def bare_copy_new(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batch: int) -> float:
     conn.execute(f"create table {table}_copy (like {table} including indexes)")
     title = b"t"
@@ -142,6 +164,17 @@ def scenario(server: str, n: int, hnsw: bool, settings: Settings, writers: int, 
         line(f"[{label}] bare staged COPY + UPDATE, batches of {settings.read_batch} (median of {rounds})",
              f"{out['bare_update']:8,.0f} rows/s")
         line(f"[{label}] each round: drain / bare", "  ".join(f"{d / b:.0%}" for d, b in zip(drains, bares)))
+        arrays, staged = [], []
+        for _ in range(rounds):  # the write alone: arrays through the write function vs staged, in turns
+            conn.execute("update docs set embedding = null where embedding is not null")
+            conn.execute("vacuum analyze docs")  # (as bare_round does before the staged write)
+            arrays.append(n / bare_array_update(conn, "docs", ids, vecs, settings.read_batch))
+            staged.append(n / bare_round(conn, ids, vecs, settings.read_batch))
+            conn.execute("select autoembed.enroll('docs', 'docs_input', 'embedding', enqueue_backlog => false)")
+        out["bare_array"] = statistics.median(arrays)
+        line(f"[{label}] write function, one binary array per batch of {settings.read_batch} (median of {rounds})",
+             f"{out['bare_array']:8,.0f} rows/s   vs staged COPY + UPDATE {statistics.median(staged):,.0f} rows/s "
+             f"({out['bare_array'] / statistics.median(staged):.0%})")
         if not hnsw:
             requeue(conn)
             secs, done = drain(url, settings, pipeline=False)

@@ -1,6 +1,9 @@
 """The application never waits for a drain: the longest wait of the application's UPDATE of a
 document's row while the drain settles that document's new chunk set (1, 100 and 4,000 chunks,
-HNSW index on the chunk table, as enrolment makes it).
+HNSW index on the chunk table, as enrolment makes it); and of its DELETE, key change and SELECT
+... FOR UPDATE of that row, issued once per round while the drain is inside the chunk write
+(caught by polling pg_stat_activity; a 1-chunk write is mostly too quick to catch: the rounds
+caught are counted).
 
 The document's new input is queued; the project's drain (Drainer.run: claim, read, split, embed
 through the real openai client against the instant fake provider, settle) runs in a thread while
@@ -22,6 +25,7 @@ from common import connect, embedded_server, fake_provider, fresh_db, header, li
 
 from autoembed_dagster.core.config import Settings
 from autoembed_dagster.core.drain import Drainer
+from autoembed_dagster.core.drain.settle import BUSY_RETRY_SECONDS
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
@@ -62,11 +66,84 @@ def settle_round(url: str, chunks: int, round_: int) -> tuple[float, float, int]
     return max(result["waits"]), seconds, stats.chunks_written if hasattr(stats, "chunks_written") else 0
 
 
+KINDS = ("delete", "key update", "for update")
+
+
+def in_write(probe, pid: int) -> bool:
+    """Whether the drain is inside the chunk write: it holds the document's advisory lock (taken
+    right before the write) and runs the write's statement (sql/019's write_chunks; before it, the
+    staging COPY, INSERT and DELETE under KEY SHARE), not yet the guard."""
+    row = probe.execute(
+        """select a.query from pg_stat_activity a where a.pid = %s and a.state = 'active'
+           and exists (select 1 from pg_locks l where l.pid = a.pid and l.locktype = 'advisory' and l.granted)""",
+        (pid,)).fetchone()
+    query = (row[0] if row else "").lower()
+    return any(w in query for w in ("write_chunks", "copy ", "insert into", "delete from"))
+
+
+def statement_round(url: str, chunks: int, round_: int, kind: str) -> tuple[float, bool]:
+    """(how long the application's `kind` statement on the document's row took, whether it was
+    issued while the drain was inside the write of its new chunk set)."""
+    with connect(url) as conn:
+        conn.execute("update docs set body = %s where id = 1", (body(chunks, round_),))
+    result: dict = {}
+    with connect(url) as dc, connect(url) as probe, connect(url) as app:
+        pid = dc.info.backend_pid
+        worker = threading.Thread(target=lambda: result.setdefault("stats", Drainer(dc, Settings.from_env()).run()))
+        worker.start()
+        inside = False
+        while worker.is_alive() and not inside:
+            inside = in_write(probe, pid)
+        t0 = time.perf_counter()
+        if kind == "delete":
+            app.execute("delete from docs where id = 1")
+        elif kind == "key update":
+            app.execute("update docs set id = 2 where id = 1")
+        else:
+            with app.transaction():
+                app.execute("select 1 from docs where id = 1 for update")
+        wait = time.perf_counter() - t0
+        worker.join()
+    with connect(url) as conn:  # the row back as it was, its set written
+        if kind == "delete":
+            conn.execute("insert into docs (id, body) values (1, 'start')")
+        elif kind == "key update":
+            conn.execute("update docs set id = 1 where id = 2")
+        time.sleep(BUSY_RETRY_SECONDS + 0.2)  # (a job the guard found busy is taken up again after this)
+        Drainer(conn, Settings.from_env()).run()
+    return wait, inside
+
+
+def statement_baseline(url: str, kind: str, rounds: int = 5) -> float:
+    """The longest `kind` statement with no drain running (the row put back after each)."""
+    worst = 0.0
+    with connect(url) as app:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            if kind == "delete":
+                app.execute("delete from docs where id = 1")
+            elif kind == "key update":
+                app.execute("update docs set id = 2 where id = 1")
+            else:
+                with app.transaction():
+                    app.execute("select 1 from docs where id = 1 for update")
+            worst = max(worst, time.perf_counter() - t0)
+            if kind == "delete":
+                app.execute("insert into docs (id, body) values (1, 'start')")
+            elif kind == "key update":
+                app.execute("update docs set id = 1 where id = 2")
+    with connect(url) as conn:
+        Drainer(conn, Settings.from_env()).run()
+    return worst
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,100,4000")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="statements timed during the write, besides UPDATE")
     args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
     sizes = [int(s) for s in args.sizes.split(",")]
     header("the application's UPDATE of a document's row while the drain settles its chunk set")
     out: dict = {}
@@ -101,6 +178,17 @@ def main(argv: list[str] | None = None) -> dict:
             line(f"{have:,}-chunk set: longest UPDATE during the settle",
                  f"{worst * 1000:.1f} ms ({worst / baseline:.1f}x baseline; drain {max(seconds):.2f} s)")
             out[n] = {"chunks": have, "longest_wait_ms": worst * 1000, "drain_s": max(seconds)}
+        for kind in kinds:
+            base_ms = statement_baseline(url, kind) * 1000
+            line(f"baseline: longest {kind.upper()}, no drain running", f"{base_ms:.1f} ms")
+            out[kind] = {"baseline_ms": base_ms}
+            for n in sizes:
+                waits = [statement_round(url, n, 100 + r, kind) for r in range(args.rounds)]
+                worst = max(w for w, _ in waits)
+                caught = sum(1 for _, inside in waits if inside)
+                line(f"{n:,}-chunk set: longest {kind.upper()} during the settle",
+                     f"{worst * 1000:.1f} ms ({caught} of {len(waits)} issued inside the write)")
+                out[kind][n] = {"longest_wait_ms": worst * 1000, "caught": caught}
     return out
 
 

@@ -198,6 +198,10 @@ begin
             using errcode = 'insufficient_privilege',
                   hint = 'run autoembed db init (and enrol) as a superuser: content functions run with their table owner''s rights through a function that role owns';
     end;
+    -- Vectors are written with the same owner's rights, by a function made with this one (sql/019).
+    if to_regprocedure('autoembed.install_write_function(bigint)') is not null then
+        perform autoembed.install_write_function(target_id);
+    end if;
     return format('autoembed.%I', name);
 end;
 $$;

@@ -64,8 +64,8 @@ begin
     -- Both name the content function too (a renamed one: ALTER FUNCTION).
     -- Every target of an altered table or content function gets its input function again (an owner
     -- change gives it to the new owner; a renamed content function is called by its new name),
-    -- and so does a target whose input function someone altered (its owner may: say, to SECURITY
-    -- INVOKER): sql/005 install_input_function, whose own ALTER FUNCTION is not followed.
+    -- and so does a target whose input or write function (sql/019) someone altered (its owner may:
+    -- say, to SECURITY INVOKER): sql/005 install_input_function, whose own ALTER FUNCTION is not followed.
     if current_setting('autoembed.installing_input', true) = 'on' then
         return;
     end if;
@@ -76,7 +76,7 @@ begin
                                  or (d.classid = 'pg_proc'::regclass and exists (
                                          select 1 from pg_proc w where w.oid = d.objid
                                             and w.pronamespace = 'autoembed'::regnamespace
-                                            and w.proname = format('input_%s', r.id)))
+                                            and w.proname in (format('input_%s', r.id), format('write_%s', r.id))))
     loop
         begin
             perform autoembed.install_input_function(target_id);

@@ -99,11 +99,23 @@ begin
                  source_hash bytea not null,
                  model text not null,
                  splitter text not null,
-                 primary key (%3$I, chunk_index))',
+                 primary key (%3$I, chunk_index) deferrable initially immediate)',
             nsp, name, key_column, key_type, tbl, vector_type, dimensions);
+        -- The key is deferrable: a new chunk set goes in before the old one is deleted, so the
+        -- application's DELETE or key change of the parent never waits for the write (sql/019).
+        -- A deferrable key is no replica identity: the table's is FULL, so a publication that
+        -- includes it (FOR ALL TABLES) still replicates its deletes.
+        execute format('alter table %I.%I replica identity full', nsp, name);
         -- No foreign key (it refused the application's TRUNCATE of the parent and its key changes):
         -- the registry says whose chunk table it is, and triggers on the parent keep the chunks
         -- with its rows (sql/015 install_chunk_follow_triggers).
+        -- The table's owner owns its chunk tables (a model change's shadow made by another role
+        -- too): vectors are written into them with the owner's rights (sql/019).
+        if (select c.relowner from pg_class c where c.oid = tbl)
+           <> (select c.relowner from pg_class c where c.oid = format('%I.%I', nsp, name)::regclass) then
+            execute format('alter table %I.%I owner to %I', nsp, name,
+                           (select pg_get_userbyid(c.relowner) from pg_class c where c.oid = tbl));
+        end if;
         perform autoembed.register_chunk_table(format('%I.%I', nsp, name)::regclass, tbl, key_column);
         perform autoembed.install_chunk_follow_triggers(tbl, key_column);
         -- Reuse looks vectors up by chunk hash across the whole table.

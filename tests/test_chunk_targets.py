@@ -552,3 +552,65 @@ def test_search_skips_a_document_whose_content_function_raises(conn, fake_openai
     hits = api.search_chunks("item number 7 of the list", table="items", content_function="item_text", k=ROWS,
                              url=db_url)
     assert sorted(int(h.id) for h in hits) == list(range(1, ROWS + 1))
+
+
+@pytest.mark.parametrize("statement", ["delete", "key update", "for update"])
+def test_the_applications_delete_key_change_and_row_lock_never_wait_for_the_write_of_a_chunk_set(
+        articles, fake_openai, settings, db_url, statement):
+    """As above, for the statements that conflicted with the KEY SHARE lock the write held on the
+    parent (DELETE, a change of the key, SELECT ... FOR UPDATE) and, through the parent's triggers
+    that delete or move its chunks, with the old chunk rows the write had deleted: each goes
+    through at once during the write. A deleted parent leaves no chunk behind, a changed key
+    takes the old set along, and the set written meanwhile never lands under the old key."""
+    import threading
+
+    conn = articles
+    conn.execute("insert into articles values (1, 'A', %s)", (_doc(8, 1),))
+    assert drain(conn, settings).embedded == 1
+    old = chunk_rows(conn, 1)
+    conn.execute("update articles set body = %s where id = 1", (_doc(40, 2),))  # a long new input, queued
+    conn.execute("""
+        create function hold_chunk_write() returns trigger language plpgsql as $$
+        begin perform pg_advisory_lock_shared(4242); perform pg_advisory_unlock_shared(4242); return null; end $$;
+        create trigger hold after insert on articles_chunks for each statement execute function hold_chunk_write();
+    """)
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url) as app:
+        gate.execute("select pg_advisory_lock(4242)")
+        done: dict = {}
+        with psycopg.connect(db_url, autocommit=True) as drain_conn:
+            pid = drain_conn.info.backend_pid
+            drainer = Drainer(drain_conn, settings)
+            worker = threading.Thread(target=lambda: done.setdefault("stats", drainer.drain_batch()))
+            worker.start()
+            try:
+                for _ in range(600):
+                    if gate.execute("select exists (select 1 from pg_locks where pid = %s and locktype = 'advisory'"
+                                    " and not granted)", (pid,)).fetchone()[0]:
+                        break
+                    worker.join(0.1)
+                else:
+                    pytest.fail("the drain never reached the chunk write")
+                app.execute("set lock_timeout = '2s'")
+                if statement == "delete":
+                    app.execute("delete from articles where id = 1")
+                elif statement == "key update":
+                    app.execute("update articles set id = 100 where id = 1")
+                else:
+                    app.execute("select * from articles where id = 1 for update")
+                if statement != "for update":
+                    app.commit()  # (FOR UPDATE: held until the drain's guard has given way)
+            finally:
+                gate.execute("select pg_advisory_unlock(4242)")
+                worker.join(120)
+            app.commit()
+            assert done["stats"].embedded == 0, done["stats"].summary()
+            if statement == "delete":
+                assert chunk_rows(conn, 1) == []  # no chunk left behind
+            elif statement == "key update":
+                assert chunk_rows(conn, 1) == [] and chunk_rows(conn, 100) == old  # moved; the new set never landed
+            else:
+                assert done["stats"].busy == 1
+                assert chunk_rows(conn, 1) == old  # the guard found the row held: the set waits for the next drain
+                conn.execute("drop trigger hold on articles_chunks")
+                assert drainer.run().embedded == 1  # the drain kept the job and takes it up again
+                assert_current(conn, 1)

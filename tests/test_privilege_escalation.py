@@ -308,3 +308,203 @@ def test_a_chunk_targets_content_function_runs_with_its_owners_rights_in_drain_s
     assert sorted(h.chunk for h in hits) == [f"one as {hostile}", f"two as {hostile}"]
     assert not is_superuser(conn, hostile)
     assert search_path(conn) == before
+
+
+# -- table owners: their triggers on the tables we write run with the owner's rights, never ours ----
+# A trigger of the owner's on the table the drain writes (the vector column; the chunk table) that
+# notes whose rights it ran with and tries `alter role <owner> superuser` (it works when it runs as a
+# superuser: the drain on the zero-config default).
+OWNER_TRIGGER = """
+create table {s}.ran_as (who text, op text);
+create function {s}.sneak() returns trigger language plpgsql as $f$
+begin
+    insert into {s}.ran_as values (current_user, TG_OP || ' ' || TG_LEVEL);
+    begin
+        reset role;  -- back to the session's role (a superuser), were the write made under SET ROLE
+        execute format('alter role %I superuser', '{s}');
+    exception when others then
+        null;
+    end;
+    return case when TG_LEVEL = 'STATEMENT' then null when TG_OP = 'DELETE' then OLD else NEW end;
+end $f$;
+"""
+
+
+# (not on the test's own application writes, made under SET ROLE by a superuser session: there its
+# `reset role` would succeed; the drain's and the backfill's sessions set no role)
+DRAIN_WRITES = "when (current_setting('role') = 'none')"
+
+
+def owner_with_triggers(conn, owner, *, chunks: bool, rows: int = 2) -> None:
+    """As `owner`: a table with a plain content function, enrolled (a vector(3) column target or a
+    chunk target), rows 1..`rows`, and the trigger above on what the drain writes: BEFORE UPDATE OF
+    the table (row; AFTER for the statement), or BEFORE INSERT / DELETE on the chunk table."""
+    with acting_as(conn, owner):
+        conn.execute(OWNER_TRIGGER.format(s=owner))
+        conn.execute(f"""
+            create table {owner}.notes (id bigint primary key, body text{'' if chunks else ', embedding vector(3)'});
+            create function {owner}.note_input(n {owner}.notes) returns text language sql stable as $$ select n.body $$;
+        """)
+        if chunks:
+            conn.execute(f"select autoembed.enroll_chunks('{owner}.notes', '{owner}.note_input', 64, 0,"
+                         " dimensions => 3, vector_type => 'vector')")
+            written = f"{owner}.notes_chunks"
+            conn.execute(f"create trigger sneak before insert or delete on {written} for each row"
+                         f" {DRAIN_WRITES} execute function {owner}.sneak()")
+            conn.execute(f"create trigger sneak_all after insert or delete on {written} for each statement"
+                         f" {DRAIN_WRITES} execute function {owner}.sneak()")
+        else:
+            conn.execute(f"select autoembed.enroll('{owner}.notes', '{owner}.note_input', 'embedding')")
+            conn.execute(f"create trigger sneak before update on {owner}.notes for each row"
+                         f" {DRAIN_WRITES} execute function {owner}.sneak()")
+            conn.execute(f"create trigger sneak_all after update on {owner}.notes for each statement"
+                         f" {DRAIN_WRITES} execute function {owner}.sneak()")
+        conn.execute(f"insert into {owner}.notes select g, 'note ' || g from generate_series(1, {rows}) g")
+    conn.execute("reset search_path")
+
+
+def vectors_written(conn, owner, chunks: bool) -> int:
+    query = (f"select count(distinct id) from {owner}.notes_chunks" if chunks
+             else f"select count(*) from {owner}.notes where embedding is not null")
+    return conn.execute(query).fetchone()[0]
+
+
+def ran_as(conn, owner) -> set[str]:
+    return {who for (who,) in conn.execute(f"select who from {owner}.ran_as")}
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_the_owners_triggers_on_what_the_drain_writes_run_with_the_owners_rights(conn, hostile, fake_openai, settings,
+                                                                                 shape):
+    """The drain (a superuser here) wrote the vector column / the chunk table itself: the owner's
+    trigger on it ran as the drain and made the owner a superuser."""
+    from autoembed_dagster.core.drain import drain
+
+    fake_openai.default_dims = 3
+    owner_with_triggers(conn, hostile, chunks=shape == "chunks")
+    before = search_path(conn)
+    stats = drain(conn, settings)
+    assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()
+    assert not is_superuser(conn, hostile)
+    assert vectors_written(conn, hostile, shape == "chunks") == 2
+    assert ran_as(conn, hostile) == {hostile}  # the triggers did run, as the owner
+    assert search_path(conn) == before
+    # A changed row: its vector (chunk set) is replaced the same way (the chunk set: old rows deleted).
+    with acting_as(conn, hostile):
+        conn.execute(f"update {hostile}.notes set body = 'changed' where id = 1")
+    stats = drain(conn, settings)
+    assert stats.embedded == 1, stats.summary()
+    assert not is_superuser(conn, hostile)
+    assert ran_as(conn, hostile) == {hostile}
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_a_backfill_page_and_a_model_migrations_shadow_write_with_the_owners_rights(conn, hostile, fake_openai,
+                                                                                    settings, shape):
+    """The backfill and a model change's shadow (a shadow column of the table; a shadow chunk table,
+    made by the role that runs the migration and given to the table's owner) write through the
+    same write function as the drain."""
+    from dataclasses import replace
+
+    from autoembed_dagster.core.migrate.backfill import backfill_shard, resolve_spec, run_backfill
+    from autoembed_dagster.core.migrate.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.pipelines import Pipeline
+
+    chunked = shape == "chunks"
+    owner_with_triggers(conn, hostile, chunks=chunked)
+    p = Pipeline(name="notes", schema=hostile, table="notes", content_function=f"{hostile}.note_input",
+                 dimensions=3, shards=1, chunk_tokens=64 if chunked else None)
+    if chunked:
+        assert run_chunk_backfill(conn, p).total.written == 2
+    else:
+        assert backfill_shard(conn, p, resolve_spec(conn, p), 0, 1).stats.embedded == 2
+    assert not is_superuser(conn, hostile)
+    assert vectors_written(conn, hostile, chunked) == 2
+    assert ran_as(conn, hostile) == {hostile}
+    # A model change to 2 dimensions: the shadow is filled, then promoted.
+    p2 = replace(p, dimensions=2)
+    if chunked:
+        result = run_chunk_backfill(conn, p2)
+        assert result.promoted_old is not None, result
+        assert conn.execute(f"select count(*), min(vector_dims(embedding)) from {hostile}.notes_chunks").fetchone() == (2, 2)
+        assert conn.execute(f"select pg_get_userbyid(relowner) from pg_class where oid = '{hostile}.notes_chunks'::regclass"
+                            ).fetchone()[0] == hostile
+    else:
+        result = run_backfill(conn, p2, resolve_spec(conn, p2))
+        assert result.promotion is not None, result
+        assert conn.execute(f"select count(*) from {hostile}.notes where vector_dims(embedding) = 2").fetchone()[0] == 2
+    assert not is_superuser(conn, hostile)
+    assert ran_as(conn, hostile) == {hostile}
+
+
+def test_only_the_drains_role_may_write_through_the_owners_write_function(conn, hostile, fake_openai):
+    """autoembed.write_<target> runs as the owner: an application role that may update the vector
+    column but is not the project's writer (it may not write autoembed.embedding_state) is refused,
+    so the owner's triggers never run on its behalf through it."""
+    owner_with_triggers(conn, hostile, chunks=False, rows=1)
+    app = f"{hostile}_app"
+    conn.execute(f"create role {app} nologin")
+    try:
+        conn.execute(f"grant usage on schema {hostile}, autoembed to {app}")
+        conn.execute(f"grant select, update on {hostile}.notes to {app}")
+        target = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
+        with acting_as(conn, app):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"select autoembed.write_{target}(array['1'], array['[1,2,3]'::vector])")
+        with acting_as(conn, app):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="writes vectors only for the drain"):
+                conn.execute(f"select autoembed.write_vectors('{hostile}.notes', 'embedding', 'id', array['1'],"
+                             " array['[1,2,3]'::vector])")
+        assert ran_as(conn, hostile) == set()
+    finally:
+        conn.execute("reset role")
+        conn.execute(f"drop owned by {app} cascade")
+        conn.execute(f"drop role {app}")
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_the_owners_triggers_find_their_tables_unqualified_as_before(conn, fake_openai, settings, shape):
+    """The write function pins its own search_path; the owner's triggers run with the session's
+    default one, as when the drain wrote the table itself (a trigger inserting into `written_log`,
+    unqualified, failed every write, each row dead-lettered)."""
+    from autoembed_dagster.core.drain import drain
+
+    chunked = shape == "chunks"
+    conn.execute(f"""
+        create table written_log (id bigint);
+        create table notes (id bigint primary key, body text{'' if chunked else ', embedding vector(3)'});
+        create function note_input(n notes) returns text language sql stable as $$ select n.body $$;
+        create function log_write() returns trigger language plpgsql as $f$
+        begin insert into written_log values (NEW.id); return NEW; end $f$;
+    """)
+    fake_openai.default_dims = 3
+    if chunked:
+        conn.execute("select autoembed.enroll_chunks('notes', 'note_input', 64, 0, dimensions => 3,"
+                     " vector_type => 'vector')")
+        conn.execute("create trigger log_write before insert on notes_chunks for each row execute function log_write()")
+    else:
+        conn.execute("select autoembed.enroll('notes', 'note_input', 'embedding')")
+        conn.execute("create trigger log_write before update of embedding on notes for each row"
+                     " execute function log_write()")
+    conn.execute("insert into notes values (1, 'one'), (2, 'two')")
+    stats = drain(conn, settings)
+    assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()
+    assert sorted(i for (i,) in conn.execute("select id from written_log")) == [1, 2]
+
+
+def test_a_write_function_its_owner_altered_is_made_again(conn, hostile, fake_openai, settings):
+    """The owner owns autoembed.write_<target> and may alter it (to SECURITY INVOKER: it would run
+    as the drain): it refuses to run as anyone but the owner, and the ALTER is followed (sql/008),
+    so it is made again as it was and the drain writes as the owner."""
+    from autoembed_dagster.core.drain import drain
+
+    fake_openai.default_dims = 3
+    owner_with_triggers(conn, hostile, chunks=False)
+    target = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
+    with acting_as(conn, hostile):
+        conn.execute(f"alter function autoembed.write_{target}(text[], anyarray) security invoker")
+    assert conn.execute(f"select prosecdef from pg_proc where proname = 'write_{target}'").fetchone()[0]
+    stats = drain(conn, settings)
+    assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()
+    assert not is_superuser(conn, hostile)
+    assert ran_as(conn, hostile) == {hostile}

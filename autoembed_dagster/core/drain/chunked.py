@@ -17,20 +17,20 @@ autoembed.targets), never one a message names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import psycopg
 
 from ..embed.base import Embedder, EmbeddingError
 from ..targets import chunks
-from ..targets.catalog import Target, ambiguous_key_error
+from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, check_target,
+                               lookup_registered)
 from ..targets.splitter import Splitter
 from ..targets.badrows import check_vectors
 from ..targets.shapes import chunk_target_of
 from .embed import provider_call
 from .jobs import Job
-from .outcome import Outcome
+from .outcome import Outcome, Settled
 from .read import read_rows_or_isolate
 from .stats import DrainStats
 
@@ -50,6 +50,20 @@ def shadow_of(conn: psycopg.Connection, target: Target) -> Target | None:
     if row is None or not row[2] or row[1] is None:
         return None
     return replace(target, chunk_table=name, vector_type=row[0], dimensions=int(row[1]))
+
+
+def still_target(conn: psycopg.Connection, target: Target) -> None:
+    """Raise TargetChanged when the table or column `target` names changed under the write (a
+    model-migration promotion renamed it): then the whole batch is taken up again, no row is blamed."""
+    if not target.chunked:
+        check_target(conn, target)
+        return
+    try:
+        now = write_target(conn, lookup_registered(conn, target_id=target.registered)[0])
+    except TargetError as exc:
+        raise TargetChanged(f"{target.key.label}: {exc}") from exc
+    if (now.chunk_table, now.vector_type, now.dimensions) != (target.chunk_table, target.vector_type, target.dimensions):
+        raise TargetChanged(f"{target.key.label} writes into {now.chunk_table} now, not {target.chunk_table}")
 
 
 def write_target(conn: psycopg.Connection, target: Target) -> Target:
@@ -75,13 +89,30 @@ class ChunkWork:
 
 @dataclass
 class ChunkWrite:
-    """A planned and embedded set of documents, written by the settle (core.targets.chunks.write)."""
+    """A planned and embedded set of documents: the chunk-set TargetWrite (drain.outcome) the
+    settle writes (core.targets.chunks.write: each document's set swapped whole)."""
 
     target: Target
     chunk_target: chunks.ChunkTarget
     plan: chunks.ChunkPlan
     vectors: dict[bytes, np.ndarray] = field(default_factory=dict)  # chunk hash -> new vector
     jobs: dict[str, list[Job]] = field(default_factory=dict)  # by document key
+
+    def keys(self) -> list[str]:
+        return list(self.jobs)
+
+    def settle(self, conn: psycopg.Connection) -> Settled:
+        """Swap the planned chunk sets in, in the caller's (the settle's) transaction. A document
+        whose write fails alone (targets.badrows) is dead; one not written now (its parent row
+        busy, a reused vector gone) is busy; the others are settled."""
+        w, failed = chunks.write_isolating(conn, self.chunk_target, self.plan, self.vectors, self.plan.model,
+                                           check=lambda: still_target(conn, self.target))
+        dead = {key: ambiguous_key_error(self.target, key, n) for key, n in w.ambiguous.items()}
+        dead.update({key: f"{self.target.regclass} key {key}: {why}" for key, why in failed.items()})
+        return Settled(written=len(w.written), stale=len(w.stale),
+                       busy=[k for k in dict.fromkeys(w.busy + w.missing) if k not in dead], dead=dead,
+                       chunks_embedded=w.chunks_embedded, chunks_reused=w.chunks_reused,
+                       chunks_deleted=w.chunks_deleted)
 
 
 def read_chunk_jobs(conn: psycopg.Connection, target: Target, embedder: Embedder, splitter: Splitter,
@@ -155,30 +186,3 @@ def chunk_vectors(target: Target, hashes: list[bytes], vectors: list, errors: li
         if problem is not None:
             failed[h] = problem
     return failed, {h: v for h, v in zip(hashes, vectors) if v is not None and h not in failed}
-
-
-@dataclass
-class ChunkWritten:
-    """What the settle's write of one ChunkWrite did (see core.targets.chunks.WriteStats)."""
-
-    stats: chunks.WriteStats
-    later: list[Job]  # jobs of documents not written now (parent row busy, a reused vector gone)
-    done: list[int]  # messages settled (written, stale: a newer job exists, or the row is gone)
-    # jobs whose key matches several rows, or whose document's write failed alone (badrows)
-    dead: list[tuple[Job, str]] = field(default_factory=list)
-
-
-def write_chunk_sets(conn: psycopg.Connection, cw: ChunkWrite, check: Callable[[], None] | None = None) -> ChunkWritten:
-    """Swap the planned chunk sets in, in the caller's (the settle's) transaction. A document whose
-    write fails alone (targets.badrows) is dead-lettered; the others are written."""
-    w, failed = chunks.write_isolating(conn, cw.chunk_target, cw.plan, cw.vectors, cw.plan.model, check=check)
-    again = set(w.busy) | set(w.missing)
-    later = [job for key in again for job in cw.jobs.get(key, ())]
-    dead = [(job, ambiguous_key_error(cw.target, key, n)) for key, n in w.ambiguous.items()
-            for job in cw.jobs.get(key, ())]
-    dead += [(job, f"{cw.target.regclass} key {key}: {why}") for key, why in failed.items()
-             for job in cw.jobs.get(key, ())]
-    done = [job.msg_id for key, key_jobs in cw.jobs.items()
-            if key not in again and key not in failed and key not in w.ambiguous
-            for job in key_jobs]
-    return ChunkWritten(w, later, done, dead)

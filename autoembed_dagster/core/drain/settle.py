@@ -18,13 +18,12 @@ from psycopg import errors, sql
 from ..queue import pgmq
 from ..config import Settings
 from ..queue.claims import Claims
-from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
-                               lookup_registered)
-from ..targets.vectors import COPY_HEADER, COPY_TRAILER
+from ..targets.catalog import Target, ambiguous_key_error, ambiguous_keys
+from ..targets.vectors import vector_array, vector_value
 from ..targets.badrows import write_isolating
-from .chunked import ChunkWritten, write_chunk_sets, write_target
+from .chunked import still_target
 from .jobs import Job, single_body
-from .outcome import Outcome, Write
+from .outcome import Outcome, Settled, TargetWrite, Write
 from .stats import DrainStats, table_key, table_of_body
 
 BUSY_RETRY_SECONDS = 1  # a row the application holds locked is tried again this much later
@@ -41,29 +40,7 @@ class Written:
     failed: dict[str, str] = field(default_factory=dict)  # key -> why its write failed (badrows)
 
 
-class Stages:
-    """The session's staging tables (one per vector type) for binary COPY of vectors. Created
-    outside any settle transaction, so a rolled-back settle cannot leave a stage believed to exist."""
-
-    def __init__(self, conn: psycopg.Connection):
-        self.conn = conn
-        self._made: set[str] = set()
-
-    @staticmethod
-    def name(target: Target) -> sql.Identifier:
-        return sql.Identifier(f"autoembed_stage_{target.vector_type}")
-
-    def ensure(self, targets) -> None:
-        for target in targets:
-            if target.vector_type not in self._made:
-                self.conn.execute(sql.SQL(
-                    "create temp table if not exists {} (k text, h bytea, v {}) on commit delete rows"
-                ).format(self.name(target), sql.SQL(target.vector_type)))
-                self._made.add(target.vector_type)
-
-
-def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writes: list[Write], model: str,
-                  used_stages: set[str]) -> Written:
+def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write], model: str) -> Written:
     """Write vectors whose row still has the input they were made from (inside the caller's
     transaction). Rows locked by another transaction are skipped and reported busy."""
     out = Written()
@@ -109,32 +86,20 @@ def write_vectors(conn: psycopg.Connection, stages: Stages, target: Target, writ
     out.stale = sum(1 for w in writes if w[0] in current and current[w[0]] != w[1])
     if not fresh:
         return out
-    stage = Stages.name(target)
-    with conn.cursor() as cur:
-        if target.vector_type in used_stages:
-            cur.execute(sql.SQL("truncate {}").format(stage))  # rows of another target, same transaction
-        used_stages.add(target.vector_type)
-        # One binary COPY of the tuples copy_records() made, already in the column's own type.
-        with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(stage)) as copy:
-            copy.write(b"".join([COPY_HEADER, *(w[2] for w in fresh), COPY_TRAILER]))
-        # The key array lets the planner probe the key index instead of hashing the whole table.
-        cur.execute(
-            sql.SQL(
-                """update {table} t set {col} = s.v from {stage} s
-                   where t.{key} = s.k::{key_type} and t.{key} = any(%s::text[]::{key_type}[])"""
-            ).format(table=target.table_sql, col=target.column_sql, stage=stage,
-                     key=target.key_sql, key_type=target.key_type_sql),
-            ([w[0] for w in fresh],), prepare=False,
-        )
-        cur.execute(
-            sql.SQL(
-                """insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
-                   select %s, s.k, s.h, %s, now() from {stage} s
-                   on conflict (target_id, row_id) do update
-                   set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()"""
-            ).format(stage=stage),
-            (state_target(conn, target), model),
-        )
+    keys = [w[0] for w in fresh]
+    # Through the target's write function (sql/019): the table owner's triggers run with the
+    # owner's rights, never the drain's. The vectors go as one binary array of the column's type.
+    conn.execute(
+        "select autoembed.write_vectors(%s::regclass, %s, %s, %s::text[], %b)",
+        (target.regclass, target.key.embedding_column, target.key.key_column, keys,
+         vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])), prepare=False)
+    conn.execute(
+        """insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
+           select %s, s.k, s.h, %s, now() from unnest(%s::text[], %s::bytea[]) s(k, h)
+           on conflict (target_id, row_id) do update
+           set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()""",
+        (state_target(conn, target), model, keys, [w[1] for w in fresh]),
+        prepare=False)
     out.written = len(fresh)
     return out
 
@@ -147,27 +112,12 @@ class Isolated:
     failed: dict[str, str]  # row key -> why its write failed
 
 
-def still_target(conn: psycopg.Connection, target: Target) -> None:
-    """Raise TargetChanged when the table or column `target` names changed under the write (a
-    model-migration promotion renamed it): then the whole batch is taken up again, no row is blamed."""
-    if not target.chunked:
-        check_target(conn, target)
-        return
-    try:
-        now = write_target(conn, lookup_registered(conn, target_id=target.registered)[0])
-    except TargetError as exc:
-        raise TargetChanged(f"{target.key.label}: {exc}") from exc
-    if (now.chunk_table, now.vector_type, now.dimensions) != (target.chunk_table, target.vector_type, target.dimensions):
-        raise TargetChanged(f"{target.key.label} writes into {now.chunk_table} now, not {target.chunk_table}")
-
-
-def write_vectors_isolating(conn: psycopg.Connection, stages: Stages, target: Target, writes: list[Write],
-                            model: str, used_stages: set[str]) -> Isolated:
+def write_vectors_isolating(conn: psycopg.Connection, target: Target, writes: list[Write], model: str) -> Isolated:
     """write_vectors, with a row whose write fails (a trigger raising for it, a check constraint, a
     revoked grant) failing alone: the others are written in the same transaction (badrows)."""
     writes = list({w[0]: w for w in writes}.values())  # one write per row
     parts, failed = write_isolating(conn, writes,
-                                    lambda part: write_vectors(conn, stages, target, part, model, used_stages),
+                                    lambda part: write_vectors(conn, target, part, model),
                                     check=lambda: still_target(conn, target))
     total = Written()
     for w in parts:
@@ -177,6 +127,30 @@ def write_vectors_isolating(conn: psycopg.Connection, stages: Stages, target: Ta
         total.ambiguous.update(w.ambiguous)
     return Isolated(total, {w[0]: f"{target.regclass} key {w[0]}: writing its vector failed: {why}"
                             for w, why in failed})
+
+
+@dataclass
+class ColumnWrite:
+    """The vector-column TargetWrite (drain.outcome): one batch's vectors for one target's column."""
+
+    target: Target
+    writes: list[Write]
+    model: str  # fixed when the vectors were made (a promotion meanwhile must not relabel them)
+    jobs: dict[str, list[Job]]
+
+    def keys(self) -> list[str]:
+        return list({w[0]: None for w in self.writes})
+
+    def settle(self, conn: psycopg.Connection) -> Settled:
+        """Write the vectors whose rows still have their input (write_vectors_isolating): a row whose
+        write fails alone, or whose key matches several rows, is dead; a row another transaction
+        holds is busy."""
+        isolated = write_vectors_isolating(conn, self.target, self.writes, self.model)
+        w = isolated.written
+        dead = dict(isolated.failed)
+        for key, n in w.ambiguous.items():
+            dead.setdefault(key, ambiguous_key_error(self.target, key, n))
+        return Settled(written=w.written, stale=w.stale, busy=[k for k in w.busy if k not in dead], dead=dead)
 
 
 def act_as_drain(conn: psycopg.Connection) -> None:
@@ -195,19 +169,17 @@ class VectorWriter:
 
     def __init__(self, conn: psycopg.Connection):
         self.conn = conn
-        self.stages = Stages(conn)
 
     def write(self, target: Target, rows: list[tuple[str, bytes, bytes]], model: str) -> Written:
         """Write (row key, content hash the vector was made from, its COPY tuple). Rows still busy
         after the last try are returned in `busy`, unwritten; rows whose write fails alone in
         `failed` (key -> why)."""
-        self.stages.ensure([target])
         total = Written()
         pending = [(k, h, record, []) for k, h, record in rows]
         for wait in (*self.BUSY_WAITS, None):
             with self.conn.transaction():
                 act_as_drain(self.conn)
-                isolated = write_vectors_isolating(self.conn, self.stages, target, pending, model, set())
+                isolated = write_vectors_isolating(self.conn, target, pending, model)
             w = isolated.written
             total.failed.update(isolated.failed)
             total.ambiguous.update(w.ambiguous)
@@ -259,12 +231,10 @@ class Settler:
         self.conn = conn
         self.settings = settings
         self.claims = claims
-        self.stages = Stages(conn)
 
     def settle(self, outcome: Outcome, stats: DrainStats, msg_ids: list[int]) -> None:
         """Write and settle `outcome` in one transaction (retried when a deadlock or lock timeout
         made the drain give way). `msg_ids`: every message of the batch."""
-        self.stages.ensure(t for t, w in outcome.writes.items() if w)
         if self.claims is not None:
             self.claims.release(msg_ids)  # the heartbeat must not touch what this settles
         for attempt in range(1, SETTLE_TRIES + 1):
@@ -283,37 +253,24 @@ class Settler:
     def _settle_once(self, outcome: Outcome):
         conn, q = self.conn, self.settings.queue
         act_as_drain(conn)
-        wrote: list[tuple[Target, Written]] = []
+        wrote: list[tuple[Target, Settled]] = []
         done = list(outcome.done)
         busy: list[Job] = []
-        used_stages: set[str] = set()
         dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
-        for target, writes in outcome.writes.items():
-            # The model fixed when the vectors were made (embed_work records it with the writes).
-            # A row whose write fails alone is dead-lettered; the batch's other rows are written.
-            isolated = write_vectors_isolating(conn, self.stages, target, writes, outcome.models[target],
-                                               used_stages)
-            w = isolated.written
-            wrote.append((target, w))
-            busy_keys = set(w.busy)
-            jobs = outcome.jobs.get(target, {})
-            for key, *_, msg_ids in {w[0]: w for w in writes}.values():
-                if key in isolated.failed:
-                    dead.extend((job, isolated.failed[key]) for job in jobs.get(key, ()))
+        # One path for every target's shape (drain.outcome.TargetWrite): a row (document) is
+        # written whole under the stale-write guard, dead-lettered alone, or kept for later.
+        for tw in self._target_writes(outcome):
+            settled = tw.settle(conn)
+            wrote.append((tw.target, settled))
+            busy_keys = set(settled.busy)
+            for key in tw.keys():
+                jobs = tw.jobs.get(key, ())
+                if key in settled.dead:
+                    dead.extend((job, settled.dead[key]) for job in jobs)
                 elif key in busy_keys:
-                    busy.extend(jobs.get(key, ()))
-                elif key in w.ambiguous:
-                    dead.extend((job, ambiguous_key_error(target, key, w.ambiguous[key])) for job in jobs.get(key, ()))
+                    busy.extend(jobs)
                 else:
-                    done.extend(msg_ids)
-        chunk_sets: list[tuple[Target, ChunkWritten]] = []
-        for cw in outcome.chunk_writes:
-            # A document's chunk set is swapped whole, in this transaction, with its messages' delete.
-            cs = write_chunk_sets(conn, cw, check=lambda t=cw.target: still_target(conn, t))
-            chunk_sets.append((cw.target, cs))
-            busy.extend(cs.later)
-            done.extend(cs.done)
-            dead.extend(cs.dead)
+                    done.extend(job.msg_id for job in jobs)
         for target, row_ids in outcome.deleted_rows.items():
             forget_rows(conn, target, row_ids)
         retry: list[tuple[Job, str]] = []
@@ -329,7 +286,12 @@ class Settler:
         if fate.done:
             conn.execute("delete from autoembed.message_errors where queue_name = %s and msg_id = any(%s)",
                          (q, fate.done))
-        return wrote, fate, chunk_sets
+        return wrote, fate
+
+    @staticmethod
+    def _target_writes(outcome: Outcome) -> list[TargetWrite]:
+        return ([ColumnWrite(target, writes, outcome.models[target], outcome.jobs.get(target, {}))
+                 for target, writes in outcome.writes.items()] + list(outcome.chunk_writes))
 
     def _split_shared(self, fate: _Fate) -> _Fate:
         """Rows of a message for several rows that are not done. When every row of it failed at a
@@ -416,26 +378,20 @@ class Settler:
             pgmq.set_vt(self.conn, q, ids, delay)
 
     def _count(self, result, stats: DrainStats) -> None:
-        wrote, fate, chunk_sets = result
-        for target, cs in chunk_sets:
+        wrote, fate = result
+        for target, settled in wrote:
             ts = stats.table(table_key(target.key))
             for counts in (ts, stats):
-                counts.embedded += len(cs.stats.written)  # documents whose chunk set was written
-                counts.stale += len(cs.stats.stale)
-                counts.chunks_embedded += cs.stats.chunks_embedded
-                counts.chunks_reused += cs.stats.chunks_reused
-                counts.chunks_deleted += cs.stats.chunks_deleted
+                counts.embedded += settled.written  # rows (documents) whose vector (chunk set) was written
+                counts.stale += settled.stale
+                counts.chunks_embedded += settled.chunks_embedded
+                counts.chunks_reused += settled.chunks_reused
+                counts.chunks_deleted += settled.chunks_deleted
         stats.dead_lettered += len(fate.dead)
         stats.retried += sum(job.message_rows for job, _ in fate.retry)  # a message retried whole: its rows
         stats.busy += len(fate.busy)
         for _, error in fate.dead:
             stats.note_error(error)
-        for target, w in wrote:
-            ts = stats.table(table_key(target.key))
-            ts.embedded += w.written
-            ts.stale += w.stale
-            stats.embedded += w.written
-            stats.stale += w.stale
         for job, _ in fate.dead:
             stats.table(table_of_body(job.body)).dead_lettered += 1
         for job, _ in fate.retry:

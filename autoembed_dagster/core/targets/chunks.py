@@ -9,12 +9,14 @@ The drain (and the backfill) call three functions:
 
 A chunk whose exact text already has a vector under `model_key` anywhere in the chunk table is
 not embedded again (matched by hash, so shifted positions and repeated boilerplate cost nothing).
-`write` swaps the chunk sets with one DELETE and one INSERT in the caller's transaction (other
-transactions see the old set or the new one, never a mix) without holding the parent rows' locks
-meanwhile; then the stale-write guard locks each parent row without waiting (a busy row is
-reported, never waited for) and keeps only the sets whose parent still has the input they were
-made from (a document whose input changed is stale). The application's UPDATE of a parent waits
-at most from the guard to the commit, never for the write (bench/bench_settle_wait.py).
+`write` swaps the chunk sets in the caller's transaction (other transactions see the old set or
+the new one, never a mix), through the target's write function (the table owner's rights,
+sql/019): one INSERT of the new sets, holding no lock on the parent rows or their old chunks;
+then the stale-write guard locks each parent row (waiting at most GUARD_WAIT: a busy row is
+reported) and keeps only the sets whose parent still has the input they were made from (a
+document whose input changed is stale, one deleted meanwhile is gone), and only then deletes the
+old sets. The application's UPDATE, DELETE, key change or SELECT FOR UPDATE of a parent waits at
+most from the guard to the commit, never for the write (bench/bench_settle_wait.py).
 """
 
 from __future__ import annotations
@@ -29,10 +31,9 @@ from psycopg import sql
 
 from .splitter import Splitter, chunk_hash
 from ..embed.base import Embedder, ProviderConfigError
-# The drain's binary COPY framing and tuples (key text, hash bytea, vector|halfvec).
 from .catalog import TargetError, ambiguous_keys, check_identifier, input_function, require_input_function
 from .shadow import Coverage
-from .vectors import COPY_HEADER, COPY_TRAILER, copy_records
+from .vectors import encode_vectors, vector_array
 
 VECTOR_COLUMN = "embedding"
 
@@ -226,21 +227,6 @@ class WriteStats:
     chunks_deleted: int = 0  # chunk rows of the replaced sets
 
 
-def _stages(conn: psycopg.Connection, target: ChunkTarget) -> tuple[sql.Identifier, sql.Identifier]:
-    """Session temp tables (rows cleared at commit) for a plan's chunks and vectors."""
-    chunks, vectors = sql.Identifier("autoembed_chunk_stage"), sql.Identifier(f"autoembed_chunk_vectors_{target.vector_type}")
-    conn.execute(sql.SQL("""create temp table if not exists {} (k text, i integer, c text, h bytea, sh bytea)
-                            on commit delete rows""").format(chunks))
-    conn.execute(sql.SQL("""create temp table if not exists {} (k text, h bytea primary key, v {})
-                            on commit delete rows""").format(
-        vectors, sql.SQL(target.vector_type)))
-    # Empty unless this transaction wrote before (commit clears them); DELETE, not TRUNCATE: a
-    # truncate makes new files for both tables on every call.
-    conn.execute(sql.SQL("delete from {}").format(chunks))
-    conn.execute(sql.SQL("delete from {}").format(vectors))
-    return chunks, vectors
-
-
 def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
           vectors_by_hash: Mapping[bytes, np.ndarray | None], model_key: str) -> WriteStats:
     """Replace the chunk sets of the planned documents, in the caller's transaction (see module doc)."""
@@ -255,16 +241,19 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     fmt = dict(key=target.key_sql, fn=target.function_sql, parent=target.parent_sql, kt=target.key_type_sql,
                chunks=target.chunks_sql)
     # The application never waits for the write of a chunk set, however large: the new sets are
-    # written (old rows deleted, new ones inserted with their vector index entries: seconds for
-    # thousands of chunks) holding only KEY SHARE on the parent rows (an UPDATE of other columns
-    # does not wait for it; a DELETE, a key change or SELECT FOR UPDATE does), inside a savepoint; then the
-    # stale-write guard takes the parents' row locks (key order, SKIP LOCKED: never waiting for
-    # the application) and checks that each parent's input is still the one the set was made from.
-    # A parent that changed or is held by another transaction meanwhile undoes the savepoint: the
-    # others are written again without it (at most WRITE_ROUNDS rounds, then the rest waits for the
-    # next claim, busy). From the guard to the settle's commit, the application's UPDATE of such a
-    # row waits: a few statements, never the write itself. One drain writes a document at a time
-    # (a transaction-level advisory lock per chunk table and key; the application never takes it).
+    # inserted (with their vector index entries: seconds for thousands of chunks) inside a
+    # savepoint holding no lock on the parent rows and none on their old chunk rows (the chunk
+    # table's key is deferrable, so the new rows go in before the old ones are deleted): the
+    # application's UPDATE, DELETE, key change or SELECT FOR UPDATE of a parent goes through, and
+    # the parent's own triggers delete or move its old chunks unhindered. Then the stale-write guard
+    # takes the parents' row locks (key order, waiting at most GUARD_WAIT) and checks that each
+    # parent's input is still the one the set was made from; only then are the old sets deleted. A
+    # parent that changed, is held by another transaction or is gone (deleted, re-keyed) meanwhile
+    # undoes the savepoint: its new set never lands, and the others are written again without it
+    # (at most WRITE_ROUNDS rounds, then the rest waits for the next claim, busy). From the guard to
+    # the settle's commit the application's statements on such a row wait: a few statements, never
+    # the write itself. One drain writes a document at a time (a transaction-level advisory lock
+    # per chunk table and key; the application never takes it).
     rows = conn.execute(sql.SQL(
         """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
            where t.{key} = any(%s::text[]::{kt}[])""").format(**fmt),
@@ -294,21 +283,32 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
         late_busy: list[str] = []
         late_stale: list[str] = []
         round_keys = list(fresh)
-        with conn.transaction():  # a savepoint: undone when the guard finds a parent changed or held
-            fresh, written_rows, embedded = _write_sets(conn, target, plan, vectors_by_hash, model_key, fresh,
-                                                        stats, fmt)
+        late_gone: list[str] = []
+        with conn.transaction():  # a savepoint: undone when the guard finds a parent changed, held or gone
+            fresh, written_rows, embedded, new_rows = _write_sets(conn, target, plan, vectors_by_hash, model_key,
+                                                                  fresh, stats, fmt)
             locked = _guard_locks(conn, fresh, fmt)
             late_busy = [k for k in fresh if k not in locked]
             late_stale = [k for k in fresh if k in locked and locked[k] != plan.documents[k].input_hash]
-            if late_busy or late_stale:
+            if late_busy:
+                # Not locked: deleted (or re-keyed) by the application meanwhile, or held by it.
+                still = {k for (k,) in conn.execute(sql.SQL(
+                    "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[])").format(**fmt),
+                    (late_busy,), prepare=False).fetchall()}
+                late_gone = [k for k in late_busy if k not in still]
+                late_busy = [k for k in late_busy if k in still]
+            if late_busy or late_stale or late_gone:
                 stats.missing = [k for k in stats.missing if k not in round_keys]  # found again next round
                 stats.gone = [k for k in stats.gone if k not in round_keys]
                 stats.busy = [k for k in stats.busy if k not in round_keys]
                 raise psycopg.Rollback()
-        if late_busy or late_stale:
+            # The guard holds the parents: the old sets go now (the new ones went in first).
+            stats.chunks_deleted += _drop_old_sets(conn, target, fresh, new_rows)
+        if late_busy or late_stale or late_gone:
             stats.busy.extend(late_busy)
             stats.stale.extend(late_stale)
-            fresh = [k for k in fresh if k not in late_busy and k not in late_stale]
+            stats.gone.extend(late_gone)  # its chunks went with it (the parent's triggers)
+            fresh = [k for k in fresh if k not in late_busy and k not in late_stale and k not in late_gone]
             continue
         fresh_hashes = {h for h, _ in embedded}
         stats.chunks_embedded = sum(1 for k in fresh for c in plan.documents[k].chunks if c.hash in fresh_hashes)
@@ -326,80 +326,59 @@ GUARD_WAIT = "100ms"  # how long the guard waits for a parent row an application
 def _guard_locks(conn: psycopg.Connection, keys: list[str], fmt: dict) -> dict[str, bytes]:
     """The stale-write guard's locks: key -> current content hash of the parents it locked. It
     waits at most GUARD_WAIT for a row an application's statement holds (a one-row UPDATE commits
-    in milliseconds; the drain, not the application, waits); a row held longer is left out (busy)."""
+    in milliseconds; the drain, not the application, waits); a row held longer is left out (busy),
+    the others are locked (SKIP LOCKED)."""
+    query = sql.SQL(
+        """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
+           where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update{skip}""")
     prior = conn.execute("select current_setting('lock_timeout')").fetchone()[0]
     conn.execute("select set_config('lock_timeout', %s, true)", (GUARD_WAIT,))
     try:
         with conn.transaction():
-            return dict(conn.execute(sql.SQL(
-                """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
-                   where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update""").format(**fmt),
-                (keys,), prepare=False).fetchall())
+            return dict(conn.execute(query.format(skip=sql.SQL(""), **fmt), (keys,), prepare=False).fetchall())
     except psycopg.errors.LockNotAvailable:
-        return {}
+        return dict(conn.execute(query.format(skip=sql.SQL(" skip locked"), **fmt), (keys,), prepare=False).fetchall())
     finally:
         conn.execute("select set_config('lock_timeout', %s, true)", (prior,))
 
 
 def _write_sets(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
                 vectors_by_hash: Mapping[bytes, np.ndarray | None], model_key: str, fresh: list[str],
-                stats: WriteStats, fmt: dict) -> tuple[list[str], int, list]:
-    """Replace the chunk sets of documents `fresh` (no lock on their parents: see write). Returns
+                stats: WriteStats, fmt: dict) -> tuple[list[str], int, list, list]:
+    """Write the new chunk sets of documents `fresh` (no lock on their parents: see write). Returns
     (the documents written: those whose reused vectors are all still there, the chunk rows
-    written, the (hash, vector) pairs embedded for them); documents deferred are added to
-    stats.missing and stats.chunks_deleted counts the old rows."""
-    # KEY SHARE (an UPDATE of other columns does not wait for it; it keeps the row from being
-    # deleted or re-keyed under the write), never waited for: a parent deleted since it was read is gone, not a failed insert; one
-    # held FOR UPDATE (or being deleted) by another transaction is busy.
-    present = {k for (k,) in conn.execute(sql.SQL(
-        "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[]) for key share skip locked"
-    ).format(**fmt), (fresh,), prepare=False).fetchall()}
-    if len(present) < len(fresh):
-        held = {k for (k,) in conn.execute(sql.SQL(
-            "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[])").format(**fmt),
-            ([k for k in fresh if k not in present],), prepare=False).fetchall()}
-        stats.busy.extend(k for k in fresh if k in held)
-        stats.gone.extend(k for k in fresh if k not in present and k not in held)
-    fresh = [k for k in fresh if k in present]
-    chunk_stage, vector_stage = _stages(conn, target)
+    written, the (hash, vector) pairs embedded for them, the new rows' ctids); documents deferred
+    are added to stats.missing and stats.chunks_deleted counts the old rows deleted already (a
+    chunk table whose key is not deferrable: its old rows go first)."""
     needed = {c.hash for k in fresh for c in plan.documents[k].chunks}
     embedded = [(h, vectors_by_hash[h]) for h in needed if h not in plan.reused]
-    with conn.cursor() as cur:
-        with cur.copy(sql.SQL("copy {} (k, i, c, h, sh) from stdin").format(chunk_stage)) as copy:
-            for k in fresh:
-                doc = plan.documents[k]
-                for c in doc.chunks:
-                    copy.write_row((k, c.index, c.text, c.hash, doc.input_hash))
-        if embedded:
-            # The drain's binary COPY tuples (key text, hash, vector): one numpy conversion for all.
-            records = copy_records(target, [("", h, v) for h, v in embedded], conn.info.encoding)
-            with cur.copy(sql.SQL("copy {} (k, h, v) from stdin with (format binary)").format(vector_stage)) as copy:
-                copy.write(b"".join([COPY_HEADER, *records, COPY_TRAILER]))
-        # Reused vectors are copied before the old sets are deleted (they may be among them).
-        cur.execute(sql.SQL(
-            """insert into {stage} (h, v)
-               select distinct on (c.chunk_hash) c.chunk_hash, c.embedding from {chunks} c
-               where c.model = %s and c.chunk_hash = any(%s) order by c.chunk_hash
-               on conflict (h) do nothing""").format(stage=vector_stage, **fmt),
-            (model_key, [h for h in needed if h in plan.reused]), prepare=False)
-        # A reused vector that vanished since the plan (another document was rewritten): that
-        # document waits for the next round instead of being written without it.
-        lost = {k for (k,) in cur.execute(sql.SQL(
-            "select distinct s.k from {cs} s where not exists (select 1 from {vs} v where v.h = s.h)").format(
-                cs=chunk_stage, vs=vector_stage)).fetchall()}
-        if lost:
-            stats.missing.extend(sorted(lost))
-            fresh = [k for k in fresh if k not in lost]
-            cur.execute(sql.SQL("delete from {} where k = any(%s)").format(chunk_stage), (sorted(lost),))
-        cur.execute(sql.SQL("delete from {chunks} c where c.{key} = any(%s::text[]::{kt}[])").format(**fmt),
-                    (fresh,), prepare=False)
-        stats.chunks_deleted = cur.rowcount
-        cur.execute(sql.SQL(
-            """insert into {chunks} ({key}, chunk_index, chunk, {col}, chunk_hash, source_hash, model, splitter)
-               select s.k::{kt}, s.i, s.c, v.v, s.h, s.sh, %s, %s from {cs} s join {vs} v on v.h = s.h""").format(
-                col=sql.Identifier(VECTOR_COLUMN), cs=chunk_stage, vs=vector_stage, **fmt),
-            (model_key, plan.splitter))
-        return fresh, cur.rowcount, embedded
+    rows = [(k, c.index, c.text, c.hash, plan.documents[k].input_hash) for k in fresh for c in plan.documents[k].chunks]
+    # One call of the target's write function (sql/019): the chunk table's triggers run with its
+    # owner's rights, never the drain's. It deletes the old sets and inserts the new ones, each
+    # chunk's vector the embedded one or, reused, one the table holds under the model (a document
+    # whose reused vector vanished since the plan is `lost`: it waits for the next round).
+    deleted, inserted, lost, new_rows = conn.execute(sql.SQL(
+        "select w.deleted, w.inserted, w.lost, w.written from autoembed.write_chunks(%s::regclass, %s::text[], %s::text[],"
+        " %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %b::{}[], %s, %s) w").format(
+            sql.SQL("halfvec" if target.vector_type == "halfvec" else "vector")),
+        (regclass_of(target), fresh, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+         [r[3] for r in rows], [r[4] for r in rows], [h for h, _ in embedded],
+         vector_array(conn, target.vector_type, encode_vectors(target, [v for _, v in embedded])),
+         model_key, plan.splitter), prepare=False).fetchone()
+    if lost:
+        stats.missing.extend(lost)
+        fresh = [k for k in fresh if k not in set(lost)]
+    stats.chunks_deleted = deleted
+    return fresh, inserted, embedded, new_rows
+
+
+def _drop_old_sets(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], new_rows: list) -> int:
+    """The old chunk rows of documents `keys` (all but `new_rows`), deleted after the guard
+    (through the target's write function, sql/019). Returns the rows deleted."""
+    if not keys:
+        return 0
+    return conn.execute("select autoembed.drop_old_chunks(%s::regclass, %s::text[], %s::tid[])",
+                        (regclass_of(target), keys, new_rows), prepare=False).fetchone()[0]
 
 
 def write_isolating(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,

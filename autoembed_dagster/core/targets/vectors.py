@@ -1,11 +1,16 @@
-"""Vectors in a target's own type on the wire: the binary COPY framing and tuples (key text,
-content hash bytea, vector|halfvec) that the drain, the backfill and the chunk write stream."""
+"""Vectors in a target's own type on the wire: the binary tuples (key text, content hash bytea,
+vector|halfvec) the embed stage makes (copy_records), and the binary arrays of vectors the write
+functions take (vector_array; sql/019)."""
 
 from __future__ import annotations
 
 import struct
 
 import numpy as np
+import psycopg
+from psycopg.adapt import Dumper, PyFormat
+from psycopg.pq import Format
+from psycopg.types import TypeInfo
 
 from .catalog import Target
 
@@ -38,3 +43,64 @@ def copy_records(target: Target, rows: list[tuple[str, bytes, np.ndarray]], enco
         records.append(b"".join((pack(3, len(kb)), kb, pack_length(len(content_hash)), content_hash,
                                  vector_head, vector.tobytes())))
     return records
+
+
+def vector_value(record: bytes) -> bytes:
+    """The vector's own binary value (pgvector's send format) inside a copy_records() tuple."""
+    (key_len,) = struct.unpack_from(">i", record, 2)
+    at = 6 + key_len
+    (hash_len,) = struct.unpack_from(">i", record, at)
+    return record[at + 4 + hash_len + 4:]
+
+
+def encode_vectors(target, vectors: list[np.ndarray]) -> list[bytes]:
+    """pgvector's binary value of each vector, in `target`'s vector type (as copy_records)."""
+    if not vectors:
+        return []
+    dims = target.dimensions
+    elem = np.dtype(">f2") if target.vector_type == "halfvec" else np.dtype(">f4")
+    matrix = np.asarray(np.stack(vectors), dtype=np.float32).astype(elem)
+    if matrix.shape[1] != dims:
+        raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the column {dims}")
+    head = struct.pack(">hh", dims, 0)
+    return [head + v.tobytes() for v in matrix]
+
+
+class VectorValue(bytes):
+    """A vector's binary value, sent as pgvector's `vector` (in an array: `vector[]`, binary)."""
+
+    type_name = "vector"
+
+
+class HalfvecValue(bytes):
+    """A vector's binary value, sent as pgvector's `halfvec`."""
+
+    type_name = "halfvec"
+
+
+def vector_array(conn: psycopg.Connection, vector_type: str, values: list[bytes]) -> list[bytes]:
+    """`values` (binary vector values) as a list psycopg sends as one binary array of `vector_type`
+    (pass it with %b): the write functions take vectors that way, parsed by pgvector's own
+    binary receive function, like the binary COPY they replace."""
+    cls = HalfvecValue if vector_type == "halfvec" else VectorValue
+    if not issubclass(conn.adapters.get_dumper(cls, PyFormat.BINARY), _BinaryDumper):  # (bytes' until then)
+        _register_vector_dumpers(conn)
+    return [cls(v) for v in values]
+
+
+def _register_vector_dumpers(conn: psycopg.Connection) -> None:
+    rows = conn.execute(
+        """select t.typname::text, t.oid::int, t.typarray::int from pg_type t
+           join pg_extension e on e.extnamespace = t.typnamespace
+           where e.extname = 'vector' and t.typname in ('vector', 'halfvec')""").fetchall()
+    for name, oid, array_oid in rows:
+        TypeInfo(name, oid, array_oid).register(conn)
+        cls = HalfvecValue if name == "halfvec" else VectorValue
+        conn.adapters.register_dumper(cls, type(f"{name.title()}BinaryDumper", (_BinaryDumper,), {"oid": oid}))
+
+
+class _BinaryDumper(Dumper):
+    format = Format.BINARY
+
+    def dump(self, obj: bytes) -> bytes:
+        return obj

@@ -1,0 +1,537 @@
+-- Vectors are written with their table owner's rights: the drain's (and the backfill's, and a model
+-- migration's) writes to an owner's table (a target's vector column, a chunk target's chunk
+-- tables) go through autoembed.write_<target>, a generated SECURITY DEFINER function owned by the
+-- table's owner, so the triggers the owner put on those tables run as the owner, never as the drain
+-- (a superuser on the zero-config default). Generated with the target's input function
+-- (sql/005 install_input_function calls install_write_function): at registration, at `db init`
+-- for older targets (below), after a promotion swapped targets, after re-binding and after an
+-- ALTER TABLE of the table (an owner change).
+--
+-- The callers go through autoembed.write_vectors / autoembed.write_chunks (SECURITY INVOKER), which
+-- find the target's write function, call it, and put back the caller's search_path afterwards: an
+-- owner's trigger may change session settings (SET ROLE and SET SESSION AUTHORIZATION are refused
+-- inside a SECURITY DEFINER function, so its rights stay the owner's), and the caller's next
+-- statements must resolve names as before. The stale-write guard stays the caller's: it locks the
+-- rows and checks their input hash before it writes (core/drain/settle.py, core/targets/chunks.py).
+
+-- Vectors arrive as arrays of the vector type (binary, in the column's own type): only pgvector's
+-- vector and halfvec are accepted, never a type of the caller's (its casts would run as the owner).
+create or replace function autoembed.vector_array_types()
+returns oid[]
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select array(select t.typarray from pg_type t join pg_extension e on e.extnamespace = t.typnamespace
+                  where e.extname = 'vector' and t.typname in ('vector', 'halfvec'))
+$$;
+
+-- The parent table and key column of chunk table `chunk_table` (autoembed.chunk_parent, which reads
+-- the registry: SECURITY DEFINER, it returns names only).
+create or replace function autoembed.chunk_table_key(chunk_table regclass, out parent oid, out key_column text)
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select p.parent::oid, p.key_column from autoembed.chunk_parent(chunk_table) p
+$$;
+
+-- The search_path the owner's triggers run with while a write function writes (set local before
+-- its INSERT/UPDATE/DELETE, put back when the function returns): the session's default, as when
+-- the drain wrote the table itself, so a trigger naming its tables unqualified still finds them.
+-- (Only the owner's code runs under it, with the owner's rights.)
+create or replace function autoembed.set_trigger_search_path()
+returns void
+language sql
+volatile
+as $$  -- (no SET clause: it would put the path back on return; every name is qualified)
+    select null::void from (select pg_catalog.set_config('search_path', s.reset_val, true)
+                            from pg_catalog.pg_settings s where s.name operator(pg_catalog.=) 'search_path') x
+$$;
+
+-- The one body of a vector column write: set column `emb_attnum` of `tbl` for the rows whose key
+-- (column `key_attnum`) is one of `keys`, to the vector at the same position. Runs with the rights
+-- of its caller: the target's write function (the owner), or a caller that owns the table.
+create or replace function autoembed.write_vector_rows(tbl oid, emb_attnum smallint, key_attnum smallint,
+                                                       keys text[], vectors anyarray)
+returns bigint
+language plpgsql
+volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    col text;
+    key text;
+    key_type text;
+    written bigint;
+begin
+    if pg_typeof(vectors)::oid <> all (autoembed.vector_array_types()) then
+        raise exception 'autoembed: vectors must be an array of vector or halfvec, not %', pg_typeof(vectors)
+            using errcode = 'datatype_mismatch';
+    end if;
+    select e.attname, k.attname, format_type(k.atttypid, k.atttypmod) into col, key, key_type
+      from pg_attribute e, pg_attribute k
+     where e.attrelid = tbl and e.attnum = emb_attnum and not e.attisdropped
+       and k.attrelid = tbl and k.attnum = key_attnum and not k.attisdropped;
+    if col is null then
+        raise exception 'autoembed: % has no column % or key column % any more', tbl::regclass, emb_attnum, key_attnum
+            using errcode = 'undefined_column';
+    end if;
+    perform autoembed.set_trigger_search_path();
+    -- The key array lets the planner probe the key index instead of hashing the whole table.
+    execute format('update %1$s t set %2$I = v.v from unnest($1, $2) v(k, v)
+                    where t.%3$I = v.k::%4$s and t.%3$I = any($1::%4$s[])', tbl::regclass, col, key, key_type)
+        using keys, vectors;
+    get diagnostics written = row_count;
+    return written;
+end;
+$$;
+
+-- The one body of a chunk set write into `chunk_table` (a chunk table of the target's parent: the
+-- live one, or a model change's shadow): the chunk sets of documents `keys` are replaced by the
+-- rows (ck key, ci index, ct text, ch chunk hash, csh source hash), each row's vector taken from
+-- (vh hash, vv vector) or, for a hash not given, from a row of the table with that hash under
+-- `model` (read before the old sets are deleted: they may hold it). A document with a hash found
+-- in neither is not written (returned in `lost`: it waits for the next round). Returns the new rows
+-- (`written`, by ctid). When the table's primary key is deferrable (chunk tables made since), the
+-- new rows go in FIRST, with the key check deferred, and the old ones stay until
+-- autoembed.drop_old_chunk_rows (after the caller's stale-write guard): meanwhile no row an
+-- application's DELETE or key change of the parent reaches (through the parent's triggers, which
+-- delete or move its chunks) is locked by the write, so they never wait for it. Otherwise the old
+-- sets are deleted first (`deleted`). Runs with the rights of its caller (as write_vector_rows).
+create or replace function autoembed.write_chunk_rows(chunk_table regclass, keys text[], ck text[], ci integer[],
+                                                      ct text[], ch bytea[], csh bytea[], vh bytea[], vv anyarray,
+                                                      model text, splitter text,
+                                                      out deleted bigint, out inserted bigint, out lost text[],
+                                                      out written tid[])
+language plpgsql
+volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    key text;
+    key_type text;
+    vector_array oid;
+    rh bytea[];
+    rv vv%type;
+    kept text[];
+    pk text;
+begin
+    select p.key_column, format_type(a.atttypid, a.atttypmod) into key, key_type
+      from autoembed.chunk_table_key(chunk_table) p
+      join pg_attribute a on a.attrelid = chunk_table and a.attname = p.key_column and not a.attisdropped;
+    select t.typarray into vector_array from pg_attribute a join pg_type t on t.oid = a.atttypid
+     where a.attrelid = chunk_table and a.attname = 'embedding' and not a.attisdropped;
+    if key is null or vector_array is null then
+        raise exception 'autoembed: % is not a chunk table', chunk_table using errcode = 'wrong_object_type';
+    end if;
+    if pg_typeof(vv)::oid <> vector_array or pg_typeof(vv)::oid <> all (autoembed.vector_array_types()) then
+        raise exception 'autoembed: vectors for % must be an array of its embedding type, not %', chunk_table,
+            pg_typeof(vv) using errcode = 'datatype_mismatch';
+    end if;
+    -- Vectors reused by hash, read before the old sets are deleted.
+    execute format('select array_agg(x.h), array_agg(x.v)
+                    from (select distinct on (c.chunk_hash) c.chunk_hash as h, c.embedding as v from %s c
+                          where c.model = $1 and c.chunk_hash = any($2) order by c.chunk_hash) x', chunk_table)
+        into rh, rv
+        using model, array(select h from unnest(ch) h except select h from unnest(vh) h);
+    rh := coalesce(rh, '{}');
+    lost := array(select distinct s.k from unnest(ck, ch) s(k, h)
+                  where not s.h = any(vh) and not s.h = any(rh) order by 1);
+    kept := array(select k from unnest(keys) k where not k = any(lost));
+    pk := autoembed.deferrable_chunk_key(chunk_table);
+    perform autoembed.set_trigger_search_path();
+    deleted := 0;
+    if pk is not null then
+        execute format('set constraints %s deferred', pk);
+    else
+        execute format('delete from %1$s c where c.%2$I = any($1::%3$s[])', chunk_table, key, key_type) using kept;
+        get diagnostics deleted = row_count;
+    end if;
+    execute format(
+        'with n as (
+             insert into %1$s (%2$I, chunk_index, chunk, embedding, chunk_hash, source_hash, model, splitter)
+             select s.k::%3$s, s.i, s.c, v.v, s.h, s.sh, $8, $9
+             from unnest($1, $2, $3, $4, $5) s(k, i, c, h, sh)
+             join (select distinct on (u.h) u.h, u.v
+                   from (select * from unnest($6, $7) union all select * from unnest($10, $11)) u(h, v)) v
+               on v.h = s.h
+             where s.k = any($12)
+             returning ctid)
+         select array_agg(n.ctid) from n', chunk_table, key, key_type)
+        into written
+        using ck, ci, ct, ch, csh, vh, vv, model, splitter, rh, coalesce(rv, vv[0:-1]), kept;
+    written := coalesce(written, '{}');
+    inserted := cardinality(written);
+end;
+$$;
+
+-- The primary key of chunk table `chunk_table` as SET CONSTRAINTS names it, when it is deferrable
+-- (chunk tables made since sql/019, and older ones db init converted); else NULL.
+create or replace function autoembed.deferrable_chunk_key(chunk_table regclass)
+returns text
+language sql
+stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select format('%I.%I', n.nspname, k.conname) from pg_constraint k join pg_namespace n on n.oid = k.connamespace
+    where k.conrelid = chunk_table and k.contype = 'p' and k.condeferrable
+$$;
+
+-- The second half of a chunk set write (autoembed.write_chunk_rows): delete the old rows of the
+-- documents `keys` (every row of theirs but the new ones, `keep`), then check the deferred key.
+-- Returns the rows deleted. Runs with the rights of its caller.
+create or replace function autoembed.drop_old_chunk_rows(chunk_table regclass, keys text[], keep tid[])
+returns bigint
+language plpgsql
+volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    key text;
+    key_type text;
+    pk text := autoembed.deferrable_chunk_key(chunk_table);
+    deleted bigint;
+begin
+    select p.key_column, format_type(a.atttypid, a.atttypmod) into key, key_type
+      from autoembed.chunk_table_key(chunk_table) p
+      join pg_attribute a on a.attrelid = chunk_table and a.attname = p.key_column and not a.attisdropped;
+    if key is null then
+        raise exception 'autoembed: % is not a chunk table', chunk_table using errcode = 'wrong_object_type';
+    end if;
+    perform autoembed.set_trigger_search_path();
+    execute format('delete from %1$s c where c.%2$I = any($1::%3$s[]) and not c.ctid = any($2)', chunk_table, key,
+                   key_type) using keys, keep;
+    get diagnostics deleted = row_count;
+    if pk is not null then
+        execute format('set constraints %s immediate', pk);
+    end if;
+    return deleted;
+end;
+$$;
+
+-- The write function of target `target_id`, autoembed.write_<id> (see the top of this file):
+--   column target: write_<id>(keys text[], vectors anyarray) -> rows written;
+--   chunk target:  write_<id>(chunk_table regclass, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter)
+--                  -> (deleted, inserted, lost, written) and write_<id>(chunk_table, keys, keep) -> rows
+--                  deleted (autoembed.write_chunk_rows / drop_old_chunk_rows), for a chunk table of the
+--                  target's parent only.
+-- It refuses to run
+--   * as anyone but the table's owner (the owner may alter it: every check before that is
+--     schema-qualified, operators included, as in the input function);
+--   * for a caller (autoembed.caller_role: the session's role) that may not write the column (the
+--     chunk table) itself, or that is not the project's writer: one that may write
+--     autoembed.embedding_state (the drain's role, README "Roles and grants"; an application's role
+--     may not), so the owner's triggers never run on an application's behalf through it.
+-- Anyone may call it (the drain's least-privilege role too: README "Roles and grants"); it checks
+-- its caller itself. Made by install_input_function (sql/005) with the input function; write
+-- functions of targets that are gone are dropped here. Needs a superuser (to give the function to the table's owner).
+create or replace function autoembed.install_write_function(target_id bigint)
+returns text
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t record;
+    name text := format('write_%s', target_id);
+    refusal text;
+    checks text;
+    gone text;
+begin
+    for gone in select p.oid::regprocedure::text from pg_proc p
+                where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^write_[0-9]+$'
+                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 7)::bigint) loop
+        execute format('drop function %s', gone);
+    end loop;
+    select r.relid, pg_get_userbyid(c.relowner)::text as owner, r.chunk_table, r.embedding_attnum, r.key_attnum
+      into t
+      from autoembed.targets r join pg_class c on c.oid = r.relid
+     where r.id = target_id;
+    if not found then
+        return null;
+    end if;
+    refusal := format('autoembed: autoembed.%s writes %s as %s, its owner, only (by SECURITY DEFINER): run autoembed db init to re-create it',
+                      name, t.relid::regclass, quote_ident(t.owner));
+    -- (%1$L owner, %2$L refusal, %3$s table oid, %4$L what it writes, %5$s the privilege test of the caller)
+    checks := format($c$
+            if current_user operator(pg_catalog.<>) %1$L::pg_catalog.name
+               or (pg_catalog.current_setting('role') operator(pg_catalog.=) %1$L
+                   and session_user operator(pg_catalog.<>) %1$L::pg_catalog.name) then
+                raise exception using message = %2$L, errcode = 'insufficient_privilege';
+            end if;
+            if not (%5$s and pg_catalog.has_table_privilege(autoembed.caller_role(), 'autoembed.embedding_state',
+                                                               'INSERT')) then
+                raise exception using message = pg_catalog.format(
+                    'autoembed: role %%s may not write %%s through its owner: it writes vectors only for the drain''s role',
+                    autoembed.caller_role(), %4$L), errcode = 'insufficient_privilege';
+            end if;
+    $c$, t.owner, refusal, t.relid::oid, t.relid::regclass::text,
+        case when t.chunk_table is null
+             then format('pg_catalog.has_column_privilege(autoembed.caller_role(), %s::pg_catalog.oid, %s::pg_catalog.int2, ''UPDATE'')',
+                         t.relid::oid, t.embedding_attnum)
+             else 'pg_catalog.has_table_privilege(autoembed.caller_role(), chunk_table, ''INSERT'')
+                   and pg_catalog.has_table_privilege(autoembed.caller_role(), chunk_table, ''DELETE'')' end);
+    if t.chunk_table is null then
+        execute format($f$
+            create or replace function autoembed.%1$I(keys text[], vectors anyarray)
+            returns bigint
+            language plpgsql
+            volatile
+            security definer
+            set search_path = pg_catalog, pg_temp
+            as $b$
+            begin
+                %2$s
+                return autoembed.write_vector_rows(%3$s::pg_catalog.oid, %4$s::pg_catalog.int2, %5$s::pg_catalog.int2,
+                                                   keys, vectors);
+            end
+            $b$
+        $f$, name, checks, t.relid::oid, t.embedding_attnum, t.key_attnum);
+        begin
+            perform set_config('autoembed.installing_input', 'on', true);  -- (not followed: sql/008)
+            execute format('alter function autoembed.%I(text[], anyarray) owner to %I', name, t.owner);
+            perform set_config('autoembed.installing_input', '', true);
+        end;
+    else
+        execute format($f$
+            create or replace function autoembed.%1$I(chunk_table regclass, keys text[], ck text[], ci integer[],
+                                                      ct text[], ch bytea[], csh bytea[], vh bytea[], vv anyarray,
+                                                      model text, splitter text,
+                                                      out deleted bigint, out inserted bigint, out lost text[],
+                                                      out written tid[])
+            language plpgsql
+            volatile
+            security definer
+            set search_path = pg_catalog, pg_temp
+            as $b$
+            begin
+                %2$s
+                if (select p.parent from autoembed.chunk_table_key(chunk_table) p)
+                       operator(pg_catalog.<>) %3$s::pg_catalog.oid then
+                    raise exception using message = pg_catalog.format('autoembed: %%s is not a chunk table of %%s',
+                                                                       chunk_table, %4$L),
+                                          errcode = 'insufficient_privilege';
+                end if;
+                select w.deleted, w.inserted, w.lost, w.written into deleted, inserted, lost, written
+                  from autoembed.write_chunk_rows(chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter) w;
+            end
+            $b$
+        $f$, name, checks, t.relid::oid, t.relid::regclass::text);
+        execute format($f$
+            create or replace function autoembed.%1$I(chunk_table regclass, keys text[], keep tid[])
+            returns bigint
+            language plpgsql
+            volatile
+            security definer
+            set search_path = pg_catalog, pg_temp
+            as $b$
+            begin
+                %2$s
+                if (select p.parent from autoembed.chunk_table_key(chunk_table) p)
+                       operator(pg_catalog.<>) %3$s::pg_catalog.oid then
+                    raise exception using message = pg_catalog.format('autoembed: %%s is not a chunk table of %%s',
+                                                                       chunk_table, %4$L),
+                                          errcode = 'insufficient_privilege';
+                end if;
+                return autoembed.drop_old_chunk_rows(chunk_table, keys, keep);
+            end
+            $b$
+        $f$, name, checks, t.relid::oid, t.relid::regclass::text);
+        begin
+            perform set_config('autoembed.installing_input', 'on', true);
+            execute format('alter function autoembed.%I(regclass, text[], text[], integer[], text[], bytea[], bytea[], bytea[], anyarray, text, text) owner to %I',
+                           name, t.owner);
+            execute format('alter function autoembed.%I(regclass, text[], tid[]) owner to %I', name, t.owner);
+            perform set_config('autoembed.installing_input', '', true);
+        end;
+    end if;
+    return format('autoembed.%I', name);
+end;
+$$;
+revoke execute on function autoembed.install_write_function(bigint) from public;
+
+-- The write function to call for column `emb_attnum` of `tbl` (or, `emb_attnum` NULL, for chunk
+-- table `tbl`): the registered target's, when it is intact (SECURITY DEFINER, owned by the table's
+-- owner, search_path pinned); else NULL. SECURITY DEFINER (the registry); returns a name only.
+create or replace function autoembed.write_function(tbl oid, emb_attnum smallint)
+returns text
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select format('autoembed.%I', w.proname)
+    from autoembed.targets r
+    join pg_class c on c.oid = r.relid
+    join pg_proc w on w.pronamespace = 'autoembed'::regnamespace and w.proname = format('write_%s', r.id)
+    where case when emb_attnum is null
+               then r.chunk_table is not null and r.relid = (select k.parent from autoembed.chunk_table_key(tbl::regclass) k)
+               else r.relid = tbl and r.embedding_attnum = emb_attnum and r.chunk_table is null end
+      and w.prosecdef and w.proowner = c.relowner
+      and 'search_path=pg_catalog, pg_temp' = any(w.proconfig)
+    order by r.id
+    limit 1
+$$;
+
+-- Write vectors into column `embedding_column` of `tbl` for rows `keys` through the target's write
+-- function (see the top of this file); a caller that owns the table writes them itself (its own
+-- triggers run as itself anyway). Returns the rows written. SECURITY INVOKER with no SET clause, so
+-- that it can put the caller's search_path back after the owner's triggers ran: everything it
+-- calls is schema-qualified.
+create or replace function autoembed.write_vectors(tbl regclass, embedding_column text, key_column text, keys text[],
+                                                   vectors anyarray)
+returns bigint
+language plpgsql
+volatile
+as $$
+declare
+    caller_path text := pg_catalog.current_setting('search_path');
+    emb smallint;
+    key_attnum smallint;
+    fn text;
+    written bigint;
+begin
+    select a.attnum into emb from pg_catalog.pg_attribute a
+     where a.attrelid operator(pg_catalog.=) tbl and a.attname operator(pg_catalog.=) embedding_column
+       and not a.attisdropped;
+    fn := autoembed.write_function(tbl, emb);
+    if fn is not null then
+        execute pg_catalog.format('select %s($1, $2)', fn) into written using keys, vectors;
+    elsif (select c.relowner from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) tbl)
+          operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
+        -- The table's owner writes (no target of this column registered, e.g. a table it syncs
+        -- itself): its triggers run with its own rights.
+        select a.attnum into key_attnum from pg_catalog.pg_attribute a
+         where a.attrelid operator(pg_catalog.=) tbl and a.attname operator(pg_catalog.=) key_column
+           and not a.attisdropped;
+        written := autoembed.write_vector_rows(tbl, emb, key_attnum, keys, vectors);
+    else
+        raise exception using errcode = 'insufficient_privilege', message = pg_catalog.format(
+            'autoembed: no write function for %s.%s (autoembed.write_<target>): enrol the table, or run autoembed db init; '
+            'vectors are written with the table owner''s rights only', tbl, embedding_column);
+    end if;
+    perform pg_catalog.set_config('search_path', caller_path, false);
+    return written;
+end;
+$$;
+
+-- Replace chunk sets in chunk table `chunk_table` through its target's write function (see
+-- autoembed.write_chunk_rows for the arguments and write_vectors for the rest).
+create or replace function autoembed.write_chunks(chunk_table regclass, keys text[], ck text[], ci integer[],
+                                                  ct text[], ch bytea[], csh bytea[], vh bytea[], vv anyarray,
+                                                  model text, splitter text,
+                                                  out deleted bigint, out inserted bigint, out lost text[],
+                                                  out written tid[])
+language plpgsql
+volatile
+as $$
+declare
+    caller_path text := pg_catalog.current_setting('search_path');
+    fn text := autoembed.write_function(chunk_table, null);
+begin
+    if fn is not null then
+        execute pg_catalog.format('select w.deleted, w.inserted, w.lost, w.written from %s($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) w', fn)
+            into deleted, inserted, lost, written using chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter;
+    elsif (select c.relowner from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) chunk_table)
+          operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
+        select w.deleted, w.inserted, w.lost, w.written into deleted, inserted, lost, written
+          from autoembed.write_chunk_rows(chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter) w;
+    else
+        raise exception using errcode = 'insufficient_privilege', message = pg_catalog.format(
+            'autoembed: no write function for chunk table %s (autoembed.write_<target>): enrol its table, or run '
+            'autoembed db init; chunks are written with the table owner''s rights only', chunk_table);
+    end if;
+    perform pg_catalog.set_config('search_path', caller_path, false);
+end;
+$$;
+
+-- The second half of a chunk set write through the target's write function (see
+-- autoembed.drop_old_chunk_rows, and write_vectors for the rest). Returns the rows deleted.
+create or replace function autoembed.drop_old_chunks(chunk_table regclass, keys text[], keep tid[])
+returns bigint
+language plpgsql
+volatile
+as $$
+declare
+    caller_path text := pg_catalog.current_setting('search_path');
+    fn text := autoembed.write_function(chunk_table, null);
+    deleted bigint;
+begin
+    if fn is not null then
+        execute pg_catalog.format('select %s($1, $2, $3)', fn) into deleted using chunk_table, keys, keep;
+    elsif (select c.relowner from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) chunk_table)
+          operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
+        deleted := autoembed.drop_old_chunk_rows(chunk_table, keys, keep);
+    else
+        raise exception using errcode = 'insufficient_privilege', message = pg_catalog.format(
+            'autoembed: no write function for chunk table %s (autoembed.write_<target>): enrol its table, or run '
+            'autoembed db init; chunks are written with the table owner''s rights only', chunk_table);
+    end if;
+    perform pg_catalog.set_config('search_path', caller_path, false);
+    return deleted;
+end;
+$$;
+
+-- Chunk tables made before sql/019 get a deferrable primary key (see write_chunk_rows): rebuilt
+-- once, here (the table is locked while its key index is built). A table that cannot be changed
+-- keeps its key: its chunk sets are written as before (the old rows deleted first).
+do $$
+declare
+    k record;
+begin
+    for k in select ct.chunk_table::regclass as chunks, c.conname, c.conkey,
+                    (select array_agg(quote_ident(a.attname) order by x.i) from unnest(c.conkey) with ordinality x(n, i)
+                       join pg_attribute a on a.attrelid = c.conrelid and a.attnum = x.n) as cols
+               from autoembed.chunk_tables ct
+               join pg_constraint c on c.conrelid = ct.chunk_table and c.contype = 'p' and not c.condeferrable loop
+        begin
+            execute format('alter table %s drop constraint %I, add constraint %I primary key (%s) deferrable initially immediate',
+                           k.chunks, k.conname, k.conname, array_to_string(k.cols, ', '));
+            -- (a deferrable key is no replica identity: see create_chunk_table, sql/011)
+            execute format('alter table %s replica identity full', k.chunks);
+        exception when others then
+            raise warning 'autoembed: could not make the primary key of % deferrable: %; an application''s DELETE of a row waits for the write of its chunk set',
+                k.chunks, sqlerrm;
+        end;
+    end loop;
+end
+$$;
+
+-- A chunk table another role made for a table (a model change's shadow, made by whoever ran the
+-- backfill) belongs to the table's owner: its write function writes it with the owner's rights.
+do $$
+declare
+    k record;
+begin
+    for k in select ct.chunk_table::regclass as chunks, pg_get_userbyid(p.relowner) as owner
+               from autoembed.chunk_tables ct
+               join pg_class c on c.oid = ct.chunk_table
+               join pg_class p on p.oid = ct.parent
+              where c.relowner <> p.relowner loop
+        begin
+            execute format('alter table %s owner to %I', k.chunks, k.owner);
+        exception when others then
+            raise warning 'autoembed: could not give % to %, the owner of its table: %', k.chunks, k.owner, sqlerrm;
+        end;
+    end loop;
+end
+$$;
+
+-- Targets registered before write functions: theirs are made here (install_input_function makes
+-- them from now on).
+do $$
+declare
+    target_id bigint;
+begin
+    for target_id in select r.id from autoembed.targets r order by r.id loop
+        begin
+            perform autoembed.install_write_function(target_id);
+        exception when others then
+            raise warning 'autoembed: no write function for target %: %; the drain cannot write its vectors until db init runs as a superuser',
+                target_id, sqlerrm;
+        end;
+    end loop;
+end
+$$;
