@@ -165,45 +165,34 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    """One path for both shapes: name the target, search it, print the hits (a chunk set's hits
+    carry their best chunk: the matching passage)."""
     if args.pipeline:
         from .core.drain import pipeline_resolver
 
         p = _pipeline_named(args.pipeline)
-        if p.chunked:
-            return _print_chunk_hits(args, dict(table=p.table, schema=p.schema, content_function=p.content_function,
-                                                key_column=p.key_column, embedder_settings=p.embedder_settings()))
-        where = dict(table=p.table, schema=p.schema, content_function=p.content_function,
-                     embedding_column=p.embedding_column, key_column=p.key_column, resolver=pipeline_resolver([p]))
-    elif args.table and args.chunks:
-        schema, table = split_table(args.table, args.table, args.schema)
-        return _print_chunk_hits(args, dict(table=table, schema=schema,
-                                            content_function=args.content_function, key_column=args.key))
+        where = dict(table=p.table, schema=p.schema, content_function=p.content_function, key_column=p.key_column)
+        chunked = p.chunked
+        how = (dict(embedder_settings=p.embedder_settings()) if chunked
+               else dict(embedding_column=p.embedding_column, resolver=pipeline_resolver([p])))
     elif args.table:
         schema, table = split_table(args.table, args.table, args.schema)
-        where = dict(table=table, schema=schema, content_function=args.content_function,
-                     embedding_column=args.column, key_column=args.key)
+        where = dict(table=table, schema=schema, content_function=args.content_function, key_column=args.key)
+        chunked = bool(args.chunks)
+        how = {} if chunked else dict(embedding_column=args.column)
     else:
         raise ConfigError("name what to search: --pipeline NAME (a defs/<name>/defs.yaml) or --table TABLE")
-    hits = api.search(args.query, k=args.k, **where)
+    hits = (api.search_chunks if chunked else api.search)(args.query, k=args.k, **where, **how)
     if not hits:
-        print("no embedded rows yet: run `autoembed drain`")
+        print(f"no embedded {'chunks' if chunked else 'rows'} yet: run `autoembed drain`")
     label = sql_name(where["schema"], where["table"])
     for rank, hit in enumerate(hits, 1):
-        first = " ".join(hit.input.split())[:100]
-        print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id}: {first}")
-    return 0
-
-
-def _print_chunk_hits(args: argparse.Namespace, where: dict) -> int:
-    """Rows ranked by their best chunk, each with that chunk (the matching passage)."""
-    hits = api.search_chunks(args.query, k=args.k, **where)
-    if not hits:
-        print("no embedded chunks yet: run `autoembed drain`")
-    label = sql_name(where["schema"], where["table"])
-    for rank, hit in enumerate(hits, 1):
-        passage = " ".join(hit.chunk.split())
-        print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id} chunk {hit.chunk_index}: "
-              f"{passage[:300]}{'...' if len(passage) > 300 else ''}")
+        text = " ".join(hit.input.split())
+        if hit.chunk_index is None:
+            print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id}: {text[:100]}")
+        else:
+            print(f"{rank}. [{hit.distance:.3f}] {label} id={hit.id} chunk {hit.chunk_index}: "
+                  f"{text[:300]}{'...' if len(text) > 300 else ''}")
     return 0
 
 

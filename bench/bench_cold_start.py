@@ -10,13 +10,19 @@ queue sensor, the run queue, the default run launcher, the drain op), with where
   started -> visible      : the drain op: connection, target lookup, first provider call, write
 
 Each sample waits until the previous drain run has ended (its idle timeout, 30 s) and then a
-random 0-5 s, so the commit lands anywhere in the sensor loop. The provider is the instant fake.
+random 0-5 s, so the commit lands anywhere in the sensor loop; then `--trickle` rows are written
+one by one while that run is alive (it listens: commit -> visible in well under a second, and no
+second run starts). The provider is the instant fake. `--waits 0,default` measures the queue
+sensor without its LISTEN wait (it only polls: the before) and with it: one daemon each (own
+databases), sampled in turn, so that the machine's load hits both alike. Each daemon is stopped
+with its whole process group (code servers, run workers).
 Also prints the import and load time of the code location (what every run worker pays).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -27,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, connect, embedded_server, fake_provider, fresh_db, header, line
+from common import ROOT, connect, embedded_server, fake_provider, fresh_db, header, line, process_group
 
 BIN = Path(sys.executable).parent
 
@@ -58,74 +64,124 @@ def runs(dconn) -> list[tuple]:
         "from runs r where r.pipeline_name = 'drain_embedding_jobs' order by r.id desc").fetchall()
 
 
+class Setting:
+    """One daemon (own DAGSTER_HOME, Dagster database and data database) whose queue sensor's
+    LISTEN wait is `wait` seconds (AUTOEMBED_SENSOR_WAIT; 0: the sensor only polls)."""
+
+    def __init__(self, stack: contextlib.ExitStack, server: str, wait: float):
+        from autoembed_dagster.demo.runner import dagster_storage_url
+
+        self.wait = wait
+        self.label = f"[wait {wait:g} s]"
+        self.results: dict[str, list[float]] = {"total": [], "to_created": [], "to_started": [], "to_visible": [],
+                                                "trickle": []}
+        self.home = Path(tempfile.mkdtemp(prefix="autoembed-cold-"))
+        stack.callback(shutil.rmtree, self.home, ignore_errors=True)
+        url = fresh_db(server)
+        storage = dagster_storage_url(server, f"dagster_cold_{os.getpid()}_{int(wait * 1000)}")
+        shutil.copy(ROOT / "dagster_home" / "dagster.yaml", self.home / "dagster.yaml")
+        env = {**os.environ, "DAGSTER_HOME": str(self.home), "DAGSTER_POSTGRES_URL": storage,
+               "AUTOEMBED_DATABASE_URL": url, "PYTHONPATH": str(ROOT), "AUTOEMBED_SENSOR_WAIT": str(wait)}
+        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], check=True, capture_output=True, env=env)
+        self.conn = stack.enter_context(connect(url))
+        self.dconn = stack.enter_context(connect(storage.replace("postgresql+psycopg2://", "postgresql://")))
+        log = stack.enter_context(open(self.home / "daemon.log", "wb"))
+        self.daemon = stack.enter_context(process_group(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")], cwd=ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        self.conn.execute(DOCS)
+
+    def alive(self) -> None:
+        assert self.daemon.poll() is None, (self.home / "daemon.log").read_text()[-3000:]
+
+    def visible(self, row_id: int) -> float:
+        deadline = time.time() + 180
+        while self.conn.execute("select embedding is null from documents where id = %s", (row_id,)).fetchone()[0]:
+            assert time.time() < deadline, (self.home / "daemon.log").read_text()[-3000:]
+            self.alive()
+            time.sleep(0.01)
+        return time.time()
+
+    def write(self) -> tuple[int, float]:
+        (row_id,) = self.conn.execute("insert into documents (title, content) values ('t', 'cold') returning id").fetchone()
+        return row_id, time.time()
+
+    def idle(self) -> bool:
+        return not any(r[1] in ACTIVE for r in runs(self.dconn))
+
+    def sample(self, n: int, trickle: int) -> None:
+        """One cold start (the previous drain run has ended), then `trickle` rows while its run lives."""
+        while not self.idle():
+            self.alive()
+            time.sleep(0.2)
+        time.sleep(random.uniform(0, 5))  # the commit lands anywhere in the daemon's 5 s sensor loop
+        before = {r[0] for r in runs(self.dconn)}
+        row_id, t0 = self.write()
+        t1 = self.visible(row_id)
+        new = [r for r in runs(self.dconn) if r[0] not in before]
+        assert len(new) == 1, new
+        _, _, created, started, _ = new[0]
+        parts = (t1 - t0, float(created) - t0, float(started) - float(created), t1 - float(started))
+        label = f"{self.label} " + ("warm-up (not counted)" if n == 0 else f"sample {n}")
+        events = dict(self.dconn.execute(
+            "select dagster_event_type, min(extract(epoch from timestamp)) from event_logs "
+            "where run_id = %s and dagster_event_type is not null group by 1", (new[0][0],)).fetchall())
+        steps = ["PIPELINE_ENQUEUED", "PIPELINE_DEQUEUED", "PIPELINE_STARTING", "PIPELINE_START", "STEP_START"]  # (RUN_* events keep their old names)
+        marks = [(k, float(events[k])) for k in steps if k in events]
+        line(f"{label}: run events after the commit",
+             ", ".join(f"{k.lower().replace('pipeline_', 'run_')} +{v - t0:.2f}" for k, v in marks) + " s")
+        line(f"{label}: total / to run created / to run started / to visible",
+             " / ".join(f"{p:.2f}" for p in parts) + " s")
+        # A trickle while that run is alive (it listens until its idle timeout).
+        lat = []
+        for _ in range(trickle if n else 0):
+            time.sleep(random.uniform(0.3, 1.5))
+            row_id, t = self.write()
+            lat.append(self.visible(row_id) - t)
+        if lat:
+            line(f"{label}: trickle, {len(lat)} rows while the run is alive", " ".join(f"{x:.2f}" for x in lat) + " s")
+            more = [r for r in runs(self.dconn) if r[0] not in before]
+            assert len(more) == 1, f"the trickle started another drain run: {more}"
+        if n:
+            for key, p in zip(self.results, parts):
+                self.results[key].append(p)
+            self.results["trickle"] += lat
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--trickle", type=int, default=3, help="rows written one by one after each cold sample")
+    ap.add_argument("--waits", default="0,default",
+                    help="queue sensor LISTEN waits to compare (0: the sensor only polls, the before; default: "
+                         "defs/sensors.py's DEFAULT_SENSOR_WAIT): one daemon each, sampled in turn")
     args = ap.parse_args(argv)
-    header(f"cold start: commit -> vector visible, only dagster-daemon running ({args.samples} samples)")
+    from autoembed_dagster.defs.sensors import DEFAULT_SENSOR_WAIT
+
+    waits = [DEFAULT_SENSOR_WAIT if w.strip() == "default" else float(w) for w in args.waits.split(",")]
+    header(f"cold start: commit -> vector visible, only dagster-daemon running ({args.samples} samples per setting)")
     imp, load = code_load_seconds()
     line("code location: import / load (a run worker's start-up, fresh interpreter)", f"{imp:.2f} s / {load:.2f} s")
-    results: dict[str, list[float]] = {"total": [], "to_created": [], "to_started": [], "to_visible": []}
-    home = Path(tempfile.mkdtemp(prefix="autoembed-cold-"))
-    with embedded_server() as server, fake_provider():
-        from autoembed_dagster.demo.runner import dagster_storage_url
-
-        url = fresh_db(server)
-        storage = dagster_storage_url(server, f"dagster_cold_{os.getpid()}")
-        shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-        env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage,
-               "AUTOEMBED_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
-        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], check=True, capture_output=True, env=env)
-        dagster_db = storage.replace("postgresql+psycopg2://", "postgresql://")
-        with connect(url) as conn, connect(dagster_db) as dconn:
-            conn.execute(DOCS)
-            log = open(home / "daemon.log", "wb")
-            daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
-            try:
-                for sample in range(args.samples + 1):  # the first one warms the daemon's code server: not counted
-                    while any(r[1] in ACTIVE for r in runs(dconn)):
-                        assert daemon.poll() is None, (home / "daemon.log").read_text()[-3000:]
-                        time.sleep(0.2)
-                    time.sleep(random.uniform(0, 5))
-                    before = {r[0] for r in runs(dconn)}
-                    (row_id,) = conn.execute("insert into documents (title, content) values ('t', 'cold') returning id").fetchone()
-                    t0 = time.time()
-                    deadline = t0 + 180
-                    while conn.execute("select embedding is null from documents where id = %s", (row_id,)).fetchone()[0]:
-                        assert time.time() < deadline and daemon.poll() is None, (home / "daemon.log").read_text()[-3000:]
-                        time.sleep(0.01)
-                    t1 = time.time()
-                    new = [r for r in runs(dconn) if r[0] not in before]
-                    assert len(new) == 1, new
-                    _, _, created, started, _ = new[0]
-                    parts = (t1 - t0, float(created) - t0, float(started) - float(created), t1 - float(started))
-                    label = "warm-up (not counted)" if sample == 0 else f"sample {sample}"
-                    events = dict(dconn.execute(
-                        "select dagster_event_type, min(extract(epoch from timestamp)) from event_logs "
-                        "where run_id = %s and dagster_event_type is not null group by 1", (new[0][0],)).fetchall())
-                    steps = ["PIPELINE_ENQUEUED", "PIPELINE_DEQUEUED", "PIPELINE_STARTING", "PIPELINE_START", "STEP_START"]  # (RUN_* events keep their old names)
-                    marks = [(k, float(events[k])) for k in steps if k in events]
-                    line(f"{label}: run events after the commit",
-                         ", ".join(f"{k.lower().replace('pipeline_', 'run_')} +{v - t0:.2f}" for k, v in marks) + " s")
-                    line(f"{label}: total / to run created / to run started / to visible",
-                         " / ".join(f"{p:.2f}" for p in parts) + " s")
-                    if sample:
-                        for key, p in zip(results, parts):
-                            results[key].append(p)
-            finally:
-                os.killpg(daemon.pid, 15)
-                try:
-                    daemon.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(daemon.pid, 9)
-                log.close()
-    shutil.rmtree(home, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    line("median: total / to run created / to run started / to visible",
-         " / ".join(f"{med[k]:.2f}" for k in results) + " s")
-    return med
+    out = {}
+    with embedded_server() as server, fake_provider(), contextlib.ExitStack() as stack:
+        settings = [Setting(stack, server, w) for w in waits]
+        for n in range(args.samples + 1):  # sample 0 warms each daemon's code server: not counted
+            for setting in settings:  # in turn: a change in the machine's load hits every setting alike
+                setting.sample(n, args.trickle)
+        for setting in settings:
+            r = setting.results
+            med = {k: statistics.median(v) if v else float("nan") for k, v in r.items()}
+            line(f"{setting.label} median: total / to run created / to run started / to visible",
+                 " / ".join(f"{med[k]:.2f}" for k in ("total", "to_created", "to_started", "to_visible")) + " s"
+                 + (f" (totals {min(r['total']):.2f}-{max(r['total']):.2f})" if r["total"] else ""))
+            if r["trickle"]:
+                line(f"{setting.label} trickle while the run is alive: p50 / max",
+                     f"{med['trickle']:.2f} / {max(r['trickle']):.2f} s")
+            out[setting.wait] = med
+    if len(waits) == 2 and out[waits[0]]["total"]:
+        line(f"median total, wait {waits[1]:g} s / wait {waits[0]:g} s",
+             f"{out[waits[1]]['total'] / out[waits[0]]['total']:.2f}x")
+    return out
 
 
 if __name__ == "__main__":

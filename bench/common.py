@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -43,12 +44,59 @@ def fresh_db(server_url: str, prefix: str = "bench") -> str:
     return url
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop `proc` (started with start_new_session=True) and every process left in its process
+    group: a dagster-daemon's code servers and run workers too, including one it started while
+    it was being stopped. SIGTERM, then SIGKILL to whatever is still there after `grace` s."""
+    import psutil
+
+    pgid = proc.pid
+
+    def members() -> list[int]:
+        found = []
+        for pid in psutil.pids():
+            try:
+                if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    found.append(pid)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return found
+
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
+    while True:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(min(1.0, max(deadline - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            pass
+        if proc.poll() is not None and not members():
+            return
+        if time.monotonic() > deadline + 10:
+            raise RuntimeError(f"processes of group {pgid} survived SIGKILL: {members()}")
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+
+
+@contextlib.contextmanager
+def process_group(args: list[str], **kwargs) -> Iterator[subprocess.Popen]:
+    """A subprocess in a process group of its own, stopped with everything it started (stop_group)
+    when the block ends, however it ends."""
+    proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
 @contextlib.contextmanager
 def fake_provider(dims: int = 1536) -> Iterator[str]:
     """The lean fake OpenAI server in a subprocess; points the openai client at it by env."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_server.py"), "--dims", str(dims)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
+    with process_group([sys.executable, str(ROOT / "bench" / "fake_server.py"), "--dims", str(dims)],
+                       stdout=subprocess.PIPE, text=True) as proc:
         line = proc.stdout.readline()
         if not line.startswith("PORT "):
             raise RuntimeError(f"fake provider did not start: {line!r}")
@@ -66,9 +114,6 @@ def fake_provider(dims: int = 1536) -> Iterator[str]:
                 else:
                     os.environ[k] = v
             clear_embedder_cache()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def create_docs(conn: psycopg.Connection, table: str = "docs", vector: str = "halfvec(1536)", hnsw: bool = False) -> None:

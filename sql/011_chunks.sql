@@ -202,14 +202,32 @@ begin
             ' and c.source_hash = (select autoembed.content_hash(%s(t)::text) from %s t where t.%I = c.%I)',
             content_function::oid::regproc, p.parent, p.key_column, p.key_column);
     end if;
-    -- Grow the batch of nearest chunks until it names k parents or holds every chunk.
+    -- Grow the batch of nearest chunks until it names k parents or holds every chunk. A content
+    -- function that raises for a parent among them: the batches are counted again with each
+    -- parent's input read through autoembed.try_input (sql/014), which catches the error: that
+    -- parent's chunk set cannot be shown current and is skipped, the others are found (the final
+    -- query reads the same chunks, so it runs in the mode the counting ended in).
+    <<counting>>
     loop
-        execute format(
-            'select count(*), count(distinct c.%1$I) filter (where true %4$s)
-             from (select c.* from %3$s c order by c.embedding <=> $1::%2$s limit $2) c',
-            p.key_column, vtype, chunk_table, current_only) into total, found using query, batch;
-        exit when found >= k or total < batch;
-        batch := batch * 4;
+        begin
+            loop
+                execute format(
+                    'select count(*), count(distinct c.%1$I) filter (where true %4$s)
+                     from (select c.* from %3$s c order by c.embedding <=> $1::%2$s limit $2) c',
+                    p.key_column, vtype, chunk_table, current_only) into total, found using query, batch;
+                exit when found >= k or total < batch;
+                batch := batch * 4;
+            end loop;
+            exit counting;
+        exception when others then
+            if content_function is null or current_only like '%autoembed.try_input%' then
+                raise;
+            end if;
+            current_only := format(
+                ' and c.source_hash = (select autoembed.content_hash((autoembed.try_input(%L, t)).input)'
+                ' from %s t where t.%I = c.%I)',
+                format('select %s($1)::text', content_function::oid::regproc), p.parent, p.key_column, p.key_column);
+        end;
     end loop;
     return query execute format(
         'select x.k, x.chunk_index, x.chunk, x.d from (

@@ -21,6 +21,10 @@ from .fake_openai import FakeOpenAI
 # Every database a test session creates has a name of its own (pid + random): a server named by
 # AUTOEMBED_TEST_DATABASE_URL may hold other databases (`dagster`, another session's template),
 # and tests create and drop only their own.
+# A queue sensor waits up to 3.5 s on LISTEN when its queue is empty (defs/sensors.py): tests tick
+# it directly many times and turn the wait off; test_dagster_layer turns it on where it is tested.
+os.environ.setdefault("AUTOEMBED_SENSOR_WAIT", "0")
+
 SESSION_TAG = f"{os.getpid()}_{secrets.token_hex(3)}"
 TEMPLATE = f"autoembed_template_{SESSION_TAG}"
 _counter = itertools.count()

@@ -393,6 +393,27 @@ def test_the_demo_chunks_whole_module_docs_and_search_lands_on_the_passage(conn,
                                      ).fetchone()[0]  # the exact passage of the document
 
 
+def test_the_demos_first_drain_batch_is_its_first_rows_alone(conn, monkeypatch):
+    """The demo writes its first rows in a statement of their own, so the drain's first batch embeds
+    those few rows (not a whole 200-row bulk message) and the first vectors show a moment after
+    the drain starts (bench/bench_demo.py)."""
+    from autoembed_dagster.core.config import Settings
+    from autoembed_dagster.core.drain import Drainer, pipeline_resolver
+    from autoembed_dagster.demo.corpus import stdlib_docs
+    from autoembed_dagster.demo.runner import FIRST_ROWS, create_demo_table, demo_pipelines, progress, queue_corpus
+
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AUTOEMBED_READ_BATCH", "64")  # the demo's
+    create_demo_table(conn)
+    queue_corpus(conn, stdlib_docs(300), [])
+    drainer = Drainer(conn, Settings.from_env(), pipeline_resolver(list(demo_pipelines())))
+    first = drainer.drain_batch()
+    assert first.embedded == progress(conn).embedded == FIRST_ROWS
+    drainer.run()
+    assert progress(conn).embedded == 300
+
+
 # -- model change of a chunked pipeline through Dagster ------------------------------------------
 def test_a_model_change_re_embeds_the_chunks_through_the_partitioned_asset_and_promotes(articles, fake_openai):
     """defs.yaml changes dimensions 1536 -> 512: the model-partitions sensor adds the new model,

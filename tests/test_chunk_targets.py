@@ -281,7 +281,7 @@ def test_chunk_target_of_uses_the_registered_chunk_table(articles):
 
 # -- health, CLI ---------------------------------------------------------------------------------
 def test_health_counts_current_missing_and_stale_documents(articles, fake_openai, settings):
-    from autoembed_dagster.core.health import chunk_target_health, chunk_targets
+    from autoembed_dagster.core.health import chunk_targets, target_health
 
     conn = articles
     conn.execute("insert into articles values (1, 'A', %s), (2, 'B', %s), (3, 'C', null)", (_doc(10, 1), _doc(10, 2)))
@@ -289,10 +289,10 @@ def test_health_counts_current_missing_and_stale_documents(articles, fake_openai
     conn.execute("insert into articles values (4, 'D', %s)", (_doc(10, 4),))  # queued, no chunks yet
     conn.execute("update articles set body = body || ' more' where id = 2")  # stale until drained
     [target] = chunk_targets(conn)
-    h = chunk_target_health(conn, target, _embedder())
+    h = target_health(conn, target, _embedder())
     assert (h.rows, h.embeddable, h.current, h.missing, h.stale) == (4, 3, 1, 1, 1)
     drain(conn, settings)
-    h = chunk_target_health(conn, target, _embedder())
+    h = target_health(conn, target, _embedder())
     assert (h.current, h.missing, h.stale, h.coverage) == (3, 0, 0, 1.0)
 
 
@@ -532,3 +532,23 @@ def test_the_application_never_waits_for_the_write_of_a_chunk_set(articles, fake
     conn.execute("drop trigger hold on articles_chunks")
     assert drain(conn, settings).embedded == 1
     assert_current(conn, 1)
+
+
+def test_search_skips_a_document_whose_content_function_raises(conn, fake_openai, settings, db_url):
+    """autoembed.search_chunks compares each hit's chunk set with its parent's current input: a
+    content function raising for one parent among the hits failed the whole search. That parent is
+    skipped (its chunk set cannot be shown to be current), the others are found."""
+    from .test_bad_rows import BAD, ROWS, make_items, raise_for
+
+    make_items(conn, "chunks")
+    drain(conn, settings)
+    raise_for(conn, BAD)
+    hits = api.search_chunks("item number 7 of the list", table="items", content_function="item_text", k=ROWS,
+                             url=db_url)
+    assert sorted(int(h.id) for h in hits) == sorted(set(range(1, ROWS + 1)) - {BAD})
+    # The same query once the function reads the row again: it is found as before.
+    conn.execute("create or replace function item_text(i items) returns text language plpgsql immutable"
+                 " as $$ begin return i.body; end $$")
+    hits = api.search_chunks("item number 7 of the list", table="items", content_function="item_text", k=ROWS,
+                             url=db_url)
+    assert sorted(int(h.id) for h in hits) == list(range(1, ROWS + 1))

@@ -18,7 +18,8 @@ from autoembed_dagster.demo.corpus import stdlib_long_docs
 from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.embed import make_embedder
 from autoembed_dagster.core.embed.local import LocalEmbedder
-from autoembed_dagster.core.search import nearest_chunks, search_chunks
+from autoembed_dagster.core.search import search_chunks
+from autoembed_dagster.core.targets.shapes import ChunkSetShape
 from autoembed_dagster.core.targets.catalog import TargetError
 
 from .fake_openai import fake_vector
@@ -332,9 +333,9 @@ def test_search_looks_past_a_parent_that_fills_the_first_batch_of_nearest_chunks
         conn.execute("""insert into docs_chunks select %s, %s, %s, %s::vector::halfvec, '\\x00',
                         autoembed.content_hash(body), 'm', 's' from docs where id = %s""",
                      (key, i, text, str(vec), key))
-    hits = nearest_chunks(conn, target, np.array(near, dtype=np.float32), 2)
+    hits = ChunkSetShape(target).nearest(conn, np.array(near, dtype=np.float32), 2)
     assert [(h.id, h.chunk) for h in hits] == [("1", "chunk 0"), ("2", "two")]
-    assert [h.id for h in nearest_chunks(conn, target, np.array(near, dtype=np.float32), 3)] == ["1", "2", "3"]
+    assert [h.id for h in ChunkSetShape(target).nearest(conn, np.array(near, dtype=np.float32), 3)] == ["1", "2", "3"]
 
 
 def test_a_document_rechunked_under_another_model_reuses_none_of_the_old_models_vectors(conn, fake_openai,

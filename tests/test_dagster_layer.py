@@ -4,6 +4,8 @@ job (executed in process with an instance), and the asset checks on real data.""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -159,6 +161,52 @@ def test_sensor_requests_one_drain_when_work_waits_and_none_while_one_is_active(
     make_run(instance, DagsterRunStatus.SUCCESS)
     make_run(instance, DagsterRunStatus.STARTED, job_name="drain_other", lane="other")
     assert len(tick(defs, instance, cursor=second.cursor).run_requests) == 1
+
+
+def test_an_idle_sensor_listens_and_requests_a_drain_the_moment_a_row_is_written(supabase_docs, defs, instance,
+                                                                                 monkeypatch, db_url):
+    """No drain alive, empty queue: the tick waits on LISTEN and requests the drain as soon as a
+    send is notified, not at the daemon's next sensor loop. The wait is long here (60 s): a tick
+    that returns a run request was woken by the write (after its timeout it would skip)."""
+    monkeypatch.setenv("AUTOEMBED_SENSOR_WAIT", "60")
+    from autoembed_dagster.core.db.server import connect
+
+    def listening() -> bool:  # the tick's session listens and has read the (empty) queue
+        return supabase_docs.execute(
+            "select exists (select 1 from pg_stat_activity where datname = current_database() and state = 'idle' "
+            "and pid <> pg_backend_pid() and query like '%%pgmq.metrics%%')").fetchone()[0]
+
+    ticked = threading.Event()
+
+    def write():
+        while not listening():
+            if ticked.is_set():
+                return  # the tick did not wait
+            time.sleep(0.05)
+        with connect(db_url) as other:
+            insert_docs(other, 1)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        result = tick(defs, instance)
+    finally:
+        ticked.set()
+        writer.join()
+    assert len(result.run_requests) == 1, result.skip_message
+    obs = [e for e in result.asset_events if isinstance(e, dg.AssetObservation)]
+    assert obs[0].metadata["claimable"].value == 1
+
+
+def test_a_sensor_does_not_wait_while_a_drain_of_its_lane_is_alive(supabase_docs, defs, instance, monkeypatch):
+    """A live drain run listens itself: the tick returns at once, and requests no second run
+    when a write lands."""
+    monkeypatch.setenv("AUTOEMBED_SENSOR_WAIT", "60")
+    make_run(instance, DagsterRunStatus.STARTED)
+    assert "no claimable job" in tick(defs, instance).skip_message  # would have waited 60 s
+    insert_docs(supabase_docs, 2)
+    result = tick(defs, instance)
+    assert not result.run_requests and "is STARTED" in result.skip_message
 
 
 def test_sensor_ignores_jobs_that_are_not_claimable_yet(supabase_docs, defs, instance):

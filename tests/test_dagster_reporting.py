@@ -187,10 +187,10 @@ def test_health_metrics_on_real_data(supabase_docs, fake_openai, settings):
     target, why = health.resolve_target(conn, key)
     assert why is None
     model = "openai:text-embedding-3-small:1536"
-    before = health.table_health(conn, target, model)
+    before = health.target_health(conn, target, model)
     assert (before.rows, before.embeddable, before.current, before.missing, before.coverage) == (4, 4, 0, 4, 0.0)
     Drainer(conn, settings, pipeline_resolver([DOCS])).run()
-    after = health.table_health(conn, target, model)
+    after = health.target_health(conn, target, model)
     assert (after.current, after.missing, after.stale, after.coverage) == (4, 0, 0, 1.0)
     assert [i.method for i in health.vector_indexes(conn, target)] == ["hnsw"]
     m = pgmq.metrics(conn, "embedding_jobs")

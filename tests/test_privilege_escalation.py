@@ -253,7 +253,7 @@ def search_path(conn) -> str:
 def test_a_column_targets_content_function_runs_with_its_owners_rights_in_drain_status_and_search(
         conn, db_url, hostile, fake_openai, settings):
     from autoembed_dagster.core.drain import drain
-    from autoembed_dagster.core.health import table_health
+    from autoembed_dagster.core.health import target_health
     from autoembed_dagster.core.targets.catalog import lookup_registered
 
     fake_openai.default_dims = 3
@@ -266,7 +266,7 @@ def test_a_column_targets_content_function_runs_with_its_owners_rights_in_drain_
     assert search_path(conn) == before  # what the function changed was undone
 
     target_id = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
-    health = table_health(conn, lookup_registered(conn, target_id=target_id)[0], "openai:text-embedding-3-small:3")
+    health = target_health(conn, lookup_registered(conn, target_id=target_id)[0], "openai:text-embedding-3-small:3")
     assert (health.rows, health.current) == (2, 2)
     hits = api.search("one", table="notes", schema=hostile, content_function=f"{hostile}.note_input", k=2, url=db_url)
     assert sorted(h.input for h in hits) == [f"one as {hostile}", f"two as {hostile}"]

@@ -353,7 +353,7 @@ def test_renames_keep_the_state_and_a_dropped_table_takes_it_along(conn, fake_op
     from autoembed_dagster.core.targets.catalog import TargetKey
 
     target, _ = health.resolve_target(conn, TargetKey("kept", "memos", "note_text", "vec"))
-    th = health.table_health(conn, target, "openai:text-embedding-3-small:1536")
+    th = health.target_health(conn, target, "openai:text-embedding-3-small:1536")
     assert (th.current, th.stale) == (20, 0)
     sent = len(fake_openai.requests)
     assert main(["backfill", p.name, "-q"]) == 0

@@ -151,9 +151,9 @@ def search_chunks(query: str, *, table: str, schema: str = "public", content_fun
 
 def chunk_targets_health(url: str | None = None, embedder_settings: EmbedderSettings | None = None):
     """(target, health) of every registered chunk target, under the model of `embedder_settings`
-    (default: the environment's) sized to its chunk table (core.health.chunk_target_health)."""
-    from .health import chunk_target_health, chunk_targets
+    (default: the environment's) sized to its chunk table (core.health.target_health)."""
+    from .health import chunk_targets, target_health
 
     settings = embedder_settings or EmbedderSettings.from_env()
     with session(url) as conn:
-        return [(t, chunk_target_health(conn, t, make_embedder(settings, t.dimensions))) for t in chunk_targets(conn)]
+        return [(t, target_health(conn, t, make_embedder(settings, t.dimensions))) for t in chunk_targets(conn)]

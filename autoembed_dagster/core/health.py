@@ -23,8 +23,10 @@ import psycopg
 from psycopg import sql
 
 from .targets.catalog import Target, TargetError, TargetKey, resolve
+from .targets.shapes import Made, shape_of
 
 if TYPE_CHECKING:
+    from .embed.base import Embedder
     from .pipelines import Pipeline
 
 # US$ per 1M input tokens (public list prices); the local model costs nothing per token.
@@ -57,7 +59,9 @@ def estimated_cost(tokens: int, provider: str, model: str) -> float | None:
 # -- tables --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TableHealth:
-    table: str  # schema.table.column
+    """A target's health (rows of a vector column, or documents of a chunk set)."""
+
+    table: str  # schema.table.column, or schema.table -> chunk table
     model: str  # the model key vectors must carry (provider:model:dimensions)
     rows: int
     embeddable: int  # rows whose input is not NULL/blank
@@ -74,69 +78,19 @@ class TableHealth:
         return self.current / self.embeddable if self.embeddable else 1.0
 
 
-def table_health(conn: psycopg.Connection, target: Target, model: str) -> TableHealth:
-    """One scan of the table (its content function and hash per row) joined with embedding_state.
-    Rows whose content function raises are counted apart (targets.badrows.scan_isolating)."""
-    from .targets.badrows import input_lateral, scan_isolating
-
-    def query(safe: bool) -> sql.Composable:
-        return sql.SQL(
-            """
-            select count(*),
-                   count(*) filter (where x.embeddable),
-                   count(*) filter (where x.has_vector and s.content_hash = x.h and s.model = %(model)s),
-                   count(*) filter (where x.embeddable and not x.has_vector),
-                   count(*) filter (where x.has_vector
-                                    and (s.row_id is null or s.content_hash is distinct from x.h
-                                         or s.model is distinct from %(model)s)),
-                   count(*) filter (where x.error is not null),
-                   min('key ' || x.k || ': ' || x.error)
-            from (
-                select r.k, r.has_vector, autoembed.content_hash(r.input) as h, r.error,
-                       r.input is not null and btrim(r.input) <> '' as embeddable
-                from (select t.{key}::text as k, i.input, i.error, t.{col} is not null as has_vector
-                      from {table} t {lateral}) r
-            ) x
-            left join autoembed.embedding_state s
-              on s.schema_name = %(schema)s and s.table_name = %(table)s
-             and s.embedding_column = %(column)s and s.row_id = x.k
-            """
-        ).format(key=target.key_sql, col=target.column_sql, table=target.table_sql,
-                 lateral=input_lateral(conn, target.function_sql, "t", safe))
-
-    params = {"model": model, "schema": target.key.schema, "table": target.key.table,
-              "column": target.key.embedding_column}
-    rows, embeddable, current, missing, stale, unreadable, error = scan_isolating(conn, query, params)
-    return TableHealth(
-        table=target.key.label,
-        model=model,
-        rows=rows,
-        embeddable=embeddable,
-        current=current,
-        missing=missing,
-        stale=stale,
-        dead_letters=dead_letter_count(conn, target.key),
-        unreadable=unreadable,
-        unreadable_error=error,
-    )
-
-
-def chunk_target_health(conn: psycopg.Connection, target: Target, embedder) -> TableHealth:
-    """A chunk target's documents: current = its chunk set is the chunking of its current input
-    under `embedder`'s model and the target's splitting (core.targets.chunks.document_counts); missing =
-    documents with input and no chunk set; stale = chunk sets of older input, model or splitting."""
-    from .targets.splitter import splitter_for
-    from .targets.chunks import document_counts
-    from .drain.chunked import chunk_target_of
-
-    splitter = splitter_for(embedder, target.chunk_tokens, target.chunk_overlap)
-    counts = document_counts(conn, chunk_target_of(target), embedder.identity.key, splitter.key)
-    cov = counts.coverage
-    return TableHealth(table=f"{target.key.schema}.{target.key.table} -> {target.chunk_table}",
-                       model=embedder.identity.key, rows=cov.rows, embeddable=cov.embeddable, current=cov.current,
-                       missing=counts.without_chunks, stale=counts.stale,
-                       dead_letters=dead_letter_count(conn, target.key), unreadable=cov.unreadable,
-                       unreadable_error=cov.unreadable_error)
+def target_health(conn: psycopg.Connection, target: Target, by: "Embedder | Made | str | None") -> TableHealth:
+    """The health of any target from its shape's one scan (core.targets.shapes.Shape.counts). `by`:
+    the embedder whose vectors are current (a chunk set's chunking needs its tokenizer; None: no
+    model can be made), or what they are made by (`Made`, or for a vector column its model key)."""
+    shape = shape_of(target)
+    made = Made(by) if isinstance(by, str) else by if isinstance(by, Made) else shape.made_by(by)
+    if made is None:
+        raise TargetError(f"{shape.label}: which chunk sets are current needs the model's tokenizer")
+    c = shape.counts(conn, made)
+    return TableHealth(table=shape.label, model=made.model, rows=c.coverage.rows, embeddable=c.coverage.embeddable,
+                       current=c.coverage.current, missing=c.missing, stale=c.stale,
+                       dead_letters=dead_letter_count(conn, target.key), unreadable=c.coverage.unreadable,
+                       unreadable_error=c.coverage.unreadable_error)
 
 
 def pipeline_target(conn: psycopg.Connection, p: "Pipeline") -> tuple[Target | None, str | None]:
@@ -157,9 +111,7 @@ def pipeline_target(conn: psycopg.Connection, p: "Pipeline") -> tuple[Target | N
 
 def vectors_label(target: Target) -> str:
     """Where a target's vectors are, for messages: `table.column`, or the chunk table's vectors."""
-    if target.chunked:
-        return f"{sql.Identifier(target.key.schema, target.chunk_table).as_string(None)}.embedding"
-    return f"{target.regclass}.{target.key.embedding_column}"
+    return shape_of(target).vectors_label
 
 
 def chunk_targets(conn: psycopg.Connection) -> list[Target]:
@@ -208,14 +160,9 @@ class VectorIndex:
 
 
 def vector_indexes(conn: psycopg.Connection, target: Target) -> list[VectorIndex]:
-    """Indexes over the embedding column, or over a chunk target's chunk table's vectors (the
-    vector index asset)."""
-    if target.chunked:
-        from .targets.chunks import VECTOR_COLUMN
-
-        relation = sql.Identifier(target.key.schema, target.chunk_table).as_string(conn)
-        return indexes_on(conn, relation, VECTOR_COLUMN)
-    return indexes_on(conn, target.regclass, target.key.embedding_column)
+    """Indexes over the target's vectors (the vector index asset)."""
+    shape = shape_of(target)
+    return indexes_on(conn, shape.vectors_relation, shape.vectors_column)
 
 
 def indexes_on(conn: psycopg.Connection, relation: str, column: str) -> list[VectorIndex]:

@@ -18,6 +18,7 @@ from ..core.drain import EmbedderResolver, pipeline_resolver, resolve_embedder
 from ..core.targets.models import get_migration
 from ..core.pipelines import Pipeline
 from ..core.targets.catalog import TargetKey
+from ..core.targets.shapes import shape_of
 from .assets import embeddings_key, vectors_table
 from .resources import AutoembedResource
 
@@ -96,15 +97,17 @@ def evaluate(conn: psycopg.Connection, p: Pipeline, resolver: EmbedderResolver) 
             {"column_dimensions": target.dimensions, "model_dimensions": identity.dimensions,
              "model": identity.key},
         )
+    enrolled = (target.chunk_tokens, target.chunk_overlap)
     if p.chunked:
-        if embedder is None:
-            return [CheckOutcome(name, False, f"{where}: {model_error}") for name in CHECKS if name != "dimensions"] \
-                + [dims]
         # Current = the chunking the code declares (a set of other sizes is stale, whatever the registry says).
-        declared = replace(target, chunk_tokens=p.chunk_tokens, chunk_overlap=p.chunk_overlap)
-        return _chunk_outcomes(p, health.chunk_target_health(conn, declared, embedder), dims,
-                               enrolled=(target.chunk_tokens, target.chunk_overlap))
-    th = health.table_health(conn, target, identity.key if identity else "(misconfigured model)")
+        target = replace(target, chunk_tokens=p.chunk_tokens, chunk_overlap=p.chunk_overlap)
+    made = shape_of(target).made_by(embedder)
+    if made is None:  # which chunk sets are current needs the model's tokenizer
+        return [CheckOutcome(name, False, f"{where}: {model_error}") for name in CHECKS if name != "dimensions"] \
+            + [dims]
+    th = health.target_health(conn, target, made)
+    if p.chunked:
+        return _chunk_outcomes(p, th, dims, enrolled=enrolled)
     why = model_situation(conn, p, th) if th.stale or th.coverage < min_coverage() else ""
     return _outcomes(
         th, dims, target.key.label,

@@ -12,6 +12,7 @@ Dagster dedupes run keys forever.
 import json
 import os
 import time
+from contextlib import nullcontext
 
 import dagster as dg
 from dagster import DagsterRunStatus, RunsFilter
@@ -37,6 +38,22 @@ OBSERVE_AT_LEAST_EVERY_SECONDS = 60.0
 # 10 s. 1 s lets it tick on every loop: a first write waits <= 5 s for its drain run to be
 # requested, not up to 10 s (bench/bench_cold_start.py). A tick is one pgmq metrics query.
 DEFAULT_SENSOR_INTERVAL = 1
+
+
+# While no drain run of its lane is alive, a queue sensor's evaluation waits this long on LISTEN
+# for a send to its queue, and requests the drain run the moment one is notified: a first write
+# after an idle period no longer waits for the daemon's next sensor loop (up to 5 s). It stays
+# under that 5 s loop (with room for the tick's own overhead), else the daemon, which keeps one
+# tick per sensor in flight, would skip a loop. Each waiting lane holds one sensor worker thread
+# (dagster.yaml `sensors.num_workers`) and one connection. 0 turns the wait off.
+DEFAULT_SENSOR_WAIT = 3.5
+
+
+def sensor_wait() -> float:
+    try:
+        return min(max(0.0, float(os.environ.get("AUTOEMBED_SENSOR_WAIT", str(DEFAULT_SENSOR_WAIT)))), 60.0)
+    except ValueError:
+        return DEFAULT_SENSOR_WAIT
 
 
 def sensor_interval() -> int:
@@ -107,8 +124,14 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None) -> d
         now = time.time()
         events = []
         last = state.get("observed") or {}
-        with autoembed.connect() as conn:
+        # No drain alive: listen for the first send (a live drain run listens itself).
+        wait = sensor_wait()
+        listen = wait > 0 and not _blocking_runs(context.instance, job.name, queue, limit=1)
+        with autoembed.connect() as conn, (pgmq.Listening(conn, queue) if listen else nullcontext()) as listening:
+            # Read after LISTEN took effect: a send in between is counted here, not missed.
             m = pgmq.metrics(conn, queue)
+            if listening is not None and m is not None and m.visible == 0 and listening.wait(wait):
+                m = pgmq.metrics(conn, queue)
             observe = m is not None and (last.get("depth") != m.depth or last.get("visible") != m.visible
                                          or now - float(last.get("at", 0)) >= OBSERVE_AT_LEAST_EVERY_SECONDS)
             # Rows, not only messages: a bulk statement's message covers up to 200 rows.

@@ -27,18 +27,12 @@ from ..targets import chunks
 from ..targets.catalog import Target, ambiguous_key_error
 from ..targets.splitter import Splitter
 from ..targets.badrows import check_vectors
+from ..targets.shapes import chunk_target_of
 from .embed import provider_call
 from .jobs import Job
 from .outcome import Outcome
 from .read import read_rows_or_isolate
 from .stats import DrainStats
-
-
-def chunk_target_of(target: Target) -> chunks.ChunkTarget:
-    """The chunk table side of a registered chunk target."""
-    assert target.chunk_table is not None, target
-    return chunks.ChunkTarget(target.key.schema, target.key.table, target.key.key_column, target.key_type,
-                              target.function, target.chunk_table, target.vector_type, target.dimensions)
 
 
 def shadow_of(conn: psycopg.Connection, target: Target) -> Target | None:

@@ -32,6 +32,7 @@ from ..targets.models import (MIGRATION_COLUMNS, MIGRATION_SELECT, Migration, Mo
                               migration_from_row)
 from ..targets.shadow import (OLD_SUFFIX, SHADOW_SUFFIX, Coverage, IndexInfo, column_indexes, column_models,
                               opclass_for, suffixed, with_options)
+from ..targets.shapes import Made, shape_of
 
 _LOCK_CLASS = 0x61656D  # advisory lock class of migrations ("aem")
 
@@ -52,40 +53,9 @@ def _reload(conn: psycopg.Connection, m: Migration, lock: bool = False) -> Migra
 
 def coverage(conn: psycopg.Connection, target: Target, model_key: str,
              shard: int | None = None, shards: int | None = None) -> Coverage:
-    """How many rows (of one shard, or all) hold `model_key`'s vector of their current input. Rows
-    whose content function raises are counted apart (targets.badrows.scan_isolating)."""
-    from ..targets.badrows import input_lateral, scan_isolating
-
-    def query(safe: bool) -> sql.Composable:
-        return sql.SQL(
-            """
-            select count(*), count(*) filter (where x.embeddable),
-                   count(*) filter (where x.embeddable and x.has_vector and s.model = %(model)s
-                                    and s.content_hash = x.h),
-                   count(*) filter (where x.error is not null),
-                   min('key ' || x.k || ': ' || x.error)
-            from (select r.k, r.has_vector, autoembed.content_hash(r.input) as h, r.error,
-                         r.input is not null and btrim(r.input) <> '' as embeddable
-                  from (select t.{key}::text as k, i.input, i.error, t.{col} is not null as has_vector
-                        from {table} t {lateral}
-                        where %(shards)s::integer is null
-                           or autoembed.shard_of(t.{key}::text, %(shards)s) = %(shard)s) r) x
-            -- A primary-key probe per row: with stale statistics on embedding_state (it grows fast
-            -- during a backfill) a plain join became a nested loop over every state row.
-            left join lateral (
-                select s.model, s.content_hash from autoembed.embedding_state s
-                where s.schema_name = %(schema)s and s.table_name = %(table)s
-                  and s.embedding_column = %(column)s and s.row_id = x.k
-                limit 1) s on true
-            """
-        ).format(key=target.key_sql, col=target.column_sql, table=target.table_sql,
-                 lateral=input_lateral(conn, target.function_sql, "t", safe))
-
-    rows, embeddable, current, unreadable, error = scan_isolating(conn, query, {
-        "model": model_key, "shards": shards, "shard": shard, "schema": target.key.schema,
-        "table": target.key.table, "column": target.key.embedding_column,
-    })
-    return Coverage(rows, embeddable, current, unreadable, error)
+    """How many rows (of one shard, or all) hold `model_key`'s vector of their current input: the
+    target's one count (core.targets.shapes), also what core.health reports."""
+    return shape_of(target).counts(conn, Made(model_key), shard, shards).coverage
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
@@ -39,6 +40,35 @@ def has_visible(conn: psycopg.Connection, queue: str) -> bool:
     """Whether the queue holds a message a drain could claim now."""
     return conn.execute(sql.SQL("select exists (select 1 from {} where vt <= clock_timestamp())")
                         .format(table_of(queue))).fetchone()[0]
+
+
+class Listening:
+    """LISTEN on the channel the enqueue triggers and send_batch notify (payload: the queue's
+    name), for as long as the `with` block lasts. Needs an autocommit connection: a session in a
+    transaction gets its notifications only at commit."""
+
+    def __init__(self, conn: psycopg.Connection, queue: str):
+        self.conn, self.queue = conn, queue
+
+    def __enter__(self) -> "Listening":
+        self.conn.execute(sql.SQL("listen {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.conn.execute(sql.SQL("unlisten {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        except psycopg.Error:
+            pass  # a closed connection listens to nothing
+
+    def wait(self, timeout: float) -> bool:
+        """True as soon as a send to this queue is notified, False after `timeout` seconds without
+        one (notifications of other queues are skipped)."""
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            for note in self.conn.notifies(timeout=left, stop_after=1):
+                if note.payload == self.queue:
+                    return True
+        return False
 
 
 def read_claimed(conn: psycopg.Connection, queue: str, msg_ids: Sequence[int]) -> list[Message]:
