@@ -265,3 +265,19 @@ def test_the_instance_config_follows_the_package_until_it_is_edited(tmp_path, mo
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))
     assert instance_home(settings) == tmp_path / "elsewhere"
     assert (tmp_path / "elsewhere" / "dagster.yaml").read_text().endswith(template)
+
+
+def test_another_projects_dagster_home_in_the_shell_is_named_with_how_to_drop_it(tmp_path, monkeypatch):
+    """After `eval "$(autoembed dagster-env)"` in project A, `autoembed dev` in project B uses A's
+    instance as set (an explicit DAGSTER_HOME wins) and says so, with the variables to unset."""
+    from autoembed_dagster.core.config import Settings
+    from autoembed_dagster.demo.runner import other_projects_env
+
+    b = Settings(home=tmp_path / "b" / ".autoembed")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "a" / ".autoembed" / "dagster_home"))
+    note = other_projects_env(b)
+    assert note and f"project in {tmp_path / 'a'}" in note and "unset DAGSTER_HOME DAGSTER_POSTGRES_URL" in note
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "b" / ".autoembed" / "dagster_home"))
+    assert other_projects_env(b) is None  # its own
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "ops" / "dagster"))
+    assert other_projects_env(b) is None  # a DAGSTER_HOME of the user's own: nothing to say
