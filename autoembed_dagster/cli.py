@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--port", type=int, default=3000, help="port of the Dagster UI")
     dm.add_argument("--timeout", type=float, default=900.0, help="give up waiting for the drain after this many seconds")
     dm.add_argument("--keep-db", action="store_true", help="leave the embedded Postgres running at exit")
-    dm.add_argument("--dagster-home", default=None, help="Dagster instance directory (default: dagster_home/)")
+    dm.add_argument("--dagster-home", default=None, help="Dagster instance directory (default: DAGSTER_HOME when set, else the project's own .autoembed/dagster_home)")
     dm.set_defaults(func=_cmd_demo)
 
     de = sub.add_parser("dagster-env", help="print the exports `dagster dev -w workspace.yaml` needs (eval them)")

@@ -36,11 +36,7 @@ def dagster_home(tmp_path, pg_server_url):
     home.mkdir()
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     name = unique_database_name("dagster_e2e")
-    storage = dagster_storage_url(pg_server_url, name)
-    # Dagster's tables made once here: a daemon and a `dagster job launch` started together on an
-    # empty database both create them, and the loser exits ("type event_logs already exists").
-    subprocess.run([str(BIN / "dagster"), "instance", "migrate"], check=True, capture_output=True,
-                   env={**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_URL": storage})
+    storage = dagster_storage_url(pg_server_url, name)  # with Dagster's tables, as `autoembed dagster-env` makes it
     yield home, storage
     drop_database(pg_server_url, name)
 
@@ -162,16 +158,20 @@ def test_storage_url_forms():
         "postgresql+psycopg2://u:p%40ss@db.example:5433/dagster?sslmode=require"
 
 
-def test_dagster_env_prints_what_dagster_dev_needs(db_url, pg_server_url, dagster_database):
+def test_dagster_env_prints_what_dagster_dev_needs(db_url, pg_server_url, dagster_database, tmp_path):
     """`eval "$(autoembed dagster-env)"`: Dagster's database exists with its tables, and the
-    project's dagster.yaml opens a Postgres-backed instance from the printed variables."""
+    project's own instance (its .autoembed/dagster_home, the packaged dagster.yaml) opens a
+    Postgres-backed instance from the printed variables."""
+    home = tmp_path / ".autoembed"
+    environ = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL")}
     out = subprocess.run([str(BIN / "autoembed"), "dagster-env"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+                         timeout=120, check=True, env={**environ, "AUTOEMBED_HOME": str(home)}).stdout
     env = dict(line.removeprefix("export ").split("=", 1) for line in out.strip().splitlines())
     env = {k: v.strip("'") for k, v in env.items()}
     assert set(env) == {"DAGSTER_HOME", "AUTOEMBED_DATABASE_URL", "DAGSTER_POSTGRES_URL"}
     assert env["AUTOEMBED_DATABASE_URL"] == db_url
-    assert env["DAGSTER_HOME"] == str(ROOT / "dagster_home")
+    assert env["DAGSTER_HOME"] == str(home / "dagster_home")
+    assert (home / "dagster_home" / "dagster.yaml").read_text().endswith((ROOT / "dagster_home" / "dagster.yaml").read_text())
     assert env["DAGSTER_POSTGRES_URL"].startswith("postgresql+psycopg2://")
     with psycopg.connect(with_database(pg_server_url, dagster_database)) as conn:
         tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}

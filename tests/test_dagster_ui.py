@@ -65,12 +65,17 @@ def test_partitions_and_staleness_say_what_the_database_holds(supabase_docs, fak
         assert {"name": "embedding_jobs_sensor"} in embeddings["targetingInstigators"], embeddings
         assert shards["partitionStats"] == {"numMaterialized": 2, "numPartitions": 2, "numFailed": 0}, shards
         assert "shadow column embedding__next" in shards["description"]
+        # The model is named in full where the page starts (the partition list cuts its key in the middle).
+        assert embeddings["description"].startswith("Model: text-embedding-3-small (openai, "), embeddings
+        assert shards["description"].startswith("Model: text-embedding-3-small (openai, "), shards
 
         # A model change: the asset is stale, with the reason, until the re-embed completes.
         write_pipeline(project, "documents", {"table": "public.documents", "shards": 2, "dimensions": 512})
         with ui(project, instance) as context:
-            embeddings = node(context, embeddings_key(DOCS))
+            embeddings, shards = node(context, embeddings_key(DOCS)), node(context, shards_key(DOCS))
         assert embeddings["staleStatus"] == "STALE", embeddings
+        assert embeddings["description"].startswith("Model: text-embedding-3-small (openai, 512 dimensions)."), embeddings
+        assert "(the code's: openai:text-embedding-3-small:512:embedding_input;" in shards["description"], shards
         assert {"reason": "has a new code version", "category": "CODE"} in embeddings["staleCauses"]
 
         model = "openai:text-embedding-3-small:512:embedding_input"

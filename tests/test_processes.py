@@ -112,3 +112,172 @@ def test_sigterm_to_the_pid_stops_every_child_and_the_postgres_it_started(workdi
                 pass
         subprocess.run([str(BIN / "autoembed"), "db", "stop"], cwd=cwd, env=env, capture_output=True, timeout=120)
         log.close()
+
+
+def _start_dev(project: Path, port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([str(BIN / "autoembed"), "dev", "--port", str(port)], cwd=project, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _db_url(project: Path, env: dict[str, str]) -> str:
+    out = subprocess.run([str(BIN / "autoembed"), "db", "url"], cwd=project, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_two_projects_side_by_side_each_have_their_own_instance_and_database(workdir):
+    """`autoembed dev` in two projects at once, nothing configured: each project's .autoembed holds
+    its own embedded Postgres and its own Dagster instance (DAGSTER_HOME), each UI lists its own
+    project's assets only, a table made in one database is not in the other, and each storage
+    database is on its own project's server."""
+    import psycopg
+
+    from autoembed_dagster.core.db.server import with_database
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOEMBED_", "OPENAI_", "DAGSTER_"))}
+    env.update(PYTHONUNBUFFERED="1", PATH=f"{BIN}:{env['PATH']}", PYTHONPATH=str(ROOT))
+    a, b = workdir / "a", workdir / "b"
+    for project in (a, b):
+        shutil.copytree(ROOT / "demo", project, ignore=shutil.ignore_patterns("__pycache__", ".autoembed"))
+    shutil.rmtree(b / "autoembed_demo_project" / "defs" / "stdlib_modules")  # b: one pipeline, a: two
+    ports = {a: free_port(), b: free_port()}
+    procs = {p: _start_dev(p, ports[p], env, workdir / f"{p.name}.log") for p in (a, b)}
+    trees: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs.values()):
+            trees += [c for proc in procs.values() for c in psutil.Process(proc.pid).children(recursive=True)
+                      if c not in trees]  # recorded while they run: the cleanup below needs them
+            if ui_lists(ports[a], "stdlib_modules_chunks") and ui_lists(ports[b], "stdlib_docs_embeddings"):
+                break
+            time.sleep(2)
+        logs = {p: (workdir / f"{p.name}.log").read_text(errors="replace") for p in (a, b)}
+        assert all(p.poll() is None for p in procs.values()), logs
+        assert ui_lists(ports[a], "stdlib_modules_chunks") and ui_lists(ports[b], "stdlib_docs_embeddings"), logs
+
+        for project in (a, b):
+            home = project / ".autoembed"
+            assert f"DAGSTER_HOME={home / 'dagster_home'};" in logs[project], logs[project]
+            assert (home / "dagster_home" / "dagster.yaml").is_file()
+            assert (home / ".gitignore").read_text().strip().endswith("*")  # never committed
+            assert postmaster_pid(home / "pgdata") is not None
+        assert postmaster_pid(a / ".autoembed" / "pgdata") != postmaster_pid(b / ".autoembed" / "pgdata")
+        assert not ui_lists(ports[b], "stdlib_modules_chunks")  # b's UI: b's defs.yaml files only
+
+        urls = {p: _db_url(p, env) for p in (a, b)}
+        assert urls[a] != urls[b]
+        with psycopg.connect(urls[a], autocommit=True) as conn:
+            conn.execute("create table only_in_a (id int)")
+        with psycopg.connect(urls[b], autocommit=True) as conn:
+            assert conn.execute("select to_regclass('only_in_a')").fetchone()[0] is None
+        for project in (a, b):  # each storage on its own server, with its own daemon's heartbeats
+            with psycopg.connect(with_database(urls[project], "dagster"), autocommit=True) as conn:
+                assert conn.execute("select count(*) from daemon_heartbeats").fetchone()[0] > 0
+
+        trees = [c for proc in procs.values() for c in psutil.Process(proc.pid).children(recursive=True)]
+        trees += [psutil.Process(postmaster_pid(p / ".autoembed" / "pgdata")) for p in (a, b)]
+        for proc in procs.values():
+            os.kill(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            proc.wait(timeout=180)
+        _, alive = psutil.wait_procs(trees, timeout=60)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)  # stops its children too
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for p in trees:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        for project in (a, b):
+            subprocess.run([str(BIN / "autoembed"), "db", "stop"], cwd=project, env=env, capture_output=True,
+                           timeout=120)
+
+
+def test_the_storage_database_the_tool_names_has_dagsters_tables_at_the_current_schema(pg_server_url):
+    """What `dagster instance migrate` did in the tests' fixtures, the tool does: the storage
+    database it creates (dagster-env, dev, demo) has Dagster's tables at this Dagster's schema
+    before any daemon or `dagster job launch` starts (on an empty one they race: "type event_logs
+    already exists" and the daemon exits), also when several processes prepare it at once."""
+    import psycopg
+    from dagster_postgres import DagsterPostgresStorage
+
+    from autoembed_dagster.core.db.server import with_database
+    from autoembed_dagster.demo.runner import dagster_storage_url
+
+    from .conftest import drop_database, unique_database_name
+
+    name = unique_database_name("dagster_prep")
+    code = ("import sys; from autoembed_dagster.demo.runner import dagster_storage_url; "
+            "print(dagster_storage_url(sys.argv[1], sys.argv[2]))")
+    try:
+        together = [subprocess.Popen([sys.executable, "-c", code, pg_server_url, name], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                    for _ in range(3)]
+        results = [(p.wait(timeout=300), *p.communicate()) for p in together]
+        assert all(rc == 0 for rc, _, _ in results), [err[-800:] for _, _, err in results]
+        with psycopg.connect(with_database(pg_server_url, name)) as conn:
+            tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
+        assert {"runs", "event_logs", "jobs", "alembic_version", "asset_keys"} <= tables
+        storage = DagsterPostgresStorage(dagster_storage_url(pg_server_url, name), should_autocreate_tables=False)
+        try:
+            for part in (storage.run_storage, storage.event_log_storage, storage.schedule_storage):
+                current, head = part.alembic_version()
+                assert current == head
+        finally:
+            for part in (storage.run_storage, storage.event_log_storage, storage.schedule_storage):
+                part.dispose()
+    finally:
+        drop_database(pg_server_url, name)
+
+
+def test_the_instance_config_follows_the_package_until_it_is_edited(tmp_path, monkeypatch):
+    """A project's .autoembed/dagster_home/dagster.yaml is the packaged one; a copy nobody edited
+    follows the package (an upgrade), an edited one is kept; an explicit DAGSTER_HOME wins."""
+    from autoembed_dagster.core.config import Settings
+    from autoembed_dagster.demo.runner import _WRITTEN, _sha, instance_home
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    settings = Settings(home=tmp_path / "project" / ".autoembed")
+    home = instance_home(settings)
+    assert home == tmp_path / "project" / ".autoembed" / "dagster_home"
+    template = (ROOT / "dagster_home" / "dagster.yaml").read_text()
+    written = (home / "dagster.yaml").read_text()
+    assert written.endswith(template) and (tmp_path / "project" / ".autoembed" / ".gitignore").is_file()
+
+    older = "telemetry:\n  enabled: false\n"  # as an older package wrote it ...
+    (home / "dagster.yaml").write_text(_WRITTEN.format(_sha(older)) + "\n" + older)
+    instance_home(settings)
+    assert (home / "dagster.yaml").read_text() == written  # ... follows the package
+
+    (home / "dagster.yaml").write_text(written + "# mine\n")
+    instance_home(settings)
+    assert (home / "dagster.yaml").read_text() == written + "# mine\n"  # edited: kept
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))
+    assert instance_home(settings) == tmp_path / "elsewhere"
+    assert (tmp_path / "elsewhere" / "dagster.yaml").read_text().endswith(template)
+
+
+def test_another_projects_dagster_home_in_the_shell_is_named_with_how_to_drop_it(tmp_path, monkeypatch):
+    """After `eval "$(autoembed dagster-env)"` in project A, `autoembed dev` in project B uses A's
+    instance as set (an explicit DAGSTER_HOME wins) and says so, with the variables to unset."""
+    from autoembed_dagster.core.config import Settings
+    from autoembed_dagster.demo.runner import other_projects_env
+
+    b = Settings(home=tmp_path / "b" / ".autoembed")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "a" / ".autoembed" / "dagster_home"))
+    note = other_projects_env(b)
+    assert note and f"project in {tmp_path / 'a'}" in note and "unset DAGSTER_HOME DAGSTER_POSTGRES_URL" in note
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "b" / ".autoembed" / "dagster_home"))
+    assert other_projects_env(b) is None  # its own
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "ops" / "dagster"))
+    assert other_projects_env(b) is None  # a DAGSTER_HOME of the user's own: nothing to say

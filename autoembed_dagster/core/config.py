@@ -77,10 +77,32 @@ def _project_home() -> tuple[Path, bool]:
     if explicit:
         return Path(explicit).expanduser().resolve(), True
     home = os.environ.get("HOME")
-    found = find_project_home(Path.cwd(), Path(home) if home else None)
+    ceiling = Path(home) if home else None
+    found = find_project_home(Path.cwd(), ceiling)
     if found is not None:
         return found, True
-    return (Path.cwd() / HOME_DIRNAME).resolve(), False
+    # None yet: the Dagster project's own (its root, wherever inside it the command runs), else the cwd's.
+    project = find_dagster_project(Path.cwd(), ceiling)
+    return ((project or Path.cwd()) / HOME_DIRNAME).resolve(), False
+
+
+def find_dagster_project(start: Path, ceiling: Path | None) -> Path | None:
+    """The nearest folder from `start` up whose pyproject.toml declares a Dagster project
+    ([tool.dg.project]), not up into `ceiling`."""
+    import tomllib
+
+    start = start.resolve()
+    ceiling = ceiling.resolve() if ceiling is not None else None
+    for folder in (start, *start.parents):
+        if folder == ceiling and folder != start:
+            return None
+        try:
+            data = tomllib.loads((folder / "pyproject.toml").read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        if isinstance(data.get("tool", {}).get("dg", {}).get("project"), dict):
+            return folder
+    return None
 
 
 def default_batch_size(provider: str) -> int:

@@ -73,6 +73,14 @@ def model_version(p: Pipeline, digest: str | None = None) -> str:
     return p.code_version() + chunking_version(p) + (f"@{digest}" if digest else "")
 
 
+def model_label(p: Pipeline) -> str:
+    """The configured model in words, for the first line of an asset's description: the UI cuts a
+    long model key (`provider:model:dimensions:content_function`) in its middle, where the model is."""
+    provider, *model, dims, _ = p.code_version().split(":")  # a model name may hold a colon (model:tag)
+    size = "as many dimensions as its column" if dims == "column" else f"{dims} dimensions"
+    return f"{':'.join(model)} ({provider}, {size})"
+
+
 def vectors_table(p: Pipeline) -> str:
     """Where the pipeline's vectors are: `schema.table.column`, or the chunk table's `embedding`."""
     return f"{p.schema}.{p.chunk_table}.embedding" if p.chunked else f"{p.qualified_table}.{p.embedding_column}"
@@ -124,7 +132,8 @@ def pipeline_specs(p: Pipeline, digest: str | None = None, why_no_digest: str = 
         dg.AssetSpec(
             embeddings_key(p),
             deps=[source_key(p), queue_key(p.queue)],
-            description=f"{what} Kept in sync by the drain lane of queue `{p.queue}`. Pipeline {p.name}: {_origin(p)}.",
+            description=(f"Model: {model_label(p)}. {what} Kept in sync by the drain lane of queue `{p.queue}` "
+                         f"(its sensor, {p.queue}_sensor). Pipeline {p.name}: {_origin(p)}."),
             group_name=GROUP,
             kinds={"pgvector"},
             code_version=version,

@@ -31,7 +31,8 @@ from ..core.pipelines import Pipeline
 from ..core.targets.catalog import TargetChanged, TargetError
 from ..core.targets.models import ModelSpec
 from . import batch_backfill
-from .assets import GROUP, SHARD_CHECK as CHECK, embeddings_key, model_version, models_partitions_name, shards_key, source_key
+from .assets import (GROUP, SHARD_CHECK as CHECK, embeddings_key, model_label, model_version, models_partitions_name,
+                     shards_key, source_key)
 from .truth import configured_model_key, partition_model_key, table_is_current
 from .resources import AutoembedResource
 
@@ -67,7 +68,10 @@ def _shards_description(p: Pipeline) -> str:
                      f"a shadow chunk table {p.schema}.{p.chunk_table}__next, swapped in")
                     if p.chunked else (f"{p.qualified_table}.{p.embedding_column}",
                                        f"a shadow column {p.embedding_column}__next, promoted"))
-    return (f"{what} re-embedded shard by shard (model × shard). The code version is the configured model "
+    return (f"Model: {model_label(p)}. {what} re-embedded shard by shard (model × shard). A model partition "
+            f"is named provider:model:dimensions:content_function (the code's: {p.code_version()}; the partition "
+            "list shortens long names in their middle: the model is in each materialization's `model` metadata). "
+            "The code version is the configured model "
             "identity: a model change makes the materialized partitions stale. A model other than the one the "
             f"table holds is written to {shadow} atomically when complete. Shards the drain already keeps "
             "current under the code's model are reported materialized by it.")

@@ -4,8 +4,8 @@ The demo runs everything on this machine, offline and with no API key: the embed
 `autoembed db init`, two tables of the Python standard library's docs (demo/corpus.py) enrolled for
 embedding with the local model (384 dimensions): short docstrings, one vector per row
 (`stdlib_docs`), and whole-module documents embedded as chunks (`stdlib_modules` ->
-`stdlib_modules_chunks`); then `dagster-daemon` and `dagster-webserver` (DAGSTER_HOME=dagster_home,
--w workspace.yaml) whose queue sensor starts the drain run. It shows the queue draining and semantic
+`stdlib_modules_chunks`); then `dagster-daemon` and `dagster-webserver` (the project's own instance,
+DAGSTER_HOME=.autoembed/dagster_home; -w workspace.yaml) whose queue sensor starts the drain run. It shows the queue draining and semantic
 searches answering (over the chunks: the passage that matched); Ctrl-C stops the processes it
 started, by pid.
 """
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from ..core.config import ConfigError, Settings
+from ..core.config import HOME_DIRNAME, ConfigError, Settings
 from ..core.db.schema import init_db
 from ..core.db.server import (connect, database_name, database_url, embedded_pgdata, embedded_running,
-                              ensure_database, stop_embedded)
+                              ensure_database, make_home, stop_embedded)
 from ..core.pipelines import Pipeline
 from ..core.queue import pgmq
 from ..packaged import checkout, packaged
@@ -70,22 +70,85 @@ CHUNK_QUERIES = (
 
 
 # -- locations -----------------------------------------------------------------------------------
+INSTANCE_DIRNAME = "dagster_home"  # Dagster's instance, in the project's .autoembed folder
+_WRITTEN = "# written by autoembed from its packaged dagster.yaml (sha256 {}); edited, it is kept as it is"
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_instance_config(home: Path) -> Path:
+    """`home`/dagster.yaml from the packaged one. A copy autoembed wrote and nobody edited since
+    (its first line records the hash of the rest) follows the package on an upgrade; an edited or
+    a user's own file is left as it is."""
+    template = (packaged("dagster_home") / "dagster.yaml").read_text()
+    path = home / "dagster.yaml"
+    if path.is_file():
+        first, _, rest = path.read_text().partition("\n")
+        if first != _WRITTEN.format(_sha(rest)) or rest == template:
+            return path  # edited (or never ours), or current
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(_WRITTEN.format(_sha(template)) + "\n" + template)
+    return path
+
+
 def instance_home(settings: Settings | None = None) -> Path:
-    """Dagster's instance directory (DAGSTER_HOME): the checkout's dagster_home/; with an installed
-    wheel, dagster_home/ in the project's .autoembed folder, made from the packaged dagster.yaml."""
-    root = checkout()
-    if root is not None:
-        return root / "dagster_home"
-    home = (settings or Settings.from_env()).home.resolve() / "dagster_home"
-    if not (home / "dagster.yaml").is_file():
-        home.mkdir(parents=True, exist_ok=True)
-        shutil.copy(packaged("dagster_home") / "dagster.yaml", home / "dagster.yaml")
+    """Dagster's instance directory (DAGSTER_HOME) of this project: `DAGSTER_HOME` when it is set
+    (yours wins; given the packaged dagster.yaml if it has none), else dagster_home/ in the
+    project's .autoembed folder, next to its embedded database: each project has an instance of
+    its own (runs, sensors, storage settings), never another project's."""
+    explicit = os.environ.get("DAGSTER_HOME")
+    if explicit:
+        home = Path(explicit).expanduser().resolve()
+        if not (home / "dagster.yaml").exists():
+            write_instance_config(home)
+        return home
+    settings = settings or Settings.from_env()
+    home = make_home(settings.home.resolve()) / INSTANCE_DIRNAME
+    write_instance_config(home)
     return home
 
 
+def other_projects_env(settings: Settings) -> str | None:
+    """A note when this shell's DAGSTER_HOME is another project's instance (an earlier `eval
+    "$(autoembed dagster-env)"` there): it wins, as any explicit DAGSTER_HOME, so say how to drop it."""
+    explicit = os.environ.get("DAGSTER_HOME")
+    if not explicit:
+        return None
+    home = Path(explicit).expanduser().resolve()
+    ours = settings.home.resolve() / INSTANCE_DIRNAME
+    if home == ours or home.name != INSTANCE_DIRNAME or home.parent.name != HOME_DIRNAME:
+        return None
+    return (f"note: DAGSTER_HOME={home} is the instance of the project in {home.parent.parent} (set by an "
+            f"`eval \"$(autoembed dagster-env)\"` there?), not this one's ({ours}): it is used as set. For this "
+            "project's own instance and database: unset DAGSTER_HOME DAGSTER_POSTGRES_URL AUTOEMBED_DATABASE_URL")
+
+
+def _project_demo_copy() -> Path | None:
+    """The Dagster project at or above the current folder when it is (a copy of) the demo project:
+    its defs.yaml files are the ones to run, not those of the package's own copy."""
+    from ..core.config import find_dagster_project
+
+    home = os.environ.get("HOME")
+    project = find_dagster_project(Path.cwd(), Path(home) if home else None)
+    if project is None:
+        return None
+    try:
+        return project if _root_module(project) == "autoembed_demo_project" else None
+    except (KeyError, OSError, ValueError):
+        return None
+
+
 def demo_project(settings: Settings | None = None) -> Path:
-    """The demo's Dagster project: demo/ of the checkout; with an installed wheel, a copy of the
-    packaged one in the project's .autoembed folder (made once: edits to its defs.yaml stay)."""
+    """The demo's Dagster project: the one the current folder is in when it is a copy of the demo
+    (a clone's demo/); else demo/ of the checkout the package runs from; with an installed wheel,
+    a copy of the packaged one in the project's .autoembed folder (made once: edits stay)."""
+    here = _project_demo_copy()
+    if here is not None:
+        return here
     root = checkout()
     if root is not None:
         return root / DEMO_PROJECT
@@ -161,9 +224,45 @@ def dagster_database() -> str:
         raise ConfigError(f"AUTOEMBED_DAGSTER_DATABASE: {exc}") from None
 
 
+# One process at a time prepares a storage database (advisory lock on it): 'dags', 'tore'.
+_STORAGE_LOCK = (0x64616773, 0x746F7265)
+
+
 def dagster_storage_url(data_url: str, database: str | None = None) -> str:
-    """Create Dagster's own database on the data's server (if missing); its SQLAlchemy URL."""
-    return sqlalchemy_url(ensure_database(data_url, database or dagster_database()))
+    """Create Dagster's own database on the data's server (if missing), with Dagster's tables in
+    it (prepare_dagster_storage); its SQLAlchemy URL."""
+    url = sqlalchemy_url(ensure_database(data_url, database or dagster_database()))
+    prepare_dagster_storage(url)
+    return url
+
+
+def prepare_dagster_storage(storage_url: str) -> None:
+    """What `dagster instance migrate` does, done by the tool wherever it makes or names a storage
+    database: Dagster's tables created, or an older Dagster's schema migrated, by one process at a
+    time (an advisory lock). Left to the processes that use it, a daemon and a `dagster job launch`
+    started together on an empty database both create the tables, and the loser exits ("type
+    event_logs already exists")."""
+    import psycopg
+    from dagster_postgres import DagsterPostgresStorage
+
+    libpq = urlparse(storage_url)._replace(scheme="postgresql").geturl()
+    with psycopg.connect(libpq, autocommit=True) as lock:
+        lock.execute("select pg_advisory_lock(%s, %s)", _STORAGE_LOCK)
+        storage = DagsterPostgresStorage(storage_url)  # creates missing tables, at this Dagster's schema
+        try:
+            parts = (storage.run_storage, storage.event_log_storage, storage.schedule_storage)
+            if any(current != head for current, head in (part.alembic_version() for part in parts)):
+                # An instance made by an older Dagster: Dagster's own upgrade, as `instance migrate` runs it.
+                storage.run_storage.upgrade()
+                storage.run_storage.migrate()
+                storage.event_log_storage.upgrade()
+                storage.event_log_storage.reindex_assets()
+                storage.schedule_storage.upgrade()
+                storage.schedule_storage.migrate()
+        finally:
+            for part in (storage.run_storage, storage.event_log_storage, storage.schedule_storage):
+                part.dispose()
+        # the lock goes with the connection
 
 
 @contextmanager
@@ -180,17 +279,11 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def init_dagster_storage(dagster_home: Path, env: dict[str, str]) -> None:
-    """Create Dagster's tables once, before the webserver and the daemon start side by side."""
-    from dagster import DagsterInstance
-
-    with _env(env), DagsterInstance.from_config(str(dagster_home)) as instance:
-        instance.get_run_records(limit=1)
-
-
-def dagster_env(settings: Settings | None = None, *, prepare_storage: bool = True) -> dict[str, str]:
-    """The environment `dagster dev` / `dagster-daemon` need for this project, after making sure
-    the data database is initialised and Dagster's database exists."""
+def dagster_env(settings: Settings | None = None) -> dict[str, str]:
+    """The environment `dagster dev` / `dagster-daemon` need for this project (its own instance,
+    its own database), after making sure the data database is initialised and Dagster's database
+    exists with its tables. A DAGSTER_POSTGRES_URL set in the environment names the storage, as
+    DAGSTER_HOME the instance (prepared all the same)."""
     settings = settings or Settings.from_env()
     home = instance_home(settings)
     with warnings.catch_warnings():
@@ -198,17 +291,24 @@ def dagster_env(settings: Settings | None = None, *, prepare_storage: bool = Tru
         url = as_url(database_url(settings))  # key=value conninfo too
     with connect(url) as conn:
         init_db(conn)
-    env = {
-        "DAGSTER_HOME": str(home),
-        "AUTOEMBED_DATABASE_URL": url,
-        "DAGSTER_POSTGRES_URL": dagster_storage_url(url),
-    }
-    if prepare_storage:
-        init_dagster_storage(home, env)
-    return env
+    return {"DAGSTER_HOME": str(home), "AUTOEMBED_DATABASE_URL": url, "DAGSTER_POSTGRES_URL": storage_url(url)}
+
+
+def storage_url(data_url: str) -> str:
+    """Dagster's storage, prepared: DAGSTER_POSTGRES_URL when it is set, else the database
+    `dagster` (AUTOEMBED_DAGSTER_DATABASE) on the data's server."""
+    explicit = os.environ.get("DAGSTER_POSTGRES_URL")
+    if explicit:
+        prepare_dagster_storage(explicit)
+        return explicit
+    return dagster_storage_url(data_url)
 
 
 def print_dagster_env(settings: Settings | None = None) -> int:
+    settings = settings or Settings.from_env()
+    note = other_projects_env(settings)
+    if note:
+        print(note, file=sys.stderr)
     env = dagster_env(settings)
     for key, value in env.items():
         print(f"export {key}={shlex.quote(value)}")
@@ -231,6 +331,9 @@ def run_dagster_dev(port: int = 3000, workspace: str | None = None, keep_db: boo
     started = Started()
     held = None
     try:
+        note = other_projects_env(settings)
+        if note:
+            say(note)
         env = {**os.environ, **dagster_env(settings)}
         held = hold_the_database(env["AUTOEMBED_DATABASE_URL"], f"dev port {port}")
         if workspace is None:
@@ -442,19 +545,19 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
              queries: tuple[str, ...] = QUERIES, modules: int = len(DEMO_MODULES)) -> int:
     settings = Settings.from_env()
     if dagster_home is None:
+        note = other_projects_env(settings)
+        if note:
+            say(note)
         dagster_home = instance_home(settings)
     else:  # another instance directory (tests): the packaged dagster.yaml unless it has one
         dagster_home = Path(dagster_home).resolve()
         if not (dagster_home / "dagster.yaml").exists():
-            dagster_home.mkdir(parents=True, exist_ok=True)
-            shutil.copy(packaged("dagster_home") / "dagster.yaml", dagster_home / "dagster.yaml")
+            write_instance_config(dagster_home)
     stop_on_signals()  # `kill <pid>` tidies up like Ctrl-C, even when started in the background
     if ui:
         _executable("dagster-webserver")  # the standalone extra: say so before anything starts
     if ui and not port_free(port):
         raise ConfigError(f"port {port} is in use: pass --port")
-    if "DAGSTER_HOME" in os.environ and Path(os.environ["DAGSTER_HOME"]).resolve() != dagster_home.resolve():
-        say(f"note: using DAGSTER_HOME={dagster_home} (not {os.environ['DAGSTER_HOME']})")
 
     embedded = not settings.database_url
     was_running = embedded and embedded_running(settings)
@@ -485,14 +588,15 @@ def run_demo(rows: int = 1200, ui: bool = True, port: int = 3000, timeout: float
         **os.environ,
         "DAGSTER_HOME": str(dagster_home),
         "AUTOEMBED_DATABASE_URL": url,
-        "DAGSTER_POSTGRES_URL": dagster_storage_url(url),
+        "DAGSTER_POSTGRES_URL": storage_url(url),
         "AUTOEMBED_HOME": str(settings.home),
         "PYTHONUNBUFFERED": "1",
         # Claim 64 jobs per batch (default 500) so the progress below moves every second or two.
         "AUTOEMBED_READ_BATCH": os.environ.get("AUTOEMBED_READ_BATCH", "64"),
     }
     dagster_env_only = {k: env[k] for k in ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL")}
-    init_dagster_storage(dagster_home, dagster_env_only)
+    say(f"Dagster instance: {dagster_home} (storage: Postgres database "
+        f"{urlparse(env['DAGSTER_POSTGRES_URL']).path[1:]})")
 
     with connect(url) as conn:
         create_demo_table(conn)

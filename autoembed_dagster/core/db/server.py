@@ -70,10 +70,20 @@ def psql_path() -> str:
     return str(bundled)
 
 
+def make_home(home: Path) -> Path:
+    """Create the project's `.autoembed` folder (its database, its Dagster instance) with a
+    .gitignore of its own, so that none of it is ever committed, whatever the project's .gitignore."""
+    home.mkdir(parents=True, exist_ok=True)
+    ignore = home / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# autoembed's local state (embedded Postgres, Dagster instance): never committed\n*\n")
+    return home
+
+
 def start_embedded(pgdata: Path):
     """Start (or attach to) the embedded server in `pgdata` and return its handle."""
     pgserver, _ = _pgserver()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    make_home(pgdata.parent)
     # pgserver would "attach" to whatever process has the PID of a stale postmaster.pid.
     stale = clear_stale_pidfile(pgdata)
     if stale:
@@ -252,8 +262,8 @@ def ensure_database(url: str, database: str) -> str:
         if not exists:
             try:
                 conn.execute(psycopg.sql.SQL("create database {}").format(psycopg.sql.Identifier(database)))
-            except psycopg.errors.DuplicateDatabase:
-                pass  # created concurrently
+            except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+                pass  # created concurrently (the loser of two `create database` may see either error)
     return with_database(url, database)
 
 
