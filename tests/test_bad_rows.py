@@ -331,3 +331,18 @@ def test_db_init_replaces_triggers_that_called_the_content_function_in_their_whe
     init_db(conn)
     conn.execute("update items set body = 'RAISE now' where id = %s", (BAD,))
     assert drain(conn, settings).dead_lettered == 1
+
+
+def test_column_search_skips_a_row_whose_content_function_raises(conn, fake_openai, settings, db_url):
+    """A column target's search showed each hit's input through the content function: one row
+    raising failed the whole search. That row is skipped, the others are found."""
+    make_items(conn, "column")
+    drain(conn, settings)
+    raise_for(conn, BAD)
+    hits = api.search("item number 7 of the list", table="items", content_function="item_text", k=ROWS, url=db_url)
+    assert sorted(int(h.id) for h in hits) == sorted(set(range(1, ROWS + 1)) - {BAD})
+    assert all(h.input.startswith("item number") for h in hits)
+    conn.execute("create or replace function item_text(i items) returns text language plpgsql immutable"
+                 " as $$ begin return i.body; end $$")
+    hits = api.search("item number 7 of the list", table="items", content_function="item_text", k=ROWS, url=db_url)
+    assert sorted(int(h.id) for h in hits) == list(range(1, ROWS + 1))

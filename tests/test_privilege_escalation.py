@@ -425,7 +425,7 @@ def test_a_backfill_page_and_a_model_migrations_shadow_write_with_the_owners_rig
     p2 = replace(p, dimensions=2)
     if chunked:
         result = run_chunk_backfill(conn, p2)
-        assert result.promoted_old is not None, result
+        assert result.promotion is not None, result
         assert conn.execute(f"select count(*), min(vector_dims(embedding)) from {hostile}.notes_chunks").fetchone() == (2, 2)
         assert conn.execute(f"select pg_get_userbyid(relowner) from pg_class where oid = '{hostile}.notes_chunks'::regclass"
                             ).fetchone()[0] == hostile

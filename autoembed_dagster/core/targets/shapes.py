@@ -167,16 +167,30 @@ class ColumnShape:
         check_dimensions(self.target, embedder.identity.dimensions, embedder.identity.model)
 
     def nearest(self, conn: psycopg.Connection, vector: np.ndarray, k: int) -> list[Hit]:
+        """The `k` rows nearest to `vector`; a hit whose content function raises is skipped (its
+        input cannot be shown), the others are found (targets.badrows.input_lateral)."""
+        from .badrows import input_lateral, row_error
+
         target = self.target
         vector = np.asarray(vector, dtype=np.float32)
-        rows = conn.execute(
-            sql.SQL(
-                """select t.{key}::text, t.{col} <=> %s::vector::{vtype}, {fn}(t)::text from {table} t
-                   where t.{col} is not null order by t.{col} <=> %s::vector::{vtype} limit %s"""
+
+        def query(safe: bool) -> sql.Composable:
+            return sql.SQL(
+                """select h.key, h.d, i.input from
+                     (select t as r, t.{key}::text as key, t.{col} <=> %s::vector::{vtype} as d from {table} t
+                      where t.{col} is not null order by t.{col} <=> %s::vector::{vtype} limit %s) h
+                   {lateral} where i.error is null order by h.d"""
             ).format(key=target.key_sql, col=target.column_sql, vtype=target.vector_type_sql,
-                     fn=target.function_sql, table=target.table_sql),
-            (vector, vector, k),
-        ).fetchall()
+                     table=target.table_sql, lateral=input_lateral(conn, target.function_sql, "r", safe))
+
+        params = (vector, vector, k)
+        try:
+            with conn.transaction():
+                rows = conn.execute(query(False), params).fetchall()
+        except Exception as exc:
+            if not row_error(exc):
+                raise
+            rows = conn.execute(query(True), params).fetchall()
         return [Hit(r[0], float(r[1]), r[2]) for r in rows]
 
 
