@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--pipeline", action="store_true", help="profile the pipelined drain (the main thread only)")
+    ap.add_argument("--sort", default="cumulative", help="pstats order: cumulative, tottime, ...")
     args = ap.parse_args(argv)
     header(f"profile: drain of {args.rows:,} queued rows, no index")
     settings = Settings.from_env()
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         line("SQL round trips (wall, summed)", f"{total_sql:.2f} s")
         for text, (secs, calls) in sorted(SQL_TIME.items(), key=lambda kv: -kv[1][0])[:20]:
             print(f"  {secs:7.2f} s {calls:6d}x  {text}")
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(args.top)
+        pstats.Stats(prof).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -
             errors[i] = f"key {work.row_ids[i]}: {problem}"
     embedded = [(rows[r].key, rows[r].hash, vector)
                 for r, vector in zip(work.row_ids, vectors) if vector is not None]
+    versions = [rows[r].version for r, vector in zip(work.row_ids, vectors) if vector is not None]
     # Encoded here, in the pipelined run's worker: the writer only joins the tuples.
     records = copy_records(target, embedded, encoding)
     jobs_by_key = outcome.jobs.setdefault(target, {})
@@ -42,8 +43,8 @@ def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -
         if vector is not None:
             jobs_by_key.setdefault(rows[r].key, []).extend(to_embed[r])
     outcome.writes.setdefault(target, []).extend(
-        (key, h, record, [j.msg_id for j in jobs_by_key[key]])
-        for (key, h, _), record in zip(embedded, records))
+        (key, h, record, [j.msg_id for j in jobs_by_key[key]], version)
+        for (key, h, _), record, version in zip(embedded, records, versions))
     for r, error in zip(work.row_ids, errors):
         if error is None:
             continue

@@ -11,8 +11,8 @@ from ..targets.catalog import Target
 from .jobs import Job
 
 # (row key as canonical text, content hash the vector was made from, its binary COPY tuple,
-#  the ids of the messages it settles)
-Write = tuple[str, bytes, bytes, list[int]]
+#  the ids of the messages it settles[, the row version (xmin) the input was read from, or None])
+Write = tuple  # (str, bytes, bytes, list[int]) or (str, bytes, bytes, list[int], str | None)
 
 
 @dataclass

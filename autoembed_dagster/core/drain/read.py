@@ -30,6 +30,9 @@ class Row:
     has_vector: bool
     state_hash: bytes | None
     state_model: str | None
+    # The row version read (xmin): the write's guard recomputes the input only of a row whose
+    # version changed since (drain.settle.write_vectors).
+    version: str | None = None
 
 
 @dataclass
@@ -61,12 +64,14 @@ def read_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> d
     # skipped.
     query = sql.SQL(
         """with r as materialized (
-               select t.{key} as value, t.{key}::text as key, {fn}(t)::text as input, t.{col} is not null as has_vector
+               select t.{key} as value, t.{key}::text as key, {fn}(t)::text as input, t.{col} is not null as has_vector,
+                      t.xmin::text as version
                from {table} t where t.{key} = any(%s::text[]::{key_type}[])),
            s as materialized (
                select s.row_id, s.content_hash, s.model from autoembed.embedding_state s
                where s.target_id = (select autoembed.state_target(%s, %s, %s)) and s.row_id = any(%s::text[]))
-           select u.k, r.key, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model
+           select u.k, r.key, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model,
+                  r.version
            from r join unnest(%s::text[]) u(k) on r.value = u.k::{key_type}
            left join s on s.row_id = r.key"""
     ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql,

@@ -48,36 +48,45 @@ def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write],
         return out
     writes = list({w[0]: w for w in writes}.values())  # one write per row
     ids = [w[0] for w in writes]
+    made_from = {w[0]: w[1] for w in writes}
     current: dict[str, bytes] = {}
     has_vector: set[str] = set()
+    # The guard: each row locked (SKIP LOCKED: never waiting for the application) and its input's
+    # hash compared. A row still at the version its input was read from (same xmin: no write
+    # since) has that input: its content function is not run again; any other row's input is
+    # read again and hashed. (The drain's own write of a row changes its version too.)
     locked = conn.execute(
         sql.SQL(
-            """select t.{key}::text, autoembed.content_hash({fn}(t)::text), t.{col} is not null
-               from {table} t where t.{key} = any(%s::text[]::{key_type}[])
+            """select t.{key}::text,
+                      case when t.xmin = v.version::xid then null
+                           else autoembed.content_hash({fn}(t)::text) end,
+                      t.{col} is not null
+               from {table} t join unnest(%b::text[], %b::text[]) v(k, version) on t.{key} = v.k::{key_type}
+               where t.{key} = any(%b::text[]::{key_type}[])
                order by t.{key} for update of t skip locked"""
         ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
                  key_type=target.key_type_sql),
-        (ids,), prepare=False,
+        (ids, [w[4] if len(w) > 4 else None for w in writes], ids), prepare=False,
     ).fetchall()
     out.ambiguous = ambiguous_keys(k for k, _, _ in locked)
     for k, h, v in locked:
         if k in out.ambiguous:
             continue  # never write one row's vector onto another
-        current[k] = h
+        current[k] = made_from[k] if h is None else h
         if v:
             has_vector.add(k)
     missing = [k for k in ids if k not in current and k not in out.ambiguous]
     if missing:
         # Not locked: deleted meanwhile (its job is done), or held by another transaction (busy).
         out.busy = [k for (k,) in conn.execute(
-            sql.SQL("select t.{key}::text from {table} t where t.{key} = any(%s::text[]::{key_type}[])").format(
+            sql.SQL("select t.{key}::text from {table} t where t.{key} = any(%b::text[]::{key_type}[])").format(
                 key=target.key_sql, table=target.table_sql, key_type=target.key_type_sql),
             (missing,), prepare=False)]
     # Another drain may have written the same input meanwhile: then there is nothing to do.
     already = {
         row_id for row_id, state_hash, state_model in conn.execute(
             """select row_id, content_hash, model from autoembed.embedding_state
-               where target_id = (select autoembed.state_target(%s, %s, %s)) and row_id = any(%s)""",
+               where target_id = (select autoembed.state_target(%s, %s, %s)) and row_id = any(%b::text[])""",
             (target.key.schema, target.key.table, target.key.embedding_column, sorted(has_vector)),
             prepare=False,
         ) if state_model == model and state_hash == current.get(row_id)
@@ -89,17 +98,20 @@ def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write],
     keys = [w[0] for w in fresh]
     # Through the target's write function (sql/019): the table owner's triggers run with the
     # owner's rights, never the drain's. The vectors go as one binary array of the column's type.
+    # The state upsert rides in the same statement (one round trip; both or neither).
     conn.execute(
-        "select autoembed.write_vectors(%s::regclass, %s, %s, %s::text[], %b)",
+        """with w as materialized (
+               select autoembed.write_vectors(%s::regclass, %s, %s, %b::text[], %b) as n),
+           s as (
+               insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
+               select %s, u.k, u.h, %s, now() from unnest(%b::text[], %b::bytea[]) u(k, h)
+               on conflict (target_id, row_id) do update
+               set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now())
+           select n from w""",
         (target.regclass, target.key.embedding_column, target.key.key_column, keys,
-         vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])), prepare=False)
-    conn.execute(
-        """insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
-           select %s, s.k, s.h, %s, now() from unnest(%s::text[], %s::bytea[]) s(k, h)
-           on conflict (target_id, row_id) do update
-           set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()""",
-        (state_target(conn, target), model, keys, [w[1] for w in fresh]),
-        prepare=False)
+         vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh]),
+         state_target(conn, target), model, keys, [w[1] for w in fresh]),
+        prepare=False).fetchall()
     out.written = len(fresh)
     return out
 
@@ -156,8 +168,8 @@ class ColumnWrite:
 def act_as_drain(conn: psycopg.Connection) -> None:
     """Inside a write transaction: the project's triggers skip the drain's own writes, and a table
     lock held longer than LOCK_TIMEOUT makes the drain give way (the statement fails, is retried)."""
-    conn.execute("set local autoembed.draining = 'on'")
-    conn.execute(sql.SQL("set local lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+    conn.execute("select set_config('autoembed.draining', 'on', true), set_config('lock_timeout', %s, true)",
+                 (LOCK_TIMEOUT,))
 
 
 class VectorWriter:
@@ -282,10 +294,12 @@ class Settler:
         fate = self._split_shared(_Fate(dead, retry, busy, done))
         self._dead_letter(fate.dead)
         self._schedule_retries(fate.retry)
-        pgmq.delete(conn, q, fate.done)
         if fate.done:
-            conn.execute("delete from autoembed.message_errors where queue_name = %s and msg_id = any(%s)",
-                         (q, fate.done))
+            # The messages and any failure recorded for them, in one round trip.
+            conn.execute(
+                """with e as (delete from autoembed.message_errors where queue_name = %s and msg_id = any(%b::bigint[]))
+                   select pgmq.delete(%s, %b::bigint[])""",
+                (q, fate.done, q, fate.done)).fetchall()
         return wrote, fate
 
     @staticmethod
