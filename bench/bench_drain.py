@@ -23,6 +23,7 @@ from common import (Timer, body_sql, connect, create_docs, embedded_server, fake
 from cpu import CpuMeter
 
 from autoembed_dagster.core.config import Settings
+from autoembed_dagster.core.db.server import conninfo_of
 from autoembed_dagster.core.drain import Drainer
 
 
@@ -55,8 +56,11 @@ def _payload(ids: np.ndarray, vecs: np.ndarray, extra: bytes = b"") -> bytes:
     return b"".join(parts)
 
 
-def bare_staged_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batch: int) -> float:
+def bare_staged_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batch: int,
+                       cpu: list | None = None) -> float:
+    """Seconds; `cpu`: gets the measurement's CPU seconds (CpuMeter.seconds) appended."""
     conn.execute("create temp table if not exists bare_stage (k bigint, v halfvec) on commit delete rows")
+    meter = CpuMeter(conninfo_of(conn)) if cpu is not None else None
     with Timer() as t:
         for s in range(0, len(ids), batch):
             with conn.transaction():
@@ -64,6 +68,8 @@ def bare_staged_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batc
                     cp.write(_payload(ids[s:s + batch], vecs[s:s + batch]))
                 conn.execute(f"update {table} t set embedding = s.v from bare_stage s "
                              f"where t.id = s.k and t.id = any(%s)", (ids[s:s + batch].tolist(),), prepare=False)
+    if meter is not None:
+        cpu.append(meter.seconds())
     return t.seconds
 
 
@@ -128,11 +134,17 @@ def requeue(conn, table: str = "docs") -> None:
     conn.execute("vacuum analyze pgmq.q_embedding_jobs")
 
 
-def bare_round(conn, ids: np.ndarray, vecs: np.ndarray, batch: int, table: str = "docs") -> float:
+def bare_round(conn, ids: np.ndarray, vecs: np.ndarray, batch: int, table: str = "docs",
+               cpu: list | None = None) -> float:
     conn.execute(f"select autoembed.unenroll('{table}')")  # the bare write runs without triggers
     conn.execute(f"update {table} set embedding = null")
     conn.execute(f"vacuum analyze {table}")
-    return bare_staged_update(conn, table, ids, vecs, batch)
+    return bare_staged_update(conn, table, ids, vecs, batch, cpu)
+
+
+def cpu_per_row(d: dict[str, float], n: int) -> float:
+    """µs of CPU per row: this process, the provider and the server's own processes."""
+    return (d["py"] + d["provider"] + d["pg"]) / n * 1e6
 
 
 def scenario(server: str, n: int, hnsw: bool, settings: Settings, writers: int, rounds: int = 3) -> dict[str, float]:
@@ -144,19 +156,21 @@ def scenario(server: str, n: int, hnsw: bool, settings: Settings, writers: int, 
     with connect(url) as conn:
         create_docs(conn, hnsw=hnsw)
         load(conn, n)
-        drains, bares, cpus = [], [], []
+        drains, bares, cpus, drain_cpu, bare_cpu = [], [], [], [], []
         ids = vecs = None
         for r in range(rounds):
             if r:
                 requeue(conn)
             meter = CpuMeter(url)
             secs, done = drain(url, settings)
-            cpus.append(meter.stop())
+            used = meter.seconds()
+            drain_cpu.append(used)
+            cpus.append(" ".join(f"{k} {used[k]:.1f}s" for k in ("py", "pg", "provider", "other")))
             assert done == n, f"drained {done} of {n}"
             drains.append(n / secs)
             if ids is None:
                 ids, vecs = vectors_of(conn, "docs")
-            bares.append(n / bare_round(conn, ids, vecs, settings.read_batch))
+            bares.append(n / bare_round(conn, ids, vecs, settings.read_batch, cpu=bare_cpu))
         out["drain"] = statistics.median(drains)
         out["bare_update"] = statistics.median(bares)
         line(f"[{label}] drain, pipelined ({n:,} rows, median of {rounds})",
@@ -164,6 +178,17 @@ def scenario(server: str, n: int, hnsw: bool, settings: Settings, writers: int, 
         line(f"[{label}] bare staged COPY + UPDATE, batches of {settings.read_batch} (median of {rounds})",
              f"{out['bare_update']:8,.0f} rows/s")
         line(f"[{label}] each round: drain / bare", "  ".join(f"{d / b:.0%}" for d, b in zip(drains, bares)))
+        # CPU per row (this process + provider + the server's own processes): what a shared,
+        # loaded machine barely moves, unlike rows/s. bare / drain = the share of the drain's CPU
+        # that the bare write needs too.
+        dc = statistics.median(cpu_per_row(d, n) for d in drain_cpu)
+        bc = statistics.median(cpu_per_row(d, n) for d in bare_cpu)
+        parts = {k: statistics.median(d[k] for d in drain_cpu) / n * 1e6 for k in ("py", "pg", "provider")}
+        bparts = {k: statistics.median(d[k] for d in bare_cpu) / n * 1e6 for k in ("py", "pg")}
+        out["drain_cpu_us"], out["bare_cpu_us"] = dc, bc
+        line(f"[{label}] CPU per row: drain / bare staged update (median of {rounds})",
+             f"{dc:6.1f} us (py {parts['py']:.1f}, pg {parts['pg']:.1f}, provider {parts['provider']:.1f}) / "
+             f"{bc:.1f} us (py {bparts['py']:.1f}, pg {bparts['pg']:.1f}): bare / drain {bc / dc:.0%}")
         arrays, staged = [], []
         for _ in range(rounds):  # the write alone: arrays through the write function vs staged, in turns
             conn.execute("update docs set embedding = null where embedding is not null")
