@@ -158,6 +158,18 @@ def _swap_targets(conn: psycopg.Connection, m: Migration, live: str, other: str,
         {"t": table, "fn": live_fn, "col": live})
 
 
+def clear_vectors(conn: psycopg.Connection, target: Target, where: sql.Composable, params: tuple = ()) -> int:
+    """Clear the vector of the rows of `target` matching `where` (over alias t) through the owner's
+    write function (autoembed.write_vectors, sql/019: a NULL vector clears), never with our own
+    UPDATE: the owner's triggers on the table run with the owner's rights, not the runner's."""
+    return conn.execute(sql.SQL(
+        """select autoembed.write_vectors(%s::regclass, %s, %s, k.keys,
+                                          array_fill(null::{vtype}, array[cardinality(k.keys)]))
+           from (select array(select t.{key}::text from {table} t where {where}) as keys) k"""
+    ).format(vtype=target.vector_type_sql, key=target.key_sql, table=target.table_sql, where=where),
+        (target.regclass, target.key.embedding_column, target.key.key_column, *params)).fetchone()[0]
+
+
 def _unregister(conn: psycopg.Connection, m: Migration, column: str) -> None:
     conn.execute("select autoembed.unregister_targets(%s::regclass, %s)", (_table_sql(m).as_string(conn), column))
 
@@ -441,12 +453,12 @@ def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.
         # queue every row left without one.
         for column, fn in ((mm.embedding_column, mm.old_content_function), (mm.shadow_column, mm.content_function)):
             target = resolve(conn, TargetKey(mm.schema_name, mm.table_name, fn, column, mm.key_column))
-            conn.execute(sql.SQL(
-                """update {table} t set {col} = null where t.{col} is not null and not exists (
+            clear_vectors(conn, target, sql.SQL(
+                """t.{col} is not null and not exists (
                        select 1 from autoembed.embedding_state s
                        where s.target_id = (select autoembed.state_target(%s, %s, %s))
                          and s.row_id = t.{key}::text and s.content_hash = autoembed.content_hash({fn}(t)::text))"""
-            ).format(table=target.table_sql, col=target.column_sql, key=target.key_sql, fn=target.function_sql),
+            ).format(col=target.column_sql, key=target.key_sql, fn=target.function_sql),
                 (mm.schema_name, mm.table_name, column))
             _enqueue(conn, mm, column, sql.SQL("t.{col} is null and nullif(btrim({fn}(t)::text), '') is not null")
                      .format(col=target.column_sql, fn=target.function_sql))
