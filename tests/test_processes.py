@@ -281,3 +281,31 @@ def test_another_projects_dagster_home_in_the_shell_is_named_with_how_to_drop_it
     assert other_projects_env(b) is None  # its own
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "ops" / "dagster"))
     assert other_projects_env(b) is None  # a DAGSTER_HOME of the user's own: nothing to say
+
+
+def test_status_and_search_name_another_projects_exported_settings(supabase_docs, fake_openai, db_url, tmp_path,
+                                                                   monkeypatch, capsys):
+    """`eval "$(autoembed dagster-env)"` in project A, then `autoembed status` / `search` in project
+    B: they work on A's database (an explicit URL wins) and say so on stderr, as dev/demo do."""
+    from urllib.parse import parse_qs, urlparse
+
+    from autoembed_dagster import cli
+
+    socket_dir = (parse_qs(urlparse(db_url).query).get("host") or [""])[0]
+    if not socket_dir.startswith("/"):
+        pytest.skip("the test server is not on a unix socket")
+    (tmp_path / "a" / ".autoembed").mkdir(parents=True)
+    (tmp_path / "a" / ".autoembed" / "pgdata").symlink_to(socket_dir)  # A's embedded server, as dagster-env names it
+    (tmp_path / "b" / ".autoembed").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "b")
+    monkeypatch.delenv("AUTOEMBED_HOME", raising=False)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("AUTOEMBED_DATABASE_URL", db_url.replace(socket_dir, str(tmp_path / "a" / ".autoembed" / "pgdata")))
+    for args in (["status"], ["search", "cats", "--table", "documents"]):
+        assert cli.main(args) == 0
+        err = capsys.readouterr().err
+        assert f"AUTOEMBED_DATABASE_URL is set to the project in {tmp_path / 'a'}" in err, (args, err)
+        assert "unset DAGSTER_HOME DAGSTER_POSTGRES_URL AUTOEMBED_DATABASE_URL" in err
+    monkeypatch.chdir(tmp_path / "a")  # in A itself: nothing to say
+    assert cli.main(["status"]) == 0
+    assert "note:" not in capsys.readouterr().err
