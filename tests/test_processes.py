@@ -309,3 +309,51 @@ def test_status_and_search_name_another_projects_exported_settings(supabase_docs
     monkeypatch.chdir(tmp_path / "a")  # in A itself: nothing to say
     assert cli.main(["status"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+LATE_SPAWNER = r"""
+import os, signal, subprocess, sys, time
+STUBBORN = ("import os, signal, sys, time; os.setpgrp(); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "signal.signal(signal.SIGINT, signal.SIG_IGN); print(os.getpid(), flush=True); time.sleep(600)")
+def stop(signum, frame):
+    # what `dagster dev` / the daemon may do while shutting down: start a code server, in a group of
+    # its own, that outlives its parent (re-parented to init: no longer under the child)
+    late = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=open(sys.argv[1], "w"))
+    while not open(sys.argv[1]).read().strip():
+        time.sleep(0.05)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_stop_kills_a_process_a_child_started_after_the_last_poll(tmp_path):
+    """`autoembed demo` left `dagster api grpc` code servers running: one started after the
+    watcher's last poll was never recorded. Stop finds every process of the children's sessions."""
+    from autoembed_dagster.processes import Children
+
+    started = Children()
+    pid_file = tmp_path / "late.pid"
+    pid_file.write_text("")
+    child = started.start("spawner", [sys.executable, "-c", LATE_SPAWNER, str(pid_file)], cwd=tmp_path,
+                          env=dict(os.environ), log=tmp_path / "out.log")
+    late = None
+    try:
+        deadline = time.monotonic() + 60
+        while "ready" not in (tmp_path / "out.log").read_text() and time.monotonic() < deadline:
+            assert child.poll() is None, (tmp_path / "out.log").read_text()
+            time.sleep(0.1)
+        assert started.stop(timeout=30) == []
+        pid = int(pid_file.read_text())  # it did start, after the last look at the tree
+        try:
+            late = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return  # gone: what stop is for
+        # (init reaps it at once; give it a moment, not a chance to survive)
+        assert not late.is_running() or late.status() == psutil.STATUS_ZOMBIE or late.wait(10) is None, \
+            late.cmdline()
+    finally:
+        if late is not None and late.is_running():
+            late.kill()
