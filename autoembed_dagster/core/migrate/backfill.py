@@ -349,14 +349,10 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
                 stats.note_error(why)
         return page.size
 
-    def room(page: _Page | None) -> bool:
-        """A time-boxed run (`max_rows`) reads ahead only a page it will write."""
-        return max_rows is None or stats.embedded + (len(page.rows) if page is not None else 0) < max_rows
-
     # The next page is scanned and embedded on a second connection while this one is written.
     walk_pages(conn, p.name, stats, _page_reader(target, embedder, model, shard, shards, limit, conn.info.encoding),
-               write, read_ahead=f"the scans of shard {shard} of {p.qualified_table}", room=room, on_page=on_batch,
-               started=started)
+               write, read_ahead=f"the scans of shard {shard} of {p.qualified_table}", max_written=max_rows,
+               planned=lambda page: len(page.rows), on_page=on_batch, started=started)
     after_cov = coverage(conn, target, model, shard, shards)
     stats.seconds = time.perf_counter() - started
     return ShardResult(shard_plan, stats, after_cov, before)

@@ -365,7 +365,7 @@ class ChunkSetReembed(_PipelineReembed):
         bp = chunk_plan(conn, p, live, configured)
         log(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {bp.reason}")
         stats = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, shard, p.shards, pipeline=p.name,
-                                     on_page=_every_few_seconds(
+                                     max_rows=max_rows, on_page=_every_few_seconds(
                                          lambda st, documents: log(f"shard {shard}: {st.written} documents written, "
                                                                    f"{st.chunks_embedded} chunks embedded, "
                                                                    f"{st.chunks_reused} reused")))
