@@ -22,6 +22,7 @@ from ..targets import chunks
 from ..targets.catalog import resolve
 from ..targets.models import ModelSpec, describe_change
 from ..targets.shadow import Coverage
+from ..targets.shapes import ChunkSetChange, Made
 from ..config import ConfigError
 from . import backfill_control
 from . import batch_backfill as bb
@@ -376,9 +377,12 @@ class ChunkSetReembed(_PipelineReembed):
         mine = chunks.document_counts(conn, written, embedder.identity.key, splitter.key, shard=shard,
                                       shards=p.shards).coverage
         whole = chunks.coverage(conn, written, embedder.identity.key, splitter.key)
-        promoted = bp.mode == "shadow" and whole.complete and promote
+        promoted = False
+        if bp.mode == "shadow" and whole.complete and promote:
+            swapped = mig.step(conn, ChunkSetChange(live, Made(embedder.identity.key, splitter.key), p.name),
+                               "promote").swapped
+            promoted, old = swapped is not None, swapped.old if swapped else None
         if promoted:
-            old = chunks.promote(conn, chunk_target_of(live), written, embedder.identity.key, splitter.key)
             log(f"model change complete: {live.chunk_table} now holds {spec.identity_key} of "
                 f"{spec.content_function} (old chunks kept in {old} until the model_migration job's drop_old)")
         metadata = {
