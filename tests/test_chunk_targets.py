@@ -623,3 +623,30 @@ def test_the_applications_delete_key_change_and_row_lock_never_wait_for_the_writ
         assert chunk_rows(conn, 1) == old  # the guard found the row held: the set waits for the next drain
         assert write.drainer.run().embedded == 1  # the drain kept the job and takes it up again
         assert_current(conn, 1)
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_a_row_re_keyed_while_its_job_is_pending_is_embedded_under_its_new_key(conn, fake_openai, settings, shape):
+    """A row's input changes (its job is pending), then the application changes its key: the job
+    of the old key finds no row, so the new key must be queued by the key change itself. After
+    one drain the new key holds the embedding of the row's current input (a chunk target: its
+    chunk set is the chunking of it), and nothing of the old input is left under either key."""
+    from .test_bad_rows import make_items, written
+
+    make_items(conn, shape, rows=3)
+    assert drain(conn, settings).embedded == 3
+    new_text = "item two, rewritten while its job waits"
+    conn.execute("update items set body = %s where id = 2", (new_text,))  # queued under key 2
+    conn.execute("update items set id = 200 where id = 2")
+    stats = drain(conn, settings)
+    assert stats.dead_lettered == 0, stats.summary()
+    assert written(conn, shape) == {1, 3, 200}
+    if shape == "column":
+        (vec,) = conn.execute("select embedding from items where id = 200").fetchone()
+        assert np.allclose(np.array(vec.to_list(), dtype=np.float32), fake_vector(new_text, 1536), atol=2e-3)
+    else:
+        rows = conn.execute("select id, chunk, embedding from items_chunks where id in (2, 200) order by chunk_index",
+                            prepare=False).fetchall()
+        assert [(k, c) for k, c, _ in rows] == [(200, new_text)]  # the old input's chunks are gone
+        assert np.allclose(np.array(rows[0][2].to_list(), dtype=np.float32), fake_vector(new_text, 1536), atol=2e-3)
+    assert pgmq.status(conn, "embedding_jobs")[0].depth == 0
