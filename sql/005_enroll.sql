@@ -634,22 +634,23 @@ $$;
 -- The state cleanup of a table's targets: AFTER DELETE / TRUNCATE statement triggers calling
 -- autoembed.forget_rows (sql/004), which finds every target of the table itself. Installed by
 -- enrolment, and for tables with Supabase's triggers by autoembed.adopt_state_cleanup (sql/013).
+-- Idempotent (create or replace): adopting a table again completes what it lacks.
 create or replace function autoembed.install_forget_triggers(tbl regclass)
 returns void
 language plpgsql
 as $$
 begin
     execute format(
-        'create trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '
+        'create or replace trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '
         'for each statement execute function autoembed.forget_rows()', tbl);
     execute format(
-        'create trigger autoembed_forget_truncate after truncate on %s '
+        'create or replace trigger autoembed_forget_truncate after truncate on %s '
         'for each statement execute function autoembed.forget_rows()', tbl);
     -- Logical replication's apply worker fires TRUNCATE triggers enabled ALWAYS, and row triggers
     -- only (see install_replica_triggers): a replicated DELETE forgets its row in a row trigger.
     perform autoembed.set_trigger_mode(tbl, 'autoembed_forget_truncate', 'always');
     execute format(
-        'create trigger autoembed_forget_row after delete on %s '
+        'create or replace trigger autoembed_forget_row after delete on %s '
         'for each row execute function autoembed.forget_rows()', tbl);
     perform autoembed.set_trigger_mode(tbl, 'autoembed_forget_row', 'replica');
     perform autoembed.install_state_key_trigger(tbl);  -- a changed key takes its record along (sql/022)
