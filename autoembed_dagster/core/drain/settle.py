@@ -19,7 +19,7 @@ from ..queue import pgmq
 from ..config import Settings
 from ..queue.claims import Claims
 from ..targets.catalog import Target, ambiguous_key_error, ambiguous_keys
-from ..targets.vectors import vector_array, vector_value
+from ..targets.vectors import vector_array, vector_value, write_as_owner
 from ..targets.badrows import write_isolating
 from .chunked import still_target
 from .jobs import Job, single_body
@@ -89,10 +89,10 @@ def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write],
     keys = [w[0] for w in fresh]
     # Through the target's write function (sql/019): the table owner's triggers run with the
     # owner's rights, never the drain's. The vectors go as one binary array of the column's type.
-    conn.execute(
-        "select autoembed.write_vectors(%s::regclass, %s, %s, %s::text[], %b)",
-        (target.regclass, target.key.embedding_column, target.key.key_column, keys,
-         vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])), prepare=False)
+    write_as_owner(conn, "write_vector_rows", target.regclass, target.key.embedding_column, target.key.key_column,
+                   "%s::regclass, %s, %s, %s::text[], %b",
+                   (target.regclass, target.key.embedding_column, target.key.key_column, keys,
+                    vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])))
     conn.execute(
         """insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
            select %s, s.k, s.h, %s, now() from unnest(%s::text[], %s::bytea[]) s(k, h)

@@ -33,7 +33,7 @@ from .splitter import Splitter, chunk_hash
 from ..embed.base import Embedder, ProviderConfigError
 from .catalog import TargetError, ambiguous_keys, check_identifier, input_function, require_input_function
 from .shadow import Coverage
-from .vectors import encode_vectors, vector_array
+from .vectors import encode_vectors, vector_array, write_as_owner
 
 VECTOR_COLUMN = "embedding"
 
@@ -373,14 +373,14 @@ def _write_sets(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     # owner's rights, never the drain's. It deletes the old sets and inserts the new ones, each
     # chunk's vector the embedded one or, reused, one the table holds under the model (a document
     # whose reused vector vanished since the plan is `lost`: it waits for the next round).
-    deleted, inserted, lost, new_rows = conn.execute(sql.SQL(
-        "select w.deleted, w.inserted, w.lost, w.written from autoembed.write_chunks(%s::regclass, %s::text[], %s::text[],"
-        " %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %b::{}[], %s, %s) w").format(
-            sql.SQL("halfvec" if target.vector_type == "halfvec" else "vector")),
+    deleted, inserted, lost, new_rows = write_as_owner(
+        conn, "write_chunk_rows", regclass_of(target), None, None,
+        "%s::regclass, %s::text[], %s::text[], %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %b::"
+        + ("halfvec" if target.vector_type == "halfvec" else "vector") + "[], %s, %s",
         (regclass_of(target), fresh, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
          [r[3] for r in rows], [r[4] for r in rows], [h for h, _ in embedded],
          vector_array(conn, target.vector_type, encode_vectors(target, [v for _, v in embedded])),
-         model_key, plan.splitter), prepare=False).fetchone()
+         model_key, plan.splitter))
     if lost:
         stats.missing.extend(lost)
         fresh = [k for k in fresh if k not in set(lost)]
@@ -393,8 +393,8 @@ def _drop_old_sets(conn: psycopg.Connection, target: ChunkTarget, keys: list[str
     (through the target's write function, sql/019). Returns the rows deleted."""
     if not keys:
         return 0
-    return conn.execute("select autoembed.drop_old_chunks(%s::regclass, %s::text[], %s::tid[])",
-                        (regclass_of(target), keys, new_rows), prepare=False).fetchone()[0]
+    return write_as_owner(conn, "drop_old_chunk_rows", regclass_of(target), None, None,
+                          "%s::regclass, %s::text[], %s::tid[]", (regclass_of(target), keys, new_rows))[0]
 
 
 def write_isolating(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
