@@ -16,60 +16,23 @@ autoembed.targets), never one a message names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 import psycopg
 
 from ..embed.base import Embedder, EmbeddingError
 from ..targets import chunks
-from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, check_target,
-                               lookup_registered)
+from ..targets.catalog import Target
 from ..targets.splitter import Splitter
 from ..targets.badrows import check_vectors
 from ..targets.shapes import chunk_target_of
 from .embed import provider_call
 from .jobs import Job
-from .outcome import Outcome, Settled
+from ..targets.writes import ChunkWrite, shadow_of, still_target, write_target  # noqa: F401 (the settle's write, shared)
+from .outcome import Outcome
 from .read import read_rows_or_isolate
 from .stats import DrainStats
-
-
-def shadow_of(conn: psycopg.Connection, target: Target) -> Target | None:
-    """The target's shadow chunk table (a model change in progress), or None. Its name is derived
-    from the registered chunk table, and it must hang on the same parent key: never a name a
-    message gave."""
-    name = chunks.shadow_name(chunk_target_of(target))
-    row = conn.execute(
-        """select v.type_name, v.dimensions, (p.parent = %s::regclass and p.key_column = %s)
-           from (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c
-           cross join lateral autoembed.chunk_parent(c.oid) p
-           cross join lateral autoembed.vector_column(c.oid, %s) v
-           where c.oid is not null""",
-        (target.regclass, target.key.key_column, target.key.schema, name, chunks.VECTOR_COLUMN)).fetchone()
-    if row is None or not row[2] or row[1] is None:
-        return None
-    return replace(target, chunk_table=name, vector_type=row[0], dimensions=int(row[1]))
-
-
-def still_target(conn: psycopg.Connection, target: Target) -> None:
-    """Raise TargetChanged when the table or column `target` names changed under the write (a
-    model-migration promotion renamed it): then the whole batch is taken up again, no row is blamed."""
-    if not target.chunked:
-        check_target(conn, target)
-        return
-    try:
-        now = write_target(conn, lookup_registered(conn, target_id=target.registered)[0])
-    except TargetError as exc:
-        raise TargetChanged(f"{target.key.label}: {exc}") from exc
-    if (now.chunk_table, now.vector_type, now.dimensions) != (target.chunk_table, target.vector_type, target.dimensions):
-        raise TargetChanged(f"{target.key.label} writes into {now.chunk_table} now, not {target.chunk_table}")
-
-
-def write_target(conn: psycopg.Connection, target: Target) -> Target:
-    """Where the drain writes a chunk target's documents: the shadow chunk table while a model
-    change is in progress (so the promotion finds it complete), else the registered one."""
-    return shadow_of(conn, target) or target
 
 
 @dataclass
@@ -85,34 +48,6 @@ class ChunkWork:
     @property
     def text_count(self) -> int:
         return len(self.plan.to_embed)
-
-
-@dataclass
-class ChunkWrite:
-    """A planned and embedded set of documents: the chunk-set TargetWrite (drain.outcome) the
-    settle writes (core.targets.chunks.write: each document's set swapped whole)."""
-
-    target: Target
-    chunk_target: chunks.ChunkTarget
-    plan: chunks.ChunkPlan
-    vectors: dict[bytes, np.ndarray] = field(default_factory=dict)  # chunk hash -> new vector
-    jobs: dict[str, list[Job]] = field(default_factory=dict)  # by document key
-
-    def keys(self) -> list[str]:
-        return list(self.jobs)
-
-    def settle(self, conn: psycopg.Connection) -> Settled:
-        """Swap the planned chunk sets in, in the caller's (the settle's) transaction. A document
-        whose write fails alone (targets.badrows) is dead; one not written now (its parent row
-        busy, a reused vector gone) is busy; the others are settled."""
-        w, failed = chunks.write_isolating(conn, self.chunk_target, self.plan, self.vectors, self.plan.model,
-                                           check=lambda: still_target(conn, self.target))
-        dead = {key: ambiguous_key_error(self.target, key, n) for key, n in w.ambiguous.items()}
-        dead.update({key: f"{self.target.regclass} key {key}: {why}" for key, why in failed.items()})
-        return Settled(written=len(w.written), stale=len(w.stale),
-                       busy=[k for k in dict.fromkeys(w.busy + w.missing) if k not in dead], dead=dead,
-                       chunks_embedded=w.chunks_embedded, chunks_reused=w.chunks_reused,
-                       chunks_deleted=w.chunks_deleted)
 
 
 def read_chunk_jobs(conn: psycopg.Connection, target: Target, embedder: Embedder, splitter: Splitter,

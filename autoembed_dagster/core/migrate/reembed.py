@@ -16,7 +16,8 @@ from typing import Any, Callable, Protocol
 
 import psycopg
 
-from ..drain.chunked import chunk_target_of, shadow_of
+from ..targets.shapes import chunk_target_of
+from ..targets.writes import shadow_of
 from ..pipelines import Pipeline
 from ..targets import chunks
 from ..targets.catalog import resolve
