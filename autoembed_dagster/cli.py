@@ -80,8 +80,16 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_other_projects_env() -> None:
+    from .demo.runner import warn_if_other_projects_env
+
+    warn_if_other_projects_env()
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from .core.migrate import backfill_control
+
+    _warn_if_other_projects_env()
 
     rows = api.status(queue=args.queue)
     targets = api.targets_health()
@@ -174,6 +182,7 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     """One path for both shapes: name the target, search it, print the hits (a chunk set's hits
     carry their best chunk: the matching passage)."""
+    _warn_if_other_projects_env()
     if args.pipeline:
         from .core.drain import pipeline_resolver
 

@@ -2,9 +2,10 @@
 
 Each child leads a session of its own (a terminal's Ctrl-C reaches only this process, which then
 stops the children in order). Stopping a child stops every process under it, whichever process
-group it moved to: `dagster dev` and `dagster-daemon` start their code servers in groups of their
-own, and those start the run workers; the tree is recorded while the children run and signalled
-whole at the end. SIGTERM and SIGHUP sent to this process's pid stop it like Ctrl-C, so `kill
+group it moved to and whenever it started: `dagster dev` and `dagster-daemon` start code servers
+(`dagster api grpc`), which start the run workers, some of them while shutting down. The tree is
+recorded while the children run, and at the end every process still in the children's sessions
+is found again (not only those seen while polling) and signalled. SIGTERM and SIGHUP sent to this process's pid stop it like Ctrl-C, so `kill
 <pid>` leaves nothing running.
 """
 
@@ -84,10 +85,26 @@ class Children:
             self.record()
             time.sleep(poll)
 
+    def in_sessions(self) -> list[psutil.Process]:
+        """Every process now in one of the children's sessions: whatever they started, however late
+        (a code server spawned after the last poll, or while they shut down) and wherever it was
+        re-parented, unless it left the session (setsid; Dagster's processes do not). A session id
+        is not reused while any process of the session lives, so no other process is named."""
+        sessions = {proc.pid for proc in self.procs.values()}
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and os.getsid(p.pid) in sessions:
+                    found.append(p)
+            except (OSError, psutil.Error):  # gone meanwhile
+                continue
+        return found
+
     def stop(self, timeout: float = 15.0) -> list[int]:
         """Ask each child to stop (its first signal, to its whole group), wait up to `timeout`, then
-        terminate and kill whatever of the recorded tree is left. The pids still alive after it
-        (none, unless a process ignores SIGKILL)."""
+        terminate and kill whatever is left of the recorded tree and of the children's sessions,
+        scanning them again until none is left (a process may start another while it stops). The
+        pids still alive after it (none, unless a process ignores SIGKILL)."""
         self.record()
         for name, proc in self.procs.items():
             _signal_group(proc.pid, self.first_signal.get(name, signal.SIGTERM))
@@ -97,16 +114,22 @@ class Children:
                 proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
-        left = [p for p in self._seen.values() if _alive(p)]
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for p in left:
-                try:
-                    p.send_signal(sig)  # psutil checks the pid is still the same process
-                except psutil.Error:
-                    pass
-            _, left = psutil.wait_procs(left, timeout=wait)
+        left: list[psutil.Process] = []
+        for _ in range(5):
+            found = {p.pid: p for p in [*self._seen.values(), *self.in_sessions()]}
+            left = [p for p in found.values() if _alive(p)]
             if not left:
                 break
+            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                for p in left:
+                    try:
+                        p.send_signal(sig)  # psutil checks the pid is still the same process
+                    except psutil.Error:
+                        pass
+                _, left = psutil.wait_procs(left, timeout=wait)
+                if not left:
+                    break
+            self._seen = {p.pid: p for p in left}
         for proc in self.procs.values():
             try:
                 proc.wait(1)  # reap

@@ -93,3 +93,29 @@ def test_partitions_and_staleness_say_what_the_database_holds(supabase_docs, fak
         with ui(project, instance) as context:
             embeddings = node(context, embeddings_key(DOCS))
         assert embeddings["staleStatus"] == "FRESH", embeddings  # the shard that completed it recorded the version
+
+
+def test_a_new_instance_shows_no_community_pop_up(tmp_path, pg_server_url, monkeypatch):
+    """The instance the tool writes for a project (.autoembed/dagster_home/dagster.yaml) turns off
+    Dagster's "join the community" pop-up (`nux: enabled: false`): the UI asks `shouldShowNux`."""
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+
+    from autoembed_dagster.demo.runner import dagster_storage_url, write_instance_config
+
+    from .conftest import drop_database, unique_database_name
+
+    home = tmp_path / ".autoembed" / "dagster_home"
+    write_instance_config(home)
+    name = unique_database_name("dagster_nux")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # where Dagster looks for the "seen" file
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", dagster_storage_url(pg_server_url, name))
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance, \
+                WorkspaceProcessContext(instance, EmptyWorkspaceTarget()) as process:
+            result = execute_dagster_graphql(process.create_request_context(), "{ shouldShowNux }")
+        assert not result.errors, result.errors
+        assert result.data == {"shouldShowNux": False}
+        assert not (home / ".nux").exists() or not any((home / ".nux").iterdir())  # not by a "seen" mark
+    finally:
+        drop_database(pg_server_url, name)

@@ -281,3 +281,79 @@ def test_another_projects_dagster_home_in_the_shell_is_named_with_how_to_drop_it
     assert other_projects_env(b) is None  # its own
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "ops" / "dagster"))
     assert other_projects_env(b) is None  # a DAGSTER_HOME of the user's own: nothing to say
+
+
+def test_status_and_search_name_another_projects_exported_settings(supabase_docs, fake_openai, db_url, tmp_path,
+                                                                   monkeypatch, capsys):
+    """`eval "$(autoembed dagster-env)"` in project A, then `autoembed status` / `search` in project
+    B: they work on A's database (an explicit URL wins) and say so on stderr, as dev/demo do."""
+    from urllib.parse import parse_qs, urlparse
+
+    from autoembed_dagster import cli
+
+    socket_dir = (parse_qs(urlparse(db_url).query).get("host") or [""])[0]
+    if not socket_dir.startswith("/"):
+        pytest.skip("the test server is not on a unix socket")
+    (tmp_path / "a" / ".autoembed").mkdir(parents=True)
+    (tmp_path / "a" / ".autoembed" / "pgdata").symlink_to(socket_dir)  # A's embedded server, as dagster-env names it
+    (tmp_path / "b" / ".autoembed").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "b")
+    monkeypatch.delenv("AUTOEMBED_HOME", raising=False)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("AUTOEMBED_DATABASE_URL", db_url.replace(socket_dir, str(tmp_path / "a" / ".autoembed" / "pgdata")))
+    for args in (["status"], ["search", "cats", "--table", "documents"]):
+        assert cli.main(args) == 0
+        err = capsys.readouterr().err
+        assert f"AUTOEMBED_DATABASE_URL is set to the project in {tmp_path / 'a'}" in err, (args, err)
+        assert "unset DAGSTER_HOME DAGSTER_POSTGRES_URL AUTOEMBED_DATABASE_URL" in err
+    monkeypatch.chdir(tmp_path / "a")  # in A itself: nothing to say
+    assert cli.main(["status"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+LATE_SPAWNER = r"""
+import os, signal, subprocess, sys, time
+STUBBORN = ("import os, signal, sys, time; os.setpgrp(); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "signal.signal(signal.SIGINT, signal.SIG_IGN); print(os.getpid(), flush=True); time.sleep(600)")
+def stop(signum, frame):
+    # what `dagster dev` / the daemon may do while shutting down: start a code server, in a group of
+    # its own, that outlives its parent (re-parented to init: no longer under the child)
+    late = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=open(sys.argv[1], "w"))
+    while not open(sys.argv[1]).read().strip():
+        time.sleep(0.05)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_stop_kills_a_process_a_child_started_after_the_last_poll(tmp_path):
+    """`autoembed demo` left `dagster api grpc` code servers running: one started after the
+    watcher's last poll was never recorded. Stop finds every process of the children's sessions."""
+    from autoembed_dagster.processes import Children
+
+    started = Children()
+    pid_file = tmp_path / "late.pid"
+    pid_file.write_text("")
+    child = started.start("spawner", [sys.executable, "-c", LATE_SPAWNER, str(pid_file)], cwd=tmp_path,
+                          env=dict(os.environ), log=tmp_path / "out.log")
+    late = None
+    try:
+        deadline = time.monotonic() + 60
+        while "ready" not in (tmp_path / "out.log").read_text() and time.monotonic() < deadline:
+            assert child.poll() is None, (tmp_path / "out.log").read_text()
+            time.sleep(0.1)
+        assert started.stop(timeout=30) == []
+        pid = int(pid_file.read_text())  # it did start, after the last look at the tree
+        try:
+            late = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            return  # gone: what stop is for
+        # (init reaps it at once; give it a moment, not a chance to survive)
+        assert not late.is_running() or late.status() == psutil.STATUS_ZOMBIE or late.wait(10) is None, \
+            late.cmdline()
+    finally:
+        if late is not None and late.is_running():
+            late.kill()

@@ -62,6 +62,43 @@ def _refuse_toml(root: Path) -> None:
                               f"under your project's defs module, then delete {path.name}:\n{body}")
 
 
+def _root_modules(root: Path) -> set[str]:
+    """The project's root and defs module names (pyproject.toml [tool.dg.project] or dg.toml [project])."""
+    for name, table in (("pyproject.toml", ("tool", "dg", "project")), ("dg.toml", ("project",))):
+        try:
+            data = tomllib.loads((root / name).read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        for part in table:
+            data = data.get(part) if isinstance(data, dict) else None
+        if isinstance(data, dict):
+            return {str(data[k]).split(".")[0] for k in ("root_module", "defs_module") if data.get(k)}
+    return set()
+
+
+def _forget_other_copies(root: Path) -> None:
+    """Dagster imports the project's module by name: one imported earlier in this process from
+    another folder (another project of that name; a test's earlier copy) would be used again, its
+    defs.yaml files read instead of this project's. Drop such a module and its submodules, and
+    import this project's from the front of sys.path."""
+    import importlib
+
+    for module in _root_modules(root):
+        cached = sys.modules.get(module)
+        if cached is None:
+            continue
+        where = [Path(p) for p in (getattr(cached, "__path__", None) or [])] or (
+            [Path(cached.__file__).parent] if getattr(cached, "__file__", None) else [])
+        if where and all(Path(p).resolve().is_relative_to(root) for p in where):
+            continue  # this project's own
+        for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+            del sys.modules[name]
+        if str(root) in sys.path:
+            sys.path.remove(str(root))
+            sys.path.insert(0, str(root))
+        importlib.invalidate_caches()
+
+
 def declared_pipelines(start: Path | None = None) -> list[Pipeline]:
     """Every EmbeddingPipeline component of the project, as plain specs (sorted by name)."""
     from dagster.components.core.component_tree import ComponentTree
@@ -72,6 +109,7 @@ def declared_pipelines(start: Path | None = None) -> list[Pipeline]:
     _refuse_toml(root)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))  # a project that is not pip-installed (the demo)
+    _forget_other_copies(root)
     tree = ComponentTree.for_project(root)
     return sorted((c.pipeline() for c in tree.get_all_components(of_type=EmbeddingPipeline)),
                   key=lambda p: p.name)

@@ -112,19 +112,61 @@ def instance_home(settings: Settings | None = None) -> Path:
     return home
 
 
+# What `autoembed dagster-env` exports: each names the project it was run in (its .autoembed folder).
+PROJECT_VARIABLES = ("DAGSTER_HOME", "AUTOEMBED_DATABASE_URL", "DAGSTER_POSTGRES_URL")
+
+
+def _project_folder_of(variable: str, value: str) -> Path | None:
+    """The `.autoembed` folder a variable's value lies in (DAGSTER_HOME: the path; a database URL
+    or conninfo string: the unix socket directory of the embedded server), None for anything else."""
+    if variable == "DAGSTER_HOME":
+        path = value
+    else:
+        from urllib.parse import parse_qs
+
+        parsed = urlparse(value)
+        if parsed.scheme:
+            path = (parse_qs(parsed.query).get("host") or [parsed.hostname or ""])[0]
+        else:
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                path = str(conninfo_to_dict(value).get("host") or "")
+            except Exception:  # noqa: BLE001 - not a conninfo string: nothing to say about it
+                return None
+    if not path.startswith(("/", "~")):
+        return None
+    absolute = Path(os.path.abspath(Path(path).expanduser()))  # as named (a symlinked socket dir too)
+    folder = next((f for f in (absolute, *absolute.parents) if f.name == HOME_DIRNAME), None)
+    return folder.resolve() if folder is not None else None
+
+
 def other_projects_env(settings: Settings) -> str | None:
-    """A note when this shell's DAGSTER_HOME is another project's instance (an earlier `eval
-    "$(autoembed dagster-env)"` there): it wins, as any explicit DAGSTER_HOME, so say how to drop it."""
-    explicit = os.environ.get("DAGSTER_HOME")
-    if not explicit:
+    """A note when this shell's settings are another project's (an earlier `eval "$(autoembed
+    dagster-env)"` there): DAGSTER_HOME, AUTOEMBED_DATABASE_URL or DAGSTER_POSTGRES_URL in another
+    project's .autoembed folder. They win, as any explicit setting, so say how to drop them. One
+    note for every command that reads them (dev, demo, dagster-env, status, search)."""
+    ours = settings.home.resolve()
+    theirs = {}
+    for variable in PROJECT_VARIABLES:
+        value = os.environ.get(variable)
+        folder = _project_folder_of(variable, value) if value else None
+        if folder is not None and folder != ours:
+            theirs.setdefault(folder, []).append(variable)
+    if not theirs:
         return None
-    home = Path(explicit).expanduser().resolve()
-    ours = settings.home.resolve() / INSTANCE_DIRNAME
-    if home == ours or home.name != INSTANCE_DIRNAME or home.parent.name != HOME_DIRNAME:
-        return None
-    return (f"note: DAGSTER_HOME={home} is the instance of the project in {home.parent.parent} (set by an "
-            f"`eval \"$(autoembed dagster-env)\"` there?), not this one's ({ours}): it is used as set. For this "
-            "project's own instance and database: unset DAGSTER_HOME DAGSTER_POSTGRES_URL AUTOEMBED_DATABASE_URL")
+    named = "; ".join(f"{' and '.join(names)} {'are' if len(names) > 1 else 'is'} set to the project in {folder.parent}"
+                      for folder, names in theirs.items())
+    return (f"note: {named} (by an `eval \"$(autoembed dagster-env)\"` there?), not to this folder's project "
+            f"({ours.parent}): used as set. For this project's own instance and database: "
+            "unset DAGSTER_HOME DAGSTER_POSTGRES_URL AUTOEMBED_DATABASE_URL")
+
+
+def warn_if_other_projects_env(settings: Settings | None = None) -> None:
+    """other_projects_env's note on stderr (commands whose output is data: status, search)."""
+    note = other_projects_env(settings or Settings.from_env())
+    if note:
+        print(note, file=sys.stderr)
 
 
 def _project_demo_copy() -> Path | None:
@@ -306,9 +348,7 @@ def storage_url(data_url: str) -> str:
 
 def print_dagster_env(settings: Settings | None = None) -> int:
     settings = settings or Settings.from_env()
-    note = other_projects_env(settings)
-    if note:
-        print(note, file=sys.stderr)
+    warn_if_other_projects_env(settings)
     env = dagster_env(settings)
     for key, value in env.items():
         print(f"export {key}={shlex.quote(value)}")

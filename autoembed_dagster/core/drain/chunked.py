@@ -26,10 +26,10 @@ from ..targets import chunks
 from ..targets.catalog import Target
 from ..targets.splitter import Splitter
 from ..targets.badrows import check_vectors
-from ..targets.shapes import chunk_target_of
+from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of  # noqa: F401 (callers import it here)
 from .embed import provider_call
 from .jobs import Job
-from ..targets.writes import ChunkWrite, shadow_of, still_target, write_target  # noqa: F401 (the settle's write, shared)
+from ..targets.writes import ChunkWrite, still_target, write_target  # noqa: F401 (the settle's write, shared)
 from .outcome import Outcome
 from .read import read_rows_or_isolate
 from .stats import DrainStats

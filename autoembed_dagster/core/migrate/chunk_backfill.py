@@ -26,15 +26,16 @@ from psycopg import sql
 from ..targets import chunks
 from ..targets.splitter import Splitter, splitter_for
 from ..config import ConfigError
-from ..targets.shapes import chunk_target_of
-from ..targets.writes import ChunkWrite, Settled, shadow_of, write_page
+from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
+from ..targets.writes import ChunkWrite, Settled, write_page
 from ..embed import make_embedder
 from ..embed.base import Embedder
-from .migration import MigrationError
+from .migration import MigrationError, step
 from ..targets.models import ModelSpec
 from ..targets.shadow import Coverage
 from ..pipelines import Pipeline
 from ..targets.catalog import Target, TargetError, lookup_registered
+from ..targets.shapes import ChunkSetChange, Made
 from .shards import BackfillResult, ShardStats, run_shards, walk_pages
 
 DEFAULT_PAGE_DOCUMENTS = 32
@@ -193,10 +194,12 @@ class ChunkSetBackfill:
         return backfill_chunk_shard(conn, bp.write_to, self.embedder, self.splitter, shard, shards,
                                     page_documents=self.page_documents, pipeline=self.p.name, on_page=self.on_page)
 
-    def promote(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> str:
-        """Returns the old live table (kept for rollback)."""
-        return chunks.promote(conn, chunk_target_of(bp.live), chunk_target_of(bp.write_to),
-                              self.embedder.identity.key, self.splitter.key)
+    def promote(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> str | None:
+        """Returns the old live table (kept for rollback); None when promoted meanwhile by another
+        run (core.migrate.migration.step: the one promotion of every shape)."""
+        made = Made(self.embedder.identity.key, self.splitter.key)
+        swapped = step(conn, ChunkSetChange(bp.live, made, self.p.name), "promote").swapped
+        return swapped.old if swapped else None
 
 
 def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int] | None = None,

@@ -12,7 +12,7 @@ the backfill's pages (core.migrate: no message attached).
 - `write_page`: a TargetWrite in a transaction of its own, as the drain writes (`act_as_drain`):
   a row an application transaction holds is tried again a few times, never waited for.
 - `still_target` (the target is still what the write resolved: a promotion renames),
-  `write_target` / `shadow_of` (where a chunk target's documents go: its shadow during a model change).
+  `write_target` (where a chunk target's documents go: its shadow during a model change).
 
 May import (as core.targets): core.config, core.db, core.embed.
 """
@@ -31,7 +31,7 @@ from . import chunks
 from .badrows import write_isolating
 from .catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
                       lookup_registered)
-from .shapes import chunk_target_of
+from .shapes import chunk_shadow_of
 from .vectors import vector_array, vector_value
 
 # (row key as canonical text, content hash the vector was made from, its binary COPY tuple,
@@ -282,27 +282,10 @@ class ChunkWrite:
                        chunks_deleted=w.chunks_deleted)
 
 
-def shadow_of(conn: psycopg.Connection, target: Target) -> Target | None:
-    """The target's shadow chunk table (a model change in progress), or None. Its name is derived
-    from the registered chunk table, and it must hang on the same parent key: never a name a
-    message gave."""
-    name = chunks.shadow_name(chunk_target_of(target))
-    row = conn.execute(
-        """select v.type_name, v.dimensions, (p.parent = %s::regclass and p.key_column = %s)
-           from (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c
-           cross join lateral autoembed.chunk_parent(c.oid) p
-           cross join lateral autoembed.vector_column(c.oid, %s) v
-           where c.oid is not null""",
-        (target.regclass, target.key.key_column, target.key.schema, name, chunks.VECTOR_COLUMN)).fetchone()
-    if row is None or not row[2] or row[1] is None:
-        return None
-    return replace(target, chunk_table=name, vector_type=row[0], dimensions=int(row[1]))
-
-
 def write_target(conn: psycopg.Connection, target: Target) -> Target:
     """Where a chunk target's documents are written: the shadow chunk table while a model change is
     in progress (so the promotion finds it complete), else the registered one."""
-    return shadow_of(conn, target) or target
+    return chunk_shadow_of(conn, target) or target
 
 
 def still_target(conn: psycopg.Connection, target: Target) -> None:
