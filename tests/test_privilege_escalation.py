@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from autoembed_dagster.core import api
+from autoembed_dagster.core.targets.vectors import write_as_owner
 
 from .test_least_privilege import acting_as, messages
 
@@ -450,11 +451,13 @@ def test_only_the_drains_role_may_write_through_the_owners_write_function(conn, 
         target = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
         with acting_as(conn, app):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(f"select autoembed.write_{target}(array['1'], array['[1,2,3]'::vector])")
+                conn.execute(f"select autoembed.write_{target}('{hostile}.notes', 'embedding', 'id', array['1'],"
+                             " array['[1,2,3]'::vector])")
         with acting_as(conn, app):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="writes vectors only for the drain"):
-                conn.execute(f"select autoembed.write_vectors('{hostile}.notes', 'embedding', 'id', array['1'],"
-                             " array['[1,2,3]'::vector])")
+                write_as_owner(conn, "write_vector_rows", f"{hostile}.notes", "embedding", "id",
+                               "%s::regclass, %s, %s, %s::text[], %s::vector[]",
+                               (f"{hostile}.notes", "embedding", "id", ["1"], ["[1,2,3]"]))
         assert ran_as(conn, hostile) == set()
     finally:
         conn.execute("reset role")
@@ -502,7 +505,7 @@ def test_a_write_function_its_owner_altered_is_made_again(conn, hostile, fake_op
     owner_with_triggers(conn, hostile, chunks=False)
     target = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
     with acting_as(conn, hostile):
-        conn.execute(f"alter function autoembed.write_{target}(text[], anyarray) security invoker")
+        conn.execute(f"alter function autoembed.write_{target}(regclass, text, text, text[], anyarray) security invoker")
     assert conn.execute(f"select prosecdef from pg_proc where proname = 'write_{target}'").fetchone()[0]
     stats = drain(conn, settings)
     assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import psycopg
 
-from ..drain.chunked import chunk_target_of, shadow_of
+from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
 from ..pipelines import Pipeline
 from ..targets import chunks
 from ..targets.catalog import resolve
