@@ -109,11 +109,12 @@ def test_a_writer_planting_objects_gains_nothing_on_a_chunk_target(articles, hos
         conn.execute("update articles set body = 'delta' where id = 2")
         conn.execute("update articles set body = body || '!'")  # a bulk UPDATE: every row changed
         conn.execute("update articles set title = title where id = 1")  # a re-save: nothing queued
-        conn.execute("delete from articles where id = 3")
+        conn.execute("update articles set id = 4 where id = 3")  # a key change: the new key queued
+        conn.execute("delete from articles where id = 4")
     assert not is_superuser(conn, hostile)
     conn.execute("reset search_path")
     queued = [sorted(str(m.get("ids", m["id"])).split(",")) for m in messages(conn)]
-    assert queued == [["1", "2", "3"], ["2"], ["1", "2", "3"]]
+    assert queued == [["1", "2", "3"], ["2"], ["1", "2", "3"], ["4"]]
     for table in ("autoembed_chunk_changes",):
         assert conn.execute(f"select count(*) from pg_temp.{table}").fetchone()[0] == 0  # never written
 
@@ -131,6 +132,7 @@ def test_a_writer_planting_objects_gains_nothing_on_an_enrolled_column(conn, hos
         conn.execute("insert into notes select g, 'n' || g from generate_series(2, 4) g")
         conn.execute("update notes set embedding = '[1,2,3]'")
         conn.execute("update notes set body = 'changed' where id = 2")
+        conn.execute("update notes set id = 5 where id = 3")  # a key change: its state record follows
         conn.execute("delete from notes where id = 4")
         conn.execute("truncate notes")
     assert not is_superuser(conn, hostile)
