@@ -18,12 +18,11 @@ from common import connect
 
 
 def _postmaster(url: str) -> psutil.Process | None:
-    with connect(url) as c:
-        pid = c.info.backend_pid
-    try:
-        return psutil.Process(pid).parent()
-    except psutil.Error:
-        return None
+    with connect(url) as c:  # (while the backend lives: it exits when the connection closes)
+        try:
+            return psutil.Process(c.info.backend_pid).parent()
+        except psutil.Error:
+            return None
 
 
 def _cpu(p: psutil.Process) -> float:
