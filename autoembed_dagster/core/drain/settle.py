@@ -82,7 +82,7 @@ class Settler:
         done = list(outcome.done)
         busy: list[Job] = []
         dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
-        # One path for every target's shape (drain.outcome.TargetWrite): a row (document) is
+        # One path for every target's shape (core.targets.writes.TargetWrite): a row (document) is
         # written whole under the stale-write guard, dead-lettered alone, or kept for later.
         for tw in self._target_writes(outcome):
             settled = tw.settle(conn)
