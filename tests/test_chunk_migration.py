@@ -5,6 +5,7 @@ their backfill, and `autoembed status --json`. Real Postgres, fake OpenAI over H
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -115,8 +116,13 @@ def test_promote_rollback_drop_old_and_a_second_model_change(articles, fake_open
     m = chunk_migration(conn, p)
     assert (m.status, m.shadow.chunk_table, m.model) == ("backfilling", "articles_chunks__next", NEW)
     assert not m.coverage.complete
-    with pytest.raises(MigrationError, match="finish the backfill or pass --force"):
+    # The flow's one coverage check (chunks.promote only swaps): it counts the documents the shadow lacks.
+    cov = m.coverage
+    with pytest.raises(MigrationError, match=re.escape(
+            f"{cov.current} of {cov.embeddable} documents with input hold the {NEW} vectors of their current "
+            f"input in articles_chunks__next") + r".*finish the backfill or pass --force"):
         chunk_migration_action(conn, p, "promote")
+    assert 0 < cov.current < cov.embeddable
     run_chunk_backfill(conn, p, promote_when_complete=False)
     m = chunk_migration_action(conn, p, "promote")
     assert (m.status, m.old_table, m.coverage.ratio) == ("promoted", "articles_chunks__old", 1.0)

@@ -499,8 +499,7 @@ class ChunkSetChange:
         pass  # the swap renames the tables: it takes their locks itself, for an instant
 
     def promote(self, conn: psycopg.Connection) -> Swapped:
-        old = chunks.promote(conn, self.ct, self.ct.with_chunk_table(self.shadow_name), self.made.model,
-                             self.made.splitter or "", force=True)  # (the flow checked the coverage)
+        old = chunks.promote(conn, self.ct, self.ct.with_chunk_table(self.shadow_name))  # (the flow checked coverage)
         return Swapped(old)
 
     def rollback(self, conn: psycopg.Connection) -> None:
