@@ -142,6 +142,21 @@ def reembed_of(p: Pipeline, via: str | None = None) -> Reembed:
     return ChunkSetReembed(p) if p.chunked else ColumnReembed(p)
 
 
+def checked_shard_run(metadata: dict[str, Any], unit: str, made: str, cov: Coverage | None, failed: int,
+                      errors: list[str]) -> ShardRun:
+    """A finished shard run of any shape: its coverage check (`made`: what a current unit holds,
+    e.g. "<model> vector"; `missing_<unit>` in the check's metadata), failed when units could not
+    be embedded (a re-run resumes)."""
+    return ShardRun(
+        metadata=metadata, check_passed=cov is not None and cov.complete,
+        check_description=(f"{cov.current} of {cov.embeddable} {unit} with input hold the {made} of their "
+                           "current input" if cov else "no coverage"),
+        check_metadata={"coverage": _ratio(cov), f"missing_{unit}": cov.missing if cov else 0},
+        failure=(f"{failed} {unit[:-1]}(s) could not be embedded (provider errors); re-run this partition to "
+                 "resume") if failed else None,
+        errors=list(errors))
+
+
 def _ratio(cov: Coverage | None) -> float | str:
     return round(cov.ratio, 6) if cov is not None else "n/a"
 
@@ -213,15 +228,9 @@ class ColumnReembed(_PipelineReembed):
                     log(f"migration {m.id} complete: {m.embedding_column} now holds "
                         f"{describe_change(m.old_spec, m.spec)} "
                         f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
-        s, cov = result.stats, result.coverage
-        return ShardRun(
-            metadata=_column_metadata(result, spec, migration_cov, promoted), check_passed=result.complete,
-            check_description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} "
-                               f"vector of their current input" if cov else "no coverage"),
-            check_metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0},
-            failure=(f"{s.retryable_failures} row(s) could not be embedded (provider errors); re-run this partition "
-                     "to resume") if s.retryable_failures else None,
-            errors=list(s.errors))
+        return checked_shard_run(_column_metadata(result, spec, migration_cov, promoted), "rows",
+                                 f"{spec.identity_key} vector", result.coverage, result.stats.retryable_failures,
+                                 result.stats.errors)
 
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
         return _column_migration_action(conn, self.p, action, force)
@@ -402,14 +411,8 @@ class ChunkSetReembed(_PipelineReembed):
             "seconds": round(stats.seconds, 3), "stopped_early": stats.stopped or "",
             "coverage": round(whole.ratio, 6), "promoted": promoted,
         }
-        return ShardRun(
-            metadata=metadata, check_passed=mine.complete,
-            check_description=(f"{mine.current} of {mine.embeddable} documents with input hold the "
-                               f"{spec.identity_key} chunk set of their current input"),
-            check_metadata={"coverage": round(mine.ratio, 6), "missing_documents": mine.missing},
-            failure=(f"{stats.failed} document(s) could not be embedded (provider errors); re-run this partition "
-                     "to resume") if stats.failed else None,
-            errors=list(stats.errors))
+        return checked_shard_run(metadata, "documents", f"{spec.identity_key} chunk set", mine, stats.failed,
+                                 stats.errors)
 
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
         m = chunk_migration_action(conn, self.p, action, force=force)
