@@ -92,7 +92,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     _warn_if_other_projects_env()
 
     rows = api.status(queue=args.queue)
-    targets = api.targets_health()
+    not_shown: list[tuple[str, str]] = []
+    targets = api.targets_health(not_shown=not_shown)
     dead = api.dead_letters(queue=args.queue, limit=10)
     broken, repaired = api.schema_problems()
     with api.session() as conn:
@@ -104,6 +105,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                           "repairs": [r.__dict__ for r in repaired],
                           "targets": [_target_json(t, h) for t, h in targets],
                           "chunk_targets": [_target_json(t, h) for t, h in targets if t.chunked],
+                          "targets_not_shown": [{"target": label, "why": why} for label, why in not_shown],
                           "dead_letters": dead}, indent=2, default=str))
         return 0
     print(_table(["queue", "messages", "rows", "visible", "in flight", "retrying", "oldest s", "dead"],
@@ -120,6 +122,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         for target, h in targets:
             if h.unreadable:
                 print(f"  {h.table}: {h.unreadable} row(s) whose content function raises, e.g. {h.unreadable_error}")
+    if not_shown:
+        print("\ntargets not shown:")
+        for label, why in not_shown:
+            print(f"  {label}: {why}")
     if broken:
         print("\nbroken targets (not kept current until fixed):")
         for b in broken:

@@ -15,7 +15,10 @@ parent row, deletes the old set under KEY SHARE (which the UPDATE does not wait 
 FOR UPDATE stale-write guard only for the last statements and the commit (core/targets/chunks.py
 write): the lock wait stays a few milliseconds however large the set.
 
-    python bench/bench_settle_wait.py [--sizes 1,100,4000] [--rounds 3]
+For comparison, the same UPDATE of one row of a vector column's batch while the drain writes it
+(--column-batch rows, HNSW index).
+
+    python bench/bench_settle_wait.py [--sizes 1,100,4000] [--rounds 3] [--kinds ...] [--column-batch 500]
 """
 
 from __future__ import annotations
@@ -168,11 +171,62 @@ def statement_baseline(url: str, kind: str, rounds: int = 5) -> float:
     return worst
 
 
+def column_batch(url: str, rows: int, rounds: int) -> dict:
+    """For comparison, a vector column (HNSW index): the application's UPDATE of one row (another
+    column) of a `rows`-row batch while the drain writes the batch's vectors. The drain holds the
+    batch's rows FOR UPDATE from its stale-write guard to the commit, through the UPDATE of every
+    vector and its index entries, so the application's UPDATE of one of them waits for the whole
+    batch write."""
+    with connect(url) as conn:
+        conn.execute("""create table notes (id integer primary key, views integer not null default 0, body text,
+                                            embedding halfvec(1536));
+                        create function notes_input(n notes) returns text language sql immutable as $$ select n.body $$;
+                        select autoembed.enroll('notes', 'notes_input', 'embedding');
+                        create index on notes using hnsw (embedding halfvec_cosine_ops)""")
+        conn.execute("insert into notes (id, body) select g, 'note ' || g from generate_series(1, %s) g", (rows,))
+    with connect(url) as dc:
+        Drainer(dc, Settings.from_env()).run()
+    worst = locked = 0.0
+    for _ in range(rounds):
+        with connect(url) as conn:
+            conn.execute("update notes set body = body || ' again'")
+        stop = threading.Event()
+        result: dict = {}
+        pids: list[int] = []
+
+        def app() -> None:
+            waits = []
+            with connect(url) as a:
+                pids.append(a.info.backend_pid)
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    a.execute("update notes set views = views + 1 where id = %s", (rows // 2,))
+                    waits.append(time.perf_counter() - t0)
+                    time.sleep(0.005)
+            result["waits"] = waits
+
+        threads = [threading.Thread(target=app),
+                   threading.Thread(target=lambda: result.setdefault("locked", lock_waits(url, stop, pids)))]
+        for t in threads:
+            t.start()
+        with connect(url) as dc:
+            Drainer(dc, Settings.from_env()).run()
+        stop.set()
+        for t in threads:
+            t.join()
+        worst, locked = max(worst, max(result["waits"])), max(locked, result["locked"])
+    line(f"{rows:,}-row batch of a vector column (HNSW): longest UPDATE of one of its rows",
+         f"{worst * 1000:.1f} ms (of it waiting for a lock: {locked * 1000:.1f} ms)")
+    return {"rows": rows, "longest_wait_ms": worst * 1000, "longest_lock_wait_ms": locked * 1000}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,100,4000")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kinds", default=",".join(KINDS), help="statements timed during the write, besides UPDATE")
+    ap.add_argument("--column-batch", type=int, default=500,
+                    help="rows of the vector-column batch timed for comparison (0: none)")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -225,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{caught} of {len(waits)} issued inside the write)")
                 out[kind][n] = {"longest_wait_ms": worst * 1000, "longest_lock_wait_ms": locked * 1000,
                                 "caught": caught}
+        if args.column_batch:
+            out["column_batch"] = column_batch(url, args.column_batch, args.rounds)
     return out
 
 

@@ -399,47 +399,42 @@ begin
 end;
 $$;
 
--- Chunk tables made before sql/019 get a deferrable primary key (see write_chunk_rows): rebuilt
--- once, here (the table is locked while its key index is built). A table that cannot be changed
--- keeps its key: its chunk sets are written as before (the old rows deleted first).
+-- Chunk tables made before sql/019, one pass over them, each change on its own:
+--   * a deferrable primary key (see write_chunk_rows), rebuilt once (the table is locked while its
+--     key index is built); a table that cannot be changed keeps its key, and its chunk sets are
+--     written as before (the old rows deleted first);
+--   * the table's owner as their owner, also for one another role made (a model change's shadow,
+--     made by whoever ran the backfill): its write function writes it with the owner's rights.
 do $$
 declare
     k record;
 begin
-    for k in select ct.chunk_table::regclass as chunks, c.conname, c.conkey,
-                    (select array_agg(quote_ident(a.attname) order by x.i) from unnest(c.conkey) with ordinality x(n, i)
-                       join pg_attribute a on a.attrelid = c.conrelid and a.attnum = x.n) as cols
-               from autoembed.chunk_tables ct
-               join pg_constraint c on c.conrelid = ct.chunk_table and c.contype = 'p' and not c.condeferrable loop
-        begin
-            execute format('alter table %s drop constraint %I, add constraint %I primary key (%s) deferrable initially immediate',
-                           k.chunks, k.conname, k.conname, array_to_string(k.cols, ', '));
-            -- (a deferrable key is no replica identity: see create_chunk_table, sql/011)
-            execute format('alter table %s replica identity full', k.chunks);
-        exception when others then
-            raise warning 'autoembed: could not make the primary key of % deferrable: %; an application''s DELETE of a row waits for the write of its chunk set',
-                k.chunks, sqlerrm;
-        end;
-    end loop;
-end
-$$;
-
--- A chunk table another role made for a table (a model change's shadow, made by whoever ran the
--- backfill) belongs to the table's owner: its write function writes it with the owner's rights.
-do $$
-declare
-    k record;
-begin
-    for k in select ct.chunk_table::regclass as chunks, pg_get_userbyid(p.relowner) as owner
+    for k in select ct.chunk_table::regclass as chunks, pg_get_userbyid(p.relowner) as owner, c.relowner <> p.relowner as foreign_owner,
+                    pk.conname, (select array_agg(quote_ident(a.attname) order by x.i) from unnest(pk.conkey) with ordinality x(n, i)
+                                   join pg_attribute a on a.attrelid = pk.conrelid and a.attnum = x.n) as cols
                from autoembed.chunk_tables ct
                join pg_class c on c.oid = ct.chunk_table
                join pg_class p on p.oid = ct.parent
-              where c.relowner <> p.relowner loop
-        begin
-            execute format('alter table %s owner to %I', k.chunks, k.owner);
-        exception when others then
-            raise warning 'autoembed: could not give % to %, the owner of its table: %', k.chunks, k.owner, sqlerrm;
-        end;
+               left join pg_constraint pk on pk.conrelid = ct.chunk_table and pk.contype = 'p' and not pk.condeferrable
+              where pk.conname is not null or c.relowner <> p.relowner loop
+        if k.conname is not null then
+            begin
+                execute format('alter table %s drop constraint %I, add constraint %I primary key (%s) deferrable initially immediate',
+                               k.chunks, k.conname, k.conname, array_to_string(k.cols, ', '));
+                -- (a deferrable key is no replica identity: see create_chunk_table, sql/011)
+                execute format('alter table %s replica identity full', k.chunks);
+            exception when others then
+                raise warning 'autoembed: could not make the primary key of % deferrable: %; an application''s DELETE of a row waits for the write of its chunk set',
+                    k.chunks, sqlerrm;
+            end;
+        end if;
+        if k.foreign_owner then
+            begin
+                execute format('alter table %s owner to %I', k.chunks, k.owner);
+            exception when others then
+                raise warning 'autoembed: could not give % to %, the owner of its table: %', k.chunks, k.owner, sqlerrm;
+            end;
+        end if;
     end loop;
 end
 $$;

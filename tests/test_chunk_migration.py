@@ -5,6 +5,7 @@ their backfill, and `autoembed status --json`. Real Postgres, fake OpenAI over H
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -115,8 +116,13 @@ def test_promote_rollback_drop_old_and_a_second_model_change(articles, fake_open
     m = chunk_migration(conn, p)
     assert (m.status, m.shadow.chunk_table, m.model) == ("backfilling", "articles_chunks__next", NEW)
     assert not m.coverage.complete
-    with pytest.raises(MigrationError, match="finish the backfill or pass --force"):
+    # The flow's one coverage check (chunks.promote only swaps): it counts the documents the shadow lacks.
+    cov = m.coverage
+    with pytest.raises(MigrationError, match=re.escape(
+            f"{cov.current} of {cov.embeddable} documents with input hold the {NEW} vectors of their current "
+            f"input in articles_chunks__next") + r".*finish the backfill or pass --force"):
         chunk_migration_action(conn, p, "promote")
+    assert 0 < cov.current < cov.embeddable
     run_chunk_backfill(conn, p, promote_when_complete=False)
     m = chunk_migration_action(conn, p, "promote")
     assert (m.status, m.old_table, m.coverage.ratio) == ("promoted", "articles_chunks__old", 1.0)
@@ -355,3 +361,33 @@ def test_both_shapes_model_changes_walk_the_same_states_through_the_one_flow(sup
     for action in ("rollback", "drop_old", "abort"):
         with pytest.raises(MigrationError):
             act(action)
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_both_shapes_migration_actions_report_the_same_keys(supabase_docs, articles, fake_openai, settings, shape):
+    """The `model_migration` job's metadata and `autoembed migrate --json` of either shape carry the
+    same keys, meaning the same (core.migrate.reembed.action_result), beside each shape's own."""
+    from autoembed_dagster.core.migrate.backfill import resolve_spec, run_backfill
+    from autoembed_dagster.core.migrate.reembed import reembed_of
+
+    from .test_migration import DOCS_512, seed
+
+    conn = articles
+    if shape == "column":
+        seed(conn, settings, 3)
+        p, unit, shadow, old = DOCS_512, "rows", "embedding__next", "embedding__old"
+        run_backfill(conn, p, resolve_spec(conn, p), promote_when_complete=False)
+    else:
+        load(conn)
+        drain(conn, settings)
+        p, unit, shadow, old = _pipeline(dimensions=512), "documents", "articles_chunks__next", "articles_chunks__old"
+        run_chunk_backfill(conn, p, promote_when_complete=False)
+    with_input = 3 if shape == "column" else conn.execute("select count(*) from articles").fetchone()[0]
+    shared = ("status", "model", "unit", "shadow", "old", "coverage", "current", "with_input", "missing")
+    for action, status, where, kept in (("status", "backfilling", shadow, ""), ("promote", "promoted", "", old)):
+        r = reembed_of(p).migration_action(conn, action, False)
+        for got in (r.metadata, r.info):
+            assert {k: got[k] for k in shared if k != "model"} == {
+                "status": status, "unit": unit, "shadow": where, "old": kept, "coverage": 1.0,
+                "current": with_input, "with_input": with_input, "missing": 0}, got
+            assert got["model"] and "None" not in str(got["model"])

@@ -687,3 +687,30 @@ def test_a_delete_or_key_change_while_the_old_chunk_set_goes_waits_for_that_dele
         drain(conn, settings)  # (the new key was queued by the key change)
         text = conn.execute("select article_text(a) from articles a where id = 100").fetchone()[0]
         assert [c for _, c, _, _, _ in chunk_rows(conn, 100)] == _splitter().split(text)
+
+
+def test_db_init_makes_an_older_chunk_tables_key_deferrable_and_gives_it_to_its_tables_owner(articles, settings):
+    """Chunk tables made before the deferrable key (the new set goes in beside the old one) or
+    owned by another role (a shadow whoever ran the backfill made) are converted by `db init`,
+    one pass over them; the drain then writes them as usual."""
+    from autoembed_dagster.core.db.schema import init_db
+
+    conn = articles
+    role = f"other_{conn.info.backend_pid}"
+    conn.execute(f"create role {role} nologin")
+    try:
+        conn.execute("alter table articles_chunks drop constraint articles_chunks_pkey,"
+                     " add constraint articles_chunks_pkey primary key (id, chunk_index)")
+        conn.execute(f"alter table articles_chunks owner to {role}")
+        conn.commit()
+        init_db(conn)
+        assert conn.execute("select condeferrable from pg_constraint where conname = 'articles_chunks_pkey'"
+                            ).fetchone()[0]
+        assert conn.execute("select c.relowner = p.relowner from pg_class c, pg_class p"
+                            " where c.oid = 'articles_chunks'::regclass and p.oid = 'articles'::regclass").fetchone()[0]
+        conn.execute("insert into articles values (1, 'A', %s)", (_doc(3, 1),))
+        assert drain(conn, settings).embedded == 1
+        assert_current(conn, 1)
+    finally:
+        conn.execute(f"drop owned by {role} cascade")
+        conn.execute(f"drop role {role}")

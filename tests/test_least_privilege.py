@@ -262,7 +262,13 @@ def test_the_drain_and_dashboard_roles_work_with_the_grants_the_readme_lists(con
             monkeypatch.setenv("AUTOEMBED_DATABASE_URL", urls[role])
             capsys.readouterr()
             assert cli.main(["-v", "status"]) == 0
-            assert "embedding_jobs" in capsys.readouterr().out
+            out = capsys.readouterr().out
+            assert "embedding_jobs" in out
+            # The drain's role sees the target's health; the dashboard's (no select on the table)
+            # is told why the target is not shown and what grant would show it.
+            assert ("targets not shown" in out) == (role == "dashboard"), out
+            if role == "dashboard":
+                assert f"role {roles['dashboard']} may not read it" in out and "grant it select on public.documents" in out, out
     finally:
         for name in roles.values():
             conn.execute(f"drop owned by {name} cascade")

@@ -146,30 +146,40 @@ def search_chunks(query: str, *, table: str, schema: str = "public", content_fun
                               key_column=key_column, k=k)
 
 
-def targets_health(url: str | None = None, embedder_settings: EmbedderSettings | None = None):
+def targets_health(url: str | None = None, embedder_settings: EmbedderSettings | None = None,
+                   not_shown: list | None = None):
     """(target, health) of every registered target, vector columns and chunk sets alike
     (core.health.registered_targets, one path: core.health.target_health), under the model of
     `embedder_settings` (default: the environment's) sized to the target. A vector column that
-    model cannot fill counts every vector as another model's; a chunk set is left out then (which
-    chunk sets are current needs the model's tokenizer), and so is a target whose table the
-    session's role may not read."""
+    model cannot fill counts every vector as another model's. Left out, with why appended to
+    `not_shown` as (label, reason): a chunk set when that model cannot be made (which chunk sets
+    are current needs the model's tokenizer), a target whose table the session's role may not read."""
     from .health import registered_targets, target_health
+    from .targets.shapes import shape_of
 
     settings = embedder_settings or EmbedderSettings.from_env()
+    skipped = not_shown if not_shown is not None else []
     out = []
     with session(url) as conn:
+        role = conn.execute("select current_user").fetchone()[0]
         for t in registered_targets(conn):
+            label = shape_of(t).label
             try:
                 embedder = make_embedder(settings, t.dimensions)
-            except ConfigError:
+            except ConfigError as e:
                 embedder = None
+                why = str(e)
             if embedder is None and t.chunked:
+                skipped.append((label, f"its model cannot be made here ({why}); its chunk sets are"
+                                       " counted with the model's tokenizer"))
                 continue
             try:
                 with conn.transaction():
                     out.append((t, target_health(conn, t, embedder)))
-            except psycopg.errors.InsufficientPrivilege:
-                continue  # a table this role may not read (README's dashboard role): its queues still show
+            except psycopg.errors.InsufficientPrivilege as e:
+                # A table this role may not read (README's dashboard role): its queues still show.
+                skipped.append((label, f"role {role} may not read it ({e.diag.message_primary}); grant it"
+                                       f" select on {t.key.schema}.{t.key.table} to see its health"))
     return out
 
 

@@ -8,7 +8,7 @@ chunk texts that already have a vector under the model (anywhere in the table wr
 reused, so a shard is idempotent and resumable.
 
 Where it writes (`chunk_plan`): the live chunk table when it holds only this model at this size;
-otherwise a shadow chunk table `<table>_chunks__next` (core.targets.chunks.create_shadow), which search
+otherwise a shadow chunk table `<table>_chunks__next` (core.migrate.migration.make_shadow), which search
 does not read. While the shadow exists the drain writes changed documents there too (see
 `write_target`), and when every document's shadow chunk set is current the shadow is promoted in
 one transaction (core.targets.chunks.promote: tables swapped, the registry follows), the old table kept
@@ -30,7 +30,7 @@ from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
 from ..targets.writes import ChunkWrite, Settled, write_page
 from ..embed import make_embedder
 from ..embed.base import Embedder
-from .migration import MigrationError, step
+from .migration import MigrationError, make_shadow, step
 from ..targets.models import ModelSpec
 from ..targets.shadow import Coverage
 from ..pipelines import Pipeline
@@ -98,14 +98,15 @@ def chunk_plan(conn: psycopg.Connection, p: Pipeline, live: Target, spec: ModelS
         (spec.identity_key,)).fetchall()]
     if live.dimensions == spec.dimensions and not others:
         return ChunkBackfillPlan("in_place", live, live, spec, f"{live.chunk_table} holds {spec.identity_key}")
-    retired = chunks.old_table(conn, chunk_target_of(live))
-    if retired is not None:
-        # Its promotion would fail at the end, after the whole backfill: refuse before any work.
-        raise MigrationError(f"{p.qualified_table}: {retired} holds the chunk sets of the previous model change; "
-                             f"drop them first with `autoembed migrate {p.name} drop-old` (or roll that change "
-                             f"back: `autoembed migrate {p.name} rollback`), then backfill {spec.key}")
-    ct = chunks.create_shadow(conn, chunk_target_of(live), dimensions=spec.dimensions)
-    shadow = replace(live, chunk_table=ct.chunk_table, vector_type=ct.vector_type, dimensions=ct.dimensions)
+    # The one make step of every shape's model change (refused while a retired table is kept: its
+    # promotion would fail at the end, after the whole backfill).
+    change = ChunkSetChange(live, Made(spec.identity_key), p.name, dimensions=spec.dimensions)
+    try:
+        make_shadow(conn, change, change.state(conn))
+    except MigrationError as exc:
+        raise MigrationError(f"{exc}, then backfill {spec.key}") from None
+    shadow = change.shadow(conn)
+    assert shadow is not None, change.shadow_name
     held = ", ".join(others) or f"{live.vector_type}({live.dimensions}) vectors"
     return ChunkBackfillPlan("shadow", live, shadow, spec,
                              f"{live.chunk_table} holds {held}: new chunk sets of {spec.identity_key} go to "

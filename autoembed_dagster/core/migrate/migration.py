@@ -112,12 +112,13 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
         conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))",
                      (_LOCK_CLASS, f"{live.schema}.{live.table}.{live.embedding_column}"))
         existing = get_migration(conn, live.schema, live.table, live.embedding_column)
+        before = ShadowState(None, None)  # (no record: no shadow, no retired copy)
         if existing is not None:
             if existing.status == "backfilling" and existing.spec == spec:
                 return existing
-            raise MigrationError(
-                f"{existing.label} already has a migration ({existing.status}) to {existing.spec.key}: "
-                + ("abort it first" if existing.status == "backfilling" else "drop_old or rollback it first"))
+            before = ColumnChange(existing).state(conn)
+            if (why := refusal(ColumnChange(existing), before, "make")) is not None:
+                raise MigrationError(f"{why} (it changes the model to {existing.spec.key})")
         target = resolve(conn, live)
         if conn.execute("select autoembed.content_function(%s::regclass, %s)", (target.regclass, spec.content_function)
                         ).fetchone()[0] is None:
@@ -145,7 +146,7 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
             spec.identity_key, models[0][0] if models else None,
         )).fetchone())
         assert m is not None
-        ColumnChange(m).make(conn)
+        make_shadow(conn, ColumnChange(m), before)
         # Jobs dead-lettered because the configured model no longer fitted the live column (the
         # model was changed in code before this migration started) can succeed now: retry them.
         conn.execute(
@@ -188,12 +189,20 @@ class Step:
 def refusal(change: ModelChange, state: ShadowState, action: str) -> str | None:
     """Why `state` does not allow `action` (the state machine of a model change), or None:
 
-        none ──(a backfill makes the shadow)──▶ backfilling ──promote──▶ promoted ──drop_old──▶ none
+        none ──(make_shadow: a backfill)──────▶ backfilling ──promote──▶ promoted ──drop_old──▶ none
                         ▲   └──abort──▶ none                              │
                         └──────────────────────rollback──────────────────┘
     """
     p = change.pipeline or "<pipeline>"
-    if action == "promote":
+    if action == "make":
+        if state.shadow is not None:
+            return (f"{change.label}: {state.shadow} exists (another model change in progress): "
+                    f"`autoembed migrate {p} abort` it first")
+        if state.old is not None:
+            return (f"{change.label}: {state.old} holds the vectors of the previous model change: "
+                    f"`autoembed migrate {p} drop-old` first (or roll that change back: `autoembed migrate {p} "
+                    "rollback`)")
+    elif action == "promote":
         if state.shadow is None:
             return (f"{change.label}: no shadow {change.noun} {change.shadow_name} to promote "
                     f"(run `autoembed backfill {p}` after a model change)")
@@ -215,6 +224,15 @@ def refusal(change: ModelChange, state: ShadowState, action: str) -> str | None:
         if state.shadow is None:
             return f"{change.label}: no model change in progress to abort (no {change.shadow_name})"
     return None
+
+
+def make_shadow(conn: psycopg.Connection, change: ModelChange, state: ShadowState) -> None:
+    """Make a model change's shadow (none ──▶ backfilling), for every shape: refused while another
+    change holds a shadow or a retired copy (`state`: where it stood before, read by the caller
+    inside its transaction), else the shape's `make`."""
+    if (why := refusal(change, state, "make")) is not None:
+        raise MigrationError(why)
+    change.make(conn)
 
 
 def step(conn: psycopg.Connection, change: ModelChange, action: str, *, force: bool = False,

@@ -22,7 +22,7 @@ from ..targets import chunks
 from ..targets.catalog import resolve
 from ..targets.models import ModelSpec, describe_change
 from ..targets.shadow import Coverage
-from ..targets.shapes import ChunkSetChange, Made
+from ..targets.shapes import ChunkSetChange, Made, ShadowState
 from ..config import ConfigError
 from . import backfill_control
 from . import batch_backfill as bb
@@ -79,6 +79,22 @@ class ActionResult:
         return self.metadata["status"]
 
 
+def action_result(unit: str, state: ShadowState, cov: Coverage, *, status: str, model: str,
+                  summary: str, line: str, metadata: dict[str, Any], info: dict[str, Any],
+                  keep_models: set[str] | None = None, promoted: str | None = None) -> ActionResult:
+    """A migration action's outcome for any shape, after the action: the keys every shape carries
+    (`status`, `model`, `unit` (its ModelChange's: rows, documents), `shadow`, `old`, `coverage` of the shadow while backfilling else of
+    the live vectors, `current`, `with_input`, `missing`) in both `metadata` and `info`, beside the
+    shape's own keys (`metadata`, `info`: kept for their readers, e.g. a column's `missing_rows`, a
+    chunk set's `shadow_table`)."""
+    shared = {"status": status, "model": model, "unit": unit, "shadow": state.shadow or "",
+              "old": state.old or "", "coverage": round(cov.ratio, 6), "current": cov.current,
+              "with_input": cov.embeddable, "missing": cov.missing}
+    # (Dagster metadata takes no None)
+    return ActionResult({**{k: "" if v is None else v for k, v in metadata.items()}, **shared}, summary,
+                        keep_models, info={**info, **shared}, line=line, promoted=promoted)
+
+
 class Reembed(Protocol):
     p: Pipeline
     noun: str  # what a shard counts: "rows" or "documents"
@@ -124,6 +140,21 @@ def reembed_of(p: Pipeline, via: str | None = None) -> Reembed:
         bb.refuse_chunked(p)
         return BatchReembed(p)
     return ChunkSetReembed(p) if p.chunked else ColumnReembed(p)
+
+
+def checked_shard_run(metadata: dict[str, Any], unit: str, made: str, cov: Coverage | None, failed: int,
+                      errors: list[str]) -> ShardRun:
+    """A finished shard run of any shape: its coverage check (`made`: what a current unit holds,
+    e.g. "<model> vector"; `missing_<unit>` in the check's metadata), failed when units could not
+    be embedded (a re-run resumes)."""
+    return ShardRun(
+        metadata=metadata, check_passed=cov is not None and cov.complete,
+        check_description=(f"{cov.current} of {cov.embeddable} {unit} with input hold the {made} of their "
+                           "current input" if cov else "no coverage"),
+        check_metadata={"coverage": _ratio(cov), f"missing_{unit}": cov.missing if cov else 0},
+        failure=(f"{failed} {unit[:-1]}(s) could not be embedded (provider errors); re-run this partition to "
+                 "resume") if failed else None,
+        errors=list(errors))
 
 
 def _ratio(cov: Coverage | None) -> float | str:
@@ -197,15 +228,9 @@ class ColumnReembed(_PipelineReembed):
                     log(f"migration {m.id} complete: {m.embedding_column} now holds "
                         f"{describe_change(m.old_spec, m.spec)} "
                         f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
-        s, cov = result.stats, result.coverage
-        return ShardRun(
-            metadata=_column_metadata(result, spec, migration_cov, promoted), check_passed=result.complete,
-            check_description=(f"{cov.current} of {cov.embeddable} rows with input hold the {spec.identity_key} "
-                               f"vector of their current input" if cov else "no coverage"),
-            check_metadata={"coverage": _ratio(cov), "missing_rows": cov.missing if cov else 0},
-            failure=(f"{s.retryable_failures} row(s) could not be embedded (provider errors); re-run this partition "
-                     "to resume") if s.retryable_failures else None,
-            errors=list(s.errors))
+        return checked_shard_run(_column_metadata(result, spec, migration_cov, promoted), "rows",
+                                 f"{spec.identity_key} vector", result.coverage, result.stats.retryable_failures,
+                                 result.stats.errors)
 
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
         return _column_migration_action(conn, self.p, action, force)
@@ -252,9 +277,6 @@ def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str,
             raise mig.MigrationError(f"{p.qualified_table}.{p.embedding_column} has no model migration in flight")
         return ActionResult({"status": "none"}, f"{p.qualified_table}.{p.embedding_column}: no model migration",
                             info={"status": "none"}, line=f"{p.name}: no model migration in flight")
-    cov = _migration_coverage(conn, m)
-    meta: dict[str, Any] = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "",
-                            "coverage": _ratio(cov), "missing_rows": cov.missing}
     configured = None
     if action == "drop_old":
         configured = p.spec(column_dimensions=m.dimensions)
@@ -265,26 +287,21 @@ def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str,
     change = mig.ColumnChange(m, p.name)
     r = mig.step(conn, change, action, force=force)
     m = change.m
+    meta: dict[str, Any] = {"migration_id": m.id, "old_model": m.old_model}
     if action == "promote":
         meta.update(indexes=", ".join(r.swapped.indexes if r.swapped else []), notes="\n".join(r.notes),
                     locked_seconds=round(r.locked_seconds, 4))
-    meta["status"] = m.status
-    cov = _migration_coverage(conn, m)  # after the action: what `autoembed migrate` says
-    return ActionResult(
-        meta, f"migration {m.id} of {m.label}: {m.status}",
-        {m.spec.key, configured.key} if configured is not None else None,
-        info={"migration": m.id, "status": m.status, "model": m.spec.key, "old_model": m.old_model,
-              "column": m.embedding_column, "shadow_column": m.shadow_column, "coverage": round(cov.ratio, 6),
-              "rows_current": cov.current, "rows_with_input": cov.embeddable},
+    state = change.state(conn)
+    cov = change.coverage(conn, state)  # after the action: what `autoembed migrate` says
+    return action_result(
+        change.unit, state, cov, status=m.status, model=m.spec.key, summary=f"migration {m.id} of {m.label}: {m.status}",
+        metadata={**meta, "missing_rows": cov.missing},
+        info={"migration": m.id, "old_model": m.old_model, "column": m.embedding_column,
+              "shadow_column": m.shadow_column, "rows_current": cov.current, "rows_with_input": cov.embeddable},
+        keep_models={m.spec.key, configured.key} if configured is not None else None,
         line=(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {_pct(cov.ratio)} "
               f"({cov.current}/{cov.embeddable})"),
         promoted=_promoted_line(p, m) if r.swapped is not None else None)
-
-
-def _migration_coverage(conn: psycopg.Connection, m: mig.Migration) -> Coverage:
-    """Of the shadow column while backfilling, else of the live one (the shape's ModelChange)."""
-    change = mig.ColumnChange(m)
-    return change.coverage(conn, change.state(conn))
 
 
 def _pct(ratio: float) -> str:
@@ -394,21 +411,16 @@ class ChunkSetReembed(_PipelineReembed):
             "seconds": round(stats.seconds, 3), "stopped_early": stats.stopped or "",
             "coverage": round(whole.ratio, 6), "promoted": promoted,
         }
-        return ShardRun(
-            metadata=metadata, check_passed=mine.complete,
-            check_description=(f"{mine.current} of {mine.embeddable} documents with input hold the "
-                               f"{spec.identity_key} chunk set of their current input"),
-            check_metadata={"coverage": round(mine.ratio, 6), "missing_documents": mine.missing},
-            failure=(f"{stats.failed} document(s) could not be embedded (provider errors); re-run this partition "
-                     "to resume") if stats.failed else None,
-            errors=list(stats.errors))
+        return checked_shard_run(metadata, "documents", f"{spec.identity_key} chunk set", mine, stats.failed,
+                                 stats.errors)
 
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
         m = chunk_migration_action(conn, self.p, action, force=force)
+        state = ShadowState(m.shadow.chunk_table if m.shadow else None, m.old_table)
         info = m.as_dict()
-        return ActionResult({**{k: v if v is not None else "" for k, v in info.items() if k != "coverage"},
-                             "coverage": info["coverage"], "missing_documents": m.coverage.missing}, m.summary(),
-                            info=info, line=m.summary())
+        return action_result(ChunkSetChange.unit, state, m.coverage, status=m.status, model=m.model,
+                             summary=m.summary(), line=m.summary(),
+                             metadata={**info, "missing_documents": m.coverage.missing}, info=info)
 
     def run(self, conn: psycopg.Connection, *, only: list[int] | None = None, promote: bool = True,
             batch_rows: int | None = None, on_plan: Callable[[Any, Coverage], None] | None = None,

@@ -525,17 +525,11 @@ def copy_vector_indexes(conn: psycopg.Connection, live: ChunkTarget, shadow: Chu
     return made
 
 
-def promote(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget, model_key: str, splitter_key: str,
-            *, force: bool = False) -> str:
-    """Swap the shadow in for the live chunk table in one transaction, when every document's
-    shadow chunk set is current (or `force`). Returns the old table's name (kept for rollback)."""
+def promote(conn: psycopg.Connection, live: ChunkTarget, shadow: ChunkTarget) -> str:
+    """Swap the shadow in for the live chunk table in one transaction (and the registry's chunk
+    target follows the live table: sql/012). Returns the old table's name (kept for rollback).
+    Whether the shadow is complete enough is the flow's one check (core.migrate.migration.step)."""
     with conn.transaction():
-        if not force:
-            cov = coverage(conn, shadow, model_key, splitter_key)
-            if not cov.complete:
-                raise TargetError(f"{shadow.label}: {cov.missing} of {cov.embeddable} documents have no current "
-                                  f"chunk set under {model_key}: finish the backfill, or promote with force")
-        # (and the registry's chunk target follows the live table: sql/012)
         old = conn.execute("select autoembed.promote_chunk_target(%s::regclass, %s::regclass)::text",
                            (regclass_of(live), regclass_of(shadow))).fetchone()[0]
     return old

@@ -305,6 +305,11 @@ class ModelChange(Protocol):
     def coverage(self, conn: psycopg.Connection, state: ShadowState) -> Coverage:
         """How much of the shadow (while backfilling; else of the live vectors) is current."""
 
+    def make(self, conn: psycopg.Connection) -> None:
+        """Make the shadow (at the new model's size) that the backfill and the drain fill: the flow
+        (core.migrate.migration.make_shadow) calls it once, when `state` has neither shadow nor
+        retired copy."""
+
     def prepare(self, conn: psycopg.Connection) -> list[str]:
         """Before a promotion's transaction (no lock held): what can be built meanwhile; notes."""
 
@@ -458,13 +463,15 @@ class ChunkSetChange:
     shadow `<table>_chunks__next` (the backfill and the drain write the new model there) and, once
     promoted, the previous live table `<table>_chunks__old`; a promotion swaps the tables and the
     registry follows (sql/012). `live`: the registered chunk target; `made`: the model and chunking
-    current sets are made with."""
+    current sets are made with; `dimensions`: the new model's size (a shadow `make` creates; default
+    the live table's)."""
 
     unit = "documents"
     noun = "chunk table"
 
-    def __init__(self, live: Target, made: Made, pipeline: str | None = None) -> None:
+    def __init__(self, live: Target, made: Made, pipeline: str | None = None, dimensions: int | None = None) -> None:
         self.live, self.made, self.pipeline = live, made, pipeline
+        self.dimensions = dimensions or live.dimensions
         self.ct = chunk_target_of(live)
         self.label, self.shadow_name, self.model = self.ct.label, chunks.shadow_name(self.ct), made.model
 
@@ -480,6 +487,11 @@ class ChunkSetChange:
         counted = self.ct.with_chunk_table(state.shadow) if state.shadow else self.ct
         return ChunkSetShape(counted).counts(conn, self.made).coverage
 
+    def make(self, conn: psycopg.Connection) -> None:
+        """The shadow chunk table `<table>_chunks__next` at the new size, with the live table's
+        vector indexes (chunks.create_shadow); the drain writes changed documents there too."""
+        chunks.create_shadow(conn, self.ct, dimensions=self.dimensions)
+
     def prepare(self, conn: psycopg.Connection) -> list[str]:
         return []  # the shadow was made with the live table's vector indexes (chunks.create_shadow)
 
@@ -487,8 +499,7 @@ class ChunkSetChange:
         pass  # the swap renames the tables: it takes their locks itself, for an instant
 
     def promote(self, conn: psycopg.Connection) -> Swapped:
-        old = chunks.promote(conn, self.ct, self.ct.with_chunk_table(self.shadow_name), self.made.model,
-                             self.made.splitter or "", force=True)  # (the flow checked the coverage)
+        old = chunks.promote(conn, self.ct, self.ct.with_chunk_table(self.shadow_name))  # (the flow checked coverage)
         return Swapped(old)
 
     def rollback(self, conn: psycopg.Connection) -> None:
