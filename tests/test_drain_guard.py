@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from autoembed_dagster.core.db.server import connect
 from autoembed_dagster.core.drain import Drainer, drain
 
@@ -72,3 +74,48 @@ def test_a_row_changed_during_embedding_is_not_written(conn, db_url, fake_openai
     assert conn.execute("select embedding is null from guarded where id = 1").fetchone()[0]
     drain(conn, settings)
     assert conn.execute("select embedding is not null from guarded where id = 1").fetchone()[0]
+
+
+def test_an_application_write_waits_only_for_the_slice_holding_its_row(conn, db_url, fake_openai, settings):
+    """A vector column's batch is written in slices, a transaction each: while the drain is held
+    inside the write of row 2's slice, the application updates row 1 (an earlier slice, committed)
+    and row 3 (a later slice, not locked yet) without waiting. In one transaction for the whole
+    batch, the guard held all three rows until the end."""
+    import psycopg
+
+    conn.execute(SCHEMA)
+    for i in (1, 2, 3):  # one message per row
+        conn.execute("insert into guarded values (%s, 't', 'b')", (i,))
+    conn.execute("""
+        create function hold_row_2() returns trigger language plpgsql as $$
+        begin perform pg_advisory_lock_shared(4343); perform pg_advisory_unlock_shared(4343); return new; end $$;
+        create trigger hold before update on guarded for each row
+            when (new.id = 2 and new.embedding is not null) execute function hold_row_2()""")
+    with psycopg.connect(db_url, autocommit=True) as drain_conn, \
+            psycopg.connect(db_url, autocommit=True) as gate, \
+            psycopg.connect(db_url, autocommit=True) as app:
+        drainer = Drainer(drain_conn, settings, pipeline=False)
+        drainer.settler.slice_rows, drainer.settler.adaptive = 1, False
+        gate.execute("select pg_advisory_lock(4343)")
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("stats", drainer.drain_batch()))
+        t.start()
+        try:
+            for _ in range(600):  # until the drain's write of row 2 waits for the gate
+                if gate.execute("select exists (select 1 from pg_locks where pid = %s and locktype = 'advisory'"
+                                " and not granted)", (drain_conn.info.backend_pid,)).fetchone()[0]:
+                    break
+                t.join(0.1)
+            else:
+                pytest.fail("the drain never reached the write of row 2")
+            app.execute("set lock_timeout = '3s'")
+            app.execute("update guarded set body = 'changed' where id = 1")  # its slice committed
+            app.execute("update guarded set body = 'changed' where id = 3")  # its slice not begun
+        finally:
+            gate.execute("select pg_advisory_unlock(4343)")
+            t.join(60)
+    stats = result["stats"]
+    assert stats.embedded == 2 and stats.stale == 1  # row 3 changed before its slice: its new job writes it
+    assert conn.execute("select count(*) from pgmq.q_embedding_jobs").fetchone()[0] == 2  # rows 1 and 3 again
+    drain(conn, settings)
+    assert conn.execute("select count(*) from guarded where embedding is null").fetchone()[0] == 0

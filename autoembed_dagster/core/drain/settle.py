@@ -52,30 +52,66 @@ class _Fate:
 class Settler:
     """Settles batches of one queue on the drain's connection."""
 
+    # A vector column's rows are written in slices, each in a transaction of its own, so that an
+    # application's write of a row waits at most for the slice holding it (its stale-write guard's
+    # row lock lasts from the guard to the slice's commit), not for the whole batch: a slice is
+    # sized by the time the last one took (aim SLICE_SECONDS; into an HNSW index a row costs
+    # milliseconds). The messages are settled with the last slice: a drain that dies between
+    # slices leaves them queued, and the rows already written are then found unchanged.
+    SLICE_SECONDS = 0.05
+    MIN_SLICE_ROWS = 8
+    MAX_SLICE_ROWS = 4000
+
     def __init__(self, conn: psycopg.Connection, settings: Settings, claims: Claims | None):
         self.conn = conn
         self.settings = settings
         self.claims = claims
+        self.slice_rows = 200  # rows per slice: adapted after each slice (adaptive=False: fixed)
+        self.adaptive = True
 
     def settle(self, outcome: Outcome, stats: DrainStats, msg_ids: list[int]) -> None:
-        """Write and settle `outcome` in one transaction (retried when a deadlock or lock timeout
-        made the drain give way). `msg_ids`: every message of the batch."""
+        """Write and settle `outcome`: vector-column rows in slices (a transaction each), the last
+        one together with every message's fate (each transaction retried when a deadlock or lock
+        timeout made the drain give way). `msg_ids`: every message of the batch."""
         if self.claims is not None:
             self.claims.release(msg_ids)  # the heartbeat must not touch what this settles
-        for attempt in range(1, SETTLE_TRIES + 1):
-            try:
-                with self.conn.transaction():
-                    result = self._settle_once(outcome)
-                break
-            except (errors.DeadlockDetected, errors.LockNotAvailable):
-                if attempt == SETTLE_TRIES:
-                    raise
-                time.sleep(0.05 * attempt)
+        early: list[tuple[TargetWrite, Settled]] = []  # slices written and committed already
+        last: list[TargetWrite] = []
+        for tw in self._target_writes(outcome):
+            while isinstance(tw, ColumnWrite) and len(tw.keys()) > self.slice_rows:
+                keys = tw.keys()
+                part, tw = tw.only(keys[:self.slice_rows]), tw.only(keys[self.slice_rows:])
+                early.append((part, self._in_transaction(lambda: self._write_slice(part))))
+            last.append(tw)
+        result = self._in_transaction(lambda: self._settle_once(outcome, last, early))
         self._count(result, stats)
         if self.claims is not None:
             self.claims.keep_for_later(result[1].later, BUSY_RETRY_SECONDS)
 
-    def _settle_once(self, outcome: Outcome):
+    def _in_transaction(self, fn):
+        for attempt in range(1, SETTLE_TRIES + 1):
+            try:
+                with self.conn.transaction():
+                    return fn()
+            except (errors.DeadlockDetected, errors.LockNotAvailable):
+                if attempt == SETTLE_TRIES:
+                    raise
+                time.sleep(0.05 * attempt)
+
+    def _write_slice(self, tw: TargetWrite) -> Settled:
+        started = time.perf_counter()
+        act_as_drain(self.conn)
+        settled = tw.settle(self.conn)
+        if self.adaptive:
+            took = max(time.perf_counter() - started, 1e-4)
+            rows = len(tw.keys()) * self.SLICE_SECONDS / took
+            self.slice_rows = int(min(max(rows, self.MIN_SLICE_ROWS), self.MAX_SLICE_ROWS))
+        return settled
+
+    def _settle_once(self, outcome: Outcome, writes: list[TargetWrite] | None = None,
+                     written: list[tuple[TargetWrite, Settled]] = ()):
+        """`writes`: what to write now (default: all of `outcome`'s); `written`: slices written
+        before, in transactions of their own, whose messages are settled here."""
         conn, q = self.conn, self.settings.queue
         act_as_drain(conn)
         wrote: list[tuple[Target, Settled]] = []
@@ -84,8 +120,8 @@ class Settler:
         dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
         # One path for every target's shape (core.targets.writes.TargetWrite): a row (document) is
         # written whole under the stale-write guard, dead-lettered alone, or kept for later.
-        for tw in self._target_writes(outcome):
-            settled = tw.settle(conn)
+        now = [(tw, tw.settle(conn)) for tw in (self._target_writes(outcome) if writes is None else writes)]
+        for tw, settled in [*written, *now]:
             wrote.append((tw.target, settled))
             busy_keys = set(settled.busy)
             for key in tw.keys():
