@@ -58,7 +58,7 @@ class Settler:
     # sized by the time the last one took (aim SLICE_SECONDS; into an HNSW index a row costs
     # milliseconds). The messages are settled with the last slice: a drain that dies between
     # slices leaves them queued, and the rows already written are then found unchanged.
-    SLICE_SECONDS = 0.05
+    SLICE_SECONDS = 0.08  # (an application write waits up to about this long for a row the drain writes)
     MIN_SLICE_ROWS = 8
     MAX_SLICE_ROWS = 4000
 
@@ -66,7 +66,7 @@ class Settler:
         self.conn = conn
         self.settings = settings
         self.claims = claims
-        self.slice_rows = 200  # rows per slice: adapted after each slice (adaptive=False: fixed)
+        self.slice_rows = 16  # rows per slice: adapted after each slice (adaptive=False: fixed)
         self.adaptive = True
 
     def settle(self, outcome: Outcome, stats: DrainStats, msg_ids: list[int]) -> None:
