@@ -11,10 +11,12 @@ import dagster as dg
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
 
 from autoembed_dagster.core.pipelines import Pipeline
-from autoembed_dagster.defs.assets import embeddings_key
+from autoembed_dagster.core.targets.models import ModelSpec
+from autoembed_dagster.defs.assets import MODEL_NAME_CHARS, embeddings_key, model_partition_key
 from autoembed_dagster.defs.backfill import shards_key
 
 from .dg_project import load_project_defs, make_project, write_pipeline
+from .test_backfill import register_models
 from .test_dagster_layer import QUICK, insert_docs
 
 DOCS = Pipeline(name="documents", schema="public", table="documents", shards=2)
@@ -26,6 +28,7 @@ query ($key: AssetKeyInput!) {
       staleStatus
       staleCauses { reason category }
       partitionStats { numMaterialized numPartitions numFailed }
+      partitionKeysByDimension { name partitionKeys }
       targetingInstigators { ... on Sensor { name } }
     }
   }
@@ -75,11 +78,12 @@ def test_partitions_and_staleness_say_what_the_database_holds(supabase_docs, fak
             embeddings, shards = node(context, embeddings_key(DOCS)), node(context, shards_key(DOCS))
         assert embeddings["staleStatus"] == "STALE", embeddings
         assert embeddings["description"].startswith("Model: text-embedding-3-small (openai, 512 dimensions)."), embeddings
-        assert "(the code's: openai:text-embedding-3-small:512:embedding_input;" in shards["description"], shards
+        model = model_partition_key(ModelSpec.parse("openai:text-embedding-3-small:512:embedding_input"))
+        assert (f"(the code's: {model} = openai:text-embedding-3-small:512:embedding_input;"
+                in shards["description"]), shards
         assert {"reason": "has a new code version", "category": "CODE"} in embeddings["staleCauses"]
 
-        model = "openai:text-embedding-3-small:512:embedding_input"
-        instance.add_dynamic_partitions("documents_models", [model])
+        assert register_models(load_project_defs(project), instance) == [model]  # the model-partitions sensor
         run(project, instance, "backfill")  # starts the migration (a shadow column), queues the shard runs
         insert_docs(conn, 1, prefix="meanwhile")
         run(project, instance, "drain_embedding_jobs", run_config=QUICK)  # a drain meanwhile: still stale
@@ -119,3 +123,54 @@ def test_a_new_instance_shows_no_community_pop_up(tmp_path, pg_server_url, monke
         assert not (home / ".nux").exists() or not any((home / ".nux").iterdir())  # not by a "seen" mark
     finally:
         drop_database(pg_server_url, name)
+
+
+def model_keys(shards: dict) -> list[str]:
+    return next(d["partitionKeys"] for d in shards["partitionKeysByDimension"] if d["name"] == "model")
+
+
+def test_model_partition_keys_are_short_and_an_older_instances_full_keys_are_renamed(
+        supabase_docs, fake_openai, tmp_path, monkeypatch):
+    """The UI cut the model partition `local:all-Mini…mbedding_input` in its middle (and the overview's
+    status row overlapped the next column): a model partition is the model's name and 4 digits of
+    its whole identity. An instance made before that holds full keys: a shard run still accepts
+    them, and the model-partitions sensor renames them, the renamed partitions materialized as the
+    table is."""
+    conn = supabase_docs
+    monkeypatch.chdir(tmp_path)
+    project = make_project(tmp_path, {"documents": {"table": "public.documents", "shards": 2}})
+    insert_docs(conn, 4)
+    full = "openai:text-embedding-3-small:1536:embedding_input"
+    short = model_partition_key(ModelSpec.parse(full))
+    assert short.startswith("text-embedding-3-small@") and len(short) <= MODEL_NAME_CHARS + 5
+    assert len({short, *(model_partition_key(ModelSpec.parse(k)) for k in (
+        "openai:text-embedding-3-small:512:embedding_input", "openai:text-embedding-3-small:1536:other_input",
+        "local:text-embedding-3-small:1536:embedding_input"))}) == 4  # one per identity
+    with dg.instance_for_test() as instance:
+        # An older instance: its model partition is the full identity, its shards materialized with it.
+        instance.add_dynamic_partitions("documents_models", [full])
+        for shard in ("0", "1"):
+            run(project, instance, "reembed_documents", partition_key=f"{full}|{shard}")
+        with ui(project, instance) as context:
+            assert model_keys(node(context, shards_key(DOCS))) == [full]
+
+        events = []
+        defs = load_project_defs(project)
+        sensor = defs.resolve_sensor_def("autoembed_model_partitions")
+        result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources,
+                                                              definitions=defs))
+        for event in result.asset_events or []:  # what the daemon records
+            instance.report_runless_asset_event(event)
+            events.append(event)
+        with ui(project, instance) as context:
+            shards = node(context, shards_key(DOCS))
+        assert model_keys(shards) == [short], shards
+        assert shards["partitionStats"] == {"numMaterialized": 2, "numPartitions": 2, "numFailed": 0}, shards
+        assert any(getattr(e, "metadata", {}).get("model") == dg.MetadataValue.text(full) for e in events), events
+
+        # New shard runs name the short key; a retired model's short key is skipped, not an error.
+        run(project, instance, "reembed_documents", partition_key=f"{short}|0")
+        retired = model_partition_key(ModelSpec.parse("openai:text-embedding-3-large:256:embedding_input"))
+        instance.add_dynamic_partitions("documents_models", [retired])
+        skipped = run(project, instance, "reembed_documents", partition_key=f"{retired}|0")
+        assert not skipped.asset_materializations_for_node(skipped.dagster_run.step_keys_to_execute[0])

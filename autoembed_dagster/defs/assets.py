@@ -7,6 +7,7 @@ queue, see drain.py), which report per-pipeline numbers as materialization metad
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Iterable, Sequence
 
@@ -14,6 +15,7 @@ import dagster as dg
 
 from ..core.config import ConfigError
 from ..core.pipelines import Pipeline
+from ..core.targets.models import ModelSpec
 
 GROUP = "autoembed"
 DEFAULT_QUEUE = "embedding_jobs"  # Supabase's queue: SQL-enrolled tables land here
@@ -162,3 +164,24 @@ def pipeline_specs(p: Pipeline, digest: str | None = None, why_no_digest: str = 
 
 def models_partitions_name(p: Pipeline) -> str:
     return f"{p.name}_models"
+
+
+MODEL_NAME_CHARS = 22  # of a model partition key: with "@" and 4 digits, what the UI's partition list shows whole
+
+
+def model_partition_key(spec: ModelSpec) -> str:
+    """The re-embed asset's model partition of `spec`: the model's name and 4 hex digits of its
+    whole identity (provider:model:dimensions:content_function), e.g. `all-MiniLM-L6-v2@3f9c`.
+    Short, so the UI shows it whole (it cut the full identity in its middle, where the model is),
+    and one per identity: another size or content function of the same model gets other digits.
+    It never holds ':', which every key of an older instance does (as_model_partition_key)."""
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", spec.model.rsplit("/", 1)[-1]))
+    name = name.strip("-.")[:MODEL_NAME_CHARS] or "model"
+    return f"{name}@{hashlib.sha256(spec.key.encode()).hexdigest()[:4]}"
+
+
+def as_model_partition_key(key: str) -> str:
+    """A model partition key in today's form: the full `provider:model:dimensions:content_function`
+    key an instance made before short keys holds, converted; any other key as it is."""
+    return model_partition_key(ModelSpec.parse(key)) if ":" in key else key
+
