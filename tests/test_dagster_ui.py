@@ -47,6 +47,17 @@ def node(context, key: dg.AssetKey) -> dict:
     return result.data["assetNodeOrError"]
 
 
+def queue_tick(project, instance, cursor: list) -> list:
+    """The refresh run requests of one tick of the queue sensor (the code location's definitions);
+    `cursor`: the sensor's cursors so far (its state across ticks)."""
+    defs = load_project_defs(project)
+    context = dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs,
+                                      cursor=cursor[-1] if cursor else None)
+    result = defs.resolve_sensor_def("embedding_jobs_sensor").evaluate_tick(context)
+    cursor.append(result.cursor)
+    return [r for r in result.run_requests or [] if r.job_name.startswith("refresh_")]
+
+
 def run(project, instance, job: str, **kwargs):
     result = load_project_defs(project).resolve_job_def(job).execute_in_process(instance=instance, **kwargs)
     assert result.success
@@ -55,6 +66,8 @@ def run(project, instance, job: str, **kwargs):
 
 def test_partitions_and_staleness_say_what_the_database_holds(supabase_docs, fake_openai, tmp_path, monkeypatch):
     conn = supabase_docs
+    monkeypatch.setenv("AUTOEMBED_SENSOR_WAIT", "0")  # a sensor tick does not wait for a first write
+    cursors: list = []
     monkeypatch.chdir(tmp_path)  # the code server loads the project from its folder, as `dg dev` does
     project = make_project(tmp_path, {"documents": {"table": "public.documents", "shards": 2}})
     insert_docs(conn, 6)
@@ -64,8 +77,9 @@ def test_partitions_and_staleness_say_what_the_database_holds(supabase_docs, fak
         with ui(project, instance) as context:
             embeddings, shards = node(context, embeddings_key(DOCS)), node(context, shards_key(DOCS))
         assert embeddings["staleStatus"] == "FRESH", embeddings
-        # the asset page names the sensor that keeps it fresh (it said "No automations")
+        # the asset page names the sensor that keeps it fresh (it said "No automations") ...
         assert {"name": "embedding_jobs_sensor"} in embeddings["targetingInstigators"], embeddings
+        assert queue_tick(project, instance, cursors) == []  # ... which starts no refresh run of a current asset
         assert shards["partitionStats"] == {"numMaterialized": 2, "numPartitions": 2, "numFailed": 0}, shards
         assert "shadow column embedding__next" in shards["description"]
         # The model is named in full where the page starts (the partition list cuts its key in the middle).
@@ -82,6 +96,16 @@ def test_partitions_and_staleness_say_what_the_database_holds(supabase_docs, fak
         assert (f"(the code's: {model} = openai:text-embedding-3-small:512:embedding_input;"
                 in shards["description"]), shards
         assert {"reason": "has a new code version", "category": "CODE"} in embeddings["staleCauses"]
+
+        # The sensor really starts the refresh job it targets: one check-only run for the changed asset, which
+        # records nothing (the table holds the old model) and starts no re-embed.
+        [refresh] = queue_tick(project, instance, cursors)
+        assert refresh.job_name == "refresh_embedding_jobs" and refresh.asset_selection == [embeddings_key(DOCS)]
+        ran = run(project, instance, "refresh_embedding_jobs", run_config=refresh.run_config,
+                  asset_selection=refresh.asset_selection)
+        assert not ran.get_asset_materialization_events()
+        assert conn.execute("select count(*) from autoembed.model_migrations").fetchone()[0] == 0
+        assert queue_tick(project, instance, cursors) == []  # once per code version
 
         assert register_models(load_project_defs(project), instance) == [model]  # the model-partitions sensor
         run(project, instance, "backfill")  # starts the migration (a shadow column), queues the shard runs

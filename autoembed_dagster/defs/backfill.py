@@ -297,20 +297,36 @@ def start_reembed(context, autoembed: AutoembedResource, p: Pipeline, shards: li
             "rows_with_input": todo.embeddable, "migration_id": launch.migration_id, "via": p.backfill_via}
 
 
+class RefreshConfig(dg.Config):
+    start_reembed: bool = Field(
+        default=True, description=("Start the re-embed when the table is not current under the code's model "
+                                   "(false: only check; the queue sensor's runs)."))
+
+
+def refresh_op_name(p: Pipeline) -> str:
+    return f"{p.name}_refresh"
+
+
 def build_embeddings_asset(p: Pipeline, spec: dg.AssetSpec) -> dg.AssetsDefinition:
     """The pipeline's embeddings as an asset Dagster can call stale: the drain lane and the re-embed
     record its materializations (defs/truth.py); materializing it by hand (the UI's Materialize)
     records it when the table is current under the code's model, and otherwise starts the re-embed,
-    whose last shard records it."""
+    whose last shard records it. The queue sensor runs it check-only when the recorded model is
+    not the code's (defs/sensors.py)."""
     from .checks import evaluate
 
-    @dg.multi_asset(name=f"{p.name}_refresh", specs=[spec.replace_attributes(skippable=True)],
+    @dg.multi_asset(name=refresh_op_name(p), specs=[spec.replace_attributes(skippable=True)],
                     description=f"Check {p.name}; re-embed it when the table is not current under the code's model.")
-    def refresh(context: dg.AssetExecutionContext, autoembed: AutoembedResource):
+    def refresh(context: dg.AssetExecutionContext, config: RefreshConfig, autoembed: AutoembedResource):
         with autoembed.connect() as conn:
             current = table_is_current(conn, p, evaluate(conn, p, pipeline_resolver([p])))
         if current:
             yield dg.MaterializeResult(asset_key=spec.key, metadata={"current": True})
+            return
+        if not config.start_reembed:
+            context.log.warning(f"{p.name}: the table holds vectors not made by the code's model ({spec.code_version}) "
+                                f"of their current input: launch the `backfill` job (or `autoembed backfill {p.name}`) "
+                                "to re-embed it")
             return
         started = start_reembed(context, autoembed, p)
         context.log.info(f"{p.name} is not current under the code's model: re-embed started ({started})")
