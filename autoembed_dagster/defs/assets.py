@@ -42,6 +42,11 @@ def shards_key(p: Pipeline) -> dg.AssetKey:
     return dg.AssetKey(["embeddings_by_shard", f"{p.name}_embeddings_by_shard"])
 
 
+def refresh_op_name(p: Pipeline) -> str:
+    """The op of the pipeline's embeddings asset (the UI's Materialize, the queue sensor's check)."""
+    return f"{p.name}_refresh"
+
+
 def source_key(p: Pipeline) -> dg.AssetKey:
     return dg.AssetKey(["postgres", p.schema, p.table])
 

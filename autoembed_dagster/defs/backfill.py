@@ -35,7 +35,8 @@ from ..core.targets.catalog import TargetChanged, TargetError
 from ..core.targets.models import ModelSpec
 from . import batch_backfill
 from .assets import (GROUP, SHARD_CHECK as CHECK, as_model_partition_key, embeddings_key, model_label,
-                     model_partition_key, model_version, models_partitions_name, shards_key, source_key)
+                     model_partition_key, model_version, models_partitions_name, refresh_op_name, shards_key,
+                     source_key)
 from .truth import configured_model_key, partition_model_key, partition_spec, table_is_current
 from .resources import AutoembedResource
 
@@ -301,10 +302,6 @@ class RefreshConfig(dg.Config):
     start_reembed: bool = Field(
         default=True, description=("Start the re-embed when the table is not current under the code's model "
                                    "(false: only check; the queue sensor's runs)."))
-
-
-def refresh_op_name(p: Pipeline) -> str:
-    return f"{p.name}_refresh"
 
 
 def build_embeddings_asset(p: Pipeline, spec: dg.AssetSpec) -> dg.AssetsDefinition:

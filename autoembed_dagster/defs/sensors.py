@@ -21,7 +21,7 @@ from ..core.queue import pgmq
 from ..core.config import ScalingSettings
 from ..core.drain.scaling import drains_to_request
 from ..core.pipelines import Pipeline
-from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, queue_key
+from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, queue_key, refresh_op_name
 from .resources import AutoembedResource
 from .truth import recorded_version
 
@@ -110,8 +110,6 @@ def _refresh_requests(context: dg.SensorEvaluationContext, refresh_job, pipeline
     records the asset current when the table is (a pipeline declared over a table embedded
     already), else logs what to launch; it never re-embeds. `state` (the cursor's "refresh": the
     version last looked at per pipeline) keeps this to one look-up per pipeline and version."""
-    from .backfill import refresh_op_name
-
     repo = getattr(context, "repository_def", None)
     if refresh_job is None or repo is None:
         return []
