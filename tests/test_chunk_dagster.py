@@ -247,7 +247,7 @@ def run_job(defs, name: str, instance, **kwargs):
 def check_evaluations(instance, run_id) -> dict:
     events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
     return {e.get_dagster_event().event_specific_data.check_name: e.get_dagster_event().event_specific_data
-            for e in events if e.get_dagster_event().event_specific_data.asset_key.path[0] != "embeddings_by_shard"}
+            for e in events if e.get_dagster_event().event_specific_data.asset_key.path[0] != "reembed"}
 
 
 def chunk_materializations(result) -> list:

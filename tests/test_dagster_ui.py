@@ -198,3 +198,46 @@ def test_model_partition_keys_are_short_and_an_older_instances_full_keys_are_ren
         instance.add_dynamic_partitions("documents_models", [retired])
         skipped = run(project, instance, "reembed_documents", partition_key=f"{retired}|0")
         assert not skipped.asset_materializations_for_node(skipped.dagster_run.step_keys_to_execute[0])
+
+
+LINEAGE_NAME_CHARS = 31  # the longest name a lineage node showed whole (`stdlib_docs_embeddings_by_shard`)
+
+
+def test_asset_names_fit_the_lineage_graph_and_an_older_instances_history_carries_over(
+        supabase_docs, fake_openai, tmp_path, monkeypatch):
+    """The lineage graph cut `stdlib_modules_embedd…_by_shard`: every asset of the demo's pipelines
+    is named within what a node shows whole (the re-embed asset is `<pipeline>_reembed` now). An
+    instance whose re-embed history is under the old key gets its shards reported materialized
+    under the new one (the model-partitions sensor), when the table is current."""
+    from autoembed_dagster.defs.assets import legacy_shards_key
+    from autoembed_dagster.defs.autoembed import build_defs
+
+    demo = [Pipeline(name="stdlib_docs", schema="autoembed_demo", table="stdlib_docs"),
+            Pipeline(name="stdlib_modules", schema="autoembed_demo", table="stdlib_modules", chunk_tokens=200)]
+    names = {key.path[-1] for key in build_defs(demo).resolve_asset_graph().get_all_asset_keys()}
+    assert "stdlib_modules_reembed" in names
+    assert all(len(name) <= LINEAGE_NAME_CHARS for name in names), sorted(names, key=len)[-3:]
+
+    conn = supabase_docs
+    monkeypatch.chdir(tmp_path)
+    project = make_project(tmp_path, {"documents": {"table": "public.documents", "shards": 2}})
+    insert_docs(conn, 4)
+    no_checks = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 0.0, "time_budget": 60.0,
+                                                                     "checks": False}}}}
+    with dg.instance_for_test() as instance:
+        run(project, instance, "drain_embedding_jobs", run_config=no_checks)  # embedded, nothing reported
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=legacy_shards_key(DOCS)))
+        defs = load_project_defs(project)
+        sensor = defs.resolve_sensor_def("autoembed_model_partitions")
+        result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources,
+                                                              definitions=defs))
+        for request in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        for event in result.asset_events or []:  # what the daemon records
+            instance.report_runless_asset_event(event)
+        with ui(project, instance) as context:
+            shards = node(context, shards_key(DOCS))
+        assert shards["partitionStats"] == {"numMaterialized": 2, "numPartitions": 2, "numFailed": 0}, shards
+        again = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources,
+                                                             definitions=defs, cursor=result.cursor))
+        assert not again.asset_events  # once

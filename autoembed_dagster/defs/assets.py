@@ -38,7 +38,14 @@ def queues_of(pipelines: Iterable[Pipeline]) -> list[str]:
 
 
 def shards_key(p: Pipeline) -> dg.AssetKey:
-    """The re-embed asset of a pipeline (model × shard partitions, defs/backfill.py)."""
+    """The re-embed asset of a pipeline (model × shard partitions, defs/backfill.py): `<name>_reembed`,
+    short enough for the lineage graph and the asset list to show whole (they cut
+    `stdlib_modules_embeddings_by_shard`)."""
+    return dg.AssetKey(["reembed", f"{p.name}_reembed"])
+
+
+def legacy_shards_key(p: Pipeline) -> dg.AssetKey:
+    """The re-embed asset's key before it was shortened: an older instance's history is under it."""
     return dg.AssetKey(["embeddings_by_shard", f"{p.name}_embeddings_by_shard"])
 
 
@@ -58,7 +65,7 @@ def queue_key(queue: str) -> dg.AssetKey:
 def embeddings_key(p: Pipeline) -> dg.AssetKey:
     """The pipeline's vectors: its embeddings column, or its chunk table (`<name>_chunks`)."""
     # Distinct last parts: the UI's lists and lineage show them alone (`documents` the table,
-    # `documents_embeddings` or `documents_chunks`, `documents_vector_index`, `documents_embeddings_by_shard`).
+    # `documents_embeddings` or `documents_chunks`, `documents_vector_index`, `documents_reembed`).
     if p.chunked:
         return dg.AssetKey(["chunks", f"{p.name}_chunks"])
     return dg.AssetKey(["embeddings", f"{p.name}_embeddings"])

@@ -16,6 +16,7 @@ column, a chunk set).
 """
 
 
+import json
 import time
 from typing import Literal, Sequence
 
@@ -34,9 +35,9 @@ from ..core.pipelines import Pipeline
 from ..core.targets.catalog import TargetChanged, TargetError
 from ..core.targets.models import ModelSpec
 from . import batch_backfill
-from .assets import (GROUP, SHARD_CHECK as CHECK, as_model_partition_key, embeddings_key, model_label,
-                     model_partition_key, model_version, models_partitions_name, refresh_op_name, shards_key,
-                     source_key)
+from .assets import (GROUP, SHARD_CHECK as CHECK, as_model_partition_key, embeddings_key, legacy_shards_key,
+                     model_label, model_partition_key, model_version, models_partitions_name, refresh_op_name,
+                     shards_key, source_key)
 from .truth import configured_model_key, partition_model_key, partition_spec, table_is_current
 from .resources import AutoembedResource
 
@@ -105,14 +106,14 @@ def build_shards_asset(p: Pipeline, digest: str | None = None) -> dg.AssetsDefin
                   "shard_function": f"autoembed.shard_of({p.key_column}::text, {p.shards})",
                   "partition_key": "<model>@<4 digits of provider:model:dimensions:content_function>|<shard>"},
     )
-    def embeddings_by_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource):
+    def reembed(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource):
         try:
             yield from _reembed_shard(context, config, autoembed, p)
         except DETERMINISTIC_FAILURES as exc:
             fail_without_retry(context, f"partition {context.partition_key} of {p.name}", exc)
         yield from _record_completion(context, autoembed, p)
 
-    return embeddings_by_shard
+    return reembed
 
 
 def _record_completion(context: dg.AssetExecutionContext, autoembed: AutoembedResource, p: Pipeline):
@@ -344,7 +345,7 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
             tags=NO_RUN_RETRY,
             description=("Re-embed a pipeline with the model its defs.yaml names: starts the zero-downtime "
                          "migration when the table holds another model, then one run per shard of its "
-                         "embeddings_by_shard asset. No config needed when one pipeline is stale. "
+                         "<pipeline>_reembed asset. No config needed when one pipeline is stale. "
                          "Config: pipeline, shards, promote."))
     def backfill():
         launch_backfill()
@@ -417,10 +418,17 @@ def rename_old_model_partitions(instance: dg.DagsterInstance, p: Pipeline) -> li
     return renamed
 
 
+def _history_under_legacy_key(instance: dg.DagsterInstance, p: Pipeline) -> bool:
+    """The re-embed asset has no materialization under its key yet, but has under the key an older
+    version gave it (legacy_shards_key): an upgraded instance."""
+    return (instance.get_latest_materialization_event(shards_key(p)) is None
+            and instance.get_latest_materialization_event(legacy_shards_key(p)) is not None)
+
+
 def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDefinition:
     @dg.sensor(name="autoembed_model_partitions", minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description=("Adds each pipeline's configured model to the model dimension of embeddings_by_shard "
+               description=("Adds each pipeline's configured model to the model dimension of its re-embed asset "
                             "(and renames the full model keys of an older instance to short ones)."))
     def model_partitions(context: dg.SensorEvaluationContext, autoembed: AutoembedResource) -> dg.SensorResult:
         from ..core.drain import pipeline_resolver
@@ -428,22 +436,32 @@ def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDef
         from .truth import settled_shards
 
         requests, problems, events = [], [], []
+        try:
+            moved_once = set(json.loads(context.cursor or "{}").get("moved", []))
+        except (ValueError, AttributeError):
+            moved_once = set()
         with autoembed.connect() as conn:
             for p in pipelines:
                 try:
                     renamed = rename_old_model_partitions(context.instance, p)
-                    if renamed and table_is_current(conn, p, evaluate(conn, p, pipeline_resolver([p]))):
+                    moved = p.name not in moved_once and _history_under_legacy_key(context.instance, p)
+                    moved_once.add(p.name)
+                    if (renamed or moved) and table_is_current(conn, p, evaluate(conn, p, pipeline_resolver([p]))):
                         # the configured model's shards under their new name: materialized, as the table is
-                        events += settled_shards(context, conn, p, f"renamed from {', '.join(renamed)}")
+                        why = (f"renamed from {', '.join(renamed)}" if renamed
+                               else f"moved from {legacy_shards_key(p).to_user_string()}")
+                        events += settled_shards(context, conn, p, why)
                     model = configured_model_key(conn, p)
                 except Exception as exc:  # noqa: BLE001 - one broken pipeline must not hide the others
                     problems.append(f"{p.name}: {exc}")
                     continue
                 if not context.instance.has_dynamic_partition(models_partitions_name(p), model):
                     requests.append(dg.AddDynamicPartitionsRequest(models_partitions_name(p), [model]))
+        cursor = json.dumps({"moved": sorted(moved_once)})
         if not requests and not events:
-            return dg.SensorResult(skip_reason="; ".join(problems) or "every configured model is registered")
-        return dg.SensorResult(dynamic_partitions_requests=requests, asset_events=events)
+            return dg.SensorResult(skip_reason="; ".join(problems) or "every configured model is registered",
+                                   cursor=cursor)
+        return dg.SensorResult(dynamic_partitions_requests=requests, asset_events=events, cursor=cursor)
 
     return model_partitions
 
