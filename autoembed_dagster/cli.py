@@ -92,7 +92,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     _warn_if_other_projects_env()
 
     rows = api.status(queue=args.queue)
-    chunked = api.chunk_targets_health()
+    targets = api.targets_health()
     dead = api.dead_letters(queue=args.queue, limit=10)
     broken, repaired = api.schema_problems()
     with api.session() as conn:
@@ -102,20 +102,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
                           "backfills": [{"pipeline": h.pipeline, "state": h.state, "lift": h.lift} for h in holds],
                           "broken_targets": [{**b.__dict__, "label": b.label} for b in broken],
                           "repairs": [r.__dict__ for r in repaired],
-                          "chunk_targets": [{**h.__dict__, "chunk_table": t.chunk_table, "chunk_tokens": t.chunk_tokens,
-                                             "chunk_overlap": t.chunk_overlap, "coverage": round(h.coverage, 6)}
-                                            for t, h in chunked],
+                          "targets": [_target_json(t, h) for t, h in targets],
+                          "chunk_targets": [_target_json(t, h) for t, h in targets if t.chunked],
                           "dead_letters": dead}, indent=2, default=str))
         return 0
     print(_table(["queue", "messages", "rows", "visible", "in flight", "retrying", "oldest s", "dead"],
                  [[r.queue_name, r.depth, r.rows, r.visible, r.in_flight, r.retrying, f"{r.oldest_age_seconds:.1f}",
                    r.dead_letters] for r in rows]))
-    if chunked:
+    if targets:
+        # Every target, both shapes, from core.health.target_health (rows: a chunk set's documents;
+        # missing: no vector / no chunk set; tokens: a chunk set's chunk size / overlap).
         print()
-        print(_table(["chunk target", "tokens", "documents", "current", "no chunks", "stale", "dead", "model"],
-                     [[h.table, f"{target.chunk_tokens}/{target.chunk_overlap}", h.embeddable, h.current, h.missing,
-                       h.stale, h.dead_letters, h.model] for target, h in chunked], left=(0, 7)))
-        for target, h in chunked:
+        print(_table(["target", "tokens", "rows", "current", "missing", "stale", "dead", "model"],
+                     [[h.table, f"{target.chunk_tokens}/{target.chunk_overlap}" if target.chunked else "-",
+                       h.embeddable, h.current, h.missing, h.stale, h.dead_letters, h.model]
+                      for target, h in targets], left=(0, 7)))
+        for target, h in targets:
             if h.unreadable:
                 print(f"  {h.table}: {h.unreadable} row(s) whose content function raises, e.g. {h.unreadable_error}")
     if broken:
@@ -135,6 +137,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"  #{d['msg_id']} {d['schema_name']}.{d['table_name']} id={d['row_id']} "
                   f"after {d['attempts']} attempt(s): {d['error']}")
     return 0
+
+
+def _target_json(t, h) -> dict:
+    return {**h.__dict__, "shape": "chunks" if t.chunked else "column", "chunk_table": t.chunk_table,
+            "chunk_tokens": t.chunk_tokens, "chunk_overlap": t.chunk_overlap, "coverage": round(h.coverage, 6)}
 
 
 def _table(header: list[str], rows: list[list], left: tuple[int, ...] = (0,)) -> str:

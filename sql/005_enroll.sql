@@ -539,9 +539,12 @@ begin
         'create trigger autoembed_enqueue_insert after insert on %s referencing new table as autoembed_new '
         'for each statement execute function autoembed.%I(%L)', p.tbl, enqueue, target_id);
     if p.chunked then
+        -- (a changed key queues the new key too: the pending job of the old one finds no row, and
+        -- the chunk set the row took along may be of an older input)
         execute format(
             'create trigger autoembed_chunk_changed after update on %1$s for each row '
-            'when (%2$s(old, new)) execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
+            'when (old.%4$I is distinct from new.%4$I or %2$s(old, new)) '
+            'execute function autoembed.queue_chunk_jobs(%3$L, %4$L)',
             p.tbl, compare::oid::regproc, target_id, p.key_column);
         execute format(
             'create trigger autoembed_enqueue_update after update on %s '
@@ -601,22 +604,23 @@ $$;
 -- The state cleanup of a table's targets: AFTER DELETE / TRUNCATE statement triggers calling
 -- autoembed.forget_rows (sql/004), which finds every target of the table itself. Installed by
 -- enrolment, and for tables with Supabase's triggers by autoembed.adopt_state_cleanup (sql/013).
+-- Idempotent (create or replace): adopting a table again completes what it lacks.
 create or replace function autoembed.install_forget_triggers(tbl regclass)
 returns void
 language plpgsql
 as $$
 begin
     execute format(
-        'create trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '
+        'create or replace trigger autoembed_forget_delete after delete on %s referencing old table as autoembed_old '
         'for each statement execute function autoembed.forget_rows()', tbl);
     execute format(
-        'create trigger autoembed_forget_truncate after truncate on %s '
+        'create or replace trigger autoembed_forget_truncate after truncate on %s '
         'for each statement execute function autoembed.forget_rows()', tbl);
     -- Logical replication's apply worker fires TRUNCATE triggers enabled ALWAYS, and row triggers
     -- only (see install_replica_triggers): a replicated DELETE forgets its row in a row trigger.
     perform autoembed.set_trigger_mode(tbl, 'autoembed_forget_truncate', 'always');
     execute format(
-        'create trigger autoembed_forget_row after delete on %s '
+        'create or replace trigger autoembed_forget_row after delete on %s '
         'for each row execute function autoembed.forget_rows()', tbl);
     perform autoembed.set_trigger_mode(tbl, 'autoembed_forget_row', 'replica');
     perform autoembed.install_state_key_trigger(tbl);  -- a changed key takes its record along (sql/022)
@@ -665,9 +669,11 @@ begin
     if col is null then
         -- Whether the input changed, compared in the writer's context by the target's generated
         -- function (a content function that raises counts as a change; sql/004), as local writes do.
+        -- (or its key changed: see autoembed_chunk_changed in install_target_triggers)
         execute format('create trigger autoembed_replica_update after update on %1$s for each row '
-                       'when (%2$s(old, new)) execute function autoembed.queue_replicated_row(%3$L)',
-                       tbl, compare::oid::regproc, target_id);
+                       'when (old.%4$I is distinct from new.%4$I or %2$s(old, new)) '
+                       'execute function autoembed.queue_replicated_row(%3$L)',
+                       tbl, compare::oid::regproc, target_id, key_column);
         execute format('create trigger autoembed_replica_delete after delete on %s for each row '
                        'execute function autoembed.cascade_replicated_chunks()', tbl);
         execute format('create trigger autoembed_replica_rekey after update on %1$s for each row '

@@ -129,3 +129,23 @@ begin
                    'autoembed_guard_' || m.id, live, other, m.id, live, other);
 end;
 $$;
+
+-- Delete the queued jobs of column `embedding_column` of a table from `queue` (the jobs of a shadow
+-- column a model migration's promotion, rollback or abort retires). Returns the jobs deleted.
+create or replace function autoembed.purge_column_jobs(queue text, schema_name text, table_name text,
+                                                       embedding_column text)
+returns bigint
+language plpgsql
+volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    purged bigint;
+begin
+    execute format('delete from pgmq.%I q where q.message ->> ''schema'' = $1 and q.message ->> ''table'' = $2'
+                   ' and q.message ->> ''embeddingColumn'' = $3', 'q_' || lower(queue))
+        using schema_name, table_name, embedding_column;
+    get diagnostics purged = row_count;
+    return purged;
+end;
+$$;

@@ -16,10 +16,14 @@ declare
     adopted integer := 0;
     was text := current_setting('lock_timeout');
 begin
+    -- (autoembed_state_key, sql/022: a table adopted before it was made gets it now)
     for tbl in select distinct r.relid::regclass from autoembed.targets r
                where r.origin = 'trigger'
-                 and not exists (select 1 from pg_trigger tr
-                                 where tr.tgrelid = r.relid and tr.tgname = 'autoembed_forget_delete') loop
+                 and not (exists (select 1 from pg_trigger tr
+                                  where tr.tgrelid = r.relid and tr.tgname = 'autoembed_forget_delete')
+                          and (r.embedding_attnum is null or to_regprocedure('autoembed.move_state_key()') is null
+                               or exists (select 1 from pg_trigger tr
+                                          where tr.tgrelid = r.relid and tr.tgname = 'autoembed_state_key'))) loop
         begin
             perform set_config('lock_timeout', '2s', true);
             perform autoembed.install_forget_triggers(tbl);

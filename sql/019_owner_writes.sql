@@ -535,3 +535,15 @@ begin
     end loop;
 end
 $$;
+
+
+-- Chunk targets enrolled before a key change queued the new key (sql/005 install_target_triggers:
+-- the UPDATE row triggers fire when the key changed, too): their triggers are re-created.
+select autoembed.upgrade_target_triggers(array(
+    select r.id
+      from autoembed.targets r
+      join pg_trigger tr on tr.tgrelid = r.relid and tr.tgname in ('autoembed_chunk_changed', 'autoembed_replica_update')
+     where r.chunk_table is not null
+       and pg_get_triggerdef(tr.oid) not like '%old.% IS DISTINCT FROM new.%'
+     group by r.id
+     order by r.id), 'do not queue the new key of a row whose key changed');

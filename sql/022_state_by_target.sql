@@ -154,7 +154,8 @@ end;
 $$;
 
 -- The key column (current name) of `tbl`'s column targets, or NULL. SECURITY DEFINER: the
--- registry is the project owner's; it returns a column name only.
+-- registry is the project owner's; it returns a column name only. (Not autoembed.target_parts: its
+-- owner check would refuse autoembed.adopt_state_cleanup, sql/013, which the drain's role runs.)
 create or replace function autoembed.state_key_column(tbl regclass)
 returns text
 language sql
@@ -188,48 +189,25 @@ begin
 end;
 $$;
 
--- Tables enrolled before: the trigger for each table with a column target and state cleanup.
-do $$
-declare
-    tbl regclass;
-begin
-    for tbl in select distinct r.relid::regclass from autoembed.targets r
-                where r.embedding_attnum is not null
-                  and exists (select 1 from pg_trigger tr where tr.tgrelid = r.relid and tr.tgname = 'autoembed_forget_delete')
-                  and not exists (select 1 from pg_trigger tr where tr.tgrelid = r.relid and tr.tgname = 'autoembed_state_key') loop
-        begin
-            perform autoembed.install_state_key_trigger(tbl);
-        exception when others then
-            raise warning 'autoembed: % keeps the record of a row under its old key when the key changes (a backfill embeds it again): %; enroll it again',
-                tbl, sqlerrm;
-        end;
-    end loop;
-end;
-$$;
+-- Tables enrolled before, without it: their triggers made again from the registry, each table on
+-- its own (autoembed.upgrade_target_triggers, sql/005); tables with Supabase's triggers get it with
+-- their state cleanup (autoembed.adopt_state_cleanup, sql/013, also run at every drain's start).
+select autoembed.upgrade_target_triggers(array(
+           select r.id from autoembed.targets r
+            where r.origin = 'enroll' and r.embedding_attnum is not null
+              and not exists (select 1 from pg_trigger tr where tr.tgrelid = r.relid and tr.tgname = 'autoembed_state_key')
+            order by r.id),
+       'keep the record of a row under its old key when the key changes (a backfill embeds it again)');
+select autoembed.adopt_state_cleanup();
 
 -- Queues dropped (pgmq.drop_queue) while `autoembed db init` was not running: re-created here, and
 -- what their jobs were for queued again (autoembed.restore_queue, sql/015).
-do $$
-declare
-    q text;
-begin
-    for q in select distinct r.queue from autoembed.targets r order by 1 loop
-        perform autoembed.restore_queue(q);
-    end loop;
-end;
-$$;
+select autoembed.restore_queue(q.queue) from (select distinct r.queue from autoembed.targets r order by 1) q;
 
 -- The guards of model migrations in flight, on their targets' records (the older layout's guards
 -- named the table and went with it above).
-do $$
-declare
-    mid bigint;
-begin
-    for mid in select m.id from autoembed.model_migrations m where m.status in ('backfilling', 'promoted') loop
-        perform autoembed.install_migration_guard(mid);
-    end loop;
-end;
-$$;
+select autoembed.install_migration_guard(m.id) from autoembed.model_migrations m
+ where m.status in ('backfilling', 'promoted') order by m.id;
 
 -- Registrations of tables dropped while no event trigger saw it (`db init` ran without a superuser:
 -- sql/015's autoembed_follow_drops is missing): they go, with their records (the foreign key) and

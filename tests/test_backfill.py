@@ -19,6 +19,7 @@ from autoembed_dagster.core.targets.models import ModelSpec
 from autoembed_dagster.defs.assets import model_partition_key
 from autoembed_dagster.defs.backfill import PROMOTE_TAG, models_partitions_name, shards_key
 
+from . import test_chunk_targets
 from .dg_project import load_project_defs, make_project
 from .test_migration import DOCS, assert_all_current, column_type, seed, stored
 
@@ -29,6 +30,7 @@ DOCS_512 = replace(DOCS, dimensions=512)
 QUICK = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 0.0, "time_budget": 60.0}}}}
 
 
+articles = test_chunk_targets.articles  # the fixture: a table of long articles enrolled as a chunk target
 SHARD_NODE = "__".join(shards_key(DOCS).path)  # the op of the re-embed asset
 
 
@@ -318,3 +320,30 @@ def test_a_shard_run_fails_once_on_a_configuration_error_and_stays_retried_on_an
         outage = failed_run(500)
         assert outage.tags["dagster/will_retry"] == "true"
         assert "dagster/retry_on_asset_or_op_failure" not in outage.tags
+
+
+def test_a_chunk_shard_stopped_after_n_documents_resumes_where_it_stopped(articles, fake_openai, settings):
+    """`max_rows` time-boxes a chunk set's shard run as it does a column's (it was ignored: the first
+    run wrote every document of the shard)."""
+    from autoembed_dagster.core.migrate.reembed import reembed_of
+
+    from .test_chunk_targets import _doc, _pipeline
+
+    conn = articles
+    conn.execute("alter table articles disable trigger user")  # no jobs queued: only the backfill writes
+    with conn.cursor() as cur:
+        cur.executemany("insert into articles values (%s, %s, %s)", [(i, f"T{i}", _doc(4, i)) for i in range(1, 9)])
+    conn.execute("alter table articles enable trigger user")
+    r = reembed_of(replace(_pipeline(), shards=1))
+    spec = r.configured_spec(conn)
+
+    def documents() -> int:
+        return conn.execute("select count(distinct id) from articles_chunks").fetchone()[0]
+
+    first = r.run_shard(conn, spec, 0, promote=True, batch_rows=None, max_rows=3, log=lambda line: None)
+    assert first.metadata["documents_written"] == 3 and documents() == 3, first.metadata
+    assert not first.check_passed
+    fake_openai.reset()
+    second = r.run_shard(conn, spec, 0, promote=True, batch_rows=None, max_rows=None, log=lambda line: None)
+    assert second.metadata["documents_written"] == 5 and second.metadata["documents_already_current"] == 3
+    assert second.check_passed and documents() == 8

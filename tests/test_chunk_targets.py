@@ -488,48 +488,85 @@ def test_a_change_to_a_column_the_content_function_does_not_read_queues_nothing(
     assert conn.execute("select message->>'id' from pgmq.q_embedding_jobs").fetchall() == [("2",)]
 
 
-def test_the_application_never_waits_for_the_write_of_a_chunk_set(articles, fake_openai, settings, db_url):
-    """The settle writes a document's new chunk set without holding its parent row: the
-    application's UPDATE of that row during the write goes through at once (lock_timeout 2 s, far
-    below the write, which a trigger on the chunk table holds until the test lets it go), and the
-    stale-write guard then keeps the set that was made from the old input out."""
-    import threading
+class HeldWrite:
+    """One drain batch in a thread, held inside the write of document 1's new chunk set (see
+    held_chunk_write)."""
 
+    def __init__(self, conn, settings, db_url: str, statement: str):
+        import threading
+
+        self.conn, self.statement = conn, statement
+        self.drain_conn = psycopg.connect(db_url, autocommit=True)  # (closed by the fixture)
+        self.drainer = Drainer(self.drain_conn, settings)
+        self.done: dict = {}
+        self._thread = threading.Thread(target=lambda: self.done.setdefault("stats", self.drainer.drain_batch()))
+        self.gate = psycopg.connect(db_url, autocommit=True)
+
+    def __enter__(self) -> "HeldWrite":
+        self.gate.execute("select pg_advisory_lock(4242)")
+        self._thread.start()
+        # Wait (on a condition) until the drain's statement on the chunk table waits for the gate.
+        for _ in range(600):
+            if self.gate.execute("select exists (select 1 from pg_locks where pid = %s and locktype = 'advisory'"
+                                 " and not granted)", (self.drain_conn.info.backend_pid,)).fetchone()[0]:
+                return self
+            self._thread.join(0.1)
+        self.__exit__(None, None, None)
+        pytest.fail(f"the drain never reached the chunk write's {self.statement}")
+
+    def __exit__(self, *exc):
+        self.gate.execute("select pg_advisory_unlock(4242)")
+        self._thread.join(120)
+        self.gate.close()
+        self.conn.execute("drop trigger hold on articles_chunks")
+
+    @property
+    def stats(self):
+        return self.done["stats"]
+
+
+@pytest.fixture
+def held_chunk_write(articles, fake_openai, settings, db_url):
+    """Document 1 with a drained chunk set (`held_chunk_write.old`), then a long new input
+    (queued). `held_chunk_write(statement)`: a context manager that runs one drain batch and
+    returns once the drain's `statement` ('insert': the new set going in; 'delete': the old set
+    going) on the chunk table waits for advisory lock 4242 (a statement trigger makes the write
+    take as long as the test wants); leaving it lets the write go on and waits for the batch."""
     conn = articles
     conn.execute("insert into articles values (1, 'A', %s)", (_doc(8, 1),))
     assert drain(conn, settings).embedded == 1
-    old = chunk_rows(conn, 1)
     conn.execute("update articles set body = %s where id = 1", (_doc(40, 2),))  # a long new input, queued
-    # A write that takes as long as the test wants: the chunk table's insert waits for lock 4242.
     conn.execute("""
         create function hold_chunk_write() returns trigger language plpgsql as $$
-        begin perform pg_advisory_lock_shared(4242); perform pg_advisory_unlock_shared(4242); return null; end $$;
-        create trigger hold after insert on articles_chunks for each statement execute function hold_chunk_write();
-    """)
-    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as app:
-        gate.execute("select pg_advisory_lock(4242)")
-        done: dict = {}
-        with psycopg.connect(db_url, autocommit=True) as drain_conn:
-            pid = drain_conn.info.backend_pid
-            worker = threading.Thread(target=lambda: done.setdefault("stats", Drainer(drain_conn, settings).drain_batch()))
-            worker.start()
-            try:
-                # Wait (on a condition) until the drain is inside the write: its insert waits for the gate.
-                for _ in range(600):
-                    if gate.execute("select exists (select 1 from pg_locks where pid = %s and locktype = 'advisory'"
-                                    " and not granted)", (pid,)).fetchone()[0]:
-                        break
-                    worker.join(0.1)
-                else:
-                    pytest.fail("the drain never reached the chunk write")
-                app.execute("set lock_timeout = '2s'")
-                app.execute("update articles set body = %s where id = 1", (_doc(6, 3),))  # does not wait
-            finally:
-                gate.execute("select pg_advisory_unlock(4242)")
-                worker.join(120)
-        assert done["stats"].embedded == 0  # the guard saw the input change: the set of the old input is out
-    assert chunk_rows(conn, 1) == old  # never the set of the input the application replaced meanwhile
-    conn.execute("drop trigger hold on articles_chunks")
+        begin perform pg_advisory_lock_shared(4242); perform pg_advisory_unlock_shared(4242); return null; end $$""")
+
+    made: list[HeldWrite] = []
+
+    def hold(statement: str) -> HeldWrite:
+        conn.execute(f"create trigger hold after {statement} on articles_chunks "
+                     "for each statement execute function hold_chunk_write()")
+        made.append(HeldWrite(conn, settings, db_url, statement))
+        return made[-1]
+
+    hold.old = chunk_rows(conn, 1)
+    yield hold
+    for write in made:
+        write.drain_conn.close()
+
+
+@pytest.mark.parametrize("held", ["insert", "delete"])
+def test_the_application_never_waits_for_the_write_of_a_chunk_set(held_chunk_write, articles, settings, db_url, held):
+    """The settle writes a document's new chunk set without holding its parent row, and deletes
+    its old set under a KEY SHARE lock only: the application's UPDATE of that row while the new set
+    goes in ('insert') or while the old one goes ('delete') goes through at once (lock_timeout 2 s,
+    far below the write, which a trigger on the chunk table holds until the test lets it go), and
+    the stale-write guard then keeps the set that was made from the old input out."""
+    conn = articles
+    with psycopg.connect(db_url, autocommit=True) as app, held_chunk_write(held) as write:
+        app.execute("set lock_timeout = '2s'")
+        app.execute("update articles set body = %s where id = 1", (_doc(6, 3),))  # does not wait
+    assert write.stats.embedded == 0  # the guard saw the input change: the set of the old input is out
+    assert chunk_rows(conn, 1) == held_chunk_write.old  # never the set of the input the application replaced
     assert drain(conn, settings).embedded == 1
     assert_current(conn, 1)
 
@@ -556,61 +593,60 @@ def test_search_skips_a_document_whose_content_function_raises(conn, fake_openai
 
 @pytest.mark.parametrize("statement", ["delete", "key update", "for update"])
 def test_the_applications_delete_key_change_and_row_lock_never_wait_for_the_write_of_a_chunk_set(
-        articles, fake_openai, settings, db_url, statement):
+        held_chunk_write, articles, settings, db_url, statement):
     """As above, for the statements that conflicted with the KEY SHARE lock the write held on the
     parent (DELETE, a change of the key, SELECT ... FOR UPDATE) and, through the parent's triggers
     that delete or move its chunks, with the old chunk rows the write had deleted: each goes
-    through at once during the write. A deleted parent leaves no chunk behind, a changed key
-    takes the old set along, and the set written meanwhile never lands under the old key."""
-    import threading
-
+    through at once while the new set goes in. A deleted parent leaves no chunk behind, a changed
+    key takes the old set along, and the set written meanwhile never lands under the old key."""
     conn = articles
-    conn.execute("insert into articles values (1, 'A', %s)", (_doc(8, 1),))
-    assert drain(conn, settings).embedded == 1
-    old = chunk_rows(conn, 1)
-    conn.execute("update articles set body = %s where id = 1", (_doc(40, 2),))  # a long new input, queued
-    conn.execute("""
-        create function hold_chunk_write() returns trigger language plpgsql as $$
-        begin perform pg_advisory_lock_shared(4242); perform pg_advisory_unlock_shared(4242); return null; end $$;
-        create trigger hold after insert on articles_chunks for each statement execute function hold_chunk_write();
-    """)
-    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url) as app:
-        gate.execute("select pg_advisory_lock(4242)")
-        done: dict = {}
-        with psycopg.connect(db_url, autocommit=True) as drain_conn:
-            pid = drain_conn.info.backend_pid
-            drainer = Drainer(drain_conn, settings)
-            worker = threading.Thread(target=lambda: done.setdefault("stats", drainer.drain_batch()))
-            worker.start()
-            try:
-                for _ in range(600):
-                    if gate.execute("select exists (select 1 from pg_locks where pid = %s and locktype = 'advisory'"
-                                    " and not granted)", (pid,)).fetchone()[0]:
-                        break
-                    worker.join(0.1)
-                else:
-                    pytest.fail("the drain never reached the chunk write")
-                app.execute("set lock_timeout = '2s'")
-                if statement == "delete":
-                    app.execute("delete from articles where id = 1")
-                elif statement == "key update":
-                    app.execute("update articles set id = 100 where id = 1")
-                else:
-                    app.execute("select * from articles where id = 1 for update")
-                if statement != "for update":
-                    app.commit()  # (FOR UPDATE: held until the drain's guard has given way)
-            finally:
-                gate.execute("select pg_advisory_unlock(4242)")
-                worker.join(120)
-            app.commit()
-            assert done["stats"].embedded == 0, done["stats"].summary()
+    old = held_chunk_write.old
+    with psycopg.connect(db_url) as app:
+        with held_chunk_write("insert") as write:
+            app.execute("set lock_timeout = '2s'")
             if statement == "delete":
-                assert chunk_rows(conn, 1) == []  # no chunk left behind
+                app.execute("delete from articles where id = 1")
             elif statement == "key update":
-                assert chunk_rows(conn, 1) == [] and chunk_rows(conn, 100) == old  # moved; the new set never landed
+                app.execute("update articles set id = 100 where id = 1")
             else:
-                assert done["stats"].busy == 1
-                assert chunk_rows(conn, 1) == old  # the guard found the row held: the set waits for the next drain
-                conn.execute("drop trigger hold on articles_chunks")
-                assert drainer.run().embedded == 1  # the drain kept the job and takes it up again
-                assert_current(conn, 1)
+                app.execute("select * from articles where id = 1 for update")
+            if statement != "for update":
+                app.commit()  # (FOR UPDATE: held until the drain's guard has given way)
+        app.commit()
+    assert write.stats.embedded == 0, write.stats.summary()
+    if statement == "delete":
+        assert chunk_rows(conn, 1) == []  # no chunk left behind
+    elif statement == "key update":
+        assert chunk_rows(conn, 1) == [] and chunk_rows(conn, 100) == old  # moved; the new set never landed
+    else:
+        assert write.stats.busy == 1
+        assert chunk_rows(conn, 1) == old  # the guard found the row held: the set waits for the next drain
+        assert write.drainer.run().embedded == 1  # the drain kept the job and takes it up again
+        assert_current(conn, 1)
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_a_row_re_keyed_while_its_job_is_pending_is_embedded_under_its_new_key(conn, fake_openai, settings, shape):
+    """A row's input changes (its job is pending), then the application changes its key: the job
+    of the old key finds no row, so the new key must be queued by the key change itself. After
+    one drain the new key holds the embedding of the row's current input (a chunk target: its
+    chunk set is the chunking of it), and nothing of the old input is left under either key."""
+    from .test_bad_rows import make_items, written
+
+    make_items(conn, shape, rows=3)
+    assert drain(conn, settings).embedded == 3
+    new_text = "item two, rewritten while its job waits"
+    conn.execute("update items set body = %s where id = 2", (new_text,))  # queued under key 2
+    conn.execute("update items set id = 200 where id = 2")
+    stats = drain(conn, settings)
+    assert stats.dead_lettered == 0, stats.summary()
+    assert written(conn, shape) == {1, 3, 200}
+    if shape == "column":
+        (vec,) = conn.execute("select embedding from items where id = 200").fetchone()
+        assert np.allclose(np.array(vec.to_list(), dtype=np.float32), fake_vector(new_text, 1536), atol=2e-3)
+    else:
+        rows = conn.execute("select id, chunk, embedding from items_chunks where id in (2, 200) order by chunk_index",
+                            prepare=False).fetchall()
+        assert [(k, c) for k, c, _ in rows] == [(200, new_text)]  # the old input's chunks are gone
+        assert np.allclose(np.array(rows[0][2].to_list(), dtype=np.float32), fake_vector(new_text, 1536), atol=2e-3)
+    assert pgmq.status(conn, "embedding_jobs")[0].depth == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -204,8 +205,10 @@ def test_every_option_has_help():
     assert set(missing) <= {"db action"}, missing  # `db` belongs to another change
 
 
-def test_status_columns_line_up_with_long_names(db_url):
-    """A queue or chunk target name longer than the old fixed widths pushed its row out of line."""
+def test_status_shows_every_target_both_shapes_in_columns_that_line_up_with_long_names(db_url):
+    """Every target's health, a vector column's as a chunk set's (a vector column's was shown by the
+    Dagster checks only), one row each; a queue or target name longer than the old fixed widths
+    pushed its row out of line."""
     long_queue = "embedding_jobs_of_the_customer_support_tickets"
     with connect(db_url) as conn:
         conn.execute("select pgmq.create(%s)", (long_queue,))
@@ -216,16 +219,28 @@ def test_status_columns_line_up_with_long_names(db_url):
             insert into customer_support_ticket_threads_archive values (1, 'printer on fire');
             select autoembed.enroll_chunks('customer_support_ticket_threads_archive'::regclass, 'ticket_input', 64, 8,
                                            'id', 'embedding_jobs', 'vector', 384, true);
+            create table notes (id int primary key, body text, embedding vector(384));
+            create function note_input(n notes) returns text language sql immutable as $$ select n.body $$;
+            insert into notes values (1, 'one'), (2, 'two'), (3, null);
+            select autoembed.enroll('notes', 'note_input', 'embedding');
         """)
     out = run(["status"]).stdout
-    queues, chunk_targets = out.split("\n\n")[:2]
+    queues, targets = out.split("\n\n")[:2]
     lines = queues.splitlines()
     assert any(line.startswith(long_queue) for line in lines), out
     assert len({len(line) for line in lines}) == 1, out  # right-aligned last column: one edge
-    header, *rows = chunk_targets.splitlines()
-    assert rows and rows[0].startswith("public.customer_support_ticket_threads_archive"), out
+    header, *rows = targets.splitlines()
+    assert [row.split()[:2] for row in rows] == [["public.customer_support_ticket_threads_archive", "->"],
+                                                 ["public.notes.embedding", "-"]], out
+    # the column target: 2 rows with input, none embedded yet (missing), model of the environment
+    assert rows[1].split()[1:7] == ["-", "2", "0", "2", "0", "0"], out
     model = header.index("model")
     assert all(row[model - 2:model] == "  " and row[model] != " " for row in rows), out
-    for column in ("tokens", "documents", "dead"):  # right edges line up
+    for column in ("tokens", "rows", "dead"):  # right edges line up
         end = header.index(column) + len(column)
         assert all(row[end - 1] != " " and row[end] == " " for row in rows), (column, out)
+    as_json = json.loads(run(["status", "--json"]).stdout)
+    assert [(t["table"], t["shape"], t["missing"]) for t in as_json["targets"]] == [
+        ("public.customer_support_ticket_threads_archive -> customer_support_ticket_threads_archive_chunks", "chunks", 1),
+        ("public.notes.embedding", "column", 2)]
+    assert [t["shape"] for t in as_json["chunk_targets"]] == ["chunks"]

@@ -508,3 +508,34 @@ def test_a_write_function_its_owner_altered_is_made_again(conn, hostile, fake_op
     assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()
     assert not is_superuser(conn, hostile)
     assert ran_as(conn, hostile) == {hostile}
+
+
+def test_a_model_migrations_rollback_clears_vectors_with_the_owners_rights(conn, hostile, fake_openai, settings):
+    """A rollback clears the old vectors of rows changed since the promotion (and shadow vectors of
+    another input): it did so with its own UPDATE, so the owner's trigger on the table ran as the
+    runner (a superuser here) and made the owner a superuser. It clears through the owner's write
+    function (a NULL vector) like every other write of ours."""
+    from dataclasses import replace
+
+    from autoembed_dagster.core.migrate import migration as mig
+    from autoembed_dagster.core.migrate.backfill import resolve_spec, run_backfill
+    from autoembed_dagster.core.pipelines import Pipeline
+
+    fake_openai.default_dims = 3
+    owner_with_triggers(conn, hostile, chunks=False)
+    p = Pipeline(name="notes", schema=hostile, table="notes", content_function=f"{hostile}.note_input",
+                 dimensions=3, shards=1)
+    run_backfill(conn, p, resolve_spec(conn, p))
+    p2 = replace(p, dimensions=2)
+    result = run_backfill(conn, p2, resolve_spec(conn, p2))
+    assert result.promotion is not None, result
+    with acting_as(conn, hostile):  # the application changes a row after the promotion
+        conn.execute(f"update {hostile}.notes set body = 'changed' where id = 1")
+    conn.execute(f"delete from {hostile}.ran_as")
+    back = mig.rollback(conn, result.promotion.migration)
+    assert back.status == "backfilling"
+    assert not is_superuser(conn, hostile)
+    assert ran_as(conn, hostile) == {hostile}  # the clear did run the owner's trigger, as the owner
+    # The old vector of the changed row is gone (its input changed), the other row's is kept.
+    assert conn.execute(f"select id, embedding is null, vector_dims(embedding) from {hostile}.notes order by id"
+                        ).fetchall() == [(1, True, None), (2, False, 3)]

@@ -9,7 +9,7 @@ import psycopg
 
 from .queue import pgmq
 from .targets.splitter import PYTHON_NAMES, SizeNames, splitter_for
-from .config import EmbedderSettings, Settings
+from .config import ConfigError, EmbedderSettings, Settings
 from .db.server import connect, database_url
 from .drain import DrainStats, EmbedderResolver, drain as _drain
 from .embed import make_embedder
@@ -146,11 +146,28 @@ def search_chunks(query: str, *, table: str, schema: str = "public", content_fun
                               key_column=key_column, k=k)
 
 
-def chunk_targets_health(url: str | None = None, embedder_settings: EmbedderSettings | None = None):
-    """(target, health) of every registered chunk target, under the model of `embedder_settings`
-    (default: the environment's) sized to its chunk table (core.health.target_health)."""
-    from .health import chunk_targets, target_health
+def targets_health(url: str | None = None, embedder_settings: EmbedderSettings | None = None):
+    """(target, health) of every registered target, vector columns and chunk sets alike
+    (core.health.registered_targets, one path: core.health.target_health), under the model of
+    `embedder_settings` (default: the environment's) sized to the target. A vector column that
+    model cannot fill counts every vector as another model's; a chunk set is left out then (which
+    chunk sets are current needs the model's tokenizer)."""
+    from .health import registered_targets, target_health
 
     settings = embedder_settings or EmbedderSettings.from_env()
+    out = []
     with session(url) as conn:
-        return [(t, target_health(conn, t, make_embedder(settings, t.dimensions))) for t in chunk_targets(conn)]
+        for t in registered_targets(conn):
+            try:
+                embedder = make_embedder(settings, t.dimensions)
+            except ConfigError:
+                embedder = None
+            if embedder is None and t.chunked:
+                continue
+            out.append((t, target_health(conn, t, embedder)))
+    return out
+
+
+def chunk_targets_health(url: str | None = None, embedder_settings: EmbedderSettings | None = None):
+    """(target, health) of every registered chunk target (targets_health's chunk sets)."""
+    return [(t, h) for t, h in targets_health(url, embedder_settings) if t.chunked]

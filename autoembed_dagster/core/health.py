@@ -114,18 +114,28 @@ def vectors_label(target: Target) -> str:
     return shape_of(target).vectors_label
 
 
-def chunk_targets(conn: psycopg.Connection) -> list[Target]:
-    """The registered chunk targets that still resolve (a broken one is left out)."""
+def registered_targets(conn: psycopg.Connection, *, chunked: bool | None = None) -> list[Target]:
+    """The registered targets that still resolve, both shapes (or only chunk sets: `chunked`, only
+    vector columns: not `chunked`), by id. Left out: a broken one (autoembed.broken_targets names
+    it), a model migration's shadow column (its migration's status counts it)."""
     from .targets.catalog import lookup_registered
 
     found = []
     for (target_id,) in conn.execute(
-            "select id from autoembed.target_catalog where chunk_tokens is not null order by id").fetchall():
+            """select id from autoembed.target_catalog
+               where origin is distinct from 'migration'
+                 and (%(chunked)s::boolean is null or (chunk_tokens is not null) = %(chunked)s)
+               order by id""", {"chunked": chunked}).fetchall():
         try:
             found.append(lookup_registered(conn, target_id=target_id)[0])
         except TargetError:
             continue
     return found
+
+
+def chunk_targets(conn: psycopg.Connection) -> list[Target]:
+    """The registered chunk targets that still resolve (a broken one is left out)."""
+    return registered_targets(conn, chunked=True)
 
 
 def pipeline_columns(column: str) -> list[str]:

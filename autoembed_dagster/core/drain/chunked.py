@@ -16,7 +16,7 @@ autoembed.targets), never one a message names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import psycopg
@@ -27,29 +27,12 @@ from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key
                                lookup_registered)
 from ..targets.splitter import Splitter
 from ..targets.badrows import check_vectors
-from ..targets.shapes import chunk_target_of
+from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
 from .embed import provider_call
 from .jobs import Job
 from .outcome import Outcome, Settled
 from .read import read_rows_or_isolate
 from .stats import DrainStats
-
-
-def shadow_of(conn: psycopg.Connection, target: Target) -> Target | None:
-    """The target's shadow chunk table (a model change in progress), or None. Its name is derived
-    from the registered chunk table, and it must hang on the same parent key: never a name a
-    message gave."""
-    name = chunks.shadow_name(chunk_target_of(target))
-    row = conn.execute(
-        """select v.type_name, v.dimensions, (p.parent = %s::regclass and p.key_column = %s)
-           from (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c
-           cross join lateral autoembed.chunk_parent(c.oid) p
-           cross join lateral autoembed.vector_column(c.oid, %s) v
-           where c.oid is not null""",
-        (target.regclass, target.key.key_column, target.key.schema, name, chunks.VECTOR_COLUMN)).fetchone()
-    if row is None or not row[2] or row[1] is None:
-        return None
-    return replace(target, chunk_table=name, vector_type=row[0], dimensions=int(row[1]))
 
 
 def still_target(conn: psycopg.Connection, target: Target) -> None:

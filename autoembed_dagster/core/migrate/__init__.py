@@ -7,10 +7,13 @@
 - `shards`: what every shape's backfill does the same way: a shard's pages in key order with the
   pause and window checked per page (`walk_pages`), `ShardStats` and its summary, the shard loop
   and the promotion of a complete shadow (`run_shards`);
+- `migration`: the one flow of a model change of any shape (`step`: which action each state
+  allows, the locked transaction, the promotion's coverage check, the messages) over the shape's
+  steps (core.targets.shapes.ModelChange), and a vector column's migration record (start,
+  promote, rollback, drop-old, abort);
 - per shape, only what differs: `backfill` (a vector column: where a shard writes, its page scan
-  and write; `ColumnBackfill`) and `migration` (its shadow column, promote, rollback, drop-old,
-  abort), `chunk_backfill` (a chunk set: `ChunkSetBackfill`) and `chunk_migration` (its shadow
-  chunk table's actions);
+  and write; `ColumnBackfill`), `chunk_backfill` (a chunk set: `ChunkSetBackfill`) and
+  `chunk_migration` (a chunk set's model change: its state and actions, through `step`);
 - `backfill_control`: pause, resume and the time window of a pipeline's backfill;
 - `batch_backfill`: submit, poll and collect through the provider's Batch API (a column's pages).
 

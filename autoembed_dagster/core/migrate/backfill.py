@@ -349,14 +349,10 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
                 stats.note_error(why)
         return page.size
 
-    def room(page: _Page | None) -> bool:
-        """A time-boxed run (`max_rows`) reads ahead only a page it will write."""
-        return max_rows is None or stats.embedded + (len(page.rows) if page is not None else 0) < max_rows
-
     # The next page is scanned and embedded on a second connection while this one is written.
     walk_pages(conn, p.name, stats, _page_reader(target, embedder, model, shard, shards, limit, conn.info.encoding),
-               write, read_ahead=f"the scans of shard {shard} of {p.qualified_table}", room=room, on_page=on_batch,
-               started=started)
+               write, read_ahead=f"the scans of shard {shard} of {p.qualified_table}", max_written=max_rows,
+               planned=lambda page: len(page.rows), on_page=on_batch, started=started)
     after_cov = coverage(conn, target, model, shard, shards)
     stats.seconds = time.perf_counter() - started
     return ShardResult(shard_plan, stats, after_cov, before)
@@ -408,32 +404,3 @@ def run_backfill(
     (core.migrate.shards.run_shards: refused while held, stopped by a pause or the window's end)."""
     return run_shards(conn, p, ColumnBackfill(p, spec, batch_rows=batch_rows, on_batch=on_batch, base=base),
                       only=only, shards=shards, promote_when_complete=promote_when_complete, on_plan=on_plan)
-
-
-# -- migration actions (CLI `autoembed migrate` and the Dagster `model_migration` job) ------------------
-MIGRATION_ACTIONS = ("status", "promote", "rollback", "abort", "drop_old")
-
-
-def migration_action(conn: psycopg.Connection, p: Pipeline, m: Migration, action: str, *,
-                     force: bool = False) -> tuple[Migration, PromoteResult | None, ModelSpec | None]:
-    """Apply `action` to the pipeline's migration `m`. Returns (the migration as it is now, the
-    promotion's result when promoting, the configured model when dropping the old vectors)."""
-    from . import migration as mig
-
-    if action not in MIGRATION_ACTIONS:
-        raise ConfigError(f"migration action {action!r} is not one of {', '.join(MIGRATION_ACTIONS)}")
-    if action == "promote":
-        result = mig.promote(conn, m, force=force)
-        return result.migration, result, None
-    if action == "rollback":
-        return mig.rollback(conn, m), None, None
-    if action == "abort":
-        return mig.abort(conn, m), None, None
-    if action == "drop_old":
-        configured = p.spec(column_dimensions=m.dimensions)
-        if configured != m.spec and not force:
-            # Else the drain would go on embedding the live column with the old model.
-            raise mig.MigrationError(f"{p.name} is configured with {configured.key} but the column holds "
-                                     f"{m.spec.key}: update the model in its defs.yaml first (or force)")
-        return mig.drop_old(conn, m), None, configured
-    return m, None, None

@@ -28,11 +28,12 @@ from ..config import ConfigError
 from ..drain.chunked import chunk_target_of, shadow_of
 from ..embed import make_embedder
 from ..embed.base import Embedder
-from .migration import MigrationError
+from .migration import MigrationError, step
 from ..targets.models import ModelSpec
 from ..targets.shadow import Coverage
 from ..pipelines import Pipeline
 from ..targets.catalog import Target, TargetError, lookup_registered
+from ..targets.shapes import ChunkSetChange, Made
 from .shards import BackfillResult, ShardStats, run_shards, walk_pages
 
 DEFAULT_PAGE_DOCUMENTS = 32
@@ -121,12 +122,13 @@ def _shard_keys(conn: psycopg.Connection, ct: chunks.ChunkTarget, shard: int, sh
 
 def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: Embedder, splitter: Splitter,
                          shard: int, shards: int, *, page_documents: int = DEFAULT_PAGE_DOCUMENTS,
-                         pipeline: str | None = None,
+                         pipeline: str | None = None, max_rows: int | None = None,
                          on_page: Callable[[ShardStats, int], None] | None = None) -> ShardStats:
     """Bring every document of one shard up to date in `write_to`'s chunk table (see module doc).
 
     With `pipeline`, its pause and time window (core.migrate.backfill_control) are checked before every
-    page, as column shards do: a stopped shard has lost nothing (the next run skips what is current)."""
+    page, as column shards do: a stopped shard has lost nothing (the next run skips what is current).
+    `max_rows`: stop after about this many documents written (a time-boxed run; the next one resumes)."""
     if not 0 <= shard < shards:
         raise ConfigError(f"shard {shard} is not in 0..{shards - 1}")
     stats = ShardStats(shard, shards, "documents")
@@ -135,7 +137,9 @@ def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: E
 
     def read(c: psycopg.Connection) -> list[str] | None:
         nonlocal after
-        keys = _shard_keys(c, ct, shard, shards, after, page_documents)
+        # (a time-boxed run reads no more documents than it may still write)
+        room = page_documents if max_rows is None else max(1, min(page_documents, max_rows - stats.written))
+        keys = _shard_keys(c, ct, shard, shards, after, room)
         if not keys:
             return None
         after = keys[-1]
@@ -156,7 +160,7 @@ def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: E
             stats.note_error(error)
         return len(keys)
 
-    walk_pages(conn, pipeline, stats, read, write, on_page=on_page)
+    walk_pages(conn, pipeline, stats, read, write, max_written=max_rows, on_page=on_page)
     return stats
 
 
@@ -181,10 +185,12 @@ class ChunkSetBackfill:
         return backfill_chunk_shard(conn, bp.write_to, self.embedder, self.splitter, shard, shards,
                                     page_documents=self.page_documents, pipeline=self.p.name, on_page=self.on_page)
 
-    def promote(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> str:
-        """Returns the old live table (kept for rollback)."""
-        return chunks.promote(conn, chunk_target_of(bp.live), chunk_target_of(bp.write_to),
-                              self.embedder.identity.key, self.splitter.key)
+    def promote(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> str | None:
+        """Returns the old live table (kept for rollback); None when promoted meanwhile by another
+        run (core.migrate.migration.step: the one promotion of every shape)."""
+        made = Made(self.embedder.identity.key, self.splitter.key)
+        swapped = step(conn, ChunkSetChange(bp.live, made, self.p.name), "promote").swapped
+        return swapped.old if swapped else None
 
 
 def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int] | None = None,

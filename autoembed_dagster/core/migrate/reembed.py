@@ -1,7 +1,7 @@
 """A pipeline's re-embed and model change, whatever the shape of its target: one interface
-(`Reembed`), one implementation per shape (`ColumnReembed`: a vector column, core.migrate.backfill
-and core.migrate.migration; `ChunkSetReembed`: a chunk set, core.migrate.chunk_backfill and
-core.migrate.chunk_migration), picked by `reembed_of(p)`. The Dagster layer (defs/backfill.py)
+(`Reembed`), one implementation per shape (`ColumnReembed`: a vector column, core.migrate.backfill;
+`ChunkSetReembed`: a chunk set, core.migrate.chunk_backfill), picked by `reembed_of(p)`; both run
+their migration actions through the one flow of core.migrate.migration (`step`). The Dagster layer (defs/backfill.py)
 is written once against it; a third shape is a third implementation.
 
 Everything a caller shows is plain data here (metadata dicts, check results, log lines), so the
@@ -22,11 +22,12 @@ from ..targets import chunks
 from ..targets.catalog import resolve
 from ..targets.models import ModelSpec, describe_change
 from ..targets.shadow import Coverage
+from ..targets.shapes import ChunkSetChange, Made
 from ..config import ConfigError
 from . import backfill_control
 from . import batch_backfill as bb
 from . import migration as mig
-from .backfill import ShardPlan, backfill_shard, estimated_shard_cost, migration_action, plan, run_backfill
+from .backfill import ShardPlan, backfill_shard, estimated_shard_cost, plan, run_backfill
 from .chunk_backfill import (ChunkBackfillPlan, backfill_chunk_shard, chunk_plan, pipeline_embedder,
                              registered_chunk_target, run_chunk_backfill)
 from .chunk_migration import chunk_migration_action
@@ -254,9 +255,18 @@ def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str,
     cov = _migration_coverage(conn, m)
     meta: dict[str, Any] = {"migration_id": m.id, "model": m.spec.key, "old_model": m.old_model or "",
                             "coverage": _ratio(cov), "missing_rows": cov.missing}
-    m, r, configured = migration_action(conn, p, m, action, force=force)
-    if r is not None:
-        meta.update(indexes=", ".join(r.indexes), notes="\n".join(r.notes),
+    configured = None
+    if action == "drop_old":
+        configured = p.spec(column_dimensions=m.dimensions)
+        if configured != m.spec and not force:
+            # Else the drain would go on embedding the live column with the old model.
+            raise mig.MigrationError(f"{p.name} is configured with {configured.key} but the column holds "
+                                     f"{m.spec.key}: update the model in its defs.yaml first (or force)")
+    change = mig.ColumnChange(m, p.name)
+    r = mig.step(conn, change, action, force=force)
+    m = change.m
+    if action == "promote":
+        meta.update(indexes=", ".join(r.swapped.indexes if r.swapped else []), notes="\n".join(r.notes),
                     locked_seconds=round(r.locked_seconds, 4))
     meta["status"] = m.status
     cov = _migration_coverage(conn, m)  # after the action: what `autoembed migrate` says
@@ -268,7 +278,7 @@ def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str,
               "rows_current": cov.current, "rows_with_input": cov.embeddable},
         line=(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {_pct(cov.ratio)} "
               f"({cov.current}/{cov.embeddable})"),
-        promoted=_promoted_line(p, r.migration) if r is not None and not r.already else None)
+        promoted=_promoted_line(p, m) if r.swapped is not None else None)
 
 
 def _migration_coverage(conn: psycopg.Connection, m: mig.Migration) -> Coverage:
@@ -356,7 +366,7 @@ class ChunkSetReembed(_PipelineReembed):
         bp = chunk_plan(conn, p, live, configured)
         log(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {bp.reason}")
         stats = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, shard, p.shards, pipeline=p.name,
-                                     on_page=_every_few_seconds(
+                                     max_rows=max_rows, on_page=_every_few_seconds(
                                          lambda st, documents: log(f"shard {shard}: {st.written} documents written, "
                                                                    f"{st.chunks_embedded} chunks embedded, "
                                                                    f"{st.chunks_reused} reused")))
@@ -367,9 +377,12 @@ class ChunkSetReembed(_PipelineReembed):
         mine = chunks.document_counts(conn, written, embedder.identity.key, splitter.key, shard=shard,
                                       shards=p.shards).coverage
         whole = chunks.coverage(conn, written, embedder.identity.key, splitter.key)
-        promoted = bp.mode == "shadow" and whole.complete and promote
+        promoted = False
+        if bp.mode == "shadow" and whole.complete and promote:
+            swapped = mig.step(conn, ChunkSetChange(live, Made(embedder.identity.key, splitter.key), p.name),
+                               "promote").swapped
+            promoted, old = swapped is not None, swapped.old if swapped else None
         if promoted:
-            old = chunks.promote(conn, chunk_target_of(live), written, embedder.identity.key, splitter.key)
             log(f"model change complete: {live.chunk_table} now holds {spec.identity_key} of "
                 f"{spec.content_function} (old chunks kept in {old} until the model_migration job's drop_old)")
         metadata = {

@@ -105,18 +105,25 @@ class ShardStats:
 
 def walk_pages(conn: psycopg.Connection, pipeline: str | None, stats: ShardStats,
                read: Callable[[psycopg.Connection], Page | None], write: Callable[[Page], int | None], *,
-               read_ahead: str | None = None, room: Callable[[Page | None], bool] = lambda page: True,
+               read_ahead: str | None = None, max_written: int | None = None,
+               planned: Callable[[Page], int] = lambda page: 0,
                on_page: Callable[[ShardStats, int], None] | None = None, started: float | None = None) -> None:
     """Read and write one shard's pages until `read` returns None (the end of the shard), the
     backfill of `pipeline` is paused or leaves its window (checked before each page is read: what
-    was written stays, the next run resumes after it), or `room` says the time box is full.
+    was written stays, the next run resumes after it), or the time box is full: `max_written`
+    units (`stats.written`: rows, documents) written, whatever the shape (a page may end past it).
     `write(page)` returns the units to report to `on_page(stats, units)` (None: nothing to report).
 
     `read_ahead` (what the second connection is for, in messages): the next page is read (and
-    embedded) on a second connection while this one is written; `room(page)` then says whether a
-    page after `page` may be read before it is written (a time-boxed run never pays for a page it
-    will not write). Without it pages are read, then written, one after the other."""
+    embedded) on a second connection while this one is written; a page after `page` is read before
+    `page` is written only when `page`'s `planned` writes leave room in the time box (a time-boxed
+    run never pays for a page it will not write). Without it pages are read, then written, one
+    after the other."""
     started = time.perf_counter() if started is None else started
+
+    def room(page: Page | None) -> bool:
+        return max_written is None or stats.written + (planned(page) if page is not None else 0) < max_written
+
     ahead_conn = second_connection(conn, read_ahead) if read_ahead else None
     if ahead_conn is not None:
         pin_session(ahead_conn)

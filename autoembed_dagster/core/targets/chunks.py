@@ -245,15 +245,18 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     # savepoint holding no lock on the parent rows and none on their old chunk rows (the chunk
     # table's key is deferrable, so the new rows go in before the old ones are deleted): the
     # application's UPDATE, DELETE, key change or SELECT FOR UPDATE of a parent goes through, and
-    # the parent's own triggers delete or move its old chunks unhindered. Then the stale-write guard
-    # takes the parents' row locks (key order, waiting at most GUARD_WAIT) and checks that each
-    # parent's input is still the one the set was made from; only then are the old sets deleted. A
-    # parent that changed, is held by another transaction or is gone (deleted, re-keyed) meanwhile
-    # undoes the savepoint: its new set never lands, and the others are written again without it
-    # (at most WRITE_ROUNDS rounds, then the rest waits for the next claim, busy). From the guard to
-    # the settle's commit the application's statements on such a row wait: a few statements, never
-    # the write itself. One drain writes a document at a time (a transaction-level advisory lock
-    # per chunk table and key; the application never takes it).
+    # the parent's own triggers delete or move its old chunks unhindered. Then the parents are
+    # locked FOR KEY SHARE (key order, waiting at most GUARD_WAIT) and their input checked, and the
+    # old sets are deleted: the application's DELETE or key change of such a parent waits for that
+    # delete (it would delete or move those very rows), its UPDATE does not. Last, the stale-write
+    # guard takes the parents' FOR UPDATE locks and checks again that each parent's input is still
+    # the one the set was made from; a parent that changed, is held by another transaction or is
+    # gone (deleted, re-keyed) meanwhile undoes the savepoint: its new set never lands, and the
+    # others are written again without it (at most WRITE_ROUNDS rounds, then the rest waits for the
+    # next claim, busy). From the guard to the settle's commit the application's UPDATE of such a
+    # row waits: a few statements, never the write nor the delete of the old set
+    # (bench/bench_settle_wait.py). One drain writes a document at a time (a transaction-level
+    # advisory lock per chunk table and key; the application never takes it).
     rows = conn.execute(sql.SQL(
         """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
            where t.{key} = any(%s::text[]::{kt}[])""").format(**fmt),
@@ -280,30 +283,22 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     for _ in range(WRITE_ROUNDS):
         if not fresh:
             break
-        late_busy: list[str] = []
-        late_stale: list[str] = []
         round_keys = list(fresh)
-        late_gone: list[str] = []
         with conn.transaction():  # a savepoint: undone when the guard finds a parent changed, held or gone
             fresh, written_rows, embedded, new_rows = _write_sets(conn, target, plan, vectors_by_hash, model_key,
                                                                   fresh, stats, fmt)
-            locked = _guard_locks(conn, fresh, fmt)
-            late_busy = [k for k in fresh if k not in locked]
-            late_stale = [k for k in fresh if k in locked and locked[k] != plan.documents[k].input_hash]
-            if late_busy:
-                # Not locked: deleted (or re-keyed) by the application meanwhile, or held by it.
-                still = {k for (k,) in conn.execute(sql.SQL(
-                    "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[])").format(**fmt),
-                    (late_busy,), prepare=False).fetchall()}
-                late_gone = [k for k in late_busy if k not in still]
-                late_busy = [k for k in late_busy if k in still]
+            # The old sets go under KEY SHARE locks on their parents: the application's DELETE or
+            # key change (whose triggers delete or move those rows) waits for them, its UPDATE of
+            # the row does not. Then the stale-write guard proper: FOR UPDATE, to the commit.
+            late_busy, late_stale, late_gone = _guard(conn, fresh, plan, fmt, "key share")
+            if not (late_busy or late_stale or late_gone):
+                stats.chunks_deleted += _drop_old_sets(conn, target, fresh, new_rows)
+                late_busy, late_stale, late_gone = _guard(conn, fresh, plan, fmt, "update")
             if late_busy or late_stale or late_gone:
                 stats.missing = [k for k in stats.missing if k not in round_keys]  # found again next round
                 stats.gone = [k for k in stats.gone if k not in round_keys]
                 stats.busy = [k for k in stats.busy if k not in round_keys]
                 raise psycopg.Rollback()
-            # The guard holds the parents: the old sets go now (the new ones went in first).
-            stats.chunks_deleted += _drop_old_sets(conn, target, fresh, new_rows)
         if late_busy or late_stale or late_gone:
             stats.busy.extend(late_busy)
             stats.stale.extend(late_stale)
@@ -319,18 +314,39 @@ def write(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     return stats
 
 
+def _guard(conn: psycopg.Connection, keys: list[str], plan: ChunkPlan, fmt: dict,
+           strength: str) -> tuple[list[str], list[str], list[str]]:
+    """Lock the parents of documents `keys` FOR `strength` (_guard_locks) and check their input
+    against the plan's. Returns the documents that cannot be written now: (busy: held by another
+    transaction; stale: input changed; gone: deleted or re-keyed meanwhile)."""
+    locked = _guard_locks(conn, keys, fmt, strength)
+    busy = [k for k in keys if k not in locked]
+    stale = [k for k in keys if k in locked and locked[k] != plan.documents[k].input_hash]
+    gone: list[str] = []
+    if busy:
+        # Not locked: deleted (or re-keyed) by the application meanwhile, or held by it.
+        still = {k for (k,) in conn.execute(sql.SQL(
+            "select t.{key}::text from {parent} t where t.{key} = any(%s::text[]::{kt}[])").format(**fmt),
+            (busy,), prepare=False).fetchall()}
+        gone = [k for k in busy if k not in still]
+        busy = [k for k in busy if k in still]
+    return busy, stale, gone
+
+
 WRITE_ROUNDS = 3
 GUARD_WAIT = "100ms"  # how long the guard waits for a parent row an application's statement holds
 
 
-def _guard_locks(conn: psycopg.Connection, keys: list[str], fmt: dict) -> dict[str, bytes]:
-    """The stale-write guard's locks: key -> current content hash of the parents it locked. It
-    waits at most GUARD_WAIT for a row an application's statement holds (a one-row UPDATE commits
-    in milliseconds; the drain, not the application, waits); a row held longer is left out (busy),
-    the others are locked (SKIP LOCKED)."""
+def _guard_locks(conn: psycopg.Connection, keys: list[str], fmt: dict, strength: str = "update") -> dict[str, bytes]:
+    """The stale-write guard's locks (FOR UPDATE, or FOR KEY SHARE while the old sets are
+    deleted): key -> current content hash of the parents it locked. It waits at most GUARD_WAIT
+    for a row an application's statement holds (a one-row UPDATE commits in milliseconds; the
+    drain, not the application, waits); a row held longer is left out (busy), the others are
+    locked (SKIP LOCKED)."""
     query = sql.SQL(
         """select t.{key}::text, autoembed.content_hash({fn}(t)::text) from {parent} t
-           where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for update{skip}""")
+           where t.{key} = any(%s::text[]::{kt}[]) order by t.{key} for {strength}{skip}""")
+    fmt = dict(fmt, strength=sql.SQL({"update": "update", "key share": "key share"}[strength]))
     prior = conn.execute("select current_setting('lock_timeout')").fetchone()[0]
     conn.execute("select set_config('lock_timeout', %s, true)", (GUARD_WAIT,))
     try:

@@ -8,13 +8,19 @@ a target whole, behind one interface (`Shape`), one implementation per shape, pi
 - `check_searchable`: whether vectors of a model can be compared with what it holds;
 - where its vectors are (`vectors_relation`, `vectors_column`, `vectors_label`).
 
-Callers are written once against `Shape`; a third shape (a multi-column input, a second vector per
-row) is a third implementation here, not a branch in each caller.
+And a model change of a target (`ModelChange`: `ColumnChange`, a shadow column recorded in
+autoembed.model_migrations; `ChunkSetChange`, a shadow chunk table): where it stands (`state`:
+its shadow and retired copy), how complete its shadow is, and the steps that make, promote, roll
+back and drop that shadow. The flow over them (which action each state allows, the locked
+transaction, the coverage check, the messages) is written once in core.migrate.migration.
+
+Callers are written once against `Shape` / `ModelChange`; a third shape (a multi-column input, a
+second vector per row) is a third implementation here, not a branch in each caller.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -22,8 +28,10 @@ import psycopg
 from psycopg import sql
 
 from . import chunks
+from . import shadow as sh
 from .badrows import input_lateral, scan_isolating
-from .catalog import Target, TargetError, check_dimensions
+from .catalog import Target, TargetError, TargetKey, check_dimensions, resolve
+from .models import MIGRATION_SELECT, Migration, migration_from_row
 from .shadow import Coverage
 
 if TYPE_CHECKING:
@@ -253,3 +261,264 @@ class ChunkSetShape:
              k, target.function),
         ).fetchall()
         return [Hit(r[0], float(r[1]), r[3], r[2]) for r in rows]
+
+
+# -- a model change: a target's shadow, promoted, rolled back, dropped ------------------------------
+@dataclass(frozen=True)
+class ShadowState:
+    """Where a target's model change stands: its shadow (while backfilling: where the new model is
+    written) and its retired copy (once promoted: the previous vectors, kept for rollback)."""
+
+    shadow: str | None
+    old: str | None
+    old_exists: bool = True  # the retired copy is still there (a column dropped by hand is not)
+
+    @property
+    def status(self) -> str:
+        return "backfilling" if self.shadow else "promoted" if self.old else "none"
+
+
+@dataclass
+class Swapped:
+    """What a promotion did besides the swap."""
+
+    old: str  # the retired copy, kept for rollback
+    indexes: list[str] = field(default_factory=list)  # vector indexes now serving the live vectors
+    triggers: list[str] = field(default_factory=list)  # triggers re-pointed at a new content function
+    purged_jobs: int = 0  # queued jobs of the shadow dropped
+
+
+class ModelChange(Protocol):
+    """A target's model change, per shape: the steps core.migrate.migration's one flow runs (each
+    inside its locked transaction, after it checked that `state` allows them)."""
+
+    label: str  # the target, for messages
+    unit: str  # what coverage counts: "rows" or "documents"
+    noun: str  # what the shadow is: "column" or "chunk table"
+    pipeline: str | None  # the pipeline's name, for the commands messages name
+    shadow_name: str  # the shadow's name (whether or not it exists)
+    model: str  # the model (identity key) the shadow's vectors must be of
+
+    def state(self, conn: psycopg.Connection, *, lock: bool = False) -> ShadowState:
+        """Where it stands now (`lock`: and hold it until the transaction ends)."""
+
+    def coverage(self, conn: psycopg.Connection, state: ShadowState) -> Coverage:
+        """How much of the shadow (while backfilling; else of the live vectors) is current."""
+
+    def prepare(self, conn: psycopg.Connection) -> list[str]:
+        """Before a promotion's transaction (no lock held): what can be built meanwhile; notes."""
+
+    def lock_writers(self, conn: psycopg.Connection) -> None:
+        """Make writers wait (readers not) until the promotion's transaction ends."""
+
+    def promote(self, conn: psycopg.Connection) -> Swapped:
+        """Swap the shadow in; the live vectors become the retired copy."""
+
+    def rollback(self, conn: psycopg.Connection) -> None:
+        """Swap the retired copy back in; the promoted vectors become the shadow again, and what
+        changed meanwhile is queued again."""
+
+    def drop_old(self, conn: psycopg.Connection) -> None:
+        """Drop the retired copy: the change is finished."""
+
+    def drop_shadow(self, conn: psycopg.Connection) -> None:
+        """Drop the shadow of a change given up, and queue what only it holds current."""
+
+
+class ColumnChange:
+    """A vector column's model migration (core.migrate.migration): the shadow column `<col>__next`
+    beside the live one, recorded in autoembed.model_migrations (which the drain's resolvers and
+    the guard trigger on embedding_state read); a promotion renames the columns and moves their
+    targets, indexes and triggers; the live column becomes `<col>__old`."""
+
+    unit = "rows"
+    noun = "column"
+
+    def __init__(self, m: Migration, pipeline: str | None = None) -> None:
+        self.m, self.pipeline = m, pipeline
+        self.label, self.shadow_name, self.model = m.label, m.shadow_column, m.model_key
+
+    def _reload(self, conn: psycopg.Connection, lock: bool = False) -> Migration:
+        q = MIGRATION_SELECT + sql.SQL(" where id = %s") + (sql.SQL(" for update") if lock else sql.SQL(""))
+        fresh = migration_from_row(conn.execute(q, (self.m.id,)).fetchone())
+        if fresh is None:
+            raise TargetError(f"migration {self.m.id} of {self.label} no longer exists")
+        self.m = fresh
+        return fresh
+
+    def _set_status(self, conn: psycopg.Connection, status: str, stamp: sql.Composable) -> None:
+        conn.execute(sql.SQL("update autoembed.model_migrations set status = %s, {} where id = %s").format(stamp),
+                     (status, self.m.id))
+        self._reload(conn)
+
+    def state(self, conn: psycopg.Connection, *, lock: bool = False) -> ShadowState:
+        m = self._reload(conn, lock)
+        if m.status == "backfilling":
+            return ShadowState(m.shadow_column, None)
+        if m.status == "promoted":
+            return ShadowState(None, m.old_column, sh.has_column(conn, m, m.old_column))
+        return ShadowState(None, None)  # finished or aborted
+
+    def coverage(self, conn: psycopg.Connection, state: ShadowState) -> Coverage:
+        key = self.m.shadow_key if state.status == "backfilling" else self.m.live_key
+        return shape_of(resolve(conn, key)).counts(conn, Made(self.model)).coverage
+
+    def make(self, conn: psycopg.Connection) -> None:
+        """The shadow column (the new size), its registered target, the trigger queueing its jobs on
+        every changed row (the ordinary drain embeds them) and the guard of the records."""
+        m = self.m
+        conn.execute(sql.SQL("alter table {} add column {} {}").format(
+            sh.table_sql(m), sql.Identifier(m.shadow_column), sql.SQL(f"{m.vector_type}({int(m.dimensions)})")))
+        sh.register_shadow(conn, m)
+        sh.install_shadow_trigger(conn, m)
+        conn.execute("select autoembed.install_migration_guard(%s)", (m.id,))
+
+    def prepare(self, conn: psycopg.Connection) -> list[str]:
+        return sh.prepare_indexes(conn, self.m)[1]
+
+    def lock_writers(self, conn: psycopg.Connection) -> None:
+        conn.execute(sql.SQL("lock table {} in share row exclusive mode").format(sh.table_sql(self.m)))
+
+    def promote(self, conn: psycopg.Connection) -> Swapped:
+        m = self.m
+        sh.drop_shadow_trigger(conn, m)
+        purged = sh.purge_jobs(conn, m, m.shadow_column)
+        sh.rename_column(conn, m, m.embedding_column, m.old_column)
+        sh.rename_column(conn, m, m.shadow_column, m.embedding_column)
+        sh.swap_targets(conn, m, m.embedding_column, m.old_column, m.content_function)
+        indexes = sh.swap_index_names(conn, m, promoting=True)
+        triggers = sh.retarget_triggers(conn, m, m.old_content_function, m.content_function)
+        self._set_status(conn, "promoted", sql.SQL("promoted_at = now()"))
+        return Swapped(m.old_column, indexes, triggers, purged)
+
+    def rollback(self, conn: psycopg.Connection) -> None:
+        """Old vectors whose row changed since the promotion are cleared and queued again, so
+        search never returns a vector of old content."""
+        m = self.m
+        conn.execute(sql.SQL("lock table {} in access exclusive mode").format(sh.table_sql(m)))
+        sh.rename_column(conn, m, m.embedding_column, m.shadow_column)
+        sh.rename_column(conn, m, m.old_column, m.embedding_column)
+        sh.swap_targets(conn, m, m.embedding_column, m.shadow_column, m.old_content_function)
+        sh.swap_index_names(conn, m, promoting=False)
+        sh.retarget_triggers(conn, m, m.content_function, m.old_content_function)
+        self._set_status(conn, "backfilling", sql.SQL("promoted_at = null"))
+        m = self.m
+        sh.install_shadow_trigger(conn, m)
+        sh.purge_jobs(conn, m, m.shadow_column)
+        # Both columns: clear vectors whose record does not match the row's current input, then
+        # queue every row left without one.
+        for column, fn in ((m.embedding_column, m.old_content_function), (m.shadow_column, m.content_function)):
+            target = resolve(conn, TargetKey(m.schema_name, m.table_name, fn, column, m.key_column))
+            sh.clear_vectors(conn, target, sql.SQL(
+                """t.{col} is not null and not exists (
+                       select 1 from autoembed.embedding_state s
+                       where s.target_id = (select autoembed.state_target(%s, %s, %s))
+                         and s.row_id = t.{key}::text and s.content_hash = autoembed.content_hash({fn}(t)::text))"""
+            ).format(col=target.column_sql, key=target.key_sql, fn=target.function_sql),
+                (m.schema_name, m.table_name, column))
+            sh.enqueue(conn, m, column, sql.SQL("t.{col} is null and nullif(btrim({fn}(t)::text), '') is not null")
+                       .format(col=target.column_sql, fn=target.function_sql))
+
+    def drop_old(self, conn: psycopg.Connection) -> None:
+        m = self.m
+        sh.unregister(conn, m, m.old_column)
+        sh.drop_column(conn, m, m.old_column)
+        sh.drop_guard_trigger(conn, m)
+        self._set_status(conn, "finished", sql.SQL("finished_at = now()"))
+
+    def drop_shadow(self, conn: psycopg.Connection) -> None:
+        m = self.m
+        sh.drop_shadow_trigger(conn, m)
+        sh.unregister(conn, m, m.shadow_column)
+        sh.drop_column(conn, m, m.shadow_column)
+        sh.purge_jobs(conn, m, m.shadow_column)
+        sh.drop_guard_trigger(conn, m)
+        self._set_status(conn, "aborted", sql.SQL("finished_at = now()"))
+
+
+def chunk_shadow_of(conn: psycopg.Connection, target: Target) -> Target | None:
+    """A chunk target's shadow chunk table (a model change in progress), or None. Its name is
+    derived from the registered chunk table, and it must hang on the same parent key: never a name
+    a message gave."""
+    name = chunks.shadow_name(chunk_target_of(target))
+    row = conn.execute(
+        """select v.type_name, v.dimensions, (p.parent = %s::regclass and p.key_column = %s)
+           from (select to_regclass(format('%%I.%%I', %s::text, %s::text)) as oid) c
+           cross join lateral autoembed.chunk_parent(c.oid) p
+           cross join lateral autoembed.vector_column(c.oid, %s) v
+           where c.oid is not null""",
+        (target.regclass, target.key.key_column, target.key.schema, name, chunks.VECTOR_COLUMN)).fetchone()
+    if row is None or not row[2] or row[1] is None:
+        return None
+    return replace(target, chunk_table=name, vector_type=row[0], dimensions=int(row[1]))
+
+
+class ChunkSetChange:
+    """A chunk set's model change (core.migrate.chunk_migration): its state is its tables, the
+    shadow `<table>_chunks__next` (the backfill and the drain write the new model there) and, once
+    promoted, the previous live table `<table>_chunks__old`; a promotion swaps the tables and the
+    registry follows (sql/012). `live`: the registered chunk target; `made`: the model and chunking
+    current sets are made with."""
+
+    unit = "documents"
+    noun = "chunk table"
+
+    def __init__(self, live: Target, made: Made, pipeline: str | None = None) -> None:
+        self.live, self.made, self.pipeline = live, made, pipeline
+        self.ct = chunk_target_of(live)
+        self.label, self.shadow_name, self.model = self.ct.label, chunks.shadow_name(self.ct), made.model
+
+    def shadow(self, conn: psycopg.Connection) -> Target | None:
+        return chunk_shadow_of(conn, self.live)
+
+    def state(self, conn: psycopg.Connection, *, lock: bool = False) -> ShadowState:
+        # (the tables are the state: the swaps below lock them)
+        shadow = self.shadow(conn)
+        return ShadowState(shadow.chunk_table if shadow else None, chunks.old_table(conn, self.ct))
+
+    def coverage(self, conn: psycopg.Connection, state: ShadowState) -> Coverage:
+        counted = self.ct.with_chunk_table(state.shadow) if state.shadow else self.ct
+        return ChunkSetShape(counted).counts(conn, self.made).coverage
+
+    def prepare(self, conn: psycopg.Connection) -> list[str]:
+        return []  # the shadow was made with the live table's vector indexes (chunks.create_shadow)
+
+    def lock_writers(self, conn: psycopg.Connection) -> None:
+        pass  # the swap renames the tables: it takes their locks itself, for an instant
+
+    def promote(self, conn: psycopg.Connection) -> Swapped:
+        old = chunks.promote(conn, self.ct, self.ct.with_chunk_table(self.shadow_name), self.made.model,
+                             self.made.splitter or "", force=True)  # (the flow checked the coverage)
+        return Swapped(old)
+
+    def rollback(self, conn: psycopg.Connection) -> None:
+        conn.execute("select autoembed.rollback_chunk_target(%s::regclass, %s)",
+                     (chunks.regclass_of(self.ct), self.shadow_name))
+
+    def drop_old(self, conn: psycopg.Connection) -> None:
+        self._drop(conn, chunks.old_table(conn, self.ct))
+
+    def drop_shadow(self, conn: psycopg.Connection) -> None:
+        """Documents whose live chunk set went stale meanwhile (the drain wrote only the shadow) are
+        queued again."""
+        self._drop(conn, self.shadow_name)
+        ct = self.ct
+        conn.execute(sql.SQL(
+            """select autoembed.enqueue_chunk_keys(%s, array(
+                   select t.{key} from {parent} t
+                   where coalesce(btrim({fn}(t)::text), '') <> ''
+                     and not exists (select 1 from {chunks} c where c.{key} = t.{key}
+                                     and c.source_hash = autoembed.content_hash({fn}(t)::text))))""").format(
+            key=ct.key_sql, parent=ct.parent_sql, fn=ct.function_sql, chunks=ct.chunks_sql),
+            (self.live.registered,))
+
+    def _drop(self, conn: psycopg.Connection, name: str | None) -> None:
+        """Drop a retired or shadow chunk table of the parent (never the registered one)."""
+        ct = self.ct
+        if name is None or name == ct.chunk_table:
+            raise TargetError(f"{ct.label}: {name or 'no table'} is not a retired or shadow chunk table: not dropped")
+        table = sql.Identifier(ct.schema, name)
+        if not conn.execute("select (select parent from autoembed.chunk_parent(%s::regclass)) = %s::regclass",
+                            (table.as_string(conn), ct.parent_sql.as_string(conn))).fetchone()[0]:
+            raise TargetError(f"{ct.schema}.{name} is not a chunk table of {ct.schema}.{ct.table}: not dropped")
+        conn.execute(sql.SQL("drop table {}").format(table))
