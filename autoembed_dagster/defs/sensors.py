@@ -9,6 +9,7 @@ Dagster dedupes run keys forever.
 """
 
 
+import hashlib
 import json
 import os
 import time
@@ -118,14 +119,15 @@ def _refresh_requests(context: dg.SensorEvaluationContext, refresh_job, pipeline
     for p in pipelines:
         key = embeddings_key(p)
         defined = graph.get(key).code_version if graph.has(key) else None
-        if not defined or state.get(p.name) == defined:
+        digest = hashlib.sha256(defined.encode()).hexdigest()[:12] if defined else None
+        if not defined or state.get(p.name) == digest:
             continue
-        state[p.name] = defined
+        state[p.name] = digest  # the cursor stays short: the version's digest
         if recorded_version(context.instance, key) == defined:
             continue
         requests.append(dg.RunRequest(
             job_name=refresh_job.name, asset_selection=[key],
-            run_key=f"refresh:{p.name}:{defined}",  # once per code version, ever
+            run_key=f"refresh:{p.name}:{digest}",  # once per code version, ever
             run_config={"ops": {refresh_op_name(p): {"config": {"start_reembed": False}}}},
             tags={"autoembed/refresh": p.name}))
     return requests

@@ -22,6 +22,7 @@ from dagster._core.definitions.data_version import (CODE_VERSION_TAG, DEFAULT_DA
                                                     INPUT_DATA_VERSION_TAG_PREFIX, INPUT_EVENT_POINTER_TAG_PREFIX,
                                                     NULL_EVENT_POINTER, extract_data_provenance_from_entry)
 
+from ..core.config import ConfigError
 from ..core.pipelines import Pipeline
 from ..core.targets.models import ModelSpec
 
@@ -147,7 +148,12 @@ def partition_spec(conn, p: Pipeline, key: str) -> ModelSpec | None:
         m = get_migration(conn, p.schema, p.table, p.embedding_column)
         if m is not None:
             candidates += [m.spec, *([m.old_spec] if m.old_spec is not None else [])]
-    return next((spec for spec in candidates if model_partition_key(spec) == key), None)
+    matches = {spec for spec in candidates if model_partition_key(spec) == key}
+    if len(matches) > 1:  # 4 hex digits of two identities of one model name agree: refuse to guess
+        raise ConfigError(f"model partition {key} stands for {' and '.join(sorted(m.key for m in matches))}: "
+                          f"launch the backfill of {p.name} with `autoembed backfill {p.name}` (it names models "
+                          "in full) instead")
+    return next(iter(matches), None)
 
 
 def table_is_current(conn, p: Pipeline, outcomes) -> bool | None:
