@@ -37,6 +37,8 @@ def setup(server: str, n: int) -> str:
     with connect(url) as c:
         create_docs(c)
         c.execute(f"insert into docs select g, 'title ' || g, {body_sql()} from generate_series(1, {n}) g")
+        # Registered (the backfill writes through the target's write function), nothing queued.
+        c.execute("select autoembed.enroll('docs', 'docs_input', 'embedding', enqueue_backlog => false)")
         c.execute("vacuum analyze docs")
     return url
 

@@ -72,7 +72,7 @@ def bare_array_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batch
     vectors per batch, written with the table owner's rights): what the drain does now, vs the
     staged COPY + UPDATE it did before. The target stays enrolled (its triggers skip the
     drain's writes, as in the drain)."""
-    from autoembed_dagster.core.targets.vectors import vector_array
+    from autoembed_dagster.core.targets.vectors import vector_array, write_as_owner
 
     half = vecs.astype(">f2")
     d = vecs.shape[1]
@@ -83,9 +83,9 @@ def bare_array_update(conn, table: str, ids: np.ndarray, vecs: np.ndarray, batch
         for s in range(0, len(ids), batch):
             with conn.transaction():
                 conn.execute("set local autoembed.draining = 'on'")
-                conn.execute("select autoembed.write_vectors(%s::regclass, 'embedding', 'id', %s::text[], %b)",
-                             (table, keys[s:s + batch], vector_array(conn, "halfvec", values[s:s + batch])),
-                             prepare=False)
+                write_as_owner(conn, "write_vector_rows", table, "embedding", "id",
+                               "%s::regclass, %s, %s, %s::text[], %b",
+                               (table, "embedding", "id", keys[s:s + batch], vector_array(conn, "halfvec", values[s:s + batch])))
     return t.seconds
 
 

@@ -96,19 +96,42 @@ KINDS = ("delete", "key update", "for update")
 
 def in_write(probe, pid: int) -> bool:
     """Whether the drain is inside the chunk write: it holds the document's advisory lock (taken
-    right before the write) and runs the write's statement (sql/019's write_chunks; before it, the
-    staging COPY, INSERT and DELETE under KEY SHARE), not yet the guard."""
+    right before the write) and runs the write's statement (sql/019's write function, autoembed.write_<id>;
+    before it, the staging COPY, INSERT and DELETE under KEY SHARE), not yet the guard."""
     row = probe.execute(
         """select a.query from pg_stat_activity a where a.pid = %s and a.state = 'active'
            and exists (select 1 from pg_locks l where l.pid = a.pid and l.locktype = 'advisory' and l.granted)""",
         (pid,)).fetchone()
     query = (row[0] if row else "").lower()
-    return any(w in query for w in ("write_chunks", "copy ", "insert into", "delete from"))
+    return any(w in query for w in ("autoembed.write_", "copy ", "insert into", "delete from"))
 
 
-def statement_round(url: str, chunks: int, round_: int, kind: str) -> tuple[float, bool]:
+def timed_statement(app, kind: str) -> float:
+    """Seconds the application's `kind` statement on the document's row took."""
+    t0 = time.perf_counter()
+    if kind == "delete":
+        app.execute("delete from docs where id = 1")
+    elif kind == "key update":
+        app.execute("update docs set id = 2 where id = 1")
+    else:
+        with app.transaction():
+            app.execute("select 1 from docs where id = 1 for update")
+    return time.perf_counter() - t0
+
+
+def put_back(conn, kind: str) -> None:
+    """The document's row as it was before `kind`."""
+    if kind == "delete":
+        conn.execute("insert into docs (id, body) values (1, 'start')")
+    elif kind == "key update":
+        conn.execute("update docs set id = 1 where id = 2")
+
+
+def statement_round(url: str, chunks: int, round_: int, kind: str) -> tuple[float, bool, float]:
     """(how long the application's `kind` statement on the document's row took, whether it was
-    issued while the drain was inside the write of its new chunk set)."""
+    issued while the drain was inside the write of its new chunk set, the longest it waited for a
+    lock). A key change moves the document's chunk set (the parent's trigger): thousands of rows
+    and their vector index entries, seconds of the statement's own work, whether a drain runs or not."""
     with connect(url) as conn:
         conn.execute("update docs set body = %s where id = 1", (body(chunks, round_),))
     result: dict = {}
@@ -119,24 +142,18 @@ def statement_round(url: str, chunks: int, round_: int, kind: str) -> tuple[floa
         inside = False
         while worker.is_alive() and not inside:
             inside = in_write(probe, pid)
-        t0 = time.perf_counter()
-        if kind == "delete":
-            app.execute("delete from docs where id = 1")
-        elif kind == "key update":
-            app.execute("update docs set id = 2 where id = 1")
-        else:
-            with app.transaction():
-                app.execute("select 1 from docs where id = 1 for update")
-        wait = time.perf_counter() - t0
+        stop = threading.Event()
+        locks = threading.Thread(target=lambda: result.setdefault("locked", lock_waits(url, stop, [app.info.backend_pid])))
+        locks.start()
+        wait = timed_statement(app, kind)
+        stop.set()
+        locks.join()
         worker.join()
     with connect(url) as conn:  # the row back as it was, its set written
-        if kind == "delete":
-            conn.execute("insert into docs (id, body) values (1, 'start')")
-        elif kind == "key update":
-            conn.execute("update docs set id = 1 where id = 2")
+        put_back(conn, kind)
         time.sleep(BUSY_RETRY_SECONDS + 0.2)  # (a job the guard found busy is taken up again after this)
         Drainer(conn, Settings.from_env()).run()
-    return wait, inside
+    return wait, inside, result["locked"]
 
 
 def statement_baseline(url: str, kind: str, rounds: int = 5) -> float:
@@ -144,19 +161,8 @@ def statement_baseline(url: str, kind: str, rounds: int = 5) -> float:
     worst = 0.0
     with connect(url) as app:
         for _ in range(rounds):
-            t0 = time.perf_counter()
-            if kind == "delete":
-                app.execute("delete from docs where id = 1")
-            elif kind == "key update":
-                app.execute("update docs set id = 2 where id = 1")
-            else:
-                with app.transaction():
-                    app.execute("select 1 from docs where id = 1 for update")
-            worst = max(worst, time.perf_counter() - t0)
-            if kind == "delete":
-                app.execute("insert into docs (id, body) values (1, 'start')")
-            elif kind == "key update":
-                app.execute("update docs set id = 1 where id = 2")
+            worst = max(worst, timed_statement(app, kind))
+            put_back(app, kind)
     with connect(url) as conn:
         Drainer(conn, Settings.from_env()).run()
     return worst
@@ -211,11 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
             out[kind] = {"baseline_ms": base_ms}
             for n in sizes:
                 waits = [statement_round(url, n, 100 + r, kind) for r in range(args.rounds)]
-                worst = max(w for w, _ in waits)
-                caught = sum(1 for _, inside in waits if inside)
+                worst = max(w for w, _, _ in waits)
+                locked = max(lock for _, _, lock in waits)
+                caught = sum(1 for _, inside, _ in waits if inside)
                 line(f"{n:,}-chunk set: longest {kind.upper()} during the settle",
-                     f"{worst * 1000:.1f} ms ({caught} of {len(waits)} issued inside the write)")
-                out[kind][n] = {"longest_wait_ms": worst * 1000, "caught": caught}
+                     f"{worst * 1000:.1f} ms (of it waiting for a lock: {locked * 1000:.1f} ms; "
+                     f"{caught} of {len(waits)} issued inside the write)")
+                out[kind][n] = {"longest_wait_ms": worst * 1000, "longest_lock_wait_ms": locked * 1000,
+                                "caught": caught}
     return out
 
 

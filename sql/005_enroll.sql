@@ -109,6 +109,65 @@ begin
 end;
 $$;
 
+-- The one generator of the functions a target runs with its table owner's rights (input_<id>
+-- below, write_<id>: sql/019): autoembed.<name>(<params>) returns <returns>, plpgsql, SECURITY
+-- DEFINER with search_path pinned, owned by the table's owner, its body (`decls`, `stmts`) after a
+-- preamble that refuses to run as anyone but that owner (the owner may ALTER its own function,
+-- e.g. to SECURITY INVOKER with SET role: every check is schema-qualified, operators included;
+-- and the ALTER is followed: sql/008). `identity`: the argument types (for ALTER FUNCTION);
+-- `what`: what it does, for the refusal. Internal (called by the SECURITY DEFINER installers).
+create or replace function autoembed.install_owner_function(target_id bigint, name text, params text, identity text,
+                                                            returns text, attributes text, decls text, stmts text,
+                                                            what text)
+returns text
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    t record;
+begin
+    select r.relid, pg_get_userbyid(c.relowner)::text as owner into t
+      from autoembed.targets r join pg_class c on c.oid = r.relid where r.id = target_id;
+    if not found then
+        return null;
+    end if;
+    execute format($f$
+        create or replace function autoembed.%1$I(%2$s)
+        returns %3$s
+        language plpgsql
+        %4$s
+        security definer
+        set search_path = pg_catalog, pg_temp
+        as $b$
+        %5$s
+        begin
+            if current_user operator(pg_catalog.<>) %6$L::pg_catalog.name
+               or (pg_catalog.current_setting('role') operator(pg_catalog.=) %6$L
+                   and session_user operator(pg_catalog.<>) %6$L::pg_catalog.name) then
+                raise exception using message = %7$L, errcode = 'insufficient_privilege';
+            end if;
+            %8$s
+        end
+        $b$
+    $f$, name, params, returns, attributes, coalesce('declare ' || decls, ''), t.owner,
+       format('autoembed: autoembed.%s %s as %s, the owner of %s, only (by SECURITY DEFINER): run autoembed db init to re-create it',
+              name, what, quote_ident(t.owner), t.relid::regclass),
+       stmts);
+    begin
+        perform set_config('autoembed.installing_input', 'on', true);  -- (not followed: sql/008)
+        execute format('alter function autoembed.%I(%s) owner to %I', name, identity, t.owner);
+        perform set_config('autoembed.installing_input', '', true);
+    exception when insufficient_privilege then
+        raise exception 'autoembed: cannot give autoembed.%(%) to %, the owner of %: %', name, identity,
+            quote_ident(t.owner), t.relid::regclass, sqlerrm
+            using errcode = 'insufficient_privilege',
+                  hint = 'run autoembed db init (and enrol) as a superuser: content functions run, and vectors are written, with their table owner''s rights through functions that role owns';
+    end;
+    return format('autoembed.%I', name);
+end;
+$$;
+revoke execute on function autoembed.install_owner_function(bigint, text, text, text, text, text, text, text, text) from public;
+
 -- The content function of target `target_id` with its table owner's rights: the generated function
 -- autoembed.input_<id>(row) (SECURITY DEFINER, owned by the table's owner, search_path pinned)
 -- that returns the content function's text of a row (declared anyelement and checked, so that it
@@ -123,7 +182,7 @@ $$;
 -- function changed (a session setting such as search_path, a write) is undone before the caller's
 -- next statement. Its setting autoembed.content_fn records the content function it calls
 -- (target_catalog.input_function checks it). Made at registration, after a promotion swapped the
--- targets' functions, at `db init` for older targets (sql/017) and after an
+-- targets' functions, at `db init` for older targets (sql/019) and after an
 -- ALTER TABLE of the table (an owner change: autoembed.follow_renames). Internal (the registration
 -- functions call it); it needs a superuser as the project's owner (to give the function to the
 -- table's owner). Returns the function's name.
@@ -136,9 +195,8 @@ as $$
 declare
     t record;
     name text := format('input_%s', target_id);
-    refusal text;
 begin
-    select r.relid, c.reltype::regtype::text as rowtype, c.reltype::oid as reltype, pg_get_userbyid(c.relowner)::text as owner,
+    select r.relid, c.reltype::regtype::text as rowtype, c.reltype::oid as reltype,
            r.content_fn::regproc::text as fn, r.content_fn::oid::text as content_fn
       into t
       from autoembed.targets r
@@ -148,57 +206,29 @@ begin
     if not found then
         return null;
     end if;
-    refusal := format('autoembed: autoembed.%s runs the content function %s as %s, the owner of %s, only (by SECURITY DEFINER): run autoembed db init to re-create it',
-                      name, t.fn, quote_ident(t.owner), t.relid::regclass);
-    execute format($f$
-        create or replace function autoembed.%1$I(rec anyelement)
-        returns text
-        language plpgsql
-        stable
-        security definer
-        set search_path = pg_catalog, pg_temp
-        set autoembed.content_fn = %8$L
-        as $b$
-        declare
-            result text;
-        begin
-            if current_user operator(pg_catalog.<>) %3$L::pg_catalog.name
-               or (pg_catalog.current_setting('role') operator(pg_catalog.=) %3$L
-                   and session_user operator(pg_catalog.<>) %3$L::pg_catalog.name) then
-                raise exception using message = %4$L, errcode = 'insufficient_privilege';
-            end if;
-            if pg_catalog.pg_typeof(rec)::pg_catalog.oid operator(pg_catalog.<>) %10$s::pg_catalog.oid then
-                raise exception using message = pg_catalog.format('autoembed: %%s takes a row of %%s, not %%s', %9$L,
-                                                                   %6$L, pg_catalog.pg_typeof(rec)),
+    perform autoembed.install_owner_function(target_id, name, 'rec anyelement', 'anyelement', 'text',
+        format('stable set autoembed.content_fn = %L', t.content_fn), 'result text;',
+        format($b$
+            if pg_catalog.pg_typeof(rec)::pg_catalog.oid operator(pg_catalog.<>) %5$s::pg_catalog.oid then
+                raise exception using message = pg_catalog.format('autoembed: %%s takes a row of %%s, not %%s', %4$L,
+                                                                   %2$L, pg_catalog.pg_typeof(rec)),
                                       errcode = 'datatype_mismatch';
             end if;
-            if not pg_catalog.has_table_privilege(autoembed.caller_role(), %5$s::pg_catalog.oid, 'SELECT') then
+            if not pg_catalog.has_table_privilege(autoembed.caller_role(), %1$s::pg_catalog.oid, 'SELECT') then
                 raise exception using message = pg_catalog.format('autoembed: role %%s may not read %%s: it cannot read its content',
-                                                                   autoembed.caller_role(), %6$L),
+                                                                   autoembed.caller_role(), %2$L),
                                       errcode = 'insufficient_privilege';
             end if;
             begin
-                result := %7$s(rec)::text;
+                result := %3$s(rec)::text;
                 raise sqlstate 'AEIN0';  -- undo whatever the content function changed; keep its text
             exception when sqlstate 'AEIN0' then
                 null;
             end;
             return result;
-        end
-        $b$
-    $f$, name, t.rowtype, t.owner, refusal, t.relid::oid, t.relid::regclass::text, t.fn, t.content_fn,
-       format('autoembed.%I', name), t.reltype);
-    begin
-        perform set_config('autoembed.installing_input', 'on', true);  -- (not followed: sql/008)
-        execute format('alter function autoembed.%I(anyelement) owner to %I', name, t.owner);
-        perform set_config('autoembed.installing_input', '', true);
-    exception when insufficient_privilege then
-        raise exception 'autoembed: cannot give autoembed.%(%) to %, the owner of %: %', name, t.rowtype,
-            quote_ident(t.owner), t.relid::regclass, sqlerrm
-            using errcode = 'insufficient_privilege',
-                  hint = 'run autoembed db init (and enrol) as a superuser: content functions run with their table owner''s rights through a function that role owns';
-    end;
-    -- Vectors are written with the same owner's rights, by a function made with this one (sql/019).
+        $b$, t.relid::oid, t.relid::regclass::text, t.fn, format('autoembed.%I', name), t.reltype),
+        format('runs the content function %s', t.fn));
+    -- Vectors are written with the same owner's rights, by functions made with this one (sql/019).
     if to_regprocedure('autoembed.install_write_function(bigint)') is not null then
         perform autoembed.install_write_function(target_id);
     end if;

@@ -1,23 +1,10 @@
--- Content functions run with their table owner's rights (sql/005 install_input_function): targets
--- registered before that get their input function here. Idempotent (re-created in place).
-do $$
-declare
-    target_id bigint;
-begin
-    for target_id in select r.id from autoembed.targets r order by r.id loop
-        begin
-            perform autoembed.install_input_function(target_id);
-        exception when others then
-            raise warning 'autoembed: no input function for target %: %; the drain refuses its jobs until db init runs as a superuser',
-                target_id, sqlerrm;
-        end;
-    end loop;
-end
-$$;
+-- Content functions run with their table owner's rights (sql/005 install_input_function; targets
+-- registered before that get their input function at the end of sql/019, with their write
+-- functions, from the same generator).
 
--- The input function (above) of content function `fn` on table `tbl`: the one of the first target
--- of the table registered with `fn`, or `fn` itself when it is such an input function; NULL when
--- none is registered (then nothing runs it: enrol the table). SECURITY DEFINER (the registry is
+-- The input function (sql/005 install_input_function) of content function `fn` on table `tbl`:
+-- the one of the first target of the table registered with `fn`, or `fn` itself when it is such
+-- an input function; NULL when none is registered (then nothing runs it: enrol the table). SECURITY DEFINER (the registry is
 -- the project's); it returns a name only.
 create or replace function autoembed.input_function(tbl oid, fn oid)
 returns text

@@ -7,12 +7,13 @@
 -- for older targets (below), after a promotion swapped targets, after re-binding and after an
 -- ALTER TABLE of the table (an owner change).
 --
--- The callers go through autoembed.write_vectors / autoembed.write_chunks (SECURITY INVOKER), which
--- find the target's write function, call it, and put back the caller's search_path afterwards: an
--- owner's trigger may change session settings (SET ROLE and SET SESSION AUTHORIZATION are refused
--- inside a SECURITY DEFINER function, so its rights stay the owner's), and the caller's next
--- statements must resolve names as before. The stale-write guard stays the caller's: it locks the
--- rows and checks their input hash before it writes (core/drain/settle.py, core/targets/chunks.py).
+-- The callers (core/drain/outcome.py write_as_owner: the drain, backfills, model migrations) ask
+-- autoembed.owner_writer which function writes a table (one check path for both shapes), call it,
+-- and put back their search_path in the same statement: an owner's trigger may change session
+-- settings (SET ROLE and SET SESSION AUTHORIZATION are refused inside a SECURITY DEFINER function,
+-- so its rights stay the owner's), and the caller's next statements must resolve names as before.
+-- The stale-write guard stays the caller's: it locks the rows and checks their input hash before
+-- it writes (core/drain/settle.py, core/targets/chunks.py).
 
 -- Vectors arrive as arrays of the vector type (binary, in the column's own type): only pgvector's
 -- vector and halfvec are accepted, never a type of the caller's (its casts would run as the owner).
@@ -50,10 +51,11 @@ as $$  -- (no SET clause: it would put the path back on return; every name is qu
                             from pg_catalog.pg_settings s where s.name operator(pg_catalog.=) 'search_path') x
 $$;
 
--- The one body of a vector column write: set column `emb_attnum` of `tbl` for the rows whose key
--- (column `key_attnum`) is one of `keys`, to the vector at the same position. Runs with the rights
--- of its caller: the target's write function (the owner), or a caller that owns the table.
-create or replace function autoembed.write_vector_rows(tbl oid, emb_attnum smallint, key_attnum smallint,
+-- The one body of a vector column write: set column `embedding_column` of `tbl` for the rows whose
+-- key (column `key_column`) is one of `keys`, to the vector at the same position. Runs with the
+-- rights of its caller: the target's write function (the owner), or a caller that owns the table.
+drop function if exists autoembed.write_vector_rows(oid, smallint, smallint, text[], anyarray);
+create or replace function autoembed.write_vector_rows(tbl regclass, embedding_column text, key_column text,
                                                        keys text[], vectors anyarray)
 returns bigint
 language plpgsql
@@ -72,16 +74,16 @@ begin
     end if;
     select e.attname, k.attname, format_type(k.atttypid, k.atttypmod) into col, key, key_type
       from pg_attribute e, pg_attribute k
-     where e.attrelid = tbl and e.attnum = emb_attnum and not e.attisdropped
-       and k.attrelid = tbl and k.attnum = key_attnum and not k.attisdropped;
+     where e.attrelid = tbl and e.attname = embedding_column and e.attnum > 0 and not e.attisdropped
+       and k.attrelid = tbl and k.attname = key_column and k.attnum > 0 and not k.attisdropped;
     if col is null then
-        raise exception 'autoembed: % has no column % or key column % any more', tbl::regclass, emb_attnum, key_attnum
+        raise exception 'autoembed: % has no column % or key column % any more', tbl, embedding_column, key_column
             using errcode = 'undefined_column';
     end if;
     perform autoembed.set_trigger_search_path();
     -- The key array lets the planner probe the key index instead of hashing the whole table.
     execute format('update %1$s t set %2$I = v.v from unnest($1, $2) v(k, v)
-                    where t.%3$I = v.k::%4$s and t.%3$I = any($1::%4$s[])', tbl::regclass, col, key, key_type)
+                    where t.%3$I = v.k::%4$s and t.%3$I = any($1::%4$s[])', tbl, col, key, key_type)
         using keys, vectors;
     get diagnostics written = row_count;
     return written;
@@ -211,22 +213,73 @@ begin
 end;
 $$;
 
--- The write function of target `target_id`, autoembed.write_<id> (see the top of this file):
---   column target: write_<id>(keys text[], vectors anyarray) -> rows written;
---   chunk target:  write_<id>(chunk_table regclass, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter)
---                  -> (deleted, inserted, lost, written) and write_<id>(chunk_table, keys, keep) -> rows
---                  deleted (autoembed.write_chunk_rows / drop_old_chunk_rows), for a chunk table of the
---                  target's parent only.
--- It refuses to run
---   * as anyone but the table's owner (the owner may alter it: every check before that is
---     schema-qualified, operators included, as in the input function);
---   * for a caller (autoembed.caller_role: the session's role) that may not write the column (the
---     chunk table) itself, or that is not the project's writer: one that may write
---     autoembed.embedding_state (the drain's role, README "Roles and grants"; an application's role
---     may not), so the owner's triggers never run on an application's behalf through it.
--- Anyone may call it (the drain's least-privilege role too: README "Roles and grants"); it checks
--- its caller itself. Made by install_input_function (sql/005) with the input function; write
--- functions of targets that are gone are dropped here. Needs a superuser (to give the function to the table's owner).
+-- The writers of a target's shape: the bodies above, each with the columns that name its target
+-- among its arguments (a column target: the table, its vector column and key column; a chunk
+-- target: the chunk table, whose parent is the target's table).
+create or replace function autoembed.writer_bodies(chunked boolean, out body text, out target_args text)
+returns setof record
+language sql
+immutable
+as $$
+    select * from (values ('write_vector_rows', '$1, $2, $3')) v where not chunked
+    union all
+    select * from (values ('write_chunk_rows', '$1, null, null'), ('drop_old_chunk_rows', '$1, null, null')) v where chunked
+$$;
+
+-- The checks of a write function of target `target_id` (below), run as the table's owner before
+-- it writes: `rel` (with `embedding_column` and `key_column` for a column target) is what the
+-- target writes (the table's vector column; a chunk table of the target's table), and the caller
+-- (autoembed.caller_role: the session's role) may write it itself and is the project's writer: it
+-- may write autoembed.embedding_state (the drain's role, README "Roles and grants"; an
+-- application's role may not), so the owner's triggers never run on an application's behalf.
+-- SECURITY DEFINER (the registry); raises, or returns nothing.
+create or replace function autoembed.check_writer(target_id bigint, rel regclass, embedding_column text, key_column text)
+returns void
+language plpgsql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    r autoembed.targets;
+    may boolean;
+begin
+    select * into r from autoembed.targets t where t.id = target_id;
+    if r.chunk_table is not null then
+        if (select p.parent from autoembed.chunk_table_key(rel) p) is distinct from r.relid then
+            raise exception using message = format('autoembed: %s is not a chunk table of %s', rel, r.relid::regclass),
+                                  errcode = 'insufficient_privilege';
+        end if;
+        may := has_table_privilege(autoembed.caller_role(), rel, 'INSERT')
+               and has_table_privilege(autoembed.caller_role(), rel, 'DELETE');
+    else
+        if r.relid is distinct from rel
+           or (select a.attnum from pg_attribute a where a.attrelid = rel and a.attname = embedding_column
+                                                     and not a.attisdropped) is distinct from r.embedding_attnum
+           or (select a.attnum from pg_attribute a where a.attrelid = rel and a.attname = key_column
+                                                     and not a.attisdropped) is distinct from r.key_attnum then
+            raise exception using message = format('autoembed: %s.%s keyed by %s is not what target %s writes',
+                                                   rel, quote_ident(embedding_column), quote_ident(key_column), target_id),
+                                  errcode = 'insufficient_privilege';
+        end if;
+        may := has_column_privilege(autoembed.caller_role(), r.relid, r.embedding_attnum, 'UPDATE');
+    end if;
+    if not (may and has_table_privilege(autoembed.caller_role(), 'autoembed.embedding_state', 'INSERT')) then
+        raise exception using message = format(
+            'autoembed: role %s may not write %s through its owner: it writes vectors only for the drain''s role',
+            autoembed.caller_role(), r.relid::regclass), errcode = 'insufficient_privilege';
+    end if;
+end;
+$$;
+
+-- The write functions of target `target_id`, autoembed.write_<id> (see the top of this file): one
+-- overload per body of its shape (autoembed.writer_bodies), with the body's own arguments and
+-- result, that runs the body with the owner's rights after autoembed.check_writer. Made by the
+-- generator of input_<id> (sql/005 install_owner_function, which refuses to run as anyone but the
+-- owner), by install_input_function, with the input function; write functions of targets that
+-- are gone, and overloads a target's shape does not have, are dropped here. Anyone may call them
+-- (the drain's least-privilege role too: README "Roles and grants"); they check their caller
+-- themselves. Needs a superuser (to give the functions to the table's owner).
 create or replace function autoembed.install_write_function(target_id bigint)
 returns text
 language plpgsql
@@ -234,128 +287,44 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    t record;
     name text := format('write_%s', target_id);
-    refusal text;
-    checks text;
+    chunked boolean;
+    w record;
     gone text;
 begin
+    select r.chunk_table is not null into chunked from autoembed.targets r where r.id = target_id;
     for gone in select p.oid::regprocedure::text from pg_proc p
                 where p.pronamespace = 'autoembed'::regnamespace and p.proname ~ '^write_[0-9]+$'
-                  and not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 7)::bigint) loop
+                  and (not exists (select 1 from autoembed.targets r where r.id = substr(p.proname, 7)::bigint)
+                       or (p.proname = name and pg_get_function_identity_arguments(p.oid) not in (
+                               select pg_get_function_identity_arguments(format('autoembed.%I', b.body)::regproc)
+                               from autoembed.writer_bodies(chunked) b))) loop
         execute format('drop function %s', gone);
     end loop;
-    select r.relid, pg_get_userbyid(c.relowner)::text as owner, r.chunk_table, r.embedding_attnum, r.key_attnum
-      into t
-      from autoembed.targets r join pg_class c on c.oid = r.relid
-     where r.id = target_id;
-    if not found then
+    if chunked is null then
         return null;
     end if;
-    refusal := format('autoembed: autoembed.%s writes %s as %s, its owner, only (by SECURITY DEFINER): run autoembed db init to re-create it',
-                      name, t.relid::regclass, quote_ident(t.owner));
-    -- (%1$L owner, %2$L refusal, %3$s table oid, %4$L what it writes, %5$s the privilege test of the caller)
-    checks := format($c$
-            if current_user operator(pg_catalog.<>) %1$L::pg_catalog.name
-               or (pg_catalog.current_setting('role') operator(pg_catalog.=) %1$L
-                   and session_user operator(pg_catalog.<>) %1$L::pg_catalog.name) then
-                raise exception using message = %2$L, errcode = 'insufficient_privilege';
-            end if;
-            if not (%5$s and pg_catalog.has_table_privilege(autoembed.caller_role(), 'autoembed.embedding_state',
-                                                               'INSERT')) then
-                raise exception using message = pg_catalog.format(
-                    'autoembed: role %%s may not write %%s through its owner: it writes vectors only for the drain''s role',
-                    autoembed.caller_role(), %4$L), errcode = 'insufficient_privilege';
-            end if;
-    $c$, t.owner, refusal, t.relid::oid, t.relid::regclass::text,
-        case when t.chunk_table is null
-             then format('pg_catalog.has_column_privilege(autoembed.caller_role(), %s::pg_catalog.oid, %s::pg_catalog.int2, ''UPDATE'')',
-                         t.relid::oid, t.embedding_attnum)
-             else 'pg_catalog.has_table_privilege(autoembed.caller_role(), chunk_table, ''INSERT'')
-                   and pg_catalog.has_table_privilege(autoembed.caller_role(), chunk_table, ''DELETE'')' end);
-    if t.chunk_table is null then
-        execute format($f$
-            create or replace function autoembed.%1$I(keys text[], vectors anyarray)
-            returns bigint
-            language plpgsql
-            volatile
-            security definer
-            set search_path = pg_catalog, pg_temp
-            as $b$
-            begin
-                %2$s
-                return autoembed.write_vector_rows(%3$s::pg_catalog.oid, %4$s::pg_catalog.int2, %5$s::pg_catalog.int2,
-                                                   keys, vectors);
-            end
-            $b$
-        $f$, name, checks, t.relid::oid, t.embedding_attnum, t.key_attnum);
-        begin
-            perform set_config('autoembed.installing_input', 'on', true);  -- (not followed: sql/008)
-            execute format('alter function autoembed.%I(text[], anyarray) owner to %I', name, t.owner);
-            perform set_config('autoembed.installing_input', '', true);
-        end;
-    else
-        execute format($f$
-            create or replace function autoembed.%1$I(chunk_table regclass, keys text[], ck text[], ci integer[],
-                                                      ct text[], ch bytea[], csh bytea[], vh bytea[], vv anyarray,
-                                                      model text, splitter text,
-                                                      out deleted bigint, out inserted bigint, out lost text[],
-                                                      out written tid[])
-            language plpgsql
-            volatile
-            security definer
-            set search_path = pg_catalog, pg_temp
-            as $b$
-            begin
-                %2$s
-                if (select p.parent from autoembed.chunk_table_key(chunk_table) p)
-                       operator(pg_catalog.<>) %3$s::pg_catalog.oid then
-                    raise exception using message = pg_catalog.format('autoembed: %%s is not a chunk table of %%s',
-                                                                       chunk_table, %4$L),
-                                          errcode = 'insufficient_privilege';
-                end if;
-                select w.deleted, w.inserted, w.lost, w.written into deleted, inserted, lost, written
-                  from autoembed.write_chunk_rows(chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter) w;
-            end
-            $b$
-        $f$, name, checks, t.relid::oid, t.relid::regclass::text);
-        execute format($f$
-            create or replace function autoembed.%1$I(chunk_table regclass, keys text[], keep tid[])
-            returns bigint
-            language plpgsql
-            volatile
-            security definer
-            set search_path = pg_catalog, pg_temp
-            as $b$
-            begin
-                %2$s
-                if (select p.parent from autoembed.chunk_table_key(chunk_table) p)
-                       operator(pg_catalog.<>) %3$s::pg_catalog.oid then
-                    raise exception using message = pg_catalog.format('autoembed: %%s is not a chunk table of %%s',
-                                                                       chunk_table, %4$L),
-                                          errcode = 'insufficient_privilege';
-                end if;
-                return autoembed.drop_old_chunk_rows(chunk_table, keys, keep);
-            end
-            $b$
-        $f$, name, checks, t.relid::oid, t.relid::regclass::text);
-        begin
-            perform set_config('autoembed.installing_input', 'on', true);
-            execute format('alter function autoembed.%I(regclass, text[], text[], integer[], text[], bytea[], bytea[], bytea[], anyarray, text, text) owner to %I',
-                           name, t.owner);
-            execute format('alter function autoembed.%I(regclass, text[], tid[]) owner to %I', name, t.owner);
-            perform set_config('autoembed.installing_input', '', true);
-        end;
-    end if;
+    for w in select b.target_args, f.oid, f.proname, f.pronargs, f.prorettype = 'record'::regtype as outs,
+                    array(select quote_ident(a.n) from unnest(f.proargnames, f.proargmodes) a(n, m) where a.m = 'o') as outs_names
+               from autoembed.writer_bodies(chunked) b
+               join pg_proc f on f.oid = format('autoembed.%I', b.body)::regproc loop
+        perform autoembed.install_owner_function(target_id, name, pg_get_function_arguments(w.oid),
+            pg_get_function_identity_arguments(w.oid), pg_get_function_result(w.oid), 'volatile', null,
+            format('perform autoembed.check_writer(%s, %s);
+            %s autoembed.%I(%s);', target_id, w.target_args,
+                   case when w.outs then format('select * into %s from', array_to_string(w.outs_names, ', '))
+                        else 'return' end,
+                   w.proname, (select string_agg('$' || i, ', ') from generate_series(1, w.pronargs) i)),
+            'writes vectors');
+    end loop;
     return format('autoembed.%I', name);
 end;
 $$;
 revoke execute on function autoembed.install_write_function(bigint) from public;
 
--- The write function to call for column `emb_attnum` of `tbl` (or, `emb_attnum` NULL, for chunk
--- table `tbl`): the registered target's, when it is intact (SECURITY DEFINER, owned by the table's
--- owner, search_path pinned); else NULL. SECURITY DEFINER (the registry); returns a name only.
-create or replace function autoembed.write_function(tbl oid, emb_attnum smallint)
+-- The write function of target `target_id` that runs body `body`, when it is intact (SECURITY
+-- DEFINER, owned by the table's owner, search_path pinned); else NULL.
+create or replace function autoembed.intact_writer(target_id bigint, body text)
 returns text
 language sql
 stable
@@ -366,111 +335,67 @@ as $$
     from autoembed.targets r
     join pg_class c on c.oid = r.relid
     join pg_proc w on w.pronamespace = 'autoembed'::regnamespace and w.proname = format('write_%s', r.id)
-    where case when emb_attnum is null
-               then r.chunk_table is not null and r.relid = (select k.parent from autoembed.chunk_table_key(tbl::regclass) k)
-               else r.relid = tbl and r.embedding_attnum = emb_attnum and r.chunk_table is null end
+    join pg_proc b on b.oid = format('autoembed.%I', body)::regproc
+    where r.id = target_id
+      and pg_get_function_identity_arguments(w.oid) = pg_get_function_identity_arguments(b.oid)
       and w.prosecdef and w.proowner = c.relowner
       and 'search_path=pg_catalog, pg_temp' = any(w.proconfig)
+$$;
+
+-- The target that writes `rel` (see owner_writer), by the registry; NULL when none does.
+drop function if exists autoembed.write_function(oid, smallint);
+drop function if exists autoembed.write_vectors(regclass, text, text, text[], anyarray);
+drop function if exists autoembed.write_chunks(regclass, text[], text[], integer[], text[], bytea[], bytea[], bytea[], anyarray, text, text);
+drop function if exists autoembed.drop_old_chunks(regclass, text[], tid[]);
+create or replace function autoembed.write_function(rel regclass, embedding_column text, key_column text)
+returns bigint
+language sql
+stable
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select r.id
+    from autoembed.targets r
+    where case when $2 is null  -- ($2, $3: the arguments; targets has columns of these names)
+               then r.chunk_table is not null and r.relid = (select k.parent from autoembed.chunk_table_key($1) k)
+               else r.relid = $1 and r.chunk_table is null
+                    and r.embedding_attnum = (select a.attnum from pg_attribute a where a.attrelid = $1
+                                                 and a.attname = $2 and not a.attisdropped)
+                    and r.key_attnum = (select a.attnum from pg_attribute a where a.attrelid = $1
+                                           and a.attname = $3 and not a.attisdropped) end
     order by r.id
     limit 1
 $$;
 
--- Write vectors into column `embedding_column` of `tbl` for rows `keys` through the target's write
--- function (see the top of this file); a caller that owns the table writes them itself (its own
--- triggers run as itself anyway). Returns the rows written. SECURITY INVOKER with no SET clause, so
--- that it can put the caller's search_path back after the owner's triggers ran: everything it
--- calls is schema-qualified.
-create or replace function autoembed.write_vectors(tbl regclass, embedding_column text, key_column text, keys text[],
-                                                   vectors anyarray)
-returns bigint
+-- Which function writes `rel` with body `body` (autoembed.writer_bodies: write_vector_rows for a
+-- vector column `embedding_column` keyed by `key_column` of table `rel`; write_chunk_rows and
+-- drop_old_chunk_rows for chunk table `rel`), for every caller and both shapes: the registered
+-- target's write function (the table owner's rights), when it is intact; else, for a caller that
+-- owns the table (no target of it registered, e.g. a table it syncs itself: its triggers run
+-- with its own rights anyway), the body itself; else an error naming what to run. SECURITY
+-- INVOKER (the owner test is the caller's); autoembed.write_function reads the registry.
+create or replace function autoembed.owner_writer(rel regclass, embedding_column text, key_column text, body text)
+returns text
 language plpgsql
-volatile
+stable
+set search_path = pg_catalog, pg_temp
 as $$
 declare
-    caller_path text := pg_catalog.current_setting('search_path');
-    emb smallint;
-    key_attnum smallint;
     fn text;
-    written bigint;
 begin
-    select a.attnum into emb from pg_catalog.pg_attribute a
-     where a.attrelid operator(pg_catalog.=) tbl and a.attname operator(pg_catalog.=) embedding_column
-       and not a.attisdropped;
-    fn := autoembed.write_function(tbl, emb);
-    if fn is not null then
-        execute pg_catalog.format('select %s($1, $2)', fn) into written using keys, vectors;
-    elsif (select c.relowner from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) tbl)
-          operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
-        -- The table's owner writes (no target of this column registered, e.g. a table it syncs
-        -- itself): its triggers run with its own rights.
-        select a.attnum into key_attnum from pg_catalog.pg_attribute a
-         where a.attrelid operator(pg_catalog.=) tbl and a.attname operator(pg_catalog.=) key_column
-           and not a.attisdropped;
-        written := autoembed.write_vector_rows(tbl, emb, key_attnum, keys, vectors);
-    else
-        raise exception using errcode = 'insufficient_privilege', message = pg_catalog.format(
-            'autoembed: no write function for %s.%s (autoembed.write_<target>): enrol the table, or run autoembed db init; '
-            'vectors are written with the table owner''s rights only', tbl, embedding_column);
+    if not exists (select 1 from autoembed.writer_bodies(embedding_column is null) b where b.body = owner_writer.body) then
+        raise exception 'autoembed: % writes no % (one of autoembed.writer_bodies)', body,
+            coalesce('vector column ' || embedding_column, 'chunk table') using errcode = 'invalid_parameter_value';
     end if;
-    perform pg_catalog.set_config('search_path', caller_path, false);
-    return written;
-end;
-$$;
-
--- Replace chunk sets in chunk table `chunk_table` through its target's write function (see
--- autoembed.write_chunk_rows for the arguments and write_vectors for the rest).
-create or replace function autoembed.write_chunks(chunk_table regclass, keys text[], ck text[], ci integer[],
-                                                  ct text[], ch bytea[], csh bytea[], vh bytea[], vv anyarray,
-                                                  model text, splitter text,
-                                                  out deleted bigint, out inserted bigint, out lost text[],
-                                                  out written tid[])
-language plpgsql
-volatile
-as $$
-declare
-    caller_path text := pg_catalog.current_setting('search_path');
-    fn text := autoembed.write_function(chunk_table, null);
-begin
+    fn := autoembed.intact_writer(autoembed.write_function(rel, embedding_column, key_column), body);
     if fn is not null then
-        execute pg_catalog.format('select w.deleted, w.inserted, w.lost, w.written from %s($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) w', fn)
-            into deleted, inserted, lost, written using chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter;
-    elsif (select c.relowner from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) chunk_table)
-          operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
-        select w.deleted, w.inserted, w.lost, w.written into deleted, inserted, lost, written
-          from autoembed.write_chunk_rows(chunk_table, keys, ck, ci, ct, ch, csh, vh, vv, model, splitter) w;
-    else
-        raise exception using errcode = 'insufficient_privilege', message = pg_catalog.format(
-            'autoembed: no write function for chunk table %s (autoembed.write_<target>): enrol its table, or run '
-            'autoembed db init; chunks are written with the table owner''s rights only', chunk_table);
+        return fn;
+    elsif (select c.relowner from pg_class c where c.oid = rel) = (select r.oid from pg_roles r where r.rolname = current_user) then
+        return format('autoembed.%I', body);
     end if;
-    perform pg_catalog.set_config('search_path', caller_path, false);
-end;
-$$;
-
--- The second half of a chunk set write through the target's write function (see
--- autoembed.drop_old_chunk_rows, and write_vectors for the rest). Returns the rows deleted.
-create or replace function autoembed.drop_old_chunks(chunk_table regclass, keys text[], keep tid[])
-returns bigint
-language plpgsql
-volatile
-as $$
-declare
-    caller_path text := pg_catalog.current_setting('search_path');
-    fn text := autoembed.write_function(chunk_table, null);
-    deleted bigint;
-begin
-    if fn is not null then
-        execute pg_catalog.format('select %s($1, $2, $3)', fn) into deleted using chunk_table, keys, keep;
-    elsif (select c.relowner from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) chunk_table)
-          operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
-        deleted := autoembed.drop_old_chunk_rows(chunk_table, keys, keep);
-    else
-        raise exception using errcode = 'insufficient_privilege', message = pg_catalog.format(
-            'autoembed: no write function for chunk table %s (autoembed.write_<target>): enrol its table, or run '
-            'autoembed db init; chunks are written with the table owner''s rights only', chunk_table);
-    end if;
-    perform pg_catalog.set_config('search_path', caller_path, false);
-    return deleted;
+    raise exception using errcode = 'insufficient_privilege', message = format(
+        'autoembed: no write function for %s (autoembed.write_<target>): enrol its table, or run autoembed db init; '
+        'vectors are written with the table owner''s rights only', rel || coalesce('.' || quote_ident(embedding_column), ''));
 end;
 $$;
 
@@ -519,23 +444,22 @@ begin
 end
 $$;
 
--- Targets registered before write functions: theirs are made here (install_input_function makes
--- them from now on).
+-- Targets registered before input and write functions (or before these versions of them): both
+-- are made here, by one generator (install_input_function makes them from now on).
 do $$
 declare
     target_id bigint;
 begin
     for target_id in select r.id from autoembed.targets r order by r.id loop
         begin
-            perform autoembed.install_write_function(target_id);
+            perform autoembed.install_input_function(target_id);
         exception when others then
-            raise warning 'autoembed: no write function for target %: %; the drain cannot write its vectors until db init runs as a superuser',
+            raise warning 'autoembed: no input or write function for target %: %; the drain refuses its jobs until db init runs as a superuser',
                 target_id, sqlerrm;
         end;
     end loop;
 end
 $$;
-
 
 -- Chunk targets enrolled before a key change queued the new key (sql/005 install_target_triggers:
 -- the UPDATE row triggers fire when the key changed, too): their triggers are re-created.

@@ -308,3 +308,50 @@ def test_only_the_tables_owner_swaps_its_chunk_tables(articles, fake_openai):
     finally:
         conn.execute(f"drop owned by {role} cascade")
         conn.execute(f"drop role {role}")
+
+
+# -- 3. one flow for both shapes ------------------------------------------------------------------
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_both_shapes_model_changes_walk_the_same_states_through_the_one_flow(supabase_docs, articles, fake_openai,
+                                                                             settings, shape):
+    """core.migrate.migration.step is the one state machine of a model change: a shadow column and a
+    shadow chunk table go backfilling -> promoted -> (rollback) backfilling -> promoted -> (drop_old)
+    none alike, a second promotion is a no-op for both, and each action a state does not allow is
+    refused alike, naming the shape's shadow."""
+    from autoembed_dagster.core.migrate import migration as mig
+    from autoembed_dagster.core.migrate.backfill import resolve_spec, run_backfill
+    from autoembed_dagster.core.migrate.chunk_migration import chunk_change
+
+    from .test_migration import DOCS_512, seed
+
+    conn = articles
+    if shape == "column":
+        seed(conn, settings, 3)
+        m = run_backfill(conn, DOCS_512, resolve_spec(conn, DOCS_512), promote_when_complete=False).plan.migration
+        change, noun, shadow = (lambda: mig.ColumnChange(m, "documents")), "column", "embedding__next"
+    else:
+        load(conn)
+        drain(conn, settings)
+        p = _pipeline(dimensions=512)
+        run_chunk_backfill(conn, p, promote_when_complete=False)
+        change, noun, shadow = (lambda: chunk_change(conn, p)), "chunk table", "articles_chunks__next"
+
+    def act(action: str) -> str:
+        return mig.step(conn, change(), action).state.status
+
+    assert act("status") == "backfilling"
+    for action, why in (("rollback", f"no old {noun} to roll back to"), ("drop_old", f"no old {noun} to drop")):
+        with pytest.raises(MigrationError, match=why):
+            act(action)
+    assert act("promote") == "promoted"
+    assert mig.step(conn, change(), "promote").already  # idempotent
+    with pytest.raises(MigrationError, match=f"no model change in progress to abort \\(no {shadow}\\)"):
+        act("abort")
+    assert act("rollback") == "backfilling"
+    assert act("promote") == "promoted"
+    assert act("drop_old") == "none"
+    with pytest.raises(MigrationError, match=f"no shadow {noun} {shadow} to promote"):
+        act("promote")
+    for action in ("rollback", "drop_old", "abort"):
+        with pytest.raises(MigrationError):
+            act(action)

@@ -650,3 +650,40 @@ def test_a_row_re_keyed_while_its_job_is_pending_is_embedded_under_its_new_key(c
         assert [(k, c) for k, c, _ in rows] == [(200, new_text)]  # the old input's chunks are gone
         assert np.allclose(np.array(rows[0][2].to_list(), dtype=np.float32), fake_vector(new_text, 1536), atol=2e-3)
     assert pgmq.status(conn, "embedding_jobs")[0].depth == 0
+
+
+@pytest.mark.parametrize("statement", ["delete", "key update"])
+def test_a_delete_or_key_change_while_the_old_chunk_set_goes_waits_for_that_delete_only(
+        held_chunk_write, articles, settings, db_url, statement):
+    """While the old set is deleted the parent is held FOR KEY SHARE: the application's DELETE or
+    key change (whose triggers delete or move those rows) waits for that delete and the commit,
+    never for the write of the new set, and never deadlocks with the guard that follows: the
+    drain gives way (its job is kept) or commits first, and either way no chunk is left behind
+    under the old key."""
+    import threading
+
+    conn = articles
+    done: dict = {}
+    with held_chunk_write("delete") as write:
+        def app_statement():
+            with psycopg.connect(db_url, autocommit=True) as app:
+                app.execute("delete from articles where id = 1" if statement == "delete"
+                            else "update articles set id = 100 where id = 1")
+                done["ok"] = True
+        app = threading.Thread(target=app_statement)
+        app.start()
+        # Wait (on a condition) until the application's statement waits for the drain's lock.
+        for _ in range(600):
+            if conn.execute("select exists (select 1 from pg_locks l join pg_stat_activity a on a.pid = l.pid"
+                            " where not l.granted and l.locktype in ('transactionid', 'tuple')"
+                            " and a.query like %s)", ("%articles%",)).fetchone()[0] or done:
+                break
+            app.join(0.1)
+    app.join(120)
+    assert done.get("ok"), "the application's statement failed"
+    assert write.stats.dead_lettered == 0, write.stats.summary()
+    assert chunk_rows(conn, 1) == []  # nothing left under the old key
+    if statement == "key update":
+        drain(conn, settings)  # (the new key was queued by the key change)
+        text = conn.execute("select article_text(a) from articles a where id = 100").fetchone()[0]
+        assert [c for _, c, _, _, _ in chunk_rows(conn, 100)] == _splitter().split(text)

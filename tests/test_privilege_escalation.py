@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from autoembed_dagster.core import api
+from autoembed_dagster.core.targets.vectors import write_as_owner
 
 from .test_least_privilege import acting_as, messages
 
@@ -108,11 +109,12 @@ def test_a_writer_planting_objects_gains_nothing_on_a_chunk_target(articles, hos
         conn.execute("update articles set body = 'delta' where id = 2")
         conn.execute("update articles set body = body || '!'")  # a bulk UPDATE: every row changed
         conn.execute("update articles set title = title where id = 1")  # a re-save: nothing queued
-        conn.execute("delete from articles where id = 3")
+        conn.execute("update articles set id = 4 where id = 3")  # a key change: the new key queued
+        conn.execute("delete from articles where id = 4")
     assert not is_superuser(conn, hostile)
     conn.execute("reset search_path")
     queued = [sorted(str(m.get("ids", m["id"])).split(",")) for m in messages(conn)]
-    assert queued == [["1", "2", "3"], ["2"], ["1", "2", "3"]]
+    assert queued == [["1", "2", "3"], ["2"], ["1", "2", "3"], ["4"]]
     for table in ("autoembed_chunk_changes",):
         assert conn.execute(f"select count(*) from pg_temp.{table}").fetchone()[0] == 0  # never written
 
@@ -130,6 +132,7 @@ def test_a_writer_planting_objects_gains_nothing_on_an_enrolled_column(conn, hos
         conn.execute("insert into notes select g, 'n' || g from generate_series(2, 4) g")
         conn.execute("update notes set embedding = '[1,2,3]'")
         conn.execute("update notes set body = 'changed' where id = 2")
+        conn.execute("update notes set id = 5 where id = 3")  # a key change: its state record follows
         conn.execute("delete from notes where id = 4")
         conn.execute("truncate notes")
     assert not is_superuser(conn, hostile)
@@ -284,6 +287,20 @@ def test_a_backfill_page_runs_the_content_function_with_its_owners_rights(conn, 
                  dimensions=3, shards=1)
     result = backfill_shard(conn, p, resolve_spec(conn, p), 0, 1)
     assert result.complete and result.stats.embedded == 2, result.stats.summary()
+    assert not is_superuser(conn, hostile)
+    assert provider_inputs(fake_openai) == [f"one as {hostile}", f"two as {hostile}"]
+
+
+def test_a_chunk_backfill_runs_the_content_function_with_its_owners_rights(conn, hostile, fake_openai, settings):
+    """The chunk backfill reads each document's input through the target's input function too:
+    the owner's content function never runs with the rights of whoever runs the backfill."""
+    from autoembed_dagster.core.migrate.chunk_backfill import run_chunk_backfill
+    from autoembed_dagster.core.pipelines import Pipeline
+
+    hostile_owner_table(conn, hostile, chunks=True)
+    p = Pipeline(name="notes", schema=hostile, table="notes", content_function=f"{hostile}.note_input",
+                 shards=1, chunk_tokens=64)
+    assert run_chunk_backfill(conn, p).total.written == 2
     assert not is_superuser(conn, hostile)
     assert provider_inputs(fake_openai) == [f"one as {hostile}", f"two as {hostile}"]
 
@@ -450,16 +467,50 @@ def test_only_the_drains_role_may_write_through_the_owners_write_function(conn, 
         target = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
         with acting_as(conn, app):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(f"select autoembed.write_{target}(array['1'], array['[1,2,3]'::vector])")
+                conn.execute(f"select autoembed.write_{target}('{hostile}.notes', 'embedding', 'id', array['1'],"
+                             " array['[1,2,3]'::vector])")
         with acting_as(conn, app):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="writes vectors only for the drain"):
-                conn.execute(f"select autoembed.write_vectors('{hostile}.notes', 'embedding', 'id', array['1'],"
-                             " array['[1,2,3]'::vector])")
+                write_as_owner(conn, "write_vector_rows", f"{hostile}.notes", "embedding", "id",
+                               "%s::regclass, %s, %s, %s::text[], %s::vector[]",
+                               (f"{hostile}.notes", "embedding", "id", ["1"], ["[1,2,3]"]))
         assert ran_as(conn, hostile) == set()
     finally:
         conn.execute("reset role")
         conn.execute(f"drop owned by {app} cascade")
         conn.execute(f"drop role {app}")
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_a_write_function_writes_only_what_its_target_writes(conn, hostile, fake_openai, shape):
+    """autoembed.write_<target> takes the table (chunk table) it writes as an argument, like the
+    body it runs: given another table of the same owner (another column, another key, a chunk
+    table of another table), it refuses, even to the drain's role, before any trigger runs."""
+    chunked = shape == "chunks"
+    owner_with_triggers(conn, hostile, chunks=chunked, rows=1)
+    with acting_as(conn, hostile):
+        conn.execute(f"create table {hostile}.other (id bigint primary key, body text, embedding vector(3))")
+        conn.execute(f"insert into {hostile}.other values (1, 'x')")
+        if chunked:
+            conn.execute(f"create table {hostile}.other_chunks (like {hostile}.notes_chunks including all)")
+    conn.execute("reset search_path")
+    target = conn.execute("select id from autoembed.target_catalog where schema_name = %s and table_name = 'notes'",
+                          (hostile,)).fetchone()[0]
+    if chunked:
+        calls = [f"select autoembed.write_{target}('{hostile}.other_chunks', array['1'], array['1'], array[0],"
+                 " array['x'], array['\\x01'::bytea], array['\\x01'::bytea], array['\\x01'::bytea],"
+                 " array['[1,2,3]'::vector], 'm', 's')",
+                 f"select autoembed.write_{target}('{hostile}.other_chunks', array['1'], '{{}}'::tid[])"]
+    else:
+        calls = [f"select autoembed.write_{target}('{hostile}.other', 'embedding', 'id', array['1'], array['[1,2,3]'::vector])",
+                 f"select autoembed.write_{target}('{hostile}.notes', 'embedding', 'body', array['note 1'],"
+                 " array['[1,2,3]'::vector])"]
+    for call in calls:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="is not (a chunk table of|what target)"):
+            with conn.transaction():
+                conn.execute(call)
+    assert ran_as(conn, hostile) == set()
+    assert conn.execute(f"select count(*) from {hostile}.other where embedding is not null").fetchone()[0] == 0
 
 
 @pytest.mark.parametrize("shape", ["column", "chunks"])
@@ -502,7 +553,7 @@ def test_a_write_function_its_owner_altered_is_made_again(conn, hostile, fake_op
     owner_with_triggers(conn, hostile, chunks=False)
     target = conn.execute("select id from autoembed.target_catalog where schema_name = %s", (hostile,)).fetchone()[0]
     with acting_as(conn, hostile):
-        conn.execute(f"alter function autoembed.write_{target}(text[], anyarray) security invoker")
+        conn.execute(f"alter function autoembed.write_{target}(regclass, text, text, text[], anyarray) security invoker")
     assert conn.execute(f"select prosecdef from pg_proc where proname = 'write_{target}'").fetchone()[0]
     stats = drain(conn, settings)
     assert (stats.embedded, stats.dead_lettered) == (2, 0), stats.summary()

@@ -151,7 +151,8 @@ def targets_health(url: str | None = None, embedder_settings: EmbedderSettings |
     (core.health.registered_targets, one path: core.health.target_health), under the model of
     `embedder_settings` (default: the environment's) sized to the target. A vector column that
     model cannot fill counts every vector as another model's; a chunk set is left out then (which
-    chunk sets are current needs the model's tokenizer)."""
+    chunk sets are current needs the model's tokenizer), and so is a target whose table the
+    session's role may not read."""
     from .health import registered_targets, target_health
 
     settings = embedder_settings or EmbedderSettings.from_env()
@@ -164,7 +165,11 @@ def targets_health(url: str | None = None, embedder_settings: EmbedderSettings |
                 embedder = None
             if embedder is None and t.chunked:
                 continue
-            out.append((t, target_health(conn, t, embedder)))
+            try:
+                with conn.transaction():
+                    out.append((t, target_health(conn, t, embedder)))
+            except psycopg.errors.InsufficientPrivilege:
+                continue  # a table this role may not read (README's dashboard role): its queues still show
     return out
 
 

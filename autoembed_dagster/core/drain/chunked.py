@@ -16,43 +16,23 @@ autoembed.targets), never one a message names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import psycopg
 
 from ..embed.base import Embedder, EmbeddingError
 from ..targets import chunks
-from ..targets.catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, check_target,
-                               lookup_registered)
+from ..targets.catalog import Target
 from ..targets.splitter import Splitter
 from ..targets.badrows import check_vectors
-from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
+from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of  # noqa: F401 (callers import it here)
 from .embed import provider_call
 from .jobs import Job
-from .outcome import Outcome, Settled
+from ..targets.writes import ChunkWrite, still_target, write_target  # noqa: F401 (the settle's write, shared)
+from .outcome import Outcome
 from .read import read_rows_or_isolate
 from .stats import DrainStats
-
-
-def still_target(conn: psycopg.Connection, target: Target) -> None:
-    """Raise TargetChanged when the table or column `target` names changed under the write (a
-    model-migration promotion renamed it): then the whole batch is taken up again, no row is blamed."""
-    if not target.chunked:
-        check_target(conn, target)
-        return
-    try:
-        now = write_target(conn, lookup_registered(conn, target_id=target.registered)[0])
-    except TargetError as exc:
-        raise TargetChanged(f"{target.key.label}: {exc}") from exc
-    if (now.chunk_table, now.vector_type, now.dimensions) != (target.chunk_table, target.vector_type, target.dimensions):
-        raise TargetChanged(f"{target.key.label} writes into {now.chunk_table} now, not {target.chunk_table}")
-
-
-def write_target(conn: psycopg.Connection, target: Target) -> Target:
-    """Where the drain writes a chunk target's documents: the shadow chunk table while a model
-    change is in progress (so the promotion finds it complete), else the registered one."""
-    return shadow_of(conn, target) or target
 
 
 @dataclass
@@ -68,34 +48,6 @@ class ChunkWork:
     @property
     def text_count(self) -> int:
         return len(self.plan.to_embed)
-
-
-@dataclass
-class ChunkWrite:
-    """A planned and embedded set of documents: the chunk-set TargetWrite (drain.outcome) the
-    settle writes (core.targets.chunks.write: each document's set swapped whole)."""
-
-    target: Target
-    chunk_target: chunks.ChunkTarget
-    plan: chunks.ChunkPlan
-    vectors: dict[bytes, np.ndarray] = field(default_factory=dict)  # chunk hash -> new vector
-    jobs: dict[str, list[Job]] = field(default_factory=dict)  # by document key
-
-    def keys(self) -> list[str]:
-        return list(self.jobs)
-
-    def settle(self, conn: psycopg.Connection) -> Settled:
-        """Swap the planned chunk sets in, in the caller's (the settle's) transaction. A document
-        whose write fails alone (targets.badrows) is dead; one not written now (its parent row
-        busy, a reused vector gone) is busy; the others are settled."""
-        w, failed = chunks.write_isolating(conn, self.chunk_target, self.plan, self.vectors, self.plan.model,
-                                           check=lambda: still_target(conn, self.target))
-        dead = {key: ambiguous_key_error(self.target, key, n) for key, n in w.ambiguous.items()}
-        dead.update({key: f"{self.target.regclass} key {key}: {why}" for key, why in failed.items()})
-        return Settled(written=len(w.written), stale=len(w.stale),
-                       busy=[k for k in dict.fromkeys(w.busy + w.missing) if k not in dead], dead=dead,
-                       chunks_embedded=w.chunks_embedded, chunks_reused=w.chunks_reused,
-                       chunks_deleted=w.chunks_deleted)
 
 
 def read_chunk_jobs(conn: psycopg.Connection, target: Target, embedder: Embedder, splitter: Splitter,

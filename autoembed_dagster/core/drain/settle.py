@@ -13,197 +13,22 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors
 
 from ..queue import pgmq
 from ..config import Settings
 from ..queue.claims import Claims
-from ..targets.catalog import Target, ambiguous_key_error, ambiguous_keys
-from ..targets.vectors import vector_array, vector_value
-from ..targets.badrows import write_isolating
-from .chunked import still_target
+from ..targets.catalog import Target
+# The one write interface of both shapes (core.targets.writes), shared with the backfill's pages;
+# re-exported here for what imported it from the settle stage.
+from ..targets.writes import (LOCK_TIMEOUT, ColumnWrite, Isolated, Written, act_as_drain,  # noqa: F401
+                              state_target, write_vectors, write_vectors_isolating)
 from .jobs import Job, single_body
-from .outcome import Outcome, Settled, TargetWrite, Write
+from .outcome import Outcome, Settled, TargetWrite
 from .stats import DrainStats, table_key, table_of_body
 
 BUSY_RETRY_SECONDS = 1  # a row the application holds locked is tried again this much later
-LOCK_TIMEOUT = "5s"  # a table lock (TRUNCATE, ALTER) the drain would wait for longer: give way
 SETTLE_TRIES = 3
-
-
-@dataclass
-class Written:
-    written: int = 0
-    stale: int = 0
-    busy: list[str] = field(default_factory=list)  # keys of rows another transaction held locked
-    ambiguous: dict[str, int] = field(default_factory=dict)  # keys matching several rows: not written
-    failed: dict[str, str] = field(default_factory=dict)  # key -> why its write failed (badrows)
-
-
-def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write], model: str) -> Written:
-    """Write vectors whose row still has the input they were made from (inside the caller's
-    transaction). Rows locked by another transaction are skipped and reported busy."""
-    out = Written()
-    if not writes:
-        return out
-    writes = list({w[0]: w for w in writes}.values())  # one write per row
-    ids = [w[0] for w in writes]
-    current: dict[str, bytes] = {}
-    has_vector: set[str] = set()
-    locked = conn.execute(
-        sql.SQL(
-            """select t.{key}::text, autoembed.content_hash({fn}(t)::text), t.{col} is not null
-               from {table} t where t.{key} = any(%s::text[]::{key_type}[])
-               order by t.{key} for update of t skip locked"""
-        ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
-                 key_type=target.key_type_sql),
-        (ids,), prepare=False,
-    ).fetchall()
-    out.ambiguous = ambiguous_keys(k for k, _, _ in locked)
-    for k, h, v in locked:
-        if k in out.ambiguous:
-            continue  # never write one row's vector onto another
-        current[k] = h
-        if v:
-            has_vector.add(k)
-    missing = [k for k in ids if k not in current and k not in out.ambiguous]
-    if missing:
-        # Not locked: deleted meanwhile (its job is done), or held by another transaction (busy).
-        out.busy = [k for (k,) in conn.execute(
-            sql.SQL("select t.{key}::text from {table} t where t.{key} = any(%s::text[]::{key_type}[])").format(
-                key=target.key_sql, table=target.table_sql, key_type=target.key_type_sql),
-            (missing,), prepare=False)]
-    # Another drain may have written the same input meanwhile: then there is nothing to do.
-    already = {
-        row_id for row_id, state_hash, state_model in conn.execute(
-            """select row_id, content_hash, model from autoembed.embedding_state
-               where target_id = (select autoembed.state_target(%s, %s, %s)) and row_id = any(%s)""",
-            (target.key.schema, target.key.table, target.key.embedding_column, sorted(has_vector)),
-            prepare=False,
-        ) if state_model == model and state_hash == current.get(row_id)
-    } if has_vector else set()
-    fresh = [w for w in writes if current.get(w[0]) == w[1] and w[0] not in already]
-    out.stale = sum(1 for w in writes if w[0] in current and current[w[0]] != w[1])
-    if not fresh:
-        return out
-    keys = [w[0] for w in fresh]
-    # Through the target's write function (sql/019): the table owner's triggers run with the
-    # owner's rights, never the drain's. The vectors go as one binary array of the column's type.
-    conn.execute(
-        "select autoembed.write_vectors(%s::regclass, %s, %s, %s::text[], %b)",
-        (target.regclass, target.key.embedding_column, target.key.key_column, keys,
-         vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])), prepare=False)
-    conn.execute(
-        """insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
-           select %s, s.k, s.h, %s, now() from unnest(%s::text[], %s::bytea[]) s(k, h)
-           on conflict (target_id, row_id) do update
-           set content_hash = excluded.content_hash, model = excluded.model, embedded_at = now()""",
-        (state_target(conn, target), model, keys, [w[1] for w in fresh]),
-        prepare=False)
-    out.written = len(fresh)
-    return out
-
-
-@dataclass
-class Isolated:
-    """What write_vectors_isolating did: the rows written (etc.) and the rows that failed alone."""
-
-    written: Written
-    failed: dict[str, str]  # row key -> why its write failed
-
-
-def write_vectors_isolating(conn: psycopg.Connection, target: Target, writes: list[Write], model: str) -> Isolated:
-    """write_vectors, with a row whose write fails (a trigger raising for it, a check constraint, a
-    revoked grant) failing alone: the others are written in the same transaction (badrows)."""
-    writes = list({w[0]: w for w in writes}.values())  # one write per row
-    parts, failed = write_isolating(conn, writes,
-                                    lambda part: write_vectors(conn, target, part, model),
-                                    check=lambda: still_target(conn, target))
-    total = Written()
-    for w in parts:
-        total.written += w.written
-        total.stale += w.stale
-        total.busy += w.busy
-        total.ambiguous.update(w.ambiguous)
-    return Isolated(total, {w[0]: f"{target.regclass} key {w[0]}: writing its vector failed: {why}"
-                            for w, why in failed})
-
-
-@dataclass
-class ColumnWrite:
-    """The vector-column TargetWrite (drain.outcome): one batch's vectors for one target's column."""
-
-    target: Target
-    writes: list[Write]
-    model: str  # fixed when the vectors were made (a promotion meanwhile must not relabel them)
-    jobs: dict[str, list[Job]]
-
-    def keys(self) -> list[str]:
-        return list({w[0]: None for w in self.writes})
-
-    def settle(self, conn: psycopg.Connection) -> Settled:
-        """Write the vectors whose rows still have their input (write_vectors_isolating): a row whose
-        write fails alone, or whose key matches several rows, is dead; a row another transaction
-        holds is busy."""
-        isolated = write_vectors_isolating(conn, self.target, self.writes, self.model)
-        w = isolated.written
-        dead = dict(isolated.failed)
-        for key, n in w.ambiguous.items():
-            dead.setdefault(key, ambiguous_key_error(self.target, key, n))
-        return Settled(written=w.written, stale=w.stale, busy=[k for k in w.busy if k not in dead], dead=dead)
-
-
-def act_as_drain(conn: psycopg.Connection) -> None:
-    """Inside a write transaction: the project's triggers skip the drain's own writes, and a table
-    lock held longer than LOCK_TIMEOUT makes the drain give way (the statement fails, is retried)."""
-    conn.execute("set local autoembed.draining = 'on'")
-    conn.execute(sql.SQL("set local lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
-
-
-class VectorWriter:
-    """The settle stage's vector write with no queue message attached (the backfill's writes):
-    same locks, hash guard, COPY + UPDATE and state upsert. A row an application transaction
-    holds is tried again a few times, never waited for."""
-
-    BUSY_WAITS = (0.05, 0.2, 0.5, 1.0, 2.0)
-
-    def __init__(self, conn: psycopg.Connection):
-        self.conn = conn
-
-    def write(self, target: Target, rows: list[tuple[str, bytes, bytes]], model: str) -> Written:
-        """Write (row key, content hash the vector was made from, its COPY tuple). Rows still busy
-        after the last try are returned in `busy`, unwritten; rows whose write fails alone in
-        `failed` (key -> why)."""
-        total = Written()
-        pending = [(k, h, record, []) for k, h, record in rows]
-        for wait in (*self.BUSY_WAITS, None):
-            with self.conn.transaction():
-                act_as_drain(self.conn)
-                isolated = write_vectors_isolating(self.conn, target, pending, model)
-            w = isolated.written
-            total.failed.update(isolated.failed)
-            total.ambiguous.update(w.ambiguous)
-            total.written += w.written
-            total.stale += w.stale
-            busy = set(w.busy)
-            pending = [p for p in pending if p[0] in busy]
-            if not pending or wait is None:
-                break
-            time.sleep(wait)
-        total.busy = [p[0] for p in pending]
-        return total
-
-
-def state_target(conn: psycopg.Connection, target: Target) -> int:
-    """The registered target whose embedding_state records `target`'s vectors (by id: renames
-    change nothing). A vector is written only for a registered target (its input function is)."""
-    if target.registered is not None and not target.chunked:
-        return target.registered
-    found = conn.execute("select autoembed.state_target(%s, %s, %s)",
-                         (target.key.schema, target.key.table, target.key.embedding_column)).fetchone()[0]
-    if found is None:
-        raise TargetError(f"{target.key.label} is not a registered target: enrol the table (autoembed enroll)")
-    return found
 
 
 def forget_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> None:
@@ -257,7 +82,7 @@ class Settler:
         done = list(outcome.done)
         busy: list[Job] = []
         dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
-        # One path for every target's shape (drain.outcome.TargetWrite): a row (document) is
+        # One path for every target's shape (core.targets.writes.TargetWrite): a row (document) is
         # written whole under the stale-write guard, dead-lettered alone, or kept for later.
         for tw in self._target_writes(outcome):
             settled = tw.settle(conn)

@@ -4,8 +4,8 @@ A shard is a stable slice of the key space: `autoembed.shard_of(key::text, n)` =
 of SHA-256 of the key's text, modulo n (see sql/007; core.pipelines.shard_of is the same in Python). A
 shard walks its rows in key order, skips every row that already holds the vector of its current
 input under the model (embedding_state: content hash + model), embeds the rest in batches and
-writes them with the drain's own write path (row lock, content-hash guard, binary COPY + UPDATE,
-embedding_state upsert, in one transaction per batch). So a shard is idempotent and resumable: a
+writes them with the drain's own write (core.targets.writes.ColumnWrite: row lock, content-hash
+guard, the owner's write function, embedding_state upsert, in one transaction per batch). So a shard is idempotent and resumable: a
 killed shard re-run starts where the committed batches end, and a row changed meanwhile is left
 to the incremental path (its trigger queued a job) instead of being overwritten with old content.
 
@@ -26,7 +26,6 @@ from ..config import ConfigError, EmbedderSettings
 from ..drain import ProviderConfigError
 from ..targets.badrows import check_vectors, row_error
 from ..drain.loop import pin_session
-from ..drain.settle import VectorWriter
 from ..embed import make_embedder, native_dimensions
 from ..embed.base import EmbedOutcome, Embedder, EmbeddingError
 from ..health import estimated_cost
@@ -35,6 +34,7 @@ from ..targets.catalog import Target, TargetKey, check_dimensions, resolve
 from ..targets.models import Migration, ModelSpec, get_migration
 from ..targets.shadow import Coverage
 from ..targets.vectors import copy_records
+from ..targets.writes import ColumnWrite, write_page
 from .migration import PromoteResult, coverage, promote, start_migration, trigger_content_functions
 from .shards import BackfillResult, ShardStats, run_shards, walk_pages
 
@@ -124,7 +124,6 @@ def plan(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, *, start: bool 
                      f"started migration {m.id}: new vectors go to {m.shadow_column} until promotion")
 
 
-# -- the write path ------------------------------------------------------------------------------------
 # -- one shard -------------------------------------------------------------------------------------------
 @dataclass
 class _Page:
@@ -326,7 +325,6 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
     before = coverage(conn, target, model, shard, shards)
     stats.current = before.current  # resumed: what an earlier (killed) run already wrote is skipped
     pin_session(conn)
-    writer = VectorWriter(conn)
     limit = batch_rows or min(getattr(embedder, "batch_size", None) or DEFAULT_BATCH_ROWS, 1024)
 
     def write(page: _Page) -> int | None:
@@ -338,14 +336,16 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
             return None
         _count_page(stats, target, page)
         if page.rows:
-            w = writer.write(target, page.rows, embedder.identity.key)
+            # The drain's write of a vector column (core.targets.writes), with no message attached.
+            w = write_page(conn, ColumnWrite(target, [(k, h, record, []) for k, h, record in page.rows],
+                                             embedder.identity.key))
             stats.embedded += w.written
             stats.stale += w.stale
             # Written meanwhile by the drain, same input. (Rows the application kept locked are
             # left out: the coverage still counts them missing.)
-            stats.current += len(page.rows) - w.written - w.stale - len(w.busy) - len(w.failed)
-            stats.failed += len(w.failed)
-            for why in w.failed.values():
+            stats.current += len(page.rows) - w.written - w.stale - len(w.busy) - len(w.dead)
+            stats.failed += len(w.dead)
+            for why in w.dead.values():
                 stats.note_error(why)
         return page.size
 

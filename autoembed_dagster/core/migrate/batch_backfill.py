@@ -9,7 +9,7 @@
     refresh  poll the provider; the record follows its status and counts
     collect  a finished batch (completed, expired, failed, cancelled), by one collector at a time
              (an advisory lock on the record): its vectors go through the direct path's write
-             (drain.settle.VectorWriter: row lock, content-hash guard, COPY + UPDATE, state) into
+             (core.targets.writes: the drain's write of a vector column, row lock, content-hash guard, state) into
              the column the backfill writes (a migration's shadow column), so a row edited since
              submission keeps what the incremental path wrote and the batch's stale result is
              dropped. Lines of the error file with a 4xx are dead letters with the provider's
@@ -41,16 +41,17 @@ from ..config import ConfigError, EmbedderSettings
 from ..db.server import second_connection
 from ..targets.badrows import check_vectors
 from ..drain.loop import pin_session
-from ..drain.settle import VectorWriter, act_as_drain, clean
+from ..drain.settle import clean
 from ..embed.base import Embedder, EmbeddingError
 from ..embed.batch_api import FINISHED_STATUSES, BatchClient, BatchLimits, BatchUnsupported, Result
 from ..health import estimated_cost
 from ..pipelines import Pipeline
 from ..queue import pgmq
-from ..targets.catalog import INTEGER_KEY_TYPES, Target, TargetKey, ambiguous_key_error, resolve
+from ..targets.catalog import INTEGER_KEY_TYPES, Target, TargetKey, resolve
 from ..targets.models import ModelSpec
 from ..targets.shadow import Coverage
 from ..targets.vectors import copy_records
+from ..targets.writes import ColumnWrite, act_as_drain, write_page as write_rows
 from .backfill import MAX_SCAN_ROWS, ShardPlan, _candidates, embedder_for, plan
 from .migration import PromoteResult, coverage, promote
 
@@ -502,11 +503,10 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
     seen: set[str] = set()
     counted = threading.Lock()
 
-    def write_page(wconn: psycopg.Connection, writer: VectorWriter, page: list[tuple[str, bytes, object]],
-                   records: list[bytes]) -> None:
-        w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(page, records)], record.model)
+    def write_page(wconn: psycopg.Connection, page: list[tuple[str, bytes, object]], records: list[bytes]) -> None:
+        w = write_rows(wconn, ColumnWrite(target, [(k, h, r, []) for (k, h, _), r in zip(page, records)], record.model))
         # Not written: busy (retried), failed alone (badrows) or matching several rows: dead letters.
-        busy = set(w.busy) | set(w.failed) | set(w.ambiguous)
+        busy = set(w.busy) | set(w.dead)
         # Which rows were stale is asked only when some were (the guard counted them).
         stale = _stale_keys(wconn, target, [(k, h) for k, h, _ in page if k not in busy]) if w.stale else set()
         _set_rows(wconn, record.id, "written", [k for k, _, _ in page if k not in busy and k not in stale])
@@ -517,8 +517,7 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
             s.current += len(page) - w.written - w.stale - len(busy)
             for k in w.busy:
                 retry[k] = "the application held the row locked"
-            dead.update(w.failed)
-            dead.update({k: ambiguous_key_error(target, k, n) for k, n in w.ambiguous.items()})
+            dead.update(w.dead)  # (a row whose write failed alone, a key matching several rows)
         if on_rows:
             on_rows(len(page))
 
@@ -567,7 +566,6 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
     def consume(wconn: psycopg.Connection) -> None:
         """Write pages until the end of the output (each of the two writers on its own connection:
         the pages hold distinct rows, and an index insert, not the parse, bounds a write)."""
-        writer = VectorWriter(wconn)
         while not stop.is_set():
             item = pages.get()
             if item is None or isinstance(item, BaseException):
@@ -575,7 +573,7 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
                 if item is not None:
                     raise item
                 return
-            write_page(wconn, writer, *item)
+            write_page(wconn, *item)
 
     reader = threading.Thread(target=produce, name=f"autoembed-batch-{record.id}", daemon=True)
     second = second_connection(conn, f"the second writer of batch {record.batch_id}") if record.row_count > _WRITE_PAGE \
@@ -670,24 +668,22 @@ def _embed_directly(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, 
     inputs = [(k, text, h) for k, (text, h) in _current_inputs(conn, target, list(retry))
               if text is not None and text.strip()]
     done += [k for k in retry if k not in {k2 for k2, _, _ in inputs}]  # gone or emptied: nothing to embed
-    writer = VectorWriter(conn)
     for i in range(0, len(inputs), 256):
         chunk = inputs[i:i + 256]
         outcome = embedder.embed([t for _, t, _ in chunk])
         s.tokens += outcome.tokens
         ok = [(k, h, v) for (k, _, h), v in zip(chunk, outcome.vectors) if v is not None]
         if ok:
-            w = writer.write(target, [(k, h, r) for (k, h, _), r in zip(ok, copy_records(target, ok, conn.info.encoding))],
-                             record.model)
+            w = write_rows(conn, ColumnWrite(target, [(k, h, r, []) for (k, h, _), r in
+                                                      zip(ok, copy_records(target, ok, conn.info.encoding))], record.model))
             s.direct += w.written
             s.stale += w.stale
-            busy = set(w.busy) | set(w.failed) | set(w.ambiguous)
+            busy = set(w.busy) | set(w.dead)
             done += [k for k, _, _ in ok if k not in busy]
         bad = [(k, str(e)) for (k, _, _), e in zip(chunk, outcome.errors)
                if isinstance(e, EmbeddingError) and not e.retryable]
         if ok:
-            bad += list(w.failed.items())  # a row whose write failed alone (badrows)
-            bad += [(k, ambiguous_key_error(target, k, n)) for k, n in w.ambiguous.items()]
+            bad += list(w.dead.items())  # a row whose write failed alone (badrows), a key matching several rows
         if bad:
             s.dead += dead_letter(conn, p, target, bad)
             _set_rows(conn, record.id, "dead", [k for k, _ in bad], dict(bad))

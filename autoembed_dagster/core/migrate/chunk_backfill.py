@@ -1,10 +1,11 @@
 """Full re-embed of a chunked pipeline, shard by shard, and its model change (plain Python).
 
 A shard (core.pipelines.shard_of: the same key slices as column pipelines) walks its documents in
-key order and brings each one's chunk set up to date with core.targets.chunks.sync: a document whose set
-is already the chunking of its current input under the model is skipped, and chunk texts that
-already have a vector under the model (anywhere in the table written) are reused, so a shard is
-idempotent and resumable.
+key order and brings each one's chunk set up to date: read, planned and embedded
+(core.targets.chunks.prepare), written by the drain's own write (core.targets.writes.ChunkWrite).
+A document whose set is already the chunking of its current input under the model is skipped, and
+chunk texts that already have a vector under the model (anywhere in the table written) are
+reused, so a shard is idempotent and resumable.
 
 Where it writes (`chunk_plan`): the live chunk table when it holds only this model at this size;
 otherwise a shadow chunk table `<table>_chunks__next` (core.targets.chunks.create_shadow), which search
@@ -25,7 +26,8 @@ from psycopg import sql
 from ..targets import chunks
 from ..targets.splitter import Splitter, splitter_for
 from ..config import ConfigError
-from ..drain.chunked import chunk_target_of, shadow_of
+from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
+from ..targets.writes import ChunkWrite, Settled, write_page
 from ..embed import make_embedder
 from ..embed.base import Embedder
 from .migration import MigrationError, step
@@ -146,17 +148,24 @@ def backfill_chunk_shard(conn: psycopg.Connection, write_to: Target, embedder: E
         return keys
 
     def write(keys: list[str]) -> int:
-        r = chunks.sync(conn, ct, keys, splitter, embedder)
+        page = chunks.prepare(conn, ct, keys, splitter, embedder)
+        # A document with a failed chunk is never written in part (as the drain leaves it out).
+        failed = {**page.unreadable, **page.failed_documents()}
+        documents = {k: d for k, d in page.plan.documents.items() if k not in failed}
+        # The drain's write of a chunk set (core.targets.writes), with no message attached.
+        w = write_page(conn, ChunkWrite(write_to, ct, replace(page.plan, documents=documents), page.vectors)) \
+            if documents else Settled()
         stats.documents += len(keys)
-        stats.current += len(r.plan.unchanged)
-        stats.written += len(r.stats.written)
-        stats.busy += len(r.stats.busy)
-        stats.stale += len(r.stats.stale)
-        stats.failed += len(r.stats.missing)
-        stats.chunks_embedded += r.stats.chunks_embedded
-        stats.chunks_reused += r.stats.chunks_reused
-        stats.tokens += r.tokens
-        for error in list(r.failed.values())[:3] + list(r.errors.values())[:3]:
+        stats.current += len(page.plan.unchanged)
+        stats.written += w.written
+        stats.busy += len(w.busy)
+        stats.stale += w.stale
+        stats.failed += len(failed) + len(w.dead)
+        stats.chunks_embedded += w.chunks_embedded
+        stats.chunks_reused += w.chunks_reused
+        stats.tokens += page.tokens
+        for error in ([f"{ct.label} key {k}: {why}" for k, why in failed.items()][:3] + list(w.dead.values())[:3]
+                      + list(page.errors.values())[:3]):
             stats.note_error(error)
         return len(keys)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import psycopg
 
-from ..drain.chunked import chunk_target_of, shadow_of
+from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
 from ..pipelines import Pipeline
 from ..targets import chunks
 from ..targets.catalog import resolve
@@ -282,8 +282,9 @@ def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str,
 
 
 def _migration_coverage(conn: psycopg.Connection, m: mig.Migration) -> Coverage:
-    """Of the shadow column while backfilling, else of the live one."""
-    return mig.coverage(conn, resolve(conn, m.shadow_key if m.status == "backfilling" else m.live_key), m.model_key)
+    """Of the shadow column while backfilling, else of the live one (the shape's ModelChange)."""
+    change = mig.ColumnChange(m)
+    return change.coverage(conn, change.state(conn))
 
 
 def _pct(ratio: float) -> str:

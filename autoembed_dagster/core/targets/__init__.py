@@ -9,8 +9,10 @@ the chunk-set target (a parent table's chunk table: plan, write, coverage, shado
 `splitter` cuts documents into chunks by the model's own tokenizer; `models` says which model a
 target's vectors are of (model spec, the model migration in flight, the migration-aware
 resolver); `shadow` names and indexes shadow / retired copies (and `Coverage`), and holds a
-vector column's migration steps (renames, trigger and index swaps); `vectors`
-encodes vectors for COPY in the target's own type; `badrows` makes one bad row fail alone
-(vector checks, write / read / scan isolation) for both shapes and both write paths.
+vector column's migration steps (renames, trigger and index swaps); `vectors` encodes vectors for
+COPY in the target's own type; `writes` is the one write of vectors into a target
+(`TargetWrite`: a vector column's, a chunk set's), under the stale-write guard and through the
+owner's write function, shared by the drain's settle and the backfill's pages; `badrows` makes
+one bad row fail alone (vector checks, write / read / scan isolation) for both shapes.
 
 May import: core.config, core.db, core.embed."""

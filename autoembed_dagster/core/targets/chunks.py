@@ -33,7 +33,7 @@ from .splitter import Splitter, chunk_hash
 from ..embed.base import Embedder, ProviderConfigError
 from .catalog import TargetError, ambiguous_keys, check_identifier, input_function, require_input_function
 from .shadow import Coverage
-from .vectors import encode_vectors, vector_array
+from .vectors import encode_vectors, vector_array, write_as_owner
 
 VECTOR_COLUMN = "embedding"
 
@@ -373,14 +373,14 @@ def _write_sets(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
     # owner's rights, never the drain's. It deletes the old sets and inserts the new ones, each
     # chunk's vector the embedded one or, reused, one the table holds under the model (a document
     # whose reused vector vanished since the plan is `lost`: it waits for the next round).
-    deleted, inserted, lost, new_rows = conn.execute(sql.SQL(
-        "select w.deleted, w.inserted, w.lost, w.written from autoembed.write_chunks(%s::regclass, %s::text[], %s::text[],"
-        " %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %b::{}[], %s, %s) w").format(
-            sql.SQL("halfvec" if target.vector_type == "halfvec" else "vector")),
+    deleted, inserted, lost, new_rows = write_as_owner(
+        conn, "write_chunk_rows", regclass_of(target), None, None,
+        "%s::regclass, %s::text[], %s::text[], %s::integer[], %s::text[], %s::bytea[], %s::bytea[], %s::bytea[], %b::"
+        + ("halfvec" if target.vector_type == "halfvec" else "vector") + "[], %s, %s",
         (regclass_of(target), fresh, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
          [r[3] for r in rows], [r[4] for r in rows], [h for h, _ in embedded],
          vector_array(conn, target.vector_type, encode_vectors(target, [v for _, v in embedded])),
-         model_key, plan.splitter), prepare=False).fetchone()
+         model_key, plan.splitter))
     if lost:
         stats.missing.extend(lost)
         fresh = [k for k in fresh if k not in set(lost)]
@@ -393,8 +393,8 @@ def _drop_old_sets(conn: psycopg.Connection, target: ChunkTarget, keys: list[str
     (through the target's write function, sql/019). Returns the rows deleted."""
     if not keys:
         return 0
-    return conn.execute("select autoembed.drop_old_chunks(%s::regclass, %s::text[], %s::tid[])",
-                        (regclass_of(target), keys, new_rows), prepare=False).fetchone()[0]
+    return write_as_owner(conn, "drop_old_chunk_rows", regclass_of(target), None, None,
+                          "%s::regclass, %s::text[], %s::tid[]", (regclass_of(target), keys, new_rows))[0]
 
 
 def write_isolating(conn: psycopg.Connection, target: ChunkTarget, plan: ChunkPlan,
@@ -547,18 +547,29 @@ def regclass_of(target: ChunkTarget) -> str:
 
 # -- one round, for callers without a queue (backfill, CLI, demo, tests) ------------------------
 @dataclass
-class SyncResult:
+class Prepared:
+    """Documents read, planned and embedded, not written yet (`prepare`)."""
+
     plan: ChunkPlan
-    stats: WriteStats
+    vectors: dict[bytes, np.ndarray]  # chunk hash -> its new vector (the good ones)
     tokens: int  # as the provider reported them
-    errors: dict[bytes, str]  # chunk hash -> why its embedding failed
-    failed: dict[str, str] = field(default_factory=dict)  # document key -> why it was not written
+    errors: dict[bytes, str]  # chunk hash -> why its embedding failed (or its vector cannot be held)
+    unreadable: dict[str, str]  # document key -> why its input could not be read
+
+    def failed_documents(self) -> dict[str, str]:
+        """Planned documents with a chunk whose embedding failed: key -> why (never written in part)."""
+        failed = {}
+        for k, doc in self.plan.documents.items():
+            bad = next((c for c in doc.chunks if c.hash in self.errors), None)
+            if bad is not None:
+                failed[k] = f"chunk {bad.index}: {self.errors[bad.hash]}"
+        return failed
 
 
-def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitter: Splitter,
-         embedder: Embedder) -> SyncResult:
-    """Bring the chunk sets of `keys` up to date: read, plan, embed what is new, write (one
-    transaction). The drain does the same in its own stages, with its claims around them."""
+def prepare(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitter: Splitter,
+            embedder: Embedder) -> Prepared:
+    """Read the documents `keys` (one whose content function raises fails alone), plan their chunk
+    sets and embed what is new. A refusal every request would get raises ProviderConfigError."""
     from .badrows import check_vectors, describe, read_isolating
 
     model = embedder.identity.key
@@ -576,13 +587,28 @@ def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitte
     for h, problem in zip(p.hashes, check_vectors(target.vector_type, target.dimensions, vectors)):
         if problem is not None:
             errors[h] = problem
+    return Prepared(p, {h: v for h, v in zip(p.hashes, vectors) if h not in errors}, out.tokens, errors, unreadable)
+
+
+@dataclass
+class SyncResult:
+    plan: ChunkPlan
+    stats: WriteStats
+    tokens: int  # as the provider reported them
+    errors: dict[bytes, str]  # chunk hash -> why its embedding failed
+    failed: dict[str, str] = field(default_factory=dict)  # document key -> why it was not written
+
+
+def sync(conn: psycopg.Connection, target: ChunkTarget, keys: list[str], splitter: Splitter,
+         embedder: Embedder) -> SyncResult:
+    """Bring the chunk sets of `keys` up to date: read, plan, embed what is new (prepare), write (one
+    transaction). The drain and the backfill write a prepared page through
+    core.targets.writes.ChunkWrite instead."""
+    page = prepare(conn, target, keys, splitter, embedder)
     with conn.transaction():
-        stats, failed = write_isolating(conn, target, p, {h: v for h, v in zip(p.hashes, vectors)
-                                                          if h not in errors}, model)
-    failed.update(unreadable)
+        stats, failed = write_isolating(conn, target, page.plan, page.vectors, page.plan.model)
+    failed.update(page.unreadable)
     stats.missing.extend(failed)
-    for k, doc in p.documents.items():
-        bad = next((c for c in doc.chunks if c.hash in errors), None)
-        if bad is not None:
-            failed[k] = f"chunk {bad.index}: {errors[bad.hash]}"
-    return SyncResult(p, stats, out.tokens, errors, {k: f"{target.label} key {k}: {why}" for k, why in failed.items()})
+    failed.update(page.failed_documents())
+    return SyncResult(page.plan, stats, page.tokens, page.errors,
+                      {k: f"{target.label} key {k}: {why}" for k, why in failed.items()})

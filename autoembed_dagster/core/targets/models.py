@@ -1,7 +1,7 @@
 """Which model a target's vectors are of: the model spec (provider, model, size, content function),
 the record of a model migration in flight as the drain and search read it (`get_migration`), and
 the migration-aware embedder resolver the drain uses. The migration's operations (start, promote,
-rollback, drop-old, abort) are core.migrate.migration's."""
+rollback, drop-old, abort) are core.migrate.migration's flow over core.targets.shapes.ColumnChange."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from psycopg import sql
 
 from .catalog import MAX_IDENTIFIER_BYTES, Target, TargetError
 from .models import Migration
+from .vectors import write_as_owner
 
 
 SHADOW_SUFFIX = "__next"
@@ -167,14 +168,17 @@ def enqueue(conn: psycopg.Connection, m: Migration, column: str, where: sql.Comp
 
 def clear_vectors(conn: psycopg.Connection, target: Target, where: sql.Composable, params: tuple = ()) -> int:
     """Clear the vector of the rows of `target` matching `where` (over alias t) through the owner's
-    write function (autoembed.write_vectors, sql/019: a NULL vector clears), never with our own
-    UPDATE: the owner's triggers on the table run with the owner's rights, not the runner's."""
-    return conn.execute(sql.SQL(
-        """select autoembed.write_vectors(%s::regclass, %s, %s, k.keys,
-                                          array_fill(null::{vtype}, array[cardinality(k.keys)]))
-           from (select array(select t.{key}::text from {table} t where {where}) as keys) k"""
-    ).format(vtype=target.vector_type_sql, key=target.key_sql, table=target.table_sql, where=where),
-        (target.regclass, target.key.embedding_column, target.key.key_column, *params)).fetchone()[0]
+    write function (vectors.write_as_owner, sql/019: a NULL vector clears), never with our own
+    UPDATE: the owner's triggers on the table run with the owner's rights, not the runner's. No
+    row to clear, no write (the owner's statement triggers do not run for nothing)."""
+    keys = [k for (k,) in conn.execute(sql.SQL("select t.{key}::text from {table} t where {where}").format(
+        key=target.key_sql, table=target.table_sql, where=where), params).fetchall()]
+    if not keys:
+        return 0
+    vtype = "halfvec" if target.vector_type == "halfvec" else "vector"
+    return write_as_owner(conn, "write_vector_rows", target.regclass, target.key.embedding_column,
+                          target.key.key_column, f"%s::regclass, %s, %s, %s::text[], array_fill(null::{vtype}, array[%s])",
+                          (target.regclass, target.key.embedding_column, target.key.key_column, keys, len(keys)))[0]
 
 
 def register_shadow(conn: psycopg.Connection, m: Migration) -> None:

@@ -1,6 +1,6 @@
 """Vectors in a target's own type on the wire: the binary tuples (key text, content hash bytea,
-vector|halfvec) the embed stage makes (copy_records), and the binary arrays of vectors the write
-functions take (vector_array; sql/019)."""
+vector|halfvec) the embed stage makes (copy_records), the binary arrays of vectors the write
+functions take (vector_array; sql/019), and the one call of a write function (write_as_owner)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 import psycopg
+from psycopg import sql
 from psycopg.adapt import Dumper, PyFormat
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
@@ -104,3 +105,19 @@ class _BinaryDumper(Dumper):
 
     def dump(self, obj: bytes) -> bytes:
         return obj
+
+
+def write_as_owner(conn: psycopg.Connection, body: str, rel: str, embedding_column: str | None,
+                   key_column: str | None, args: str, params: tuple) -> tuple:
+    """Run write body `body` of sql/019 (write_vector_rows: a vector column `embedding_column` of
+    table `rel` keyed by `key_column`; write_chunk_rows / drop_old_chunk_rows: chunk table `rel`,
+    both columns None) with the table owner's rights: autoembed.owner_writer names the function
+    (the target's write_<id>, or the body itself for the table's owner; else it raises), which is
+    called with `args` (SQL placeholders for `params`, the body's own arguments). The session's
+    search_path is put back in the same statement (an owner's trigger may change it). One path
+    for both shapes, the drain, backfills and model migrations. Returns the function's result row."""
+    fn, path = conn.execute("select autoembed.owner_writer(%s::regclass, %s, %s, %s), current_setting('search_path')",
+                            (rel, embedding_column, key_column, body), prepare=False).fetchone()
+    row = conn.execute(sql.SQL("select w.*, pg_catalog.set_config('search_path', %s, false) from {}(" + args + ") w")
+                       .format(sql.SQL(fn)), (path, *params), prepare=False).fetchone()
+    return row[:-1]
