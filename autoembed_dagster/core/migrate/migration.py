@@ -118,8 +118,9 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
         if existing is not None:
             if existing.status == "backfilling" and existing.spec == spec:
                 return existing
-            before = ColumnChange(existing).state(conn)
-            if (why := refusal(ColumnChange(existing, pipeline), before, "make")) is not None:
+            change = ColumnChange(existing, pipeline)
+            before = change.state(conn)
+            if (why := refusal(change, before, "make")) is not None:
                 raise MigrationError(f"{why} (it changes the model to {existing.spec.key})")
         target = resolve(conn, live)
         if conn.execute("select autoembed.content_function(%s::regclass, %s)", (target.regclass, spec.content_function)
