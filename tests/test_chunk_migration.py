@@ -391,3 +391,50 @@ def test_both_shapes_migration_actions_report_the_same_keys(supabase_docs, artic
                 "status": status, "unit": unit, "shadow": where, "old": kept, "coverage": 1.0,
                 "current": with_input, "with_input": with_input, "missing": 0}, got
             assert got["model"] and "None" not in str(got["model"])
+
+
+@pytest.mark.parametrize("shape", ["column", "chunks"])
+def test_both_shapes_refuse_to_make_a_shadow_while_the_previous_change_is_kept(supabase_docs, articles, fake_openai,
+                                                                              settings, shape):
+    """core.migrate.migration.make_shadow is the one 'make' step: with the previous change's vectors
+    kept (promoted, not dropped) a new model change is refused alike for both shapes, naming
+    drop-old and rollback, and nothing is made."""
+    from autoembed_dagster.core.migrate import migration as mig
+    from autoembed_dagster.core.migrate.backfill import resolve_spec, run_backfill
+    from autoembed_dagster.core.targets.catalog import TargetKey
+    from autoembed_dagster.core.targets.models import ModelSpec
+
+    from .test_migration import DOCS_512, seed
+
+    conn = articles
+    if shape == "column":
+        seed(conn, settings, 3)
+        assert run_backfill(conn, DOCS_512, resolve_spec(conn, DOCS_512)).promotion is not None
+        label, old, shadow = "public.documents.embedding", "embedding__old", "embedding__next"
+
+        def make():
+            # (a column's backfill plan skips a model neither configured nor migrated to: the record's
+            # entry point is where its make is refused)
+            mig.start_migration(conn, TargetKey("public", "documents", "embedding_input", "embedding"),
+                                ModelSpec("openai", "text-embedding-3-small", 256, "embedding_input"),
+                                pipeline="documents")
+    else:
+        load(conn)
+        drain(conn, settings)
+        assert run_chunk_backfill(conn, _pipeline(dimensions=512)).promotion == "articles_chunks__old"
+        label, old, shadow = "public.articles -> articles_chunks", "articles_chunks__old", "articles_chunks__next"
+
+        def make():
+            run_chunk_backfill(conn, _pipeline(dimensions=256))
+    pipeline = "documents" if shape == "column" else "articles"
+    with pytest.raises(MigrationError, match=re.escape(
+            f"{old} holds the vectors of the previous model change: `autoembed migrate {pipeline} drop-old` first "
+            f"(or roll that change back: `autoembed migrate {pipeline} rollback`)")) as refused:
+        make()
+    assert str(refused.value).startswith(f"{label}: {old} ")
+    if shape == "column":  # nothing made: no shadow column, no second record
+        assert conn.execute("select count(*) from information_schema.columns where table_name = 'documents' "
+                            "and column_name = %s", (shadow,)).fetchone()[0] == 0
+        assert conn.execute("select count(*) from autoembed.model_migrations").fetchone()[0] == 1
+    else:
+        assert conn.execute("select to_regclass(%s)", (shadow,)).fetchone()[0] is None

@@ -119,7 +119,7 @@ def plan(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, *, start: bool 
         return ShardPlan("skip", spec, None, spec.content_function, None,
                          f"{spec.key} needs a migration of {p.qualified_table}.{p.embedding_column}")
     m = start_migration(conn, TargetKey(p.schema, p.table, live_fn, p.embedding_column, p.key_column), spec,
-                        queue=p.queue)
+                        queue=p.queue, pipeline=p.name)
     return ShardPlan("migration", spec, m.shadow_column, spec.content_function, m,
                      f"started migration {m.id}: new vectors go to {m.shadow_column} until promotion")
 

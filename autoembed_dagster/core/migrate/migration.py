@@ -104,8 +104,10 @@ def probe_target(spec: ModelSpec, base: EmbedderSettings | None = None) -> None:
 
 
 def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, *, queue: str = "embedding_jobs",
-                    vector_type: str | None = None, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:
-    """Start migrating `live` to `spec` (idempotent: the same spec returns the running migration)."""
+                    vector_type: str | None = None, lock_timeout: float = 5.0, attempts: int = 5,
+                    pipeline: str | None = None) -> Migration:
+    """Start migrating `live` to `spec` (idempotent: the same spec returns the running migration).
+    `pipeline`: its name, for the commands a refusal names."""
     probe_target(spec)
 
     def body() -> Migration:
@@ -116,8 +118,9 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
         if existing is not None:
             if existing.status == "backfilling" and existing.spec == spec:
                 return existing
-            before = ColumnChange(existing).state(conn)
-            if (why := refusal(ColumnChange(existing), before, "make")) is not None:
+            change = ColumnChange(existing, pipeline)
+            before = change.state(conn)
+            if (why := refusal(change, before, "make")) is not None:
                 raise MigrationError(f"{why} (it changes the model to {existing.spec.key})")
         target = resolve(conn, live)
         if conn.execute("select autoembed.content_function(%s::regclass, %s)", (target.regclass, spec.content_function)
@@ -146,7 +149,7 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
             spec.identity_key, models[0][0] if models else None,
         )).fetchone())
         assert m is not None
-        make_shadow(conn, ColumnChange(m), before)
+        make_shadow(conn, ColumnChange(m, pipeline), before)
         # Jobs dead-lettered because the configured model no longer fitted the live column (the
         # model was changed in code before this migration started) can succeed now: retry them.
         conn.execute(
@@ -194,27 +197,26 @@ def refusal(change: ModelChange, state: ShadowState, action: str) -> str | None:
                         └──────────────────────rollback──────────────────┘
     """
     p = change.pipeline or "<pipeline>"
+    in_progress = (f"{change.label}: {state.shadow} exists (another model change in progress): "
+                   f"`autoembed migrate {p} abort` it first")
+    kept = (f"{change.label}: {state.old} holds the vectors of the previous model change: "
+            f"`autoembed migrate {p} drop-old` first")
     if action == "make":
         if state.shadow is not None:
-            return (f"{change.label}: {state.shadow} exists (another model change in progress): "
-                    f"`autoembed migrate {p} abort` it first")
+            return in_progress
         if state.old is not None:
-            return (f"{change.label}: {state.old} holds the vectors of the previous model change: "
-                    f"`autoembed migrate {p} drop-old` first (or roll that change back: `autoembed migrate {p} "
-                    "rollback`)")
+            return f"{kept} (or roll that change back: `autoembed migrate {p} rollback`)"
     elif action == "promote":
         if state.shadow is None:
             return (f"{change.label}: no shadow {change.noun} {change.shadow_name} to promote "
                     f"(run `autoembed backfill {p}` after a model change)")
         if state.old is not None:
-            return (f"{change.label}: {state.old} holds the vectors of the previous model change: "
-                    f"`autoembed migrate {p} drop-old` first")
+            return kept
     elif action == "rollback":
         if state.old is None:
             return f"{change.label}: no old {change.noun} to roll back to (never promoted, or dropped)"
         if state.shadow is not None:
-            return (f"{change.label}: {state.shadow} exists (another model change in progress): "
-                    f"`autoembed migrate {p} abort` it first")
+            return in_progress
         if not state.old_exists:
             return f"{change.label}: the old vectors ({state.old}) were dropped; nothing to roll back to"
     elif action == "drop_old":
