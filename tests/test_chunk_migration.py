@@ -438,3 +438,54 @@ def test_both_shapes_refuse_to_make_a_shadow_while_the_previous_change_is_kept(s
         assert conn.execute("select count(*) from autoembed.model_migrations").fetchone()[0] == 1
     else:
         assert conn.execute("select to_regclass(%s)", (shadow,)).fetchone()[0] is None
+
+
+def test_two_runs_planning_a_chunk_model_change_at_once_make_one_shadow(articles, db_url, fake_openai):
+    """Two shard runs plan the same model change at once; both find no shadow yet. The gate (an
+    EXCLUSIVE lock on the parent, which making a chunk table's triggers waits for) holds whichever
+    gets to make the shadow, until both runs wait; then both go on. Without the change's advisory
+    lock around read-then-make, the second makes the same table again (duplicate key in pg_type)."""
+    import threading
+
+    import psycopg
+
+    from autoembed_dagster.core.migrate.chunk_backfill import ChunkSetBackfill
+
+    p = _pipeline(dimensions=512)
+    plans: dict = {}
+    planners = [psycopg.connect(db_url, autocommit=True) for _ in range(2)]
+    gate = psycopg.connect(db_url)  # (a transaction holding the lock until rollback)
+    try:
+        gate.execute("lock table articles in exclusive mode")
+
+        def planned(i: int) -> None:
+            try:
+                plans[i] = ChunkSetBackfill(p).plan(planners[i])
+            except Exception as exc:  # noqa: BLE001 - the test reports it
+                plans[i] = exc
+
+        threads = [threading.Thread(target=planned, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        pids = [c.info.backend_pid for c in planners]
+        # Wait (on a condition) until both planners wait for a lock (the gate's, or each other's).
+        for _ in range(1200):
+            waiting = articles.execute("select count(distinct pid) from pg_locks where pid = any(%s) and not granted",
+                                       (pids,)).fetchone()[0]
+            if waiting == 2 or plans:
+                break
+            threads[0].join(0.1)
+        assert not plans, plans  # neither finished while the parent was locked: both reached the make
+    finally:
+        gate.rollback()
+        gate.close()
+    for t in threads:
+        t.join(120)
+    for c in planners:
+        c.close()
+    errors = [r for r in plans.values() if isinstance(r, Exception)]
+    assert not errors, errors
+    assert sorted((r.mode, r.write_to.chunk_table) for r in plans.values()) == [("shadow", "articles_chunks__next")] * 2
+    assert [t for (t,) in articles.execute("select relname::text from pg_class where relname like 'articles_chunks%%'"
+                                           " and relkind = 'r' order by 1")] == ["articles_chunks",
+                                                                                 "articles_chunks__next"]

@@ -30,7 +30,7 @@ from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
 from ..targets.writes import ChunkWrite, Settled, write_page
 from ..embed import make_embedder
 from ..embed.base import Embedder
-from .migration import MigrationError, make_shadow, step
+from .migration import MigrationError, in_change_transaction, make_shadow, step
 from ..targets.models import ModelSpec
 from ..targets.shadow import Coverage
 from ..pipelines import Pipeline
@@ -55,7 +55,7 @@ def registered_chunk_target(conn: psycopg.Connection, p: Pipeline) -> Target:
 
 @dataclass(frozen=True)
 class ChunkBackfillPlan:
-    mode: str  # "in_place": the live chunk table; "shadow": the shadow of a model change
+    mode: str  # "in_place": the live chunk table; "shadow": the shadow of a model change; "skip": one is needed (not made)
     live: Target
     write_to: Target
     spec: ModelSpec
@@ -84,33 +84,48 @@ def pipeline_embedder(conn: psycopg.Connection, p: Pipeline) -> tuple[Target, Mo
     return live, spec, embedder, splitter_for(embedder, live.chunk_tokens, live.chunk_overlap)
 
 
-def chunk_plan(conn: psycopg.Connection, p: Pipeline, live: Target, spec: ModelSpec) -> ChunkBackfillPlan:
-    """Where the vectors of `spec` go (see module doc); creates the shadow when needed."""
-    shadow = shadow_of(conn, live)
-    if shadow is not None:
-        if shadow.dimensions != spec.dimensions:
-            raise TargetError(f"{shadow.regclass} -> {shadow.chunk_table} is {shadow.vector_type}({shadow.dimensions}) "
-                              f"but {spec.key} makes {spec.dimensions}: drop it (an abandoned model change) and run again")
-        return ChunkBackfillPlan("shadow", live, shadow, spec, f"model change in progress: new chunk sets go to "
-                                                               f"{shadow.chunk_table} until promotion")
-    others = [m for (m,) in conn.execute(
-        sql.SQL("select distinct model from {} where model <> %s limit 3").format(chunk_target_of(live).chunks_sql),
-        (spec.identity_key,)).fetchall()]
-    if live.dimensions == spec.dimensions and not others:
-        return ChunkBackfillPlan("in_place", live, live, spec, f"{live.chunk_table} holds {spec.identity_key}")
-    # The one make step of every shape's model change (refused while a retired table is kept: its
-    # promotion would fail at the end, after the whole backfill).
-    change = ChunkSetChange(live, Made(spec.identity_key), p.name, dimensions=spec.dimensions)
-    try:
-        make_shadow(conn, change, change.state(conn))
-    except MigrationError as exc:
-        raise MigrationError(f"{exc}, then backfill {spec.key}") from None
-    shadow = change.shadow(conn)
-    assert shadow is not None, change.shadow_name
-    held = ", ".join(others) or f"{live.vector_type}({live.dimensions}) vectors"
-    return ChunkBackfillPlan("shadow", live, shadow, spec,
-                             f"{live.chunk_table} holds {held}: new chunk sets of {spec.identity_key} go to "
-                             f"{shadow.chunk_table} until promotion")
+def chunk_plan(conn: psycopg.Connection, p: Pipeline, live: Target, spec: ModelSpec, *,
+               start: bool = True) -> ChunkBackfillPlan:
+    """Where the vectors of `spec` go (see module doc); makes the shadow when needed (and `start`;
+    else the plan is "skip", saying why, as the column's `backfill.plan(start=False)`).
+
+    Read and made in one transaction under the advisory lock of the chunk set's model changes
+    (migration.in_change_transaction, as start_migration makes a column's shadow): two shard runs
+    planning at once take turns, the second finds the first's shadow."""
+
+    def decide() -> ChunkBackfillPlan:
+        shadow = shadow_of(conn, live)
+        if shadow is not None:
+            if shadow.dimensions != spec.dimensions:
+                raise TargetError(f"{shadow.regclass} -> {shadow.chunk_table} is {shadow.vector_type}({shadow.dimensions}) "
+                                  f"but {spec.key} makes {spec.dimensions}: drop it (an abandoned model change) and run again")
+            return ChunkBackfillPlan("shadow", live, shadow, spec, f"model change in progress: new chunk sets go to "
+                                                                   f"{shadow.chunk_table} until promotion")
+        others = [m for (m,) in conn.execute(
+            sql.SQL("select distinct model from {} where model <> %s limit 3").format(chunk_target_of(live).chunks_sql),
+            (spec.identity_key,)).fetchall()]
+        if live.dimensions == spec.dimensions and not others:
+            return ChunkBackfillPlan("in_place", live, live, spec, f"{live.chunk_table} holds {spec.identity_key}")
+        held = ", ".join(others) or f"{live.vector_type}({live.dimensions}) vectors"
+        if not start:
+            return ChunkBackfillPlan("skip", live, live, spec, f"{live.chunk_table} holds {held}: {spec.key} needs a "
+                                                               f"model change of {p.qualified_table}'s chunk sets")
+        # The one make step of every shape's model change (refused while a retired table is kept: its
+        # promotion would fail at the end, after the whole backfill).
+        change = ChunkSetChange(live, Made(spec.identity_key), p.name, dimensions=spec.dimensions)
+        try:
+            make_shadow(conn, change, change.state(conn))
+        except MigrationError as exc:
+            raise MigrationError(f"{exc}, then backfill {spec.key}") from None
+        shadow = change.shadow(conn)
+        assert shadow is not None, change.shadow_name
+        return ChunkBackfillPlan("shadow", live, shadow, spec,
+                                 f"{live.chunk_table} holds {held}: new chunk sets of {spec.identity_key} go to "
+                                 f"{shadow.chunk_table} until promotion")
+
+    if not start:
+        return decide()  # (reads only)
+    return in_change_transaction(conn, f"{live.regclass}.{live.chunk_table}", decide)
 
 
 def _shard_keys(conn: psycopg.Connection, ct: chunks.ChunkTarget, shard: int, shards: int, after: str | None,

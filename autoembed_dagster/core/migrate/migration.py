@@ -78,6 +78,20 @@ def in_locked_transaction(conn: psycopg.Connection, body: Callable[[], T], *, lo
     raise AssertionError("unreachable")
 
 
+def in_change_transaction(conn: psycopg.Connection, target: str, body: Callable[[], T], *, lock_timeout: float = 5.0,
+                          attempts: int = 5) -> T:
+    """`in_locked_transaction` holding the advisory lock of `target`'s model changes (a column
+    `schema.table.column`, a chunk set `schema.table.chunk_table`): two runs that read a change's
+    state and then make its shadow take turns, so the second finds the first's shadow instead of
+    making it again."""
+
+    def locked() -> T:
+        conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, target))
+        return body()
+
+    return in_locked_transaction(conn, locked, lock_timeout=lock_timeout, attempts=attempts)
+
+
 # -- lifecycle ------------------------------------------------------------------------------------
 PROBE_TEXT = "autoembed probe: can this model embed?"
 
@@ -111,8 +125,6 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
     probe_target(spec)
 
     def body() -> Migration:
-        conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))",
-                     (_LOCK_CLASS, f"{live.schema}.{live.table}.{live.embedding_column}"))
         existing = get_migration(conn, live.schema, live.table, live.embedding_column)
         before = ShadowState(None, None)  # (no record: no shadow, no retired copy)
         if existing is not None:
@@ -160,7 +172,8 @@ def start_migration(conn: psycopg.Connection, live: TargetKey, spec: ModelSpec, 
             (queue, queue, live.schema, live.table, live.embedding_column))
         return m
 
-    return in_locked_transaction(conn, body, lock_timeout=lock_timeout, attempts=attempts)
+    return in_change_transaction(conn, f"{live.schema}.{live.table}.{live.embedding_column}", body,
+                                 lock_timeout=lock_timeout, attempts=attempts)
 
 
 # -- the one flow of a model change, for every shape ------------------------------------------------
