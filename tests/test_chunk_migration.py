@@ -71,7 +71,8 @@ def test_chunk_tables_get_an_hnsw_index_search_uses_and_the_promotion_keeps(arti
     [shadow_ix] = vector_indexes(conn, "articles_chunks__next")
     assert "USING hnsw (embedding halfvec_cosine_ops)" in shadow_ix
     # ...and after the promotion the live table (the former shadow) keeps it: search still uses an index.
-    assert run_chunk_backfill(conn, p).promotion == "articles_chunks__old"
+    promotion = run_chunk_backfill(conn, p).promotion  # (migration.PromoteResult, as a column's)
+    assert (promotion.live, promotion.old, promotion.already) == ("articles_chunks", "articles_chunks__old", False)
     [live_ix] = vector_indexes(conn, "articles_chunks")
     assert live_ix == shadow_ix.replace("ON public.articles_chunks__next ", "ON public.articles_chunks ")
     assert "Index Scan using articles_chunks__next_embedding_idx" in search_plan(conn, "articles_chunks", "halfvec(512)")
@@ -84,7 +85,7 @@ def test_the_shadow_rebuilds_the_live_tables_own_index_settings(articles, fake_o
     conn.execute("create index tuned on articles_chunks using hnsw (embedding halfvec_cosine_ops) with (m = 8)")
     load(conn)
     drain(conn, settings)
-    assert run_chunk_backfill(conn, _pipeline(dimensions=512)).promotion == "articles_chunks__old"
+    assert run_chunk_backfill(conn, _pipeline(dimensions=512)).promotion.old == "articles_chunks__old"
     [ix] = vector_indexes(conn, "articles_chunks")  # the former shadow: the tuned index, not the default
     assert "USING hnsw (embedding halfvec_cosine_ops) WITH (m='8')" in ix
     assert "halfvec(512)" in conn.execute("select format_type(atttypid, atttypmod) from pg_attribute "
@@ -151,7 +152,7 @@ def test_promote_rollback_drop_old_and_a_second_model_change(articles, fake_open
     assert conn.execute("select to_regclass('articles_chunks__old')").fetchone()[0] is None
     with pytest.raises(MigrationError, match="no old chunk table"):
         chunk_migration_action(conn, p, "rollback")
-    assert run_chunk_backfill(conn, p256).promotion == "articles_chunks__old"  # now it goes through
+    assert run_chunk_backfill(conn, p256).promotion.old == "articles_chunks__old"  # now it goes through
 
 
 def test_abort_drops_the_shadow_and_requeues_documents_the_drain_wrote_only_there(articles, fake_openai, settings):
@@ -421,7 +422,7 @@ def test_both_shapes_refuse_to_make_a_shadow_while_the_previous_change_is_kept(s
     else:
         load(conn)
         drain(conn, settings)
-        assert run_chunk_backfill(conn, _pipeline(dimensions=512)).promotion == "articles_chunks__old"
+        assert run_chunk_backfill(conn, _pipeline(dimensions=512)).promotion.old == "articles_chunks__old"
         label, old, shadow = "public.articles -> articles_chunks", "articles_chunks__old", "articles_chunks__next"
 
         def make():

@@ -404,7 +404,7 @@ def test_backfill_to_a_new_size_fills_a_shadow_the_drain_follows_then_promotes_i
     assert chunk_rows(conn, 2) == old_rows[2]
     assert_current(conn, 2, table="articles_chunks__next", model=new_model, dims=512)
     done = run_chunk_backfill(conn, p)
-    assert done.coverage.complete and done.promotion == "articles_chunks__old"
+    assert done.coverage.complete and done.promotion.old == "articles_chunks__old"
     kinds = conn.execute("""select format_type(a.atttypid, a.atttypmod) from pg_attribute a
                             where a.attrelid = 'articles_chunks'::regclass and a.attname = 'embedding'""").fetchone()[0]
     assert kinds == "halfvec(512)"

@@ -141,6 +141,7 @@ def test_dimension_change_1536_to_512_backfills_promotes_and_keeps_the_index(sup
 
     assert result.plan.mode == "migration" and result.total.embedded == 40 and result.plan.migration == shard_plan.migration
     assert result.coverage.complete and result.promotion is not None and result.promotion.indexes == ["documents_embedding_idx"]
+    assert (result.promotion.live, result.promotion.old, result.promotion.already) == ("embedding", "embedding__old", False)
     assert column_type(conn) == "halfvec(512)" and column_type(conn, "embedding__old") == "halfvec(1536)"
     assert column_type(conn, "embedding__next") is None
     assert_all_current(conn, 512)

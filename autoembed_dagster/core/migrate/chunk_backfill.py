@@ -30,7 +30,7 @@ from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
 from ..targets.writes import ChunkWrite, Settled, write_page
 from ..embed import make_embedder
 from ..embed.base import Embedder
-from .migration import MigrationError, in_change_transaction, make_shadow, step
+from .migration import MigrationError, PromoteResult, in_change_transaction, make_shadow, promoted, step
 from ..targets.models import ModelSpec
 from ..targets.shadow import Coverage
 from ..pipelines import Pipeline
@@ -210,12 +210,12 @@ class ChunkSetBackfill:
         return backfill_chunk_shard(conn, bp.write_to, self.embedder, self.splitter, shard, shards,
                                     page_documents=self.page_documents, pipeline=self.p.name, on_page=self.on_page)
 
-    def promote(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> str | None:
-        """Returns the old live table (kept for rollback); None when promoted meanwhile by another
-        run (core.migrate.migration.step: the one promotion of every shape)."""
+    def promote(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> PromoteResult:
+        """Its `old`: the previous live table, kept for rollback (`already` when promoted meanwhile
+        by another run; core.migrate.migration.step: the one promotion of every shape)."""
         made = Made(self.embedder.identity.key, self.splitter.key)
-        swapped = step(conn, ChunkSetChange(bp.live, made, self.p.name), "promote").swapped
-        return swapped.old if swapped else None
+        return promoted(step(conn, ChunkSetChange(bp.live, made, self.p.name), "promote"), bp.live.chunk_table or "",
+                        f"{bp.spec.identity_key} of {bp.spec.content_function}", kept="chunk sets")
 
 
 def run_chunk_backfill(conn: psycopg.Connection, p: Pipeline, *, only: list[int] | None = None,

@@ -32,7 +32,8 @@ from psycopg import errors, sql
 from ..config import ConfigError, EmbedderSettings
 from ..embed import make_embedder
 from ..targets.catalog import Target, TargetError, TargetKey, resolve
-from ..targets.models import MIGRATION_COLUMNS, Migration, ModelSpec, get_migration, migration_from_row
+from ..targets.models import (MIGRATION_COLUMNS, Migration, ModelSpec, describe_change, get_migration,
+                              migration_from_row)
 # (prepare_indexes, trigger_content_functions: a column's migration steps, core.targets.shadow)
 from ..targets.shadow import (OLD_SUFFIX, SHADOW_SUFFIX, Coverage, column_models, prepare_indexes,  # noqa: F401
                               suffixed, trigger_content_functions)
@@ -299,14 +300,38 @@ def step(conn: psycopg.Connection, change: ModelChange, action: str, *, force: b
 # -- a vector column's migration: the record's entry points over the flow ------------------------------
 @dataclass
 class PromoteResult:
-    migration: Migration
+    """What a backfill's promotion did, for every shape (`promoted`): `live` (a column, a chunk
+    table) now holds `holds`; the previous `kept` stay in `old` for rollback."""
+
+    live: str
+    holds: str
+    old: str
     coverage: Coverage | None
-    indexes: list[str] = field(default_factory=list)  # vector indexes now serving the promoted column
+    migration: Migration | None = None  # a column's migration record (a chunk set has none)
+    indexes: list[str] = field(default_factory=list)  # vector indexes now serving the promoted vectors
     triggers: list[str] = field(default_factory=list)  # triggers re-pointed at a new content function
     notes: list[str] = field(default_factory=list)
-    already: bool = False  # the migration was promoted before this call: nothing done
-    purged_jobs: int = 0  # queued jobs of the shadow column dropped by the promotion
+    already: bool = False  # the change was promoted before this call: nothing done
+    purged_jobs: int = 0  # queued jobs of the shadow dropped by the promotion
     locked_seconds: float = 0.0
+    kept: str = "vectors"
+
+    def line(self, pipeline: str) -> str:
+        return promoted_line(pipeline, self.live, self.holds, self.old, self.kept)
+
+
+def promoted_line(pipeline: str, live: str, holds: str, old: str, kept: str = "vectors") -> str:
+    """A promotion, as the CLI and a migration action say it."""
+    return f"promoted: {live} now holds {holds} (old {kept} in {old} until `autoembed migrate {pipeline} drop-old`)"
+
+
+def promoted(r: Step, live: str, holds: str, *, migration: Migration | None = None,
+             kept: str = "vectors") -> PromoteResult:
+    """The PromoteResult of a `step(..., "promote")` of any shape."""
+    s = r.swapped or Swapped(r.state.old or "")
+    return PromoteResult(live, holds, s.old, r.coverage, migration, indexes=s.indexes, triggers=s.triggers,
+                         notes=r.notes, already=r.already, purged_jobs=s.purged_jobs,
+                         locked_seconds=r.locked_seconds, kept=kept)
 
 
 def promote(conn: psycopg.Connection, m: Migration, *, force: bool = False, lock_timeout: float = 5.0,
@@ -314,10 +339,8 @@ def promote(conn: psycopg.Connection, m: Migration, *, force: bool = False, lock
     """Swap the shadow column in, atomically, once every row has its new-model vector (`step`)."""
     change = ColumnChange(m)
     r = step(conn, change, "promote", force=force, lock_timeout=lock_timeout, attempts=attempts)
-    s = r.swapped or Swapped(m.old_column)
-    # Keywords: positionally, `purged` once landed in `already` (a promotion reported as a no-op).
-    return PromoteResult(change.m, r.coverage, indexes=s.indexes, triggers=s.triggers, notes=r.notes,
-                         already=r.already, purged_jobs=s.purged_jobs, locked_seconds=r.locked_seconds)
+    m = change.m
+    return promoted(r, m.embedding_column, describe_change(m.old_spec, m.spec), migration=m)
 
 
 def rollback(conn: psycopg.Connection, m: Migration, *, lock_timeout: float = 5.0, attempts: int = 5) -> Migration:

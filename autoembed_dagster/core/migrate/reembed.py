@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import psycopg
 
-from ..targets.shapes import chunk_shadow_of as shadow_of, chunk_target_of
+from ..targets.shapes import chunk_target_of
 from ..pipelines import Pipeline
 from ..targets import chunks
 from ..targets.catalog import resolve
@@ -176,6 +176,21 @@ class _PipelineReembed:
     def configured_spec(self, conn: psycopg.Connection) -> ModelSpec:
         return self.p.spec(column_dimensions=self.live_dimensions(conn))
 
+    def plan_only(self, conn: psycopg.Connection) -> tuple[str, str, Callable[[], Coverage], str]:
+        """The shape's plan of the configured model without making a shadow: its mode, reason, the
+        live target's coverage (counted on demand) and what a current unit holds."""
+        raise NotImplementedError
+
+    def needs_backfill(self, conn: psycopg.Connection) -> str | None:
+        mode, reason, live_coverage, made = self.plan_only(conn)
+        if mode != "in_place":
+            return reason
+        cov = live_coverage()
+        return None if cov.complete else f"{cov.missing} of {cov.embeddable} {self.noun} lack the {made}"
+
+    def promoted_line(self, result: BackfillResult) -> str:
+        return result.promotion.line(self.p.name)  # (a migration.PromoteResult, every shape)
+
 
 # -- a vector column -------------------------------------------------------------------------------
 class ColumnReembed(_PipelineReembed):
@@ -184,13 +199,11 @@ class ColumnReembed(_PipelineReembed):
     def live_dimensions(self, conn: psycopg.Connection) -> int:
         return resolve(conn, self.p.live_key).dimensions
 
-    def needs_backfill(self, conn: psycopg.Connection) -> str | None:
+    def plan_only(self, conn: psycopg.Connection) -> tuple[str, str, Callable[[], Coverage], str]:
         spec = self.configured_spec(conn)
-        shard_plan = plan(conn, self.p, spec, start=False)
-        if shard_plan.mode != "in_place":
-            return shard_plan.reason
-        cov = mig.coverage(conn, resolve(conn, shard_plan.target_key(self.p)), spec.identity_key)
-        return None if cov.complete else f"{cov.missing} of {cov.embeddable} rows lack the {spec.identity_key} vector"
+        sp = plan(conn, self.p, spec, start=False)
+        return (sp.mode, sp.reason, lambda: mig.coverage(conn, resolve(conn, sp.target_key(self.p)), spec.identity_key),
+                f"{spec.identity_key} vector")
 
     def launch(self, conn: psycopg.Connection) -> Launch:
         spec = self.configured_spec(conn)
@@ -244,15 +257,6 @@ class ColumnReembed(_PipelineReembed):
     def written_to(self, plan: ShardPlan) -> str:
         return plan.column or ""
 
-    def promoted_line(self, result: BackfillResult) -> str:
-        return _promoted_line(self.p, result.promotion.migration)
-
-
-def _promoted_line(p: Pipeline, m: mig.Migration) -> str:
-    """A column migration's promotion: every part of the model that changed (model, dimensions,
-    content function)."""
-    return (f"promoted: {p.embedding_column} now holds {describe_change(m.old_spec, m.spec)} (old vectors in "
-            f"{m.old_column} until `autoembed migrate {p.name} drop-old`)")
 
 
 def _column_metadata(result, spec: ModelSpec, migration_cov: Coverage | None, promoted: bool) -> dict[str, Any]:
@@ -301,7 +305,8 @@ def _column_migration_action(conn: psycopg.Connection, p: Pipeline, action: str,
         keep_models={m.spec.key, configured.key} if configured is not None else None,
         line=(f"{p.name}: migration {m.id} to {m.spec.key} is {m.status}; coverage {_pct(cov.ratio)} "
               f"({cov.current}/{cov.embeddable})"),
-        promoted=_promoted_line(p, m) if r.swapped is not None else None)
+        promoted=(mig.promoted_line(p.name, m.embedding_column, describe_change(m.old_spec, m.spec), m.old_column)
+                  if r.swapped is not None else None))
 
 
 def _pct(ratio: float) -> str:
@@ -361,13 +366,12 @@ class ChunkSetReembed(_PipelineReembed):
     def live_dimensions(self, conn: psycopg.Connection) -> int:
         return registered_chunk_target(conn, self.p).dimensions
 
-    def needs_backfill(self, conn: psycopg.Connection) -> str | None:
-        live, _, embedder, splitter = pipeline_embedder(conn, self.p)
-        if shadow_of(conn, live) is not None:
-            return f"a model change into {chunks.shadow_name(chunk_target_of(live))} is in progress"
-        cov = chunks.coverage(conn, chunk_target_of(live), embedder.identity.key, splitter.key)
-        return None if cov.complete else (f"{cov.missing} of {cov.embeddable} documents lack the "
-                                          f"{embedder.identity.key} chunk set of their current input")
+    def plan_only(self, conn: psycopg.Connection) -> tuple[str, str, Callable[[], Coverage], str]:
+        live, spec, embedder, splitter = pipeline_embedder(conn, self.p)
+        bp = chunk_plan(conn, self.p, live, spec, start=False)
+        return (bp.mode, bp.reason,
+                lambda: chunks.coverage(conn, chunk_target_of(live), embedder.identity.key, splitter.key),
+                f"{embedder.identity.key} chunk set of their current input")
 
     def launch(self, conn: psycopg.Connection) -> Launch:
         live, spec, embedder, splitter = pipeline_embedder(conn, self.p)
@@ -431,11 +435,6 @@ class ChunkSetReembed(_PipelineReembed):
 
     def written_to(self, plan: ChunkBackfillPlan) -> str:
         return plan.write_to.chunk_table or ""
-
-    def promoted_line(self, result: BackfillResult) -> str:
-        plan = result.plan
-        return (f"promoted: {plan.live.chunk_table} now holds {plan.spec.identity_key} of {plan.spec.content_function} "
-                f"(old chunk sets in {result.promotion} until `autoembed migrate {self.p.name} drop-old`)")
 
 
 PROGRESS_EVERY_SECONDS = 5.0  # how often a running shard logs its progress

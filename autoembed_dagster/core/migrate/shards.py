@@ -29,6 +29,7 @@ from ..drain.loop import pin_session
 from ..pipelines import Pipeline
 from ..targets.shadow import Coverage
 from . import backfill_control
+from .migration import PromoteResult
 
 Page = TypeVar("Page")
 MAX_ERRORS = 20  # distinct errors a shard keeps (the rest are counted, not listed)
@@ -184,8 +185,8 @@ class ShapeBackfill(Protocol[PlanT]):
     def fill(self, conn: psycopg.Connection, plan: PlanT, shard: int, shards: int) -> ShardStats:
         """Bring one shard up to date (walk_pages)."""
 
-    def promote(self, conn: psycopg.Connection, plan: PlanT) -> Any:
-        """Swap the complete shadow in; returns what the promotion did."""
+    def promote(self, conn: psycopg.Connection, plan: PlanT) -> PromoteResult:
+        """Swap the complete shadow in (core.migrate.migration.step); returns what the promotion did."""
 
 
 @dataclass
@@ -194,7 +195,7 @@ class BackfillResult(Generic[PlanT]):
     shards: list[ShardStats]
     total: ShardStats
     coverage: Coverage | None  # of the table written, after the run; None when skipped
-    promotion: Any = None  # what the shape's promote returned, when the shadow was promoted
+    promotion: PromoteResult | None = None  # what the shape's promote did, when the shadow was promoted
     not_run: list[int] = field(default_factory=list)  # shards not started: a pause or the window stopped the run
 
     @property
