@@ -490,3 +490,22 @@ def test_two_runs_planning_a_chunk_model_change_at_once_make_one_shadow(articles
     assert [t for (t,) in articles.execute("select relname::text from pg_class where relname like 'articles_chunks%%'"
                                            " and relkind = 'r' order by 1")] == ["articles_chunks",
                                                                                  "articles_chunks__next"]
+
+
+def test_a_chunk_sets_needs_backfill_plans_without_making_the_shadow(articles, fake_openai, settings):
+    """needs_backfill (the stale-pipeline sensor's question) plans the configured model with
+    chunk_plan(start=False), as a column's plans with backfill.plan(start=False): it says why and
+    makes nothing."""
+    from autoembed_dagster.core.migrate.reembed import ChunkSetReembed
+
+    conn = articles
+    load(conn)
+    drain(conn, settings)
+    assert ChunkSetReembed(_pipeline()).needs_backfill(conn) is None
+    p = _pipeline(dimensions=512)
+    why = ChunkSetReembed(p).needs_backfill(conn)
+    assert why.startswith("articles_chunks holds openai:text-embedding-3-small:1536: "), why
+    assert "needs a model change" in why, why
+    assert conn.execute("select to_regclass('articles_chunks__next')").fetchone()[0] is None
+    run_chunk_backfill(conn, p, only=[0], promote_when_complete=False)
+    assert "model change in progress: new chunk sets go to articles_chunks__next" in ChunkSetReembed(p).needs_backfill(conn)

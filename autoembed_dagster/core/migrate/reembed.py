@@ -22,13 +22,13 @@ from ..targets import chunks
 from ..targets.catalog import resolve
 from ..targets.models import ModelSpec, describe_change
 from ..targets.shadow import Coverage
-from ..targets.shapes import ChunkSetChange, Made, ShadowState
+from ..targets.shapes import ChunkSetChange, ShadowState
 from ..config import ConfigError
 from . import backfill_control
 from . import batch_backfill as bb
 from . import migration as mig
 from .backfill import ShardPlan, backfill_shard, estimated_shard_cost, plan, run_backfill
-from .chunk_backfill import (ChunkBackfillPlan, backfill_chunk_shard, chunk_plan, pipeline_embedder,
+from .chunk_backfill import (ChunkBackfillPlan, ChunkSetBackfill, backfill_chunk_shard, chunk_plan, pipeline_embedder,
                              registered_chunk_target, run_chunk_backfill)
 from .chunk_migration import chunk_migration_action
 from .shards import BackfillResult, ShardStats
@@ -191,6 +191,71 @@ class _PipelineReembed:
     def promoted_line(self, result: BackfillResult) -> str:
         return result.promotion.line(self.p.name)  # (a migration.PromoteResult, every shape)
 
+    # -- one shard × model run, every shape: the walk once, the shape's steps below -----------------
+    def run_shard(self, conn: psycopg.Connection, spec: ModelSpec, shard: int, *, promote: bool,
+                  batch_rows: int | None, max_rows: int | None, log: Log) -> ShardRun:
+        """Plan (skip a model that is not the shape's to write), fill the shard with a progress log,
+        then promote a complete shadow (migration.step, via the shape's promote); the shape's
+        metadata keys."""
+        p = self.p
+        bp, skipped = self._shard_plan(conn, spec)
+        if skipped is not None:
+            return ShardRun(skipped=skipped)
+        log(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {bp.reason}")
+        work = self._fill(conn, spec, bp, shard, batch_rows, max_rows, _every_few_seconds(
+            lambda stats, _n: log(f"shard {shard}: {self._progress(stats)}")))
+        log(f"shard {shard}: {work.stats.summary()}")
+        if work.stats.stopped:
+            return ShardRun(stopped=work.stats.stopped, metadata=self._metadata(spec, bp, work, None, None))
+        whole = self._written_coverage(conn, bp)
+        promotion = None
+        if bp.into_shadow and whole is not None and whole.complete and promote:
+            promotion = self._promote(conn, bp)
+            if not promotion.already:
+                log(f"model change complete: {promotion.live} now holds {promotion.holds} (old {promotion.kept} "
+                    f"kept in {promotion.old} until `autoembed migrate {p.name} drop-old`; "
+                    f"{promotion.locked_seconds:.3f} s locked)")
+        return checked_shard_run(self._metadata(spec, bp, work, whole, promotion), self.noun, self._made(spec),
+                                 work.mine, work.failed, work.stats.errors)
+
+    def _shard_plan(self, conn: psycopg.Connection, spec: ModelSpec) -> tuple[Any, str | None]:
+        """The shard's plan (makes the shadow when needed), or why `spec` is skipped."""
+        raise NotImplementedError
+
+    def _fill(self, conn: psycopg.Connection, spec: ModelSpec, bp: Any, shard: int, batch_rows: int | None,
+              max_rows: int | None, on_progress: Callable[..., None]) -> ShardWork:
+        raise NotImplementedError
+
+    def _progress(self, stats: ShardStats) -> str:
+        raise NotImplementedError
+
+    def _written_coverage(self, conn: psycopg.Connection, bp: Any) -> Coverage | None:
+        """The coverage of the whole target the plan writes (None: not counted)."""
+        raise NotImplementedError
+
+    def _promote(self, conn: psycopg.Connection, bp: Any) -> mig.PromoteResult:
+        raise NotImplementedError
+
+    def _made(self, spec: ModelSpec) -> str:
+        """What a current unit holds (the shard check's description)."""
+        raise NotImplementedError
+
+    def _metadata(self, spec: ModelSpec, bp: Any, work: ShardWork, whole: Coverage | None,
+                  promotion: mig.PromoteResult | None) -> dict[str, Any]:
+        """The run's metadata (`whole` None and no promotion: the run stopped early)."""
+        raise NotImplementedError
+
+
+@dataclass
+class ShardWork:
+    """One shard's fill, for the shared walk: its stats, its own coverage in the target written,
+    the units that could not be embedded (a re-run resumes) and the shape's own result."""
+
+    stats: ShardStats
+    mine: Coverage | None
+    failed: int
+    result: Any = None
+
 
 # -- a vector column -------------------------------------------------------------------------------
 class ColumnReembed(_PipelineReembed):
@@ -216,34 +281,32 @@ class ColumnReembed(_PipelineReembed):
         return Launch(spec, shard_plan.mode, shard_plan.reason, todo, shard_plan.column or "",
                       shard_plan.migration.id if shard_plan.migration else -1)
 
-    def run_shard(self, conn: psycopg.Connection, spec: ModelSpec, shard: int, *, promote: bool,
-                  batch_rows: int | None, max_rows: int | None, log: Log) -> ShardRun:
-        p = self.p
-        shard_plan = plan(conn, p, spec)
-        if shard_plan.mode == "skip":
-            return ShardRun(skipped=shard_plan.reason)
-        log(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {shard_plan.reason}")
-        result = backfill_shard(conn, p, spec, shard, p.shards, shard_plan=shard_plan, batch_rows=batch_rows,
-                                max_rows=max_rows, on_batch=_every_few_seconds(
-                                    lambda stats, rows: log(f"shard {shard}: {stats.embedded} embedded, "
-                                                            f"{stats.rows_per_second:.0f} rows/s")))
-        log(f"shard {shard}: {result.stats.summary()}")
-        if result.stats.stopped:
-            return ShardRun(stopped=result.stats.stopped, metadata=_column_metadata(result, spec, None, False))
-        migration_cov, promoted = None, False
-        m = result.plan.migration
-        if result.plan.mode == "migration" and m is not None:
-            migration_cov = mig.coverage(conn, resolve(conn, m.shadow_key), m.model_key)
-            if migration_cov.complete and promote:
-                promotion = mig.promote(conn, m)
-                promoted = not promotion.already
-                if promoted:
-                    log(f"migration {m.id} complete: {m.embedding_column} now holds "
-                        f"{describe_change(m.old_spec, m.spec)} "
-                        f"(old vectors kept in {m.old_column}; {promotion.locked_seconds:.3f} s locked)")
-        return checked_shard_run(_column_metadata(result, spec, migration_cov, promoted), "rows",
-                                 f"{spec.identity_key} vector", result.coverage, result.stats.retryable_failures,
-                                 result.stats.errors)
+    def _shard_plan(self, conn: psycopg.Connection, spec: ModelSpec) -> tuple[ShardPlan, str | None]:
+        shard_plan = plan(conn, self.p, spec)
+        return shard_plan, shard_plan.reason if shard_plan.mode == "skip" else None
+
+    def _fill(self, conn: psycopg.Connection, spec: ModelSpec, bp: ShardPlan, shard: int, batch_rows: int | None,
+              max_rows: int | None, on_progress: Callable[..., None]) -> ShardWork:
+        result = backfill_shard(conn, self.p, spec, shard, self.p.shards, shard_plan=bp, batch_rows=batch_rows,
+                                max_rows=max_rows, on_batch=on_progress)
+        return ShardWork(result.stats, result.coverage, result.stats.retryable_failures, result)
+
+    def _progress(self, stats: ShardStats) -> str:
+        return f"{stats.embedded} embedded, {stats.rows_per_second:.0f} rows/s"
+
+    def _written_coverage(self, conn: psycopg.Connection, bp: ShardPlan) -> Coverage | None:
+        m = bp.migration
+        return mig.coverage(conn, resolve(conn, m.shadow_key), m.model_key) if bp.mode == "migration" and m else None
+
+    def _promote(self, conn: psycopg.Connection, bp: ShardPlan) -> mig.PromoteResult:
+        return mig.promote(conn, bp.migration)
+
+    def _made(self, spec: ModelSpec) -> str:
+        return f"{spec.identity_key} vector"
+
+    def _metadata(self, spec: ModelSpec, bp: ShardPlan, work: ShardWork, whole: Coverage | None,
+                  promotion: mig.PromoteResult | None) -> dict[str, Any]:
+        return _column_metadata(work.result, spec, whole, promotion is not None and not promotion.already)
 
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
         return _column_migration_action(conn, self.p, action, force)
@@ -379,44 +442,52 @@ class ChunkSetReembed(_PipelineReembed):
         return Launch(spec, bp.mode, bp.reason, chunks.coverage(conn, chunk_target_of(bp.write_to),
                                                                 embedder.identity.key, splitter.key))
 
-    def run_shard(self, conn: psycopg.Connection, spec: ModelSpec, shard: int, *, promote: bool,
-                  batch_rows: int | None, max_rows: int | None, log: Log) -> ShardRun:
-        p = self.p
-        live, configured, embedder, splitter = pipeline_embedder(conn, p)
+    def _shard_plan(self, conn: psycopg.Connection, spec: ModelSpec) -> tuple[Any, str | None]:
+        self._backfill = cb = ChunkSetBackfill(self.p)
+        live, configured, cb.embedder, cb.splitter = pipeline_embedder(conn, self.p)
         if spec.key != configured.key:
-            return ShardRun(skipped=f"{p.name} declares {configured.key}, not {spec.key} (a retired model's partition)")
-        bp = chunk_plan(conn, p, live, configured)
-        log(f"shard {shard}/{p.shards} of {p.qualified_table}, {spec.key}: {bp.reason}")
-        stats = backfill_chunk_shard(conn, bp.write_to, embedder, splitter, shard, p.shards, pipeline=p.name,
-                                     max_rows=max_rows, on_page=_every_few_seconds(
-                                         lambda st, documents: log(f"shard {shard}: {st.written} documents written, "
-                                                                   f"{st.chunks_embedded} chunks embedded, "
-                                                                   f"{st.chunks_reused} reused")))
-        log(f"shard {shard}: {stats.summary()}")
+            return None, f"{self.p.name} declares {configured.key}, not {spec.key} (a retired model's partition)"
+        return chunk_plan(conn, self.p, live, configured), None
+
+    def _fill(self, conn: psycopg.Connection, spec: ModelSpec, bp: ChunkBackfillPlan, shard: int,
+              batch_rows: int | None, max_rows: int | None, on_progress: Callable[..., None]) -> ShardWork:
+        cb, p = self._backfill, self.p
+        stats = backfill_chunk_shard(conn, bp.write_to, cb.embedder, cb.splitter, shard, p.shards, pipeline=p.name,
+                                     max_rows=max_rows, on_page=on_progress)
+        mine = None if stats.stopped else chunks.document_counts(
+            conn, chunk_target_of(bp.write_to), cb.embedder.identity.key, cb.splitter.key, shard=shard,
+            shards=p.shards).coverage
+        return ShardWork(stats, mine, stats.failed)
+
+    def _progress(self, stats: ShardStats) -> str:
+        return (f"{stats.written} documents written, {stats.chunks_embedded} chunks embedded, "
+                f"{stats.chunks_reused} reused")
+
+    def _written_coverage(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> Coverage | None:
+        cb = self._backfill
+        return chunks.coverage(conn, chunk_target_of(bp.write_to), cb.embedder.identity.key, cb.splitter.key)
+
+    def _promote(self, conn: psycopg.Connection, bp: ChunkBackfillPlan) -> mig.PromoteResult:
+        return self._backfill.promote(conn, bp)
+
+    def _made(self, spec: ModelSpec) -> str:
+        return f"{spec.identity_key} chunk set"
+
+    def _metadata(self, spec: ModelSpec, bp: ChunkBackfillPlan, work: ShardWork, whole: Coverage | None,
+                  promotion: mig.PromoteResult | None) -> dict[str, Any]:
+        stats, p = work.stats, self.p
         if stats.stopped:
-            return ShardRun(stopped=stats.stopped, metadata={"documents_written": stats.written, "shard": shard})
-        written = chunk_target_of(bp.write_to)
-        mine = chunks.document_counts(conn, written, embedder.identity.key, splitter.key, shard=shard,
-                                      shards=p.shards).coverage
-        whole = chunks.coverage(conn, written, embedder.identity.key, splitter.key)
-        promoted = False
-        if bp.mode == "shadow" and whole.complete and promote:
-            swapped = mig.step(conn, ChunkSetChange(live, Made(embedder.identity.key, splitter.key), p.name),
-                               "promote").swapped
-            promoted, old = swapped is not None, swapped.old if swapped else None
-        if promoted:
-            log(f"model change complete: {live.chunk_table} now holds {spec.identity_key} of "
-                f"{spec.content_function} (old chunks kept in {old} until the model_migration job's drop_old)")
-        metadata = {
+            return {"documents_written": stats.written, "shard": stats.shard}
+        assert whole is not None and work.mine is not None
+        return {
             "model": spec.key, "mode": bp.mode, "chunk_table": f"{p.schema}.{bp.write_to.chunk_table}",
-            "shard": shard, "shards": p.shards, "documents_in_shard": mine.rows, "documents_written": stats.written,
-            "documents_already_current": stats.current, "documents_failed": stats.failed,
-            "chunks_embedded": stats.chunks_embedded, "chunks_reused": stats.chunks_reused, "tokens": stats.tokens,
-            "seconds": round(stats.seconds, 3), "stopped_early": stats.stopped or "",
-            "coverage": round(whole.ratio, 6), "promoted": promoted,
+            "shard": stats.shard, "shards": p.shards, "documents_in_shard": work.mine.rows,
+            "documents_written": stats.written, "documents_already_current": stats.current,
+            "documents_failed": stats.failed, "chunks_embedded": stats.chunks_embedded,
+            "chunks_reused": stats.chunks_reused, "tokens": stats.tokens, "seconds": round(stats.seconds, 3),
+            "stopped_early": stats.stopped or "", "coverage": round(whole.ratio, 6),
+            "promoted": promotion is not None and not promotion.already,
         }
-        return checked_shard_run(metadata, "documents", f"{spec.identity_key} chunk set", mine, stats.failed,
-                                 stats.errors)
 
     def migration_action(self, conn: psycopg.Connection, action: str, force: bool) -> ActionResult:
         m = chunk_migration_action(conn, self.p, action, force=force)
