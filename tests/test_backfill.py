@@ -15,6 +15,8 @@ from dagster._core.loader import LoadingContextForTest
 from autoembed_dagster import cli
 from autoembed_dagster.core.pipelines import Pipeline
 from autoembed_dagster.defs.autoembed import build_defs
+from autoembed_dagster.core.targets.models import ModelSpec
+from autoembed_dagster.defs.assets import model_partition_key
 from autoembed_dagster.defs.backfill import PROMOTE_TAG, models_partitions_name, shards_key
 
 from . import test_chunk_targets
@@ -23,6 +25,7 @@ from .test_migration import DOCS, assert_all_current, column_type, seed, stored
 
 A = "openai:text-embedding-3-small:1536:embedding_input"  # what the column holds at first
 B = "openai:text-embedding-3-small:512:embedding_input"  # the model change
+KA, KB = (model_partition_key(ModelSpec.parse(m)) for m in (A, B))  # their model partitions
 DOCS_512 = replace(DOCS, dimensions=512)
 QUICK = {"ops": {"drain_queue_embedding_jobs": {"config": {"idle_timeout": 0.0, "time_budget": 60.0}}}}
 
@@ -98,20 +101,20 @@ def test_model_change_stales_partitions_and_the_backfill_job_migrates_every_shar
     conn = supabase_docs
     seed(conn, settings, 40)
     defs_a = definitions(DOCS)
-    assert register_models(defs_a, instance) == [A]
+    assert register_models(defs_a, instance) == [KA]
     for shard in "0123":
-        result = run_shard(defs_a, instance, DOCS, f"{A}|{shard}")
+        result = run_shard(defs_a, instance, DOCS, f"{KA}|{shard}")
         assert result.success
         meta = materialization(result).metadata
         assert meta["mode"].value == "in_place" and meta["rows_embedded"].value == 0  # the drain did it all
         assert check_evaluation(result).passed
-    assert stale_status(defs_a, instance, f"{A}|0") == StaleStatus.FRESH
+    assert stale_status(defs_a, instance, f"{KA}|0") == StaleStatus.FRESH
 
     # The model changes in code (1536 -> 512 dimensions): every materialized partition is stale.
     defs_b = definitions(DOCS_512)
-    assert all(stale_status(defs_b, instance, f"{A}|{s}") == StaleStatus.STALE for s in "0123")
-    assert register_models(defs_b, instance) == [B]
-    assert stale_status(defs_b, instance, f"{B}|0") == StaleStatus.MISSING
+    assert all(stale_status(defs_b, instance, f"{KA}|{s}") == StaleStatus.STALE for s in "0123")
+    assert register_models(defs_b, instance) == [KB]
+    assert stale_status(defs_b, instance, f"{KB}|0") == StaleStatus.MISSING
 
     launched = defs_b.resolve_job_def("backfill").execute_in_process(instance=instance)  # one pipeline: no config needed
     assert launched.success
@@ -120,7 +123,7 @@ def test_model_change_stales_partitions_and_the_backfill_job_migrates_every_shar
     [backfill] = instance.get_backfills()
     assert backfill.tags[PROMOTE_TAG] == "true"
     assert set(backfill.asset_backfill_data.target_subset.get_partitions_subset(shards_key(DOCS)).get_partition_keys()) == {
-        f"{B}|{s}" for s in "0123"}
+        f"{KB}|{s}" for s in "0123"}
     assert column_type(conn, "embedding__next") == "halfvec(512)"
 
     # Writes while the shards run: reach both columns through the triggers and the drain lane.
@@ -131,7 +134,7 @@ def test_model_change_stales_partitions_and_the_backfill_job_migrates_every_shar
 
     metas = []
     for shard in "0123":  # what the backfill daemon runs: one run per partition, with the backfill's tags
-        result = run_shard(defs_b, instance, DOCS_512, f"{B}|{shard}", tags=dict(backfill.tags))
+        result = run_shard(defs_b, instance, DOCS_512, f"{KB}|{shard}", tags=dict(backfill.tags))
         assert result.success and check_evaluation(result).passed
         metas.append(materialization(result).metadata)
     assert [m["promoted"].value for m in metas] == [False, False, False, True]  # the last shard completes it
@@ -140,22 +143,22 @@ def test_model_change_stales_partitions_and_the_backfill_job_migrates_every_shar
     assert all(m["rows_per_second"].value > 0 and m["estimated_cost_usd"].value >= 0 for m in metas)
     assert column_type(conn) == "halfvec(512)"
     assert_all_current(conn, 512)
-    assert all(stale_status(defs_b, instance, f"{B}|{s}") == StaleStatus.FRESH for s in "0123")
+    assert all(stale_status(defs_b, instance, f"{KB}|{s}") == StaleStatus.FRESH for s in "0123")
     # After the promotion every check is green with the code's model (never a red 0%).
     checks = defs_b.resolve_job_def("health_checks").execute_in_process(instance=instance)
     evaluations = [e.event_specific_data for e in checks.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert len(evaluations) == 4 and all(e.passed for e in evaluations), evaluations
 
     # `--all` would also run the retired model's partitions: they are skipped, not re-materialized.
-    skipped = run_shard(defs_b, instance, DOCS_512, f"{A}|1")
+    skipped = run_shard(defs_b, instance, DOCS_512, f"{KA}|1")
     assert skipped.success and materialization(skipped) is None and not check_evaluation(skipped).passed
-    assert stale_status(defs_b, instance, f"{A}|1") == StaleStatus.STALE
+    assert stale_status(defs_b, instance, f"{KA}|1") == StaleStatus.STALE
 
     done = defs_b.resolve_job_def("model_migration").execute_in_process(
         instance=instance, run_config={"ops": {"model_migration_action": {"config": {"pipeline": "documents",
                                                                                      "action": "drop_old"}}}})
     assert done.success and column_type(conn, "embedding__old") is None
-    assert instance.get_dynamic_partitions(models_partitions_name(DOCS)) == [B]
+    assert instance.get_dynamic_partitions(models_partitions_name(DOCS)) == [KB]
 
 
 def test_a_shard_stopped_after_n_rows_resumes_without_re_embedding(supabase_docs, fake_openai, settings, instance):
@@ -164,7 +167,7 @@ def test_a_shard_stopped_after_n_rows_resumes_without_re_embedding(supabase_docs
     p = replace(DOCS_512, shards=1)
     defs = definitions(p)
     register_models(defs, instance)
-    key = "openai:text-embedding-3-small:512:embedding_input|0"
+    key = f"{KB}|0"
     fake_openai.reset()
     first = run_shard(defs, instance, p, key, run_config={"ops": {SHARD_NODE: {
         "config": {"max_rows": 10, "batch_rows": 5}}}})
@@ -194,10 +197,11 @@ def test_backfill_job_migrates_to_the_code_model_and_waits_to_promote(supabase_d
     config = {"ops": {"launch_backfill": {"config": {"promote": False}}}}
     assert defs.resolve_job_def("backfill").execute_in_process(instance=instance, run_config=config).success
     large = "openai:text-embedding-3-large:256:embedding_input"
-    assert instance.get_dynamic_partitions(models_partitions_name(DOCS)) == [large]
+    KL = model_partition_key(ModelSpec.parse(large))
+    assert instance.get_dynamic_partitions(models_partitions_name(DOCS)) == [KL]
     [backfill] = instance.get_backfills()
     for shard in "01":
-        assert run_shard(defs, instance, large_docs, f"{large}|{shard}", tags=dict(backfill.tags)).success
+        assert run_shard(defs, instance, large_docs, f"{KL}|{shard}", tags=dict(backfill.tags)).success
     assert column_type(conn) == "halfvec(1536)"  # promote: false
 
     status = defs.resolve_job_def("model_migration").execute_in_process(instance=instance)
@@ -263,16 +267,16 @@ def test_a_paused_or_closed_backfill_launches_nothing_and_a_stopped_shard_run_is
 
     register_models(defs, instance)
     bc.pause(conn, "documents")
-    stopped = run_shard_unchecked(defs, instance, DOCS_512, f"{B}|0")
+    stopped = run_shard_unchecked(defs, instance, DOCS_512, f"{KB}|0")
     assert not stopped.success and materialization(stopped) is None
     message = stopped.failure_data_for_node(SHARD_NODE).error.message
     assert "is paused (since" in message and "autoembed backfill documents --resume" in message, message
     assert instance.get_run_by_id(stopped.run_id).tags["dagster/retry_on_asset_or_op_failure"] == "false"
     [observed] = instance.fetch_observations(shards_key(DOCS_512), limit=1).records
-    assert observed.partition_key == f"{B}|0"
+    assert observed.partition_key == f"{KB}|0"
     assert observed.asset_observation.metadata["backfill"].value.startswith("paused (since")
     bc.resume(conn, "documents")
-    done = run_shard(defs, instance, DOCS_512, f"{B}|0")
+    done = run_shard(defs, instance, DOCS_512, f"{KB}|0")
     assert done.success and materialization(done) is not None
 
 
@@ -296,7 +300,7 @@ def test_a_shard_run_fails_once_on_a_configuration_error_and_stays_retried_on_an
     seed(conn, settings, 12)
     p = replace(DOCS_512, shards=1)
     defs = definitions(p)
-    key = "openai:text-embedding-3-small:512:embedding_input|0"
+    key = f"{KB}|0"
     with dg.instance_for_test(overrides={"run_retries": {"enabled": True, "max_retries": 2}}) as instance:
         register_models(defs, instance)
         started = run_shard(defs, instance, p, key, run_config={"ops": {SHARD_NODE: {"config": {"max_rows": 4, "batch_rows": 2}}}})

@@ -19,6 +19,8 @@ from dagster._core.execution.backfill import BulkActionStatus
 
 from autoembed_dagster.core.migrate import migration as mig
 from autoembed_dagster.core.db.server import connect
+from autoembed_dagster.core.targets.models import ModelSpec
+from autoembed_dagster.defs.assets import model_partition_key
 from autoembed_dagster.defs.backfill import PIPELINE_TAG, PROMOTE_TAG, models_partitions_name, shards_key
 
 from .dg_project import make_project, write_pipeline
@@ -102,10 +104,11 @@ def test_readme_backfill_command_migrates_through_the_daemon(supabase_docs, fake
                 assert launcher.dagster_run.status == DagsterRunStatus.SUCCESS
                 [backfill] = instance.get_backfills()
                 assert backfill.tags[PROMOTE_TAG] == "true" and backfill.tags[PIPELINE_TAG] == "documents"
-                expected = {f"{B}|{s}" for s in map(str, range(SHARDS))}
+                expected = {f"{model_partition_key(ModelSpec.parse(B))}|{s}" for s in map(str, range(SHARDS))}
                 target = backfill.asset_backfill_data.target_subset.get_partitions_subset(shards_key(DOCS))
                 assert set(target.get_partition_keys()) == expected
-                assert A != B and B in instance.get_dynamic_partitions(models_partitions_name(DOCS))
+                assert A != B and model_partition_key(ModelSpec.parse(B)) in instance.get_dynamic_partitions(
+                    models_partitions_name(DOCS))
 
                 shard_deadline = time.monotonic() + 60  # the backfill daemon records completion on its next tick
                 while True:

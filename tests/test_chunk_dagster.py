@@ -20,7 +20,8 @@ import yaml
 from autoembed_dagster.core import api
 from autoembed_dagster.core.config import ConfigError
 from autoembed_dagster.core.pipelines import Pipeline
-from autoembed_dagster.defs.assets import embeddings_key, index_key, queue_key, source_key
+from autoembed_dagster.core.targets.models import ModelSpec
+from autoembed_dagster.defs.assets import embeddings_key, index_key, model_partition_key, queue_key, source_key
 from autoembed_dagster.defs.autoembed import _facts_cache, build_defs
 from autoembed_dagster.defs.backfill import shards_key
 
@@ -246,7 +247,7 @@ def run_job(defs, name: str, instance, **kwargs):
 def check_evaluations(instance, run_id) -> dict:
     events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
     return {e.get_dagster_event().event_specific_data.check_name: e.get_dagster_event().event_specific_data
-            for e in events if e.get_dagster_event().event_specific_data.asset_key.path[0] != "embeddings_by_shard"}
+            for e in events if e.get_dagster_event().event_specific_data.asset_key.path[0] != "reembed"}
 
 
 def chunk_materializations(result) -> list:
@@ -430,14 +431,15 @@ def test_a_model_change_re_embeds_the_chunks_through_the_partitioned_asset_and_p
         sensor = defs.resolve_sensor_def("autoembed_model_partitions")
         tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=defs.resources))
         [request] = tick.dynamic_partitions_requests
-        model = "openai:text-embedding-3-small:512:article_input"
+        identity = "openai:text-embedding-3-small:512:article_input"
+        model = model_partition_key(ModelSpec.parse(identity))  # the model's name and 4 digits: shown whole
         assert list(request.partition_keys) == [model]
         instance.add_dynamic_partitions(request.partitions_def_name, [model])
 
         launched = run_job(defs, "backfill", instance)  # the one stale pipeline: no config
         [out] = [e for e in launched.events_for_node("launch_backfill") if e.event_type_value == "STEP_OUTPUT"]
         meta = out.event_specific_data.metadata
-        assert (meta["mode"].value, meta["model"].value, meta["partitions"].value) == ("shadow", model, 2)
+        assert (meta["mode"].value, meta["model"].value, meta["partitions"].value) == ("shadow", identity, 2)
         assert meta["rows_to_embed"].value == 4
         [backfill] = instance.get_backfills()
         partitions = backfill.asset_backfill_data.target_subset.get_partitions_subset(shards_key(new)).get_partition_keys()

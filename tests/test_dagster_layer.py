@@ -79,7 +79,7 @@ def check_results(instance, run_id):
     evals = [e.get_dagster_event().event_specific_data
              for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)]
     # the pipelines' own four checks (a drain also reports the re-embed shards it keeps current)
-    return {e.check_name: e for e in evals if e.asset_key.path[0] != "embeddings_by_shard"}
+    return {e.check_name: e for e in evals if e.asset_key.path[0] != "reembed"}
 
 
 # -- definitions -----------------------------------------------------------------------------------

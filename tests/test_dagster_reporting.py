@@ -177,7 +177,7 @@ def test_drain_run_reports_each_burst_while_it_runs(supabase_docs, fake_openai, 
                  for e in instance.all_logs(result.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)]
         assert len([e for e in evals if e.asset_key == embeddings_key(DOCS)]) == 8
         # the shards the drain keeps current are reported once (the asset's default 8 shards)
-        assert len([e for e in evals if e.asset_key.path[0] == "embeddings_by_shard"]) == 8
+        assert len([e for e in evals if e.asset_key.path[0] == "reembed"]) == 8
 
 
 def test_health_metrics_on_real_data(supabase_docs, fake_openai, settings):

@@ -7,6 +7,7 @@ queue, see drain.py), which report per-pipeline numbers as materialization metad
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Iterable, Sequence
 
@@ -14,6 +15,7 @@ import dagster as dg
 
 from ..core.config import ConfigError
 from ..core.pipelines import Pipeline
+from ..core.targets.models import ModelSpec
 
 GROUP = "autoembed"
 DEFAULT_QUEUE = "embedding_jobs"  # Supabase's queue: SQL-enrolled tables land here
@@ -36,8 +38,20 @@ def queues_of(pipelines: Iterable[Pipeline]) -> list[str]:
 
 
 def shards_key(p: Pipeline) -> dg.AssetKey:
-    """The re-embed asset of a pipeline (model × shard partitions, defs/backfill.py)."""
+    """The re-embed asset of a pipeline (model × shard partitions, defs/backfill.py): `<name>_reembed`,
+    short enough for the lineage graph and the asset list to show whole (they cut
+    `stdlib_modules_embeddings_by_shard`)."""
+    return dg.AssetKey(["reembed", f"{p.name}_reembed"])
+
+
+def legacy_shards_key(p: Pipeline) -> dg.AssetKey:
+    """The re-embed asset's key before it was shortened: an older instance's history is under it."""
     return dg.AssetKey(["embeddings_by_shard", f"{p.name}_embeddings_by_shard"])
+
+
+def refresh_op_name(p: Pipeline) -> str:
+    """The op of the pipeline's embeddings asset (the UI's Materialize, the queue sensor's check)."""
+    return f"{p.name}_refresh"
 
 
 def source_key(p: Pipeline) -> dg.AssetKey:
@@ -51,7 +65,7 @@ def queue_key(queue: str) -> dg.AssetKey:
 def embeddings_key(p: Pipeline) -> dg.AssetKey:
     """The pipeline's vectors: its embeddings column, or its chunk table (`<name>_chunks`)."""
     # Distinct last parts: the UI's lists and lineage show them alone (`documents` the table,
-    # `documents_embeddings` or `documents_chunks`, `documents_vector_index`, `documents_embeddings_by_shard`).
+    # `documents_embeddings` or `documents_chunks`, `documents_vector_index`, `documents_reembed`).
     if p.chunked:
         return dg.AssetKey(["chunks", f"{p.name}_chunks"])
     return dg.AssetKey(["embeddings", f"{p.name}_embeddings"])
@@ -162,3 +176,24 @@ def pipeline_specs(p: Pipeline, digest: str | None = None, why_no_digest: str = 
 
 def models_partitions_name(p: Pipeline) -> str:
     return f"{p.name}_models"
+
+
+MODEL_NAME_CHARS = 22  # of a model partition key: with "@" and 4 digits, what the UI's partition list shows whole
+
+
+def model_partition_key(spec: ModelSpec) -> str:
+    """The re-embed asset's model partition of `spec`: the model's name and 4 hex digits of its
+    whole identity (provider:model:dimensions:content_function), e.g. `all-MiniLM-L6-v2@3f9c`.
+    Short, so the UI shows it whole (it cut the full identity in its middle, where the model is),
+    and one per identity: another size or content function of the same model gets other digits.
+    It never holds ':', which every key of an older instance does (as_model_partition_key)."""
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", spec.model.rsplit("/", 1)[-1]))
+    name = name.strip("-.")[:MODEL_NAME_CHARS] or "model"
+    return f"{name}@{hashlib.sha256(spec.key.encode()).hexdigest()[:4]}"
+
+
+def as_model_partition_key(key: str) -> str:
+    """A model partition key in today's form: the full `provider:model:dimensions:content_function`
+    key an instance made before short keys holds, converted; any other key as it is."""
+    return model_partition_key(ModelSpec.parse(key)) if ":" in key else key
+

@@ -94,9 +94,10 @@ def build_shared_defs(declared: Sequence[Pipeline], facts: LoadTimeFacts | None 
         refresh = dg.define_asset_job(
             f"refresh_{queue}", selection=on_queue, executor_def=dg.in_process_executor,
             description=(f"Check the pipelines of queue `{queue}`; re-embed those whose table is not current "
-                         "under the code's model (what the asset page's Materialize does).")) if on_queue else None
+                         "under the code's model (what the asset page's Materialize does). The queue sensor runs "
+                         "it check-only for an asset whose recorded model is not the code's.")) if on_queue else None
         jobs += [refresh] if refresh is not None else []
-        sensors.append(build_queue_sensor(queue, job, refresh))
+        sensors.append(build_queue_sensor(queue, job, refresh, [p for p in pipelines if p.queue == queue]))
     schedules = []
     if pipelines:
         health_job = dg.define_asset_job(

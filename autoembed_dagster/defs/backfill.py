@@ -3,8 +3,11 @@ out one run per shard, the `model_migration` job (promote / rollback / drop_old 
 sensor that keeps each pipeline's configured model among the asset's partitions.
 
 Partitions: model × shard. `model` is dynamic (`<pipeline>_models`, keys like
-`openai:text-embedding-3-small:512:embedding_input`) so the partitions made with an older model
-stay listed, and show *stale*: the asset's code version is the configured model identity.
+`text-embedding-3-small@32f1`: the model's name and 4 digits of its identity
+provider:model:dimensions:content_function, assets.model_partition_key) so the partitions made with
+an older model stay listed, and show *stale*: the asset's code version is the configured model
+identity. An instance made before these short keys holds full identities as keys: they are still
+accepted, and the model-partitions sensor renames them.
 `shard` is static (`0`..`n-1`, n = the pipeline's `shards`): rows where
 autoembed.shard_of(key::text, n) = shard (SHA-256 of the key, see sql/007).
 
@@ -13,6 +16,7 @@ column, a chunk set).
 """
 
 
+import json
 import time
 from typing import Literal, Sequence
 
@@ -31,9 +35,10 @@ from ..core.pipelines import Pipeline
 from ..core.targets.catalog import TargetChanged, TargetError
 from ..core.targets.models import ModelSpec
 from . import batch_backfill
-from .assets import (GROUP, SHARD_CHECK as CHECK, embeddings_key, model_label, model_version, models_partitions_name,
+from .assets import (GROUP, SHARD_CHECK as CHECK, as_model_partition_key, embeddings_key, legacy_shards_key,
+                     model_label, model_partition_key, model_version, models_partitions_name, refresh_op_name,
                      shards_key, source_key)
-from .truth import configured_model_key, partition_model_key, table_is_current
+from .truth import configured_model_key, partition_model_key, partition_spec, table_is_current
 from .resources import AutoembedResource
 
 NO_RUN_RETRY = {"dagster/retry_on_asset_or_op_failure": "false"}
@@ -68,9 +73,14 @@ def _shards_description(p: Pipeline) -> str:
                      f"a shadow chunk table {p.schema}.{p.chunk_table}__next, swapped in")
                     if p.chunked else (f"{p.qualified_table}.{p.embedding_column}",
                                        f"a shadow column {p.embedding_column}__next, promoted"))
+    version = p.code_version()
+    try:
+        code = f"{model_partition_key(ModelSpec.parse(version))} = {version}"
+    except ConfigError:  # sized like its column: known from the database only
+        code = f"{version}, sized like the column"
     return (f"Model: {model_label(p)}. {what} re-embedded shard by shard (model × shard). A model partition "
-            f"is named provider:model:dimensions:content_function (the code's: {p.code_version()}; the partition "
-            "list shortens long names in their middle: the model is in each materialization's `model` metadata). "
+            "is named after the model and 4 digits of its whole identity, provider:model:dimensions:content_function "
+            f"(the code's: {code}; each materialization's `model` metadata names its identity in full). "
             "The code version is the configured model "
             "identity: a model change makes the materialized partitions stale. A model other than the one the "
             f"table holds is written to {shadow} atomically when complete. Shards the drain already keeps "
@@ -94,16 +104,16 @@ def build_shards_asset(p: Pipeline, digest: str | None = None) -> dg.AssetsDefin
         metadata={"table": p.qualified_table, **({"chunk_table": f"{p.schema}.{p.chunk_table}"} if p.chunked
                                                  else {"embedding_column": p.embedding_column}), "shards": p.shards,
                   "shard_function": f"autoembed.shard_of({p.key_column}::text, {p.shards})",
-                  "partition_key": "<model: provider:model:dimensions:content_function>|<shard>"},
+                  "partition_key": "<model>@<4 digits of provider:model:dimensions:content_function>|<shard>"},
     )
-    def embeddings_by_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource):
+    def reembed(context: dg.AssetExecutionContext, config: ShardConfig, autoembed: AutoembedResource):
         try:
             yield from _reembed_shard(context, config, autoembed, p)
         except DETERMINISTIC_FAILURES as exc:
             fail_without_retry(context, f"partition {context.partition_key} of {p.name}", exc)
         yield from _record_completion(context, autoembed, p)
 
-    return embeddings_by_shard
+    return reembed
 
 
 def _record_completion(context: dg.AssetExecutionContext, autoembed: AutoembedResource, p: Pipeline):
@@ -119,7 +129,7 @@ def _record_completion(context: dg.AssetExecutionContext, autoembed: AutoembedRe
     if any(f"{model}|{s}" not in done for s in p.shard_keys):
         return
     with autoembed.connect() as conn:
-        if partition_model_key(conn, p) != model:
+        if partition_model_key(conn, p) != as_model_partition_key(model):
             return
         outcomes = evaluate(conn, p, pipeline_resolver([p]))
         version = defined_version(context, embeddings_key(p), conn, p)
@@ -159,7 +169,15 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     if held is not None:  # before anything is planned: no migration, no shadow column
         stop_shard_run(context, p, held.message, state=held.state)
     keys = context.partition_key.keys_by_dimension
-    spec, shard = ModelSpec.parse(keys["model"]), int(keys["shard"])
+    with autoembed.connect() as conn:
+        spec, shard = partition_spec(conn, p, keys["model"]), int(keys["shard"])
+    if spec is None:  # a short key is the hash of a model that neither the code nor a migration names now
+        why = (f"model partition {keys['model']} is neither the configured model nor one a migration of "
+               f"{p.qualified_table} holds (a retired model: nothing to re-embed)")
+        context.log.warning(f"partition {context.partition_key} skipped: {why}")
+        yield dg.AssetCheckResult(check_name=CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                  description=f"not embedded: {why}")
+        return
     promote_on = config.promote if config.promote is not None else (
         context.run.tags.get(PROMOTE_TAG, "true").lower() != "false")
     # One path for every shape and strategy: a `via: batch` pipeline's shard run submits and returns
@@ -250,15 +268,15 @@ def start_reembed(context, autoembed: AutoembedResource, p: Pipeline, shards: li
         if launch.mode == "skip":
             raise dg.Failure(f"nothing to backfill: {launch.reason}", allow_retries=False)
     spec, reason, todo = launch.spec, launch.reason, launch.todo
-    name = models_partitions_name(p)
-    if not context.instance.has_dynamic_partition(name, spec.key):
-        context.instance.add_dynamic_partitions(name, [spec.key])
+    name, model = models_partitions_name(p), model_partition_key(spec)
+    if not context.instance.has_dynamic_partition(name, model):
+        context.instance.add_dynamic_partitions(name, [model])
     shard_names = p.shard_keys
     if shards is not None and not all(0 <= i < p.shards for i in shards):
         raise dg.Failure(f"shards must be in 0..{p.shards - 1} (pipeline {p.name} has {p.shards}), got {shards}",
                          allow_retries=False)
     chosen = shard_names if shards is None else [shard_names[i] for i in shards]
-    partitions = [f"{spec.key}|{s}" for s in chosen]
+    partitions = [f"{model}|{s}" for s in chosen]
     backfill_id = make_new_backfill_id()
     context.instance.add_backfill(PartitionBackfill.from_asset_partitions(
         backfill_id=backfill_id,
@@ -269,31 +287,44 @@ def start_reembed(context, autoembed: AutoembedResource, p: Pipeline, shards: li
         tags={PIPELINE_TAG: p.name, PROMOTE_TAG: str(promote).lower()},
         dynamic_partitions_store=context.instance,
         all_partitions=False,
-        title=f"re-embed {p.name}: {spec.key}",
+        title=f"re-embed {p.name}: {model}",
         description=reason,
         run_config=None,
     ))
     context.log.info(f"backfill {backfill_id}: {len(partitions)} shard run(s) of {shards_key(p).to_user_string()}; "
                      f"{todo.missing} of {todo.embeddable} {reembed.noun} to embed; {reason}")
-    return {"backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "mode": launch.mode,
+    return {"backfill_id": backfill_id, "pipeline": p.name, "model": spec.key, "model_partition": model,
+            "mode": launch.mode,
             "column": launch.column, "partitions": len(partitions), "rows_to_embed": todo.missing,
             "rows_with_input": todo.embeddable, "migration_id": launch.migration_id, "via": p.backfill_via}
+
+
+class RefreshConfig(dg.Config):
+    start_reembed: bool = Field(
+        default=True, description=("Start the re-embed when the table is not current under the code's model "
+                                   "(false: only check; the queue sensor's runs)."))
 
 
 def build_embeddings_asset(p: Pipeline, spec: dg.AssetSpec) -> dg.AssetsDefinition:
     """The pipeline's embeddings as an asset Dagster can call stale: the drain lane and the re-embed
     record its materializations (defs/truth.py); materializing it by hand (the UI's Materialize)
     records it when the table is current under the code's model, and otherwise starts the re-embed,
-    whose last shard records it."""
+    whose last shard records it. The queue sensor runs it check-only when the recorded model is
+    not the code's (defs/sensors.py)."""
     from .checks import evaluate
 
-    @dg.multi_asset(name=f"{p.name}_refresh", specs=[spec.replace_attributes(skippable=True)],
+    @dg.multi_asset(name=refresh_op_name(p), specs=[spec.replace_attributes(skippable=True)],
                     description=f"Check {p.name}; re-embed it when the table is not current under the code's model.")
-    def refresh(context: dg.AssetExecutionContext, autoembed: AutoembedResource):
+    def refresh(context: dg.AssetExecutionContext, config: RefreshConfig, autoembed: AutoembedResource):
         with autoembed.connect() as conn:
             current = table_is_current(conn, p, evaluate(conn, p, pipeline_resolver([p])))
         if current:
             yield dg.MaterializeResult(asset_key=spec.key, metadata={"current": True})
+            return
+        if not config.start_reembed:
+            context.log.warning(f"{p.name}: the table holds vectors not made by the code's model ({spec.code_version}) "
+                                f"of their current input: launch the `backfill` job (or `autoembed backfill {p.name}`) "
+                                "to re-embed it")
             return
         started = start_reembed(context, autoembed, p)
         context.log.info(f"{p.name} is not current under the code's model: re-embed started ({started})")
@@ -314,7 +345,7 @@ def build_backfill_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
             tags=NO_RUN_RETRY,
             description=("Re-embed a pipeline with the model its defs.yaml names: starts the zero-downtime "
                          "migration when the table holds another model, then one run per shard of its "
-                         "embeddings_by_shard asset. No config needed when one pipeline is stale. "
+                         "<pipeline>_reembed asset. No config needed when one pipeline is stale. "
                          "Config: pipeline, shards, promote."))
     def backfill():
         launch_backfill()
@@ -358,30 +389,79 @@ def build_migration_job(pipelines: Sequence[Pipeline]) -> dg.JobDefinition:
 def _retire_model_partitions(instance: dg.DagsterInstance, p: Pipeline, keep: set[str]) -> None:
     """Once no column holds an old model any more, its (stale) partitions are removed from the UI."""
     name = models_partitions_name(p)
+    keep = {as_model_partition_key(k) for k in keep}  # full model keys
     for key in instance.get_dynamic_partitions(name):
-        if key not in keep:
+        try:
+            kept = as_model_partition_key(key) in keep
+        except ConfigError:  # a key this version cannot read
+            kept = True
+        if not kept:
             instance.delete_dynamic_partition(name, key)
 
 
 # -- the sensor: the configured model's partitions exist as soon as the code does ----------------------------------
+def rename_old_model_partitions(instance: dg.DagsterInstance, p: Pipeline) -> list[str]:
+    """The model partitions an instance made before short keys (full provider:model:dimensions:
+    content_function keys, cut in the UI) renamed to today's keys (assets.model_partition_key); the
+    old keys' events stay in the asset's history. The old keys renamed."""
+    name = models_partitions_name(p)
+    renamed = []
+    for key in [k for k in instance.get_dynamic_partitions(name) if ":" in k]:
+        try:
+            new = as_model_partition_key(key)
+        except ConfigError:  # not a model this version reads: left as it is
+            continue
+        if not instance.has_dynamic_partition(name, new):
+            instance.add_dynamic_partitions(name, [new])
+        instance.delete_dynamic_partition(name, key)
+        renamed.append(key)
+    return renamed
+
+
+def _history_under_legacy_key(instance: dg.DagsterInstance, p: Pipeline) -> bool:
+    """The re-embed asset has no materialization under its key yet, but has under the key an older
+    version gave it (legacy_shards_key): an upgraded instance."""
+    return (instance.get_latest_materialization_event(shards_key(p)) is None
+            and instance.get_latest_materialization_event(legacy_shards_key(p)) is not None)
+
+
 def build_model_partitions_sensor(pipelines: Sequence[Pipeline]) -> dg.SensorDefinition:
     @dg.sensor(name="autoembed_model_partitions", minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Adds each pipeline's configured model to the model dimension of embeddings_by_shard.")
+               description=("Adds each pipeline's configured model to the model dimension of its re-embed asset "
+                            "(and renames the full model keys of an older instance to short ones)."))
     def model_partitions(context: dg.SensorEvaluationContext, autoembed: AutoembedResource) -> dg.SensorResult:
-        requests, problems = [], []
+        from ..core.drain import pipeline_resolver
+        from .checks import evaluate
+        from .truth import settled_shards
+
+        requests, problems, events = [], [], []
+        try:
+            moved_once = set(json.loads(context.cursor or "{}").get("moved", []))
+        except (ValueError, AttributeError):
+            moved_once = set()
         with autoembed.connect() as conn:
             for p in pipelines:
                 try:
+                    renamed = rename_old_model_partitions(context.instance, p)
+                    moved = p.name not in moved_once and _history_under_legacy_key(context.instance, p)
+                    moved_once.add(p.name)
+                    if (renamed or moved) and table_is_current(conn, p, evaluate(conn, p, pipeline_resolver([p]))):
+                        # the configured model's shards under their new name: materialized, as the table is
+                        why = (f"renamed from {', '.join(renamed)}" if renamed
+                               else f"moved from {legacy_shards_key(p).to_user_string()}")
+                        events += settled_shards(context, conn, p, why)
                     model = configured_model_key(conn, p)
                 except Exception as exc:  # noqa: BLE001 - one broken pipeline must not hide the others
                     problems.append(f"{p.name}: {exc}")
                     continue
                 if not context.instance.has_dynamic_partition(models_partitions_name(p), model):
                     requests.append(dg.AddDynamicPartitionsRequest(models_partitions_name(p), [model]))
-        if not requests:
-            return dg.SensorResult(skip_reason="; ".join(problems) or "every configured model is registered")
-        return dg.SensorResult(dynamic_partitions_requests=requests)
+        cursor = json.dumps({"moved": sorted(moved_once)})
+        if not requests and not events:
+            return dg.SensorResult(skip_reason="; ".join(problems) or "every configured model is registered",
+                                   cursor=cursor)
+        return dg.SensorResult(dynamic_partitions_requests=requests, asset_events=events, cursor=cursor)
 
     return model_partitions
 

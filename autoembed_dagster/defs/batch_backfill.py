@@ -1,5 +1,5 @@
 """Re-embeds through the provider's Batch API in Dagster (a pipeline declaring
-`backfill: {via: batch}`): a shard run of `<pipeline>_embeddings_by_shard` submits its rows and
+`backfill: {via: batch}`): a shard run of `<pipeline>_reembed` submits its rows and
 returns at once (defs/backfill.py over core.migrate.reembed.BatchReembed, like any shard run); the `autoembed_batches` sensor polls the open batches and launches one
 `collect_batches` run per finished batch, which writes its vectors, submits again what it left
 and promotes at 100%. No run waits for a batch. Everything here is a shell over core.migrate.batch_backfill.

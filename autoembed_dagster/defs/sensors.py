@@ -9,6 +9,7 @@ Dagster dedupes run keys forever.
 """
 
 
+import hashlib
 import json
 import os
 import time
@@ -20,8 +21,10 @@ from dagster import DagsterRunStatus, RunsFilter
 from ..core.queue import pgmq
 from ..core.config import ScalingSettings
 from ..core.drain.scaling import drains_to_request
-from .assets import CONFIG_ERROR_TAG, LANE_TAG, queue_key
+from ..core.pipelines import Pipeline
+from .assets import CONFIG_ERROR_TAG, LANE_TAG, embeddings_key, queue_key, refresh_op_name
 from .resources import AutoembedResource
+from .truth import recorded_version
 
 ACTIVE_STATUSES = [
     DagsterRunStatus.QUEUED,
@@ -102,10 +105,41 @@ def _stopped_by_configuration(instance: dg.DagsterInstance, job_name: str, queue
             "configuration, then launch a drain job to start at once)")
 
 
-def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None) -> dg.SensorDefinition:
-    """`refresh_job`: the asset job of the queue's embeddings assets. The sensor never starts it; it
-    is among its targets so that each embeddings asset's page names the sensor that keeps it
-    fresh (Dagster lists the sensors targeting a job that holds the asset)."""
+def _refresh_requests(context: dg.SensorEvaluationContext, refresh_job, pipelines, state: dict) -> list:
+    """Check-only runs of `refresh_<queue>`, one per embeddings asset whose recorded model (the code
+    version of its latest materialization) is not the code's, once per code version: the run
+    records the asset current when the table is (a pipeline declared over a table embedded
+    already), else logs what to launch; it never re-embeds. `state` (the cursor's "refresh": the
+    version last looked at per pipeline) keeps this to one look-up per pipeline and version."""
+    repo = getattr(context, "repository_def", None)
+    if refresh_job is None or repo is None:
+        return []
+    graph = repo.asset_graph
+    requests = []
+    for p in pipelines:
+        key = embeddings_key(p)
+        defined = graph.get(key).code_version if graph.has(key) else None
+        digest = hashlib.sha256(defined.encode()).hexdigest()[:12] if defined else None
+        if not defined or state.get(p.name) == digest:
+            continue
+        state[p.name] = digest  # the cursor stays short: the version's digest
+        if recorded_version(context.instance, key) == defined:
+            continue
+        requests.append(dg.RunRequest(
+            job_name=refresh_job.name, asset_selection=[key],
+            run_key=f"refresh:{p.name}:{digest}",  # once per code version, ever
+            run_config={"ops": {refresh_op_name(p): {"config": {"start_reembed": False}}}},
+            tags={"autoembed/refresh": p.name}))
+    return requests
+
+
+def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None,
+                       pipelines: list[Pipeline] | None = None) -> dg.SensorDefinition:
+    """`refresh_job`: the asset job of the queue's embeddings assets (`pipelines`), which the sensor
+    runs check-only when an asset's recorded model is not the code's (_refresh_requests). Being
+    among its targets, the sensor is named on each embeddings asset's page as what keeps it fresh."""
+    pipelines = list(pipelines or [])
+
     @dg.sensor(
         name=f"{queue}_sensor",
         jobs=[job, refresh_job] if refresh_job is not None else [job],
@@ -113,7 +147,10 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None) -> d
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(f"Keeps the embeddings of queue `{queue}` fresh: watches the queue and starts `{job.name}` "
                      "runs while jobs wait: one, and more while the backlog stays deep and old "
-                     "(AUTOEMBED_MAX_DRAINS at most)."),
+                     "(AUTOEMBED_MAX_DRAINS at most)."
+                     + (f" When an embeddings asset's recorded model is not the code's (a new pipeline, a model "
+                        f"change), it starts one check-only `{refresh_job.name}` run for it: that records the asset "
+                        "current if the table is, and never re-embeds." if refresh_job is not None else "")),
     )
     def queue_sensor(context: dg.SensorEvaluationContext, autoembed: AutoembedResource) -> dg.SensorResult:
         try:
@@ -121,6 +158,15 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None) -> d
             tick = int(state.get("tick", 0)) + 1
         except (ValueError, TypeError, AttributeError):  # a cursor edited by hand: start over
             state, tick = {}, 1
+        looked = dict(state.get("refresh") or {}) if isinstance(state.get("refresh"), dict) else {}
+        refresh = _refresh_requests(context, refresh_job, pipelines, looked)
+
+        def result(*, cursor: str, run_requests=(), skip_reason: str | None = None, **kw) -> dg.SensorResult:
+            cursor = json.dumps({**json.loads(cursor), "refresh": looked})
+            requests = [*refresh, *run_requests]
+            return dg.SensorResult(run_requests=requests, skip_reason=None if requests else skip_reason,
+                                   cursor=cursor, **kw)
+
         now = time.time()
         events = []
         last = state.get("observed") or {}
@@ -137,8 +183,8 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None) -> d
             # Rows, not only messages: a bulk statement's message covers up to 200 rows.
             queued_rows = pgmq.rows(conn, queue) if observe else None
         if m is None:
-            return dg.SensorResult(skip_reason=f"queue {queue!r} does not exist (run `autoembed db init`)",
-                                   cursor=json.dumps({**state, "tick": tick}))
+            return result(skip_reason=f"queue {queue!r} does not exist (run `autoembed db init`)",
+                          cursor=json.dumps({**state, "tick": tick}))
         if observe:
             events.append(dg.AssetObservation(
                 asset_key=queue_key(queue),
@@ -155,17 +201,17 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None) -> d
         cursor = json.dumps({"tick": tick, "observed": last})
 
         if m.visible == 0:
-            return dg.SensorResult(asset_events=events, cursor=cursor,
-                                   skip_reason=f"no claimable job in {queue} (depth {m.depth})")
+            return result(asset_events=events, cursor=cursor,
+                          skip_reason=f"no claimable job in {queue} (depth {m.depth})")
         stopped = _stopped_by_configuration(context.instance, job.name, queue)
         if stopped:
-            return dg.SensorResult(asset_events=events, cursor=cursor, skip_reason=stopped)
+            return result(asset_events=events, cursor=cursor, skip_reason=stopped)
         scaling = ScalingSettings.from_env()
         active = _blocking_runs(context.instance, job.name, queue, limit=scaling.max_drains + 10)
         more = drains_to_request(m.visible, m.oldest_age_seconds, len(active), scaling)
         if not more:
             run = active[0].dagster_run
-            return dg.SensorResult(
+            return result(
                 asset_events=events, cursor=cursor,
                 skip_reason=(f"{m.visible} job(s) wait; drain run {run.run_id[:8]} is {run.status.value}"
                              f" ({len(active)} of at most {scaling.max_drains} active)"))
@@ -177,7 +223,7 @@ def build_queue_sensor(queue: str, job: dg.JobDefinition, refresh_job=None) -> d
             )
             for i in range(more)
         ]
-        return dg.SensorResult(run_requests=requests, asset_events=events, cursor=cursor)
+        return result(run_requests=requests, asset_events=events, cursor=cursor)
 
     return queue_sensor
 

@@ -22,6 +22,7 @@ from dagster._core.definitions.data_version import (CODE_VERSION_TAG, DEFAULT_DA
                                                     INPUT_DATA_VERSION_TAG_PREFIX, INPUT_EVENT_POINTER_TAG_PREFIX,
                                                     NULL_EVENT_POINTER, extract_data_provenance_from_entry)
 
+from ..core.config import ConfigError
 from ..core.pipelines import Pipeline
 from ..core.targets.models import ModelSpec
 
@@ -88,9 +89,13 @@ def settled_shards(context, conn, p: Pipeline, why: str) -> Iterator[dg.AssetMat
     materialized (the table is current under that model: call only then), each with its check."""
     from .assets import SHARD_CHECK as CHECK, models_partitions_name, shards_key
 
-    model = partition_model_key(conn, p)
-    if model is None:
+    from .assets import model_partition_key
+
+    try:
+        spec = configured_spec(conn, p)
+    except Exception:  # noqa: BLE001 - a table not enrolled yet, a model that cannot be sized
         return
+    model = model_partition_key(spec)
     instance, key = context.instance, shards_key(p)
     if not instance.has_dynamic_partition(models_partitions_name(p), model):
         instance.add_dynamic_partitions(models_partitions_name(p), [model])
@@ -104,7 +109,7 @@ def settled_shards(context, conn, p: Pipeline, why: str) -> Iterator[dg.AssetMat
         yield dg.AssetMaterialization(
             asset_key=key, partition=partition,
             description=f"shard {shard} of {p.qualified_table} holds the {model} vectors of its current input ({why})",
-            metadata={"reported_by": why, "model": model},
+            metadata={"reported_by": why, "model": spec.key},
             tags=provenance_tags(version, deps) if version else None)
         yield dg.AssetCheckEvaluation(
             asset_key=key, check_name=CHECK, passed=True, partition=partition, severity=dg.AssetCheckSeverity.WARN,
@@ -120,7 +125,35 @@ def configured_spec(conn, p: Pipeline) -> ModelSpec:
 
 def configured_model_key(conn, p: Pipeline) -> str:
     """The model dimension's key of the model the code names."""
-    return configured_spec(conn, p).key
+    from .assets import model_partition_key
+
+    return model_partition_key(configured_spec(conn, p))
+
+
+def partition_spec(conn, p: Pipeline, key: str) -> ModelSpec | None:
+    """The model a model partition key stands for: one the code or a migration of the table names
+    (no other model's shard can be re-embedded); a full key of an older instance is the model it
+    spells. None: no such model any more."""
+    from ..core.targets.models import get_migration
+    from .assets import model_partition_key
+
+    if ":" in key:
+        return ModelSpec.parse(key)
+    candidates = []
+    try:
+        candidates.append(configured_spec(conn, p))
+    except Exception:  # noqa: BLE001 - cannot be sized now: the migration's models may still match
+        pass
+    if not p.chunked:
+        m = get_migration(conn, p.schema, p.table, p.embedding_column)
+        if m is not None:
+            candidates += [m.spec, *([m.old_spec] if m.old_spec is not None else [])]
+    matches = {spec for spec in candidates if model_partition_key(spec) == key}
+    if len(matches) > 1:  # 4 hex digits of two identities of one model name agree: refuse to guess
+        raise ConfigError(f"model partition {key} stands for {' and '.join(sorted(m.key for m in matches))}: "
+                          f"launch the backfill of {p.name} with `autoembed backfill {p.name}` (it names models "
+                          "in full) instead")
+    return next(iter(matches), None)
 
 
 def table_is_current(conn, p: Pipeline, outcomes) -> bool | None:
