@@ -58,7 +58,7 @@ class Settler:
     # sized by the time the last one took (aim SLICE_SECONDS; into an HNSW index a row costs
     # milliseconds). The messages are settled with the last slice: a drain that dies between
     # slices leaves them queued, and the rows already written are then found unchanged.
-    SLICE_SECONDS = 0.08  # (an application write waits up to about this long for a row the drain writes)
+    SLICE_SECONDS = 0.05  # (an application write waits up to about this long for a row the drain writes)
     MIN_SLICE_ROWS = 8
     MAX_SLICE_ROWS = 4000
 

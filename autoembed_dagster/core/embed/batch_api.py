@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .openai_import import openai
+import openai
 import orjson
 
 from ..config import ConfigError

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
-from .openai_import import openai
+import openai
 import orjson
 import pybase64
 import tiktoken
