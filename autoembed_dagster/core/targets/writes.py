@@ -114,9 +114,9 @@ class Slicer:
 
     def slices(self, tw: TargetWrite) -> Iterator[tuple[TargetWrite, bool]]:
         """(slice, is the last) of `tw`, each sized when asked for: write one before asking the next."""
-        while tw.sliced and len(keys := tw.keys()) > self.rows:
-            yield tw.only(keys[:self.rows]), False
-            tw = tw.only(keys[self.rows:])
+        while tw.sliced and len(keys := tw.keys()) > (n := self.rows):  # (n: the write of the slice changes rows)
+            yield tw.only(keys[:n]), False
+            tw = tw.only(keys[n:])
         yield tw, True
 
     def write(self, conn: psycopg.Connection, tw: TargetWrite) -> Settled:
