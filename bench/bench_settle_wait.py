@@ -18,6 +18,10 @@ write): the lock wait stays a few milliseconds however large the set.
 For comparison, the same UPDATE of one row of a vector column's batch while the drain writes it
 (--column-batch rows, HNSW index).
 
+And the same for a backfill page of --column-batch rows (core.migrate.backfill: write_page, in
+slices by core.targets.writes.Slicer like the drain's settle), against the same page written in
+one transaction in the same run (the slicer's first slice made the whole page: the code before).
+
     python bench/bench_settle_wait.py [--sizes 1,100,4000] [--rounds 3] [--kinds ...] [--column-batch 500]
 """
 
@@ -220,6 +224,67 @@ def column_batch(url: str, rows: int, rounds: int) -> dict:
     return {"rows": rows, "longest_wait_ms": worst * 1000, "longest_lock_wait_ms": locked * 1000}
 
 
+def backfill_page(url: str, rows: int, rounds: int) -> dict:
+    """The application's UPDATE of one row (another column) of a `rows`-row backfill page of the
+    vector column (`notes`, made by column_batch) while the backfill writes it: in slices (each
+    its own transaction), and, in the same run, the page in one transaction (the slicer's first
+    slice set to the whole page, not adapted)."""
+    from autoembed_dagster.core.migrate.backfill import run_backfill
+    from autoembed_dagster.core.pipelines import Pipeline
+    from autoembed_dagster.core.targets.catalog import resolve
+    from autoembed_dagster.core.targets.writes import Slicer
+
+    p = Pipeline(name="notes", schema="public", table="notes", content_function="notes_input", shards=1)
+    out: dict = {}
+    for label, start, adaptive in (("one transaction", rows, False), ("slices", Slicer.START_ROWS, True)):
+        worst = locked = 0.0
+        before = (Slicer.START_ROWS, Slicer.ADAPTIVE)
+        Slicer.START_ROWS, Slicer.ADAPTIVE = start, adaptive
+        try:
+            for r in range(rounds):
+                with connect(url) as conn:
+                    conn.execute("update notes set body = body || ' page'")
+                    conn.execute("select pgmq.purge_queue('embedding_jobs')")  # the backfill alone writes them
+                stop = threading.Event()
+                result: dict = {}
+                pids: list[int] = []
+
+                def app() -> None:
+                    waits = []
+                    with connect(url) as a:
+                        pids.append(a.info.backend_pid)
+                        while not stop.is_set():
+                            t0 = time.perf_counter()
+                            a.execute("update notes set views = views + 1 where id = %s", (rows // 2,))
+                            waits.append(time.perf_counter() - t0)
+                            time.sleep(0.005)
+                    result["waits"] = waits
+
+                threads = [threading.Thread(target=app),
+                           threading.Thread(target=lambda: result.setdefault("locked", lock_waits(url, stop, pids)))]
+                for t in threads:
+                    t.start()
+                with connect(url) as bc:
+                    spec = p.spec(column_dimensions=resolve(bc, p.live_key).dimensions)
+                    total = run_backfill(bc, p, spec, batch_rows=rows).total
+                stop.set()
+                for t in threads:
+                    t.join()
+                if total.embedded < rows - 1:  # (the row the application updates may be found changed)
+                    raise RuntimeError(f"the backfill did not write the page: {total.summary()}")
+                worst, locked = max(worst, max(result["waits"])), max(locked, result["locked"])
+        finally:
+            Slicer.START_ROWS, Slicer.ADAPTIVE = before
+        out[label] = {"longest_wait_ms": worst * 1000, "longest_lock_wait_ms": locked * 1000}
+    whole, sliced = out["one transaction"], out["slices"]
+    line(f"{rows:,}-row backfill page of a vector column (HNSW) in one transaction: longest UPDATE of one of its rows",
+         f"{whole['longest_wait_ms']:.1f} ms (of it waiting for a lock: {whole['longest_lock_wait_ms']:.1f} ms)")
+    line("the same page in slices: longest UPDATE of one of its rows",
+         f"{sliced['longest_wait_ms']:.1f} ms (of it waiting for a lock: {sliced['longest_lock_wait_ms']:.1f} ms; "
+         f"{sliced['longest_wait_ms'] / max(whole['longest_wait_ms'], 1e-3):.2f}x one transaction)")
+    return {"rows": rows, **out}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,100,4000")
@@ -281,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "caught": caught}
         if args.column_batch:
             out["column_batch"] = column_batch(url, args.column_batch, args.rounds)
+            out["backfill_page"] = backfill_page(url, args.column_batch, args.rounds)
     return out
 
 

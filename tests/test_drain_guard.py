@@ -95,7 +95,7 @@ def test_an_application_write_waits_only_for_the_slice_holding_its_row(conn, db_
             psycopg.connect(db_url, autocommit=True) as gate, \
             psycopg.connect(db_url, autocommit=True) as app:
         drainer = Drainer(drain_conn, settings, pipeline=False)
-        drainer.settler.slice_rows, drainer.settler.adaptive = 1, False
+        drainer.settler.slicer.rows, drainer.settler.slicer.adaptive = 1, False
         gate.execute("select pg_advisory_lock(4343)")
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("stats", drainer.drain_batch()))
@@ -118,4 +118,57 @@ def test_an_application_write_waits_only_for_the_slice_holding_its_row(conn, db_
     assert stats.embedded == 2 and stats.stale == 1  # row 3 changed before its slice: its new job writes it
     assert conn.execute("select count(*) from pgmq.q_embedding_jobs").fetchone()[0] == 2  # rows 1 and 3 again
     drain(conn, settings)
+    assert conn.execute("select count(*) from guarded where embedding is null").fetchone()[0] == 0
+
+
+def test_an_application_write_waits_only_for_the_backfill_slice_holding_its_row(conn, db_url, fake_openai, settings,
+                                                                               monkeypatch):
+    """A backfill page of a vector column is written in slices too (core.targets.writes.Slicer,
+    shared with the drain's settle): while the backfill is held inside the write of row 2's slice,
+    the application updates row 1 (an earlier slice, committed) and row 3 (a later slice, not locked
+    yet) without waiting. With the page in one transaction, the guard held all three rows."""
+    import psycopg
+
+    from autoembed_dagster.core.migrate.backfill import run_backfill
+    from autoembed_dagster.core.pipelines import Pipeline
+    from autoembed_dagster.core.targets.catalog import resolve
+    from autoembed_dagster.core.targets.writes import Slicer
+
+    conn.execute(SCHEMA)
+    conn.execute("insert into guarded select g, 't', 'b' from generate_series(1, 3) g")
+    conn.execute("select pgmq.purge_queue('embedding_jobs')")  # the backfill alone writes them
+    conn.execute("""
+        create function hold_row_2() returns trigger language plpgsql as $$
+        begin perform pg_advisory_lock_shared(4344); perform pg_advisory_unlock_shared(4344); return new; end $$;
+        create trigger hold before update on guarded for each row
+            when (new.id = 2 and new.embedding is not null) execute function hold_row_2()""")
+    monkeypatch.setattr(Slicer, "START_ROWS", 1)  # one row a slice, whatever the time a slice takes
+    monkeypatch.setattr(Slicer, "ADAPTIVE", False)
+    p = Pipeline(name="guarded", schema="public", table="guarded", content_function="guarded_input", shards=1)
+    with psycopg.connect(db_url, autocommit=True) as backfill_conn, \
+            psycopg.connect(db_url, autocommit=True) as gate, \
+            psycopg.connect(db_url, autocommit=True) as app:
+        spec = p.spec(column_dimensions=resolve(backfill_conn, p.live_key).dimensions)
+        gate.execute("select pg_advisory_lock(4344)")
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("run", run_backfill(backfill_conn, p, spec,
+                                                                                   batch_rows=3)))
+        t.start()
+        try:
+            for _ in range(600):  # until the backfill's write of row 2 waits for the gate
+                if gate.execute("select exists (select 1 from pg_locks where locktype = 'advisory'"
+                                " and not granted)").fetchone()[0]:
+                    break
+                t.join(0.1)
+            else:
+                pytest.fail("the backfill never reached the write of row 2")
+            app.execute("set lock_timeout = '3s'")
+            app.execute("update guarded set body = 'changed' where id = 1")  # its slice committed
+            app.execute("update guarded set body = 'changed' where id = 3")  # its slice not begun
+        finally:
+            gate.execute("select pg_advisory_unlock(4344)")
+            t.join(60)
+    total = result["run"].total
+    assert (total.embedded, total.stale) == (2, 1), total.summary()  # row 3 changed before its slice
+    drain(conn, settings)  # the application's changes are queued: the drain writes them
     assert conn.execute("select count(*) from guarded where embedding is null").fetchone()[0] == 0

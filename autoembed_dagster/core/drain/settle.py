@@ -21,7 +21,7 @@ from ..queue.claims import Claims
 from ..targets.catalog import Target
 # The one write interface of both shapes (core.targets.writes), shared with the backfill's pages;
 # re-exported here for what imported it from the settle stage.
-from ..targets.writes import (LOCK_TIMEOUT, ColumnWrite, Isolated, Written, act_as_drain,  # noqa: F401
+from ..targets.writes import (LOCK_TIMEOUT, ColumnWrite, Isolated, Slicer, Written, act_as_drain,  # noqa: F401
                               state_target, write_vectors, write_vectors_isolating)
 from .jobs import Job, single_body
 from .outcome import Outcome, Settled, TargetWrite
@@ -52,22 +52,16 @@ class _Fate:
 class Settler:
     """Settles batches of one queue on the drain's connection."""
 
-    # A vector column's rows are written in slices, each in a transaction of its own, so that an
-    # application's write of a row waits at most for the slice holding it (its stale-write guard's
-    # row lock lasts from the guard to the slice's commit), not for the whole batch: a slice is
-    # sized by the time the last one took (aim SLICE_SECONDS; into an HNSW index a row costs
-    # milliseconds). The messages are settled with the last slice: a drain that dies between
-    # slices leaves them queued, and the rows already written are then found unchanged.
-    SLICE_SECONDS = 0.05  # (an application write waits up to about this long for a row the drain writes)
-    MIN_SLICE_ROWS = 8
-    MAX_SLICE_ROWS = 4000
+    # A vector column's rows are written in slices (core.targets.writes.Slicer), each in a
+    # transaction of its own, so that an application's write of a row waits at most for the slice
+    # holding it, not for the whole batch. The messages are settled with the last slice: a drain
+    # that dies between slices leaves them queued, and the rows already written are then found unchanged.
 
     def __init__(self, conn: psycopg.Connection, settings: Settings, claims: Claims | None):
         self.conn = conn
         self.settings = settings
         self.claims = claims
-        self.slice_rows = 16  # rows per slice: adapted after each slice (adaptive=False: fixed)
-        self.adaptive = True
+        self.slicer = Slicer()
 
     def settle(self, outcome: Outcome, stats: DrainStats, msg_ids: list[int]) -> None:
         """Write and settle `outcome`: vector-column rows in slices (a transaction each), the last
@@ -78,11 +72,11 @@ class Settler:
         early: list[tuple[TargetWrite, Settled]] = []  # slices written and committed already
         last: list[TargetWrite] = []
         for tw in self._target_writes(outcome):
-            while isinstance(tw, ColumnWrite) and len(tw.keys()) > self.slice_rows:
-                keys = tw.keys()
-                part, tw = tw.only(keys[:self.slice_rows]), tw.only(keys[self.slice_rows:])
-                early.append((part, self._in_transaction(lambda: self._write_slice(part))))
-            last.append(tw)
+            for part, is_last in self.slicer.slices(tw):
+                if is_last:
+                    last.append(part)
+                else:
+                    early.append((part, self._in_transaction(lambda: self.slicer.write(self.conn, part))))
         result = self._in_transaction(lambda: self._settle_once(outcome, last, early))
         self._count(result, stats)
         if self.claims is not None:
@@ -97,16 +91,6 @@ class Settler:
                 if attempt == SETTLE_TRIES:
                     raise
                 time.sleep(0.05 * attempt)
-
-    def _write_slice(self, tw: TargetWrite) -> Settled:
-        started = time.perf_counter()
-        act_as_drain(self.conn)
-        settled = tw.settle(self.conn)
-        if self.adaptive:
-            took = max(time.perf_counter() - started, 1e-4)
-            rows = len(tw.keys()) * self.SLICE_SECONDS / took
-            self.slice_rows = int(min(max(rows, self.MIN_SLICE_ROWS), self.MAX_SLICE_ROWS))
-        return settled
 
     def _settle_once(self, outcome: Outcome, writes: list[TargetWrite] | None = None,
                      written: list[tuple[TargetWrite, Settled]] = ()):

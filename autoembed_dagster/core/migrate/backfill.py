@@ -34,7 +34,7 @@ from ..targets.catalog import Target, TargetKey, check_dimensions, resolve
 from ..targets.models import Migration, ModelSpec, get_migration
 from ..targets.shadow import Coverage
 from ..targets.vectors import copy_records
-from ..targets.writes import ColumnWrite, write_page
+from ..targets.writes import ColumnWrite, Slicer, write_page
 from .migration import PromoteResult, coverage, promote, start_migration, trigger_content_functions
 from .shards import BackfillResult, ShardStats, run_shards, walk_pages
 
@@ -326,6 +326,7 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
     stats.current = before.current  # resumed: what an earlier (killed) run already wrote is skipped
     pin_session(conn)
     limit = batch_rows or min(getattr(embedder, "batch_size", None) or DEFAULT_BATCH_ROWS, 1024)
+    slicer = Slicer()  # a page is written in slices (the application waits at most for one): sized for this shard
 
     def write(page: _Page) -> int | None:
         stats.empty_input += page.empty_input
@@ -338,7 +339,7 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
         if page.rows:
             # The drain's write of a vector column (core.targets.writes), with no message attached.
             w = write_page(conn, ColumnWrite(target, [(k, h, record, []) for k, h, record in page.rows],
-                                             embedder.identity.key))
+                                             embedder.identity.key), slicer=slicer)
             stats.embedded += w.written
             stats.stale += w.stale
             # Written meanwhile by the drain, same input. (Rows the application kept locked are

@@ -9,8 +9,12 @@ the backfill's pages (core.migrate: no message attached).
   a chunk set's document). One implementation per shape: `ColumnWrite` (a vector column: one
   vector per row, embedding_state upserted), `ChunkWrite` (a chunk set: each document's set
   swapped whole, core.targets.chunks.write). A third shape is a third implementation.
-- `write_page`: a TargetWrite in a transaction of its own, as the drain writes (`act_as_drain`):
-  a row an application transaction holds is tried again a few times, never waited for.
+- `Slicer`: a vector column's write cut into slices of rows, each its own transaction, sized by
+  the time the last slice took: an application's write of a row waits only for the slice holding
+  it (its guard's row lock lasts to the slice's commit), not for a whole batch or page (issue 20).
+  Used by the drain's settle and by `write_page`.
+- `write_page`: a TargetWrite in slices, each a transaction of its own, as the drain writes
+  (`act_as_drain`): a row an application transaction holds is tried again a few times, never waited for.
 - `still_target` (the target is still what the write resolved: a promotion renames),
   `write_target` (where a chunk target's documents go: its shadow during a model change).
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import psycopg
@@ -71,6 +75,7 @@ class TargetWrite(Protocol):
 
     target: Target
     jobs: dict[str, list]  # the jobs (core.drain.jobs.Job) of each row key written; none for a backfill page
+    sliced: bool  # written in slices of keys (Slicer); False: whole (a chunk set's page, for now)
 
     def keys(self) -> list[str]:
         """The row keys written (each once)."""
@@ -91,21 +96,60 @@ def act_as_drain(conn: psycopg.Connection) -> None:
                  (LOCK_TIMEOUT,))  # (one round trip)
 
 
-def write_page(conn: psycopg.Connection, tw: TargetWrite, busy_waits: tuple[float, ...] = BUSY_WAITS) -> Settled:
-    """Write `tw` with no queue message attached (a backfill page), each try in a transaction of its
-    own as the drain writes. Keys an application transaction holds are tried again after each of
-    `busy_waits`; those still busy after the last try are returned in `busy`, unwritten."""
+class Slicer:
+    """Cuts a TargetWrite into slices of its keys, written one after another, each in a transaction
+    of its own: an application's write of a row waits at most for the slice holding it. A slice
+    is sized by the time the last one took (aim SECONDS; into an HNSW index a row costs
+    milliseconds). One per writer (a drain's settler, a backfill shard): it learns that writer's pace."""
+
+    SECONDS = 0.05  # (an application write waits up to about this long for a row the drain writes)
+    MIN_ROWS = 8
+    MAX_ROWS = 4000
+    START_ROWS = 16
+    ADAPTIVE = True
+
+    def __init__(self) -> None:
+        self.rows = self.START_ROWS  # rows of the next slice: adapted after each write (adaptive=False: fixed)
+        self.adaptive = self.ADAPTIVE
+
+    def slices(self, tw: TargetWrite) -> Iterator[tuple[TargetWrite, bool]]:
+        """(slice, is the last) of `tw`, each sized when asked for: write one before asking the next."""
+        while tw.sliced and len(keys := tw.keys()) > (n := self.rows):  # (n: the write of the slice changes rows)
+            yield tw.only(keys[:n]), False
+            tw = tw.only(keys[n:])
+        yield tw, True
+
+    def write(self, conn: psycopg.Connection, tw: TargetWrite) -> Settled:
+        """Write the slice `tw` as the drain writes, in the caller's transaction; time it."""
+        started = time.perf_counter()
+        act_as_drain(conn)
+        settled = tw.settle(conn)
+        if self.adaptive:
+            took = max(time.perf_counter() - started, 1e-4)
+            self.rows = int(min(max(len(tw.keys()) * self.SECONDS / took, self.MIN_ROWS), self.MAX_ROWS))
+        return settled
+
+
+def write_page(conn: psycopg.Connection, tw: TargetWrite, busy_waits: tuple[float, ...] = BUSY_WAITS,
+               slicer: Slicer | None = None) -> Settled:
+    """Write `tw` with no queue message attached (a backfill page), in slices (`slicer`: the
+    writer's, else a new one), each a transaction of its own as the drain writes. Keys an
+    application transaction holds are tried again after each of `busy_waits`; those still busy
+    after the last try are returned in `busy`, unwritten."""
+    slicer = slicer or Slicer()
     total = Settled()
     for wait in (*busy_waits, None):
-        with conn.transaction():
-            act_as_drain(conn)
-            settled = tw.settle(conn)
-        total.add(settled)
-        total.busy = list(settled.busy)
-        if not total.busy or wait is None:
+        busy: list[str] = []
+        for part, _ in slicer.slices(tw):
+            with conn.transaction():
+                settled = slicer.write(conn, part)
+            total.add(settled)
+            busy += settled.busy
+        total.busy = busy
+        if not busy or wait is None:
             break
         time.sleep(wait)
-        tw = tw.only(total.busy)
+        tw = tw.only(busy)
     return total
 
 
@@ -226,6 +270,7 @@ class ColumnWrite:
     writes: list[Write]
     model: str  # fixed when the vectors were made (a promotion meanwhile must not relabel them)
     jobs: dict[str, list] = field(default_factory=dict)
+    sliced = True
 
     def keys(self) -> list[str]:
         return list({w[0]: None for w in self.writes})
@@ -270,6 +315,7 @@ class ChunkWrite:
     plan: chunks.ChunkPlan
     vectors: dict[bytes, np.ndarray] = field(default_factory=dict)  # chunk hash -> new vector
     jobs: dict[str, list] = field(default_factory=dict)  # by document key (a backfill page: no jobs)
+    sliced = False  # a page's documents in one transaction (slicing them is not done yet)
 
     def keys(self) -> list[str]:
         return list(self.jobs) if self.jobs else list(self.plan.documents)
