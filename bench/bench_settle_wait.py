@@ -175,12 +175,43 @@ def statement_baseline(url: str, kind: str, rounds: int = 5) -> float:
     return worst
 
 
+def app_waits_during(url: str, row: int, write) -> tuple[float, float, object]:
+    """Run `write()` while an application session updates row `row` of `notes` (another column)
+    again and again: (longest UPDATE, longest lock wait of it, what `write` returned)."""
+    stop = threading.Event()
+    result: dict = {}
+    pids: list[int] = []
+
+    def app() -> None:
+        waits = []
+        with connect(url) as a:
+            pids.append(a.info.backend_pid)
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                a.execute("update notes set views = views + 1 where id = %s", (row,))
+                waits.append(time.perf_counter() - t0)
+                time.sleep(0.005)
+        result["waits"] = waits
+
+    threads = [threading.Thread(target=app),
+               threading.Thread(target=lambda: result.setdefault("locked", lock_waits(url, stop, pids)))]
+    for t in threads:
+        t.start()
+    try:
+        written = write()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return max(result["waits"]), result["locked"], written
+
+
 def column_batch(url: str, rows: int, rounds: int) -> dict:
     """For comparison, a vector column (HNSW index): the application's UPDATE of one row (another
-    column) of a `rows`-row batch while the drain writes the batch's vectors. The drain holds the
-    batch's rows FOR UPDATE from its stale-write guard to the commit, through the UPDATE of every
-    vector and its index entries, so the application's UPDATE of one of them waits for the whole
-    batch write."""
+    column) of a `rows`-row batch while the drain writes the batch's vectors. The drain writes the
+    batch in slices (core.targets.writes.Slicer), each holding its rows FOR UPDATE from its
+    stale-write guard to its commit: the application's UPDATE of a row waits for its slice's write,
+    not the whole batch's."""
     with connect(url) as conn:
         conn.execute("""create table notes (id integer primary key, views integer not null default 0, body text,
                                             embedding halfvec(1536));
@@ -194,31 +225,13 @@ def column_batch(url: str, rows: int, rounds: int) -> dict:
     for _ in range(rounds):
         with connect(url) as conn:
             conn.execute("update notes set body = body || ' again'")
-        stop = threading.Event()
-        result: dict = {}
-        pids: list[int] = []
 
-        def app() -> None:
-            waits = []
-            with connect(url) as a:
-                pids.append(a.info.backend_pid)
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    a.execute("update notes set views = views + 1 where id = %s", (rows // 2,))
-                    waits.append(time.perf_counter() - t0)
-                    time.sleep(0.005)
-            result["waits"] = waits
+        def run_drain() -> None:
+            with connect(url) as dc:
+                Drainer(dc, Settings.from_env()).run()
 
-        threads = [threading.Thread(target=app),
-                   threading.Thread(target=lambda: result.setdefault("locked", lock_waits(url, stop, pids)))]
-        for t in threads:
-            t.start()
-        with connect(url) as dc:
-            Drainer(dc, Settings.from_env()).run()
-        stop.set()
-        for t in threads:
-            t.join()
-        worst, locked = max(worst, max(result["waits"])), max(locked, result["locked"])
+        wait, lock, _ = app_waits_during(url, rows // 2, run_drain)
+        worst, locked = max(worst, wait), max(locked, lock)
     line(f"{rows:,}-row batch of a vector column (HNSW): longest UPDATE of one of its rows",
          f"{worst * 1000:.1f} ms (of it waiting for a lock: {locked * 1000:.1f} ms)")
     return {"rows": rows, "longest_wait_ms": worst * 1000, "longest_lock_wait_ms": locked * 1000}
@@ -245,34 +258,16 @@ def backfill_page(url: str, rows: int, rounds: int) -> dict:
                 with connect(url) as conn:
                     conn.execute("update notes set body = body || ' page'")
                     conn.execute("select pgmq.purge_queue('embedding_jobs')")  # the backfill alone writes them
-                stop = threading.Event()
-                result: dict = {}
-                pids: list[int] = []
 
-                def app() -> None:
-                    waits = []
-                    with connect(url) as a:
-                        pids.append(a.info.backend_pid)
-                        while not stop.is_set():
-                            t0 = time.perf_counter()
-                            a.execute("update notes set views = views + 1 where id = %s", (rows // 2,))
-                            waits.append(time.perf_counter() - t0)
-                            time.sleep(0.005)
-                    result["waits"] = waits
+                def run_page():
+                    with connect(url) as bc:
+                        spec = p.spec(column_dimensions=resolve(bc, p.live_key).dimensions)
+                        return run_backfill(bc, p, spec, batch_rows=rows).total
 
-                threads = [threading.Thread(target=app),
-                           threading.Thread(target=lambda: result.setdefault("locked", lock_waits(url, stop, pids)))]
-                for t in threads:
-                    t.start()
-                with connect(url) as bc:
-                    spec = p.spec(column_dimensions=resolve(bc, p.live_key).dimensions)
-                    total = run_backfill(bc, p, spec, batch_rows=rows).total
-                stop.set()
-                for t in threads:
-                    t.join()
+                wait, lock, total = app_waits_during(url, rows // 2, run_page)
                 if total.embedded < rows - 1:  # (the row the application updates may be found changed)
                     raise RuntimeError(f"the backfill did not write the page: {total.summary()}")
-                worst, locked = max(worst, max(result["waits"])), max(locked, result["locked"])
+                worst, locked = max(worst, wait), max(locked, lock)
         finally:
             Slicer.START_ROWS, Slicer.ADAPTIVE = before
         out[label] = {"longest_wait_ms": worst * 1000, "longest_lock_wait_ms": locked * 1000}

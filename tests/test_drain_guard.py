@@ -100,20 +100,7 @@ def test_an_application_write_waits_only_for_the_slice_holding_its_row(conn, db_
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("stats", drainer.drain_batch()))
         t.start()
-        try:
-            for _ in range(600):  # until the drain's write of row 2 waits for the gate
-                if gate.execute("select exists (select 1 from pg_locks where pid = %s and locktype = 'advisory'"
-                                " and not granted)", (drain_conn.info.backend_pid,)).fetchone()[0]:
-                    break
-                t.join(0.1)
-            else:
-                pytest.fail("the drain never reached the write of row 2")
-            app.execute("set lock_timeout = '3s'")
-            app.execute("update guarded set body = 'changed' where id = 1")  # its slice committed
-            app.execute("update guarded set body = 'changed' where id = 3")  # its slice not begun
-        finally:
-            gate.execute("select pg_advisory_unlock(4343)")
-            t.join(60)
+        _update_rows_around_the_held_slice(gate, app, t, 4343, "the drain")
     stats = result["stats"]
     assert stats.embedded == 2 and stats.stale == 1  # row 3 changed before its slice: its new job writes it
     assert conn.execute("select count(*) from pgmq.q_embedding_jobs").fetchone()[0] == 2  # rows 1 and 3 again
@@ -154,21 +141,28 @@ def test_an_application_write_waits_only_for_the_backfill_slice_holding_its_row(
         t = threading.Thread(target=lambda: result.setdefault("run", run_backfill(backfill_conn, p, spec,
                                                                                    batch_rows=3)))
         t.start()
-        try:
-            for _ in range(600):  # until the backfill's write of row 2 waits for the gate
-                if gate.execute("select exists (select 1 from pg_locks where locktype = 'advisory'"
-                                " and not granted)").fetchone()[0]:
-                    break
-                t.join(0.1)
-            else:
-                pytest.fail("the backfill never reached the write of row 2")
-            app.execute("set lock_timeout = '3s'")
-            app.execute("update guarded set body = 'changed' where id = 1")  # its slice committed
-            app.execute("update guarded set body = 'changed' where id = 3")  # its slice not begun
-        finally:
-            gate.execute("select pg_advisory_unlock(4344)")
-            t.join(60)
+        _update_rows_around_the_held_slice(gate, app, t, 4344, "the backfill")
     total = result["run"].total
     assert (total.embedded, total.stale) == (2, 1), total.summary()  # row 3 changed before its slice
     drain(conn, settings)  # the application's changes are queued: the drain writes them
     assert conn.execute("select count(*) from guarded where embedding is null").fetchone()[0] == 0
+
+
+def _update_rows_around_the_held_slice(gate, app, writer: threading.Thread, lock: int, who: str) -> None:
+    """Once `writer` waits on advisory lock `lock` (held by `gate`) inside the write of row 2's
+    slice, the application updates row 1 (an earlier slice, committed) and row 3 (a later slice,
+    not locked yet), each allowed to wait 3 s for a lock; then the writer goes on."""
+    try:
+        for _ in range(600):  # until the write of row 2 waits for the gate
+            if gate.execute("select exists (select 1 from pg_locks where locktype = 'advisory' and objid = %s"
+                            " and not granted)", (lock,)).fetchone()[0]:
+                break
+            writer.join(0.1)
+        else:
+            pytest.fail(f"{who} never reached the write of row 2")
+        app.execute("set lock_timeout = '3s'")
+        app.execute("update guarded set body = 'changed' where id = 1")  # its slice committed
+        app.execute("update guarded set body = 'changed' where id = 3")  # its slice not begun
+    finally:
+        gate.execute("select pg_advisory_unlock(%s)", (lock,))
+        writer.join(60)
