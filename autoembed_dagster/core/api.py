@@ -167,12 +167,11 @@ def targets_health(url: str | None = None, embedder_settings: EmbedderSettings |
             try:
                 embedder = make_embedder(settings, t.dimensions)
             except ConfigError as e:
+                if t.chunked:
+                    skipped.append((label, f"its model cannot be made here ({e}); its chunk sets are"
+                                           " counted with the model's tokenizer"))
+                    continue
                 embedder = None
-                why = str(e)
-            if embedder is None and t.chunked:
-                skipped.append((label, f"its model cannot be made here ({why}); its chunk sets are"
-                                       " counted with the model's tokenizer"))
-                continue
             try:
                 with conn.transaction():
                     out.append((t, target_health(conn, t, embedder)))

@@ -92,9 +92,9 @@ class Settler:
                     raise
                 time.sleep(0.05 * attempt)
 
-    def _settle_once(self, outcome: Outcome, writes: list[TargetWrite] | None = None,
-                     written: list[tuple[TargetWrite, Settled]] = ()):
-        """`writes`: what to write now (default: all of `outcome`'s); `written`: slices written
+    def _settle_once(self, outcome: Outcome, writes: list[TargetWrite],
+                     written: list[tuple[TargetWrite, Settled]]):
+        """`writes`: what to write now (each target's last slice); `written`: slices written
         before, in transactions of their own, whose messages are settled here."""
         conn, q = self.conn, self.settings.queue
         act_as_drain(conn)
@@ -104,7 +104,7 @@ class Settler:
         dead = list(outcome.dead)  # + jobs whose key matches several rows, or whose write failed alone
         # One path for every target's shape (core.targets.writes.TargetWrite): a row (document) is
         # written whole under the stale-write guard, dead-lettered alone, or kept for later.
-        now = [(tw, tw.settle(conn)) for tw in (self._target_writes(outcome) if writes is None else writes)]
+        now = [(tw, tw.settle(conn)) for tw in writes]
         for tw, settled in [*written, *now]:
             wrote.append((tw.target, settled))
             busy_keys = set(settled.busy)
