@@ -166,3 +166,38 @@ def _update_rows_around_the_held_slice(gate, app, writer: threading.Thread, lock
     finally:
         gate.execute("select pg_advisory_unlock(%s)", (lock,))
         writer.join(60)
+
+
+def test_a_vector_another_writer_wrote_for_the_same_input_is_left_alone(conn, db_url, fake_openai, settings):
+    """The guard's statement (core.targets.writes.write_vectors: lock, compare, write, record in one
+    statement): a row already holding the vector of the very input and model it is given (another
+    drain wrote it meanwhile) is not written again; under another model it is; a row whose input
+    changed is stale; a key no row has any more is neither."""
+    import numpy as np
+
+    from autoembed_dagster.core.targets.catalog import lookup_registered
+    from autoembed_dagster.core.targets.vectors import copy_records
+    from autoembed_dagster.core.targets.writes import write_vectors
+
+    conn.execute(SCHEMA)
+    conn.execute("insert into guarded select g, 't' || g, 'b' || g from generate_series(1, 3) g")
+    target, _ = lookup_registered(conn, target_id=conn.execute("select id from autoembed.targets").fetchone()[0])
+    hashes = dict(conn.execute("select id::text, autoembed.content_hash(autoembed.input_%s(g)::text) from guarded g"
+                               % target.registered).fetchall())
+    records = copy_records(target, [(k, hashes[k], np.full(1536, 0.5, np.float32)) for k in ("1", "2", "3")], "utf-8")
+
+    def write(model, keys=("1", "2", "3")):
+        with conn.transaction():
+            return write_vectors(conn, target, [(k, hashes[k], records[int(k) - 1], []) for k in keys], model)
+
+    first = write("m1")
+    assert (first.written, first.stale, first.busy, first.ambiguous) == (3, 0, [], {})
+    again = write("m1")
+    assert (again.written, again.stale) == (0, 0), "the same input and model: nothing written again"
+    assert write("m2").written == 3
+    conn.execute("update guarded set body = 'changed' where id = 2")
+    conn.execute("delete from guarded where id = 3")
+    w = write("m3")
+    assert (w.written, w.stale, w.busy) == (1, 1, [])
+    assert conn.execute("select row_id, model from autoembed.embedding_state order by 1").fetchall() == [
+        ("1", "m3"), ("2", "m2")], "a deleted row's record goes with it"
