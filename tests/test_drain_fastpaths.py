@@ -1,0 +1,228 @@
+"""The drain's fast paths (issue 26) give what the general paths give: the whole-response base64
+decode, the garbage collector kept quiet while a drain runs, the one-piece binary array of vectors,
+the integer-key path of message keys. No timings: only results and rejections."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from autoembed_dagster.core.config import EmbedderSettings
+from autoembed_dagster.core.drain.loop import QUIET_GC_THRESHOLD, quiet_gc
+from autoembed_dagster.core.embed.base import EmbeddingError
+from autoembed_dagster.core.embed.openai_embedder import OpenAIEmbedder, _decode_all
+
+try:
+    from tests.fake_openai import FakeOpenAI, fake_vector
+except ModuleNotFoundError:  # tests/ itself on sys.path (rootdir-relative import mode)
+    from fake_openai import FakeOpenAI, fake_vector  # type: ignore[no-redef]
+
+
+# -- the whole-response base64 decode ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server():
+    with FakeOpenAI() as srv:
+        yield srv
+
+
+@pytest.fixture
+def srv(server, monkeypatch):
+    server.reset()
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_MODEL", "AUTOEMBED_DIMENSIONS"):
+        monkeypatch.delenv(name, raising=False)
+    return server
+
+
+def embedder(srv, dims: int = 1536) -> OpenAIEmbedder:
+    s = EmbedderSettings(provider="openai", model="text-embedding-3-small", base_url=srv.base_url,
+                         request_timeout=5, max_retries=0)
+    return OpenAIEmbedder(replace(s, dimensions=dims))
+
+
+def b64(v: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+
+
+def response(vectors: list[np.ndarray], order: list[int] | None = None) -> dict:
+    order = list(range(len(vectors))) if order is None else order
+    return {"data": [{"index": i, "embedding": b64(vectors[i])} for i in order]}
+
+
+def item_by_item(emb: OpenAIEmbedder, resp: dict, n: int):
+    """What the general path makes of `resp` (the reference the fast path must equal)."""
+    return emb._checked(*emb._decode_items(resp["data"], n, emb.identity.dimensions))
+
+
+@pytest.mark.parametrize("dims", [3, 384, 1536, 3072])
+def test_one_decode_equals_item_by_item(srv, dims):
+    emb = embedder(srv, dims)
+    texts = [f"text {i}" for i in range(7)]
+    vecs = [fake_vector(t, dims) for t in texts]
+    resp = response(vecs)
+    assert _decode_all(resp["data"], 7, dims) is not None  # (the fast path is taken)
+    got = emb.parse_response(resp, 7)
+    ref, bad = item_by_item(emb, resp, 7)
+    assert bad == {}
+    for g, r, v in zip(got, ref, vecs):
+        assert g.dtype == np.float32 and g.flags.writeable
+        np.testing.assert_array_equal(g, r)
+        np.testing.assert_array_equal(g, v)
+
+
+def test_dimensions_that_need_padding_take_the_item_path(srv):
+    emb = embedder(srv, 512)  # 2,048 bytes: each text ends in padding
+    vecs = [fake_vector(str(i), 512) for i in range(3)]
+    resp = response(vecs)
+    assert _decode_all(resp["data"], 3, 512) is None
+    for g, v in zip(emb.parse_response(resp, 3), vecs):
+        np.testing.assert_array_equal(g, v)
+
+
+def test_out_of_order_indexes_land_at_their_index(srv):
+    emb = embedder(srv, 384)
+    vecs = [fake_vector(str(i), 384) for i in range(4)]
+    resp = response(vecs, order=[2, 0, 3, 1])
+    assert _decode_all(resp["data"], 4, 384) is None
+    for g, v in zip(emb.parse_response(resp, 4), vecs):
+        np.testing.assert_array_equal(g, v)
+
+
+@pytest.mark.parametrize("order", [[0, 1, 1], [0, 1, 3], [0, 1, -1], [0, 1, 2.0], [0, 1, None]])
+def test_bad_indexes_fail_the_whole_response(srv, order):
+    emb = embedder(srv, 384)
+    vecs = [fake_vector(str(i), 384) for i in range(3)]
+    resp = {"data": [{"index": i, "embedding": b64(vecs[k])} for k, i in enumerate(order)]}
+    with pytest.raises(EmbeddingError, match="missing, duplicate or out-of-range index"):
+        emb.parse_response(resp, 3)
+
+
+def test_wrong_count_fails_the_whole_response(srv):
+    emb = embedder(srv, 384)
+    resp = response([fake_vector(str(i), 384) for i in range(2)])
+    with pytest.raises(EmbeddingError, match="returned 2 embeddings for 3 inputs"):
+        emb.parse_response(resp, 3)
+
+
+def test_wrong_dimension_and_nan_fail_their_input_alone(srv):
+    emb = embedder(srv, 384)
+    vecs = [fake_vector(str(i), 384) for i in range(4)]
+    vecs[1] = vecs[1][:381]  # still a whole number of base64 quanta: only the length tells
+    vecs[2] = vecs[2].copy()
+    vecs[2][5] = np.inf
+    vecs[3] = vecs[3].copy()
+    vecs[3][0] = np.nan
+    resp = response(vecs)
+    got, bad = emb._parse(resp, 4)
+    assert sorted(bad) == [1, 2, 3] and got[1] is None and got[2] is None and got[3] is None
+    assert "provider returned 381-dim vector, expected 384" in str(bad[1])
+    assert "non-finite value (inf) at component 5" in str(bad[2])
+    assert "non-finite value (nan) at component 0" in str(bad[3])
+    np.testing.assert_array_equal(got[0], vecs[0])
+    with pytest.raises(EmbeddingError, match="381-dim vector"):  # the first bad one's
+        emb.parse_response(resp, 4)
+    # All the right length, one with a NaN: the one-decode path, the same verdict.
+    vecs[1] = fake_vector("1", 384)
+    vecs[2] = fake_vector("2", 384)
+    resp = response(vecs)
+    assert _decode_all(resp["data"], 4, 384) is not None
+    got, bad = emb._parse(resp, 4)
+    assert list(bad) == [3] and "non-finite value (nan) at component 0" in str(bad[3])
+    assert got[3] is None and all(g is not None for g in got[:3])
+
+
+@pytest.mark.parametrize("garble", ["pad", "alphabet", "non_ascii", "number_list", "not_a_dict"])
+def test_garbled_items_are_judged_item_by_item(srv, garble):
+    emb = embedder(srv, 384)
+    vecs = [fake_vector(str(i), 384) for i in range(3)]
+    resp = response(vecs)
+    text = resp["data"][1]["embedding"]
+    if garble == "pad":
+        resp["data"][1]["embedding"] = text[:-4] + "AA=="  # the right width, but padded: 383.5 floats
+    elif garble == "alphabet":
+        resp["data"][1]["embedding"] = text[:-1] + "*"
+    elif garble == "non_ascii":
+        resp["data"][1]["embedding"] = text[:-1] + "é"
+    elif garble == "number_list":
+        resp["data"][1]["embedding"] = vecs[1].tolist()
+    else:
+        resp["data"][1] = [1, text]
+    assert _decode_all(resp["data"], 3, 384) is None
+    try:
+        ref = item_by_item(emb, resp, 3)
+    except EmbeddingError as e:
+        with pytest.raises(EmbeddingError) as raised:
+            emb._parse(resp, 3)
+        assert str(raised.value) == str(e)
+        assert garble != "number_list"
+        return
+    got = emb._parse(resp, 3)
+    assert got[1].keys() == ref[1].keys()
+    for g, r in zip(got[0], ref[0]):
+        assert (g is None and r is None) or np.array_equal(g, r)
+    assert garble == "number_list" and got[1] == {}
+
+
+def test_body_sent_by_orjson_through_the_client(srv):
+    """The request still goes through the client (retries, headers) and reads as the same JSON."""
+    emb = embedder(srv)
+    texts = ["alpha", "é ünïcode \u2028 \"quoted\" \\", "gamma"]
+    srv.fail_next(1, 500)
+    emb = OpenAIEmbedder(replace(emb.settings, max_retries=1, dimensions=1536))
+    out = emb.embed(texts)
+    assert out.errors == [None] * 3
+    for v, t in zip(out.vectors, texts):
+        np.testing.assert_array_equal(v, fake_vector(t))
+    assert srv.request_count == 2  # the client's own retry sent the same body again
+    assert srv.requests[-1]["inputs"] == texts
+
+
+# -- the garbage collector while draining -----------------------------------------------------
+def test_quiet_gc_is_restored_after_the_last_drain():
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert frozen == 0
+    with quiet_gc():
+        assert gc.get_threshold() == QUIET_GC_THRESHOLD and gc.get_freeze_count() > 0
+        with quiet_gc():  # a second drain in the same process
+            pass
+        assert gc.get_threshold() == QUIET_GC_THRESHOLD  # the first still runs
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        with quiet_gc():
+            raise RuntimeError("a failing drain")
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_quiet_gc_across_threads():
+    before = gc.get_threshold()
+    inside, leave = threading.Event(), threading.Event()
+
+    def drain():
+        with quiet_gc():
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=drain)
+    t.start()
+    inside.wait(10)
+    with quiet_gc():
+        pass
+    assert gc.get_threshold() == QUIET_GC_THRESHOLD  # the thread's drain is still running
+    leave.set()
+    t.join()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_a_heap_frozen_before_stays_frozen():
+    gc.freeze()
+    try:
+        count = gc.get_freeze_count()
+        with quiet_gc():
+            pass
+        assert gc.get_freeze_count() >= count
+    finally:
+        gc.unfreeze()
