@@ -277,3 +277,68 @@ def test_array_dumper_empty_and_one(conn):
         one = vector_array(conn, vector_type, [np.array([1.5, -2], ">f4" if vector_type == "vector" else ">f2")
                                                .tobytes().join([b"\x00\x02\x00\x00", b""])])
         assert conn.execute(f"select (%b::{vector_type}[])[1]::text", (one,)).fetchone() == ("[1.5,-2]",)
+
+
+# -- integer keys --------------------------------------------------------------------------------
+KEYS = [1, -7, 0, 2**31 - 1, -2**31, 2**31, -2**31 - 1, 2**63, True, False, 1.0, None, "12", "0012", "-3",
+        "1e3", " 4", "x", [1], {"id": 1}]
+
+
+@pytest.mark.parametrize("key_type", ["smallint", "integer", "bigint", "text"])
+def test_integer_key_path_equals_the_general_checks(key_type):
+    from types import SimpleNamespace
+
+    from autoembed_dagster.core.drain.jobs import row_jobs
+    from autoembed_dagster.core.queue.pgmq import Message
+    from autoembed_dagster.core.targets.badrows import key_problem
+    from autoembed_dagster.core.targets.catalog import INTEGER_KEY_TYPES, TargetError, key_text
+
+    target = SimpleNamespace(key_type=key_type, regclass="public.items", key=SimpleNamespace(key_column="id"))
+    message = Message(msg_id=5, read_ct=1, enqueued_at=None, body={"ids": KEYS})
+    bad: list = []
+    jobs = row_jobs(message, target, KEYS, 2, bad)
+    want_ok, want_bad = [], []
+    for raw in KEYS:  # what key_text and key_problem say of each key on its own
+        try:
+            text = key_text(raw, target)
+        except TargetError:
+            want_bad.append(str(raw))
+            continue
+        if key_problem(text, key_type) is not None:
+            want_bad.append(str(raw))
+        else:
+            want_ok.append((text, int(text) if key_type in INTEGER_KEY_TYPES else text))
+    assert [(j.row_id, j.key) for j in jobs] == want_ok
+    assert [type(j.key) for j in jobs] == [type(k) for _, k in want_ok]
+    assert [j.row_id for j, _ in bad] == want_bad
+    assert all(j.msg_id == 5 and j.failures == 2 and j.message_rows == len(KEYS) for j in jobs)
+    if key_type == "integer":
+        assert "True" in want_bad and "2147483648" in want_bad and "1.0" in want_bad
+
+
+def test_integer_ids_are_deduplicated_by_value_and_type():
+    from autoembed_dagster.core.targets.catalog import _row_ids
+
+    assert _row_ids({"ids": [3, 1, 3, 2, 1]}) == [3, 1, 2]
+    assert _row_ids({"ids": [1, True, 1.0, "1", 1]}) == [1, True, 1.0, "1"]  # never merged across types
+
+
+def test_forged_keys_of_an_integer_table_fail_alone(supabase_docs, fake_openai, settings):
+    from autoembed_dagster.core.drain import drain
+    from autoembed_dagster.core.queue import pgmq
+
+    from .test_incremental import assert_current, queue_depth
+
+    conn = supabase_docs
+    conn.execute("insert into documents (title, content) values ('a', 'one'), ('b', 'two'), ('c', 'three')")
+    forged = [1, 2, "3", True, 2**31, -2**31 - 1, 1.5, "x", None, -1]
+    pgmq.send_batch(conn, "embedding_jobs", [{"id": 1, "ids": forged, "schema": "public", "table": "documents",
+                                              "contentFunction": "embedding_input", "embeddingColumn": "embedding"}])
+    drain(conn, settings)
+    assert queue_depth(conn) == 0
+    for doc_id in (1, 2, 3):
+        assert_current(conn, doc_id)
+    assert conn.execute("select count(*) from documents where embedding is not null").fetchone()[0] == 3
+    dead = {d["row_id"]: d["error"] for d in pgmq.dead_letters(conn)}
+    assert set(dead) == {"true", "2147483648", "-2147483649", "1.5", "x", None}, dead  # (as JSON gave them)
+    assert "out of integer's range" in dead["2147483648"] and "out of integer's range" in dead["-2147483649"]

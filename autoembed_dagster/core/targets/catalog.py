@@ -252,6 +252,8 @@ def _row_ids(body: dict) -> list[Any]:
     if len(ids) > MAX_IDS_PER_MESSAGE:
         raise TargetError(f"message lists {len(ids)} ids, more than {MAX_IDS_PER_MESSAGE}")
     # Bad keys are dead-lettered one by one (drain.jobs), not the message's other rows.
+    if all(type(i) is int for i in ids):  # (the usual integer keys: no per-key text to dedupe them)
+        return list(dict.fromkeys(ids))
     return list({f"{type(i).__name__}:{i!r}": i for i in ids}.values())
 
 
