@@ -14,9 +14,13 @@ import base64
 import json
 import sys
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fake_openai import OneWriteHandler  # noqa: E402 - one write per response, TCP_NODELAY
 
 POOL = 2048
 
@@ -45,12 +49,7 @@ def pool_vector(text: str, dims: int) -> np.ndarray:
 
 
 def make_handler(pool: Pool, default_dims: int):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
+    class Handler(OneWriteHandler):
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             req = json.loads(body)
@@ -66,11 +65,7 @@ def make_handler(pool: Pool, default_dims: int):
             n = sum(len(t) for t in inputs) // 4 + 1
             data = ('{"object":"list","model":%s,"data":[%s],"usage":{"prompt_tokens":%d,"total_tokens":%d}}'
                     % (json.dumps(req.get("model")), items, n, n)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.send_whole(200, data)
 
     return Handler
 

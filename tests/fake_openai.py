@@ -498,13 +498,27 @@ def _json(status: int, obj: Any) -> tuple[int, dict[str, str], bytes]:
     return status, {}, json.dumps(obj).encode()
 
 
+class OneWriteHandler(BaseHTTPRequestHandler):
+    """Keep-alive HTTP/1.1 (like a real provider) that answers in one write, with TCP_NODELAY.
+    http.server writes the headers and the body separately: the body then waits for the client's
+    delayed ACK of the headers (Nagle), ~40 ms per request, which a fast fake must not add."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
+        pass
+
+    def send_whole(self, status: int, data: bytes, content_type: str = "application/json",
+                   headers: dict[str, str] | None = None) -> None:
+        lines = [f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}",
+                 f"Content-Type: {content_type}", f"Content-Length: {len(data)}",
+                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+
+
 def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, like a real provider
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
-            pass
-
+    class Handler(OneWriteHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server naming
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
@@ -526,13 +540,7 @@ def _make_handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def _send(self, status: int, headers: dict[str, str], data: bytes,
                   content_type: str = "application/json") -> None:
             try:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_whole(status, data, content_type, headers)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client timed out and hung up
 

@@ -30,7 +30,6 @@ from ..core.migrate import backfill_control
 from ..core.config import ConfigError
 from ..core.drain import ProviderConfigError, pipeline_resolver
 from ..core.migrate.migration import MigrationError
-from ..core.migrate.reembed import ShardRun, reembed_of
 from ..core.pipelines import Pipeline
 from ..core.targets.catalog import TargetChanged, TargetError
 from ..core.targets.models import ModelSpec
@@ -48,6 +47,14 @@ PIPELINE_TAG = "autoembed/pipeline"
 # key, a missing table, a migration conflict): such a shard run fails once. Provider outages and
 # rows that could not be embedded yet stay retried.
 DETERMINISTIC_FAILURES = (ConfigError, ProviderConfigError, MigrationError, TargetChanged)
+
+
+def reembed_of(p: Pipeline):
+    """core.migrate.reembed.reembed_of, imported on first use: it brings every re-embed path (the
+    Batch API's too), which only a shard or migration run needs, not each load of the code location."""
+    from ..core.migrate.reembed import reembed_of as of
+
+    return of(p)
 
 
 def reembed_job_name(p: Pipeline) -> str:
@@ -183,7 +190,7 @@ def _reembed_shard(context: dg.AssetExecutionContext, config: ShardConfig, autoe
     # One path for every shape and strategy: a `via: batch` pipeline's shard run submits and returns
     # (core.migrate.reembed.BatchReembed); the autoembed_batches sensor collects (defs/batch_backfill.py).
     with autoembed.connect() as conn:
-        run: ShardRun = reembed_of(p).run_shard(conn, spec, shard, promote=promote_on, batch_rows=config.batch_rows,
+        run = reembed_of(p).run_shard(conn, spec, shard, promote=promote_on, batch_rows=config.batch_rows,
                                                 max_rows=config.max_rows, log=context.log.info)
     if run.skipped is not None:
         context.log.warning(f"partition {context.partition_key} skipped: {run.skipped}")

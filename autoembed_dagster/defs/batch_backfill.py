@@ -6,22 +6,26 @@ and promotes at 100%. No run waits for a batch. Everything here is a shell over 
 """
 
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 from dagster import RunsFilter
 from pydantic import Field
 
-from ..core.migrate import batch_backfill as bb
 from ..core.embed.batch_api import FINISHED_STATUSES
 from ..core.pipelines import Pipeline
 from .assets import shards_key
 from .resources import AutoembedResource
 from .sensors import ACTIVE_STATUSES
 
+if TYPE_CHECKING:  # imported where used: the code location's load (every run's start-up) needs none of it
+    from ..core.migrate import batch_backfill as bb
+
 COLLECT_JOB = "collect_batches"
 BATCH_TAG = "autoembed/batch"
 
 
-def batch_metadata(record: bb.BatchRecord, stats: bb.CollectStats | None = None) -> dict:
+def batch_metadata(record: "bb.BatchRecord", stats: "bb.CollectStats | None" = None) -> dict:
     cost, saving = record.cost()
     priced = {} if cost is None else {"estimated_cost_usd": dg.MetadataValue.float(round(cost, 6)),
                                       "saving_vs_direct_usd": dg.MetadataValue.float(round(saving, 6))}
@@ -51,6 +55,8 @@ def build_collect_job(pipelines: list[Pipeline]) -> dg.JobDefinition:
         p = by_name.get(config.pipeline)
         if p is None:
             raise dg.Failure(f"no pipeline {config.pipeline!r} declares backfill: {{via: batch}}", allow_retries=False)
+        from ..core.migrate import batch_backfill as bb
+
         with autoembed.connect() as conn:
             done = bb.collect_and_continue(conn, p, config.batch, promote_when_complete=config.promote)
         record = done.record
@@ -87,6 +93,8 @@ def build_batches_sensor(pipelines: list[Pipeline]) -> dg.SensorDefinition:
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Polls the open Batch API batches of re-embeds; one collect run per finished batch.")
     def batches_sensor(context: dg.SensorEvaluationContext, autoembed: AutoembedResource):
+        from ..core.migrate import batch_backfill as bb
+
         requests, notes = [], []
         with autoembed.connect() as conn:
             for p in pipelines:

@@ -10,7 +10,7 @@ import os
 import threading
 
 from ..config import ConfigError, EmbedderSettings
-from .base import Embedder, EmbeddingError, EmbedOutcome, ModelIdentity
+from .base import KNOWN_DIMENSIONS, Embedder, EmbeddingError, EmbedOutcome, ModelIdentity, supports_dimensions
 
 __all__ = [
     "ConfigError",
@@ -41,8 +41,6 @@ def size_problem(provider: str, model: str, dimensions: int | None) -> str | Non
         if dimensions != DIMENSIONS:
             return f"the local model {MODEL} makes {DIMENSIONS}-dimensional vectors only, not {dimensions}"
         return None
-    from .openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
-
     native = KNOWN_DIMENSIONS.get(model)
     if native is None:
         return None
@@ -97,6 +95,4 @@ def native_dimensions(provider: str, model: str) -> tuple[int | None, bool]:
         from .local import DIMENSIONS
 
         return DIMENSIONS, False
-    from .openai_embedder import KNOWN_DIMENSIONS, supports_dimensions
-
     return KNOWN_DIMENSIONS.get(model), supports_dimensions(model) or model not in KNOWN_DIMENSIONS

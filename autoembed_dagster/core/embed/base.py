@@ -7,6 +7,20 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+# What is known of OpenAI's models without their client (here, not in openai_embedder: a
+# declaration is checked with it when the code location loads, which must not import openai).
+# Output sizes of OpenAI's models when no `dimensions` is requested.
+KNOWN_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+
+
+def supports_dimensions(model: str) -> bool:
+    """Only text-embedding-3 and later accept `dimensions`; older models reject it with 400."""
+    return model.startswith("text-embedding-3")
+
 
 @dataclass(frozen=True)
 class ModelIdentity:

@@ -13,13 +13,15 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import openai
 import orjson
 
 from ..config import ConfigError
 from .base import Embedder
+
+if TYPE_CHECKING:  # openai is imported where it is called: the code location loads this module
+    import openai
 
 MAX_REQUESTS = 50_000
 MAX_INPUTS = 50_000
@@ -95,6 +97,8 @@ class BatchClient:
     def probe(self) -> None:
         """Raise BatchUnsupported when the provider answers 404 on /v1/batches. Other failures
         (no connection, a 5xx) say nothing about support and are raised as they are."""
+        import openai  # here, not at module level: see the imports
+
         try:
             # Bounded: it runs when the code location loads (`dg check defs`, every run's load).
             self.client.with_options(timeout=PROBE_TIMEOUT, max_retries=0).batches.list(limit=1)

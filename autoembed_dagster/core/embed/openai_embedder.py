@@ -24,16 +24,10 @@ import tiktoken
 
 from ..config import ConfigError, CredentialsError, EmbedderSettings
 from .ratelimit import Limiter, RateLimit, retry_after_seconds
-from .base import EmbedOutcome, EmbeddingError, ModelIdentity
+from .base import KNOWN_DIMENSIONS, EmbedOutcome, EmbeddingError, ModelIdentity, supports_dimensions
 
 log = logging.getLogger(__name__)
 
-# Output sizes of OpenAI's models when no `dimensions` is requested.
-KNOWN_DIMENSIONS = {
-    "text-embedding-3-small": 1536,
-    "text-embedding-3-large": 3072,
-    "text-embedding-ada-002": 1536,
-}
 # Local compatible servers (Ollama, vLLM, LM Studio) ignore the key but the client requires one.
 PLACEHOLDER_KEY = "not-needed"
 _REASON_CHARS = 300
@@ -48,11 +42,6 @@ def _encoding() -> tiktoken.Encoding:
 def provider_key(settings: EmbedderSettings) -> str:
     """Whose limit a request counts against: OpenAI, or the compatible server at base_url."""
     return f"openai@{urlparse(settings.base_url).netloc}" if settings.base_url else "openai"
-
-
-def supports_dimensions(model: str) -> bool:
-    """Only text-embedding-3 and later accept `dimensions`; older models reject it with 400."""
-    return model.startswith("text-embedding-3")
 
 
 @dataclass
