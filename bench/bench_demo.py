@@ -6,6 +6,7 @@ embedded server (AUTOEMBED_DATABASE_URL), with its own DAGSTER_HOME and Dagster 
 stops it (its whole process group) as soon as the first vector is visible.
 
     python bench/bench_demo.py [--samples 2] [--rows 1200] [--modules 16] [--first-rows 0,default]
+    python bench/bench_demo.py --trees /path/before,/path/after   # our code before/after, in turn
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def first_vector(url: str) -> bool:
         return False  # the demo has not created its tables yet
 
 
-def sample(server: str, n: int, rows: int, modules: int, first_rows: str | None) -> dict[str, float]:
+def sample(server: str, n: int, rows: int, modules: int, first_rows: str | None, tree: Path = ROOT,
+           label: str = "") -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="autoembed-demo-bench-"))
     db = f"demo_bench_{os.getpid()}_{n}"
     with psycopg.connect(server, autocommit=True) as c:
@@ -63,7 +65,7 @@ def sample(server: str, n: int, rows: int, modules: int, first_rows: str | None)
     url = with_database(server, db)
     port = free_port()
     env = {**os.environ, "AUTOEMBED_DATABASE_URL": url, "AUTOEMBED_HOME": str(tmp / "home"),
-           "AUTOEMBED_DAGSTER_DATABASE": f"dagster_{db}", "PYTHONPATH": str(ROOT)}
+           "AUTOEMBED_DAGSTER_DATABASE": f"dagster_{db}", "PYTHONPATH": str(tree)}
     if first_rows is not None:
         env["AUTOEMBED_DEMO_FIRST_ROWS"] = first_rows
     marks: dict[str, float] = {}
@@ -71,7 +73,7 @@ def sample(server: str, n: int, rows: int, modules: int, first_rows: str | None)
     t0 = time.time()
     with process_group([sys.executable, "-m", "autoembed_dagster.cli", "demo", "--rows", str(rows), "--modules",
                         str(modules), "--port", str(port), "--timeout", "300", "--dagster-home", str(tmp / "dh")],
-                       cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL) as demo:
+                       cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL) as demo:
         deadline = t0 + 300
         while "vector" not in marks:
             assert demo.poll() is None, (tmp / "demo.out").read_text()[-3000:]
@@ -100,7 +102,7 @@ def sample(server: str, n: int, rows: int, modules: int, first_rows: str | None)
     if first_tick is not None:
         marks["first_sensor_tick"] = float(first_tick)
     order = sorted(marks.items(), key=lambda kv: kv[1])
-    label = f"[first rows {first_rows or 'default'}] sample {n}"
+    label = f"[{label}first rows {first_rows or 'default'}] sample {n}"
     line(f"{label}: after the command started", ", ".join(f"{k} +{v - t0:.1f}" for k, v in order) + " s")
     line(f"{label}: UI ready -> first vector", f"{marks['vector'] - marks['ui']:.2f} s")
     return {k: v - t0 for k, v in marks.items()}
@@ -111,25 +113,43 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--rows", type=int, default=1200, help="the demo's --rows (its default)")
     ap.add_argument("--modules", type=int, default=16, help="the demo's --modules (its default)")
-    ap.add_argument("--first-rows", default="0,default",
+    ap.add_argument("--first-rows", default=None,
                     help="AUTOEMBED_DEMO_FIRST_ROWS settings to compare, sampled in turn (0: every row in one "
-                         "statement, the before; default: the demo's own, its first rows in a statement of their own)")
+                         "statement, the before; default: the demo's own, its first rows in a statement of their own)"
+                         " (default: 0,default; with --trees: default)")
+    ap.add_argument("--trees", default=None,
+                    help="comma-separated source trees to compare (e.g. the before and after of a change): the "
+                         "demo run from each (PYTHONPATH=<tree>), sampled in turn (default: this tree)")
     args = ap.parse_args(argv)
-    settings = [None if f.strip() == "default" else f.strip() for f in args.first_rows.split(",")]
+    trees = [Path(t.strip()).resolve() for t in args.trees.split(",") if t.strip()] if args.trees else [ROOT]
+    first_rows = args.first_rows or ("default" if args.trees else "0,default")
+    settings = [(i, None if f.strip() == "default" else f.strip()) for i in range(len(trees))
+                for f in first_rows.split(",")]
+    if args.trees:
+        for i, tree in enumerate(trees):
+            line(f"[tree {i}]", str(tree))
     header(f"autoembed demo: UI ready -> first vector visible ({args.samples} samples per setting)")
-    gaps: dict[str | None, list[float]] = {f: [] for f in settings}
+    gaps: dict[tuple[int, str | None], list[float]] = {s: [] for s in settings}
+
+    def label(i: int) -> str:
+        return f"tree {i}, " if args.trees else ""
+
     with embedded_server() as server:
         k = 0
         for _ in range(args.samples):
-            for f in settings:
+            for i, f in settings:
                 k += 1
-                m = sample(server, k, args.rows, args.modules, f)
-                gaps[f].append(m["vector"] - m["ui"])
+                m = sample(server, k, args.rows, args.modules, f, trees[i], label(i))
+                gaps[(i, f)].append(m["vector"] - m["ui"])
     out = {}
-    for f, g in gaps.items():
-        out[f or "default"] = statistics.median(g)
-        line(f"[first rows {f or 'default'}] median UI ready -> first vector",
+    for (i, f), g in gaps.items():
+        out[(str(trees[i]), f or "default") if args.trees else (f or "default")] = statistics.median(g)
+        line(f"[{label(i)}first rows {f or 'default'}] median UI ready -> first vector",
              f"{statistics.median(g):.2f} s (samples {', '.join(f'{x:.1f}' for x in g)})")
+    if len(gaps) == 2:
+        (sa, a), (sb, b) = gaps.items()
+        line(f"median UI ready -> first vector, [{label(sb[0])}first rows {sb[1] or 'default'}] / "
+             f"[{label(sa[0])}first rows {sa[1] or 'default'}]", f"{statistics.median(b) / statistics.median(a):.2f}x")
     return out
 
 

@@ -12,9 +12,10 @@ first vector, measured in a fresh interpreter as the worker does it (no daemon, 
 
 `--trees a,b` measures each source tree (PYTHONPATH=<tree>, run in <tree>) in turn, sample after
 sample, so the machine's load hits both alike; it prints medians and b/a ratios. The provider is
-the bench's instant fake; the database a fresh one on the bench's embedded server.
+the bench's instant fake (`--provider local`: the local model, as `autoembed demo` uses, whose
+first call loads it); the database a fresh one on the bench's embedded server.
 
-    python bench/bench_run_start.py [--samples 7] [--trees /path/before,/path/after]
+    python bench/bench_run_start.py [--samples 7] [--trees /path/before,/path/after] [--provider local]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ with connect(os.environ["AUTOEMBED_DATABASE_URL"]) as conn:
 marks["connect"] = time.time()
 from autoembed_dagster.core.config import EmbedderSettings
 from autoembed_dagster.core.embed import make_embedder
-embedder = make_embedder(EmbedderSettings.from_env(), 1536)
+embedder = make_embedder(EmbedderSettings.from_env())  # the model's own size
 embedder.embed(["the first row"])
 marks["provider"] = time.time()
 embedder.embed(["the next row"])
@@ -80,12 +81,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=7)
     ap.add_argument("--trees", default=str(ROOT),
                     help="comma-separated source trees to compare, sampled in turn (default: this one)")
+    ap.add_argument("--provider", choices=("openai", "local"), default="openai",
+                    help="the first provider call's provider (openai: the instant fake server)")
     args = ap.parse_args(argv)
     trees = [Path(t.strip()).resolve() for t in args.trees.split(",") if t.strip()]
-    header(f"a run's start-up for {JOB}, per piece ({args.samples} samples per tree, medians)")
+    header(f"a run's start-up for {JOB}, per piece ({args.provider} provider, {args.samples} samples per tree, medians)")
     results: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
     with embedded_server() as server, fake_provider():
-        env = {**os.environ, "AUTOEMBED_DATABASE_URL": fresh_db(server)}
+        env = {**os.environ, "AUTOEMBED_DATABASE_URL": fresh_db(server), "AUTOEMBED_PROVIDER": args.provider}
+        if args.provider == "local":
+            env.pop("AUTOEMBED_MODEL", None)  # the fake's OpenAI model name
         for n in range(args.samples + 1):  # round 0 warms the page cache for every tree: not counted
             for tree in trees:
                 got = sample(tree, env)
