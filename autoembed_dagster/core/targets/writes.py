@@ -178,19 +178,20 @@ def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write],
     # hash compared. A row still at the version its input was read from (the same xmin: nothing
     # wrote it since) has that input: its content function is not run again. Any other row's
     # input (a write without a version: a backfill page) is read again and hashed. (Key arrays go
-    # binary: no per-element quoting on the client.)
+    # binary, the keys dumped once for both uses: no per-element quoting on the client.)
     locked = conn.execute(
         sql.SQL(
             """select t.{key}::text,
                       case when t.xmin = v.version::xid then null
                            else autoembed.content_hash({fn}(t)::text) end,
                       t.{col} is not null
-               from {table} t join unnest(%b::text[], %b::text[]) v(k, version) on t.{key} = v.k::{key_type}
-               where t.{key} = any(%b::text[]::{key_type}[])
+               from {table} t join unnest(%(ids)b::text[], %(versions)b::text[]) v(k, version)
+                    on t.{key} = v.k::{key_type}
+               where t.{key} = any(%(ids)b::text[]::{key_type}[])
                order by t.{key} for update of t skip locked"""
         ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
                  key_type=target.key_type_sql),
-        (ids, [w[4] if len(w) > 4 else None for w in writes], ids), prepare=False,
+        {"ids": ids, "versions": [w[4] if len(w) > 4 else None for w in writes]}, prepare=False,
     ).fetchall()
     out.ambiguous = ambiguous_keys(k for k, _, _ in locked)
     for k, h, v in locked:
