@@ -224,7 +224,7 @@ def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write],
     # Through the target's write function (sql/019): the table owner's triggers run with the
     # owner's rights, never the drain's. The vectors go as one binary array of the column's type.
     write_as_owner(conn, "write_vector_rows", target.regclass, target.key.embedding_column, target.key.key_column,
-                   "%s::regclass, %s, %s, %s::text[], %b",
+                   "%s::regclass, %s, %s, %b::text[], %b",
                    (target.regclass, target.key.embedding_column, target.key.key_column, keys,
                     vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])))
     conn.execute(
