@@ -36,9 +36,9 @@ from .badrows import write_isolating
 from .catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
                       lookup_registered)
 from .shapes import chunk_shadow_of
-from .vectors import vector_array, vector_value, write_as_owner
+from .vectors import vector_array, write_as_owner
 
-# (row key as canonical text, content hash the vector was made from, its binary COPY tuple,
+# (row key as canonical text, content hash the vector was made from, the vector's binary value,
 #  the ids of the messages it settles[, the row version (xmin) its input was read from, or None:
 #  the guard then reads the input again])
 Write = tuple  # (str, bytes, bytes, list[int]) or (str, bytes, bytes, list[int], str | None)
@@ -226,7 +226,7 @@ def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write],
     write_as_owner(conn, "write_vector_rows", target.regclass, target.key.embedding_column, target.key.key_column,
                    "%s::regclass, %s, %s, %b::text[], %b",
                    (target.regclass, target.key.embedding_column, target.key.key_column, keys,
-                    vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])))
+                    vector_array(conn, target.vector_type, [w[2] for w in fresh])))
     conn.execute(
         """insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
            select %s, s.k, s.h, %s, now() from unnest(%b::text[], %b::bytea[]) s(k, h)
