@@ -176,7 +176,7 @@ def test_a_vector_another_writer_wrote_for_the_same_input_is_left_alone(conn, db
     import numpy as np
 
     from autoembed_dagster.core.targets.catalog import lookup_registered
-    from autoembed_dagster.core.targets.vectors import copy_records
+    from autoembed_dagster.core.targets.vectors import encode_vectors
     from autoembed_dagster.core.targets.writes import write_vectors
 
     conn.execute(SCHEMA)
@@ -184,7 +184,7 @@ def test_a_vector_another_writer_wrote_for_the_same_input_is_left_alone(conn, db
     target, _ = lookup_registered(conn, target_id=conn.execute("select id from autoembed.targets").fetchone()[0])
     hashes = dict(conn.execute("select id::text, autoembed.content_hash(autoembed.input_%s(g)::text) from guarded g"
                                % target.registered).fetchall())
-    records = copy_records(target, [(k, hashes[k], np.full(1536, 0.5, np.float32)) for k in ("1", "2", "3")], "utf-8")
+    records = encode_vectors(target, [np.full(1536, 0.5, np.float32)] * 3)
 
     def write(model, keys=("1", "2", "3")):
         with conn.transaction():

@@ -87,10 +87,9 @@ def _read_documents(conn: psycopg.Connection, target: Target,
     return chunks.read_documents(conn, chunk_target_of(target), keys)
 
 
-def embed_chunk_work(work: ChunkWork, outcome: Outcome, stats: DrainStats, encoding: str) -> EmbeddingError | None:
+def embed_chunk_work(work: ChunkWork, outcome: Outcome, stats: DrainStats) -> EmbeddingError | None:
     """Embed the new chunk texts of `work` into `outcome.chunk_writes`. Returns a configuration
-    error that must stop the drain (its documents then stay queued). `encoding`: unused (the
-    chunk write encodes its own COPY tuples); the column path's signature."""
+    error that must stop the drain (its documents then stay queued)."""
     target, plan = work.target, work.plan
     vectors: dict[bytes, np.ndarray] = {}
     if plan.to_embed:

@@ -1,4 +1,4 @@
-"""The embed stage: provider calls for a batch's work, and the binary COPY tuples of the vectors
+"""The embed stage: provider calls for a batch's work, and the binary values of the vectors
 (core.targets.vectors).
 
 Touches no database connection, so a pipelined drain runs it in a worker thread while the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..embed.base import Embedder, EmbeddingError, EmbedOutcome
 from ..targets.catalog import Target
-from ..targets.vectors import copy_records
+from ..targets.vectors import encode_vectors
 from ..targets.badrows import check_vectors
 from .jobs import Job
 from .outcome import Outcome
@@ -17,7 +17,7 @@ from .read import Work
 from .stats import DrainStats
 
 
-def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -> EmbeddingError | None:
+def embed_work(work: Work, outcome: Outcome, stats: DrainStats) -> EmbeddingError | None:
     """Embed one Work item into `outcome`. Returns a configuration error that must stop the drain
     (its rows are then left out of `outcome`: they stay queued)."""
     target, rows, to_embed = work.target, work.rows, work.jobs
@@ -36,8 +36,8 @@ def embed_work(work: Work, outcome: Outcome, stats: DrainStats, encoding: str) -
     embedded = [(rows[r].key, rows[r].hash, vector)
                 for r, vector in zip(work.row_ids, vectors) if vector is not None]
     versions = [rows[r].version for r, vector in zip(work.row_ids, vectors) if vector is not None]
-    # Encoded here, in the pipelined run's worker: the writer only joins the tuples.
-    records = copy_records(target, embedded, encoding)
+    # Encoded here, in the pipelined run's worker: the writer only joins the values.
+    records = encode_vectors(target, [v for _, _, v in embedded])
     jobs_by_key = outcome.jobs.setdefault(target, {})
     for r, vector in zip(work.row_ids, vectors):
         if vector is not None:

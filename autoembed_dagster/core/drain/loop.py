@@ -136,7 +136,6 @@ class Drainer:
         self.resolver = resolver or default_resolver(url=conninfo_of(conn))
         pin_session(conn)
         repair_schema(conn, self.settings.queue)
-        self._encoding = conn.info.encoding  # of the keys in COPY tuples, made in the worker thread too
         self._targets: dict[TargetKey | tuple[str, int], Target] = {}
         self._splitters: dict[tuple[int, int, int], Splitter] = {}  # (embedder, tokens, overlap)
         s = self.settings
@@ -267,7 +266,7 @@ class Drainer:
             started = time.perf_counter()
             embed = embed_chunk_work if isinstance(work, ChunkWork) else embed_work
             with attributed(batch.stats, key, ("tokens", "requests", "truncated", "limit_wait_seconds")):
-                batch.stopped_by = embed(work, batch.outcome, batch.stats, self._encoding)
+                batch.stopped_by = embed(work, batch.outcome, batch.stats)
             ts.embed_seconds += time.perf_counter() - started
             ts.embed_calls += 1
             ts.texts += work.text_count

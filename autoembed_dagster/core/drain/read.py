@@ -66,21 +66,22 @@ def read_rows(conn: psycopg.Connection, target: Target, row_ids: list[str]) -> d
         """with r as materialized (
                select t.{key} as value, t.{key}::text as key, {fn}(t)::text as input, t.{col} is not null as has_vector,
                       t.xmin::text as version
-               from {table} t where t.{key} = any(%b::text[]::{key_type}[])),
+               from {table} t where t.{key} = any(%(ids)b::text[]::{key_type}[])),
            s as materialized (
                select s.row_id, s.content_hash, s.model from autoembed.embedding_state s
-               where s.target_id = (select autoembed.state_target(%s, %s, %s)) and s.row_id = any(%b::text[]))
+               where s.target_id = (select autoembed.state_target(%(schema)s, %(table)s, %(column)s))
+                 and s.row_id = any(%(ids)b::text[]))
            select u.k, r.key, r.input, autoembed.content_hash(r.input), r.has_vector, s.content_hash, s.model,
                   r.version
-           from r join unnest(%b::text[]) u(k) on r.value = u.k::{key_type}
+           from r join unnest(%(ids)b::text[]) u(k) on r.value = u.k::{key_type}
            left join s on s.row_id = r.key"""
     ).format(key=target.key_sql, fn=target.function_sql, col=target.column_sql,
              table=target.table_sql, key_type=target.key_type_sql)
     ids = list(dict.fromkeys(row_ids))
     # prepare=False wherever a key array is bound: a cached generic plan can scan the whole table.
-    # (Key arrays go binary: no per-element quoting on the client.)
-    cur = conn.execute(query, (ids, target.key.schema, target.key.table, target.key.embedding_column, ids, ids),
-                       prepare=False)
+    # (The key array goes binary, dumped once for its three uses: no per-element quoting.)
+    cur = conn.execute(query, {"ids": ids, "schema": target.key.schema, "table": target.key.table,
+                               "column": target.key.embedding_column}, prepare=False)
     return {r[0]: Row(*r[1:]) for r in cur.fetchall()}
 
 

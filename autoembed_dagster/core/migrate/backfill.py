@@ -33,7 +33,7 @@ from ..pipelines import Pipeline
 from ..targets.catalog import Target, TargetKey, check_dimensions, resolve
 from ..targets.models import Migration, ModelSpec, get_migration
 from ..targets.shadow import Coverage
-from ..targets.vectors import copy_records
+from ..targets.vectors import encode_vectors
 from ..targets.writes import ColumnWrite, Slicer, write_page
 from .migration import PromoteResult, coverage, promote, start_migration, trigger_content_functions
 from .shards import BackfillResult, ShardStats, run_shards, walk_pages
@@ -137,8 +137,8 @@ class _Page:
     unreadable: dict[str, str] = field(default_factory=dict)  # key -> why its input could not be read
 
 
-def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, shards: int, limit: int,
-                 encoding: str) -> Callable[[psycopg.Connection], _Page | None]:
+def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, shards: int,
+                 limit: int) -> Callable[[psycopg.Connection], _Page | None]:
     """Reads the shard's next page on the given connection (None at the end of the table) and
     embeds it. Pages follow each other in key order: call it from one thread at a time."""
     after: str | None = None
@@ -159,7 +159,7 @@ def _page_reader(target: Target, embedder: Embedder, model: str, shard: int, sha
                 outcome.vectors[i] = None
                 outcome.errors[i] = EmbeddingError(problem, retryable=False)
         embedded = [(k, h, v) for (k, _, h), v in zip(todo, outcome.vectors) if v is not None]
-        records = copy_records(target, embedded, encoding)
+        records = encode_vectors(target, [v for _, _, v in embedded])
         return _Page(len(page), len(page) - len(todo), outcome, [k for k, _, _ in todo],
                      [(k, h, record) for (k, h, _), record in zip(embedded, records)], unreadable)
 
@@ -351,7 +351,7 @@ def _backfill_shard(conn: psycopg.Connection, p: Pipeline, spec: ModelSpec, shar
         return page.size
 
     # The next page is scanned and embedded on a second connection while this one is written.
-    walk_pages(conn, p.name, stats, _page_reader(target, embedder, model, shard, shards, limit, conn.info.encoding),
+    walk_pages(conn, p.name, stats, _page_reader(target, embedder, model, shard, shards, limit),
                write, read_ahead=f"the scans of shard {shard} of {p.qualified_table}", max_written=max_rows,
                planned=lambda page: len(page.rows), on_page=on_batch, started=started)
     after_cov = coverage(conn, target, model, shard, shards)

@@ -50,7 +50,7 @@ from ..queue import pgmq
 from ..targets.catalog import INTEGER_KEY_TYPES, Target, TargetKey, resolve
 from ..targets.models import ModelSpec
 from ..targets.shadow import Coverage
-from ..targets.vectors import copy_records
+from ..targets.vectors import encode_vectors
 from ..targets.writes import ColumnWrite, act_as_drain, write_page as write_rows
 from .backfill import MAX_SCAN_ROWS, ShardPlan, _candidates, embedder_for, plan
 from .migration import PromoteResult, coverage, promote
@@ -497,7 +497,6 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
         return s
     pin_session(conn)
     pending = dict(_rows(conn, record.id, "pending"))
-    encoding = conn.info.encoding
     dead: dict[str, str] = {}
     retry: dict[str, str] = {}
     seen: set[str] = set()
@@ -549,14 +548,14 @@ def _collect(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, client:
                         continue
                     page.append((k, h, vector))
                     if len(page) >= _WRITE_PAGE:
-                        pages.put((page, copy_records(target, page, encoding)))
+                        pages.put((page, encode_vectors(target, [v for _, _, v in page])))
                         page = []
                 elif result.status is not None and 400 <= result.status < 500 and result.status not in (408, 409, 429):
                     dead[k] = result.error
                 else:
                     retry[k] = result.error
             if page:
-                pages.put((page, copy_records(target, page, encoding)))
+                pages.put((page, encode_vectors(target, [v for _, _, v in page])))
             pages.put(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the writer, which raises it
             pages.put(exc)
@@ -675,7 +674,7 @@ def _embed_directly(conn: psycopg.Connection, p: Pipeline, record: BatchRecord, 
         ok = [(k, h, v) for (k, _, h), v in zip(chunk, outcome.vectors) if v is not None]
         if ok:
             w = write_rows(conn, ColumnWrite(target, [(k, h, r, []) for (k, h, _), r in
-                                                      zip(ok, copy_records(target, ok, conn.info.encoding))], record.model))
+                                                      zip(ok, encode_vectors(target, [v for _, _, v in ok]))], record.model))
             s.direct += w.written
             s.stale += w.stale
             busy = set(w.busy) | set(w.dead)

@@ -1,6 +1,6 @@
-"""Vectors in a target's own type on the wire: the binary tuples (key text, content hash bytea,
-vector|halfvec) the embed stage makes (copy_records), the binary arrays of vectors the write
-functions take (vector_array; sql/019), and the one call of a write function (write_as_owner)."""
+"""Vectors in a target's own type on the wire: each vector's binary value (encode_vectors, made by
+the embed stage), the binary arrays of them the write functions take (vector_array; sql/019), and
+the one call of a write function (write_as_owner)."""
 
 from __future__ import annotations
 
@@ -15,46 +15,9 @@ from psycopg.pq import Format
 from .catalog import Target
 
 
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-
-
-COPY_TRAILER = struct.pack(">h", -1)
-
-
-def copy_records(target: Target, rows: list[tuple[str, bytes, np.ndarray]], encoding: str) -> list[bytes]:
-    """The binary COPY tuple of each (key text, content hash bytea, vector|halfvec) row.
-
-    The vectors are converted to big-endian float32/float16 in one numpy call; each tuple is then
-    three length-prefixed fields. pgvector's binary format: int16 dim, int16 unused, elements.
-    """
-    if not rows:
-        return []
-    dims = target.dimensions
-    elem = np.dtype(">f2") if target.vector_type == "halfvec" else np.dtype(">f4")
-    matrix = np.asarray(np.stack([r[2] for r in rows]), dtype=np.float32).astype(elem)
-    if matrix.shape[1] != dims:
-        raise ValueError(f"vectors have {matrix.shape[1]} dimensions, the column {dims}")
-    vector_head = struct.pack(">ihh", 4 + dims * elem.itemsize, dims, 0)
-    pack = struct.Struct(">hi").pack
-    pack_length = struct.Struct(">i").pack
-    records = []
-    for (key, content_hash, _), vector in zip(rows, matrix):
-        kb = key.encode(encoding)
-        records.append(b"".join((pack(3, len(kb)), kb, pack_length(len(content_hash)), content_hash,
-                                 vector_head, vector.tobytes())))
-    return records
-
-
-def vector_value(record: bytes) -> bytes:
-    """The vector's own binary value (pgvector's send format) inside a copy_records() tuple."""
-    (key_len,) = struct.unpack_from(">i", record, 2)
-    at = 6 + key_len
-    (hash_len,) = struct.unpack_from(">i", record, at)
-    return record[at + 4 + hash_len + 4:]
-
-
 def encode_vectors(target, vectors: list[np.ndarray]) -> list[bytes]:
-    """pgvector's binary value of each vector, in `target`'s vector type (as copy_records)."""
+    """pgvector's binary value of each vector (its send format: int16 dim, int16 unused, big-endian
+    elements), in `target`'s vector type, converted in one numpy call."""
     if not vectors:
         return []
     dims = target.dimensions

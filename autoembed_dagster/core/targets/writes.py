@@ -36,9 +36,9 @@ from .badrows import write_isolating
 from .catalog import (Target, TargetChanged, TargetError, ambiguous_key_error, ambiguous_keys, check_target,
                       lookup_registered)
 from .shapes import chunk_shadow_of
-from .vectors import vector_array, vector_value, write_as_owner
+from .vectors import vector_array, write_as_owner
 
-# (row key as canonical text, content hash the vector was made from, its binary COPY tuple,
+# (row key as canonical text, content hash the vector was made from, the vector's binary value,
 #  the ids of the messages it settles[, the row version (xmin) its input was read from, or None:
 #  the guard then reads the input again])
 Write = tuple  # (str, bytes, bytes, list[int]) or (str, bytes, bytes, list[int], str | None)
@@ -178,19 +178,20 @@ def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write],
     # hash compared. A row still at the version its input was read from (the same xmin: nothing
     # wrote it since) has that input: its content function is not run again. Any other row's
     # input (a write without a version: a backfill page) is read again and hashed. (Key arrays go
-    # binary: no per-element quoting on the client.)
+    # binary, the keys dumped once for both uses: no per-element quoting on the client.)
     locked = conn.execute(
         sql.SQL(
             """select t.{key}::text,
                       case when t.xmin = v.version::xid then null
                            else autoembed.content_hash({fn}(t)::text) end,
                       t.{col} is not null
-               from {table} t join unnest(%b::text[], %b::text[]) v(k, version) on t.{key} = v.k::{key_type}
-               where t.{key} = any(%b::text[]::{key_type}[])
+               from {table} t join unnest(%(ids)b::text[], %(versions)b::text[]) v(k, version)
+                    on t.{key} = v.k::{key_type}
+               where t.{key} = any(%(ids)b::text[]::{key_type}[])
                order by t.{key} for update of t skip locked"""
         ).format(key=target.key_sql, fn=target.function_sql, table=target.table_sql, col=target.column_sql,
                  key_type=target.key_type_sql),
-        (ids, [w[4] if len(w) > 4 else None for w in writes], ids), prepare=False,
+        {"ids": ids, "versions": [w[4] if len(w) > 4 else None for w in writes]}, prepare=False,
     ).fetchall()
     out.ambiguous = ambiguous_keys(k for k, _, _ in locked)
     for k, h, v in locked:
@@ -223,9 +224,9 @@ def write_vectors(conn: psycopg.Connection, target: Target, writes: list[Write],
     # Through the target's write function (sql/019): the table owner's triggers run with the
     # owner's rights, never the drain's. The vectors go as one binary array of the column's type.
     write_as_owner(conn, "write_vector_rows", target.regclass, target.key.embedding_column, target.key.key_column,
-                   "%s::regclass, %s, %s, %s::text[], %b",
+                   "%s::regclass, %s, %s, %b::text[], %b",
                    (target.regclass, target.key.embedding_column, target.key.key_column, keys,
-                    vector_array(conn, target.vector_type, [vector_value(w[2]) for w in fresh])))
+                    vector_array(conn, target.vector_type, [w[2] for w in fresh])))
     conn.execute(
         """insert into autoembed.embedding_state as e (target_id, row_id, content_hash, model, embedded_at)
            select %s, s.k, s.h, %s, now() from unnest(%b::text[], %b::bytea[]) s(k, h)
