@@ -85,6 +85,23 @@ def conn(db_url):
         yield c
 
 
+@pytest.fixture(scope="module")
+def provider_server():
+    """One fake provider for a module whose tests configure the client themselves (see `srv`)."""
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def srv(provider_server, monkeypatch):
+    """The module's fake provider, reset, with no provider settings left in the environment."""
+    provider_server.reset()
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL", "AUTOEMBED_DIMENSIONS"):
+        monkeypatch.delenv(name, raising=False)
+    clear_embedder_cache()
+    return provider_server
+
+
 @pytest.fixture
 def fake_openai(monkeypatch):
     """A local OpenAI-compatible server; the real openai client is pointed at it by env."""

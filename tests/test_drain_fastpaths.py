@@ -18,26 +18,12 @@ from autoembed_dagster.core.embed.base import EmbeddingError
 from autoembed_dagster.core.embed.openai_embedder import OpenAIEmbedder, _decode_all
 
 try:
-    from tests.fake_openai import FakeOpenAI, fake_vector
+    from tests.fake_openai import fake_vector
 except ModuleNotFoundError:  # tests/ itself on sys.path (rootdir-relative import mode)
-    from fake_openai import FakeOpenAI, fake_vector  # type: ignore[no-redef]
+    from fake_openai import fake_vector  # type: ignore[no-redef]
 
 
 # -- the whole-response base64 decode ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server():
-    with FakeOpenAI() as srv:
-        yield srv
-
-
-@pytest.fixture
-def srv(server, monkeypatch):
-    server.reset()
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_MODEL", "AUTOEMBED_DIMENSIONS"):
-        monkeypatch.delenv(name, raising=False)
-    return server
-
-
 def embedder(srv, dims: int = 1536) -> OpenAIEmbedder:
     s = EmbedderSettings(provider="openai", model="text-embedding-3-small", base_url=srv.base_url,
                          request_timeout=5, max_retries=0)

@@ -23,21 +23,6 @@ except ModuleNotFoundError:  # tests/ itself on sys.path (rootdir-relative impor
 TEXTS = ["alpha beta", "gamma", "delta epsilon zeta", "eta theta", "iota"]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with FakeOpenAI() as srv:
-        yield srv
-
-
-@pytest.fixture
-def srv(server, monkeypatch):
-    server.reset()
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AUTOEMBED_PROVIDER", "AUTOEMBED_MODEL", "AUTOEMBED_DIMENSIONS"):
-        monkeypatch.delenv(name, raising=False)
-    clear_embedder_cache()
-    return server
-
-
 def settings(srv: FakeOpenAI, **kw) -> EmbedderSettings:
     base = EmbedderSettings(
         provider="openai", model="text-embedding-3-small", base_url=srv.base_url, request_timeout=5, max_retries=0
