@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, connect, embedded_server, fake_provider, fresh_db, header, line, process_group
+from common import ROOT, connect, embedded_server, fake_provider, fresh_db, header, line, process_group, source_trees
 
 BIN = Path(sys.executable).parent
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     from autoembed_dagster.defs.sensors import DEFAULT_SENSOR_WAIT
 
-    trees = [Path(t.strip()).resolve() for t in args.trees.split(",") if t.strip()] if args.trees else [ROOT]
+    trees = source_trees(args.trees)
     waits_arg = args.waits or ("default" if args.trees else "0,default")
     waits = [DEFAULT_SENSOR_WAIT if w.strip() == "default" else float(w) for w in waits_arg.split(",")]
     header(f"cold start: commit -> vector visible, only dagster-daemon running ({args.samples} samples per setting)")

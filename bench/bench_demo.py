@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 
-from common import ROOT, embedded_server, header, line, process_group
+from common import ROOT, embedded_server, header, line, process_group, source_trees
 
 FIRST_VECTOR = """select exists (select 1 from autoembed_demo.stdlib_docs where embedding is not null)
                    or exists (select 1 from autoembed_demo.stdlib_modules_chunks where embedding is not null)"""
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="comma-separated source trees to compare (e.g. the before and after of a change): the "
                          "demo run from each (PYTHONPATH=<tree>), sampled in turn (default: this tree)")
     args = ap.parse_args(argv)
-    trees = [Path(t.strip()).resolve() for t in args.trees.split(",") if t.strip()] if args.trees else [ROOT]
+    trees = source_trees(args.trees)
     first_rows = args.first_rows or ("default" if args.trees else "0,default")
     settings = [(i, None if f.strip() == "default" else f.strip()) for i in range(len(trees))
                 for f in first_rows.split(",")]

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, embedded_server, fake_provider, fresh_db, header, line
+from common import ROOT, embedded_server, fake_provider, fresh_db, header, line, source_trees
 
 JOB = "drain_embedding_jobs"  # the drain job of defs/documents (queue embedding_jobs)
 WORKER = f"""
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--provider", choices=("openai", "local"), default="openai",
                     help="the first provider call's provider (openai: the instant fake server)")
     args = ap.parse_args(argv)
-    trees = [Path(t.strip()).resolve() for t in args.trees.split(",") if t.strip()]
+    trees = source_trees(args.trees)
     header(f"a run's start-up for {JOB}, per piece ({args.provider} provider, {args.samples} samples per tree, medians)")
     results: dict[Path, list[dict[str, float]]] = {t: [] for t in trees}
     with embedded_server() as server, fake_provider():

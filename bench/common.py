@@ -200,6 +200,14 @@ def timed_threads(target, n: int) -> float:
     return t.seconds
 
 
+def source_trees(arg: str | None) -> list[Path]:
+    """The source trees of a `--trees a,b` option (the before and after of a change), this one
+    when none is given."""
+    if not arg:
+        return [ROOT]
+    return [Path(t.strip()).resolve() for t in arg.split(",") if t.strip()]
+
+
 def header(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
