@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from autoembed_dagster.core.config import ConfigError, EmbedderSettings
-from autoembed_dagster.core.embed import clear_embedder_cache, make_embedder
+from autoembed_dagster.core.embed import make_embedder
 from autoembed_dagster.core.embed.local import LocalEmbedder
 from autoembed_dagster.core.embed.openai_embedder import OpenAIEmbedder
 

@@ -15,7 +15,7 @@ from psycopg.pq import Format
 from .catalog import Target
 
 
-def encode_vectors(target, vectors: list[np.ndarray]) -> list[bytes]:
+def encode_vectors(target: Target, vectors: list[np.ndarray]) -> list[bytes]:
     """pgvector's binary value of each vector (its send format: int16 dim, int16 unused, big-endian
     elements), in `target`'s vector type, converted in one numpy call."""
     if not vectors:
